@@ -1,0 +1,5 @@
+import sys
+
+from tray_app.cli import main
+
+sys.exit(main())

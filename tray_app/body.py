@@ -1,0 +1,117 @@
+"""Request body rules for forwarded POSTs.
+
+The body is parsed once to validate it; it is re-encoded only when a rule changed it, so the
+common request is forwarded byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tray_app.api_errors import ApiError
+from tray_app.routes import Route
+
+MAX_MODEL_NAME = 256
+
+# Fields a caller must never control through the gateway.
+#  ttl: LM Studio's JIT auto-unload timer; a stranger could pin or evict models with it.
+_DROPPED_FIELDS = ("ttl",)
+#  MCP lets the model call out to arbitrary servers from the GPU owner's machine.
+_MCP_FIELDS = ("mcp_servers", "integrations")
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedBody:
+    payload: dict[str, Any]
+    raw: bytes  # what is sent upstream
+    model: str | None
+    stream: bool
+
+
+def _invalid(message: str, *, param: str | None = None, code: str = "invalid_body") -> ApiError:
+    return ApiError(400, message, type="invalid_request_error", code=code, param=param)
+
+
+def _strip_mcp(payload: dict[str, Any]) -> bool:
+    changed = False
+    for field in _MCP_FIELDS:
+        if field in payload:
+            del payload[field]
+            changed = True
+    tools = payload.get("tools")
+    if isinstance(tools, list):
+        kept = [
+            tool
+            for tool in tools
+            if not (isinstance(tool, dict) and str(tool.get("type", "")).lower().startswith("mcp"))
+        ]
+        if len(kept) != len(tools):
+            changed = True
+            if kept:
+                payload["tools"] = kept
+            else:
+                # A tool_choice naming a removed tool would make the request invalid upstream.
+                del payload["tools"]
+                payload.pop("tool_choice", None)
+    return changed
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise _invalid("The request body is empty; send a JSON object.")
+    try:
+        payload = json.loads(raw)
+    except UnicodeDecodeError:
+        raise _invalid("The request body is not UTF-8 text; send a JSON object.") from None
+    except json.JSONDecodeError as exc:
+        raise _invalid(f"The request body is not valid JSON: {exc.msg} at {exc.pos}.") from None
+    if not isinstance(payload, dict):
+        kind = type(payload).__name__
+        raise _invalid(f"The request body must be a JSON object, not a JSON {kind}.")
+    return payload
+
+
+def prepare_body(route: Route, raw: bytes) -> PreparedBody:
+    """Validate and clean a POST body for ``route``; raises :class:`ApiError` (400)."""
+    payload = parse_json_object(raw)
+    changed = False
+    for field in _DROPPED_FIELDS:
+        if field in payload:
+            del payload[field]
+            changed = True
+    if route.strips_mcp_tools and _strip_mcp(payload):
+        changed = True
+
+    model = payload.get("model")
+    if route.needs_model:
+        if model is None:
+            raise _invalid(
+                "You must provide a model parameter.", param="model", code="missing_model"
+            )
+        if not isinstance(model, str) or not model.strip():
+            raise _invalid(
+                "The model parameter must be a non-empty string.",
+                param="model",
+                code="invalid_model",
+            )
+        if len(model) > MAX_MODEL_NAME:
+            raise _invalid(
+                f"The model parameter is longer than {MAX_MODEL_NAME} characters.",
+                param="model",
+                code="invalid_model",
+            )
+    elif model is not None and not isinstance(model, str):
+        raise _invalid("The model parameter must be a string.", param="model", code="invalid_model")
+
+    stream = payload.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _invalid(
+            "The stream parameter must be true or false.", param="stream", code="invalid_stream"
+        )
+
+    body = (
+        json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() if changed else raw
+    )
+    return PreparedBody(payload=payload, raw=body, model=model, stream=stream)

@@ -1,0 +1,314 @@
+"""Configuration: defaults < TOML file < ``LMGATE_*`` environment < command-line flags.
+
+Every setting is declared once in ``_SETTINGS``; the same declaration parses a TOML value, an
+environment string and a CLI flag, so all three give the same error for the same mistake, and
+that error names the key (``server.port``) and where the bad value came from.
+Secrets never live here: they are read through :mod:`tray_app.secrets`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import platformdirs
+
+from tray_app.errors import ConfigError
+
+APP_NAME = "lmgate"
+ENV_PREFIX = "LMGATE_"
+CONFIG_FILE_ENV = "LMGATE_CONFIG"
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The validated settings. Frozen: the running gateway never sees a half-changed config."""
+
+    upstream_url: str = "http://127.0.0.1:1234"
+    upstream_connect_timeout: float = 10.0
+    # Idle, not total: a long generation may run for many minutes, but a silent upstream for
+    # this long is dead. Generous because prompt processing on big contexts can take minutes.
+    upstream_idle_timeout: float = 600.0
+    server_host: str = "127.0.0.1"
+    server_port: int = 8787
+    # Image inputs arrive base64-encoded inside JSON; 32 MiB fits several large photos.
+    max_body_bytes: int = 32 * MIB
+    max_response_bytes: int = 256 * MIB
+    # SSE comments sent while LM Studio is still processing the prompt, so that proxies and
+    # phones do not drop an idle connection. 0 turns them off.
+    heartbeat_interval: float = 15.0
+    # How long in-flight requests may run on after a stop before they are closed.
+    shutdown_grace: float = 10.0
+    enable_responses: bool = False
+    enable_messages: bool = False
+    log_level: str = "info"
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / "config.toml"
+
+
+# ---- value parsers: each takes the raw value (TOML-typed or a string) and returns the typed
+# ---- value, or raises ValueError with a message written for the user.
+
+
+def _parse_bool(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+    raise ValueError(f"must be true or false, got {raw!r}")
+
+
+def _number(raw: object, *, integer: bool) -> float:
+    if isinstance(raw, bool):
+        raise ValueError(f"must be a number, got {raw!r}")
+    if isinstance(raw, int | float):
+        value = float(raw)
+    elif isinstance(raw, str):
+        try:
+            value = float(int(raw.strip())) if integer else float(raw.strip())
+        except ValueError:
+            kind = "an integer" if integer else "a number"
+            raise ValueError(f"must be {kind}, got {raw!r}") from None
+    else:
+        raise ValueError(f"must be a number, got {raw!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {raw!r}")
+    if integer and value != int(value):
+        raise ValueError(f"must be an integer, got {raw!r}")
+    return value
+
+
+def _int_in(low: int, high: int) -> Callable[[object], int]:
+    def parse(raw: object) -> int:
+        value = int(_number(raw, integer=True))
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[object], float]:
+    def parse(raw: object) -> float:
+        value = _number(raw, integer=False)
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low:g} and {high:g} seconds, got {value:g}")
+        return value
+
+    return parse
+
+
+def _upstream_url(raw: object) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(f"must be a URL like http://127.0.0.1:1234, got {raw!r}")
+    url = raw.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"}:
+        raise ValueError(f"must start with http:// or https://, got {raw!r}")
+    if not parts.hostname:
+        raise ValueError(f"has no host name: {raw!r}")
+    if parts.username or parts.password:
+        # Credentials in a URL end up in logs and process listings; the LM Studio token
+        # belongs in the secret store.
+        raise ValueError(
+            "must not contain a user name or password; "
+            "store the LM Studio token in the secret store instead"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"must not contain a query or fragment: {raw!r}")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError(f"has an invalid port: {raw!r}") from None
+    if parts.path not in {"", "/"}:
+        raise ValueError(
+            f"must be the server root URL with no path (like http://127.0.0.1:1234), got {raw!r}"
+        )
+    return url
+
+
+def _bind_host(raw: object) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(f"must be an IP address or host name, got {raw!r}")
+    host = raw.strip()
+    if host == "localhost":
+        return host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"must be an IP address such as 127.0.0.1 or 0.0.0.0, got {raw!r}"
+        ) from None
+    return host
+
+
+def _log_level(raw: object) -> str:
+    levels = ("debug", "info", "warning", "error")
+    if isinstance(raw, str) and raw.strip().lower() in levels:
+        return raw.strip().lower()
+    raise ValueError(f"must be one of {', '.join(levels)}, got {raw!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Setting:
+    key: str  # dotted TOML key, e.g. "server.port"
+    field: str  # Config attribute
+    parse: Callable[[object], Any]
+    help: str
+
+    @property
+    def env_var(self) -> str:
+        return ENV_PREFIX + self.key.replace(".", "_").upper()
+
+
+_SETTINGS: tuple[_Setting, ...] = (
+    _Setting("upstream.url", "upstream_url", _upstream_url, "LM Studio server URL"),
+    _Setting(
+        "upstream.connect_timeout",
+        "upstream_connect_timeout",
+        _seconds(0.1, 300),
+        "seconds to wait for a TCP connection to LM Studio",
+    ),
+    _Setting(
+        "upstream.idle_timeout",
+        "upstream_idle_timeout",
+        _seconds(1, 86400),
+        "seconds LM Studio may stay silent (prompt processing) before the request fails",
+    ),
+    _Setting("server.host", "server_host", _bind_host, "address the gateway listens on"),
+    _Setting(
+        "server.port",
+        "server_port",
+        _int_in(0, 65535),
+        "port the gateway listens on (0 = any free port)",
+    ),
+    _Setting(
+        "limits.max_body_bytes",
+        "max_body_bytes",
+        _int_in(1024, 1024 * MIB),
+        "largest accepted request body in bytes",
+    ),
+    _Setting(
+        "limits.max_response_bytes",
+        "max_response_bytes",
+        _int_in(1024, 16 * 1024 * MIB),
+        "largest non-streamed LM Studio response in bytes",
+    ),
+    _Setting(
+        "streaming.heartbeat_interval",
+        "heartbeat_interval",
+        _seconds(0, 3600),
+        "seconds between SSE keep-alive comments while the prompt is processed (0 = off)",
+    ),
+    _Setting(
+        "server.shutdown_grace",
+        "shutdown_grace",
+        _seconds(0, 3600),
+        "seconds in-flight requests may finish after a stop",
+    ),
+    _Setting(
+        "routes.enable_responses",
+        "enable_responses",
+        _parse_bool,
+        "forward POST /v1/responses (MCP tools removed)",
+    ),
+    _Setting(
+        "routes.enable_messages",
+        "enable_messages",
+        _parse_bool,
+        "forward POST /v1/messages (Anthropic-style; MCP tools removed)",
+    ),
+    _Setting("log.level", "log_level", _log_level, "log level"),
+)
+
+SETTINGS_BY_KEY: Mapping[str, _Setting] = {s.key: s for s in _SETTINGS}
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in table.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _apply(values: dict[str, Any], key: str, raw: object, source: str) -> None:
+    setting = SETTINGS_BY_KEY.get(key)
+    if setting is None:
+        known = ", ".join(sorted(SETTINGS_BY_KEY))
+        raise ConfigError(key, f"unknown setting (known: {known})", source)
+    try:
+        values[setting.field] = setting.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(key, str(exc), source) from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML file into flat dotted keys; a missing file is an empty config."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError("config file", f"cannot be read: {exc.strerror}", str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("config file", "is not UTF-8 text", str(path)) from None
+    try:
+        return _flatten(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config file", f"is not valid TOML: {exc}", str(path)) from None
+
+
+def load_config(
+    *,
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Build the effective config.
+
+    ``path`` defaults to ``$LMGATE_CONFIG`` or the platform's user config dir; ``overrides`` are
+    dotted keys from CLI flags. Raises :class:`ConfigError` naming the first bad key.
+    """
+    env = os.environ if environ is None else environ
+    if path is None:
+        path = Path(env[CONFIG_FILE_ENV]) if env.get(CONFIG_FILE_ENV) else default_config_path()
+    values: dict[str, Any] = {}
+    for key, raw in read_config_file(path).items():
+        _apply(values, key, raw, str(path))
+    for setting in _SETTINGS:
+        if setting.env_var in env:
+            _apply(values, setting.key, env[setting.env_var], setting.env_var)
+    for key, raw in (overrides or {}).items():
+        if raw is not None:
+            _apply(values, key, raw, "command line")
+    return Config(**values)
+
+
+def describe_settings() -> list[tuple[str, str, object, str]]:
+    """(key, env var, default, help) for every setting, for ``--help`` and the README."""
+    defaults = Config()
+    return [(s.key, s.env_var, getattr(defaults, s.field), s.help) for s in _SETTINGS]
+
+
+def with_changes(config: Config, **changes: Any) -> Config:
+    return dataclasses.replace(config, **changes)
