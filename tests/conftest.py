@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import openai
+import pytest
+
+from tests.fake_lmstudio import FakeLMStudio
+from tray_app.auth import Authenticator, StaticKeyAuthenticator
+from tray_app.config import Config
+from tray_app.gateway import Gateway
+from tray_app.secrets import LMSTUDIO_API_TOKEN, MemorySecretStore
+from tray_app.server import GatewayServer
+
+# Made fresh per run, so a test that finds one of these in a log found a real leak.
+CLIENT_KEY = "lmg_test_" + secrets.token_urlsafe(24)
+LMSTUDIO_TOKEN = "sk-lm-" + secrets.token_urlsafe(24)
+
+GatewayFactory = Callable[..., Awaitable[GatewayServer]]
+
+
+@pytest.fixture
+async def fake_lmstudio() -> AsyncIterator[FakeLMStudio]:
+    fake = FakeLMStudio()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def start_gateway(fake_lmstudio: FakeLMStudio) -> AsyncIterator[GatewayFactory]:
+    """Start gateways on port 0 in front of the fake; settings as Config field overrides."""
+    servers: list[GatewayServer] = []
+
+    async def start(
+        *,
+        authenticator: Authenticator | None = None,
+        lmstudio_token: str | None = LMSTUDIO_TOKEN,
+        **settings: Any,
+    ) -> GatewayServer:
+        settings.setdefault("upstream_url", fake_lmstudio.url)
+        settings.setdefault("heartbeat_interval", 0.0)
+        settings.setdefault("shutdown_grace", 1.0)
+        config = Config(server_host="127.0.0.1", server_port=0, **settings)
+        store = MemorySecretStore({LMSTUDIO_API_TOKEN: lmstudio_token} if lmstudio_token else {})
+        gateway = Gateway(config, authenticator or StaticKeyAuthenticator(CLIENT_KEY), secrets=store)
+        server = GatewayServer(gateway)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def gateway(start_gateway: GatewayFactory) -> GatewayServer:
+    return await start_gateway()
+
+
+@pytest.fixture
+async def client(gateway: GatewayServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY,
+                                  max_retries=0) as client:
+        yield client
+
+
+def auth_headers(key: str = CLIENT_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

@@ -1,0 +1,202 @@
+"""A fake LM Studio server for tests: a real aiohttp server on 127.0.0.1, port 0.
+
+It speaks the OpenAI-compatible endpoints LM Studio serves (models, chat JSON and SSE,
+completions, embeddings, responses, messages), answers every other path with 200 like the real
+one does, and records every request it receives so tests can prove what reached it. Behaviour
+is set through :class:`Behaviour` (chunk counts, delays, a mid-stream failure, status overrides).
+Its own tests are in ``test_fake_lmstudio.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+MODELS = ("qwen2.5-7b-instruct", "llama-3.2-1b-instruct", "nomic-embed-text-v1.5")
+
+
+@dataclass
+class Behaviour:
+    chunks: int = 5  # content chunks in a streamed answer
+    chunk_delay: float = 0.0  # seconds between chunks
+    header_delay: float = 0.0  # seconds before response headers (any endpoint)
+    first_chunk_delay: float = 0.0  # seconds after SSE headers before the first chunk
+    fail_after: int | None = None  # cut the connection after this many stream chunks
+    status: int | None = None  # answer every inference request with this status...
+    error_body: bytes | None = None  # ...and this body (default: OpenAI-shaped JSON)
+    error_content_type: str = "application/json"
+    extra_response_headers: dict[str, str] = field(default_factory=dict)
+    gzip_json: bool = False  # compress JSON answers even when asked not to
+    require_token: str | None = None  # act like "Require Authentication" is on
+
+
+@dataclass
+class Received:
+    method: str
+    path: str  # the raw path as sent on the wire
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class FakeLMStudio:
+    def __init__(self, behaviour: Behaviour | None = None) -> None:
+        self.behaviour = behaviour or Behaviour()
+        self.received: list[Received] = []
+        self.disconnects: list[float] = []  # monotonic times a client went away mid-answer
+        self.chunk_sent_at: list[float] = []  # monotonic times each SSE chunk was written
+        self.disconnected = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def paths(self) -> list[str]:
+        return [r.path for r in self.received]
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/responses", self._echo)
+        app.router.add_post("/v1/messages", self._echo)
+        app.router.add_route("*", "/{tail:.*}", self._anything)
+        app.middlewares.append(self._record)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ---- recording and common behaviour -----------------------------------------------------
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(
+            Received(request.method, request.raw_path, dict(request.headers), body, time.monotonic())
+        )
+        b = self.behaviour
+        if b.require_token is not None:
+            if request.headers.get("Authorization") != f"Bearer {b.require_token}":
+                return web.json_response({"error": {"message": "Invalid token"}}, status=401)
+        if b.header_delay:
+            try:
+                await asyncio.sleep(b.header_delay)
+            except asyncio.CancelledError:
+                self._note_disconnect()
+                raise
+        if b.status is not None and request.path.startswith("/v1/"):
+            body_out = b.error_body
+            if body_out is None:
+                body_out = json.dumps({"error": {"message": f"fake error {b.status}",
+                                                 "type": "server_error"}}).encode()
+            return web.Response(status=b.status, body=body_out,
+                                headers={"Content-Type": b.error_content_type})
+        response = await handler(request)
+        for name, value in b.extra_response_headers.items():
+            response.headers[name] = value
+        return response
+
+    def _note_disconnect(self) -> None:
+        self.disconnects.append(time.monotonic())
+        self.disconnected.set()
+
+    def _json(self, payload: Any) -> web.Response:
+        body = json.dumps(payload).encode()
+        if self.behaviour.gzip_json:
+            return web.Response(body=gzip.compress(body), headers={
+                "Content-Type": "application/json", "Content-Encoding": "gzip"})
+        return web.Response(body=body, content_type="application/json")
+
+    # ---- endpoints ----------------------------------------------------------------------------
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        return self._json({"object": "list", "data": [
+            {"id": m, "object": "model", "owned_by": "organization_owner"} for m in MODELS]})
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        payload = await request.json()
+        inputs = payload["input"] if isinstance(payload["input"], list) else [payload["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [0.1 * (i + 1), 0.2, 0.3]}
+                for i in range(len(inputs))]
+        return self._json({"object": "list", "data": data, "model": payload["model"],
+                           "usage": {"prompt_tokens": 4 * len(inputs), "total_tokens": 4 * len(inputs)}})
+
+    async def _echo(self, request: web.Request) -> web.StreamResponse:
+        return self._json({"received": await request.json()})
+
+    async def _anything(self, request: web.Request) -> web.StreamResponse:
+        # The real server answers unknown paths with 200, which is why the gateway must not
+        # forward them: a scanner would think it found something.
+        return web.json_response({"fake": "anything", "path": request.path})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        payload = await request.json()
+        model = payload.get("model", "unknown")
+        if not payload.get("stream"):
+            words = [f"tok{i}" for i in range(self.behaviour.chunks)]
+            return self._json({
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": " ".join(words)}}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": len(words),
+                          "total_tokens": 7 + len(words)},
+            })
+        include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+        return await self._stream(request, model, include_usage)
+
+    async def _stream(self, request: web.Request, model: str, include_usage: bool) -> web.StreamResponse:
+        b = self.behaviour
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        try:
+            if b.first_chunk_delay:
+                await asyncio.sleep(b.first_chunk_delay)
+            for i in range(b.chunks):
+                if b.fail_after is not None and i == b.fail_after:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return response
+                if i and b.chunk_delay:
+                    await asyncio.sleep(b.chunk_delay)
+                await response.write(_chunk(model, {"content": f"tok{i} "}, None))
+                self.chunk_sent_at.append(time.monotonic())
+            await response.write(_chunk(model, {}, "stop"))
+            if include_usage:
+                usage = {"prompt_tokens": 7, "completion_tokens": b.chunks,
+                         "total_tokens": 7 + b.chunks}
+                await response.write(b"data: " + json.dumps({
+                    "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
+                    "model": model, "choices": [], "usage": usage}).encode() + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+        except (asyncio.CancelledError, ConnectionResetError):
+            self._note_disconnect()
+            raise
+        return response
+
+
+def _chunk(model: str, delta: dict[str, str], finish: str | None) -> bytes:
+    event = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
+             "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + json.dumps(event).encode() + b"\n\n"

@@ -1,0 +1,135 @@
+"""Small test helpers: raw HTTP over a socket (for paths a client library would normalise),
+log capture, and authenticators with fixed principals."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tray_app.access_log import JsonFormatter
+from tray_app.auth import Principal, StaticKeyAuthenticator
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _parse(data: bytes) -> RawResponse:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = _dechunk(body)
+    return RawResponse(status, headers, body)
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = bytearray()
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        data = rest[size + 2:]
+    return bytes(out)
+
+
+def build_request(method: str, target: str, port: int, headers: Mapping[str, str] | None = None,
+                  body: bytes = b"") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    if body or method in {"POST", "PUT", "PATCH"}:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def raw_request(port: int, method: str, target: str,
+                      headers: Mapping[str, str] | None = None, body: bytes = b"") -> RawResponse:
+    """Send a request exactly as written (no client-side normalisation) and read the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(build_request(method, target, port, headers, body))
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return _parse(data)
+
+
+def raw_request_sync(port: int, method: str, target: str,
+                     headers: Mapping[str, str] | None = None, body: bytes = b"") -> RawResponse:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(build_request(method, target, port, headers, body))
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return _parse(b"".join(chunks))
+
+
+class LogCapture:
+    """Collects everything the ``lmgate`` loggers write, formatted exactly as in production."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+        self.handler = logging.StreamHandler(self.stream)
+        self.handler.setFormatter(JsonFormatter())
+        self._logger = logging.getLogger("lmgate")
+        self._old_level = self._logger.level
+
+    def __enter__(self) -> LogCapture:
+        self._logger.addHandler(self.handler)
+        self._logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self.handler)
+        self._logger.setLevel(self._old_level)
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.text.splitlines() if line.strip()]
+
+    def access(self) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r["logger"] == "lmgate.access"]
+
+
+class FixedPrincipalAuthenticator:
+    """Accepts one key and returns a given principal: exercises the identity layer's hooks."""
+
+    def __init__(self, key: str, principal: Principal) -> None:
+        self._inner = StaticKeyAuthenticator(key)
+        self._principal = principal
+
+    def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
+        self._inner.authenticate(headers, peer)
+        return self._principal
+
+
+def sse_events(body: bytes) -> list[str]:
+    """The data lines of an SSE body, in order (comments excluded)."""
+    return [line[5:].strip() for line in body.decode().splitlines() if line.startswith("data:")]
