@@ -54,6 +54,7 @@ class FakeLMStudio:
         self.received: list[Received] = []
         self.disconnects: list[float] = []  # monotonic times a client went away mid-answer
         self.chunk_sent_at: list[float] = []  # monotonic times each SSE chunk was written
+        self.connections: set[object] = set()  # client (host, port) pairs seen: pooling shows
         self.disconnected = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -92,6 +93,8 @@ class FakeLMStudio:
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
         body = await request.read()
+        if request.transport is not None:
+            self.connections.add(request.transport.get_extra_info("peername"))
         self.received.append(
             Received(request.method, request.raw_path, dict(request.headers), body, time.monotonic())
         )

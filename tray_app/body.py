@@ -62,7 +62,9 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise _invalid("The request body is empty; send a JSON object.")
     try:
-        payload = json.loads(raw)
+        # Decoded explicitly: json.loads(bytes) would also accept UTF-16/32, which LM Studio
+        # and RFC 8259 do not.
+        payload = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise _invalid("The request body is not UTF-8 text; send a JSON object.") from None
     except json.JSONDecodeError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,7 @@ log = logging.getLogger("lmgate.gateway")
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 READY_TIMEOUT = 5.0
+_INLINE_BODY_BYTES = 1024 * 1024
 
 
 @dataclass(slots=True, eq=False)  # identity hash: exchanges live in a set
@@ -141,6 +143,15 @@ class Gateway:
         except ApiError as err:
             exchange.error = err.code
             response = err.to_response(exchange.request_id)
+        except Exception:
+            # A bug, not a request problem: keep serving, answer in the API's shape, and log
+            # the traceback under the request ID the client was given.
+            log.exception("internal error handling request %s", exchange.request_id)
+            exchange.error = "internal_error"
+            response = ApiError(
+                500, f"LM Gate hit an internal error (request {exchange.request_id}); "
+                "details are in its log.", type="server_error", code="internal_error",
+            ).to_response(exchange.request_id)
         except asyncio.CancelledError:
             # The client hung up; the finally clauses below us already closed LM Studio's side.
             exchange.status = exchange.status or 499
@@ -233,8 +244,11 @@ class Gateway:
         url = self._upstream_url + route.path
         session = request.app[UPSTREAM_SESSION]
 
+        # Large bodies (images) go out in chunks so one request cannot stall the event loop.
+        data = body.raw if len(body.raw) <= _INLINE_BODY_BYTES else io.BytesIO(body.raw)
+
         def send() -> Awaitable[aiohttp.ClientResponse]:
-            return session.request(route.method, url, data=body.raw, headers=headers)
+            return session.request(route.method, url, data=data, headers=headers)
 
         if body.stream:
             relay = StreamRelay(
