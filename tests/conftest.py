@@ -45,7 +45,9 @@ async def start_gateway(fake_lmstudio: FakeLMStudio) -> AsyncIterator[GatewayFac
         settings.setdefault("shutdown_grace", 1.0)
         config = Config(server_host="127.0.0.1", server_port=0, **settings)
         store = MemorySecretStore({LMSTUDIO_API_TOKEN: lmstudio_token} if lmstudio_token else {})
-        gateway = Gateway(config, authenticator or StaticKeyAuthenticator(CLIENT_KEY), secrets=store)
+        gateway = Gateway(
+            config, authenticator or StaticKeyAuthenticator(CLIENT_KEY), secrets=store
+        )
         server = GatewayServer(gateway)
         await server.start()
         servers.append(server)
@@ -63,8 +65,9 @@ async def gateway(start_gateway: GatewayFactory) -> GatewayServer:
 
 @pytest.fixture
 async def client(gateway: GatewayServer) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY,
-                                  max_retries=0) as client:
+    async with openai.AsyncOpenAI(
+        base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0
+    ) as client:
         yield client
 
 

@@ -96,12 +96,14 @@ class FakeLMStudio:
         if request.transport is not None:
             self.connections.add(request.transport.get_extra_info("peername"))
         self.received.append(
-            Received(request.method, request.raw_path, dict(request.headers), body, time.monotonic())
+            Received(
+                request.method, request.raw_path, dict(request.headers), body, time.monotonic()
+            )
         )
         b = self.behaviour
-        if b.require_token is not None:
-            if request.headers.get("Authorization") != f"Bearer {b.require_token}":
-                return web.json_response({"error": {"message": "Invalid token"}}, status=401)
+        expected = f"Bearer {b.require_token}"
+        if b.require_token is not None and request.headers.get("Authorization") != expected:
+            return web.json_response({"error": {"message": "Invalid token"}}, status=401)
         if b.header_delay:
             try:
                 await asyncio.sleep(b.header_delay)
@@ -111,10 +113,12 @@ class FakeLMStudio:
         if b.status is not None and request.path.startswith("/v1/"):
             body_out = b.error_body
             if body_out is None:
-                body_out = json.dumps({"error": {"message": f"fake error {b.status}",
-                                                 "type": "server_error"}}).encode()
-            return web.Response(status=b.status, body=body_out,
-                                headers={"Content-Type": b.error_content_type})
+                body_out = json.dumps(
+                    {"error": {"message": f"fake error {b.status}", "type": "server_error"}}
+                ).encode()
+            return web.Response(
+                status=b.status, body=body_out, headers={"Content-Type": b.error_content_type}
+            )
         response = await handler(request)
         for name, value in b.extra_response_headers.items():
             response.headers[name] = value
@@ -127,23 +131,39 @@ class FakeLMStudio:
     def _json(self, payload: Any) -> web.Response:
         body = json.dumps(payload).encode()
         if self.behaviour.gzip_json:
-            return web.Response(body=gzip.compress(body), headers={
-                "Content-Type": "application/json", "Content-Encoding": "gzip"})
+            return web.Response(
+                body=gzip.compress(body),
+                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            )
         return web.Response(body=body, content_type="application/json")
 
     # ---- endpoints ----------------------------------------------------------------------------
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
-        return self._json({"object": "list", "data": [
-            {"id": m, "object": "model", "owned_by": "organization_owner"} for m in MODELS]})
+        return self._json(
+            {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "owned_by": "organization_owner"} for m in MODELS
+                ],
+            }
+        )
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         payload = await request.json()
         inputs = payload["input"] if isinstance(payload["input"], list) else [payload["input"]]
-        data = [{"object": "embedding", "index": i, "embedding": [0.1 * (i + 1), 0.2, 0.3]}
-                for i in range(len(inputs))]
-        return self._json({"object": "list", "data": data, "model": payload["model"],
-                           "usage": {"prompt_tokens": 4 * len(inputs), "total_tokens": 4 * len(inputs)}})
+        data = [
+            {"object": "embedding", "index": i, "embedding": [0.1 * (i + 1), 0.2, 0.3]}
+            for i in range(len(inputs))
+        ]
+        return self._json(
+            {
+                "object": "list",
+                "data": data,
+                "model": payload["model"],
+                "usage": {"prompt_tokens": 4 * len(inputs), "total_tokens": 4 * len(inputs)},
+            }
+        )
 
     async def _echo(self, request: web.Request) -> web.StreamResponse:
         return self._json({"received": await request.json()})
@@ -158,20 +178,36 @@ class FakeLMStudio:
         model = payload.get("model", "unknown")
         if not payload.get("stream"):
             words = [f"tok{i}" for i in range(self.behaviour.chunks)]
-            return self._json({
-                "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": " ".join(words)}}],
-                "usage": {"prompt_tokens": 7, "completion_tokens": len(words),
-                          "total_tokens": 7 + len(words)},
-            })
+            return self._json(
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": " ".join(words)},
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": 7,
+                        "completion_tokens": len(words),
+                        "total_tokens": 7 + len(words),
+                    },
+                }
+            )
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
         return await self._stream(request, model, include_usage)
 
-    async def _stream(self, request: web.Request, model: str, include_usage: bool) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, model: str, include_usage: bool
+    ) -> web.StreamResponse:
         b = self.behaviour
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
         await response.prepare(request)
         try:
             if b.first_chunk_delay:
@@ -187,11 +223,25 @@ class FakeLMStudio:
                 self.chunk_sent_at.append(time.monotonic())
             await response.write(_chunk(model, {}, "stop"))
             if include_usage:
-                usage = {"prompt_tokens": 7, "completion_tokens": b.chunks,
-                         "total_tokens": 7 + b.chunks}
-                await response.write(b"data: " + json.dumps({
-                    "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
-                    "model": model, "choices": [], "usage": usage}).encode() + b"\n\n")
+                usage = {
+                    "prompt_tokens": 7,
+                    "completion_tokens": b.chunks,
+                    "total_tokens": 7 + b.chunks,
+                }
+                await response.write(
+                    b"data: "
+                    + json.dumps(
+                        {
+                            "id": "chatcmpl-fake",
+                            "object": "chat.completion.chunk",
+                            "created": 1,
+                            "model": model,
+                            "choices": [],
+                            "usage": usage,
+                        }
+                    ).encode()
+                    + b"\n\n"
+                )
             await response.write(b"data: [DONE]\n\n")
         except (asyncio.CancelledError, ConnectionResetError):
             self._note_disconnect()
@@ -200,6 +250,11 @@ class FakeLMStudio:
 
 
 def _chunk(model: str, delta: dict[str, str], finish: str | None) -> bytes:
-    event = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
-             "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    event = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
     return b"data: " + json.dumps(event).encode() + b"\n\n"

@@ -47,12 +47,13 @@ def _dechunk(data: bytes) -> bytes:
         if size == 0:
             break
         out += rest[:size]
-        data = rest[size + 2:]
+        data = rest[size + 2 :]
     return bytes(out)
 
 
-def build_request(method: str, target: str, port: int, headers: Mapping[str, str] | None = None,
-                  body: bytes = b"") -> bytes:
+def build_request(
+    method: str, target: str, port: int, headers: Mapping[str, str] | None = None, body: bytes = b""
+) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
     for name, value in (headers or {}).items():
         lines.append(f"{name}: {value}")
@@ -61,8 +62,9 @@ def build_request(method: str, target: str, port: int, headers: Mapping[str, str
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-async def raw_request(port: int, method: str, target: str,
-                      headers: Mapping[str, str] | None = None, body: bytes = b"") -> RawResponse:
+async def raw_request(
+    port: int, method: str, target: str, headers: Mapping[str, str] | None = None, body: bytes = b""
+) -> RawResponse:
     """Send a request exactly as written (no client-side normalisation) and read the answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -75,8 +77,9 @@ async def raw_request(port: int, method: str, target: str,
     return _parse(data)
 
 
-def raw_request_sync(port: int, method: str, target: str,
-                     headers: Mapping[str, str] | None = None, body: bytes = b"") -> RawResponse:
+def raw_request_sync(
+    port: int, method: str, target: str, headers: Mapping[str, str] | None = None, body: bytes = b""
+) -> RawResponse:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(build_request(method, target, port, headers, body))
         chunks = []

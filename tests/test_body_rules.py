@@ -15,27 +15,36 @@ from tray_app.auth import ALL_SCOPES, Principal
 from tray_app.server import GatewayServer
 
 
-async def post(server: GatewayServer, path: str, data: bytes,
-               headers: dict[str, str] | None = None) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as s, s.post(
-        server.url + path, data=io.BytesIO(data) if len(data) > 2**20 else data,
-        headers={**auth_headers(), "Content-Type": "application/json", **(headers or {})},
-    ) as r:
+async def post(
+    server: GatewayServer, path: str, data: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            server.url + path,
+            data=io.BytesIO(data) if len(data) > 2**20 else data,
+            headers={**auth_headers(), "Content-Type": "application/json", **(headers or {})},
+        ) as r,
+    ):
         return r.status, await r.json()
 
 
-@pytest.mark.parametrize(("body", "fragment"), [
-    (b"", "empty"),
-    (b"   ", "empty"),
-    (b"not json", "not valid JSON"),
-    (b'{"model": "m",', "not valid JSON"),
-    (b"[1, 2]", "JSON object, not a JSON list"),
-    (b'"text"', "JSON object, not a JSON str"),
-    (b"\xff\xfe{\x00}\x00", "not UTF-8"),  # UTF-16: valid to json.loads, not to HTTP JSON
-    (b'{"model": "\xc3\x28"}', "not UTF-8"),
-])
-async def test_post_needs_a_json_object(gateway: GatewayServer, fake_lmstudio: FakeLMStudio,
-                                        body: bytes, fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"", "empty"),
+        (b"   ", "empty"),
+        (b"not json", "not valid JSON"),
+        (b'{"model": "m",', "not valid JSON"),
+        (b"[1, 2]", "JSON object, not a JSON list"),
+        (b'"text"', "JSON object, not a JSON str"),
+        (b"\xff\xfe{\x00}\x00", "not UTF-8"),  # UTF-16: valid to json.loads, not to HTTP JSON
+        (b'{"model": "\xc3\x28"}', "not UTF-8"),
+    ],
+)
+async def test_post_needs_a_json_object(
+    gateway: GatewayServer, fake_lmstudio: FakeLMStudio, body: bytes, fragment: str
+) -> None:
     status, payload = await post(gateway, "/v1/chat/completions", body)
     assert status == 400
     assert fragment in payload["error"]["message"]
@@ -43,15 +52,19 @@ async def test_post_needs_a_json_object(gateway: GatewayServer, fake_lmstudio: F
     assert fake_lmstudio.received == []
 
 
-@pytest.mark.parametrize(("body", "code"), [
-    ({"messages": []}, "missing_model"),
-    ({"model": "", "messages": []}, "invalid_model"),
-    ({"model": 42, "messages": []}, "invalid_model"),
-    ({"model": "x" * 300, "messages": []}, "invalid_model"),
-    ({"model": "m", "stream": "yes"}, "invalid_stream"),
-])
-async def test_model_and_stream_are_checked(gateway: GatewayServer, fake_lmstudio: FakeLMStudio,
-                                            body: dict, code: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"messages": []}, "missing_model"),
+        ({"model": "", "messages": []}, "invalid_model"),
+        ({"model": 42, "messages": []}, "invalid_model"),
+        ({"model": "x" * 300, "messages": []}, "invalid_model"),
+        ({"model": "m", "stream": "yes"}, "invalid_stream"),
+    ],
+)
+async def test_model_and_stream_are_checked(
+    gateway: GatewayServer, fake_lmstudio: FakeLMStudio, body: dict, code: str
+) -> None:
     status, payload = await post(gateway, "/v1/chat/completions", json.dumps(body).encode())
     assert status == 400
     assert payload["error"]["code"] == code
@@ -66,18 +79,21 @@ async def test_model_is_required_on_every_inference_endpoint(
     assert (status, payload["error"]["param"]) == (400, "model")
 
 
-async def test_body_over_the_cap_is_413_declared(start_gateway: GatewayFactory,
-                                                 fake_lmstudio: FakeLMStudio) -> None:
+async def test_body_over_the_cap_is_413_declared(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     server = await start_gateway(max_body_bytes=2048)
-    status, payload = await post(server, "/v1/chat/completions",
-                                 json.dumps({"model": "m", "pad": "x" * 4000}).encode())
+    status, payload = await post(
+        server, "/v1/chat/completions", json.dumps({"model": "m", "pad": "x" * 4000}).encode()
+    )
     assert status == 413
     assert payload["error"]["code"] == "body_too_large"
     assert fake_lmstudio.received == []
 
 
-async def test_body_over_the_cap_is_413_chunked(start_gateway: GatewayFactory,
-                                                fake_lmstudio: FakeLMStudio) -> None:
+async def test_body_over_the_cap_is_413_chunked(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     server = await start_gateway(max_body_bytes=2048)
 
     async def chunks():  # no Content-Length: the cap must hold while reading
@@ -86,27 +102,38 @@ async def test_body_over_the_cap_is_413_chunked(start_gateway: GatewayFactory,
             yield b"x" * 1000
         yield b'"}'
 
-    async with aiohttp.ClientSession() as s, s.post(
-        server.url + "/v1/chat/completions", data=chunks(), headers=auth_headers()
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(server.url + "/v1/chat/completions", data=chunks(), headers=auth_headers()) as r,
+    ):
         assert r.status == 413
         assert (await r.json())["error"]["code"] == "body_too_large"
     assert fake_lmstudio.received == []
 
 
-async def test_default_cap_takes_an_image_input(gateway: GatewayServer,
-                                                fake_lmstudio: FakeLMStudio) -> None:
+async def test_default_cap_takes_an_image_input(
+    gateway: GatewayServer, fake_lmstudio: FakeLMStudio
+) -> None:
     image = "data:image/png;base64," + "A" * (8 * 1024 * 1024)  # an 8 MiB photo
-    body = {"model": "m", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": image}}]}]}
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}
+        ],
+    }
     status, _ = await post(gateway, "/v1/chat/completions", json.dumps(body).encode())
     assert status == 200
 
 
-async def test_ttl_is_dropped_and_the_rest_kept(gateway: GatewayServer,
-                                                fake_lmstudio: FakeLMStudio) -> None:
-    body = {"model": "m", "ttl": 1, "temperature": 0.2, "messages": [{"role": "user",
-                                                                      "content": "héllo"}]}
+async def test_ttl_is_dropped_and_the_rest_kept(
+    gateway: GatewayServer, fake_lmstudio: FakeLMStudio
+) -> None:
+    body = {
+        "model": "m",
+        "ttl": 1,
+        "temperature": 0.2,
+        "messages": [{"role": "user", "content": "héllo"}],
+    }
     status, _ = await post(gateway, "/v1/chat/completions", json.dumps(body).encode())
     assert status == 200
     received = fake_lmstudio.received[0].json()
@@ -114,8 +141,9 @@ async def test_ttl_is_dropped_and_the_rest_kept(gateway: GatewayServer,
     assert received == {k: v for k, v in body.items() if k != "ttl"}
 
 
-async def test_unchanged_bodies_are_forwarded_byte_for_byte(gateway: GatewayServer,
-                                                            fake_lmstudio: FakeLMStudio) -> None:
+async def test_unchanged_bodies_are_forwarded_byte_for_byte(
+    gateway: GatewayServer, fake_lmstudio: FakeLMStudio
+) -> None:
     raw = b'{ "model" :"m",\n  "messages": [ ],  "temperature":0.70 }'
     status, _ = await post(gateway, "/v1/chat/completions", raw, {"Content-Type": "text/plain"})
     assert status == 200
@@ -124,55 +152,76 @@ async def test_unchanged_bodies_are_forwarded_byte_for_byte(gateway: GatewayServ
     assert fake_lmstudio.received[0].headers["Content-Type"] == "application/json"
 
 
-async def test_mcp_tools_are_removed_from_responses(start_gateway: GatewayFactory,
-                                                    fake_lmstudio: FakeLMStudio) -> None:
+async def test_mcp_tools_are_removed_from_responses(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     server = await start_gateway(enable_responses=True, enable_messages=True)
     function_tool = {"type": "function", "name": "add", "parameters": {}}
-    body = {"model": "m", "input": "hi", "tools": [
-        {"type": "mcp", "server_label": "x", "server_url": "https://evil.example/mcp"},
-        function_tool]}
+    body = {
+        "model": "m",
+        "input": "hi",
+        "tools": [
+            {"type": "mcp", "server_label": "x", "server_url": "https://evil.example/mcp"},
+            function_tool,
+        ],
+    }
     status, _ = await post(server, "/v1/responses", json.dumps(body).encode())
     assert status == 200
     assert fake_lmstudio.received[-1].json()["tools"] == [function_tool]
 
-    only_mcp = {"model": "m", "input": "hi", "tool_choice": "required",
-                "tools": [{"type": "mcp", "server_url": "https://evil.example/mcp"}]}
+    only_mcp = {
+        "model": "m",
+        "input": "hi",
+        "tool_choice": "required",
+        "tools": [{"type": "mcp", "server_url": "https://evil.example/mcp"}],
+    }
     await post(server, "/v1/responses", json.dumps(only_mcp).encode())
     forwarded = fake_lmstudio.received[-1].json()
     assert "tools" not in forwarded and "tool_choice" not in forwarded
 
-    anthropic = {"model": "m", "max_tokens": 5, "messages": [],
-                 "mcp_servers": [{"type": "url", "url": "https://evil.example/mcp"}]}
+    anthropic = {
+        "model": "m",
+        "max_tokens": 5,
+        "messages": [],
+        "mcp_servers": [{"type": "url", "url": "https://evil.example/mcp"}],
+    }
     await post(server, "/v1/messages", json.dumps(anthropic).encode())
     assert "mcp_servers" not in fake_lmstudio.received[-1].json()
 
 
-async def test_model_allowlist_hook_refuses_other_models(start_gateway: GatewayFactory,
-                                                         fake_lmstudio: FakeLMStudio) -> None:
+async def test_model_allowlist_hook_refuses_other_models(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     principal = Principal("phone", ALL_SCOPES, models=frozenset({"qwen2.5-7b-instruct"}))
     server = await start_gateway(authenticator=FixedPrincipalAuthenticator(CLIENT_KEY, principal))
-    status, payload = await post(server, "/v1/chat/completions",
-                                 b'{"model": "llama-3.2-1b-instruct", "messages": []}')
+    status, payload = await post(
+        server, "/v1/chat/completions", b'{"model": "llama-3.2-1b-instruct", "messages": []}'
+    )
     assert status == 403
     assert payload["error"]["code"] == "model_not_allowed"
     assert fake_lmstudio.received == []
-    status, _ = await post(server, "/v1/chat/completions",
-                           b'{"model": "qwen2.5-7b-instruct", "messages": []}')
+    status, _ = await post(
+        server, "/v1/chat/completions", b'{"model": "qwen2.5-7b-instruct", "messages": []}'
+    )
     assert status == 200
 
 
-async def test_models_list_hook_shows_only_allowed_models(start_gateway: GatewayFactory,
-                                                          fake_lmstudio: FakeLMStudio) -> None:
+async def test_models_list_hook_shows_only_allowed_models(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     principal = Principal("phone", ALL_SCOPES, models=frozenset({"llama-3.2-1b-instruct"}))
     server = await start_gateway(authenticator=FixedPrincipalAuthenticator(CLIENT_KEY, principal))
-    async with aiohttp.ClientSession() as s, s.get(server.url + "/v1/models",
-                                                   headers=auth_headers()) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(server.url + "/v1/models", headers=auth_headers()) as r,
+    ):
         ids = [m["id"] for m in (await r.json())["data"]]
     assert ids == ["llama-3.2-1b-instruct"]
 
 
-async def test_scope_hook_refuses_a_route_outside_the_scopes(start_gateway: GatewayFactory,
-                                                             fake_lmstudio: FakeLMStudio) -> None:
+async def test_scope_hook_refuses_a_route_outside_the_scopes(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     principal = Principal("phone", frozenset({"chat"}))
     server = await start_gateway(authenticator=FixedPrincipalAuthenticator(CLIENT_KEY, principal))
     status, payload = await post(server, "/v1/embeddings", b'{"model": "e", "input": "x"}')

@@ -10,8 +10,12 @@ from tests.fake_lmstudio import FakeLMStudio
 from tests.helpers import raw_request
 from tray_app.server import GatewayServer
 
-WS = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-      "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+WS = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
 
 # (method, raw request target, extra headers, expected status)
 BLOCKED = [
@@ -75,11 +79,19 @@ BLOCKED = [
 
 
 @pytest.mark.parametrize("with_credentials", [False, True], ids=["anonymous", "authenticated"])
-@pytest.mark.parametrize(("method", "target", "headers", "status"), BLOCKED,
-                         ids=[f"{m} {t}" + (" (upgrade)" if h else "") for m, t, h, _ in BLOCKED])
+@pytest.mark.parametrize(
+    ("method", "target", "headers", "status"),
+    BLOCKED,
+    ids=[f"{m} {t}" + (" (upgrade)" if h else "") for m, t, h, _ in BLOCKED],
+)
 async def test_blocked_requests_never_reach_lm_studio(
-    gateway: GatewayServer, fake_lmstudio: FakeLMStudio, with_credentials: bool,
-    method: str, target: str, headers: dict[str, str], status: int,
+    gateway: GatewayServer,
+    fake_lmstudio: FakeLMStudio,
+    with_credentials: bool,
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    status: int,
 ) -> None:
     sent = dict(headers)
     if with_credentials:
@@ -98,8 +110,17 @@ async def test_blocked_requests_never_reach_lm_studio(
     assert fake_lmstudio.received == [], "LM Studio must not hear of a blocked request"
 
 
-@pytest.mark.parametrize("target", ["//v1//models", "/v1/./models", "/v1/models/", "/v1/x/../models",
-                                    "/%76%31/models", "/v1/models?x=/../../api/v1/models/load"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "//v1//models",
+        "/v1/./models",
+        "/v1/models/",
+        "/v1/x/../models",
+        "/%76%31/models",
+        "/v1/models?x=/../../api/v1/models/load",
+    ],
+)
 async def test_odd_spellings_of_allowed_paths_reach_only_the_canonical_path(
     gateway: GatewayServer, fake_lmstudio: FakeLMStudio, target: str
 ) -> None:
@@ -109,17 +130,26 @@ async def test_odd_spellings_of_allowed_paths_reach_only_the_canonical_path(
     assert fake_lmstudio.paths == ["/v1/models"]
 
 
-async def test_enabled_responses_route_is_forwarded(start_gateway: GatewayFactory,
-                                                    fake_lmstudio: FakeLMStudio) -> None:
+async def test_enabled_responses_route_is_forwarded(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     server = await start_gateway(enable_responses=True)
-    response = await raw_request(server.port or 0, "POST", "/v1/responses",
-                                 {**auth_headers(), "Content-Type": "application/json"},
-                                 b'{"model": "m", "input": "hi"}')
+    response = await raw_request(
+        server.port or 0,
+        "POST",
+        "/v1/responses",
+        {**auth_headers(), "Content-Type": "application/json"},
+        b'{"model": "m", "input": "hi"}',
+    )
     assert response.status == 200
     assert fake_lmstudio.paths == ["/v1/responses"]
-    messages = await raw_request(server.port or 0, "POST", "/v1/messages",
-                                 {**auth_headers(), "Content-Type": "application/json"},
-                                 b'{"model": "m", "messages": []}')
+    messages = await raw_request(
+        server.port or 0,
+        "POST",
+        "/v1/messages",
+        {**auth_headers(), "Content-Type": "application/json"},
+        b'{"model": "m", "messages": []}',
+    )
     assert messages.status == 404, "enabling /v1/responses must not enable /v1/messages"
     assert fake_lmstudio.paths == ["/v1/responses"]
 
@@ -127,8 +157,13 @@ async def test_enabled_responses_route_is_forwarded(start_gateway: GatewayFactor
 async def test_allowed_route_without_credentials_is_401_and_not_forwarded(
     gateway: GatewayServer, fake_lmstudio: FakeLMStudio
 ) -> None:
-    response = await raw_request(gateway.port or 0, "POST", "/v1/chat/completions",
-                                 {"Content-Type": "application/json"}, b'{"model": "m"}')
+    response = await raw_request(
+        gateway.port or 0,
+        "POST",
+        "/v1/chat/completions",
+        {"Content-Type": "application/json"},
+        b'{"model": "m"}',
+    )
     assert response.status == 401
     assert response.headers["www-authenticate"].startswith("Bearer")
     assert response.json()["error"]["code"] == "missing_api_key"

@@ -15,10 +15,12 @@ from tests.helpers import LogCapture, raw_request
 from tray_app.server import GatewayServer
 
 
-async def test_sane_request_id_is_echoed_and_forwarded(gateway: GatewayServer,
-                                                       fake_lmstudio: FakeLMStudio) -> None:
-    response = await raw_request(gateway.port or 0, "GET", "/v1/models",
-                                 {**auth_headers(), "X-Request-ID": "phone-42.a:b_c"})
+async def test_sane_request_id_is_echoed_and_forwarded(
+    gateway: GatewayServer, fake_lmstudio: FakeLMStudio
+) -> None:
+    response = await raw_request(
+        gateway.port or 0, "GET", "/v1/models", {**auth_headers(), "X-Request-ID": "phone-42.a:b_c"}
+    )
     assert response.headers["x-request-id"] == "phone-42.a:b_c"
     assert fake_lmstudio.received[0].headers["X-Request-ID"] == "phone-42.a:b_c"
 
@@ -41,7 +43,8 @@ async def test_one_json_access_line_per_request(client: openai.AsyncOpenAI) -> N
     with LogCapture() as logs:
         await client.chat.completions.create(model=MODELS[0], messages=[])
         stream = await client.chat.completions.create(
-            model=MODELS[0], messages=[], stream=True, stream_options={"include_usage": True})
+            model=MODELS[0], messages=[], stream=True, stream_options={"include_usage": True}
+        )
         async for _ in stream:
             pass
         with pytest.raises(openai.NotFoundError):
@@ -50,8 +53,19 @@ async def test_one_json_access_line_per_request(client: openai.AsyncOpenAI) -> N
     assert len(lines) == 3
     plain, streamed, refused = lines
     for line in lines:
-        assert {"time", "request_id", "principal", "method", "path", "status", "model",
-                "latency_ms", "bytes_in", "bytes_out", "client"} <= set(line)
+        assert {
+            "time",
+            "request_id",
+            "principal",
+            "method",
+            "path",
+            "status",
+            "model",
+            "latency_ms",
+            "bytes_in",
+            "bytes_out",
+            "client",
+        } <= set(line)
         assert line["latency_ms"] >= 0
     assert plain["principal"] == "owner" and plain["model"] == MODELS[0]
     assert (plain["status"], plain["prompt_tokens"], plain["completion_tokens"]) == (200, 7, 5)
@@ -61,25 +75,36 @@ async def test_one_json_access_line_per_request(client: openai.AsyncOpenAI) -> N
     assert (refused["status"], refused["path"], refused["principal"]) == (404, "/v1/nope", None)
 
 
-async def test_no_secret_ever_reaches_the_log(start_gateway: GatewayFactory,
-                                              fake_lmstudio: FakeLMStudio) -> None:
+async def test_no_secret_ever_reaches_the_log(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     wrong_key = "lmg_wrong_" + "z" * 30
     with LogCapture() as logs:
         server = await start_gateway()
         async with aiohttp.ClientSession() as s:
-            for headers in (auth_headers(), auth_headers(wrong_key), {"X-API-Key": CLIENT_KEY},
-                            {"Authorization": f"Basic {CLIENT_KEY}"}):
-                for path in ("/v1/models", f"/v1/models?api_key={CLIENT_KEY}",
-                             f"/api/v1/models/load?token={CLIENT_KEY}"):
+            for headers in (
+                auth_headers(),
+                auth_headers(wrong_key),
+                {"X-API-Key": CLIENT_KEY},
+                {"Authorization": f"Basic {CLIENT_KEY}"},
+            ):
+                for path in (
+                    "/v1/models",
+                    f"/v1/models?api_key={CLIENT_KEY}",
+                    f"/api/v1/models/load?token={CLIENT_KEY}",
+                ):
                     async with s.get(server.url + path, headers=headers) as r:
                         await r.read()
-                async with s.post(server.url + "/v1/chat/completions", headers=headers,
-                                  json={"model": "m", "messages": [{"role": "user",
-                                                                    "content": CLIENT_KEY}]}) as r:
+                async with s.post(
+                    server.url + "/v1/chat/completions",
+                    headers=headers,
+                    json={"model": "m", "messages": [{"role": "user", "content": CLIENT_KEY}]},
+                ) as r:
                     await r.read()
             fake_lmstudio.behaviour.status = 500  # errors are logged too
-            async with s.post(server.url + "/v1/chat/completions", headers=auth_headers(),
-                              json={"model": "m"}) as r:
+            async with s.post(
+                server.url + "/v1/chat/completions", headers=auth_headers(), json={"model": "m"}
+            ) as r:
                 await r.read()
         await server.stop()
     text = logs.text
@@ -88,16 +113,18 @@ async def test_no_secret_ever_reaches_the_log(start_gateway: GatewayFactory,
         assert secret not in text
 
 
-async def test_healthz_needs_no_auth_and_says_nothing_more(gateway: GatewayServer,
-                                                           fake_lmstudio: FakeLMStudio) -> None:
+async def test_healthz_needs_no_auth_and_says_nothing_more(
+    gateway: GatewayServer, fake_lmstudio: FakeLMStudio
+) -> None:
     response = await raw_request(gateway.port or 0, "GET", "/healthz")
     assert response.status == 200
     assert response.json() == {"status": "ok"}
     assert fake_lmstudio.received == []
 
 
-async def test_readyz_reports_whether_lm_studio_answers(start_gateway: GatewayFactory,
-                                                        fake_lmstudio: FakeLMStudio) -> None:
+async def test_readyz_reports_whether_lm_studio_answers(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     server = await start_gateway()
     ready = await raw_request(server.port or 0, "GET", "/readyz")
     assert (ready.status, ready.json()) == (200, {"status": "ready"})

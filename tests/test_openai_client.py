@@ -51,10 +51,12 @@ async def test_embeddings(client: openai.AsyncOpenAI, fake_lmstudio: FakeLMStudi
     assert result.data[0].embedding == pytest.approx([0.1, 0.2, 0.3])
 
 
-async def test_wrong_key_is_an_authentication_error(gateway: GatewayServer,
-                                                    fake_lmstudio: FakeLMStudio) -> None:
-    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="lmg_wrong_key_123456",
-                                  max_retries=0) as bad:
+async def test_wrong_key_is_an_authentication_error(
+    gateway: GatewayServer, fake_lmstudio: FakeLMStudio
+) -> None:
+    async with openai.AsyncOpenAI(
+        base_url=gateway.url + "/v1", api_key="lmg_wrong_key_123456", max_retries=0
+    ) as bad:
         with pytest.raises(openai.AuthenticationError) as caught:
             await bad.models.list()
     assert caught.value.status_code == 401

@@ -15,18 +15,23 @@ from tests.fake_lmstudio import FakeLMStudio
 from tests.helpers import sse_events
 from tray_app.server import GatewayServer
 
-CHAT = {"model": "qwen2.5-7b-instruct", "messages": [{"role": "user", "content": "hi"}],
-        "stream": True}
+CHAT = {
+    "model": "qwen2.5-7b-instruct",
+    "messages": [{"role": "user", "content": "hi"}],
+    "stream": True,
+}
 
 
-async def test_chunks_arrive_as_they_are_produced(gateway: GatewayServer,
-                                                  fake_lmstudio: FakeLMStudio) -> None:
+async def test_chunks_arrive_as_they_are_produced(
+    gateway: GatewayServer, fake_lmstudio: FakeLMStudio
+) -> None:
     fake_lmstudio.behaviour.chunks = 6
     fake_lmstudio.behaviour.chunk_delay = 0.25
     received_at: list[float] = []
-    async with aiohttp.ClientSession() as s, s.post(
-        gateway.url + "/v1/chat/completions", json=CHAT, headers=auth_headers()
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gateway.url + "/v1/chat/completions", json=CHAT, headers=auth_headers()) as r,
+    ):
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/event-stream")
         assert r.headers["Cache-Control"] == "no-cache"
@@ -44,27 +49,31 @@ async def test_chunks_arrive_as_they_are_produced(gateway: GatewayServer,
         assert got - sent < 0.1
 
 
-async def test_no_total_timeout_on_a_long_stream(start_gateway: GatewayFactory,
-                                                 fake_lmstudio: FakeLMStudio) -> None:
+async def test_no_total_timeout_on_a_long_stream(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     server = await start_gateway(upstream_idle_timeout=1.0)
     fake_lmstudio.behaviour.chunks = 8
     fake_lmstudio.behaviour.chunk_delay = 0.4  # 2.8 s in all, each gap under the idle timeout
-    async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=CLIENT_KEY,
-                                  max_retries=0) as client:
+    async with openai.AsyncOpenAI(
+        base_url=server.url + "/v1", api_key=CLIENT_KEY, max_retries=0
+    ) as client:
         stream = await client.chat.completions.create(**CHAT)
         parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
     assert "".join(parts) == "".join(f"tok{i} " for i in range(8))
 
 
-async def test_heartbeats_while_the_prompt_is_processed(start_gateway: GatewayFactory,
-                                                        fake_lmstudio: FakeLMStudio) -> None:
+async def test_heartbeats_while_the_prompt_is_processed(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     server = await start_gateway(heartbeat_interval=0.2)
     fake_lmstudio.behaviour.header_delay = 0.5  # before LM Studio even answers
     fake_lmstudio.behaviour.first_chunk_delay = 0.5  # then silence before the first token
     fake_lmstudio.behaviour.chunks = 3
-    async with aiohttp.ClientSession() as s, s.post(
-        server.url + "/v1/chat/completions", json=CHAT, headers=auth_headers()
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(server.url + "/v1/chat/completions", json=CHAT, headers=auth_headers()) as r,
+    ):
         assert r.status == 200
         assert r.headers["X-Accel-Buffering"] == "no"
         body = await r.read()
@@ -73,14 +82,16 @@ async def test_heartbeats_while_the_prompt_is_processed(start_gateway: GatewayFa
     assert sse_events(body)[-1] == "[DONE]"
 
 
-async def test_heartbeats_are_harmless_to_the_openai_client(start_gateway: GatewayFactory,
-                                                            fake_lmstudio: FakeLMStudio) -> None:
+async def test_heartbeats_are_harmless_to_the_openai_client(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     server = await start_gateway(heartbeat_interval=0.1)
     fake_lmstudio.behaviour.header_delay = 0.35
     fake_lmstudio.behaviour.first_chunk_delay = 0.35
     fake_lmstudio.behaviour.chunks = 4
-    async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=CLIENT_KEY,
-                                  max_retries=0) as client:
+    async with openai.AsyncOpenAI(
+        base_url=server.url + "/v1", api_key=CLIENT_KEY, max_retries=0
+    ) as client:
         stream = await client.chat.completions.create(**CHAT)
         parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
     assert "".join(parts) == "tok0 tok1 tok2 tok3 "
@@ -113,11 +124,12 @@ async def test_hanging_up_during_prompt_processing_closes_lm_studios_request(
         fake_lmstudio.behaviour.header_delay = 30
     else:
         fake_lmstudio.behaviour.first_chunk_delay = 30
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     body = json.dumps(CHAT).encode()
     writer.write(
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
     )
     await writer.drain()
     await asyncio.sleep(0.5)  # LM Studio is now "processing the prompt"
@@ -144,9 +156,10 @@ async def test_upstream_failure_mid_stream_ends_with_an_error_event(
     assert "broke off" in caught.value.message
     # The raw stream ends with one OpenAI-shaped error event carrying the request ID.
     fake_lmstudio.behaviour.fail_after = 1
-    async with aiohttp.ClientSession() as s, s.post(
-        gateway.url + "/v1/chat/completions", json=CHAT, headers=auth_headers()
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gateway.url + "/v1/chat/completions", json=CHAT, headers=auth_headers()) as r,
+    ):
         events = sse_events(await r.read())
     error = json.loads(events[-1])["error"]
     assert error["code"] == "upstream_stream_failed"
@@ -159,22 +172,25 @@ async def test_idle_timeout_mid_stream_ends_with_an_error_event(
     server = await start_gateway(upstream_idle_timeout=1.0)
     fake_lmstudio.behaviour.chunks = 3
     fake_lmstudio.behaviour.chunk_delay = 3.0
-    async with aiohttp.ClientSession() as s, s.post(
-        server.url + "/v1/chat/completions", json=CHAT, headers=auth_headers()
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(server.url + "/v1/chat/completions", json=CHAT, headers=auth_headers()) as r,
+    ):
         events = sse_events(await r.read())
     assert json.loads(events[0])["choices"][0]["delta"]["content"] == "tok0 "
     assert json.loads(events[-1])["error"]["code"] == "upstream_timeout"
     await asyncio.wait_for(fake_lmstudio.disconnected.wait(), 1.0)
 
 
-async def test_idle_timeout_before_any_answer_is_504(start_gateway: GatewayFactory,
-                                                     fake_lmstudio: FakeLMStudio) -> None:
+async def test_idle_timeout_before_any_answer_is_504(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     server = await start_gateway(upstream_idle_timeout=1.0)
     fake_lmstudio.behaviour.header_delay = 3.0
-    async with aiohttp.ClientSession() as s, s.post(
-        server.url + "/v1/chat/completions", json=CHAT, headers=auth_headers()
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(server.url + "/v1/chat/completions", json=CHAT, headers=auth_headers()) as r,
+    ):
         assert r.status == 504
         assert (await r.json())["error"]["code"] == "upstream_timeout"
 
@@ -184,9 +200,10 @@ async def test_upstream_error_for_a_stream_request_keeps_its_status(
 ) -> None:
     fake_lmstudio.behaviour.status = 404
     fake_lmstudio.behaviour.error_body = b'{"error": {"message": "model not found"}}'
-    async with aiohttp.ClientSession() as s, s.post(
-        gateway.url + "/v1/chat/completions", json=CHAT, headers=auth_headers()
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gateway.url + "/v1/chat/completions", json=CHAT, headers=auth_headers()) as r,
+    ):
         assert r.status == 404
         assert (await r.json())["error"]["message"] == "model not found"
 
@@ -197,9 +214,10 @@ async def test_upstream_error_after_heartbeats_becomes_an_error_event(
     server = await start_gateway(heartbeat_interval=0.1)
     fake_lmstudio.behaviour.header_delay = 0.35
     fake_lmstudio.behaviour.status = 500
-    async with aiohttp.ClientSession() as s, s.post(
-        server.url + "/v1/chat/completions", json=CHAT, headers=auth_headers()
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(server.url + "/v1/chat/completions", json=CHAT, headers=auth_headers()) as r,
+    ):
         assert r.status == 200  # committed by the heartbeats before LM Studio answered
         events = sse_events(await r.read())
     assert "fake error 500" in json.loads(events[-1])["error"]["message"]

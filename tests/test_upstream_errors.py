@@ -24,9 +24,12 @@ def closed_port() -> int:
 
 
 async def chat(server: GatewayServer, **extra: object) -> tuple[int, dict, Mapping[str, str]]:
-    async with aiohttp.ClientSession() as s, s.post(
-        server.url + "/v1/chat/completions", json={**CHAT, **extra}, headers=auth_headers()
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            server.url + "/v1/chat/completions", json={**CHAT, **extra}, headers=auth_headers()
+        ) as r,
+    ):
         return r.status, await r.json(), r.headers
 
 
@@ -36,8 +39,9 @@ async def healthy(server: GatewayServer) -> bool:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_lm_studio_not_running_is_502_with_a_hint(start_gateway: GatewayFactory,
-                                                        stream: bool) -> None:
+async def test_lm_studio_not_running_is_502_with_a_hint(
+    start_gateway: GatewayFactory, stream: bool
+) -> None:
     upstream = f"http://127.0.0.1:{closed_port()}"
     server = await start_gateway(upstream_url=upstream)
     status, payload, headers = await chat(server, stream=stream)
@@ -51,16 +55,18 @@ async def test_lm_studio_not_running_is_502_with_a_hint(start_gateway: GatewayFa
 
 async def test_openai_client_sees_the_hint(start_gateway: GatewayFactory) -> None:
     server = await start_gateway(upstream_url=f"http://127.0.0.1:{closed_port()}")
-    async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=CLIENT_KEY,
-                                  max_retries=0) as client:
+    async with openai.AsyncOpenAI(
+        base_url=server.url + "/v1", api_key=CLIENT_KEY, max_retries=0
+    ) as client:
         with pytest.raises(openai.InternalServerError) as caught:
             await client.models.list()
     assert caught.value.status_code == 502
     assert "not reachable" in caught.value.message
 
 
-async def test_upstream_timeout_is_504(start_gateway: GatewayFactory,
-                                       fake_lmstudio: FakeLMStudio) -> None:
+async def test_upstream_timeout_is_504(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     server = await start_gateway(upstream_idle_timeout=1.0)
     fake_lmstudio.behaviour.header_delay = 3
     status, payload, _ = await chat(server)
@@ -68,16 +74,18 @@ async def test_upstream_timeout_is_504(start_gateway: GatewayFactory,
     assert await healthy(server)
 
 
-async def test_upstream_5xx_json_passes_through(gateway: GatewayServer,
-                                                fake_lmstudio: FakeLMStudio) -> None:
+async def test_upstream_5xx_json_passes_through(
+    gateway: GatewayServer, fake_lmstudio: FakeLMStudio
+) -> None:
     fake_lmstudio.behaviour.status = 500
     status, payload, _ = await chat(gateway)
     assert status == 500
     assert payload["error"]["message"] == "fake error 500"
 
 
-async def test_upstream_5xx_text_is_wrapped_in_the_error_shape(gateway: GatewayServer,
-                                                               fake_lmstudio: FakeLMStudio) -> None:
+async def test_upstream_5xx_text_is_wrapped_in_the_error_shape(
+    gateway: GatewayServer, fake_lmstudio: FakeLMStudio
+) -> None:
     fake_lmstudio.behaviour.status = 503
     fake_lmstudio.behaviour.error_body = b"Service busy, model loading"
     fake_lmstudio.behaviour.error_content_type = "text/plain"
@@ -99,8 +107,9 @@ async def test_lm_studio_requiring_a_token_we_lack_is_explained(
     assert "LM Studio token" in payload["error"]["message"]
 
 
-async def test_response_over_the_cap_is_502(start_gateway: GatewayFactory,
-                                            fake_lmstudio: FakeLMStudio) -> None:
+async def test_response_over_the_cap_is_502(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     server = await start_gateway(max_response_bytes=1024)
     fake_lmstudio.behaviour.chunks = 500  # a long non-streamed answer
     status, payload, _ = await chat(server)
@@ -112,8 +121,9 @@ class ExplodingAuthenticator:
         raise RuntimeError("bug in an authenticator")
 
 
-async def test_an_internal_bug_is_a_500_in_the_error_shape(start_gateway: GatewayFactory,
-                                                           fake_lmstudio: FakeLMStudio) -> None:
+async def test_an_internal_bug_is_a_500_in_the_error_shape(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
     server = await start_gateway(authenticator=ExplodingAuthenticator())
     status, payload, headers = await chat(server)
     assert status == 500

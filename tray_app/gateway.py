@@ -68,6 +68,9 @@ class Exchange:
     error: str | None = None
     stream: bool = False
     upstream: aiohttp.ClientResponse | None = field(default=None, repr=False)
+    relay: StreamRelay | None = field(default=None, repr=False)
+    task: asyncio.Task[object] | None = field(default=None, repr=False)
+    aborted_by_stop: bool = False
 
 
 def _not_found(refusal: Refusal) -> ApiError:
@@ -137,6 +140,7 @@ class Gateway:
             started=self._clock.monotonic(),
             client=request.remote,
         )
+        exchange.task = asyncio.current_task()
         self._inflight.add(exchange)
         try:
             response = await self._handle(request, exchange)
@@ -149,10 +153,21 @@ class Gateway:
             log.exception("internal error handling request %s", exchange.request_id)
             exchange.error = "internal_error"
             response = ApiError(
-                500, f"LM Gate hit an internal error (request {exchange.request_id}); "
-                "details are in its log.", type="server_error", code="internal_error",
+                500,
+                f"LM Gate hit an internal error (request {exchange.request_id}); "
+                "details are in its log.",
+                type="server_error",
+                code="internal_error",
             ).to_response(exchange.request_id)
         except asyncio.CancelledError:
+            if exchange.aborted_by_stop and exchange.task is not None:
+                # Our own shutdown cancelled a request still waiting for LM Studio; the
+                # client is still there and gets a proper answer.
+                exchange.task.uncancel()
+                response = await self._answer_aborted(exchange)
+                exchange.status = response.status
+                self._log(exchange)
+                return response
             # The client hung up; the finally clauses below us already closed LM Studio's side.
             exchange.status = exchange.status or 499
             exchange.error = exchange.error or "client_disconnected"
@@ -251,7 +266,7 @@ class Gateway:
             return session.request(route.method, url, data=data, headers=headers)
 
         if body.stream:
-            relay = StreamRelay(
+            relay = exchange.relay = StreamRelay(
                 request,
                 exchange.request_id,
                 config=self.config,
@@ -430,7 +445,18 @@ class Gateway:
                 await asyncio.wait_for(self._drained.wait(), self.config.shutdown_grace)
         for exchange in list(self._inflight):
             if exchange.upstream is not None:
+                # The relay or reader sees the closed connection and ends the answer itself.
                 exchange.upstream.close()
+            elif exchange.task is not None and not exchange.task.done():
+                exchange.aborted_by_stop = True
+                exchange.task.cancel()
+
+    async def _answer_aborted(self, exchange: Exchange) -> web.StreamResponse:
+        error = self._shutting_down()
+        exchange.error = error.code
+        if exchange.relay is not None and exchange.relay.committed:
+            return await exchange.relay.fail(error.message, error.type, error.code)
+        return error.to_response(exchange.request_id)
 
     @property
     def stopping(self) -> bool:

@@ -83,7 +83,7 @@ class StreamRelay:
             except ApiError as err:
                 if self._down is None:
                     raise
-                return await self._fail(err.message, err.type, err.code)
+                return await self.fail(err.message, err.type, err.code)
             self._on_upstream(upstream)
             content_type = upstream.headers.get("Content-Type", "")
             if upstream.status != 200 or "text/event-stream" not in content_type:
@@ -115,19 +115,19 @@ class StreamRelay:
         except (TimeoutError, aiohttp.ClientError) as exc:
             upstream.close()
             if self._is_stopping():
-                return await self._fail(
+                return await self.fail(
                     "LM Gate is shutting down; the answer was cut short.",
                     "server_error",
                     "shutting_down",
                 )
             if isinstance(exc, asyncio.TimeoutError):
-                return await self._fail(
+                return await self.fail(
                     f"LM Studio sent nothing for {self._idle_timeout:g} s (upstream.idle_timeout); "
                     "the answer was cut short.",
                     "upstream_error",
                     "upstream_timeout",
                 )
-            return await self._fail(
+            return await self.fail(
                 f"LM Studio's stream broke off ({type(exc).__name__}); the answer is incomplete.",
                 "upstream_error",
                 "upstream_stream_failed",
@@ -146,17 +146,22 @@ class StreamRelay:
         except ApiError as err:
             if self._down is None:
                 raise
-            return await self._fail(err.message, err.type, err.code)
+            return await self.fail(err.message, err.type, err.code)
         if self._down is None:
             self.status = whole.status
             return whole
         body = whole.body if isinstance(whole.body, bytes) else b""
         if whole.status >= 400:
-            return await self._fail(
+            return await self.fail(
                 body.decode("utf-8", errors="replace")[:500], "upstream_error", "upstream_error"
             )
         await self._write(b"data: " + body.replace(b"\n", b"") + b"\n\ndata: [DONE]\n\n")
         return self._down
+
+    @property
+    def committed(self) -> bool:
+        """Whether response headers went out (heartbeats or data): errors must be SSE events."""
+        return self._down is not None
 
     async def _beating(self, awaitable: Awaitable[T]) -> T:
         """Await ``awaitable``, sending SSE heartbeats every interval while it is pending."""
@@ -197,7 +202,7 @@ class StreamRelay:
             raise _ClientGone from None
         self.bytes_out += len(data)
 
-    async def _fail(self, message: str, kind: str, code: str) -> web.StreamResponse:
+    async def fail(self, message: str, kind: str, code: str) -> web.StreamResponse:
         """End the stream with an SSE error event that the OpenAI SDKs raise as APIError."""
         self.error = code
         down = await self._start(200)
