@@ -1,17 +1,18 @@
 """Relaying a streamed (SSE) answer from LM Studio, chunk by chunk as it arrives.
 
-While LM Studio is still processing the prompt, optional SSE comments keep idle-sensitive
-proxies and phones from dropping the connection. Once the first byte arrives the relay is a
-plain read-write loop: no parsing, no timers, one small deque append per chunk (for usage).
+While LM Studio is still processing the prompt, an optional heartbeat pump sends SSE comments
+so that idle-sensitive proxies and phones keep the connection. The relay itself awaits LM
+Studio directly (no wrapper task per read), and once the first chunk arrives it is a plain
+read-write loop: no parsing, no timers, one deque append per chunk (for usage).
 When the client hangs up, LM Studio's request is closed at once so the GPU stops generating.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -21,7 +22,7 @@ from tray_app.api_errors import REQUEST_ID_HEADER, ApiError, sse_error_event
 from tray_app.config import Config
 from tray_app.usage import Usage, usage_from_sse_tail
 
-T = TypeVar("T")
+log = logging.getLogger("lmgate.streaming")
 
 HEARTBEAT = b": keep-alive\n\n"
 SSE_HEADERS = {
@@ -35,16 +36,6 @@ _TAIL_CHUNKS = 4  # the usage chunk and [DONE] arrive in the last few reads
 
 class _ClientGone(Exception):
     """The client closed its connection; nothing more can be sent to it."""
-
-
-def _close_unused(task: asyncio.Task[object]) -> None:
-    """Done-callback for an abandoned task: retrieve its outcome, close a response it made."""
-    if task.cancelled():
-        return
-    if task.exception() is None:
-        result = task.result()
-        if isinstance(result, aiohttp.ClientResponse):
-            result.close()
 
 
 class StreamRelay:
@@ -74,34 +65,48 @@ class StreamRelay:
         self.usage: Usage | None = None
         self.error: str | None = None
 
+    @property
+    def committed(self) -> bool:
+        """Whether response headers went out (heartbeats or data): errors must be SSE events."""
+        return self._down is not None
+
     async def run(
         self, open_upstream: Callable[[], Awaitable[aiohttp.ClientResponse]]
     ) -> web.StreamResponse:
+        pump = _HeartbeatPump(self, self._interval) if self._interval > 0 else None
         try:
             try:
-                upstream = await self._beating(open_upstream())
+                upstream = await open_upstream()
             except ApiError as err:
+                await _stop(pump)
                 if self._down is None:
                     raise
                 return await self.fail(err.message, err.type, err.code)
             self._on_upstream(upstream)
             content_type = upstream.headers.get("Content-Type", "")
             if upstream.status != 200 or "text/event-stream" not in content_type:
+                await _stop(pump)
                 return await self._not_a_stream(upstream)
-            return await self._relay(upstream)
+            return await self._relay(upstream, pump)
         except _ClientGone:
             self.status = 499
             self.error = "client_disconnected"
             # Returning the prepared response is fine: aiohttp notices the closed transport.
             assert self._down is not None
             return self._down
+        finally:
+            if pump is not None:
+                pump.cancel()
 
-    async def _relay(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay(
+        self, upstream: aiohttp.ClientResponse, pump: _HeartbeatPump | None
+    ) -> web.StreamResponse:
         tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
         try:
-            down = await self._start(upstream.status)
             content = upstream.content
-            first = await self._beating(content.readany())
+            first = await content.readany()  # the pump beats on while the prompt is processed
+            await _stop(pump)
+            down = await self._start(upstream.status)
             if first:
                 tail.append(first)
                 await self._write(first)
@@ -114,6 +119,7 @@ class StreamRelay:
                     self.bytes_out += len(chunk)
         except (TimeoutError, aiohttp.ClientError) as exc:
             upstream.close()
+            await _stop(pump)
             if self._is_stopping():
                 return await self.fail(
                     "LM Gate is shutting down; the answer was cut short.",
@@ -122,8 +128,8 @@ class StreamRelay:
                 )
             if isinstance(exc, asyncio.TimeoutError):
                 return await self.fail(
-                    f"LM Studio sent nothing for {self._idle_timeout:g} s (upstream.idle_timeout); "
-                    "the answer was cut short.",
+                    f"LM Studio sent nothing for {self._idle_timeout:g} s "
+                    "(upstream.idle_timeout); the answer was cut short.",
                     "upstream_error",
                     "upstream_timeout",
                 )
@@ -158,30 +164,6 @@ class StreamRelay:
         await self._write(b"data: " + body.replace(b"\n", b"") + b"\n\ndata: [DONE]\n\n")
         return self._down
 
-    @property
-    def committed(self) -> bool:
-        """Whether response headers went out (heartbeats or data): errors must be SSE events."""
-        return self._down is not None
-
-    async def _beating(self, awaitable: Awaitable[T]) -> T:
-        """Await ``awaitable``, sending SSE heartbeats every interval while it is pending."""
-        if self._interval <= 0:
-            return await awaitable
-        task: asyncio.Task[T] = spawn(_as_coroutine(awaitable))
-        done = False
-        try:
-            while True:
-                finished, _ = await asyncio.wait({task}, timeout=self._interval)
-                if finished:
-                    done = True
-                    return task.result()
-                await self._start(200)
-                await self._write(HEARTBEAT)
-        finally:
-            if not done:
-                task.cancel()
-                task.add_done_callback(_close_unused)
-
     async def _start(self, status: int) -> web.StreamResponse:
         if self._down is None:
             down = web.StreamResponse(status=status, headers=SSE_HEADERS)
@@ -202,6 +184,10 @@ class StreamRelay:
             raise _ClientGone from None
         self.bytes_out += len(data)
 
+    async def heartbeat(self) -> None:
+        await self._start(200)
+        await self._write(HEARTBEAT)
+
     async def fail(self, message: str, kind: str, code: str) -> web.StreamResponse:
         """End the stream with an SSE error event that the OpenAI SDKs raise as APIError."""
         self.error = code
@@ -212,5 +198,51 @@ class StreamRelay:
         return down
 
 
-async def _as_coroutine(awaitable: Awaitable[T]) -> T:
-    return await awaitable
+class _HeartbeatPump:
+    """Sends SSE comments every interval until stopped: the only other writer before the first
+    chunk. It is never cancelled mid-write, so the response is prepared exactly once and no
+    heartbeat is cut in half."""
+
+    def __init__(self, relay: StreamRelay, interval: float) -> None:
+        self._relay = relay
+        self._interval = interval
+        self._stopping = False
+        self._writing = False
+        self._task = spawn(self._run(), name="sse-heartbeat")
+        self._task.add_done_callback(_log_failure)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            if self._stopping:
+                return
+            self._writing = True
+            try:
+                await self._relay.heartbeat()
+            except _ClientGone:
+                return  # aiohttp cancels the handler; there is nobody left to beat for
+            finally:
+                self._writing = False
+            if self._stopping:
+                return
+
+    def cancel(self) -> None:
+        self._stopping = True
+        if not self._writing:
+            self._task.cancel()
+
+    async def stop(self) -> None:
+        """Stop beating; returns once no heartbeat write is in progress."""
+        self.cancel()
+        # asyncio.wait, not await: our own cancellation must still propagate to us.
+        await asyncio.wait({self._task})
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("SSE heartbeat failed: %s", type(exc).__name__, exc_info=exc)
+
+
+async def _stop(pump: _HeartbeatPump | None) -> None:
+    if pump is not None:
+        await pump.stop()

@@ -1,0 +1,203 @@
+"""Gateway overhead against a direct connection to the same fake LM Studio, in one run.
+
+    .venv/bin/python benchmarks/bench_gateway.py [--rounds 5] [--json out.json]
+
+Three processes on loopback: a fast fake LM Studio, the real ``lmgate serve`` (authentication
+and JSON access logging on), and this client. Direct and gateway runs alternate (A B A B ...)
+and every figure is the median over rounds, so drift on a busy machine hits both sides alike.
+Reported: non-streamed chat latency p50/p99 at concurrency 1 and 16 and req/s; a 2000-chunk
+stream's time to first byte and chunks/s; a paced stream (50 chunks, 2 ms apart): time to
+first token and the largest gap between chunks. Bounded: about a minute with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+HERE = Path(__file__).resolve().parent
+KEY = "lmg_bench_" + secrets.token_urlsafe(24)
+CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Hello"}]}
+
+
+@dataclass
+class Side:
+    name: str
+    url: str
+    headers: dict[str, str]
+    figures: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, metric: str, value: float) -> None:
+        self.figures.setdefault(metric, []).append(value)
+
+    def median(self, metric: str) -> float:
+        return statistics.median(self.figures[metric])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def chat_latency(session: aiohttp.ClientSession, side: Side, requests: int,
+                       concurrency: int) -> None:
+    latencies: list[float] = []
+    per_worker = requests // concurrency
+
+    async def worker() -> None:
+        for _ in range(per_worker):
+            start = time.perf_counter()
+            async with session.post(side.url + "/v1/chat/completions", json=CHAT,
+                                    headers=side.headers) as r:
+                await r.read()
+                assert r.status == 200, r.status
+            latencies.append(time.perf_counter() - start)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    side.add(f"c{concurrency}_p50_ms", percentile(latencies, 0.5) * 1000)
+    side.add(f"c{concurrency}_p99_ms", percentile(latencies, 0.99) * 1000)
+    side.add(f"c{concurrency}_rps", len(latencies) / elapsed)
+
+
+async def stream(session: aiohttp.ClientSession, side: Side, chunks: int, interval_ms: float,
+                 prefix: str, repeats: int) -> None:
+    """``repeats`` streams; records the median of each figure over them."""
+    body = {**CHAT, "stream": True, "bench_chunks": chunks, "bench_interval_ms": interval_ms}
+    ttft: list[float] = []
+    rate: list[float] = []
+    max_gap: list[float] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        arrivals: list[float] = []
+        seen = 0
+        async with session.post(side.url + "/v1/chat/completions", json=body,
+                                headers=side.headers) as r:
+            assert r.status == 200, r.status
+            async for data in r.content.iter_any():
+                now = time.perf_counter()
+                count = data.count(b"data: {")
+                if count:
+                    arrivals.append(now)
+                    seen += count
+        assert seen == chunks, (seen, chunks)
+        ttft.append((arrivals[0] - start) * 1000)
+        rate.append(chunks / (arrivals[-1] - start))
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+        max_gap.append(max(gaps) * 1000 if gaps else 0.0)
+    side.add(f"{prefix}_ttft_ms", statistics.median(ttft))
+    side.add(f"{prefix}_chunks_per_s", statistics.median(rate))
+    side.add(f"{prefix}_max_gap_ms", statistics.median(max_gap))
+
+
+def start_process(args: list[str], env: dict[str, str], pattern: str,
+                  log: Path | None = None) -> tuple[subprocess.Popen[str], str]:
+    stderr = log.open("w") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        match = re.search(pattern, line)
+        if match:
+            return proc, match.group(1)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise SystemExit(f"could not start {args[0]}: {pattern!r} never appeared")
+
+
+async def run(rounds: int, requests: int) -> dict[str, dict[str, float]]:
+    env = {**os.environ}
+    upstream, port = start_process([sys.executable, str(HERE / "fast_upstream.py")], env,
+                                   r"PORT (\d+)")
+    upstream_url = f"http://127.0.0.1:{port}"
+    log = Path(tempfile.mkdtemp(prefix="lmgate-bench-")) / "gateway.log"
+    lmgate = str(Path(sys.executable).with_name("lmgate"))
+    gateway_env = {**env, "LMGATE_SECRET_GATEWAY_API_KEY": KEY, "LMGATE_UPSTREAM_URL": upstream_url,
+                   "LMGATE_CONFIG": str(log.parent / "none.toml"), "LMGATE_LOG_LEVEL": "info"}
+    gateway, gateway_url = start_process([lmgate, "serve", "--port", "0"], gateway_env,
+                                         r"Listening on (http://\S+)", log)
+    direct = Side("direct", upstream_url, {})
+    proxied = Side("gateway", gateway_url, {"Authorization": f"Bearer {KEY}"})
+    try:
+        connector = aiohttp.TCPConnector(limit=64)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for side in (direct, proxied):  # warm-up: connections, caches, JIT-free but fair
+                await chat_latency(session, side, 100, 4)
+            direct.figures.clear()
+            proxied.figures.clear()
+            tests: list[Callable[[Side], Awaitable[None]]] = [
+                lambda s: chat_latency(session, s, requests, 1),
+                lambda s: chat_latency(session, s, requests * 2, 16),
+                lambda s: stream(session, s, 2000, 0, "s2000", 5),
+                lambda s: stream(session, s, 50, 2, "paced", 10),
+            ]
+            for _ in range(rounds):
+                for test in tests:
+                    for side in (direct, proxied):
+                        await test(side)
+    finally:
+        gateway.terminate()
+        upstream.terminate()
+        gateway.wait(30)
+        upstream.wait(10)
+    lines = log.read_text().count('"lmgate.access"')
+    print(f"(gateway wrote {lines} access log lines)", file=sys.stderr)
+    return {side.name: {m: side.median(m) for m in side.figures} for side in (direct, proxied)}
+
+
+ROWS = [
+    ("c1_p50_ms", "chat latency p50, concurrency 1 (ms)", "lower"),
+    ("c1_p99_ms", "chat latency p99, concurrency 1 (ms)", "lower"),
+    ("c16_p50_ms", "chat latency p50, concurrency 16 (ms)", "lower"),
+    ("c16_p99_ms", "chat latency p99, concurrency 16 (ms)", "lower"),
+    ("c1_rps", "requests/s, concurrency 1", "higher"),
+    ("c16_rps", "requests/s, concurrency 16", "higher"),
+    ("s2000_ttft_ms", "2000-chunk stream: time to first chunk (ms)", "lower"),
+    ("s2000_chunks_per_s", "2000-chunk stream: chunks/s", "higher"),
+    ("paced_ttft_ms", "paced stream (50 x 2 ms): time to first token (ms)", "lower"),
+    ("paced_max_gap_ms", "paced stream: largest gap between chunks (ms, median)", "lower"),
+]
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    out = ["| measure | direct | through LM Gate | gateway / direct | added |",
+           "|---|---:|---:|---:|---:|"]
+    for key, label, _better in ROWS:
+        d, g = results["direct"][key], results["gateway"][key]
+        added = f"{g - d:+.2f} ms" if key.endswith("_ms") else ""
+        out.append(f"| {label} | {d:,.2f} | {g:,.2f} | {g / d:.2f}x | {added} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=400,
+                        help="requests per latency measurement at concurrency 1")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    results = asyncio.run(run(args.rounds, args.requests))
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

