@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -53,16 +54,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def chat_latency(session: aiohttp.ClientSession, side: Side, requests: int,
-                       concurrency: int) -> None:
+async def chat_latency(
+    session: aiohttp.ClientSession, side: Side, requests: int, concurrency: int
+) -> None:
     latencies: list[float] = []
     per_worker = requests // concurrency
 
     async def worker() -> None:
         for _ in range(per_worker):
             start = time.perf_counter()
-            async with session.post(side.url + "/v1/chat/completions", json=CHAT,
-                                    headers=side.headers) as r:
+            async with session.post(
+                side.url + "/v1/chat/completions", json=CHAT, headers=side.headers
+            ) as r:
                 await r.read()
                 assert r.status == 200, r.status
             latencies.append(time.perf_counter() - start)
@@ -75,8 +78,14 @@ async def chat_latency(session: aiohttp.ClientSession, side: Side, requests: int
     side.add(f"c{concurrency}_rps", len(latencies) / elapsed)
 
 
-async def stream(session: aiohttp.ClientSession, side: Side, chunks: int, interval_ms: float,
-                 prefix: str, repeats: int) -> None:
+async def stream(
+    session: aiohttp.ClientSession,
+    side: Side,
+    chunks: int,
+    interval_ms: float,
+    prefix: str,
+    repeats: int,
+) -> None:
     """``repeats`` streams; records the median of each figure over them."""
     body = {**CHAT, "stream": True, "bench_chunks": chunks, "bench_interval_ms": interval_ms}
     ttft: list[float] = []
@@ -86,8 +95,9 @@ async def stream(session: aiohttp.ClientSession, side: Side, chunks: int, interv
         start = time.perf_counter()
         arrivals: list[float] = []
         seen = 0
-        async with session.post(side.url + "/v1/chat/completions", json=body,
-                                headers=side.headers) as r:
+        async with session.post(
+            side.url + "/v1/chat/completions", json=body, headers=side.headers
+        ) as r:
             assert r.status == 200, r.status
             async for data in r.content.iter_any():
                 now = time.perf_counter()
@@ -98,15 +108,16 @@ async def stream(session: aiohttp.ClientSession, side: Side, chunks: int, interv
         assert seen == chunks, (seen, chunks)
         ttft.append((arrivals[0] - start) * 1000)
         rate.append(chunks / (arrivals[-1] - start))
-        gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
         max_gap.append(max(gaps) * 1000 if gaps else 0.0)
     side.add(f"{prefix}_ttft_ms", statistics.median(ttft))
     side.add(f"{prefix}_chunks_per_s", statistics.median(rate))
     side.add(f"{prefix}_max_gap_ms", statistics.median(max_gap))
 
 
-def start_process(args: list[str], env: dict[str, str], pattern: str,
-                  log: Path | None = None) -> tuple[subprocess.Popen[str], str]:
+def start_process(
+    args: list[str], env: dict[str, str], pattern: str, log: Path | None = None
+) -> tuple[subprocess.Popen[str], str]:
     stderr = log.open("w") if log else subprocess.DEVNULL
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     assert proc.stdout is not None
@@ -124,15 +135,22 @@ def start_process(args: list[str], env: dict[str, str], pattern: str,
 
 async def run(rounds: int, requests: int) -> dict[str, dict[str, float]]:
     env = {**os.environ}
-    upstream, port = start_process([sys.executable, str(HERE / "fast_upstream.py")], env,
-                                   r"PORT (\d+)")
+    upstream, port = start_process(
+        [sys.executable, str(HERE / "fast_upstream.py")], env, r"PORT (\d+)"
+    )
     upstream_url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkdtemp(prefix="lmgate-bench-")) / "gateway.log"
     lmgate = str(Path(sys.executable).with_name("lmgate"))
-    gateway_env = {**env, "LMGATE_SECRET_GATEWAY_API_KEY": KEY, "LMGATE_UPSTREAM_URL": upstream_url,
-                   "LMGATE_CONFIG": str(log.parent / "none.toml"), "LMGATE_LOG_LEVEL": "info"}
-    gateway, gateway_url = start_process([lmgate, "serve", "--port", "0"], gateway_env,
-                                         r"Listening on (http://\S+)", log)
+    gateway_env = {
+        **env,
+        "LMGATE_SECRET_GATEWAY_API_KEY": KEY,
+        "LMGATE_UPSTREAM_URL": upstream_url,
+        "LMGATE_CONFIG": str(log.parent / "none.toml"),
+        "LMGATE_LOG_LEVEL": "info",
+    }
+    gateway, gateway_url = start_process(
+        [lmgate, "serve", "--port", "0"], gateway_env, r"Listening on (http://\S+)", log
+    )
     direct = Side("direct", upstream_url, {})
     proxied = Side("gateway", gateway_url, {"Authorization": f"Bearer {KEY}"})
     try:
@@ -177,8 +195,10 @@ ROWS = [
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
-    out = ["| measure | direct | through LM Gate | gateway / direct | added |",
-           "|---|---:|---:|---:|---:|"]
+    out = [
+        "| measure | direct | through LM Gate | gateway / direct | added |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for key, label, _better in ROWS:
         d, g = results["direct"][key], results["gateway"][key]
         added = f"{g - d:+.2f} ms" if key.endswith("_ms") else ""
@@ -189,8 +209,12 @@ def table(results: dict[str, dict[str, float]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--requests", type=int, default=400,
-                        help="requests per latency measurement at concurrency 1")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=400,
+        help="requests per latency measurement at concurrency 1",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     results = asyncio.run(run(args.rounds, args.requests))

@@ -12,15 +12,27 @@ import sys
 
 from aiohttp import web
 
-REPLY = json.dumps({
-    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": "bench",
-    "choices": [{"index": 0, "finish_reason": "stop",
-                 "message": {"role": "assistant", "content": "Hello there, how can I help?"}}],
-    "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20},
-}).encode()
-CHUNK = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,'
-         b'"model":"bench","choices":[{"index":0,"delta":{"content":"tok "},'
-         b'"finish_reason":null}]}\n\n')
+REPLY = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "bench",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": "Hello there, how can I help?"},
+            }
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20},
+    }
+).encode()
+CHUNK = (
+    b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,'
+    b'"model":"bench","choices":[{"index":0,"delta":{"content":"tok "},'
+    b'"finish_reason":null}]}\n\n'
+)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:

@@ -157,7 +157,9 @@ async def _serve(config: Config, secret_store: SecretStore, out: IO[str]) -> int
                 "until then.",
                 file=out,
             )
+        shown_key = "$LMGATE_SECRET_GATEWAY_API_KEY"
         if generated and out.isatty():
+            shown_key = key
             print(f"API key:     {key}", file=out)
             print(
                 "             (made for this run only; set LMGATE_SECRET_GATEWAY_API_KEY to "
@@ -165,13 +167,15 @@ async def _serve(config: Config, secret_store: SecretStore, out: IO[str]) -> int
                 file=out,
             )
         elif generated:
+            shown_key = "<key>"
             print(
                 "API key:     a random key was made for this run but is not printed because "
                 "this is not a terminal; set LMGATE_SECRET_GATEWAY_API_KEY.",
                 file=out,
             )
         print(
-            f'Try:         curl -N {server.url}/v1/models -H "Authorization: Bearer $KEY"', file=out
+            f'Try:         curl {server.url}/v1/models -H "Authorization: Bearer {shown_key}"',
+            file=out,
         )
         print("Press Ctrl-C to stop.", file=out, flush=True)
         await stop.wait()
