@@ -16,14 +16,15 @@ CHAT = b'{"model": "m", "messages": []}'
 
 
 async def test_client_credentials_and_hop_by_hop_headers_never_reach_lm_studio(
-    gateway: GatewayServer, fake_lmstudio: FakeLMStudio
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
 ) -> None:
+    gateway = await start_gateway(cors_allowed_origins=("https://app.example",))
     headers = {
         **auth_headers(),
         "X-API-Key": CLIENT_KEY,
         "Cookie": "session=secret-cookie",
-        "Origin": "https://evil.example",
-        "Referer": "https://evil.example/page",
+        "Origin": "https://app.example",
+        "Referer": "https://app.example/page",
         "Connection": "keep-alive, X-Custom-Hop",
         "X-Custom-Hop": "hop",
         "Keep-Alive": "timeout=5",

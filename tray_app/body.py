@@ -117,3 +117,51 @@ def prepare_body(route: Route, raw: bytes) -> PreparedBody:
         json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() if changed else raw
     )
     return PreparedBody(payload=payload, raw=body, model=model, stream=stream)
+
+
+# Endpoints whose streams accept stream_options.include_usage (OpenAI chat and completions).
+USAGE_OPTION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+# The output-length field of each endpoint, for a token's max_tokens cap.
+_LENGTH_FIELDS = {
+    "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
+    "/v1/completions": ("max_tokens",),
+    "/v1/responses": ("max_output_tokens",),
+    "/v1/messages": ("max_tokens",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Adjusted:
+    body: PreparedBody
+    hide_usage: bool  # the client did not ask for the usage chunk we asked LM Studio for
+
+
+def apply_principal_rules(
+    prepared: PreparedBody, route: Route, *, max_tokens: int | None, want_usage: bool
+) -> Adjusted:
+    """Cap output length for a capped token; ask for usage on streams so it can be counted."""
+    payload = prepared.payload
+    changed = False
+    if max_tokens is not None:
+        fields = _LENGTH_FIELDS.get(route.path, ())
+        present = [f for f in fields if f in payload]
+        for name in present or fields[:1]:
+            current = payload.get(name)
+            if not isinstance(current, int) or isinstance(current, bool) or current > max_tokens:
+                payload[name] = max_tokens
+                changed = True
+    hide_usage = False
+    if want_usage and prepared.stream and route.path in USAGE_OPTION_ROUTES:
+        options = payload.get("stream_options")
+        if not isinstance(options, dict):
+            options = {}
+        if options.get("include_usage") is not True:
+            payload["stream_options"] = {**options, "include_usage": True}
+            hide_usage = changed = True
+    if not changed:
+        return Adjusted(prepared, hide_usage=False)
+    raw = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    return Adjusted(
+        PreparedBody(payload=payload, raw=raw, model=prepared.model, stream=prepared.stream),
+        hide_usage=hide_usage,
+    )

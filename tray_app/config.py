@@ -52,6 +52,22 @@ class Config:
     enable_responses: bool = False
     enable_messages: bool = False
     log_level: str = "info"
+    # Identity
+    dev_mode: bool = False
+    token_ttl: float = 86400.0  # default lifetime of `lmgate token create`
+    device_token_ttl: float = 30 * 86400.0
+    pairing_code_ttl: float = 600.0
+    # Limits per principal and per client address
+    requests_per_minute: int = 120
+    concurrent_requests: int = 4
+    auth_failures_per_minute: int = 10
+    pairing_attempts_per_minute: int = 5
+    # The tunnel agent connects from loopback and says who the real client is.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    cors_allowed_origins: tuple[str, ...] = ()
+    data_dir: str = ""  # "" = the platform's user data directory
+    secret_store: str = "keyring"  # noqa: S105 - a backend name, not a secret
+    secret_file_dir: str = ""  # "" = <data_dir>/secrets (only with secret_store = "file")
 
 
 def default_config_path() -> Path:
@@ -165,6 +181,84 @@ def _log_level(raw: object) -> str:
     raise ValueError(f"must be one of {', '.join(levels)}, got {raw!r}")
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(raw: object) -> float:
+    """Seconds from a number or a string like ``90``, ``15m``, ``24h``, ``30d``, ``2w``."""
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        value = float(raw)
+    elif isinstance(raw, str) and raw.strip():
+        text = raw.strip().lower()
+        unit = _DURATION_UNITS.get(text[-1])
+        number = text[:-1] if unit else text
+        try:
+            value = float(number) * (unit or 1)
+        except ValueError:
+            raise ValueError(f"must be a duration like 90, 15m, 24h or 30d, got {raw!r}") from None
+    else:
+        raise ValueError(f"must be a duration like 90, 15m, 24h or 30d, got {raw!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a positive duration, got {raw!r}")
+    return value
+
+
+def _duration_in(low: float, high: float) -> Callable[[object], float]:
+    def parse(raw: object) -> float:
+        value = parse_duration(raw)
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low:g} and {high:g} seconds, got {value:g}")
+        return value
+
+    return parse
+
+
+def _string_list(raw: object) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        items = [item.strip() for item in raw.split(",")]
+    elif isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        items = [item.strip() for item in raw]
+    else:
+        raise ValueError(f"must be a list of strings (or comma-separated), got {raw!r}")
+    return tuple(item for item in items if item)
+
+
+def _networks(raw: object) -> tuple[str, ...]:
+    items = _string_list(raw)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network like 10.0.0.0/8") from None
+    return items
+
+
+def _origins(raw: object) -> tuple[str, ...]:
+    items = _string_list(raw)
+    for item in items:
+        parts = urlsplit(item)
+        if parts.scheme not in {"http", "https"} or not parts.netloc or parts.path not in {"", "/"}:
+            raise ValueError(f"{item!r} is not an origin like https://app.example.com")
+        if item.strip() == "*":
+            raise ValueError("'*' is not allowed: list the origins that may call LM Gate")
+    return items
+
+
+def _path_or_default(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise ValueError(f"must be a directory path, got {raw!r}")
+    return str(Path(raw).expanduser()) if raw.strip() else ""
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def parse(raw: object) -> str:
+        if isinstance(raw, str) and raw.strip().lower() in choices:
+            return raw.strip().lower()
+        raise ValueError(f"must be one of {', '.join(choices)}, got {raw!r}")
+
+    return parse
+
+
 @dataclass(frozen=True, slots=True)
 class _Setting:
     key: str  # dotted TOML key, e.g. "server.port"
@@ -235,6 +329,84 @@ _SETTINGS: tuple[_Setting, ...] = (
         "forward POST /v1/messages (Anthropic-style; MCP tools removed)",
     ),
     _Setting("log.level", "log_level", _log_level, "log level"),
+    _Setting(
+        "auth.dev_mode",
+        "dev_mode",
+        _parse_bool,
+        "accept X-User-Id from this machine instead of a token (never with a tunnel)",
+    ),
+    _Setting(
+        "auth.token_ttl",
+        "token_ttl",
+        _duration_in(60, 366 * 86400),
+        "default lifetime of `lmgate token create` (seconds, or 15m, 24h, 30d)",
+    ),
+    _Setting(
+        "auth.device_token_ttl",
+        "device_token_ttl",
+        _duration_in(60, 366 * 86400),
+        "lifetime of a paired device's token",
+    ),
+    _Setting(
+        "auth.pairing_code_ttl",
+        "pairing_code_ttl",
+        _duration_in(30, 86400),
+        "how long a pairing code (QR code) stays valid",
+    ),
+    _Setting(
+        "limits.requests_per_minute",
+        "requests_per_minute",
+        _int_in(1, 100_000),
+        "requests per minute per principal (token bucket)",
+    ),
+    _Setting(
+        "limits.concurrent_requests",
+        "concurrent_requests",
+        _int_in(1, 10_000),
+        "requests or streams one principal may run at once",
+    ),
+    _Setting(
+        "limits.auth_failures_per_minute",
+        "auth_failures_per_minute",
+        _int_in(1, 10_000),
+        "failed authentications per minute per client address before 429",
+    ),
+    _Setting(
+        "limits.pairing_attempts_per_minute",
+        "pairing_attempts_per_minute",
+        _int_in(1, 10_000),
+        "failed pairing attempts per minute per client address",
+    ),
+    _Setting(
+        "server.trusted_proxies",
+        "trusted_proxies",
+        _networks,
+        "peers whose X-Forwarded-For is believed (the tunnel agent, nginx)",
+    ),
+    _Setting(
+        "cors.allowed_origins",
+        "cors_allowed_origins",
+        _origins,
+        "other web origins allowed to call LM Gate from a browser",
+    ),
+    _Setting(
+        "storage.data_dir",
+        "data_dir",
+        _path_or_default,
+        "directory for LM Gate's database (empty = the platform's user data dir)",
+    ),
+    _Setting(
+        "secrets.store",
+        "secret_store",
+        _choice("keyring", "file", "env"),
+        "where secrets live: the OS keyring, a private file, or LMGATE_SECRET_* variables",
+    ),
+    _Setting(
+        "secrets.file_dir",
+        "secret_file_dir",
+        _path_or_default,
+        "directory for secrets when secrets.store = file (empty = <data dir>/secrets)",
+    ),
 )
 
 SETTINGS_BY_KEY: Mapping[str, _Setting] = {s.key: s for s in _SETTINGS}
@@ -301,7 +473,28 @@ def load_config(
     for key, raw in (overrides or {}).items():
         if raw is not None:
             _apply(values, key, raw, "command line")
-    return Config(**values)
+    config = Config(**values)
+    check_combinations(config)
+    return config
+
+
+def check_combinations(config: Config) -> None:
+    """Settings that are fine alone but unsafe together."""
+    if config.dev_mode and not _is_loopback_host(config.server_host):
+        raise ConfigError(
+            "auth.dev_mode",
+            "cannot be on while server.host is not a loopback "
+            f"address ({config.server_host}): anyone could claim to be anyone",
+        )
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def describe_settings() -> list[tuple[str, str, object, str]]:

@@ -8,7 +8,8 @@ them into one sentence for the user without catching unrelated bugs::
     ├── AuthError          a caller could not be authenticated or is not allowed
     ├── UpstreamError      LM Studio is unreachable, timed out or answered nonsense
     ├── TunnelError        the public tunnel could not be opened or was lost
-    └── SecretStoreError   no usable secret store, or it refused an operation
+    ├── SecretStoreError   no usable secret store, or it refused an operation
+    └── StorageError       LM Gate's database cannot be opened or written
 """
 
 from __future__ import annotations
@@ -48,3 +49,7 @@ class TunnelError(LMGateError):
 
 class SecretStoreError(LMGateError):
     """The secret store is unusable or refused an operation."""
+
+
+class StorageError(LMGateError):
+    """LM Gate's database cannot be opened or written (corrupt, locked, disk full)."""

@@ -1,53 +1,50 @@
 """The gateway: an aiohttp application that authenticates, filters and relays to LM Studio.
 
 One catch-all handler does the routing itself, on the normalised raw path, so that aiohttp's
-router can never send an oddly encoded path somewhere the route table did not decide.
+router can never send an oddly encoded path somewhere the route table did not decide. For each
+request, in order: request ID, path, upgrade refusal, CORS, the gateway's own endpoints, route
+table, the auth-failure throttle, authentication, scope, rate and concurrency limits, body rules,
+then forwarding; at the end one access log line, metrics and usage accounting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
-import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
+from tray_app._tasks import spawn
 from tray_app.access_log import ACCESS_LOGGER, new_request_id
+from tray_app.accounting import UsageRecorder
 from tray_app.api_errors import REQUEST_ID_HEADER, ApiError
 from tray_app.auth import Authenticator, Principal
-from tray_app.body import prepare_body
+from tray_app.body import apply_principal_rules, parse_json_object, prepare_body
 from tray_app.clock import Clock, SystemClock
 from tray_app.config import Config
+from tray_app.cors import CorsPolicy
 from tray_app.errors import AuthError
-from tray_app.headers import (
-    client_response_headers,
-    is_upgrade_request,
-    sane_request_id,
-    upstream_request_headers,
-)
-from tray_app.routes import Refusal, Route, RouteTable, normalise_path
+from tray_app.forwarding import Forwarder, Outcome, shutting_down
+from tray_app.headers import is_upgrade_request, sane_request_id
+from tray_app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from tray_app.metrics import GatewayMetrics
+from tray_app.pairing import PairingError, PairingService
+from tray_app.protection import Protections
+from tray_app.routes import SCOPE_METRICS, Refusal, Route, RouteTable, normalise_path
 from tray_app.secrets import LMSTUDIO_API_TOKEN, SecretStore
-from tray_app.streaming import StreamRelay
-from tray_app.upstream import (
-    UPSTREAM_SESSION,
-    decode_body,
-    looks_like_openai_error,
-    rejected_our_credentials,
-    session_context,
-    translate_client_error,
-)
-from tray_app.usage import Usage, usage_from_body
+from tray_app.upstream import UPSTREAM_SESSION, session_context
 
 log = logging.getLogger("lmgate.gateway")
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 READY_TIMEOUT = 5.0
-_INLINE_BODY_BYTES = 1024 * 1024
+USAGE_FLUSH_SECONDS = 2.0
+
+OwnHandler = Callable[[web.Request, "Exchange"], Awaitable[web.StreamResponse]]
 
 
 @dataclass(slots=True, eq=False)  # identity hash: exchanges live in a set
@@ -59,28 +56,34 @@ class Exchange:
     started: float
     client: str | None
     path: str = "-"
+    route: str = "other"  # bounded label for metrics
     principal: str | None = None
     model: str | None = None
     status: int = 0
     bytes_in: int = 0
-    bytes_out: int = 0
-    usage: Usage | None = None
-    error: str | None = None
     stream: bool = False
-    upstream: aiohttp.ClientResponse | None = field(default=None, repr=False)
-    relay: StreamRelay | None = field(default=None, repr=False)
+    cors: dict[str, str] | None = None
+    outcome: Outcome = field(default_factory=Outcome, repr=False)
     task: asyncio.Task[object] | None = field(default=None, repr=False)
     aborted_by_stop: bool = False
+    error: str | None = None
 
 
-def _not_found(refusal: Refusal) -> ApiError:
+def _refusal_error(refusal: Refusal) -> ApiError:
     headers = {"Allow": refusal.allow} if refusal.allow else None
-    kind = "invalid_request_error"
-    return ApiError(refusal.status, refusal.message, type=kind, code=refusal.code, headers=headers)
+    return ApiError(
+        refusal.status,
+        refusal.message,
+        type="invalid_request_error",
+        code=refusal.code,
+        headers=headers,
+    )
 
 
 class Gateway:
-    """Holds the parts (config, authenticator, secrets, clock) and serves requests with them."""
+    """Holds the parts and serves requests with them. Identity parts are optional: without
+    ``pairing`` there is no /pair, without ``metrics`` no /metrics, without ``recorder`` no
+    usage accounting."""
 
     def __init__(
         self,
@@ -89,11 +92,17 @@ class Gateway:
         *,
         secrets: SecretStore,
         clock: Clock | None = None,
+        pairing: PairingService | None = None,
+        metrics: GatewayMetrics | None = None,
+        recorder: UsageRecorder | None = None,
     ) -> None:
         self.config = config
         self._auth = authenticator
         self._secrets = secrets
         self._clock: Clock = clock or SystemClock()
+        self._pairing = pairing
+        self.metrics = metrics
+        self._recorder = recorder
         enabled = frozenset(
             name
             for name, on in (
@@ -103,33 +112,45 @@ class Gateway:
             if on
         )
         self._routes = RouteTable(enabled)
-        self._upstream_url = config.upstream_url
+        self._protect = Protections(config, self._clock)
+        self._forward = Forwarder(config, lambda: self._stopping)
         # Read once: a keyring lookup per request would cost milliseconds.
-        self._lmstudio_token = secrets.get(LMSTUDIO_API_TOKEN)
+        self._forward.lmstudio_token = secrets.get(LMSTUDIO_API_TOKEN)
         self._inflight: set[Exchange] = set()
         self._stopping = False
         self._drained: asyncio.Event | None = None  # set when the last request ends after a stop
-        self._own: dict[str, Callable[[web.Request, Exchange], Awaitable[web.StreamResponse]]] = {
-            "/healthz": self._healthz,
-            "/readyz": self._readyz,
+        self._own: dict[tuple[str, str], OwnHandler] = {
+            ("GET", "/healthz"): self._healthz,
+            ("GET", "/readyz"): self._readyz,
         }
+        if metrics is not None:
+            self._own[("GET", "/metrics")] = self._metrics
+        if pairing is not None:
+            self._own[("POST", "/pair")] = self._pair
+        self._own_paths = {path for _, path in self._own}
 
     # ---- application wiring ---------------------------------------------------------------
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes)
         app.cleanup_ctx.append(session_context(self.config))
+        if self._recorder is not None:
+            app.cleanup_ctx.append(self._usage_flusher)
         app.on_shutdown.append(self._on_shutdown)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         return app
 
     def reload_secrets(self) -> None:
         """Pick up a changed LM Studio token from the secret store."""
-        self._lmstudio_token = self._secrets.get(LMSTUDIO_API_TOKEN)
+        self._forward.lmstudio_token = self._secrets.get(LMSTUDIO_API_TOKEN)
 
     @property
     def inflight_count(self) -> int:
         return len(self._inflight)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     # ---- request handling -----------------------------------------------------------------
 
@@ -166,41 +187,61 @@ class Gateway:
                 exchange.task.uncancel()
                 response = await self._answer_aborted(exchange)
                 exchange.status = response.status
-                self._log(exchange)
+                self._finish(exchange)
                 return response
             # The client hung up; the finally clauses below us already closed LM Studio's side.
             exchange.status = exchange.status or 499
             exchange.error = exchange.error or "client_disconnected"
-            self._log(exchange)
+            self._finish(exchange)
             raise
         finally:
             self._inflight.discard(exchange)
             if self._drained is not None and not self._inflight:
                 self._drained.set()
+        if exchange.cors and not response.prepared:
+            response.headers.update(exchange.cors)
         if not exchange.status:
-            exchange.status = response.status
+            exchange.status = exchange.outcome.status or response.status
         if isinstance(response, web.Response) and response.body is not None:
-            exchange.bytes_out = len(response.body)  # type: ignore[arg-type]
-        self._log(exchange)
+            exchange.outcome.bytes_out = len(response.body)  # type: ignore[arg-type]
+        self._finish(exchange)
         return response
 
     async def _handle(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        headers = request.headers
         path = normalise_path(request.raw_path)
         exchange.path = path if path is not None else "(refused)"
-        if is_upgrade_request(request.headers):
+        exchange.client = self._protect.client(request.remote, headers)
+        if is_upgrade_request(headers):
             raise ApiError(
                 404,
                 "WebSocket and other protocol upgrades are not available through LM Gate.",
                 type="invalid_request_error",
                 code="upgrade_not_allowed",
             )
-        if path is not None and path in self._own and request.method == "GET":
-            return await self._own[path](request, exchange)
+        origin = headers.get("Origin")
+        if CorsPolicy.is_preflight(request.method, headers):
+            return self._preflight(path, origin or "", request.host)
+        exchange.cors = self._protect.check_origin(origin, request.host)
+        if path is not None:
+            own = self._own.get((request.method, path))
+            if own is not None:
+                exchange.route = path
+                return await own(request, exchange)
+            if path in self._own_paths:
+                allowed = ", ".join(m for m, p in self._own if p == path)
+                raise ApiError(
+                    405,
+                    f"Method {request.method} is not allowed on {path}; use {allowed}.",
+                    type="invalid_request_error",
+                    code="method_not_allowed",
+                    headers={"Allow": allowed},
+                )
         resolved = self._routes.resolve(request.method, path)
         if isinstance(resolved, Refusal):
-            raise _not_found(resolved)
-        principal = self._authenticate(request)
-        exchange.principal = principal.name
+            raise _refusal_error(resolved)
+        exchange.route = resolved.path
+        principal = self._authenticate(request, exchange)
         if not principal.has_scope(resolved.scope):
             raise ApiError(
                 403,
@@ -208,19 +249,33 @@ class Gateway:
                 type="permission_error",
                 code="insufficient_scope",
             )
-        if resolved.method == "GET":
-            return await self._forward_models(request, exchange, resolved, principal)
-        return await self._forward_post(request, exchange, resolved, principal)
-
-    def _authenticate(self, request: web.Request) -> Principal:
+        self._protect.take_request(principal.name)
+        self._protect.enter(principal.name)
         try:
-            return self._auth.authenticate(request.headers, request.remote)
+            if resolved.method == "GET":
+                return await self._forward.models(
+                    request, exchange.request_id, resolved, principal, exchange.outcome
+                )
+            return await self._forward_post(request, exchange, resolved, principal)
+        finally:
+            self._protect.leave(principal.name)
+
+    def _authenticate(self, request: web.Request, exchange: Exchange) -> Principal:
+        client = exchange.client or "unknown"
+        self._protect.check_auth_allowed(client)
+        try:
+            principal = self._auth.authenticate(request.headers, request.remote)
         except AuthError as exc:
+            self._protect.auth_failed(client)
+            if self.metrics is not None:
+                self.metrics.auth_failure(exc.code)
             kind = "authentication_error" if exc.status == 401 else "permission_error"
             headers = {"WWW-Authenticate": 'Bearer realm="lmgate"'} if exc.status == 401 else None
             raise ApiError(
                 exc.status, str(exc), type=kind, code=exc.code, headers=headers
             ) from None
+        exchange.principal = principal.name
+        return principal
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.config.max_body_bytes
@@ -242,162 +297,65 @@ class Gateway:
     ) -> web.StreamResponse:
         raw = await self._read_body(request)
         exchange.bytes_in = len(raw)
-        body = prepare_body(route, raw)
-        exchange.model = body.model
-        exchange.stream = body.stream
-        if body.model is not None and not principal.may_use_model(body.model):
+        prepared = prepare_body(route, raw)
+        exchange.model = prepared.model
+        exchange.stream = prepared.stream
+        if prepared.model is not None and not principal.may_use_model(prepared.model):
             raise ApiError(
                 403,
-                f"This key may not use the model {body.model!r}.",
+                f"This key may not use the model {prepared.model!r}.",
                 type="permission_error",
                 code="model_not_allowed",
                 param="model",
             )
-        headers = upstream_request_headers(
-            request.headers, request_id=exchange.request_id, lmstudio_token=self._lmstudio_token
+        adjusted = apply_principal_rules(
+            prepared, route, max_tokens=principal.max_tokens, want_usage=self._recorder is not None
         )
-        url = self._upstream_url + route.path
-        session = request.app[UPSTREAM_SESSION]
-
-        # Large bodies (images) go out in chunks so one request cannot stall the event loop.
-        data = body.raw if len(body.raw) <= _INLINE_BODY_BYTES else io.BytesIO(body.raw)
-
-        def send() -> Awaitable[aiohttp.ClientResponse]:
-            return session.request(route.method, url, data=data, headers=headers)
-
-        if body.stream:
-            relay = exchange.relay = StreamRelay(
+        if not prepared.stream or self.metrics is None:
+            return await self._forward.post(
                 request,
                 exchange.request_id,
-                config=self.config,
-                on_upstream=self._track(exchange),
-                read_whole=lambda upstream: self._read_into_response(upstream, exchange),
-                is_stopping=lambda: self._stopping,
+                route,
+                adjusted.body.raw,
+                stream=prepared.stream,
+                outcome=exchange.outcome,
+                extra_headers=exchange.cors,
+                hide_usage=adjusted.hide_usage,
             )
-            response = await relay.run(lambda: self._open(send))
-            exchange.status = relay.status
-            exchange.bytes_out = relay.bytes_out
-            exchange.usage = relay.usage
-            exchange.error = relay.error
-            return response
-        upstream = await self._open(send)
-        exchange.upstream = upstream
-        return await self._read_into_response(upstream, exchange)
-
-    async def _read_into_response(
-        self, upstream: aiohttp.ClientResponse, exchange: Exchange
-    ) -> web.Response:
-        data = await self._read_whole(upstream)
-        return self._whole_response(upstream, data, exchange)
-
-    async def _forward_models(
-        self, request: web.Request, exchange: Exchange, route: Route, principal: Principal
-    ) -> web.StreamResponse:
-        headers = upstream_request_headers(
-            request.headers, request_id=exchange.request_id, lmstudio_token=self._lmstudio_token
-        )
-        session = request.app[UPSTREAM_SESSION]
-        upstream = await self._open(
-            lambda: session.request("GET", self._upstream_url + route.path, headers=headers)
-        )
-        exchange.upstream = upstream
-        data = await self._read_whole(upstream)
-        if upstream.status == 200 and principal.models is not None:
-            data = self._filter_models(
-                decode_body(data, upstream.headers.get("Content-Encoding")), principal
-            )
-            response = web.Response(status=200, body=data, content_type="application/json")
-            response.headers[REQUEST_ID_HEADER] = exchange.request_id
-            return response
-        return self._whole_response(upstream, data, exchange)
-
-    @staticmethod
-    def _filter_models(data: bytes, principal: Principal) -> bytes:
+        self.metrics.active_streams.inc()
         try:
-            payload = json.loads(data)
-            entries = payload["data"]
-            if not isinstance(entries, list):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
+            return await self._forward.post(
+                request,
+                exchange.request_id,
+                route,
+                adjusted.body.raw,
+                stream=True,
+                outcome=exchange.outcome,
+                extra_headers=exchange.cors,
+                hide_usage=adjusted.hide_usage,
+            )
+        finally:
+            self.metrics.active_streams.dec()
+
+    def _preflight(self, path: str | None, origin: str, host: str) -> web.Response:
+        known = path is not None and (
+            path in self._own_paths
+            or isinstance(self._routes.resolve("POST", path), Route)
+            or isinstance(self._routes.resolve("GET", path), Route)
+        )
+        if not known:
             raise ApiError(
-                502,
-                "LM Studio's model list was not in the expected format.",
-                type="upstream_error",
-                code="upstream_bad_response",
-            ) from None
-        payload["data"] = [
-            entry
-            for entry in entries
-            if isinstance(entry, dict)
-            and isinstance(entry.get("id"), str)
-            and principal.may_use_model(entry["id"])
-        ]
-        return json.dumps(payload).encode()
-
-    def _track(self, exchange: Exchange) -> Callable[[aiohttp.ClientResponse], None]:
-        def remember(upstream: aiohttp.ClientResponse) -> None:
-            exchange.upstream = upstream
-
-        return remember
-
-    async def _open(
-        self, send: Callable[[], Awaitable[aiohttp.ClientResponse]]
-    ) -> aiohttp.ClientResponse:
-        try:
-            upstream = await send()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise translate_client_error(exc, self.config) from None
-        if upstream.status in {401, 403}:
-            upstream.release()
-            raise rejected_our_credentials(upstream.status)
-        return upstream
-
-    async def _read_whole(self, upstream: aiohttp.ClientResponse) -> bytes:
-        limit = self.config.max_response_bytes
-        too_large = ApiError(
-            502,
-            f"LM Studio's response was larger than {limit} bytes (limits.max_response_bytes).",
-            type="upstream_error",
-            code="upstream_response_too_large",
-        )
-        try:
-            if upstream.content_length is not None and upstream.content_length > limit:
-                raise too_large
-            parts: list[bytes] = []
-            size = 0
-            async for chunk in upstream.content.iter_any():
-                size += len(chunk)
-                if size > limit:
-                    raise too_large
-                parts.append(chunk)
-        except BaseException as exc:
-            upstream.close()
-            if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError):
-                if self._stopping:
-                    raise self._shutting_down() from None
-                raise translate_client_error(exc, self.config) from None
-            raise
-        upstream.release()
-        return b"".join(parts)
-
-    def _whole_response(
-        self, upstream: aiohttp.ClientResponse, data: bytes, exchange: Exchange
-    ) -> web.Response:
-        headers = client_response_headers(upstream.headers)
-        headers[REQUEST_ID_HEADER] = exchange.request_id
-        status = upstream.status
-        if status >= 400 and not looks_like_openai_error(data):
-            # Keep LM Studio's status (a 5xx passes through) but give clients the error shape.
-            snippet = data[:300].decode("utf-8", errors="replace").strip()
-            raise ApiError(
-                status,
-                f"LM Studio answered {status}: {snippet or '(no body)'}",
-                type="upstream_error",
-                code="upstream_error",
+                404, "No such endpoint.", type="invalid_request_error", code="unknown_path"
             )
-        if status < 300 and "json" in upstream.headers.get("Content-Type", ""):
-            exchange.usage = usage_from_body(data)
-        return web.Response(status=status, body=data, headers=headers)
+        if not self._protect.cors.allows(origin, host):
+            raise ApiError(
+                403,
+                "This web origin may not call LM Gate; add it to "
+                "cors.allowed_origins if it should.",
+                type="permission_error",
+                code="origin_not_allowed",
+            )
+        return web.Response(status=204, headers=CorsPolicy.preflight_headers(origin))
 
     # ---- the gateway's own endpoints ------------------------------------------------------
 
@@ -412,12 +370,63 @@ class Gateway:
             headers={REQUEST_ID_HEADER: exchange.request_id},
         )
 
+    async def _metrics(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        assert self.metrics is not None
+        principal = self._authenticate(request, exchange)
+        if not principal.has_scope(SCOPE_METRICS):
+            raise ApiError(
+                403,
+                "Metrics need a key with the 'metrics' scope.",
+                type="permission_error",
+                code="insufficient_scope",
+            )
+        response = web.Response(body=self.metrics.exposition())
+        response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+        response.headers[REQUEST_ID_HEADER] = exchange.request_id
+        return response
+
+    async def _pair(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        assert self._pairing is not None
+        client = exchange.client or "unknown"
+        self._protect.check_pairing_allowed(client)
+        payload = parse_json_object(await self._read_body(request))
+        code, device = payload.get("code"), payload.get("device_name", "device")
+        if not isinstance(code, str) or not isinstance(device, str):
+            self._protect.pairing_failed(client)
+            raise ApiError(
+                400,
+                'Send {"code": "<pairing code>", "device_name": "..."}.',
+                type="invalid_request_error",
+                code="invalid_body",
+                param="code",
+            )
+        try:
+            issued = self._pairing.exchange(code, device)
+        except PairingError as exc:
+            self._protect.pairing_failed(client)
+            if self.metrics is not None:
+                self.metrics.auth_failure(exc.code)
+            raise ApiError(401, str(exc), type="authentication_error", code=exc.code) from None
+        exchange.principal = issued.record.sub
+        record = issued.record
+        return web.json_response(
+            {
+                "token": issued.token,
+                "token_type": "Bearer",
+                "device_id": record.device_id,
+                "device_name": record.name,
+                "scopes": sorted(record.scopes),
+                "expires_at": int(record.expires),
+            },
+            headers={REQUEST_ID_HEADER: exchange.request_id, "Cache-Control": "no-store"},
+        )
+
     async def lmstudio_reachable(self, session: aiohttp.ClientSession) -> bool:
-        token = self._lmstudio_token
+        token = self._forward.lmstudio_token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             async with session.get(
-                self._upstream_url + "/v1/models",
+                self.config.upstream_url + "/v1/models",
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=READY_TIMEOUT),
             ) as resp:
@@ -426,15 +435,33 @@ class Gateway:
         except (TimeoutError, aiohttp.ClientError):
             return False
 
-    # ---- shutdown and logging -------------------------------------------------------------
+    # ---- accounting, shutdown and logging -----------------------------------------------
 
-    def _shutting_down(self) -> ApiError:
-        return ApiError(
-            503,
-            "LM Gate is shutting down; try again in a moment.",
-            type="server_error",
-            code="shutting_down",
-        )
+    async def _usage_flusher(self, app: web.Application) -> AsyncIterator[None]:
+        recorder = self._recorder
+        assert recorder is not None
+
+        async def flush_forever() -> None:
+            while True:
+                await asyncio.sleep(USAGE_FLUSH_SECONDS)
+                if recorder.has_pending:
+                    await asyncio.to_thread(recorder.flush)
+
+        task = spawn(flush_forever(), name="usage-flush")
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+            recorder.flush()
+
+    async def _answer_aborted(self, exchange: Exchange) -> web.StreamResponse:
+        error = shutting_down()
+        exchange.error = error.code
+        relay = exchange.outcome.relay
+        if relay is not None and relay.committed:
+            return await relay.fail(error.message, error.type, error.code)
+        return error.to_response(exchange.request_id)
 
     async def _on_shutdown(self, app: web.Application) -> None:
         """Let in-flight requests finish for ``shutdown_grace`` seconds, then close them."""
@@ -444,25 +471,38 @@ class Gateway:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), self.config.shutdown_grace)
         for exchange in list(self._inflight):
-            if exchange.upstream is not None:
+            upstream = exchange.outcome.upstream
+            if upstream is not None:
                 # The relay or reader sees the closed connection and ends the answer itself.
-                exchange.upstream.close()
+                upstream.close()
             elif exchange.task is not None and not exchange.task.done():
                 exchange.aborted_by_stop = True
                 exchange.task.cancel()
 
-    async def _answer_aborted(self, exchange: Exchange) -> web.StreamResponse:
-        error = self._shutting_down()
-        exchange.error = error.code
-        if exchange.relay is not None and exchange.relay.committed:
-            return await exchange.relay.fail(error.message, error.type, error.code)
-        return error.to_response(exchange.request_id)
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
-    def _log(self, exchange: Exchange) -> None:
+    def _finish(self, exchange: Exchange) -> None:
+        outcome = exchange.outcome
+        error = exchange.error or outcome.error
+        usage = outcome.usage
+        seconds = self._clock.monotonic() - exchange.started
+        if self.metrics is not None:
+            self.metrics.observe_request(exchange.route, exchange.status, seconds)
+            if usage is not None:
+                self.metrics.observe_tokens(usage.prompt_tokens, usage.completion_tokens)
+            if error is not None and error.startswith("upstream_"):
+                self.metrics.upstream_error(error)
+            if error is not None and error in {
+                "rate_limit_exceeded",
+                "too_many_concurrent_requests",
+                "too_many_auth_failures",
+                "too_many_pairing_attempts",
+            }:
+                self.metrics.rate_limited(error)
+        if (
+            self._recorder is not None
+            and exchange.principal is not None
+            and exchange.route != "/pair"
+        ):
+            self._recorder.record(exchange.principal, usage)
         if not access_log.isEnabledFor(logging.INFO):
             return
         fields: dict[str, object] = {
@@ -474,13 +514,13 @@ class Gateway:
             "status": exchange.status,
             "model": exchange.model,
             "stream": exchange.stream,
-            "latency_ms": round((self._clock.monotonic() - exchange.started) * 1000, 2),
+            "latency_ms": round(seconds * 1000, 2),
             "bytes_in": exchange.bytes_in,
-            "bytes_out": exchange.bytes_out,
+            "bytes_out": outcome.bytes_out,
         }
-        if exchange.usage is not None:
-            fields["prompt_tokens"] = exchange.usage.prompt_tokens
-            fields["completion_tokens"] = exchange.usage.completion_tokens
-        if exchange.error:
-            fields["error"] = exchange.error
+        if usage is not None:
+            fields["prompt_tokens"] = usage.prompt_tokens
+            fields["completion_tokens"] = usage.completion_tokens
+        if error:
+            fields["error"] = error
         access_log.info("request", extra={"access": fields})

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -20,7 +20,7 @@ from aiohttp import web
 from tray_app._tasks import spawn
 from tray_app.api_errors import REQUEST_ID_HEADER, ApiError, sse_error_event
 from tray_app.config import Config
-from tray_app.usage import Usage, usage_from_sse_tail
+from tray_app.usage import Usage, has_usage_object, strip_usage_events, usage_from_sse_tail
 
 log = logging.getLogger("lmgate.streaming")
 
@@ -51,8 +51,12 @@ class StreamRelay:
         on_upstream: Callable[[aiohttp.ClientResponse], None],
         read_whole: Callable[[aiohttp.ClientResponse], Awaitable[web.Response]],
         is_stopping: Callable[[], bool],
+        extra_headers: Mapping[str, str] | None = None,
+        hide_usage: bool = False,
     ) -> None:
         self._request = request
+        self._extra_headers = extra_headers
+        self._hide_usage = hide_usage
         self._request_id = request_id
         self._interval = config.heartbeat_interval
         self._idle_timeout = config.upstream_idle_timeout
@@ -107,7 +111,9 @@ class StreamRelay:
             first = await content.readany()  # the pump beats on while the prompt is processed
             await _stop(pump)
             down = await self._start(upstream.status)
-            if first:
+            if first and self._hide_usage:
+                await self._relay_hiding_usage(first, content, tail)
+            elif first:
                 tail.append(first)
                 await self._write(first)
                 async for chunk in content.iter_any():
@@ -145,6 +151,29 @@ class StreamRelay:
         self.usage = usage_from_sse_tail(tail)
         return down
 
+    async def _relay_hiding_usage(
+        self, first: bytes, content: aiohttp.StreamReader, tail: deque[bytes]
+    ) -> None:
+        """The relay loop when LM Gate asked for usage the client did not: forward whole SSE
+        events only, so the usage event can be recognised and dropped."""
+        carry = b""
+        chunk = first
+        while chunk:
+            tail.append(chunk)
+            data = carry + chunk if carry else chunk
+            cut = data.rfind(b"\n\n")
+            if cut < 0:
+                carry = data
+            else:
+                ready, carry = data[: cut + 2], data[cut + 2 :]
+                if has_usage_object(ready):
+                    ready = strip_usage_events(ready)
+                if ready:
+                    await self._write(ready)
+            chunk = await content.readany()
+        if carry:
+            await self._write(carry)
+
     async def _not_a_stream(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         """LM Studio answered with an error (or plain JSON) although a stream was asked for."""
         try:
@@ -168,6 +197,8 @@ class StreamRelay:
         if self._down is None:
             down = web.StreamResponse(status=status, headers=SSE_HEADERS)
             down.headers[REQUEST_ID_HEADER] = self._request_id
+            if self._extra_headers:
+                down.headers.update(self._extra_headers)
             self.status = status
             try:
                 await down.prepare(self._request)

@@ -52,3 +52,32 @@ def usage_from_sse_tail(chunks: Iterable[bytes]) -> Usage | None:
         if found is not None:
             return found
     return None
+
+
+USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+
+
+def has_usage_object(data: bytes) -> bool:
+    return USAGE_MARKERS[0] in data or USAGE_MARKERS[1] in data
+
+
+def strip_usage_events(data: bytes) -> bytes:
+    """Remove the usage LM Gate asked for from complete SSE events (``data`` ends at an event
+    boundary): the usage-only chunk is dropped, a usage field on a content chunk removed."""
+    out: list[bytes] = []
+    for event in data.split(b"\n\n"):
+        if event and has_usage_object(event):
+            lines = event.split(b"\n")
+            body = b"\n".join(line[5:].lstrip() for line in lines if line.startswith(b"data:"))
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                out.append(event)
+                continue
+            if isinstance(payload, dict):
+                if payload.get("choices") == []:
+                    continue
+                payload.pop("usage", None)
+                event = b"data: " + json.dumps(payload, ensure_ascii=False).encode()
+        out.append(event)
+    return b"\n\n".join(out)

@@ -1,0 +1,144 @@
+"""Rate and concurrency limits, and who the client really is.
+
+Per principal: a token bucket for requests per minute and a cap on concurrent requests.
+Per client address: a bucket for failed authentications (and a stricter one for pairing), so
+guessing keys or codes is slow. The client address is taken from ``X-Forwarded-For`` only when
+the direct peer is a configured trusted proxy (the tunnel agent, nginx).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from tray_app.clock import Clock
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_PRUNE_AT = 10_000
+
+
+def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip())
+
+
+def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not text:
+        return None
+    try:
+        address = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def is_loopback(text: str | None) -> bool:
+    address = _ip(text)
+    return address is not None and address.is_loopback
+
+
+def client_address(
+    peer: str | None, headers: Mapping[str, str], trusted: tuple[IPNetwork, ...]
+) -> str:
+    """The address a request came from, trusting X-Forwarded-For only from trusted peers.
+
+    Walks X-Forwarded-For from the right and returns the first hop that is not itself a
+    trusted proxy: a client can prepend anything, but not what our proxies appended.
+    """
+    direct = _ip(peer)
+    if direct is None:
+        return peer or "unknown"
+    if not any(direct in net for net in trusted):
+        return str(direct)
+    forwarded = headers.get("X-Forwarded-For")
+    if not forwarded:
+        return str(direct)
+    for hop in reversed(forwarded.split(",")):
+        address = _ip(hop)
+        if address is None:
+            return str(direct)  # garbage in the chain: do not guess
+        if not any(address in net for net in trusted):
+            return str(address)
+    return str(direct)
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class TokenBuckets:
+    """One token bucket per key: ``capacity`` tokens, refilled at ``per_minute`` per minute."""
+
+    def __init__(self, per_minute: float, clock: Clock, capacity: float | None = None) -> None:
+        self._rate = per_minute / 60.0
+        self._capacity = capacity if capacity is not None else per_minute
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+
+    def _bucket(self, key: str, now: float) -> _Bucket:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= _PRUNE_AT:
+                self._prune(now)
+            bucket = self._buckets[key] = _Bucket(self._capacity, now)
+        else:
+            bucket.tokens = min(self._capacity, bucket.tokens + (now - bucket.updated) * self._rate)
+            bucket.updated = now
+        return bucket
+
+    def take(self, key: str) -> float | None:
+        """Spend one token: None if allowed, else seconds until one is available."""
+        now = self._clock.monotonic()
+        bucket = self._bucket(key, now)
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return None
+        return (1.0 - bucket.tokens) / self._rate if self._rate > 0 else math.inf
+
+    def empty(self, key: str) -> float | None:
+        """Like :meth:`take` but without spending: is the key currently blocked?"""
+        now = self._clock.monotonic()
+        bucket = self._bucket(key, now)
+        if bucket.tokens >= 1.0:
+            return None
+        return (1.0 - bucket.tokens) / self._rate if self._rate > 0 else math.inf
+
+    def _prune(self, now: float) -> None:
+        # A full bucket is the same as no bucket: drop those.
+        self._buckets = {
+            k: b
+            for k, b in self._buckets.items()
+            if b.tokens + (now - b.updated) * self._rate < self._capacity
+        }
+
+
+class ConcurrencyLimit:
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._running: dict[str, int] = {}
+
+    def acquire(self, key: str) -> bool:
+        running = self._running.get(key, 0)
+        if running >= self._limit:
+            return False
+        self._running[key] = running + 1
+        return True
+
+    def release(self, key: str) -> None:
+        running = self._running.get(key, 0) - 1
+        if running <= 0:
+            self._running.pop(key, None)
+        else:
+            self._running[key] = running
+
+    def running(self, key: str) -> int:
+        return self._running.get(key, 0)
+
+
+def retry_after_header(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}

@@ -1,0 +1,86 @@
+"""Prometheus metrics for the gateway (served at /metrics to principals with the metrics scope).
+
+Each gateway has its own registry, so several can run in one process (tests, the tray's
+restarts) without clashing. Labelled children are cached: a label lookup per request would
+be the most expensive thing prometheus-client does.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Seconds; from a fast cached answer to a long generation.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._requests = Counter(
+            "lmgate_requests",
+            "Requests answered, by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "lmgate_request_duration_seconds",
+            "Time from request to the end of the answer, by route",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.active_streams = Gauge(
+            "lmgate_active_streams", "Streamed answers in progress", registry=self.registry
+        )
+        self._tokens = Counter(
+            "lmgate_tokens", "Tokens processed by LM Studio", ["kind"], registry=self.registry
+        )
+        self._auth_failures = Counter(
+            "lmgate_auth_failures",
+            "Refused credentials, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._upstream_errors = Counter(
+            "lmgate_upstream_errors",
+            "Failures talking to LM Studio, by kind",
+            ["kind"],
+            registry=self.registry,
+        )
+        self._rate_limited = Counter(
+            "lmgate_rate_limited", "Requests refused by a limit", ["limit"], registry=self.registry
+        )
+        self._children: dict[tuple[str, ...], object] = {}
+        self._prompt = self._tokens.labels("prompt")
+        self._completion = self._tokens.labels("completion")
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        key = ("r", route, str(status))
+        counter = self._children.get(key)
+        if counter is None:
+            counter = self._children[key] = self._requests.labels(route, str(status))
+        counter.inc()  # type: ignore[attr-defined]
+        hkey = ("h", route)
+        histogram = self._children.get(hkey)
+        if histogram is None:
+            histogram = self._children[hkey] = self._latency.labels(route)
+        histogram.observe(seconds)  # type: ignore[attr-defined]
+
+    def observe_tokens(self, prompt: int, completion: int) -> None:
+        self._prompt.inc(prompt)
+        self._completion.inc(completion)
+
+    def auth_failure(self, reason: str) -> None:
+        self._auth_failures.labels(reason).inc()
+
+    def upstream_error(self, kind: str) -> None:
+        self._upstream_errors.labels(kind).inc()
+
+    def rate_limited(self, limit: str) -> None:
+        self._rate_limited.labels(limit).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

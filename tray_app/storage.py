@@ -1,0 +1,178 @@
+"""LM Gate's database: API key hashes, issued tokens, devices, pairing codes, usage.
+
+SQLite in WAL mode in the platform's user data dir. No secret is ever stored: API keys and
+pairing codes only as SHA-256 hashes, JWTs only by their ``jti``. The CLI and the running
+gateway share the file; ``changed_since`` (SQLite's ``data_version``) lets the gateway notice the
+CLI's revocations without polling tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+from tray_app.config import APP_NAME
+from tray_app.errors import StorageError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE,
+    scopes TEXT NOT NULL, models TEXT, created REAL NOT NULL, expires REAL,
+    last_used REAL, revoked REAL);
+CREATE TABLE IF NOT EXISTS tokens (
+    jti TEXT PRIMARY KEY, sub TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
+    scopes TEXT NOT NULL, models TEXT, max_tokens INTEGER, created REAL NOT NULL,
+    expires REAL NOT NULL, revoked REAL, device_id TEXT);
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, created REAL NOT NULL, last_seen REAL,
+    revoked REAL);
+CREATE TABLE IF NOT EXISTS pairing_codes (
+    code_hash TEXT PRIMARY KEY, created REAL NOT NULL, expires REAL NOT NULL, used REAL,
+    device_id TEXT);
+CREATE TABLE IF NOT EXISTS usage (
+    principal TEXT PRIMARY KEY, requests INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
+    last_seen REAL);
+"""
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+def encode_list(values: Iterable[str] | None) -> str | None:
+    return None if values is None else json.dumps(sorted(values))
+
+
+def decode_list(text: str | None) -> frozenset[str] | None:
+    return None if text is None else frozenset(json.loads(text))
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    principal: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    last_seen: float | None
+
+
+class Database:
+    """One SQLite connection guarded by a lock (the loop thread and a flush thread share it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._conn = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=5.0
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL: a commit survives a crash of this process; only power loss can
+            # take the last transactions.
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.executescript(_SCHEMA)
+            self._conn.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(
+                f"Cannot open LM Gate's database {path}: {exc}. If it is "
+                "corrupt, move it aside; LM Gate creates a new one."
+            ) from None
+        except OSError as exc:
+            raise StorageError(f"Cannot create {path.parent}: {exc.strerror}.") from None
+        self._lock = threading.RLock()
+        with contextlib.suppress(OSError):
+            path.chmod(0o600)
+        self._data_version = self._read_data_version()
+
+    @classmethod
+    def in_directory(cls, directory: Path) -> Database:
+        return cls(directory / "lmgate.db")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                raise StorageError(
+                    f"LM Gate's database {self.path} could not be written: {exc}."
+                ) from None
+
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                cursor = self._conn.execute(sql, params)
+                cursor.row_factory = sqlite3.Row
+                return cursor.fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise StorageError(
+                    f"LM Gate's database {self.path} could not be read: {exc}."
+                ) from None
+
+    def _read_data_version(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def changed_by_others(self) -> bool:
+        """True once after another connection (the CLI) committed a change."""
+        version = self._read_data_version()
+        if version != self._data_version:
+            self._data_version = version
+            return True
+        return False
+
+    # ---- usage ------------------------------------------------------------------------------
+
+    def add_usage(self, rows: Iterable[UsageRow]) -> None:
+        with self.transaction() as conn:
+            conn.executemany(
+                """INSERT INTO usage (principal, requests, prompt_tokens, completion_tokens,
+                                      last_seen)
+                   VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT(principal) DO UPDATE SET
+                     requests = requests + excluded.requests,
+                     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+                     completion_tokens = completion_tokens + excluded.completion_tokens,
+                     last_seen = MAX(COALESCE(last_seen, 0), excluded.last_seen)""",
+                [
+                    (r.principal, r.requests, r.prompt_tokens, r.completion_tokens, r.last_seen)
+                    for r in rows
+                ],
+            )
+
+    def usage(self) -> list[UsageRow]:
+        return [
+            UsageRow(
+                r["principal"],
+                r["requests"],
+                r["prompt_tokens"],
+                r["completion_tokens"],
+                r["last_seen"],
+            )
+            for r in self.query("SELECT * FROM usage ORDER BY principal")
+        ]

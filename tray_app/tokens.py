@@ -1,0 +1,283 @@
+"""JWT access tokens: HS256 only, every claim required, every token recorded by its ``jti``.
+
+A token is valid only while its ``jti`` is in the database and not revoked, so revocation is
+immediate and a stolen signing key alone cannot mint a token the gateway accepts. Verified
+tokens are cached by their full text until expiry (re-verifying HMAC and claims on every
+request costs more than the rest of the gateway's work), and the cache is dropped whenever
+the database changes.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from dataclasses import dataclass
+
+import jwt
+
+from tray_app.auth import ALL_SCOPES, Principal
+from tray_app.clock import Clock
+from tray_app.errors import AuthError
+from tray_app.storage import Database, decode_list, encode_list
+
+ALGORITHM = "HS256"
+REQUIRED_CLAIMS = ["sub", "scope", "iat", "nbf", "exp", "jti"]
+LEEWAY_SECONDS = 5.0
+_CACHE_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    jti: str
+    sub: str
+    name: str
+    kind: str  # "token" (CLI), "device" (pairing), "snippet" (copied curl)
+    scopes: frozenset[str]
+    models: frozenset[str] | None
+    max_tokens: int | None
+    created: float
+    expires: float
+    revoked: float | None
+    device_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    token: str  # shown once, never stored
+    record: TokenRecord
+
+
+def check_scopes(scopes: frozenset[str]) -> frozenset[str]:
+    unknown = scopes - ALL_SCOPES
+    if unknown or not scopes:
+        raise ValueError(
+            f"scopes must be some of {', '.join(sorted(ALL_SCOPES))}; "
+            f"got {', '.join(sorted(scopes)) or 'none'}"
+        )
+    return scopes
+
+
+def _row_to_record(r: sqlite3.Row) -> TokenRecord:
+    return TokenRecord(
+        jti=r["jti"],
+        sub=r["sub"],
+        name=r["name"],
+        kind=r["kind"],
+        scopes=frozenset(r["scopes"].split()),
+        models=decode_list(r["models"]),
+        max_tokens=r["max_tokens"],
+        created=r["created"],
+        expires=r["expires"],
+        revoked=r["revoked"],
+        device_id=r["device_id"],
+    )
+
+
+def _invalid(message: str, code: str) -> AuthError:
+    return AuthError(message, code=code)
+
+
+class TokenService:
+    def __init__(self, db: Database, signing_key: bytes, clock: Clock) -> None:
+        self._db = db
+        self._key = signing_key
+        self._clock = clock
+        self._active: dict[str, float] = {}  # jti -> expires, for tokens not revoked
+        self._cache: dict[str, tuple[Principal, float, str]] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Re-read which tokens are live (after a revocation, possibly by another process)."""
+        now = self._clock.time()
+        rows = self._db.query(
+            "SELECT jti, expires FROM tokens WHERE revoked IS NULL AND expires > ?",
+            (now - LEEWAY_SECONDS,),
+        )
+        self._active = {row["jti"]: row["expires"] for row in rows}
+        self._cache.clear()
+
+    def replace_key(self, signing_key: bytes) -> None:
+        self._key = signing_key
+        self._cache.clear()
+
+    # ---- issuing ----------------------------------------------------------------------------
+
+    def issue(
+        self,
+        *,
+        name: str,
+        sub: str,
+        scopes: frozenset[str],
+        ttl: float,
+        kind: str = "token",
+        models: frozenset[str] | None = None,
+        max_tokens: int | None = None,
+        device_id: str | None = None,
+    ) -> IssuedToken:
+        check_scopes(scopes)
+        if ttl <= 0:
+            raise ValueError("the lifetime must be positive")
+        now = self._clock.time()
+        jti = secrets.token_hex(12)
+        claims: dict[str, object] = {
+            "sub": sub,
+            "scope": " ".join(sorted(scopes)),
+            "iat": int(now),
+            "nbf": int(now),
+            "exp": int(now + ttl),
+            "jti": jti,
+        }
+        if models is not None:
+            claims["models"] = sorted(models)
+        if max_tokens is not None:
+            claims["max_tokens"] = max_tokens
+        token = jwt.encode(claims, self._key, algorithm=ALGORITHM)
+        record = TokenRecord(
+            jti,
+            sub,
+            name,
+            kind,
+            scopes,
+            models,
+            max_tokens,
+            now,
+            float(int(now + ttl)),
+            None,
+            device_id,
+        )
+        with self._db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO tokens (jti, sub, name, kind, scopes, models, max_tokens, created, "
+                "expires, revoked, device_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                (
+                    jti,
+                    sub,
+                    name,
+                    kind,
+                    " ".join(sorted(scopes)),
+                    encode_list(models),
+                    max_tokens,
+                    now,
+                    record.expires,
+                    device_id,
+                ),
+            )
+        self._active[jti] = record.expires
+        return IssuedToken(token, record)
+
+    # ---- verifying --------------------------------------------------------------------------
+
+    def verify(self, token: str) -> Principal:
+        now = self._clock.time()
+        cached = self._cache.get(token)
+        if cached is not None:
+            principal, expires, jti = cached
+            if now < expires + LEEWAY_SECONDS and jti in self._active:
+                return principal
+            self._cache.pop(token, None)
+        principal, expires, jti = self._decode(token, now)
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[token] = (principal, expires, jti)
+        return principal
+
+    def _decode(self, token: str, now: float) -> tuple[Principal, float, str]:
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=[ALGORITHM],
+                # Times are checked below against the injected clock, not PyJWT's time.time().
+                options={
+                    "require": REQUIRED_CLAIMS,
+                    "verify_aud": False,
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
+            )
+        except jwt.InvalidSignatureError:
+            raise _invalid(
+                "The access token's signature is invalid (was the signing key rotated?).",
+                "invalid_token",
+            ) from None
+        except jwt.InvalidAlgorithmError:
+            raise _invalid(
+                "The access token uses a signing algorithm LM Gate does not accept.",
+                "invalid_token",
+            ) from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise _invalid(
+                f"The access token lacks the {exc.claim!r} claim.", "invalid_token"
+            ) from None
+        except jwt.InvalidTokenError:
+            raise _invalid(
+                "The credential is neither a valid access token nor an API key.", "invalid_token"
+            ) from None
+        if not all(
+            isinstance(claims[c], int | float) and not isinstance(claims[c], bool)
+            for c in ("exp", "nbf", "iat")
+        ):
+            raise _invalid("The access token's time claims are malformed.", "invalid_token")
+        if claims["exp"] + LEEWAY_SECONDS <= now:
+            raise _invalid("The access token has expired; get a new one.", "token_expired")
+        if claims["nbf"] - LEEWAY_SECONDS > now:
+            raise _invalid("The access token is not valid yet.", "token_not_yet_valid")
+        jti, sub, scope = claims["jti"], claims["sub"], claims["scope"]
+        if not (isinstance(jti, str) and isinstance(sub, str) and isinstance(scope, str)):
+            raise _invalid("The access token's claims are malformed.", "invalid_token")
+        if jti not in self._active:
+            raise _invalid("The access token has been revoked.", "token_revoked")
+        models = claims.get("models")
+        if models is not None and not (
+            isinstance(models, list) and all(isinstance(m, str) for m in models)
+        ):
+            raise _invalid("The access token's models claim is malformed.", "invalid_token")
+        max_tokens = claims.get("max_tokens")
+        if max_tokens is not None and not (isinstance(max_tokens, int) and max_tokens > 0):
+            raise _invalid("The access token's max_tokens claim is malformed.", "invalid_token")
+        principal = Principal(
+            name=sub,
+            scopes=frozenset(scope.split()) & ALL_SCOPES,
+            models=None if models is None else frozenset(models),
+            max_tokens=max_tokens,
+        )
+        return principal, float(claims["exp"]), jti
+
+    # ---- listing and revoking -----------------------------------------------------------
+
+    def list(self, *, include_expired: bool = False) -> list[TokenRecord]:
+        sql = "SELECT * FROM tokens"
+        params: tuple[object, ...] = ()
+        if not include_expired:
+            sql += " WHERE expires > ?"
+            params = (self._clock.time(),)
+        return [_row_to_record(r) for r in self._db.query(sql + " ORDER BY created", params)]
+
+    def revoke(self, jti_prefix: str) -> TokenRecord:
+        """Revoke one token by its jti (a unique prefix of at least 6 characters will do)."""
+        if len(jti_prefix) < 6:
+            raise ValueError("give at least 6 characters of the token ID")
+        rows = self._db.query("SELECT * FROM tokens WHERE jti LIKE ? || '%'", (jti_prefix,))
+        if not rows:
+            raise LookupError(f"no token with ID {jti_prefix!r}")
+        if len(rows) > 1:
+            raise LookupError(f"{jti_prefix!r} matches {len(rows)} tokens; give more of the ID")
+        record = _row_to_record(rows[0])
+        with self._db.transaction() as conn:
+            conn.execute(
+                "UPDATE tokens SET revoked = ? WHERE jti = ? AND revoked IS NULL",
+                (self._clock.time(), record.jti),
+            )
+        self._active.pop(record.jti, None)
+        self._cache.clear()
+        return record
+
+    def revoke_where(self, sql_filter: str, params: tuple[object, ...]) -> int:
+        with self._db.transaction() as conn:
+            cursor = conn.execute(
+                f"UPDATE tokens SET revoked = ? WHERE revoked IS NULL AND {sql_filter}",  # noqa: S608
+                (self._clock.time(), *params),
+            )
+        self.reload()
+        return cursor.rowcount
