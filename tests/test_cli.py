@@ -1,7 +1,9 @@
-"""The installed ``lmgate`` command, run as a user would, in a subprocess."""
+"""The installed ``lmgate`` command, run as a user would, in subprocesses: the CLI and a running
+``lmgate serve`` share the database, so a key made or revoked by one is seen by the other."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -9,79 +11,73 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLIENT_KEY
 from tray_app import __version__
 
 LMGATE = str(Path(sys.executable).with_name("lmgate"))
 
 
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [LMGATE, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-    )
+@dataclass
+class Env:
+    vars: dict[str, str]
+    data: Path
 
-
-def test_version() -> None:
-    result = run("--version")
-    assert result.returncode == 0
-    assert result.stdout.strip() == f"lmgate {__version__}"
-
-
-def test_serve_help() -> None:
-    result = run("serve", "--help")
-    assert result.returncode == 0
-    for flag in ("--port", "--host", "--upstream", "--config", "--heartbeat", "--idle-timeout"):
-        assert flag in result.stdout
-    assert "LMGATE_SECRET_GATEWAY_API_KEY" in result.stdout
-
-
-@pytest.mark.parametrize(
-    ("args", "env", "expected"),
-    [
-        (["serve", "--port", "abc"], {}, "server.port (from command line): must be an integer"),
-        (["serve", "--upstream", "localhost:1234"], {}, "upstream.url (from command line)"),
-        (["serve"], {"LMGATE_SERVER_HOST": "not an ip"}, "server.host (from LMGATE_SERVER_HOST)"),
-        (["serve", "--config", "BADFILE"], {}, "config file"),
-        (["serve"], {"LMGATE_SECRET_GATEWAY_API_KEY": "short"}, "at least 16 characters"),
-    ],
-)
-def test_invalid_config_is_one_line_and_exit_2(
-    tmp_path: Path, args: list[str], env: dict[str, str], expected: str
-) -> None:
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[server\n")
-    args = [str(bad) if a == "BADFILE" else a for a in args]
-    result = run(*args, env={"LMGATE_CONFIG": str(tmp_path / "none.toml"), **env})
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("lmgate: config error: ")
-    assert expected in lines[0]
-    assert "Traceback" not in result.stderr
+    def run(
+        self, *args: str, stdin: str | None = None, extra: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [LMGATE, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**self.vars, **(extra or {})},
+            input=stdin,
+        )
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    env = {
-        **os.environ,
-        "LMGATE_CONFIG": str(tmp_path / "none.toml"),
-        "LMGATE_SECRET_GATEWAY_API_KEY": CLIENT_KEY,
-        "LMGATE_UPSTREAM_URL": "http://127.0.0.1:9",
-    }
+def env(tmp_path: Path) -> Env:
+    """A private LM Gate home: its own config path, data dir and file secret store."""
+    variables = {k: v for k, v in os.environ.items() if not k.startswith("LMGATE_")}
+    variables.update(
+        {
+            "LMGATE_CONFIG": str(tmp_path / "none.toml"),
+            "LMGATE_STORAGE_DATA_DIR": str(tmp_path / "data"),
+            "LMGATE_SECRETS_STORE": "file",
+            "LMGATE_SECRETS_FILE_DIR": str(tmp_path / "secrets"),
+            "LMGATE_UPSTREAM_URL": "http://127.0.0.1:9",
+        }
+    )
+    return Env(variables, tmp_path / "data")
+
+
+def curl(url: str, *args: str) -> tuple[int, str]:
+    result = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    body, _, status = result.stdout.rpartition("\n")
+    return int(status), body
+
+
+def bearer(token: str) -> list[str]:
+    return ["-H", f"Authorization: Bearer {token}"]
+
+
+@pytest.fixture
+def serve(env: Env) -> Iterator[tuple[subprocess.Popen[str], str]]:
     proc = subprocess.Popen(
         [LMGATE, "serve", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=env.vars,
     )
     url = ""
     deadline = time.monotonic() + 20
@@ -102,64 +98,259 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
             pipe.close()
 
 
-def test_serve_runs_and_stops_cleanly_on_ctrl_c(served: tuple[subprocess.Popen[str], str]) -> None:
-    proc, url = served
-    health = subprocess.run(
-        ["curl", "-sS", url + "/healthz"], capture_output=True, text=True, timeout=10
-    )
-    assert health.stdout.strip() == '{"status": "ok"}'
-    models = subprocess.run(
-        ["curl", "-sS", url + "/v1/models", "-H", f"Authorization: Bearer {CLIENT_KEY}"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-    assert "not reachable at http://127.0.0.1:9" in models.stdout  # LM Studio is not running
+def stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0
-    assert "Stopped." in out
-    assert "Traceback" not in err
-    assert CLIENT_KEY not in out + err
-    access = [line for line in err.splitlines() if '"lmgate.access"' in line]
-    assert len(access) == 2
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return out, err
 
 
-def test_serve_reports_a_busy_port(
-    served: tuple[subprocess.Popen[str], str], tmp_path: Path
-) -> None:
-    _, url = served
-    port = url.rsplit(":", 1)[1]
-    result = run(
-        "serve",
+def test_version() -> None:
+    result = subprocess.run([LMGATE, "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"lmgate {__version__}"
+
+
+def test_serve_help() -> None:
+    result = subprocess.run([LMGATE, "serve", "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    for flag in (
         "--port",
-        port,
-        env={
-            "LMGATE_CONFIG": str(tmp_path / "none.toml"),
-            "LMGATE_SECRET_GATEWAY_API_KEY": CLIENT_KEY,
-        },
-    )
+        "--host",
+        "--upstream",
+        "--config",
+        "--heartbeat",
+        "--idle-timeout",
+        "--secret-store",
+        "--data-dir",
+    ):
+        assert flag in result.stdout
+    assert "lmgate key create" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "extra", "expected"),
+    [
+        (["serve", "--port", "abc"], {}, "server.port (from command line): must be an integer"),
+        (["serve", "--upstream", "localhost:1234"], {}, "upstream.url (from command line)"),
+        (["serve"], {"LMGATE_SERVER_HOST": "not an ip"}, "server.host (from LMGATE_SERVER_HOST)"),
+        (["serve", "--config", "BADFILE"], {}, "config file"),
+        (
+            ["serve"],
+            {"LMGATE_AUTH_DEV_MODE": "1", "LMGATE_SERVER_HOST": "0.0.0.0"},
+            "auth.dev_mode",
+        ),
+        (["token", "create", "x", "--ttl", "soon"], {}, "--ttl: must be a duration"),
+        (["token", "create", "x", "--scope", "admin"], {}, "--scope: unknown scope admin"),
+        (["key", "revoke", "nope"], {}, "no API key with ID 'nope'"),
+        (["token", "revoke", "abc"], {}, "at least 6 characters"),
+    ],
+)
+def test_invalid_input_is_one_line_and_exit_2(
+    env: Env, tmp_path: Path, args: list[str], extra: dict[str, str], expected: str
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    args = [str(bad) if a == "BADFILE" else a for a in args]
+    result = env.run(*args, extra=extra)
     assert result.returncode == 2
-    assert "already in use" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("lmgate: config error: ")
+    assert expected in lines[0]
     assert "Traceback" not in result.stderr
 
 
-def test_generated_key_is_not_printed_when_output_is_not_a_terminal(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "LMGATE_CONFIG": str(tmp_path / "none.toml"),
-        "LMGATE_UPSTREAM_URL": "http://127.0.0.1:9",
+def test_without_a_keyring_secret_commands_fail_with_advice(env: Env) -> None:
+    no_keyring = {
+        "LMGATE_SECRETS_STORE": "keyring",
+        "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
     }
-    env.pop("LMGATE_SECRET_GATEWAY_API_KEY", None)
+    for args in (
+        ["token", "create", "phone"],
+        ["keys", "rotate"],
+        ["secret", "set", "lmstudio-api-token"],
+    ):
+        result = env.run(*args, extra=no_keyring, stdin="x\n")
+        assert result.returncode == 1, args
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1
+        assert "No usable OS keyring" in lines[0] and "--secret-store file" in lines[0]
+    assert not (env.data.parent / "secrets").exists(), "nothing may fall back to a file"
+
+
+def test_serve_without_a_keyring_runs_with_a_one_run_signing_key(env: Env) -> None:
+    key = env.run("key", "create", "script").stdout.strip()
+    no_keyring = {
+        **env.vars,
+        "LMGATE_SECRETS_STORE": "keyring",
+        "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
+    }
     proc = subprocess.Popen(
         [LMGATE, "serve", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=no_keyring,
     )
     time.sleep(1.5)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=20)
-    assert "not printed because this is not a terminal" in out
+    out, _ = stop(proc)
+    assert "No usable OS keyring" in out
+    assert "in memory for this run only" in out
+    assert key not in out
+
+
+def test_keys_and_tokens_from_the_cli_work_and_revoke_live(
+    env: Env, serve: tuple[subprocess.Popen[str], str]
+) -> None:
+    proc, url = serve
+    created = env.run("key", "create", "laptop", "--scope", "models")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert re.fullmatch(r"lmg_[A-Za-z0-9_-]{43}", key)
+    assert "shown only now" in created.stderr
+
+    token_run = env.run("token", "create", "phone", "--ttl", "1h", "--scope", "models")
+    assert token_run.returncode == 0, token_run.stderr
+    token = token_run.stdout.strip()
+    assert token.count(".") == 2
+
+    for credential in (key, token):
+        status, body = curl(url + "/v1/models", *bearer(credential))
+        assert status == 502, body  # authenticated; LM Studio is simply not running
+    status, _ = curl(url + "/v1/models", "-H", f"X-API-Key: {key}")
+    assert status == 502
+
+    listed = env.run("key", "list").stdout
+    key_id = re.search(r"^([0-9a-f]{12})\s+laptop", listed, re.M)
+    assert key_id, listed
+    assert key not in listed
+    tokens = env.run("token", "list").stdout
+    jti = re.search(r"^([0-9a-f]{24})\s+phone", tokens, re.M)
+    assert jti, tokens
+    assert token not in tokens
+
+    assert env.run("key", "revoke", key_id.group(1)).returncode == 0
+    assert env.run("token", "revoke", jti.group(1)[:8]).returncode == 0
+    time.sleep(0.7)  # the server notices the CLI's change within half a second
+    status, body = curl(url + "/v1/models", *bearer(key))
+    assert (status, json.loads(body)["error"]["code"]) == (401, "api_key_revoked")
+    status, body = curl(url + "/v1/models", *bearer(token))
+    assert (status, json.loads(body)["error"]["code"]) == (401, "token_revoked")
+    out, err = stop(proc)
+    for secret in (key, token):
+        assert secret not in out + err
+
+
+def test_pairing_from_the_cli(env: Env, serve: tuple[subprocess.Popen[str], str]) -> None:
+    proc, url = serve
+    paired = env.run("pair", "--device", "Anna's phone", "--url", url)
+    assert paired.returncode == 0, paired.stderr
+    match = re.search(r"Pairing URL: (\S+)/#([A-Z2-7]{24})", paired.stdout)
+    assert match and match.group(1) == url
+    assert "\u2588" in paired.stdout or "#" in paired.stdout  # the terminal QR code
+    code = match.group(2)
+    status, body = curl(
+        url + "/pair",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        json.dumps({"code": code, "device_name": "ignored"}),
+    )
+    assert status == 200, body
+    device_token = json.loads(body)["token"]
+    assert json.loads(body)["device_name"] == "Anna's phone"
+    status, _ = curl(url + "/v1/models", *bearer(device_token))
+    assert status == 502
+    again, _ = curl(
+        url + "/pair", "-H", "Content-Type: application/json", "-d", json.dumps({"code": code})
+    )
+    assert again == 401
+
+    devices = env.run("device", "list").stdout
+    device_id = re.search(r"^([0-9a-f]{12})\s+Anna's phone", devices, re.M)
+    assert device_id, devices
+    assert env.run("device", "revoke", device_id.group(1)).returncode == 0
+    time.sleep(0.7)
+    status, body = curl(url + "/v1/models", *bearer(device_token))
+    assert (status, json.loads(body)["error"]["code"]) == (401, "token_revoked")
+    stop(proc)
+
+
+def test_usage_is_counted_per_caller(env: Env, serve: tuple[subprocess.Popen[str], str]) -> None:
+    proc, url = serve
+    key = env.run("key", "create", "counter").stdout.strip()
+    for _ in range(3):
+        curl(url + "/v1/models", *bearer(key))
+    stop(proc)  # the last batch is written at shutdown
+    usage = env.run("usage")
+    assert usage.returncode == 0
+    row = re.search(r"^key:[0-9a-f]{12}\s+counter\s+3\s+0\s+0\s", usage.stdout, re.M)
+    assert row, usage.stdout
+
+
+def test_rotating_the_signing_key_invalidates_tokens(
+    env: Env, serve: tuple[subprocess.Popen[str], str]
+) -> None:
+    proc, url = serve
+    token = env.run("token", "create", "t", "--scope", "models").stdout.strip()
+    assert curl(url + "/v1/models", *bearer(token))[0] == 502
+    stop(proc)
+    rotated = env.run("keys", "rotate")
+    assert rotated.returncode == 0 and "invalid" in rotated.stdout
+    proc2 = subprocess.Popen(
+        [LMGATE, "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env.vars,
+    )
+    assert proc2.stdout is not None
+    url2 = ""
+    while not url2:
+        match = re.search(r"Listening on (http://\S+)", proc2.stdout.readline())
+        url2 = match.group(1) if match else ""
+    status, body = curl(url2 + "/v1/models", *bearer(token))
+    assert status == 401
+    assert json.loads(body)["error"]["code"] in {"invalid_token", "token_revoked"}
+    stop(proc2)
+
+
+def test_serve_without_keys_on_a_pipe_says_how_to_make_one(
+    serve: tuple[subprocess.Popen[str], str],
+) -> None:
+    proc, _ = serve
+    out, _ = stop(proc)
+    assert "none yet; create one with `lmgate key create NAME`" in out
     assert "lmg_" not in out
+
+
+def test_serve_stops_cleanly_and_logs_json(
+    env: Env, serve: tuple[subprocess.Popen[str], str]
+) -> None:
+    proc, url = serve
+    status, body = curl(url + "/healthz")
+    assert (status, body) == (200, '{"status": "ok"}')
+    assert curl(url + "/v1/models")[0] == 401
+    out, err = stop(proc)
+    assert "Stopped." in out
+    assert "Traceback" not in err
+    access = [json.loads(line) for line in err.splitlines() if '"lmgate.access"' in line]
+    assert [a["status"] for a in access] == [200, 401]
+
+
+def test_serve_reports_a_busy_port(env: Env, serve: tuple[subprocess.Popen[str], str]) -> None:
+    _, url = serve
+    result = env.run("serve", "--port", url.rsplit(":", 1)[1])
+    assert result.returncode == 2
+    assert "already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_secret_set_stores_the_lm_studio_token(env: Env) -> None:
+    result = env.run("secret", "set", "lmstudio-api-token", stdin="sk-lm-abc123\n")
+    assert result.returncode == 0, result.stderr
+    stored = env.data.parent / "secrets" / "lmstudio-api-token"
+    assert stored.read_text() == "sk-lm-abc123"
+    assert oct(stored.stat().st_mode & 0o777) == "0o600"
+    assert "sk-lm-abc123" not in result.stdout + result.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tray_app.config import describe_settings
+from tray_app.config import describe_settings, format_default
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -35,5 +35,5 @@ def test_configuration_table_matches_the_code() -> None:
     for key, env, default, _help in describe_settings():
         assert key in documented, f"{key} is missing from the README"
         assert documented[key][0] == env
-        assert documented[key][1] == str(default)
+        assert documented[key][1] == format_default(default)
     assert len(documented) == len(describe_settings())

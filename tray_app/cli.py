@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets as stdlib_secrets
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -18,17 +17,26 @@ import aiohttp
 
 from tray_app import __version__
 from tray_app.access_log import configure_logging
-from tray_app.auth import MIN_STATIC_KEY_LENGTH, StaticKeyAuthenticator
+from tray_app.assembly import (
+    build_gateway,
+    data_dir,
+    open_identity,
+    secret_store_for,
+    signing_key_or_ephemeral,
+)
+from tray_app.auth import ALL_SCOPES
+from tray_app.cli_identity import IDENTITY_COMMANDS, add_identity_commands, run_identity_command
 from tray_app.config import (
     SETTINGS_BY_KEY,
     Config,
     default_config_path,
     describe_settings,
+    format_default,
     load_config,
 )
-from tray_app.errors import ConfigError, LMGateError
+from tray_app.errors import ConfigError, LMGateError, SecretStoreError
 from tray_app.gateway import Gateway
-from tray_app.secrets import GATEWAY_API_KEY, EnvSecretStore, SecretStore
+from tray_app.secrets import EnvSecretStore, SecretStore
 from tray_app.server import GatewayServer
 
 EXIT_OK = 0
@@ -36,7 +44,7 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 # CLI flag -> dotted config key. Values stay strings so the config validator words the error.
-_SERVE_FLAGS: Mapping[str, str] = {
+_FLAGS: Mapping[str, str] = {
     "host": "server.host",
     "port": "server.port",
     "upstream": "upstream.url",
@@ -44,7 +52,30 @@ _SERVE_FLAGS: Mapping[str, str] = {
     "heartbeat": "streaming.heartbeat_interval",
     "max_body_bytes": "limits.max_body_bytes",
     "log_level": "log.level",
+    "secret_store": "secrets.store",
+    "data_dir": "storage.data_dir",
 }
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help=f"config file (default: {default_config_path()})",
+    )
+    common.add_argument(
+        "--secret-store",
+        choices=["keyring", "file", "env"],
+        help="where secrets live (default: the OS keyring)",
+    )
+    common.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="directory of LM Gate's database (default: the user data dir)",
+    )
+    return common
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,20 +86,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lmgate {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = _common_options()
 
     serve = commands.add_parser(
         "serve",
+        parents=[common],
         help="run the gateway headless (VPS, Docker, or a terminal)",
         description="Run the gateway in the foreground until Ctrl-C. Settings come from the "
         "config file, then LMGATE_* environment variables, then these flags.",
-        epilog="The API key is read from LMGATE_SECRET_GATEWAY_API_KEY; without it a random "
-        "key is made for this run and shown once (only on a terminal).",
-    )
-    serve.add_argument(
-        "--config",
-        type=Path,
-        metavar="PATH",
-        help=f"config file (default: {default_config_path()})",
+        epilog="Callers authenticate with an API key (`lmgate key create NAME`), a token "
+        "(`lmgate token create NAME`) or a paired device's token (`lmgate pair`).",
     )
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", help="port to listen on (default 8787; 0 = any free port)")
@@ -107,27 +134,16 @@ def _parser() -> argparse.ArgumentParser:
         help="show: effective values; path: the config file; keys: every setting",
     )
     config.add_argument("--config", type=Path, metavar="PATH", help="config file to read")
+
+    add_identity_commands(commands, common)
     return parser
 
 
-def _serve_overrides(args: argparse.Namespace) -> dict[str, object]:
-    overrides: dict[str, object] = {key: getattr(args, flag) for flag, key in _SERVE_FLAGS.items()}
-    overrides["routes.enable_responses"] = args.enable_responses
-    overrides["routes.enable_messages"] = args.enable_messages
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    overrides: dict[str, object] = {key: getattr(args, flag, None) for flag, key in _FLAGS.items()}
+    overrides["routes.enable_responses"] = getattr(args, "enable_responses", None)
+    overrides["routes.enable_messages"] = getattr(args, "enable_messages", None)
     return overrides
-
-
-def _api_key(store: SecretStore) -> tuple[str, bool]:
-    """The configured key, or a fresh one for this run (True when generated)."""
-    key = store.get(GATEWAY_API_KEY)
-    if key is not None:
-        if len(key) < MIN_STATIC_KEY_LENGTH:
-            raise ConfigError(
-                EnvSecretStore.variable_for(GATEWAY_API_KEY),
-                f"the API key must be at least {MIN_STATIC_KEY_LENGTH} characters",
-            )
-        return key, False
-    return "lmg_" + stdlib_secrets.token_urlsafe(32), True
 
 
 async def _check_lmstudio(gateway: Gateway) -> bool:
@@ -135,17 +151,34 @@ async def _check_lmstudio(gateway: Gateway) -> bool:
         return await gateway.lmstudio_reachable(session)
 
 
-async def _serve(config: Config, secret_store: SecretStore, out: IO[str]) -> int:
-    key, generated = _api_key(secret_store)
-    gateway = Gateway(config, StaticKeyAuthenticator(key), secrets=secret_store)
-    server = GatewayServer(gateway)
-    await server.start()
+def _open_store(config: Config) -> tuple[SecretStore | None, str | None]:
+    try:
+        return secret_store_for(config), None
+    except SecretStoreError as exc:
+        return None, str(exc)
+
+
+async def _serve(config: Config, out: IO[str]) -> int:
+    store, store_problem = _open_store(config)
+    signing_key, key_warning = signing_key_or_ephemeral(store)
+    identity = open_identity(config, signing_key)
+    # Without a usable store LM Gate still reads LMGATE_SECRET_* variables set on purpose.
+    gateway_secrets = store if store is not None else EnvSecretStore()
+    first_key = None
+    if not identity.api_keys.list() and not identity.tokens.list() and out.isatty():
+        first_key, _record = identity.api_keys.create("owner", scopes=ALL_SCOPES)
+    server = GatewayServer(build_gateway(config, identity, gateway_secrets))
+    try:
+        await server.start()
+    except BaseException:
+        identity.close()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        reachable = await _check_lmstudio(gateway)
+        reachable = await _check_lmstudio(server.gateway)
         print(f"LM Gate {__version__} is running.", file=out)
         print(f"Listening on {server.url}  (OpenAI base URL: {server.url}/v1)", file=out)
         if reachable:
@@ -157,22 +190,20 @@ async def _serve(config: Config, secret_store: SecretStore, out: IO[str]) -> int
                 "until then.",
                 file=out,
             )
-        shown_key = "$LMGATE_SECRET_GATEWAY_API_KEY"
-        if generated and out.isatty():
-            shown_key = key
-            print(f"API key:     {key}", file=out)
+        print(f"Data:        {data_dir(config)}", file=out)
+        if store_problem:
+            print(f"Secrets:     {store_problem}", file=out)
+        if key_warning:
+            print(f"Warning:     {key_warning}", file=out)
+        shown_key = "<key>"
+        if first_key is not None:
+            shown_key = first_key
+            print(f"API key:     {first_key}", file=out)
             print(
-                "             (made for this run only; set LMGATE_SECRET_GATEWAY_API_KEY to "
-                "keep one)",
-                file=out,
+                "             (your first key, 'owner', with every scope; shown only now)", file=out
             )
-        elif generated:
-            shown_key = "<key>"
-            print(
-                "API key:     a random key was made for this run but is not printed because "
-                "this is not a terminal; set LMGATE_SECRET_GATEWAY_API_KEY.",
-                file=out,
-            )
+        elif not identity.api_keys.list():
+            print("API keys:    none yet; create one with `lmgate key create NAME`.", file=out)
         print(
             f'Try:         curl {server.url}/v1/models -H "Authorization: Bearer {shown_key}"',
             file=out,
@@ -184,6 +215,7 @@ async def _serve(config: Config, secret_store: SecretStore, out: IO[str]) -> int
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await server.stop()
+        identity.close()
     print("Stopped.", file=out, flush=True)
     return EXIT_OK
 
@@ -194,7 +226,10 @@ def _config_command(args: argparse.Namespace, out: IO[str]) -> int:
         return EXIT_OK
     if args.action == "keys":
         for key, env_var, default, help_text in describe_settings():
-            print(f"{key:32} {env_var:40} default {default!r:24} {help_text}", file=out)
+            print(
+                f"{key:34} {env_var:42} default {format_default(default)!r:26} {help_text}",
+                file=out,
+            )
         return EXIT_OK
     config = load_config(path=args.config)
     for key, setting in SETTINGS_BY_KEY.items():
@@ -207,11 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = sys.stdout
     try:
         if args.command == "serve":
-            config = load_config(path=args.config, overrides=_serve_overrides(args))
+            config = load_config(path=args.config, overrides=_overrides(args))
             configure_logging(config.log_level)
-            return asyncio.run(_serve(config, EnvSecretStore(), out))
+            return asyncio.run(_serve(config, out))
         if args.command == "config":
             return _config_command(args, out)
+        if args.command in IDENTITY_COMMANDS:
+            config = load_config(path=args.config, overrides=_overrides(args))
+            return run_identity_command(args, config, out)
         _parser().print_help(out)
         return EXIT_OK
     except ConfigError as exc:

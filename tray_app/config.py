@@ -505,3 +505,10 @@ def describe_settings() -> list[tuple[str, str, object, str]]:
 
 def with_changes(config: Config, **changes: Any) -> Config:
     return dataclasses.replace(config, **changes)
+
+
+def format_default(value: object) -> str:
+    """A default as a person would write it in TOML or an environment variable."""
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)

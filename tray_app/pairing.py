@@ -37,6 +37,11 @@ def normalise_code(raw: str) -> str:
     return re.sub(r"[\s-]", "", raw).upper()
 
 
+def _clean_name(name: str) -> str:
+    cleaned = "".join(ch for ch in " ".join(name.split()) if ch.isprintable())
+    return cleaned[:MAX_DEVICE_NAME] or "device"
+
+
 def _hash(code: str) -> str:
     return hashlib.sha256(code.encode()).hexdigest()
 
@@ -74,8 +79,11 @@ class PairingService:
         self.code_ttl = code_ttl
         self.device_token_ttl = device_token_ttl
 
-    def create_code(self, *, ttl: float | None = None) -> tuple[str, float]:
-        """A fresh code and when it expires (epoch seconds)."""
+    def create_code(
+        self, *, ttl: float | None = None, device_name: str | None = None
+    ) -> tuple[str, float]:
+        """A fresh code and when it expires (epoch seconds); ``device_name`` names the device
+        that will use it (otherwise the device names itself)."""
         code = base64.b32encode(secrets.token_bytes(CODE_BYTES)).decode()
         now = self._clock.time()
         expires = now + (self.code_ttl if ttl is None else ttl)
@@ -83,14 +91,15 @@ class PairingService:
             # Old codes are useless; keep the table small.
             conn.execute("DELETE FROM pairing_codes WHERE expires < ?", (now - 86400,))
             conn.execute(
-                "INSERT INTO pairing_codes (code_hash, created, expires) VALUES (?, ?, ?)",
-                (_hash(code), now, expires),
+                "INSERT INTO pairing_codes (code_hash, created, expires, device_name) "
+                "VALUES (?, ?, ?, ?)",
+                (_hash(code), now, expires, _clean_name(device_name) if device_name else None),
             )
         return code, expires
 
     def exchange(self, raw_code: str, device_name: str) -> IssuedToken:
         code = normalise_code(raw_code)
-        name = " ".join(device_name.split())[:MAX_DEVICE_NAME] or "device"
+        name = _clean_name(device_name)
         if not _CODE_SHAPE.match(code):
             raise PairingError(
                 "That is not a pairing code; scan the QR code again.", "pairing_code_invalid"
@@ -120,6 +129,11 @@ class PairingService:
                 raise PairingError(
                     "This pairing code has expired; ask for a new QR code.", "pairing_code_expired"
                 )
+            preset = conn.execute(
+                "SELECT device_name FROM pairing_codes WHERE code_hash = ?", (_hash(code),)
+            ).fetchone()
+            if preset is not None and preset[0]:
+                name = preset[0]
             conn.execute(
                 "INSERT INTO devices (id, name, created, last_seen) VALUES (?, ?, ?, ?)",
                 (device_id, name, now, now),

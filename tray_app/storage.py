@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS devices (
     revoked REAL);
 CREATE TABLE IF NOT EXISTS pairing_codes (
     code_hash TEXT PRIMARY KEY, created REAL NOT NULL, expires REAL NOT NULL, used REAL,
-    device_id TEXT);
+    device_id TEXT, device_name TEXT);
 CREATE TABLE IF NOT EXISTS usage (
     principal TEXT PRIMARY KEY, requests INTEGER NOT NULL DEFAULT 0,
     prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,

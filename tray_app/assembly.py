@@ -1,0 +1,112 @@
+"""Putting the parts together: secret store, database, identity services and the gateway.
+
+The CLI, the tray (later) and tests all build a gateway here, each passing in what differs
+(the secret store, the clock, the data directory).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from tray_app.accounting import UsageRecorder
+from tray_app.apikeys import ApiKeyService
+from tray_app.clock import Clock, SystemClock
+from tray_app.config import Config
+from tray_app.errors import SecretStoreError
+from tray_app.gateway import Gateway
+from tray_app.identity import IdentityAuthenticator
+from tray_app.keyring_store import open_secret_store
+from tray_app.metrics import GatewayMetrics
+from tray_app.pairing import PairingService
+from tray_app.secrets import SecretStore
+from tray_app.signing import load_or_create_signing_key
+from tray_app.storage import Database, default_data_dir
+from tray_app.tokens import TokenService
+
+log = logging.getLogger("lmgate.assembly")
+
+
+def data_dir(config: Config) -> Path:
+    return Path(config.data_dir) if config.data_dir else default_data_dir()
+
+
+def secret_store_for(config: Config) -> SecretStore:
+    """The store the config names; raises SecretStoreError with advice when it is unusable."""
+    file_dir = (
+        Path(config.secret_file_dir) if config.secret_file_dir else data_dir(config) / "secrets"
+    )
+    return open_secret_store(config.secret_store, file_dir=file_dir)
+
+
+@dataclass
+class Identity:
+    db: Database
+    tokens: TokenService
+    api_keys: ApiKeyService
+    pairing: PairingService
+    authenticator: IdentityAuthenticator
+    recorder: UsageRecorder
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_identity(
+    config: Config,
+    signing_key: bytes,
+    *,
+    clock: Clock | None = None,
+    db: Database | None = None,
+) -> Identity:
+    clock = clock or SystemClock()
+    db = db or Database.in_directory(data_dir(config))
+    tokens = TokenService(db, signing_key, clock)
+    api_keys = ApiKeyService(db, clock)
+    pairing = PairingService(
+        db,
+        tokens,
+        clock,
+        code_ttl=config.pairing_code_ttl,
+        device_token_ttl=config.device_token_ttl,
+    )
+    authenticator = IdentityAuthenticator(db, tokens, api_keys, clock, dev_mode=config.dev_mode)
+    return Identity(db, tokens, api_keys, pairing, authenticator, UsageRecorder(db, clock))
+
+
+def signing_key_or_ephemeral(store: SecretStore | None) -> tuple[bytes, str | None]:
+    """The stored signing key, or (when no store can keep one) a key for this run only and a
+    warning saying so. Tokens signed with it die with the process: safe, never plaintext."""
+    import secrets as stdlib_secrets
+
+    if store is not None:
+        try:
+            return load_or_create_signing_key(store), None
+        except SecretStoreError as exc:
+            reason = str(exc)
+    else:
+        reason = "no secret store is available"
+    warning = (
+        f"Token signing key kept in memory for this run only ({reason}) Device tokens "
+        "and `lmgate token` tokens stop working when LM Gate stops; API keys keep working."
+    )
+    return stdlib_secrets.token_bytes(32), warning
+
+
+def build_gateway(
+    config: Config,
+    identity: Identity,
+    store: SecretStore,
+    *,
+    clock: Clock | None = None,
+) -> Gateway:
+    return Gateway(
+        config,
+        identity.authenticator,
+        secrets=store,
+        clock=clock,
+        pairing=identity.pairing,
+        metrics=GatewayMetrics(),
+        recorder=identity.recorder,
+    )
