@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/bench_gateway.py [--rounds 5] [--json out.json]
 
-Three processes on loopback: a fast fake LM Studio, the real ``lmgate serve`` (authentication
-and JSON access logging on), and this client. Direct and gateway runs alternate (A B A B ...)
+Three processes on loopback: a fast fake LM Studio, the real ``lmgate serve`` with everything
+on (API key authentication, rate and concurrency limits, metrics, usage accounting, JSON access
+logging), and this client. Direct and gateway runs alternate (A B A B ...)
 and every figure is the median over rounds, so drift on a busy machine hits both sides alike.
 Reported: non-streamed chat latency p50/p99 at concurrency 1 and 16 and req/s; a 2000-chunk
 stream's time to first byte and chunks/s; a paced stream (50 chunks, 2 ms apart): time to
@@ -18,7 +19,6 @@ import itertools
 import json
 import os
 import re
-import secrets
 import statistics
 import subprocess
 import sys
@@ -31,7 +31,6 @@ from pathlib import Path
 import aiohttp
 
 HERE = Path(__file__).resolve().parent
-KEY = "lmg_bench_" + secrets.token_urlsafe(24)
 CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Hello"}]}
 
 
@@ -66,8 +65,8 @@ async def chat_latency(
             async with session.post(
                 side.url + "/v1/chat/completions", json=CHAT, headers=side.headers
             ) as r:
-                await r.read()
-                assert r.status == 200, r.status
+                body = await r.read()
+                assert r.status == 200, (r.status, body[:300])
             latencies.append(time.perf_counter() - start)
 
     began = time.perf_counter()
@@ -139,20 +138,34 @@ async def run(rounds: int, requests: int) -> dict[str, dict[str, float]]:
         [sys.executable, str(HERE / "fast_upstream.py")], env, r"PORT (\d+)"
     )
     upstream_url = f"http://127.0.0.1:{port}"
-    log = Path(tempfile.mkdtemp(prefix="lmgate-bench-")) / "gateway.log"
+    home = Path(tempfile.mkdtemp(prefix="lmgate-bench-"))
+    log = home / "gateway.log"
     lmgate = str(Path(sys.executable).with_name("lmgate"))
     gateway_env = {
         **env,
-        "LMGATE_SECRET_GATEWAY_API_KEY": KEY,
         "LMGATE_UPSTREAM_URL": upstream_url,
-        "LMGATE_CONFIG": str(log.parent / "none.toml"),
+        "LMGATE_CONFIG": str(home / "none.toml"),
+        "LMGATE_STORAGE_DATA_DIR": str(home / "data"),
+        "LMGATE_SECRETS_STORE": "file",
+        "LMGATE_SECRETS_FILE_DIR": str(home / "secrets"),
         "LMGATE_LOG_LEVEL": "info",
+        # Limits stay on (their code runs for every request) but high enough not to refuse.
+        "LMGATE_LIMITS_REQUESTS_PER_MINUTE": "100000000",
+        "LMGATE_LIMITS_CONCURRENT_REQUESTS": "1000",
     }
+    made = subprocess.run(
+        [lmgate, "key", "create", "bench"],
+        env=gateway_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = made.stdout.strip()
     gateway, gateway_url = start_process(
         [lmgate, "serve", "--port", "0"], gateway_env, r"Listening on (http://\S+)", log
     )
     direct = Side("direct", upstream_url, {})
-    proxied = Side("gateway", gateway_url, {"Authorization": f"Bearer {KEY}"})
+    proxied = Side("gateway", gateway_url, {"Authorization": f"Bearer {key}"})
     try:
         connector = aiohttp.TCPConnector(limit=64)
         async with aiohttp.ClientSession(connector=connector) as session:

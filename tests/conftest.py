@@ -2,17 +2,22 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
 from tests.fake_lmstudio import FakeLMStudio
+from tray_app.assembly import Identity, build_gateway, open_identity
 from tray_app.auth import Authenticator, StaticKeyAuthenticator
+from tray_app.clock import Clock, SystemClock
 from tray_app.config import Config
 from tray_app.gateway import Gateway
 from tray_app.secrets import LMSTUDIO_API_TOKEN, MemorySecretStore
 from tray_app.server import GatewayServer
+from tray_app.signing import load_or_create_signing_key
 
 # Made fresh per run, so a test that finds one of these in a log found a real leak.
 CLIENT_KEY = "lmg_test_" + secrets.token_urlsafe(24)
@@ -73,3 +78,47 @@ async def client(gateway: GatewayServer) -> AsyncIterator[openai.AsyncOpenAI]:
 
 def auth_headers(key: str = CLIENT_KEY) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+@dataclass
+class IdentityRig:
+    """A gateway with the full identity layer, its services, store and clock."""
+
+    server: GatewayServer
+    identity: Identity
+    store: MemorySecretStore
+    clock: Clock
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+IdentityFactory = Callable[..., Awaitable[IdentityRig]]
+
+
+@pytest.fixture
+async def start_identity_gateway(
+    fake_lmstudio: FakeLMStudio, tmp_path: Path
+) -> AsyncIterator[IdentityFactory]:
+    rigs: list[IdentityRig] = []
+
+    async def start(*, clock: Clock | None = None, **settings: Any) -> IdentityRig:
+        settings.setdefault("upstream_url", fake_lmstudio.url)
+        settings.setdefault("heartbeat_interval", 0.0)
+        settings.setdefault("shutdown_grace", 1.0)
+        settings.setdefault("data_dir", str(tmp_path / f"data{len(rigs)}"))
+        config = Config(server_host="127.0.0.1", server_port=0, **settings)
+        clock = clock or SystemClock()
+        store = MemorySecretStore({LMSTUDIO_API_TOKEN: LMSTUDIO_TOKEN})
+        identity = open_identity(config, load_or_create_signing_key(store), clock=clock)
+        server = GatewayServer(build_gateway(config, identity, store, clock=clock))
+        await server.start()
+        rig = IdentityRig(server, identity, store, clock)
+        rigs.append(rig)
+        return rig
+
+    yield start
+    for rig in rigs:
+        await rig.server.stop()
+        rig.identity.close()

@@ -13,9 +13,13 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
   exit 1
 fi
 
-# System tools the tests drive for real.
+# System tools the tests drive for real: curl, and a real Secret Service (gnome-keyring on
+# a private D-Bus session) for the keyring tests.
 missing=()
 command -v curl >/dev/null || missing+=(curl)
+command -v gnome-keyring-daemon >/dev/null || missing+=(gnome-keyring)
+command -v dbus-run-session >/dev/null || missing+=(dbus-x11)
+command -v secret-tool >/dev/null || missing+=(libsecret-tools)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing system packages: ${missing[*]}"
   sudo=""
@@ -52,5 +56,14 @@ step "ruff (lint and format)"
 step "mypy --strict (core)"
 .venv/bin/mypy
 
-step "pytest"
-.venv/bin/python -m pytest "$@"
+step "pytest (inside a private D-Bus session with an unlocked, throwaway keyring)"
+export LMGATE_REQUIRE_SECRET_SERVICE=1
+keyring_home=$(mktemp -d)
+trap 'rm -rf "$keyring_home"' EXIT
+# The keyring daemon gets a throwaway HOME so no real keyring is touched; without --unlock a
+# fresh keyring would wait for a password prompt that never comes.
+dbus-run-session -- bash -c '
+  printf pw | HOME="$1" gnome-keyring-daemon --unlock --components=secrets >/dev/null
+  shift
+  exec .venv/bin/python -m pytest "$@"
+' _ "$keyring_home" "$@"

@@ -356,7 +356,7 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting(
         "limits.requests_per_minute",
         "requests_per_minute",
-        _int_in(1, 100_000),
+        _int_in(1, 100_000_000),
         "requests per minute per principal (token bucket)",
     ),
     _Setting(
@@ -510,5 +510,7 @@ def with_changes(config: Config, **changes: Any) -> Config:
 def format_default(value: object) -> str:
     """A default as a person would write it in TOML or an environment variable."""
     if isinstance(value, tuple):
-        return ", ".join(str(v) for v in value)
+        return ", ".join(str(v) for v in value) or "(none)"
+    if value == "":
+        return "(auto)"
     return str(value)

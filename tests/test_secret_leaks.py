@@ -1,0 +1,110 @@
+"""Every secret created during a run is absent from logs, the database files, the secrets
+directory's other files, and the server process's argv."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LMGATE = str(Path(sys.executable).with_name("lmgate"))
+
+
+def curl(url: str, *args: str) -> tuple[int, str]:
+    result = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    body, _, status = result.stdout.rpartition("\n")
+    return int(status), body
+
+
+def test_no_secret_in_logs_database_or_argv(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMGATE_")}
+    env.update(
+        {
+            "LMGATE_CONFIG": str(tmp_path / "none.toml"),
+            "LMGATE_STORAGE_DATA_DIR": str(tmp_path / "data"),
+            "LMGATE_SECRETS_STORE": "file",
+            "LMGATE_SECRETS_FILE_DIR": str(tmp_path / "secrets"),
+            "LMGATE_UPSTREAM_URL": "http://127.0.0.1:9",
+            "LMGATE_LOG_LEVEL": "debug",
+        }
+    )
+
+    def cli(*args: str, stdin: str | None = None) -> str:
+        result = subprocess.run(
+            [LMGATE, *args], capture_output=True, text=True, env=env, input=stdin, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    lmstudio_token = "sk-lm-" + os.urandom(12).hex()
+    cli("secret", "set", "lmstudio-api-token", stdin=lmstudio_token + "\n")
+    api_key = cli("key", "create", "script").strip()
+    token = cli("token", "create", "laptop").strip()
+    proc = subprocess.Popen(
+        [LMGATE, "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    url = ""
+    while not url:
+        match = re.search(r"Listening on (http://\S+)", proc.stdout.readline())
+        url = match.group(1) if match else ""
+    code = re.search(r"#([A-Z2-7]{24})", cli("pair", "--url", url)).group(1)  # type: ignore[union-attr]
+    status, body = curl(
+        url + "/pair",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        json.dumps({"code": code, "device_name": "phone"}),
+    )
+    assert status == 200
+    device_token = json.loads(body)["token"]
+    for credential in (api_key, token, device_token, "lmg_wrong_" + "w" * 33):
+        curl(url + "/v1/models", "-H", f"Authorization: Bearer {credential}")
+        curl(url + f"/v1/models?key={credential}")
+        curl(
+            url + "/v1/chat/completions",
+            "-H",
+            f"X-API-Key: {credential}",
+            "-d",
+            json.dumps({"model": "m", "messages": [{"role": "user", "content": credential}]}),
+        )
+    argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
+    environ_listing = Path(f"/proc/{proc.pid}/environ").read_bytes()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    time.sleep(0.1)
+
+    signing_key = (tmp_path / "secrets" / "jwt-signing-key").read_text()
+    secrets = {
+        "api key": api_key,
+        "token": token,
+        "device token": device_token,
+        "pairing code": code,
+        "signing key": signing_key,
+        "LM Studio token": lmstudio_token,
+    }
+    places = {"server stdout": out, "server stderr (JSON log)": err, "server argv": argv}
+    data_dir = tmp_path / "data"
+    for path in data_dir.iterdir():  # lmgate.db, its -wal and -shm
+        places[str(path.name)] = path.read_bytes().decode("latin-1")
+    for name, secret in secrets.items():
+        for place, text in places.items():
+            assert secret not in text, f"the {name} leaked into {place}"
+    # The LM Studio token lives only in its own 0600 file; the environment has none of them.
+    for secret in secrets.values():
+        assert secret.encode() not in environ_listing
+    assert len(err.splitlines()) >= 12
