@@ -355,3 +355,12 @@ async def test_all_scopes_token_can_do_everything(rig: IdentityRig) -> None:
     assert (
         await call(rig, "/v1/embeddings", token=token, json_body={"model": MODELS[2], "input": "x"})
     )[0] == 200
+
+
+async def test_unknown_but_well_formed_pairing_code_is_refused(rig: IdentityRig) -> None:
+    status, body, _ = await call(rig, "/pair", json_body={"code": "A" * 24})
+    assert (status, body["error"]["code"]) == (401, "pairing_code_invalid")
+    code, _ = rig.identity.pairing.create_code()
+    spaced = "-".join(code[i : i + 4] for i in range(0, 24, 4)).lower()  # typed by hand
+    status, body, _ = await call(rig, "/pair", json_body={"code": spaced})
+    assert status == 200, body

@@ -406,3 +406,11 @@ async def test_metrics_need_the_metrics_scope(
     assert 'lmgate_auth_failures_total{reason="invalid_api_key"}' in exposition
     assert 'lmgate_upstream_errors_total{kind="upstream_unreachable"} 1.0' in exposition
     assert fake_lmstudio.received[0].path == "/v1/chat/completions"
+
+
+def test_no_public_exposure_while_dev_mode_is_on() -> None:
+    from tray_app.config import ensure_public_exposure_allowed
+
+    with pytest.raises(ConfigError, match="refuses to open a tunnel"):
+        ensure_public_exposure_allowed(Config(dev_mode=True))
+    ensure_public_exposure_allowed(Config())

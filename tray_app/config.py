@@ -514,3 +514,14 @@ def format_default(value: object) -> str:
     if value == "":
         return "(auto)"
     return str(value)
+
+
+def ensure_public_exposure_allowed(config: Config) -> None:
+    """Called before any tunnel or LAN bind opens: dev mode trusts a header, so it must never
+    face the network."""
+    if config.dev_mode:
+        raise ConfigError(
+            "auth.dev_mode",
+            "is on, so LM Gate refuses to open a tunnel or listen "
+            "on the network; turn dev mode off to go public",
+        )
