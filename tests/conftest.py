@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from tests.fake_lmstudio import FakeLMStudio
+from tests.helpers import Env, cli_env
 from tray_app.assembly import Identity, build_gateway, open_identity
 from tray_app.auth import Authenticator, StaticKeyAuthenticator
 from tray_app.clock import Clock, SystemClock
@@ -122,3 +123,8 @@ async def start_identity_gateway(
     for rig in rigs:
         await rig.server.stop()
         rig.identity.close()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return cli_env(tmp_path)

@@ -7,9 +7,13 @@ import asyncio
 import io
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tray_app.access_log import JsonFormatter
@@ -136,3 +140,50 @@ class FixedPrincipalAuthenticator:
 def sse_events(body: bytes) -> list[str]:
     """The data lines of an SSE body, in order (comments excluded)."""
     return [line[5:].strip() for line in body.decode().splitlines() if line.startswith("data:")]
+
+
+LMGATE = str(Path(sys.executable).with_name("lmgate"))
+
+
+@dataclass
+class Env:
+    vars: dict[str, str]
+    data: Path
+
+    def run(
+        self, *args: str, stdin: str | None = None, extra: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [LMGATE, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**self.vars, **(extra or {})},
+            input=stdin,
+        )
+
+
+def cli_env(tmp_path: Path) -> Env:
+    """A private LM Gate home: its own config path, data dir and file secret store."""
+    variables = {k: v for k, v in os.environ.items() if not k.startswith("LMGATE_")}
+    variables.update(
+        {
+            "LMGATE_CONFIG": str(tmp_path / "none.toml"),
+            "LMGATE_STORAGE_DATA_DIR": str(tmp_path / "data"),
+            "LMGATE_SECRETS_STORE": "file",
+            "LMGATE_SECRETS_FILE_DIR": str(tmp_path / "secrets"),
+            "LMGATE_UPSTREAM_URL": "http://127.0.0.1:9",
+        }
+    )
+    return Env(variables, tmp_path / "data")
+
+
+def curl(url: str, *args: str) -> tuple[int, str]:
+    result = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    body, _, status = result.stdout.rpartition("\n")
+    return int(status), body

@@ -4,66 +4,17 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import LMGATE, Env, curl
 from tray_app import __version__
-
-LMGATE = str(Path(sys.executable).with_name("lmgate"))
-
-
-@dataclass
-class Env:
-    vars: dict[str, str]
-    data: Path
-
-    def run(
-        self, *args: str, stdin: str | None = None, extra: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [LMGATE, *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**self.vars, **(extra or {})},
-            input=stdin,
-        )
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Env:
-    """A private LM Gate home: its own config path, data dir and file secret store."""
-    variables = {k: v for k, v in os.environ.items() if not k.startswith("LMGATE_")}
-    variables.update(
-        {
-            "LMGATE_CONFIG": str(tmp_path / "none.toml"),
-            "LMGATE_STORAGE_DATA_DIR": str(tmp_path / "data"),
-            "LMGATE_SECRETS_STORE": "file",
-            "LMGATE_SECRETS_FILE_DIR": str(tmp_path / "secrets"),
-            "LMGATE_UPSTREAM_URL": "http://127.0.0.1:9",
-        }
-    )
-    return Env(variables, tmp_path / "data")
-
-
-def curl(url: str, *args: str) -> tuple[int, str]:
-    result = subprocess.run(
-        ["curl", "-sS", "-w", "\n%{http_code}", url, *args],
-        capture_output=True,
-        text=True,
-        timeout=15,
-    )
-    body, _, status = result.stdout.rpartition("\n")
-    return int(status), body
 
 
 def bearer(token: str) -> list[str]:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -18,6 +20,7 @@ import aiohttp
 from tray_app import __version__
 from tray_app.access_log import configure_logging
 from tray_app.assembly import (
+    Identity,
     build_gateway,
     data_dir,
     open_identity,
@@ -25,7 +28,12 @@ from tray_app.assembly import (
     signing_key_or_ephemeral,
 )
 from tray_app.auth import ALL_SCOPES
-from tray_app.cli_identity import IDENTITY_COMMANDS, add_identity_commands, run_identity_command
+from tray_app.cli_identity import (
+    IDENTITY_COMMANDS,
+    add_identity_commands,
+    run_identity_command,
+    terminal_qr,
+)
 from tray_app.config import (
     SETTINGS_BY_KEY,
     Config,
@@ -36,8 +44,11 @@ from tray_app.config import (
 )
 from tray_app.errors import ConfigError, LMGateError, SecretStoreError
 from tray_app.gateway import Gateway
+from tray_app.going_public import go_public
+from tray_app.ngrok_provider import NGROK_AUTHTOKEN, check_token_shape
 from tray_app.secrets import EnvSecretStore, SecretStore
 from tray_app.server import GatewayServer
+from tray_app.tunnels import TunnelManager, TunnelState, TunnelStatus
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -54,6 +65,7 @@ _FLAGS: Mapping[str, str] = {
     "log_level": "log.level",
     "secret_store": "secrets.store",
     "data_dir": "storage.data_dir",
+    "tunnel": "tunnel.provider",
 }
 
 
@@ -126,6 +138,21 @@ def _parser() -> argparse.ArgumentParser:
         help="also forward POST /v1/messages (MCP tools removed)",
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--tunnel",
+        choices=["none", "ngrok", "lan"],
+        help="go public: ngrok (needs `lmgate tunnel set-token`), lan (this "
+        "network, unencrypted) or none (default: this machine only)",
+    )
+
+    tunnel = commands.add_parser("tunnel", help="the ngrok authtoken")
+    tunnel_actions = tunnel.add_subparsers(dest="action", metavar="ACTION", required=True)
+    tunnel_actions.add_parser(
+        "set-token",
+        parents=[common],
+        help="store your ngrok authtoken (read from the terminal or stdin)",
+    )
+    tunnel_actions.add_parser("delete-token", parents=[common], help="forget the ngrok authtoken")
 
     config = commands.add_parser("config", help="show the effective configuration")
     config.add_argument(
@@ -173,6 +200,7 @@ async def _serve(config: Config, out: IO[str]) -> int:
     except BaseException:
         identity.close()
         raise
+    manager: TunnelManager | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -208,16 +236,74 @@ async def _serve(config: Config, out: IO[str]) -> int:
             f'Try:         curl {server.url}/v1/models -H "Authorization: Bearer {shown_key}"',
             file=out,
         )
+        if config.tunnel_provider != "none":
+            print(f"Going public with {config.tunnel_provider}...", file=out, flush=True)
+            manager = await go_public(
+                config, server, gateway_secrets, data_dir(config), on_change=_status_printer(out)
+            )
+            _print_public(manager, identity, out)
         print("Press Ctrl-C to stop.", file=out, flush=True)
         await stop.wait()
         print("Stopping: letting running requests finish...", file=out, flush=True)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if manager is not None:
+            await manager.stop()  # the tunnel (and its agent) goes before the gateway does
         await server.stop()
         identity.close()
     print("Stopped.", file=out, flush=True)
     return EXIT_OK
+
+
+def _tunnel_command(args: argparse.Namespace, config: Config, out: IO[str]) -> int:
+    store = secret_store_for(config)
+    if args.action == "delete-token":
+        store.delete(NGROK_AUTHTOKEN)
+        print("The ngrok authtoken was removed.", file=out)
+        return EXIT_OK
+    raw = getpass.getpass("ngrok authtoken: ") if sys.stdin.isatty() else sys.stdin.readline()
+    store.set(NGROK_AUTHTOKEN, check_token_shape(raw))
+    print(
+        f"The ngrok authtoken is stored ({config.secret_store}). Go public with "
+        "`lmgate serve --tunnel ngrok`.",
+        file=out,
+    )
+    return EXIT_OK
+
+
+def _print_public(manager: TunnelManager, identity: Identity, out: IO[str]) -> None:
+    status = manager.status
+    url = status.public_url or ""
+    print(f"Public URL:  {url}  (OpenAI base URL: {url}/v1)", file=out)
+    if status.warning:
+        print(f"Warning:     {status.warning}", file=out)
+    code, expires = identity.pairing.create_code()
+    pairing_url = f"{url}/#{code}"
+    print(
+        "Pair a phone: scan this QR code (one device, valid "
+        f"{round((expires - time.time()) / 60)} minutes; `lmgate pair --url {url}` makes "
+        "another):",
+        file=out,
+    )
+    print(terminal_qr(pairing_url), file=out)
+    print(f"Pairing URL: {pairing_url}", file=out)
+
+
+def _status_printer(out: IO[str]) -> Callable[[TunnelStatus], None]:
+    def show(status: TunnelStatus) -> None:
+        if status.state is TunnelState.RECONNECTING:
+            print(
+                f"Tunnel:      reconnecting (attempt {status.attempt}): {status.message}",
+                file=out,
+                flush=True,
+            )
+        elif status.state is TunnelState.PUBLIC:
+            print(f"Tunnel:      public at {status.public_url}", file=out, flush=True)
+        elif status.state is TunnelState.FAILED:
+            print(f"Tunnel:      failed: {status.message}", file=out, flush=True)
+
+    return show
 
 
 def _config_command(args: argparse.Namespace, out: IO[str]) -> int:
@@ -247,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_serve(config, out))
         if args.command == "config":
             return _config_command(args, out)
+        if args.command == "tunnel":
+            config = load_config(path=args.config, overrides=_overrides(args))
+            return _tunnel_command(args, config, out)
         if args.command in IDENTITY_COMMANDS:
             config = load_config(path=args.config, overrides=_overrides(args))
             return run_identity_command(args, config, out)

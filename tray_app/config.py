@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -68,6 +69,14 @@ class Config:
     data_dir: str = ""  # "" = the platform's user data directory
     secret_store: str = "keyring"  # noqa: S105 - a backend name, not a secret
     secret_file_dir: str = ""  # "" = <data_dir>/secrets (only with secret_store = "file")
+    # Going public
+    tunnel_provider: str = "none"
+    ngrok_path: str = ""  # "" = `ngrok` on PATH, or pyngrok's usual install location
+    ngrok_domain: str = ""  # a reserved/dev domain keeps the URL (and QR code) across restarts
+    ngrok_region: str = ""
+    lan_address: str = ""  # "" = detect
+    lan_port: int = 0  # 0 = the gateway's own port
+    tunnel_health_interval: float = 30.0
 
 
 def default_config_path() -> Path:
@@ -259,6 +268,37 @@ def _choice(*choices: str) -> Callable[[object], str]:
     return parse
 
 
+def _domain(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise ValueError(f"must be a domain like my-name.ngrok-free.app, got {raw!r}")
+    text = raw.strip()
+    if not text:
+        return ""
+    parts = urlsplit(text if "://" in text else f"https://{text}")
+    if parts.scheme not in {"http", "https"} or not parts.hostname or parts.path not in {"", "/"}:
+        raise ValueError(f"must be a domain like my-name.ngrok-free.app, got {raw!r}")
+    return text.rstrip("/")
+
+
+def _optional_ip(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise ValueError(f"must be an IP address, got {raw!r}")
+    if not raw.strip():
+        return ""
+    try:
+        return str(ipaddress.ip_address(raw.strip()))
+    except ValueError:
+        raise ValueError(f"must be an IP address such as 192.168.1.20, got {raw!r}") from None
+
+
+def _region(raw: object) -> str:
+    if isinstance(raw, str) and re.fullmatch(r"[a-z]{0,4}", raw.strip().lower()):
+        return raw.strip().lower()
+    raise ValueError(
+        f"must be an ngrok region code such as eu, us, ap, au, sa, jp, in; got {raw!r}"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Setting:
     key: str  # dotted TOML key, e.g. "server.port"
@@ -406,6 +446,43 @@ _SETTINGS: tuple[_Setting, ...] = (
         "secret_file_dir",
         _path_or_default,
         "directory for secrets when secrets.store = file (empty = <data dir>/secrets)",
+    ),
+    _Setting(
+        "tunnel.provider",
+        "tunnel_provider",
+        _choice("none", "ngrok", "lan"),
+        "how `serve` goes public: none (this machine only), ngrok, or lan",
+    ),
+    _Setting(
+        "tunnel.ngrok_path",
+        "ngrok_path",
+        _path_or_default,
+        "the ngrok agent binary (empty = ngrok on PATH)",
+    ),
+    _Setting(
+        "tunnel.ngrok_domain",
+        "ngrok_domain",
+        _domain,
+        "your reserved ngrok domain: the public URL and QR code stay the same",
+    ),
+    _Setting("tunnel.ngrok_region", "ngrok_region", _region, "ngrok region code (empty = nearest)"),
+    _Setting(
+        "tunnel.lan_address",
+        "lan_address",
+        _optional_ip,
+        "the LAN address to listen on in LAN mode (empty = detect)",
+    ),
+    _Setting(
+        "tunnel.lan_port",
+        "lan_port",
+        _int_in(0, 65535),
+        "port for LAN mode (0 = the gateway's own port)",
+    ),
+    _Setting(
+        "tunnel.health_interval",
+        "tunnel_health_interval",
+        _seconds(1, 3600),
+        "seconds between checks that the public URL still works",
     ),
 )
 

@@ -23,6 +23,7 @@ class GatewayServer:
         self.host = host if host is not None else gateway.config.server_host
         self._requested_port = port if port is not None else gateway.config.server_port
         self._runner: web.AppRunner | None = None
+        self._extra_sites: dict[str, web.TCPSite] = {}
         self.port: int | None = None
 
     @property
@@ -69,8 +70,34 @@ class GatewayServer:
                 self.port = int(address[1])
                 break
 
+    async def add_listener(self, host: str, port: int) -> int:
+        """Also listen on ``host`` (e.g. the LAN address); returns the bound port."""
+        if self._runner is None:
+            raise RuntimeError("the server is not running")
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(
+                "tunnel.lan_address", f"cannot listen on {host}:{port}: {exc.strerror}"
+            ) from None
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        bound = int(sockets[0].getsockname()[1]) if sockets else port
+        self._extra_sites[host] = site
+        return bound
+
+    async def remove_listener(self, host: str) -> None:
+        site = self._extra_sites.pop(host, None)
+        if site is not None:
+            await site.stop()
+
+    def has_listener(self, host: str) -> bool:
+        return host in self._extra_sites
+
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
+        self._extra_sites.clear()
         if runner is not None:
             await runner.cleanup()
         self.port = None
