@@ -100,3 +100,44 @@ def test_refuses_to_start_without_an_authtoken(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 1
     assert "lvl=eror" in out and "ERR_NGROK_4018" in out
+
+
+def test_a_dropped_session_stops_accepting(tmp_path: Path) -> None:
+    import os
+    import time
+
+    web = free_port()
+    env = {**os.environ, "FAKE_NGROK_DROP_AFTER": "0.5"}
+    path = tmp_path / "ngrok.yml"
+    path.write_text(
+        json.dumps(
+            {"version": "3", "agent": {"authtoken": "x" * 30, "web_addr": f"127.0.0.1:{web}"}}
+        )
+    )
+    proc = subprocess.Popen(
+        [str(AGENT), "start", "--none", "--log", "stdout", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        read_until(proc, "tunnel session started")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{web}/api/endpoints",
+            method="POST",
+            data=json.dumps({"name": "t", "upstream": {"url": "http://127.0.0.1:9"}}).encode(),
+        )
+        with urllib.request.urlopen(request, timeout=5) as r:
+            public = json.loads(r.read())["public_url"]
+        port = int(public.rsplit(":", 1)[1])
+        lines = read_until(proc, "session closed")
+        assert "lvl=eror" in lines[-1]
+        time.sleep(0.1)
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, "the endpoint must be gone"
+        assert proc.poll() is None, "the agent itself lives on"
+    finally:
+        proc.terminate()
+        proc.wait(5)
+        assert proc.stdout is not None
+        proc.stdout.close()

@@ -512,3 +512,57 @@ async def test_lan_rig_is_reachable_through_the_openai_client(
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0) as c:
         assert [m.id for m in (await c.models.list()).data] == list(MODELS)
     await manager.stop()
+
+
+async def test_a_session_lost_per_the_agent_log_is_reconnected(
+    start_identity_gateway: IdentityFactory,
+    tmp_path: Path,
+    record: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FAKE_NGROK_DROP_AFTER", "1.0")
+    rig = await start_identity_gateway()
+    provider = NgrokProvider(
+        MemorySecretStore({NGROK_AUTHTOKEN: TOKEN}), tmp_path / "ngrok", ngrok_path=AGENT
+    )
+    recorder = Recorder()
+    # A long periodic interval: only the agent's own log line can trigger this reconnect.
+    manager = TunnelManager(
+        provider, rig.server.port or 0, on_change=recorder, health_interval=600, backoff_start=0.2
+    )
+    try:
+        await manager.start()
+        monkeypatch.setenv("FAKE_NGROK_DROP_AFTER", "0")  # the new agent keeps its session
+        reconnecting = await wait_for_state(recorder, TunnelState.RECONNECTING)
+        assert "session closed" in reconnecting.message
+        back = await wait_for_state(recorder, TunnelState.PUBLIC, count=2)
+        async with aiohttp.ClientSession() as s, s.get((back.public_url or "") + "/healthz") as r:
+            assert r.status == 200
+    finally:
+        await manager.stop()
+
+
+async def test_the_url_check_skips_ngroks_browser_warning() -> None:
+    from aiohttp import web
+
+    from tray_app.tunnels import url_works
+
+    seen: list[str | None] = []
+
+    async def healthz(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("ngrok-skip-browser-warning"))
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        assert await url_works(f"http://127.0.0.1:{port}")
+        assert not await url_works(f"http://127.0.0.1:{port}/nothing-here")
+    finally:
+        await runner.cleanup()
+    assert seen == ["1"]
