@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import os
+
+# Qt tests run without a screen; must be set before any QApplication exists.
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass

@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
@@ -97,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
         "default-deny gateway in front of its OpenAI-compatible server.",
     )
     parser.add_argument("--version", action="version", version=f"lmgate {__version__}")
+    parser.add_argument("--go-public", action="store_true", help="(tray app) go public at once")
+    parser.add_argument(
+        "--show-qr",
+        action="store_true",
+        help="(tray app) go public and show the QR code for a phone",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = _common_options()
 
@@ -323,6 +331,39 @@ def _config_command(args: argparse.Namespace, out: IO[str]) -> int:
     return EXIT_OK
 
 
+def _no_display() -> bool:
+    if sys.platform != "linux" or os.environ.get("QT_QPA_PLATFORM"):
+        return False
+    return not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _tray_or_headless(args: argparse.Namespace, out: IO[str]) -> int:
+    wishes = [w for w, on in (("go-public", args.go_public), ("show-qr", args.show_qr)) if on]
+    if _no_display():
+        print(
+            "No desktop display here: running headless (`lmgate serve`). "
+            "`lmgate --help` lists every command.",
+            file=out,
+            flush=True,
+        )
+        overrides: dict[str, object] = {}
+        config = load_config(overrides=overrides)
+        if not wishes:
+            config = replace(config, tunnel_provider="none")
+        configure_logging(config.log_level)
+        return asyncio.run(_serve(config, out))
+    try:
+        from tray_app.ui.app import run
+    except ImportError as exc:
+        print(
+            f"lmgate: the tray app needs PySide6 ({exc.name} is missing): "
+            "pip install 'lmgate[ui]', or run `lmgate serve` without a desktop.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return run(wishes)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = sys.stdout
@@ -339,8 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in IDENTITY_COMMANDS:
             config = load_config(path=args.config, overrides=_overrides(args))
             return run_identity_command(args, config, out)
-        _parser().print_help(out)
-        return EXIT_OK
+        return _tray_or_headless(args, out)
     except ConfigError as exc:
         print(f"lmgate: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -349,6 +389,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into something that stopped reading (`| head`): not an error to report.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

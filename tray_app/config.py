@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import math
 import os
 import re
@@ -77,6 +78,9 @@ class Config:
     lan_address: str = ""  # "" = detect
     lan_port: int = 0  # 0 = the gateway's own port
     tunnel_health_interval: float = 30.0
+    go_public_at_start: bool = False
+    # Models the tray's pairing codes, snippets and app keys may use (empty = all).
+    allowed_models: tuple[str, ...] = ()
 
 
 def default_config_path() -> Path:
@@ -484,6 +488,18 @@ _SETTINGS: tuple[_Setting, ...] = (
         _seconds(1, 3600),
         "seconds between checks that the public URL still works",
     ),
+    _Setting(
+        "tunnel.go_public_at_start",
+        "go_public_at_start",
+        _parse_bool,
+        "the tray app goes public as soon as it starts",
+    ),
+    _Setting(
+        "auth.allowed_models",
+        "allowed_models",
+        _string_list,
+        "models that paired devices and copied keys may use (empty = all)",
+    ),
 )
 
 SETTINGS_BY_KEY: Mapping[str, _Setting] = {s.key: s for s in _SETTINGS}
@@ -602,3 +618,33 @@ def ensure_public_exposure_allowed(config: Config) -> None:
             "is on, so LM Gate refuses to open a tunnel or listen "
             "on the network; turn dev mode off to go public",
         )
+
+
+def dump_settings(values: Mapping[str, object]) -> str:
+    """TOML text for dotted keys (as the settings window saves them); values are validated."""
+    sections: dict[str, list[str]] = {}
+    for key, value in sorted(values.items()):
+        setting = SETTINGS_BY_KEY.get(key)
+        if setting is None:
+            raise ConfigError(key, "unknown setting")
+        try:
+            setting.parse(value)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+        section, _, name = key.partition(".")
+        sections.setdefault(section, []).append(f"{name} = {_toml_value(value)}")
+    return "\n".join(
+        f"[{section}]\n" + "\n".join(lines) + "\n" for section, lines in sections.items()
+    )
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ValueError(f"cannot write {value!r} to TOML")

@@ -72,12 +72,14 @@ class PairingService:
         *,
         code_ttl: float = 600.0,
         device_token_ttl: float = 30 * 86400.0,
+        models: frozenset[str] | None = None,
     ) -> None:
         self._db = db
         self._tokens = tokens
         self._clock = clock
         self.code_ttl = code_ttl
         self.device_token_ttl = device_token_ttl
+        self.models = models  # the models a paired device may use; None = all
 
     def create_code(
         self, *, ttl: float | None = None, device_name: str | None = None
@@ -145,6 +147,7 @@ class PairingService:
             ttl=self.device_token_ttl,
             kind="device",
             device_id=device_id,
+            models=self.models,
         )
 
     def devices(self) -> list[Device]:

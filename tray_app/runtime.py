@@ -37,7 +37,10 @@ class LoopThread:
         self._ready.wait()
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        if self._loop is None:
+            coro.close()  # never started: say so instead of leaking an un-awaited coroutine
+            raise RuntimeError("the loop thread is not running")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the loop after cancelling its tasks; waits up to ``timeout`` for the thread."""

@@ -1,0 +1,164 @@
+"""What the user can do, in one place: the tray menu and the fallback window both call these."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import platformdirs
+from PySide6.QtCore import QObject, QUrl, Signal
+from PySide6.QtGui import QDesktopServices, QGuiApplication
+from PySide6.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
+
+from tray_app.config import APP_NAME
+from tray_app.controller import AppState, Phase
+from tray_app.ui.bridge import UiBridge, ignore
+from tray_app.ui.devices_window import DevicesWindow
+from tray_app.ui.port import ControllerPort
+from tray_app.ui.qr_window import QrWindow
+from tray_app.ui.settings_dialog import SettingsDialog
+
+
+def log_dir() -> Path:
+    return Path(platformdirs.user_log_dir(APP_NAME, appauthor=False))
+
+
+class GuideWindow(QWidget):
+    """First run: what to do, instead of an error."""
+
+    def __init__(self, actions: AppActions) -> None:
+        super().__init__()
+        self.setWindowTitle("LM Gate — getting started")
+        self.text = QLabel("")
+        self.text.setWordWrap(True)
+        self.text.setMinimumWidth(420)
+        settings = QPushButton("Open Settings")
+        settings.clicked.connect(actions.show_settings)
+        retry = QPushButton("I did it — try again")
+        retry.clicked.connect(actions.go_public)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.text)
+        layout.addWidget(settings)
+        layout.addWidget(retry)
+
+    def explain(self, state: AppState) -> None:
+        steps = []
+        if state.needs_lmstudio:
+            steps.append(
+                "<b>Start LM Studio's server.</b> In LM Studio open the Developer tab "
+                "and press <i>Start Server</i> (or run <code>lms server start</code>). "
+                "LM Gate expects it at the LM Studio URL in Settings."
+            )
+        if state.needs_tunnel:
+            steps.append(
+                "<b>Choose how to go public.</b> Paste your ngrok authtoken in Settings "
+                "(free account at ngrok.com: encrypted, works from anywhere), or pick "
+                "LAN mode there for devices on this network (not encrypted)."
+            )
+        self.text.setText("<br><br>".join(steps) or "All set: choose Go public.")
+
+
+class AppActions(QObject):
+    notify = Signal(str, str)  # title, message: shown by the tray where it can
+
+    def __init__(
+        self, controller: ControllerPort, bridge: UiBridge, quit_app: Callable[[], None]
+    ) -> None:
+        super().__init__()
+        self.controller = controller
+        self.bridge = bridge
+        self._quit_app = quit_app
+        self.state = controller.state
+        self.qr_window: QrWindow | None = None
+        self.settings_window: SettingsDialog | None = None
+        self.devices_window: DevicesWindow | None = None
+        self.guide = GuideWindow(self)
+        self.last_error = ""
+        self._guide_shown = False
+        bridge.state_changed.connect(self._on_state)
+
+    def _on_state(self, state: AppState) -> None:
+        previous, self.state = self.state, state
+        if state.phase != previous.phase:
+            if state.phase == Phase.PUBLIC:
+                self.notify.emit("LM Gate is public", state.public_url or "")
+            elif state.phase == Phase.RECONNECTING:
+                self.notify.emit("LM Gate is reconnecting", state.message)
+            elif state.phase == Phase.ERROR:
+                self.notify.emit("LM Gate could not go public", state.message)
+        if (
+            (state.needs_lmstudio or state.needs_tunnel)
+            and state.phase == Phase.PRIVATE
+            and not self._guide_shown
+        ):
+            self._guide_shown = True
+            self.show_guide()
+
+    def _error(self, error: BaseException) -> None:
+        self.last_error = str(error)
+        self.notify.emit("LM Gate", self.last_error)
+        if self.state.needs_tunnel or self.state.needs_lmstudio:
+            self.show_guide()
+
+    # ---- the actions ---------------------------------------------------------------------
+
+    def go_public(self) -> None:
+        if self.state.needs_tunnel:
+            self.show_guide()
+            return
+        self.bridge.when_done(self.controller.go_public(), ignore, self._error)
+
+    def go_private(self, revoke_devices: bool = False) -> None:
+        self.bridge.when_done(self.controller.go_private(revoke_devices), ignore, self._error)
+
+    def show_qr(self) -> None:
+        if self.qr_window is None:
+            self.qr_window = QrWindow(self.controller, self.bridge)
+        self.qr_window.show()
+        self.qr_window.raise_()
+        self.qr_window.activateWindow()
+
+    def copy_public_url(self) -> None:
+        url = self.state.public_url or self.state.gateway_url or ""
+        QGuiApplication.clipboard().setText(url)
+
+    def copy_curl(self) -> None:
+        self.bridge.when_done(
+            self.controller.curl_snippet(), QGuiApplication.clipboard().setText, self._error
+        )
+
+    def copy_openai_settings(self) -> None:
+        def put(settings: tuple[str, str]) -> None:
+            base_url, key = settings
+            QGuiApplication.clipboard().setText(
+                f"OPENAI_BASE_URL={base_url}\nOPENAI_API_KEY={key}\n"
+            )
+
+        self.bridge.when_done(self.controller.openai_settings(), put, self._error)
+
+    def show_devices(self) -> None:
+        if self.devices_window is None:
+            self.devices_window = DevicesWindow(self.controller, self.bridge)
+        else:
+            self.devices_window.refresh()
+        self.devices_window.show()
+        self.devices_window.raise_()
+
+    def show_settings(self) -> None:
+        if self.settings_window is None:
+            self.settings_window = SettingsDialog(self.controller, self.bridge)
+        self.settings_window.show()  # non-modal: never exec()
+        self.settings_window.raise_()
+
+    def show_guide(self) -> None:
+        self.guide.explain(self.state)
+        self.guide.show()
+        self.guide.raise_()
+
+    def open_logs(self) -> bool:
+        directory = log_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        return QDesktopServices.openUrl(QUrl.fromLocalFile(str(directory)))
+
+    def quit(self) -> None:
+        self._quit_app()

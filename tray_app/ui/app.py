@@ -1,0 +1,163 @@
+"""``lmgate`` with no arguments: the tray app.
+
+One instance per user: a second launch hands its wish (show, go public, show the QR code) to
+the first over a local socket and exits. The icon appears at once; the core starts behind it on
+its own loop thread.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import logging.handlers
+import sys
+from collections.abc import Sequence
+
+from PySide6.QtCore import QTimer
+from PySide6.QtNetwork import QLocalServer, QLocalSocket
+from PySide6.QtWidgets import QApplication, QSystemTrayIcon
+
+from tray_app.access_log import JsonFormatter
+from tray_app.controller import AppState, Phase
+from tray_app.ui.actions import AppActions, log_dir
+from tray_app.ui.bridge import UiBridge
+from tray_app.ui.port import ControllerPort
+from tray_app.ui.tray import MainWindow, Tray
+
+log = logging.getLogger("lmgate.ui")
+
+
+def instance_name() -> str:
+    return f"lmgate-{getpass.getuser()}"
+
+
+def send_to_running(messages: Sequence[str], name: str | None = None) -> bool:
+    """Hand ``messages`` to a running instance; False if there is none."""
+    socket = QLocalSocket()
+    socket.connectToServer(name or instance_name())
+    if not socket.waitForConnected(500):
+        return False
+    socket.write(("\n".join(messages) + "\n").encode())
+    socket.flush()
+    socket.waitForBytesWritten(1000)
+    socket.disconnectFromServer()
+    return True
+
+
+class TrayApp:
+    def __init__(
+        self, controller: ControllerPort, *, quit_app: object = None, instance: str | None = None
+    ) -> None:
+        self.controller = controller
+        self.bridge = UiBridge()
+        controller.add_listener(self.bridge.publish_state)
+        self.actions = AppActions(controller, self.bridge, self.quit)
+        self.window = MainWindow(self.actions)
+        self.tray: Tray | None = None
+        if QSystemTrayIcon.isSystemTrayAvailable():
+            self.tray = Tray(self.actions)
+        else:
+            self.window.show()  # no tray here: the window is the app
+        self._show_qr_when_public = False
+        self.bridge.state_changed.connect(self._maybe_show_qr)
+        self.server = QLocalServer()
+        name = instance or instance_name()
+        QLocalServer.removeServer(name)  # a socket left by a crash
+        self.server.listen(name)
+        self.server.newConnection.connect(self._incoming)
+        self._stopped = False
+
+    def start(self, wishes: Sequence[str] = ()) -> None:
+        self.bridge.when_done(
+            self.controller.start(), lambda _: self.handle(wishes), self.actions._error
+        )
+
+    def handle(self, wishes: Sequence[str]) -> None:
+        for wish in wishes:
+            if wish == "show":
+                self.window.show()
+                self.window.raise_()
+                self.window.activateWindow()
+            elif wish == "go-public":
+                self.actions.go_public()
+            elif wish == "show-qr":
+                if self.actions.state.phase == Phase.PUBLIC:
+                    self.actions.show_qr()
+                else:
+                    self._show_qr_when_public = True
+                    self.actions.go_public()
+
+    def _maybe_show_qr(self, state: AppState) -> None:
+        if self._show_qr_when_public and state.phase == Phase.PUBLIC:
+            self._show_qr_when_public = False
+            self.actions.show_qr()
+
+    def _incoming(self) -> None:
+        while self.server.hasPendingConnections():
+            connection = self.server.nextPendingConnection()
+
+            def read(connection: QLocalSocket = connection) -> None:
+                data = bytes(connection.readAll().data()).decode(errors="replace")
+                self.handle([line for line in data.split() if line] or ["show"])
+
+            connection.readyRead.connect(read)
+            connection.disconnected.connect(connection.deleteLater)
+
+    def quit(self) -> None:
+        """Close windows, close the tunnel, let streams finish, stop the loop thread, exit."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.tray is not None:
+            self.tray.icon.hide()
+        for window in (
+            self.window,
+            self.actions.qr_window,
+            self.actions.settings_window,
+            self.actions.devices_window,
+            self.actions.guide,
+        ):
+            if window is not None:
+                window.close()
+        self.server.close()
+        self.controller.shutdown()
+        app = QApplication.instance()
+        if app is not None:
+            app.quit()
+
+
+def configure_file_logging() -> None:
+    directory = log_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        directory / "lmgate.log", maxBytes=5_000_000, backupCount=3
+    )
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("lmgate")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+def run(wishes: Sequence[str] = (), controller: ControllerPort | None = None) -> int:
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    assert isinstance(app, QApplication)
+    if send_to_running(list(wishes) or ["show"]):
+        return 0
+    app.setQuitOnLastWindowClosed(False)
+    app.setApplicationName("LM Gate")
+    configure_file_logging()
+    if controller is None:
+        from tray_app.autostart import Autostart, default_command
+        from tray_app.config import load_config
+        from tray_app.controller import Controller, ThreadedController
+        from tray_app.ngrok_provider import silence_pyngrok_logs
+
+        silence_pyngrok_logs()
+        controller = ThreadedController(
+            Controller(load_config(), autostart=Autostart(default_command()))
+        )
+    tray_app = TrayApp(controller)
+    QTimer.singleShot(0, lambda: tray_app.start(wishes))
+    app.aboutToQuit.connect(tray_app.quit)
+    return int(app.exec())

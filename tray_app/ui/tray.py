@@ -1,0 +1,141 @@
+"""The tray icon, its menu (rebuilt from the current state every time it opens), and the small
+window that stands in where no system tray exists (GNOME without AppIndicator)."""
+
+from __future__ import annotations
+
+from PySide6.QtGui import QAction, QIcon
+from PySide6.QtWidgets import QLabel, QMenu, QPushButton, QSystemTrayIcon, QVBoxLayout, QWidget
+
+from tray_app.controller import AppState, Phase
+from tray_app.ui.actions import AppActions
+from tray_app.ui.icons import icon_for
+
+BUSY_PHASES = {Phase.STARTING, Phase.RECONNECTING}
+
+
+def tooltip_for(state: AppState) -> str:
+    where = state.public_url or state.gateway_url or ""
+    return (
+        f"LM Gate — {state.phase}"
+        + (f": {where}" if where else "")
+        + ("" if state.phase == Phase.PUBLIC else f"\n{state.message}")
+    )
+
+
+class TrayMenu:
+    """Builds the menu's actions from a state; shared by the tray and tests."""
+
+    def __init__(self, actions: AppActions) -> None:
+        self.actions = actions
+        self.menu = QMenu()
+        self.menu.aboutToShow.connect(self.rebuild)
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        state, do = self.actions.state, self.actions
+        menu = self.menu
+        menu.clear()
+        status = menu.addAction(state.status_line)
+        status.setEnabled(False)
+        menu.addSeparator()
+        public = state.phase in {Phase.PUBLIC, Phase.RECONNECTING}
+        running = state.gateway_url is not None
+        if public or (state.phase == Phase.STARTING and state.busy and running):
+            menu.addAction("Go private", lambda: do.go_private(False))
+            menu.addAction("Go private and revoke all devices", lambda: do.go_private(True))
+        else:
+            go = menu.addAction("Go public", do.go_public)
+            go.setEnabled(running and not state.busy)
+        qr = menu.addAction("Show QR code…", do.show_qr)
+        qr.setEnabled(state.phase == Phase.PUBLIC)
+        url = menu.addAction("Copy public URL", do.copy_public_url)
+        url.setEnabled(state.phase == Phase.PUBLIC)
+        curl = menu.addAction("Copy curl snippet", do.copy_curl)
+        curl.setEnabled(running)
+        openai = menu.addAction("Copy OpenAI settings", do.copy_openai_settings)
+        openai.setEnabled(running)
+        menu.addSeparator()
+        menu.addAction("Devices & tokens…", do.show_devices).setEnabled(running)
+        menu.addAction("Settings…", do.show_settings)
+        menu.addAction("Open logs folder", do.open_logs)
+        menu.addSeparator()
+        menu.addAction("Quit", do.quit)
+
+    def action(self, text: str) -> QAction:
+        for action in self.menu.actions():
+            if action.text() == text:
+                return action
+        raise KeyError(text)
+
+    @property
+    def texts(self) -> list[str]:
+        return [a.text() for a in self.menu.actions() if not a.isSeparator()]
+
+
+class Tray:
+    def __init__(self, actions: AppActions) -> None:
+        self.actions = actions
+        self.menu = TrayMenu(actions)
+        self.icon = QSystemTrayIcon()
+        self.icon.setContextMenu(self.menu.menu)
+        self.icon.activated.connect(self._activated)
+        self.phase = ""
+        actions.bridge.state_changed.connect(self.render)
+        actions.notify.connect(self._notify)
+        self.render(actions.state)
+        self.icon.show()
+
+    def render(self, state: AppState) -> None:
+        if state.phase != self.phase:
+            self.phase = state.phase
+            self.icon.setIcon(icon_for(state.phase))
+        self.icon.setToolTip(tooltip_for(state))
+
+    def _notify(self, title: str, message: str) -> None:
+        if QSystemTrayIcon.supportsMessages() and self.icon.isVisible():
+            self.icon.showMessage(title, message, QSystemTrayIcon.MessageIcon.Information, 5000)
+
+    def _activated(self, reason: QSystemTrayIcon.ActivationReason) -> None:
+        if (
+            reason == QSystemTrayIcon.ActivationReason.Trigger
+            and self.actions.state.phase == Phase.PUBLIC
+        ):
+            self.actions.show_qr()
+
+
+class MainWindow(QWidget):
+    """The same actions as the tray menu, as buttons: where no tray exists, and for a second
+    launch to bring forward."""
+
+    def __init__(self, actions: AppActions) -> None:
+        super().__init__()
+        self.app_actions = actions
+        self.setWindowTitle("LM Gate")
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.menu = TrayMenu(actions)
+        self._layout = QVBoxLayout(self)
+        self._layout.addWidget(self.status)
+        self.buttons: list[QPushButton] = []
+        actions.bridge.state_changed.connect(self.show_state)
+        self.show_state(actions.state)
+
+    def show_state(self, state: AppState) -> None:
+        self.setWindowIcon(QIcon(icon_for(state.phase, template=False)))
+        self.status.setText(
+            f"<b>{state.phase.title()}</b> — {state.status_line}"
+            + (f"<br><i>{state.warning}</i>" if state.warning else "")
+        )
+        self.menu.rebuild()
+        for button in self.buttons:
+            self._layout.removeWidget(button)
+            button.deleteLater()
+        self.buttons = []
+        for action in self.menu.menu.actions():
+            if action.isSeparator() or action.text() == state.status_line:
+                continue
+            button = QPushButton(action.text())
+            button.setEnabled(action.isEnabled())
+            button.clicked.connect(action.trigger)
+            self._layout.addWidget(button)
+            self.buttons.append(button)
