@@ -20,6 +20,15 @@ command -v curl >/dev/null || missing+=(curl)
 command -v gnome-keyring-daemon >/dev/null || missing+=(gnome-keyring)
 command -v dbus-run-session >/dev/null || missing+=(dbus-x11)
 command -v secret-tool >/dev/null || missing+=(libsecret-tools)
+# The tray app: Qt's runtime libraries, and a real X display with a tray host for the display test.
+for tool in Xvfb:xvfb trayer:trayer import:imagemagick xdotool:xdotool; do
+  command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+done
+for lib in libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-image0 \
+           libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libegl1 libgl1 \
+           libfontconfig1 libdbus-1-3 fonts-dejavu-core; do
+  dpkg -s "$lib" >/dev/null 2>&1 || missing+=("$lib")
+done
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing system packages: ${missing[*]}"
   sudo=""
@@ -31,7 +40,7 @@ fi
 step "installing LM Gate and its test tools into .venv"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,ui]'
 
 # A real model server for the integration test, in its own venv so its dependencies
 # cannot change ours. The first build compiles llama.cpp (5-8 minutes on 2 cores);
@@ -57,7 +66,7 @@ step "mypy --strict (core)"
 .venv/bin/mypy
 
 step "pytest (inside a private D-Bus session with an unlocked, throwaway keyring)"
-export LMGATE_REQUIRE_SECRET_SERVICE=1
+export LMGATE_REQUIRE_SECRET_SERVICE=1 LMGATE_REQUIRE_DISPLAY=1
 keyring_home=$(mktemp -d)
 trap 'rm -rf "$keyring_home"' EXIT
 # The keyring daemon gets a throwaway HOME so no real keyring is touched; without --unlock a

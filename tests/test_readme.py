@@ -20,7 +20,7 @@ def quick_start_commands() -> list[str]:
 def test_quick_start_is_two_commands() -> None:
     commands = quick_start_commands()
     assert len(commands) == 2
-    assert "lmgate serve" in commands[0]
+    assert commands[0].endswith(".venv/bin/lmgate")
     assert commands[1] == "bash tests/run.sh"
 
 

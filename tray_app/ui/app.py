@@ -80,6 +80,8 @@ class TrayApp:
                 self.window.activateWindow()
             elif wish == "go-public":
                 self.actions.go_public()
+            elif wish == "quit":
+                self.quit()
             elif wish == "show-qr":
                 if self.actions.state.phase == Phase.PUBLIC:
                     self.actions.show_qr()

@@ -120,6 +120,7 @@ class QrWindow(QWidget):
             self.error.setText("This address is long; the QR code may be hard to scan.")
         self.qr_label.setPixmap(qr_pixmap(link.url, module_px=6))
         self.url_field.setText(link.url)
+        self.url_field.setCursorPosition(0)  # show where the link goes, not the code's tail
         self._tick()
 
     def _failed(self, error: BaseException) -> None:
