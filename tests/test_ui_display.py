@@ -172,5 +172,5 @@ def test_tray_icon_and_qr_on_a_real_display(display: str, tmp_path: Path) -> Non
     finally:
         if tray.poll() is None:
             tray.kill()
-        out, err = tray.communicate(timeout=10)
+        _out, err = tray.communicate(timeout=10)
         assert "Traceback" not in err, err
