@@ -77,6 +77,12 @@ def test_start_publishes_private_state_and_first_run_needs(make) -> None:  # typ
         controller.go_public().result(10)
 
 
+def test_go_public_at_start(make) -> None:  # type: ignore[no-untyped-def]
+    controller = make(tunnel_provider="lan", go_public_at_start=True)
+    state = controller.start().result(30)
+    assert state.phase == Phase.PUBLIC and state.public_url.startswith("http://127.0.0.2:")
+
+
 def test_lan_public_pairing_kill_switch(make) -> None:  # type: ignore[no-untyped-def]
     import urllib.request
 
@@ -200,6 +206,8 @@ def test_tray_go_public_to_a_working_curl_with_the_real_core(  # type: ignore[no
 
     from tray_app.ui.app import TrayApp
 
+    record = tmp_path / "agent.jsonl"
+    monkeypatch.setenv("FAKE_NGROK_RECORD", str(record))
     store = MemorySecretStore({NGROK_AUTHTOKEN: TOKEN, LMSTUDIO_API_TOKEN: LMSTUDIO_TOKEN})
     controller = make(store=store, tunnel_provider="ngrok", ngrok_path=AGENT)
     app = TrayApp(controller, instance=f"lmgate-real-{time.time_ns()}")
@@ -225,3 +233,11 @@ def test_tray_go_public_to_a_working_curl_with_the_real_core(  # type: ignore[no
         assert "tok0" in "".join(events)
     finally:
         app.quit()
+    # Quit closed the tunnel: the agent is gone, nothing is left behind.
+    agent_pid = next(
+        json.loads(line)["pid"] for line in record.read_text().splitlines() if '"start"' in line
+    )
+    import os
+
+    with pytest.raises(ProcessLookupError):
+        os.kill(agent_pid, 0)

@@ -204,6 +204,9 @@ def test_a_second_launch_reaches_the_first(qtbot, fake) -> None:  # type: ignore
         app.window.hide()
         assert send_to_running(["show"], name)
         qtbot.waitUntil(lambda: app.window.isVisible())
+        assert send_to_running(["go-public"], name)
+        qtbot.waitUntil(lambda: fake.state.phase == Phase.PUBLIC)
+        fake.go_private()
         assert send_to_running(["show-qr"], name)
         qtbot.waitUntil(
             lambda: app.actions.qr_window is not None and app.actions.qr_window.isVisible(),
