@@ -34,6 +34,7 @@ class Behaviour:
     extra_response_headers: dict[str, str] = field(default_factory=dict)
     gzip_json: bool = False  # compress JSON answers even when asked not to
     require_token: str | None = None  # act like "Require Authentication" is on
+    reply: str | None = None  # stream this text (split into `chunks` pieces) instead of tokN
 
 
 @dataclass
@@ -219,7 +220,8 @@ class FakeLMStudio:
                     return response
                 if i and b.chunk_delay:
                     await asyncio.sleep(b.chunk_delay)
-                await response.write(_chunk(model, {"content": f"tok{i} "}, None))
+                piece = f"tok{i} " if b.reply is None else _piece(b.reply, i, b.chunks)
+                await response.write(_chunk(model, {"content": piece}, None))
                 self.chunk_sent_at.append(time.monotonic())
             await response.write(_chunk(model, {}, "stop"))
             if include_usage:
@@ -258,3 +260,8 @@ def _chunk(model: str, delta: dict[str, str], finish: str | None) -> bytes:
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
     return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+def _piece(text: str, index: int, count: int) -> str:
+    size = -(-len(text) // count)
+    return text[index * size : (index + 1) * size]

@@ -14,6 +14,7 @@ from tray_app.accounting import UsageRecorder
 from tray_app.apikeys import ApiKeyService
 from tray_app.clock import Clock, SystemClock
 from tray_app.config import Config
+from tray_app.conversations import ConversationStore
 from tray_app.errors import SecretStoreError
 from tray_app.gateway import Gateway
 from tray_app.identity import IdentityAuthenticator
@@ -109,4 +110,5 @@ def build_gateway(
         pairing=identity.pairing,
         metrics=GatewayMetrics(),
         recorder=identity.recorder,
+        conversations=ConversationStore(identity.db, clock or SystemClock()),
     )

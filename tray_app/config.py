@@ -81,6 +81,8 @@ class Config:
     go_public_at_start: bool = False
     # Models the tray's pairing codes, snippets and app keys may use (empty = all).
     allowed_models: tuple[str, ...] = ()
+    # /api/chat sends the newest history that fits this many characters (~4 per token).
+    chat_context_chars: int = 16_000
 
 
 def default_config_path() -> Path:
@@ -499,6 +501,12 @@ _SETTINGS: tuple[_Setting, ...] = (
         "allowed_models",
         _string_list,
         "models that paired devices and copied keys may use (empty = all)",
+    ),
+    _Setting(
+        "chat.context_chars",
+        "chat_context_chars",
+        _int_in(500, 10_000_000),
+        "characters of history /api/chat sends with a message (newest first)",
     ),
 )
 

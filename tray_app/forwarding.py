@@ -47,6 +47,7 @@ class Forwarder:
     def __init__(self, config: Config, is_stopping: Callable[[], bool]) -> None:
         self._config = config
         self._upstream_url = config.upstream_url
+        self.upstream_url = config.upstream_url
         self._is_stopping = is_stopping
         self.lmstudio_token: str | None = None
 
@@ -66,6 +67,7 @@ class Forwarder:
         outcome: Outcome,
         extra_headers: Mapping[str, str] | None,
         hide_usage: bool,
+        observer: Callable[[bytes], None] | None = None,
     ) -> web.StreamResponse:
         headers = self._headers(request, request_id)
         url = self._upstream_url + route.path
@@ -92,6 +94,7 @@ class Forwarder:
             is_stopping=self._is_stopping,
             extra_headers=extra_headers,
             hide_usage=hide_usage,
+            observer=observer,
         )
         response = await relay.run(lambda: self._open(send))
         outcome.status = relay.status

@@ -24,8 +24,10 @@ from tray_app.accounting import UsageRecorder
 from tray_app.api_errors import REQUEST_ID_HEADER, ApiError
 from tray_app.auth import Authenticator, Principal
 from tray_app.body import apply_principal_rules, parse_json_object, prepare_body
+from tray_app.chat_api import ChatApi
 from tray_app.clock import Clock, SystemClock
 from tray_app.config import Config
+from tray_app.conversations import ConversationStore
 from tray_app.cors import CorsPolicy
 from tray_app.errors import AuthError
 from tray_app.forwarding import Forwarder, Outcome, shutting_down
@@ -34,9 +36,10 @@ from tray_app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tray_app.metrics import GatewayMetrics
 from tray_app.pairing import PairingError, PairingService
 from tray_app.protection import Protections
-from tray_app.routes import SCOPE_METRICS, Refusal, Route, RouteTable, normalise_path
+from tray_app.routes import SCOPE_CHAT, SCOPE_METRICS, Refusal, Route, RouteTable, normalise_path
 from tray_app.secrets import LMSTUDIO_API_TOKEN, SecretStore
 from tray_app.upstream import UPSTREAM_SESSION, session_context
+from tray_app.webpage import WebPage
 
 log = logging.getLogger("lmgate.gateway")
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -95,6 +98,7 @@ class Gateway:
         pairing: PairingService | None = None,
         metrics: GatewayMetrics | None = None,
         recorder: UsageRecorder | None = None,
+        conversations: ConversationStore | None = None,
     ) -> None:
         self.config = config
         self._auth = authenticator
@@ -125,8 +129,18 @@ class Gateway:
         }
         if metrics is not None:
             self._own[("GET", "/metrics")] = self._metrics
+        self._chat: ChatApi | None = None
+        self._page: WebPage | None = None
         if pairing is not None:
             self._own[("POST", "/pair")] = self._pair
+            # The phone page pairs through /pair, so it is served only where pairing exists.
+            self._page = WebPage()
+            for page_path in self._page.paths:
+                self._own[("GET", page_path)] = self._serve_page
+        if conversations is not None:
+            self._chat = ChatApi(
+                conversations, self._forward, context_chars=config.chat_context_chars
+            )
         self._own_paths = {path for _, path in self._own}
 
     # ---- application wiring ---------------------------------------------------------------
@@ -223,6 +237,15 @@ class Gateway:
         if CorsPolicy.is_preflight(request.method, headers):
             return self._preflight(path, origin or "", request.host)
         exchange.cors = self._protect.check_origin(origin, request.host)
+        if (
+            path is not None
+            and self._chat is not None
+            and (
+                path in {"/api/chat", "/api/conversations"}
+                or path.startswith("/api/conversations/")
+            )
+        ):
+            return await self._conversation_api(request, exchange, path)
         if path is not None:
             own = self._own.get((request.method, path))
             if own is not None:
@@ -259,6 +282,32 @@ class Gateway:
             return await self._forward_post(request, exchange, resolved, principal)
         finally:
             self._protect.leave(principal.name)
+
+    async def _conversation_api(
+        self, request: web.Request, exchange: Exchange, path: str
+    ) -> web.StreamResponse:
+        assert self._chat is not None
+        exchange.route = "/api/chat" if path == "/api/chat" else "/api/conversations"
+        principal = self._authenticate(request, exchange)
+        if not principal.has_scope(SCOPE_CHAT):
+            raise ApiError(
+                403,
+                "Conversations need a key with the 'chat' scope.",
+                type="permission_error",
+                code="insufficient_scope",
+            )
+        self._protect.take_request(principal.name)
+        self._protect.enter(principal.name)
+        try:
+            return await self._chat.handle(
+                request, exchange.request_id, path, principal, exchange.outcome, exchange.cors
+            )
+        finally:
+            self._protect.leave(principal.name)
+
+    async def _serve_page(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        assert self._page is not None
+        return self._page.response(exchange.path, exchange.request_id)
 
     def _authenticate(self, request: web.Request, exchange: Exchange) -> Principal:
         client = exchange.client or "unknown"

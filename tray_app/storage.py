@@ -40,6 +40,15 @@ CREATE TABLE IF NOT EXISTS devices (
 CREATE TABLE IF NOT EXISTS pairing_codes (
     code_hash TEXT PRIMARY KEY, created REAL NOT NULL, expires REAL NOT NULL, used REAL,
     device_id TEXT, device_name TEXT);
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY, principal TEXT NOT NULL, title TEXT NOT NULL, model TEXT,
+    created REAL NOT NULL, updated REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS conversations_by_principal ON conversations (principal, updated);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    role TEXT NOT NULL, content TEXT NOT NULL, reasoning TEXT, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
 CREATE TABLE IF NOT EXISTS usage (
     principal TEXT PRIMARY KEY, requests INTEGER NOT NULL DEFAULT 0,
     prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,

@@ -53,10 +53,12 @@ class StreamRelay:
         is_stopping: Callable[[], bool],
         extra_headers: Mapping[str, str] | None = None,
         hide_usage: bool = False,
+        observer: Callable[[bytes], None] | None = None,
     ) -> None:
         self._request = request
         self._extra_headers = extra_headers
         self._hide_usage = hide_usage
+        self._observer = observer  # sees every chunk (the conversation API keeps the answer)
         self._request_id = request_id
         self._interval = config.heartbeat_interval
         self._idle_timeout = config.upstream_idle_timeout
@@ -113,6 +115,14 @@ class StreamRelay:
             down = await self._start(upstream.status)
             if first and self._hide_usage:
                 await self._relay_hiding_usage(first, content, tail)
+            elif first and self._observer is not None:
+                observe = self._observer
+                chunk = first
+                while chunk:
+                    tail.append(chunk)
+                    observe(chunk)
+                    await self._write(chunk)
+                    chunk = await content.readany()
             elif first:
                 tail.append(first)
                 await self._write(first)

@@ -1,0 +1,342 @@
+// LM Gate's phone page: pair with the one-time code from the QR code, then chat.
+// No framework, no build step, no third-party requests; model output is put on the page as
+// text nodes only (never as HTML).
+"use strict";
+
+const TOKEN_KEY = "lmgate.token";
+const $ = (id) => document.getElementById(id);
+const state = { token: localStorage.getItem(TOKEN_KEY), conversationId: null, controller: null,
+                lastMessage: null };
+
+class Offline extends Error {}
+class ApiProblem extends Error {
+  constructor(status, error) {
+    super((error && error.message) || `LM Gate answered ${status}`);
+    this.status = status;
+    this.code = error && error.code;
+  }
+}
+
+async function api(path, { method = "GET", body, signal } = {}) {
+  const headers = { "ngrok-skip-browser-warning": "1" };
+  if (state.token) headers.Authorization = `Bearer ${state.token}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(path, { method, headers, signal, cache: "no-store",
+                                   body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw new Offline("Can't reach LM Gate. Check this phone's connection, and that the " +
+                      "computer is on and LM Gate is public.");
+  }
+  if (!response.ok) {
+    let payload = null;
+    try { payload = await response.json(); } catch (_) { /* not JSON */ }
+    throw new ApiProblem(response.status, payload && payload.error);
+  }
+  return response;
+}
+
+function show(screen) {
+  $("pair-screen").hidden = screen !== "pair";
+  $("chat-screen").hidden = screen !== "chat";
+}
+
+function notice(text) {
+  $("notice").textContent = text || "";
+  $("notice").hidden = !text;
+}
+
+function deviceName() {
+  const ua = navigator.userAgent;
+  for (const [pattern, name] of [[/iPhone/, "iPhone"], [/iPad/, "iPad"], [/Android/, "Android phone"],
+                                 [/Macintosh/, "Mac"], [/Windows/, "Windows PC"], [/Linux/, "Linux"]]) {
+    if (pattern.test(ua)) return `${name} (browser)`;
+  }
+  return "Browser";
+}
+
+function forget(message) {
+  state.token = null;
+  localStorage.removeItem(TOKEN_KEY);
+  $("pair-status").textContent = message;
+  show("pair");
+}
+
+// ---- pairing -------------------------------------------------------------------------------
+
+async function pairFromFragment() {
+  const code = decodeURIComponent(location.hash.slice(1)).trim();
+  if (!code) return;
+  // The code was only in the fragment, which no server saw; it must not stay in the bar or history.
+  history.replaceState(null, "", location.pathname + location.search);
+  $("pair-status").textContent = "Pairing…";
+  try {
+    const response = await api("/pair", { method: "POST",
+                                          body: { code, device_name: deviceName() } });
+    const paired = await response.json();
+    state.token = paired.token;
+    localStorage.setItem(TOKEN_KEY, paired.token);
+    $("pair-status").textContent = "";
+  } catch (error) {
+    const messages = {
+      pairing_code_expired: "This QR code has expired. Ask for a new QR code.",
+      pairing_code_used: "This QR code was already used. Ask for a new QR code.",
+      pairing_code_invalid: "This QR code is not valid. Ask for a new QR code.",
+      too_many_pairing_attempts: "Too many tries. Wait a minute, then scan a new QR code.",
+    };
+    forget((error instanceof ApiProblem && messages[error.code]) || error.message);
+  }
+}
+
+// ---- models and conversations ------------------------------------------------------------
+
+async function loadModels() {
+  const response = await api("/v1/models");
+  const payload = await response.json();
+  const select = $("model");
+  const previous = select.value || localStorage.getItem("lmgate.model");
+  select.replaceChildren(...payload.data.map((model) => new Option(model.id, model.id)));
+  if (previous && payload.data.some((m) => m.id === previous)) select.value = previous;
+  if (!payload.data.length) notice("LM Studio offers no model right now. Load one in LM Studio.");
+}
+
+async function loadConversations() {
+  const response = await api("/api/conversations");
+  const payload = await response.json();
+  const list = $("conversation-list");
+  list.replaceChildren(...payload.data.map((conversation) => {
+    const item = document.createElement("li");
+    const open = document.createElement("button");
+    open.type = "button";
+    open.className = "open" + (conversation.id === state.conversationId ? " current" : "");
+    open.textContent = conversation.title;
+    open.addEventListener("click", () => openConversation(conversation.id));
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "delete";
+    remove.setAttribute("aria-label", `Delete ${conversation.title}`);
+    remove.textContent = "×";
+    remove.addEventListener("click", () => deleteConversation(conversation.id));
+    item.append(open, remove);
+    return item;
+  }));
+  if (!payload.data.length) {
+    const empty = document.createElement("li");
+    empty.textContent = "No conversations yet.";
+    list.append(empty);
+  }
+}
+
+async function openConversation(id) {
+  const response = await api(`/api/conversations/${encodeURIComponent(id)}`);
+  const conversation = await response.json();
+  state.conversationId = conversation.id;
+  $("messages").replaceChildren();
+  for (const message of conversation.messages) {
+    const bubble = addBubble(message.role);
+    if (message.role === "assistant") renderAnswer(bubble, message.content, message.reasoning);
+    else bubble.textContent = message.content;
+  }
+  if (conversation.model) $("model").value = conversation.model;
+  toggleConversations(false);
+  await loadConversations();
+}
+
+async function deleteConversation(id) {
+  await api(`/api/conversations/${encodeURIComponent(id)}`, { method: "DELETE" });
+  if (id === state.conversationId) newChat();
+  await loadConversations();
+}
+
+function newChat() {
+  state.conversationId = null;
+  $("messages").replaceChildren();
+  notice("");
+  $("input").focus();
+}
+
+function toggleConversations(open) {
+  const panel = $("conversations");
+  panel.hidden = open === undefined ? !panel.hidden : !open;
+  $("conversations-button").setAttribute("aria-expanded", String(!panel.hidden));
+}
+
+// ---- rendering (text nodes only) -----------------------------------------------------------
+
+function addBubble(role) {
+  const bubble = document.createElement("div");
+  bubble.className = `message ${role}`;
+  $("messages").append(bubble);
+  bubble.scrollIntoView({ block: "end" });
+  return bubble;
+}
+
+function inline(parent, text) {
+  // `code` and **bold**, everything else as plain text.
+  const pattern = /(`[^`\n]+`|\*\*[^*\n]+\*\*)/g;
+  let last = 0;
+  for (const match of text.matchAll(pattern)) {
+    parent.append(document.createTextNode(text.slice(last, match.index)));
+    const token = match[0];
+    const element = document.createElement(token.startsWith("`") ? "code" : "strong");
+    element.textContent = token.startsWith("`") ? token.slice(1, -1) : token.slice(2, -2);
+    parent.append(element);
+    last = match.index + token.length;
+  }
+  parent.append(document.createTextNode(text.slice(last)));
+}
+
+function renderAnswer(bubble, content, reasoning) {
+  bubble.replaceChildren();
+  if (reasoning) {
+    const details = document.createElement("details");
+    const summary = document.createElement("summary");
+    summary.textContent = "Thinking";
+    const body = document.createElement("div");
+    body.textContent = reasoning;
+    details.append(summary, body);
+    bubble.append(details);
+  }
+  const parts = content.split(/```/);
+  parts.forEach((part, index) => {
+    if (index % 2 === 1) {
+      const pre = document.createElement("pre");
+      const code = document.createElement("code");
+      code.textContent = part.replace(/^[\w+-]*\n/, "");
+      pre.append(code);
+      bubble.append(pre);
+    } else {
+      for (const paragraph of part.split(/\n{2,}/)) {
+        if (!paragraph.trim()) continue;
+        const p = document.createElement("p");
+        inline(p, paragraph.replace(/^\n+|\n+$/g, ""));
+        bubble.append(p);
+      }
+    }
+  });
+}
+
+// ---- chatting -----------------------------------------------------------------------------
+
+function busy(on) {
+  $("send").hidden = on;
+  $("stop").hidden = !on;
+  $("retry").hidden = true;
+}
+
+async function send(text) {
+  state.lastMessage = text;
+  notice("");
+  addBubble("user").textContent = text;
+  const bubble = addBubble("assistant");
+  bubble.textContent = "…";
+  const controller = new AbortController();
+  state.controller = controller;
+  busy(true);
+  let content = "";
+  let reasoning = "";
+  try {
+    const response = await api("/api/chat", {
+      method: "POST", signal: controller.signal,
+      body: { message: text, conversation_id: state.conversationId, model: $("model").value,
+              stream: true },
+    });
+    state.conversationId = response.headers.get("X-Conversation-ID") || state.conversationId;
+    localStorage.setItem("lmgate.model", $("model").value);
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      const lines = buffer.split("\n");
+      buffer = lines.pop();
+      for (const line of lines) {
+        if (!line.startsWith("data:")) continue;  // SSE comments are keep-alives
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") continue;
+        let event;
+        try { event = JSON.parse(data); } catch (_) { continue; }
+        if (event.error) throw new ApiProblem(502, event.error);
+        const delta = (event.choices && event.choices[0] && event.choices[0].delta) || {};
+        if (typeof delta.content === "string") content += delta.content;
+        const thinking = delta.reasoning || delta.reasoning_content;
+        if (typeof thinking === "string") reasoning += thinking;
+      }
+      renderAnswer(bubble, content, reasoning);
+      bubble.scrollIntoView({ block: "end" });
+    }
+    renderAnswer(bubble, content, reasoning);
+  } catch (error) {
+    if (error.name === "AbortError") {
+      renderAnswer(bubble, content, reasoning);
+      const stopped = document.createElement("p");
+      stopped.className = "stopped";
+      stopped.textContent = "Stopped.";
+      bubble.append(stopped);
+    } else if (error instanceof ApiProblem && error.status === 401) {
+      forget("This phone's access was revoked or has expired. Scan a new QR code to pair again.");
+      return;
+    } else {
+      bubble.className = "message error";
+      bubble.textContent = error.message;
+      $("retry").hidden = false;
+    }
+  } finally {
+    state.controller = null;
+    $("send").hidden = false;
+    $("stop").hidden = true;
+  }
+  loadConversations().catch(() => {});
+}
+
+function wire() {
+  $("composer").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = $("input").value.trim();
+    if (!text || state.controller) return;
+    $("input").value = "";
+    send(text);
+  });
+  $("input").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && window.matchMedia("(pointer: fine)").matches) {
+      event.preventDefault();
+      $("composer").requestSubmit();
+    }
+  });
+  $("stop").addEventListener("click", () => state.controller && state.controller.abort());
+  $("retry").addEventListener("click", () => {
+    const last = $("messages").lastElementChild;
+    if (last && last.classList.contains("error")) last.remove();
+    if (state.lastMessage) send(state.lastMessage);
+  });
+  $("new-chat").addEventListener("click", newChat);
+  $("conversations-button").addEventListener("click", () => toggleConversations());
+  window.addEventListener("online", () => notice(""));
+  window.addEventListener("offline", () => notice("This phone is offline."));
+}
+
+async function start() {
+  wire();
+  await pairFromFragment();
+  if (!state.token) {
+    show("pair");
+    return;
+  }
+  show("chat");
+  try {
+    await loadModels();
+    await loadConversations();
+  } catch (error) {
+    if (error instanceof ApiProblem && error.status === 401) {
+      forget("This phone's access was revoked or has expired. Scan a new QR code to pair again.");
+    } else {
+      notice(error.message);
+    }
+  }
+}
+
+start();
