@@ -35,6 +35,7 @@ class Behaviour:
     gzip_json: bool = False  # compress JSON answers even when asked not to
     require_token: str | None = None  # act like "Require Authentication" is on
     reply: str | None = None  # stream this text (split into `chunks` pieces) instead of tokN
+    reasoning: str | None = None  # stream this as delta.reasoning before the answer
 
 
 @dataclass
@@ -213,6 +214,8 @@ class FakeLMStudio:
         try:
             if b.first_chunk_delay:
                 await asyncio.sleep(b.first_chunk_delay)
+            if b.reasoning:
+                await response.write(_chunk(model, {"reasoning": b.reasoning}, None))
             for i in range(b.chunks):
                 if b.fail_after is not None and i == b.fail_after:
                     assert request.transport is not None

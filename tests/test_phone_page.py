@@ -274,3 +274,59 @@ def test_desktop_layout_and_manifest(browser: Any, live: Live) -> None:
     assert manifest["display"] == "standalone" and manifest["icons"]
     shot(page, "desktop")
     context.close()
+
+
+def test_reasoning_is_shown_collapsed(browser: Any, live: Live) -> None:
+    live.fake.behaviour.reasoning = "The user greets me; I should greet back."
+    live.fake.behaviour.chunks = 3
+    context, page = pair(browser, live)
+    send(page, "Hello")
+    page.wait_for_function("() => !document.querySelector('#stop:not([hidden])')")
+    details = page.locator(".message.assistant details").last
+    assert details.get_attribute("open") is None, "collapsed until tapped"
+    assert details.locator("summary").inner_text() == "Thinking"
+    details.locator("summary").click()
+    assert "greet back" in details.inner_text()
+    assert page.locator(".message.assistant p").last.inner_text().strip() == "tok0 tok1 tok2"
+    context.close()
+
+
+@pytest.mark.parametrize("provider", ["lan", "ngrok"])
+def test_the_page_works_on_lan_and_through_the_tunnel(
+    browser: Any, live: Live, provider: str, tmp_path: Path
+) -> None:
+    from tray_app.lan_provider import LanProvider
+    from tray_app.ngrok_provider import NGROK_AUTHTOKEN, NgrokProvider
+    from tray_app.tunnels import TunnelManager
+
+    if provider == "lan":
+        chosen: Any = LanProvider(live.server, address="127.0.0.2")
+    else:
+        agent = str(Path(__file__).parent / "fake_ngrok" / "ngrok")
+        token = "2fakeAuthToken_" + "abc123XYZ" * 4
+        chosen = NgrokProvider(
+            MemorySecretStore({NGROK_AUTHTOKEN: token}), tmp_path / "ngrok", ngrok_path=agent
+        )
+
+    async def go() -> TunnelManager:
+        manager = TunnelManager(chosen, live.server.port or 0)
+        await manager.start()
+        return manager
+
+    manager = live.thread.submit(go()).result(30)
+    try:
+        public = manager.status.public_url or ""
+        assert public != live.server.url
+        code, _ = live.identity.pairing.create_code()
+        context = browser.new_context(viewport=PHONE, is_mobile=True)
+        page = context.new_page()
+        page.goto(f"{public}/#{code}")
+        page.wait_for_selector("#chat-screen:not([hidden])", timeout=10000)
+        live.fake.behaviour.chunks = 3
+        send(page, "Over the " + provider)
+        page.wait_for_function("() => !document.querySelector('#stop:not([hidden])')")
+        assert page.locator(".message.assistant").last.inner_text().strip() == "tok0 tok1 tok2"
+        shot(page, f"via-{provider}")
+        context.close()
+    finally:
+        live.thread.submit(manager.stop()).result(30)
