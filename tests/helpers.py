@@ -187,3 +187,14 @@ def curl(url: str, *args: str) -> tuple[int, str]:
     )
     body, _, status = result.stdout.rpartition("\n")
     return int(status), body
+
+
+def publish_screenshot(path: Path, name: str) -> None:
+    """With LMGATE_UPDATE_DOCS=1, copy a screenshot the tests made into docs/screenshots/,
+    where the README shows it."""
+    if os.environ.get("LMGATE_UPDATE_DOCS") == "1":
+        import shutil
+
+        target = Path(__file__).resolve().parent.parent / "docs" / "screenshots" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)

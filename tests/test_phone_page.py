@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import LMSTUDIO_TOKEN
 from tests.fake_lmstudio import MODELS, FakeLMStudio
+from tests.helpers import publish_screenshot
 from tray_app.assembly import build_gateway, open_identity
 from tray_app.config import Config
 from tray_app.runtime import LoopThread
@@ -107,7 +108,10 @@ def live(tmp_path: Path, qapp: Any) -> Iterator[Live]:  # qapp: the QR is drawn 
 
 def shot(page: Any, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"phone-{name}.png"), full_page=True)
+    path = ARTIFACTS / f"phone-{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    if name in {"streamed", "hostile-output"}:
+        publish_screenshot(path, f"phone-{name}.png")
 
 
 def pair(browser: Any, live: Live) -> tuple[Any, Any]:

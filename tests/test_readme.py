@@ -37,3 +37,26 @@ def test_configuration_table_matches_the_code() -> None:
         assert documented[key][0] == env
         assert documented[key][1] == format_default(default)
     assert len(documented) == len(describe_settings())
+
+
+def test_screenshots_in_the_readme_exist() -> None:
+    images = re.findall(r"\]\((docs/[^)]+\.png)\)", README)
+    assert len(images) >= 3
+    for image in images:
+        assert (ROOT / image).stat().st_size > 2000, image
+
+
+def test_readme_names_every_cli_command() -> None:
+    for command in (
+        "lmgate serve",
+        "lmgate doctor",
+        "lmgate check",
+        "lmgate deploy nginx",
+        "lmgate key create",
+        "lmgate token create",
+        "lmgate pair",
+        "lmgate tunnel set-token",
+        "lmgate usage",
+        "lmgate keys rotate",
+    ):
+        assert command in README, command

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import cli_env
+from tests.helpers import cli_env, publish_screenshot
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -110,6 +110,34 @@ def find_colour(
     )
 
 
+def centroid(
+    path: Path, colour: tuple[int, int, int], box: tuple[int, int, int, int], tolerance: int = 12
+) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        region = image.convert("RGB").crop(box)
+        width = region.width
+        data = region.tobytes()
+    hits = [
+        (i // 3 % width, i // 3 // width)
+        for i in range(0, len(data), 3)
+        if all(abs(a - b) <= tolerance for a, b in zip(data[i : i + 3], colour, strict=True))
+    ]
+    assert hits, "colour not found"
+    return (
+        box[0] + sum(x for x, _ in hits) // len(hits),
+        box[1] + sum(y for _, y in hits) // len(hits),
+    )
+
+
+def crop(source: Path, target: Path, box: tuple[int, int, int, int]) -> None:
+    from PIL import Image
+
+    with Image.open(source) as image:
+        image.crop(box).save(target)
+
+
 def decode_screen(path: Path) -> list[str]:
     import zxingcpp
     from PIL import Image
@@ -154,6 +182,30 @@ def test_tray_icon_and_qr_on_a_real_display(display: str, tmp_path: Path) -> Non
         assert seen_after is not None, f"no tray icon in {shot}"
         print(f"tray icon visible {seen_after:.2f} s after launch (incl. screenshot time)")
 
+        # Right-click the icon: the menu opens, built from the current state.
+        x, y = centroid(shot, PRIVATE_GREY, (824, 0, 1024, 40))
+        subprocess.run(
+            ["xdotool", "mousemove", str(x), str(y), "click", "3"],
+            env={**os.environ, "DISPLAY": display},
+            check=True,
+            timeout=10,
+        )
+        menu_shot = ARTIFACTS / "display-tray-menu.png"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            screenshot(display, menu_shot)
+            if find_colour(menu_shot, (0xEF, 0xEF, 0xEF), (500, 40, 1024, 400), 20) > 2000:
+                break
+        crop(menu_shot, ARTIFACTS / "tray-menu.png", (560, 0, 1024, 420))
+        publish_screenshot(ARTIFACTS / "tray-menu.png", "tray-menu.png")
+        subprocess.run(
+            ["xdotool", "key", "Escape"],
+            env={**os.environ, "DISPLAY": display},
+            check=True,
+            timeout=10,
+        )
+
         second = subprocess.run(
             [LMGATE, "--show-qr"], env=variables, capture_output=True, text=True, timeout=30
         )
@@ -166,6 +218,8 @@ def test_tray_icon_and_qr_on_a_real_display(display: str, tmp_path: Path) -> Non
             screenshot(display, qr_shot)
             decoded = [t for t in decode_screen(qr_shot) if t.startswith("http://127.0.0.2:")]
         assert decoded, f"no pairing QR code on screen ({qr_shot})"
+        crop(qr_shot, ARTIFACTS / "qr-window.png", (0, 0, 460, 500))
+        publish_screenshot(ARTIFACTS / "qr-window.png", "qr-window.png")
         assert "/#" in decoded[0] and len(decoded[0]) <= 200
         send("quit")
         assert tray.wait(30) == 0

@@ -170,6 +170,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     config.add_argument("--config", type=Path, metavar="PATH", help="config file to read")
 
+    doctor = commands.add_parser("doctor", help="check what LM Gate needs and explain problems")
+    doctor.add_argument("--config", type=Path, metavar="PATH", help="config file to check")
+
+    check = commands.add_parser("check", help="verify a running LM Gate end to end, from anywhere")
+    check.add_argument("url", help="the gateway's address, e.g. https://calm-otter.ngrok-free.app")
+    check.add_argument("token", help="an API key or token with the chat and models scopes")
+
+    deploy = commands.add_parser("deploy", help="files for running LM Gate on a server")
+    targets = deploy.add_subparsers(dest="target", metavar="TARGET", required=True)
+    nginx = targets.add_parser("nginx", help="an nginx site (TLS, SSE-safe) and a systemd unit")
+    nginx.add_argument("--domain", required=True, help="the server's domain, e.g. llm.example.com")
+    nginx.add_argument("--port", type=int, default=8787, help="LM Gate's local port (8787)")
+    nginx.add_argument("--user", default="lmgate", help="the unprivileged user to run as")
+    nginx.add_argument("--upstream", default="http://127.0.0.1:1234", help="LM Studio's URL")
+    nginx.add_argument("--output", type=Path, default=Path(), help="where to write the files")
+    nginx.add_argument("--certificate", default="", help="TLS certificate (default: certbot's)")
+    nginx.add_argument("--certificate-key", default="", help="TLS key (default: certbot's)")
+    nginx.add_argument("--https-port", type=int, default=443)
+    nginx.add_argument("--http-port", type=int, default=80)
+
     add_identity_commands(commands, common)
     return parser
 
@@ -374,6 +394,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_serve(config, out))
         if args.command == "config":
             return _config_command(args, out)
+        if args.command == "doctor":
+            from tray_app.doctor import doctor
+
+            report, ok = doctor(args.config)
+            print(report, file=out)
+            return EXIT_OK if ok else EXIT_FAILURE
+        if args.command == "check":
+            from tray_app.remote_check import check
+
+            report, ok = check(args.url, args.token)
+            print(report, file=out)
+            return EXIT_OK if ok else EXIT_FAILURE
+        if args.command == "deploy":
+            from tray_app.deploy import Deployment, instructions, write
+
+            deployment = Deployment(
+                domain=args.domain,
+                port=args.port,
+                user=args.user,
+                upstream=args.upstream,
+                certificate=args.certificate,
+                certificate_key=args.certificate_key,
+                https_port=args.https_port,
+                http_port=args.http_port,
+            )
+            site, unit = write(deployment, args.output)
+            print(instructions(deployment, site, unit), file=out)
+            return EXIT_OK
         if args.command == "tunnel":
             config = load_config(path=args.config, overrides=_overrides(args))
             return _tunnel_command(args, config, out)

@@ -14,4 +14,8 @@ def resource_path(*parts: str) -> Path:
             return base.joinpath(*parts)
     except (ModuleNotFoundError, TypeError):
         pass
-    return Path(__file__).resolve().parent.parent.joinpath("resources", *parts)
+    here = Path(__file__).resolve().parent
+    frozen = here / "resources"  # the PyInstaller build puts them beside the package's modules
+    if (frozen / parts[0]).exists():
+        return frozen.joinpath(*parts)
+    return here.parent.joinpath("resources", *parts)

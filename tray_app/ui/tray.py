@@ -55,7 +55,8 @@ class TrayMenu:
         openai = menu.addAction("Copy OpenAI settings", do.copy_openai_settings)
         openai.setEnabled(running)
         menu.addSeparator()
-        menu.addAction("Devices & tokens…", do.show_devices).setEnabled(running)
+        # "&&": a single "&" would be taken for a keyboard mnemonic and vanish.
+        menu.addAction("Devices && tokens…", do.show_devices).setEnabled(running)
         menu.addAction("Settings…", do.show_settings)
         menu.addAction("Open logs folder", do.open_logs)
         menu.addSeparator()
@@ -63,13 +64,14 @@ class TrayMenu:
 
     def action(self, text: str) -> QAction:
         for action in self.menu.actions():
-            if action.text() == text:
+            if action.text().replace("&&", "&") == text:
                 return action
         raise KeyError(text)
 
     @property
     def texts(self) -> list[str]:
-        return [a.text() for a in self.menu.actions() if not a.isSeparator()]
+        """The labels as people read them."""
+        return [a.text().replace("&&", "&") for a in self.menu.actions() if not a.isSeparator()]
 
 
 class Tray:
