@@ -69,6 +69,8 @@ BLOCKED = [
     ("POST", "/v1\\..\\api\\v1\\models\\load", {}, 404),
     ("POST", "/v1/chat/completions%5c..%5capi", {}, 404),
     ("GET", "/v1/models%00", {}, 404),
+    ("GET", "/v1/models%0a", {}, 404),
+    ("POST", "/v1/chat/completions%0d%0aX-Injected:%20yes", {}, 404),
     ("GET", "/v1%2fmodels", {}, 404),
     ("GET", "/../v1/models", {}, 404),
     ("GET", "/v1/models;/../../api/v1/models", {}, 404),

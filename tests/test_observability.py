@@ -133,3 +133,13 @@ async def test_readyz_reports_whether_lm_studio_answers(
     down = await raw_request(server.port or 0, "GET", "/readyz")
     assert (down.status, down.json()) == (503, {"status": "unavailable"})
     assert fake_lmstudio.url not in json.dumps(down.json())
+
+
+async def test_a_log_record_is_always_one_line(gateway: GatewayServer) -> None:
+    with LogCapture() as logs:
+        refused = await raw_request(gateway.port or 0, "GET", "/v1/%E2%80%A8injected%0d%0aline")
+        await raw_request(gateway.port or 0, "GET", "/v1/%E2%80%A8x")
+    assert refused.json()["error"]["code"] == "path_not_allowed"  # ours, not aiohttp's page
+    text = logs.text
+    assert text.count("\n") == len(logs.access()) == 2
+    assert "\u2028" not in text and "\r" not in text

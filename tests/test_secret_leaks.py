@@ -108,3 +108,44 @@ def test_no_secret_in_logs_database_or_argv(tmp_path: Path) -> None:
     for secret in secrets.values():
         assert secret.encode() not in environ_listing
     assert len(err.splitlines()) >= 12
+
+
+def test_a_malformed_request_never_puts_its_bytes_in_the_log(tmp_path: Path) -> None:
+    import socket
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMGATE_")}
+    env.update(
+        {
+            "LMGATE_CONFIG": str(tmp_path / "none.toml"),
+            "LMGATE_STORAGE_DATA_DIR": str(tmp_path / "data"),
+            "LMGATE_SECRETS_STORE": "file",
+            "LMGATE_SECRETS_FILE_DIR": str(tmp_path / "s"),
+        }
+    )
+    proc = subprocess.Popen(
+        [LMGATE, "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    port = 0
+    while not port:
+        match = re.search(r"Listening on http://127\.0\.0\.1:(\d+)", proc.stdout.readline())
+        port = int(match.group(1)) if match else 0
+    secret = "lmg_" + os.urandom(16).hex()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        # A NUL byte makes aiohttp's parser refuse the request and, by default, log a
+        # traceback quoting the header — here, a credential.
+        s.sendall(
+            f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\0\r\n"
+            "\r\n".encode()
+        )
+        answer = s.recv(4096)
+    assert answer.split(b" ")[1] == b"400"  # refused (aiohttp answers such a request itself)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert secret not in err
+    assert "Traceback" not in err
+    assert "refused a malformed HTTP request (400" in err

@@ -13,6 +13,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 ACCESS_LOGGER = "lmgate.access"
 
 
@@ -34,7 +36,35 @@ class JsonFormatter(logging.Formatter):
             fields["message"] = record.getMessage()
         if record.exc_info:
             fields["exception"] = self.formatException(record.exc_info)
-        return json.dumps(fields, ensure_ascii=False, default=str)
+        # ASCII only: a client-chosen path with U+2028 or similar must not split a log line.
+        return json.dumps(fields, ensure_ascii=True, default=str)
+
+
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse with a traceback that quotes the offending bytes —
+    which may be an Authorization header. Keep one line, and none of the request's bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg = "refused a malformed HTTP request (%s %s)"
+            record.args = (error.code, type(error).__name__)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno = logging.WARNING
+            record.levelname = "WARNING"
+        return True
+
+
+def route_library_logs(handler: logging.Handler) -> None:
+    """aiohttp's own messages go through the same JSON handler, malformed requests redacted."""
+    for name in ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.client"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+        logger.setLevel(logging.WARNING)
+        if not any(isinstance(f, MalformedRequestFilter) for f in logger.filters):
+            logger.addFilter(MalformedRequestFilter())
 
 
 def configure_logging(level: str = "info", stream: IO[str] | None = None) -> logging.Handler:
@@ -45,4 +75,5 @@ def configure_logging(level: str = "info", stream: IO[str] | None = None) -> log
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    route_library_logs(handler)
     return handler

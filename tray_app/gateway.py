@@ -151,7 +151,8 @@ class Gateway:
         if self._recorder is not None:
             app.cleanup_ctx.append(self._usage_flusher)
         app.on_shutdown.append(self._on_shutdown)
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        # [\s\S]: a decoded %0A in the path must still reach our handler (and its 404).
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self._dispatch)
         return app
 
     def reload_secrets(self) -> None:

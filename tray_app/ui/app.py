@@ -17,7 +17,7 @@ from PySide6.QtCore import QTimer
 from PySide6.QtNetwork import QLocalServer, QLocalSocket
 from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
-from tray_app.access_log import JsonFormatter
+from tray_app.access_log import JsonFormatter, route_library_logs
 from tray_app.controller import AppState, Phase
 from tray_app.ui.actions import AppActions, log_dir
 from tray_app.ui.bridge import UiBridge
@@ -139,6 +139,7 @@ def configure_file_logging() -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     root.propagate = False
+    route_library_logs(handler)
 
 
 def run(wishes: Sequence[str] = (), controller: ControllerPort | None = None) -> int:
