@@ -1,0 +1,176 @@
+"""Attacks the security suite names that other files do not yet cover — request smuggling,
+oversized headers — and faults: a corrupt or locked database, and a process killed mid-write."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GatewayFactory, auth_headers
+from tests.fake_lmstudio import FakeLMStudio
+from tests.helpers import Env
+from tray_app.errors import StorageError
+from tray_app.server import GatewayServer
+from tray_app.storage import Database
+
+
+async def send_raw(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(65536), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+# ---- request smuggling ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("framing", [
+    # Content-Length and Transfer-Encoding together: the classic CL.TE / TE.CL desync.
+    b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: chunked\r\nContent-Length: 60\r\n",
+    # Two different Content-Lengths.
+    b"Content-Length: 13\r\nContent-Length: 60\r\n",
+    # An obfuscated Transfer-Encoding.
+    b"Transfer-Encoding: xchunked\r\n",
+    b"Transfer-Encoding : chunked\r\n",
+])
+async def test_conflicting_framing_is_refused_and_nothing_is_smuggled(
+    gateway: GatewayServer, fake_lmstudio: FakeLMStudio, framing: bytes
+) -> None:
+    hidden = (b"POST /api/v1/models/load HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    body = b"0\r\n\r\n" + hidden
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+               + f"Authorization: Bearer {auth_headers()['Authorization'][7:]}\r\n".encode()
+               + framing + b"\r\n" + body)
+    answer = await send_raw(gateway.port or 0, request)
+    assert status_of(answer) in {400, 404, 413, 501}
+    assert all("/api/" not in r.path for r in fake_lmstudio.received), "a request was smuggled"
+    assert all(r.path == "/v1/chat/completions" for r in fake_lmstudio.received)
+
+
+async def test_oversized_headers_are_refused(gateway: GatewayServer,
+                                             fake_lmstudio: FakeLMStudio) -> None:
+    huge = b"X-Big: " + b"a" * 70_000 + b"\r\n"
+    answer = await send_raw(gateway.port or 0,
+                            b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + huge + b"\r\n")
+    assert status_of(answer) in {400, 431}
+    many = b"".join(f"X-H{i}: v\r\n".encode() for i in range(2000))
+    answer = await send_raw(gateway.port or 0,
+                            b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    assert status_of(answer) in {200, 400, 401, 431}
+    assert fake_lmstudio.received == [] or all(
+        r.path == "/v1/models" for r in fake_lmstudio.received)
+
+
+async def test_gateway_keeps_serving_after_attacks(start_gateway: GatewayFactory) -> None:
+    server = await start_gateway()
+    for _ in range(3):
+        await send_raw(server.port or 0, b"GARBAGE\r\n\r\n")
+        await send_raw(server.port or 0, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+                       b"Transfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n")
+    answer = await send_raw(server.port or 0, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status_of(answer) == 200
+
+
+# ---- the database ---------------------------------------------------------------------------
+
+
+def test_a_corrupt_database_is_reported_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "lmgate.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageError, match="move it aside"):
+        Database(path)
+
+
+def test_cli_with_a_corrupt_database_says_what_to_do(env: Env) -> None:
+    env.data.mkdir(parents=True)
+    (env.data / "lmgate.db").write_bytes(b"\x00garbage" * 512)
+    result = env.run("key", "list")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "move it aside" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_locked_database_gives_a_clear_error(tmp_path: Path) -> None:
+    db = Database(tmp_path / "lmgate.db")
+    blocker = sqlite3.connect(tmp_path / "lmgate.db", timeout=0)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        db._conn.execute("PRAGMA busy_timeout = 200")
+        with pytest.raises(StorageError, match="could not be written"), db.transaction() as conn:
+            conn.execute("INSERT INTO meta VALUES ('x', 'y')")
+    finally:
+        blocker.rollback()
+        blocker.close()
+        db.close()
+
+
+def test_kill_9_while_writing_loses_nothing_already_recorded(tmp_path: Path) -> None:
+    """A writer commits usage rows as fast as it can; it is killed with SIGKILL mid-stream.
+    Every row it reported as committed must be there on reopening, and the file must be sound."""
+    db_dir = tmp_path / "data"
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from tray_app.storage import Database, UsageRow
+        db = Database.in_directory(Path({str(db_dir)!r}))
+        i = 0
+        while True:
+            db.add_usage([UsageRow(f"p{{i % 7}}", 1, 10, 20, float(i))])
+            i += 1
+            print(i, flush=True)  # printed only after the commit returned
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert proc.stdout is not None
+    committed = 0
+    for line in proc.stdout:
+        committed = int(line)
+        if committed >= 400:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    proc.stdout.close()
+    db = Database.in_directory(db_dir)
+    try:
+        assert db.query("PRAGMA integrity_check")[0][0] == "ok"
+        total = sum(row.requests for row in db.usage())
+        assert total >= committed, (total, committed)
+    finally:
+        db.close()
+
+
+async def test_usage_written_before_a_crash_is_there_after(start_identity_gateway,  # type: ignore[no-untyped-def]
+                                                           fake_lmstudio: FakeLMStudio) -> None:
+    rig = await start_identity_gateway()
+    key = rig.identity.api_keys.create("k", scopes=frozenset({"models"}))[0]
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        for _ in range(5):
+            async with s.get(rig.url + "/v1/models",
+                             headers={"Authorization": f"Bearer {key}"}) as r:
+                await r.read()
+    assert rig.identity.recorder.flush()
+    again = Database(rig.identity.db.path)  # a second process's view of the same file
+    try:
+        assert sum(u.requests for u in again.usage()) == 5
+    finally:
+        again.close()
