@@ -40,50 +40,64 @@ def status_of(answer: bytes) -> int:
 # ---- request smuggling ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("framing", [
-    # Content-Length and Transfer-Encoding together: the classic CL.TE / TE.CL desync.
-    b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
-    b"Transfer-Encoding: chunked\r\nContent-Length: 60\r\n",
-    # Two different Content-Lengths.
-    b"Content-Length: 13\r\nContent-Length: 60\r\n",
-    # An obfuscated Transfer-Encoding.
-    b"Transfer-Encoding: xchunked\r\n",
-    b"Transfer-Encoding : chunked\r\n",
-])
+@pytest.mark.parametrize(
+    "framing",
+    [
+        # Content-Length and Transfer-Encoding together: the classic CL.TE / TE.CL desync.
+        b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 60\r\n",
+        # Two different Content-Lengths.
+        b"Content-Length: 13\r\nContent-Length: 60\r\n",
+        # An obfuscated Transfer-Encoding.
+        b"Transfer-Encoding: xchunked\r\n",
+        b"Transfer-Encoding : chunked\r\n",
+    ],
+)
 async def test_conflicting_framing_is_refused_and_nothing_is_smuggled(
     gateway: GatewayServer, fake_lmstudio: FakeLMStudio, framing: bytes
 ) -> None:
-    hidden = (b"POST /api/v1/models/load HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    hidden = b"POST /api/v1/models/load HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
     body = b"0\r\n\r\n" + hidden
-    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-               + f"Authorization: Bearer {auth_headers()['Authorization'][7:]}\r\n".encode()
-               + framing + b"\r\n" + body)
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {auth_headers()['Authorization'][7:]}\r\n".encode()
+        + framing
+        + b"\r\n"
+        + body
+    )
     answer = await send_raw(gateway.port or 0, request)
     assert status_of(answer) in {400, 404, 413, 501}
     assert all("/api/" not in r.path for r in fake_lmstudio.received), "a request was smuggled"
     assert all(r.path == "/v1/chat/completions" for r in fake_lmstudio.received)
 
 
-async def test_oversized_headers_are_refused(gateway: GatewayServer,
-                                             fake_lmstudio: FakeLMStudio) -> None:
+async def test_oversized_headers_are_refused(
+    gateway: GatewayServer, fake_lmstudio: FakeLMStudio
+) -> None:
     huge = b"X-Big: " + b"a" * 70_000 + b"\r\n"
-    answer = await send_raw(gateway.port or 0,
-                            b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + huge + b"\r\n")
+    answer = await send_raw(
+        gateway.port or 0, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + huge + b"\r\n"
+    )
     assert status_of(answer) in {400, 431}
     many = b"".join(f"X-H{i}: v\r\n".encode() for i in range(2000))
-    answer = await send_raw(gateway.port or 0,
-                            b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    answer = await send_raw(
+        gateway.port or 0, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n"
+    )
     assert status_of(answer) in {200, 400, 401, 431}
     assert fake_lmstudio.received == [] or all(
-        r.path == "/v1/models" for r in fake_lmstudio.received)
+        r.path == "/v1/models" for r in fake_lmstudio.received
+    )
 
 
 async def test_gateway_keeps_serving_after_attacks(start_gateway: GatewayFactory) -> None:
     server = await start_gateway()
     for _ in range(3):
         await send_raw(server.port or 0, b"GARBAGE\r\n\r\n")
-        await send_raw(server.port or 0, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
-                       b"Transfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n")
+        await send_raw(
+            server.port or 0,
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n",
+        )
     answer = await send_raw(server.port or 0, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status_of(answer) == 200
 
@@ -137,8 +151,12 @@ def test_kill_9_while_writing_loses_nothing_already_recorded(tmp_path: Path) -> 
             i += 1
             print(i, flush=True)  # printed only after the commit returned
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert proc.stdout is not None
     committed = 0
     for line in proc.stdout:
@@ -157,16 +175,19 @@ def test_kill_9_while_writing_loses_nothing_already_recorded(tmp_path: Path) -> 
         db.close()
 
 
-async def test_usage_written_before_a_crash_is_there_after(start_identity_gateway,  # type: ignore[no-untyped-def]
-                                                           fake_lmstudio: FakeLMStudio) -> None:
+async def test_usage_written_before_a_crash_is_there_after(
+    start_identity_gateway,  # type: ignore[no-untyped-def]
+    fake_lmstudio: FakeLMStudio,
+) -> None:
     rig = await start_identity_gateway()
     key = rig.identity.api_keys.create("k", scopes=frozenset({"models"}))[0]
     import aiohttp
 
     async with aiohttp.ClientSession() as s:
         for _ in range(5):
-            async with s.get(rig.url + "/v1/models",
-                             headers={"Authorization": f"Bearer {key}"}) as r:
+            async with s.get(
+                rig.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}
+            ) as r:
                 await r.read()
     assert rig.identity.recorder.flush()
     again = Database(rig.identity.db.path)  # a second process's view of the same file
