@@ -273,10 +273,15 @@ class _HeartbeatPump:
             self._task.cancel()
 
     async def stop(self) -> None:
-        """Stop beating; returns once no heartbeat write is in progress."""
+        """Stop beating; returns once no heartbeat write is in progress.
+
+        A sleeping pump, once cancelled, can never write again, so only a pump caught in the
+        middle of a write is waited for: the first chunk is not delayed by a loop turn."""
+        writing = self._writing
         self.cancel()
-        # asyncio.wait, not await: our own cancellation must still propagate to us.
-        await asyncio.wait({self._task})
+        if writing:
+            # asyncio.wait, not await: our own cancellation must still propagate to us.
+            await asyncio.wait({self._task})
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
