@@ -133,3 +133,30 @@ async def start_identity_gateway(
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
     return cli_env(tmp_path)
+
+
+class LiveGateway:
+    """The identity gateway and the fake LM Studio on their own loop thread, for synchronous
+    tests (Playwright, subprocess clients) that cannot share pytest's event loop."""
+
+    def __init__(self, data_dir: Path, **settings: Any) -> None:
+        from tray_app.runtime import LoopThread
+
+        self.thread = LoopThread()
+        self.thread.start()
+        self.fake = FakeLMStudio()
+        self.thread.submit(self.fake.start()).result(5)
+        settings.setdefault("heartbeat_interval", 0)
+        config = Config(
+            upstream_url=self.fake.url, server_port=0, data_dir=str(data_dir), **settings
+        )
+        store = MemorySecretStore({LMSTUDIO_API_TOKEN: LMSTUDIO_TOKEN})
+        self.identity = open_identity(config, load_or_create_signing_key(store))
+        self.server = GatewayServer(build_gateway(config, self.identity, store))
+        self.thread.submit(self.server.start()).result(5)
+
+    def close(self) -> None:
+        self.thread.submit(self.server.stop()).result(10)
+        self.thread.submit(self.fake.stop()).result(5)
+        self.thread.stop()
+        self.identity.close()

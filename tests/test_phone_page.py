@@ -17,15 +17,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LMSTUDIO_TOKEN
-from tests.fake_lmstudio import MODELS, FakeLMStudio
+from tests.conftest import LiveGateway
+from tests.fake_lmstudio import MODELS
 from tests.helpers import publish_screenshot
-from tray_app.assembly import build_gateway, open_identity
-from tray_app.config import Config
-from tray_app.runtime import LoopThread
-from tray_app.secrets import LMSTUDIO_API_TOKEN, MemorySecretStore
-from tray_app.server import GatewayServer
-from tray_app.signing import load_or_create_signing_key
+from tray_app.secrets import MemorySecretStore
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -57,24 +52,7 @@ def browser() -> Iterator[Any]:
         browser.close()
 
 
-class Live:
-    def __init__(self, tmp: Path) -> None:
-        self.thread = LoopThread()
-        self.thread.start()
-        self.fake = FakeLMStudio()
-        self.thread.submit(self.fake.start()).result(5)
-        config = Config(
-            upstream_url=self.fake.url,
-            server_port=0,
-            heartbeat_interval=0,
-            data_dir=str(tmp),
-            shutdown_grace=1,
-        )
-        store = MemorySecretStore({LMSTUDIO_API_TOKEN: LMSTUDIO_TOKEN})
-        self.identity = open_identity(config, load_or_create_signing_key(store))
-        self.server = GatewayServer(build_gateway(config, self.identity, store))
-        self.thread.submit(self.server.start()).result(5)
-
+class Live(LiveGateway):
     def qr_url(self) -> str:
         """Pair the way a person does: the app draws the QR code, a camera reads it."""
         import zxingcpp
@@ -92,16 +70,10 @@ class Live:
             (decoded,) = [r.text for r in zxingcpp.read_barcodes(image)]
         return decoded
 
-    def close(self) -> None:
-        self.thread.submit(self.server.stop()).result(10)
-        self.thread.submit(self.fake.stop()).result(5)
-        self.thread.stop()
-        self.identity.close()
-
 
 @pytest.fixture
 def live(tmp_path: Path, qapp: Any) -> Iterator[Live]:  # qapp: the QR is drawn with Qt
-    rig = Live(tmp_path)
+    rig = Live(tmp_path, shutdown_grace=1)
     yield rig
     rig.close()
 

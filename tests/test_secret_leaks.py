@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.helpers import cli_env
+
 LMGATE = str(Path(sys.executable).with_name("lmgate"))
 
 
@@ -27,17 +29,7 @@ def curl(url: str, *args: str) -> tuple[int, str]:
 
 
 def test_no_secret_in_logs_database_or_argv(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LMGATE_")}
-    env.update(
-        {
-            "LMGATE_CONFIG": str(tmp_path / "none.toml"),
-            "LMGATE_STORAGE_DATA_DIR": str(tmp_path / "data"),
-            "LMGATE_SECRETS_STORE": "file",
-            "LMGATE_SECRETS_FILE_DIR": str(tmp_path / "secrets"),
-            "LMGATE_UPSTREAM_URL": "http://127.0.0.1:9",
-            "LMGATE_LOG_LEVEL": "debug",
-        }
-    )
+    env = {**cli_env(tmp_path).vars, "LMGATE_LOG_LEVEL": "debug"}
 
     def cli(*args: str, stdin: str | None = None) -> str:
         result = subprocess.run(
@@ -113,15 +105,7 @@ def test_no_secret_in_logs_database_or_argv(tmp_path: Path) -> None:
 def test_a_malformed_request_never_puts_its_bytes_in_the_log(tmp_path: Path) -> None:
     import socket
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LMGATE_")}
-    env.update(
-        {
-            "LMGATE_CONFIG": str(tmp_path / "none.toml"),
-            "LMGATE_STORAGE_DATA_DIR": str(tmp_path / "data"),
-            "LMGATE_SECRETS_STORE": "file",
-            "LMGATE_SECRETS_FILE_DIR": str(tmp_path / "s"),
-        }
-    )
+    env = cli_env(tmp_path).vars
     proc = subprocess.Popen(
         [LMGATE, "serve", "--port", "0"],
         stdout=subprocess.PIPE,

@@ -18,44 +18,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import LMSTUDIO_TOKEN
-from tests.fake_lmstudio import FakeLMStudio
+from tests.conftest import LiveGateway
 from tests.helpers import LMGATE, Env, cli_env
-from tray_app.assembly import build_gateway, open_identity
-from tray_app.config import Config
-from tray_app.runtime import LoopThread
-from tray_app.secrets import LMSTUDIO_API_TOKEN, MemorySecretStore
-from tray_app.server import GatewayServer
-from tray_app.signing import load_or_create_signing_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class Live:
-    """A gateway with the identity layer in a loop thread, in front of the fake LM Studio."""
+class Live(LiveGateway):
+    """The live gateway with an API key for the checker."""
 
     def __init__(self, tmp: Path) -> None:
-        self.thread = LoopThread()
-        self.thread.start()
-        self.fake = FakeLMStudio()
-        self.thread.submit(self.fake.start()).result(5)
-        config = Config(
-            upstream_url=self.fake.url,
-            server_port=0,
-            heartbeat_interval=0,
-            data_dir=str(tmp / "live"),
-        )
-        store = MemorySecretStore({LMSTUDIO_API_TOKEN: LMSTUDIO_TOKEN})
-        self.identity = open_identity(config, load_or_create_signing_key(store))
-        self.server = GatewayServer(build_gateway(config, self.identity, store))
-        self.thread.submit(self.server.start()).result(5)
+        super().__init__(tmp / "live")
         self.key = self.identity.api_keys.create("checker", scopes=frozenset({"chat", "models"}))[0]
-
-    def close(self) -> None:
-        self.thread.submit(self.server.stop()).result(10)
-        self.thread.submit(self.fake.stop()).result(5)
-        self.thread.stop()
-        self.identity.close()
 
 
 @pytest.fixture
