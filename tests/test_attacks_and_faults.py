@@ -4,6 +4,7 @@ oversized headers — and faults: a corrupt or locked database, and a process ki
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -16,7 +17,7 @@ import pytest
 
 from tests.conftest import GatewayFactory, auth_headers
 from tests.fake_lmstudio import FakeLMStudio
-from tests.helpers import Env
+from tests.helpers import LMGATE, Env
 from tray_app.errors import StorageError
 from tray_app.server import GatewayServer
 from tray_app.storage import Database
@@ -195,3 +196,89 @@ async def test_usage_written_before_a_crash_is_there_after(
         assert sum(u.requests for u in again.usage()) == 5
     finally:
         again.close()
+
+
+class LockedKeyring:
+    """A keyring backend that is present but locked, as a desktop keyring is before login."""
+
+    priority = 5
+
+    def get_password(self, service: str, name: str) -> str:
+        import keyring.errors
+
+        raise keyring.errors.KeyringLocked("the collection is locked")
+
+    def set_password(self, service: str, name: str, value: str) -> None:
+        import keyring.errors
+
+        raise keyring.errors.KeyringLocked("the collection is locked")
+
+    def delete_password(self, service: str, name: str) -> None:
+        import keyring.errors
+
+        raise keyring.errors.KeyringLocked("the collection is locked")
+
+
+def test_a_locked_keyring_is_a_clear_error_not_a_crash() -> None:
+    from tray_app.assembly import signing_key_or_ephemeral
+    from tray_app.errors import SecretStoreError
+    from tray_app.keyring_store import KeyringSecretStore
+
+    store = KeyringSecretStore(LockedKeyring())  # type: ignore[arg-type]
+    with pytest.raises(SecretStoreError, match="locked"):
+        store.get("jwt-signing-key")
+    with pytest.raises(SecretStoreError, match="Unlock it"):
+        store.set("lmstudio-api-token", "x")
+    # serve keeps going, fail-closed, with a key for this run only — and says why.
+    key, warning = signing_key_or_ephemeral(store)
+    assert len(key) == 32 and warning is not None and "locked" in warning
+
+
+def test_kill_9_of_a_running_server_keeps_the_usage_it_wrote(env: Env, tmp_path: Path) -> None:
+    import re
+    import time
+    import urllib.request
+
+    key = env.run("key", "create", "counted").stdout.strip()
+    proc = subprocess.Popen(
+        [LMGATE, "serve", "--port", "0"],
+        env=env.vars,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    url = ""
+    while not url:
+        match = re.search(r"Listening on (http://\S+)", proc.stdout.readline())
+        url = match.group(1) if match else ""
+    request = urllib.request.Request(url + "/healthz")
+    sent = 0
+    for _ in range(30):
+        try:
+            urllib.request.urlopen(
+                urllib.request.Request(
+                    url + "/v1/models", headers={"Authorization": f"Bearer {key}"}
+                ),
+                timeout=5,
+            )
+        except urllib.error.HTTPError as exc:  # 502: LM Studio is not running; still counted
+            exc.close()
+        sent += 1
+    time.sleep(2.5)  # one flush interval: these are now recorded
+    recorded_before_kill = sent
+    for _ in range(10):  # and some that may be in flight when the process dies
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(request, timeout=5).close()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    proc.stdout.close()
+    db = Database.in_directory(env.data)
+    try:
+        assert db.query("PRAGMA integrity_check")[0][0] == "ok"
+        (row,) = [u for u in db.usage() if u.principal.startswith("key:")]
+        assert row.requests >= recorded_before_kill
+    finally:
+        db.close()
+    listed = env.run("usage")
+    assert listed.returncode == 0 and "counted" in listed.stdout
