@@ -13,7 +13,7 @@ from typing import IO
 
 import qrcode
 
-from tray_app.assembly import Identity, data_dir, open_identity, secret_store_for
+from tray_app.assembly import Identity, open_identity, secret_store_for
 from tray_app.auth import ALL_SCOPES
 from tray_app.config import Config, parse_duration
 from tray_app.errors import ConfigError, SecretStoreError
@@ -377,12 +377,3 @@ def _secret(args: argparse.Namespace, config: Config, out: IO[str]) -> int:
     store.set(args.name, value)
     print(f"Stored {args.name} in the {config.secret_store} store.", file=out)
     return 0
-
-
-__all__ = [
-    "IDENTITY_COMMANDS",
-    "add_identity_commands",
-    "data_dir",
-    "run_identity_command",
-    "terminal_qr",
-]

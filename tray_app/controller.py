@@ -40,7 +40,7 @@ from tray_app.going_public import go_public
 from tray_app.ngrok_provider import NGROK_AUTHTOKEN, check_token_shape
 from tray_app.routes import SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
 from tray_app.runtime import LoopThread
-from tray_app.secrets import LMSTUDIO_API_TOKEN, EnvSecretStore, SecretStore
+from tray_app.secrets import LMSTUDIO_API_TOKEN, EnvSecretStore, SecretStore, read_or_none
 from tray_app.server import GatewayServer
 from tray_app.tunnels import TunnelManager, TunnelState, TunnelStatus
 
@@ -227,10 +227,7 @@ class Controller:
         if self.config.tunnel_provider == "lan":
             return True
         if self.config.tunnel_provider == "ngrok":
-            try:
-                return bool(self._store.get(NGROK_AUTHTOKEN))
-            except SecretStoreError:
-                return False
+            return bool(read_or_none(self._store, NGROK_AUTHTOKEN))
         return False
 
     async def _lmstudio_reachable(self) -> bool:
@@ -372,10 +369,7 @@ class Controller:
     async def test_connection(self, url: str, token: str | None = None) -> tuple[bool, list[str]]:
         """(True, model ids) or (False, [the exact error])."""
         if token is None:
-            try:
-                token = self._store.get(LMSTUDIO_API_TOKEN)
-            except SecretStoreError:
-                token = None
+            token = read_or_none(self._store, LMSTUDIO_API_TOKEN)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             async with (
@@ -476,12 +470,6 @@ class Controller:
     # ---- settings ------------------------------------------------------------------------
 
     async def settings(self) -> AppSettings:
-        def stored(name: str) -> bool:
-            try:
-                return bool(self._store.get(name))
-            except SecretStoreError:
-                return False
-
         c = self.config
         return AppSettings(
             upstream_url=c.upstream_url,
@@ -493,8 +481,8 @@ class Controller:
             concurrent_requests=c.concurrent_requests,
             go_public_at_start=c.go_public_at_start,
             start_at_login=bool(self._autostart and self._autostart.is_enabled()),
-            lmstudio_token_set=stored(LMSTUDIO_API_TOKEN),
-            ngrok_token_set=stored(NGROK_AUTHTOKEN),
+            lmstudio_token_set=bool(read_or_none(self._store, LMSTUDIO_API_TOKEN)),
+            ngrok_token_set=bool(read_or_none(self._store, NGROK_AUTHTOKEN)),
         )
 
     async def save_settings(self, new: AppSettings) -> AppState:

@@ -28,7 +28,7 @@ from tray_app.config import (
 from tray_app.errors import ConfigError, SecretStoreError, TunnelError
 from tray_app.keyring_store import KeyringSecretStore
 from tray_app.ngrok_provider import NGROK_AUTHTOKEN, check_token_shape, find_agent
-from tray_app.secrets import LMSTUDIO_API_TOKEN, SecretStore
+from tray_app.secrets import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
 from tray_app.server import port_is_free
 
 PROBE_SECONDS = 5.0
@@ -71,12 +71,7 @@ def _secrets(config: Config) -> tuple[Check, SecretStore | None]:
 
 
 async def _lmstudio(config: Config, store: SecretStore | None) -> list[Check]:
-    token = None
-    if store is not None:
-        try:
-            token = store.get(LMSTUDIO_API_TOKEN)
-        except SecretStoreError:
-            token = None
+    token = read_or_none(store, LMSTUDIO_API_TOKEN)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     url = config.upstream_url
     checks: list[Check] = []
@@ -173,12 +168,7 @@ def _ngrok(config: Config, store: SecretStore | None) -> list[Check]:
     except (OSError, subprocess.SubprocessError) as exc:
         return [Check("ngrok agent", False, f"{agent} does not run: {exc}")]
     checks = [Check("ngrok agent", True, f"{agent}: {version or 'unknown version'}")]
-    token = None
-    if store is not None:
-        try:
-            token = store.get(NGROK_AUTHTOKEN)
-        except SecretStoreError:
-            token = None
+    token = read_or_none(store, NGROK_AUTHTOKEN)
     if token is None:
         checks.append(
             Check(

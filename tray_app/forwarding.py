@@ -46,7 +46,6 @@ class Outcome:
 class Forwarder:
     def __init__(self, config: Config, is_stopping: Callable[[], bool]) -> None:
         self._config = config
-        self._upstream_url = config.upstream_url
         self.upstream_url = config.upstream_url
         self._is_stopping = is_stopping
         self.lmstudio_token: str | None = None
@@ -70,7 +69,7 @@ class Forwarder:
         observer: Callable[[bytes], None] | None = None,
     ) -> web.StreamResponse:
         headers = self._headers(request, request_id)
-        url = self._upstream_url + route.path
+        url = self.upstream_url + route.path
         session = request.app[UPSTREAM_SESSION]
         data: bytes | io.BytesIO = body if len(body) <= _INLINE_BODY_BYTES else io.BytesIO(body)
 
@@ -114,7 +113,7 @@ class Forwarder:
         headers = self._headers(request, request_id)
         session = request.app[UPSTREAM_SESSION]
         upstream = await self._open(
-            lambda: session.request("GET", self._upstream_url + route.path, headers=headers)
+            lambda: session.request("GET", self.upstream_url + route.path, headers=headers)
         )
         outcome.upstream = upstream
         data = await self._read_whole(upstream)

@@ -35,7 +35,7 @@ from tray_app.headers import is_upgrade_request, sane_request_id
 from tray_app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tray_app.metrics import GatewayMetrics
 from tray_app.pairing import PairingError, PairingService
-from tray_app.protection import Protections
+from tray_app.protection import Protections, origin_refused
 from tray_app.routes import SCOPE_CHAT, SCOPE_METRICS, Refusal, Route, RouteTable, normalise_path
 from tray_app.secrets import LMSTUDIO_API_TOKEN, SecretStore
 from tray_app.upstream import UPSTREAM_SESSION, session_context
@@ -398,13 +398,7 @@ class Gateway:
                 404, "No such endpoint.", type="invalid_request_error", code="unknown_path"
             )
         if not self._protect.cors.allows(origin, host):
-            raise ApiError(
-                403,
-                "This web origin may not call LM Gate; add it to "
-                "cors.allowed_origins if it should.",
-                type="permission_error",
-                code="origin_not_allowed",
-            )
+            raise origin_refused()
         return web.Response(status=204, headers=CorsPolicy.preflight_headers(origin))
 
     # ---- the gateway's own endpoints ------------------------------------------------------

@@ -18,6 +18,15 @@ from tray_app.limits import (
 )
 
 
+def origin_refused() -> ApiError:
+    return ApiError(
+        403,
+        "This web origin may not call LM Gate; add it to cors.allowed_origins if it should.",
+        type="permission_error",
+        code="origin_not_allowed",
+    )
+
+
 def _too_many(message: str, code: str, retry_after: float) -> ApiError:
     return ApiError(
         429, message, type="rate_limit_error", code=code, headers=retry_after_header(retry_after)
@@ -42,13 +51,7 @@ class Protections:
         if origin is None:
             return None
         if not self.cors.allows(origin, host):
-            raise ApiError(
-                403,
-                "This web origin may not call LM Gate; add it to "
-                "cors.allowed_origins if it should.",
-                type="permission_error",
-                code="origin_not_allowed",
-            )
+            raise origin_refused()
         return CorsPolicy.response_headers(origin)
 
     # ---- throttles for guessing -----------------------------------------------------------

@@ -30,6 +30,16 @@ def check_entry(name: str, value: str | None = None) -> None:
         raise SecretStoreError(f"secret {name!r} is larger than {MAX_SECRET_BYTES} bytes")
 
 
+def read_or_none(store: SecretStore | None, name: str) -> str | None:
+    """A secret for a check or a probe: a missing or unusable store counts as "not set"."""
+    if store is None:
+        return None
+    try:
+        return store.get(name)
+    except SecretStoreError:
+        return None
+
+
 class SecretStore(Protocol):
     """get/set/delete of small named secrets."""
 

@@ -18,7 +18,7 @@ from PySide6.QtWidgets import (
 )
 
 from tray_app.controller import Credential
-from tray_app.ui.bridge import UiBridge, ignore
+from tray_app.ui.bridge import UiBridge
 from tray_app.ui.port import ControllerPort
 
 COLUMNS = ("Kind", "Name", "Scopes", "Last seen", "Requests", "Tokens", "Status")
@@ -124,6 +124,3 @@ class DevicesWindow(QWidget):
 
     def _error(self, error: BaseException) -> None:
         self.status.setText(str(error))
-
-
-__all__ = ["DevicesWindow", "ignore"]
