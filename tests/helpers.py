@@ -198,3 +198,38 @@ def publish_screenshot(path: Path, name: str) -> None:
         target = Path(__file__).resolve().parent.parent / "docs" / "screenshots" / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target)
+
+
+def start_serve(
+    env: Mapping[str, str],
+    *args: str,
+    executable: str = LMGATE,
+    stderr: Any = subprocess.PIPE,
+    timeout: float = 30.0,
+) -> tuple[subprocess.Popen[str], str]:
+    """Start `lmgate serve --port 0` and return it with the address it reports.
+
+    Fails (instead of hanging) if the process exits or says nothing within ``timeout``."""
+    import re
+    import time
+
+    proc = subprocess.Popen(
+        [executable, "serve", "--port", "0", *args],
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        match = re.search(r"Listening on (http://\S+)", line)
+        if match:
+            return proc, match.group(1)
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    raise AssertionError("lmgate serve did not report its address")

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import GatewayFactory, auth_headers
 from tests.fake_lmstudio import FakeLMStudio
-from tests.helpers import LMGATE, Env
+from tests.helpers import Env, start_serve
 from tray_app.errors import StorageError
 from tray_app.server import GatewayServer
 from tray_app.storage import Database
@@ -235,23 +235,11 @@ def test_a_locked_keyring_is_a_clear_error_not_a_crash() -> None:
 
 
 def test_kill_9_of_a_running_server_keeps_the_usage_it_wrote(env: Env, tmp_path: Path) -> None:
-    import re
     import time
     import urllib.request
 
     key = env.run("key", "create", "counted").stdout.strip()
-    proc = subprocess.Popen(
-        [LMGATE, "serve", "--port", "0"],
-        env=env.vars,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    url = ""
-    while not url:
-        match = re.search(r"Listening on (http://\S+)", proc.stdout.readline())
-        url = match.group(1) if match else ""
+    proc, url = start_serve(env.vars, stderr=subprocess.DEVNULL)
     request = urllib.request.Request(url + "/healthz")
     sent = 0
     for _ in range(30):

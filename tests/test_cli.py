@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import LMGATE, Env, curl
+from tests.helpers import LMGATE, Env, curl, start_serve
 from tray_app import __version__
 
 
@@ -23,23 +23,7 @@ def bearer(token: str) -> list[str]:
 
 @pytest.fixture
 def serve(env: Env) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    proc = subprocess.Popen(
-        [LMGATE, "serve", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env.vars,
-    )
-    url = ""
-    deadline = time.monotonic() + 20
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        match = re.search(r"Listening on (http://127\.0\.0\.1:\d+)", line)
-        if match:
-            url = match.group(1)
-            break
-    assert url, "lmgate serve did not report its address"
+    proc, url = start_serve(env.vars)
     yield proc, url
     if proc.poll() is None:
         proc.kill()
@@ -249,18 +233,7 @@ def test_rotating_the_signing_key_invalidates_tokens(
     stop(proc)
     rotated = env.run("keys", "rotate")
     assert rotated.returncode == 0 and "invalid" in rotated.stdout
-    proc2 = subprocess.Popen(
-        [LMGATE, "serve", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env.vars,
-    )
-    assert proc2.stdout is not None
-    url2 = ""
-    while not url2:
-        match = re.search(r"Listening on (http://\S+)", proc2.stdout.readline())
-        url2 = match.group(1) if match else ""
+    proc2, url2 = start_serve(env.vars)
     status, body = curl(url2 + "/v1/models", *bearer(token))
     assert status == 401
     assert json.loads(body)["error"]["code"] in {"invalid_token", "token_revoked"}

@@ -8,12 +8,11 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import LMGATE, cli_env
+from tests.helpers import LMGATE, cli_env, start_serve
 
 ROOT = Path(__file__).resolve().parent.parent
 ST = str(Path(sys.executable).with_name("st"))
@@ -21,21 +20,7 @@ ST = str(Path(sys.executable).with_name("st"))
 
 def _serve(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[str], str]:
     with log.open("w") as sink:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(
-            [LMGATE, "serve", "--port", "0"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=sink,
-            text=True,
-        )
-    assert proc.stdout is not None
-    url = ""
-    deadline = time.monotonic() + 30
-    while not url and time.monotonic() < deadline:
-        match = re.search(r"Listening on (http://\S+)", proc.stdout.readline())
-        url = match.group(1) if match else ""
-    assert url, "lmgate serve did not start"
-    return proc, url
+        return start_serve(env, stderr=sink)
 
 
 def _fuzz(url: str, key: str, examples: int, out: Path) -> int:

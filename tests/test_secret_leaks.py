@@ -12,20 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import cli_env
+from tests.helpers import cli_env, curl, start_serve
 
 LMGATE = str(Path(sys.executable).with_name("lmgate"))
-
-
-def curl(url: str, *args: str) -> tuple[int, str]:
-    result = subprocess.run(
-        ["curl", "-sS", "-w", "\n%{http_code}", url, *args],
-        capture_output=True,
-        text=True,
-        timeout=15,
-    )
-    body, _, status = result.stdout.rpartition("\n")
-    return int(status), body
 
 
 def test_no_secret_in_logs_database_or_argv(tmp_path: Path) -> None:
@@ -42,18 +31,7 @@ def test_no_secret_in_logs_database_or_argv(tmp_path: Path) -> None:
     cli("secret", "set", "lmstudio-api-token", stdin=lmstudio_token + "\n")
     api_key = cli("key", "create", "script").strip()
     token = cli("token", "create", "laptop").strip()
-    proc = subprocess.Popen(
-        [LMGATE, "serve", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert proc.stdout is not None
-    url = ""
-    while not url:
-        match = re.search(r"Listening on (http://\S+)", proc.stdout.readline())
-        url = match.group(1) if match else ""
+    proc, url = start_serve(env)
     code = re.search(r"#([A-Z2-7]{24})", cli("pair", "--url", url)).group(1)  # type: ignore[union-attr]
     status, body = curl(
         url + "/pair",
@@ -106,18 +84,8 @@ def test_a_malformed_request_never_puts_its_bytes_in_the_log(tmp_path: Path) -> 
     import socket
 
     env = cli_env(tmp_path).vars
-    proc = subprocess.Popen(
-        [LMGATE, "serve", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert proc.stdout is not None
-    port = 0
-    while not port:
-        match = re.search(r"Listening on http://127\.0\.0\.1:(\d+)", proc.stdout.readline())
-        port = int(match.group(1)) if match else 0
+    proc, url = start_serve(env)
+    port = int(url.rsplit(":", 1)[1])
     secret = "lmg_" + os.urandom(16).hex()
     with socket.create_connection(("127.0.0.1", port)) as s:
         # A NUL byte makes aiohttp's parser refuse the request and, by default, log a

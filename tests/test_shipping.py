@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import LiveGateway
-from tests.helpers import LMGATE, Env, cli_env
+from tests.helpers import LMGATE, Env, cli_env, start_serve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -324,21 +324,8 @@ def test_desktop_build_runs(tmp_path: Path) -> None:
     assert list((tmp_path / "dist" / "lmgate").rglob("icons/public.svg")), "resources included"
     assert list((tmp_path / "dist" / "lmgate").rglob("web/index.html"))
     env = cli_env(tmp_path / "home")
-    proc = subprocess.Popen(
-        [str(frozen), "serve", "--port", "0"],
-        env=env.vars,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, url = start_serve(env.vars, executable=str(frozen), timeout=60)
     try:
-        assert proc.stdout is not None
-        url = ""
-        deadline = time.monotonic() + 60
-        while not url and time.monotonic() < deadline:
-            match = re.search(r"Listening on (http://\S+)", proc.stdout.readline())
-            url = match.group(1) if match else ""
-        assert url, "the frozen gateway did not start"
         health = subprocess.run(
             ["curl", "-sS", url + "/healthz"], capture_output=True, text=True, timeout=10
         )
