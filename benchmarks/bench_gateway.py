@@ -31,6 +31,7 @@ from pathlib import Path
 import aiohttp
 
 HERE = Path(__file__).resolve().parent
+MARKER = b"data: {"  # starts every content chunk
 CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Hello"}]}
 
 
@@ -94,13 +95,16 @@ async def stream(
         start = time.perf_counter()
         arrivals: list[float] = []
         seen = 0
+        carry = b""  # a marker may be split between two reads
         async with session.post(
             side.url + "/v1/chat/completions", json=body, headers=side.headers
         ) as r:
             assert r.status == 200, r.status
             async for data in r.content.iter_any():
                 now = time.perf_counter()
-                count = data.count(b"data: {")
+                window = carry + data
+                count = window.count(MARKER)
+                carry = window[-(len(MARKER) - 1) :]
                 if count:
                     arrivals.append(now)
                     seen += count
