@@ -13,7 +13,14 @@ from tests.helpers import raw_request_sync
 from tray_app.auth import StaticKeyAuthenticator
 from tray_app.config import Config
 from tray_app.gateway import Gateway
-from tray_app.routes import FORWARDED_ROUTES, Refusal, Route, RouteTable, normalise_path
+from tray_app.routes import (
+    FORWARDED_ROUTES,
+    Refusal,
+    Route,
+    RouteTable,
+    fold_path,
+    normalise_path,
+)
 from tray_app.runtime import LoopThread
 from tray_app.secrets import LMSTUDIO_API_TOKEN, MemorySecretStore
 from tray_app.server import GatewayServer
@@ -46,6 +53,13 @@ from tray_app.server import GatewayServer
 )
 def test_normalise_path(raw: str, expected: str | None) -> None:
     assert normalise_path(raw) == expected
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet="/._-%aZ09\\\n", max_size=24))
+def test_the_plain_path_shortcut_agrees_with_the_full_rules(path: str) -> None:
+    # normalise_path skips decoding and folding for plain paths; it must never disagree.
+    assert normalise_path(path) == fold_path(path)
 
 
 def test_route_table_keeps_opt_in_routes_off_by_default() -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
-import uuid
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -19,7 +19,8 @@ ACCESS_LOGGER = "lmgate.access"
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, like uuid4().hex without building a UUID per request.
+    return os.urandom(16).hex()
 
 
 class JsonFormatter(logging.Formatter):

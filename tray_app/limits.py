@@ -8,6 +8,7 @@ the direct peer is a configured trusted proxy (the tunnel agent, nginx).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,9 @@ def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip())
 
 
+# Cached: every request parses its peer's address, and ipaddress is slow Python; the few
+# distinct peers (loopback, the tunnel agent, LAN phones) stay in a small bounded cache.
+@functools.lru_cache(maxsize=1024)
 def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if not text:
         return None

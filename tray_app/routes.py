@@ -7,6 +7,7 @@ Anything that does not normalise cleanly is refused outright.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -54,6 +55,10 @@ FORWARDED_ROUTES: tuple[Route, ...] = (
 )
 
 
+# Segments of letters, digits, '_' and '-' only: no encoding, dots or empty segments to fold.
+_PLAIN_PATH = re.compile(r"(?:/[A-Za-z0-9_\-]+)+")
+
+
 def normalise_path(raw_target: str) -> str | None:
     """The canonical form of a request target's path, or None when it must be refused.
 
@@ -62,6 +67,13 @@ def normalise_path(raw_target: str) -> str | None:
     above the root. Accepted and folded: ``//``, ``/./``, ``..`` inside the path, a trailing slash.
     """
     path = raw_target.split("?", 1)[0].split("#", 1)[0]
+    if _PLAIN_PATH.fullmatch(path):
+        return path  # nothing to decode or fold: the common case, decided by one regex
+    return fold_path(path)
+
+
+def fold_path(path: str) -> str | None:
+    """:func:`normalise_path`'s full rules for a path without query or fragment."""
     if not path.startswith("/"):
         return None
     lowered = path.lower()
