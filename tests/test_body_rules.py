@@ -12,6 +12,8 @@ from tests.conftest import CLIENT_KEY, GatewayFactory, auth_headers
 from tests.fake_lmstudio import FakeLMStudio
 from tests.helpers import FixedPrincipalAuthenticator
 from tray_app.auth import ALL_SCOPES, Principal
+from tray_app.body import apply_principal_rules, prepare_body
+from tray_app.routes import FORWARDED_ROUTES
 from tray_app.server import GatewayServer
 
 
@@ -227,3 +229,53 @@ async def test_scope_hook_refuses_a_route_outside_the_scopes(
     status, payload = await post(server, "/v1/embeddings", b'{"model": "e", "input": "x"}')
     assert (status, payload["error"]["code"]) == (403, "insufficient_scope")
     assert fake_lmstudio.received == []
+
+
+# ---- asking LM Studio for usage on streams --------------------------------------------------
+
+CHAT_ROUTE = next(r for r in FORWARDED_ROUTES if r.path == "/v1/chat/completions")
+
+
+def test_usage_option_is_added_without_re_encoding_the_body() -> None:
+    raw = b' {"model" : "m",\n "stream":true, "messages":[{"role":"user","content":"h\\u00e9"}]}'
+    adjusted = apply_principal_rules(
+        prepare_body(CHAT_ROUTE, raw), CHAT_ROUTE, max_tokens=None, want_usage=True
+    )
+    assert adjusted.hide_usage
+    # The client's own bytes follow the added member untouched (escapes, spacing, order).
+    assert adjusted.body.raw.endswith(raw.lstrip()[1:])
+    assert json.loads(adjusted.body.raw) == {
+        **json.loads(raw),
+        "stream_options": {"include_usage": True},
+    }
+
+
+@pytest.mark.parametrize(
+    ("options", "sent"),
+    [
+        ({"include_usage": False}, {"include_usage": True}),
+        ({"other": 1}, {"other": 1, "include_usage": True}),
+        ("nonsense", {"include_usage": True}),
+        ({"include_usage": True}, {"include_usage": True}),
+    ],
+)
+def test_existing_stream_options_are_merged(options: object, sent: dict[str, object]) -> None:
+    body = {"model": "m", "stream": True, "stream_options": options, "messages": []}
+    prepared = prepare_body(CHAT_ROUTE, json.dumps(body).encode())
+    adjusted = apply_principal_rules(prepared, CHAT_ROUTE, max_tokens=None, want_usage=True)
+    assert json.loads(adjusted.body.raw) == {**body, "stream_options": sent}
+    assert adjusted.hide_usage == (options != {"include_usage": True})
+
+
+def test_a_capped_stream_gets_both_the_cap_and_the_usage_option() -> None:
+    raw = b'{"model":"m","stream":true,"max_tokens":9000,"messages":[]}'
+    adjusted = apply_principal_rules(
+        prepare_body(CHAT_ROUTE, raw), CHAT_ROUTE, max_tokens=100, want_usage=True
+    )
+    assert json.loads(adjusted.body.raw) == {
+        "model": "m",
+        "stream": True,
+        "max_tokens": 100,
+        "messages": [],
+        "stream_options": {"include_usage": True},
+    }

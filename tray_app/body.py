@@ -130,6 +130,10 @@ _LENGTH_FIELDS = {
 }
 
 
+# Put first in a body that has no stream_options member: "{" + this + the rest of the object.
+_USAGE_MEMBER = b'{"stream_options":{"include_usage":true},'
+
+
 @dataclass(frozen=True, slots=True)
 class Adjusted:
     body: PreparedBody
@@ -151,16 +155,22 @@ def apply_principal_rules(
                 payload[name] = max_tokens
                 changed = True
     hide_usage = False
+    splice = False
     if want_usage and prepared.stream and route.path in USAGE_OPTION_ROUTES:
         options = payload.get("stream_options")
+        # The common case: no stream_options at all, so the client's bytes can be kept.
+        splice = options is None and bool(payload)
         if not isinstance(options, dict):
             options = {}
         if options.get("include_usage") is not True:
             payload["stream_options"] = {**options, "include_usage": True}
-            hide_usage = changed = True
-    if not changed:
+            hide_usage = True
+    if not changed and not hide_usage:
         return Adjusted(prepared, hide_usage=False)
-    raw = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    if not changed and splice:
+        raw = _USAGE_MEMBER + prepared.raw.lstrip()[1:]
+    else:
+        raw = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     return Adjusted(
         PreparedBody(payload=payload, raw=raw, model=prepared.model, stream=prepared.stream),
         hide_usage=hide_usage,
