@@ -249,47 +249,43 @@ class StreamRelay:
 
 class _HeartbeatPump:
     """Sends SSE comments every interval until stopped: the only other writer before the first
-    chunk. It is never cancelled mid-write, so the response is prepared exactly once and no
-    heartbeat is cut in half."""
+    chunk. Between beats it is only a timer, so a stream whose first chunk comes in time never
+    creates a task for it. A beat is never cancelled mid-write, so the response is prepared
+    exactly once and no heartbeat is cut in half."""
 
     def __init__(self, relay: StreamRelay, interval: float) -> None:
         self._relay = relay
         self._interval = interval
         self._stopping = False
-        self._writing = False
-        self._task = spawn(self._run(), name="sse-heartbeat")
-        self._task.add_done_callback(_log_failure)
+        self._beat: asyncio.Task[None] | None = None  # set only while a heartbeat is written
+        self._timer = asyncio.get_running_loop().call_later(interval, self._due)
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            if self._stopping:
-                return
-            self._writing = True
-            try:
-                await self._relay.heartbeat()
-            except _ClientGone:
-                return  # aiohttp cancels the handler; there is nobody left to beat for
-            finally:
-                self._writing = False
-            if self._stopping:
-                return
+    def _due(self) -> None:
+        self._beat = spawn(self._send(), name="sse-heartbeat")
+        self._beat.add_done_callback(_log_failure)
+
+    async def _send(self) -> None:
+        try:
+            await self._relay.heartbeat()
+        except _ClientGone:
+            return  # aiohttp cancels the handler; there is nobody left to beat for
+        finally:
+            self._beat = None
+        if not self._stopping:
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self._due)
 
     def cancel(self) -> None:
         self._stopping = True
-        if not self._writing:
-            self._task.cancel()
+        self._timer.cancel()
 
     async def stop(self) -> None:
-        """Stop beating; returns once no heartbeat write is in progress.
-
-        A sleeping pump, once cancelled, can never write again, so only a pump caught in the
-        middle of a write is waited for: the first chunk is not delayed by a loop turn."""
-        writing = self._writing
+        """Stop beating; returns once no heartbeat write is in progress, without a loop turn
+        when none is."""
         self.cancel()
-        if writing:
+        beat = self._beat
+        if beat is not None:
             # asyncio.wait, not await: our own cancellation must still propagate to us.
-            await asyncio.wait({self._task})
+            await asyncio.wait({beat})
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
