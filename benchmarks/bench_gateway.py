@@ -9,6 +9,8 @@ and every figure is the median over rounds, so drift on a busy machine hits both
 Reported: non-streamed chat latency p50/p99 at concurrency 1 and 16 and req/s; a 2000-chunk
 stream's time to first byte and chunks/s; a paced stream (50 chunks, 2 ms apart): time to
 first token and the largest gap between chunks. Bounded: about a minute with the defaults.
+With ``--floors`` the same run also measures two reference proxies (``floors.py``): what a bare
+aiohttp proxy and a plain TCP relay add, so LM Gate's own cost can be told from the shape's.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def start_process(
     raise SystemExit(f"could not start {args[0]}: {pattern!r} never appeared")
 
 
-async def run(rounds: int, requests: int) -> dict[str, dict[str, float]]:
+async def run(rounds: int, requests: int, floors: bool) -> dict[str, dict[str, float]]:
     env = {**os.environ}
     upstream, port = start_process(
         [sys.executable, str(HERE / "fast_upstream.py")], env, r"PORT (\d+)"
@@ -168,15 +170,26 @@ async def run(rounds: int, requests: int) -> dict[str, dict[str, float]]:
     gateway, gateway_url = start_process(
         [lmgate, "serve", "--port", "0"], gateway_env, r"Listening on (http://\S+)", log
     )
-    direct = Side("direct", upstream_url, {})
-    proxied = Side("gateway", gateway_url, {"Authorization": f"Bearer {key}"})
+    sides = [
+        Side("direct", upstream_url, {}),
+        Side("gateway", gateway_url, {"Authorization": f"Bearer {key}"}),
+    ]
+    others: list[subprocess.Popen[str]] = []
     try:
+        if floors:
+            for kind in FLOORS:
+                proc, url = start_process(
+                    [sys.executable, str(HERE / "floors.py"), kind, upstream_url],
+                    env,
+                    r"Listening on (http://\S+)",
+                )
+                others.append(proc)
+                sides.append(Side(kind, url, {}))
         connector = aiohttp.TCPConnector(limit=64)
         async with aiohttp.ClientSession(connector=connector) as session:
-            for side in (direct, proxied):  # warm-up: connections, caches, JIT-free but fair
+            for side in sides:  # warm-up: connections and caches
                 await chat_latency(session, side, 100, 4)
-            direct.figures.clear()
-            proxied.figures.clear()
+                side.figures.clear()
             tests: list[Callable[[Side], Awaitable[None]]] = [
                 lambda s: chat_latency(session, s, requests, 1),
                 lambda s: chat_latency(session, s, requests * 2, 16),
@@ -185,16 +198,15 @@ async def run(rounds: int, requests: int) -> dict[str, dict[str, float]]:
             ]
             for _ in range(rounds):
                 for test in tests:
-                    for side in (direct, proxied):
+                    for side in sides:
                         await test(side)
     finally:
-        gateway.terminate()
-        upstream.terminate()
-        gateway.wait(30)
-        upstream.wait(10)
+        for proc in (gateway, *others, upstream):
+            proc.terminate()
+            proc.wait(30)
     lines = log.read_text().count('"lmgate.access"')
     print(f"(gateway wrote {lines} access log lines)", file=sys.stderr)
-    return {side.name: {m: side.median(m) for m in side.figures} for side in (direct, proxied)}
+    return {side.name: {m: side.median(m) for m in side.figures} for side in sides}
 
 
 ROWS = [
@@ -209,6 +221,34 @@ ROWS = [
     ("paced_ttft_ms", "paced stream (50 x 2 ms): time to first token (ms)", "lower"),
     ("paced_max_gap_ms", "paced stream: largest gap between chunks (ms, median)", "lower"),
 ]
+
+
+FLOORS = ("bare-aiohttp", "tcp-relay")
+FLOOR_ROWS = (
+    "c1_p50_ms",
+    "paced_ttft_ms",
+    "paced_max_gap_ms",
+    "s2000_ttft_ms",
+    "s2000_chunks_per_s",
+)
+
+
+def floors_table(results: dict[str, dict[str, float]]) -> str:
+    """What LM Gate adds next to what a bare aiohttp proxy and a byte relay add."""
+    labels = dict((key, label) for key, label, _ in ROWS)
+    names = ["gateway", *FLOORS]
+    out = [
+        "| measure (added over direct) | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for key in FLOOR_ROWS:
+        d = results["direct"][key]
+        if key.endswith("_ms"):
+            cells = [f"{results[n][key] - d:+.2f} ms" for n in names]
+        else:
+            cells = [f"{results[n][key] / d:.2f}x" for n in names]
+        out.append(f"| {labels[key]} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
@@ -232,10 +272,18 @@ def main() -> None:
         default=400,
         help="requests per latency measurement at concurrency 1",
     )
+    parser.add_argument(
+        "--floors",
+        action="store_true",
+        help="also measure a bare aiohttp proxy and a TCP byte relay (benchmarks/floors.py)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    results = asyncio.run(run(args.rounds, args.requests))
+    results = asyncio.run(run(args.rounds, args.requests, args.floors))
     print(table(results))
+    if args.floors:
+        print()
+        print(floors_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
