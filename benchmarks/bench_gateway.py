@@ -26,14 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
 HERE = Path(__file__).resolve().parent
-MARKER = b"data: {"  # starts every content chunk
 CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Hello"}]}
 
 
@@ -49,6 +48,24 @@ class Side:
 
     def median(self, metric: str) -> float:
         return statistics.median(self.figures[metric])
+
+
+class ChunkCounter:
+    """Counts the content chunks in an SSE body read in pieces of any size."""
+
+    MARKER = b"data: {"  # starts every content chunk
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self._carry = b""  # a marker may be split between two reads
+
+    def feed(self, data: bytes) -> int:
+        """How many chunks start in ``data``."""
+        window = self._carry + data
+        count = window.count(self.MARKER)
+        self._carry = window[-(len(self.MARKER) - 1) :]
+        self.seen += count
+        return count
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -96,21 +113,16 @@ async def stream(
     for _ in range(repeats):
         start = time.perf_counter()
         arrivals: list[float] = []
-        seen = 0
-        carry = b""  # a marker may be split between two reads
+        counter = ChunkCounter()
         async with session.post(
             side.url + "/v1/chat/completions", json=body, headers=side.headers
         ) as r:
             assert r.status == 200, r.status
             async for data in r.content.iter_any():
                 now = time.perf_counter()
-                window = carry + data
-                count = window.count(MARKER)
-                carry = window[-(len(MARKER) - 1) :]
-                if count:
+                if counter.feed(data):
                     arrivals.append(now)
-                    seen += count
-        assert seen == chunks, (seen, chunks)
+        assert counter.seen == chunks, (counter.seen, chunks)
         ttft.append((arrivals[0] - start) * 1000)
         rate.append(chunks / (arrivals[-1] - start))
         gaps = [b - a for a, b in itertools.pairwise(arrivals)]
@@ -138,17 +150,26 @@ def start_process(
     raise SystemExit(f"could not start {args[0]}: {pattern!r} never appeared")
 
 
-async def run(rounds: int, requests: int, floors: bool) -> dict[str, dict[str, float]]:
-    env = {**os.environ}
-    upstream, port = start_process(
-        [sys.executable, str(HERE / "fast_upstream.py")], env, r"PORT (\d+)"
+def start_upstream() -> tuple[subprocess.Popen[str], str]:
+    """The fast fake LM Studio, and its URL."""
+    proc, port = start_process(
+        [sys.executable, str(HERE / "fast_upstream.py")], {**os.environ}, r"PORT (\d+)"
     )
-    upstream_url = f"http://127.0.0.1:{port}"
-    home = Path(tempfile.mkdtemp(prefix="lmgate-bench-"))
-    log = home / "gateway.log"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_gateway(
+    home: Path,
+    upstream_url: str,
+    log: Path | None,
+    wrapper: Sequence[str] = (),
+    settings: Mapping[str, str] | None = None,
+) -> tuple[subprocess.Popen[str], str, str]:
+    """``lmgate serve`` with everything on, its URL and an API key for it. ``wrapper`` goes in
+    front of the command (a profiler); ``settings`` are extra LMGATE_* variables."""
     lmgate = str(Path(sys.executable).with_name("lmgate"))
     gateway_env = {
-        **env,
+        **os.environ,
         "LMGATE_UPSTREAM_URL": upstream_url,
         "LMGATE_CONFIG": str(home / "none.toml"),
         "LMGATE_STORAGE_DATA_DIR": str(home / "data"),
@@ -158,6 +179,7 @@ async def run(rounds: int, requests: int, floors: bool) -> dict[str, dict[str, f
         # Limits stay on (their code runs for every request) but high enough not to refuse.
         "LMGATE_LIMITS_REQUESTS_PER_MINUTE": "100000000",
         "LMGATE_LIMITS_CONCURRENT_REQUESTS": "1000",
+        **(settings or {}),
     }
     made = subprocess.run(
         [lmgate, "key", "create", "bench"],
@@ -166,10 +188,21 @@ async def run(rounds: int, requests: int, floors: bool) -> dict[str, dict[str, f
         text=True,
         check=True,
     )
-    key = made.stdout.strip()
-    gateway, gateway_url = start_process(
-        [lmgate, "serve", "--port", "0"], gateway_env, r"Listening on (http://\S+)", log
+    gateway, url = start_process(
+        [*wrapper, lmgate, "serve", "--port", "0"],
+        gateway_env,
+        r"Listening on (http://\S+)",
+        log,
     )
+    return gateway, url, made.stdout.strip()
+
+
+async def run(rounds: int, requests: int, floors: bool) -> dict[str, dict[str, float]]:
+    env = {**os.environ}
+    upstream, upstream_url = start_upstream()
+    home = Path(tempfile.mkdtemp(prefix="lmgate-bench-"))
+    log = home / "gateway.log"
+    gateway, gateway_url, key = start_gateway(home, upstream_url, log)
     sides = [
         Side("direct", upstream_url, {}),
         Side("gateway", gateway_url, {"Authorization": f"Bearer {key}"}),

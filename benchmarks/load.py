@@ -13,31 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
-
-HERE = Path(__file__).resolve().parent
-
-
-def start(args: list[str], env: dict[str, str], pattern: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        match = re.search(pattern, proc.stdout.readline())
-        if match:
-            return proc, match.group(1)
-    raise SystemExit(f"could not start {args}")
+from bench_gateway import ChunkCounter, start_gateway, start_upstream
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -57,7 +39,7 @@ async def stream(
         "bench_chunks": chunks,
         "bench_interval_ms": 100,
     }
-    seen = 0
+    counter = ChunkCounter()
     last = None
     async with session.post(
         url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
@@ -69,8 +51,8 @@ async def stream(
             if last is not None:
                 gaps.append(now - last)
             last = now
-            seen += data.count(b"data: {")
-    return seen == chunks
+            counter.feed(data)
+    return counter.seen == chunks
 
 
 async def loris(host: str, port: int, seconds: float) -> None:
@@ -104,24 +86,13 @@ async def normal_client(
 
 async def run(streams: int, seconds: float, lorises: int) -> dict[str, float]:
     home = Path(tempfile.mkdtemp(prefix="lmgate-load-"))
-    env = {**os.environ}
-    upstream, port = start([sys.executable, str(HERE / "fast_upstream.py")], env, r"PORT (\d+)")
-    lmgate = str(Path(sys.executable).with_name("lmgate"))
-    genv = {
-        **env,
-        "LMGATE_UPSTREAM_URL": f"http://127.0.0.1:{port}",
-        "LMGATE_CONFIG": str(home / "none.toml"),
-        "LMGATE_STORAGE_DATA_DIR": str(home / "d"),
-        "LMGATE_SECRETS_STORE": "file",
-        "LMGATE_SECRETS_FILE_DIR": str(home / "s"),
+    upstream, upstream_url = start_upstream()
+    settings = {
         "LMGATE_LOG_LEVEL": "warning",
         "LMGATE_LIMITS_CONCURRENT_REQUESTS": str(streams + 10),
         "LMGATE_LIMITS_REQUESTS_PER_MINUTE": "100000",
     }
-    key = subprocess.run(
-        [lmgate, "key", "create", "load"], env=genv, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    gateway, url = start([lmgate, "serve", "--port", "0"], genv, r"Listening on (http://\S+)")
+    gateway, url, key = start_gateway(home, upstream_url, None, settings=settings)
     host, gport = url.removeprefix("http://").rsplit(":", 1)
     gaps: list[float] = []
     latencies: list[float] = []

@@ -1,0 +1,160 @@
+"""Where ``lmgate serve`` spends its CPU under the benchmark's load, sampled with py-spy.
+
+    .venv/bin/python benchmarks/profile_gateway.py [--seconds 20] [--report out.md]
+
+Runs the fast fake LM Studio and ``lmgate serve`` (everything on, as in bench_gateway.py)
+under ``py-spy record``, drives non-streamed chats and paced streams through it, then
+sorts every on-CPU sample into the layer it was taken in: LM Gate's own code, aiohttp's
+server, aiohttp's client, logging, socket writes (the send system call) and the rest of
+the event loop. Prints a Markdown report: the layers, then the heaviest functions.
+Needs py-spy (in the ``test`` extra). Loopback only; bounded by ``--seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from bench_gateway import Side, chat_latency, start_gateway, start_upstream, stream
+
+# (layer, test on a frame's "function (file:line)" text), first match wins, innermost first.
+LAYERS = (
+    ("socket writes (send system call)", lambda f: f.startswith("_SelectorSocketTransport.write")),
+    ("LM Gate (tray_app)", lambda f: "tray_app/" in f),
+    ("logging", lambda f: "logging/" in f),
+    ("aiohttp client", lambda f: "aiohttp/client" in f or "aiohttp/connector" in f),
+    ("aiohttp server and HTTP writer", lambda f: "aiohttp/" in f),
+    ("prometheus-client", lambda f: "prometheus_client/" in f),
+    ("sqlite3 (usage flushes)", lambda f: "sqlite3" in f or "tray_app/storage" in f),
+)
+LOOP_ROOTS = ("BaseEventLoop._run_once", "BaseEventLoop.run_forever")
+IDLE = ("EpollSelector.select", "select (selectors", "_worker (concurrent/futures")
+
+
+@dataclass
+class Profile:
+    samples: int = 0
+    layers: collections.Counter[str] = field(default_factory=collections.Counter)
+    own: collections.Counter[str] = field(default_factory=collections.Counter)
+    inclusive: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+def layer_of(frames: list[str]) -> str:
+    """The layer a sample belongs to: decided by its innermost frame that any layer claims,
+    except that a send() anywhere below counts as a socket write."""
+    if any(f.startswith("_SelectorSocketTransport.write") for f in frames):
+        return LAYERS[0][0]
+    for frame in reversed(frames):
+        if frame.startswith(LOOP_ROOTS):
+            break  # below the loop's own frames: the loop itself was working
+        for name, claims in LAYERS[1:]:
+            if claims(frame):
+                return name
+    return "event loop and other"
+
+
+def function_name(frame: str) -> str:
+    """``f (path/to/file.py:12)`` -> ``f (file.py)``: lines of one function count together."""
+    name, _, where = frame.partition(" (")
+    path = where.rsplit(":", 1)[0]
+    return f"{name} ({'/'.join(path.split('/')[-2:])})"
+
+
+def summarise(raw_lines: Iterable[str]) -> Profile:
+    profile = Profile()
+    for line in raw_lines:
+        stack, _, count = line.rstrip("\n").rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [f for f in stack.split(";") if f]
+        if not frames or any(frames[-1].startswith(idle) for idle in IDLE):
+            continue  # waiting, not working
+        if any("importlib" in f for f in frames):
+            continue  # start-up
+        n = int(count)
+        profile.samples += n
+        profile.layers[layer_of(frames)] += n
+        profile.own[function_name(frames[-1])] += n
+        for name in {function_name(f) for f in frames}:
+            profile.inclusive[name] += n
+    return profile
+
+
+def report(profile: Profile, seconds: float, requests: int, streams: int, top: int) -> str:
+    total = max(profile.samples, 1)
+    out = [
+        f"py-spy, 1000 samples/s for {seconds:.0f} s of load: {requests} non-streamed chats "
+        f"and {streams} paced streams (50 chunks, 2 ms apart); {profile.samples} on-CPU samples.",
+        "",
+        "| layer | share of on-CPU samples |",
+        "|---|---:|",
+    ]
+    out += [f"| {name} | {n / total:.1%} |" for name, n in profile.layers.most_common()]
+    out += ["", "| heaviest functions (self) | share |", "|---|---:|"]
+    out += [f"| `{name}` | {n / total:.1%} |" for name, n in profile.own.most_common(top)]
+    ours = [
+        (name, n)
+        for name, n in profile.inclusive.most_common()
+        if "(tray_app/" in name and not name.endswith("(tray_app/cli.py)")  # cli: the loop's root
+    ]
+    out += ["", "| LM Gate functions (including what they call) | share |", "|---|---:|"]
+    out += [f"| `{name}` | {n / total:.1%} |" for name, n in ours[:top]]
+    return "\n".join(out)
+
+
+async def drive(url: str, key: str, seconds: float) -> tuple[int, int]:
+    side = Side("gateway", url, {"Authorization": f"Bearer {key}"})
+    requests = streams = 0
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            await chat_latency(session, side, 200, 1)
+            requests += 200
+            await stream(session, side, 50, 2, "paced", 10)
+            streams += 10
+    return requests, streams
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--top", type=int, default=15, help="functions listed per table")
+    parser.add_argument("--report", type=Path, help="also write the report here")
+    args = parser.parse_args()
+    py_spy = Path(sys.executable).with_name("py-spy")
+    if not py_spy.exists():
+        raise SystemExit("py-spy is not installed: pip install -e '.[test]'")
+    home = Path(tempfile.mkdtemp(prefix="lmgate-profile-"))
+    raw = home / "py-spy.txt"
+    upstream, upstream_url = start_upstream()
+    wrapper = [str(py_spy), "record", "--rate", "1000", "--nonblocking", "--format", "raw"]
+    gateway, url, key = start_gateway(
+        home, upstream_url, home / "gateway.log", [*wrapper, "--output", str(raw), "--"]
+    )
+    try:
+        requests, streams = asyncio.run(drive(url, key, args.seconds))
+    finally:
+        gateway.send_signal(signal.SIGINT)  # py-spy writes its file when its child ends
+        gateway.wait(60)
+        upstream.terminate()
+        upstream.wait(10)
+    if not raw.exists():
+        raise SystemExit(f"py-spy wrote no profile; see {home / 'gateway.log'}")
+    with raw.open() as lines:
+        text = report(summarise(lines), args.seconds, requests, streams, args.top)
+    print(text)
+    if args.report:
+        args.report.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
