@@ -353,26 +353,28 @@ async def test_raw_stream_without_usage_has_no_usage_event(
     assert len(events) == 5 + 1 + 1  # content chunks, the finish chunk, [DONE]
 
 
-async def test_usage_survives_a_failed_write(start_identity_gateway: IdentityFactory) -> None:
+async def test_usage_survives_a_failed_write_and_is_never_counted_twice(
+    start_identity_gateway: IdentityFactory,
+) -> None:
     rig = await start_identity_gateway()
     key = new_key(rig)
     await call(rig, key=key)
     recorder = rig.identity.recorder
     db = rig.identity.db
-    db.query("SELECT 1")
-    original = db.add_usage
-
-    def failing(rows: Any) -> None:
-        from tray_app.errors import StorageError
-
-        raise StorageError("disk full")
-
-    db.add_usage = failing  # type: ignore[method-assign]
+    # A real SQLite failure late in the flush: after the usage rows, at the key's last-used
+    # time. Had the rows been committed on their own, the retry would count them again.
+    with db.transaction() as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON api_keys "
+            "BEGIN SELECT RAISE(ABORT, 'simulated write failure'); END"
+        )
     assert recorder.flush() is False
-    db.add_usage = original  # type: ignore[method-assign]
+    assert db.usage() == []
+    with db.transaction() as conn:
+        conn.execute("DROP TRIGGER refuse")
     await call(rig, key=key)
     assert recorder.flush() is True
-    assert db.usage()[0].requests == 2
+    assert [u.requests for u in db.usage()] == [2]
 
 
 # ---- point 10: metrics -----------------------------------------------------------------------

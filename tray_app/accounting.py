@@ -66,16 +66,7 @@ class UsageRecorder:
             for p, c in batch.items()
         ]
         try:
-            self._db.add_usage(rows)
-            with self._db.transaction() as conn:
-                conn.executemany(
-                    "UPDATE api_keys SET last_used = ? WHERE id = ?",
-                    [(t, k) for k, t in keys.items()],
-                )
-                conn.executemany(
-                    "UPDATE devices SET last_seen = ? WHERE id = ?",
-                    [(t, d) for d, t in devices.items()],
-                )
+            self._db.add_usage(rows, key_last_used=keys, device_last_seen=devices)
         except StorageError as exc:
             log.error("usage could not be saved, will retry: %s", exc)
             for principal, counted in batch.items():

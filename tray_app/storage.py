@@ -12,7 +12,7 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,19 +118,30 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; StorageError if it could not be committed, and then nothing
+        of it was written and the connection is ready for the next try."""
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._conn
+                    self._conn.execute("COMMIT")
                 except BaseException:
-                    self._conn.execute("ROLLBACK")
+                    self._roll_back()
                     raise
-                self._conn.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
+            except sqlite3.DatabaseError as exc:  # full, locked, corrupt, refused by a check
+                advice = " Free some disk space." if "full" in str(exc) else ""
                 raise StorageError(
-                    f"LM Gate's database {self.path} could not be written: {exc}."
+                    f"LM Gate's database {self.path} could not be written: {exc}.{advice}"
                 ) from None
+
+    def _roll_back(self) -> None:
+        # SQLite may already have rolled back by itself (it does after some I/O errors), and
+        # then a ROLLBACK would fail and hide the real error; a COMMIT that failed with
+        # SQLITE_BUSY leaves the transaction open, and then every later BEGIN would fail.
+        if self._conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
 
     def query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -157,7 +168,14 @@ class Database:
 
     # ---- usage ------------------------------------------------------------------------------
 
-    def add_usage(self, rows: Iterable[UsageRow]) -> None:
+    def add_usage(
+        self,
+        rows: Iterable[UsageRow],
+        key_last_used: Mapping[str, float] | None = None,
+        device_last_seen: Mapping[str, float] | None = None,
+    ) -> None:
+        """Add counted usage, and when keys and devices were last used, in one transaction:
+        either all of it is written or none (a retry must not count anything twice)."""
         with self.transaction() as conn:
             conn.executemany(
                 """INSERT INTO usage (principal, requests, prompt_tokens, completion_tokens,
@@ -172,6 +190,14 @@ class Database:
                     (r.principal, r.requests, r.prompt_tokens, r.completion_tokens, r.last_seen)
                     for r in rows
                 ],
+            )
+            conn.executemany(
+                "UPDATE api_keys SET last_used = ? WHERE id = ?",
+                [(t, k) for k, t in (key_last_used or {}).items()],
+            )
+            conn.executemany(
+                "UPDATE devices SET last_seen = ? WHERE id = ?",
+                [(t, d) for d, t in (device_last_seen or {}).items()],
             )
 
     def usage(self) -> list[UsageRow]:
