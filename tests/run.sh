@@ -22,9 +22,10 @@ command -v dbus-run-session >/dev/null || missing+=(dbus-x11)
 command -v secret-tool >/dev/null || missing+=(libsecret-tools)
 # The tray app: Qt's runtime libraries, and a real X display with a tray host for the display test;
 # Debian's Chromium for the phone page (Playwright drives it; it never downloads a browser);
-# nginx and openssl to test the generated server deployment.
+# nginx and openssl to test the generated server deployment; unshare and nsenter to give a test
+# a really full disk (a tiny tmpfs in a private mount namespace).
 for tool in Xvfb:xvfb trayer:trayer import:imagemagick xdotool:xdotool chromium:chromium \
-            nginx:nginx openssl:openssl; do
+            nginx:nginx openssl:openssl unshare:util-linux nsenter:util-linux; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 for lib in libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-image0 \
@@ -71,6 +72,8 @@ step "mypy --strict (core)"
 step "pytest (inside a private D-Bus session with an unlocked, throwaway keyring)"
 export LMGATE_REQUIRE_SECRET_SERVICE=1 LMGATE_REQUIRE_DISPLAY=1 LMGATE_REQUIRE_BROWSER=1
 export LMGATE_REQUIRE_NGINX=1
+# Mounting a tmpfs needs root; CI runs as root, so the full-disk test must not be skipped there.
+[ "$(id -u)" = 0 ] && export LMGATE_REQUIRE_NAMESPACES=1
 keyring_home=$(mktemp -d)
 trap 'rm -rf "$keyring_home"' EXIT
 # The keyring daemon gets a throwaway HOME so no real keyring is touched; without --unlock a

@@ -11,13 +11,14 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import GatewayFactory, auth_headers
 from tests.fake_lmstudio import FakeLMStudio
-from tests.helpers import Env, start_serve
+from tests.helpers import LMGATE, Env, start_serve
 from tray_app.errors import StorageError
 from tray_app.server import GatewayServer
 from tray_app.storage import Database
@@ -134,6 +135,21 @@ def test_a_locked_database_gives_a_clear_error(tmp_path: Path) -> None:
     finally:
         blocker.rollback()
         blocker.close()
+        db.close()
+
+
+def test_a_transaction_sqlite_already_ended_keeps_its_real_error(tmp_path: Path) -> None:
+    # After some I/O errors SQLite rolls back by itself; our ROLLBACK must then not replace
+    # the real error with "no transaction is active", and the next write must work.
+    db = Database(tmp_path / "lmgate.db")
+    try:
+        with pytest.raises(ValueError, match="the real error"), db.transaction() as conn:
+            conn.execute("ROLLBACK")
+            raise ValueError("the real error")
+        with db.transaction() as conn:
+            conn.execute("INSERT INTO meta VALUES ('x', 'y')")
+        assert db.query("SELECT value FROM meta WHERE key = 'x'")[0][0] == "y"
+    finally:
         db.close()
 
 
@@ -270,3 +286,153 @@ def test_kill_9_of_a_running_server_keeps_the_usage_it_wrote(env: Env, tmp_path:
         db.close()
     listed = env.run("usage")
     assert listed.returncode == 0 and "counted" in listed.stdout
+
+
+# ---- a really full disk ---------------------------------------------------------------------
+
+_DISK_SCRIPT = """
+mount -t tmpfs -o size=1m lmgate-small-disk "$DISK" || exit 97
+"$LMGATE" key create counted || exit 98
+"$LMGATE" serve --port 0 &
+echo "SERVER $!"
+wait $!
+cp -a "$DISK/." "$SAVED/"
+"""
+
+
+def _can_mount_privately() -> bool:
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "t", "/mnt"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+def _requests_recorded(pid: int, database: Path) -> int:
+    """Read the usage total inside the server's mount namespace, read-only."""
+    query = (
+        "import sqlite3, sys; c = sqlite3.connect(f'file:{sys.argv[1]}?mode=ro', uri=True); "
+        "print(c.execute('SELECT COALESCE(SUM(requests), 0) FROM usage').fetchone()[0])"
+    )
+    done = subprocess.run(
+        ["nsenter", "--target", str(pid), "--mount", "--", sys.executable, "-c", query, database],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+def test_a_full_disk_while_writing_usage_is_reported_and_loses_nothing(
+    env: Env, tmp_path: Path
+) -> None:
+    """The data directory is a 1 MiB tmpfs in a private mount namespace; it is filled up for
+    real while `lmgate serve` is counting requests, then space is freed again."""
+    import re
+    import time
+    import urllib.error
+    import urllib.request
+
+    if not _can_mount_privately():
+        if os.environ.get("LMGATE_REQUIRE_NAMESPACES") == "1":
+            pytest.fail("this test needs `unshare --mount` and tmpfs (root in CI)")
+        pytest.skip("needs permission to mount a tmpfs in a private mount namespace")
+    disk, saved = tmp_path / "small-disk", tmp_path / "saved"
+    disk.mkdir()
+    saved.mkdir()
+    database = str(disk / "lmgate.db")
+    log = tmp_path / "serve.log"
+    variables = {
+        **env.vars,
+        "LMGATE_STORAGE_DATA_DIR": str(disk),
+        "LMGATE_LOG_LEVEL": "info",
+        "LMGATE": LMGATE,
+        "DISK": str(disk),
+        "SAVED": str(saved),
+    }
+    with log.open("w") as sink:
+        shell = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", _DISK_SCRIPT],
+            env=variables,
+            stdout=subprocess.PIPE,
+            stderr=sink,
+            text=True,
+        )
+    assert shell.stdout is not None
+    try:
+        key = shell.stdout.readline().strip()
+        assert key.startswith("lmg_"), key
+        server = url = None
+        while server is None or url is None:
+            line = shell.stdout.readline()
+            assert line, f"lmgate serve did not start: {log.read_text()[-2000:]}"
+            if found := re.search(r"SERVER (\d+)", line):
+                server = int(found.group(1))
+            if found := re.search(r"Listening on (http://\S+)", line):
+                url = found.group(1)
+
+        def call(path: str, authorised: bool = True) -> int:
+            headers = {"Authorization": f"Bearer {key}"} if authorised else {}
+            request = urllib.request.Request(url + path, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    return int(answer.status)
+            except urllib.error.HTTPError as exc:  # 502: no LM Studio here; still counted
+                exc.close()
+                return exc.code
+
+        def wait_for(condition: Callable[[], bool], what: str) -> None:
+            deadline = time.monotonic() + 15
+            while not condition():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                time.sleep(0.2)
+
+        assert {call("/v1/models") for _ in range(20)} == {502}
+        wait_for(lambda: _requests_recorded(server, database) == 20, "the first 20 to be saved")
+
+        filler = subprocess.run(
+            [
+                "nsenter",
+                "--target",
+                str(server),
+                "--mount",
+                "--",
+                "dd",
+                "if=/dev/zero",
+                f"of={disk}/filler",
+                "bs=4k",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert "No space left on device" in filler.stderr
+        # Still serving, with nothing to spare on the disk.
+        assert {call("/v1/models") for _ in range(15)} == {502}
+        assert call("/healthz", authorised=False) == 200
+        wait_for(lambda: "usage could not be saved" in log.read_text(), "the error in the log")
+        failure = next(
+            line for line in log.read_text().splitlines() if "usage could not be saved" in line
+        )
+        assert "disk is full" in failure and "Free some disk space" in failure
+        assert _requests_recorded(server, database) == 20  # what was saved is still there
+
+        subprocess.run(
+            ["nsenter", "--target", str(server), "--mount", "--", "rm", f"{disk}/filler"],
+            check=True,
+        )
+        wait_for(lambda: _requests_recorded(server, database) == 35, "the retry after freeing")
+        os.kill(server, signal.SIGTERM)
+        assert shell.wait(30) == 0
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+            shell.wait()
+        shell.stdout.close()
+    db = Database(saved / "lmgate.db")
+    try:
+        assert db.query("PRAGMA integrity_check")[0][0] == "ok"
+        (row,) = db.usage()
+        assert row.requests == 35  # nothing lost, nothing counted twice
+    finally:
+        db.close()
