@@ -52,21 +52,31 @@ def client_address(
     Walks X-Forwarded-For from the right and returns the first hop that is not itself a
     trusted proxy: a client can prepend anything, but not what our proxies appended.
     """
-    direct = _ip(peer)
+    direct, direct_trusted = _peer(peer, trusted)
     if direct is None:
         return peer or "unknown"
-    if not any(direct in net for net in trusted):
-        return str(direct)
+    if not direct_trusted:
+        return direct
     forwarded = headers.get("X-Forwarded-For")
     if not forwarded:
-        return str(direct)
+        return direct
     for hop in reversed(forwarded.split(",")):
-        address = _ip(hop)
+        address, hop_trusted = _peer(hop, trusted)
         if address is None:
-            return str(direct)  # garbage in the chain: do not guess
-        if not any(address in net for net in trusted):
-            return str(address)
-    return str(direct)
+            return direct  # garbage in the chain: do not guess
+        if not hop_trusted:
+            return address
+    return direct
+
+
+@functools.lru_cache(maxsize=1024)
+def _peer(text: str | None, trusted: tuple[IPNetwork, ...]) -> tuple[str | None, bool]:
+    """An address in canonical form (None if it is not one) and whether it is a trusted
+    proxy. Cached like :func:`_ip`: the same few peers ask on every request."""
+    address = _ip(text)
+    if address is None:
+        return None, False
+    return str(address), any(address in net for net in trusted)
 
 
 @dataclass(slots=True)
