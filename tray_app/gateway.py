@@ -219,7 +219,12 @@ class Gateway:
             exchange.status = exchange.outcome.status or response.status
         if isinstance(response, web.Response) and response.body is not None:
             exchange.outcome.bytes_out = len(response.body)  # type: ignore[arg-type]
-        self._finish(exchange)
+        if exchange.stream:
+            self._finish(exchange)
+        else:
+            # The access log line, metrics and accounting wait until aiohttp has sent the
+            # answer (it does so in this same step, right after we return).
+            asyncio.get_running_loop().call_soon(self._finish, exchange)
         return response
 
     async def _handle(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
