@@ -95,6 +95,35 @@ async def test_upstream_5xx_text_is_wrapped_in_the_error_shape(
     assert "model loading" in payload["error"]["message"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"<html>Internal proxy page</html>", "text/html"),
+        (b'{"choices": [', "application/json"),
+        (b"", "application/json"),
+    ],
+    ids=["html", "truncated-json", "empty"],
+)
+async def test_a_broken_success_answer_is_a_clear_502(
+    gateway: GatewayServer,
+    fake_lmstudio: FakeLMStudio,
+    body: bytes,
+    content_type: str,
+    stream: bool,
+) -> None:
+    fake_lmstudio.behaviour.status = 200
+    fake_lmstudio.behaviour.error_body = body
+    fake_lmstudio.behaviour.error_content_type = content_type
+    status, payload, headers = await chat(gateway, stream=stream)
+    assert status == 502
+    assert payload["error"]["code"] == "upstream_bad_response"
+    assert payload["error"]["message"].startswith("LM Studio answered 200 with a body that is not")
+    assert payload["error"]["request_id"] == headers["X-Request-ID"]
+    fake_lmstudio.behaviour.status = None
+    assert (await chat(gateway))[0] == 200  # and the gateway serves on
+
+
 async def test_lm_studio_requiring_a_token_we_lack_is_explained(
     start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
 ) -> None:

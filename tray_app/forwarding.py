@@ -23,7 +23,7 @@ from tray_app.upstream import (
     rejected_our_credentials,
     translate_client_error,
 )
-from tray_app.usage import Usage, usage_from_body
+from tray_app.usage import Usage, usage_from_payload
 
 # Larger bodies (images) go out in chunks so one request cannot stall the event loop.
 _INLINE_BODY_BYTES = 1024 * 1024
@@ -187,9 +187,27 @@ class Forwarder:
                 type="upstream_error",
                 code="upstream_error",
             )
-        if status < 300 and "json" in upstream.headers.get("Content-Type", ""):
-            outcome.usage = usage_from_body(data)
+        if status < 300:
+            outcome.usage = _usage_of_json_answer(
+                data, upstream.headers.get("Content-Encoding"), status
+            )
         return web.Response(status=status, body=data, headers=headers)
+
+
+def _usage_of_json_answer(data: bytes, encoding: str | None, status: int) -> Usage | None:
+    """Every forwarded endpoint answers JSON: anything else from LM Studio is a broken answer
+    the caller should hear about as such, not a body their SDK chokes on."""
+    try:
+        payload = json.loads(decode_body(data, encoding))
+    except ValueError:
+        snippet = data[:200].decode("utf-8", errors="replace").strip()
+        raise ApiError(
+            502,
+            f"LM Studio answered {status} with a body that is not JSON: {snippet or '(empty)'}",
+            type="upstream_error",
+            code="upstream_bad_response",
+        ) from None
+    return usage_from_payload(payload)
 
 
 def shutting_down() -> ApiError:

@@ -32,13 +32,6 @@ def usage_from_payload(payload: Any) -> Usage | None:
     return Usage(prompt_tokens=prompt, completion_tokens=completion)
 
 
-def usage_from_body(body: bytes) -> Usage | None:
-    try:
-        return usage_from_payload(json.loads(body))
-    except ValueError:
-        return None
-
-
 def usage_from_sse_tail(chunks: Iterable[bytes]) -> Usage | None:
     """Usage from the last events of a stream (the usage chunk comes just before [DONE])."""
     text = b"".join(chunks).decode("utf-8", errors="replace")
