@@ -92,6 +92,9 @@ def summarise(raw_lines: Iterable[str]) -> Profile:
 def report(profile: Profile, seconds: float, requests: int, streams: int, top: int) -> str:
     total = max(profile.samples, 1)
     out = [
+        "# Where `lmgate serve` spends its CPU",
+        "",
+        f"Made by `.venv/bin/python benchmarks/profile_gateway.py --seconds {seconds:g}`: "
         f"py-spy, 1000 samples/s for {seconds:.0f} s of load: {requests} non-streamed chats "
         f"and {streams} paced streams (50 chunks, 2 ms apart); {profile.samples} on-CPU samples.",
         "",
