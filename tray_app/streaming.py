@@ -266,6 +266,8 @@ class _HeartbeatPump:
 
     async def _send(self) -> None:
         try:
+            if self._stopping:
+                return  # stopped after the timer fired but before this task's first step
             await self._relay.heartbeat()
         except _ClientGone:
             return  # aiohttp cancels the handler; there is nobody left to beat for
