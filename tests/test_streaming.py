@@ -221,3 +221,44 @@ async def test_upstream_error_after_heartbeats_becomes_an_error_event(
         assert r.status == 200  # committed by the heartbeats before LM Studio answered
         events = sse_events(await r.read())
     assert "fake error 500" in json.loads(events[-1])["error"]["message"]
+
+
+class _CountingRelay:
+    def __init__(self) -> None:
+        self.beats = 0
+
+    async def heartbeat(self) -> None:
+        self.beats += 1
+
+
+async def test_a_beat_due_just_as_the_pump_stops_writes_nothing() -> None:
+    # The timer fires and queues the beat's task; the relay stops the pump (LM Studio just
+    # answered with an error, say) before that task's first step. A beat written then would
+    # commit the response as a 200 stream. asyncio runs ready callbacks in order, so this
+    # test's next step comes before the beat task's first one.
+    from tray_app.streaming import _HeartbeatPump
+
+    relay = _CountingRelay()
+    pump = _HeartbeatPump(relay, 0.001)  # type: ignore[arg-type]
+    for _ in range(10_000):
+        await asyncio.sleep(0)
+        if pump._beat is not None:
+            break
+    assert pump._beat is not None, "the heartbeat timer never fired"
+    await pump.stop()
+    assert relay.beats == 0
+    await asyncio.sleep(0.01)
+    assert relay.beats == 0  # and no later beat either
+
+
+async def test_the_pump_beats_until_stopped() -> None:
+    from tray_app.streaming import _HeartbeatPump
+
+    relay = _CountingRelay()
+    pump = _HeartbeatPump(relay, 0.01)  # type: ignore[arg-type]
+    await asyncio.sleep(0.1)
+    await pump.stop()
+    beats = relay.beats
+    assert beats >= 3
+    await asyncio.sleep(0.05)
+    assert relay.beats == beats
