@@ -26,9 +26,10 @@ from pathlib import Path
 import aiohttp
 from bench_gateway import Side, chat_latency, start_gateway, start_upstream, stream
 
+SOCKET_WRITES = "socket writes (send system call)"  # any sample with this frame in it
+SEND_FRAME = "_SelectorSocketTransport.write"
 # (layer, test on a frame's "function (file:line)" text), first match wins, innermost first.
 LAYERS = (
-    ("socket writes (send system call)", lambda f: f.startswith("_SelectorSocketTransport.write")),
     ("LM Gate (tray_app)", lambda f: "tray_app/" in f),
     ("logging", lambda f: "logging/" in f),
     ("aiohttp client", lambda f: "aiohttp/client" in f or "aiohttp/connector" in f),
@@ -51,12 +52,12 @@ class Profile:
 def layer_of(frames: list[str]) -> str:
     """The layer a sample belongs to: decided by its innermost frame that any layer claims,
     except that a send() anywhere below counts as a socket write."""
-    if any(f.startswith("_SelectorSocketTransport.write") for f in frames):
-        return LAYERS[0][0]
+    if any(f.startswith(SEND_FRAME) for f in frames):
+        return SOCKET_WRITES
     for frame in reversed(frames):
         if frame.startswith(LOOP_ROOTS):
             break  # below the loop's own frames: the loop itself was working
-        for name, claims in LAYERS[1:]:
+        for name, claims in LAYERS:
             if claims(frame):
                 return name
     return "event loop and other"
