@@ -30,12 +30,12 @@ SOCKET_WRITES = "socket writes (send system call)"  # any sample with this frame
 SEND_FRAME = "_SelectorSocketTransport.write"
 # (layer, test on a frame's "function (file:line)" text), first match wins, innermost first.
 LAYERS = (
+    ("sqlite3 (usage flushes)", lambda f: "sqlite3" in f or "tray_app/storage" in f),
     ("LM Gate (tray_app)", lambda f: "tray_app/" in f),
     ("logging", lambda f: "logging/" in f),
     ("aiohttp client", lambda f: "aiohttp/client" in f or "aiohttp/connector" in f),
     ("aiohttp server and HTTP writer", lambda f: "aiohttp/" in f),
     ("prometheus-client", lambda f: "prometheus_client/" in f),
-    ("sqlite3 (usage flushes)", lambda f: "sqlite3" in f or "tray_app/storage" in f),
 )
 LOOP_ROOTS = ("BaseEventLoop._run_once", "BaseEventLoop.run_forever")
 IDLE = ("EpollSelector.select", "select (selectors", "_worker (concurrent/futures")

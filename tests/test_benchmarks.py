@@ -63,10 +63,13 @@ def test_profile_summary_sorts_samples_into_layers() -> None:
         "main (tray_app/cli.py:1);BaseEventLoop._run_once (asyncio/base_events.py:1);"
         "Handle._run (asyncio/events.py:80) 2",
         "Forwarder._open (tray_app/forwarding.py:1);ClientSession._request (aiohttp/client.py:2) 1",
+        "_worker (concurrent/futures/thread.py:1);UsageRecorder.flush (tray_app/accounting.py:5);"
+        "Database.add_usage (tray_app/storage.py:9) 2",
     ]
     summary = profile.summarise(lines)
-    assert summary.samples == 10
+    assert summary.samples == 12
     assert summary.layers == {
+        "sqlite3 (usage flushes)": 2,  # LM Gate's storage module, but the database's time
         "LM Gate (tray_app)": 3,
         "socket writes (send system call)": 4,
         "event loop and other": 2,  # the loop's own work is not LM Gate's, though cli.py is root
