@@ -146,21 +146,15 @@ class Forwarder:
 
     async def _read_whole(self, upstream: aiohttp.ClientResponse) -> bytes:
         limit = self._config.max_response_bytes
-        too_large = ApiError(
-            502,
-            f"LM Studio's response was larger than {limit} bytes (limits.max_response_bytes).",
-            type="upstream_error",
-            code="upstream_response_too_large",
-        )
         try:
             if upstream.content_length is not None and upstream.content_length > limit:
-                raise too_large
+                raise _response_too_large(limit)
             parts: list[bytes] = []
             size = 0
             async for chunk in upstream.content.iter_any():
                 size += len(chunk)
                 if size > limit:
-                    raise too_large
+                    raise _response_too_large(limit)
                 parts.append(chunk)
         except BaseException as exc:
             upstream.close()
@@ -192,6 +186,16 @@ class Forwarder:
                 data, upstream.headers.get("Content-Encoding"), status
             )
         return web.Response(status=status, body=data, headers=headers)
+
+
+def _response_too_large(limit: int) -> ApiError:
+    # Built only when raised: the error is rare and its message is not free.
+    return ApiError(
+        502,
+        f"LM Studio's response was larger than {limit} bytes (limits.max_response_bytes).",
+        type="upstream_error",
+        code="upstream_response_too_large",
+    )
 
 
 def _usage_of_json_answer(data: bytes, encoding: str | None, status: int) -> Usage | None:

@@ -83,6 +83,16 @@ def _refusal_error(refusal: Refusal) -> ApiError:
     )
 
 
+def _body_too_large(limit: int) -> ApiError:
+    # Built only when raised: every POST reads its body here.
+    return ApiError(
+        413,
+        f"The request body is larger than {limit} bytes (limits.max_body_bytes).",
+        type="invalid_request_error",
+        code="body_too_large",
+    )
+
+
 class Gateway:
     """Holds the parts and serves requests with them. Identity parts are optional: without
     ``pairing`` there is no /pair, without ``metrics`` no /metrics, without ``recorder`` no
@@ -334,18 +344,12 @@ class Gateway:
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.config.max_body_bytes
-        too_large = ApiError(
-            413,
-            f"The request body is larger than {limit} bytes (limits.max_body_bytes).",
-            type="invalid_request_error",
-            code="body_too_large",
-        )
         if request.content_length is not None and request.content_length > limit:
-            raise too_large
+            raise _body_too_large(limit)
         try:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
+            raise _body_too_large(limit) from None
 
     async def _forward_post(
         self, request: web.Request, exchange: Exchange, route: Route, principal: Principal
