@@ -136,6 +136,9 @@ class FixedPrincipalAuthenticator:
         self._inner.authenticate(headers, peer)
         return self._principal
 
+    def still_valid(self, principal: Principal) -> bool:
+        return principal is self._principal
+
 
 def sse_events(body: bytes) -> list[str]:
     """The data lines of an SSE body, in order (comments excluded)."""

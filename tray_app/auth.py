@@ -21,12 +21,18 @@ MIN_STATIC_KEY_LENGTH = 16
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """An authenticated caller. ``models`` None means every model LM Studio offers."""
+    """An authenticated caller. ``models`` None means every model LM Studio offers.
+
+    ``name`` is the principal's identity (conversations, limits and usage belong to it): one
+    per issued credential, never shared by two. ``credential`` names the credential that
+    authenticated the request, so that a running stream can be ended once it is revoked.
+    """
 
     name: str
     scopes: frozenset[str]
     models: frozenset[str] | None = None
     max_tokens: int | None = None
+    credential: str | None = None
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
@@ -41,6 +47,12 @@ class Principal:
 class Authenticator(Protocol):
     def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
         """Return the caller's principal or raise :class:`AuthError` (401)."""
+        ...
+
+    def still_valid(self, principal: Principal) -> bool:
+        """Whether the credential behind ``principal`` is still live (not revoked, not
+        expired), reading changes other processes made; asked every few seconds for each
+        running stream."""
         ...
 
 
@@ -81,3 +93,6 @@ class StaticKeyAuthenticator:
         if not hmac.compare_digest(credential.encode("utf-8"), self._key):
             raise AuthError("Invalid API key.", code="invalid_api_key")
         return self._principal
+
+    def still_valid(self, principal: Principal) -> bool:
+        return principal is self._principal

@@ -46,11 +46,26 @@ class Config:
     # Image inputs arrive base64-encoded inside JSON; 32 MiB fits several large photos.
     max_body_bytes: int = 32 * MIB
     max_response_bytes: int = 256 * MIB
+    # One SSE event from LM Studio; a stream event is a few hundred bytes.
+    max_event_bytes: int = 1 * MIB
     # SSE comments sent while LM Studio is still processing the prompt, so that proxies and
     # phones do not drop an idle connection. 0 turns them off.
     heartbeat_interval: float = 15.0
     # How long in-flight requests may run on after a stop before they are closed.
     shutdown_grace: float = 10.0
+    # Slow or silent clients: a connection must deliver its request head within
+    # header_timeout and its body within body_timeout; an idle keep-alive connection closes
+    # after keepalive_timeout. None of them limits how long an answer may stream.
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 30.0
+    # Open client connections: 0 = derived from the process's file-descriptor limit, so the
+    # gateway refuses new connections before it runs out of descriptors.
+    max_connections: int = 0
+    max_connections_per_client: int = 64
+    # Host names (besides this machine's addresses, localhost and the tunnel's public name)
+    # that requests may be addressed to; a browser tricked by DNS rebinding sends another one.
+    allowed_hosts: tuple[str, ...] = ()
     enable_responses: bool = False
     enable_messages: bool = False
     log_level: str = "info"
@@ -64,8 +79,9 @@ class Config:
     concurrent_requests: int = 4
     auth_failures_per_minute: int = 10
     pairing_attempts_per_minute: int = 5
-    # The tunnel agent connects from loopback and says who the real client is.
-    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    # Proxies whose X-Forwarded-For is believed (nginx in front). The running tunnel's own
+    # agent is trusted while it runs, without being listed: loopback alone proves nothing.
+    trusted_proxies: tuple[str, ...] = ()
     cors_allowed_origins: tuple[str, ...] = ()
     data_dir: str = ""  # "" = the platform's user data directory
     secret_store: str = "keyring"  # noqa: S105 - a backend name, not a secret
@@ -248,6 +264,18 @@ def _networks(raw: object) -> tuple[str, ...]:
     return items
 
 
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
+
+
+def _host_names(raw: object) -> tuple[str, ...]:
+    items = tuple(item.lower().rstrip(".") for item in _string_list(raw))
+    for item in items:
+        if not _HOST_NAME.match(item):
+            raise ValueError(f"{item!r} is not a host name like llm.example.com")
+    return items
+
+
 def _origins(raw: object) -> tuple[str, ...]:
     items = _string_list(raw)
     for item in items:
@@ -351,6 +379,12 @@ _SETTINGS: tuple[_Setting, ...] = (
         "largest non-streamed LM Studio response in bytes",
     ),
     _Setting(
+        "limits.max_event_bytes",
+        "max_event_bytes",
+        _int_in(1024, 1024 * MIB),
+        "largest single SSE event LM Studio may send in a stream, in bytes",
+    ),
+    _Setting(
         "streaming.heartbeat_interval",
         "heartbeat_interval",
         _seconds(0, 3600),
@@ -361,6 +395,43 @@ _SETTINGS: tuple[_Setting, ...] = (
         "shutdown_grace",
         _seconds(0, 3600),
         "seconds in-flight requests may finish after a stop",
+    ),
+    _Setting(
+        "server.header_timeout",
+        "header_timeout",
+        _seconds(0.5, 600),
+        "seconds a client may take to send a request's headers",
+    ),
+    _Setting(
+        "server.body_timeout",
+        "body_timeout",
+        _seconds(1, 3600),
+        "seconds a client may take to send a request's body",
+    ),
+    _Setting(
+        "server.keepalive_timeout",
+        "keepalive_timeout",
+        _seconds(1, 3600),
+        "seconds an idle keep-alive connection stays open",
+    ),
+    _Setting(
+        "server.max_connections",
+        "max_connections",
+        _int_in(0, 1_000_000),
+        "open client connections at most (0 = from the file-descriptor limit)",
+    ),
+    _Setting(
+        "server.max_connections_per_client",
+        "max_connections_per_client",
+        _int_in(1, 1_000_000),
+        "open connections at most from one address (the running tunnel agent excepted)",
+    ),
+    _Setting(
+        "server.allowed_hosts",
+        "allowed_hosts",
+        _host_names,
+        "host names requests may be addressed to, besides IP addresses, localhost and the "
+        "tunnel's public name (e.g. llm.example.com behind nginx)",
     ),
     _Setting(
         "routes.enable_responses",
@@ -427,7 +498,8 @@ _SETTINGS: tuple[_Setting, ...] = (
         "server.trusted_proxies",
         "trusted_proxies",
         _networks,
-        "peers whose X-Forwarded-For is believed (the tunnel agent, nginx)",
+        "proxies whose X-Forwarded-For is believed, e.g. nginx (the running tunnel's agent "
+        "is trusted without being listed)",
     ),
     _Setting(
         "cors.allowed_origins",
