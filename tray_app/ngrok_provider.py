@@ -9,6 +9,8 @@
 - A PID file marks our agent; an agent of ours left by a crash is stopped at the next start,
   identified by its command line naming our config file — never someone else's ngrok.
 - pyngrok's calls block, so they run in a thread with timeouts; the event loop never waits.
+- Only a proven agent is started (see :mod:`tray_app.ngrok_agent`): pyngrok's own ``ngrok``
+  script, which downloads ngrok, is never run.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ from pyngrok.log import NgrokLog
 from pyngrok.process import NgrokProcess
 
 from tray_app.errors import SecretStoreError, TunnelError
+from tray_app.ngrok_agent import INSTALL_HELP, Agent, find_agent
 from tray_app.secrets import SecretStore
 
 log = logging.getLogger("lmgate.tunnel.ngrok")
@@ -46,11 +48,6 @@ TUNNEL_NAME = "lmgate"
 OPEN_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 10.0
 
-INSTALL_HELP = (
-    "Install the ngrok agent from https://ngrok.com/download (or `brew install ngrok`, "
-    "`snap install ngrok`, `choco install ngrok`), then put it on your PATH or set "
-    "tunnel.ngrok_path to the binary."
-)
 # Advice text, not a secret.
 TOKEN_HELP = (
     "Copy your authtoken from https://dashboard.ngrok.com/get-started/your-authtoken "  # noqa: S105
@@ -111,29 +108,6 @@ def check_token_shape(token: str) -> str:
     return token
 
 
-def find_agent(configured: str = "") -> Path:
-    """The ngrok binary to use; TunnelError with install advice if there is none."""
-    if configured:
-        path = Path(configured).expanduser()
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-        raise TunnelError(
-            f"tunnel.ngrok_path points to {path}, which is not an executable "
-            "ngrok binary. " + INSTALL_HELP
-        )
-    found = shutil.which("ngrok")
-    if found:
-        return Path(found)
-    default = Path(conf.DEFAULT_NGROK_PATH)
-    if default.is_file():
-        return default
-    # pyngrok would try to download it now; offline that fails with a confusing error.
-    raise TunnelError(
-        "The ngrok agent is not installed, and LM Gate does not download "
-        "programs by itself. " + INSTALL_HELP
-    )
-
-
 def _free_loopback_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -182,6 +156,8 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 class NgrokProvider:
     name = "ngrok"
     warning: str | None = None
+    # The agent dials the gateway from loopback and appends the internet client's address.
+    forwarded_header: str | None = "X-Forwarded-For"
 
     def __init__(
         self,
@@ -220,7 +196,8 @@ class NgrokProvider:
     # ---- the public interface --------------------------------------------------------------
 
     async def open(self, local_port: int) -> str:
-        agent = find_agent(self._ngrok_path)
+        # Proving the agent runs it (`--version`): in a thread, like every blocking call here.
+        agent = await asyncio.to_thread(find_agent, self._ngrok_path)
         token = self._load_token()
         try:
             return await asyncio.wait_for(
@@ -303,13 +280,13 @@ class NgrokProvider:
         self.pid_path.unlink(missing_ok=True)
         return True
 
-    def _open_blocking(self, agent: Path, token: str, local_port: int) -> str:
+    def _open_blocking(self, agent: Agent, token: str, local_port: int) -> str:
         self._closing = False
         self.stop_stale_agent()
         self._write_private_config(token)
         self._token = token
         config = conf.PyngrokConfig(
-            ngrok_path=str(agent),
+            ngrok_path=str(agent.path),
             config_path=str(self.config_path),
             region=self._region or None,
             monitor_thread=True,
