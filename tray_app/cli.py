@@ -220,6 +220,7 @@ async def _serve(config: Config, out: IO[str]) -> int:
     # Without a usable store LM Gate still reads LMGATE_SECRET_* variables set on purpose.
     gateway_secrets = store if store is not None else EnvSecretStore()
     first_key = None
+    # A key is made (and shown) only for a terminal: journald keeps whatever serve prints.
     if not identity.api_keys.list() and not identity.tokens.list() and out.isatty():
         first_key, _record = identity.api_keys.create("owner", scopes=ALL_SCOPES)
     server = GatewayServer(build_gateway(config, identity, gateway_secrets))
@@ -306,6 +307,15 @@ def _print_public(manager: TunnelManager, identity: Identity, out: IO[str]) -> N
     print(f"Public URL:  {url}  (OpenAI base URL: {url}/v1)", file=out)
     if status.warning:
         print(f"Warning:     {status.warning}", file=out)
+    if not out.isatty():
+        # Anyone who reads this output (journald, a log file) could pair with the code before
+        # the phone does; no code is made, so none is left lying about.
+        print(
+            f"Pair a phone: run `lmgate pair --url {url}` in a terminal (the one-time pairing "
+            "code is not written to logs).",
+            file=out,
+        )
+        return
     code, expires = identity.pairing.create_code()
     pairing_url = f"{url}/#{code}"
     print(
