@@ -38,6 +38,8 @@ def detect_lan_address() -> str | None:
 class LanProvider:
     name = "lan"
     warning: str | None = LAN_WARNING
+    # No agent: devices connect directly, so no forwarding header is ever believed.
+    forwarded_header: str | None = None
 
     def __init__(
         self,

@@ -49,6 +49,9 @@ class TunnelStatus:
 class TunnelProvider(Protocol):
     name: str
     warning: str | None
+    # The header in which the provider's agent, dialling in from loopback, names the client
+    # (None: the provider has no agent and clients connect directly).
+    forwarded_header: str | None
 
     async def open(self, local_port: int) -> str:
         """Open a public endpoint to ``local_port``; the public base URL. Raises TunnelError."""
