@@ -58,7 +58,11 @@ def _dechunk(data: bytes) -> bytes:
 def build_request(
     method: str, target: str, port: int, headers: Mapping[str, str] | None = None, body: bytes = b""
 ) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
+    given = {name.lower() for name in headers or {}}
+    lines = [f"{method} {target} HTTP/1.1"]
+    if "host" not in given:
+        lines.append(f"Host: 127.0.0.1:{port}")
+    lines.append("Connection: close")
     for name, value in (headers or {}).items():
         lines.append(f"{name}: {value}")
     if body or method in {"POST", "PUT", "PATCH"}:

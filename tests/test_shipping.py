@@ -28,7 +28,13 @@ class Live(LiveGateway):
     """The live gateway with an API key for the checker."""
 
     def __init__(self, tmp: Path) -> None:
-        super().__init__(tmp / "live")
+        # As `lmgate deploy nginx`'s unit configures it: nginx on loopback is the trusted proxy,
+        # and requests arrive addressed to the site's domain.
+        super().__init__(
+            tmp / "live",
+            trusted_proxies=("127.0.0.1/32", "::1/128"),
+            allowed_hosts=("llm.example.test",),
+        )
         self.key = self.identity.api_keys.create("checker", scopes=frozenset({"chat", "models"}))[0]
 
 
@@ -206,6 +212,7 @@ def test_nginx_site_passes_nginx_t_and_streams(live: Live, tmp_path: Path) -> No
     unit = (out / "lmgate.service").read_text()
     assert "User=lmgate" in unit and "serve --host 127.0.0.1" in unit
     assert "LMGATE_SERVER_TRUSTED_PROXIES=127.0.0.1/32" in unit and "NoNewPrivileges=true" in unit
+    assert "LMGATE_SERVER_ALLOWED_HOSTS=llm.example.test" in unit
 
     prefix = tmp_path / "nginx"
     (prefix / "logs").mkdir(parents=True)

@@ -11,6 +11,7 @@ answer for the history. ``GET /api/conversations``, ``GET`` and ``DELETE
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -18,9 +19,10 @@ from aiohttp import web
 
 from tray_app.api_errors import REQUEST_ID_HEADER, ApiError
 from tray_app.auth import Principal
-from tray_app.body import parse_json_object
+from tray_app.body import apply_principal_rules, check_models, parse_json_object, prepare_body
 from tray_app.conversations import ConversationStore, Message, trim_history
-from tray_app.forwarding import Forwarder, Outcome
+from tray_app.exchange import Exchange
+from tray_app.forwarding import Forwarder
 from tray_app.routes import FORWARDED_ROUTES
 from tray_app.upstream import UPSTREAM_SESSION
 
@@ -40,16 +42,23 @@ def _not_found() -> ApiError:
 
 
 class SseCapture:
-    """Collects the answer's text from SSE chunks as they pass (only for /api/chat)."""
+    """Collects the answer's text from SSE chunks as they pass (only for /api/chat).
 
-    def __init__(self) -> None:
+    Both buffers are bounded: an unfinished line longer than ``max_line`` is dropped (the relay
+    ends such a stream itself), and the kept answer stops growing at ``max_chars``."""
+
+    def __init__(self, *, max_line: int, max_chars: int) -> None:
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self._pending = b""
+        self._max_line = max_line
+        self._room = max_chars
 
     def __call__(self, chunk: bytes) -> None:
         data = self._pending + chunk
-        *lines, self._pending = data.split(b"\n")
+        *lines, self._pending = data.replace(b"\r", b"\n").split(b"\n")
+        if len(self._pending) > self._max_line:
+            self._pending = b""
         for line in lines:
             if not line.startswith(b"data:"):
                 continue
@@ -62,30 +71,45 @@ class SseCapture:
             except (ValueError, KeyError, IndexError, TypeError):
                 continue
             if isinstance(delta.get("content"), str):
-                self.content.append(delta["content"])
+                self._keep(self.content, delta["content"])
             for key in ("reasoning", "reasoning_content"):
                 if isinstance(delta.get(key), str):
-                    self.reasoning.append(delta[key])
+                    self._keep(self.reasoning, delta[key])
+
+    def _keep(self, into: list[str], text: str) -> None:
+        if self._room > 0:
+            into.append(text[: self._room])
+            self._room -= len(text)
+
+
+BodyReader = Callable[[web.Request, Exchange], Awaitable[bytes]]
 
 
 class ChatApi:
     def __init__(
-        self, store: ConversationStore, forwarder: Forwarder, *, context_chars: int
+        self,
+        store: ConversationStore,
+        forwarder: Forwarder,
+        *,
+        context_chars: int,
+        read_body: BodyReader,
+        max_event_bytes: int,
+        max_answer_chars: int,
+        count_usage: bool,
     ) -> None:
         self._store = store
         self._forward = forwarder
         self._context_chars = context_chars
+        self._read_body = read_body  # the gateway's: its size and time limits, its errors
+        self._max_event_bytes = max_event_bytes
+        self._max_answer_chars = max_answer_chars
+        self._count_usage = count_usage
 
     async def handle(
-        self,
-        request: web.Request,
-        request_id: str,
-        path: str,
-        principal: Principal,
-        outcome: Outcome,
-        extra_headers: dict[str, str] | None,
+        self, request: web.Request, exchange: Exchange, path: str, principal: Principal
     ) -> web.StreamResponse:
         method = request.method
+        request_id = exchange.request_id
         if path == "/api/chat":
             if method != "POST":
                 raise ApiError(
@@ -95,7 +119,7 @@ class ChatApi:
                     code="method_not_allowed",
                     headers={"Allow": "POST"},
                 )
-            return await self._chat(request, request_id, principal, outcome, extra_headers)
+            return await self._chat(request, exchange, principal)
         if path == "/api/conversations":
             if method != "GET":
                 raise ApiError(
@@ -185,14 +209,11 @@ class ChatApi:
         )
 
     async def _chat(
-        self,
-        request: web.Request,
-        request_id: str,
-        principal: Principal,
-        outcome: Outcome,
-        extra_headers: dict[str, str] | None,
+        self, request: web.Request, exchange: Exchange, principal: Principal
     ) -> web.StreamResponse:
-        payload = parse_json_object(await request.read())
+        request_id, outcome, extra_headers = exchange.request_id, exchange.outcome, exchange.cors
+        raw = await self._read_body(request, exchange)
+        payload = parse_json_object(raw)
         message = payload.get("message")
         if not isinstance(message, str) or not message.strip():
             raise _invalid('Send a non-empty "message".', "message")
@@ -218,30 +239,33 @@ class ChatApi:
                 if conversation and conversation.model
                 else await self._default_model(request, principal)
             )
-        if not principal.may_use_model(model):
-            raise ApiError(
-                403,
-                f"This key may not use the model {model!r}.",
-                type="permission_error",
-                code="model_not_allowed",
-                param="model",
-            )
-        if conversation is None:
-            conversation = self._store.create(principal.name, message, model)
-        history = self._store.messages(conversation.id)
+        exchange.model, exchange.stream = model, stream
+        history = self._store.messages(conversation.id) if conversation is not None else []
         history.append(Message("user", message, None, 0.0))
         sent = trim_history(history, self._context_chars)
+        # The body LM Studio gets passes the same rules as any /v1/chat/completions request:
+        # the model allowlist, the output cap, and usage asked for so the turn is counted.
+        prepared = prepare_body(
+            CHAT_ROUTE,
+            json.dumps(
+                {
+                    "model": model,
+                    "stream": stream,
+                    "messages": [{"role": m.role, "content": m.content} for m in sent],
+                }
+            ).encode(),
+        )
+        check_models(prepared, principal)
+        adjusted = apply_principal_rules(
+            prepared, CHAT_ROUTE, max_tokens=principal.max_tokens, want_usage=self._count_usage
+        )
+        body = adjusted.body.raw
+        if conversation is None:
+            conversation = self._store.create(principal.name, message, model)
         self._store.append(conversation.id, "user", message, model=model)
-        body = json.dumps(
-            {
-                "model": model,
-                "stream": stream,
-                "messages": [{"role": m.role, "content": m.content} for m in sent],
-            }
-        ).encode()
         headers = {CONVERSATION_HEADER: conversation.id, **(extra_headers or {})}
         if stream:
-            capture = SseCapture()
+            capture = SseCapture(max_line=self._max_event_bytes, max_chars=self._max_answer_chars)
             try:
                 return await self._forward.post(
                     request,
@@ -251,7 +275,7 @@ class ChatApi:
                     stream=True,
                     outcome=outcome,
                     extra_headers=headers,
-                    hide_usage=False,
+                    hide_usage=adjusted.hide_usage,
                     observer=capture,
                 )
             finally:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
-ALLOWED_METHODS = "GET, POST, OPTIONS"
 ALLOWED_HEADERS = "Authorization, Content-Type, X-API-Key, X-Request-ID, ngrok-skip-browser-warning"
-EXPOSED_HEADERS = "X-Request-ID, Retry-After"
+# X-Conversation-ID: a browser client of /api/chat learns which conversation a stream started.
+EXPOSED_HEADERS = "X-Request-ID, Retry-After, X-Conversation-ID"
 MAX_AGE = "600"
 
 
@@ -43,10 +43,12 @@ class CorsPolicy:
         )
 
     @staticmethod
-    def preflight_headers(origin: str) -> dict[str, str]:
+    def preflight_headers(origin: str, methods: str) -> dict[str, str]:
+        """``methods``: what the path itself answers (its ``Allow``), so a preflight never
+        promises a method the endpoint refuses."""
         return {
             "Access-Control-Allow-Origin": origin,
-            "Access-Control-Allow-Methods": ALLOWED_METHODS,
+            "Access-Control-Allow-Methods": f"{methods}, OPTIONS",
             "Access-Control-Allow-Headers": ALLOWED_HEADERS,
             "Access-Control-Max-Age": MAX_AGE,
             "Vary": "Origin",

@@ -118,6 +118,7 @@ Group={d.user}
 ExecStart={d.executable} serve --host 127.0.0.1 --port {d.port} --secret-store file
 Environment=LMGATE_STORAGE_DATA_DIR=/var/lib/lmgate
 Environment=LMGATE_SERVER_TRUSTED_PROXIES=127.0.0.1/32,::1/128
+Environment=LMGATE_SERVER_ALLOWED_HOSTS={d.domain}
 Environment=LMGATE_UPSTREAM_URL={d.upstream}
 StateDirectory=lmgate
 StateDirectoryMode=0700

@@ -1,10 +1,13 @@
 """The gateway: an aiohttp application that authenticates, filters and relays to LM Studio.
 
-One catch-all handler does the routing itself, on the normalised raw path, so that aiohttp's
-router can never send an oddly encoded path somewhere the route table did not decide. For each
-request, in order: request ID, path, upgrade refusal, CORS, the gateway's own endpoints, route
-table, the auth-failure throttle, authentication, scope, rate and concurrency limits, body rules,
-then forwarding; at the end one access log line, metrics and usage accounting.
+One middleware hands every request to one handler, which does the routing itself on the
+normalised raw path, so that aiohttp's router can never send an oddly encoded path (or a
+CONNECT, or an absolute-form target) somewhere the route table did not decide. For each
+request, in order: request ID, path, upgrade refusal, Host name, CORS, the gateway's own
+endpoints, route table, authentication (with the auth-failure throttle for failures only),
+scope, rate and concurrency limits, body rules, then forwarding; at the end one access log
+line, metrics and usage accounting. A watchdog ends running streams whose credential was
+revoked.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -23,19 +26,20 @@ from tray_app.access_log import ACCESS_LOGGER, new_request_id
 from tray_app.accounting import UsageRecorder
 from tray_app.api_errors import REQUEST_ID_HEADER, ApiError
 from tray_app.auth import Authenticator, Principal
-from tray_app.body import apply_principal_rules, parse_json_object, prepare_body
+from tray_app.body import apply_principal_rules, check_models, parse_json_object, prepare_body
 from tray_app.chat_api import ChatApi
 from tray_app.clock import Clock, SystemClock
 from tray_app.config import Config
 from tray_app.conversations import ConversationStore
 from tray_app.cors import CorsPolicy
 from tray_app.errors import AuthError
-from tray_app.forwarding import Forwarder, Outcome, shutting_down
+from tray_app.exchange import Exchange
+from tray_app.forwarding import Forwarder, shutting_down
 from tray_app.headers import is_upgrade_request, sane_request_id
 from tray_app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tray_app.metrics import GatewayMetrics
 from tray_app.pairing import PairingError, PairingService
-from tray_app.protection import Protections, origin_refused
+from tray_app.protection import Protections, host_refused, origin_refused
 from tray_app.routes import SCOPE_CHAT, SCOPE_METRICS, Refusal, Route, RouteTable, normalise_path
 from tray_app.secrets import LMSTUDIO_API_TOKEN, SecretStore
 from tray_app.upstream import UPSTREAM_SESSION, session_context
@@ -45,31 +49,19 @@ log = logging.getLogger("lmgate.gateway")
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 READY_TIMEOUT = 5.0
+# /readyz needs no credential: one LM Studio probe per this many seconds, whoever asks.
+READY_CACHE_SECONDS = 2.0
 USAGE_FLUSH_SECONDS = 2.0
+# How soon a running stream ends after its credential is revoked (by the CLI, tray or pairing).
+REVALIDATE_SECONDS = 2.0
+# The conversation API: path (or prefix ending in "/") → the methods it answers.
+CONVERSATION_ENDPOINTS = {
+    "/api/chat": "POST",
+    "/api/conversations": "GET",
+    "/api/conversations/": "GET, DELETE",
+}
 
 OwnHandler = Callable[[web.Request, "Exchange"], Awaitable[web.StreamResponse]]
-
-
-@dataclass(slots=True, eq=False)  # identity hash: exchanges live in a set
-class Exchange:
-    """What the access log records about one request; filled in as the request proceeds."""
-
-    request_id: str
-    method: str
-    started: float
-    client: str | None
-    path: str = "-"
-    route: str = "other"  # bounded label for metrics
-    principal: str | None = None
-    model: str | None = None
-    status: int = 0
-    bytes_in: int = 0
-    stream: bool = False
-    cors: dict[str, str] | None = None
-    outcome: Outcome = field(default_factory=Outcome, repr=False)
-    task: asyncio.Task[object] | None = field(default=None, repr=False)
-    aborted_by_stop: bool = False
-    error: str | None = None
 
 
 def _refusal_error(refusal: Refusal) -> ApiError:
@@ -91,6 +83,26 @@ def _body_too_large(limit: int) -> ApiError:
         type="invalid_request_error",
         code="body_too_large",
     )
+
+
+def _body_too_slow(seconds: float) -> ApiError:
+    return ApiError(
+        408,
+        f"The request body did not arrive within {seconds:g} s (server.body_timeout).",
+        type="invalid_request_error",
+        code="body_timeout",
+        headers={"Connection": "close"},
+    )
+
+
+def _conversation_methods(path: str) -> str | None:
+    if path in CONVERSATION_ENDPOINTS:
+        return CONVERSATION_ENDPOINTS[path]
+    prefix = "/api/conversations/"
+    rest = path.removeprefix(prefix)
+    if rest != path and rest and "/" not in rest:
+        return CONVERSATION_ENDPOINTS[prefix]
+    return None
 
 
 class Gateway:
@@ -149,25 +161,55 @@ class Gateway:
                 self._own[("GET", page_path)] = self._serve_page
         if conversations is not None:
             self._chat = ChatApi(
-                conversations, self._forward, context_chars=config.chat_context_chars
+                conversations,
+                self._forward,
+                context_chars=config.chat_context_chars,
+                read_body=self._read_body,
+                max_event_bytes=config.max_event_bytes,
+                max_answer_chars=config.max_response_bytes,
+                count_usage=recorder is not None,
             )
         self._own_paths = {path for _, path in self._own}
+        self._ready: tuple[float, bool] | None = None  # (when probed, answer)
+        self._ready_probe: asyncio.Task[bool] | None = None
 
     # ---- application wiring ---------------------------------------------------------------
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body_bytes)
+        @web.middleware
+        async def everything(
+            request: web.Request,
+            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        ) -> web.StreamResponse:
+            # aiohttp runs middlewares even where its router matched nothing (CONNECT,
+            # absolute-form targets): every request gets our answer and our log line.
+            return await self._dispatch(request)
+
+        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[everything])
         app.cleanup_ctx.append(session_context(self.config))
         if self._recorder is not None:
             app.cleanup_ctx.append(self._usage_flusher)
+        app.cleanup_ctx.append(self._revocation_watchdog)
         app.on_shutdown.append(self._on_shutdown)
-        # [\s\S]: a decoded %0A in the path must still reach our handler (and its 404).
-        app.router.add_route("*", r"/{tail:[\s\S]*}", self._dispatch)
         return app
 
-    def reload_secrets(self) -> None:
-        """Pick up a changed LM Studio token from the secret store."""
-        self._forward.lmstudio_token = self._secrets.get(LMSTUDIO_API_TOKEN)
+    # ---- what the tunnel tells us ---------------------------------------------------------
+
+    def tunnel_opened(self, public_url: str, forwarded_header: str | None) -> None:
+        """A tunnel is up: requests may be addressed to its public host, and its agent (which
+        dials in from loopback) is believed about the client's address in
+        ``forwarded_header``. Called on the loop thread."""
+        self._protect.hosts.set_public_host(urlsplit(public_url).hostname)
+        self._protect.trust_tunnel(forwarded_header)
+
+    def tunnel_closed(self) -> None:
+        self._protect.hosts.set_public_host(None)
+        self._protect.trust_tunnel(None)
+
+    def trusts_peer(self, peer: str | None) -> bool:
+        """Whether a connection from ``peer`` is a proxy carrying many clients (the running
+        tunnel's agent, a configured proxy): per-address connection caps do not apply."""
+        return self._protect.trusts_peer(peer)
 
     @property
     def inflight_count(self) -> int:
@@ -193,6 +235,8 @@ class Gateway:
         except ApiError as err:
             exchange.error = err.code
             response = err.to_response(exchange.request_id)
+            if err.headers.get("Connection") == "close":
+                response.force_close()  # e.g. a body that never came: do not wait for it
         except Exception:
             # A bug, not a request problem: keep serving, answer in the API's shape, and log
             # the traceback under the request ID the client was given.
@@ -249,18 +293,16 @@ class Gateway:
                 type="invalid_request_error",
                 code="upgrade_not_allowed",
             )
+        host = headers.get("Host")
+        # /healthz answers nothing worth rebinding for, and the tunnel proves its new public
+        # URL with it before that URL's host is known to be ours.
+        if path != "/healthz" and not self._protect.hosts.allows(host):
+            raise host_refused()
         origin = headers.get("Origin")
         if CorsPolicy.is_preflight(request.method, headers):
             return self._preflight(path, origin or "", request.host)
         exchange.cors = self._protect.check_origin(origin, request.host)
-        if (
-            path is not None
-            and self._chat is not None
-            and (
-                path in {"/api/chat", "/api/conversations"}
-                or path.startswith("/api/conversations/")
-            )
-        ):
+        if path is not None and self._chat is not None and _conversation_methods(path) is not None:
             return await self._conversation_api(request, exchange, path)
         if path is not None:
             own = self._own.get((request.method, path))
@@ -315,9 +357,13 @@ class Gateway:
         self._protect.take_request(principal.name)
         self._protect.enter(principal.name)
         try:
-            return await self._chat.handle(
-                request, exchange.request_id, path, principal, exchange.outcome, exchange.cors
-            )
+            if exchange.method != "POST" or self.metrics is None:
+                return await self._chat.handle(request, exchange, path, principal)
+            self.metrics.active_streams.inc()
+            try:
+                return await self._chat.handle(request, exchange, path, principal)
+            finally:
+                self.metrics.active_streams.dec()
         finally:
             self._protect.leave(principal.name)
 
@@ -327,10 +373,12 @@ class Gateway:
 
     def _authenticate(self, request: web.Request, exchange: Exchange) -> Principal:
         client = exchange.client or "unknown"
-        self._protect.check_auth_allowed(client)
         try:
             principal = self._auth.authenticate(request.headers, request.remote)
         except AuthError as exc:
+            # The throttle slows guessing from an address; it never refuses a valid
+            # credential because others at that address guessed wrong.
+            self._protect.check_auth_allowed(client)
             self._protect.auth_failed(client)
             if self.metrics is not None:
                 self.metrics.auth_failure(exc.code)
@@ -340,33 +388,31 @@ class Gateway:
                 exc.status, str(exc), type=kind, code=exc.code, headers=headers
             ) from None
         exchange.principal = principal.name
+        exchange.caller = principal
         return principal
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: web.Request, exchange: Exchange) -> bytes:
         limit = self.config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise _body_too_large(limit)
         try:
-            return await request.read()
+            async with asyncio.timeout(self.config.body_timeout):
+                raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise _body_too_large(limit) from None
+        except TimeoutError:
+            raise _body_too_slow(self.config.body_timeout) from None
+        exchange.bytes_in = len(raw)
+        return raw
 
     async def _forward_post(
         self, request: web.Request, exchange: Exchange, route: Route, principal: Principal
     ) -> web.StreamResponse:
-        raw = await self._read_body(request)
-        exchange.bytes_in = len(raw)
+        raw = await self._read_body(request, exchange)
         prepared = prepare_body(route, raw)
         exchange.model = prepared.model
         exchange.stream = prepared.stream
-        if prepared.model is not None and not principal.may_use_model(prepared.model):
-            raise ApiError(
-                403,
-                f"This key may not use the model {prepared.model!r}.",
-                type="permission_error",
-                code="model_not_allowed",
-                param="model",
-            )
+        check_models(prepared, principal)
         adjusted = apply_principal_rules(
             prepared, route, max_tokens=principal.max_tokens, want_usage=self._recorder is not None
         )
@@ -396,19 +442,26 @@ class Gateway:
         finally:
             self.metrics.active_streams.dec()
 
+    def _methods_for(self, path: str | None) -> str | None:
+        """What ``path`` answers (its ``Allow``), or None where nothing is served."""
+        if path is None:
+            return None
+        if self._chat is not None and (methods := _conversation_methods(path)) is not None:
+            return methods
+        if path in self._own_paths:
+            return ", ".join(m for m, p in self._own if p == path)
+        route = self._routes.routes.get(path)
+        return route.method if route is not None else None
+
     def _preflight(self, path: str | None, origin: str, host: str) -> web.Response:
-        known = path is not None and (
-            path in self._own_paths
-            or isinstance(self._routes.resolve("POST", path), Route)
-            or isinstance(self._routes.resolve("GET", path), Route)
-        )
-        if not known:
+        methods = self._methods_for(path)
+        if methods is None:
             raise ApiError(
                 404, "No such endpoint.", type="invalid_request_error", code="unknown_path"
             )
         if not self._protect.cors.allows(origin, host):
             raise origin_refused()
-        return web.Response(status=204, headers=CorsPolicy.preflight_headers(origin))
+        return web.Response(status=204, headers=CorsPolicy.preflight_headers(origin, methods))
 
     # ---- the gateway's own endpoints ------------------------------------------------------
 
@@ -416,7 +469,7 @@ class Gateway:
         return web.json_response({"status": "ok"}, headers={REQUEST_ID_HEADER: exchange.request_id})
 
     async def _readyz(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
-        ready = await self.lmstudio_reachable(request.app[UPSTREAM_SESSION])
+        ready = await self._ready_cached(request.app[UPSTREAM_SESSION])
         return web.json_response(
             {"status": "ready" if ready else "unavailable"},
             status=200 if ready else 503,
@@ -441,22 +494,25 @@ class Gateway:
     async def _pair(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         assert self._pairing is not None
         client = exchange.client or "unknown"
-        self._protect.check_pairing_allowed(client)
-        payload = parse_json_object(await self._read_body(request))
-        code, device = payload.get("code"), payload.get("device_name", "device")
-        if not isinstance(code, str) or not isinstance(device, str):
-            self._protect.pairing_failed(client)
-            raise ApiError(
-                400,
-                'Send {"code": "<pairing code>", "device_name": "..."}.',
-                type="invalid_request_error",
-                code="invalid_body",
-                param="code",
-            )
         try:
+            payload = parse_json_object(await self._read_body(request, exchange))
+            code, device = payload.get("code"), payload.get("device_name", "device")
+            if not isinstance(code, str) or not isinstance(device, str):
+                raise ApiError(
+                    400,
+                    'Send {"code": "<pairing code>", "device_name": "..."}.',
+                    type="invalid_request_error",
+                    code="invalid_body",
+                    param="code",
+                )
             issued = self._pairing.exchange(code, device)
-        except PairingError as exc:
+        except (ApiError, PairingError) as exc:
+            # Every failed attempt counts, malformed ones too; a valid code is never refused
+            # for others' failures at this address.
+            self._protect.check_pairing_allowed(client)
             self._protect.pairing_failed(client)
+            if isinstance(exc, ApiError):
+                raise
             if self.metrics is not None:
                 self.metrics.auth_failure(exc.code)
             raise ApiError(401, str(exc), type="authentication_error", code=exc.code) from None
@@ -473,6 +529,24 @@ class Gateway:
             },
             headers={REQUEST_ID_HEADER: exchange.request_id, "Cache-Control": "no-store"},
         )
+
+    async def _ready_cached(self, session: aiohttp.ClientSession) -> bool:
+        """LM Studio's reachability, probed at most once per READY_CACHE_SECONDS and never
+        twice at once: an unauthenticated caller cannot turn /readyz into load on LM Studio."""
+        now = self._clock.monotonic()
+        if self._ready is not None and now - self._ready[0] < READY_CACHE_SECONDS:
+            return self._ready[1]
+        probe = self._ready_probe
+        if probe is None:
+            probe = self._ready_probe = spawn(self.lmstudio_reachable(session), name="readyz")
+            probe.add_done_callback(self._ready_probed)
+        # shield: one caller hanging up must not cancel the probe the others wait for.
+        return await asyncio.shield(probe)
+
+    def _ready_probed(self, probe: asyncio.Task[bool]) -> None:
+        self._ready_probe = None
+        if not probe.cancelled() and probe.exception() is None:
+            self._ready = (self._clock.monotonic(), probe.result())
 
     async def lmstudio_reachable(self, session: aiohttp.ClientSession) -> bool:
         token = self._forward.lmstudio_token
@@ -507,6 +581,43 @@ class Gateway:
             task.cancel()
             await asyncio.wait({task})
             recorder.flush()
+
+    async def _revocation_watchdog(self, app: web.Application) -> AsyncIterator[None]:
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(REVALIDATE_SECONDS)
+                self.end_revoked_streams()
+
+        task = spawn(watch(), name="revocation-watchdog")
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+
+    def end_revoked_streams(self) -> int:
+        """End every running stream whose credential is no longer valid; how many."""
+        ended = 0
+        checked: dict[Principal, bool] = {}
+        for exchange in list(self._inflight):
+            relay, caller = exchange.outcome.relay, exchange.caller
+            if relay is None or caller is None:
+                continue
+            valid = checked.get(caller)
+            if valid is None:
+                try:
+                    valid = checked[caller] = self._auth.still_valid(caller)
+                except Exception:
+                    log.exception("checking a running stream's credential failed")
+                    continue
+            if not valid:
+                relay.abort(
+                    "The credential this answer was streamed for has been revoked.",
+                    "authentication_error",
+                    "credential_revoked",
+                )
+                ended += 1
+        return ended
 
     async def _answer_aborted(self, exchange: Exchange) -> web.StreamResponse:
         error = shutting_down()

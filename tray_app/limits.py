@@ -2,8 +2,8 @@
 
 Per principal: a token bucket for requests per minute and a cap on concurrent requests.
 Per client address: a bucket for failed authentications (and a stricter one for pairing), so
-guessing keys or codes is slow. The client address is taken from ``X-Forwarded-For`` only when
-the direct peer is a configured trusted proxy (the tunnel agent, nginx).
+guessing keys or codes is slow. The client address is taken from a forwarding header only when
+the direct peer is a trusted proxy: a configured one (nginx), or the running tunnel's agent.
 """
 
 from __future__ import annotations
@@ -44,20 +44,27 @@ def is_loopback(text: str | None) -> bool:
     return address is not None and address.is_loopback
 
 
-def client_address(
-    peer: str | None, headers: Mapping[str, str], trusted: tuple[IPNetwork, ...]
-) -> str:
-    """The address a request came from, trusting X-Forwarded-For only from trusted peers.
+LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = parse_networks(("127.0.0.0/8", "::1/128"))
 
-    Walks X-Forwarded-For from the right and returns the first hop that is not itself a
-    trusted proxy: a client can prepend anything, but not what our proxies appended.
+
+def client_address(
+    peer: str | None,
+    headers: Mapping[str, str],
+    trusted: tuple[IPNetwork, ...],
+    header: str = "X-Forwarded-For",
+) -> str:
+    """The address a request came from, trusting ``header`` only from trusted peers.
+
+    Walks the header's comma-separated hops from the right and returns the first that is not
+    itself a trusted proxy: a client can prepend anything, but not what our proxies appended.
+    (A single-address header such as CF-Connecting-IP is the one-hop case.)
     """
     direct, direct_trusted = _peer(peer, trusted)
     if direct is None:
         return peer or "unknown"
     if not direct_trusted:
         return direct
-    forwarded = headers.get("X-Forwarded-For")
+    forwarded = headers.get(header)
     if not forwarded:
         return direct
     for hop in reversed(forwarded.split(",")):
@@ -67,6 +74,10 @@ def client_address(
         if not hop_trusted:
             return address
     return direct
+
+
+def is_trusted_peer(peer: str | None, trusted: tuple[IPNetwork, ...]) -> bool:
+    return _peer(peer, trusted)[1]
 
 
 @functools.lru_cache(maxsize=1024)

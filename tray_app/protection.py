@@ -1,5 +1,10 @@
-"""Per-request protections, in the order the gateway applies them: CORS, the client's address,
-the failed-authentication throttle, the rate limit and the concurrency limit."""
+"""Per-request protections, in the order the gateway applies them: the Host name, CORS, the
+client's address, the failed-authentication throttle, the rate limit and the concurrency limit.
+
+Forwarding headers are believed only from a trusted proxy: one configured in
+``server.trusted_proxies`` (nginx), or — only while a tunnel runs — its agent, which dials in
+from loopback and sets the provider's own header. Loopback alone is never a reason to trust.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,14 @@ from tray_app.api_errors import ApiError
 from tray_app.clock import Clock
 from tray_app.config import Config
 from tray_app.cors import CorsPolicy
+from tray_app.hosts import HostPolicy
 from tray_app.limits import (
+    LOOPBACK_NETWORKS,
     ConcurrencyLimit,
     TokenBuckets,
     client_address,
+    is_loopback,
+    is_trusted_peer,
     parse_networks,
     retry_after_header,
 )
@@ -33,10 +42,23 @@ def _too_many(message: str, code: str, retry_after: float) -> ApiError:
     )
 
 
+def host_refused() -> ApiError:
+    return ApiError(
+        421,
+        "This request is addressed to a host name LM Gate does not serve; if it should, add "
+        "the name to server.allowed_hosts.",
+        type="invalid_request_error",
+        code="host_not_allowed",
+    )
+
+
 class Protections:
     def __init__(self, config: Config, clock: Clock) -> None:
         self.cors = CorsPolicy(config.cors_allowed_origins)
+        self.hosts = HostPolicy(config.allowed_hosts)
         self._trusted = parse_networks(config.trusted_proxies)
+        self._tunnel_trusted = self._trusted + LOOPBACK_NETWORKS
+        self._tunnel_header: str | None = None
         self._auth_failures = TokenBuckets(config.auth_failures_per_minute, clock)
         self._pairing_failures = TokenBuckets(config.pairing_attempts_per_minute, clock)
         self._requests = TokenBuckets(config.requests_per_minute, clock)
@@ -44,7 +66,20 @@ class Protections:
         self._concurrent_limit = config.concurrent_requests
 
     def client(self, peer: str | None, headers: Mapping[str, str]) -> str:
+        if self._tunnel_header is not None and is_loopback(peer):
+            return client_address(peer, headers, self._tunnel_trusted, self._tunnel_header)
         return client_address(peer, headers, self._trusted)
+
+    def trust_tunnel(self, header: str | None) -> None:
+        """While a tunnel runs, its agent (on loopback) says who the client is in ``header``;
+        None when no tunnel runs, or its provider has no agent (LAN)."""
+        self._tunnel_header = header
+
+    def trusts_peer(self, peer: str | None) -> bool:
+        """Whether ``peer`` is a proxy whose connections carry many clients."""
+        if self._tunnel_header is not None and is_loopback(peer):
+            return True
+        return is_trusted_peer(peer, self._trusted)
 
     def check_origin(self, origin: str | None, host: str | None) -> dict[str, str] | None:
         """CORS headers for the answer, None without Origin; ApiError for a foreign origin."""

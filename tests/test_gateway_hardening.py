@@ -1,0 +1,492 @@
+"""Issue 12's gateway-level defects, each as a class of cases through real sockets: the Host
+name (DNS rebinding), whose forwarding headers are believed, body size and time limits on every
+JSON endpoint, CORS for the conversation API, phone chats counted like any other, /readyz
+caching, CONNECT, and streams ended when their credential is revoked."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import IdentityFactory, IdentityRig
+from tests.fake_lmstudio import MODELS, FakeLMStudio
+from tests.fakes import FakeClock
+from tests.helpers import LogCapture, raw_request, sse_events
+from tray_app.auth import ALL_SCOPES
+
+CHAT = {"model": MODELS[0], "messages": [{"role": "user", "content": "hi"}]}
+
+
+def key_for(rig: IdentityRig, name: str = "k", **kwargs: Any) -> str:
+    return rig.identity.api_keys.create(name, scopes=ALL_SCOPES, **kwargs)[0]
+
+
+def bearer(key: str, **more: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", **more}
+
+
+@pytest.fixture
+async def rig(start_identity_gateway: IdentityFactory) -> IdentityRig:
+    return await start_identity_gateway()
+
+
+# ---- defect 7: the Host header ------------------------------------------------------------
+
+# (method, path, body): one of each kind of endpoint the gateway answers.
+ENDPOINTS = [
+    ("GET", "/readyz", b""),
+    ("GET", "/metrics", b""),
+    ("GET", "/", b""),
+    ("GET", "/v1/models", b""),
+    ("POST", "/v1/chat/completions", json.dumps(CHAT).encode()),
+    ("GET", "/api/conversations", b""),
+    ("POST", "/api/chat", b'{"message": "hi"}'),
+    ("POST", "/pair", b'{"code": "AAAAAAAAAAAAAAAAAAAAAAAA"}'),
+]
+FOREIGN_HOSTS = [
+    "attacker.example",
+    "attacker.example:8787",
+    "evil.localhost",
+    "localhost.attacker.example",
+    "127.0.0.1.nip.io",
+]
+
+
+@pytest.mark.parametrize("host", FOREIGN_HOSTS)
+@pytest.mark.parametrize(("method", "path", "body"), ENDPOINTS)
+async def test_a_foreign_host_name_is_refused_everywhere(
+    rig: IdentityRig,
+    fake_lmstudio: FakeLMStudio,
+    method: str,
+    path: str,
+    body: bytes,
+    host: str,
+) -> None:
+    key = key_for(rig)
+    assert rig.server.port is not None
+    headers = {**bearer(key), "Host": host, "Content-Type": "application/json"}
+    answer = await raw_request(rig.server.port, method, path, headers, body)
+    assert answer.status == 421, answer.body
+    error = answer.json()["error"]
+    assert (error["code"], error["type"], error["param"]) == (
+        "host_not_allowed",
+        "invalid_request_error",
+        None,
+    )
+    assert "server.allowed_hosts" in error["message"]
+    assert fake_lmstudio.received == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "[::1]:8787", "10.1.2.3"])
+async def test_addresses_and_localhost_are_served(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio, host: str
+) -> None:
+    key = key_for(rig)
+    assert rig.server.port is not None
+    headers = {**bearer(key), "Host": host.format(port=rig.server.port)}
+    answer = await raw_request(rig.server.port, "GET", "/v1/models", headers)
+    assert answer.status == 200, answer.body
+
+
+async def test_healthz_answers_any_host_so_a_new_tunnel_can_prove_itself(
+    rig: IdentityRig,
+) -> None:
+    assert rig.server.port is not None
+    answer = await raw_request(rig.server.port, "GET", "/healthz", {"Host": "new.ngrok.app"})
+    assert (answer.status, answer.json()) == (200, {"status": "ok"})
+
+
+async def test_configured_names_and_the_tunnels_public_host_are_served(
+    start_identity_gateway: IdentityFactory,
+) -> None:
+    rig = await start_identity_gateway(allowed_hosts=("llm.example.com",))
+    key = key_for(rig)
+    port = rig.server.port
+    assert port is not None
+
+    async def status(host: str) -> int:
+        return (await raw_request(port, "GET", "/v1/models", {**bearer(key), "Host": host})).status
+
+    assert await status("LLM.example.com.") == 200  # case and a trailing dot do not matter
+    assert await status("calm-otter.ngrok-free.app") == 421
+    rig.server.gateway.tunnel_opened("https://calm-otter.ngrok-free.app", "X-Forwarded-For")
+    assert await status("calm-otter.ngrok-free.app") == 200
+    assert await status("other.ngrok-free.app") == 421
+    rig.server.gateway.tunnel_closed()
+    assert await status("calm-otter.ngrok-free.app") == 421
+
+
+# ---- defect 10: whose forwarding headers are believed ----------------------------------------
+
+
+async def logged_client(rig: IdentityRig, headers: dict[str, str]) -> str:
+    with LogCapture() as logs:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(rig.url + "/healthz", headers=headers) as r,
+        ):
+            await r.read()
+        await asyncio.sleep(0.01)  # the access line is written just after the answer
+    return str(logs.access()[-1]["client"])
+
+
+SPOOFS = [
+    {"X-Forwarded-For": "203.0.113.7"},
+    {"CF-Connecting-IP": "203.0.113.7"},
+    {"X-Real-IP": "203.0.113.7"},
+    {"Forwarded": "for=203.0.113.7"},
+    {"True-Client-IP": "203.0.113.7"},
+]
+
+
+@pytest.mark.parametrize("spoof", SPOOFS, ids=lambda h: next(iter(h)))
+async def test_no_forwarding_header_is_believed_without_a_tunnel_or_proxy(
+    rig: IdentityRig, spoof: dict[str, str]
+) -> None:
+    assert await logged_client(rig, spoof) == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("tunnel_header", "believed"),
+    [("X-Forwarded-For", "X-Forwarded-For"), ("CF-Connecting-IP", "CF-Connecting-IP")],
+)
+async def test_only_the_running_tunnels_own_header_is_believed(
+    rig: IdentityRig, tunnel_header: str, believed: str
+) -> None:
+    rig.server.gateway.tunnel_opened("https://x.example", tunnel_header)
+    for spoof in SPOOFS:
+        (name,) = spoof
+        expected = "203.0.113.7" if name == believed else "127.0.0.1"
+        assert await logged_client(rig, spoof) == expected, name
+    rig.server.gateway.tunnel_closed()
+    for spoof in SPOOFS:
+        assert await logged_client(rig, spoof) == "127.0.0.1"
+
+
+async def test_a_tunnel_without_an_agent_trusts_no_header(rig: IdentityRig) -> None:
+    rig.server.gateway.tunnel_opened("http://192.168.1.20:8787", None)  # LAN mode
+    assert await logged_client(rig, {"X-Forwarded-For": "203.0.113.7"}) == "127.0.0.1"
+    assert not rig.server.gateway.trusts_peer("127.0.0.1")
+
+
+async def test_trusts_peer_follows_the_tunnel_and_the_configuration(
+    start_identity_gateway: IdentityFactory,
+) -> None:
+    plain = await start_identity_gateway()
+    gateway = plain.server.gateway
+    assert not gateway.trusts_peer("127.0.0.1")
+    gateway.tunnel_opened("https://x.example", "X-Forwarded-For")
+    assert gateway.trusts_peer("127.0.0.1") and gateway.trusts_peer("::1")
+    assert not gateway.trusts_peer("192.0.2.1")
+    gateway.tunnel_closed()
+    assert not gateway.trusts_peer("127.0.0.1")
+    proxied = await start_identity_gateway(trusted_proxies=("192.0.2.0/24",))
+    assert proxied.server.gateway.trusts_peer("192.0.2.1")
+    assert not proxied.server.gateway.trusts_peer("127.0.0.1")
+
+
+async def test_a_locked_out_address_can_still_pair_with_a_valid_code(
+    start_identity_gateway: IdentityFactory,
+) -> None:
+    rig = await start_identity_gateway(clock=FakeClock(), pairing_attempts_per_minute=2)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.post(rig.url + "/pair", json={"code": "A" * 24}) as r:
+                assert r.status == 401
+        async with s.post(rig.url + "/pair", json={"code": "B" * 24}) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (
+                429,
+                "too_many_pairing_attempts",
+            )
+        code, _ = rig.identity.pairing.create_code()
+        async with s.post(rig.url + "/pair", json={"code": code}) as r:
+            assert r.status == 200
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"[]", b"{", b'{"code": 5}', b"\xff\xfe", b'{"code": "x"' + b" " * 10]
+)
+async def test_malformed_pairing_bodies_count_against_the_pairing_throttle(
+    start_identity_gateway: IdentityFactory, body: bytes
+) -> None:
+    rig = await start_identity_gateway(clock=FakeClock(), pairing_attempts_per_minute=3)
+    assert rig.server.port is not None
+    headers = {"Content-Type": "application/json"}
+    for _ in range(3):
+        answer = await raw_request(rig.server.port, "POST", "/pair", headers, body)
+        assert answer.status == 400 and answer.json()["error"]["code"] == "invalid_body"
+    answer = await raw_request(rig.server.port, "POST", "/pair", headers, body)
+    assert (answer.status, answer.json()["error"]["code"]) == (429, "too_many_pairing_attempts")
+
+
+# ---- defect 12 and the body timeout: every JSON endpoint ----------------------------------
+
+JSON_ENDPOINTS = ["/v1/chat/completions", "/v1/embeddings", "/api/chat", "/pair"]
+
+
+@pytest.mark.parametrize("path", JSON_ENDPOINTS)
+async def test_bodies_over_the_limit_are_413_everywhere(
+    start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio, path: str
+) -> None:
+    rig = await start_identity_gateway(max_body_bytes=2048)
+    key = key_for(rig)
+    fits = json.dumps({"message": "x" * 1500, **CHAT}).encode()
+    assert len(fits) <= 2048
+    too_big = json.dumps({"message": "x" * 2100, **CHAT}).encode()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(rig.url + path, data=fits, headers=bearer(key)) as r:
+            assert r.status != 413
+        for chunked in (False, True):
+            data: Any = too_big
+            if chunked:
+
+                async def parts() -> Any:
+                    yield too_big[:1000]
+                    yield too_big[1000:]
+
+                data = parts()
+            async with s.post(rig.url + path, data=data, headers=bearer(key)) as r:
+                error = (await r.json())["error"]
+                assert (r.status, error["code"], error["param"]) == (413, "body_too_large", None)
+                assert "limits.max_body_bytes" in error["message"]
+    assert await healthy(rig)
+
+
+async def healthy(rig: IdentityRig) -> bool:
+    async with aiohttp.ClientSession() as s, s.get(rig.url + "/healthz") as r:
+        return r.status == 200
+
+
+async def send_slowly(port: int, path: str, key: str, body: bytes, pause: float) -> bytes:
+    """Send the head and half the body, then the rest after ``pause`` unless the gateway has
+    answered by then; the answer's bytes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    writer.write(head + body[: len(body) // 2])
+    await writer.drain()
+    answer = asyncio.ensure_future(reader.read())
+    try:
+        done, _ = await asyncio.wait({answer}, timeout=pause)
+        if not done:
+            writer.write(body[len(body) // 2 :])
+            await writer.drain()
+        return await asyncio.wait_for(answer, 10)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("path", JSON_ENDPOINTS)
+async def test_a_body_must_arrive_within_the_body_timeout(
+    start_identity_gateway: IdentityFactory, path: str
+) -> None:
+    rig = await start_identity_gateway(body_timeout=0.6)
+    key = key_for(rig)
+    port = rig.server.port
+    assert port is not None
+    body = json.dumps({"message": "hi", **CHAT}).encode()
+    in_time = await send_slowly(port, path, key, body, 0.3)
+    assert b" 408 " not in in_time.split(b"\r\n", 1)[0], in_time[:200]
+    started = time.monotonic()
+    late = await send_slowly(port, path, key, body, 5.0)
+    assert late.startswith(b"HTTP/1.1 408 "), late[:200]
+    assert b'"body_timeout"' in late and b"server.body_timeout" in late
+    assert 0.5 < time.monotonic() - started < 2.0
+
+
+# ---- defect 13: CORS for the conversation API ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "methods"),
+    [
+        ("/api/chat", "POST, OPTIONS"),
+        ("/api/conversations", "GET, OPTIONS"),
+        ("/api/conversations/abc123", "GET, DELETE, OPTIONS"),
+        ("/v1/chat/completions", "POST, OPTIONS"),
+        ("/v1/models", "GET, OPTIONS"),
+    ],
+)
+async def test_preflights_from_allowed_origins_name_the_paths_methods(
+    start_identity_gateway: IdentityFactory, path: str, methods: str
+) -> None:
+    origin = "https://app.example.com"
+    rig = await start_identity_gateway(cors_allowed_origins=(origin,))
+    headers = {"Origin": origin, "Access-Control-Request-Method": methods.split(",")[0]}
+    async with aiohttp.ClientSession() as s, s.options(rig.url + path, headers=headers) as r:
+        assert r.status == 204
+        assert r.headers["Access-Control-Allow-Methods"] == methods
+        assert r.headers["Access-Control-Allow-Origin"] == origin
+    refused = {**headers, "Origin": "https://other.example"}
+    async with aiohttp.ClientSession() as s, s.options(rig.url + path, headers=refused) as r:
+        assert (r.status, (await r.json())["error"]["code"]) == (403, "origin_not_allowed")
+
+
+async def test_a_browser_app_can_chat_read_and_delete_conversations(
+    start_identity_gateway: IdentityFactory,
+) -> None:
+    origin = "https://app.example.com"
+    rig = await start_identity_gateway(cors_allowed_origins=(origin,))
+    key = key_for(rig)
+    headers = bearer(key, Origin=origin)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            rig.url + "/api/chat", json={"message": "hi", "model": MODELS[0]}, headers=headers
+        ) as r:
+            assert r.status == 200
+            assert "X-Conversation-ID" in r.headers["Access-Control-Expose-Headers"]
+            conversation = r.headers["X-Conversation-ID"]
+        url = rig.url + f"/api/conversations/{conversation}"
+        async with s.delete(url, headers=headers) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == origin
+        async with s.get(url, headers=headers) as r:
+            assert r.status == 404
+
+
+# ---- defect 9 and 2 on /api/chat: phone chats are counted and capped ------------------------
+
+
+async def test_streamed_phone_chats_are_counted_logged_and_hide_the_usage_chunk(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio
+) -> None:
+    key = key_for(rig, name="phone")
+    with LogCapture() as logs:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                rig.url + "/api/chat",
+                json={"message": "hi", "model": MODELS[0], "stream": True},
+                headers=bearer(key),
+            ) as r,
+        ):
+            events = sse_events(await r.read())
+        await asyncio.sleep(0.05)
+    sent = fake_lmstudio.received[-1].json()
+    assert sent["stream_options"] == {"include_usage": True}
+    assert not any('"usage"' in e for e in events), "the phone did not ask for usage"
+    line = next(a for a in logs.access() if a["path"] == "/api/chat")
+    assert (line["stream"], line["model"]) == (True, MODELS[0])
+    assert line["completion_tokens"] > 0 and line["bytes_out"] > 0
+    rig.identity.recorder.flush()
+    (usage,) = [u for u in rig.identity.db.usage() if u.principal.startswith("key:")]
+    assert usage.completion_tokens == line["completion_tokens"] and usage.prompt_tokens > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_capped_token_is_capped_on_api_chat(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio, stream: bool
+) -> None:
+    issued = rig.identity.tokens.issue(
+        name="capped", scopes=frozenset({"chat"}), ttl=600, max_tokens=7
+    )
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            rig.url + "/api/chat",
+            json={"message": "hi", "model": MODELS[0], "stream": stream},
+            headers=bearer(issued.token),
+        ) as r,
+    ):
+        assert r.status == 200
+        await r.read()
+    assert fake_lmstudio.received[-1].json()["max_tokens"] == 7
+
+
+async def test_api_chat_refuses_a_model_outside_the_allowlist(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio
+) -> None:
+    key = key_for(rig, models=frozenset({MODELS[0]}))
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            rig.url + "/api/chat", json={"message": "hi", "model": MODELS[1]}, headers=bearer(key)
+        ) as r,
+    ):
+        error = (await r.json())["error"]
+    assert (r.status, error["code"], error["param"]) == (403, "model_not_allowed", "model")
+    assert fake_lmstudio.received == []
+
+
+# ---- defect 17: /readyz, CONNECT, revoked streams -----------------------------------------
+
+
+async def test_readyz_probes_lm_studio_at_most_once_per_cache_period(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio
+) -> None:
+    async with aiohttp.ClientSession() as s:
+
+        async def ready() -> int:
+            async with s.get(rig.url + "/readyz") as r:
+                return r.status
+
+        assert set(await asyncio.gather(*(ready() for _ in range(30)))) == {200}
+        for _ in range(10):
+            assert await ready() == 200
+    assert fake_lmstudio.paths.count("/v1/models") == 1
+
+
+async def test_readyz_says_unavailable_when_lm_studio_stops(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tray_app.gateway.READY_CACHE_SECONDS", 0.2)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(rig.url + "/readyz") as r:
+            assert r.status == 200
+        await fake_lmstudio.stop()
+        await asyncio.sleep(0.3)
+        async with s.get(rig.url + "/readyz") as r:
+            assert (r.status, await r.json()) == (503, {"status": "unavailable"})
+
+
+@pytest.mark.parametrize(
+    "target", ["example.com:443", "127.0.0.1:1234", "http://127.0.0.1:1234/v1/models"]
+)
+@pytest.mark.parametrize("method", ["CONNECT", "GET"])
+async def test_connect_and_absolute_targets_get_the_json_404_and_a_log_line(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio, method: str, target: str
+) -> None:
+    assert rig.server.port is not None
+    with LogCapture() as logs:
+        answer = await raw_request(rig.server.port, method, target, {})
+        await asyncio.sleep(0.05)
+    assert answer.status in {400, 404}, answer.body
+    error = answer.json()["error"]
+    assert error["code"] in {"path_not_allowed", "bad_request"}
+    assert [a["status"] for a in logs.access()] == [answer.status]
+    assert fake_lmstudio.received == []
+
+
+async def test_a_running_stream_ends_soon_after_its_credential_is_revoked(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio
+) -> None:
+    fake_lmstudio.behaviour.chunks = 400
+    fake_lmstudio.behaviour.chunk_delay = 0.05  # 20 s of answer
+    key, record = rig.identity.api_keys.create("friend", scopes=ALL_SCOPES)
+    other = key_for(rig, name="other")
+    async with aiohttp.ClientSession() as s:
+        doomed = await s.post(
+            rig.url + "/v1/chat/completions", json={**CHAT, "stream": True}, headers=bearer(key)
+        )
+        kept = await s.post(
+            rig.url + "/v1/chat/completions", json={**CHAT, "stream": True}, headers=bearer(other)
+        )
+        await doomed.content.readany()
+        rig.identity.api_keys.revoke(record.id)
+        revoked_at = time.monotonic()
+        body = await asyncio.wait_for(doomed.read(), 10)
+        ended_after = time.monotonic() - revoked_at
+        assert kept.status == 200 and await kept.content.readany()
+        kept.close()
+    events = sse_events(body)
+    assert json.loads(events[-1])["error"]["code"] == "credential_revoked"
+    assert ended_after < 4.0
+    assert await healthy(rig)
