@@ -1,4 +1,6 @@
-"""Body rules: a JSON object, a size cap, ttl dropped, model required, MCP tools removed."""
+"""Body rules: a JSON object, a size cap, ttl dropped, model required, MCP tools removed; and,
+as units, the JSON the parser refuses and the limits on both sides. Every route through a real
+gateway is in test_body_hardening.py."""
 
 from __future__ import annotations
 
@@ -11,9 +13,16 @@ import pytest
 from tests.conftest import CLIENT_KEY, GatewayFactory, auth_headers
 from tests.fake_lmstudio import FakeLMStudio
 from tests.helpers import FixedPrincipalAuthenticator
+from tray_app.api_errors import ApiError
 from tray_app.auth import ALL_SCOPES, Principal
-from tray_app.body import apply_principal_rules, prepare_body
-from tray_app.routes import FORWARDED_ROUTES
+from tray_app.body import (
+    MAX_INT_DIGITS,
+    MAX_JSON_DEPTH,
+    apply_principal_rules,
+    parse_json_object,
+    prepare_body,
+)
+from tray_app.routes import FORWARDED_ROUTES, Route
 from tray_app.server import GatewayServer
 
 
@@ -278,4 +287,123 @@ def test_a_capped_stream_gets_both_the_cap_and_the_usage_option() -> None:
         "max_tokens": 100,
         "messages": [],
         "stream_options": {"include_usage": True},
+        "max_completion_tokens": 100,  # chat's other length field gets the cap too
     }
+
+
+# ---- JSON the parser refuses (issue 12, defect 8) ----------------------------------------
+
+
+def nested(depth: int, *, kind: str = "array") -> bytes:
+    """A body whose deepest value sits at ``depth`` (the body object itself is level 1)."""
+    inner = depth - 1
+    if kind == "array":
+        value = "[" * inner + "]" * inner
+    elif kind == "object":
+        value = '{"a":' * inner + "1" + "}" * inner
+    else:  # alternating, the way a JSON schema nests
+        value = "".join("[" if i % 2 else '{"a":' for i in range(inner)) + "1"
+        value += "".join("]" if i % 2 else "}" for i in reversed(range(inner)))
+    return b'{"model":"m","x":' + value.encode() + b"}"
+
+
+def with_value(literal: str) -> bytes:
+    return b'{"model":"m","x":' + literal.encode() + b"}"
+
+
+# Each would crash the parser, the re-encoding or the database (500 with a traceback), or
+# reach LM Studio as something other than what the gateway checked.
+BOMBS: dict[str, bytes] = {
+    "nested_arrays_100k": nested(100_000),
+    "nested_objects_100k": nested(100_000, kind="object"),
+    "nested_mixed_100k": nested(100_000, kind="mixed"),
+    "nested_one_past_the_limit": nested(MAX_JSON_DEPTH + 1),
+    "objects_one_past_the_limit": nested(MAX_JSON_DEPTH + 1, kind="object"),
+    "integer_5000_digits": with_value("9" * 5000),
+    "integer_one_digit_too_long": with_value("9" * (MAX_INT_DIGITS + 1)),
+    "negative_integer_too_long": with_value("-" + "9" * (MAX_INT_DIGITS + 1)),
+    "integer_in_a_nested_array": with_value("[[" + "1" * 5000 + "]]"),
+    "float_1e999": with_value("1e999"),
+    "float_minus_1e999": with_value("-1e999"),
+    "float_huge_exponent": with_value("1.5E+99999999999999999999"),
+    "nan": with_value("NaN"),
+    "infinity": with_value("Infinity"),
+    "minus_infinity": with_value("-Infinity"),
+    "nan_in_a_list": with_value("[1, NaN]"),
+    "lone_high_surrogate": with_value('"\\ud800"'),
+    "lone_low_surrogate": with_value('"\\udc00"'),
+    "surrogates_reversed": with_value('"\\udc00\\ud800"'),
+    "high_surrogate_then_a_pair": with_value('"\\uD83D\\ud83d\\ude00"'),
+    "lone_surrogate_in_a_key": b'{"model":"m","\\ud800":1}',
+    "duplicate_model": b'{"model":"qwen2.5-7b-instruct","model":"llama-3.2-1b-instruct"}',
+    "duplicate_nested_key": b'{"model":"m","tools":[{"type":"function","type":"mcp"}]}',
+}
+
+
+class TestParserRefusesCraftedJson:
+    @pytest.mark.parametrize("raw", BOMBS.values(), ids=BOMBS.keys())
+    def test_is_a_400_invalid_body(self, raw: bytes) -> None:
+        with pytest.raises(ApiError) as caught:
+            parse_json_object(raw)
+        error = caught.value
+        assert (error.status, error.code, error.param) == (400, "invalid_body", None)
+        assert error.type == "invalid_request_error"
+
+    @pytest.mark.parametrize("raw", BOMBS.values(), ids=BOMBS.keys())
+    def test_prepare_body_refuses_it_on_every_route(self, raw: bytes) -> None:
+        for route in FORWARDED_ROUTES:
+            if route.method == "POST":
+                with pytest.raises(ApiError) as caught:
+                    prepare_body(route, raw)
+                assert caught.value.code == "invalid_body"
+
+
+# The other side of each limit: the largest legitimate value still parses.
+ACCEPTED: dict[str, bytes] = {
+    "nested_arrays_at_the_limit": nested(MAX_JSON_DEPTH),
+    "nested_objects_at_the_limit": nested(MAX_JSON_DEPTH, kind="object"),
+    "nested_mixed_at_the_limit": nested(MAX_JSON_DEPTH, kind="mixed"),
+    "wide_and_shallow": with_value("[" + ",".join(["[{}]"] * 5000) + "]"),
+    "brackets_inside_strings": with_value(json.dumps(["[" * 500 + "{" * 500])),
+    "integer_at_the_limit": with_value("9" * MAX_INT_DIGITS),
+    "negative_integer_at_the_limit": with_value("-" + "9" * MAX_INT_DIGITS),
+    "largest_float": with_value("1.7976931348623157e308"),
+    "tiny_float_underflows_to_zero": with_value("1e-999"),
+    "surrogate_pair": with_value('"\\ud83d\\ude00"'),
+    "surrogate_pair_upper_case": with_value('"\\uD83D\\uDE00"'),
+    "escaped_backslash_then_ud800": with_value('"\\\\ud800"'),  # the text \ud800, no surrogate
+    "same_key_in_two_objects": b'{"model":"m","a":{"k":1},"b":{"k":1}}',
+}
+
+
+class TestParserAcceptsTheLegitimateSide:
+    @pytest.mark.parametrize("raw", ACCEPTED.values(), ids=ACCEPTED.keys())
+    def test_parses(self, raw: bytes) -> None:
+        assert parse_json_object(raw)["model"] == "m"
+
+    def test_values_are_what_json_says(self) -> None:
+        payload = parse_json_object(ACCEPTED["surrogate_pair"])
+        assert payload["x"] == "\U0001f600"
+        assert parse_json_object(ACCEPTED["escaped_backslash_then_ud800"])["x"] == "\\ud800"
+        assert parse_json_object(ACCEPTED["integer_at_the_limit"])["x"] == 10**MAX_INT_DIGITS - 1
+        assert parse_json_object(ACCEPTED["tiny_float_underflows_to_zero"])["x"] == 0.0
+
+
+# ---- asking for usage keeps unchanged bodies byte for byte ---------------------------------
+
+POST_ROUTES = [r for r in FORWARDED_ROUTES if r.method == "POST"]
+# Spacing, key order, escapes and number spellings a re-encoding would change.
+UNCHANGED = (
+    b' {"model" : "qwen2.5-7b-instruct",\n "temperature":0.70, "seed": 1E3, "max_tokens": 5,'
+    b' "messages":[{"role":"user","content":"h\\u00e9 \\ud83d\\ude00"}], "input": "x",'
+    b' "prompt": "p", "max_output_tokens": 5, "max_completion_tokens": 5} '
+)
+
+
+@pytest.mark.parametrize("route", POST_ROUTES, ids=lambda r: r.path)
+def test_a_body_no_rule_changes_is_forwarded_as_sent(route: Route) -> None:
+    prepared = prepare_body(route, UNCHANGED)
+    for cap in (None, 5, 6):
+        adjusted = apply_principal_rules(prepared, route, max_tokens=cap, want_usage=True)
+        assert adjusted.body.raw is UNCHANGED
+        assert not adjusted.hide_usage
