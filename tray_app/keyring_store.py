@@ -18,6 +18,7 @@ import keyring.errors
 
 from tray_app.errors import SecretStoreError
 from tray_app.secrets import EnvSecretStore, MemorySecretStore, SecretStore, check_entry
+from tray_app.storage import make_private_dir
 
 SERVICE = "lmgate"
 
@@ -95,8 +96,9 @@ class FileSecretStore:
     def __init__(self, directory: Path) -> None:
         self._dir = directory
         try:
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            directory.chmod(0o700)
+            # Every directory it makes is 0700, the data directory above it too on a fresh
+            # install (mkdir(parents=True) would leave that one 0755).
+            make_private_dir(directory)
         except OSError as exc:
             raise SecretStoreError(f"Cannot use {directory} for secrets: {exc.strerror}.") from None
 

@@ -4,12 +4,17 @@ SQLite in WAL mode in the platform's user data dir. No secret is ever stored: AP
 pairing codes only as SHA-256 hashes, JWTs only by their ``jti``. The CLI and the running
 gateway share the file; ``changed_since`` (SQLite's ``data_version``) lets the gateway notice the
 CLI's revocations without polling tables.
+
+Everything here is private to the user: the data directory is 0700 and the database with its
+``-wal``/``-shm``/``-journal`` files 0600, enforced at every start (the WAL holds recent
+conversations in clear).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -22,7 +27,11 @@ import platformdirs
 from tray_app.config import APP_NAME
 from tray_app.errors import StorageError
 
-SCHEMA_VERSION = 1
+# 2: every issued token and snippet is its own principal (sub = kind:jti), not kind:name.
+SCHEMA_VERSION = 2
+# Bumped by `lmgate keys rotate`; a running gateway that sees it change re-reads the key.
+SIGNING_KEY_GENERATION = "signing_key_generation"
+SIDE_FILES = ("-wal", "-shm", "-journal")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,6 +69,80 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
 
 
+def make_private_dir(directory: Path) -> None:
+    """Create ``directory`` and any missing parents 0700 each (``mkdir(parents=True)`` gives
+    the parents the umask's 0755), and tighten ``directory`` itself if it already existed."""
+    missing: list[Path] = []
+    for candidate in (directory, *directory.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    for made in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it just now
+            made.mkdir(mode=0o700)
+        made.chmod(0o700)  # the umask may have taken bits mkdir was given
+    directory.chmod(0o700)
+
+
+def _make_private_database(path: Path) -> None:
+    # Made 0600 before SQLite opens it: SQLite gives the -wal and -shm files it creates the
+    # database file's permissions, so they are private from their first byte.
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    _tighten_database_files(path)
+
+
+def _tighten_database_files(path: Path) -> None:
+    # Files an older version (or another umask) left readable by others.
+    for name in (path.name, *(path.name + suffix for suffix in SIDE_FILES)):
+        with contextlib.suppress(FileNotFoundError):
+            (path.parent / name).chmod(0o600)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring an older database up to SCHEMA_VERSION (each step idempotent, all in one
+    transaction, so two processes opening it at once cannot half-migrate it)."""
+    if _schema_version(conn) >= SCHEMA_VERSION:
+        return  # the usual case: no write lock taken
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = _schema_version(conn)  # again: another process may have just migrated it
+        if version < 2:
+            _split_shared_principals(conn)
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'",
+            (str(max(version, SCHEMA_VERSION)),),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0])
+
+
+def _split_shared_principals(conn: sqlite3.Connection) -> None:
+    """Version 1 named a CLI token's principal after its name (``token:friend``) and every
+    curl snippet ``snippet:curl``, so credentials sharing a name shared conversations. Each
+    token becomes ``kind:jti``. History and usage follow only where one token held the old
+    name; where several did, nobody can tell whose it was, so it stays under the old name,
+    which no credential can reach any more."""
+    sole = (
+        "SELECT sub, MIN(kind) || ':' || MIN(jti) AS new FROM tokens "
+        "WHERE kind IN ('token', 'snippet') AND sub != kind || ':' || jti "
+        "GROUP BY sub HAVING COUNT(*) = 1"
+    )
+    for table in ("conversations", "usage"):
+        conn.execute(
+            f"UPDATE {table} SET principal = (SELECT new FROM ({sole}) WHERE sub = principal) "  # noqa: S608
+            f"WHERE principal IN (SELECT sub FROM ({sole}))"
+        )
+    conn.execute("UPDATE tokens SET sub = kind || ':' || jti WHERE kind IN ('token', 'snippet')")
+
+
 def encode_list(values: Iterable[str] | None) -> str | None:
     return None if values is None else json.dumps(sorted(values))
 
@@ -83,7 +166,8 @@ class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dir(path.parent)
+            _make_private_database(path)
             self._conn = sqlite3.connect(
                 path, check_same_thread=False, isolation_level=None, timeout=5.0
             )
@@ -96,16 +180,18 @@ class Database:
             self._conn.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
+            _migrate(self._conn)
+            _tighten_database_files(path)
         except sqlite3.DatabaseError as exc:
             raise StorageError(
                 f"Cannot open LM Gate's database {path}: {exc}. If it is "
                 "corrupt, move it aside; LM Gate creates a new one."
             ) from None
         except OSError as exc:
-            raise StorageError(f"Cannot create {path.parent}: {exc.strerror}.") from None
+            raise StorageError(
+                f"Cannot make {exc.filename or path.parent} private: {exc.strerror}."
+            ) from None
         self._lock = threading.RLock()
-        with contextlib.suppress(OSError):
-            path.chmod(0o600)
         self._data_version = self._read_data_version()
 
     @classmethod
@@ -157,6 +243,10 @@ class Database:
     def _read_data_version(self) -> int:
         with self._lock:
             return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def meta(self, key: str) -> str | None:
+        rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
 
     def changed_by_others(self) -> bool:
         """True once after another connection (the CLI) committed a change."""
