@@ -1,7 +1,8 @@
 """API keys for scripts: ``lmg_`` + 32 random bytes, shown once, stored only as a SHA-256 hash.
 
 A hash without salt is right here: the key has 256 bits of entropy, so no dictionary exists,
-and an unsalted hash lets a key be found by one indexed lookup.
+and an unsalted hash lets a key be found by one indexed lookup. That lookup is made whenever a
+key is not in memory yet, so a key the CLI created a moment ago works on its first request.
 """
 
 from __future__ import annotations
@@ -63,16 +64,32 @@ class ApiKeyService:
         self._db = db
         self._clock = clock
         self._by_hash: dict[str, tuple[ApiKeyRecord, Principal]] = {}
+        self._by_id: dict[str, ApiKeyRecord] = {}
         self.reload()
 
     def reload(self) -> None:
         rows = self._db.query("SELECT * FROM api_keys")
-        by_hash = {}
+        self._by_hash = {}
+        self._by_id = {}
         for row in rows:
-            record = _record(row)
-            principal = Principal(record.principal_name, record.scopes, record.models)
-            by_hash[row["key_hash"]] = (record, principal)
-        self._by_hash = by_hash
+            self._remember(row["key_hash"], _record(row))
+
+    def _remember(self, hashed: str, record: ApiKeyRecord) -> tuple[ApiKeyRecord, Principal]:
+        name = record.principal_name
+        found = (record, Principal(name, record.scopes, record.models, credential=name))
+        self._by_hash[hashed] = found
+        self._by_id[record.id] = record
+        return found
+
+    def is_active(self, key_id: str) -> bool:
+        """Whether the key is neither revoked nor expired, as far as this process has read."""
+        record = self._by_id.get(key_id)
+        return record is not None and self._usable(record)
+
+    def _usable(self, record: ApiKeyRecord) -> bool:
+        return record.revoked is None and (
+            record.expires is None or record.expires > self._clock.time()
+        )
 
     def create(
         self,
@@ -87,6 +104,7 @@ class ApiKeyService:
         if not name.strip():
             raise ValueError("an API key needs a name")
         key = PREFIX + secrets.token_urlsafe(KEY_BYTES)
+        hashed = key_hash(key)
         now = self._clock.time()
         record = ApiKeyRecord(
             secrets.token_hex(6),
@@ -105,20 +123,25 @@ class ApiKeyService:
                 (
                     record.id,
                     record.name,
-                    key_hash(key),
+                    hashed,
                     " ".join(sorted(scopes)),
                     encode_list(models),
                     now,
                     record.expires,
                 ),
             )
-        self._by_hash[key_hash(key)] = (record, Principal(record.principal_name, scopes, models))
+        self._remember(hashed, record)
         return key, record
 
     def verify(self, key: str) -> tuple[ApiKeyRecord, Principal]:
-        found = self._by_hash.get(key_hash(key))
+        hashed = key_hash(key)
+        found = self._by_hash.get(hashed)
         if found is None:
-            raise AuthError("Invalid API key.", code="invalid_api_key")
+            # Made by another process since the last refresh? One indexed lookup says.
+            rows = self._db.query("SELECT * FROM api_keys WHERE key_hash = ?", (hashed,))
+            if not rows:
+                raise AuthError("Invalid API key.", code="invalid_api_key")
+            found = self._remember(hashed, _record(rows[0]))
         record, principal = found
         if record.revoked is not None:
             raise AuthError("This API key has been revoked.", code="api_key_revoked")

@@ -7,7 +7,8 @@ The CLI, the tray (later) and tests all build a gateway here, each passing in wh
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tray_app.accounting import UsageRecorder
@@ -22,8 +23,8 @@ from tray_app.keyring_store import open_secret_store
 from tray_app.metrics import GatewayMetrics
 from tray_app.pairing import PairingService
 from tray_app.secrets import SecretStore
-from tray_app.signing import load_or_create_signing_key
-from tray_app.storage import Database, default_data_dir
+from tray_app.signing import load_or_create_signing_key, load_signing_key, rotate_signing_key
+from tray_app.storage import SIGNING_KEY_GENERATION, Database, default_data_dir
 from tray_app.tokens import TokenService
 
 log = logging.getLogger("lmgate.assembly")
@@ -49,6 +50,7 @@ class Identity:
     pairing: PairingService
     authenticator: IdentityAuthenticator
     recorder: UsageRecorder
+    clock: Clock = field(default_factory=SystemClock)
 
     def close(self) -> None:
         self.db.close()
@@ -60,9 +62,14 @@ def open_identity(
     *,
     clock: Clock | None = None,
     db: Database | None = None,
+    key_loader: Callable[[], bytes] | None = None,
 ) -> Identity:
+    """The identity services on the configured data directory. A gateway passes
+    ``key_loader`` (see :func:`signing_key_loader`) so that `lmgate keys rotate` reaches it
+    while it runs; without one, a rotated key needs a restart."""
     clock = clock or SystemClock()
     db = db or Database.in_directory(data_dir(config))
+    allowed = frozenset(config.allowed_models) or None
     tokens = TokenService(db, signing_key, clock)
     api_keys = ApiKeyService(db, clock)
     pairing = PairingService(
@@ -71,9 +78,52 @@ def open_identity(
         clock,
         code_ttl=config.pairing_code_ttl,
         device_token_ttl=config.device_token_ttl,
+        models=allowed,
     )
-    authenticator = IdentityAuthenticator(db, tokens, api_keys, clock, dev_mode=config.dev_mode)
-    return Identity(db, tokens, api_keys, pairing, authenticator, UsageRecorder(db, clock))
+    authenticator = IdentityAuthenticator(
+        db,
+        tokens,
+        api_keys,
+        clock,
+        dev_mode=config.dev_mode,
+        allowed_models=allowed,
+        key_loader=key_loader,
+    )
+    return Identity(db, tokens, api_keys, pairing, authenticator, UsageRecorder(db, clock), clock)
+
+
+def signing_key_loader(store: SecretStore) -> Callable[[], bytes]:
+    """Reads the signing key from ``store`` again: what a gateway needs after a rotation."""
+    return lambda: load_signing_key(store)
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    tokens_revoked: int
+    devices_revoked: int
+
+
+def rotate_signing_key_everywhere(identity: Identity, store: SecretStore) -> Rotation:
+    """`lmgate keys rotate`: a new key in ``store``; every token and paired device revoked
+    and the key's generation bumped in one transaction, so a running gateway sees all of it
+    at once and re-reads the key from its own store. API keys are not signed: they stay."""
+    key = rotate_signing_key(store)
+    now = identity.clock.time()
+    with identity.db.transaction() as conn:
+        tokens = conn.execute(
+            "UPDATE tokens SET revoked = ? WHERE revoked IS NULL", (now,)
+        ).rowcount
+        devices = conn.execute(
+            "UPDATE devices SET revoked = ? WHERE revoked IS NULL", (now,)
+        ).rowcount
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key) DO UPDATE "
+            "SET value = CAST(value AS INTEGER) + 1",
+            (SIGNING_KEY_GENERATION,),
+        )
+    identity.tokens.replace_key(key)
+    identity.tokens.reload()
+    return Rotation(tokens, devices)
 
 
 def signing_key_or_ephemeral(store: SecretStore | None) -> tuple[bytes, str | None]:

@@ -13,13 +13,18 @@ from typing import IO
 
 import qrcode
 
-from tray_app.assembly import Identity, open_identity, secret_store_for
+from tray_app.assembly import (
+    Identity,
+    open_identity,
+    rotate_signing_key_everywhere,
+    secret_store_for,
+)
 from tray_app.auth import ALL_SCOPES
 from tray_app.config import Config, parse_duration
 from tray_app.errors import ConfigError, SecretStoreError
 from tray_app.routes import SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
 from tray_app.secrets import LMSTUDIO_API_TOKEN
-from tray_app.signing import SIGNING_KEY, load_or_create_signing_key, rotate_signing_key
+from tray_app.signing import SIGNING_KEY, load_or_create_signing_key
 from tray_app.storage import Database
 
 SETTABLE_SECRETS = (LMSTUDIO_API_TOKEN,)
@@ -171,14 +176,16 @@ def run_identity_command(args: argparse.Namespace, config: Config, out: IO[str])
         return _secret(args, config, out)
     if command == "keys":
         store = secret_store_for(config)
-        rotate_signing_key(store)
         identity = open_identity(config, load_or_create_signing_key(store))
-        revoked = identity.tokens.revoke_where("1 = 1", ())
-        identity.close()
+        try:
+            rotation = rotate_signing_key_everywhere(identity, store)
+        finally:
+            identity.close()
         print(
             f"New signing key stored ({SIGNING_KEY}). Every token issued before is invalid "
-            f"now ({revoked} marked revoked); paired devices must pair again. API keys are "
-            "not affected.",
+            f"now ({rotation.tokens_revoked} marked revoked) and every paired device "
+            f"({rotation.devices_revoked}) must pair again. A running LM Gate picks up the new "
+            "key within a second. API keys are not affected.",
             file=out,
         )
         return 0
@@ -211,7 +218,6 @@ def _token(
         assert ttl is not None
         issued = identity.tokens.issue(
             name=name,
-            sub=f"token:{name}",
             scopes=_scopes(args.scopes, DEFAULT_TOKEN_SCOPES),
             ttl=ttl,
             models=_models(args.models),
@@ -339,7 +345,7 @@ def _usage(identity: Identity, out: IO[str]) -> int:
     rows = [
         (
             u.principal,
-            names.get(u.principal, ""),
+            _label(u.principal, names),
             str(u.requests),
             str(u.prompt_tokens),
             str(u.completion_tokens),
@@ -356,12 +362,27 @@ def _usage(identity: Identity, out: IO[str]) -> int:
 
 
 def _principal_names(db: Database) -> dict[str, str]:
+    """Each principal's label. Principals are one per credential (key:<id>, device:<id>,
+    token:<jti>, snippet:<jti>); names may repeat."""
     names = {f"key:{r['id']}": r["name"] for r in db.query("SELECT id, name FROM api_keys")}
     names.update({f"device:{r['id']}": r["name"] for r in db.query("SELECT id, name FROM devices")})
     names.update(
-        {r["sub"]: r["name"] for r in db.query("SELECT sub, name FROM tokens WHERE kind = 'token'")}
+        {
+            r["sub"]: r["name"]
+            for r in db.query("SELECT sub, name FROM tokens WHERE kind IN ('token', 'snippet')")
+        }
     )
     return names
+
+
+def _label(principal: str, names: dict[str, str]) -> str:
+    if principal in names:
+        return names[principal]
+    kind, _, rest = principal.partition(":")
+    if kind in {"token", "snippet"}:
+        # Counted before each token was its own principal, when tokens sharing a name did.
+        return f"{rest} (older tokens sharing that name)" if rest else ""
+    return ""
 
 
 def _secret(args: argparse.Namespace, config: Config, out: IO[str]) -> int:

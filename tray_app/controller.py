@@ -24,6 +24,7 @@ from tray_app.assembly import (
     data_dir,
     open_identity,
     secret_store_for,
+    signing_key_loader,
     signing_key_or_ephemeral,
 )
 from tray_app.auth import ALL_SCOPES
@@ -199,7 +200,9 @@ class Controller:
         signing_key, warning = signing_key_or_ephemeral(
             None if self._store_problem else self._store
         )
-        self._identity = open_identity(self.config, signing_key)
+        # With the key from a store, a rotation by the CLI reaches this gateway while it runs.
+        loader = None if warning or self._store_problem else signing_key_loader(self._store)
+        self._identity = open_identity(self.config, signing_key, key_loader=loader)
         server = GatewayServer(build_gateway(self.config, self._identity, self._store))
         try:
             await server.start()
@@ -348,7 +351,6 @@ class Controller:
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
         issued = self.identity.tokens.issue(
             name=f"curl snippet {stamp}",
-            sub="snippet:curl",
             kind="snippet",
             scopes=frozenset({SCOPE_CHAT}),
             ttl=SNIPPET_TTL,

@@ -1,23 +1,80 @@
 """The identity layer's authenticator: API keys, JWT access tokens, and (off by default) dev mode.
 
+Changes other processes make (the CLI creating, revoking, rotating) are read at most twice a
+second; a credential not in memory yet is looked up at once, so a new one works on its first
+request. Paired devices are held to the *current* model allowlist on every request, so
+narrowing ``auth.allowed_models`` applies to devices paired before.
+
 Dev mode reproduces the seed's ``X-User-Id`` header for local experiments: it is accepted only
-from a loopback peer that is not relaying for someone else, and no tunnel may open while it is on.
+from a loopback peer, addressed to a loopback host name (a page on a DNS-rebinding domain
+sends its own), with no proxy header (a proxy on this machine relays for someone else); no
+tunnel may open while it is on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ipaddress
+import logging
+import re
+from collections.abc import Callable, Mapping
 
 from tray_app.apikeys import ApiKeyService, looks_like_api_key
 from tray_app.auth import ALL_SCOPES, MISSING_CREDENTIAL, Principal, extract_credential
 from tray_app.clock import Clock
-from tray_app.errors import AuthError
+from tray_app.errors import AuthError, LMGateError
 from tray_app.limits import is_loopback
-from tray_app.storage import Database
+from tray_app.storage import SIGNING_KEY_GENERATION, Database
 from tray_app.tokens import TokenService
+
+log = logging.getLogger("lmgate.identity")
 
 _REFRESH_SECONDS = 0.5
 _DEV_USER_MAX = 64
+_RESTRICTED_CACHE_LIMIT = 10_000
+
+# Headers by which a proxy says it relays for someone else; none may reach dev mode.
+PROXY_HEADERS = (
+    "Forwarded",
+    "X-Forwarded-For",
+    "X-Forwarded-Host",
+    "X-Forwarded-Proto",
+    "X-Real-IP",
+    "CF-Connecting-IP",
+    "True-Client-IP",
+    "X-Client-IP",
+    "Fastly-Client-IP",
+    "X-Cluster-Client-IP",
+)
+_PORT = re.compile(r"^:[0-9]{1,5}$")
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """Whether a Host header names this machine: localhost, 127.x.x.x or [::1], any port."""
+    if not host:
+        return False
+    host = host.lower()
+    if host.startswith("["):
+        inner, bracket, port = host[1:].partition("]")
+        name = inner if bracket else ""
+    else:
+        name, colon, digits = host.partition(":")
+        port = colon + digits
+    if port and not _PORT.match(port):
+        return False
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _narrowed(
+    models: frozenset[str] | None, allowed: frozenset[str] | None
+) -> frozenset[str] | None:
+    if allowed is None:
+        return models
+    return allowed if models is None else models & allowed
 
 
 class IdentityAuthenticator:
@@ -29,23 +86,46 @@ class IdentityAuthenticator:
         clock: Clock,
         *,
         dev_mode: bool = False,
+        allowed_models: frozenset[str] | None = None,
+        key_loader: Callable[[], bytes] | None = None,
     ) -> None:
+        """``allowed_models`` (None = all) bounds every paired device; ``key_loader`` reads
+        the signing key from this process's secret store after `lmgate keys rotate`."""
         self._db = db
         self.tokens = tokens
         self.api_keys = api_keys
         self._clock = clock
         self.dev_mode = dev_mode
+        self._allowed = allowed_models
+        self._restricted: dict[Principal, Principal] = {}
+        self._key_loader = key_loader
+        self._key_generation = db.meta(SIGNING_KEY_GENERATION)
         self._next_refresh = 0.0
 
     def refresh_if_changed(self) -> None:
-        """Pick up keys and revocations another process (the CLI) wrote, at most twice a second."""
+        """Pick up keys, revocations and a rotated signing key another process (the CLI)
+        wrote, at most twice a second."""
         now = self._clock.monotonic()
         if now < self._next_refresh:
             return
         self._next_refresh = now + _REFRESH_SECONDS
         if self._db.changed_by_others():
+            self._reload_signing_key()
             self.tokens.reload()
             self.api_keys.reload()
+
+    def _reload_signing_key(self) -> None:
+        generation = self._db.meta(SIGNING_KEY_GENERATION)
+        if generation == self._key_generation or self._key_loader is None:
+            return
+        try:
+            key = self._key_loader()
+        except LMGateError as exc:  # a locked keyring: keep the old key, retry on the next change
+            log.error("the signing key was rotated but cannot be read: %s", exc)
+            return
+        self.tokens.replace_key(key)
+        self._key_generation = generation
+        log.info("the signing key was rotated; tokens are now checked against the new one")
 
     def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
         self.refresh_if_changed()
@@ -56,7 +136,37 @@ class IdentityAuthenticator:
             raise AuthError(MISSING_CREDENTIAL, code="missing_api_key")
         if looks_like_api_key(credential):
             return self.api_keys.verify(credential)[1]
-        return self.tokens.verify(credential)
+        principal = self.tokens.verify(credential)
+        if self._allowed is not None and principal.name.startswith("device:"):
+            return self._restrict(principal)
+        return principal
+
+    def _restrict(self, principal: Principal) -> Principal:
+        restricted = self._restricted.get(principal)
+        if restricted is None:
+            if len(self._restricted) >= _RESTRICTED_CACHE_LIMIT:
+                self._restricted = {}
+            restricted = Principal(
+                principal.name,
+                principal.scopes,
+                _narrowed(principal.models, self._allowed),
+                principal.max_tokens,
+                principal.credential,
+            )
+            self._restricted[principal] = restricted
+        return restricted
+
+    def still_valid(self, principal: Principal) -> bool:
+        """Whether the credential behind ``principal`` may go on (a running stream asks)."""
+        self.refresh_if_changed()
+        kind, _, ident = (principal.credential or "").partition(":")
+        if kind == "token":
+            return self.tokens.is_active(ident)
+        if kind == "key":
+            return self.api_keys.is_active(ident)
+        if kind == "dev":
+            return self.dev_mode
+        return False
 
     def _dev_user(self, headers: Mapping[str, str], peer: str | None) -> Principal:
         if not self.dev_mode:
@@ -64,12 +174,13 @@ class IdentityAuthenticator:
                 "X-User-Id is only accepted in dev mode (auth.dev_mode), which is off.",
                 code="dev_mode_off",
             )
-        relayed = "X-Forwarded-For" in headers or "Forwarded" in headers
-        if not is_loopback(peer) or relayed:
+        relayed = any(name in headers for name in PROXY_HEADERS)
+        if not is_loopback(peer) or relayed or not is_loopback_host(headers.get("Host")):
             raise AuthError(
-                "Dev mode accepts X-User-Id only from this machine.", code="dev_mode_remote"
+                "Dev mode accepts X-User-Id only from this machine, addressed to localhost.",
+                code="dev_mode_remote",
             )
         user = headers["X-User-Id"].strip()
         if not user or len(user) > _DEV_USER_MAX or not user.isprintable():
             raise AuthError("X-User-Id must be a short printable name.", code="dev_mode_bad_user")
-        return Principal(f"dev:{user}", ALL_SCOPES)
+        return Principal(f"dev:{user}", ALL_SCOPES, credential=f"dev:{user}")

@@ -79,7 +79,9 @@ class PairingService:
         self._clock = clock
         self.code_ttl = code_ttl
         self.device_token_ttl = device_token_ttl
-        self.models = models  # the models a paired device may use; None = all
+        # The allowlist when the device pairs, recorded in its token; the authenticator also
+        # applies the allowlist of the moment to every request.
+        self.models = models
 
     def create_code(
         self, *, ttl: float | None = None, device_name: str | None = None
@@ -142,7 +144,6 @@ class PairingService:
             )
         return self._tokens.issue(
             name=name,
-            sub=f"device:{device_id}",
             scopes=DEVICE_SCOPES,
             ttl=self.device_token_ttl,
             kind="device",

@@ -28,6 +28,14 @@ def _decode(text: str) -> bytes:
     return key
 
 
+def load_signing_key(store: SecretStore) -> bytes:
+    """The stored key, for a running gateway re-reading it after `lmgate keys rotate`."""
+    existing = store.get(SIGNING_KEY)
+    if existing is None:
+        raise SecretStoreError(f"the secret store holds no {SIGNING_KEY}")
+    return _decode(existing)
+
+
 def load_or_create_signing_key(store: SecretStore) -> bytes:
     existing = store.get(SIGNING_KEY)
     if existing is not None:

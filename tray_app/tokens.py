@@ -1,10 +1,14 @@
 """JWT access tokens: HS256 only, every claim required, every token recorded by its ``jti``.
 
 A token is valid only while its ``jti`` is in the database and not revoked, so revocation is
-immediate and a stolen signing key alone cannot mint a token the gateway accepts. Verified
-tokens are cached by their full text until expiry (re-verifying HMAC and claims on every
-request costs more than the rest of the gateway's work), and the cache is dropped whenever
-the database changes.
+immediate and a stolen signing key alone cannot mint a token the gateway accepts. The database
+record, not the JWT, says who the caller is and what it may do: a token whose claims differ
+from its record (re-signed by someone holding the key) is refused. Each token is its own
+principal (``token:<jti>``, ``snippet:<jti>``, ``device:<id>``); names are labels.
+
+Verified tokens are cached by their full text until expiry (re-verifying HMAC and claims on
+every request costs more than the rest of the gateway's work), and the cache is dropped
+whenever the database changes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from tray_app.storage import Database, decode_list, encode_list
 
 ALGORITHM = "HS256"
 REQUIRED_CLAIMS = ["sub", "scope", "iat", "nbf", "exp", "jti"]
+_KNOWN_CLAIMS = frozenset({*REQUIRED_CLAIMS, "models", "max_tokens"})
+KINDS = frozenset({"token", "device", "snippet"})
 LEEWAY_SECONDS = 5.0
 _CACHE_LIMIT = 10_000
 
@@ -73,6 +79,43 @@ def _row_to_record(r: sqlite3.Row) -> TokenRecord:
     )
 
 
+# A device's tokens die with the device, even if revoking them was interrupted.
+_ANY = (
+    "SELECT t.*, d.revoked AS device_revoked FROM tokens t "
+    "LEFT JOIN devices d ON d.id = t.device_id"
+)
+_LIVE = _ANY + " WHERE t.revoked IS NULL AND d.revoked IS NULL"
+
+
+def _claims_match(claims: dict[str, object], record: TokenRecord) -> bool:
+    """Whether the JWT says exactly what was issued: nothing added, changed or left out."""
+    if not set(claims) <= _KNOWN_CLAIMS:
+        return False
+    max_tokens = claims.get("max_tokens")
+    return (
+        claims["sub"] == record.sub
+        and claims["scope"] == " ".join(sorted(record.scopes))
+        and claims["exp"] == int(record.expires)
+        and claims["iat"] == claims["nbf"] == int(record.created)
+        and ("models" in claims) == (record.models is not None)
+        and (record.models is None or claims["models"] == sorted(record.models))
+        and ("max_tokens" in claims) == (record.max_tokens is not None)
+        # type(): True == 1 in Python, and a bool is no cap.
+        and (max_tokens is None or (type(max_tokens) is int and max_tokens == record.max_tokens))
+    )
+
+
+def principal_for(kind: str, jti: str, device_id: str | None) -> str:
+    """The principal a token speaks for: its own (``token:<jti>``), or its device's."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown token kind {kind!r}")
+    if kind == "device":
+        if not device_id:
+            raise ValueError("a device token needs its device's ID")
+        return f"device:{device_id}"
+    return f"{kind}:{jti}"
+
+
 def _invalid(message: str, code: str) -> AuthError:
     return AuthError(message, code=code)
 
@@ -82,19 +125,37 @@ class TokenService:
         self._db = db
         self._key = signing_key
         self._clock = clock
-        self._active: dict[str, float] = {}  # jti -> expires, for tokens not revoked
+        # Tokens neither revoked nor expired, nor belonging to a revoked device.
+        self._active: dict[str, TokenRecord] = {}
         self._cache: dict[str, tuple[Principal, float, str]] = {}
         self.reload()
 
     def reload(self) -> None:
         """Re-read which tokens are live (after a revocation, possibly by another process)."""
-        now = self._clock.time()
-        rows = self._db.query(
-            "SELECT jti, expires FROM tokens WHERE revoked IS NULL AND expires > ?",
-            (now - LEEWAY_SECONDS,),
-        )
-        self._active = {row["jti"]: row["expires"] for row in rows}
+        rows = self._db.query(_LIVE + " AND t.expires > ?", (self._clock.time() - LEEWAY_SECONDS,))
+        self._active = {row["jti"]: _row_to_record(row) for row in rows}
         self._cache.clear()
+
+    def is_active(self, jti: str) -> bool:
+        """Whether the token is live now, as far as this process has read the database."""
+        record = self._active.get(jti)
+        return record is not None and self._clock.time() < record.expires + LEEWAY_SECONDS
+
+    def _lookup(self, jti: str) -> tuple[TokenRecord, bool] | None:
+        """The record of ``jti`` and whether it is live: from memory, or (a token another
+        process issued since the last refresh) by one primary-key lookup, so that a token is
+        accepted on its first use."""
+        record = self._active.get(jti)
+        if record is not None:
+            return record, True
+        rows = self._db.query(_ANY + " WHERE t.jti = ?", (jti,))
+        if not rows:
+            return None
+        record = _row_to_record(rows[0])
+        live = record.revoked is None and rows[0]["device_revoked"] is None
+        if live:
+            self._active[jti] = record
+        return record, live
 
     def replace_key(self, signing_key: bytes) -> None:
         self._key = signing_key
@@ -106,7 +167,6 @@ class TokenService:
         self,
         *,
         name: str,
-        sub: str,
         scopes: frozenset[str],
         ttl: float,
         kind: str = "token",
@@ -119,6 +179,7 @@ class TokenService:
             raise ValueError("the lifetime must be positive")
         now = self._clock.time()
         jti = secrets.token_hex(12)
+        sub = principal_for(kind, jti, device_id)
         claims: dict[str, object] = {
             "sub": sub,
             "scope": " ".join(sorted(scopes)),
@@ -162,7 +223,7 @@ class TokenService:
                     device_id,
                 ),
             )
-        self._active[jti] = record.expires
+        self._active[jti] = record
         return IssuedToken(token, record)
 
     # ---- verifying --------------------------------------------------------------------------
@@ -226,23 +287,25 @@ class TokenService:
         jti, sub, scope = claims["jti"], claims["sub"], claims["scope"]
         if not (isinstance(jti, str) and isinstance(sub, str) and isinstance(scope, str)):
             raise _invalid("The access token's claims are malformed.", "invalid_token")
-        if jti not in self._active:
+        found = self._lookup(jti)
+        if found is None:
             raise _invalid("The access token has been revoked.", "token_revoked")
-        models = claims.get("models")
-        if models is not None and not (
-            isinstance(models, list) and all(isinstance(m, str) for m in models)
-        ):
-            raise _invalid("The access token's models claim is malformed.", "invalid_token")
-        max_tokens = claims.get("max_tokens")
-        if max_tokens is not None and not (isinstance(max_tokens, int) and max_tokens > 0):
-            raise _invalid("The access token's max_tokens claim is malformed.", "invalid_token")
+        record, live = found
+        if not _claims_match(claims, record):
+            # Only someone holding the signing key can make this: refuse it outright.
+            raise _invalid(
+                "The access token does not match the token LM Gate issued.", "invalid_token"
+            )
+        if not live:
+            raise _invalid("The access token has been revoked.", "token_revoked")
         principal = Principal(
-            name=sub,
-            scopes=frozenset(scope.split()) & ALL_SCOPES,
-            models=None if models is None else frozenset(models),
-            max_tokens=max_tokens,
+            name=record.sub,
+            scopes=record.scopes & ALL_SCOPES,
+            models=record.models,
+            max_tokens=record.max_tokens,
+            credential=f"token:{jti}",
         )
-        return principal, float(claims["exp"]), jti
+        return principal, record.expires, jti
 
     # ---- listing and revoking -----------------------------------------------------------
 
