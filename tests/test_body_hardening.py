@@ -473,3 +473,36 @@ class TestUnchangedBodies:
             assert r.status == 200
             await r.read()
         assert fake_lmstudio.received[-1].body == raw
+
+
+class TestChoicesUnderACap:
+    """A capped key cannot multiply its output by asking for several choices."""
+
+    @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+    @pytest.mark.parametrize("field", ["n", "best_of"])
+    @pytest.mark.parametrize("value", [2, 16, 0, -1, "4", None, 1.5])
+    async def test_become_one(
+        self,
+        start_gateway: GatewayFactory,
+        fake_lmstudio: FakeLMStudio,
+        path: str,
+        field: str,
+        value: Any,
+    ) -> None:
+        principal = Principal("capped", ALL_SCOPES, max_tokens=CAP)
+        server = await gateway_for(start_gateway, principal)
+        status, _ = await post(server.url, path, body_for(path, **{field: value}))
+        assert status == 200
+        assert fake_lmstudio.received[-1].json()[field] == 1
+
+    async def test_one_passes_and_an_uncapped_key_is_left_alone(
+        self, start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+    ) -> None:
+        path = "/v1/chat/completions"
+        capped = await gateway_for(start_gateway, Principal("c", ALL_SCOPES, max_tokens=CAP))
+        assert (await post(capped.url, path, body_for(path, n=1)))[0] == 200
+        assert fake_lmstudio.received[-1].json()["n"] == 1
+        free = await gateway_for(start_gateway, Principal("f", ALL_SCOPES))
+        raw = json.dumps(body_for(path, n=3)).encode()
+        assert (await post(free.url, path, raw))[0] == 200
+        assert fake_lmstudio.received[-1].body == raw

@@ -310,6 +310,8 @@ def _encode(payload: dict[str, Any]) -> bytes:
 USAGE_OPTION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 # The output-length fields of each endpoint, for a token's max_tokens cap. Chat has two
 # (the older name and OpenAI's newer one) and LM Studio honours either, so both are capped.
+# Fields that ask for several generations in one request.
+CHOICE_FIELDS = ("n", "best_of")
 LENGTH_FIELDS = {
     "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
     "/v1/completions": ("max_tokens",),
@@ -345,6 +347,12 @@ def _cap_output(payload: dict[str, Any], route: Route, cap: int) -> bool:
     for name in fields:
         if not _within(payload.get(name), cap):
             payload[name] = limit
+            changed = True
+    # The cap bounds what one request may generate: n choices (or best_of candidates) of
+    # `cap` tokens each would multiply it.
+    for name in CHOICE_FIELDS:
+        if name in payload and payload[name] != 1:
+            payload[name] = 1
             changed = True
     return changed
 

@@ -27,7 +27,6 @@ class Route:
     method: str
     scope: str
     needs_model: bool
-    strips_mcp_tools: bool = False
     option: str | None = None  # config flag that must be on, or None when always on
 
 
@@ -41,7 +40,6 @@ FORWARDED_ROUTES: tuple[Route, ...] = (
         "POST",
         SCOPE_CHAT,
         needs_model=True,
-        strips_mcp_tools=True,
         option="routes.enable_responses",
     ),
     Route(
@@ -49,7 +47,6 @@ FORWARDED_ROUTES: tuple[Route, ...] = (
         "POST",
         SCOPE_CHAT,
         needs_model=True,
-        strips_mcp_tools=True,
         option="routes.enable_messages",
     ),
 )
