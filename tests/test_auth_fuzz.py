@@ -36,7 +36,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, FakeLM
     )
     store = MemorySecretStore({LMSTUDIO_API_TOKEN: LMSTUDIO_TOKEN})
     identity = open_identity(config, load_or_create_signing_key(store))
-    identity.tokens.issue(name="real", sub="token:real", scopes=frozenset({"models"}), ttl=3600)
+    identity.tokens.issue(name="real", scopes=frozenset({"models"}), ttl=3600)
     server = GatewayServer(build_gateway(config, identity, store))
     thread.submit(server.start()).result(5)
     assert server.port is not None

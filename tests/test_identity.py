@@ -315,11 +315,14 @@ async def test_pairing_brute_force_is_throttled(
     for i in range(5):
         status, body, _ = await call(rig, "/pair", json_body={"code": f"{i:0>24}"})
         assert status == 401
-    status, body, headers = await call(rig, "/pair", json_body={"code": code})
+    status, body, headers = await call(rig, "/pair", json_body={"code": "A" * 24})
     assert (status, body["error"]["code"]) == (429, "too_many_pairing_attempts")
     assert int(headers["Retry-After"]) >= 1
     assert isinstance(rig.clock, FakeClock)
     rig.clock.advance(15)  # a minute refills five attempts: one every 12 s
+    status, body, _ = await call(rig, "/pair", json_body={"code": "B" * 24})
+    assert (status, body["error"]["code"]) == (401, "pairing_code_invalid")
+    # Others' failed guesses at this address never refuse the valid code.
     status, body, _ = await call(rig, "/pair", json_body={"code": code})
     assert status == 200
 

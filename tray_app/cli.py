@@ -27,6 +27,7 @@ from tray_app.assembly import (
     data_dir,
     open_identity,
     secret_store_for,
+    signing_key_loader,
     signing_key_or_ephemeral,
 )
 from tray_app.auth import ALL_SCOPES
@@ -216,7 +217,10 @@ def _open_store(config: Config) -> tuple[SecretStore | None, str | None]:
 async def _serve(config: Config, out: IO[str]) -> int:
     store, store_problem = _open_store(config)
     signing_key, key_warning = signing_key_or_ephemeral(store)
-    identity = open_identity(config, signing_key)
+    # A running gateway follows `lmgate keys rotate` by re-reading its signing key, unless the
+    # key lives only in memory (then no other process can have rotated it).
+    loader = None if key_warning or store is None else signing_key_loader(store)
+    identity = open_identity(config, signing_key, key_loader=loader)
     # Without a usable store LM Gate still reads LMGATE_SECRET_* variables set on purpose.
     gateway_secrets = store if store is not None else EnvSecretStore()
     first_key = None
