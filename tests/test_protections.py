@@ -85,9 +85,14 @@ def test_dev_mode_refuses_a_remote_peer(tmp_path: Any) -> None:
     identity = open_identity(config, b"k" * 32)
     authenticator: IdentityAuthenticator = identity.authenticator
     try:
-        assert authenticator.authenticate({"X-User-Id": "bob", "Host": "localhost"}, "::1").name == "dev:bob"
         assert (
-            authenticator.authenticate({"X-User-Id": "bob", "Host": "localhost"}, "::ffff:127.0.0.1").scopes
+            authenticator.authenticate({"X-User-Id": "bob", "Host": "localhost"}, "::1").name
+            == "dev:bob"
+        )
+        assert (
+            authenticator.authenticate(
+                {"X-User-Id": "bob", "Host": "localhost"}, "::ffff:127.0.0.1"
+            ).scopes
             == ALL_SCOPES
         )
         for peer in ("203.0.113.5", "192.0.2.1", None, "not-an-ip"):
