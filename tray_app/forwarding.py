@@ -21,6 +21,7 @@ from tray_app.upstream import (
     decode_body,
     looks_like_openai_error,
     rejected_our_credentials,
+    response_too_large,
     translate_client_error,
 )
 from tray_app.usage import Usage, usage_from_payload
@@ -95,12 +96,14 @@ class Forwarder:
             hide_usage=hide_usage,
             observer=observer,
         )
-        response = await relay.run(lambda: self._open(send))
-        outcome.status = relay.status
-        outcome.bytes_out = relay.bytes_out
-        outcome.usage = relay.usage
-        outcome.error = relay.error
-        return response
+        try:
+            return await relay.run(lambda: self._open(send))
+        finally:
+            # Also when the client hung up (aiohttp cancels us): the log counts what was sent.
+            outcome.status = relay.status
+            outcome.bytes_out = relay.bytes_out
+            outcome.usage = relay.usage
+            outcome.error = relay.error
 
     async def models(
         self,
@@ -118,8 +121,9 @@ class Forwarder:
         outcome.upstream = upstream
         data = await self._read_whole(upstream)
         if upstream.status == 200 and principal.models is not None:
+            limit = self._config.max_response_bytes
             data = _filter_models(
-                decode_body(data, upstream.headers.get("Content-Encoding")), principal
+                decode_body(data, upstream.headers.get("Content-Encoding"), limit), principal
             )
             response = web.Response(status=200, body=data, content_type="application/json")
             response.headers[REQUEST_ID_HEADER] = request_id
@@ -148,13 +152,13 @@ class Forwarder:
         limit = self._config.max_response_bytes
         try:
             if upstream.content_length is not None and upstream.content_length > limit:
-                raise _response_too_large(limit)
+                raise response_too_large(limit)
             parts: list[bytes] = []
             size = 0
             async for chunk in upstream.content.iter_any():
                 size += len(chunk)
                 if size > limit:
-                    raise _response_too_large(limit)
+                    raise response_too_large(limit)
                 parts.append(chunk)
         except BaseException as exc:
             upstream.close()
@@ -183,26 +187,21 @@ class Forwarder:
             )
         if status < 300:
             outcome.usage = _usage_of_json_answer(
-                data, upstream.headers.get("Content-Encoding"), status
+                data,
+                upstream.headers.get("Content-Encoding"),
+                status,
+                self._config.max_response_bytes,
             )
         return web.Response(status=status, body=data, headers=headers)
 
 
-def _response_too_large(limit: int) -> ApiError:
-    # Built only when raised: the error is rare and its message is not free.
-    return ApiError(
-        502,
-        f"LM Studio's response was larger than {limit} bytes (limits.max_response_bytes).",
-        type="upstream_error",
-        code="upstream_response_too_large",
-    )
-
-
-def _usage_of_json_answer(data: bytes, encoding: str | None, status: int) -> Usage | None:
+def _usage_of_json_answer(
+    data: bytes, encoding: str | None, status: int, limit: int
+) -> Usage | None:
     """Every forwarded endpoint answers JSON: anything else from LM Studio is a broken answer
     the caller should hear about as such, not a body their SDK chokes on."""
     try:
-        payload = json.loads(decode_body(data, encoding))
+        payload = json.loads(decode_body(data, encoding, limit))
     except ValueError:
         snippet = data[:200].decode("utf-8", errors="replace").strip()
         raise ApiError(

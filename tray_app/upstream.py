@@ -91,18 +91,34 @@ def translate_client_error(exc: BaseException, config: Config) -> ApiError:
     )
 
 
-def decode_body(body: bytes, content_encoding: str | None) -> bytes:
-    """Undo a Content-Encoding LM Studio used despite ``Accept-Encoding: identity``."""
+def response_too_large(limit: int) -> ApiError:
+    # Built only when raised: the error is rare and its message is not free.
+    return ApiError(
+        502,
+        f"LM Studio's response was larger than {limit} bytes (limits.max_response_bytes).",
+        type="upstream_error",
+        code="upstream_response_too_large",
+    )
+
+
+def decode_body(body: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """Undo a Content-Encoding LM Studio used despite ``Accept-Encoding: identity``, to at
+    most ``limit`` bytes: a few hundred compressed KB can expand to gigabytes."""
     encoding = (content_encoding or "identity").strip().lower()
     if encoding in {"", "identity"}:
         return body
-    try:
-        if encoding == "gzip":
-            return zlib.decompress(body, 16 + zlib.MAX_WBITS)
-        if encoding == "deflate":
-            return zlib.decompress(body)
-    except zlib.error:
-        pass
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
+    if wbits is not None:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            decoded = inflater.decompress(body, limit + 1)
+        except zlib.error:
+            pass
+        else:
+            if len(decoded) > limit:
+                raise response_too_large(limit)
+            if inflater.eof:
+                return decoded
     raise ApiError(
         502,
         f"LM Studio sent an undecodable body (Content-Encoding: {encoding}).",
