@@ -3,8 +3,11 @@
 While LM Studio is still processing the prompt, an optional heartbeat pump sends SSE comments
 so that idle-sensitive proxies and phones keep the connection. The relay itself awaits LM
 Studio directly (no wrapper task per read), and once the first chunk arrives it is a plain
-read-write loop: no parsing, no timers, one deque append per chunk (for usage).
-When the client hangs up, LM Studio's request is closed at once so the GPU stops generating.
+read-write loop: no parsing, no timers, one deque append per chunk (for usage). A stream
+whose usage must be hidden, or whose events an observer reads, is relayed in whole events,
+none larger than limits.max_event_bytes.
+When the client hangs up, LM Studio's request is closed at once so the GPU stops generating;
+``StreamRelay.abort`` does the same from outside (a revoked credential) and tells the client.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -20,7 +24,7 @@ from aiohttp import web
 from tray_app._tasks import spawn
 from tray_app.api_errors import REQUEST_ID_HEADER, ApiError, sse_error_event
 from tray_app.config import Config
-from tray_app.usage import Usage, has_usage_object, strip_usage_events, usage_from_sse_tail
+from tray_app.usage import EventCutter, Usage, usage_from_sse_tail
 
 log = logging.getLogger("lmgate.streaming")
 
@@ -46,6 +50,10 @@ class _ClientGone(Exception):
     """The client closed its connection; nothing more can be sent to it."""
 
 
+class _EventTooLarge(Exception):
+    """LM Studio sent an SSE event larger than limits.max_event_bytes."""
+
+
 class StreamRelay:
     """Relays one streamed request; afterwards ``status``, ``bytes_out``, ``usage``, ``error``
     describe what happened, for the access log."""
@@ -66,14 +74,21 @@ class StreamRelay:
         self._request = request
         self._extra_headers = extra_headers
         self._hide_usage = hide_usage
-        self._observer = observer  # sees every chunk (the conversation API keeps the answer)
+        # Sees the answer as the client gets it, in whole events (the conversation API keeps it).
+        self._observer = observer
         self._request_id = request_id
         self._interval = config.heartbeat_interval
         self._idle_timeout = config.upstream_idle_timeout
+        self._max_event_bytes = config.max_event_bytes
         self._on_upstream = on_upstream
         self._read_whole = read_whole
         self._is_stopping = is_stopping
         self._down: web.StreamResponse | None = None
+        self._upstream: aiohttp.ClientResponse | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._aborted: tuple[str, str, str] | None = None  # message, type, code
+        self._abort_cancelled = False  # abort() cancelled the wait for LM Studio's headers
+        self._finished = False
         self.status = 0
         self.bytes_out = 0
         self.usage: Usage | None = None
@@ -84,24 +99,29 @@ class StreamRelay:
         """Whether response headers went out (heartbeats or data): errors must be SSE events."""
         return self._down is not None
 
+    def abort(self, message: str, type: str, code: str) -> None:
+        """End the stream from outside (e.g. its credential was revoked): LM Studio's request
+        is closed now, and the relay's own task ends the client's stream with this SSE error
+        event as soon as it runs. Call on the relay's event loop; returns at once. Does
+        nothing once the stream has ended or was already aborted."""
+        if self._finished or self._aborted is not None:
+            return
+        self._aborted = (message, type, code)
+        if self._upstream is not None:
+            self._upstream.close()  # the pending read fails at once
+        elif self._task is not None:
+            # Still waiting for LM Studio's headers, which may take minutes of prompt
+            # processing: cancel that wait (aiohttp then closes the connection).
+            self._abort_cancelled = True
+            self._task.cancel()
+
     async def run(
         self, open_upstream: Callable[[], Awaitable[aiohttp.ClientResponse]]
     ) -> web.StreamResponse:
+        self._task = asyncio.current_task()
         pump = _HeartbeatPump(self, self._interval) if self._interval > 0 else None
         try:
-            try:
-                upstream = await open_upstream()
-            except ApiError as err:
-                await _stop(pump)
-                if self._down is None:
-                    raise
-                return await self.fail(err.message, err.type, err.code)
-            self._on_upstream(upstream)
-            content_type = upstream.headers.get("Content-Type", "")
-            if upstream.status != 200 or "text/event-stream" not in content_type:
-                await _stop(pump)
-                return await self._not_a_stream(upstream)
-            return await self._relay(upstream, pump)
+            return await self._run(open_upstream, pump)
         except _ClientGone:
             self.status = 499
             self.error = "client_disconnected"
@@ -109,28 +129,56 @@ class StreamRelay:
             assert self._down is not None
             return self._down
         finally:
+            self._finished = True
             if pump is not None:
                 pump.cancel()
+
+    async def _run(
+        self,
+        open_upstream: Callable[[], Awaitable[aiohttp.ClientResponse]],
+        pump: _HeartbeatPump | None,
+    ) -> web.StreamResponse:
+        try:
+            if self._aborted is not None:
+                return await self._fail_aborted()
+            try:
+                upstream = await open_upstream()
+            except ApiError as err:
+                await _stop(pump)
+                if self._down is None:
+                    raise
+                return await self.fail(err.message, err.type, err.code)
+            self._upstream = upstream
+            self._on_upstream(upstream)
+            content_type = upstream.headers.get("Content-Type", "")
+            if upstream.status != 200 or "text/event-stream" not in content_type:
+                await _stop(pump)
+                return await self._not_a_stream(upstream)
+            return await self._relay(upstream, pump)
+        except asyncio.CancelledError:
+            if not self._abort_cancelled:
+                raise  # the client hung up: aiohttp cancelled the handler
+            self._abort_cancelled = False
+            task = self._task
+            assert task is not None
+            if task.uncancel() > 0:
+                raise  # the client hung up as well
+            await _stop(pump)
+            return await self._fail_aborted()
 
     async def _relay(
         self, upstream: aiohttp.ClientResponse, pump: _HeartbeatPump | None
     ) -> web.StreamResponse:
         tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
+        cutter: EventCutter | None = None
         try:
             content = upstream.content
             first = await content.readany()  # the pump beats on while the prompt is processed
             await _stop(pump)
             down = await self._start(upstream.status)
-            if first and self._hide_usage:
-                await self._relay_hiding_usage(first, content, tail)
-            elif first and self._observer is not None:
-                observe = self._observer
-                chunk = first
-                while chunk:
-                    tail.append(chunk)
-                    observe(chunk)
-                    await self._write(chunk)
-                    chunk = await content.readany()
+            if first and (self._hide_usage or self._observer is not None):
+                cutter = EventCutter(self._max_event_bytes, hide_usage=self._hide_usage)
+                await self._relay_events(first, content, cutter, tail)
             elif first:
                 tail.append(first)
                 await self._write(first)
@@ -144,6 +192,8 @@ class StreamRelay:
         except (TimeoutError, aiohttp.ClientError) as exc:
             upstream.close()
             await _stop(pump)
+            if self._aborted is not None:
+                return await self._fail_aborted()
             if self._is_stopping():
                 return await self.fail(
                     "LM Gate is shutting down; the answer was cut short.",
@@ -162,41 +212,58 @@ class StreamRelay:
                 "upstream_error",
                 "upstream_stream_failed",
             )
+        except _EventTooLarge:
+            upstream.close()  # LM Studio would go on filling it; stop the generation too
+            return await self.fail(
+                f"LM Studio sent an SSE event larger than {self._max_event_bytes} bytes "
+                "(limits.max_event_bytes); the answer was cut short.",
+                "upstream_error",
+                "upstream_event_too_large",
+            )
         except BaseException:
             upstream.close()
             raise
         upstream.release()
-        self.usage = usage_from_sse_tail(tail)
+        if self._aborted is not None:
+            return await self._fail_aborted()  # the close looked like a clean end
+        found = cutter.usage if cutter is not None else None
+        self.usage = found or usage_from_sse_tail(tail, self._max_event_bytes)
         return down
 
-    async def _relay_hiding_usage(
-        self, first: bytes, content: aiohttp.StreamReader, tail: deque[bytes]
+    async def _relay_events(
+        self,
+        first: bytes,
+        content: aiohttp.StreamReader,
+        cutter: EventCutter,
+        tail: deque[bytes],
     ) -> None:
-        """The relay loop when LM Gate asked for usage the client did not: forward whole SSE
-        events only, so the usage event can be recognised and dropped."""
-        carry = b""
+        """The relay loop in whole events: for hiding the usage LM Gate asked for, and for an
+        observer that reads events. What the observer sees is exactly what is written."""
+        observe = self._observer
         chunk = first
         while chunk:
             tail.append(chunk)
-            data = carry + chunk if carry else chunk
-            cut = data.rfind(b"\n\n")
-            if cut < 0:
-                carry = data
-            else:
-                ready, carry = data[: cut + 2], data[cut + 2 :]
-                if has_usage_object(ready):
-                    ready = strip_usage_events(ready)
-                if ready:
-                    await self._write(ready)
+            ready = cutter.feed(chunk)
+            if ready:
+                if observe is not None:
+                    observe(ready)
+                await self._write(ready)
+            if cutter.too_large:
+                raise _EventTooLarge
             chunk = await content.readany()
-        if carry:
-            await self._write(carry)
+        rest = cutter.rest()
+        if rest and self._aborted is None:
+            if observe is not None:
+                observe(rest)
+            await self._write(rest)
 
     async def _not_a_stream(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         """LM Studio answered with an error (or plain JSON) although a stream was asked for."""
         try:
             whole = await self._read_whole(upstream)
         except ApiError as err:
+            if self._aborted is not None:
+                return await self._fail_aborted()
             if self._down is None:
                 raise
             return await self.fail(err.message, err.type, err.code)
@@ -245,6 +312,11 @@ class StreamRelay:
             sse_error_event(message, type=kind, code=code, request_id=self._request_id)
         )
         return down
+
+    async def _fail_aborted(self) -> web.StreamResponse:
+        assert self._aborted is not None
+        message, kind, code = self._aborted
+        return await self.fail(message, kind, code)
 
 
 class _HeartbeatPump:

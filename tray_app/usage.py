@@ -1,4 +1,9 @@
-"""Token counts from LM Studio's answers, for the access log (and later, accounting)."""
+"""Token counts from LM Studio's answers, and the SSE event cutting that hides usage.
+
+LM Gate asks LM Studio for usage on streams the client did not ask it for; such a stream is
+relayed in whole events so the usage can be recognised and removed. Whole events also mean a
+bound: a stream that never ends its event must not grow a buffer without limit.
+"""
 
 from __future__ import annotations
 
@@ -32,10 +37,14 @@ def usage_from_payload(payload: Any) -> Usage | None:
     return Usage(prompt_tokens=prompt, completion_tokens=completion)
 
 
-def usage_from_sse_tail(chunks: Iterable[bytes]) -> Usage | None:
-    """Usage from the last events of a stream (the usage chunk comes just before [DONE])."""
-    text = b"".join(chunks).decode("utf-8", errors="replace")
-    for line in reversed(text.splitlines()):
+def usage_from_sse_tail(chunks: Iterable[bytes], max_event_bytes: int) -> Usage | None:
+    """Usage from the last events of a stream (the usage chunk comes just before [DONE]).
+
+    Only the last two events' worth of bytes is parsed: the usage event is at most
+    ``max_event_bytes``, and a hostile stream's last reads need not be cheap to parse."""
+    data = b"".join(chunks)
+    text = data[-2 * max_event_bytes :].decode("utf-8", errors="replace")
+    for line in reversed(text.splitlines()):  # splitlines knows all of SSE's line ends
         if not line.startswith("data:") or '"usage"' not in line:
             continue
         try:
@@ -54,10 +63,19 @@ def has_usage_object(data: bytes) -> bool:
     return USAGE_MARKERS[0] in data or USAGE_MARKERS[1] in data
 
 
-def strip_usage_events(data: bytes) -> bytes:
+def to_lf(data: bytes) -> bytes:
+    """SSE allows CRLF, CR and LF line ends; LM Gate's cutting looks for LF only."""
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+
+def strip_usage_events(data: bytes) -> tuple[bytes, Usage | None]:
     """Remove the usage LM Gate asked for from complete SSE events (``data`` ends at an event
-    boundary): the usage-only chunk is dropped, a usage field on a content chunk removed."""
+    boundary): the usage-only chunk is dropped, a usage field on a content chunk removed.
+    Returns what is left and the last usage removed."""
+    if b"\r" in data:
+        data = to_lf(data)
     out: list[bytes] = []
+    found: Usage | None = None
     for event in data.split(b"\n\n"):
         if event and has_usage_object(event):
             lines = event.split(b"\n")
@@ -68,9 +86,69 @@ def strip_usage_events(data: bytes) -> bytes:
                 out.append(event)
                 continue
             if isinstance(payload, dict):
+                found = usage_from_payload(payload) or found
                 if payload.get("choices") == []:
                     continue
                 payload.pop("usage", None)
                 event = b"data: " + json.dumps(payload, ensure_ascii=False).encode()
         out.append(event)
-    return b"\n\n".join(out)
+    return b"\n\n".join(out), found
+
+
+class EventCutter:
+    """Cuts a stream into whole SSE events (line ends rewritten as LF), optionally without
+    the usage LM Gate asked for. Holds at most one unfinished event, of fewer than
+    ``max_event_bytes`` bytes; an event is measured with LF line ends and its blank line.
+    Once an event is larger, ``too_large`` is set and nothing from it on is returned."""
+
+    __slots__ = ("_after_cr", "_carry", "_hide_usage", "_limit", "too_large", "usage")
+
+    def __init__(self, max_event_bytes: int, *, hide_usage: bool) -> None:
+        self._limit = max_event_bytes
+        self._hide_usage = hide_usage
+        self._carry = b""
+        # A chunk ended in CR: a LF opening the next one belongs to the same line end.
+        self._after_cr = False
+        self.too_large = False
+        self.usage: Usage | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The events ``chunk`` completes (maybe none)."""
+        if self.too_large:
+            return b""
+        if self._after_cr or b"\r" in chunk:
+            if self._after_cr and chunk.startswith(b"\n"):
+                chunk = chunk[1:]
+            self._after_cr = chunk.endswith(b"\r")
+            chunk = to_lf(chunk)
+        data = self._carry + chunk if self._carry else chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            ready, carry = b"", data
+        else:
+            ready, carry = data[: cut + 2], data[cut + 2 :]
+        if len(ready) > self._limit:
+            ready = self._up_to_oversized(ready)  # finished events that came in one read
+        # The unfinished event needs at least one more byte, so this many is already too many.
+        if self.too_large or len(carry) >= self._limit:
+            self.too_large = True
+            carry = b""
+        self._carry = carry
+        if self._hide_usage and has_usage_object(ready):
+            ready, found = strip_usage_events(ready)
+            self.usage = found or self.usage
+        return ready
+
+    def rest(self) -> bytes:
+        """What the stream left unfinished when it ended (relayed as it is)."""
+        rest, self._carry = self._carry, b""
+        return rest
+
+    def _up_to_oversized(self, ready: bytes) -> bytes:
+        kept = 0
+        for event in ready.split(b"\n\n"):
+            if len(event) + 2 > self._limit:
+                self.too_large = True
+                return ready[:kept]
+            kept += len(event) + 2
+        return ready
