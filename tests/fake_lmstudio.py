@@ -3,8 +3,9 @@
 It speaks the OpenAI-compatible endpoints LM Studio serves (models, chat JSON and SSE,
 completions, embeddings, responses, messages), answers every other path with 200 like the real
 one does, and records every request it receives so tests can prove what reached it. Behaviour
-is set through :class:`Behaviour` (chunk counts, delays, a mid-stream failure, status overrides).
-Its own tests are in ``test_fake_lmstudio.py``.
+is set through :class:`Behaviour` (chunk counts, delays, a mid-stream failure, status overrides,
+and the shapes a hostile or broken LM Studio sends: CRLF or CR line ends, an oversized or
+never-ending SSE event, compression bombs). Its own tests are in ``test_fake_lmstudio.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import gzip
 import json
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +34,15 @@ class Behaviour:
     error_body: bytes | None = None  # ...and this body (default: OpenAI-shaped JSON)
     error_content_type: str = "application/json"
     extra_response_headers: dict[str, str] = field(default_factory=dict)
-    gzip_json: bool = False  # compress JSON answers even when asked not to
+    gzip_json: bool = False  # compress JSON answers even when asked not to (= compress "gzip")
+    compress: str | None = None  # "gzip" or "deflate": compress JSON answers so
+    json_bytes: int | None = None  # ...padded (field "pad") to exactly this size before it
+    line_end: bytes = b"\n"  # SSE line end: b"\r\n" and b"\r" are valid SSE too
+    event_bytes: int | None = None  # pad the first content event to exactly this size
+    # After the content chunks, one event of this many bytes that never ends; then the
+    # connection stays open for hold_open seconds (or until the client goes away).
+    unterminated_event_bytes: int | None = None
+    hold_open: float = 30.0
     require_token: str | None = None  # act like "Require Authentication" is on
     reply: str | None = None  # stream this text (split into `chunks` pieces) instead of tokN
     reasoning: str | None = None  # stream this as delta.reasoning before the answer
@@ -131,11 +141,24 @@ class FakeLMStudio:
         self.disconnected.set()
 
     def _json(self, payload: Any) -> web.Response:
-        body = json.dumps(payload).encode()
-        if self.behaviour.gzip_json:
+        b = self.behaviour
+        encoding = b.compress or ("gzip" if b.gzip_json else None)
+        if b.json_bytes is not None:
+            if encoding is None:
+                return web.Response(
+                    body=b"".join(_padded_json(payload, b.json_bytes)),
+                    content_type="application/json",
+                )
             return web.Response(
-                body=gzip.compress(body),
-                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+                body=_compressed(_padded_json(payload, b.json_bytes), encoding),
+                headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+            )
+        body = json.dumps(payload).encode()
+        if encoding is not None:
+            compressed = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+            return web.Response(
+                body=compressed,
+                headers={"Content-Type": "application/json", "Content-Encoding": encoding},
             )
         return web.Response(body=body, content_type="application/json")
 
@@ -214,8 +237,9 @@ class FakeLMStudio:
         try:
             if b.first_chunk_delay:
                 await asyncio.sleep(b.first_chunk_delay)
+            eol = b.line_end
             if b.reasoning:
-                await response.write(_chunk(model, {"reasoning": b.reasoning}, None))
+                await response.write(_chunk(model, {"reasoning": b.reasoning}, None, eol))
             for i in range(b.chunks):
                 if b.fail_after is not None and i == b.fail_after:
                     assert request.transport is not None
@@ -224,9 +248,14 @@ class FakeLMStudio:
                 if i and b.chunk_delay:
                     await asyncio.sleep(b.chunk_delay)
                 piece = f"tok{i} " if b.reply is None else _piece(b.reply, i, b.chunks)
-                await response.write(_chunk(model, {"content": piece}, None))
+                size = b.event_bytes if i == 0 else None
+                await response.write(_chunk(model, {"content": piece}, None, eol, size))
                 self.chunk_sent_at.append(time.monotonic())
-            await response.write(_chunk(model, {}, "stop"))
+            if b.unterminated_event_bytes is not None:
+                await _write_unterminated(response, b.unterminated_event_bytes)
+                await asyncio.sleep(b.hold_open)
+                return response
+            await response.write(_chunk(model, {}, "stop", eol))
             if include_usage:
                 usage = {
                     "prompt_tokens": 7,
@@ -245,24 +274,69 @@ class FakeLMStudio:
                             "usage": usage,
                         }
                     ).encode()
-                    + b"\n\n"
+                    + eol * 2
                 )
-            await response.write(b"data: [DONE]\n\n")
+            await response.write(b"data: [DONE]" + eol * 2)
         except (asyncio.CancelledError, ConnectionResetError):
             self._note_disconnect()
             raise
         return response
 
 
-def _chunk(model: str, delta: dict[str, str], finish: str | None) -> bytes:
-    event = {
+def _chunk(
+    model: str,
+    delta: dict[str, str],
+    finish: str | None,
+    eol: bytes = b"\n",
+    size: int | None = None,
+) -> bytes:
+    """One chat.completion.chunk event; with ``size``, padded (field "pad") to exactly that
+    many bytes counted with LF line ends, blank line included."""
+    event: dict[str, Any] = {
         "id": "chatcmpl-fake",
         "object": "chat.completion.chunk",
         "created": 1,
         "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
-    return b"data: " + json.dumps(event).encode() + b"\n\n"
+    if size is not None:
+        event["pad"] = ""
+        bare = len(b"data: " + json.dumps(event).encode() + b"\n\n")
+        event["pad"] = "x" * (size - bare)
+    return b"data: " + json.dumps(event).encode() + eol * 2
+
+
+_PIECE = 64 * 1024
+
+
+async def _write_unterminated(response: web.StreamResponse, size: int) -> None:
+    await response.write(b"data: ")
+    block = b"x" * _PIECE
+    left = size - len(b"data: ")
+    while left > 0:
+        await response.write(block[:left])
+        left -= _PIECE
+
+
+def _padded_json(payload: dict[str, Any], size: int) -> list[bytes]:
+    """``payload`` with a "pad" field making it exactly ``size`` bytes, in pieces so that a
+    bomb's padding is never one big string."""
+    head = json.dumps({**payload, "pad": ""}).encode()
+    opening, closing = head[: -len(b'""}')] + b'"', b'"}'
+    left = size - len(head)
+    pieces = [opening]
+    block = b"x" * (1024 * 1024)
+    while left > 0:
+        pieces.append(block[:left])
+        left -= len(block)
+    pieces.append(closing)
+    return pieces
+
+
+def _compressed(pieces: list[bytes], encoding: str) -> bytes:
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    return b"".join(packer.compress(piece) for piece in pieces) + packer.flush()
 
 
 def _piece(text: str, index: int, count: int) -> str:
