@@ -123,8 +123,9 @@ async def test_healthz_needs_no_auth_and_says_nothing_more(
 
 
 async def test_readyz_reports_whether_lm_studio_answers(
-    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("tray_app.gateway.READY_CACHE_SECONDS", 0.0)  # no cached answer
     server = await start_gateway()
     ready = await raw_request(server.port or 0, "GET", "/readyz")
     assert (ready.status, ready.json()) == (200, {"status": "ready"})

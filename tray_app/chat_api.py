@@ -24,7 +24,7 @@ from tray_app.conversations import ConversationStore, Message, trim_history
 from tray_app.exchange import Exchange
 from tray_app.forwarding import Forwarder
 from tray_app.routes import FORWARDED_ROUTES
-from tray_app.upstream import UPSTREAM_SESSION
+from tray_app.upstream import UPSTREAM_SESSION, decode_body
 
 CHAT_ROUTE = next(r for r in FORWARDED_ROUTES if r.path == "/v1/chat/completions")
 MAX_MESSAGE_CHARS = 100_000
@@ -302,7 +302,11 @@ class ChatApi:
         if upstream.status >= 400:
             return upstream  # LM Studio's own error, already in the OpenAI shape
         try:
-            answer = json.loads(upstream.body)
+            answer = json.loads(
+                decode_body(
+                    upstream.body, upstream.headers.get("Content-Encoding"), self._max_answer_chars
+                )
+            )
             reply = answer["choices"][0]["message"]
             content = reply.get("content") or ""
             reasoning = reply.get("reasoning") or reply.get("reasoning_content")
