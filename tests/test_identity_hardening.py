@@ -41,7 +41,8 @@ from tray_app.clock import Clock, SystemClock
 from tray_app.config import Config, dump_settings, load_config
 from tray_app.controller import Controller, ThreadedController
 from tray_app.errors import AuthError, SecretStoreError
-from tray_app.identity import PROXY_HEADERS, IdentityAuthenticator, is_loopback_host
+from tray_app.hosts import is_loopback_host
+from tray_app.identity import PROXY_HEADERS, IdentityAuthenticator
 from tray_app.keyring_store import FileSecretStore
 from tray_app.runtime import LoopThread
 from tray_app.secrets import LMSTUDIO_API_TOKEN, MemorySecretStore, SecretStore

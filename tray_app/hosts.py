@@ -12,10 +12,12 @@ serves). The port is not compared: tunnels and Docker port mappings change it on
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable
 
 _CACHE_LIMIT = 1024
+_PORT = re.compile(r"^:[0-9]{1,5}$")
 
 
 def host_name(host: str) -> str:
@@ -36,9 +38,19 @@ def is_ip_literal(name: str) -> bool:
     return True
 
 
-def is_loopback_host(host: str) -> bool:
-    """``localhost`` or a loopback address, with or without a port."""
-    name = host_name(host)
+def is_loopback_host(host: str | None) -> bool:
+    """Whether a Host header names this machine: localhost, 127.x.x.x or [::1], any port."""
+    if not host:
+        return False
+    host = host.lower()
+    if host.startswith("["):
+        inner, bracket, port = host[1:].partition("]")
+        name = inner if bracket else ""
+    else:
+        name, colon, digits = host.partition(":")
+        port = colon + digits
+    if port and not _PORT.match(port):
+        return False
     if name == "localhost":
         return True
     try:

@@ -13,15 +13,14 @@ tunnel may open while it is on.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 from collections.abc import Callable, Mapping
 
 from tray_app.apikeys import ApiKeyService, looks_like_api_key
 from tray_app.auth import ALL_SCOPES, MISSING_CREDENTIAL, Principal, extract_credential
 from tray_app.clock import Clock
 from tray_app.errors import AuthError, LMGateError
+from tray_app.hosts import is_loopback_host
 from tray_app.limits import is_loopback
 from tray_app.storage import SIGNING_KEY_GENERATION, Database
 from tray_app.tokens import TokenService
@@ -45,28 +44,6 @@ PROXY_HEADERS = (
     "Fastly-Client-IP",
     "X-Cluster-Client-IP",
 )
-_PORT = re.compile(r"^:[0-9]{1,5}$")
-
-
-def is_loopback_host(host: str | None) -> bool:
-    """Whether a Host header names this machine: localhost, 127.x.x.x or [::1], any port."""
-    if not host:
-        return False
-    host = host.lower()
-    if host.startswith("["):
-        inner, bracket, port = host[1:].partition("]")
-        name = inner if bracket else ""
-    else:
-        name, colon, digits = host.partition(":")
-        port = colon + digits
-    if port and not _PORT.match(port):
-        return False
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def _narrowed(
