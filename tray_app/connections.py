@@ -1,0 +1,305 @@
+"""aiohttp's connection layer, hardened: what happens before a request reaches the gateway.
+
+* A connection is admitted or refused as it opens (:mod:`tray_app.admission`).
+* Its first request head must arrive within ``header_timeout`` of the connection opening; a
+  reused connection that sits idle, or holds half a head, is closed by aiohttp's own
+  keep-alive timer (``keepalive_timeout``, given to the runner). Neither timer runs while a
+  request is being handled, so an answer may stream for as long as it needs.
+* A request aiohttp cannot parse gets our JSON error instead of aiohttp's text page, which
+  quotes the offending bytes (an oversized header may be a credential), and one access line.
+* ``CONNECT`` reaches the application, whose middleware gives it the gateway's JSON 404 and an
+  access line like any other request; nothing here treats it specially.
+
+Built as aiohttp builds its own: an AppRunner whose server makes our RequestHandler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import RawRequestMessage
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
+
+from tray_app.access_log import ACCESS_LOGGER, new_request_id
+from tray_app.admission import ConnectionGuard, Ticket
+from tray_app.api_errors import ApiError
+from tray_app.exhaustion_log import RateLimitedLog
+from tray_app.raw_errors import raw_error_response
+
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+# How long a refused connection stays half-open after its 503, so the client reads the answer
+# instead of a reset (closing with its request unread would send an RST).
+LINGER_SECONDS = 1.0
+
+RequestFactory = Callable[
+    [RawRequestMessage, StreamReader, RequestHandler, AbstractStreamWriter, "asyncio.Task[None]"],
+    BaseRequest,
+]
+
+
+def _parse_error(status: int, exc: BaseException | None) -> ApiError:
+    if isinstance(exc, LineTooLong) or (
+        isinstance(exc, BadHttpMessage) and exc.message.startswith("Too many headers")
+    ):
+        return ApiError(
+            431,
+            "The request line or a header field is too long, or there are too many headers.",
+            type="invalid_request_error",
+            code="headers_too_large",
+        )
+    if isinstance(exc, HttpProcessingError) or status == 400:
+        return ApiError(
+            400,
+            "The request is not valid HTTP/1.1.",
+            type="invalid_request_error",
+            code="bad_request",
+        )
+    return ApiError(
+        500,
+        "LM Gate hit an internal error; details are in its log.",
+        type="server_error",
+        code="internal_error",
+    )
+
+
+def _access_line(request: BaseRequest, request_id: str, response: web.Response, code: str) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    body = response.body
+    fields: dict[str, object] = {
+        "request_id": request_id,
+        "client": request.remote,
+        "principal": None,
+        # The method and target are the client's own bytes, possibly the very ones refused.
+        "method": "-",
+        "path": "-",
+        "status": response.status,
+        "model": None,
+        "stream": False,
+        "latency_ms": 0.0,
+        "bytes_in": 0,
+        "bytes_out": len(body) if isinstance(body, bytes) else 0,
+        "error": code,
+    }
+    access_log.info("request", extra={"access": fields})
+
+
+def _answer(request: BaseRequest, error: ApiError) -> web.Response:
+    request_id = new_request_id()
+    response = error.to_response(request_id)
+    response.force_close()
+    _access_line(request, request_id, response, error.code)
+    return response
+
+
+class GuardedRequestHandler(RequestHandler):
+    __slots__ = ("_bytes_before_head", "_guarded", "_head_timer", "_linger", "_peer", "_ticket")
+
+    def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        # Kept apart from aiohttp's _manager, which it clears when the connection is lost.
+        self._guarded = manager
+        self._peer: str | None = None
+        self._ticket: Ticket | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._bytes_before_head = False
+        self._linger: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple | list) and peer else None
+        verdict = self._guarded.guard.admit(self._peer)
+        if isinstance(verdict, bytes):
+            self._refuse(transport, verdict)
+            return
+        self._ticket = verdict
+        super().connection_made(transport)
+        self._head_timer = self._loop.call_later(self._guarded.header_timeout, self._head_overdue)
+
+    def _refuse(self, transport: asyncio.BaseTransport, answer: bytes) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        # Not a connection aiohttp knows about: its connection_lost returns at once.
+        self._manager = None
+        self._force_close = True
+        transport.write(answer)
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        # Half-close and wait for the client's request (usually already on its way): closing
+        # with it unread would send a reset, and the client would see that instead of the
+        # 503. Its first bytes, its EOF (eof_received returns None) or the timer close us.
+        transport.write_eof()
+        self.transport = transport
+        self._linger = self._loop.call_later(LINGER_SECONDS, transport.close)
+        self._guarded.linger(transport)
+
+    def head_received(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._linger is not None:
+            # A refused connection: its request is read (and dropped), so closing is clean.
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self._head_timer is not None and data:
+            self._bytes_before_head = True
+        super().data_received(data)
+
+    def _head_overdue(self) -> None:
+        self._head_timer = None
+        transport = self.transport
+        if transport is None or self._force_close:
+            return
+        if self._bytes_before_head:
+            # A client that sent nothing (a browser's speculative connection) is closed
+            # quietly; one that started a request is told why.
+            transport.write(
+                raw_error_response(
+                    408,
+                    "The request head did not arrive in time (server.header_timeout).",
+                    type="invalid_request_error",
+                    code="header_timeout",
+                )
+            )
+            self._guarded.exhaustion.note(
+                "header_timeout",
+                "closed a connection from %s: no complete request head within %g s (%s)",
+                self._peer,
+                self._guarded.header_timeout,
+                "server.header_timeout",
+            )
+        self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if self._ticket is not None:
+            self._guarded.guard.release(self._ticket)
+            self._ticket = None
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+            if self.transport is not None:
+                self._guarded.lingering.pop(self.transport, None)
+                self.transport = None
+        super().connection_lost(exc)
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the answer had started; the connection is closed instead")
+        error = _parse_error(status, exc)
+        if error.status == 500:
+            # Not a client's mistake but ours: keep aiohttp's traceback line.
+            self.log_exception("Error handling request", exc_info=exc)
+        return _answer(request, error)
+
+
+class GuardedServer(Server):
+    """aiohttp's Server, making GuardedRequestHandlers."""
+
+    def __init__(
+        self,
+        plain: Server,
+        *,
+        guard: ConnectionGuard,
+        header_timeout: float,
+        exhaustion: RateLimitedLog,
+        max_lingering: int,
+    ) -> None:
+        super().__init__(
+            plain.request_handler,
+            request_factory=_marking_heads(plain.request_factory),
+            handler_cancellation=plain.handler_cancellation,
+            loop=plain._loop,
+            **plain._kwargs,
+        )
+        self.guard = guard
+        self.header_timeout = header_timeout
+        self.exhaustion = exhaustion
+        self.max_lingering = max_lingering
+        # Refused connections waiting to close, oldest first (a dict keeps insertion order).
+        self.lingering: dict[asyncio.Transport, None] = {}
+
+    def __call__(self) -> RequestHandler:
+        return GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def linger(self, transport: asyncio.Transport) -> None:
+        """Hold a refused connection briefly; past the budget the oldest goes first, since an
+        idle flood would otherwise keep every slot and leave real clients a reset."""
+        while self.lingering and len(self.lingering) >= self.max_lingering:
+            oldest = next(iter(self.lingering))
+            del self.lingering[oldest]
+            oldest.close()
+        self.lingering[transport] = None
+
+    def pre_shutdown(self) -> None:
+        super().pre_shutdown()
+        for transport in list(self.lingering):
+            transport.close()
+        self.lingering.clear()
+
+
+def _marking_heads(inner: RequestFactory) -> RequestFactory:
+    # aiohttp calls the request factory for every parsed head (and for a head it could not
+    # parse): the moment the header timer has done its job.
+    def make(
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> BaseRequest:
+        if isinstance(protocol, GuardedRequestHandler):
+            protocol.head_received()
+        return inner(message, payload, protocol, writer, task)
+
+    return make
+
+
+class GuardedAppRunner(web.AppRunner):
+    __slots__ = ("_exhaustion", "_guard", "_header_timeout", "_max_lingering")
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        guard: ConnectionGuard,
+        header_timeout: float,
+        exhaustion: RateLimitedLog,
+        max_lingering: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._guard = guard
+        self._header_timeout = header_timeout
+        self._exhaustion = exhaustion
+        self._max_lingering = max_lingering
+
+    async def _make_server(self) -> Server:
+        return GuardedServer(
+            await super()._make_server(),
+            guard=self._guard,
+            header_timeout=self._header_timeout,
+            exhaustion=self._exhaustion,
+            max_lingering=self._max_lingering,
+        )
