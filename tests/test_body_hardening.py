@@ -11,6 +11,7 @@ body rule set for every route. What LM Studio received is the proof.
 from __future__ import annotations
 
 import copy
+import io
 import json
 from typing import Any
 
@@ -23,6 +24,7 @@ from tests.fake_lmstudio import MODELS, FakeLMStudio
 from tests.helpers import FixedPrincipalAuthenticator, LogCapture
 from tests.test_body_rules import BOMBS
 from tray_app.auth import ALL_SCOPES, Principal
+from tray_app.gateway import PAIR_MAX_BODY_BYTES
 from tray_app.server import GatewayServer
 
 CAP = 100
@@ -56,7 +58,9 @@ def body_for(path: str, **extra: Any) -> dict[str, Any]:
 async def post(
     url: str, path: str, body: dict[str, Any] | bytes, *, key: str = CLIENT_KEY
 ) -> tuple[int, dict[str, Any]]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    data: Any = body if isinstance(body, bytes) else json.dumps(body).encode()
+    if len(data) > 1024 * 1024:
+        data = io.BytesIO(data)  # aiohttp's client warns about big bodies given as bytes
     async with (
         aiohttp.ClientSession() as s,
         s.post(
@@ -231,13 +235,19 @@ class TestCraftedJsonOnEveryEndpoint:
             status, payload = await post(rig.url, path, bomb, key=key)
             async with aiohttp.ClientSession() as s, s.get(rig.url + "/healthz") as r:
                 assert r.status == 200
-        assert status == 400, payload
-        assert error_of(payload) == ("invalid_body", None)
+        # /pair takes a few KB at most: a bigger bomb never reaches the parser there.
+        expected = (
+            (413, "body_too_large")
+            if path == "/pair" and len(bomb) > PAIR_MAX_BODY_BYTES
+            else (400, "invalid_body")
+        )
+        assert status == expected[0], payload
+        assert error_of(payload) == (expected[1], None)
         assert payload["error"]["type"] == "invalid_request_error"
         assert fake_lmstudio.received == []
         assert "Traceback" not in logs.text and "internal_error" not in logs.text
         (line,) = [r for r in logs.access() if r["path"] == path]
-        assert (line["status"], line["error"]) == (400, "invalid_body")
+        assert (line["status"], line["error"]) == expected
 
 
 # ---- defect 14: tools and fields that call out or load models -----------------------------
@@ -506,3 +516,41 @@ class TestChoicesUnderACap:
         raw = json.dumps(body_for(path, n=3)).encode()
         assert (await post(free.url, path, raw))[0] == 200
         assert fake_lmstudio.received[-1].body == raw
+
+
+class TestOtherRoutesLengthFields:
+    """A length field that belongs to another route is capped too, should LM Studio read it."""
+
+    @pytest.mark.parametrize(
+        ("path", "field"),
+        [
+            ("/v1/responses", "max_tokens"),
+            ("/v1/completions", "max_completion_tokens"),
+            ("/v1/chat/completions", "max_output_tokens"),
+            ("/v1/messages", "max_completion_tokens"),
+        ],
+    )
+    @pytest.mark.parametrize("value", [-1, 0, CAP + 1, "x"])
+    async def test_is_capped_where_present(
+        self,
+        start_gateway: GatewayFactory,
+        fake_lmstudio: FakeLMStudio,
+        path: str,
+        field: str,
+        value: Any,
+    ) -> None:
+        server = await gateway_for(start_gateway, Principal("c", ALL_SCOPES, max_tokens=CAP))
+        status, _ = await post(server.url, path, body_for(path, **{field: value}))
+        assert status == 200
+        assert fake_lmstudio.received[-1].json()[field] == CAP
+
+
+@pytest.mark.parametrize("route", ROUTES)
+async def test_an_mcp_tool_choice_without_tools_is_dropped(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio, route: str
+) -> None:
+    server = await gateway_for(start_gateway, Principal("p", ALL_SCOPES))
+    body = body_for(route, tool_choice={"type": "mcp", "server_label": "evil"})
+    status, _ = await post(server.url, route, body)
+    assert status == 200
+    assert "tool_choice" not in fake_lmstudio.received[-1].json()

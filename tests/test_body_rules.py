@@ -17,6 +17,7 @@ from tray_app.api_errors import ApiError
 from tray_app.auth import ALL_SCOPES, Principal
 from tray_app.body import (
     MAX_INT_DIGITS,
+    MAX_JSON_CONTAINERS,
     MAX_JSON_DEPTH,
     apply_principal_rules,
     parse_json_object,
@@ -337,6 +338,12 @@ BOMBS: dict[str, bytes] = {
     "lone_surrogate_in_a_key": b'{"model":"m","\\ud800":1}',
     "duplicate_model": b'{"model":"qwen2.5-7b-instruct","model":"llama-3.2-1b-instruct"}',
     "duplicate_nested_key": b'{"model":"m","tools":[{"type":"function","type":"mcp"}]}',
+    # Millions of tiny containers: each is cheap, all of them would hold the event loop for
+    # seconds.
+    "containers_one_past_the_limit": with_value(
+        "[" + ",".join(["{}"] * (MAX_JSON_CONTAINERS - 1)) + "]"
+    ),
+    "eleven_million_objects": b'{"a":[' + b"{}," * 11_000_000 + b"{}]}",
 }
 
 
@@ -364,6 +371,7 @@ ACCEPTED: dict[str, bytes] = {
     "nested_objects_at_the_limit": nested(MAX_JSON_DEPTH, kind="object"),
     "nested_mixed_at_the_limit": nested(MAX_JSON_DEPTH, kind="mixed"),
     "wide_and_shallow": with_value("[" + ",".join(["[{}]"] * 5000) + "]"),
+    "containers_at_the_limit": with_value("[" + ",".join(["{}"] * (MAX_JSON_CONTAINERS - 2)) + "]"),
     "brackets_inside_strings": with_value(json.dumps(["[" * 500 + "{" * 500])),
     "integer_at_the_limit": with_value("9" * MAX_INT_DIGITS),
     "negative_integer_at_the_limit": with_value("-" + "9" * MAX_INT_DIGITS),

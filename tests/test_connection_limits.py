@@ -31,9 +31,9 @@ from tests.conftest import CLIENT_KEY, GatewayFactory, IdentityFactory
 from tests.fake_lmstudio import MODELS, FakeLMStudio
 from tests.helpers import LMGATE, LogCapture, cli_env
 from tray_app import exhaustion_log
-from tray_app.admission import client_key
 from tray_app.descriptors import BASE_RESERVE, budget_for
 from tray_app.exhaustion_log import ACCEPT_EXHAUSTED
+from tray_app.limits import address_group
 from tray_app.server import GatewayServer
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="127.0.0.2+ and prlimit: Linux")
@@ -332,7 +332,7 @@ class TestPerClientBound:
     def test_addresses_are_counted_per_ipv4_address_and_ipv6_slash_64(
         self, peer: str, key: str
     ) -> None:
-        assert client_key(peer) == key
+        assert address_group(peer) == key
 
 
 class TestTotalBound:

@@ -6,6 +6,7 @@ caching, CONNECT, and streams ended when their credential is revoked."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from typing import Any
@@ -273,7 +274,9 @@ async def send_slowly(port: int, path: str, key: str, body: bytes, pause: float)
     ).encode()
     writer.write(head + body[: len(body) // 2])
     await writer.drain()
-    answer = asyncio.ensure_future(reader.read())
+    # The first bytes of the answer: after a 408 the gateway still drains the connection for a
+    # moment (bounded), but the answer itself must come at the timeout.
+    answer = asyncio.ensure_future(reader.read(65536))
     try:
         done, _ = await asyncio.wait({answer}, timeout=pause)
         if not done:
@@ -490,3 +493,227 @@ async def test_a_running_stream_ends_soon_after_its_credential_is_revoked(
     assert json.loads(events[-1])["error"]["code"] == "credential_revoked"
     assert ended_after < 4.0
     assert await healthy(rig)
+
+
+# ---- what the adversarial review found ------------------------------------------------------
+
+
+async def test_pair_takes_only_a_small_body_and_a_flood_of_objects_is_refused_fast(
+    rig: IdentityRig,
+) -> None:
+    from tray_app.gateway import PAIR_MAX_BODY_BYTES
+
+    code, _ = rig.identity.pairing.create_code()
+    fits = json.dumps({"code": code, "device_name": "x" * (PAIR_MAX_BODY_BYTES - 60)}).encode()
+    assert len(fits) <= PAIR_MAX_BODY_BYTES
+    async with aiohttp.ClientSession() as s:
+        async with s.post(rig.url + "/pair", data=fits) as r:
+            assert r.status == 200
+        big = b'{"a":[' + b"{}," * 11_000_000 + b"{}]}"  # 33 MB of tiny objects
+        started = time.monotonic()
+        for path, headers in (("/pair", {}), ("/v1/chat/completions", bearer(key_for(rig)))):
+            async with s.post(rig.url + path, data=io.BytesIO(big), headers=headers) as r:
+                error = (await r.json())["error"]
+                assert r.status in {400, 413}, error
+                assert error["code"] in {"invalid_body", "body_too_large"}
+        assert time.monotonic() - started < 5.0, "refused in seconds, not parsed for half a minute"
+        async with s.get(rig.url + "/healthz") as r:
+            assert r.status == 200
+
+
+def _compressed(encoding: str, data: bytes) -> bytes:
+    import gzip
+    import zlib
+
+    return zlib.compress(data) if "deflate" in encoding else gzip.compress(data)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "GZIP", "x-gzip", "gzip, identity"])
+@pytest.mark.parametrize("path", JSON_ENDPOINTS)
+async def test_compressed_request_bodies_are_415_and_counted(
+    start_identity_gateway: IdentityFactory, path: str, encoding: str
+) -> None:
+    rig = await start_identity_gateway(clock=FakeClock(), pairing_attempts_per_minute=2)
+    # 1 MB of JSON in a few KB: inflating it would come before any size limit.
+    body = _compressed(encoding, b'{"code": "' + b"A" * 24 + b'"}' + b" " * 1_000_000)
+    headers = {**bearer(key_for(rig)), "Content-Encoding": encoding}
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.post(rig.url + path, data=body, headers=headers) as r:
+                error = (await r.json())["error"]
+                assert (r.status, error["code"]) == (415, "unsupported_content_encoding")
+                assert error["type"] == "invalid_request_error"
+        if path == "/pair":  # counted like any failed pairing attempt
+            async with s.post(rig.url + path, data=body, headers=headers) as r:
+                assert r.status == 429
+    assert await healthy(rig)
+
+
+async def test_an_encoding_aiohttp_cannot_decode_is_refused_in_the_error_shape(
+    rig: IdentityRig,
+) -> None:
+    headers = {**bearer(key_for(rig)), "Content-Encoding": "br"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(rig.url + "/v1/chat/completions", data=b"\x0b\x02\x80{}\x03", headers=headers) as r,
+    ):
+        error = (await r.json())["error"]
+    assert r.status in {400, 415}
+    assert error["code"] in {"bad_request", "unsupported_content_encoding"}
+
+
+@pytest.mark.parametrize(
+    "header", ["Authorization: Bearer \xff", "X-API-Key: lmg_\xff\xfe", "Authorization: Bearer é"]
+)
+@pytest.mark.parametrize("path", ["/v1/models", "/api/conversations", "/metrics"])
+async def test_a_credential_that_is_not_ascii_is_a_counted_401(
+    start_identity_gateway: IdentityFactory, header: str, path: str
+) -> None:
+    rig = await start_identity_gateway(clock=FakeClock(), auth_failures_per_minute=2)
+    port = rig.server.port
+    assert port is not None
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{header}\r\nConnection: close\r\n\r\n"
+    ).encode("latin-1")
+    statuses = []
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        statuses.append(int(answer.split(b" ")[1]))
+        assert b'"invalid_api_key"' in answer or b'"too_many_auth_failures"' in answer
+    assert statuses == [401, 401, 429]
+
+
+async def test_a_valid_key_with_an_x_user_id_header_works_when_dev_mode_is_off(
+    rig: IdentityRig,
+) -> None:
+    key = key_for(rig)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(rig.url + "/v1/models", headers=bearer(key, **{"X-User-Id": "alice"})) as r,
+    ):
+        assert r.status == 200
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(rig.url + "/v1/models", headers={"X-User-Id": "alice"}) as r,
+    ):
+        assert (r.status, (await r.json())["error"]["code"]) == (401, "dev_mode_off")
+
+
+@pytest.mark.parametrize("how", ["revoke_all_devices", "rotate"])
+async def test_a_qr_code_shown_before_revoke_all_or_rotation_no_longer_pairs(
+    rig: IdentityRig, how: str
+) -> None:
+    from tray_app.assembly import rotate_signing_key_everywhere
+
+    code, _ = rig.identity.pairing.create_code()
+    if how == "rotate":
+        rotate_signing_key_everywhere(rig.identity, rig.store)
+    else:
+        rig.identity.pairing.revoke_all_devices()
+    async with aiohttp.ClientSession() as s, s.post(rig.url + "/pair", json={"code": code}) as r:
+        assert (r.status, (await r.json())["error"]["code"]) == (401, "pairing_code_expired")
+    fresh, _ = rig.identity.pairing.create_code()
+    async with aiohttp.ClientSession() as s, s.post(rig.url + "/pair", json={"code": fresh}) as r:
+        assert r.status == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+async def test_a_request_waiting_for_lm_studio_ends_when_its_credential_is_revoked(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio, path: str
+) -> None:
+    fake_lmstudio.behaviour.header_delay = 20.0  # a very slow prompt
+    key, record = rig.identity.api_keys.create("friend", scopes=ALL_SCOPES)
+    body = {**CHAT, "message": "hi"}
+    async with aiohttp.ClientSession() as s:
+        pending = asyncio.ensure_future(s.post(rig.url + path, json=body, headers=bearer(key)))
+        await asyncio.sleep(0.3)
+        rig.identity.api_keys.revoke(record.id)
+        started = time.monotonic()
+        r = await asyncio.wait_for(pending, 10)
+        error = (await r.json())["error"]
+        r.close()
+    assert (r.status, error["code"], error["type"]) == (
+        401,
+        "credential_revoked",
+        "authentication_error",
+    )
+    assert time.monotonic() - started < 4.0
+    await asyncio.wait_for(fake_lmstudio.disconnected.wait(), 5)
+
+
+async def test_deleting_a_conversation_while_its_answer_streams_is_no_error(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio
+) -> None:
+    fake_lmstudio.behaviour.chunks = 10
+    fake_lmstudio.behaviour.chunk_delay = 0.05
+    key = key_for(rig)
+    with LogCapture() as logs:
+        async with aiohttp.ClientSession() as s:
+            r = await s.post(
+                rig.url + "/api/chat",
+                json={"message": "hi", "model": MODELS[0], "stream": True},
+                headers=bearer(key),
+            )
+            conversation = r.headers["X-Conversation-ID"]
+            await r.content.readany()
+            async with s.delete(
+                rig.url + f"/api/conversations/{conversation}", headers=bearer(key)
+            ) as gone:
+                assert gone.status == 204
+            events = sse_events(await r.read())
+        await asyncio.sleep(0.05)
+    assert events[-1] == "[DONE]"
+    assert "Traceback" not in logs.text and "internal_error" not in logs.text
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "POST"])
+async def test_other_methods_on_a_conversation_are_405_whether_or_not_it_exists(
+    rig: IdentityRig, method: str
+) -> None:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.request(
+            method, rig.url + "/api/conversations/nope", headers=bearer(key_for(rig)), json={}
+        ) as r,
+    ):
+        assert (r.status, r.headers["Allow"]) == (405, "GET, DELETE")
+
+
+@pytest.mark.parametrize("expect", ["bogus", "200-ok", "100-continue, x"])
+async def test_an_unknown_expectation_is_a_json_417(rig: IdentityRig, expect: str) -> None:
+    assert rig.server.port is not None
+    answer = await raw_request(rig.server.port, "GET", "/v1/models", {"Expect": expect})
+    assert answer.status == 417
+    assert answer.json()["error"]["code"] == "expectation_failed"
+
+
+async def test_expect_100_continue_still_works(rig: IdentityRig) -> None:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            rig.url + "/v1/chat/completions",
+            json=CHAT,
+            headers=bearer(key_for(rig)),
+            expect100=True,
+        ) as r,
+    ):
+        assert r.status == 200
+
+
+async def test_ipv6_guesses_are_throttled_per_64(start_identity_gateway: IdentityFactory) -> None:
+    rig = await start_identity_gateway(
+        clock=FakeClock(), auth_failures_per_minute=2, trusted_proxies=("127.0.0.1/32",)
+    )
+    async with aiohttp.ClientSession() as s:
+        statuses = []
+        for n in range(3):
+            headers = {"X-Forwarded-For": f"2001:db8:1:2::{n + 1}", **bearer("lmg_" + "x" * 40)}
+            async with s.get(rig.url + "/v1/models", headers=headers) as r:
+                statuses.append(r.status)
+        other = {"X-Forwarded-For": "2001:db8:1:3::1", **bearer("lmg_" + "x" * 40)}
+        async with s.get(rig.url + "/v1/models", headers=other) as r:
+            assert r.status == 401
+    assert statuses == [401, 401, 429]

@@ -198,7 +198,8 @@ class TestAllowlistReachesDevices:
         [
             ((), (MODELS[1],), [MODELS[1]]),  # no list when it paired; one now
             ((MODELS[0], MODELS[1]), (MODELS[1],), [MODELS[1]]),  # the list narrowed
-            ((MODELS[1],), (), [MODELS[1]]),  # lifted: the device keeps what it was given
+            ((MODELS[1],), (MODELS[0], MODELS[1]), [MODELS[0], MODELS[1]]),  # widened
+            ((MODELS[1],), (), list(MODELS)),  # lifted: the setting as it is now, all models
         ],
     )
     async def test_a_changed_allowlist_applies_to_devices_paired_before(
@@ -215,7 +216,9 @@ class TestAllowlistReachesDevices:
         # A new start on the same data directory and key, with the setting changed.
         again = await start_gate(allowed_models=later, store=first.store)
         assert await models_listed(again.url, token) == visible
-        refused = next(m for m in MODELS[:2] if m not in visible)
+        refused = next((m for m in MODELS[:2] if m not in visible), None)
+        if refused is None:
+            return  # nothing is refused any more
         status, body = await call(
             again.url,
             "/v1/chat/completions",
@@ -494,6 +497,61 @@ class TestPrincipalMigration:
         assert re.search(r"\ssolo\s+3\s", lines["token:" + "c" * 24])
         assert "friend (older tokens sharing that name)" in lines["token:friend"]
         assert "phone" in lines["device:d1"]
+
+
+# The tokens table exactly as version 1 created it (no issued_sub column).
+_V1_TOKENS = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1');
+CREATE TABLE tokens (
+    jti TEXT PRIMARY KEY, sub TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
+    scopes TEXT NOT NULL, models TEXT, max_tokens INTEGER, created REAL NOT NULL,
+    expires REAL NOT NULL, revoked REAL, device_id TEXT);
+CREATE TABLE conversations (
+    id TEXT PRIMARY KEY, principal TEXT NOT NULL, title TEXT NOT NULL, model TEXT,
+    created REAL NOT NULL, updated REAL NOT NULL);
+"""
+
+
+async def test_a_token_issued_before_the_upgrade_keeps_working_with_its_history(
+    start_identity_gateway: IdentityFactory, tmp_path: Path
+) -> None:
+    data = tmp_path / "upgraded"
+    data.mkdir()
+    conn = sqlite3.connect(data / "lmgate.db")
+    now = int(time.time())
+    with conn:
+        conn.executescript(_V1_TOKENS)
+        conn.execute(
+            "INSERT INTO tokens (jti, sub, name, kind, scopes, created, expires) "
+            "VALUES (?, 'token:solo', 'solo', 'token', 'chat models', ?, ?)",
+            ("s" * 24, now, now + 3600),
+        )
+        conn.execute(
+            "INSERT INTO conversations VALUES ('old-chat', 'token:solo', 'Before', NULL, 1, 1)"
+        )
+    conn.close()
+    rig = await start_identity_gateway(data_dir=str(data))
+    key = load_or_create_signing_key(rig.store)
+    claims = {
+        "sub": "token:solo",  # what version 1 put in the JWT it handed out
+        "scope": "chat models",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 3600,
+        "jti": "s" * 24,
+    }
+    token = jwt.encode(claims, key, algorithm="HS256")
+    async with aiohttp.ClientSession() as s:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with s.get(rig.url + "/api/conversations", headers=headers) as r:
+            assert r.status == 200, await r.text()
+            assert [c["id"] for c in (await r.json())["data"]] == ["old-chat"]
+        forged = jwt.encode({**claims, "sub": "token:" + "s" * 24}, key, algorithm="HS256")
+        async with s.get(
+            rig.url + "/v1/models", headers={"Authorization": f"Bearer {forged}"}
+        ) as r:
+            assert r.status == 401
 
 
 # ---- 5a: claims never trusted over the database ------------------------------------------

@@ -11,28 +11,16 @@ A refused connection is answered with a short 503 in the API's error shape and c
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from tray_app.exhaustion_log import RateLimitedLog
+from tray_app.limits import address_group
 from tray_app.raw_errors import raw_error_response
 
 RETRY_AFTER_SECONDS = 5
 TOTAL_SETTING = "server.max_connections"
 PER_CLIENT_SETTING = "server.max_connections_per_client"
-
-
-def client_key(peer_ip: str) -> str:
-    try:
-        address = ipaddress.ip_address(peer_ip.split("%", 1)[0])
-    except ValueError:
-        return peer_ip
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +70,7 @@ class ConnectionGuard:
             )
         key = None
         if peer_ip is not None and not self._trusts_peer(peer_ip):
-            key = client_key(peer_ip)
+            key = address_group(peer_ip)
             count = self._per_client.get(key, 0)
             if count >= self.max_per_client:
                 self._exhaustion.note(

@@ -21,7 +21,7 @@ from tray_app.gateway import Gateway
 from tray_app.identity import IdentityAuthenticator
 from tray_app.keyring_store import open_secret_store
 from tray_app.metrics import GatewayMetrics
-from tray_app.pairing import PairingService
+from tray_app.pairing import PairingService, expire_pending_codes
 from tray_app.secrets import SecretStore
 from tray_app.signing import load_or_create_signing_key, load_signing_key, rotate_signing_key
 from tray_app.storage import SIGNING_KEY_GENERATION, Database, default_data_dir
@@ -70,7 +70,7 @@ def open_identity(
     clock = clock or SystemClock()
     db = db or Database.in_directory(data_dir(config))
     allowed = frozenset(config.allowed_models) or None
-    tokens = TokenService(db, signing_key, clock)
+    tokens = TokenService(db, signing_key, clock, key_loader=key_loader)
     api_keys = ApiKeyService(db, clock)
     pairing = PairingService(
         db,
@@ -87,7 +87,6 @@ def open_identity(
         clock,
         dev_mode=config.dev_mode,
         allowed_models=allowed,
-        key_loader=key_loader,
     )
     return Identity(db, tokens, api_keys, pairing, authenticator, UsageRecorder(db, clock), clock)
 
@@ -116,6 +115,7 @@ def rotate_signing_key_everywhere(identity: Identity, store: SecretStore) -> Rot
         devices = conn.execute(
             "UPDATE devices SET revoked = ? WHERE revoked IS NULL", (now,)
         ).rowcount
+        expire_pending_codes(conn, now)  # a QR code shown before must not pair after
         conn.execute(
             "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key) DO UPDATE "
             "SET value = CAST(value AS INTEGER) + 1",

@@ -62,14 +62,24 @@ def extract_credential(headers: Mapping[str, str]) -> str | None:
     if authorization:
         scheme, _, value = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
+            return _plain(value.strip())
         raise AuthError(
             "The Authorization header must look like 'Bearer <key>'.", code="invalid_authorization"
         )
     api_key = headers.get("X-API-Key")
     if api_key and api_key.strip():
-        return api_key.strip()
+        return _plain(api_key.strip())
     return None
+
+
+def _plain(credential: str) -> str:
+    # Every key and token LM Gate issues is printable ASCII; anything else is refused here,
+    # as a counted failure, before hashing or JWT decoding could trip over it.
+    if not (credential.isascii() and credential.isprintable()):
+        raise AuthError(
+            "The credential has characters no LM Gate key or token has.", code="invalid_api_key"
+        )
+    return credential
 
 
 MISSING_CREDENTIAL = (

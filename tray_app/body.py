@@ -26,6 +26,10 @@ MAX_JSON_DEPTH = 100
 # has 20 digits), and parsing them costs time quadratic in their length unless the
 # interpreter's own 4,300-digit guard is on, which an environment variable can switch off.
 MAX_INT_DIGITS = 100
+# Objects and arrays in one body, counted as brackets in the raw text (an upper bound: a
+# bracket inside a string counts too). Parsing and checking cost grows with their number; a
+# long chat with tools has a few hundred, and a 32 MiB body of "{}," would have eleven million.
+MAX_JSON_CONTAINERS = 50_000
 
 # Top-level fields a caller must never control through the gateway, compared with case,
 # '_' and '-' folded away, because we cannot know which spellings LM Studio also accepts:
@@ -149,6 +153,10 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     """
     if not raw.strip():
         raise _invalid("The request body is empty; send a JSON object.")
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_CONTAINERS:
+        raise _invalid(
+            f"The request body has more than {MAX_JSON_CONTAINERS} JSON objects and arrays."
+        )
     try:
         # Decoded explicitly: json.loads(bytes) would also accept UTF-16/32, which LM Studio
         # and RFC 8259 do not.
@@ -199,6 +207,11 @@ def _is_remote_tool(tool: dict[str, Any]) -> bool:
 
 def _strip_remote_tools(payload: dict[str, Any]) -> bool:
     if "tools" not in payload:
+        # A tool_choice alone can still name a remote server (a Responses-style MCP choice).
+        choice = payload.get("tool_choice")
+        if isinstance(choice, dict) and _names_remote_tool(choice):
+            del payload["tool_choice"]
+            return True
         return False
     tools = payload["tools"]
     if not isinstance(tools, list):
@@ -320,6 +333,9 @@ LENGTH_FIELDS = {
 }
 
 
+_ALL_LENGTH_FIELDS = frozenset(f for fields in LENGTH_FIELDS.values() for f in fields)
+
+
 # Put first in a body that has no stream_options member: "{" + this + the rest of the object.
 _USAGE_MEMBER = b'{"stream_options":{"include_usage":true},'
 
@@ -346,6 +362,11 @@ def _cap_output(payload: dict[str, Any], route: Route, cap: int) -> bool:
     changed = False
     for name in fields:
         if not _within(payload.get(name), cap):
+            payload[name] = limit
+            changed = True
+    # Another route's length field, should LM Studio read it here too: capped where present.
+    for name in _ALL_LENGTH_FIELDS.difference(fields):
+        if name in payload and not _within(payload[name], cap):
             payload[name] = limit
             changed = True
     # The cap bounds what one request may generate: n choices (or best_of candidates) of

@@ -148,6 +148,14 @@ class ChatApi:
         conversation_id = path.removeprefix("/api/conversations/")
         if "/" in conversation_id or not conversation_id:
             raise _not_found()
+        if method not in {"GET", "DELETE"}:
+            raise ApiError(
+                405,
+                "Use GET or DELETE on a conversation.",
+                type="invalid_request_error",
+                code="method_not_allowed",
+                headers={"Allow": "GET, DELETE"},
+            )
         conversation = self._store.get(principal.name, conversation_id)
         if conversation is None:
             raise _not_found()
@@ -169,16 +177,8 @@ class ChatApi:
                     ],
                 },
             )
-        if method == "DELETE":
-            self._store.delete(principal.name, conversation.id)
-            return web.Response(status=204, headers={REQUEST_ID_HEADER: request_id})
-        raise ApiError(
-            405,
-            "Use GET or DELETE on a conversation.",
-            type="invalid_request_error",
-            code="method_not_allowed",
-            headers={"Allow": "GET, DELETE"},
-        )
+        self._store.delete(principal.name, conversation.id)
+        return web.Response(status=204, headers={REQUEST_ID_HEADER: request_id})
 
     @staticmethod
     def _json(request_id: str, payload: Any) -> web.Response:

@@ -572,7 +572,8 @@ _SETTINGS: tuple[_Setting, ...] = (
         "auth.allowed_models",
         "allowed_models",
         _string_list,
-        "models that paired devices and copied keys may use (empty = all)",
+        "models paired devices and copied curl snippets may use, checked on every request, "
+        "and that keys copied from the tray are made with (empty = all)",
     ),
     _Setting(
         "chat.context_chars",

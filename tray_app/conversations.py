@@ -97,18 +97,21 @@ class ConversationStore:
         *,
         reasoning: str | None = None,
         model: str | None = None,
-    ) -> None:
+    ) -> bool:
+        """Add a message; False (nothing stored) if the conversation was deleted meanwhile,
+        e.g. while its answer was still streaming."""
         now = self._clock.time()
         with self._db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO messages (conversation_id, role, content, reasoning, "
-                "created) VALUES (?, ?, ?, ?, ?)",
-                (conversation_id, role, content, reasoning or None, now),
-            )
+            added = conn.execute(
+                "INSERT INTO messages (conversation_id, role, content, reasoning, created) "
+                "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM conversations WHERE id = ?)",
+                (conversation_id, role, content, reasoning or None, now, conversation_id),
+            ).rowcount
             conn.execute(
                 "UPDATE conversations SET updated = ?, model = COALESCE(?, model) WHERE id = ?",
                 (now, model, conversation_id),
             )
+        return added == 1
 
     def delete(self, principal: str, conversation_id: str) -> bool:
         with self._db.transaction() as conn:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from tray_app.api_errors import ApiError
 from tray_app.auth import Principal
 from tray_app.forwarding import Outcome
 
@@ -29,5 +30,7 @@ class Exchange:
     cors: dict[str, str] | None = None
     outcome: Outcome = field(default_factory=Outcome, repr=False)
     task: asyncio.Task[object] | None = field(default=None, repr=False)
-    aborted_by_stop: bool = False
+    # Set when LM Gate itself cancelled the request (shutdown, a revoked credential): the
+    # client is still there and gets this error instead of the answer.
+    aborted_with: ApiError | None = field(default=None, repr=False)
     error: str | None = None

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from tray_app._tasks import spawn
 from tray_app.access_log import ACCESS_LOGGER, new_request_id
@@ -52,8 +53,10 @@ READY_TIMEOUT = 5.0
 # /readyz needs no credential: one LM Studio probe per this many seconds, whoever asks.
 READY_CACHE_SECONDS = 2.0
 USAGE_FLUSH_SECONDS = 2.0
-# How soon a running stream ends after its credential is revoked (by the CLI, tray or pairing).
+# How soon a running request ends after its credential is revoked (by the CLI, tray or pairing).
 REVALIDATE_SECONDS = 2.0
+# /pair is the one JSON endpoint anyone may call: its body is a code and a device name.
+PAIR_MAX_BODY_BYTES = 4096
 # The conversation API: path (or prefix ending in "/") → the methods it answers.
 CONVERSATION_ENDPOINTS = {
     "/api/chat": "POST",
@@ -75,13 +78,34 @@ def _refusal_error(refusal: Refusal) -> ApiError:
     )
 
 
-def _body_too_large(limit: int) -> ApiError:
+def _body_too_large(limit: int, setting: str) -> ApiError:
     # Built only when raised: every POST reads its body here.
     return ApiError(
         413,
-        f"The request body is larger than {limit} bytes (limits.max_body_bytes).",
+        f"The request body is larger than {limit} bytes ({setting}).",
         type="invalid_request_error",
         code="body_too_large",
+    )
+
+
+def _encoded_body(encoding: str) -> ApiError:
+    return ApiError(
+        415,
+        f"Request bodies must not be compressed (Content-Encoding: {encoding[:40]}); send "
+        "plain JSON.",
+        type="invalid_request_error",
+        code="unsupported_content_encoding",
+        headers={"Connection": "close"},
+    )
+
+
+def _body_broken() -> ApiError:
+    return ApiError(
+        400,
+        "The request body could not be read (its framing is broken).",
+        type="invalid_request_error",
+        code="invalid_body",
+        headers={"Connection": "close"},
     )
 
 
@@ -92,6 +116,32 @@ def _body_too_slow(seconds: float) -> ApiError:
         type="invalid_request_error",
         code="body_timeout",
         headers={"Connection": "close"},
+    )
+
+
+async def _expect(request: web.Request) -> None:
+    """``Expect: 100-continue`` as aiohttp answers it; any other expectation is refused by
+    the gateway itself, in its own error shape (aiohttp's own answer is plain text)."""
+    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+
+
+def _expectation_failed() -> ApiError:
+    return ApiError(
+        417,
+        "LM Gate understands only 'Expect: 100-continue'.",
+        type="invalid_request_error",
+        code="expectation_failed",
+    )
+
+
+def _revoked() -> ApiError:
+    return ApiError(
+        401,
+        "The credential this request was made with has been revoked.",
+        type="authentication_error",
+        code="credential_revoked",
     )
 
 
@@ -191,6 +241,9 @@ class Gateway:
             app.cleanup_ctx.append(self._usage_flusher)
         app.cleanup_ctx.append(self._revocation_watchdog)
         app.on_shutdown.append(self._on_shutdown)
+        # The route is there only for its Expect handling: the middleware answers everything.
+        # [\s\S]: a decoded %0A in the path must still match.
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self._dispatch, expect_handler=_expect)
         return app
 
     # ---- what the tunnel tells us ---------------------------------------------------------
@@ -250,9 +303,9 @@ class Gateway:
                 code="internal_error",
             ).to_response(exchange.request_id)
         except asyncio.CancelledError:
-            if exchange.aborted_by_stop and exchange.task is not None:
-                # Our own shutdown cancelled a request still waiting for LM Studio; the
-                # client is still there and gets a proper answer.
+            if exchange.aborted_with is not None and exchange.task is not None:
+                # We cancelled a request still waiting for LM Studio (shutdown, revocation);
+                # the client is still there and gets a proper answer.
                 exchange.task.uncancel()
                 response = await self._answer_aborted(exchange)
                 exchange.status = response.status
@@ -293,6 +346,9 @@ class Gateway:
                 type="invalid_request_error",
                 code="upgrade_not_allowed",
             )
+        expect = headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            raise _expectation_failed()
         host = headers.get("Host")
         # /healthz answers nothing worth rebinding for, and the tunnel proves its new public
         # URL with it before that URL's host is known to be ours.
@@ -391,18 +447,38 @@ class Gateway:
         exchange.caller = principal
         return principal
 
-    async def _read_body(self, request: web.Request, exchange: Exchange) -> bytes:
-        limit = self.config.max_body_bytes
+    async def _read_body(
+        self, request: web.Request, exchange: Exchange, *, limit: int | None = None
+    ) -> bytes:
+        """The whole body, within the size and time limits; ``limit`` below the configured
+        one for endpoints whose bodies are small by nature."""
+        limit = min(limit or self.config.max_body_bytes, self.config.max_body_bytes)
+        setting = (
+            "limits.max_body_bytes"
+            if limit == self.config.max_body_bytes
+            else "the most this endpoint takes"
+        )
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in {"", "identity"}:
+            # aiohttp would inflate it before any size limit applies: a 1 MB bomb, 1 GB read.
+            raise _encoded_body(encoding)
         if request.content_length is not None and request.content_length > limit:
-            raise _body_too_large(limit)
+            raise _body_too_large(limit, setting)
+        parts: list[bytes] = []
+        size = 0
         try:
             async with asyncio.timeout(self.config.body_timeout):
-                raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise _body_too_large(limit) from None
+                async for chunk in request.content.iter_any():
+                    size += len(chunk)
+                    if size > limit:
+                        raise _body_too_large(limit, setting)
+                    parts.append(chunk)
         except TimeoutError:
             raise _body_too_slow(self.config.body_timeout) from None
-        exchange.bytes_in = len(raw)
+        except RequestPayloadError:
+            raise _body_broken() from None
+        raw = b"".join(parts)
+        exchange.bytes_in = size
         return raw
 
     async def _forward_post(
@@ -495,7 +571,8 @@ class Gateway:
         assert self._pairing is not None
         client = exchange.client or "unknown"
         try:
-            payload = parse_json_object(await self._read_body(request, exchange))
+            raw = await self._read_body(request, exchange, limit=PAIR_MAX_BODY_BYTES)
+            payload = parse_json_object(raw)
             code, device = payload.get("code"), payload.get("device_name", "device")
             if not isinstance(code, str) or not isinstance(device, str):
                 raise ApiError(
@@ -586,7 +663,7 @@ class Gateway:
         async def watch() -> None:
             while True:
                 await asyncio.sleep(REVALIDATE_SECONDS)
-                self.end_revoked_streams()
+                self.end_revoked_requests()
 
         task = spawn(watch(), name="revocation-watchdog")
         try:
@@ -595,13 +672,14 @@ class Gateway:
             task.cancel()
             await asyncio.wait({task})
 
-    def end_revoked_streams(self) -> int:
-        """End every running stream whose credential is no longer valid; how many."""
+    def end_revoked_requests(self) -> int:
+        """End every running request whose credential is no longer valid; how many. A stream
+        ends with an SSE error; a request still waiting for LM Studio's answer with a 401."""
         ended = 0
         checked: dict[Principal, bool] = {}
         for exchange in list(self._inflight):
             relay, caller = exchange.outcome.relay, exchange.caller
-            if relay is None or caller is None:
+            if caller is None or exchange.task is None or exchange.task.done():
                 continue
             valid = checked.get(caller)
             if valid is None:
@@ -610,17 +688,19 @@ class Gateway:
                 except Exception:
                     log.exception("checking a running stream's credential failed")
                     continue
-            if not valid:
-                relay.abort(
-                    "The credential this answer was streamed for has been revoked.",
-                    "authentication_error",
-                    "credential_revoked",
-                )
-                ended += 1
+            if valid:
+                continue
+            error = _revoked()
+            if relay is not None:
+                relay.abort(error.message, error.type, error.code)
+            elif exchange.aborted_with is None:
+                exchange.aborted_with = error
+                exchange.task.cancel()
+            ended += 1
         return ended
 
     async def _answer_aborted(self, exchange: Exchange) -> web.StreamResponse:
-        error = shutting_down()
+        error = exchange.aborted_with or shutting_down()
         exchange.error = error.code
         relay = exchange.outcome.relay
         if relay is not None and relay.committed:
@@ -640,7 +720,7 @@ class Gateway:
                 # The relay or reader sees the closed connection and ends the answer itself.
                 upstream.close()
             elif exchange.task is not None and not exchange.task.done():
-                exchange.aborted_by_stop = True
+                exchange.aborted_with = shutting_down()
                 exchange.task.cancel()
 
     def _finish(self, exchange: Exchange) -> None:

@@ -14,15 +14,15 @@ tunnel may open while it is on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from tray_app.apikeys import ApiKeyService, looks_like_api_key
 from tray_app.auth import ALL_SCOPES, MISSING_CREDENTIAL, Principal, extract_credential
 from tray_app.clock import Clock
-from tray_app.errors import AuthError, LMGateError
+from tray_app.errors import AuthError
 from tray_app.hosts import is_loopback_host
 from tray_app.limits import is_loopback
-from tray_app.storage import SIGNING_KEY_GENERATION, Database
+from tray_app.storage import Database
 from tray_app.tokens import TokenService
 
 log = logging.getLogger("lmgate.identity")
@@ -46,14 +46,6 @@ PROXY_HEADERS = (
 )
 
 
-def _narrowed(
-    models: frozenset[str] | None, allowed: frozenset[str] | None
-) -> frozenset[str] | None:
-    if allowed is None:
-        return models
-    return allowed if models is None else models & allowed
-
-
 class IdentityAuthenticator:
     def __init__(
         self,
@@ -64,10 +56,8 @@ class IdentityAuthenticator:
         *,
         dev_mode: bool = False,
         allowed_models: frozenset[str] | None = None,
-        key_loader: Callable[[], bytes] | None = None,
     ) -> None:
-        """``allowed_models`` (None = all) bounds every paired device; ``key_loader`` reads
-        the signing key from this process's secret store after `lmgate keys rotate`."""
+        """``allowed_models`` (None = all) bounds every paired device and copied snippet."""
         self._db = db
         self.tokens = tokens
         self.api_keys = api_keys
@@ -75,8 +65,6 @@ class IdentityAuthenticator:
         self.dev_mode = dev_mode
         self._allowed = allowed_models
         self._restricted: dict[Principal, Principal] = {}
-        self._key_loader = key_loader
-        self._key_generation = db.meta(SIGNING_KEY_GENERATION)
         self._next_refresh = 0.0
 
     def refresh_if_changed(self) -> None:
@@ -87,34 +75,25 @@ class IdentityAuthenticator:
             return
         self._next_refresh = now + _REFRESH_SECONDS
         if self._db.changed_by_others():
-            self._reload_signing_key()
+            self.tokens.sync_key()
             self.tokens.reload()
             self.api_keys.reload()
 
-    def _reload_signing_key(self) -> None:
-        generation = self._db.meta(SIGNING_KEY_GENERATION)
-        if generation == self._key_generation or self._key_loader is None:
-            return
-        try:
-            key = self._key_loader()
-        except LMGateError as exc:  # a locked keyring: keep the old key, retry on the next change
-            log.error("the signing key was rotated but cannot be read: %s", exc)
-            return
-        self.tokens.replace_key(key)
-        self._key_generation = generation
-        log.info("the signing key was rotated; tokens are now checked against the new one")
-
     def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
         self.refresh_if_changed()
-        if "X-User-Id" in headers:
+        if self.dev_mode and "X-User-Id" in headers:
             return self._dev_user(headers, peer)
         credential = extract_credential(headers)
         if credential is None:
+            if "X-User-Id" in headers:
+                return self._dev_user(headers, peer)  # says dev mode is off
             raise AuthError(MISSING_CREDENTIAL, code="missing_api_key")
         if looks_like_api_key(credential):
             return self.api_keys.verify(credential)[1]
         principal = self.tokens.verify(credential)
-        if self._allowed is not None and principal.name.startswith("device:"):
+        # What the tray hands out (paired phones, copied curl snippets) follows the allowlist
+        # as it is now, not as it was when the credential was made: narrowed or widened.
+        if principal.name.startswith(("device:", "snippet:")) and principal.models != self._allowed:
             return self._restrict(principal)
         return principal
 
@@ -126,7 +105,7 @@ class IdentityAuthenticator:
             restricted = Principal(
                 principal.name,
                 principal.scopes,
-                _narrowed(principal.models, self._allowed),
+                self._allowed,
                 principal.max_tokens,
                 principal.credential,
             )

@@ -39,6 +39,18 @@ def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
     return address
 
 
+@functools.lru_cache(maxsize=1024)
+def address_group(address: str) -> str:
+    """What limits per client address count by: an IPv4 address, or an IPv6 /64 (the block
+    one subscriber usually holds, so rotating within it gains nothing)."""
+    parsed = _ip(address.split("%", 1)[0])
+    if parsed is None:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((parsed, 64), strict=False))
+    return str(parsed)
+
+
 def is_loopback(text: str | None) -> bool:
     address = _ip(text)
     return address is not None and address.is_loopback

@@ -167,10 +167,20 @@ class PairingService:
         return _device(self._db.query("SELECT * FROM devices WHERE id = ?", (device_id,))[0])
 
     def revoke_all_devices(self) -> int:
-        """The kill switch: every paired device loses access at once."""
+        """The kill switch: every paired device loses access at once, and no QR code shown
+        before it can pair a new one."""
+        now = self._clock.time()
         with self._db.transaction() as conn:
             count = conn.execute(
-                "UPDATE devices SET revoked = ? WHERE revoked IS NULL", (self._clock.time(),)
+                "UPDATE devices SET revoked = ? WHERE revoked IS NULL", (now,)
             ).rowcount
+            expire_pending_codes(conn, now)
         self._tokens.revoke_where("kind = 'device'", ())
         return count
+
+
+def expire_pending_codes(conn: sqlite3.Connection, now: float) -> int:
+    """End every pairing code not used yet (inside the caller's transaction)."""
+    return conn.execute(
+        "UPDATE pairing_codes SET expires = ? WHERE used IS NULL AND expires > ?", (now, now)
+    ).rowcount

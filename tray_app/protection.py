@@ -19,6 +19,7 @@ from tray_app.limits import (
     LOOPBACK_NETWORKS,
     ConcurrencyLimit,
     TokenBuckets,
+    address_group,
     client_address,
     is_loopback,
     is_trusted_peer,
@@ -92,7 +93,7 @@ class Protections:
     # ---- throttles for guessing -----------------------------------------------------------
 
     def check_auth_allowed(self, client: str) -> None:
-        wait = self._auth_failures.empty(client)
+        wait = self._auth_failures.empty(address_group(client))
         if wait is not None:
             raise _too_many(
                 "Too many failed authentication attempts from your address; wait "
@@ -102,10 +103,10 @@ class Protections:
             )
 
     def auth_failed(self, client: str) -> None:
-        self._auth_failures.take(client)
+        self._auth_failures.take(address_group(client))
 
     def check_pairing_allowed(self, client: str) -> None:
-        wait = self._pairing_failures.empty(client)
+        wait = self._pairing_failures.empty(address_group(client))
         if wait is not None:
             raise _too_many(
                 "Too many wrong pairing codes from your address; wait a minute and "
@@ -115,7 +116,7 @@ class Protections:
             )
 
     def pairing_failed(self, client: str) -> None:
-        self._pairing_failures.take(client)
+        self._pairing_failures.take(address_group(client))
 
     # ---- limits per principal -------------------------------------------------------------
 

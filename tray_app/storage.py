@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS api_keys (
 CREATE TABLE IF NOT EXISTS tokens (
     jti TEXT PRIMARY KEY, sub TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
     scopes TEXT NOT NULL, models TEXT, max_tokens INTEGER, created REAL NOT NULL,
-    expires REAL NOT NULL, revoked REAL, device_id TEXT);
+    expires REAL NOT NULL, revoked REAL, device_id TEXT, issued_sub TEXT);
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, created REAL NOT NULL, last_seen REAL,
     revoked REAL);
@@ -140,7 +140,15 @@ def _split_shared_principals(conn: sqlite3.Connection) -> None:
             f"UPDATE {table} SET principal = (SELECT new FROM ({sole}) WHERE sub = principal) "  # noqa: S608
             f"WHERE principal IN (SELECT sub FROM ({sole}))"
         )
-    conn.execute("UPDATE tokens SET sub = kind || ':' || jti WHERE kind IN ('token', 'snippet')")
+    # The tokens already handed out still carry their old `sub`: it is kept, so they go on
+    # matching their record and keep working after the upgrade.
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(tokens)")}
+    if "issued_sub" not in columns:
+        conn.execute("ALTER TABLE tokens ADD COLUMN issued_sub TEXT")
+    conn.execute(
+        "UPDATE tokens SET issued_sub = sub, sub = kind || ':' || jti "
+        "WHERE kind IN ('token', 'snippet') AND sub != kind || ':' || jti"
+    )
 
 
 def encode_list(values: Iterable[str] | None) -> str | None:

@@ -13,16 +13,20 @@ whenever the database changes.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jwt
 
 from tray_app.auth import ALL_SCOPES, Principal
 from tray_app.clock import Clock
-from tray_app.errors import AuthError
-from tray_app.storage import Database, decode_list, encode_list
+from tray_app.errors import AuthError, LMGateError
+from tray_app.storage import SIGNING_KEY_GENERATION, Database, decode_list, encode_list
+
+log = logging.getLogger("lmgate.tokens")
 
 ALGORITHM = "HS256"
 REQUIRED_CLAIMS = ["sub", "scope", "iat", "nbf", "exp", "jti"]
@@ -45,6 +49,7 @@ class TokenRecord:
     expires: float
     revoked: float | None
     device_id: str | None
+    issued_sub: str | None = None  # the `sub` its JWT carries, where an upgrade renamed it
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,7 @@ def _row_to_record(r: sqlite3.Row) -> TokenRecord:
         expires=r["expires"],
         revoked=r["revoked"],
         device_id=r["device_id"],
+        issued_sub=r["issued_sub"],
     )
 
 
@@ -93,7 +99,7 @@ def _claims_match(claims: dict[str, object], record: TokenRecord) -> bool:
         return False
     max_tokens = claims.get("max_tokens")
     return (
-        claims["sub"] == record.sub
+        claims["sub"] == (record.issued_sub or record.sub)
         and claims["scope"] == " ".join(sorted(record.scopes))
         and claims["exp"] == int(record.expires)
         and claims["iat"] == claims["nbf"] == int(record.created)
@@ -121,10 +127,21 @@ def _invalid(message: str, code: str) -> AuthError:
 
 
 class TokenService:
-    def __init__(self, db: Database, signing_key: bytes, clock: Clock) -> None:
+    def __init__(
+        self,
+        db: Database,
+        signing_key: bytes,
+        clock: Clock,
+        *,
+        key_loader: Callable[[], bytes] | None = None,
+    ) -> None:
+        """``key_loader`` reads the signing key from this process's secret store again, for
+        when another process (`lmgate keys rotate`) has replaced it."""
         self._db = db
         self._key = signing_key
         self._clock = clock
+        self._key_loader = key_loader
+        self._key_generation = db.meta(SIGNING_KEY_GENERATION)
         # Tokens neither revoked nor expired, nor belonging to a revoked device.
         self._active: dict[str, TokenRecord] = {}
         self._cache: dict[str, tuple[Principal, float, str]] = {}
@@ -161,6 +178,22 @@ class TokenService:
         self._key = signing_key
         self._cache.clear()
 
+    def sync_key(self) -> bool:
+        """Pick up a signing key another process rotated; True if the key changed. One small
+        read: called on every database change, before issuing, and when a signature fails."""
+        generation = self._db.meta(SIGNING_KEY_GENERATION)
+        if generation == self._key_generation or self._key_loader is None:
+            return False
+        try:
+            key = self._key_loader()
+        except LMGateError as exc:  # a locked keyring: keep the old key, retry on the next change
+            log.error("the signing key was rotated but cannot be read: %s", exc)
+            return False
+        self.replace_key(key)
+        self._key_generation = generation
+        log.info("the signing key was rotated; tokens are now checked against the new one")
+        return True
+
     # ---- issuing ----------------------------------------------------------------------------
 
     def issue(
@@ -175,6 +208,7 @@ class TokenService:
         device_id: str | None = None,
     ) -> IssuedToken:
         check_scopes(scopes)
+        self.sync_key()  # never sign with a key another process has just rotated away
         if ttl <= 0:
             raise ValueError("the lifetime must be positive")
         now = self._clock.time()
@@ -236,7 +270,13 @@ class TokenService:
             if now < expires + LEEWAY_SECONDS and jti in self._active:
                 return principal
             self._cache.pop(token, None)
-        principal, expires, jti = self._decode(token, now)
+        try:
+            principal, expires, jti = self._decode(token, now)
+        except AuthError as exc:
+            # Signed with a key rotated a moment ago, by a process we have not heard from yet?
+            if exc.code != "invalid_token" or not self.sync_key():
+                raise
+            principal, expires, jti = self._decode(token, now)
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[token] = (principal, expires, jti)
