@@ -6,6 +6,7 @@ caching, CONNECT, and streams ended when their credential is revoked."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import time
@@ -717,3 +718,105 @@ async def test_ipv6_guesses_are_throttled_per_64(start_identity_gateway: Identit
         async with s.get(rig.url + "/v1/models", headers=other) as r:
             assert r.status == 401
     assert statuses == [401, 401, 429]
+
+
+# ---- what the second adversarial review found -----------------------------------------------
+
+HUGE_ANSWER = (
+    b'{"choices":[' + b"{}," * 3_000_000 + b'{}],"usage":{"prompt_tokens":3,"completion_tokens":4}}'
+)
+
+
+async def test_a_huge_json_answer_is_relayed_without_being_parsed(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio
+) -> None:
+    fake_lmstudio.behaviour.status = 200
+    fake_lmstudio.behaviour.error_body = HUGE_ANSWER  # 9 MB of tiny objects
+    key = key_for(rig)
+    with LogCapture() as logs:
+        async with aiohttp.ClientSession() as s:
+            chat = asyncio.ensure_future(
+                s.post(rig.url + "/v1/chat/completions", json=CHAT, headers=bearer(key))
+            )
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            async with s.get(rig.url + "/healthz") as health:
+                assert health.status == 200
+            assert time.monotonic() - started < 1.0
+            r = await chat
+            assert r.status == 200 and await r.read() == HUGE_ANSWER
+            r.close()
+        await asyncio.sleep(0.05)
+    line = next(a for a in logs.access() if a["path"] == "/v1/chat/completions")
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (3, 4)
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/api/chat"])
+async def test_a_huge_answer_gateway_must_read_is_a_502(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio, path: str
+) -> None:
+    fake_lmstudio.behaviour.status = 200
+    fake_lmstudio.behaviour.error_body = HUGE_ANSWER
+    key = key_for(rig, models=frozenset({MODELS[0]}))  # a restricted list must be read
+    if path == "/v1/models":
+        fake_lmstudio.behaviour.status = None
+        fake_lmstudio.behaviour.error_body = None
+        fake_lmstudio.behaviour.json_bytes = None
+    async with aiohttp.ClientSession() as s:
+        if path == "/api/chat":
+            async with s.post(
+                rig.url + path, json={"message": "hi", "model": MODELS[0]}, headers=bearer(key)
+            ) as r:
+                error = (await r.json())["error"]
+            assert (r.status, error["code"]) == (502, "upstream_response_too_large")
+        else:
+            async with s.get(rig.url + path, headers=bearer(key)) as r:
+                assert r.status == 200  # a normal list is still read and filtered
+            assert await healthy(rig)
+
+
+async def test_lm_studios_redirects_are_never_followed(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio
+) -> None:
+    fake_lmstudio.behaviour.status = 307
+    fake_lmstudio.behaviour.extra_response_headers = {"Location": "/api/v1/models/load"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(rig.url + "/v1/chat/completions", json=CHAT, headers=bearer(key_for(rig))) as r,
+    ):
+        error = (await r.json())["error"]
+    assert (r.status, error["code"]) == (502, "upstream_bad_response")
+    assert fake_lmstudio.paths == ["/v1/chat/completions"]
+
+
+@pytest.mark.parametrize(("write_timeout", "cut_off"), [(1.0, True), (30.0, False)])
+async def test_a_client_that_stops_reading_is_cut_off_and_lm_studio_stops(
+    start_identity_gateway: IdentityFactory,
+    fake_lmstudio: FakeLMStudio,
+    write_timeout: float,
+    cut_off: bool,
+) -> None:
+    import socket
+
+    rig = await start_identity_gateway(write_timeout=write_timeout)
+    port = rig.server.port
+    assert port is not None
+    fake_lmstudio.behaviour.reply = "x" * 20_000_000  # far more than any socket buffers
+    fake_lmstudio.behaviour.chunks = 2000
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {key_for(rig)}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    try:
+        # Never read: the gateway's buffer fills, and its writes wait.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(fake_lmstudio.disconnected.wait(), 4.0)
+        assert fake_lmstudio.disconnected.is_set() is cut_off
+    finally:
+        sock.close()
+    assert await healthy(rig)

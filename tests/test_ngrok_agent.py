@@ -366,3 +366,33 @@ class TestDoctorReportsOnlyARealAgent:
             r"^ok\s+ngrok agent\s+not needed \(tunnel\.provider is lan\): .*pyngrok", out, re.M
         ), out
         assert not marker.exists()
+
+
+def test_a_downloader_behind_a_wrapper_can_reach_no_download_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pyenv-style wrapper hides pyngrok's script from the shim check; then --version runs
+    it, but every HTTP(S) request it makes goes to a closed port, so it fetches nothing and
+    does not count as an agent."""
+    seen = tmp_path / "seen-proxy"
+    downloader = tmp_path / "hidden" / "ngrok-downloader"
+    downloader.parent.mkdir()
+    downloader.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys, urllib.request\n"
+        f"open({str(seen)!r}, 'w').write(os.environ.get('HTTPS_PROXY', ''))\n"
+        "try:\n"
+        "    urllib.request.urlopen('https://bin.equinox.io/c/ngrok.zip', timeout=5)\n"
+        "except Exception:\n"
+        "    sys.exit(1)\n"
+        "print('ngrok version 3.19.1')\n"
+    )
+    downloader.chmod(0o755)
+    wrapper = tmp_path / "shims" / "ngrok"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec "{downloader}" "$@"\n')
+    wrapper.chmod(0o755)
+    use_path(monkeypatch, tmp_path, tmp_path / "shims")
+    with pytest.raises(TunnelError):
+        find_agent()
+    assert seen.read_text() == "http://127.0.0.1:9"

@@ -46,6 +46,29 @@ def test_file_store_keeps_files_private(tmp_path: Path) -> None:
         store.get("lmstudio-api-token")
 
 
+@pytest.mark.parametrize("leftover", ["loose_file", "symlink"])
+def test_file_store_never_writes_through_a_leftover_or_a_planted_temporary(
+    tmp_path: Path, leftover: str
+) -> None:
+    store = FileSecretStore(tmp_path / "secrets")
+    store.set("jwt-signing-key", "old")
+    planted = tmp_path / "secrets" / "jwt-signing-key.tmp"  # the name the old code reused
+    target = tmp_path / "elsewhere"
+    if leftover == "loose_file":
+        planted.write_text("x")
+        planted.chmod(0o644)
+    else:
+        target.write_text("untouched")
+        planted.symlink_to(target)
+    store.set("jwt-signing-key", "new")
+    path = tmp_path / "secrets" / "jwt-signing-key"
+    assert store.get("jwt-signing-key") == "new"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and not path.is_symlink()
+    if leftover == "symlink":
+        assert target.read_text() == "untouched"
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporaries
+
+
 def test_env_store_is_read_only() -> None:
     store = EnvSecretStore({"LMGATE_SECRET_LMSTUDIO_API_TOKEN": "sk-env"})
     assert store.get("lmstudio-api-token") == "sk-env"

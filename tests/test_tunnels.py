@@ -566,3 +566,38 @@ async def test_the_url_check_skips_ngroks_browser_warning() -> None:
     finally:
         await runner.cleanup()
     assert seen == ["1"]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "works"),
+    [
+        (200, {"status": "ok"}, True),
+        (503, {"error": {"code": "too_many_connections"}}, True),  # LM Gate, busy
+        (503, {"error": {"code": "shutting_down"}}, False),
+        (502, {"error": {"code": "too_many_connections"}}, False),
+        (200, {"status": "nope"}, False),
+    ],
+)
+async def test_a_busy_gateway_still_proves_the_tunnel_works(
+    status: int, body: dict[str, object], works: bool
+) -> None:
+    """Filling LM Gate's connection slots must not make the tunnel look dead: re-opening it
+    would hand a flood a new URL and leave paired phones with a dead one."""
+    from aiohttp import web
+
+    from tray_app.tunnels import url_works
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response(body, status=status)
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        assert await url_works(f"http://127.0.0.1:{port}") is works
+    finally:
+        await runner.cleanup()

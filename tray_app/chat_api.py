@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from tray_app.answers import TooLargeToParse, parse_bounded
 from tray_app.api_errors import REQUEST_ID_HEADER, ApiError
 from tray_app.auth import Principal
 from tray_app.body import apply_principal_rules, check_models, parse_json_object, prepare_body
@@ -189,7 +190,9 @@ class ChatApi:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         session = request.app[UPSTREAM_SESSION]
         try:
-            async with session.get(self._forward.upstream_url + "/v1/models", headers=headers) as r:
+            async with session.get(
+                self._forward.upstream_url + "/v1/models", headers=headers, allow_redirects=False
+            ) as r:
                 payload = await r.json(content_type=None) if r.status == 200 else {}
         except (aiohttp.ClientError, TimeoutError, ValueError):
             payload = {}
@@ -302,7 +305,7 @@ class ChatApi:
         if upstream.status >= 400:
             return upstream  # LM Studio's own error, already in the OpenAI shape
         try:
-            answer = json.loads(
+            answer = parse_bounded(
                 decode_body(
                     upstream.body, upstream.headers.get("Content-Encoding"), self._max_answer_chars
                 )
@@ -310,7 +313,14 @@ class ChatApi:
             reply = answer["choices"][0]["message"]
             content = reply.get("content") or ""
             reasoning = reply.get("reasoning") or reply.get("reasoning_content")
-        except (ValueError, KeyError, IndexError, TypeError):
+        except TooLargeToParse:
+            raise ApiError(
+                502,
+                "LM Studio's answer is larger than LM Gate keeps in a conversation.",
+                type="upstream_error",
+                code="upstream_response_too_large",
+            ) from None
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise ApiError(
                 502,
                 "LM Studio's answer was not in the expected format.",

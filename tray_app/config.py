@@ -59,6 +59,9 @@ class Config:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     keepalive_timeout: float = 30.0
+    # A client that reads nothing of its answer for this long (its socket buffer full) is
+    # cut off: a stream it stopped reading, or pipelined requests it never reads.
+    write_timeout: float = 60.0
     # Open client connections: 0 = derived from the process's file-descriptor limit, so the
     # gateway refuses new connections before it runs out of descriptors.
     max_connections: int = 0
@@ -413,6 +416,12 @@ _SETTINGS: tuple[_Setting, ...] = (
         "keepalive_timeout",
         _seconds(1, 3600),
         "seconds an idle keep-alive connection stays open",
+    ),
+    _Setting(
+        "server.write_timeout",
+        "write_timeout",
+        _seconds(1, 3600),
+        "seconds a client may leave its answer unread (its socket full) before it is cut off",
     ),
     _Setting(
         "server.max_connections",

@@ -103,7 +103,15 @@ def _answer(request: BaseRequest, error: ApiError) -> web.Response:
 
 
 class GuardedRequestHandler(RequestHandler):
-    __slots__ = ("_bytes_before_head", "_guarded", "_head_timer", "_linger", "_peer", "_ticket")
+    __slots__ = (
+        "_bytes_before_head",
+        "_guarded",
+        "_head_timer",
+        "_linger",
+        "_peer",
+        "_ticket",
+        "_write_timer",
+    )
 
     def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -114,6 +122,7 @@ class GuardedRequestHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._bytes_before_head = False
         self._linger: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -183,7 +192,41 @@ class GuardedRequestHandler(RequestHandler):
             )
         self.force_close()
 
+    # A client that stops reading (pipelined requests it never reads the answers to, or a
+    # stream it no longer drains) fills the socket's buffer and the transport pauses us. A
+    # pause that lasts write_timeout ends the connection: nothing else would, since the
+    # other timers only run while a request is read.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self._loop.call_later(
+                self._guarded.write_timeout, self._write_stalled
+            )
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        transport = self.transport
+        if transport is None:
+            return
+        self._guarded.exhaustion.note(
+            "write_timeout",
+            "closed a connection from %s: it read nothing of its answer for %g s (%s)",
+            self._peer,
+            self._guarded.write_timeout,
+            "server.write_timeout",
+        )
+        transport.abort()  # unsent data is dropped: the client was not taking it
+
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -223,6 +266,7 @@ class GuardedServer(Server):
         *,
         guard: ConnectionGuard,
         header_timeout: float,
+        write_timeout: float,
         exhaustion: RateLimitedLog,
         max_lingering: int,
     ) -> None:
@@ -235,6 +279,7 @@ class GuardedServer(Server):
         )
         self.guard = guard
         self.header_timeout = header_timeout
+        self.write_timeout = write_timeout
         self.exhaustion = exhaustion
         self.max_lingering = max_lingering
         # Refused connections waiting to close, oldest first (a dict keeps insertion order).
@@ -277,7 +322,7 @@ def _marking_heads(inner: RequestFactory) -> RequestFactory:
 
 
 class GuardedAppRunner(web.AppRunner):
-    __slots__ = ("_exhaustion", "_guard", "_header_timeout", "_max_lingering")
+    __slots__ = ("_exhaustion", "_guard", "_header_timeout", "_max_lingering", "_write_timeout")
 
     def __init__(
         self,
@@ -285,6 +330,7 @@ class GuardedAppRunner(web.AppRunner):
         *,
         guard: ConnectionGuard,
         header_timeout: float,
+        write_timeout: float,
         exhaustion: RateLimitedLog,
         max_lingering: int,
         **kwargs: Any,
@@ -292,6 +338,7 @@ class GuardedAppRunner(web.AppRunner):
         super().__init__(app, **kwargs)
         self._guard = guard
         self._header_timeout = header_timeout
+        self._write_timeout = write_timeout
         self._exhaustion = exhaustion
         self._max_lingering = max_lingering
 
@@ -300,6 +347,7 @@ class GuardedAppRunner(web.AppRunner):
             await super()._make_server(),
             guard=self._guard,
             header_timeout=self._header_timeout,
+            write_timeout=self._write_timeout,
             exhaustion=self._exhaustion,
             max_lingering=self._max_lingering,
         )

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import aiohttp
 from aiohttp import web
 
+from tray_app.answers import TooLargeToParse, looks_like_json_object, parse_bounded, usage_in_tail
 from tray_app.api_errors import REQUEST_ID_HEADER, ApiError
 from tray_app.auth import Principal
 from tray_app.config import Config
@@ -75,7 +76,9 @@ class Forwarder:
         data: bytes | io.BytesIO = body if len(body) <= _INLINE_BODY_BYTES else io.BytesIO(body)
 
         def send() -> Awaitable[aiohttp.ClientResponse]:
-            return session.request(route.method, url, data=data, headers=headers)
+            return session.request(
+                route.method, url, data=data, headers=headers, allow_redirects=False
+            )
 
         if not stream:
             upstream = await self._open(send)
@@ -116,7 +119,9 @@ class Forwarder:
         headers = self._headers(request, request_id)
         session = request.app[UPSTREAM_SESSION]
         upstream = await self._open(
-            lambda: session.request("GET", self.upstream_url + route.path, headers=headers)
+            lambda: session.request(
+                "GET", self.upstream_url + route.path, headers=headers, allow_redirects=False
+            )
         )
         outcome.upstream = upstream
         data = await self._read_whole(upstream)
@@ -140,6 +145,17 @@ class Forwarder:
         if upstream.status in {401, 403}:
             upstream.release()
             raise rejected_our_credentials(upstream.status)
+        if 300 <= upstream.status < 400:
+            # Never followed: a redirect could point LM Gate at LM Studio's native API or at
+            # another host, past every route rule. Nor relayed: it is not an answer.
+            upstream.close()
+            raise ApiError(
+                502,
+                f"LM Studio answered with a redirect ({upstream.status}); LM Gate does not "
+                "follow redirects. Check that upstream.url points at LM Studio's server.",
+                type="upstream_error",
+                code="upstream_bad_response",
+            )
         return upstream
 
     async def _read_into_response(
@@ -200,8 +216,19 @@ def _usage_of_json_answer(
 ) -> Usage | None:
     """Every forwarded endpoint answers JSON: anything else from LM Studio is a broken answer
     the caller should hear about as such, not a body their SDK chokes on."""
+    text = decode_body(data, encoding, limit)
     try:
-        payload = json.loads(decode_body(data, encoding, limit))
+        payload = parse_bounded(text)
+    except TooLargeToParse:
+        if looks_like_json_object(text):
+            return usage_from_payload({"usage": usage_in_tail(text)})
+        snippet = data[:200].decode("utf-8", errors="replace").strip()
+        raise ApiError(
+            502,
+            f"LM Studio answered {status} with a body that is not JSON: {snippet or '(empty)'}",
+            type="upstream_error",
+            code="upstream_bad_response",
+        ) from None
     except ValueError:
         snippet = data[:200].decode("utf-8", errors="replace").strip()
         raise ApiError(
@@ -224,10 +251,17 @@ def shutting_down() -> ApiError:
 
 def _filter_models(data: bytes, principal: Principal) -> bytes:
     try:
-        payload = json.loads(data)
+        payload = parse_bounded(data)
         entries = payload["data"]
         if not isinstance(entries, list):
             raise TypeError
+    except TooLargeToParse:
+        raise ApiError(
+            502,
+            f"LM Studio's model list is larger than LM Gate reads ({len(data)} bytes).",
+            type="upstream_error",
+            code="upstream_response_too_large",
+        ) from None
     except (ValueError, KeyError, TypeError):
         raise ApiError(
             502,

@@ -633,8 +633,8 @@ class Gateway:
                 self.config.upstream_url + "/v1/models",
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=READY_TIMEOUT),
+                allow_redirects=False,
             ) as resp:
-                await resp.read()
                 return resp.status == 200
         except (TimeoutError, aiohttp.ClientError):
             return False

@@ -43,6 +43,15 @@ PROXY_HEADERS = (
     "X-Client-IP",
     "Fastly-Client-IP",
     "X-Cluster-Client-IP",
+    "X-Forwarded",
+    "X-Forwarded-Server",
+    "X-Forwarded-Port",
+    "X-Forwarded-Prefix",
+    "X-Original-Forwarded-For",
+    "X-Original-Host",
+    "X-ProxyUser-Ip",
+    "Client-IP",
+    "Via",
 )
 
 

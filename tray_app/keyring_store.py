@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import keyring
@@ -120,14 +121,19 @@ class FileSecretStore:
     def set(self, name: str, value: str) -> None:
         check_entry(name, value)
         path = self._dir / name
-        temporary = path.with_suffix(".tmp")
-        # Created 0600 from the first byte: never briefly world-readable.
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(value)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(path)
+        # A fresh file of our own, 0600 from its first byte: never a leftover (which would keep
+        # its old mode) nor a symlink someone planted (which would be followed).
+        fd, temporary = tempfile.mkstemp(dir=self._dir, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(value)
+                handle.flush()
+                os.fsync(handle.fileno())
+            Path(temporary).replace(path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                Path(temporary).unlink()
+            raise
 
     def delete(self, name: str) -> None:
         check_entry(name)

@@ -67,6 +67,22 @@ def _launcher_runs_pyngrok(path: Path) -> bool:
     return _RUNS_PYNGROK.search(script) is not None
 
 
+def _no_downloads_environment() -> dict[str, str]:
+    # A real agent's --version needs no network. A downloader that slipped past the shim check
+    # (pyngrok's script behind a wrapper such as a pyenv shim) finds every HTTP(S) request sent
+    # to a closed port: it fails at once, having fetched nothing, and so does not count.
+    closed = "http://127.0.0.1:9"
+    env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARIABLES}
+    env.update(
+        {name: closed for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
+    )
+    env.update({"ALL_PROXY": closed, "all_proxy": closed})
+    return env
+
+
+_PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_proxy"})
+
+
 def _version_output(path: Path, timeout: float) -> tuple[int, str] | str:
     """(exit status, stdout) of ``path --version``, or why it could not be had."""
     try:
@@ -76,6 +92,7 @@ def _version_output(path: Path, timeout: float) -> tuple[int, str] | str:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            env=_no_downloads_environment(),
             # Its own process group: a timeout kills a wrapper's children too, which would
             # otherwise hold the pipe open and hang the wait.
             start_new_session=sys.platform != "win32",

@@ -74,18 +74,22 @@ class GatewayServer:
         elif config.max_connections:
             max_total = config.max_connections
         # The gateway decides which peers are its proxies (the running tunnel's agent and
-        # configured ones); a gateway without that notion trusts none.
-        trusts_peer = getattr(self.gateway, "trusts_peer", None)
+        # configured ones): they carry many clients, and only the total holds them.
+        per_client = config.max_connections_per_client
+        if not config.max_connections:
+            # Under a small descriptor limit the derived total is small too: one address may
+            # hold a quarter of it, so it can never leave everyone else a handful of slots.
+            per_client = min(per_client, max(1, max_total // 4))
         guard = ConnectionGuard(
             max_total=max_total,
-            max_per_client=config.max_connections_per_client,
-            trusts_peer=trusts_peer if callable(trusts_peer) else (lambda _peer: False),
+            max_per_client=per_client,
+            trusts_peer=self.gateway.trusts_peer,
             exhaustion=exhaustion,
         )
         log.info(
             "client connections: at most %d open, %d per address (file-descriptor limit %d)",
             max_total,
-            config.max_connections_per_client,
+            per_client,
             budget.descriptors,
         )
         return budget, guard
@@ -101,6 +105,7 @@ class GatewayServer:
             self.gateway.build_app(),
             guard=guard,
             header_timeout=config.header_timeout,
+            write_timeout=config.write_timeout,
             exhaustion=exhaustion,
             max_lingering=budget.max_lingering,
             keepalive_timeout=config.keepalive_timeout,

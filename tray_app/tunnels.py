@@ -25,6 +25,8 @@ from tray_app.errors import TunnelError
 log = logging.getLogger("lmgate.tunnel")
 
 SKIP_BROWSER_WARNING = {"ngrok-skip-browser-warning": "1"}
+# What LM Gate answers when it is at its connection limit (tray_app.admission).
+BUSY_CODE = "too_many_connections"
 
 
 class TunnelState(enum.Enum):
@@ -71,15 +73,21 @@ class TunnelProvider(Protocol):
 
 
 async def url_works(url: str, *, seconds: float = 5.0) -> bool:
-    """Whether ``url``/healthz answers LM Gate's health document."""
+    """Whether ``url``/healthz reaches this LM Gate: its health document, or its own answer
+    that it has as many connections as it takes (then the tunnel works and LM Gate is busy;
+    re-opening the tunnel would only hand a flood a new URL and the phones a dead one)."""
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=seconds)) as s,
             s.get(url.rstrip("/") + "/healthz", headers=SKIP_BROWSER_WARNING) as r,
         ):
-            return r.status == 200 and (await r.json(content_type=None)) == {"status": "ok"}
+            answer = await r.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return False
+    if r.status == 200:
+        return bool(answer == {"status": "ok"})
+    error = answer.get("error") if isinstance(answer, dict) else None
+    return r.status == 503 and isinstance(error, dict) and error.get("code") == BUSY_CODE
 
 
 StatusListener = Callable[[TunnelStatus], None]

@@ -128,6 +128,8 @@ def decode_body(body: bytes, content_encoding: str | None, limit: int) -> bytes:
 
 
 def looks_like_openai_error(body: bytes) -> bool:
+    if len(body) > 64 * 1024:
+        return False  # no error message is that long; not worth parsing on the event loop
     try:
         payload = json.loads(body)
     except ValueError:

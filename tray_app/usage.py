@@ -101,12 +101,15 @@ class EventCutter:
     ``max_event_bytes`` bytes; an event is measured with LF line ends and its blank line.
     Once an event is larger, ``too_large`` is set and nothing from it on is returned."""
 
-    __slots__ = ("_after_cr", "_carry", "_hide_usage", "_limit", "too_large", "usage")
+    __slots__ = ("_after_cr", "_held", "_hide_usage", "_limit", "_parts", "too_large", "usage")
 
     def __init__(self, max_event_bytes: int, *, hide_usage: bool) -> None:
         self._limit = max_event_bytes
         self._hide_usage = hide_usage
-        self._carry = b""
+        # The unfinished event, as the pieces it came in: joined only once it is complete, so
+        # an event dripped in tiny reads costs linear time, not quadratic.
+        self._parts: list[bytes] = []
+        self._held = 0
         # A chunk ended in CR: a LF opening the next one belongs to the same line end.
         self._after_cr = False
         self.too_large = False
@@ -121,27 +124,40 @@ class EventCutter:
                 chunk = chunk[1:]
             self._after_cr = chunk.endswith(b"\r")
             chunk = to_lf(chunk)
-        data = self._carry + chunk if self._carry else chunk
+        if not chunk:
+            return b""
+        # Does this chunk finish an event? Only its bytes (and the one before) can tell.
+        before = self._parts[-1][-1:] if self._parts else b""
+        if b"\n\n" not in before + chunk:
+            self._parts.append(chunk)
+            self._held += len(chunk)
+            # The unfinished event needs at least one more byte: this many is too many.
+            if self._held >= self._limit:
+                self._drop()
+            return b""
+        data = b"".join((*self._parts, chunk)) if self._parts else chunk
         cut = data.rfind(b"\n\n")
-        if cut < 0:
-            ready, carry = b"", data
-        else:
-            ready, carry = data[: cut + 2], data[cut + 2 :]
+        ready, carry = data[: cut + 2], data[cut + 2 :]
         if len(ready) > self._limit:
             ready = self._up_to_oversized(ready)  # finished events that came in one read
-        # The unfinished event needs at least one more byte, so this many is already too many.
-        if self.too_large or len(carry) >= self._limit:
-            self.too_large = True
-            carry = b""
-        self._carry = carry
+        self._parts = [carry] if carry else []
+        self._held = len(carry)
+        if self.too_large or self._held >= self._limit:
+            self._drop()
         if self._hide_usage and has_usage_object(ready):
             ready, found = strip_usage_events(ready)
             self.usage = found or self.usage
         return ready
 
+    def _drop(self) -> None:
+        self.too_large = True
+        self._parts = []
+        self._held = 0
+
     def rest(self) -> bytes:
         """What the stream left unfinished when it ended (relayed as it is)."""
-        rest, self._carry = self._carry, b""
+        rest = b"".join(self._parts)
+        self._parts, self._held = [], 0
         return rest
 
     def _up_to_oversized(self, ready: bytes) -> bytes:

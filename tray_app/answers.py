@@ -1,0 +1,49 @@
+"""Reading LM Studio's JSON answers within bounds.
+
+Python objects cost about 25 times the JSON text they come from, and ``json.loads`` holds the
+event loop while it runs: a 250 KB gzip of ``{"choices":[{},{},…]}`` decodes to 255 MB and
+would take 6 GB and 20 s to parse. The gateway parses an answer only where it must (usage,
+the model list, /api/chat's reply) and only up to these bounds; past them it still relays an
+answer that looks like JSON, and reads its usage from the tail, where LM Studio puts it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+MIB = 1024 * 1024
+MAX_PARSED_BYTES = 8 * MIB
+MAX_PARSED_CONTAINERS = 1_000_000  # objects and arrays (brackets, a bound from above)
+_TAIL_BYTES = 64 * 1024
+_USAGE_IN_TAIL = re.compile(rb'"usage"\s*:\s*(\{[^{}]{0,4096}\})')
+
+
+class TooLargeToParse(Exception):
+    """The answer is valid-looking but beyond what the gateway will turn into objects."""
+
+
+def parse_bounded(text: bytes) -> Any:
+    """``json.loads(text)``, or TooLargeToParse beyond the bounds (ValueError if not JSON)."""
+    if len(text) > MAX_PARSED_BYTES or text.count(b"{") + text.count(b"[") > MAX_PARSED_CONTAINERS:
+        raise TooLargeToParse
+    return json.loads(text)
+
+
+def looks_like_json_object(text: bytes) -> bool:
+    stripped = text.strip()
+    return stripped.startswith(b"{") and stripped.endswith(b"}")
+
+
+def usage_in_tail(text: bytes) -> dict[str, Any] | None:
+    """The last ``"usage": {...}`` object near the end of a large answer, if any."""
+    matches = list(_USAGE_IN_TAIL.finditer(text[-_TAIL_BYTES:]))
+    if not matches:
+        return None
+    found = matches[-1]
+    try:
+        usage = json.loads(found.group(1))
+    except ValueError:
+        return None
+    return usage if isinstance(usage, dict) else None
