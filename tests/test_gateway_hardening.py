@@ -820,3 +820,17 @@ async def test_a_client_that_stops_reading_is_cut_off_and_lm_studio_stops(
     finally:
         sock.close()
     assert await healthy(rig)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+async def test_an_answer_nested_too_deep_is_a_502_not_a_500(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio, path: str
+) -> None:
+    fake_lmstudio.behaviour.status = 200
+    fake_lmstudio.behaviour.error_body = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(rig.url + path, json={**CHAT, "message": "hi"}, headers=bearer(key_for(rig))) as r,
+    ):
+        error = (await r.json())["error"]
+    assert (r.status, error["code"]) == (502, "upstream_bad_response")

@@ -25,10 +25,14 @@ class TooLargeToParse(Exception):
 
 
 def parse_bounded(text: bytes) -> Any:
-    """``json.loads(text)``, or TooLargeToParse beyond the bounds (ValueError if not JSON)."""
+    """``json.loads(text)``, or TooLargeToParse beyond the bounds (ValueError if not JSON,
+    nesting too deep included)."""
     if len(text) > MAX_PARSED_BYTES or text.count(b"{") + text.count(b"[") > MAX_PARSED_CONTAINERS:
         raise TooLargeToParse
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except RecursionError:  # nested too deep to be an answer
+        raise ValueError("JSON nested too deeply") from None
 
 
 def looks_like_json_object(text: bytes) -> bool:

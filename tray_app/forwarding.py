@@ -218,26 +218,19 @@ def _usage_of_json_answer(
     the caller should hear about as such, not a body their SDK chokes on."""
     text = decode_body(data, encoding, limit)
     try:
-        payload = parse_bounded(text)
+        return usage_from_payload(parse_bounded(text))
     except TooLargeToParse:
         if looks_like_json_object(text):
             return usage_from_payload({"usage": usage_in_tail(text)})
-        snippet = data[:200].decode("utf-8", errors="replace").strip()
-        raise ApiError(
-            502,
-            f"LM Studio answered {status} with a body that is not JSON: {snippet or '(empty)'}",
-            type="upstream_error",
-            code="upstream_bad_response",
-        ) from None
     except ValueError:
-        snippet = data[:200].decode("utf-8", errors="replace").strip()
-        raise ApiError(
-            502,
-            f"LM Studio answered {status} with a body that is not JSON: {snippet or '(empty)'}",
-            type="upstream_error",
-            code="upstream_bad_response",
-        ) from None
-    return usage_from_payload(payload)
+        pass
+    snippet = data[:200].decode("utf-8", errors="replace").strip()
+    raise ApiError(
+        502,
+        f"LM Studio answered {status} with a body that is not JSON: {snippet or '(empty)'}",
+        type="upstream_error",
+        code="upstream_bad_response",
+    )
 
 
 def shutting_down() -> ApiError:
