@@ -91,6 +91,8 @@ async def run(streams: int, seconds: float, lorises: int) -> dict[str, float]:
         "LMGATE_LOG_LEVEL": "warning",
         "LMGATE_LIMITS_CONCURRENT_REQUESTS": str(streams + 10),
         "LMGATE_LIMITS_REQUESTS_PER_MINUTE": "100000",
+        # Every client here is one address (this machine), unlike real callers.
+        "LMGATE_SERVER_MAX_CONNECTIONS_PER_CLIENT": str(streams + lorises + 10),
     }
     gateway, url, key = start_gateway(home, upstream_url, None, settings=settings)
     host, gport = url.removeprefix("http://").rsplit(":", 1)
