@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -41,6 +41,7 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 # instead of a reset (closing with its request unread would send an RST).
 LINGER_SECONDS = 1.0
 
+Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 RequestFactory = Callable[
     [RawRequestMessage, StreamReader, RequestHandler, AbstractStreamWriter, "asyncio.Task[None]"],
     BaseRequest,
@@ -269,9 +270,10 @@ class GuardedServer(Server):
         write_timeout: float,
         exhaustion: RateLimitedLog,
         max_lingering: int,
+        stray_handler: Handler | None = None,
     ) -> None:
         super().__init__(
-            plain.request_handler,
+            _routing_strays(plain.request_handler, stray_handler),
             request_factory=_marking_heads(plain.request_factory),
             handler_cancellation=plain.handler_cancellation,
             loop=plain._loop,
@@ -304,6 +306,22 @@ class GuardedServer(Server):
         self.lingering.clear()
 
 
+def _routing_strays(inner: Handler, stray: Handler | None) -> Handler:
+    """A request whose target does not start with "/" (CONNECT host:port, absolute-form
+    targets) matches no route, and aiohttp would answer it with a plain-text page and no
+    log line: such requests go to ``stray`` instead. Everything else goes to the app, through
+    its router and without middlewares (a middleware costs every request a wrapper)."""
+    if stray is None:
+        return inner
+
+    async def handle(request: BaseRequest) -> web.StreamResponse:
+        if request.raw_path.startswith("/"):
+            return await inner(request)
+        return await stray(request)
+
+    return handle
+
+
 def _marking_heads(inner: RequestFactory) -> RequestFactory:
     # aiohttp calls the request factory for every parsed head (and for a head it could not
     # parse): the moment the header timer has done its job.
@@ -322,7 +340,14 @@ def _marking_heads(inner: RequestFactory) -> RequestFactory:
 
 
 class GuardedAppRunner(web.AppRunner):
-    __slots__ = ("_exhaustion", "_guard", "_header_timeout", "_max_lingering", "_write_timeout")
+    __slots__ = (
+        "_exhaustion",
+        "_guard",
+        "_header_timeout",
+        "_max_lingering",
+        "_stray_handler",
+        "_write_timeout",
+    )
 
     def __init__(
         self,
@@ -333,9 +358,11 @@ class GuardedAppRunner(web.AppRunner):
         write_timeout: float,
         exhaustion: RateLimitedLog,
         max_lingering: int,
+        stray_handler: Handler | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
+        self._stray_handler = stray_handler
         self._guard = guard
         self._header_timeout = header_timeout
         self._write_timeout = write_timeout
@@ -350,4 +377,5 @@ class GuardedAppRunner(web.AppRunner):
             write_timeout=self._write_timeout,
             exhaustion=self._exhaustion,
             max_lingering=self._max_lingering,
+            stray_handler=self._stray_handler,
         )

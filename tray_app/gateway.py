@@ -1,6 +1,6 @@
 """The gateway: an aiohttp application that authenticates, filters and relays to LM Studio.
 
-One middleware hands every request to one handler, which does the routing itself on the
+One handler receives every request and does the routing itself on the
 normalised raw path, so that aiohttp's router can never send an oddly encoded path (or a
 CONNECT, or an absolute-form target) somewhere the route table did not decide. For each
 request, in order: request ID, path, upgrade refusal, Host name, CORS, the gateway's own
@@ -226,24 +226,16 @@ class Gateway:
     # ---- application wiring ---------------------------------------------------------------
 
     def build_app(self) -> web.Application:
-        @web.middleware
-        async def everything(
-            request: web.Request,
-            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-        ) -> web.StreamResponse:
-            # aiohttp runs middlewares even where its router matched nothing (CONNECT,
-            # absolute-form targets): every request gets our answer and our log line.
-            return await self._dispatch(request)
-
-        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[everything])
+        app = web.Application(client_max_size=self.config.max_body_bytes)
         app.cleanup_ctx.append(session_context(self.config))
         if self._recorder is not None:
             app.cleanup_ctx.append(self._usage_flusher)
         app.cleanup_ctx.append(self._revocation_watchdog)
         app.on_shutdown.append(self._on_shutdown)
-        # The route is there only for its Expect handling: the middleware answers everything.
-        # [\s\S]: a decoded %0A in the path must still match.
-        app.router.add_route("*", r"/{tail:[\s\S]*}", self._dispatch, expect_handler=_expect)
+        # One route for every target that starts with "/" ([\s\S]: a decoded %0A in the path
+        # must match too): the gateway routes by itself. Other targets (CONNECT host:port)
+        # reach dispatch() from the server (tray_app.connections).
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self.dispatch, expect_handler=_expect)
         return app
 
     # ---- what the tunnel tells us ---------------------------------------------------------
@@ -274,7 +266,10 @@ class Gateway:
 
     # ---- request handling -----------------------------------------------------------------
 
-    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Answer one request: every request the server receives comes here (the app's
+        request factory made it a web.Request, routed or not)."""
+        assert isinstance(request, web.Request)
         exchange = Exchange(
             request_id=sane_request_id(request.headers.get(REQUEST_ID_HEADER)) or new_request_id(),
             method=request.method,

@@ -108,6 +108,7 @@ class GatewayServer:
             write_timeout=config.write_timeout,
             exhaustion=exhaustion,
             max_lingering=budget.max_lingering,
+            stray_handler=self.gateway.dispatch,
             keepalive_timeout=config.keepalive_timeout,
             lingering_time=_LINGERING_SECONDS,
             # aiohttp's access log prints raw request lines, query strings included: ours is
