@@ -117,4 +117,4 @@ def test_profile_script_reports_layers(tmp_path: Path) -> None:
     text = report.read_text()
     assert "| socket writes (send system call) |" in text
     assert "| LM Gate (tray_app) |" in text
-    assert "`Gateway._dispatch (tray_app/gateway.py)`" in text
+    assert "`Gateway.dispatch (tray_app/gateway.py)`" in text

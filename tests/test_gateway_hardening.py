@@ -531,7 +531,7 @@ def _compressed(encoding: str, data: bytes) -> bytes:
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "GZIP", "x-gzip", "gzip, identity"])
 @pytest.mark.parametrize("path", JSON_ENDPOINTS)
-async def test_compressed_request_bodies_are_415_and_counted(
+async def test_compressed_request_bodies_are_415(
     start_identity_gateway: IdentityFactory, path: str, encoding: str
 ) -> None:
     rig = await start_identity_gateway(clock=FakeClock(), pairing_attempts_per_minute=2)
@@ -544,9 +544,6 @@ async def test_compressed_request_bodies_are_415_and_counted(
                 error = (await r.json())["error"]
                 assert (r.status, error["code"]) == (415, "unsupported_content_encoding")
                 assert error["type"] == "invalid_request_error"
-        if path == "/pair":  # counted like any failed pairing attempt
-            async with s.post(rig.url + path, data=body, headers=headers) as r:
-                assert r.status == 429
     assert await healthy(rig)
 
 
@@ -834,3 +831,57 @@ async def test_an_answer_nested_too_deep_is_a_502_not_a_500(
     ):
         error = (await r.json())["error"]
     assert (r.status, error["code"]) == (502, "upstream_bad_response")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/healthz"), ("GET", "/app.js"), ("GET", "/v1/models"), ("POST", "/pair")],
+)
+@pytest.mark.parametrize(
+    "encodings", [["gzip"], ["identity", "gzip"], ["identity, gzip"]], ids=["one", "two", "list"]
+)
+async def test_a_compressed_body_is_refused_on_every_path_and_never_inflated(
+    rig: IdentityRig, method: str, path: str, encodings: list[str]
+) -> None:
+    import gzip
+
+    port = rig.server.port
+    assert port is not None
+    bomb = gzip.compress(b"\0" * 200_000_000)  # 200 MB of work in 200 KB
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    head += "".join(f"Content-Encoding: {e}\r\n" for e in encodings)
+    head += f"Content-Length: {len(bomb)}\r\n\r\n"
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head.encode() + bomb)
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    answer = await asyncio.wait_for(reader.read(65536), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 415 "), answer[:200]
+    assert b'"unsupported_content_encoding"' in answer
+    async with aiohttp.ClientSession() as s, s.get(rig.url + "/healthz") as r:
+        assert r.status == 200
+    assert time.monotonic() - started < 2.0, "the bomb was inflated"
+
+
+async def test_dev_mode_refuses_whole_families_of_proxy_headers(
+    start_identity_gateway: IdentityFactory,
+) -> None:
+    rig = await start_identity_gateway(dev_mode=True)
+    port = rig.server.port
+    assert port is not None
+    for header in (
+        "Cf-Ray",
+        "CDN-Loop",
+        "X-Forwarded-Ssl",
+        "X-Envoy-External-Address",
+        "Fly-Client-IP",
+        "Tailscale-User-Login",
+    ):
+        answer = await raw_request(
+            port, "GET", "/v1/models", {"X-User-Id": "bob", "Host": "localhost", header: "1"}
+        )
+        assert (answer.status, answer.json()["error"]["code"]) == (401, "dev_mode_remote"), header
+    plain = await raw_request(port, "GET", "/v1/models", {"X-User-Id": "bob", "Host": "localhost"})
+    assert plain.status == 200

@@ -158,6 +158,12 @@ class GuardedRequestHandler(RequestHandler):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def stop_reading(self) -> None:
+        """Read nothing more of this connection and close it once the answer is sent: for a
+        request refused before its body (a compressed one, one too slow). aiohttp would
+        otherwise drain, and inflate, what is left of the body for seconds."""
+        self._force_close = True
+
     def data_received(self, data: bytes) -> None:
         if self._linger is not None:
             # A refused connection: its request is read (and dropped), so closing is clean.

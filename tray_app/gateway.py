@@ -284,7 +284,11 @@ class Gateway:
             exchange.error = err.code
             response = err.to_response(exchange.request_id)
             if err.headers.get("Connection") == "close":
-                response.force_close()  # e.g. a body that never came: do not wait for it
+                # A body that never came, or must not be read: neither wait for it nor drain it.
+                response.force_close()
+                stop_reading = getattr(request.protocol, "stop_reading", None)
+                if stop_reading is not None:
+                    stop_reading()
         except Exception:
             # A bug, not a request problem: keep serving, answer in the API's shape, and log
             # the traceback under the request ID the client was given.
@@ -341,6 +345,12 @@ class Gateway:
                 type="invalid_request_error",
                 code="upgrade_not_allowed",
             )
+        if "Content-Encoding" in headers:
+            for encoding in headers.getall("Content-Encoding"):
+                if encoding.strip().lower() not in {"", "identity"}:
+                    # Refused on every path, before anything reads (and so inflates) the
+                    # body: a 1 MB gzip is 1 GB of work, even drained unread.
+                    raise _encoded_body(encoding.strip().lower())
         expect = headers.get("Expect")
         if expect is not None and expect.lower() != "100-continue":
             raise _expectation_failed()
@@ -453,10 +463,6 @@ class Gateway:
             if limit == self.config.max_body_bytes
             else "the most this endpoint takes"
         )
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in {"", "identity"}:
-            # aiohttp would inflate it before any size limit applies: a 1 MB bomb, 1 GB read.
-            raise _encoded_body(encoding)
         if request.content_length is not None and request.content_length > limit:
             raise _body_too_large(limit, setting)
         parts: list[bytes] = []

@@ -29,6 +29,23 @@ log = logging.getLogger("lmgate.identity")
 
 _REFRESH_SECONDS = 0.5
 _DEV_USER_MAX = 64
+# Whole families of headers that proxies, CDNs and tunnels add (Cloudflare, Fly, Envoy,
+# Tailscale, ...): a list of names can never be complete.
+PROXY_HEADER_PREFIXES = (
+    "x-forwarded-",
+    "x-original-",
+    "x-real-",
+    "x-envoy-",
+    "x-cluster-",
+    "x-client-",
+    "cf-",
+    "cdn-",
+    "fly-",
+    "fastly-",
+    "tailscale-",
+    "true-client-",
+    "x-proxyuser-",
+)
 _RESTRICTED_CACHE_LIMIT = 10_000
 
 # Headers by which a proxy says it relays for someone else; none may reach dev mode.
@@ -139,7 +156,9 @@ class IdentityAuthenticator:
                 "X-User-Id is only accepted in dev mode (auth.dev_mode), which is off.",
                 code="dev_mode_off",
             )
-        relayed = any(name in headers for name in PROXY_HEADERS)
+        relayed = any(name in headers for name in PROXY_HEADERS) or any(
+            name.lower().startswith(PROXY_HEADER_PREFIXES) for name in headers
+        )
         if not is_loopback(peer) or relayed or not is_loopback_host(headers.get("Host")):
             raise AuthError(
                 "Dev mode accepts X-User-Id only from this machine, addressed to localhost.",
