@@ -110,6 +110,7 @@ class GuardedRequestHandler(RequestHandler):
         "_head_timer",
         "_linger",
         "_peer",
+        "_stopped_reading",
         "_ticket",
         "_write_timer",
     )
@@ -124,6 +125,7 @@ class GuardedRequestHandler(RequestHandler):
         self._bytes_before_head = False
         self._linger: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self._stopped_reading = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -162,7 +164,16 @@ class GuardedRequestHandler(RequestHandler):
         """Read nothing more of this connection and close it once the answer is sent: for a
         request refused before its body (a compressed one, one too slow). aiohttp would
         otherwise drain, and inflate, what is left of the body for seconds."""
-        self._force_close = True
+        self._stopped_reading = True
+        self._force_close = True  # data_received ignores what comes; no lingering drain
+
+    async def start(self) -> None:
+        try:
+            await super().start()
+        finally:
+            # aiohttp leaves the transport to whoever set _force_close: that is us here.
+            if self._stopped_reading and self.transport is not None:
+                self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._linger is not None:
