@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -275,32 +276,34 @@ class GuardedRequestHandler(RequestHandler):
         return _answer(request, error)
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionPolicy:
+    """How the server treats connections, handed from the runner to its server as one."""
+
+    guard: ConnectionGuard
+    header_timeout: float
+    write_timeout: float
+    exhaustion: RateLimitedLog
+    max_lingering: int
+    stray_handler: Handler | None = None  # targets that do not start with "/"
+
+
 class GuardedServer(Server):
     """aiohttp's Server, making GuardedRequestHandlers."""
 
-    def __init__(
-        self,
-        plain: Server,
-        *,
-        guard: ConnectionGuard,
-        header_timeout: float,
-        write_timeout: float,
-        exhaustion: RateLimitedLog,
-        max_lingering: int,
-        stray_handler: Handler | None = None,
-    ) -> None:
+    def __init__(self, plain: Server, policy: ConnectionPolicy) -> None:
         super().__init__(
-            _routing_strays(plain.request_handler, stray_handler),
+            _routing_strays(plain.request_handler, policy.stray_handler),
             request_factory=_marking_heads(plain.request_factory),
             handler_cancellation=plain.handler_cancellation,
             loop=plain._loop,
             **plain._kwargs,
         )
-        self.guard = guard
-        self.header_timeout = header_timeout
-        self.write_timeout = write_timeout
-        self.exhaustion = exhaustion
-        self.max_lingering = max_lingering
+        self.guard = policy.guard
+        self.header_timeout = policy.header_timeout
+        self.write_timeout = policy.write_timeout
+        self.exhaustion = policy.exhaustion
+        self.max_lingering = policy.max_lingering
         # Refused connections waiting to close, oldest first (a dict keeps insertion order).
         self.lingering: dict[asyncio.Transport, None] = {}
 
@@ -357,42 +360,11 @@ def _marking_heads(inner: RequestFactory) -> RequestFactory:
 
 
 class GuardedAppRunner(web.AppRunner):
-    __slots__ = (
-        "_exhaustion",
-        "_guard",
-        "_header_timeout",
-        "_max_lingering",
-        "_stray_handler",
-        "_write_timeout",
-    )
+    __slots__ = ("_policy",)
 
-    def __init__(
-        self,
-        app: web.Application,
-        *,
-        guard: ConnectionGuard,
-        header_timeout: float,
-        write_timeout: float,
-        exhaustion: RateLimitedLog,
-        max_lingering: int,
-        stray_handler: Handler | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, app: web.Application, *, policy: ConnectionPolicy, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
-        self._stray_handler = stray_handler
-        self._guard = guard
-        self._header_timeout = header_timeout
-        self._write_timeout = write_timeout
-        self._exhaustion = exhaustion
-        self._max_lingering = max_lingering
+        self._policy = policy
 
     async def _make_server(self) -> Server:
-        return GuardedServer(
-            await super()._make_server(),
-            guard=self._guard,
-            header_timeout=self._header_timeout,
-            write_timeout=self._write_timeout,
-            exhaustion=self._exhaustion,
-            max_lingering=self._max_lingering,
-            stray_handler=self._stray_handler,
-        )
+        return GuardedServer(await super()._make_server(), self._policy)

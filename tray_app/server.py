@@ -16,7 +16,7 @@ import socket
 from aiohttp import web
 
 from tray_app.admission import ConnectionGuard
-from tray_app.connections import GuardedAppRunner
+from tray_app.connections import ConnectionPolicy, GuardedAppRunner
 from tray_app.descriptors import Budget, budget_for, raise_descriptor_limit
 from tray_app.errors import ConfigError
 from tray_app.exhaustion_log import AcceptErrorFilter, RateLimitedLog
@@ -103,12 +103,14 @@ class GatewayServer:
         accept_filter.install(loop)
         runner = GuardedAppRunner(
             self.gateway.build_app(),
-            guard=guard,
-            header_timeout=config.header_timeout,
-            write_timeout=config.write_timeout,
-            exhaustion=exhaustion,
-            max_lingering=budget.max_lingering,
-            stray_handler=self.gateway.dispatch,
+            policy=ConnectionPolicy(
+                guard=guard,
+                header_timeout=config.header_timeout,
+                write_timeout=config.write_timeout,
+                exhaustion=exhaustion,
+                max_lingering=budget.max_lingering,
+                stray_handler=self.gateway.dispatch,
+            ),
             keepalive_timeout=config.keepalive_timeout,
             lingering_time=_LINGERING_SECONDS,
             # aiohttp's access log prints raw request lines, query strings included: ours is
