@@ -1,5 +1,5 @@
 """Entry point for the PyInstaller build (packaging/lmgate.spec)."""
 
-from tray_app.cli import main
+from tray_app.main import main
 
 raise SystemExit(main())

@@ -16,14 +16,14 @@ import pytest
 
 from tests.fake_lmstudio import FakeLMStudio
 from tests.helpers import Env, cli_env
-from tray_app.assembly import Identity, build_gateway, open_identity
-from tray_app.auth import Authenticator, StaticKeyAuthenticator
 from tray_app.clock import Clock, SystemClock
-from tray_app.config import Config
-from tray_app.gateway import Gateway
-from tray_app.secrets import LMSTUDIO_API_TOKEN, MemorySecretStore
-from tray_app.server import GatewayServer
-from tray_app.signing import load_or_create_signing_key
+from tray_app.config.settings import Config
+from tray_app.control.assembly import Identity, build_gateway, open_identity
+from tray_app.gateway.app import Gateway
+from tray_app.gateway.server.runner import GatewayServer
+from tray_app.identity.principal import Authenticator, StaticKeyAuthenticator
+from tray_app.identity.signing_key import load_or_create_signing_key
+from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, MemorySecretStore
 
 # Made fresh per run, so a test that finds one of these in a log found a real leak.
 CLIENT_KEY = "lmg_test_" + secrets.token_urlsafe(24)
@@ -140,7 +140,7 @@ class LiveGateway:
     tests (Playwright, subprocess clients) that cannot share pytest's event loop."""
 
     def __init__(self, data_dir: Path, **settings: Any) -> None:
-        from tray_app.runtime import LoopThread
+        from tray_app.control.loop_thread import LoopThread
 
         self.thread = LoopThread()
         self.thread.start()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from tray_app.controller import AppSettings, AppState, Credential, PairingLink, Phase
+from tray_app.control.controller import AppSettings, AppState, Credential, PairingLink, Phase
 
 T = TypeVar("T")
 

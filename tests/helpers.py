@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tray_app.access_log import JsonFormatter
-from tray_app.auth import Principal, StaticKeyAuthenticator
+from tray_app.identity.principal import Principal, StaticKeyAuthenticator
+from tray_app.logs import JsonFormatter
 
 
 @dataclass
@@ -202,7 +202,7 @@ def publish_screenshot(path: Path, name: str) -> None:
     if os.environ.get("LMGATE_UPDATE_DOCS") == "1":
         import shutil
 
-        target = Path(__file__).resolve().parent.parent / "docs" / "screenshots" / name
+        target = REPO_ROOT / "docs" / "screenshots" / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target)
 
@@ -240,3 +240,9 @@ def start_serve(
     proc.wait()
     proc.stdout.close()
     raise AssertionError("lmgate serve did not report its address")
+
+
+# Tests live in subfolders by kind (unit, integration, security, ui, shipping); these are the two
+# places they find from anywhere in that tree.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FAKE_NGROK_AGENT = Path(__file__).resolve().parent / "fake_ngrok" / "ngrok"

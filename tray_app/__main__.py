@@ -1,5 +1,5 @@
 import sys
 
-from tray_app.cli import main
+from tray_app.main import main
 
 sys.exit(main())

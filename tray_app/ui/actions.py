@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import platformdirs
 from PySide6.QtCore import QObject, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QGuiApplication
 from PySide6.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
 
-from tray_app.config import APP_NAME
-from tray_app.controller import AppState, Phase
+from tray_app.control.controller import AppState, Phase
+from tray_app.paths import user_log_dir
 from tray_app.ui.bridge import UiBridge, ignore
 from tray_app.ui.devices_window import DevicesWindow
 from tray_app.ui.port import ControllerPort
@@ -20,7 +19,7 @@ from tray_app.ui.settings_dialog import SettingsDialog
 
 
 def log_dir() -> Path:
-    return Path(platformdirs.user_log_dir(APP_NAME, appauthor=False))
+    return user_log_dir()
 
 
 class GuideWindow(QWidget):

@@ -17,8 +17,8 @@ from PySide6.QtCore import QTimer
 from PySide6.QtNetwork import QLocalServer, QLocalSocket
 from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
-from tray_app.access_log import JsonFormatter, route_library_logs
-from tray_app.controller import AppState, Phase
+from tray_app.control.controller import AppState, Phase
+from tray_app.logs import JsonFormatter, route_library_logs
 from tray_app.ui.actions import AppActions, log_dir
 from tray_app.ui.bridge import UiBridge
 from tray_app.ui.port import ControllerPort
@@ -151,10 +151,10 @@ def run(wishes: Sequence[str] = (), controller: ControllerPort | None = None) ->
     app.setApplicationName("LM Gate")
     configure_file_logging()
     if controller is None:
-        from tray_app.autostart import Autostart, default_command
-        from tray_app.config import load_config
-        from tray_app.controller import Controller, ThreadedController
-        from tray_app.ngrok_provider import silence_pyngrok_logs
+        from tray_app.config.settings import load_config
+        from tray_app.control.autostart import Autostart, default_command
+        from tray_app.control.controller import Controller, ThreadedController
+        from tray_app.tunnel.ngrok import silence_pyngrok_logs
 
         silence_pyngrok_logs()
         controller = ThreadedController(

@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from tray_app.controller import Credential
+from tray_app.control.controller import Credential
 from tray_app.ui.bridge import UiBridge
 from tray_app.ui.port import ControllerPort
 

@@ -6,7 +6,7 @@ import sys
 
 from PySide6.QtGui import QIcon
 
-from tray_app.resources_path import resource_path
+from tray_app.paths import resource_path
 
 PHASES = ("private", "starting", "public", "reconnecting", "error")
 

@@ -6,7 +6,7 @@ import concurrent.futures
 from collections.abc import Callable
 from typing import Protocol
 
-from tray_app.controller import AppSettings, AppState, Credential, PairingLink
+from tray_app.control.controller import AppSettings, AppState, Credential, PairingLink
 
 
 class ControllerPort(Protocol):

@@ -1,18 +1,16 @@
-"""QR codes as Qt images, drawn from the qrcode matrix (no imaging library needed)."""
+"""QR codes as Qt images, drawn from the code's matrix (no imaging library needed)."""
 
 from __future__ import annotations
 
-import qrcode
 from PySide6.QtGui import QColor, QImage, QPainter, QPixmap
 
-MAX_PAYLOAD = 200  # longer payloads make codes too dense for phone cameras
+from tray_app.qr_codes import MAX_PAYLOAD, qr_matrix
+
+__all__ = ["MAX_PAYLOAD", "qr_image", "qr_pixmap"]
 
 
 def qr_image(text: str, *, module_px: int = 8, border: int = 4) -> QImage:
-    code = qrcode.QRCode(border=border, error_correction=qrcode.constants.ERROR_CORRECT_M)
-    code.add_data(text)
-    code.make(fit=True)
-    matrix = code.get_matrix()
+    matrix = qr_matrix(text, border=border)
     size = len(matrix) * module_px
     image = QImage(size, size, QImage.Format.Format_RGB32)
     image.fill(QColor("white"))

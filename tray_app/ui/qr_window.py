@@ -19,7 +19,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from tray_app.controller import PairingLink
+from tray_app.control.controller import PairingLink
 from tray_app.ui.bridge import UiBridge
 from tray_app.ui.port import ControllerPort
 from tray_app.ui.qr import MAX_PAYLOAD, qr_pixmap

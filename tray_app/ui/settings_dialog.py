@@ -23,8 +23,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from tray_app.config import parse_duration
-from tray_app.controller import AppSettings, AppState
+from tray_app.config.settings import parse_duration
+from tray_app.control.controller import AppSettings, AppState
 from tray_app.ui.bridge import UiBridge
 from tray_app.ui.port import ControllerPort
 

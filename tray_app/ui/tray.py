@@ -6,7 +6,7 @@ from __future__ import annotations
 from PySide6.QtGui import QAction, QIcon
 from PySide6.QtWidgets import QLabel, QMenu, QPushButton, QSystemTrayIcon, QVBoxLayout, QWidget
 
-from tray_app.controller import AppState, Phase
+from tray_app.control.controller import AppState, Phase
 from tray_app.ui.actions import AppActions
 from tray_app.ui.icons import icon_for
 

@@ -1,0 +1,249 @@
+"""The controller (no Qt) with the real gateway, LAN mode on 127.0.0.2 or the fake ngrok agent,
+the fake LM Studio, and an in-memory secret store; plus the tray driving it for real."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LMSTUDIO_TOKEN
+from tests.fake_lmstudio import MODELS, FakeLMStudio
+from tests.helpers import FAKE_NGROK_AGENT, sse_events
+from tray_app.config.settings import Config, load_config
+from tray_app.control.autostart import Autostart
+from tray_app.control.controller import (
+    AppState,
+    Controller,
+    Phase,
+    ThreadedController,
+    curl_snippet,
+)
+from tray_app.control.loop_thread import LoopThread
+from tray_app.errors import TunnelError
+from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, MemorySecretStore
+from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN
+
+AGENT = str(FAKE_NGROK_AGENT)
+TOKEN = "2fakeAuthToken_" + "abc123XYZ" * 4
+
+
+@pytest.fixture
+def lmstudio() -> Iterator[FakeLMStudio]:
+    thread = LoopThread()
+    thread.start()
+    fake = FakeLMStudio()
+    thread.submit(fake.start()).result(5)
+    yield fake
+    thread.submit(fake.stop()).result(5)
+    thread.stop()
+
+
+@pytest.fixture
+def make(tmp_path: Path, lmstudio: FakeLMStudio) -> Iterator:  # type: ignore[type-arg]
+    made: list[ThreadedController] = []
+
+    def build(store: MemorySecretStore | None = None, **settings: object) -> ThreadedController:
+        settings.setdefault("upstream_url", lmstudio.url)
+        settings.setdefault("server_port", 0)
+        settings.setdefault("heartbeat_interval", 0.0)
+        settings.setdefault("data_dir", str(tmp_path / "data"))
+        settings.setdefault("lan_address", "127.0.0.2")
+        config = Config(**settings)  # type: ignore[arg-type]
+        controller = ThreadedController(
+            Controller(
+                config,
+                config_path=tmp_path / "config.toml",
+                store=store or MemorySecretStore({LMSTUDIO_API_TOKEN: LMSTUDIO_TOKEN}),
+                autostart=Autostart(["lmgate"], platform="linux", home=tmp_path / "home"),
+            )
+        )
+        made.append(controller)
+        return controller
+
+    yield build
+    for controller in made:
+        controller.shutdown()
+
+
+def test_start_publishes_private_state_and_first_run_needs(make) -> None:  # type: ignore[no-untyped-def]
+    controller = make()
+    seen: list[AppState] = []
+    controller.add_listener(seen.append)
+    state = controller.start().result(20)
+    assert state.phase == Phase.PRIVATE and state.gateway_url
+    assert state.lmstudio_reachable is True
+    assert state.needs_tunnel is True, "no tunnel configured yet"
+    assert [s.phase for s in seen][:2] == [Phase.STARTING, Phase.PRIVATE]
+    with pytest.raises(TunnelError, match="ngrok authtoken in Settings"):
+        controller.go_public().result(10)
+
+
+def test_go_public_at_start(make) -> None:  # type: ignore[no-untyped-def]
+    controller = make(tunnel_provider="lan", go_public_at_start=True)
+    state = controller.start().result(30)
+    assert state.phase == Phase.PUBLIC and state.public_url.startswith("http://127.0.0.2:")
+
+
+def test_lan_public_pairing_kill_switch(make) -> None:  # type: ignore[no-untyped-def]
+    import urllib.request
+
+    controller = make(tunnel_provider="lan")
+    controller.start().result(20)
+    state = controller.go_public().result(30)
+    assert state.phase == Phase.PUBLIC and state.public_url.startswith("http://127.0.0.2:")
+    assert "not encrypted" in (state.warning or "")
+    link = controller.pairing_link().result(5)
+    assert link.url.startswith(state.public_url + "/#") and len(link.url) <= 200
+    request = urllib.request.Request(
+        state.public_url + "/pair", method="POST", data=json.dumps({"code": link.code}).encode()
+    )
+    with urllib.request.urlopen(request, timeout=5) as r:
+        device_token = json.loads(r.read())["token"]
+    kinds = [c.kind for c in controller.credentials().result(5)]
+    assert "device" in kinds
+    state = controller.go_private(revoke_devices=True).result(10)
+    assert state.phase == Phase.PRIVATE and state.public_url is None
+    devices = [c for c in controller.credentials().result(5) if c.kind == "device"]
+    assert devices and not any(d.active for d in devices)
+    check = urllib.request.Request(
+        state.gateway_url + "/v1/models", headers={"Authorization": f"Bearer {device_token}"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(check, timeout=5)
+    assert caught.value.code == 401
+    caught.value.close()
+
+
+def test_curl_snippet_runs_verbatim(make, lmstudio: FakeLMStudio) -> None:  # type: ignore[no-untyped-def]
+    controller = make(tunnel_provider="lan", allowed_models=(MODELS[1],))
+    controller.start().result(20)
+    controller.go_public().result(30)
+    snippet = controller.curl_snippet().result(10)
+    assert "ngrok-skip-browser-warning: 1" in snippet and f'"model": "{MODELS[1]}"' in snippet
+    result = subprocess.run(["bash", "-c", snippet], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert sse_events(result.stdout.encode())[-1] == "[DONE]"
+    token = next(c for c in controller.credentials().result(5) if c.kind == "token")
+    assert token.detail == "chat", "the snippet's token can only chat"
+
+
+def test_curl_snippet_quotes_awkward_model_names() -> None:
+    snippet = curl_snippet("https://x.example", "tok", 'it\'s "odd" $(rm -rf)')
+    result = subprocess.run(
+        ["bash", "-c", "printf '%s\\n' " + snippet.split(" -d ", 1)[1]],
+        capture_output=True,
+        text=True,
+    )
+    assert json.loads(result.stdout)["model"] == 'it\'s "odd" $(rm -rf)'
+
+
+def test_settings_round_trip_through_an_in_memory_store(make, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store = MemorySecretStore()
+    controller = make(store=store)
+    controller.start().result(20)
+    settings = controller.settings().result(5)
+    assert not settings.ngrok_token_set and not settings.start_at_login
+    from dataclasses import replace
+
+    new = replace(
+        settings,
+        tunnel_provider="ngrok",
+        ngrok_domain="calm-otter.ngrok-free.app",
+        allowed_models=(MODELS[0],),
+        requests_per_minute=30,
+        start_at_login=True,
+        new_ngrok_token=TOKEN,
+        new_lmstudio_token="sk-lm-xyz",
+    )
+    state = controller.save_settings(new).result(30)
+    assert state.phase == Phase.PRIVATE and state.needs_tunnel is False
+    assert store.get(NGROK_AUTHTOKEN) == TOKEN and store.get(LMSTUDIO_API_TOKEN) == "sk-lm-xyz"
+    written = (tmp_path / "config.toml").read_text()
+    assert TOKEN not in written and "sk-lm-xyz" not in written
+    config = load_config(path=tmp_path / "config.toml", environ={})
+    assert config.tunnel_provider == "ngrok" and config.allowed_models == (MODELS[0],)
+    assert config.requests_per_minute == 30
+    assert (tmp_path / "home" / ".config" / "autostart" / "lmgate.desktop").exists()
+    again = controller.settings().result(5)
+    assert again.ngrok_token_set and again.start_at_login and again.requests_per_minute == 30
+    assert again.new_ngrok_token is None
+
+
+def test_test_connection_reports_models_or_the_exact_error(make, lmstudio) -> None:  # type: ignore[no-untyped-def]
+    controller = make()
+    controller.start().result(20)
+    ok, models = controller.test_connection(lmstudio.url).result(10)
+    assert ok and models == list(MODELS)
+    ok, error = controller.test_connection("http://127.0.0.1:9").result(10)
+    assert not ok and "not reachable at http://127.0.0.1:9" in error[0]
+    lmstudio.behaviour.require_token = "right"
+    ok, error = controller.test_connection(lmstudio.url, "wrong").result(10)
+    assert not ok and "requires an API token" in error[0]
+
+
+def test_autostart_entries(tmp_path: Path) -> None:
+    import plistlib
+
+    linux = Autostart(["/usr/bin/lmgate"], platform="linux", home=tmp_path)
+    linux.enable()
+    assert linux.is_enabled() and "Exec=/usr/bin/lmgate" in linux.path.read_text()  # type: ignore[union-attr]
+    linux.disable()
+    assert not linux.is_enabled()
+    mac = Autostart(["/Applications/LM Gate.app/lmgate"], platform="darwin", home=tmp_path)
+    mac.enable()
+    plist = plistlib.loads(mac.path.read_bytes())  # type: ignore[union-attr]
+    assert plist["ProgramArguments"] == ["/Applications/LM Gate.app/lmgate"]
+    assert plist["RunAtLoad"] is True
+
+
+def test_tray_go_public_to_a_working_curl_with_the_real_core(  # type: ignore[no-untyped-def]
+    qtbot,
+    make,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("PySide6")
+    from PySide6.QtGui import QGuiApplication
+
+    from tray_app.ui.app import TrayApp
+
+    record = tmp_path / "agent.jsonl"
+    monkeypatch.setenv("FAKE_NGROK_RECORD", str(record))
+    store = MemorySecretStore({NGROK_AUTHTOKEN: TOKEN, LMSTUDIO_API_TOKEN: LMSTUDIO_TOKEN})
+    controller = make(store=store, tunnel_provider="ngrok", ngrok_path=AGENT)
+    app = TrayApp(controller, instance=f"lmgate-real-{time.time_ns()}")
+    try:
+        app.start()
+        qtbot.waitUntil(lambda: app.actions.state.phase == Phase.PRIVATE, timeout=20000)
+        menu = app.window.menu
+        menu.rebuild()
+        menu.action("Go public").trigger()
+        qtbot.waitUntil(lambda: app.actions.state.phase == Phase.PUBLIC, timeout=30000)
+        public = app.actions.state.public_url or ""
+        assert public.startswith("http://127.0.0.1:") and public != app.actions.state.gateway_url
+        menu.rebuild()
+        menu.action("Copy curl snippet").trigger()
+        clipboard = QGuiApplication.clipboard()
+        qtbot.waitUntil(lambda: clipboard.text().startswith("curl"), timeout=10000)
+        snippet = clipboard.text()
+        assert public in snippet
+        result = subprocess.run(["bash", "-c", snippet], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        events = sse_events(result.stdout.encode())
+        assert events[-1] == "[DONE]"
+        assert "tok0" in "".join(events)
+    finally:
+        app.quit()
+    # Quit closed the tunnel: the agent is gone, nothing is left behind.
+    agent_pid = next(
+        json.loads(line)["pid"] for line in record.read_text().splitlines() if '"start"' in line
+    )
+    import os
+
+    with pytest.raises(ProcessLookupError):
+        os.kill(agent_pid, 0)

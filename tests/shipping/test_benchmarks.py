@@ -1,0 +1,125 @@
+"""The benchmark, load and profile scripts still run and report what they claim (short runs;
+their figures are not checked here: performance claims come from full runs, not tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.helpers import REPO_ROOT
+
+BENCHMARKS = REPO_ROOT / "benchmarks"
+
+
+def _script(name: str, *args: str, timeout: float) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=BENCHMARKS,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def _module(name: str) -> ModuleType:
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import each other as siblings
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while it loads
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_chunk_counter_counts_markers_cut_anywhere() -> None:
+    counter_type = _module("bench_gateway").ChunkCounter
+    body = b"".join(b'data: {"n":%d}\n\n' % i for i in range(5)) + b"data: [DONE]\n\n"
+    for size in range(1, 12):
+        counter = counter_type()
+        for start in range(0, len(body), size):
+            counter.feed(body[start : start + size])
+        assert counter.seen == 5, size
+
+
+def test_profile_summary_sorts_samples_into_layers() -> None:
+    profile = _module("profile_gateway")
+    lines = [
+        "main (tray_app/cli/main.py:1);BaseEventLoop._run_once (asyncio/base_events.py:1);"
+        "EpollSelector.select (selectors.py:468) 50",  # idle: not counted
+        "main (tray_app/cli/main.py:1);BaseEventLoop._run_once (asyncio/base_events.py:1);"
+        "Gateway._handle (tray_app/gateway/app.py:9);"
+        "normalise_path (tray_app/gateway/routes.py:3) 3",
+        "main (tray_app/cli/main.py:1);Gateway._handle (tray_app/gateway/app.py:9);"
+        "StreamWriter.write (aiohttp/http_writer.py:5);"
+        "_SelectorSocketTransport.write (asyncio/selector_events.py:1) 4",
+        "main (tray_app/cli/main.py:1);BaseEventLoop._run_once (asyncio/base_events.py:1);"
+        "Handle._run (asyncio/events.py:80) 2",
+        "Forwarder._open (tray_app/gateway/upstream/forwarding.py:1);"
+        "ClientSession._request (aiohttp/client.py:2) 1",
+        "_worker (concurrent/futures/thread.py:1);"
+        "UsageRecorder.flush (tray_app/gateway/accounting.py:5);"
+        "Database.add_usage (tray_app/storage/database.py:9) 2",
+    ]
+    summary = profile.summarise(lines)
+    assert summary.samples == 12
+    assert summary.layers == {
+        "sqlite3 (usage flushes)": 2,  # LM Gate's storage module, but the database's time
+        "LM Gate (tray_app)": 3,
+        "socket writes (send system call)": 4,
+        "event loop and other": 2,  # the loop's own work is not LM Gate's, though cli.py is root
+        "aiohttp client": 1,
+    }
+    assert summary.inclusive["Gateway._handle (tray_app/gateway/app.py)"] == 7
+
+
+@pytest.mark.slow
+def test_benchmark_measures_every_side_and_figure(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    text = _script(
+        "bench_gateway.py",
+        "--rounds",
+        "1",
+        "--requests",
+        "32",
+        "--floors",
+        "--json",
+        str(out),
+        timeout=240,
+    )
+    figures = json.loads(out.read_text())
+    assert set(figures) == {"direct", "gateway", "bare-aiohttp", "tcp-relay"}
+    metrics = {key for key, _label, _better in _module("bench_gateway").ROWS}
+    for side, values in figures.items():
+        assert metrics <= set(values), side
+        assert all(value > 0 for value in values.values()), side
+    assert "| paced stream (50 x 2 ms): time to first token (ms) |" in text
+
+
+@pytest.mark.slow
+def test_load_script_completes_every_stream() -> None:
+    text = _script("load.py", "--streams", "10", "--seconds", "3", "--loris", "3", timeout=240)
+    figures = dict(line.split(None, 1) for line in text.splitlines())
+    assert figures["completed"] == "10"
+    assert figures["errors"] == "0"
+    assert float(figures["peak_rss_mb"].replace(",", "")) > 0
+
+
+@pytest.mark.slow
+def test_profile_script_reports_layers(tmp_path: Path) -> None:
+    report = tmp_path / "profile.md"
+    _script("profile_gateway.py", "--seconds", "3", "--report", str(report), timeout=240)
+    text = report.read_text()
+    assert "| socket writes (send system call) |" in text
+    assert "| LM Gate (tray_app) |" in text
+    assert "`Gateway.dispatch (tray_app/gateway/app.py)`" in text

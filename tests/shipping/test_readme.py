@@ -1,0 +1,62 @@
+"""The README stays true: its quick start is the two commands, .ci/run runs the test command,
+and its configuration table matches the settings the code knows."""
+
+from __future__ import annotations
+
+import re
+
+from tests.helpers import REPO_ROOT
+from tray_app.config.settings import describe_settings, format_default
+
+ROOT = REPO_ROOT
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def quick_start_commands() -> list[str]:
+    section = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.+?)\n```", section)
+
+
+def test_quick_start_is_two_commands() -> None:
+    commands = quick_start_commands()
+    assert len(commands) == 2
+    assert commands[0].endswith(".venv/bin/lmgate")
+    assert commands[1] == "bash tests/run.sh"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "bash tests/run.sh" in ci
+
+
+def test_configuration_table_matches_the_code() -> None:
+    rows = re.findall(r"^\| `([a-z_.]+)` \| `(LMGATE_[A-Z_]+)` \| `([^`]*)` \|", README, re.M)
+    documented = {key: (env, default) for key, env, default in rows}
+    for key, env, default, _help in describe_settings():
+        assert key in documented, f"{key} is missing from the README"
+        assert documented[key][0] == env
+        assert documented[key][1] == format_default(default)
+    assert len(documented) == len(describe_settings())
+
+
+def test_screenshots_in_the_readme_exist() -> None:
+    images = re.findall(r"\]\((docs/[^)]+\.png)\)", README)
+    assert len(images) >= 3
+    for image in images:
+        assert (ROOT / image).stat().st_size > 2000, image
+
+
+def test_readme_names_every_cli_command() -> None:
+    for command in (
+        "lmgate serve",
+        "lmgate doctor",
+        "lmgate check",
+        "lmgate deploy nginx",
+        "lmgate key create",
+        "lmgate token create",
+        "lmgate pair",
+        "lmgate tunnel set-token",
+        "lmgate usage",
+        "lmgate keys rotate",
+    ):
+        assert command in README, command

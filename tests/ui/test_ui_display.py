@@ -1,0 +1,230 @@
+"""The tray app on a real X display (Xvfb) with a real tray host (trayer): the icon shows in a
+screenshot, and the QR window's code decodes from a full-screen screenshot.
+
+tests/run.sh installs Xvfb, trayer and ImageMagick and sets LMGATE_REQUIRE_DISPLAY=1, so in CI a
+missing tool is a failure, not a skip. Screenshots are kept in test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO_ROOT, cli_env, publish_screenshot
+
+ROOT = REPO_ROOT
+ARTIFACTS = ROOT / "test-artifacts"
+LMGATE = str(Path(sys.executable).with_name("lmgate"))
+TOOLS = ("Xvfb", "trayer", "import")
+PRIVATE_GREY = (0x6B, 0x72, 0x80)  # resources/icons/private.svg
+
+
+def _require_tools() -> None:
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        if os.environ.get("LMGATE_REQUIRE_DISPLAY") == "1":
+            pytest.fail(f"missing for the display test: {', '.join(missing)}")
+        pytest.skip(f"needs {', '.join(missing)} (tests/run.sh installs them)")
+
+
+@pytest.fixture
+def display() -> Iterator[str]:
+    _require_tools()
+    number = random.randint(200, 900)
+    name = f":{number}"
+    xvfb = subprocess.Popen(
+        ["Xvfb", name, "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while not Path(f"/tmp/.X11-unix/X{number}").exists():
+        assert time.monotonic() < deadline, "Xvfb did not start"
+        time.sleep(0.05)
+    env = {**os.environ, "DISPLAY": name}
+    trayer = subprocess.Popen(
+        [
+            "trayer",
+            "--edge",
+            "top",
+            "--align",
+            "right",
+            "--widthtype",
+            "request",
+            "--height",
+            "40",
+            "--SetDockType",
+            "true",
+            "--transparent",
+            "false",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    try:
+        yield name
+    finally:
+        for proc in (trayer, xvfb):
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def screenshot(display: str, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["import", "-display", display, "-window", "root", str(path)],
+        check=True,
+        timeout=20,
+        capture_output=True,
+    )
+    return path
+
+
+def find_colour(
+    path: Path, colour: tuple[int, int, int], box: tuple[int, int, int, int], tolerance: int = 12
+) -> int:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        data = image.convert("RGB").crop(box).tobytes()
+    pixels = (data[i : i + 3] for i in range(0, len(data), 3))
+    return sum(
+        1
+        for pixel in pixels
+        if all(abs(a - b) <= tolerance for a, b in zip(pixel, colour, strict=True))
+    )
+
+
+def centroid(
+    path: Path, colour: tuple[int, int, int], box: tuple[int, int, int, int], tolerance: int = 12
+) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        region = image.convert("RGB").crop(box)
+        width = region.width
+        data = region.tobytes()
+    hits = [
+        (i // 3 % width, i // 3 // width)
+        for i in range(0, len(data), 3)
+        if all(abs(a - b) <= tolerance for a, b in zip(data[i : i + 3], colour, strict=True))
+    ]
+    assert hits, "colour not found"
+    return (
+        box[0] + sum(x for x, _ in hits) // len(hits),
+        box[1] + sum(y for _, y in hits) // len(hits),
+    )
+
+
+def crop(source: Path, target: Path, box: tuple[int, int, int, int]) -> None:
+    from PIL import Image
+
+    with Image.open(source) as image:
+        image.crop(box).save(target)
+
+
+def decode_screen(path: Path) -> list[str]:
+    import zxingcpp
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return [r.text for r in zxingcpp.read_barcodes(image.convert("RGB"))]
+
+
+def send(wish: str) -> None:
+    import getpass
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(f"/tmp/lmgate-{getpass.getuser()}")
+        s.sendall(wish.encode() + b"\n")
+
+
+@pytest.mark.display
+def test_tray_icon_and_qr_on_a_real_display(display: str, tmp_path: Path) -> None:
+    env = cli_env(tmp_path)
+    variables = {
+        **env.vars,
+        "DISPLAY": display,
+        "QT_QPA_PLATFORM": "xcb",
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+        "LMGATE_SERVER_PORT": "0",
+        "LMGATE_TUNNEL_PROVIDER": "lan",
+        "LMGATE_TUNNEL_LAN_ADDRESS": "127.0.0.2",
+    }
+    started = time.monotonic()
+    tray = subprocess.Popen(
+        [LMGATE], env=variables, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        shot = ARTIFACTS / "display-tray.png"
+        seen_after = None
+        while time.monotonic() - started < 20:
+            screenshot(display, shot)
+            if find_colour(shot, PRIVATE_GREY, (824, 0, 1024, 40)) > 20:
+                seen_after = time.monotonic() - started
+                break
+            time.sleep(0.1)
+        assert seen_after is not None, f"no tray icon in {shot}"
+        print(f"tray icon visible {seen_after:.2f} s after launch (incl. screenshot time)")
+
+        # Right-click the icon: the menu opens, built from the current state.
+        x, y = centroid(shot, PRIVATE_GREY, (824, 0, 1024, 40))
+        subprocess.run(
+            ["xdotool", "mousemove", str(x), str(y), "click", "3"],
+            env={**os.environ, "DISPLAY": display},
+            check=True,
+            timeout=10,
+        )
+        menu_shot = ARTIFACTS / "display-tray-menu.png"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            screenshot(display, menu_shot)
+            if find_colour(menu_shot, (0xEF, 0xEF, 0xEF), (500, 40, 1024, 400), 20) > 2000:
+                break
+        crop(menu_shot, ARTIFACTS / "tray-menu.png", (560, 0, 1024, 420))
+        publish_screenshot(ARTIFACTS / "tray-menu.png", "tray-menu.png")
+        subprocess.run(
+            ["xdotool", "key", "Escape"],
+            env={**os.environ, "DISPLAY": display},
+            check=True,
+            timeout=10,
+        )
+
+        second = subprocess.run(
+            [LMGATE, "--show-qr"], env=variables, capture_output=True, text=True, timeout=30
+        )
+        assert second.returncode == 0, second.stderr
+        qr_shot = ARTIFACTS / "display-qr-window.png"
+        decoded: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not decoded:
+            time.sleep(0.3)
+            screenshot(display, qr_shot)
+            decoded = [t for t in decode_screen(qr_shot) if t.startswith("http://127.0.0.2:")]
+        assert decoded, f"no pairing QR code on screen ({qr_shot})"
+        crop(qr_shot, ARTIFACTS / "qr-window.png", (0, 0, 460, 500))
+        publish_screenshot(ARTIFACTS / "qr-window.png", "qr-window.png")
+        assert "/#" in decoded[0] and len(decoded[0]) <= 200
+        send("quit")
+        assert tray.wait(30) == 0
+    finally:
+        if tray.poll() is None:
+            tray.kill()
+        _out, err = tray.communicate(timeout=10)
+        assert "Traceback" not in err, err

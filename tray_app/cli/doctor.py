@@ -1,0 +1,228 @@
+"""``lmgate doctor``: checks what LM Gate needs and says, for each, what is wrong and how to fix it.
+
+Exit code 0 only when every check passes (a check that does not apply — ngrok in LAN mode —
+passes with a note).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from tray_app.config.settings import (
+    CONFIG_FILE_ENV,
+    Config,
+    default_config_path,
+    load_config,
+)
+from tray_app.control.assembly import data_dir, secret_store_for
+from tray_app.errors import ConfigError, SecretStoreError, TunnelError
+from tray_app.gateway.server.runner import port_is_free
+from tray_app.paths import user_log_dir
+from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
+from tray_app.secret_store.keyring_store import KeyringSecretStore
+from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN, check_token_shape
+from tray_app.tunnel.ngrok_agent import find_agent
+
+PROBE_SECONDS = 5.0
+MAX_CLOCK_SKEW = 120.0  # tokens carry times; a clock this far off breaks them
+EARLIEST_SANE = 1_735_689_600  # 2025-01-01: a clock before this is surely wrong
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def log_dir() -> Path:
+    return user_log_dir()
+
+
+def _config(path: Path | None) -> tuple[Check, Config | None]:
+    where = path or (
+        Path(os.environ[CONFIG_FILE_ENV])
+        if os.environ.get(CONFIG_FILE_ENV)
+        else default_config_path()
+    )
+    try:
+        config = load_config(path=path)
+    except ConfigError as exc:
+        return Check("config file", False, f"{exc} — fix it in {where}"), None
+    exists = "found" if where.exists() else "none yet (defaults apply)"
+    return Check("config file", True, f"{where}: {exists}, valid"), config
+
+
+def _secrets(config: Config) -> tuple[Check, SecretStore | None]:
+    try:
+        store = secret_store_for(config)
+    except SecretStoreError as exc:
+        return Check("secret store", False, str(exc)), None
+    name = store.backend_name if isinstance(store, KeyringSecretStore) else config.secret_store
+    return Check("secret store", True, f"{config.secret_store}: {name}"), store
+
+
+async def _lmstudio(config: Config, store: SecretStore | None) -> list[Check]:
+    token = read_or_none(store, LMSTUDIO_API_TOKEN)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = config.upstream_url
+    checks: list[Check] = []
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_SECONDS)) as s:
+            async with s.get(url + "/v1/models", headers=headers) as r:
+                body = await r.json(content_type=None) if r.status == 200 else None
+                status, date = r.status, r.headers.get("Date")
+            native = []
+            for path, since in (("/api/v1/models", "0.4"), ("/api/v0/models", "0.3.6")):
+                async with s.get(url + path, headers=headers) as r:
+                    if r.status == 200:
+                        native.append(since)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return [
+            Check(
+                "LM Studio",
+                False,
+                f"not reachable at {url} ({type(exc).__name__}): start "
+                "its server (Developer tab → Start Server, or `lms server start`) or fix "
+                "upstream.url",
+            )
+        ]
+    if status in {401, 403}:
+        return [
+            Check(
+                "LM Studio",
+                False,
+                f"{url} requires an API token and "
+                + ("the stored one was refused" if token else "none is stored")
+                + ": `lmgate secret set lmstudio-api-token`",
+            )
+        ]
+    if status != 200 or not isinstance(body, dict):
+        return [Check("LM Studio", False, f"{url}/v1/models answered {status}")]
+    version = f"version {native[0]} or newer" if native else "version unknown"
+    auth = "with LM Gate's token" if token else "no token needed"
+    checks.append(Check("LM Studio", True, f"reachable at {url}, {version}, {auth}"))
+    models = [m.get("id") for m in body.get("data", []) if isinstance(m, dict)]
+    checks.append(
+        Check(
+            "models",
+            bool(models),
+            ", ".join(str(m) for m in models)
+            if models
+            else "LM Studio offers no model: download or load one",
+        )
+    )
+    checks.append(_clock(date))
+    return checks
+
+
+def _clock(date_header: str | None) -> Check:
+    now = time.time()
+    if now < EARLIEST_SANE:
+        return Check("clock", False, "this computer's clock is in the past; set the date")
+    if not date_header:
+        return Check("clock", True, "plausible (no second clock to compare with)")
+    try:
+        other = email.utils.parsedate_to_datetime(date_header).timestamp()
+    except (TypeError, ValueError):
+        return Check("clock", True, "plausible (LM Studio's Date header was unreadable)")
+    skew = now - other
+    if abs(skew) > MAX_CLOCK_SKEW:
+        return Check(
+            "clock",
+            False,
+            f"differs from LM Studio's by {skew:+.0f} s; tokens may be "
+            "refused: turn on automatic time",
+        )
+    return Check("clock", True, f"agrees with LM Studio's within {abs(skew):.0f} s")
+
+
+def _ngrok(config: Config, store: SecretStore | None) -> list[Check]:
+    used = config.tunnel_provider == "ngrok"
+    try:
+        # Runs only a candidate that is not pyngrok's downloader, and only with --version.
+        agent = find_agent(config.ngrok_path)
+    except TunnelError as exc:
+        detail = (
+            str(exc) if used else f"not needed (tunnel.provider is {config.tunnel_provider}): {exc}"
+        )
+        return [Check("ngrok agent", not used, detail)]
+    checks = [Check("ngrok agent", True, f"{agent.path}: ngrok version {agent.version}")]
+    token = read_or_none(store, NGROK_AUTHTOKEN)
+    if token is None:
+        checks.append(
+            Check(
+                "ngrok authtoken",
+                not used,
+                "not set: `lmgate tunnel set-token`" + ("" if used else " (not needed now)"),
+            )
+        )
+    else:
+        try:
+            check_token_shape(token)
+            checks.append(Check("ngrok authtoken", True, "stored, well-formed"))
+        except TunnelError as exc:
+            checks.append(Check("ngrok authtoken", False, str(exc)))
+    return checks
+
+
+def _port(config: Config) -> Check:
+    if config.server_port == 0:
+        return Check("port", True, "any free port (server.port = 0)")
+    if port_is_free(config.server_host, config.server_port):
+        return Check("port", True, f"{config.server_host}:{config.server_port} is free")
+    return Check(
+        "port",
+        False,
+        f"{config.server_host}:{config.server_port} is in use (another "
+        "LM Gate, or another program): stop it or set server.port",
+    )
+
+
+def _places(config: Config) -> Check:
+    places = {"data": data_dir(config), "logs": log_dir()}
+    for name, place in places.items():
+        try:
+            place.mkdir(parents=True, exist_ok=True)
+            probe = place / ".lmgate-doctor"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            return Check("data and logs", False, f"{name} directory {place}: {exc.strerror}")
+    return Check("data and logs", True, f"data {places['data']}, logs {places['logs']}")
+
+
+async def run_checks(config_path: Path | None = None) -> list[Check]:
+    first, config = _config(config_path)
+    if config is None:
+        return [first]
+    secrets_check, store = _secrets(config)
+    return [
+        first,
+        secrets_check,
+        *(await _lmstudio(config, store)),
+        *_ngrok(config, store),
+        _port(config),
+        _places(config),
+    ]
+
+
+def render(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = [f"{'ok  ' if c.ok else 'FAIL'}  {c.name.ljust(width)}  {c.detail}" for c in checks]
+    failed = sum(not c.ok for c in checks)
+    lines.append("")
+    lines.append("All checks passed." if not failed else f"{failed} check(s) failed.")
+    return "\n".join(lines)
+
+
+def doctor(config_path: Path | None = None) -> tuple[str, bool]:
+    checks = asyncio.run(run_checks(config_path))
+    return render(checks), all(c.ok for c in checks)

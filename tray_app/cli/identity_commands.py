@@ -1,0 +1,388 @@
+"""CLI commands for identity: tokens, API keys, pairing, devices, usage, the signing key and
+stored secrets. Secrets (tokens, keys) are printed once, at creation, and never again."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import IO
+
+from tray_app.config.settings import Config, parse_duration
+from tray_app.control.assembly import (
+    Identity,
+    open_identity,
+    rotate_signing_key_everywhere,
+    secret_store_for,
+)
+from tray_app.errors import ConfigError, SecretStoreError
+from tray_app.identity.principal import ALL_SCOPES, SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
+from tray_app.identity.signing_key import SIGNING_KEY, load_or_create_signing_key
+from tray_app.qr_codes import terminal_qr
+from tray_app.secret_store.base import LMSTUDIO_API_TOKEN
+from tray_app.storage.database import Database
+
+SETTABLE_SECRETS = (LMSTUDIO_API_TOKEN,)
+DEFAULT_TOKEN_SCOPES = frozenset({SCOPE_CHAT, SCOPE_MODELS})
+DEFAULT_KEY_SCOPES = frozenset({SCOPE_CHAT, SCOPE_MODELS, SCOPE_EMBEDDINGS})
+
+
+def add_identity_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    scope_help = f"scope to grant (repeat; any of {', '.join(sorted(ALL_SCOPES))})"
+
+    token = commands.add_parser("token", help="JWT access tokens: create, list, revoke")
+    token_actions = token.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = token_actions.add_parser("create", parents=[common], help="issue a token (shown once)")
+    create.add_argument("name")
+    create.add_argument("--scope", action="append", dest="scopes", metavar="SCOPE", help=scope_help)
+    create.add_argument("--models", help="comma-separated models the token may use (default: all)")
+    create.add_argument("--max-tokens", type=int, help="cap on output tokens per request")
+    create.add_argument("--ttl", help="lifetime, e.g. 30m, 24h, 7d (default: auth.token_ttl)")
+    token_actions.add_parser("list", parents=[common], help="list live tokens")
+    revoke = token_actions.add_parser("revoke", parents=[common], help="revoke a token")
+    revoke.add_argument("id", help="the token ID from `lmgate token list` (6+ characters)")
+
+    key = commands.add_parser("key", help="API keys for scripts: create, list, revoke")
+    key_actions = key.add_subparsers(dest="action", metavar="ACTION", required=True)
+    kcreate = key_actions.add_parser("create", parents=[common], help="make a key (shown once)")
+    kcreate.add_argument("name")
+    kcreate.add_argument(
+        "--scope", action="append", dest="scopes", metavar="SCOPE", help=scope_help
+    )
+    kcreate.add_argument("--models", help="comma-separated models the key may use")
+    kcreate.add_argument("--ttl", help="lifetime, e.g. 90d (default: no expiry)")
+    key_actions.add_parser("list", parents=[common], help="list keys")
+    krevoke = key_actions.add_parser("revoke", parents=[common], help="revoke a key")
+    krevoke.add_argument("id")
+
+    pair = commands.add_parser(
+        "pair", parents=[common], help="make a one-time pairing code and show its QR code"
+    )
+    pair.add_argument("--device", help="name of the device that will pair")
+    pair.add_argument(
+        "--url",
+        help="the gateway's address as the phone reaches it "
+        "(default: http://<server.host>:<server.port>)",
+    )
+
+    device = commands.add_parser("device", help="paired devices: list, revoke")
+    device_actions = device.add_subparsers(dest="action", metavar="ACTION", required=True)
+    device_actions.add_parser("list", parents=[common], help="list paired devices")
+    drevoke = device_actions.add_parser("revoke", parents=[common], help="revoke one device")
+    drevoke.add_argument("id")
+    device_actions.add_parser(
+        "revoke-all", parents=[common], help="revoke every paired device (the kill switch)"
+    )
+
+    commands.add_parser("usage", parents=[common], help="requests and tokens per caller")
+
+    keys = commands.add_parser("keys", help="the token signing key")
+    keys_actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+    keys_actions.add_parser(
+        "rotate", parents=[common], help="replace the signing key: every issued token stops working"
+    )
+
+    secret = commands.add_parser("secret", help="secrets LM Gate keeps for you")
+    secret_actions = secret.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sset = secret_actions.add_parser(
+        "set", parents=[common], help="store a secret (read from the terminal or stdin)"
+    )
+    sset.add_argument("name", choices=SETTABLE_SECRETS)
+    sdel = secret_actions.add_parser("delete", parents=[common], help="remove a secret")
+    sdel.add_argument("name", choices=SETTABLE_SECRETS)
+
+
+IDENTITY_COMMANDS = frozenset({"token", "key", "pair", "device", "usage", "keys", "secret"})
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _scopes(raw: Sequence[str] | None, default: frozenset[str]) -> frozenset[str]:
+    if not raw:
+        return default
+    scopes = frozenset(s.strip() for item in raw for s in item.replace(",", " ").split())
+    unknown = scopes - ALL_SCOPES
+    if unknown:
+        raise ConfigError(
+            "--scope",
+            f"unknown scope {', '.join(sorted(unknown))}; choose from "
+            f"{', '.join(sorted(ALL_SCOPES))}",
+        )
+    return scopes
+
+
+def _models(raw: str | None) -> frozenset[str] | None:
+    if raw is None:
+        return None
+    models = frozenset(m.strip() for m in raw.split(",") if m.strip())
+    if not models:
+        raise ConfigError("--models", "give at least one model name")
+    return models
+
+
+def _ttl(raw: str | None, default: float | None) -> float | None:
+    if raw is None:
+        return default
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:
+        raise ConfigError("--ttl", str(exc)) from None
+
+
+def _table(out: IO[str], header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    if not rows:
+        print("(none)", file=out)
+        return
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        print(
+            "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out
+        )
+
+
+def _open(config: Config, *, need_signing_key: bool) -> Identity:
+    if need_signing_key:
+        store = secret_store_for(config)
+        key = load_or_create_signing_key(store)
+    else:
+        key = b"\0" * 32  # listing and revoking never sign anything
+    return open_identity(config, key)
+
+
+def run_identity_command(args: argparse.Namespace, config: Config, out: IO[str]) -> int:
+    command: str = args.command
+    action: str = getattr(args, "action", "") or ""
+    if command == "secret":
+        return _secret(args, config, out)
+    if command == "keys":
+        store = secret_store_for(config)
+        identity = open_identity(config, load_or_create_signing_key(store))
+        try:
+            rotation = rotate_signing_key_everywhere(identity, store)
+        finally:
+            identity.close()
+        print(
+            f"New signing key stored ({SIGNING_KEY}). Every token issued before is invalid "
+            f"now ({rotation.tokens_revoked} marked revoked) and every paired device "
+            f"({rotation.devices_revoked}) must pair again. A running LM Gate picks up the new "
+            "key within a second. API keys are not affected.",
+            file=out,
+        )
+        return 0
+    need_key = (command, action) == ("token", "create")
+    identity = _open(config, need_signing_key=need_key)
+    try:
+        if command == "token":
+            return _token(args, action, identity, config, out)
+        if command == "key":
+            return _key(args, action, identity, out)
+        if command == "pair":
+            return _pair(args, identity, config, out)
+        if command == "device":
+            return _device(args, action, identity, out)
+        return _usage(identity, out)
+    finally:
+        identity.close()
+
+
+def _token(
+    args: argparse.Namespace, action: str, identity: Identity, config: Config, out: IO[str]
+) -> int:
+    if action == "create":
+        name = args.name.strip()
+        if not name:
+            raise ConfigError("NAME", "a token needs a name")
+        if args.max_tokens is not None and args.max_tokens <= 0:
+            raise ConfigError("--max-tokens", "must be a positive number")
+        ttl = _ttl(args.ttl, config.token_ttl)
+        assert ttl is not None
+        issued = identity.tokens.issue(
+            name=name,
+            scopes=_scopes(args.scopes, DEFAULT_TOKEN_SCOPES),
+            ttl=ttl,
+            models=_models(args.models),
+            max_tokens=args.max_tokens,
+        )
+        r = issued.record
+        print(issued.token, file=out)
+        print(
+            f"\nToken {r.jti} for {r.name!r}: scopes {' '.join(sorted(r.scopes))}, "
+            f"expires {_when(r.expires)}. It is shown only now; keep it somewhere safe.",
+            file=sys.stderr,
+        )
+        return 0
+    if action == "list":
+        rows = [
+            (
+                r.jti,
+                r.name,
+                r.kind,
+                " ".join(sorted(r.scopes)),
+                ",".join(sorted(r.models)) if r.models else "all",
+                _when(r.expires),
+                "revoked" if r.revoked else "active",
+            )
+            for r in identity.tokens.list()
+        ]
+        _table(out, ("ID", "NAME", "KIND", "SCOPES", "MODELS", "EXPIRES", "STATUS"), rows)
+        return 0
+    try:
+        record = identity.tokens.revoke(args.id)
+    except (LookupError, ValueError) as exc:
+        raise ConfigError("ID", str(exc)) from None
+    print(f"Revoked token {record.jti} ({record.name}).", file=out)
+    return 0
+
+
+def _key(args: argparse.Namespace, action: str, identity: Identity, out: IO[str]) -> int:
+    if action == "create":
+        key, record = identity.api_keys.create(
+            args.name,
+            scopes=_scopes(args.scopes, DEFAULT_KEY_SCOPES),
+            models=_models(args.models),
+            ttl=_ttl(args.ttl, None),
+        )
+        print(key, file=out)
+        print(
+            f"\nAPI key {record.id} for {record.name!r}: scopes "
+            f"{' '.join(sorted(record.scopes))}, expires {_when(record.expires)}. It is shown "
+            "only now; LM Gate keeps just its hash.",
+            file=sys.stderr,
+        )
+        return 0
+    if action == "list":
+        rows = [
+            (
+                r.id,
+                r.name,
+                " ".join(sorted(r.scopes)),
+                ",".join(sorted(r.models)) if r.models else "all",
+                _when(r.created),
+                _when(r.expires),
+                _when(r.last_used),
+                "revoked" if r.revoked else "active",
+            )
+            for r in identity.api_keys.list()
+        ]
+        _table(
+            out,
+            ("ID", "NAME", "SCOPES", "MODELS", "CREATED", "EXPIRES", "LAST USED", "STATUS"),
+            rows,
+        )
+        return 0
+    try:
+        record = identity.api_keys.revoke(args.id)
+    except LookupError as exc:
+        raise ConfigError("ID", str(exc)) from None
+    print(f"Revoked API key {record.id} ({record.name}).", file=out)
+    return 0
+
+
+def _pair(args: argparse.Namespace, identity: Identity, config: Config, out: IO[str]) -> int:
+    code, expires = identity.pairing.create_code(device_name=args.device)
+    base = (args.url or f"http://{config.server_host}:{config.server_port}").rstrip("/")
+    url = f"{base}/#{code}"
+    print(terminal_qr(url), file=out)
+    print(f"Pairing URL: {url}", file=out)
+    print(f"Valid until {_when(expires)}, for one device.", file=out)
+    if not args.url and config.server_host in {"127.0.0.1", "localhost", "::1"}:
+        print(
+            "Note: this address works only on this computer; a phone needs the public or LAN "
+            "address (pass it with --url).",
+            file=out,
+        )
+    return 0
+
+
+def _device(args: argparse.Namespace, action: str, identity: Identity, out: IO[str]) -> int:
+    if action == "list":
+        rows = [
+            (
+                d.id,
+                d.name,
+                _when(d.created),
+                _when(d.last_seen),
+                "revoked" if d.revoked else "active",
+            )
+            for d in identity.pairing.devices()
+        ]
+        _table(out, ("ID", "NAME", "PAIRED", "LAST SEEN", "STATUS"), rows)
+        return 0
+    if action == "revoke-all":
+        count = identity.pairing.revoke_all_devices()
+        print(f"Revoked {count} device(s); they must pair again.", file=out)
+        return 0
+    try:
+        device = identity.pairing.revoke_device(args.id)
+    except LookupError as exc:
+        raise ConfigError("ID", str(exc)) from None
+    print(f"Revoked device {device.id} ({device.name}).", file=out)
+    return 0
+
+
+def _usage(identity: Identity, out: IO[str]) -> int:
+    names = _principal_names(identity.db)
+    rows = [
+        (
+            u.principal,
+            _label(u.principal, names),
+            str(u.requests),
+            str(u.prompt_tokens),
+            str(u.completion_tokens),
+            _when(u.last_seen),
+        )
+        for u in identity.db.usage()
+    ]
+    _table(
+        out,
+        ("PRINCIPAL", "NAME", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "LAST SEEN"),
+        rows,
+    )
+    return 0
+
+
+def _principal_names(db: Database) -> dict[str, str]:
+    """Each principal's label. Principals are one per credential (key:<id>, device:<id>,
+    token:<jti>, snippet:<jti>); names may repeat."""
+    names = {f"key:{r['id']}": r["name"] for r in db.query("SELECT id, name FROM api_keys")}
+    names.update({f"device:{r['id']}": r["name"] for r in db.query("SELECT id, name FROM devices")})
+    names.update(
+        {
+            r["sub"]: r["name"]
+            for r in db.query("SELECT sub, name FROM tokens WHERE kind IN ('token', 'snippet')")
+        }
+    )
+    return names
+
+
+def _label(principal: str, names: dict[str, str]) -> str:
+    if principal in names:
+        return names[principal]
+    kind, _, rest = principal.partition(":")
+    if kind in {"token", "snippet"}:
+        # Counted before each token was its own principal, when tokens sharing a name did.
+        return f"{rest} (older tokens sharing that name)" if rest else ""
+    return ""
+
+
+def _secret(args: argparse.Namespace, config: Config, out: IO[str]) -> int:
+    store = secret_store_for(config)
+    if args.action == "delete":
+        store.delete(args.name)
+        print(f"Removed {args.name}.", file=out)
+        return 0
+    value = getpass.getpass(f"{args.name}: ") if sys.stdin.isatty() else sys.stdin.readline()
+    value = value.strip()
+    if not value:
+        raise SecretStoreError("nothing was entered; the secret was not changed")
+    store.set(args.name, value)
+    print(f"Stored {args.name} in the {config.secret_store} store.", file=out)
+    return 0

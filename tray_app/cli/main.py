@@ -1,0 +1,461 @@
+"""``lmgate``: the command line. Every expected failure is one line on stderr, never a traceback.
+
+Exit codes: 0 success, 1 runtime failure (LM Gate error), 2 invalid configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import IO
+
+import aiohttp
+
+from tray_app import __version__
+from tray_app.cli.identity_commands import (
+    IDENTITY_COMMANDS,
+    add_identity_commands,
+    run_identity_command,
+)
+from tray_app.config.settings import (
+    SETTINGS_BY_KEY,
+    Config,
+    default_config_path,
+    describe_settings,
+    format_default,
+    load_config,
+)
+from tray_app.control.assembly import (
+    Identity,
+    build_gateway,
+    data_dir,
+    open_identity,
+    secret_store_for,
+    signing_key_loader,
+    signing_key_or_ephemeral,
+)
+from tray_app.control.going_public import go_public
+from tray_app.errors import ConfigError, LMGateError, SecretStoreError
+from tray_app.gateway.app import Gateway
+from tray_app.gateway.server.runner import GatewayServer
+from tray_app.identity.principal import ALL_SCOPES
+from tray_app.logs import configure_logging
+from tray_app.qr_codes import terminal_qr
+from tray_app.secret_store.base import EnvSecretStore, SecretStore
+from tray_app.tunnel.manager import TunnelManager, TunnelState, TunnelStatus
+from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN, check_token_shape
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+# CLI flag -> dotted config key. Values stay strings so the config validator words the error.
+_FLAGS: Mapping[str, str] = {
+    "host": "server.host",
+    "port": "server.port",
+    "upstream": "upstream.url",
+    "idle_timeout": "upstream.idle_timeout",
+    "heartbeat": "streaming.heartbeat_interval",
+    "max_body_bytes": "limits.max_body_bytes",
+    "log_level": "log.level",
+    "secret_store": "secrets.store",
+    "data_dir": "storage.data_dir",
+    "tunnel": "tunnel.provider",
+}
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help=f"config file (default: {default_config_path()})",
+    )
+    common.add_argument(
+        "--secret-store",
+        choices=["keyring", "file", "env"],
+        help="where secrets live (default: the OS keyring)",
+    )
+    common.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="directory of LM Gate's database (default: the user data dir)",
+    )
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmgate",
+        description="Put your local LM Studio on the internet safely: an authenticating, "
+        "default-deny gateway in front of its OpenAI-compatible server.",
+    )
+    parser.add_argument("--version", action="version", version=f"lmgate {__version__}")
+    parser.add_argument("--go-public", action="store_true", help="(tray app) go public at once")
+    parser.add_argument(
+        "--show-qr",
+        action="store_true",
+        help="(tray app) go public and show the QR code for a phone",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = _common_options()
+
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="run the gateway headless (VPS, Docker, or a terminal)",
+        description="Run the gateway in the foreground until Ctrl-C. Settings come from the "
+        "config file, then LMGATE_* environment variables, then these flags.",
+        epilog="Callers authenticate with an API key (`lmgate key create NAME`), a token "
+        "(`lmgate token create NAME`) or a paired device's token (`lmgate pair`).",
+    )
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", help="port to listen on (default 8787; 0 = any free port)")
+    serve.add_argument(
+        "--upstream", metavar="URL", help="LM Studio server URL (default http://127.0.0.1:1234)"
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        metavar="SECONDS",
+        help="how long LM Studio may stay silent before a request fails",
+    )
+    serve.add_argument(
+        "--heartbeat",
+        metavar="SECONDS",
+        help="SSE keep-alive interval while a prompt is processed (0 = off)",
+    )
+    serve.add_argument("--max-body-bytes", metavar="N", help="largest accepted request body")
+    serve.add_argument(
+        "--enable-responses",
+        action="store_const",
+        const="true",
+        help="also forward POST /v1/responses (MCP tools removed)",
+    )
+    serve.add_argument(
+        "--enable-messages",
+        action="store_const",
+        const="true",
+        help="also forward POST /v1/messages (MCP tools removed)",
+    )
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--tunnel",
+        choices=["none", "ngrok", "lan"],
+        help="go public: ngrok (needs `lmgate tunnel set-token`), lan (this "
+        "network, unencrypted) or none (default: this machine only)",
+    )
+
+    tunnel = commands.add_parser("tunnel", help="the ngrok authtoken")
+    tunnel_actions = tunnel.add_subparsers(dest="action", metavar="ACTION", required=True)
+    tunnel_actions.add_parser(
+        "set-token",
+        parents=[common],
+        help="store your ngrok authtoken (read from the terminal or stdin)",
+    )
+    tunnel_actions.add_parser("delete-token", parents=[common], help="forget the ngrok authtoken")
+
+    config = commands.add_parser("config", help="show the effective configuration")
+    config.add_argument(
+        "action",
+        choices=["show", "path", "keys"],
+        help="show: effective values; path: the config file; keys: every setting",
+    )
+    config.add_argument("--config", type=Path, metavar="PATH", help="config file to read")
+
+    doctor = commands.add_parser("doctor", help="check what LM Gate needs and explain problems")
+    doctor.add_argument("--config", type=Path, metavar="PATH", help="config file to check")
+
+    check = commands.add_parser("check", help="verify a running LM Gate end to end, from anywhere")
+    check.add_argument("url", help="the gateway's address, e.g. https://calm-otter.ngrok-free.app")
+    check.add_argument("token", help="an API key or token with the chat and models scopes")
+
+    deploy = commands.add_parser("deploy", help="files for running LM Gate on a server")
+    targets = deploy.add_subparsers(dest="target", metavar="TARGET", required=True)
+    nginx = targets.add_parser("nginx", help="an nginx site (TLS, SSE-safe) and a systemd unit")
+    nginx.add_argument("--domain", required=True, help="the server's domain, e.g. llm.example.com")
+    nginx.add_argument("--port", type=int, default=8787, help="LM Gate's local port (8787)")
+    nginx.add_argument("--user", default="lmgate", help="the unprivileged user to run as")
+    nginx.add_argument("--upstream", default="http://127.0.0.1:1234", help="LM Studio's URL")
+    nginx.add_argument("--output", type=Path, default=Path(), help="where to write the files")
+    nginx.add_argument("--certificate", default="", help="TLS certificate (default: certbot's)")
+    nginx.add_argument("--certificate-key", default="", help="TLS key (default: certbot's)")
+    nginx.add_argument("--https-port", type=int, default=443)
+    nginx.add_argument("--http-port", type=int, default=80)
+
+    add_identity_commands(commands, common)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    overrides: dict[str, object] = {key: getattr(args, flag, None) for flag, key in _FLAGS.items()}
+    overrides["routes.enable_responses"] = getattr(args, "enable_responses", None)
+    overrides["routes.enable_messages"] = getattr(args, "enable_messages", None)
+    return overrides
+
+
+async def _check_lmstudio(gateway: Gateway) -> bool:
+    async with aiohttp.ClientSession() as session:
+        return await gateway.lmstudio_reachable(session)
+
+
+def _open_store(config: Config) -> tuple[SecretStore | None, str | None]:
+    try:
+        return secret_store_for(config), None
+    except SecretStoreError as exc:
+        return None, str(exc)
+
+
+async def _serve(config: Config, out: IO[str]) -> int:
+    store, store_problem = _open_store(config)
+    signing_key, key_warning = signing_key_or_ephemeral(store)
+    # A running gateway follows `lmgate keys rotate` by re-reading its signing key, unless the
+    # key lives only in memory (then no other process can have rotated it).
+    loader = None if key_warning or store is None else signing_key_loader(store)
+    identity = open_identity(config, signing_key, key_loader=loader)
+    # Without a usable store LM Gate still reads LMGATE_SECRET_* variables set on purpose.
+    gateway_secrets = store if store is not None else EnvSecretStore()
+    first_key = None
+    # A key is made (and shown) only for a terminal: journald keeps whatever serve prints.
+    if not identity.api_keys.list() and not identity.tokens.list() and out.isatty():
+        first_key, _record = identity.api_keys.create("owner", scopes=ALL_SCOPES)
+    server = GatewayServer(build_gateway(config, identity, gateway_secrets))
+    try:
+        await server.start()
+    except BaseException:
+        identity.close()
+        raise
+    manager: TunnelManager | None = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        reachable = await _check_lmstudio(server.gateway)
+        print(f"LM Gate {__version__} is running.", file=out)
+        print(f"Listening on {server.url}  (OpenAI base URL: {server.url}/v1)", file=out)
+        if reachable:
+            print(f"LM Studio:   {config.upstream_url} is reachable.", file=out)
+        else:
+            print(
+                f"LM Studio:   NOT reachable at {config.upstream_url}. Start its server "
+                "(Developer tab -> Start Server, or `lms server start`); requests get 502 "
+                "until then.",
+                file=out,
+            )
+        print(f"Data:        {data_dir(config)}", file=out)
+        if store_problem:
+            print(f"Secrets:     {store_problem}", file=out)
+        if key_warning:
+            print(f"Warning:     {key_warning}", file=out)
+        shown_key = "<key>"
+        if first_key is not None:
+            shown_key = first_key
+            print(f"API key:     {first_key}", file=out)
+            print(
+                "             (your first key, 'owner', with every scope; shown only now)", file=out
+            )
+        elif not identity.api_keys.list():
+            print("API keys:    none yet; create one with `lmgate key create NAME`.", file=out)
+        print(
+            f'Try:         curl {server.url}/v1/models -H "Authorization: Bearer {shown_key}"',
+            file=out,
+        )
+        if config.tunnel_provider != "none":
+            print(f"Going public with {config.tunnel_provider}...", file=out, flush=True)
+            manager = await go_public(
+                config, server, gateway_secrets, data_dir(config), on_change=_status_printer(out)
+            )
+            _print_public(manager, identity, out)
+        print("Press Ctrl-C to stop.", file=out, flush=True)
+        await stop.wait()
+        print("Stopping: letting running requests finish...", file=out, flush=True)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if manager is not None:
+            await manager.stop()  # the tunnel (and its agent) goes before the gateway does
+        await server.stop()
+        identity.close()
+    print("Stopped.", file=out, flush=True)
+    return EXIT_OK
+
+
+def _tunnel_command(args: argparse.Namespace, config: Config, out: IO[str]) -> int:
+    store = secret_store_for(config)
+    if args.action == "delete-token":
+        store.delete(NGROK_AUTHTOKEN)
+        print("The ngrok authtoken was removed.", file=out)
+        return EXIT_OK
+    raw = getpass.getpass("ngrok authtoken: ") if sys.stdin.isatty() else sys.stdin.readline()
+    store.set(NGROK_AUTHTOKEN, check_token_shape(raw))
+    print(
+        f"The ngrok authtoken is stored ({config.secret_store}). Go public with "
+        "`lmgate serve --tunnel ngrok`.",
+        file=out,
+    )
+    return EXIT_OK
+
+
+def _print_public(manager: TunnelManager, identity: Identity, out: IO[str]) -> None:
+    status = manager.status
+    url = status.public_url or ""
+    print(f"Public URL:  {url}  (OpenAI base URL: {url}/v1)", file=out)
+    if status.warning:
+        print(f"Warning:     {status.warning}", file=out)
+    if not out.isatty():
+        # Anyone who reads this output (journald, a log file) could pair with the code before
+        # the phone does; no code is made, so none is left lying about.
+        print(
+            f"Pair a phone: run `lmgate pair --url {url}` in a terminal (the one-time pairing "
+            "code is not written to logs).",
+            file=out,
+        )
+        return
+    code, expires = identity.pairing.create_code()
+    pairing_url = f"{url}/#{code}"
+    print(
+        "Pair a phone: scan this QR code (one device, valid "
+        f"{round((expires - time.time()) / 60)} minutes; `lmgate pair --url {url}` makes "
+        "another):",
+        file=out,
+    )
+    print(terminal_qr(pairing_url), file=out)
+    print(f"Pairing URL: {pairing_url}", file=out)
+
+
+def _status_printer(out: IO[str]) -> Callable[[TunnelStatus], None]:
+    def show(status: TunnelStatus) -> None:
+        if status.state is TunnelState.RECONNECTING:
+            print(
+                f"Tunnel:      reconnecting (attempt {status.attempt}): {status.message}",
+                file=out,
+                flush=True,
+            )
+        elif status.state is TunnelState.PUBLIC:
+            print(f"Tunnel:      public at {status.public_url}", file=out, flush=True)
+        elif status.state is TunnelState.FAILED:
+            print(f"Tunnel:      failed: {status.message}", file=out, flush=True)
+
+    return show
+
+
+def _config_command(args: argparse.Namespace, out: IO[str]) -> int:
+    if args.action == "path":
+        print(args.config or default_config_path(), file=out)
+        return EXIT_OK
+    if args.action == "keys":
+        for key, env_var, default, help_text in describe_settings():
+            print(
+                f"{key:34} {env_var:42} default {format_default(default)!r:26} {help_text}",
+                file=out,
+            )
+        return EXIT_OK
+    config = load_config(path=args.config)
+    for key, setting in SETTINGS_BY_KEY.items():
+        print(f"{key} = {getattr(config, setting.field)!r}", file=out)
+    return EXIT_OK
+
+
+def _no_display() -> bool:
+    if sys.platform != "linux" or os.environ.get("QT_QPA_PLATFORM"):
+        return False
+    return not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _no_tray(wishes: list[str]) -> int:
+    print("lmgate: this build has no tray app; run `lmgate serve`.", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _tray_or_headless(
+    args: argparse.Namespace, out: IO[str], run_tray: Callable[[list[str]], int]
+) -> int:
+    wishes = [w for w, on in (("go-public", args.go_public), ("show-qr", args.show_qr)) if on]
+    if _no_display():
+        print(
+            "No desktop display here: running headless (`lmgate serve`). "
+            "`lmgate --help` lists every command.",
+            file=out,
+            flush=True,
+        )
+        overrides: dict[str, object] = {}
+        config = load_config(overrides=overrides)
+        if not wishes:
+            config = replace(config, tunnel_provider="none")
+        configure_logging(config.log_level)
+        return asyncio.run(_serve(config, out))
+    return run_tray(wishes)
+
+
+def main(
+    argv: Sequence[str] | None = None, *, run_tray: Callable[[list[str]], int] | None = None
+) -> int:
+    """Run one ``lmgate`` command. ``run_tray`` starts the tray app when there is a desktop; the
+    entry point (:mod:`tray_app.main`) passes it in, so the CLI never imports the UI."""
+    run_tray = run_tray or _no_tray
+    args = _parser().parse_args(argv)
+    out = sys.stdout
+    try:
+        if args.command == "serve":
+            config = load_config(path=args.config, overrides=_overrides(args))
+            configure_logging(config.log_level)
+            return asyncio.run(_serve(config, out))
+        if args.command == "config":
+            return _config_command(args, out)
+        if args.command == "doctor":
+            from tray_app.cli.doctor import doctor
+
+            report, ok = doctor(args.config)
+            print(report, file=out)
+            return EXIT_OK if ok else EXIT_FAILURE
+        if args.command == "check":
+            from tray_app.cli.remote_check import check
+
+            report, ok = check(args.url, args.token)
+            print(report, file=out)
+            return EXIT_OK if ok else EXIT_FAILURE
+        if args.command == "deploy":
+            from tray_app.cli.deploy import Deployment, instructions, write
+
+            deployment = Deployment(
+                domain=args.domain,
+                port=args.port,
+                user=args.user,
+                upstream=args.upstream,
+                certificate=args.certificate,
+                certificate_key=args.certificate_key,
+                https_port=args.https_port,
+                http_port=args.http_port,
+            )
+            site, unit = write(deployment, args.output)
+            print(instructions(deployment, site, unit), file=out)
+            return EXIT_OK
+        if args.command == "tunnel":
+            config = load_config(path=args.config, overrides=_overrides(args))
+            return _tunnel_command(args, config, out)
+        if args.command in IDENTITY_COMMANDS:
+            config = load_config(path=args.config, overrides=_overrides(args))
+            return run_identity_command(args, config, out)
+        return _tray_or_headless(args, out, run_tray)
+    except ConfigError as exc:
+        print(f"lmgate: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except LMGateError as exc:
+        print(f"lmgate: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # Output piped into something that stopped reading (`| head`): not an error to report.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE

@@ -1,0 +1,600 @@
+"""The app's brain, with no Qt: it runs the gateway and the tunnel on one asyncio loop and
+publishes frozen :class:`AppState` snapshots. The tray (or anything else) drives it through
+:class:`ThreadedController`, whose every method returns a ``concurrent.futures.Future``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import logging
+import shlex
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+
+from tray_app.config.settings import (
+    SETTINGS_BY_KEY,
+    Config,
+    default_config_path,
+    dump_settings,
+    load_config,
+    read_config_file,
+)
+from tray_app.control.assembly import (
+    Identity,
+    build_gateway,
+    data_dir,
+    open_identity,
+    secret_store_for,
+    signing_key_loader,
+    signing_key_or_ephemeral,
+)
+from tray_app.control.going_public import go_public
+from tray_app.control.loop_thread import LoopThread
+from tray_app.errors import ConfigError, LMGateError, SecretStoreError, TunnelError
+from tray_app.gateway.server.runner import GatewayServer
+from tray_app.identity.principal import ALL_SCOPES, SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
+from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, EnvSecretStore, SecretStore, read_or_none
+from tray_app.tunnel.manager import TunnelManager, TunnelState, TunnelStatus
+from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN, check_token_shape
+
+log = logging.getLogger("lmgate.controller")
+T = TypeVar("T")
+
+SNIPPET_TTL = 3600.0
+PROBE_TIMEOUT = 5.0
+
+
+class Phase:
+    """What the tray icon shows."""
+
+    PRIVATE = "private"
+    STARTING = "starting"
+    PUBLIC = "public"
+    RECONNECTING = "reconnecting"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class AppState:
+    phase: str = Phase.STARTING
+    gateway_url: str | None = None
+    public_url: str | None = None
+    provider: str = "none"
+    lmstudio_reachable: bool | None = None
+    message: str = "Starting…"
+    warning: str | None = None
+    needs_lmstudio: bool = False  # first-run guide: start LM Studio's server
+    needs_tunnel: bool = False  # first-run guide: paste an ngrok token or choose LAN
+    busy: bool = False
+
+    @property
+    def status_line(self) -> str:
+        if self.phase == Phase.PUBLIC and self.public_url:
+            return f"Public at {self.public_url}"
+        return self.message
+
+
+@dataclass(frozen=True, slots=True)
+class PairingLink:
+    url: str  # public URL with the one-time code in the fragment
+    code: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AppSettings:
+    """What the settings window shows and saves. Secrets are write-only: ``*_set`` says whether
+    one is stored, a new value in ``new_*`` replaces it."""
+
+    upstream_url: str
+    tunnel_provider: str
+    ngrok_domain: str
+    allowed_models: tuple[str, ...]
+    token_ttl: float
+    requests_per_minute: int
+    concurrent_requests: int
+    go_public_at_start: bool
+    start_at_login: bool
+    lmstudio_token_set: bool
+    ngrok_token_set: bool
+    new_lmstudio_token: str | None = None
+    new_ngrok_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    kind: str  # "device", "token", "key"
+    id: str
+    name: str
+    detail: str
+    created: float
+    last_seen: float | None
+    requests: int
+    tokens: int
+    active: bool
+
+
+def curl_snippet(base_url: str, token: str, model: str) -> str:
+    body = json.dumps(
+        {
+            "model": model,
+            "stream": True,
+            "messages": [{"role": "user", "content": "Hello! Who are you?"}],
+        }
+    )
+    return (
+        f"curl -N {shlex.quote(base_url + '/v1/chat/completions')} \\\n"
+        f"  -H {shlex.quote('Authorization: Bearer ' + token)} \\\n"
+        "  -H 'Content-Type: application/json' \\\n"
+        "  -H 'ngrok-skip-browser-warning: 1' \\\n"
+        f"  -d {shlex.quote(body)}\n"
+    )
+
+
+class Controller:
+    """Lives on the loop thread. ``config_path`` is where Settings saves; ``store`` overrides
+    the configured secret store (tests pass an in-memory one)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        store: SecretStore | None = None,
+        autostart: Any = None,
+    ) -> None:
+        self.config = config
+        self._config_path = config_path or default_config_path()
+        self._store_override = store
+        self._store: SecretStore = store or EnvSecretStore()
+        self._store_problem: str | None = None
+        self._autostart = autostart
+        self._identity: Identity | None = None
+        self._server: GatewayServer | None = None
+        self._tunnel: TunnelManager | None = None
+        self._state = AppState(provider=config.tunnel_provider)
+        self._listeners: list[Callable[[AppState], None]] = []
+
+    # ---- state -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> AppState:
+        return self._state
+
+    def add_listener(self, listener: Callable[[AppState], None]) -> None:
+        self._listeners.append(listener)
+
+    def _publish(self, **changes: Any) -> AppState:
+        self._state = replace(self._state, **changes)
+        for listener in self._listeners:
+            try:
+                listener(self._state)
+            except Exception:
+                log.exception("a state listener failed")
+        return self._state
+
+    @property
+    def identity(self) -> Identity:
+        if self._identity is None:
+            raise LMGateError("LM Gate is not running")
+        return self._identity
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> AppState:
+        self._publish(phase=Phase.STARTING, message="Starting…", busy=True)
+        if self._store_override is None:
+            try:
+                self._store = secret_store_for(self.config)
+            except SecretStoreError as exc:
+                self._store_problem = str(exc)
+                self._store = EnvSecretStore()
+        signing_key, warning = signing_key_or_ephemeral(
+            None if self._store_problem else self._store
+        )
+        # With the key from a store, a rotation by the CLI reaches this gateway while it runs.
+        loader = None if warning or self._store_problem else signing_key_loader(self._store)
+        self._identity = open_identity(self.config, signing_key, key_loader=loader)
+        server = GatewayServer(build_gateway(self.config, self._identity, self._store))
+        try:
+            await server.start()
+        except ConfigError as exc:
+            return self._publish(phase=Phase.ERROR, message=str(exc), busy=False)
+        self._server = server
+        reachable = await self._lmstudio_reachable()
+        state = self._publish(
+            phase=Phase.PRIVATE,
+            gateway_url=server.url,
+            lmstudio_reachable=reachable,
+            message="Private: only this computer can connect",
+            busy=False,
+            warning=warning or self._store_problem,
+            needs_lmstudio=not reachable,
+            needs_tunnel=not self._tunnel_ready(),
+            provider=self.config.tunnel_provider,
+        )
+        if self.config.go_public_at_start and self._tunnel_ready():
+            with contextlib.suppress(LMGateError):
+                state = await self.go_public()
+        return state
+
+    def _tunnel_ready(self) -> bool:
+        if self.config.tunnel_provider == "lan":
+            return True
+        if self.config.tunnel_provider == "ngrok":
+            return bool(read_or_none(self._store, NGROK_AUTHTOKEN))
+        return False
+
+    async def _lmstudio_reachable(self) -> bool:
+        if self._server is None:
+            return False
+        async with aiohttp.ClientSession() as session:
+            return await self._server.gateway.lmstudio_reachable(session)
+
+    async def shutdown(self) -> None:
+        """Close the tunnel, let streams finish (within the grace), stop the gateway."""
+        if self._tunnel is not None:
+            tunnel, self._tunnel = self._tunnel, None
+            await tunnel.stop()
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.stop()
+        if self._identity is not None:
+            identity, self._identity = self._identity, None
+            identity.close()
+        self._publish(phase=Phase.PRIVATE, public_url=None, message="Stopped", busy=False)
+
+    # ---- going public ----------------------------------------------------------------------
+
+    async def go_public(self) -> AppState:
+        if self._server is None:
+            raise LMGateError("LM Gate is not running")
+        if self._tunnel is not None:
+            return self._state
+        if not self._tunnel_ready():
+            self._publish(needs_tunnel=True)
+            raise TunnelError(
+                "No tunnel is set up yet: paste your ngrok authtoken in Settings, "
+                "or choose LAN mode there."
+            )
+        self._publish(
+            phase=Phase.STARTING,
+            message=f"Going public with {self.config.tunnel_provider}…",
+            busy=True,
+        )
+        try:
+            self._tunnel = await go_public(
+                self.config,
+                self._server,
+                self._store,
+                data_dir(self.config),
+                on_change=self._on_tunnel,
+            )
+        except LMGateError as exc:
+            self._publish(phase=Phase.ERROR, message=str(exc), busy=False)
+            raise
+        return self._state
+
+    def _on_tunnel(self, status: TunnelStatus) -> None:
+        if status.state is TunnelState.PUBLIC:
+            self._publish(
+                phase=Phase.PUBLIC,
+                public_url=status.public_url,
+                busy=False,
+                message=f"Public at {status.public_url}",
+                warning=status.warning,
+                needs_tunnel=False,
+            )
+        elif status.state is TunnelState.RECONNECTING:
+            self._publish(
+                phase=Phase.RECONNECTING,
+                message=f"Reconnecting (attempt {status.attempt}): {status.message}",
+            )
+        elif status.state is TunnelState.FAILED:
+            self._publish(phase=Phase.ERROR, public_url=None, message=status.message, busy=False)
+        elif status.state is TunnelState.STOPPED:
+            self._publish(
+                phase=Phase.PRIVATE,
+                public_url=None,
+                busy=False,
+                warning=None,
+                message="Private: only this computer can connect",
+            )
+
+    async def go_private(self, *, revoke_devices: bool = False) -> AppState:
+        if self._tunnel is not None:
+            tunnel, self._tunnel = self._tunnel, None
+            await tunnel.stop()
+        if revoke_devices and self._identity is not None:
+            count = self._identity.pairing.revoke_all_devices()
+            self._publish(
+                message=f"Private: only this computer can connect ({count} device(s) revoked)"
+            )
+        return self._publish(phase=Phase.PRIVATE, public_url=None, busy=False)
+
+    # ---- links, keys and snippets --------------------------------------------------------
+
+    def _base_url(self) -> str:
+        url = self._state.public_url or self._state.gateway_url
+        if not url:
+            raise LMGateError("LM Gate is not running")
+        return url
+
+    async def pairing_link(self) -> PairingLink:
+        code, expires = self.identity.pairing.create_code()
+        return PairingLink(f"{self._base_url()}/#{code}", code, expires)
+
+    async def models(self) -> list[str]:
+        """LM Studio's models, as allowed by Settings."""
+        ok, result = await self.test_connection(self.config.upstream_url)
+        if not ok:
+            raise LMGateError(result[0] if result else "LM Studio is not reachable")
+        allowed = set(self.config.allowed_models)
+        return [m for m in result if not allowed or m in allowed]
+
+    async def curl_snippet(self) -> str:
+        models = await self.models()
+        if not models:
+            raise LMGateError(
+                "LM Studio has no model LM Gate may offer; load one in LM Studio "
+                "or check the allowed models in Settings."
+            )
+        allowed = frozenset(self.config.allowed_models) or None
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+        issued = self.identity.tokens.issue(
+            name=f"curl snippet {stamp}",
+            kind="snippet",
+            scopes=frozenset({SCOPE_CHAT}),
+            ttl=SNIPPET_TTL,
+            models=allowed,
+        )
+        return curl_snippet(self._base_url(), issued.token, models[0])
+
+    async def openai_settings(self) -> tuple[str, str]:
+        """(base URL ending in /v1, a new API key) for apps and SDKs."""
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+        key, _ = self.identity.api_keys.create(
+            f"app settings {stamp}",
+            scopes=frozenset({SCOPE_CHAT, SCOPE_MODELS, SCOPE_EMBEDDINGS}),
+            models=frozenset(self.config.allowed_models) or None,
+        )
+        return f"{self._base_url()}/v1", key
+
+    async def test_connection(self, url: str, token: str | None = None) -> tuple[bool, list[str]]:
+        """(True, model ids) or (False, [the exact error])."""
+        if token is None:
+            token = read_or_none(self._store, LMSTUDIO_API_TOKEN)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as s,
+                s.get(url.rstrip("/") + "/v1/models", headers=headers) as r,
+            ):
+                if r.status in {401, 403}:
+                    return False, [
+                        f"LM Studio at {url} requires an API token ({r.status}); "
+                        "enter it in Settings."
+                    ]
+                if r.status != 200:
+                    return False, [f"LM Studio at {url} answered {r.status}."]
+                payload = await r.json(content_type=None)
+                return True, [m["id"] for m in payload.get("data", []) if isinstance(m, dict)]
+        except aiohttp.InvalidURL:
+            return False, [f"{url} is not a valid URL."]
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            return False, [
+                f"LM Studio is not reachable at {url} ({type(exc).__name__}). Start "
+                "its server: LM Studio → Developer → Start Server."
+            ]
+
+    # ---- devices & tokens ------------------------------------------------------------------
+
+    async def credentials(self) -> list[Credential]:
+        identity = self.identity
+        identity.recorder.flush()
+        usage = {u.principal: u for u in identity.db.usage()}
+
+        def counted(principal: str) -> tuple[int, int]:
+            u = usage.get(principal)
+            return (u.requests, u.prompt_tokens + u.completion_tokens) if u else (0, 0)
+
+        out: list[Credential] = []
+        for device in identity.pairing.devices():
+            req, tok = counted(device.principal_name)
+            out.append(
+                Credential(
+                    "device",
+                    device.id,
+                    device.name,
+                    "paired device",
+                    device.created,
+                    device.last_seen,
+                    req,
+                    tok,
+                    device.revoked is None,
+                )
+            )
+        for record in identity.tokens.list():
+            if record.kind == "device":
+                continue
+            req, tok = counted(record.sub)
+            out.append(
+                Credential(
+                    "token",
+                    record.jti,
+                    record.name,
+                    " ".join(sorted(record.scopes)),
+                    record.created,
+                    usage[record.sub].last_seen if record.sub in usage else None,
+                    req,
+                    tok,
+                    record.revoked is None,
+                )
+            )
+        for key in identity.api_keys.list():
+            req, tok = counted(key.principal_name)
+            out.append(
+                Credential(
+                    "key",
+                    key.id,
+                    key.name,
+                    " ".join(sorted(key.scopes)),
+                    key.created,
+                    key.last_used,
+                    req,
+                    tok,
+                    key.revoked is None,
+                )
+            )
+        return out
+
+    async def revoke(self, kind: str, ident: str) -> None:
+        if kind == "device":
+            self.identity.pairing.revoke_device(ident)
+        elif kind == "token":
+            self.identity.tokens.revoke(ident)
+        elif kind == "key":
+            self.identity.api_keys.revoke(ident)
+        else:
+            raise LMGateError(f"unknown credential kind {kind!r}")
+
+    async def create_key(self, name: str, scopes: frozenset[str]) -> str:
+        return self.identity.api_keys.create(name, scopes=scopes & ALL_SCOPES)[0]
+
+    # ---- settings ------------------------------------------------------------------------
+
+    async def settings(self) -> AppSettings:
+        c = self.config
+        return AppSettings(
+            upstream_url=c.upstream_url,
+            tunnel_provider=c.tunnel_provider,
+            ngrok_domain=c.ngrok_domain,
+            allowed_models=c.allowed_models,
+            token_ttl=c.token_ttl,
+            requests_per_minute=c.requests_per_minute,
+            concurrent_requests=c.concurrent_requests,
+            go_public_at_start=c.go_public_at_start,
+            start_at_login=bool(self._autostart and self._autostart.is_enabled()),
+            lmstudio_token_set=bool(read_or_none(self._store, LMSTUDIO_API_TOKEN)),
+            ngrok_token_set=bool(read_or_none(self._store, NGROK_AUTHTOKEN)),
+        )
+
+    async def save_settings(self, new: AppSettings) -> AppState:
+        """Validate, store secrets, write the config file, and restart with the new settings."""
+        values: dict[str, object] = {
+            "upstream.url": new.upstream_url,
+            "tunnel.provider": new.tunnel_provider,
+            "tunnel.ngrok_domain": new.ngrok_domain,
+            "auth.allowed_models": list(new.allowed_models),
+            "auth.token_ttl": new.token_ttl,
+            "limits.requests_per_minute": new.requests_per_minute,
+            "limits.concurrent_requests": new.concurrent_requests,
+            "tunnel.go_public_at_start": new.go_public_at_start,
+        }
+        text = self._merged_config_text(values)  # raises ConfigError naming a bad key
+        if new.new_ngrok_token:
+            self._store.set(NGROK_AUTHTOKEN, check_token_shape(new.new_ngrok_token))
+        if new.new_lmstudio_token:
+            self._store.set(LMSTUDIO_API_TOKEN, new.new_lmstudio_token.strip())
+        self._config_path.parent.mkdir(parents=True, exist_ok=True)
+        self._config_path.write_text(text, encoding="utf-8")
+        if self._autostart is not None:
+            if new.start_at_login:
+                self._autostart.enable()
+            else:
+                self._autostart.disable()
+        was_public = self._tunnel is not None
+        await self.shutdown()
+        self.config = load_config(path=self._config_path)
+        state = await self.start()
+        if was_public and self._tunnel_ready():
+            with contextlib.suppress(LMGateError):
+                state = await self.go_public()
+        return state
+
+    def _merged_config_text(self, values: Mapping[str, object]) -> str:
+        merged: dict[str, object] = {}
+        for key, value in read_config_file(self._config_path).items():
+            if key in SETTINGS_BY_KEY:
+                merged[key] = value
+        merged.update(values)
+        return dump_settings(merged)
+
+
+class ThreadedController:
+    """Runs a :class:`Controller` on its own loop thread; callable from any thread (the UI's)."""
+
+    def __init__(self, controller: Controller, loop_thread: LoopThread | None = None) -> None:
+        self.controller = controller
+        self._thread = loop_thread or LoopThread()
+        self._own_thread = loop_thread is None
+        self._stopped = False
+
+    def start(self) -> concurrent.futures.Future[AppState]:
+        if self._own_thread:
+            self._thread.start()
+        return self._thread.submit(self.controller.start())
+
+    @property
+    def state(self) -> AppState:
+        return self.controller.state
+
+    def add_listener(self, listener: Callable[[AppState], None]) -> None:
+        """``listener`` is called on the loop thread; the UI hands it to its signal bridge."""
+        self.controller.add_listener(listener)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return self._thread.submit(coro)
+
+    def go_public(self) -> concurrent.futures.Future[AppState]:
+        return self._run(self.controller.go_public())
+
+    def go_private(self, revoke_devices: bool = False) -> concurrent.futures.Future[AppState]:
+        return self._run(self.controller.go_private(revoke_devices=revoke_devices))
+
+    def pairing_link(self) -> concurrent.futures.Future[PairingLink]:
+        return self._run(self.controller.pairing_link())
+
+    def curl_snippet(self) -> concurrent.futures.Future[str]:
+        return self._run(self.controller.curl_snippet())
+
+    def openai_settings(self) -> concurrent.futures.Future[tuple[str, str]]:
+        return self._run(self.controller.openai_settings())
+
+    def test_connection(
+        self, url: str, token: str | None = None
+    ) -> concurrent.futures.Future[tuple[bool, list[str]]]:
+        return self._run(self.controller.test_connection(url, token))
+
+    def credentials(self) -> concurrent.futures.Future[list[Credential]]:
+        return self._run(self.controller.credentials())
+
+    def revoke(self, kind: str, ident: str) -> concurrent.futures.Future[None]:
+        return self._run(self.controller.revoke(kind, ident))
+
+    def create_key(self, name: str, scopes: frozenset[str]) -> concurrent.futures.Future[str]:
+        return self._run(self.controller.create_key(name, scopes))
+
+    def settings(self) -> concurrent.futures.Future[AppSettings]:
+        return self._run(self.controller.settings())
+
+    def save_settings(self, new: AppSettings) -> concurrent.futures.Future[AppState]:
+        return self._run(self.controller.save_settings(new))
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop everything and the loop thread; returns when done (or after ``timeout``).
+        Calling it again does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
+        future = self._run(self.controller.shutdown())
+        with contextlib.suppress(concurrent.futures.TimeoutError, LMGateError):
+            future.result(timeout)
+        self._thread.stop(timeout)

@@ -1,0 +1,100 @@
+"""Choosing and starting the tunnel provider that `serve` (and later the tray) goes public with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tray_app.config.settings import Config, ensure_public_exposure_allowed
+from tray_app.errors import TunnelError
+from tray_app.gateway.app import Gateway
+from tray_app.gateway.server.runner import GatewayServer
+from tray_app.secret_store.base import SecretStore
+from tray_app.tunnel.lan import LanProvider
+from tray_app.tunnel.manager import (
+    StatusListener,
+    TunnelManager,
+    TunnelProvider,
+    TunnelState,
+    TunnelStatus,
+)
+from tray_app.tunnel.ngrok import NgrokProvider, silence_pyngrok_logs
+
+_CLOSED = frozenset({TunnelState.STOPPED, TunnelState.FAILED, TunnelState.RECONNECTING})
+
+
+class GatewayFollower:
+    """Keeps the gateway told which tunnel runs: only then may requests be addressed to its
+    public host, and only then is its agent believed about the client's address.
+
+    It is the manager's first status listener, so it runs on the loop thread, as the gateway
+    requires; stopping, failing and reconnecting (no agent runs then) all withdraw the trust.
+    """
+
+    def __init__(self, gateway: Gateway, forwarded_header: str | None) -> None:
+        self._gateway = gateway
+        self._header = forwarded_header
+
+    def status(self, status: TunnelStatus) -> None:
+        if status.state is TunnelState.PUBLIC and status.public_url:
+            self._gateway.tunnel_opened(status.public_url, self._header)
+        elif status.state in _CLOSED:
+            self._gateway.tunnel_closed()
+
+
+def make_provider(
+    config: Config, server: GatewayServer, secrets: SecretStore, state_dir: Path
+) -> TunnelProvider:
+    if config.tunnel_provider == "ngrok":
+        silence_pyngrok_logs()
+        return NgrokProvider(
+            secrets,
+            state_dir / "ngrok",
+            ngrok_path=config.ngrok_path,
+            domain=config.ngrok_domain,
+            region=config.ngrok_region,
+        )
+    if config.tunnel_provider == "lan":
+        return LanProvider(server, address=config.lan_address, port=config.lan_port)
+    raise TunnelError(f"unknown tunnel provider {config.tunnel_provider!r}")
+
+
+def tunnel_manager(
+    provider: TunnelProvider,
+    server: GatewayServer,
+    on_change: StatusListener | None = None,
+    **options: Any,
+) -> TunnelManager:
+    """A manager for ``provider`` that keeps ``server``'s gateway told which tunnel runs."""
+    if server.port is None:
+        raise TunnelError("the gateway is not running")
+    follower = GatewayFollower(server.gateway, provider.forwarded_header)
+    manager = TunnelManager(
+        provider,
+        server.port,
+        on_change=follower.status,
+        **options,
+    )
+    if on_change is not None:
+        # After the follower: whoever is told "public" may rely on the gateway knowing it.
+        manager.add_listener(on_change)
+    return manager
+
+
+async def go_public(
+    config: Config,
+    server: GatewayServer,
+    secrets: SecretStore,
+    state_dir: Path,
+    on_change: StatusListener | None = None,
+) -> TunnelManager:
+    """Open and prove the public URL. Refuses (fail closed) while dev mode is on."""
+    ensure_public_exposure_allowed(config)
+    if server.port is None:
+        raise TunnelError("the gateway is not running")
+    provider = make_provider(config, server, secrets, state_dir)
+    manager = tunnel_manager(
+        provider, server, on_change, health_interval=config.tunnel_health_interval
+    )
+    await manager.start()
+    return manager

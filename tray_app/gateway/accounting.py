@@ -1,0 +1,83 @@
+"""Usage accounting: per-principal requests and tokens, written to SQLite in batches.
+
+Counting happens in memory on the request path; a flush every few seconds (and at shutdown)
+adds the batch to the database in one transaction. If a write fails (disk full, locked), the
+batch stays in memory and is retried: nothing counted is lost while the process lives.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tray_app.clock import Clock
+from tray_app.errors import StorageError
+from tray_app.gateway.upstream.usage import Usage
+from tray_app.storage.database import Database, UsageRow
+
+log = logging.getLogger("lmgate.accounting")
+
+
+@dataclass(slots=True)
+class _Pending:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    last_seen: float = 0.0
+
+
+class UsageRecorder:
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+        self._pending: dict[str, _Pending] = {}
+        self._key_last_used: dict[str, float] = {}
+        self._device_last_seen: dict[str, float] = {}
+
+    def record(self, principal: str, usage: Usage | None) -> None:
+        now = self._clock.time()
+        pending = self._pending.get(principal)
+        if pending is None:
+            pending = self._pending[principal] = _Pending()
+        pending.requests += 1
+        pending.last_seen = now
+        if usage is not None:
+            pending.prompt_tokens += usage.prompt_tokens
+            pending.completion_tokens += usage.completion_tokens
+        kind, _, ident = principal.partition(":")
+        if kind == "key":
+            self._key_last_used[ident] = now
+        elif kind == "device":
+            self._device_last_seen[ident] = now
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def flush(self) -> bool:
+        """Write what was counted; False (and kept for the next try) if the write failed."""
+        if not self._pending:
+            return True
+        batch, self._pending = self._pending, {}
+        keys, self._key_last_used = self._key_last_used, {}
+        devices, self._device_last_seen = self._device_last_seen, {}
+        rows = [
+            UsageRow(p, c.requests, c.prompt_tokens, c.completion_tokens, c.last_seen)
+            for p, c in batch.items()
+        ]
+        try:
+            self._db.add_usage(rows, key_last_used=keys, device_last_seen=devices)
+        except StorageError as exc:
+            log.error("usage could not be saved, will retry: %s", exc)
+            for principal, counted in batch.items():
+                into = self._pending.setdefault(principal, _Pending())
+                into.requests += counted.requests
+                into.prompt_tokens += counted.prompt_tokens
+                into.completion_tokens += counted.completion_tokens
+                into.last_seen = max(into.last_seen, counted.last_seen)
+            for k, t in keys.items():
+                self._key_last_used.setdefault(k, t)
+            for d, t in devices.items():
+                self._device_last_seen.setdefault(d, t)
+            return False
+        return True

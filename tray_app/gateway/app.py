@@ -1,0 +1,781 @@
+"""The gateway: an aiohttp application that authenticates, filters and relays to LM Studio.
+
+One handler receives every request and does the routing itself on the
+normalised raw path, so that aiohttp's router can never send an oddly encoded path (or a
+CONNECT, or an absolute-form target) somewhere the route table did not decide. For each
+request, in order: request ID, path, upgrade refusal, Host name, CORS, the gateway's own
+endpoints, route table, authentication (with the auth-failure throttle for failures only),
+scope, rate and concurrency limits, body rules, then forwarding; at the end one access log
+line, metrics and usage accounting. A watchdog ends running streams whose credential was
+revoked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+
+from tray_app.clock import Clock, SystemClock
+from tray_app.config.settings import Config
+from tray_app.errors import AuthError
+from tray_app.gateway.accounting import UsageRecorder
+from tray_app.gateway.api_errors import REQUEST_ID_HEADER, ApiError
+from tray_app.gateway.body_rules import (
+    apply_principal_rules,
+    check_models,
+    parse_json_object,
+    prepare_body,
+)
+from tray_app.gateway.chat_api import ChatApi
+from tray_app.gateway.cors import CorsPolicy
+from tray_app.gateway.exchange import Exchange
+from tray_app.gateway.headers import is_upgrade_request, sane_request_id
+from tray_app.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from tray_app.gateway.metrics import GatewayMetrics
+from tray_app.gateway.protection import Protections, host_refused, origin_refused
+from tray_app.gateway.routes import (
+    Refusal,
+    Route,
+    RouteTable,
+    normalise_path,
+)
+from tray_app.gateway.upstream.client import UPSTREAM_SESSION, session_context
+from tray_app.gateway.upstream.forwarding import Forwarder, shutting_down
+from tray_app.gateway.webpage import WebPage
+from tray_app.identity.pairing import PairingError, PairingService
+from tray_app.identity.principal import SCOPE_CHAT, SCOPE_METRICS, Authenticator, Principal
+from tray_app.logs import ACCESS_LOGGER, new_request_id
+from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore
+from tray_app.storage.conversations import ConversationStore
+from tray_app.tasks import spawn
+
+log = logging.getLogger("lmgate.gateway")
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+READY_TIMEOUT = 5.0
+# /readyz needs no credential: one LM Studio probe per this many seconds, whoever asks.
+READY_CACHE_SECONDS = 2.0
+USAGE_FLUSH_SECONDS = 2.0
+# How soon a running request ends after its credential is revoked (by the CLI, tray or pairing).
+REVALIDATE_SECONDS = 2.0
+# /pair is the one JSON endpoint anyone may call: its body is a code and a device name.
+PAIR_MAX_BODY_BYTES = 4096
+# The conversation API: path (or prefix ending in "/") → the methods it answers.
+CONVERSATION_ENDPOINTS = {
+    "/api/chat": "POST",
+    "/api/conversations": "GET",
+    "/api/conversations/": "GET, DELETE",
+}
+
+OwnHandler = Callable[[web.Request, "Exchange"], Awaitable[web.StreamResponse]]
+
+
+def _refusal_error(refusal: Refusal) -> ApiError:
+    headers = {"Allow": refusal.allow} if refusal.allow else None
+    return ApiError(
+        refusal.status,
+        refusal.message,
+        type="invalid_request_error",
+        code=refusal.code,
+        headers=headers,
+    )
+
+
+def _body_too_large(limit: int, setting: str) -> ApiError:
+    # Built only when raised: every POST reads its body here.
+    return ApiError(
+        413,
+        f"The request body is larger than {limit} bytes ({setting}).",
+        type="invalid_request_error",
+        code="body_too_large",
+    )
+
+
+def _encoded_body(encoding: str) -> ApiError:
+    return ApiError(
+        415,
+        f"Request bodies must not be compressed (Content-Encoding: {encoding[:40]}); send "
+        "plain JSON.",
+        type="invalid_request_error",
+        code="unsupported_content_encoding",
+        headers={"Connection": "close"},
+    )
+
+
+def _body_broken() -> ApiError:
+    return ApiError(
+        400,
+        "The request body could not be read (its framing is broken).",
+        type="invalid_request_error",
+        code="invalid_body",
+        headers={"Connection": "close"},
+    )
+
+
+def _body_too_slow(seconds: float) -> ApiError:
+    return ApiError(
+        408,
+        f"The request body did not arrive within {seconds:g} s (server.body_timeout).",
+        type="invalid_request_error",
+        code="body_timeout",
+        headers={"Connection": "close"},
+    )
+
+
+async def _expect(request: web.Request) -> None:
+    """``Expect: 100-continue`` as aiohttp answers it; any other expectation is refused by
+    the gateway itself, in its own error shape (aiohttp's own answer is plain text)."""
+    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+
+
+def _expectation_failed() -> ApiError:
+    return ApiError(
+        417,
+        "LM Gate understands only 'Expect: 100-continue'.",
+        type="invalid_request_error",
+        code="expectation_failed",
+    )
+
+
+def _revoked() -> ApiError:
+    return ApiError(
+        401,
+        "The credential this request was made with has been revoked.",
+        type="authentication_error",
+        code="credential_revoked",
+    )
+
+
+def _conversation_methods(path: str) -> str | None:
+    if path in CONVERSATION_ENDPOINTS:
+        return CONVERSATION_ENDPOINTS[path]
+    prefix = "/api/conversations/"
+    rest = path.removeprefix(prefix)
+    if rest != path and rest and "/" not in rest:
+        return CONVERSATION_ENDPOINTS[prefix]
+    return None
+
+
+class Gateway:
+    """Holds the parts and serves requests with them. Identity parts are optional: without
+    ``pairing`` there is no /pair, without ``metrics`` no /metrics, without ``recorder`` no
+    usage accounting."""
+
+    def __init__(
+        self,
+        config: Config,
+        authenticator: Authenticator,
+        *,
+        secrets: SecretStore,
+        clock: Clock | None = None,
+        pairing: PairingService | None = None,
+        metrics: GatewayMetrics | None = None,
+        recorder: UsageRecorder | None = None,
+        conversations: ConversationStore | None = None,
+    ) -> None:
+        self.config = config
+        self._auth = authenticator
+        self._secrets = secrets
+        self._clock: Clock = clock or SystemClock()
+        self._pairing = pairing
+        self.metrics = metrics
+        self._recorder = recorder
+        enabled = frozenset(
+            name
+            for name, on in (
+                ("routes.enable_responses", config.enable_responses),
+                ("routes.enable_messages", config.enable_messages),
+            )
+            if on
+        )
+        self._routes = RouteTable(enabled)
+        self._protect = Protections(config, self._clock)
+        self._forward = Forwarder(config, lambda: self._stopping)
+        # Read once: a keyring lookup per request would cost milliseconds.
+        self._forward.lmstudio_token = secrets.get(LMSTUDIO_API_TOKEN)
+        self._inflight: set[Exchange] = set()
+        self._stopping = False
+        self._drained: asyncio.Event | None = None  # set when the last request ends after a stop
+        self._own: dict[tuple[str, str], OwnHandler] = {
+            ("GET", "/healthz"): self._healthz,
+            ("GET", "/readyz"): self._readyz,
+        }
+        if metrics is not None:
+            self._own[("GET", "/metrics")] = self._metrics
+        self._chat: ChatApi | None = None
+        self._page: WebPage | None = None
+        if pairing is not None:
+            self._own[("POST", "/pair")] = self._pair
+            # The phone page pairs through /pair, so it is served only where pairing exists.
+            self._page = WebPage()
+            for page_path in self._page.paths:
+                self._own[("GET", page_path)] = self._serve_page
+        if conversations is not None:
+            self._chat = ChatApi(
+                conversations,
+                self._forward,
+                context_chars=config.chat_context_chars,
+                read_body=self._read_body,
+                max_event_bytes=config.max_event_bytes,
+                max_answer_chars=config.max_response_bytes,
+                count_usage=recorder is not None,
+            )
+        self._own_paths = {path for _, path in self._own}
+        self._ready: tuple[float, bool] | None = None  # (when probed, answer)
+        self._ready_probe: asyncio.Task[bool] | None = None
+
+    # ---- application wiring ---------------------------------------------------------------
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes)
+        app.cleanup_ctx.append(session_context(self.config))
+        if self._recorder is not None:
+            app.cleanup_ctx.append(self._usage_flusher)
+        app.cleanup_ctx.append(self._revocation_watchdog)
+        app.on_shutdown.append(self._on_shutdown)
+        # One route for every target that starts with "/" ([\s\S]: a decoded %0A in the path
+        # must match too): the gateway routes by itself. Other targets (CONNECT host:port)
+        # reach dispatch() from the server (tray_app.gateway.server.connections).
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self.dispatch, expect_handler=_expect)
+        return app
+
+    # ---- what the tunnel tells us ---------------------------------------------------------
+
+    def tunnel_opened(self, public_url: str, forwarded_header: str | None) -> None:
+        """A tunnel is up: requests may be addressed to its public host, and its agent (which
+        dials in from loopback) is believed about the client's address in
+        ``forwarded_header``. Called on the loop thread."""
+        self._protect.hosts.set_public_host(urlsplit(public_url).hostname)
+        self._protect.trust_tunnel(forwarded_header)
+
+    def tunnel_closed(self) -> None:
+        self._protect.hosts.set_public_host(None)
+        self._protect.trust_tunnel(None)
+
+    def trusts_peer(self, peer: str | None) -> bool:
+        """Whether a connection from ``peer`` is a proxy carrying many clients (the running
+        tunnel's agent, a configured proxy): per-address connection caps do not apply."""
+        return self._protect.trusts_peer(peer)
+
+    @property
+    def inflight_count(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # ---- request handling -----------------------------------------------------------------
+
+    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Answer one request: every request the server receives comes here (the app's
+        request factory made it a web.Request, routed or not)."""
+        assert isinstance(request, web.Request)
+        exchange = Exchange(
+            request_id=sane_request_id(request.headers.get(REQUEST_ID_HEADER)) or new_request_id(),
+            method=request.method,
+            started=self._clock.monotonic(),
+            client=request.remote,
+        )
+        exchange.task = asyncio.current_task()
+        self._inflight.add(exchange)
+        try:
+            response = await self._handle(request, exchange)
+        except ApiError as err:
+            exchange.error = err.code
+            response = err.to_response(exchange.request_id)
+            if err.headers.get("Connection") == "close":
+                # A body that never came, or must not be read: neither wait for it nor drain it.
+                response.force_close()
+                stop_reading = getattr(request.protocol, "stop_reading", None)
+                if stop_reading is not None:
+                    stop_reading()
+        except Exception:
+            # A bug, not a request problem: keep serving, answer in the API's shape, and log
+            # the traceback under the request ID the client was given.
+            log.exception("internal error handling request %s", exchange.request_id)
+            exchange.error = "internal_error"
+            response = ApiError(
+                500,
+                f"LM Gate hit an internal error (request {exchange.request_id}); "
+                "details are in its log.",
+                type="server_error",
+                code="internal_error",
+            ).to_response(exchange.request_id)
+        except asyncio.CancelledError:
+            if exchange.aborted_with is not None and exchange.task is not None:
+                # We cancelled a request still waiting for LM Studio (shutdown, revocation);
+                # the client is still there and gets a proper answer.
+                exchange.task.uncancel()
+                response = await self._answer_aborted(exchange)
+                exchange.status = response.status
+                self._finish(exchange)
+                return response
+            # The client hung up; the finally clauses below us already closed LM Studio's side.
+            exchange.status = exchange.status or 499
+            exchange.error = exchange.error or "client_disconnected"
+            self._finish(exchange)
+            raise
+        finally:
+            self._inflight.discard(exchange)
+            if self._drained is not None and not self._inflight:
+                self._drained.set()
+        if exchange.cors and not response.prepared:
+            response.headers.update(exchange.cors)
+        if not exchange.status:
+            exchange.status = exchange.outcome.status or response.status
+        if isinstance(response, web.Response) and response.body is not None:
+            exchange.outcome.bytes_out = len(response.body)  # type: ignore[arg-type]
+        if exchange.stream:
+            self._finish(exchange)
+        else:
+            # The access log line, metrics and accounting wait until aiohttp has sent the
+            # answer (it does so in this same step, right after we return).
+            asyncio.get_running_loop().call_soon(self._finish, exchange)
+        return response
+
+    async def _handle(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        headers = request.headers
+        path = normalise_path(request.raw_path)
+        exchange.path = path if path is not None else "(refused)"
+        exchange.client = self._protect.client(request.remote, headers)
+        if is_upgrade_request(headers):
+            raise ApiError(
+                404,
+                "WebSocket and other protocol upgrades are not available through LM Gate.",
+                type="invalid_request_error",
+                code="upgrade_not_allowed",
+            )
+        if "Content-Encoding" in headers:
+            for encoding in headers.getall("Content-Encoding"):
+                if encoding.strip().lower() not in {"", "identity"}:
+                    # Refused on every path, before anything reads (and so inflates) the
+                    # body: a 1 MB gzip is 1 GB of work, even drained unread.
+                    raise _encoded_body(encoding.strip().lower())
+        expect = headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            raise _expectation_failed()
+        host = headers.get("Host")
+        # /healthz answers nothing worth rebinding for, and the tunnel proves its new public
+        # URL with it before that URL's host is known to be ours.
+        if path != "/healthz" and not self._protect.hosts.allows(host):
+            raise host_refused()
+        origin = headers.get("Origin")
+        if CorsPolicy.is_preflight(request.method, headers):
+            return self._preflight(path, origin or "", request.host)
+        exchange.cors = self._protect.check_origin(origin, request.host)
+        if path is not None and self._chat is not None and _conversation_methods(path) is not None:
+            return await self._conversation_api(request, exchange, path)
+        if path is not None:
+            own = self._own.get((request.method, path))
+            if own is not None:
+                exchange.route = path
+                return await own(request, exchange)
+            if path in self._own_paths:
+                allowed = ", ".join(m for m, p in self._own if p == path)
+                raise ApiError(
+                    405,
+                    f"Method {request.method} is not allowed on {path}; use {allowed}.",
+                    type="invalid_request_error",
+                    code="method_not_allowed",
+                    headers={"Allow": allowed},
+                )
+        resolved = self._routes.resolve(request.method, path)
+        if isinstance(resolved, Refusal):
+            raise _refusal_error(resolved)
+        exchange.route = resolved.path
+        principal = self._authenticate(request, exchange)
+        if not principal.has_scope(resolved.scope):
+            raise ApiError(
+                403,
+                f"This key may not use {resolved.path} (it lacks the '{resolved.scope}' scope).",
+                type="permission_error",
+                code="insufficient_scope",
+            )
+        self._protect.take_request(principal.name)
+        self._protect.enter(principal.name)
+        try:
+            if resolved.method == "GET":
+                return await self._forward.models(
+                    request, exchange.request_id, resolved, principal, exchange.outcome
+                )
+            return await self._forward_post(request, exchange, resolved, principal)
+        finally:
+            self._protect.leave(principal.name)
+
+    async def _conversation_api(
+        self, request: web.Request, exchange: Exchange, path: str
+    ) -> web.StreamResponse:
+        assert self._chat is not None
+        exchange.route = "/api/chat" if path == "/api/chat" else "/api/conversations"
+        principal = self._authenticate(request, exchange)
+        if not principal.has_scope(SCOPE_CHAT):
+            raise ApiError(
+                403,
+                "Conversations need a key with the 'chat' scope.",
+                type="permission_error",
+                code="insufficient_scope",
+            )
+        self._protect.take_request(principal.name)
+        self._protect.enter(principal.name)
+        try:
+            if exchange.method != "POST" or self.metrics is None:
+                return await self._chat.handle(request, exchange, path, principal)
+            self.metrics.active_streams.inc()
+            try:
+                return await self._chat.handle(request, exchange, path, principal)
+            finally:
+                self.metrics.active_streams.dec()
+        finally:
+            self._protect.leave(principal.name)
+
+    async def _serve_page(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        assert self._page is not None
+        return self._page.response(exchange.path, exchange.request_id)
+
+    def _authenticate(self, request: web.Request, exchange: Exchange) -> Principal:
+        client = exchange.client or "unknown"
+        try:
+            principal = self._auth.authenticate(request.headers, request.remote)
+        except AuthError as exc:
+            # The throttle slows guessing from an address; it never refuses a valid
+            # credential because others at that address guessed wrong.
+            self._protect.check_auth_allowed(client)
+            self._protect.auth_failed(client)
+            if self.metrics is not None:
+                self.metrics.auth_failure(exc.code)
+            kind = "authentication_error" if exc.status == 401 else "permission_error"
+            headers = {"WWW-Authenticate": 'Bearer realm="lmgate"'} if exc.status == 401 else None
+            raise ApiError(
+                exc.status, str(exc), type=kind, code=exc.code, headers=headers
+            ) from None
+        exchange.principal = principal.name
+        exchange.caller = principal
+        return principal
+
+    async def _read_body(
+        self, request: web.Request, exchange: Exchange, *, limit: int | None = None
+    ) -> bytes:
+        """The whole body, within the size and time limits; ``limit`` below the configured
+        one for endpoints whose bodies are small by nature."""
+        limit = min(limit or self.config.max_body_bytes, self.config.max_body_bytes)
+        setting = (
+            "limits.max_body_bytes"
+            if limit == self.config.max_body_bytes
+            else "the most this endpoint takes"
+        )
+        if request.content_length is not None and request.content_length > limit:
+            raise _body_too_large(limit, setting)
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.config.body_timeout):
+                async for chunk in request.content.iter_any():
+                    size += len(chunk)
+                    if size > limit:
+                        raise _body_too_large(limit, setting)
+                    parts.append(chunk)
+        except TimeoutError:
+            raise _body_too_slow(self.config.body_timeout) from None
+        except RequestPayloadError:
+            raise _body_broken() from None
+        raw = b"".join(parts)
+        exchange.bytes_in = size
+        return raw
+
+    async def _forward_post(
+        self, request: web.Request, exchange: Exchange, route: Route, principal: Principal
+    ) -> web.StreamResponse:
+        raw = await self._read_body(request, exchange)
+        prepared = prepare_body(route, raw)
+        exchange.model = prepared.model
+        exchange.stream = prepared.stream
+        check_models(prepared, principal)
+        adjusted = apply_principal_rules(
+            prepared, route, max_tokens=principal.max_tokens, want_usage=self._recorder is not None
+        )
+        if not prepared.stream or self.metrics is None:
+            return await self._forward.post(
+                request,
+                exchange.request_id,
+                route,
+                adjusted.body.raw,
+                stream=prepared.stream,
+                outcome=exchange.outcome,
+                extra_headers=exchange.cors,
+                hide_usage=adjusted.hide_usage,
+            )
+        self.metrics.active_streams.inc()
+        try:
+            return await self._forward.post(
+                request,
+                exchange.request_id,
+                route,
+                adjusted.body.raw,
+                stream=True,
+                outcome=exchange.outcome,
+                extra_headers=exchange.cors,
+                hide_usage=adjusted.hide_usage,
+            )
+        finally:
+            self.metrics.active_streams.dec()
+
+    def _methods_for(self, path: str | None) -> str | None:
+        """What ``path`` answers (its ``Allow``), or None where nothing is served."""
+        if path is None:
+            return None
+        if self._chat is not None and (methods := _conversation_methods(path)) is not None:
+            return methods
+        if path in self._own_paths:
+            return ", ".join(m for m, p in self._own if p == path)
+        route = self._routes.routes.get(path)
+        return route.method if route is not None else None
+
+    def _preflight(self, path: str | None, origin: str, host: str) -> web.Response:
+        methods = self._methods_for(path)
+        if methods is None:
+            raise ApiError(
+                404, "No such endpoint.", type="invalid_request_error", code="unknown_path"
+            )
+        if not self._protect.cors.allows(origin, host):
+            raise origin_refused()
+        return web.Response(status=204, headers=CorsPolicy.preflight_headers(origin, methods))
+
+    # ---- the gateway's own endpoints ------------------------------------------------------
+
+    async def _healthz(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        return web.json_response({"status": "ok"}, headers={REQUEST_ID_HEADER: exchange.request_id})
+
+    async def _readyz(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        ready = await self._ready_cached(request.app[UPSTREAM_SESSION])
+        return web.json_response(
+            {"status": "ready" if ready else "unavailable"},
+            status=200 if ready else 503,
+            headers={REQUEST_ID_HEADER: exchange.request_id},
+        )
+
+    async def _metrics(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        assert self.metrics is not None
+        principal = self._authenticate(request, exchange)
+        if not principal.has_scope(SCOPE_METRICS):
+            raise ApiError(
+                403,
+                "Metrics need a key with the 'metrics' scope.",
+                type="permission_error",
+                code="insufficient_scope",
+            )
+        response = web.Response(body=self.metrics.exposition())
+        response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+        response.headers[REQUEST_ID_HEADER] = exchange.request_id
+        return response
+
+    async def _pair(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        assert self._pairing is not None
+        client = exchange.client or "unknown"
+        try:
+            raw = await self._read_body(request, exchange, limit=PAIR_MAX_BODY_BYTES)
+            payload = parse_json_object(raw)
+            code, device = payload.get("code"), payload.get("device_name", "device")
+            if not isinstance(code, str) or not isinstance(device, str):
+                raise ApiError(
+                    400,
+                    'Send {"code": "<pairing code>", "device_name": "..."}.',
+                    type="invalid_request_error",
+                    code="invalid_body",
+                    param="code",
+                )
+            issued = self._pairing.exchange(code, device)
+        except (ApiError, PairingError) as exc:
+            # Every failed attempt counts, malformed ones too; a valid code is never refused
+            # for others' failures at this address.
+            self._protect.check_pairing_allowed(client)
+            self._protect.pairing_failed(client)
+            if isinstance(exc, ApiError):
+                raise
+            if self.metrics is not None:
+                self.metrics.auth_failure(exc.code)
+            raise ApiError(401, str(exc), type="authentication_error", code=exc.code) from None
+        exchange.principal = issued.record.sub
+        record = issued.record
+        return web.json_response(
+            {
+                "token": issued.token,
+                "token_type": "Bearer",
+                "device_id": record.device_id,
+                "device_name": record.name,
+                "scopes": sorted(record.scopes),
+                "expires_at": int(record.expires),
+            },
+            headers={REQUEST_ID_HEADER: exchange.request_id, "Cache-Control": "no-store"},
+        )
+
+    async def _ready_cached(self, session: aiohttp.ClientSession) -> bool:
+        """LM Studio's reachability, probed at most once per READY_CACHE_SECONDS and never
+        twice at once: an unauthenticated caller cannot turn /readyz into load on LM Studio."""
+        now = self._clock.monotonic()
+        if self._ready is not None and now - self._ready[0] < READY_CACHE_SECONDS:
+            return self._ready[1]
+        probe = self._ready_probe
+        if probe is None:
+            probe = self._ready_probe = spawn(self.lmstudio_reachable(session), name="readyz")
+            probe.add_done_callback(self._ready_probed)
+        # shield: one caller hanging up must not cancel the probe the others wait for.
+        return await asyncio.shield(probe)
+
+    def _ready_probed(self, probe: asyncio.Task[bool]) -> None:
+        self._ready_probe = None
+        if not probe.cancelled() and probe.exception() is None:
+            self._ready = (self._clock.monotonic(), probe.result())
+
+    async def lmstudio_reachable(self, session: aiohttp.ClientSession) -> bool:
+        token = self._forward.lmstudio_token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            async with session.get(
+                self.config.upstream_url + "/v1/models",
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=READY_TIMEOUT),
+                allow_redirects=False,
+            ) as resp:
+                return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+
+    # ---- accounting, shutdown and logging -----------------------------------------------
+
+    async def _usage_flusher(self, app: web.Application) -> AsyncIterator[None]:
+        recorder = self._recorder
+        assert recorder is not None
+
+        async def flush_forever() -> None:
+            while True:
+                await asyncio.sleep(USAGE_FLUSH_SECONDS)
+                if recorder.has_pending:
+                    await asyncio.to_thread(recorder.flush)
+
+        task = spawn(flush_forever(), name="usage-flush")
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+            recorder.flush()
+
+    async def _revocation_watchdog(self, app: web.Application) -> AsyncIterator[None]:
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(REVALIDATE_SECONDS)
+                self.end_revoked_requests()
+
+        task = spawn(watch(), name="revocation-watchdog")
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+
+    def end_revoked_requests(self) -> int:
+        """End every running request whose credential is no longer valid; how many. A stream
+        ends with an SSE error; a request still waiting for LM Studio's answer with a 401."""
+        ended = 0
+        checked: dict[Principal, bool] = {}
+        for exchange in list(self._inflight):
+            relay, caller = exchange.outcome.relay, exchange.caller
+            if caller is None or exchange.task is None or exchange.task.done():
+                continue
+            valid = checked.get(caller)
+            if valid is None:
+                try:
+                    valid = checked[caller] = self._auth.still_valid(caller)
+                except Exception:
+                    log.exception("checking a running stream's credential failed")
+                    continue
+            if valid:
+                continue
+            error = _revoked()
+            if relay is not None:
+                relay.abort(error.message, error.type, error.code)
+            elif exchange.aborted_with is None:
+                exchange.aborted_with = error
+                exchange.task.cancel()
+            ended += 1
+        return ended
+
+    async def _answer_aborted(self, exchange: Exchange) -> web.StreamResponse:
+        error = exchange.aborted_with or shutting_down()
+        exchange.error = error.code
+        relay = exchange.outcome.relay
+        if relay is not None and relay.committed:
+            return await relay.fail(error.message, error.type, error.code)
+        return error.to_response(exchange.request_id)
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        """Let in-flight requests finish for ``shutdown_grace`` seconds, then close them."""
+        self._stopping = True
+        if self._inflight:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), self.config.shutdown_grace)
+        for exchange in list(self._inflight):
+            upstream = exchange.outcome.upstream
+            if upstream is not None:
+                # The relay or reader sees the closed connection and ends the answer itself.
+                upstream.close()
+            elif exchange.task is not None and not exchange.task.done():
+                exchange.aborted_with = shutting_down()
+                exchange.task.cancel()
+
+    def _finish(self, exchange: Exchange) -> None:
+        outcome = exchange.outcome
+        error = exchange.error or outcome.error
+        usage = outcome.usage
+        seconds = self._clock.monotonic() - exchange.started
+        if self.metrics is not None:
+            self.metrics.observe_request(exchange.route, exchange.status, seconds)
+            if usage is not None:
+                self.metrics.observe_tokens(usage.prompt_tokens, usage.completion_tokens)
+            if error is not None and error.startswith("upstream_"):
+                self.metrics.upstream_error(error)
+            if error is not None and error in {
+                "rate_limit_exceeded",
+                "too_many_concurrent_requests",
+                "too_many_auth_failures",
+                "too_many_pairing_attempts",
+            }:
+                self.metrics.rate_limited(error)
+        if (
+            self._recorder is not None
+            and exchange.principal is not None
+            and exchange.route != "/pair"
+        ):
+            self._recorder.record(exchange.principal, usage)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        fields: dict[str, object] = {
+            "request_id": exchange.request_id,
+            "client": exchange.client,
+            "principal": exchange.principal,
+            "method": exchange.method,
+            "path": exchange.path,
+            "status": exchange.status,
+            "model": exchange.model,
+            "stream": exchange.stream,
+            "latency_ms": round(seconds * 1000, 2),
+            "bytes_in": exchange.bytes_in,
+            "bytes_out": outcome.bytes_out,
+        }
+        if usage is not None:
+            fields["prompt_tokens"] = usage.prompt_tokens
+            fields["completion_tokens"] = usage.completion_tokens
+        if error:
+            fields["error"] = error
+        access_log.info("request", extra={"access": fields})

@@ -1,0 +1,347 @@
+"""The seed's conversation API, for the phone page and simple clients.
+
+``POST /api/chat`` takes ``{"message", "conversation_id"?, "model"?, "stream"?}``, sends the
+conversation's recent history (trimmed to ``chat.context_chars``) to LM Studio, and answers
+``{"response", "conversation_id", "model", ...}`` — or, with ``stream: true``, relays LM
+Studio's SSE chunks (the conversation ID in the ``X-Conversation-ID`` header) while keeping the
+answer for the history. ``GET /api/conversations``, ``GET`` and ``DELETE
+/api/conversations/{id}`` list, read and delete the caller's own conversations.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from tray_app.gateway.api_errors import REQUEST_ID_HEADER, ApiError
+from tray_app.gateway.body_rules import (
+    apply_principal_rules,
+    check_models,
+    parse_json_object,
+    prepare_body,
+)
+from tray_app.gateway.exchange import Exchange
+from tray_app.gateway.routes import FORWARDED_ROUTES
+from tray_app.gateway.upstream.answers import TooLargeToParse, parse_bounded
+from tray_app.gateway.upstream.client import UPSTREAM_SESSION, decode_body
+from tray_app.gateway.upstream.forwarding import Forwarder
+from tray_app.identity.principal import Principal
+from tray_app.storage.conversations import ConversationStore, Message, trim_history
+
+CHAT_ROUTE = next(r for r in FORWARDED_ROUTES if r.path == "/v1/chat/completions")
+MAX_MESSAGE_CHARS = 100_000
+CONVERSATION_HEADER = "X-Conversation-ID"
+
+
+def _invalid(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, type="invalid_request_error", code="invalid_body", param=param)
+
+
+def _not_found() -> ApiError:
+    return ApiError(
+        404, "No such conversation.", type="invalid_request_error", code="conversation_not_found"
+    )
+
+
+class SseCapture:
+    """Collects the answer's text from SSE chunks as they pass (only for /api/chat).
+
+    Both buffers are bounded: an unfinished line longer than ``max_line`` is dropped (the relay
+    ends such a stream itself), and the kept answer stops growing at ``max_chars``."""
+
+    def __init__(self, *, max_line: int, max_chars: int) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self._pending = b""
+        self._max_line = max_line
+        self._room = max_chars
+
+    def __call__(self, chunk: bytes) -> None:
+        data = self._pending + chunk
+        *lines, self._pending = data.replace(b"\r", b"\n").split(b"\n")
+        if len(self._pending) > self._max_line:
+            self._pending = b""
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                continue
+            try:
+                event = json.loads(payload)
+                delta = event["choices"][0]["delta"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue
+            if isinstance(delta.get("content"), str):
+                self._keep(self.content, delta["content"])
+            for key in ("reasoning", "reasoning_content"):
+                if isinstance(delta.get(key), str):
+                    self._keep(self.reasoning, delta[key])
+
+    def _keep(self, into: list[str], text: str) -> None:
+        if self._room > 0:
+            into.append(text[: self._room])
+            self._room -= len(text)
+
+
+BodyReader = Callable[[web.Request, Exchange], Awaitable[bytes]]
+
+
+class ChatApi:
+    def __init__(
+        self,
+        store: ConversationStore,
+        forwarder: Forwarder,
+        *,
+        context_chars: int,
+        read_body: BodyReader,
+        max_event_bytes: int,
+        max_answer_chars: int,
+        count_usage: bool,
+    ) -> None:
+        self._store = store
+        self._forward = forwarder
+        self._context_chars = context_chars
+        self._read_body = read_body  # the gateway's: its size and time limits, its errors
+        self._max_event_bytes = max_event_bytes
+        self._max_answer_chars = max_answer_chars
+        self._count_usage = count_usage
+
+    async def handle(
+        self, request: web.Request, exchange: Exchange, path: str, principal: Principal
+    ) -> web.StreamResponse:
+        method = request.method
+        request_id = exchange.request_id
+        if path == "/api/chat":
+            if method != "POST":
+                raise ApiError(
+                    405,
+                    "Use POST on /api/chat.",
+                    type="invalid_request_error",
+                    code="method_not_allowed",
+                    headers={"Allow": "POST"},
+                )
+            return await self._chat(request, exchange, principal)
+        if path == "/api/conversations":
+            if method != "GET":
+                raise ApiError(
+                    405,
+                    "Use GET on /api/conversations.",
+                    type="invalid_request_error",
+                    code="method_not_allowed",
+                    headers={"Allow": "GET"},
+                )
+            return self._json(
+                request_id,
+                {
+                    "object": "list",
+                    "data": [
+                        {
+                            "id": c.id,
+                            "title": c.title,
+                            "model": c.model,
+                            "created": int(c.created),
+                            "updated": int(c.updated),
+                        }
+                        for c in self._store.for_principal(principal.name)
+                    ],
+                },
+            )
+        conversation_id = path.removeprefix("/api/conversations/")
+        if "/" in conversation_id or not conversation_id:
+            raise _not_found()
+        if method not in {"GET", "DELETE"}:
+            raise ApiError(
+                405,
+                "Use GET or DELETE on a conversation.",
+                type="invalid_request_error",
+                code="method_not_allowed",
+                headers={"Allow": "GET, DELETE"},
+            )
+        conversation = self._store.get(principal.name, conversation_id)
+        if conversation is None:
+            raise _not_found()
+        if method == "GET":
+            return self._json(
+                request_id,
+                {
+                    "id": conversation.id,
+                    "title": conversation.title,
+                    "model": conversation.model,
+                    "messages": [
+                        {
+                            "role": m.role,
+                            "content": m.content,
+                            "reasoning": m.reasoning,
+                            "created": int(m.created),
+                        }
+                        for m in self._store.messages(conversation.id)
+                    ],
+                },
+            )
+        self._store.delete(principal.name, conversation.id)
+        return web.Response(status=204, headers={REQUEST_ID_HEADER: request_id})
+
+    @staticmethod
+    def _json(request_id: str, payload: Any) -> web.Response:
+        return web.json_response(payload, headers={REQUEST_ID_HEADER: request_id})
+
+    async def _default_model(self, request: web.Request, principal: Principal) -> str:
+        token = self._forward.lmstudio_token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        session = request.app[UPSTREAM_SESSION]
+        try:
+            async with session.get(
+                self._forward.upstream_url + "/v1/models", headers=headers, allow_redirects=False
+            ) as r:
+                payload = await r.json(content_type=None) if r.status == 200 else {}
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            payload = {}
+        for entry in payload.get("data", []) if isinstance(payload, dict) else []:
+            if (
+                isinstance(entry, dict)
+                and isinstance(entry.get("id"), str)
+                and principal.may_use_model(entry["id"])
+            ):
+                return str(entry["id"])
+        raise ApiError(
+            400,
+            "No model given, and LM Studio offers none this key may use; send a model.",
+            type="invalid_request_error",
+            code="missing_model",
+            param="model",
+        )
+
+    async def _chat(
+        self, request: web.Request, exchange: Exchange, principal: Principal
+    ) -> web.StreamResponse:
+        request_id, outcome, extra_headers = exchange.request_id, exchange.outcome, exchange.cors
+        raw = await self._read_body(request, exchange)
+        payload = parse_json_object(raw)
+        message = payload.get("message")
+        if not isinstance(message, str) or not message.strip():
+            raise _invalid('Send a non-empty "message".', "message")
+        if len(message) > MAX_MESSAGE_CHARS:
+            raise _invalid(f"The message is longer than {MAX_MESSAGE_CHARS} characters.", "message")
+        stream = payload.get("stream", False)
+        if not isinstance(stream, bool):
+            raise _invalid('"stream" must be true or false.', "stream")
+        conversation_id = payload.get("conversation_id")
+        conversation = None
+        if conversation_id is not None:
+            if not isinstance(conversation_id, str):
+                raise _invalid('"conversation_id" must be a string.', "conversation_id")
+            conversation = self._store.get(principal.name, conversation_id)
+            if conversation is None:
+                raise _not_found()
+        model = payload.get("model")
+        if model is not None and (not isinstance(model, str) or not model.strip()):
+            raise _invalid('"model" must be a model name.', "model")
+        if model is None:
+            model = (
+                conversation.model
+                if conversation and conversation.model
+                else await self._default_model(request, principal)
+            )
+        exchange.model, exchange.stream = model, stream
+        history = self._store.messages(conversation.id) if conversation is not None else []
+        history.append(Message("user", message, None, 0.0))
+        sent = trim_history(history, self._context_chars)
+        # The body LM Studio gets passes the same rules as any /v1/chat/completions request:
+        # the model allowlist, the output cap, and usage asked for so the turn is counted.
+        prepared = prepare_body(
+            CHAT_ROUTE,
+            json.dumps(
+                {
+                    "model": model,
+                    "stream": stream,
+                    "messages": [{"role": m.role, "content": m.content} for m in sent],
+                }
+            ).encode(),
+        )
+        check_models(prepared, principal)
+        adjusted = apply_principal_rules(
+            prepared, CHAT_ROUTE, max_tokens=principal.max_tokens, want_usage=self._count_usage
+        )
+        body = adjusted.body.raw
+        if conversation is None:
+            conversation = self._store.create(principal.name, message, model)
+        self._store.append(conversation.id, "user", message, model=model)
+        headers = {CONVERSATION_HEADER: conversation.id, **(extra_headers or {})}
+        if stream:
+            capture = SseCapture(max_line=self._max_event_bytes, max_chars=self._max_answer_chars)
+            try:
+                return await self._forward.post(
+                    request,
+                    request_id,
+                    CHAT_ROUTE,
+                    body,
+                    stream=True,
+                    outcome=outcome,
+                    extra_headers=headers,
+                    hide_usage=adjusted.hide_usage,
+                    observer=capture,
+                )
+            finally:
+                # Also after a Stop: what was generated so far belongs to the history.
+                text = "".join(capture.content)
+                if text or capture.reasoning:
+                    self._store.append(
+                        conversation.id,
+                        "assistant",
+                        text,
+                        reasoning="".join(capture.reasoning) or None,
+                    )
+        upstream = await self._forward.post(
+            request,
+            request_id,
+            CHAT_ROUTE,
+            body,
+            stream=False,
+            outcome=outcome,
+            extra_headers=None,
+            hide_usage=False,
+        )
+        assert isinstance(upstream, web.Response) and isinstance(upstream.body, bytes)
+        if upstream.status >= 400:
+            return upstream  # LM Studio's own error, already in the OpenAI shape
+        try:
+            answer = parse_bounded(
+                decode_body(
+                    upstream.body, upstream.headers.get("Content-Encoding"), self._max_answer_chars
+                )
+            )
+            reply = answer["choices"][0]["message"]
+            content = reply.get("content") or ""
+            reasoning = reply.get("reasoning") or reply.get("reasoning_content")
+        except TooLargeToParse:
+            raise ApiError(
+                502,
+                "LM Studio's answer is larger than LM Gate keeps in a conversation.",
+                type="upstream_error",
+                code="upstream_response_too_large",
+            ) from None
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise ApiError(
+                502,
+                "LM Studio's answer was not in the expected format.",
+                type="upstream_error",
+                code="upstream_bad_response",
+            ) from None
+        self._store.append(conversation.id, "assistant", content, reasoning=reasoning)
+        response = self._json(
+            request_id,
+            {
+                "response": content,
+                "reasoning": reasoning,
+                "conversation_id": conversation.id,
+                "model": model,
+                "usage": answer.get("usage"),
+            },
+        )
+        response.headers[CONVERSATION_HEADER] = conversation.id
+        return response

@@ -1,0 +1,277 @@
+"""Forwarding an allowed, authenticated request to LM Studio and relaying the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Awaitable, Callable, Mapping
+
+import aiohttp
+from aiohttp import web
+
+from tray_app.config.settings import Config
+from tray_app.gateway.api_errors import REQUEST_ID_HEADER, ApiError
+from tray_app.gateway.headers import client_response_headers, upstream_request_headers
+from tray_app.gateway.routes import Route
+from tray_app.gateway.upstream.answers import (
+    TooLargeToParse,
+    looks_like_json_object,
+    parse_bounded,
+    usage_in_tail,
+)
+from tray_app.gateway.upstream.client import (
+    UPSTREAM_SESSION,
+    decode_body,
+    looks_like_openai_error,
+    rejected_our_credentials,
+    response_too_large,
+    translate_client_error,
+)
+from tray_app.gateway.upstream.streaming import StreamRelay
+from tray_app.gateway.upstream.usage import Usage, usage_from_payload
+from tray_app.identity.principal import Principal
+
+# Larger bodies (images) go out in chunks so one request cannot stall the event loop.
+_INLINE_BODY_BYTES = 1024 * 1024
+
+
+class Outcome:
+    """What the access log, metrics and accounting learn from one forwarded request."""
+
+    __slots__ = ("bytes_out", "error", "relay", "status", "upstream", "usage")
+
+    def __init__(self) -> None:
+        self.upstream: aiohttp.ClientResponse | None = None
+        self.relay: StreamRelay | None = None
+        self.status = 0
+        self.bytes_out = 0
+        self.usage: Usage | None = None
+        self.error: str | None = None
+
+
+class Forwarder:
+    def __init__(self, config: Config, is_stopping: Callable[[], bool]) -> None:
+        self._config = config
+        self.upstream_url = config.upstream_url
+        self._is_stopping = is_stopping
+        self.lmstudio_token: str | None = None
+
+    def _headers(self, request: web.Request, request_id: str) -> Mapping[str, str]:
+        return upstream_request_headers(
+            request.headers, request_id=request_id, lmstudio_token=self.lmstudio_token
+        )
+
+    async def post(
+        self,
+        request: web.Request,
+        request_id: str,
+        route: Route,
+        body: bytes,
+        *,
+        stream: bool,
+        outcome: Outcome,
+        extra_headers: Mapping[str, str] | None,
+        hide_usage: bool,
+        observer: Callable[[bytes], None] | None = None,
+    ) -> web.StreamResponse:
+        headers = self._headers(request, request_id)
+        url = self.upstream_url + route.path
+        session = request.app[UPSTREAM_SESSION]
+        data: bytes | io.BytesIO = body if len(body) <= _INLINE_BODY_BYTES else io.BytesIO(body)
+
+        def send() -> Awaitable[aiohttp.ClientResponse]:
+            return session.request(
+                route.method, url, data=data, headers=headers, allow_redirects=False
+            )
+
+        if not stream:
+            upstream = await self._open(send)
+            outcome.upstream = upstream
+            return await self._read_into_response(upstream, request_id, outcome)
+
+        def remember(upstream: aiohttp.ClientResponse) -> None:
+            outcome.upstream = upstream
+
+        relay = outcome.relay = StreamRelay(
+            request,
+            request_id,
+            config=self._config,
+            on_upstream=remember,
+            read_whole=lambda upstream: self._read_into_response(upstream, request_id, outcome),
+            is_stopping=self._is_stopping,
+            extra_headers=extra_headers,
+            hide_usage=hide_usage,
+            observer=observer,
+        )
+        try:
+            return await relay.run(lambda: self._open(send))
+        finally:
+            # Also when the client hung up (aiohttp cancels us): the log counts what was sent.
+            outcome.status = relay.status
+            outcome.bytes_out = relay.bytes_out
+            outcome.usage = relay.usage
+            outcome.error = relay.error
+
+    async def models(
+        self,
+        request: web.Request,
+        request_id: str,
+        route: Route,
+        principal: Principal,
+        outcome: Outcome,
+    ) -> web.StreamResponse:
+        headers = self._headers(request, request_id)
+        session = request.app[UPSTREAM_SESSION]
+        upstream = await self._open(
+            lambda: session.request(
+                "GET", self.upstream_url + route.path, headers=headers, allow_redirects=False
+            )
+        )
+        outcome.upstream = upstream
+        data = await self._read_whole(upstream)
+        if upstream.status == 200 and principal.models is not None:
+            limit = self._config.max_response_bytes
+            data = _filter_models(
+                decode_body(data, upstream.headers.get("Content-Encoding"), limit), principal
+            )
+            response = web.Response(status=200, body=data, content_type="application/json")
+            response.headers[REQUEST_ID_HEADER] = request_id
+            return response
+        return self._whole_response(upstream, data, request_id, outcome)
+
+    async def _open(
+        self, send: Callable[[], Awaitable[aiohttp.ClientResponse]]
+    ) -> aiohttp.ClientResponse:
+        try:
+            upstream = await send()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise translate_client_error(exc, self._config) from None
+        if upstream.status in {401, 403}:
+            upstream.release()
+            raise rejected_our_credentials(upstream.status)
+        if 300 <= upstream.status < 400:
+            # Never followed: a redirect could point LM Gate at LM Studio's native API or at
+            # another host, past every route rule. Nor relayed: it is not an answer.
+            upstream.close()
+            raise ApiError(
+                502,
+                f"LM Studio answered with a redirect ({upstream.status}); LM Gate does not "
+                "follow redirects. Check that upstream.url points at LM Studio's server.",
+                type="upstream_error",
+                code="upstream_bad_response",
+            )
+        return upstream
+
+    async def _read_into_response(
+        self, upstream: aiohttp.ClientResponse, request_id: str, outcome: Outcome
+    ) -> web.Response:
+        data = await self._read_whole(upstream)
+        return self._whole_response(upstream, data, request_id, outcome)
+
+    async def _read_whole(self, upstream: aiohttp.ClientResponse) -> bytes:
+        limit = self._config.max_response_bytes
+        try:
+            if upstream.content_length is not None and upstream.content_length > limit:
+                raise response_too_large(limit)
+            parts: list[bytes] = []
+            size = 0
+            async for chunk in upstream.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise response_too_large(limit)
+                parts.append(chunk)
+        except BaseException as exc:
+            upstream.close()
+            if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError):
+                if self._is_stopping():
+                    raise shutting_down() from None
+                raise translate_client_error(exc, self._config) from None
+            raise
+        upstream.release()
+        return b"".join(parts)
+
+    def _whole_response(
+        self, upstream: aiohttp.ClientResponse, data: bytes, request_id: str, outcome: Outcome
+    ) -> web.Response:
+        headers = client_response_headers(upstream.headers)
+        headers[REQUEST_ID_HEADER] = request_id
+        status = upstream.status
+        if status >= 400 and not looks_like_openai_error(data):
+            # Keep LM Studio's status (a 5xx passes through) but give clients the error shape.
+            snippet = data[:300].decode("utf-8", errors="replace").strip()
+            raise ApiError(
+                status,
+                f"LM Studio answered {status}: {snippet or '(no body)'}",
+                type="upstream_error",
+                code="upstream_error",
+            )
+        if status < 300:
+            outcome.usage = _usage_of_json_answer(
+                data,
+                upstream.headers.get("Content-Encoding"),
+                status,
+                self._config.max_response_bytes,
+            )
+        return web.Response(status=status, body=data, headers=headers)
+
+
+def _usage_of_json_answer(
+    data: bytes, encoding: str | None, status: int, limit: int
+) -> Usage | None:
+    """Every forwarded endpoint answers JSON: anything else from LM Studio is a broken answer
+    the caller should hear about as such, not a body their SDK chokes on."""
+    text = decode_body(data, encoding, limit)
+    try:
+        return usage_from_payload(parse_bounded(text))
+    except TooLargeToParse:
+        if looks_like_json_object(text):
+            return usage_from_payload({"usage": usage_in_tail(text)})
+    except ValueError:
+        pass
+    snippet = data[:200].decode("utf-8", errors="replace").strip()
+    raise ApiError(
+        502,
+        f"LM Studio answered {status} with a body that is not JSON: {snippet or '(empty)'}",
+        type="upstream_error",
+        code="upstream_bad_response",
+    )
+
+
+def shutting_down() -> ApiError:
+    return ApiError(
+        503,
+        "LM Gate is shutting down; try again in a moment.",
+        type="server_error",
+        code="shutting_down",
+    )
+
+
+def _filter_models(data: bytes, principal: Principal) -> bytes:
+    try:
+        payload = parse_bounded(data)
+        entries = payload["data"]
+        if not isinstance(entries, list):
+            raise TypeError
+    except TooLargeToParse:
+        raise ApiError(
+            502,
+            f"LM Studio's model list is larger than LM Gate reads ({len(data)} bytes).",
+            type="upstream_error",
+            code="upstream_response_too_large",
+        ) from None
+    except (ValueError, KeyError, TypeError):
+        raise ApiError(
+            502,
+            "LM Studio's model list was not in the expected format.",
+            type="upstream_error",
+            code="upstream_bad_response",
+        ) from None
+    payload["data"] = [
+        entry
+        for entry in entries
+        if isinstance(entry, dict)
+        and isinstance(entry.get("id"), str)
+        and principal.may_use_model(entry["id"])
+    ]
+    return json.dumps(payload).encode()

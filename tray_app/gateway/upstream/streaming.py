@@ -1,0 +1,372 @@
+"""Relaying a streamed (SSE) answer from LM Studio, chunk by chunk as it arrives.
+
+While LM Studio is still processing the prompt, an optional heartbeat pump sends SSE comments
+so that idle-sensitive proxies and phones keep the connection. The relay itself awaits LM
+Studio directly (no wrapper task per read), and once the first chunk arrives it is a plain
+read-write loop: no parsing, no timers, one deque append per chunk (for usage). A stream
+whose usage must be hidden, or whose events an observer reads, is relayed in whole events,
+none larger than limits.max_event_bytes.
+When the client hangs up, LM Studio's request is closed at once so the GPU stops generating;
+``StreamRelay.abort`` does the same from outside (a revoked credential) and tells the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from tray_app.config.settings import Config
+from tray_app.gateway.api_errors import REQUEST_ID_HEADER, ApiError, sse_error_event
+from tray_app.gateway.upstream.usage import EventCutter, Usage, usage_from_sse_tail
+from tray_app.tasks import spawn
+
+log = logging.getLogger("lmgate.streaming")
+
+HEARTBEAT = b": keep-alive\n\n"
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    # nginx (and ngrok's edge honours it too) must not buffer the stream.
+    "X-Accel-Buffering": "no",
+}
+_TAIL_CHUNKS = 4  # the usage chunk and [DONE] arrive in the last few reads
+
+
+class _SseResponse(web.StreamResponse):
+    """Sends its headers together with the first chunk (or heartbeat) in one write, as
+    aiohttp's own web.Response does, instead of alone at prepare(): one packet and one client
+    read fewer before the first token."""
+
+    _send_headers_immediately = False
+
+
+class _ClientGone(Exception):
+    """The client closed its connection; nothing more can be sent to it."""
+
+
+class _EventTooLarge(Exception):
+    """LM Studio sent an SSE event larger than limits.max_event_bytes."""
+
+
+class StreamRelay:
+    """Relays one streamed request; afterwards ``status``, ``bytes_out``, ``usage``, ``error``
+    describe what happened, for the access log."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        request_id: str,
+        *,
+        config: Config,
+        on_upstream: Callable[[aiohttp.ClientResponse], None],
+        read_whole: Callable[[aiohttp.ClientResponse], Awaitable[web.Response]],
+        is_stopping: Callable[[], bool],
+        extra_headers: Mapping[str, str] | None = None,
+        hide_usage: bool = False,
+        observer: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self._request = request
+        self._extra_headers = extra_headers
+        self._hide_usage = hide_usage
+        # Sees the answer as the client gets it, in whole events (the conversation API keeps it).
+        self._observer = observer
+        self._request_id = request_id
+        self._interval = config.heartbeat_interval
+        self._idle_timeout = config.upstream_idle_timeout
+        self._max_event_bytes = config.max_event_bytes
+        self._on_upstream = on_upstream
+        self._read_whole = read_whole
+        self._is_stopping = is_stopping
+        self._down: web.StreamResponse | None = None
+        self._upstream: aiohttp.ClientResponse | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._aborted: tuple[str, str, str] | None = None  # message, type, code
+        self._abort_cancelled = False  # abort() cancelled the wait for LM Studio's headers
+        self._finished = False
+        self.status = 0
+        self.bytes_out = 0
+        self.usage: Usage | None = None
+        self.error: str | None = None
+
+    @property
+    def committed(self) -> bool:
+        """Whether response headers went out (heartbeats or data): errors must be SSE events."""
+        return self._down is not None
+
+    def abort(self, message: str, type: str, code: str) -> None:
+        """End the stream from outside (e.g. its credential was revoked): LM Studio's request
+        is closed now, and the relay's own task ends the client's stream with this SSE error
+        event as soon as it runs. Call on the relay's event loop; returns at once. Does
+        nothing once the stream has ended or was already aborted."""
+        if self._finished or self._aborted is not None:
+            return
+        self._aborted = (message, type, code)
+        if self._upstream is not None:
+            self._upstream.close()  # the pending read fails at once
+        elif self._task is not None:
+            # Still waiting for LM Studio's headers, which may take minutes of prompt
+            # processing: cancel that wait (aiohttp then closes the connection).
+            self._abort_cancelled = True
+            self._task.cancel()
+
+    async def run(
+        self, open_upstream: Callable[[], Awaitable[aiohttp.ClientResponse]]
+    ) -> web.StreamResponse:
+        self._task = asyncio.current_task()
+        pump = _HeartbeatPump(self, self._interval) if self._interval > 0 else None
+        try:
+            return await self._run(open_upstream, pump)
+        except _ClientGone:
+            self.status = 499
+            self.error = "client_disconnected"
+            # Returning the prepared response is fine: aiohttp notices the closed transport.
+            assert self._down is not None
+            return self._down
+        finally:
+            self._finished = True
+            if pump is not None:
+                pump.cancel()
+
+    async def _run(
+        self,
+        open_upstream: Callable[[], Awaitable[aiohttp.ClientResponse]],
+        pump: _HeartbeatPump | None,
+    ) -> web.StreamResponse:
+        try:
+            if self._aborted is not None:
+                return await self._fail_aborted()
+            try:
+                upstream = await open_upstream()
+            except ApiError as err:
+                await _stop(pump)
+                if self._down is None:
+                    raise
+                return await self.fail(err.message, err.type, err.code)
+            self._upstream = upstream
+            self._on_upstream(upstream)
+            content_type = upstream.headers.get("Content-Type", "")
+            if upstream.status != 200 or "text/event-stream" not in content_type:
+                await _stop(pump)
+                return await self._not_a_stream(upstream)
+            return await self._relay(upstream, pump)
+        except asyncio.CancelledError:
+            if not self._abort_cancelled:
+                raise  # the client hung up: aiohttp cancelled the handler
+            self._abort_cancelled = False
+            task = self._task
+            assert task is not None
+            if task.uncancel() > 0:
+                raise  # the client hung up as well
+            await _stop(pump)
+            return await self._fail_aborted()
+
+    async def _relay(
+        self, upstream: aiohttp.ClientResponse, pump: _HeartbeatPump | None
+    ) -> web.StreamResponse:
+        tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
+        cutter: EventCutter | None = None
+        try:
+            content = upstream.content
+            first = await content.readany()  # the pump beats on while the prompt is processed
+            await _stop(pump)
+            down = await self._start(upstream.status)
+            if first and (self._hide_usage or self._observer is not None):
+                cutter = EventCutter(self._max_event_bytes, hide_usage=self._hide_usage)
+                await self._relay_events(first, content, cutter, tail)
+            elif first:
+                tail.append(first)
+                await self._write(first)
+                async for chunk in content.iter_any():
+                    tail.append(chunk)
+                    try:
+                        await down.write(chunk)
+                    except ConnectionResetError:
+                        raise _ClientGone from None
+                    self.bytes_out += len(chunk)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            upstream.close()
+            await _stop(pump)
+            if self._aborted is not None:
+                return await self._fail_aborted()
+            if self._is_stopping():
+                return await self.fail(
+                    "LM Gate is shutting down; the answer was cut short.",
+                    "server_error",
+                    "shutting_down",
+                )
+            if isinstance(exc, asyncio.TimeoutError):
+                return await self.fail(
+                    f"LM Studio sent nothing for {self._idle_timeout:g} s "
+                    "(upstream.idle_timeout); the answer was cut short.",
+                    "upstream_error",
+                    "upstream_timeout",
+                )
+            return await self.fail(
+                f"LM Studio's stream broke off ({type(exc).__name__}); the answer is incomplete.",
+                "upstream_error",
+                "upstream_stream_failed",
+            )
+        except _EventTooLarge:
+            upstream.close()  # LM Studio would go on filling it; stop the generation too
+            return await self.fail(
+                f"LM Studio sent an SSE event larger than {self._max_event_bytes} bytes "
+                "(limits.max_event_bytes); the answer was cut short.",
+                "upstream_error",
+                "upstream_event_too_large",
+            )
+        except BaseException:
+            upstream.close()
+            raise
+        upstream.release()
+        if self._aborted is not None:
+            return await self._fail_aborted()  # the close looked like a clean end
+        found = cutter.usage if cutter is not None else None
+        self.usage = found or usage_from_sse_tail(tail, self._max_event_bytes)
+        return down
+
+    async def _relay_events(
+        self,
+        first: bytes,
+        content: aiohttp.StreamReader,
+        cutter: EventCutter,
+        tail: deque[bytes],
+    ) -> None:
+        """The relay loop in whole events: for hiding the usage LM Gate asked for, and for an
+        observer that reads events. What the observer sees is exactly what is written."""
+        observe = self._observer
+        chunk = first
+        while chunk:
+            tail.append(chunk)
+            ready = cutter.feed(chunk)
+            if ready:
+                if observe is not None:
+                    observe(ready)
+                await self._write(ready)
+            if cutter.too_large:
+                raise _EventTooLarge
+            chunk = await content.readany()
+        rest = cutter.rest()
+        if rest and self._aborted is None:
+            if observe is not None:
+                observe(rest)
+            await self._write(rest)
+
+    async def _not_a_stream(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        """LM Studio answered with an error (or plain JSON) although a stream was asked for."""
+        try:
+            whole = await self._read_whole(upstream)
+        except ApiError as err:
+            if self._aborted is not None:
+                return await self._fail_aborted()
+            if self._down is None:
+                raise
+            return await self.fail(err.message, err.type, err.code)
+        if self._down is None:
+            self.status = whole.status
+            return whole
+        body = whole.body if isinstance(whole.body, bytes) else b""
+        if whole.status >= 400:
+            return await self.fail(
+                body.decode("utf-8", errors="replace")[:500], "upstream_error", "upstream_error"
+            )
+        await self._write(b"data: " + body.replace(b"\n", b"") + b"\n\ndata: [DONE]\n\n")
+        return self._down
+
+    async def _start(self, status: int) -> web.StreamResponse:
+        if self._down is None:
+            down = _SseResponse(status=status, headers=SSE_HEADERS)
+            down.headers[REQUEST_ID_HEADER] = self._request_id
+            if self._extra_headers:
+                down.headers.update(self._extra_headers)
+            self.status = status
+            try:
+                await down.prepare(self._request)
+            except ConnectionResetError:
+                raise _ClientGone from None
+            self._down = down
+        return self._down
+
+    async def _write(self, data: bytes) -> None:
+        assert self._down is not None
+        try:
+            await self._down.write(data)
+        except ConnectionResetError:
+            raise _ClientGone from None
+        self.bytes_out += len(data)
+
+    async def heartbeat(self) -> None:
+        await self._start(200)
+        await self._write(HEARTBEAT)
+
+    async def fail(self, message: str, kind: str, code: str) -> web.StreamResponse:
+        """End the stream with an SSE error event that the OpenAI SDKs raise as APIError."""
+        self.error = code
+        down = await self._start(200)
+        await self._write(
+            sse_error_event(message, type=kind, code=code, request_id=self._request_id)
+        )
+        return down
+
+    async def _fail_aborted(self) -> web.StreamResponse:
+        assert self._aborted is not None
+        message, kind, code = self._aborted
+        return await self.fail(message, kind, code)
+
+
+class _HeartbeatPump:
+    """Sends SSE comments every interval until stopped: the only other writer before the first
+    chunk. Between beats it is only a timer, so a stream whose first chunk comes in time never
+    creates a task for it. A beat is never cancelled mid-write, so the response is prepared
+    exactly once and no heartbeat is cut in half."""
+
+    def __init__(self, relay: StreamRelay, interval: float) -> None:
+        self._relay = relay
+        self._interval = interval
+        self._stopping = False
+        self._beat: asyncio.Task[None] | None = None  # set only while a heartbeat is written
+        self._timer = asyncio.get_running_loop().call_later(interval, self._due)
+
+    def _due(self) -> None:
+        self._beat = spawn(self._send(), name="sse-heartbeat")
+        self._beat.add_done_callback(_log_failure)
+
+    async def _send(self) -> None:
+        try:
+            if self._stopping:
+                return  # stopped after the timer fired but before this task's first step
+            await self._relay.heartbeat()
+        except _ClientGone:
+            return  # aiohttp cancels the handler; there is nobody left to beat for
+        finally:
+            self._beat = None
+        if not self._stopping:
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self._due)
+
+    def cancel(self) -> None:
+        self._stopping = True
+        self._timer.cancel()
+
+    async def stop(self) -> None:
+        """Stop beating; returns once no heartbeat write is in progress, without a loop turn
+        when none is."""
+        self.cancel()
+        beat = self._beat
+        if beat is not None:
+            # asyncio.wait, not await: our own cancellation must still propagate to us.
+            await asyncio.wait({beat})
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("SSE heartbeat failed: %s", type(exc).__name__, exc_info=exc)
+
+
+async def _stop(pump: _HeartbeatPump | None) -> None:
+    if pump is not None:
+        await pump.stop()

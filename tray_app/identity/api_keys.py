@@ -1,0 +1,165 @@
+"""API keys for scripts: ``lmg_`` + 32 random bytes, shown once, stored only as a SHA-256 hash.
+
+A hash without salt is right here: the key has 256 bits of entropy, so no dictionary exists,
+and an unsalted hash lets a key be found by one indexed lookup. That lookup is made whenever a
+key is not in memory yet, so a key the CLI created a moment ago works on its first request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+from dataclasses import dataclass
+
+from tray_app.clock import Clock
+from tray_app.errors import AuthError
+from tray_app.identity.principal import Principal
+from tray_app.identity.tokens import check_scopes
+from tray_app.storage.database import Database, decode_list, encode_list
+
+PREFIX = "lmg_"
+KEY_BYTES = 32
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def looks_like_api_key(credential: str) -> bool:
+    return credential.startswith(PREFIX)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    id: str
+    name: str
+    scopes: frozenset[str]
+    models: frozenset[str] | None
+    created: float
+    expires: float | None
+    last_used: float | None
+    revoked: float | None
+
+    @property
+    def principal_name(self) -> str:
+        return f"key:{self.id}"
+
+
+def _record(r: sqlite3.Row) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        r["id"],
+        r["name"],
+        frozenset(r["scopes"].split()),
+        decode_list(r["models"]),
+        r["created"],
+        r["expires"],
+        r["last_used"],
+        r["revoked"],
+    )
+
+
+class ApiKeyService:
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+        self._by_hash: dict[str, tuple[ApiKeyRecord, Principal]] = {}
+        self._by_id: dict[str, ApiKeyRecord] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        rows = self._db.query("SELECT * FROM api_keys")
+        self._by_hash = {}
+        self._by_id = {}
+        for row in rows:
+            self._remember(row["key_hash"], _record(row))
+
+    def _remember(self, hashed: str, record: ApiKeyRecord) -> tuple[ApiKeyRecord, Principal]:
+        name = record.principal_name
+        found = (record, Principal(name, record.scopes, record.models, credential=name))
+        self._by_hash[hashed] = found
+        self._by_id[record.id] = record
+        return found
+
+    def is_active(self, key_id: str) -> bool:
+        """Whether the key is neither revoked nor expired, as far as this process has read."""
+        record = self._by_id.get(key_id)
+        return record is not None and self._usable(record)
+
+    def _usable(self, record: ApiKeyRecord) -> bool:
+        return record.revoked is None and (
+            record.expires is None or record.expires > self._clock.time()
+        )
+
+    def create(
+        self,
+        name: str,
+        *,
+        scopes: frozenset[str],
+        models: frozenset[str] | None = None,
+        ttl: float | None = None,
+    ) -> tuple[str, ApiKeyRecord]:
+        """Make a key; returns (the key, shown once; its record)."""
+        check_scopes(scopes)
+        if not name.strip():
+            raise ValueError("an API key needs a name")
+        key = PREFIX + secrets.token_urlsafe(KEY_BYTES)
+        hashed = key_hash(key)
+        now = self._clock.time()
+        record = ApiKeyRecord(
+            secrets.token_hex(6),
+            name.strip(),
+            scopes,
+            models,
+            now,
+            None if ttl is None else now + ttl,
+            None,
+            None,
+        )
+        with self._db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO api_keys (id, name, key_hash, scopes, models, created, expires) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.name,
+                    hashed,
+                    " ".join(sorted(scopes)),
+                    encode_list(models),
+                    now,
+                    record.expires,
+                ),
+            )
+        self._remember(hashed, record)
+        return key, record
+
+    def verify(self, key: str) -> tuple[ApiKeyRecord, Principal]:
+        hashed = key_hash(key)
+        found = self._by_hash.get(hashed)
+        if found is None:
+            # Made by another process since the last refresh? One indexed lookup says.
+            rows = self._db.query("SELECT * FROM api_keys WHERE key_hash = ?", (hashed,))
+            if not rows:
+                raise AuthError("Invalid API key.", code="invalid_api_key")
+            found = self._remember(hashed, _record(rows[0]))
+        record, principal = found
+        if record.revoked is not None:
+            raise AuthError("This API key has been revoked.", code="api_key_revoked")
+        if record.expires is not None and record.expires <= self._clock.time():
+            raise AuthError("This API key has expired; create a new one.", code="api_key_expired")
+        return record, principal
+
+    def list(self) -> list[ApiKeyRecord]:
+        return [_record(r) for r in self._db.query("SELECT * FROM api_keys ORDER BY created")]
+
+    def revoke(self, key_id: str) -> ApiKeyRecord:
+        rows = self._db.query("SELECT * FROM api_keys WHERE id = ?", (key_id,))
+        if not rows:
+            raise LookupError(f"no API key with ID {key_id!r}")
+        with self._db.transaction() as conn:
+            conn.execute(
+                "UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL",
+                (self._clock.time(), key_id),
+            )
+        self.reload()
+        return _record(self._db.query("SELECT * FROM api_keys WHERE id = ?", (key_id,))[0])

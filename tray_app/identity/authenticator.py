@@ -1,0 +1,174 @@
+"""The identity layer's authenticator: API keys, JWT access tokens, and (off by default) dev mode.
+
+Changes other processes make (the CLI creating, revoking, rotating) are read at most twice a
+second; a credential not in memory yet is looked up at once, so a new one works on its first
+request. Paired devices are held to the *current* model allowlist on every request, so
+narrowing ``auth.allowed_models`` applies to devices paired before.
+
+Dev mode reproduces the seed's ``X-User-Id`` header for local experiments: it is accepted only
+from a loopback peer, addressed to a loopback host name (a page on a DNS-rebinding domain
+sends its own), with no proxy header (a proxy on this machine relays for someone else); no
+tunnel may open while it is on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from tray_app.addresses import is_loopback, is_loopback_host
+from tray_app.clock import Clock
+from tray_app.errors import AuthError
+from tray_app.identity.api_keys import ApiKeyService, looks_like_api_key
+from tray_app.identity.principal import (
+    ALL_SCOPES,
+    MISSING_CREDENTIAL,
+    Principal,
+    extract_credential,
+)
+from tray_app.identity.tokens import TokenService
+from tray_app.storage.database import Database
+
+log = logging.getLogger("lmgate.identity")
+
+_REFRESH_SECONDS = 0.5
+_DEV_USER_MAX = 64
+# Whole families of headers that proxies, CDNs and tunnels add (Cloudflare, Fly, Envoy,
+# Tailscale, ...): a list of names can never be complete.
+PROXY_HEADER_PREFIXES = (
+    "x-forwarded-",
+    "x-original-",
+    "x-real-",
+    "x-envoy-",
+    "x-cluster-",
+    "x-client-",
+    "cf-",
+    "cdn-",
+    "fly-",
+    "fastly-",
+    "tailscale-",
+    "true-client-",
+    "x-proxyuser-",
+)
+_RESTRICTED_CACHE_LIMIT = 10_000
+
+# Headers by which a proxy says it relays for someone else; none may reach dev mode.
+PROXY_HEADERS = (
+    "Forwarded",
+    "X-Forwarded-For",
+    "X-Forwarded-Host",
+    "X-Forwarded-Proto",
+    "X-Real-IP",
+    "CF-Connecting-IP",
+    "True-Client-IP",
+    "X-Client-IP",
+    "Fastly-Client-IP",
+    "X-Cluster-Client-IP",
+    "X-Forwarded",
+    "X-Forwarded-Server",
+    "X-Forwarded-Port",
+    "X-Forwarded-Prefix",
+    "X-Original-Forwarded-For",
+    "X-Original-Host",
+    "X-ProxyUser-Ip",
+    "Client-IP",
+    "Via",
+)
+
+
+class IdentityAuthenticator:
+    def __init__(
+        self,
+        db: Database,
+        tokens: TokenService,
+        api_keys: ApiKeyService,
+        clock: Clock,
+        *,
+        dev_mode: bool = False,
+        allowed_models: frozenset[str] | None = None,
+    ) -> None:
+        """``allowed_models`` (None = all) bounds every paired device and copied snippet."""
+        self._db = db
+        self.tokens = tokens
+        self.api_keys = api_keys
+        self._clock = clock
+        self.dev_mode = dev_mode
+        self._allowed = allowed_models
+        self._restricted: dict[Principal, Principal] = {}
+        self._next_refresh = 0.0
+
+    def refresh_if_changed(self) -> None:
+        """Pick up keys, revocations and a rotated signing key another process (the CLI)
+        wrote, at most twice a second."""
+        now = self._clock.monotonic()
+        if now < self._next_refresh:
+            return
+        self._next_refresh = now + _REFRESH_SECONDS
+        if self._db.changed_by_others():
+            self.tokens.sync_key()
+            self.tokens.reload()
+            self.api_keys.reload()
+
+    def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
+        self.refresh_if_changed()
+        if self.dev_mode and "X-User-Id" in headers:
+            return self._dev_user(headers, peer)
+        credential = extract_credential(headers)
+        if credential is None:
+            if "X-User-Id" in headers:
+                return self._dev_user(headers, peer)  # says dev mode is off
+            raise AuthError(MISSING_CREDENTIAL, code="missing_api_key")
+        if looks_like_api_key(credential):
+            return self.api_keys.verify(credential)[1]
+        principal = self.tokens.verify(credential)
+        # What the tray hands out (paired phones, copied curl snippets) follows the allowlist
+        # as it is now, not as it was when the credential was made: narrowed or widened.
+        if principal.name.startswith(("device:", "snippet:")) and principal.models != self._allowed:
+            return self._restrict(principal)
+        return principal
+
+    def _restrict(self, principal: Principal) -> Principal:
+        restricted = self._restricted.get(principal)
+        if restricted is None:
+            if len(self._restricted) >= _RESTRICTED_CACHE_LIMIT:
+                self._restricted = {}
+            restricted = Principal(
+                principal.name,
+                principal.scopes,
+                self._allowed,
+                principal.max_tokens,
+                principal.credential,
+            )
+            self._restricted[principal] = restricted
+        return restricted
+
+    def still_valid(self, principal: Principal) -> bool:
+        """Whether the credential behind ``principal`` may go on (a running stream asks)."""
+        self.refresh_if_changed()
+        kind, _, ident = (principal.credential or "").partition(":")
+        if kind == "token":
+            return self.tokens.is_active(ident)
+        if kind == "key":
+            return self.api_keys.is_active(ident)
+        if kind == "dev":
+            return self.dev_mode
+        return False
+
+    def _dev_user(self, headers: Mapping[str, str], peer: str | None) -> Principal:
+        if not self.dev_mode:
+            raise AuthError(
+                "X-User-Id is only accepted in dev mode (auth.dev_mode), which is off.",
+                code="dev_mode_off",
+            )
+        relayed = any(name in headers for name in PROXY_HEADERS) or any(
+            name.lower().startswith(PROXY_HEADER_PREFIXES) for name in headers
+        )
+        if not is_loopback(peer) or relayed or not is_loopback_host(headers.get("Host")):
+            raise AuthError(
+                "Dev mode accepts X-User-Id only from this machine, addressed to localhost.",
+                code="dev_mode_remote",
+            )
+        user = headers["X-User-Id"].strip()
+        if not user or len(user) > _DEV_USER_MAX or not user.isprintable():
+            raise AuthError("X-User-Id must be a short printable name.", code="dev_mode_bad_user")
+        return Principal(f"dev:{user}", ALL_SCOPES, credential=f"dev:{user}")

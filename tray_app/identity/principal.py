@@ -1,0 +1,113 @@
+"""Who is calling and what they may do.
+
+The gateway asks an :class:`Authenticator` for a :class:`Principal` and then consults the
+principal for scopes and models; the identity layer (JWTs, API keys, pairing) plugs in here.
+Until it does, :class:`StaticKeyAuthenticator` accepts one key, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from tray_app.errors import AuthError
+
+# Scopes an access token can carry (routes name the one each needs).
+SCOPE_CHAT = "chat"
+SCOPE_EMBEDDINGS = "embeddings"
+SCOPE_MODELS = "models"
+SCOPE_METRICS = "metrics"
+
+ALL_SCOPES = frozenset({SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS, SCOPE_METRICS})
+MIN_STATIC_KEY_LENGTH = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller. ``models`` None means every model LM Studio offers.
+
+    ``name`` is the principal's identity (conversations, limits and usage belong to it): one
+    per issued credential, never shared by two. ``credential`` names the credential that
+    authenticated the request, so that a running stream can be ended once it is revoked.
+    """
+
+    name: str
+    scopes: frozenset[str]
+    models: frozenset[str] | None = None
+    max_tokens: int | None = None
+    credential: str | None = None
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+    def may_use_model(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    def visible_models(self, model_ids: Iterable[str]) -> list[str]:
+        return [m for m in model_ids if self.may_use_model(m)]
+
+
+class Authenticator(Protocol):
+    def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
+        """Return the caller's principal or raise :class:`AuthError` (401)."""
+        ...
+
+    def still_valid(self, principal: Principal) -> bool:
+        """Whether the credential behind ``principal`` is still live (not revoked, not
+        expired), reading changes other processes made; asked every few seconds for each
+        running stream."""
+        ...
+
+
+def extract_credential(headers: Mapping[str, str]) -> str | None:
+    """The bearer token or API key a request carries (never from the query string)."""
+    authorization = headers.get("Authorization")
+    if authorization:
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return _plain(value.strip())
+        raise AuthError(
+            "The Authorization header must look like 'Bearer <key>'.", code="invalid_authorization"
+        )
+    api_key = headers.get("X-API-Key")
+    if api_key and api_key.strip():
+        return _plain(api_key.strip())
+    return None
+
+
+def _plain(credential: str) -> str:
+    # Every key and token LM Gate issues is printable ASCII; anything else is refused here,
+    # as a counted failure, before hashing or JWT decoding could trip over it.
+    if not (credential.isascii() and credential.isprintable()):
+        raise AuthError(
+            "The credential has characters no LM Gate key or token has.", code="invalid_api_key"
+        )
+    return credential
+
+
+MISSING_CREDENTIAL = (
+    "Missing API key. Send it as 'Authorization: Bearer <key>' (or the X-API-Key header)."
+)
+
+
+class StaticKeyAuthenticator:
+    """One shared key with every scope: the interim authenticator for a single owner."""
+
+    def __init__(self, key: str, *, principal_name: str = "owner") -> None:
+        if len(key) < MIN_STATIC_KEY_LENGTH:
+            raise ValueError(f"the API key must be at least {MIN_STATIC_KEY_LENGTH} characters")
+        self._key = key.encode("utf-8")
+        self._principal = Principal(name=principal_name, scopes=ALL_SCOPES)
+
+    def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
+        credential = extract_credential(headers)
+        if credential is None:
+            raise AuthError(MISSING_CREDENTIAL, code="missing_api_key")
+        if not hmac.compare_digest(credential.encode("utf-8"), self._key):
+            raise AuthError("Invalid API key.", code="invalid_api_key")
+        return self._principal
+
+    def still_valid(self, principal: Principal) -> bool:
+        return principal is self._principal

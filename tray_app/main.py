@@ -1,0 +1,31 @@
+"""The ``lmgate`` entry point: the command line, handed the tray app to start when there is a
+desktop. The one module that knows both front-ends, so neither imports the other."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from tray_app.cli.main import EXIT_FAILURE
+from tray_app.cli.main import main as run_command
+
+
+def run_tray(wishes: list[str]) -> int:
+    try:
+        from tray_app.ui.app import run
+    except ImportError as exc:
+        print(
+            f"lmgate: the tray app needs PySide6 ({exc.name} is missing): "
+            "pip install 'lmgate[ui]', or run `lmgate serve` without a desktop.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return run(wishes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(argv, run_tray=run_tray)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

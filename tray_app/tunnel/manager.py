@@ -1,0 +1,225 @@
+"""Going public: one small provider interface, and a manager that proves and keeps the URL.
+
+A provider opens a public endpoint for the gateway's local port and closes it. The manager
+opens it, proves the URL works by fetching ``/healthz`` through it, watches it (a periodic check
+plus the provider's own "lost" signal), re-opens it with exponential backoff, and publishes every
+state change as a frozen :class:`TunnelStatus` for the UI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import aiohttp
+
+from tray_app.clock import Clock, SystemClock
+from tray_app.errors import TunnelError
+from tray_app.tasks import spawn
+
+log = logging.getLogger("lmgate.tunnel")
+
+SKIP_BROWSER_WARNING = {"ngrok-skip-browser-warning": "1"}
+# What LM Gate answers when it is at its connection limit (tray_app.gateway.server.admission).
+BUSY_CODE = "too_many_connections"
+
+
+class TunnelState(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    PUBLIC = "public"
+    RECONNECTING = "reconnecting"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelStatus:
+    state: TunnelState
+    provider: str
+    public_url: str | None = None
+    message: str = ""
+    warning: str | None = None  # e.g. "LAN traffic is not encrypted"
+    attempt: int = 0
+    since: float = 0.0
+
+
+class TunnelProvider(Protocol):
+    name: str
+    warning: str | None
+    # The header in which the provider's agent, dialling in from loopback, names the client
+    # (None: the provider has no agent and clients connect directly).
+    forwarded_header: str | None
+
+    async def open(self, local_port: int) -> str:
+        """Open a public endpoint to ``local_port``; the public base URL. Raises TunnelError."""
+        ...
+
+    async def close(self) -> None:
+        """Close the endpoint and whatever runs it. Never raises."""
+        ...
+
+    async def alive(self) -> bool:
+        """A cheap local check that the endpoint still exists (e.g. the agent process runs)."""
+        ...
+
+    def set_lost_callback(self, callback: Callable[[str], None]) -> None:
+        """``callback(reason)`` is called, from any thread, when the provider sees it is lost."""
+        ...
+
+
+async def url_works(url: str, *, seconds: float = 5.0) -> bool:
+    """Whether ``url``/healthz reaches this LM Gate: its health document, or its own answer
+    that it has as many connections as it takes (then the tunnel works and LM Gate is busy;
+    re-opening the tunnel would only hand a flood a new URL and the phones a dead one)."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=seconds)) as s,
+            s.get(url.rstrip("/") + "/healthz", headers=SKIP_BROWSER_WARNING) as r,
+        ):
+            answer = await r.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return False
+    if r.status == 200:
+        return bool(answer == {"status": "ok"})
+    error = answer.get("error") if isinstance(answer, dict) else None
+    return r.status == 503 and isinstance(error, dict) and error.get("code") == BUSY_CODE
+
+
+StatusListener = Callable[[TunnelStatus], None]
+
+
+class TunnelManager:
+    def __init__(
+        self,
+        provider: TunnelProvider,
+        local_port: int,
+        *,
+        on_change: StatusListener | None = None,
+        clock: Clock | None = None,
+        health_interval: float = 30.0,
+        verify_timeout: float = 20.0,
+        backoff_start: float = 1.0,
+        backoff_max: float = 60.0,
+        checker: Callable[[str], Awaitable[bool]] | None = None,
+    ) -> None:
+        self._provider = provider
+        self._port = local_port
+        self._listeners: list[StatusListener] = [on_change] if on_change else []
+        self._clock = clock or SystemClock()
+        self._health_interval = health_interval
+        self._verify_timeout = verify_timeout
+        self._backoff_start = backoff_start
+        self._backoff_max = backoff_max
+        self._check = checker or url_works
+        self._status = TunnelStatus(TunnelState.STOPPED, provider.name, since=self._clock.time())
+        self._watchdog: asyncio.Task[None] | None = None
+        self._lost = asyncio.Event()
+        self._lost_reason = ""
+        self._loop = asyncio.get_running_loop()
+        provider.set_lost_callback(self._lost_from_any_thread)
+
+    @property
+    def status(self) -> TunnelStatus:
+        return self._status
+
+    def add_listener(self, listener: StatusListener) -> None:
+        self._listeners.append(listener)
+
+    def _publish(self, state: TunnelState, **fields: Any) -> None:
+        self._status = replace(self._status, state=state, since=self._clock.time(), **fields)
+        log.info(
+            "tunnel %s: %s %s", self._provider.name, state.value, self._status.public_url or ""
+        )
+        for listener in self._listeners:
+            try:
+                listener(self._status)
+            except Exception:
+                log.exception("a tunnel status listener failed")
+
+    def _lost_from_any_thread(self, reason: str) -> None:
+        def mark() -> None:
+            self._lost_reason = reason
+            self._lost.set()
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to wake
+            self._loop.call_soon_threadsafe(mark)
+
+    async def start(self) -> TunnelStatus:
+        """Open and prove the URL; raises TunnelError (state FAILED) if that cannot be done."""
+        self._publish(
+            TunnelState.STARTING,
+            public_url=None,
+            message="opening",
+            attempt=0,
+            warning=self._provider.warning,
+        )
+        try:
+            url = await self._open_and_verify()
+        except TunnelError as exc:
+            self._publish(TunnelState.FAILED, message=str(exc))
+            raise
+        self._publish(TunnelState.PUBLIC, public_url=url, message="public")
+        self._watchdog = spawn(self._watch(), name="tunnel-watchdog")
+        return self._status
+
+    async def stop(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.wait({watchdog})
+        await self._provider.close()
+        self._publish(TunnelState.STOPPED, public_url=None, message="stopped", attempt=0)
+
+    async def _open_and_verify(self) -> str:
+        url = await self._provider.open(self._port)
+        deadline = self._clock.monotonic() + self._verify_timeout
+        while True:
+            if await self._check(url):
+                return url
+            if self._clock.monotonic() >= deadline:
+                await self._provider.close()
+                raise TunnelError(
+                    f"The tunnel opened at {url}, but LM Gate could not reach "
+                    "itself through it. Check your network or firewall and try "
+                    "again."
+                )
+            await asyncio.sleep(0.5)
+
+    async def _healthy(self) -> bool:
+        url = self._status.public_url
+        return bool(url) and await self._provider.alive() and await self._check(url or "")
+
+    async def _watch(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), self._health_interval)
+            reason = self._lost_reason if self._lost.is_set() else "health check failed"
+            self._lost.clear()
+            if await self._healthy():
+                continue
+            await self._reconnect(reason)
+
+    async def _reconnect(self, reason: str) -> None:
+        delay = self._backoff_start
+        attempt = 0
+        while True:
+            attempt += 1
+            self._publish(
+                TunnelState.RECONNECTING, message=f"reconnecting: {reason}", attempt=attempt
+            )
+            await self._provider.close()
+            try:
+                url = await self._open_and_verify()
+            except TunnelError as exc:
+                reason = str(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._backoff_max)
+                continue
+            self._lost.clear()
+            self._publish(TunnelState.PUBLIC, public_url=url, message="public", attempt=0)
+            return
