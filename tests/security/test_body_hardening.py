@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import CLIENT_KEY, GatewayFactory, IdentityFactory, IdentityRig, auth_headers
 from tests.fake_lmstudio import MODELS, FakeLMStudio
 from tests.helpers import FixedPrincipalAuthenticator, LogCapture
-from tests.test_body_rules import BOMBS
+from tests.unit.gateway.test_body_rules import BOMBS
 from tray_app.gateway.app import PAIR_MAX_BODY_BYTES
 from tray_app.gateway.server.runner import GatewayServer
 from tray_app.identity.principal import ALL_SCOPES, Principal

@@ -354,7 +354,7 @@ def test_desktop_build_runs(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_readme_run_command_works_in_a_fresh_clone(tmp_path: Path) -> None:
-    from tests.test_readme import quick_start_commands
+    from tests.shipping.test_readme import quick_start_commands
 
     run_command = quick_start_commands()[0]
     clone = tmp_path / "clone"
