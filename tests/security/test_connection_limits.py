@@ -26,12 +26,12 @@ from typing import Any
 
 import openai
 import pytest
-from tray_app.gateway.app.server import exhaustion_log
 
 from tests.conftest import CLIENT_KEY, GatewayFactory, IdentityFactory
 from tests.fake_lmstudio import MODELS, FakeLMStudio
 from tests.helpers import LMGATE, LogCapture, cli_env
 from tray_app.gateway.limits import address_group
+from tray_app.gateway.server import exhaustion_log
 from tray_app.gateway.server.descriptors import BASE_RESERVE, budget_for
 from tray_app.gateway.server.exhaustion_log import ACCEPT_EXHAUSTED
 from tray_app.gateway.server.runner import GatewayServer
