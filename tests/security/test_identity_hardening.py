@@ -44,7 +44,7 @@ from tray_app.control.loop_thread import LoopThread
 from tray_app.errors import AuthError, SecretStoreError
 from tray_app.gateway.server.runner import GatewayServer
 from tray_app.identity.authenticator import PROXY_HEADERS, IdentityAuthenticator
-from tray_app.identity.principal import Principal
+from tray_app.identity.principal import CredentialKind, Principal, PrincipalId
 from tray_app.identity.signing_key import SIGNING_KEY, load_or_create_signing_key
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, MemorySecretStore, SecretStore
 from tray_app.secret_store.keyring_store import FileSecretStore
@@ -640,7 +640,7 @@ class TestClaimsNeverBeatTheRecord:
             CHAT_SCOPES,
             frozenset(MODELS[:2]),
             64,
-            credential=f"token:{claims['jti']}",
+            credential=PrincipalId(CredentialKind.TOKEN, claims["jti"]),
         )
 
 
@@ -977,7 +977,8 @@ class TestDevModeOnlyFromThisMachine:
             principal = identity.authenticator.authenticate(
                 {"X-User-Id": "bob", "Host": "localhost"}, "127.0.0.1"
             )
-            assert (principal.name, principal.credential) == ("dev:bob", "dev:bob")
+            assert (principal.name, str(principal.credential)) == ("dev:bob", "dev:bob")
+            assert principal.credential == PrincipalId(CredentialKind.DEV, "bob")
         finally:
             identity.close()
 
@@ -1056,7 +1057,7 @@ class TestStillValid:
     ) -> None:
         secret, credential, revoke = LIVE_KINDS[kind](live)
         principal = live.principal(secret)
-        assert principal.credential == credential
+        assert str(principal.credential) == credential
         assert live.authenticator.still_valid(principal)
         revoke()
         live.clock.advance(0.5)  # one refresh period
@@ -1074,11 +1075,22 @@ class TestStillValid:
         assert not live.authenticator.still_valid(principal)
 
     def test_dev_and_unknown_credentials(self, live: Live) -> None:
-        dev = Principal("dev:bob", CHAT_SCOPES, credential="dev:bob")
+        dev = Principal("dev:bob", CHAT_SCOPES, credential=PrincipalId(CredentialKind.DEV, "bob"))
         assert not live.authenticator.still_valid(dev)  # dev mode is off
         live.authenticator.dev_mode = True
         assert live.authenticator.still_valid(dev)
-        for credential in (None, "", "token:" + "0" * 24, "key:000000000000", "owner"):
+        for credential in (
+            None,
+            PrincipalId(CredentialKind.TOKEN, "0" * 24),
+            PrincipalId(CredentialKind.KEY, "000000000000"),
+            # A device or snippet speaks through its tokens; it never is the credential.
+            PrincipalId(CredentialKind.DEVICE, "000000000000"),
+            PrincipalId(CredentialKind.SNIPPET, "0" * 24),
+        ):
             assert not live.authenticator.still_valid(
                 Principal("x", CHAT_SCOPES, credential=credential)
             )
+
+    @pytest.mark.parametrize("text", ["", "owner", ":x", "token:", "tokens:x", "TOKEN:x", None])
+    def test_what_is_no_principal_id_reads_as_none(self, text: str | None) -> None:
+        assert PrincipalId.parse(text) is None

@@ -18,15 +18,13 @@ from tray_app.control.assembly import (
     secret_store_for,
 )
 from tray_app.errors import ConfigError, SecretStoreError
-from tray_app.identity.principal import ALL_SCOPES, SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
+from tray_app.identity.access import CLI_KEY_SCOPES, CLI_TOKEN_SCOPES
+from tray_app.identity.principal import ALL_SCOPES, CredentialKind, PrincipalId
 from tray_app.identity.signing_key import SIGNING_KEY, load_or_create_signing_key
 from tray_app.qr_codes import terminal_qr
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN
-from tray_app.storage.database import Database
 
 SETTABLE_SECRETS = (LMSTUDIO_API_TOKEN,)
-DEFAULT_TOKEN_SCOPES = frozenset({SCOPE_CHAT, SCOPE_MODELS})
-DEFAULT_KEY_SCOPES = frozenset({SCOPE_CHAT, SCOPE_MODELS, SCOPE_EMBEDDINGS})
 
 
 def add_identity_commands(
@@ -206,7 +204,7 @@ def _token(
         assert ttl is not None
         issued = identity.tokens.issue(
             name=name,
-            scopes=_scopes(args.scopes, DEFAULT_TOKEN_SCOPES),
+            scopes=_scopes(args.scopes, CLI_TOKEN_SCOPES),
             ttl=ttl,
             models=_models(args.models),
             max_tokens=args.max_tokens,
@@ -246,7 +244,7 @@ def _key(args: argparse.Namespace, action: str, identity: Identity, out: IO[str]
     if action == "create":
         key, record = identity.api_keys.create(
             args.name,
-            scopes=_scopes(args.scopes, DEFAULT_KEY_SCOPES),
+            scopes=_scopes(args.scopes, CLI_KEY_SCOPES),
             models=_models(args.models),
             ttl=_ttl(args.ttl, None),
         )
@@ -329,7 +327,7 @@ def _device(args: argparse.Namespace, action: str, identity: Identity, out: IO[s
 
 
 def _usage(identity: Identity, out: IO[str]) -> int:
-    names = _principal_names(identity.db)
+    names = _principal_names(identity)
     rows = [
         (
             u.principal,
@@ -349,27 +347,32 @@ def _usage(identity: Identity, out: IO[str]) -> int:
     return 0
 
 
-def _principal_names(db: Database) -> dict[str, str]:
+def _principal_names(identity: Identity) -> dict[str, str]:
     """Each principal's label. Principals are one per credential (key:<id>, device:<id>,
     token:<jti>, snippet:<jti>); names may repeat."""
-    names = {f"key:{r['id']}": r["name"] for r in db.query("SELECT id, name FROM api_keys")}
-    names.update({f"device:{r['id']}": r["name"] for r in db.query("SELECT id, name FROM devices")})
+    names = {key.principal_name: key.name for key in identity.api_keys.list()}
+    names.update({device.principal_name: device.name for device in identity.pairing.devices()})
     names.update(
         {
-            r["sub"]: r["name"]
-            for r in db.query("SELECT sub, name FROM tokens WHERE kind IN ('token', 'snippet')")
+            token.sub: token.name
+            for token in identity.tokens.list(include_expired=True)
+            if token.kind in _OWN_PRINCIPAL
         }
     )
     return names
 
 
+# Tokens that are their own principal (a device's tokens speak for the device).
+_OWN_PRINCIPAL = frozenset({CredentialKind.TOKEN, CredentialKind.SNIPPET})
+
+
 def _label(principal: str, names: dict[str, str]) -> str:
     if principal in names:
         return names[principal]
-    kind, _, rest = principal.partition(":")
-    if kind in {"token", "snippet"}:
+    who = PrincipalId.parse(principal)
+    if who is not None and who.kind in _OWN_PRINCIPAL:
         # Counted before each token was its own principal, when tokens sharing a name did.
-        return f"{rest} (older tokens sharing that name)" if rest else ""
+        return f"{who.id} (older tokens sharing that name)"
     return ""
 
 

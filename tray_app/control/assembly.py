@@ -17,9 +17,10 @@ from tray_app.errors import SecretStoreError
 from tray_app.gateway.accounting import UsageRecorder
 from tray_app.gateway.app import Gateway
 from tray_app.gateway.metrics import GatewayMetrics
+from tray_app.identity.access import AccessPolicy
 from tray_app.identity.api_keys import ApiKeyService
 from tray_app.identity.authenticator import IdentityAuthenticator
-from tray_app.identity.pairing import PairingService, expire_pending_codes
+from tray_app.identity.pairing import PairingService
 from tray_app.identity.signing_key import (
     load_or_create_signing_key,
     load_signing_key,
@@ -29,7 +30,8 @@ from tray_app.identity.tokens import TokenService
 from tray_app.secret_store.base import SecretStore
 from tray_app.secret_store.keyring_store import open_secret_store
 from tray_app.storage.conversations import ConversationStore
-from tray_app.storage.database import SIGNING_KEY_GENERATION, Database, default_data_dir
+from tray_app.storage.credentials import CredentialStore
+from tray_app.storage.database import Database, default_data_dir
 
 log = logging.getLogger("lmgate.assembly")
 
@@ -55,6 +57,7 @@ class Identity:
     authenticator: IdentityAuthenticator
     recorder: UsageRecorder
     clock: Clock = field(default_factory=SystemClock)
+    access: AccessPolicy = field(default_factory=AccessPolicy)
 
     def close(self) -> None:
         self.db.close()
@@ -73,8 +76,8 @@ def open_identity(
     while it runs; without one, a rotated key needs a restart."""
     clock = clock or SystemClock()
     db = db or Database.in_directory(data_dir(config))
-    allowed = frozenset(config.allowed_models) or None
-    tokens = TokenService(db, signing_key, clock, key_loader=key_loader)
+    access = AccessPolicy.with_allowlist(config.allowed_models)
+    tokens = TokenService(db, signing_key, clock, key_loader=key_loader, access=access)
     api_keys = ApiKeyService(db, clock)
     pairing = PairingService(
         db,
@@ -82,17 +85,11 @@ def open_identity(
         clock,
         code_ttl=config.pairing_code_ttl,
         device_token_ttl=config.device_token_ttl,
-        models=allowed,
+        access=access,
     )
-    authenticator = IdentityAuthenticator(
-        db,
-        tokens,
-        api_keys,
-        clock,
-        dev_mode=config.dev_mode,
-        allowed_models=allowed,
-    )
-    return Identity(db, tokens, api_keys, pairing, authenticator, UsageRecorder(db, clock), clock)
+    authenticator = IdentityAuthenticator(db, tokens, api_keys, clock, dev_mode=config.dev_mode)
+    recorder = UsageRecorder(db, clock)
+    return Identity(db, tokens, api_keys, pairing, authenticator, recorder, clock, access)
 
 
 def signing_key_loader(store: SecretStore) -> Callable[[], bytes]:
@@ -111,23 +108,10 @@ def rotate_signing_key_everywhere(identity: Identity, store: SecretStore) -> Rot
     and the key's generation bumped in one transaction, so a running gateway sees all of it
     at once and re-reads the key from its own store. API keys are not signed: they stay."""
     key = rotate_signing_key(store)
-    now = identity.clock.time()
-    with identity.db.transaction() as conn:
-        tokens = conn.execute(
-            "UPDATE tokens SET revoked = ? WHERE revoked IS NULL", (now,)
-        ).rowcount
-        devices = conn.execute(
-            "UPDATE devices SET revoked = ? WHERE revoked IS NULL", (now,)
-        ).rowcount
-        expire_pending_codes(conn, now)  # a QR code shown before must not pair after
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key) DO UPDATE "
-            "SET value = CAST(value AS INTEGER) + 1",
-            (SIGNING_KEY_GENERATION,),
-        )
+    revoked = CredentialStore(identity.db).revoke_for_key_rotation(identity.clock.time())
     identity.tokens.replace_key(key)
     identity.tokens.reload()
-    return Rotation(tokens, devices)
+    return Rotation(revoked.tokens, revoked.devices)
 
 
 def signing_key_or_ephemeral(store: SecretStore | None) -> tuple[bytes, str | None]:

@@ -39,7 +39,7 @@ from tray_app.control.going_public import go_public
 from tray_app.control.loop_thread import LoopThread
 from tray_app.errors import ConfigError, LMGateError, SecretStoreError, TunnelError
 from tray_app.gateway.server.runner import GatewayServer
-from tray_app.identity.principal import ALL_SCOPES, SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
+from tray_app.identity.principal import ALL_SCOPES, CredentialKind
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, EnvSecretStore, SecretStore, read_or_none
 from tray_app.tunnel.manager import TunnelManager, TunnelState, TunnelStatus
 from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN, check_token_shape
@@ -346,24 +346,23 @@ class Controller:
                 "LM Studio has no model LM Gate may offer; load one in LM Studio "
                 "or check the allowed models in Settings."
             )
-        allowed = frozenset(self.config.allowed_models) or None
+        grant = self.identity.access.for_snippet()
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
         issued = self.identity.tokens.issue(
             name=f"curl snippet {stamp}",
-            kind="snippet",
-            scopes=frozenset({SCOPE_CHAT}),
+            kind=CredentialKind.SNIPPET,
+            scopes=grant.scopes,
             ttl=SNIPPET_TTL,
-            models=allowed,
+            models=grant.models,
         )
         return curl_snippet(self._base_url(), issued.token, models[0])
 
     async def openai_settings(self) -> tuple[str, str]:
         """(base URL ending in /v1, a new API key) for apps and SDKs."""
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+        grant = self.identity.access.for_app_key()
         key, _ = self.identity.api_keys.create(
-            f"app settings {stamp}",
-            scopes=frozenset({SCOPE_CHAT, SCOPE_MODELS, SCOPE_EMBEDDINGS}),
-            models=frozenset(self.config.allowed_models) or None,
+            f"app settings {stamp}", scopes=grant.scopes, models=grant.models
         )
         return f"{self._base_url()}/v1", key
 
@@ -422,7 +421,7 @@ class Controller:
                 )
             )
         for record in identity.tokens.list():
-            if record.kind == "device":
+            if record.kind is CredentialKind.DEVICE:
                 continue
             req, tok = counted(record.sub)
             out.append(

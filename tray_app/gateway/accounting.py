@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from tray_app.clock import Clock
 from tray_app.errors import StorageError
 from tray_app.gateway.upstream.usage import Usage
+from tray_app.identity.principal import CredentialKind, PrincipalId
 from tray_app.storage.database import Database, UsageRow
 
 log = logging.getLogger("lmgate.accounting")
@@ -44,11 +45,13 @@ class UsageRecorder:
         if usage is not None:
             pending.prompt_tokens += usage.prompt_tokens
             pending.completion_tokens += usage.completion_tokens
-        kind, _, ident = principal.partition(":")
-        if kind == "key":
-            self._key_last_used[ident] = now
-        elif kind == "device":
-            self._device_last_seen[ident] = now
+        who = PrincipalId.parse(principal)
+        if who is None:
+            return  # a label (a static key's owner), no key or device to mark as used
+        if who.kind is CredentialKind.KEY:
+            self._key_last_used[who.id] = now
+        elif who.kind is CredentialKind.DEVICE:
+            self._device_last_seen[who.id] = now
 
     @property
     def has_pending(self) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 from tray_app.gateway.api_errors import ApiError
 from tray_app.gateway.routes import Route
+from tray_app.identity.access import refused_model
 from tray_app.identity.principal import Principal
 
 MAX_MODEL_NAME = 256
@@ -269,18 +270,18 @@ def _model_name(payload: dict[str, Any], param: str) -> str:
 
 
 def check_models(prepared: PreparedBody, principal: Principal) -> None:
-    """The one model-access policy: every model a request names (the model, and the draft
-    model for speculative decoding, which LM Studio loads too) must be one ``principal``
-    may use; raises 403 ``model_not_allowed`` naming the offending parameter."""
-    for param, name in (("model", prepared.model), (DRAFT_MODEL, prepared.draft_model)):
-        if name is not None and not principal.may_use_model(name):
-            raise ApiError(
-                403,
-                f"This key may not use the model {name!r}.",
-                type="permission_error",
-                code="model_not_allowed",
-                param=param,
-            )
+    """Asks the access policy about every model the request names; raises 403
+    ``model_not_allowed`` naming the offending parameter."""
+    refused = refused_model(principal, {"model": prepared.model, DRAFT_MODEL: prepared.draft_model})
+    if refused is not None:
+        param, name = refused
+        raise ApiError(
+            403,
+            f"This key may not use the model {name!r}.",
+            type="permission_error",
+            code="model_not_allowed",
+            param=param,
+        )
 
 
 def prepare_body(route: Route, raw: bytes) -> PreparedBody:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import sqlite3
 from dataclasses import dataclass
 
 from tray_app.clock import Clock
 from tray_app.errors import AuthError
-from tray_app.identity.principal import Principal
+from tray_app.identity.principal import CredentialKind, Principal, PrincipalId
 from tray_app.identity.tokens import check_scopes
-from tray_app.storage.database import Database, decode_list, encode_list
+from tray_app.storage.credentials import ApiKeyRow, CredentialStore
+from tray_app.storage.database import Database
 
 PREFIX = "lmg_"
 KEY_BYTES = 32
@@ -42,41 +42,49 @@ class ApiKeyRecord:
     revoked: float | None
 
     @property
+    def principal(self) -> PrincipalId:
+        return PrincipalId(CredentialKind.KEY, self.id)
+
+    @property
     def principal_name(self) -> str:
-        return f"key:{self.id}"
+        return str(self.principal)
 
 
-def _record(r: sqlite3.Row) -> ApiKeyRecord:
+def _record(row: ApiKeyRow) -> ApiKeyRecord:
     return ApiKeyRecord(
-        r["id"],
-        r["name"],
-        frozenset(r["scopes"].split()),
-        decode_list(r["models"]),
-        r["created"],
-        r["expires"],
-        r["last_used"],
-        r["revoked"],
+        row.id,
+        row.name,
+        row.scopes,
+        row.models,
+        row.created,
+        row.expires,
+        row.last_used,
+        row.revoked,
     )
 
 
 class ApiKeyService:
     def __init__(self, db: Database, clock: Clock) -> None:
-        self._db = db
+        self._store = CredentialStore(db)
         self._clock = clock
         self._by_hash: dict[str, tuple[ApiKeyRecord, Principal]] = {}
         self._by_id: dict[str, ApiKeyRecord] = {}
         self.reload()
 
     def reload(self) -> None:
-        rows = self._db.query("SELECT * FROM api_keys")
+        rows = self._store.api_keys()
         self._by_hash = {}
         self._by_id = {}
         for row in rows:
-            self._remember(row["key_hash"], _record(row))
+            self._remember(row.key_hash, _record(row))
 
     def _remember(self, hashed: str, record: ApiKeyRecord) -> tuple[ApiKeyRecord, Principal]:
-        name = record.principal_name
-        found = (record, Principal(name, record.scopes, record.models, credential=name))
+        # An API key keeps the models it was made with: the allowlist of later does not reach
+        # it (see identity.access).
+        principal = Principal(
+            record.principal_name, record.scopes, record.models, credential=record.principal
+        )
+        found = (record, principal)
         self._by_hash[hashed] = found
         self._by_id[record.id] = record
         return found
@@ -116,20 +124,19 @@ class ApiKeyService:
             None,
             None,
         )
-        with self._db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO api_keys (id, name, key_hash, scopes, models, created, expires) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.id,
-                    record.name,
-                    hashed,
-                    " ".join(sorted(scopes)),
-                    encode_list(models),
-                    now,
-                    record.expires,
-                ),
+        self._store.add_api_key(
+            ApiKeyRow(
+                record.id,
+                record.name,
+                hashed,
+                scopes,
+                models,
+                now,
+                record.expires,
+                None,
+                None,
             )
+        )
         self._remember(hashed, record)
         return key, record
 
@@ -138,10 +145,10 @@ class ApiKeyService:
         found = self._by_hash.get(hashed)
         if found is None:
             # Made by another process since the last refresh? One indexed lookup says.
-            rows = self._db.query("SELECT * FROM api_keys WHERE key_hash = ?", (hashed,))
-            if not rows:
+            row = self._store.api_key_by_hash(hashed)
+            if row is None:
                 raise AuthError("Invalid API key.", code="invalid_api_key")
-            found = self._remember(hashed, _record(rows[0]))
+            found = self._remember(hashed, _record(row))
         record, principal = found
         if record.revoked is not None:
             raise AuthError("This API key has been revoked.", code="api_key_revoked")
@@ -150,16 +157,11 @@ class ApiKeyService:
         return record, principal
 
     def list(self) -> list[ApiKeyRecord]:
-        return [_record(r) for r in self._db.query("SELECT * FROM api_keys ORDER BY created")]
+        return [_record(row) for row in self._store.api_keys()]
 
     def revoke(self, key_id: str) -> ApiKeyRecord:
-        rows = self._db.query("SELECT * FROM api_keys WHERE id = ?", (key_id,))
-        if not rows:
+        revoked = self._store.revoke_api_key(key_id, self._clock.time())
+        if revoked is None:
             raise LookupError(f"no API key with ID {key_id!r}")
-        with self._db.transaction() as conn:
-            conn.execute(
-                "UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL",
-                (self._clock.time(), key_id),
-            )
         self.reload()
-        return _record(self._db.query("SELECT * FROM api_keys WHERE id = ?", (key_id,))[0])
+        return _record(revoked)

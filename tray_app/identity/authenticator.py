@@ -2,8 +2,7 @@
 
 Changes other processes make (the CLI creating, revoking, rotating) are read at most twice a
 second; a credential not in memory yet is looked up at once, so a new one works on its first
-request. Paired devices are held to the *current* model allowlist on every request, so
-narrowing ``auth.allowed_models`` applies to devices paired before.
+request. Which models each credential may use is the access policy's (identity.access).
 
 Dev mode reproduces the seed's ``X-User-Id`` header for local experiments: it is accepted only
 from a loopback peer, addressed to a loopback host name (a page on a DNS-rebinding domain
@@ -23,7 +22,9 @@ from tray_app.identity.api_keys import ApiKeyService, looks_like_api_key
 from tray_app.identity.principal import (
     ALL_SCOPES,
     MISSING_CREDENTIAL,
+    CredentialKind,
     Principal,
+    PrincipalId,
     extract_credential,
 )
 from tray_app.identity.tokens import TokenService
@@ -50,7 +51,6 @@ PROXY_HEADER_PREFIXES = (
     "true-client-",
     "x-proxyuser-",
 )
-_RESTRICTED_CACHE_LIMIT = 10_000
 
 # Headers by which a proxy says it relays for someone else; none may reach dev mode.
 PROXY_HEADERS = (
@@ -85,16 +85,12 @@ class IdentityAuthenticator:
         clock: Clock,
         *,
         dev_mode: bool = False,
-        allowed_models: frozenset[str] | None = None,
     ) -> None:
-        """``allowed_models`` (None = all) bounds every paired device and copied snippet."""
         self._db = db
         self.tokens = tokens
         self.api_keys = api_keys
         self._clock = clock
         self.dev_mode = dev_mode
-        self._allowed = allowed_models
-        self._restricted: dict[Principal, Principal] = {}
         self._next_refresh = 0.0
 
     def refresh_if_changed(self) -> None:
@@ -120,39 +116,21 @@ class IdentityAuthenticator:
             raise AuthError(MISSING_CREDENTIAL, code="missing_api_key")
         if looks_like_api_key(credential):
             return self.api_keys.verify(credential)[1]
-        principal = self.tokens.verify(credential)
-        # What the tray hands out (paired phones, copied curl snippets) follows the allowlist
-        # as it is now, not as it was when the credential was made: narrowed or widened.
-        if principal.name.startswith(("device:", "snippet:")) and principal.models != self._allowed:
-            return self._restrict(principal)
-        return principal
-
-    def _restrict(self, principal: Principal) -> Principal:
-        restricted = self._restricted.get(principal)
-        if restricted is None:
-            if len(self._restricted) >= _RESTRICTED_CACHE_LIMIT:
-                self._restricted = {}
-            restricted = Principal(
-                principal.name,
-                principal.scopes,
-                self._allowed,
-                principal.max_tokens,
-                principal.credential,
-            )
-            self._restricted[principal] = restricted
-        return restricted
+        return self.tokens.verify(credential)
 
     def still_valid(self, principal: Principal) -> bool:
         """Whether the credential behind ``principal`` may go on (a running stream asks)."""
         self.refresh_if_changed()
-        kind, _, ident = (principal.credential or "").partition(":")
-        if kind == "token":
-            return self.tokens.is_active(ident)
-        if kind == "key":
-            return self.api_keys.is_active(ident)
-        if kind == "dev":
+        credential = principal.credential
+        if credential is None:
+            return False
+        if credential.kind is CredentialKind.TOKEN:
+            return self.tokens.is_active(credential.id)
+        if credential.kind is CredentialKind.KEY:
+            return self.api_keys.is_active(credential.id)
+        if credential.kind is CredentialKind.DEV:
             return self.dev_mode
-        return False
+        return False  # a device or snippet is never itself a credential: its tokens are
 
     def _dev_user(self, headers: Mapping[str, str], peer: str | None) -> Principal:
         if not self.dev_mode:
@@ -171,4 +149,5 @@ class IdentityAuthenticator:
         user = headers["X-User-Id"].strip()
         if not user or len(user) > _DEV_USER_MAX or not user.isprintable():
             raise AuthError("X-User-Id must be a short printable name.", code="dev_mode_bad_user")
-        return Principal(f"dev:{user}", ALL_SCOPES, credential=f"dev:{user}")
+        dev = PrincipalId(CredentialKind.DEV, user)
+        return Principal(str(dev), ALL_SCOPES, credential=dev)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 from tray_app.errors import AuthError
@@ -24,20 +25,55 @@ ALL_SCOPES = frozenset({SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS, SCOPE_METRIC
 MIN_STATIC_KEY_LENGTH = 16
 
 
+class CredentialKind(StrEnum):
+    """What kind of credential speaks for a principal; the value is how it is written."""
+
+    TOKEN = "token"  # noqa: S105 (a kind, not a secret): a JWT from `lmgate token create`
+    SNIPPET = "snippet"  # a JWT in a curl snippet the tray copied
+    DEVICE = "device"  # a paired device (its JWTs speak for the device)
+    KEY = "key"  # an API key
+    DEV = "dev"  # dev mode's X-User-Id: a name, no credential at all
+
+
+@dataclass(frozen=True, slots=True)
+class PrincipalId:
+    """Who a principal or credential is: ``kind:id`` on the wire, in logs, in the usage and
+    conversation tables and in metrics (``token:<jti>``, ``snippet:<jti>``, ``key:<id>``,
+    ``device:<id>``, ``dev:<user>``)."""
+
+    kind: CredentialKind
+    id: str
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}:{self.id}"
+
+    @classmethod
+    def parse(cls, text: str | None) -> PrincipalId | None:
+        """The id ``text`` spells, or None if it is not one (a label such as ``owner``)."""
+        kind, colon, ident = (text or "").partition(":")
+        if not colon or not ident or kind not in _KIND_VALUES:
+            return None
+        return cls(CredentialKind(kind), ident)
+
+
+_KIND_VALUES = frozenset(kind.value for kind in CredentialKind)
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """An authenticated caller. ``models`` None means every model LM Studio offers.
 
     ``name`` is the principal's identity (conversations, limits and usage belong to it): one
-    per issued credential, never shared by two. ``credential`` names the credential that
-    authenticated the request, so that a running stream can be ended once it is revoked.
+    per issued credential, never shared by two; the identity layer writes it as a
+    :class:`PrincipalId`. ``credential`` is the credential that authenticated the request, so
+    that a running stream can be ended once it is revoked.
     """
 
     name: str
     scopes: frozenset[str]
     models: frozenset[str] | None = None
     max_tokens: int | None = None
-    credential: str | None = None
+    credential: PrincipalId | None = None
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes

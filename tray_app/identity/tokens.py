@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,15 +22,17 @@ import jwt
 
 from tray_app.clock import Clock
 from tray_app.errors import AuthError, LMGateError
-from tray_app.identity.principal import ALL_SCOPES, Principal
-from tray_app.storage.database import SIGNING_KEY_GENERATION, Database, decode_list, encode_list
+from tray_app.identity.access import AccessPolicy
+from tray_app.identity.principal import ALL_SCOPES, CredentialKind, Principal, PrincipalId
+from tray_app.storage.credentials import CredentialStore, TokenRow
+from tray_app.storage.database import SIGNING_KEY_GENERATION, Database
 
 log = logging.getLogger("lmgate.tokens")
 
 ALGORITHM = "HS256"
 REQUIRED_CLAIMS = ["sub", "scope", "iat", "nbf", "exp", "jti"]
 _KNOWN_CLAIMS = frozenset({*REQUIRED_CLAIMS, "models", "max_tokens"})
-KINDS = frozenset({"token", "device", "snippet"})
+KINDS = frozenset({CredentialKind.TOKEN, CredentialKind.DEVICE, CredentialKind.SNIPPET})
 LEEWAY_SECONDS = 5.0
 _CACHE_LIMIT = 10_000
 
@@ -41,7 +42,7 @@ class TokenRecord:
     jti: str
     sub: str
     name: str
-    kind: str  # "token" (CLI), "device" (pairing), "snippet" (copied curl)
+    kind: CredentialKind  # TOKEN (CLI), DEVICE (pairing), SNIPPET (copied curl)
     scopes: frozenset[str]
     models: frozenset[str] | None
     max_tokens: int | None
@@ -50,6 +51,11 @@ class TokenRecord:
     revoked: float | None
     device_id: str | None
     issued_sub: str | None = None  # the `sub` its JWT carries, where an upgrade renamed it
+
+    @property
+    def credential(self) -> PrincipalId:
+        """The token itself (a device's token speaks for the device, but is its own)."""
+        return PrincipalId(CredentialKind.TOKEN, self.jti)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,29 +74,38 @@ def check_scopes(scopes: frozenset[str]) -> frozenset[str]:
     return scopes
 
 
-def _row_to_record(r: sqlite3.Row) -> TokenRecord:
+def _record(row: TokenRow) -> TokenRecord:
     return TokenRecord(
-        jti=r["jti"],
-        sub=r["sub"],
-        name=r["name"],
-        kind=r["kind"],
-        scopes=frozenset(r["scopes"].split()),
-        models=decode_list(r["models"]),
-        max_tokens=r["max_tokens"],
-        created=r["created"],
-        expires=r["expires"],
-        revoked=r["revoked"],
-        device_id=r["device_id"],
-        issued_sub=r["issued_sub"],
+        jti=row.jti,
+        sub=row.sub,
+        name=row.name,
+        kind=CredentialKind(row.kind),
+        scopes=row.scopes,
+        models=row.models,
+        max_tokens=row.max_tokens,
+        created=row.created,
+        expires=row.expires,
+        revoked=row.revoked,
+        device_id=row.device_id,
+        issued_sub=row.issued_sub,
     )
 
 
-# A device's tokens die with the device, even if revoking them was interrupted.
-_ANY = (
-    "SELECT t.*, d.revoked AS device_revoked FROM tokens t "
-    "LEFT JOIN devices d ON d.id = t.device_id"
-)
-_LIVE = _ANY + " WHERE t.revoked IS NULL AND d.revoked IS NULL"
+def _row(record: TokenRecord) -> TokenRow:
+    return TokenRow(
+        jti=record.jti,
+        sub=record.sub,
+        name=record.name,
+        kind=record.kind.value,
+        scopes=record.scopes,
+        models=record.models,
+        max_tokens=record.max_tokens,
+        created=record.created,
+        expires=record.expires,
+        revoked=record.revoked,
+        device_id=record.device_id,
+        issued_sub=record.issued_sub,
+    )
 
 
 def _claims_match(claims: dict[str, object], record: TokenRecord) -> bool:
@@ -111,15 +126,15 @@ def _claims_match(claims: dict[str, object], record: TokenRecord) -> bool:
     )
 
 
-def principal_for(kind: str, jti: str, device_id: str | None) -> str:
+def principal_for(kind: CredentialKind, jti: str, device_id: str | None) -> PrincipalId:
     """The principal a token speaks for: its own (``token:<jti>``), or its device's."""
     if kind not in KINDS:
         raise ValueError(f"unknown token kind {kind!r}")
-    if kind == "device":
+    if kind is CredentialKind.DEVICE:
         if not device_id:
             raise ValueError("a device token needs its device's ID")
-        return f"device:{device_id}"
-    return f"{kind}:{jti}"
+        return PrincipalId(kind, device_id)
+    return PrincipalId(kind, jti)
 
 
 def _invalid(message: str, code: str) -> AuthError:
@@ -134,10 +149,14 @@ class TokenService:
         clock: Clock,
         *,
         key_loader: Callable[[], bytes] | None = None,
+        access: AccessPolicy | None = None,
     ) -> None:
         """``key_loader`` reads the signing key from this process's secret store again, for
-        when another process (`lmgate keys rotate`) has replaced it."""
+        when another process (`lmgate keys rotate`) has replaced it; ``access`` says which
+        models each kind of token may use now (the default: the ones it was issued with)."""
         self._db = db
+        self._store = CredentialStore(db)
+        self._access = access or AccessPolicy()
         self._key = signing_key
         self._clock = clock
         self._key_loader = key_loader
@@ -149,8 +168,8 @@ class TokenService:
 
     def reload(self) -> None:
         """Re-read which tokens are live (after a revocation, possibly by another process)."""
-        rows = self._db.query(_LIVE + " AND t.expires > ?", (self._clock.time() - LEEWAY_SECONDS,))
-        self._active = {row["jti"]: _row_to_record(row) for row in rows}
+        live = self._store.live_tokens(expiring_after=self._clock.time() - LEEWAY_SECONDS)
+        self._active = {row.jti: _record(row) for row in live}
         self._cache.clear()
 
     def is_active(self, jti: str) -> bool:
@@ -165,11 +184,11 @@ class TokenService:
         record = self._active.get(jti)
         if record is not None:
             return record, True
-        rows = self._db.query(_ANY + " WHERE t.jti = ?", (jti,))
-        if not rows:
+        found = self._store.token(jti)
+        if found is None:
             return None
-        record = _row_to_record(rows[0])
-        live = record.revoked is None and rows[0]["device_revoked"] is None
+        row, live = found
+        record = _record(row)
         if live:
             self._active[jti] = record
         return record, live
@@ -202,7 +221,7 @@ class TokenService:
         name: str,
         scopes: frozenset[str],
         ttl: float,
-        kind: str = "token",
+        kind: CredentialKind = CredentialKind.TOKEN,
         models: frozenset[str] | None = None,
         max_tokens: int | None = None,
         device_id: str | None = None,
@@ -215,7 +234,7 @@ class TokenService:
         jti = secrets.token_hex(12)
         sub = principal_for(kind, jti, device_id)
         claims: dict[str, object] = {
-            "sub": sub,
+            "sub": str(sub),
             "scope": " ".join(sorted(scopes)),
             "iat": int(now),
             "nbf": int(now),
@@ -229,7 +248,7 @@ class TokenService:
         token = jwt.encode(claims, self._key, algorithm=ALGORITHM)
         record = TokenRecord(
             jti,
-            sub,
+            str(sub),
             name,
             kind,
             scopes,
@@ -240,23 +259,7 @@ class TokenService:
             None,
             device_id,
         )
-        with self._db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO tokens (jti, sub, name, kind, scopes, models, max_tokens, created, "
-                "expires, revoked, device_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
-                (
-                    jti,
-                    sub,
-                    name,
-                    kind,
-                    " ".join(sorted(scopes)),
-                    encode_list(models),
-                    max_tokens,
-                    now,
-                    record.expires,
-                    device_id,
-                ),
-            )
+        self._store.add_token(_row(record))
         self._active[jti] = record
         return IssuedToken(token, record)
 
@@ -341,46 +344,29 @@ class TokenService:
         principal = Principal(
             name=record.sub,
             scopes=record.scopes & ALL_SCOPES,
-            models=record.models,
+            models=self._access.models_now(record.kind, record.models),
             max_tokens=record.max_tokens,
-            credential=f"token:{jti}",
+            credential=record.credential,
         )
         return principal, record.expires, jti
 
     # ---- listing and revoking -----------------------------------------------------------
 
     def list(self, *, include_expired: bool = False) -> list[TokenRecord]:
-        sql = "SELECT * FROM tokens"
-        params: tuple[object, ...] = ()
-        if not include_expired:
-            sql += " WHERE expires > ?"
-            params = (self._clock.time(),)
-        return [_row_to_record(r) for r in self._db.query(sql + " ORDER BY created", params)]
+        expiring_after = None if include_expired else self._clock.time()
+        return [_record(row) for row in self._store.tokens(expiring_after=expiring_after)]
 
     def revoke(self, jti_prefix: str) -> TokenRecord:
         """Revoke one token by its jti (a unique prefix of at least 6 characters will do)."""
         if len(jti_prefix) < 6:
             raise ValueError("give at least 6 characters of the token ID")
-        rows = self._db.query("SELECT * FROM tokens WHERE jti LIKE ? || '%'", (jti_prefix,))
+        rows = self._store.tokens_with_prefix(jti_prefix)
         if not rows:
             raise LookupError(f"no token with ID {jti_prefix!r}")
         if len(rows) > 1:
             raise LookupError(f"{jti_prefix!r} matches {len(rows)} tokens; give more of the ID")
-        record = _row_to_record(rows[0])
-        with self._db.transaction() as conn:
-            conn.execute(
-                "UPDATE tokens SET revoked = ? WHERE jti = ? AND revoked IS NULL",
-                (self._clock.time(), record.jti),
-            )
+        record = _record(rows[0])
+        self._store.revoke_token(record.jti, self._clock.time())
         self._active.pop(record.jti, None)
         self._cache.clear()
         return record
-
-    def revoke_where(self, sql_filter: str, params: tuple[object, ...]) -> int:
-        with self._db.transaction() as conn:
-            cursor = conn.execute(
-                f"UPDATE tokens SET revoked = ? WHERE revoked IS NULL AND {sql_filter}",  # noqa: S608
-                (self._clock.time(), *params),
-            )
-        self.reload()
-        return cursor.rowcount

@@ -1,0 +1,79 @@
+"""The one access policy: which scopes and models each kind of credential gets.
+
+The model allowlist (``auth.allowed_models``, None = every model) reaches credentials in two
+ways, and this is the only place that says which:
+
+- what the tray hands out to be used by hand — paired devices and copied curl snippets —
+  follows the allowlist *as it is now*, on every request, narrowed or widened, whatever its
+  token recorded when it was made;
+- an app key (Settings' OpenAI settings) is made with the allowlist of the moment and keeps
+  it, like every credential made in the CLI keeps the models it was given.
+
+Pairing, the tray, the CLI and the token service ask this policy; the gateway asks
+:func:`refused_model` about every model a request names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from tray_app.identity.principal import (
+    SCOPE_CHAT,
+    SCOPE_EMBEDDINGS,
+    SCOPE_MODELS,
+    CredentialKind,
+    Principal,
+)
+
+DEVICE_SCOPES = frozenset({SCOPE_CHAT, SCOPE_MODELS})
+SNIPPET_SCOPES = frozenset({SCOPE_CHAT})
+APP_KEY_SCOPES = frozenset({SCOPE_CHAT, SCOPE_MODELS, SCOPE_EMBEDDINGS})
+# What `lmgate token create` and `lmgate key create` grant when no --scope is given.
+CLI_TOKEN_SCOPES = frozenset({SCOPE_CHAT, SCOPE_MODELS})
+CLI_KEY_SCOPES = frozenset({SCOPE_CHAT, SCOPE_MODELS, SCOPE_EMBEDDINGS})
+
+_FOLLOW_THE_ALLOWLIST = frozenset({CredentialKind.DEVICE, CredentialKind.SNIPPET})
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a new credential is made with: its scopes and models (None = all)."""
+
+    scopes: frozenset[str]
+    models: frozenset[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    allowed_models: frozenset[str] | None = None
+
+    @classmethod
+    def with_allowlist(cls, models: Iterable[str]) -> AccessPolicy:
+        """The policy for the setting's list (empty = every model)."""
+        return cls(frozenset(models) or None)
+
+    def for_device(self) -> Grant:
+        return Grant(DEVICE_SCOPES, self.allowed_models)
+
+    def for_snippet(self) -> Grant:
+        return Grant(SNIPPET_SCOPES, self.allowed_models)
+
+    def for_app_key(self) -> Grant:
+        return Grant(APP_KEY_SCOPES, self.allowed_models)
+
+    def models_now(
+        self, kind: CredentialKind, recorded: frozenset[str] | None
+    ) -> frozenset[str] | None:
+        """The models a credential of ``kind``, made with ``recorded``, may use today."""
+        return self.allowed_models if kind in _FOLLOW_THE_ALLOWLIST else recorded
+
+
+def refused_model(principal: Principal, named: Mapping[str, str | None]) -> tuple[str, str] | None:
+    """The first (parameter, model) of ``named`` that ``principal`` may not use, if any.
+    Every model a request names counts: the model, and the draft model for speculative
+    decoding, which LM Studio loads too."""
+    for param, model in named.items():
+        if model is not None and not principal.may_use_model(model):
+            return param, model
+    return None

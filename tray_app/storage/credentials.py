@@ -1,0 +1,328 @@
+"""The identity tables: API keys, issued tokens, paired devices and pairing codes.
+
+Every statement the identity layer needs is one named method here, returning typed rows, so
+that identity code reads as policy and no SQL (not even a fragment) leaves storage. Where one
+change spans several rows or tables (a redemption, a device and its tokens, a key rotation) it
+is one method and one transaction: it happens entirely or not at all.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from enum import Enum
+
+from tray_app.storage.database import SIGNING_KEY_GENERATION, Database, decode_list, encode_list
+
+# A code unused this long after it expired is purged when the next one is made.
+_PURGE_CODES_AFTER = 86400.0
+
+# A device's tokens die with the device, even if revoking them was interrupted.
+_WITH_DEVICE_STATE = (
+    "SELECT t.*, d.revoked AS device_revoked FROM tokens t "
+    "LEFT JOIN devices d ON d.id = t.device_id"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRow:
+    id: str
+    name: str
+    key_hash: str
+    scopes: frozenset[str]
+    models: frozenset[str] | None
+    created: float
+    expires: float | None
+    last_used: float | None
+    revoked: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRow:
+    jti: str
+    sub: str
+    name: str
+    kind: str
+    scopes: frozenset[str]
+    models: frozenset[str] | None
+    max_tokens: int | None
+    created: float
+    expires: float
+    revoked: float | None
+    device_id: str | None
+    issued_sub: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRow:
+    id: str
+    name: str
+    created: float
+    last_seen: float | None
+    revoked: float | None
+
+
+class CodeRefusal(Enum):
+    """Why a pairing code could not be redeemed."""
+
+    UNKNOWN = "unknown"
+    USED = "used"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class RotationRevoked:
+    tokens: int
+    devices: int
+
+
+def _scopes(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+def _encode_scopes(scopes: frozenset[str]) -> str:
+    return " ".join(sorted(scopes))
+
+
+def _api_key(r: sqlite3.Row) -> ApiKeyRow:
+    return ApiKeyRow(
+        r["id"],
+        r["name"],
+        r["key_hash"],
+        _scopes(r["scopes"]),
+        decode_list(r["models"]),
+        r["created"],
+        r["expires"],
+        r["last_used"],
+        r["revoked"],
+    )
+
+
+def _token(r: sqlite3.Row) -> TokenRow:
+    return TokenRow(
+        jti=r["jti"],
+        sub=r["sub"],
+        name=r["name"],
+        kind=r["kind"],
+        scopes=_scopes(r["scopes"]),
+        models=decode_list(r["models"]),
+        max_tokens=r["max_tokens"],
+        created=r["created"],
+        expires=r["expires"],
+        revoked=r["revoked"],
+        device_id=r["device_id"],
+        issued_sub=r["issued_sub"],
+    )
+
+
+def _device(r: sqlite3.Row) -> DeviceRow:
+    return DeviceRow(r["id"], r["name"], r["created"], r["last_seen"], r["revoked"])
+
+
+def _one(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> sqlite3.Row | None:
+    """One row by column name, read inside the caller's transaction."""
+    cursor = conn.execute(sql, params)
+    cursor.row_factory = sqlite3.Row
+    row: sqlite3.Row | None = cursor.fetchone()
+    return row
+
+
+def _expire_pending_codes(conn: sqlite3.Connection, now: float) -> None:
+    conn.execute(
+        "UPDATE pairing_codes SET expires = ? WHERE used IS NULL AND expires > ?", (now, now)
+    )
+
+
+class CredentialStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # ---- API keys -----------------------------------------------------------------------
+
+    def api_keys(self) -> list[ApiKeyRow]:
+        return [_api_key(r) for r in self._db.query("SELECT * FROM api_keys ORDER BY created")]
+
+    def api_key(self, key_id: str) -> ApiKeyRow | None:
+        rows = self._db.query("SELECT * FROM api_keys WHERE id = ?", (key_id,))
+        return _api_key(rows[0]) if rows else None
+
+    def api_key_by_hash(self, key_hash: str) -> ApiKeyRow | None:
+        rows = self._db.query("SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,))
+        return _api_key(rows[0]) if rows else None
+
+    def add_api_key(self, key: ApiKeyRow) -> None:
+        with self._db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO api_keys (id, name, key_hash, scopes, models, created, expires) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key.id,
+                    key.name,
+                    key.key_hash,
+                    _encode_scopes(key.scopes),
+                    encode_list(key.models),
+                    key.created,
+                    key.expires,
+                ),
+            )
+
+    def revoke_api_key(self, key_id: str, now: float) -> ApiKeyRow | None:
+        """Mark the key revoked (one revoked before keeps its first revocation time); the key
+        as it is then, None if there is no such key."""
+        with self._db.transaction() as conn:
+            conn.execute(
+                "UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (now, key_id)
+            )
+            row = _one(conn, "SELECT * FROM api_keys WHERE id = ?", (key_id,))
+        return None if row is None else _api_key(row)
+
+    # ---- tokens -------------------------------------------------------------------------
+
+    def add_token(self, token: TokenRow) -> None:
+        with self._db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO tokens (jti, sub, name, kind, scopes, models, max_tokens, created, "
+                "expires, revoked, device_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                (
+                    token.jti,
+                    token.sub,
+                    token.name,
+                    token.kind,
+                    _encode_scopes(token.scopes),
+                    encode_list(token.models),
+                    token.max_tokens,
+                    token.created,
+                    token.expires,
+                    token.device_id,
+                ),
+            )
+
+    def live_tokens(self, expiring_after: float) -> list[TokenRow]:
+        """Tokens neither revoked nor belonging to a revoked device, that expire after
+        ``expiring_after``."""
+        rows = self._db.query(
+            _WITH_DEVICE_STATE + " WHERE t.revoked IS NULL AND d.revoked IS NULL AND t.expires > ?",
+            (expiring_after,),
+        )
+        return [_token(r) for r in rows]
+
+    def token(self, jti: str) -> tuple[TokenRow, bool] | None:
+        """The token ``jti`` and whether it is live (neither it nor its device revoked)."""
+        rows = self._db.query(_WITH_DEVICE_STATE + " WHERE t.jti = ?", (jti,))
+        if not rows:
+            return None
+        token = _token(rows[0])
+        return token, token.revoked is None and rows[0]["device_revoked"] is None
+
+    def tokens(self, *, expiring_after: float | None = None) -> list[TokenRow]:
+        """Every token (or those expiring after ``expiring_after``), oldest first."""
+        if expiring_after is None:
+            rows = self._db.query("SELECT * FROM tokens ORDER BY created")
+        else:
+            rows = self._db.query(
+                "SELECT * FROM tokens WHERE expires > ? ORDER BY created", (expiring_after,)
+            )
+        return [_token(r) for r in rows]
+
+    def tokens_with_prefix(self, jti_prefix: str) -> list[TokenRow]:
+        rows = self._db.query("SELECT * FROM tokens WHERE jti LIKE ? || '%'", (jti_prefix,))
+        return [_token(r) for r in rows]
+
+    def revoke_token(self, jti: str, now: float) -> None:
+        with self._db.transaction() as conn:
+            conn.execute(
+                "UPDATE tokens SET revoked = ? WHERE jti = ? AND revoked IS NULL", (now, jti)
+            )
+
+    # ---- pairing codes and devices -----------------------------------------------------
+
+    def add_pairing_code(
+        self, code_hash: str, now: float, expires: float, device_name: str | None
+    ) -> None:
+        with self._db.transaction() as conn:
+            # Old codes are useless; keep the table small.
+            conn.execute("DELETE FROM pairing_codes WHERE expires < ?", (now - _PURGE_CODES_AFTER,))
+            conn.execute(
+                "INSERT INTO pairing_codes (code_hash, created, expires, device_name) "
+                "VALUES (?, ?, ?, ?)",
+                (code_hash, now, expires, device_name),
+            )
+
+    def redeem_pairing_code(
+        self, code_hash: str, now: float, device_id: str, device_name: str
+    ) -> DeviceRow | CodeRefusal:
+        """Use the code once and record the device it pairs (named as the code says, else
+        ``device_name``). One conditional UPDATE claims the code, so of two redemptions racing
+        for it exactly one wins; the loser learns why it lost."""
+        with self._db.transaction() as conn:
+            claimed = conn.execute(
+                "UPDATE pairing_codes SET used = ?, device_id = ? "
+                "WHERE code_hash = ? AND used IS NULL AND expires > ?",
+                (now, device_id, code_hash, now),
+            ).rowcount
+            row = conn.execute(
+                "SELECT used, device_name FROM pairing_codes WHERE code_hash = ?", (code_hash,)
+            ).fetchone()
+            if claimed != 1:
+                if row is None:
+                    return CodeRefusal.UNKNOWN
+                return CodeRefusal.USED if row[0] is not None else CodeRefusal.EXPIRED
+            name = row[1] or device_name
+            conn.execute(
+                "INSERT INTO devices (id, name, created, last_seen) VALUES (?, ?, ?, ?)",
+                (device_id, name, now, now),
+            )
+        return DeviceRow(device_id, name, now, now, None)
+
+    def devices(self) -> list[DeviceRow]:
+        return [_device(r) for r in self._db.query("SELECT * FROM devices ORDER BY created")]
+
+    def device(self, device_id: str) -> DeviceRow | None:
+        rows = self._db.query("SELECT * FROM devices WHERE id = ?", (device_id,))
+        return _device(rows[0]) if rows else None
+
+    def revoke_device(self, device_id: str, now: float) -> DeviceRow | None:
+        """Revoke the device and every token it holds, together; the device as it is then,
+        None if there is no such device."""
+        with self._db.transaction() as conn:
+            conn.execute(
+                "UPDATE devices SET revoked = ? WHERE id = ? AND revoked IS NULL",
+                (now, device_id),
+            )
+            conn.execute(
+                "UPDATE tokens SET revoked = ? WHERE revoked IS NULL AND device_id = ?",
+                (now, device_id),
+            )
+            row = _one(conn, "SELECT * FROM devices WHERE id = ?", (device_id,))
+        return None if row is None else _device(row)
+
+    def revoke_all_devices(self, now: float) -> int:
+        """Revoke every device and device token, and end every code not used yet; how many
+        devices were live."""
+        with self._db.transaction() as conn:
+            count = conn.execute(
+                "UPDATE devices SET revoked = ? WHERE revoked IS NULL", (now,)
+            ).rowcount
+            _expire_pending_codes(conn, now)
+            conn.execute(
+                "UPDATE tokens SET revoked = ? WHERE revoked IS NULL AND kind = 'device'", (now,)
+            )
+        return count
+
+    def revoke_for_key_rotation(self, now: float) -> RotationRevoked:
+        """Every token and device revoked, every pending code ended and the signing key's
+        generation bumped, in one transaction: a running gateway sees all of it at once."""
+        with self._db.transaction() as conn:
+            tokens = conn.execute(
+                "UPDATE tokens SET revoked = ? WHERE revoked IS NULL", (now,)
+            ).rowcount
+            devices = conn.execute(
+                "UPDATE devices SET revoked = ? WHERE revoked IS NULL", (now,)
+            ).rowcount
+            _expire_pending_codes(conn, now)  # a QR code shown before must not pair after
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key) DO UPDATE "
+                "SET value = CAST(value AS INTEGER) + 1",
+                (SIGNING_KEY_GENERATION,),
+            )
+        return RotationRevoked(tokens, devices)
