@@ -1,0 +1,1 @@
+"""``lmgate``'s commands: serve, config, tokens/keys/pairing/devices, doctor, check, deploy."""
