@@ -35,7 +35,12 @@ def serve(env: Env) -> Iterator[tuple[subprocess.Popen[str], str]]:
 
 def stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    proc.wait(timeout=30)  # serve says little: its pipes never fill
+    assert proc.stdout is not None and proc.stderr is not None
+    # Through the pipes' file objects, not communicate(): its raw reads would miss the lines
+    # start_serve's readline has already buffered after the address.
+    with proc.stdout, proc.stderr:
+        out, err = proc.stdout.read(), proc.stderr.read()
     assert proc.returncode == 0, err
     return out, err
 
@@ -121,14 +126,7 @@ def test_serve_without_a_keyring_runs_with_a_one_run_signing_key(env: Env) -> No
         "LMGATE_SECRETS_STORE": "keyring",
         "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
     }
-    proc = subprocess.Popen(
-        [LMGATE, "serve", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=no_keyring,
-    )
-    time.sleep(1.5)
+    proc, _ = start_serve(no_keyring)  # waits for the address, however loaded the machine
     out, _ = stop(proc)
     assert "No usable OS keyring" in out
     assert "in memory for this run only" in out
