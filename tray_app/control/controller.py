@@ -13,6 +13,7 @@ import shlex
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,8 +41,8 @@ T = TypeVar("T")
 SNIPPET_TTL = 3600.0
 
 
-class Phase:
-    """What the tray icon shows."""
+class Phase(StrEnum):
+    """What the tray icon shows (its value names the icon)."""
 
     PRIVATE = "private"
     STARTING = "starting"
@@ -52,7 +53,7 @@ class Phase:
 
 @dataclass(frozen=True, slots=True)
 class AppState:
-    phase: str = Phase.STARTING
+    phase: Phase = Phase.STARTING
     gateway_url: str | None = None
     public_url: str | None = None
     provider: str = "none"
