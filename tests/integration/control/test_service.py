@@ -8,6 +8,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,9 +46,9 @@ def taken_port() -> Iterator[int]:
         yield int(holder.getsockname()[1])
 
 
-def config_for(tmp_path: Path, upstream: str, **settings: object) -> Config:
+def config_for(tmp_path: Path, upstream: str, **settings: Any) -> Config:
     settings.setdefault("server_port", 0)
-    return Config(  # type: ignore[arg-type]
+    return Config(
         upstream_url=upstream,
         heartbeat_interval=0.0,
         shutdown_grace=1.0,
