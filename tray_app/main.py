@@ -6,13 +6,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from tray_app.cli.main import EXIT_FAILURE
+from tray_app.cli.main import EXIT_FAILURE, EXIT_OK
 from tray_app.cli.main import main as run_command
 
 
 def run_tray(wishes: list[str]) -> int:
     try:
-        from tray_app.ui.app import run
+        from tray_app.ui.app import hand_to_running, run
     except ImportError as exc:
         print(
             f"lmgate: the tray app needs PySide6 ({exc.name} is missing): "
@@ -20,7 +20,11 @@ def run_tray(wishes: list[str]) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    return run(wishes)
+    if hand_to_running(wishes):
+        return EXIT_OK
+    from tray_app.control.desktop import desktop_controller
+
+    return run(wishes, desktop_controller())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

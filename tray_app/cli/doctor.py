@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
-
 from tray_app.config.settings import (
     CONFIG_FILE_ENV,
     Config,
@@ -24,6 +22,7 @@ from tray_app.config.settings import (
 from tray_app.control.assembly import data_dir, secret_store_for
 from tray_app.errors import ConfigError, SecretStoreError, TunnelError
 from tray_app.gateway.server.runner import port_is_free
+from tray_app.gateway.upstream.probe import probe_lmstudio
 from tray_app.paths import user_log_dir
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
 from tray_app.secret_store.keyring_store import KeyringSecretStore
@@ -71,30 +70,19 @@ def _secrets(config: Config) -> tuple[Check, SecretStore | None]:
 
 async def _lmstudio(config: Config, store: SecretStore | None) -> list[Check]:
     token = read_or_none(store, LMSTUDIO_API_TOKEN)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     url = config.upstream_url
-    checks: list[Check] = []
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_SECONDS)) as s:
-            async with s.get(url + "/v1/models", headers=headers) as r:
-                body = await r.json(content_type=None) if r.status == 200 else None
-                status, date = r.status, r.headers.get("Date")
-            native = []
-            for path, since in (("/api/v1/models", "0.4"), ("/api/v0/models", "0.3.6")):
-                async with s.get(url + path, headers=headers) as r:
-                    if r.status == 200:
-                        native.append(since)
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+    probe = await probe_lmstudio(url, token, within=PROBE_SECONDS, identify=True)
+    if not probe.answered:
         return [
             Check(
                 "LM Studio",
                 False,
-                f"not reachable at {url} ({type(exc).__name__}): start "
+                f"not reachable at {url} ({probe.failure}): start "
                 "its server (Developer tab → Start Server, or `lms server start`) or fix "
                 "upstream.url",
             )
         ]
-    if status in {401, 403}:
+    if probe.needs_token:
         return [
             Check(
                 "LM Studio",
@@ -104,23 +92,20 @@ async def _lmstudio(config: Config, store: SecretStore | None) -> list[Check]:
                 + ": `lmgate secret set lmstudio-api-token`",
             )
         ]
-    if status != 200 or not isinstance(body, dict):
-        return [Check("LM Studio", False, f"{url}/v1/models answered {status}")]
-    version = f"version {native[0]} or newer" if native else "version unknown"
+    if probe.models is None:
+        return [Check("LM Studio", False, f"{url}/v1/models answered {probe.status}")]
+    version = f"version {probe.version} or newer" if probe.version else "version unknown"
     auth = "with LM Gate's token" if token else "no token needed"
-    checks.append(Check("LM Studio", True, f"reachable at {url}, {version}, {auth}"))
-    models = [m.get("id") for m in body.get("data", []) if isinstance(m, dict)]
-    checks.append(
+    models = probe.models
+    return [
+        Check("LM Studio", True, f"reachable at {url}, {version}, {auth}"),
         Check(
             "models",
             bool(models),
-            ", ".join(str(m) for m in models)
-            if models
-            else "LM Studio offers no model: download or load one",
-        )
-    )
-    checks.append(_clock(date))
-    return checks
+            ", ".join(models) if models else "LM Studio offers no model: download or load one",
+        ),
+        _clock(probe.date),
+    ]
 
 
 def _clock(date_header: str | None) -> Check:

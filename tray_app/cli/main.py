@@ -17,8 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
-import aiohttp
-
 from tray_app import __version__
 from tray_app.cli.identity_commands import (
     IDENTITY_COMMANDS,
@@ -33,23 +31,11 @@ from tray_app.config.settings import (
     format_default,
     load_config,
 )
-from tray_app.control.assembly import (
-    Identity,
-    build_gateway,
-    data_dir,
-    open_identity,
-    secret_store_for,
-    signing_key_loader,
-    signing_key_or_ephemeral,
-)
-from tray_app.control.going_public import go_public
-from tray_app.errors import ConfigError, LMGateError, SecretStoreError
-from tray_app.gateway.app import Gateway
-from tray_app.gateway.server.runner import GatewayServer
-from tray_app.identity.principal import ALL_SCOPES
+from tray_app.control.assembly import Identity, data_dir, secret_store_for
+from tray_app.control.service import FIRST_KEY_NAME, GatewayService, Started
+from tray_app.errors import ConfigError, LMGateError
 from tray_app.logs import configure_logging
 from tray_app.qr_codes import terminal_qr
-from tray_app.secret_store.base import EnvSecretStore, SecretStore
 from tray_app.tunnel.manager import TunnelManager, TunnelState, TunnelStatus
 from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN, check_token_shape
 
@@ -202,91 +188,63 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     return overrides
 
 
-async def _check_lmstudio(gateway: Gateway) -> bool:
-    async with aiohttp.ClientSession() as session:
-        return await gateway.lmstudio_reachable(session)
-
-
-def _open_store(config: Config) -> tuple[SecretStore | None, str | None]:
-    try:
-        return secret_store_for(config), None
-    except SecretStoreError as exc:
-        return None, str(exc)
-
-
 async def _serve(config: Config, out: IO[str]) -> int:
-    store, store_problem = _open_store(config)
-    signing_key, key_warning = signing_key_or_ephemeral(store)
-    # A running gateway follows `lmgate keys rotate` by re-reading its signing key, unless the
-    # key lives only in memory (then no other process can have rotated it).
-    loader = None if key_warning or store is None else signing_key_loader(store)
-    identity = open_identity(config, signing_key, key_loader=loader)
-    # Without a usable store LM Gate still reads LMGATE_SECRET_* variables set on purpose.
-    gateway_secrets = store if store is not None else EnvSecretStore()
-    first_key = None
+    service = GatewayService(config)
     # A key is made (and shown) only for a terminal: journald keeps whatever serve prints.
-    if not identity.api_keys.list() and not identity.tokens.list() and out.isatty():
-        first_key, _record = identity.api_keys.create("owner", scopes=ALL_SCOPES)
-    server = GatewayServer(build_gateway(config, identity, gateway_secrets))
-    try:
-        await server.start()
-    except BaseException:
-        identity.close()
-        raise
-    manager: TunnelManager | None = None
+    started = await service.start(first_key=out.isatty())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        reachable = await _check_lmstudio(server.gateway)
-        print(f"LM Gate {__version__} is running.", file=out)
-        print(f"Listening on {server.url}  (OpenAI base URL: {server.url}/v1)", file=out)
-        if reachable:
-            print(f"LM Studio:   {config.upstream_url} is reachable.", file=out)
-        else:
-            print(
-                f"LM Studio:   NOT reachable at {config.upstream_url}. Start its server "
-                "(Developer tab -> Start Server, or `lms server start`); requests get 502 "
-                "until then.",
-                file=out,
-            )
-        print(f"Data:        {data_dir(config)}", file=out)
-        if store_problem:
-            print(f"Secrets:     {store_problem}", file=out)
-        if key_warning:
-            print(f"Warning:     {key_warning}", file=out)
-        shown_key = "<key>"
-        if first_key is not None:
-            shown_key = first_key
-            print(f"API key:     {first_key}", file=out)
-            print(
-                "             (your first key, 'owner', with every scope; shown only now)", file=out
-            )
-        elif not identity.api_keys.list():
-            print("API keys:    none yet; create one with `lmgate key create NAME`.", file=out)
-        print(
-            f'Try:         curl {server.url}/v1/models -H "Authorization: Bearer {shown_key}"',
-            file=out,
-        )
+        _print_started(started, config, service.identity, out)
         if config.tunnel_provider != "none":
             print(f"Going public with {config.tunnel_provider}...", file=out, flush=True)
-            manager = await go_public(
-                config, server, gateway_secrets, data_dir(config), on_change=_status_printer(out)
-            )
-            _print_public(manager, identity, out)
+            manager = await service.go_public(on_change=_status_printer(out))
+            _print_public(manager, service.identity, out)
         print("Press Ctrl-C to stop.", file=out, flush=True)
         await stop.wait()
         print("Stopping: letting running requests finish...", file=out, flush=True)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        if manager is not None:
-            await manager.stop()  # the tunnel (and its agent) goes before the gateway does
-        await server.stop()
-        identity.close()
+        await service.stop()
     print("Stopped.", file=out, flush=True)
     return EXIT_OK
+
+
+def _print_started(started: Started, config: Config, identity: Identity, out: IO[str]) -> None:
+    url = started.url
+    print(f"LM Gate {__version__} is running.", file=out)
+    print(f"Listening on {url}  (OpenAI base URL: {url}/v1)", file=out)
+    if started.lmstudio_reachable:
+        print(f"LM Studio:   {config.upstream_url} is reachable.", file=out)
+    else:
+        print(
+            f"LM Studio:   NOT reachable at {config.upstream_url}. Start its server "
+            "(Developer tab -> Start Server, or `lms server start`); requests get 502 "
+            "until then.",
+            file=out,
+        )
+    print(f"Data:        {data_dir(config)}", file=out)
+    if started.store_problem:
+        print(f"Secrets:     {started.store_problem}", file=out)
+    if started.key_warning:
+        print(f"Warning:     {started.key_warning}", file=out)
+    shown_key = "<key>"
+    if started.first_key is not None:
+        shown_key = started.first_key
+        print(f"API key:     {started.first_key}", file=out)
+        print(
+            f"             (your first key, '{FIRST_KEY_NAME}', with every scope; shown only now)",
+            file=out,
+        )
+    elif not identity.api_keys.list():
+        print("API keys:    none yet; create one with `lmgate key create NAME`.", file=out)
+    print(
+        f'Try:         curl {url}/v1/models -H "Authorization: Bearer {shown_key}"',
+        file=out,
+    )
 
 
 def _tunnel_command(args: argparse.Namespace, config: Config, out: IO[str]) -> int:

@@ -13,10 +13,9 @@ import shlex
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
-
-import aiohttp
 
 from tray_app.config.settings import (
     SETTINGS_BY_KEY,
@@ -26,21 +25,13 @@ from tray_app.config.settings import (
     load_config,
     read_config_file,
 )
-from tray_app.control.assembly import (
-    Identity,
-    build_gateway,
-    data_dir,
-    open_identity,
-    secret_store_for,
-    signing_key_loader,
-    signing_key_or_ephemeral,
-)
-from tray_app.control.going_public import go_public
+from tray_app.control.assembly import Identity
 from tray_app.control.loop_thread import LoopThread
-from tray_app.errors import ConfigError, LMGateError, SecretStoreError, TunnelError
-from tray_app.gateway.server.runner import GatewayServer
+from tray_app.control.service import GatewayService
+from tray_app.errors import ConfigError, LMGateError, TunnelError
+from tray_app.gateway.upstream.probe import PROBE_TIMEOUT, probe_lmstudio
 from tray_app.identity.principal import ALL_SCOPES, CredentialKind
-from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, EnvSecretStore, SecretStore, read_or_none
+from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
 from tray_app.tunnel.manager import TunnelManager, TunnelState, TunnelStatus
 from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN, check_token_shape
 
@@ -48,11 +39,10 @@ log = logging.getLogger("lmgate.controller")
 T = TypeVar("T")
 
 SNIPPET_TTL = 3600.0
-PROBE_TIMEOUT = 5.0
 
 
-class Phase:
-    """What the tray icon shows."""
+class Phase(StrEnum):
+    """What the tray icon shows (its value names the icon)."""
 
     PRIVATE = "private"
     STARTING = "starting"
@@ -63,7 +53,7 @@ class Phase:
 
 @dataclass(frozen=True, slots=True)
 class AppState:
-    phase: str = Phase.STARTING
+    phase: Phase = Phase.STARTING
     gateway_url: str | None = None
     public_url: str | None = None
     provider: str = "none"
@@ -153,12 +143,8 @@ class Controller:
         self.config = config
         self._config_path = config_path or default_config_path()
         self._store_override = store
-        self._store: SecretStore = store or EnvSecretStore()
-        self._store_problem: str | None = None
         self._autostart = autostart
-        self._identity: Identity | None = None
-        self._server: GatewayServer | None = None
-        self._tunnel: TunnelManager | None = None
+        self._service = GatewayService(config, store=store)
         self._state = AppState(provider=config.tunnel_provider)
         self._listeners: list[Callable[[AppState], None]] = []
 
@@ -182,41 +168,37 @@ class Controller:
 
     @property
     def identity(self) -> Identity:
-        if self._identity is None:
-            raise LMGateError("LM Gate is not running")
-        return self._identity
+        return self._service.identity
+
+    @property
+    def _store(self) -> SecretStore:
+        """The store secrets are read from and saved to: the configured one once started."""
+        return self._service.secrets
+
+    @property
+    def _tunnel(self) -> TunnelManager | None:
+        return self._service.tunnel
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> AppState:
         self._publish(phase=Phase.STARTING, message="Starting…", busy=True)
-        if self._store_override is None:
-            try:
-                self._store = secret_store_for(self.config)
-            except SecretStoreError as exc:
-                self._store_problem = str(exc)
-                self._store = EnvSecretStore()
-        signing_key, warning = signing_key_or_ephemeral(
-            None if self._store_problem else self._store
-        )
-        # With the key from a store, a rotation by the CLI reaches this gateway while it runs.
-        loader = None if warning or self._store_problem else signing_key_loader(self._store)
-        self._identity = open_identity(self.config, signing_key, key_loader=loader)
-        server = GatewayServer(build_gateway(self.config, self._identity, self._store))
+        if not self._service.running:
+            # Each start runs the sequence afresh, with the config as Settings last saved it.
+            self._service = GatewayService(self.config, store=self._store_override)
         try:
-            await server.start()
+            # No first key: the tray makes keys when asked, and shows each then.
+            started = await self._service.start()
         except ConfigError as exc:
             return self._publish(phase=Phase.ERROR, message=str(exc), busy=False)
-        self._server = server
-        reachable = await self._lmstudio_reachable()
         state = self._publish(
             phase=Phase.PRIVATE,
-            gateway_url=server.url,
-            lmstudio_reachable=reachable,
+            gateway_url=started.url,
+            lmstudio_reachable=started.lmstudio_reachable,
             message="Private: only this computer can connect",
             busy=False,
-            warning=warning or self._store_problem,
-            needs_lmstudio=not reachable,
+            warning=started.key_warning or started.store_problem,
+            needs_lmstudio=not started.lmstudio_reachable,
             needs_tunnel=not self._tunnel_ready(),
             provider=self.config.tunnel_provider,
         )
@@ -232,29 +214,15 @@ class Controller:
             return bool(read_or_none(self._store, NGROK_AUTHTOKEN))
         return False
 
-    async def _lmstudio_reachable(self) -> bool:
-        if self._server is None:
-            return False
-        async with aiohttp.ClientSession() as session:
-            return await self._server.gateway.lmstudio_reachable(session)
-
     async def shutdown(self) -> None:
         """Close the tunnel, let streams finish (within the grace), stop the gateway."""
-        if self._tunnel is not None:
-            tunnel, self._tunnel = self._tunnel, None
-            await tunnel.stop()
-        if self._server is not None:
-            server, self._server = self._server, None
-            await server.stop()
-        if self._identity is not None:
-            identity, self._identity = self._identity, None
-            identity.close()
+        await self._service.stop()
         self._publish(phase=Phase.PRIVATE, public_url=None, message="Stopped", busy=False)
 
     # ---- going public ----------------------------------------------------------------------
 
     async def go_public(self) -> AppState:
-        if self._server is None:
+        if not self._service.running:
             raise LMGateError("LM Gate is not running")
         if self._tunnel is not None:
             return self._state
@@ -270,13 +238,7 @@ class Controller:
             busy=True,
         )
         try:
-            self._tunnel = await go_public(
-                self.config,
-                self._server,
-                self._store,
-                data_dir(self.config),
-                on_change=self._on_tunnel,
-            )
+            await self._service.go_public(on_change=self._on_tunnel)
         except LMGateError as exc:
             self._publish(phase=Phase.ERROR, message=str(exc), busy=False)
             raise
@@ -309,11 +271,9 @@ class Controller:
             )
 
     async def go_private(self, *, revoke_devices: bool = False) -> AppState:
-        if self._tunnel is not None:
-            tunnel, self._tunnel = self._tunnel, None
-            await tunnel.stop()
-        if revoke_devices and self._identity is not None:
-            count = self._identity.pairing.revoke_all_devices()
+        await self._service.go_private()
+        if revoke_devices and self._service.running:
+            count = self.identity.pairing.revoke_all_devices()
             self._publish(
                 message=f"Private: only this computer can connect ({count} device(s) revoked)"
             )
@@ -370,28 +330,23 @@ class Controller:
         """(True, model ids) or (False, [the exact error])."""
         if token is None:
             token = read_or_none(self._store, LMSTUDIO_API_TOKEN)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        try:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as s,
-                s.get(url.rstrip("/") + "/v1/models", headers=headers) as r,
-            ):
-                if r.status in {401, 403}:
-                    return False, [
-                        f"LM Studio at {url} requires an API token ({r.status}); "
-                        "enter it in Settings."
-                    ]
-                if r.status != 200:
-                    return False, [f"LM Studio at {url} answered {r.status}."]
-                payload = await r.json(content_type=None)
-                return True, [m["id"] for m in payload.get("data", []) if isinstance(m, dict)]
-        except aiohttp.InvalidURL:
+        probe = await probe_lmstudio(url, token, within=PROBE_TIMEOUT)
+        if probe.failure == "InvalidURL":
             return False, [f"{url} is not a valid URL."]
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        if not probe.answered:
             return False, [
-                f"LM Studio is not reachable at {url} ({type(exc).__name__}). Start "
+                f"LM Studio is not reachable at {url} ({probe.failure}). Start "
                 "its server: LM Studio → Developer → Start Server."
             ]
+        if probe.needs_token:
+            return False, [
+                f"LM Studio at {url} requires an API token ({probe.status}); enter it in Settings."
+            ]
+        if not probe.ready:
+            return False, [f"LM Studio at {url} answered {probe.status}."]
+        if probe.models is None:
+            return False, [f"LM Studio at {url} answered, but with no list of models."]
+        return True, list(probe.models)
 
     # ---- devices & tokens ------------------------------------------------------------------
 

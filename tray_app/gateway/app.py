@@ -48,6 +48,7 @@ from tray_app.gateway.routes import (
 )
 from tray_app.gateway.upstream.client import UPSTREAM_SESSION, session_context
 from tray_app.gateway.upstream.forwarding import Forwarder, shutting_down
+from tray_app.gateway.upstream.probe import probe_lmstudio
 from tray_app.gateway.webpage import WebPage
 from tray_app.identity.pairing import PairingError, PairingService
 from tray_app.identity.principal import SCOPE_CHAT, SCOPE_METRICS, Authenticator, Principal
@@ -636,19 +637,16 @@ class Gateway:
         if not probe.cancelled() and probe.exception() is None:
             self._ready = (self._clock.monotonic(), probe.result())
 
-    async def lmstudio_reachable(self, session: aiohttp.ClientSession) -> bool:
-        token = self._forward.lmstudio_token
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        try:
-            async with session.get(
-                self.config.upstream_url + "/v1/models",
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=READY_TIMEOUT),
-                allow_redirects=False,
-            ) as resp:
-                return resp.status == 200
-        except (TimeoutError, aiohttp.ClientError):
-            return False
+    async def lmstudio_reachable(self, session: aiohttp.ClientSession | None = None) -> bool:
+        """Whether LM Studio answers with LM Gate's token; without ``session``, asked on a
+        session of its own (the app's lives only while the server runs)."""
+        probe = await probe_lmstudio(
+            self.config.upstream_url,
+            self._forward.lmstudio_token,
+            session=session,
+            within=READY_TIMEOUT,
+        )
+        return probe.ready
 
     # ---- accounting, shutdown and logging -----------------------------------------------
 

@@ -14,7 +14,6 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from tray_app.gateway.api_errors import REQUEST_ID_HEADER, ApiError
@@ -29,6 +28,7 @@ from tray_app.gateway.routes import FORWARDED_ROUTES
 from tray_app.gateway.upstream.answers import TooLargeToParse, parse_bounded
 from tray_app.gateway.upstream.client import UPSTREAM_SESSION, decode_body
 from tray_app.gateway.upstream.forwarding import Forwarder
+from tray_app.gateway.upstream.probe import probe_lmstudio
 from tray_app.identity.principal import Principal
 from tray_app.storage.conversations import ConversationStore, Message, trim_history
 
@@ -191,23 +191,15 @@ class ChatApi:
         return web.json_response(payload, headers={REQUEST_ID_HEADER: request_id})
 
     async def _default_model(self, request: web.Request, principal: Principal) -> str:
-        token = self._forward.lmstudio_token
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        session = request.app[UPSTREAM_SESSION]
-        try:
-            async with session.get(
-                self._forward.upstream_url + "/v1/models", headers=headers, allow_redirects=False
-            ) as r:
-                payload = await r.json(content_type=None) if r.status == 200 else {}
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            payload = {}
-        for entry in payload.get("data", []) if isinstance(payload, dict) else []:
-            if (
-                isinstance(entry, dict)
-                and isinstance(entry.get("id"), str)
-                and principal.may_use_model(entry["id"])
-            ):
-                return str(entry["id"])
+        probe = await probe_lmstudio(
+            self._forward.upstream_url,
+            self._forward.lmstudio_token,
+            session=request.app[UPSTREAM_SESSION],
+            within=None,  # the upstream session's own connect and idle timeouts
+        )
+        for model in probe.models or ():
+            if principal.may_use_model(model):
+                return model
         raise ApiError(
             400,
             "No model given, and LM Studio offers none this key may use; send a model.",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import getpass
 import logging
-import logging.handlers
 import sys
 from collections.abc import Sequence
 
@@ -18,8 +17,7 @@ from PySide6.QtNetwork import QLocalServer, QLocalSocket
 from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
 from tray_app.control.controller import AppState, Phase
-from tray_app.logs import JsonFormatter, route_library_logs
-from tray_app.ui.actions import AppActions, log_dir
+from tray_app.ui.actions import AppActions
 from tray_app.ui.bridge import UiBridge
 from tray_app.ui.port import ControllerPort
 from tray_app.ui.tray import MainWindow, Tray
@@ -128,38 +126,25 @@ class TrayApp:
             app.quit()
 
 
-def configure_file_logging() -> None:
-    directory = log_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(
-        directory / "lmgate.log", maxBytes=5_000_000, backupCount=3
-    )
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("lmgate")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
-    route_library_logs(handler)
-
-
-def run(wishes: Sequence[str] = (), controller: ControllerPort | None = None) -> int:
+def _application() -> QApplication:
     app = QApplication.instance() or QApplication(sys.argv[:1])
     assert isinstance(app, QApplication)
-    if send_to_running(list(wishes) or ["show"]):
-        return 0
+    return app
+
+
+def hand_to_running(wishes: Sequence[str] = ()) -> bool:
+    """True when another tray runs and took ``wishes`` (or "show"): this launch is done.
+    Asked before the core is built, so a second launch never opens what the first holds."""
+    _application()
+    return send_to_running(list(wishes) or ["show"])
+
+
+def run(wishes: Sequence[str], controller: ControllerPort) -> int:
+    """The tray around ``controller``, which the entry point built (the UI builds nothing of
+    the core); it is started once the event loop runs, so the icon shows first."""
+    app = _application()
     app.setQuitOnLastWindowClosed(False)
     app.setApplicationName("LM Gate")
-    configure_file_logging()
-    if controller is None:
-        from tray_app.config.settings import load_config
-        from tray_app.control.autostart import Autostart, default_command
-        from tray_app.control.controller import Controller, ThreadedController
-        from tray_app.tunnel.ngrok import silence_pyngrok_logs
-
-        silence_pyngrok_logs()
-        controller = ThreadedController(
-            Controller(load_config(), autostart=Autostart(default_command()))
-        )
     tray_app = TrayApp(controller)
     QTimer.singleShot(0, lambda: tray_app.start(wishes))
     app.aboutToQuit.connect(tray_app.quit)

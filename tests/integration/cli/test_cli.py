@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
 import signal
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import LMGATE, Env, curl, start_serve
+from tests.integration.cli.test_cli_tunnel import serve_on_a_terminal, stop_terminal
 from tray_app import __version__
 
 
@@ -35,7 +38,12 @@ def serve(env: Env) -> Iterator[tuple[subprocess.Popen[str], str]]:
 
 def stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    proc.wait(timeout=30)  # serve says little: its pipes never fill
+    assert proc.stdout is not None and proc.stderr is not None
+    # Through the pipes' file objects, not communicate(): its raw reads would miss the lines
+    # start_serve's readline has already buffered after the address.
+    with proc.stdout, proc.stderr:
+        out, err = proc.stdout.read(), proc.stderr.read()
     assert proc.returncode == 0, err
     return out, err
 
@@ -121,14 +129,7 @@ def test_serve_without_a_keyring_runs_with_a_one_run_signing_key(env: Env) -> No
         "LMGATE_SECRETS_STORE": "keyring",
         "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
     }
-    proc = subprocess.Popen(
-        [LMGATE, "serve", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=no_keyring,
-    )
-    time.sleep(1.5)
+    proc, _ = start_serve(no_keyring)  # waits for the address, however loaded the machine
     out, _ = stop(proc)
     assert "No usable OS keyring" in out
     assert "in memory for this run only" in out
@@ -269,6 +270,35 @@ def test_serve_reports_a_busy_port(env: Env, serve: tuple[subprocess.Popen[str],
     assert result.returncode == 2
     assert "already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_failed_start_on_a_terminal_makes_no_key_so_the_next_start_shows_one(
+    env: Env, serve: tuple[subprocess.Popen[str], str]
+) -> None:
+    running, url = serve  # on a pipe: it makes no key, and it holds the port
+    controller, terminal = pty.openpty()
+    busy = subprocess.Popen(
+        [LMGATE, "serve", "--port", url.rsplit(":", 1)[1]],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env.vars,
+    )
+    os.close(terminal)
+    try:
+        _, err = busy.communicate(timeout=30)
+    finally:
+        os.close(controller)
+    assert busy.returncode == 2 and "already in use" in err
+    # It used to make the owner key before binding: a key nobody saw, and none shown later.
+    assert not re.search(r"^[0-9a-f]{12}\s+owner", env.run("key", "list").stdout, re.M)
+    stop(running)
+    proc, controller, text = serve_on_a_terminal(env)
+    try:
+        assert re.search(r"API key:     lmg_\S+", text), text
+    finally:
+        stop_terminal(proc, controller)
 
 
 def test_secret_set_stores_the_lm_studio_token(env: Env) -> None:

@@ -4,6 +4,7 @@ the fake LM Studio, and an in-memory secret store; plus the tray driving it for 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 from tests.conftest import LMSTUDIO_TOKEN
 from tests.fake_lmstudio import MODELS, FakeLMStudio
 from tests.helpers import FAKE_NGROK_AGENT, sse_events
+from tests.integration.control.test_service import files_open_under, needs_proc
 from tray_app.config.settings import Config, load_config
 from tray_app.control.autostart import Autostart
 from tray_app.control.controller import (
@@ -24,7 +26,7 @@ from tray_app.control.controller import (
     curl_snippet,
 )
 from tray_app.control.loop_thread import LoopThread
-from tray_app.errors import TunnelError
+from tray_app.errors import LMGateError, TunnelError
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, MemorySecretStore
 from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN
 
@@ -81,6 +83,27 @@ def test_start_publishes_private_state_and_first_run_needs(make) -> None:  # typ
     assert [s.phase for s in seen][:2] == [Phase.STARTING, Phase.PRIVATE]
     with pytest.raises(TunnelError, match="ngrok authtoken in Settings"):
         controller.go_public().result(10)
+
+
+@needs_proc
+def test_a_failed_bind_shows_the_error_and_closes_the_database(make, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        controller = make(server_port=holder.getsockname()[1])
+        state = controller.start().result(20)
+    assert state.phase == Phase.ERROR and "already in use" in state.message
+    # The tray used to keep the identity database open after a failed start, until quit.
+    assert files_open_under(tmp_path / "data") == []
+    with pytest.raises(LMGateError, match="not running"):
+        controller.credentials().result(5)
+
+
+def test_the_tray_makes_no_key_on_its_first_run(make) -> None:  # type: ignore[no-untyped-def]
+    # It has nowhere to show one once; it makes each key when asked and shows it then.
+    controller = make()
+    controller.start().result(20)
+    assert controller.credentials().result(5) == []
 
 
 def test_go_public_at_start(make) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,85 @@
+"""The entry point builds the core and hands it to the UI; a second launch builds nothing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("PySide6")
+
+from PySide6.QtNetwork import QLocalServer
+
+import tray_app.control.desktop as desktop
+import tray_app.ui.app as ui_app
+from tray_app import main as entry_point
+from tray_app.control.controller import ThreadedController
+from tray_app.errors import ConfigError
+
+
+@pytest.fixture
+def restore_lmgate_logging() -> Iterator[None]:
+    root = logging.getLogger("lmgate")
+    saved = (root.handlers[:], root.level, root.propagate)
+    yield
+    for handler in root.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    root.handlers[:], root.level, root.propagate = saved
+
+
+def test_a_second_launch_hands_its_wish_over_and_builds_no_core(
+    qtbot: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"lmgate-entry-{time.time_ns()}"
+    monkeypatch.setattr(ui_app, "instance_name", lambda: name)
+    running = QLocalServer()
+    assert running.listen(name)
+    received: list[bytes] = []
+
+    def take() -> None:
+        connection = running.nextPendingConnection()
+        connection.waitForReadyRead(2000)
+        received.append(bytes(connection.readAll().data()))
+
+    running.newConnection.connect(take)
+
+    def no_core() -> ThreadedController:
+        raise AssertionError("a second launch must not open the first one's database")
+
+    monkeypatch.setattr(desktop, "desktop_controller", no_core)
+    try:
+        assert entry_point.run_tray(["show-qr"]) == 0
+        qtbot.waitUntil(lambda: received == [b"show-qr\n"], timeout=3000)
+    finally:
+        running.close()
+
+
+def test_the_desktop_core_is_built_from_the_config_and_not_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_lmgate_logging: None
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[upstream]\nurl = 'http://127.0.0.1:4321'\n")
+    monkeypatch.setenv("LMGATE_CONFIG", str(config))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    threaded = desktop.desktop_controller()
+    assert threaded.controller.config.upstream_url == "http://127.0.0.1:4321"
+    assert threaded.state.gateway_url is None, "nothing runs until the tray starts it"
+    logging.getLogger("lmgate.test").warning("to the file")
+    logs = list((tmp_path / "state").rglob(desktop.LOG_FILE))
+    assert logs and '"to the file"' in logs[0].read_text()
+
+
+def test_a_broken_config_is_a_config_error_before_any_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_lmgate_logging: None
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[server]\nport = 'x'\n")
+    monkeypatch.setenv("LMGATE_CONFIG", str(config))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    with pytest.raises(ConfigError, match=r"server\.port"):
+        desktop.desktop_controller()

@@ -1,0 +1,40 @@
+"""What the desktop tray runs: the controller on its own loop thread, with the user's config,
+their login item, and logs in a file (a tray has no terminal to print to). The entry point
+builds it and hands it to the UI, which builds no part of the core itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+
+from tray_app.config.settings import load_config
+from tray_app.control.autostart import Autostart, default_command
+from tray_app.control.controller import Controller, ThreadedController
+from tray_app.logs import JsonFormatter, route_library_logs
+from tray_app.paths import user_log_dir
+from tray_app.tunnel.ngrok import silence_pyngrok_logs
+
+LOG_FILE = "lmgate.log"
+
+
+def configure_file_logging() -> None:
+    directory = user_log_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        directory / LOG_FILE, maxBytes=5_000_000, backupCount=3
+    )
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("lmgate")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    route_library_logs(handler)
+
+
+def desktop_controller() -> ThreadedController:
+    """Nothing starts yet: the tray starts it once its icon shows. Raises ConfigError for a
+    config file that does not validate."""
+    configure_file_logging()
+    silence_pyngrok_logs()
+    return ThreadedController(Controller(load_config(), autostart=Autostart(default_command())))

@@ -1,0 +1,151 @@
+"""The one startup sequence, which `lmgate serve` and the tray both run, so they cannot drift:
+secret store → signing key → identity → gateway → server → LM Studio probe → (on request) the
+tunnel; torn down in reverse. A start that fails part way closes what it had opened.
+
+The front-ends only present it: `serve` prints around it, the tray's controller publishes
+states. Neither opens a store, a database or a port itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tray_app.config.settings import Config
+from tray_app.control.assembly import (
+    Identity,
+    build_gateway,
+    data_dir,
+    open_identity,
+    secret_store_for,
+    signing_key_loader,
+    signing_key_or_ephemeral,
+)
+from tray_app.control.going_public import go_public
+from tray_app.errors import LMGateError, SecretStoreError
+from tray_app.gateway.server.runner import GatewayServer
+from tray_app.identity.principal import ALL_SCOPES
+from tray_app.secret_store.base import EnvSecretStore, SecretStore
+from tray_app.tunnel.manager import StatusListener, TunnelManager
+
+log = logging.getLogger("lmgate.service")
+
+FIRST_KEY_NAME = "owner"
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    url: str
+    lmstudio_reachable: bool
+    store_problem: str | None  # the configured store is unusable: why, and what to do
+    key_warning: str | None  # the signing key lives in memory for this run only
+    first_key: str | None  # made by this start (see GatewayService.start); shown only now
+
+
+class GatewayService:
+    """Owns what one run opens: the secret store, the identity database, the gateway's
+    server and the tunnel. ``store`` replaces the configured secret store (tests pass an
+    in-memory one)."""
+
+    def __init__(self, config: Config, *, store: SecretStore | None = None) -> None:
+        self.config = config
+        self._store_override = store
+        # Until a start opens the configured store, only LMGATE_SECRET_* variables are read.
+        self.secrets: SecretStore = store or EnvSecretStore()
+        self._identity: Identity | None = None
+        self._server: GatewayServer | None = None
+        self._tunnel: TunnelManager | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def identity(self) -> Identity:
+        if self._identity is None:
+            raise LMGateError("LM Gate is not running")
+        return self._identity
+
+    @property
+    def server(self) -> GatewayServer:
+        if self._server is None:
+            raise LMGateError("LM Gate is not running")
+        return self._server
+
+    @property
+    def tunnel(self) -> TunnelManager | None:
+        return self._tunnel
+
+    async def start(self, *, first_key: bool = False) -> Started:
+        """Run the sequence up to the LM Studio probe. ``first_key``: the front-end can show
+        a key exactly once (a terminal), so when no credential exists yet an all-scope
+        'owner' key is made — only once the server listens, so a failed start leaves no key
+        nobody saw. Raises (ConfigError for a taken port) with everything closed again."""
+        if self._identity is not None:
+            raise LMGateError("LM Gate is already running")
+        store, store_problem = self._open_store()
+        signing_key, key_warning = signing_key_or_ephemeral(store)
+        # With the key from a store, `lmgate keys rotate` reaches this gateway while it runs;
+        # a key in memory only cannot have been rotated by anyone else.
+        loader = None if key_warning or store is None else signing_key_loader(store)
+        # Without a usable store LM Gate still reads LMGATE_SECRET_* variables set on purpose.
+        self.secrets = store if store is not None else EnvSecretStore()
+        identity = open_identity(self.config, signing_key, key_loader=loader)
+        try:
+            server = GatewayServer(build_gateway(self.config, identity, self.secrets))
+            await server.start()
+        except BaseException:
+            identity.close()
+            raise
+        self._identity, self._server = identity, server
+        try:
+            made = self._make_first_key(identity) if first_key else None
+            reachable = await server.gateway.lmstudio_reachable()
+        except BaseException:
+            await self.stop()
+            raise
+        return Started(server.url, reachable, store_problem, key_warning, made)
+
+    def _open_store(self) -> tuple[SecretStore | None, str | None]:
+        if self._store_override is not None:
+            return self._store_override, None
+        try:
+            return secret_store_for(self.config), None
+        except SecretStoreError as exc:
+            return None, str(exc)
+
+    @staticmethod
+    def _make_first_key(identity: Identity) -> str | None:
+        if identity.api_keys.list() or identity.tokens.list():
+            return None
+        key, _record = identity.api_keys.create(FIRST_KEY_NAME, scopes=ALL_SCOPES)
+        return key
+
+    async def go_public(self, on_change: StatusListener | None = None) -> TunnelManager:
+        """The last step: open and prove the public URL (the configured provider)."""
+        if self._tunnel is not None:
+            return self._tunnel
+        self._tunnel = await go_public(
+            self.config, self.server, self.secrets, data_dir(self.config), on_change=on_change
+        )
+        return self._tunnel
+
+    async def go_private(self) -> None:
+        if self._tunnel is not None:
+            tunnel, self._tunnel = self._tunnel, None
+            await tunnel.stop()
+
+    async def stop(self) -> None:
+        """In reverse: the tunnel (and its agent) before the gateway, whose running streams
+        may finish within the grace, then the database. Stopping twice does nothing."""
+        try:
+            await self.go_private()
+        finally:
+            try:
+                if self._server is not None:
+                    server, self._server = self._server, None
+                    await server.stop()
+            finally:
+                if self._identity is not None:
+                    identity, self._identity = self._identity, None
+                    identity.close()
