@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import IdentityFactory, IdentityRig
 from tests.fakes import FakeTunnelProvider
 from tests.helpers import FAKE_NGROK_AGENT, LogCapture
-from tray_app.config.settings import Config
+from tray_app.config.settings import Config, TunnelProvider
 from tray_app.control.going_public import go_public, tunnel_manager
 from tray_app.errors import TunnelError
 from tray_app.tunnel.lan import LanProvider
@@ -155,7 +155,7 @@ async def ngrok_config(
 
     async def open_tunnel(rig: IdentityRig) -> TunnelManager:
         rig.store.set(NGROK_AUTHTOKEN, TOKEN)
-        config = Config(tunnel_provider="ngrok", ngrok_path=AGENT)
+        config = Config(tunnel_provider=TunnelProvider.NGROK, ngrok_path=AGENT)
         manager = await go_public(config, rig.server, rig.store, tmp_path / "state")
         managers.append(manager)
         return manager
@@ -214,7 +214,10 @@ def test_providers_name_their_forwarding_header(tmp_path: Path) -> None:
 async def test_lan_mode_believes_no_header(start_identity_gateway: IdentityFactory) -> None:
     rig = await start(start_identity_gateway)
     manager = await go_public(
-        Config(tunnel_provider="lan", lan_address="127.0.0.2"), rig.server, rig.store, Path("/x")
+        Config(tunnel_provider=TunnelProvider.LAN, lan_address="127.0.0.2"),
+        rig.server,
+        rig.store,
+        Path("/x"),
     )
     lan = manager.status.public_url or ""
     try:

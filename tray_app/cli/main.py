@@ -12,8 +12,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
@@ -26,8 +27,10 @@ from tray_app.cli.identity_commands import (
     run_identity_command,
 )
 from tray_app.config.settings import (
-    SETTINGS_BY_KEY,
+    SETTINGS,
     Config,
+    Setting,
+    TunnelProvider,
     default_config_path,
     describe_settings,
     format_default,
@@ -57,19 +60,27 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
-# CLI flag -> dotted config key. Values stay strings so the config validator words the error.
-_FLAGS: Mapping[str, str] = {
-    "host": "server.host",
-    "port": "server.port",
-    "upstream": "upstream.url",
-    "idle_timeout": "upstream.idle_timeout",
-    "heartbeat": "streaming.heartbeat_interval",
-    "max_body_bytes": "limits.max_body_bytes",
-    "log_level": "log.level",
-    "secret_store": "secrets.store",
-    "data_dir": "storage.data_dir",
-    "tunnel": "tunnel.provider",
-}
+
+def _add_setting_flags(parser: argparse.ArgumentParser, *, common: bool) -> None:
+    """The flags the settings declare (the common ones, or `serve`'s own). A value stays a
+    string, so the setting's parser words the error and names the key."""
+    for setting in SETTINGS:
+        flag = setting.flag
+        if flag is None or flag.common != common:
+            continue
+        help_text = flag.help or _flag_help(setting)
+        if flag.switch:
+            parser.add_argument(flag.name, action="store_const", const="true", help=help_text)
+        else:
+            parser.add_argument(
+                flag.name, metavar=flag.metavar, choices=setting.choices, help=help_text
+            )
+
+
+def _flag_help(setting: Setting) -> str:
+    if setting.flag is not None and setting.flag.switch:
+        return f"turn on {setting.key}: {setting.help}"
+    return f"{setting.help} (default {format_default(getattr(Config(), setting.attribute))})"
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -80,16 +91,7 @@ def _common_options() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"config file (default: {default_config_path()})",
     )
-    common.add_argument(
-        "--secret-store",
-        choices=["keyring", "file", "env"],
-        help="where secrets live (default: the OS keyring)",
-    )
-    common.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="directory of LM Gate's database (default: the user data dir)",
-    )
+    _add_setting_flags(common, common=True)
     return common
 
 
@@ -118,41 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Callers authenticate with an API key (`lmgate key create NAME`), a token "
         "(`lmgate token create NAME`) or a paired device's token (`lmgate pair`).",
     )
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", help="port to listen on (default 8787; 0 = any free port)")
-    serve.add_argument(
-        "--upstream", metavar="URL", help="LM Studio server URL (default http://127.0.0.1:1234)"
-    )
-    serve.add_argument(
-        "--idle-timeout",
-        metavar="SECONDS",
-        help="how long LM Studio may stay silent before a request fails",
-    )
-    serve.add_argument(
-        "--heartbeat",
-        metavar="SECONDS",
-        help="SSE keep-alive interval while a prompt is processed (0 = off)",
-    )
-    serve.add_argument("--max-body-bytes", metavar="N", help="largest accepted request body")
-    serve.add_argument(
-        "--enable-responses",
-        action="store_const",
-        const="true",
-        help="also forward POST /v1/responses (MCP tools removed)",
-    )
-    serve.add_argument(
-        "--enable-messages",
-        action="store_const",
-        const="true",
-        help="also forward POST /v1/messages (MCP tools removed)",
-    )
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    serve.add_argument(
-        "--tunnel",
-        choices=["none", "ngrok", "lan"],
-        help="go public: ngrok (needs `lmgate tunnel set-token`), lan (this "
-        "network, unencrypted) or none (default: this machine only)",
-    )
+    _add_setting_flags(serve, common=False)
 
     tunnel = commands.add_parser("tunnel", help="the ngrok authtoken")
     tunnel_actions = tunnel.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -196,10 +164,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    overrides: dict[str, object] = {key: getattr(args, flag, None) for flag, key in _FLAGS.items()}
-    overrides["routes.enable_responses"] = getattr(args, "enable_responses", None)
-    overrides["routes.enable_messages"] = getattr(args, "enable_messages", None)
-    return overrides
+    """Dotted keys from the flags this command has; a flag not given is None (no change)."""
+    return {
+        setting.key: getattr(args, setting.flag.dest, None)
+        for setting in SETTINGS
+        if setting.flag is not None
+    }
 
 
 async def _check_lmstudio(gateway: Gateway) -> bool:
@@ -360,8 +330,11 @@ def _config_command(args: argparse.Namespace, out: IO[str]) -> int:
             )
         return EXIT_OK
     config = load_config(path=args.config)
-    for key, setting in SETTINGS_BY_KEY.items():
-        print(f"{key} = {getattr(config, setting.field)!r}", file=out)
+    for setting in SETTINGS:
+        value = getattr(config, setting.attribute)
+        # A kind prints as the word written in the file, not as Python's enum repr.
+        shown = str(value) if isinstance(value, StrEnum) else value
+        print(f"{setting.key} = {shown!r}", file=out)
     return EXIT_OK
 
 
@@ -390,7 +363,7 @@ def _tray_or_headless(
         overrides: dict[str, object] = {}
         config = load_config(overrides=overrides)
         if not wishes:
-            config = replace(config, tunnel_provider="none")
+            config = replace(config, tunnel_provider=TunnelProvider.NONE)
         configure_logging(config.log_level)
         return asyncio.run(_serve(config, out))
     return run_tray(wishes)
