@@ -18,13 +18,13 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from tray_app.config.files import read_config_file
 from tray_app.config.settings import (
     SETTINGS_BY_KEY,
     Config,
     default_config_path,
     dump_settings,
     load_config,
-    read_config_file,
 )
 from tray_app.control.assembly import (
     Identity,
@@ -37,6 +37,7 @@ from tray_app.control.assembly import (
 )
 from tray_app.control.going_public import go_public
 from tray_app.control.loop_thread import LoopThread
+from tray_app.control.settings_form import FORM_FIELDS
 from tray_app.errors import ConfigError, LMGateError, SecretStoreError, TunnelError
 from tray_app.gateway.server.runner import GatewayServer
 from tray_app.identity.principal import ALL_SCOPES, SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
@@ -90,8 +91,10 @@ class PairingLink:
 
 @dataclass(frozen=True, slots=True)
 class AppSettings:
-    """What the settings window shows and saves. Secrets are write-only: ``*_set`` says whether
-    one is stored, a new value in ``new_*`` replaces it."""
+    """What the settings window shows and saves: one field per setting the form declares
+    (:data:`~tray_app.control.settings_form.FORM_FIELDS`, same names as Config's), then what is
+    not config. Secrets are write-only: ``*_set`` says whether one is stored, a new value in
+    ``new_*`` replaces it."""
 
     upstream_url: str
     tunnel_provider: str
@@ -471,16 +474,9 @@ class Controller:
     # ---- settings ------------------------------------------------------------------------
 
     async def settings(self) -> AppSettings:
-        c = self.config
+        form_values = {f.attribute: getattr(self.config, f.attribute) for f in FORM_FIELDS}
         return AppSettings(
-            upstream_url=c.upstream_url,
-            tunnel_provider=c.tunnel_provider,
-            ngrok_domain=c.ngrok_domain,
-            allowed_models=c.allowed_models,
-            token_ttl=c.token_ttl,
-            requests_per_minute=c.requests_per_minute,
-            concurrent_requests=c.concurrent_requests,
-            go_public_at_start=c.go_public_at_start,
+            **form_values,
             start_at_login=bool(self._autostart and self._autostart.is_enabled()),
             lmstudio_token_set=bool(read_or_none(self._store, LMSTUDIO_API_TOKEN)),
             ngrok_token_set=bool(read_or_none(self._store, NGROK_AUTHTOKEN)),
@@ -488,16 +484,7 @@ class Controller:
 
     async def save_settings(self, new: AppSettings) -> AppState:
         """Validate, store secrets, write the config file, and restart with the new settings."""
-        values: dict[str, object] = {
-            "upstream.url": new.upstream_url,
-            "tunnel.provider": new.tunnel_provider,
-            "tunnel.ngrok_domain": new.ngrok_domain,
-            "auth.allowed_models": list(new.allowed_models),
-            "auth.token_ttl": new.token_ttl,
-            "limits.requests_per_minute": new.requests_per_minute,
-            "limits.concurrent_requests": new.concurrent_requests,
-            "tunnel.go_public_at_start": new.go_public_at_start,
-        }
+        values = {f.key: _toml_ready(getattr(new, f.attribute)) for f in FORM_FIELDS}
         text = self._merged_config_text(values)  # raises ConfigError naming a bad key
         if new.new_ngrok_token:
             self._store.set(NGROK_AUTHTOKEN, check_token_shape(new.new_ngrok_token))
@@ -526,6 +513,11 @@ class Controller:
                 merged[key] = value
         merged.update(values)
         return dump_settings(merged)
+
+
+def _toml_ready(value: object) -> object:
+    """TOML has arrays, not tuples."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 class ThreadedController:
