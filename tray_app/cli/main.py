@@ -138,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
         help="show: effective values; path: the config file; keys: every setting",
     )
     config.add_argument("--config", type=Path, metavar="PATH", help="config file to read")
+    config.add_argument(
+        "--markdown", action="store_true", help="keys: as the README's Markdown table"
+    )
 
     doctor = commands.add_parser("doctor", help="check what LM Gate needs and explain problems")
     doctor.add_argument("--config", type=Path, metavar="PATH", help="config file to check")
@@ -321,6 +324,11 @@ def _status_printer(out: IO[str]) -> Callable[[TunnelStatus], None]:
 def _config_command(args: argparse.Namespace, out: IO[str]) -> int:
     if args.action == "path":
         print(args.config or default_config_path(), file=out)
+        return EXIT_OK
+    if args.action == "keys" and args.markdown:
+        from tray_app.config.reference import markdown_table
+
+        print(markdown_table(), end="", file=out)
         return EXIT_OK
     if args.action == "keys":
         for key, env_var, default, help_text in describe_settings():

@@ -72,3 +72,13 @@ def test_form_fields_are_declared_once_and_in_a_clear_order() -> None:
     provider = SETTINGS_BY_KEY["tunnel.provider"]
     assert provider.form is not None and provider.form.kind is FormKind.CHOICE
     assert tuple(v for v, _ in provider.form.choice_labels) == provider.choices
+
+
+def test_config_keys_markdown_prints_the_readme_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from tray_app.cli.main import main
+    from tray_app.config.reference import markdown_table
+
+    assert main(["config", "keys", "--markdown"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == markdown_table()
+    assert "| `server.port` | `LMGATE_SERVER_PORT` | `--port` | `8787` |" in printed
