@@ -20,7 +20,7 @@ from tray_app.ui.settings_dialog import SettingsDialog
 def test_large_limits_are_saved_unchanged(qtbot) -> None:  # type: ignore[no-untyped-def]
     fake = FakeController()
     fake.stored_settings = replace(
-        fake.stored_settings, requests_per_minute=500_000, concurrent_requests=5_000
+        fake.stored_settings, limits_requests_per_minute=500_000, limits_concurrent_requests=5_000
     )
     dialog = SettingsDialog(fake, UiBridge())
     qtbot.addWidget(dialog)
@@ -28,4 +28,4 @@ def test_large_limits_are_saved_unchanged(qtbot) -> None:  # type: ignore[no-unt
     dialog.save_button.click()
     qtbot.waitUntil(lambda: dialog.status.text() == "Saved.")
     ((saved,),) = fake.called("save_settings")
-    assert (saved.requests_per_minute, saved.concurrent_requests) == (500_000, 5_000)
+    assert (saved.limits_requests_per_minute, saved.limits_concurrent_requests) == (500_000, 5_000)

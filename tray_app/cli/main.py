@@ -271,7 +271,7 @@ def _tunnel_command(args: argparse.Namespace, config: Config, out: IO[str]) -> i
     raw = getpass.getpass("ngrok authtoken: ") if sys.stdin.isatty() else sys.stdin.readline()
     store.set(NGROK_AUTHTOKEN, check_token_shape(raw))
     print(
-        f"The ngrok authtoken is stored ({config.secret_store}). Go public with "
+        f"The ngrok authtoken is stored ({config.secrets_store}). Go public with "
         "`lmgate serve --tunnel ngrok`.",
         file=out,
     )

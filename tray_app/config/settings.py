@@ -92,21 +92,21 @@ class Config:
         flag=Flag("--port"),
     )
     # Image inputs arrive base64-encoded inside JSON; 32 MiB fits several large photos.
-    max_body_bytes: int = setting(
+    limits_max_body_bytes: int = setting(
         "limits.max_body_bytes",
         32 * MIB,
         p.int_in(1024, 1024 * MIB),
         "largest accepted request body in bytes",
         flag=Flag("--max-body-bytes", metavar="N"),
     )
-    max_response_bytes: int = setting(
+    limits_max_response_bytes: int = setting(
         "limits.max_response_bytes",
         256 * MIB,
         p.int_in(1024, 16 * 1024 * MIB),
         "largest non-streamed LM Studio response in bytes",
     )
     # One SSE event from LM Studio; a stream event is a few hundred bytes.
-    max_event_bytes: int = setting(
+    limits_max_event_bytes: int = setting(
         "limits.max_event_bytes",
         1 * MIB,
         p.int_in(1024, 1024 * MIB),
@@ -114,7 +114,7 @@ class Config:
     )
     # SSE comments sent while LM Studio is still processing the prompt, so that proxies and
     # phones do not drop an idle connection. 0 turns them off.
-    heartbeat_interval: float = setting(
+    streaming_heartbeat_interval: float = setting(
         "streaming.heartbeat_interval",
         15.0,
         p.seconds(0, 3600),
@@ -122,28 +122,29 @@ class Config:
         flag=Flag("--heartbeat", metavar=_SECONDS),
     )
     # How long in-flight requests may run on after a stop before they are closed.
-    shutdown_grace: float = setting(
+    server_shutdown_grace: float = setting(
         "server.shutdown_grace",
         10.0,
         p.seconds(0, 3600),
         "seconds in-flight requests may finish after a stop",
     )
     # Slow or silent clients: a connection must deliver its request head within
-    # header_timeout and its body within body_timeout; an idle keep-alive connection closes
-    # after keepalive_timeout. None of them limits how long an answer may stream.
-    header_timeout: float = setting(
+    # server.header_timeout and its body within server.body_timeout; an idle keep-alive
+    # connection closes after server.keepalive_timeout. None of them limits how long an answer
+    # may stream.
+    server_header_timeout: float = setting(
         "server.header_timeout",
         10.0,
         p.seconds(0.5, 600),
         "seconds a client may take to send a request's headers",
     )
-    body_timeout: float = setting(
+    server_body_timeout: float = setting(
         "server.body_timeout",
         60.0,
         p.seconds(1, 3600),
         "seconds a client may take to send a request's body",
     )
-    keepalive_timeout: float = setting(
+    server_keepalive_timeout: float = setting(
         "server.keepalive_timeout",
         30.0,
         p.seconds(1, 3600),
@@ -151,7 +152,7 @@ class Config:
     )
     # A client that reads nothing of its answer for this long (its socket buffer full) is
     # cut off: a stream it stopped reading, or pipelined requests it never reads.
-    write_timeout: float = setting(
+    server_write_timeout: float = setting(
         "server.write_timeout",
         60.0,
         p.seconds(1, 3600),
@@ -159,13 +160,13 @@ class Config:
     )
     # Open client connections: 0 = derived from the process's file-descriptor limit, so the
     # gateway refuses new connections before it runs out of descriptors.
-    max_connections: int = setting(
+    server_max_connections: int = setting(
         "server.max_connections",
         0,
         p.int_in(0, 1_000_000),
         "open client connections at most (0 = from the file-descriptor limit)",
     )
-    max_connections_per_client: int = setting(
+    server_max_connections_per_client: int = setting(
         "server.max_connections_per_client",
         64,
         p.int_in(1, 1_000_000),
@@ -173,21 +174,21 @@ class Config:
     )
     # Host names (besides this machine's addresses, localhost and the tunnel's public name)
     # that requests may be addressed to; a browser tricked by DNS rebinding sends another one.
-    allowed_hosts: tuple[str, ...] = setting(
+    server_allowed_hosts: tuple[str, ...] = setting(
         "server.allowed_hosts",
         (),
         p.host_names,
         "host names requests may be addressed to, besides IP addresses, localhost and the "
         "tunnel's public name (e.g. llm.example.com behind nginx)",
     )
-    enable_responses: bool = setting(
+    routes_enable_responses: bool = setting(
         "routes.enable_responses",
         False,
         p.boolean,
         "forward POST /v1/responses (MCP tools removed)",
         flag=Flag("--enable-responses", switch=True),
     )
-    enable_messages: bool = setting(
+    routes_enable_messages: bool = setting(
         "routes.enable_messages",
         False,
         p.boolean,
@@ -202,53 +203,53 @@ class Config:
         flag=Flag("--log-level"),
     )
     # ---- identity
-    dev_mode: bool = setting(
+    auth_dev_mode: bool = setting(
         "auth.dev_mode",
         False,
         p.boolean,
         "accept X-User-Id from this machine instead of a token (never with a tunnel)",
     )
-    token_ttl: float = setting(
+    auth_token_ttl: float = setting(
         "auth.token_ttl",
         86400.0,
         p.duration_in(60, 366 * 86400),
         "default lifetime of `lmgate token create` (seconds, or 15m, 24h, 30d)",
         form=FormField("Default token lifetime", FormKind.DURATION, 5),
     )
-    device_token_ttl: float = setting(
+    auth_device_token_ttl: float = setting(
         "auth.device_token_ttl",
         30 * 86400.0,
         p.duration_in(60, 366 * 86400),
         "lifetime of a paired device's token",
     )
-    pairing_code_ttl: float = setting(
+    auth_pairing_code_ttl: float = setting(
         "auth.pairing_code_ttl",
         600.0,
         p.duration_in(30, 86400),
         "how long a pairing code (QR code) stays valid",
     )
     # ---- limits per principal and per client address
-    requests_per_minute: int = setting(
+    limits_requests_per_minute: int = setting(
         "limits.requests_per_minute",
         120,
         p.int_in(1, 100_000_000),
         "requests per minute per principal (token bucket)",
         form=FormField("Requests per minute (per caller)", FormKind.NUMBER, 6),
     )
-    concurrent_requests: int = setting(
+    limits_concurrent_requests: int = setting(
         "limits.concurrent_requests",
         4,
         p.int_in(1, 10_000),
         "requests or streams one principal may run at once",
         form=FormField("Requests at once (per caller)", FormKind.NUMBER, 7),
     )
-    auth_failures_per_minute: int = setting(
+    limits_auth_failures_per_minute: int = setting(
         "limits.auth_failures_per_minute",
         10,
         p.int_in(1, 10_000),
         "failed authentications per minute per client address before 429",
     )
-    pairing_attempts_per_minute: int = setting(
+    limits_pairing_attempts_per_minute: int = setting(
         "limits.pairing_attempts_per_minute",
         5,
         p.int_in(1, 10_000),
@@ -256,7 +257,7 @@ class Config:
     )
     # Proxies whose X-Forwarded-For is believed (nginx in front). The running tunnel's own
     # agent is trusted while it runs, without being listed: loopback alone proves nothing.
-    trusted_proxies: tuple[str, ...] = setting(
+    server_trusted_proxies: tuple[str, ...] = setting(
         "server.trusted_proxies",
         (),
         p.networks,
@@ -270,7 +271,7 @@ class Config:
         "other web origins allowed to call LM Gate from a browser",
     )
     # "" = the platform's user data directory
-    data_dir: str = setting(
+    storage_data_dir: str = setting(
         "storage.data_dir",
         "",
         p.path_or_default,
@@ -282,7 +283,7 @@ class Config:
             help="directory of LM Gate's database (default: the user data dir)",
         ),
     )
-    secret_store: SecretStoreKind = setting(  # noqa: RUF009 - a field specifier, evaluated once
+    secrets_store: SecretStoreKind = setting(  # noqa: RUF009 - a field specifier, evaluated once
         "secrets.store",
         SecretStoreKind.KEYRING,
         p.OneOf(SecretStoreKind),
@@ -291,8 +292,8 @@ class Config:
             "--secret-store", common=True, help="where secrets live (default: the OS keyring)"
         ),
     )
-    # "" = <data_dir>/secrets (only with secrets.store = "file")
-    secret_file_dir: str = setting(
+    # "" = <storage.data_dir>/secrets (only with secrets.store = "file")
+    secrets_file_dir: str = setting(
         "secrets.file_dir",
         "",
         p.path_or_default,
@@ -321,14 +322,14 @@ class Config:
         ),
     )
     # "" = `ngrok` on PATH, or pyngrok's usual install location
-    ngrok_path: str = setting(
+    tunnel_ngrok_path: str = setting(
         "tunnel.ngrok_path",
         "",
         p.path_or_default,
         "the ngrok agent binary (empty = ngrok on PATH)",
     )
     # A reserved/dev domain keeps the URL (and QR code) across restarts.
-    ngrok_domain: str = setting(
+    tunnel_ngrok_domain: str = setting(
         "tunnel.ngrok_domain",
         "",
         p.domain,
@@ -340,16 +341,16 @@ class Config:
             placeholder="your-name.ngrok-free.app (optional)",
         ),
     )
-    ngrok_region: str = setting(
+    tunnel_ngrok_region: str = setting(
         "tunnel.ngrok_region", "", p.ngrok_region, "ngrok region code (empty = nearest)"
     )
-    lan_address: str = setting(
+    tunnel_lan_address: str = setting(
         "tunnel.lan_address",
         "",
         p.optional_ip,
         "the LAN address to listen on in LAN mode (empty = detect)",
     )
-    lan_port: int = setting(
+    tunnel_lan_port: int = setting(
         "tunnel.lan_port",
         0,
         p.int_in(0, 65535),
@@ -361,7 +362,7 @@ class Config:
         p.seconds(1, 3600),
         "seconds between checks that the public URL still works",
     )
-    go_public_at_start: bool = setting(
+    tunnel_go_public_at_start: bool = setting(
         "tunnel.go_public_at_start",
         False,
         p.boolean,
@@ -369,7 +370,7 @@ class Config:
         form=FormField("Go public when LM Gate starts", FormKind.CHECKBOX, 8),
     )
     # Models the tray's pairing codes, snippets and app keys may use (empty = all).
-    allowed_models: tuple[str, ...] = setting(
+    auth_allowed_models: tuple[str, ...] = setting(
         "auth.allowed_models",
         (),
         p.string_list,
@@ -436,7 +437,7 @@ def load_config(
 
 def check_combinations(config: Config) -> None:
     """Settings that are fine alone but unsafe together."""
-    if config.dev_mode and not _is_loopback_host(config.server_host):
+    if config.auth_dev_mode and not _is_loopback_host(config.server_host):
         raise ConfigError(
             "auth.dev_mode",
             "cannot be on while server.host is not a loopback "
@@ -471,7 +472,7 @@ def format_default(value: object) -> str:
 def ensure_public_exposure_allowed(config: Config) -> None:
     """Called before any tunnel or LAN bind opens: dev mode trusts a header, so it must never
     face the network."""
-    if config.dev_mode:
+    if config.auth_dev_mode:
         raise ConfigError(
             "auth.dev_mode",
             "is on, so LM Gate refuses to open a tunnel or listen "

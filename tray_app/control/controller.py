@@ -98,12 +98,12 @@ class AppSettings:
 
     upstream_url: str
     tunnel_provider: str
-    ngrok_domain: str
-    allowed_models: tuple[str, ...]
-    token_ttl: float
-    requests_per_minute: int
-    concurrent_requests: int
-    go_public_at_start: bool
+    tunnel_ngrok_domain: str
+    auth_allowed_models: tuple[str, ...]
+    auth_token_ttl: float
+    limits_requests_per_minute: int
+    limits_concurrent_requests: int
+    tunnel_go_public_at_start: bool
     start_at_login: bool
     lmstudio_token_set: bool
     ngrok_token_set: bool
@@ -223,7 +223,7 @@ class Controller:
             needs_tunnel=not self._tunnel_ready(),
             provider=self.config.tunnel_provider,
         )
-        if self.config.go_public_at_start and self._tunnel_ready():
+        if self.config.tunnel_go_public_at_start and self._tunnel_ready():
             with contextlib.suppress(LMGateError):
                 state = await self.go_public()
         return state
@@ -339,7 +339,7 @@ class Controller:
         ok, result = await self.test_connection(self.config.upstream_url)
         if not ok:
             raise LMGateError(result[0] if result else "LM Studio is not reachable")
-        allowed = set(self.config.allowed_models)
+        allowed = set(self.config.auth_allowed_models)
         return [m for m in result if not allowed or m in allowed]
 
     async def curl_snippet(self) -> str:
@@ -349,7 +349,7 @@ class Controller:
                 "LM Studio has no model LM Gate may offer; load one in LM Studio "
                 "or check the allowed models in Settings."
             )
-        allowed = frozenset(self.config.allowed_models) or None
+        allowed = frozenset(self.config.auth_allowed_models) or None
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
         issued = self.identity.tokens.issue(
             name=f"curl snippet {stamp}",
@@ -366,7 +366,7 @@ class Controller:
         key, _ = self.identity.api_keys.create(
             f"app settings {stamp}",
             scopes=frozenset({SCOPE_CHAT, SCOPE_MODELS, SCOPE_EMBEDDINGS}),
-            models=frozenset(self.config.allowed_models) or None,
+            models=frozenset(self.config.auth_allowed_models) or None,
         )
         return f"{self._base_url()}/v1", key
 

@@ -82,3 +82,10 @@ def test_config_keys_markdown_prints_the_readme_table(capsys: pytest.CaptureFixt
     printed = capsys.readouterr().out
     assert printed == markdown_table()
     assert "| `server.port` | `LMGATE_SERVER_PORT` | `--port` | `8787` |" in printed
+
+
+def test_every_attribute_is_its_key_with_underscores() -> None:
+    # One naming rule: reading `limits.max_body_bytes` in a file means
+    # `config.limits_max_body_bytes` in the code, for every setting.
+    for s in SETTINGS:
+        assert s.attribute == s.key.replace(".", "_"), s.key
