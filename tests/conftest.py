@@ -52,8 +52,8 @@ async def start_gateway(fake_lmstudio: FakeLMStudio) -> AsyncIterator[GatewayFac
         **settings: Any,
     ) -> GatewayServer:
         settings.setdefault("upstream_url", fake_lmstudio.url)
-        settings.setdefault("heartbeat_interval", 0.0)
-        settings.setdefault("shutdown_grace", 1.0)
+        settings.setdefault("streaming_heartbeat_interval", 0.0)
+        settings.setdefault("server_shutdown_grace", 1.0)
         config = Config(server_host="127.0.0.1", server_port=0, **settings)
         store = MemorySecretStore({LMSTUDIO_API_TOKEN: lmstudio_token} if lmstudio_token else {})
         gateway = Gateway(
@@ -111,9 +111,9 @@ async def start_identity_gateway(
 
     async def start(*, clock: Clock | None = None, **settings: Any) -> IdentityRig:
         settings.setdefault("upstream_url", fake_lmstudio.url)
-        settings.setdefault("heartbeat_interval", 0.0)
-        settings.setdefault("shutdown_grace", 1.0)
-        settings.setdefault("data_dir", str(tmp_path / f"data{len(rigs)}"))
+        settings.setdefault("streaming_heartbeat_interval", 0.0)
+        settings.setdefault("server_shutdown_grace", 1.0)
+        settings.setdefault("storage_data_dir", str(tmp_path / f"data{len(rigs)}"))
         config = Config(server_host="127.0.0.1", server_port=0, **settings)
         clock = clock or SystemClock()
         store = MemorySecretStore({LMSTUDIO_API_TOKEN: LMSTUDIO_TOKEN})
@@ -146,9 +146,9 @@ class LiveGateway:
         self.thread.start()
         self.fake = FakeLMStudio()
         self.thread.submit(self.fake.start()).result(5)
-        settings.setdefault("heartbeat_interval", 0)
+        settings.setdefault("streaming_heartbeat_interval", 0)
         config = Config(
-            upstream_url=self.fake.url, server_port=0, data_dir=str(data_dir), **settings
+            upstream_url=self.fake.url, server_port=0, storage_data_dir=str(data_dir), **settings
         )
         store = MemorySecretStore({LMSTUDIO_API_TOKEN: LMSTUDIO_TOKEN})
         self.identity = open_identity(config, load_or_create_signing_key(store))

@@ -30,9 +30,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, FakeLM
     config = Config(
         upstream_url=fake.url,
         server_port=0,
-        heartbeat_interval=0,
-        auth_failures_per_minute=100_000,
-        data_dir=str(tmp_path_factory.mktemp("fuzz")),
+        streaming_heartbeat_interval=0,
+        limits_auth_failures_per_minute=100_000,
+        storage_data_dir=str(tmp_path_factory.mktemp("fuzz")),
     )
     store = MemorySecretStore({LMSTUDIO_API_TOKEN: LMSTUDIO_TOKEN})
     identity = open_identity(config, load_or_create_signing_key(store))

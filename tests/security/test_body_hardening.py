@@ -75,8 +75,8 @@ async def post(
 async def gateway_for(start_gateway: GatewayFactory, principal: Principal) -> GatewayServer:
     return await start_gateway(
         authenticator=FixedPrincipalAuthenticator(CLIENT_KEY, principal),
-        enable_responses=True,
-        enable_messages=True,
+        routes_enable_responses=True,
+        routes_enable_messages=True,
     )
 
 
@@ -216,7 +216,7 @@ JSON_ENDPOINTS = [*ROUTES, "/api/chat", "/pair"]
 
 @pytest.fixture
 async def rig(start_identity_gateway: IdentityFactory) -> IdentityRig:
-    return await start_identity_gateway(enable_responses=True, enable_messages=True)
+    return await start_identity_gateway(routes_enable_responses=True, routes_enable_messages=True)
 
 
 def key_for(rig: IdentityRig) -> str:

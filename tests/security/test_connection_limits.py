@@ -165,7 +165,7 @@ class TestHeaderTimeout:
     async def test_open_just_under_the_timeout_closed_just_over(
         self, start_gateway: GatewayFactory, sent: bytes
     ) -> None:
-        server = await start_gateway(header_timeout=1.0)
+        server = await start_gateway(server_header_timeout=1.0)
         conn = await connect(server.port or 0)
         await conn.send(sent)
         assert await conn.stays_open(0.8)
@@ -185,7 +185,7 @@ class TestHeaderTimeout:
         self, start_identity_gateway: IdentityFactory
     ) -> None:
         # The body is then server.body_timeout's business, not this timer's.
-        rig = await start_identity_gateway(header_timeout=0.5, body_timeout=1.5)
+        rig = await start_identity_gateway(server_header_timeout=0.5, server_body_timeout=1.5)
         conn = await connect(rig.server.port or 0)
         await conn.send(STALLED["pair, half its body"])
         assert await conn.stays_open(1.2)
@@ -197,7 +197,7 @@ class TestHeaderTimeout:
         self, start_gateway: GatewayFactory
     ) -> None:
         """Slowloris: a byte every 50 ms keeps no timer from running out."""
-        server = await start_gateway(header_timeout=1.0)
+        server = await start_gateway(server_header_timeout=1.0)
         conn = await connect(server.port or 0)
         answer = asyncio.create_task(conn.read_to_eof(timeout=3.0))
         for byte in HEALTHZ[:-4]:
@@ -222,7 +222,7 @@ class TestKeepAlive:
     async def test_open_just_under_the_timeout_closed_just_over(
         self, start_gateway: GatewayFactory, then: bytes
     ) -> None:
-        server = await start_gateway(keepalive_timeout=1.0, header_timeout=30.0)
+        server = await start_gateway(server_keepalive_timeout=1.0, server_header_timeout=30.0)
         conn = await connect(server.port or 0)
         await conn.send(HEALTHZ)
         status, headers, _ = await conn.response()
@@ -242,7 +242,7 @@ class TestLongAnswers:
     ) -> None:
         fake_lmstudio.behaviour.chunks = 6
         fake_lmstudio.behaviour.chunk_delay = 0.4
-        server = await start_gateway(header_timeout=0.5, keepalive_timeout=1.0)
+        server = await start_gateway(server_header_timeout=0.5, server_keepalive_timeout=1.0)
         started = time.monotonic()
         async with openai.AsyncOpenAI(
             base_url=server.url + "/v1", api_key=CLIENT_KEY, max_retries=0
@@ -258,7 +258,7 @@ class TestLongAnswers:
         self, start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
     ) -> None:
         fake_lmstudio.behaviour.header_delay = 1.6
-        server = await start_gateway(header_timeout=0.5, keepalive_timeout=1.0)
+        server = await start_gateway(server_header_timeout=0.5, server_keepalive_timeout=1.0)
         async with openai.AsyncOpenAI(
             base_url=server.url + "/v1", api_key=CLIENT_KEY, max_retries=0
         ) as client:
@@ -289,7 +289,7 @@ class TestPerClientBound:
     async def test_n_connections_from_one_address_open_and_the_next_is_refused(
         self, start_gateway: GatewayFactory
     ) -> None:
-        server = await start_gateway(max_connections_per_client=3)
+        server = await start_gateway(server_max_connections_per_client=3)
         port = server.port or 0
         held = [await connect(port, "127.0.0.2") for _ in range(3)]
         for conn in held:
@@ -308,7 +308,9 @@ class TestPerClientBound:
         self, start_gateway: GatewayFactory
     ) -> None:
         server = await start_gateway(
-            max_connections_per_client=2, max_connections=4, trusted_proxies=("127.0.0.2",)
+            server_max_connections_per_client=2,
+            server_max_connections=4,
+            server_trusted_proxies=("127.0.0.2",),
         )
         port = server.port or 0
         held = [await connect(port, "127.0.0.2") for _ in range(4)]
@@ -339,7 +341,7 @@ class TestTotalBound:
     async def test_n_connections_open_and_the_next_is_refused(
         self, start_gateway: GatewayFactory
     ) -> None:
-        server = await start_gateway(max_connections=4)
+        server = await start_gateway(server_max_connections=4)
         port = server.port or 0
         held = [await connect(port, f"127.0.0.{2 + i}") for i in range(4)]
         for conn in held:
@@ -358,7 +360,7 @@ class TestTotalBound:
     ) -> None:
         ceiling = budget_for(resource.getrlimit(resource.RLIMIT_NOFILE)[0]).max_connections
         with LogCapture() as logs:
-            server = await start_gateway(max_connections=ceiling + over)
+            server = await start_gateway(server_max_connections=ceiling + over)
         assert server.guard is not None and server.guard.max_total == ceiling
         lowered = [r for r in logs.records() if "does not fit" in r.get("message", "")]
         assert len(lowered) == over
@@ -366,7 +368,7 @@ class TestTotalBound:
     async def test_zero_means_derived_from_the_descriptor_limit(
         self, start_gateway: GatewayFactory
     ) -> None:
-        server = await start_gateway(max_connections=0)
+        server = await start_gateway(server_max_connections=0)
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         assert server.guard is not None
         assert server.guard.max_total == budget_for(soft).max_connections
@@ -426,7 +428,7 @@ class TestRateLimitedLog:
     ) -> None:
         monkeypatch.setattr(exhaustion_log, "DEFAULT_INTERVAL", 0.5)
         with LogCapture() as logs:
-            server = await start_gateway(max_connections_per_client=1)
+            server = await start_gateway(server_max_connections_per_client=1)
             held = await connect(server.port or 0, "127.0.0.2")
             for _ in range(100):
                 await assert_refused(await connect(server.port or 0, "127.0.0.2"), "address")

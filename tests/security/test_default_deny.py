@@ -135,7 +135,7 @@ async def test_odd_spellings_of_allowed_paths_reach_only_the_canonical_path(
 async def test_enabled_responses_route_is_forwarded(
     start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
 ) -> None:
-    server = await start_gateway(enable_responses=True)
+    server = await start_gateway(routes_enable_responses=True)
     response = await raw_request(
         server.port or 0,
         "POST",

@@ -106,7 +106,7 @@ async def test_healthz_answers_any_host_so_a_new_tunnel_can_prove_itself(
 async def test_configured_names_and_the_tunnels_public_host_are_served(
     start_identity_gateway: IdentityFactory,
 ) -> None:
-    rig = await start_identity_gateway(allowed_hosts=("llm.example.com",))
+    rig = await start_identity_gateway(server_allowed_hosts=("llm.example.com",))
     key = key_for(rig)
     port = rig.server.port
     assert port is not None
@@ -187,7 +187,7 @@ async def test_trusts_peer_follows_the_tunnel_and_the_configuration(
     assert not gateway.trusts_peer("192.0.2.1")
     gateway.tunnel_closed()
     assert not gateway.trusts_peer("127.0.0.1")
-    proxied = await start_identity_gateway(trusted_proxies=("192.0.2.0/24",))
+    proxied = await start_identity_gateway(server_trusted_proxies=("192.0.2.0/24",))
     assert proxied.server.gateway.trusts_peer("192.0.2.1")
     assert not proxied.server.gateway.trusts_peer("127.0.0.1")
 
@@ -195,7 +195,7 @@ async def test_trusts_peer_follows_the_tunnel_and_the_configuration(
 async def test_a_locked_out_address_can_still_pair_with_a_valid_code(
     start_identity_gateway: IdentityFactory,
 ) -> None:
-    rig = await start_identity_gateway(clock=FakeClock(), pairing_attempts_per_minute=2)
+    rig = await start_identity_gateway(clock=FakeClock(), limits_pairing_attempts_per_minute=2)
     async with aiohttp.ClientSession() as s:
         for _ in range(2):
             async with s.post(rig.url + "/pair", json={"code": "A" * 24}) as r:
@@ -216,7 +216,7 @@ async def test_a_locked_out_address_can_still_pair_with_a_valid_code(
 async def test_malformed_pairing_bodies_count_against_the_pairing_throttle(
     start_identity_gateway: IdentityFactory, body: bytes
 ) -> None:
-    rig = await start_identity_gateway(clock=FakeClock(), pairing_attempts_per_minute=3)
+    rig = await start_identity_gateway(clock=FakeClock(), limits_pairing_attempts_per_minute=3)
     assert rig.server.port is not None
     headers = {"Content-Type": "application/json"}
     for _ in range(3):
@@ -235,7 +235,7 @@ JSON_ENDPOINTS = ["/v1/chat/completions", "/v1/embeddings", "/api/chat", "/pair"
 async def test_bodies_over_the_limit_are_413_everywhere(
     start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio, path: str
 ) -> None:
-    rig = await start_identity_gateway(max_body_bytes=2048)
+    rig = await start_identity_gateway(limits_max_body_bytes=2048)
     key = key_for(rig)
     fits = json.dumps({"message": "x" * 1500, **CHAT}).encode()
     assert len(fits) <= 2048
@@ -292,7 +292,7 @@ async def send_slowly(port: int, path: str, key: str, body: bytes, pause: float)
 async def test_a_body_must_arrive_within_the_body_timeout(
     start_identity_gateway: IdentityFactory, path: str
 ) -> None:
-    rig = await start_identity_gateway(body_timeout=0.6)
+    rig = await start_identity_gateway(server_body_timeout=0.6)
     key = key_for(rig)
     port = rig.server.port
     assert port is not None
@@ -534,7 +534,7 @@ def _compressed(encoding: str, data: bytes) -> bytes:
 async def test_compressed_request_bodies_are_415(
     start_identity_gateway: IdentityFactory, path: str, encoding: str
 ) -> None:
-    rig = await start_identity_gateway(clock=FakeClock(), pairing_attempts_per_minute=2)
+    rig = await start_identity_gateway(clock=FakeClock(), limits_pairing_attempts_per_minute=2)
     # 1 MB of JSON in a few KB: inflating it would come before any size limit.
     body = _compressed(encoding, b'{"code": "' + b"A" * 24 + b'"}' + b" " * 1_000_000)
     headers = {**bearer(key_for(rig)), "Content-Encoding": encoding}
@@ -567,7 +567,7 @@ async def test_an_encoding_aiohttp_cannot_decode_is_refused_in_the_error_shape(
 async def test_a_credential_that_is_not_ascii_is_a_counted_401(
     start_identity_gateway: IdentityFactory, header: str, path: str
 ) -> None:
-    rig = await start_identity_gateway(clock=FakeClock(), auth_failures_per_minute=2)
+    rig = await start_identity_gateway(clock=FakeClock(), limits_auth_failures_per_minute=2)
     port = rig.server.port
     assert port is not None
     request = (
@@ -703,7 +703,9 @@ async def test_expect_100_continue_still_works(rig: IdentityRig) -> None:
 
 async def test_ipv6_guesses_are_throttled_per_64(start_identity_gateway: IdentityFactory) -> None:
     rig = await start_identity_gateway(
-        clock=FakeClock(), auth_failures_per_minute=2, trusted_proxies=("127.0.0.1/32",)
+        clock=FakeClock(),
+        limits_auth_failures_per_minute=2,
+        server_trusted_proxies=("127.0.0.1/32",),
     )
     async with aiohttp.ClientSession() as s:
         statuses = []
@@ -795,7 +797,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_lm_studio_stops(
 ) -> None:
     import socket
 
-    rig = await start_identity_gateway(write_timeout=write_timeout)
+    rig = await start_identity_gateway(server_write_timeout=write_timeout)
     port = rig.server.port
     assert port is not None
     fake_lmstudio.behaviour.reply = "x" * 20_000_000  # far more than any socket buffers
@@ -868,7 +870,7 @@ async def test_a_compressed_body_is_refused_on_every_path_and_never_inflated(
 async def test_dev_mode_refuses_whole_families_of_proxy_headers(
     start_identity_gateway: IdentityFactory,
 ) -> None:
-    rig = await start_identity_gateway(dev_mode=True)
+    rig = await start_identity_gateway(auth_dev_mode=True)
     port = rig.server.port
     assert port is not None
     for header in (

@@ -139,7 +139,9 @@ class TestEventSizeLimit:
         size: int,
         allowed: bool,
     ) -> None:
-        server, key = await identity_server(start_identity_gateway, max_event_bytes=self.LIMIT)
+        server, key = await identity_server(
+            start_identity_gateway, limits_max_event_bytes=self.LIMIT
+        )
         fake_lmstudio.behaviour.event_bytes = size
         fake_lmstudio.behaviour.chunks = 3
         fake_lmstudio.behaviour.chunk_delay = 0.5  # still generating when the limit is hit
@@ -169,7 +171,9 @@ class TestEventSizeLimit:
     ) -> None:
         # Unfinished, an event of LIMIT - 1 bytes may still become one of LIMIT with its
         # line end; LIMIT bytes with no end yet can only become larger.
-        server, key = await identity_server(start_identity_gateway, max_event_bytes=self.LIMIT)
+        server, key = await identity_server(
+            start_identity_gateway, limits_max_event_bytes=self.LIMIT
+        )
         fake_lmstudio.behaviour.chunks = 2
         fake_lmstudio.behaviour.unterminated_event_bytes = size
         fake_lmstudio.behaviour.hold_open = 1.5 if allowed else 30.0
@@ -247,7 +251,7 @@ async def restricted_gateway(start_gateway: GatewayFactory) -> GatewayServer:
     principal = Principal("p", ALL_SCOPES, models=frozenset({MODELS[0]}))
     return await start_gateway(
         authenticator=FixedPrincipalAuthenticator(CLIENT_KEY, principal),
-        max_response_bytes=BOMB_LIMIT,
+        limits_max_response_bytes=BOMB_LIMIT,
     )
 
 

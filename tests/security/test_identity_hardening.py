@@ -88,10 +88,10 @@ async def start_gate(fake_lmstudio: FakeLMStudio, tmp_path: Path) -> AsyncIterat
         *, store: SecretStore | None = None, clock: Clock | None = None, **settings: Any
     ) -> Gate:
         settings.setdefault("upstream_url", fake_lmstudio.url)
-        settings.setdefault("heartbeat_interval", 0.0)
-        settings.setdefault("shutdown_grace", 1.0)
-        settings.setdefault("auth_failures_per_minute", 100_000)
-        settings.setdefault("data_dir", str(tmp_path / "data"))
+        settings.setdefault("streaming_heartbeat_interval", 0.0)
+        settings.setdefault("server_shutdown_grace", 1.0)
+        settings.setdefault("limits_auth_failures_per_minute", 100_000)
+        settings.setdefault("storage_data_dir", str(tmp_path / "data"))
         config = Config(server_host="127.0.0.1", server_port=0, **settings)
         if store is None:
             store = MemorySecretStore()
@@ -178,7 +178,7 @@ class TestAllowlistReachesDevices:
     async def test_a_device_paired_under_an_allowlist_is_held_to_it(
         self, start_gate: GateFactory, fake_lmstudio: FakeLMStudio, route: str
     ) -> None:
-        gate = await start_gate(allowed_models=(MODELS[1],))
+        gate = await start_gate(auth_allowed_models=(MODELS[1],))
         code, _ = gate.identity.pairing.create_code()
         token = (await pair(gate.url, code))["token"]
         claims = jwt.decode(token, options={"verify_signature": False})
@@ -209,12 +209,12 @@ class TestAllowlistReachesDevices:
         later: tuple[str, ...],
         visible: list[str],
     ) -> None:
-        first = await start_gate(allowed_models=at_pairing)
+        first = await start_gate(auth_allowed_models=at_pairing)
         code, _ = first.identity.pairing.create_code()
         token = (await pair(first.url, code))["token"]
         await first.server.stop()
         # A new start on the same data directory and key, with the setting changed.
-        again = await start_gate(allowed_models=later, store=first.store)
+        again = await start_gate(auth_allowed_models=later, store=first.store)
         assert await models_listed(again.url, token) == visible
         refused = next((m for m in MODELS[:2] if m not in visible), None)
         if refused is None:
@@ -234,7 +234,7 @@ class TestAllowlistReachesDevices:
         token = post_json(tray.url + "/pair", {"code": link.code})[1]["token"]
         assert sync_models(tray.url, token) == list(MODELS)
         settings = controller.settings().result(5)
-        controller.save_settings(replace(settings, allowed_models=(MODELS[1],))).result(30)
+        controller.save_settings(replace(settings, auth_allowed_models=(MODELS[1],))).result(30)
         assert sync_models(tray.url, token) == [MODELS[1]]
         status, body = post_json(
             tray.url + "/v1/chat/completions",
@@ -531,7 +531,7 @@ async def test_a_token_issued_before_the_upgrade_keeps_working_with_its_history(
             "INSERT INTO conversations VALUES ('old-chat', 'token:solo', 'Before', NULL, 1, 1)"
         )
     conn.close()
-    rig = await start_identity_gateway(data_dir=str(data))
+    rig = await start_identity_gateway(storage_data_dir=str(data))
     key = load_or_create_signing_key(rig.store)
     claims = {
         "sub": "token:solo",  # what version 1 put in the JWT it handed out
@@ -596,7 +596,7 @@ TAMPERS = _tampers()
 
 @pytest.fixture
 async def rig(start_identity_gateway: IdentityFactory) -> IdentityRig:
-    return await start_identity_gateway(clock=FakeClock(), auth_failures_per_minute=100_000)
+    return await start_identity_gateway(clock=FakeClock(), limits_auth_failures_per_minute=100_000)
 
 
 class TestClaimsNeverBeatTheRecord:
@@ -682,7 +682,9 @@ class TestRotationReachesARunningGateway:
     async def test_lmgate_keys_rotate_reaches_a_running_gateway(
         self, start_gate: GateFactory, env: Env, tmp_path: Path
     ) -> None:
-        gate = await start_gate(store=FileSecretStore(tmp_path / "secrets"), data_dir=str(env.data))
+        gate = await start_gate(
+            store=FileSecretStore(tmp_path / "secrets"), storage_data_dir=str(env.data)
+        )
         code, _ = gate.identity.pairing.create_code()
         device = await pair(gate.url, code, "Anna's phone")
         rotated = env.run("keys", "rotate")
@@ -908,7 +910,7 @@ async def dev_request(port: int, host: str, extra: dict[str, str] | None = None)
 
 @pytest.fixture
 async def dev_gate(start_gate: GateFactory) -> Gate:
-    gate: Gate = await start_gate(dev_mode=True, allowed_hosts=REBOUND_HOSTS)
+    gate: Gate = await start_gate(auth_dev_mode=True, server_allowed_hosts=REBOUND_HOSTS)
     return gate
 
 
@@ -969,7 +971,9 @@ class TestDevModeOnlyFromThisMachine:
         assert not is_loopback_host(host)
 
     def test_a_request_with_no_host_is_refused(self, tmp_path: Path) -> None:
-        identity = open_identity(Config(dev_mode=True, data_dir=str(tmp_path)), b"k" * 32)
+        identity = open_identity(
+            Config(auth_dev_mode=True, storage_data_dir=str(tmp_path)), b"k" * 32
+        )
         try:
             with pytest.raises(AuthError) as caught:
                 identity.authenticator.authenticate({"X-User-Id": "bob"}, "127.0.0.1")
@@ -1000,7 +1004,7 @@ class Live:
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[Live]:
     clock = FakeClock()
-    config = Config(data_dir=str(tmp_path))
+    config = Config(storage_data_dir=str(tmp_path))
     identity = open_identity(config, b"k" * 32, clock=clock)
     other = open_identity(config, b"k" * 32, clock=clock)
     yield Live(identity.authenticator, identity, other, clock)

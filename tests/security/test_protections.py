@@ -70,7 +70,7 @@ async def test_dev_mode_is_off_by_default(
 async def test_dev_mode_accepts_x_user_id_from_this_machine_only(
     start_identity_gateway: IdentityFactory,
 ) -> None:
-    rig = await start_identity_gateway(dev_mode=True)
+    rig = await start_identity_gateway(auth_dev_mode=True)
     status, _, _ = await call(rig, headers={"X-User-Id": "alice"})
     assert status == 200
     # A request relayed by a proxy (the tunnel agent) is not from this machine.
@@ -81,7 +81,7 @@ async def test_dev_mode_accepts_x_user_id_from_this_machine_only(
 
 
 def test_dev_mode_refuses_a_remote_peer(tmp_path: Any) -> None:
-    config = Config(dev_mode=True, data_dir=str(tmp_path))
+    config = Config(auth_dev_mode=True, storage_data_dir=str(tmp_path))
     identity = open_identity(config, b"k" * 32)
     authenticator: IdentityAuthenticator = identity.authenticator
     try:
@@ -106,8 +106,8 @@ def test_dev_mode_cannot_listen_beyond_loopback() -> None:
     from tray_app.config.settings import check_combinations
 
     with pytest.raises(ConfigError, match=r"auth\.dev_mode"):
-        check_combinations(Config(dev_mode=True, server_host="0.0.0.0"))
-    check_combinations(Config(dev_mode=True, server_host="127.0.0.1"))
+        check_combinations(Config(auth_dev_mode=True, server_host="0.0.0.0"))
+    check_combinations(Config(auth_dev_mode=True, server_host="127.0.0.1"))
 
 
 # ---- point 7: limits -------------------------------------------------------------------------
@@ -117,7 +117,7 @@ async def test_requests_per_minute_gives_429_with_retry_after(
     start_identity_gateway: IdentityFactory,
 ) -> None:
     clock = FakeClock()
-    rig = await start_identity_gateway(clock=clock, requests_per_minute=3)
+    rig = await start_identity_gateway(clock=clock, limits_requests_per_minute=3)
     key, other = new_key(rig, name="a"), new_key(rig, name="b")
     for _ in range(3):
         assert (await call(rig, key=key))[0] == 200
@@ -137,7 +137,7 @@ async def test_concurrent_streams_are_capped_per_principal(
     start_identity_gateway: IdentityFactory,
     fake_lmstudio: FakeLMStudio,
 ) -> None:
-    rig = await start_identity_gateway(concurrent_requests=1)
+    rig = await start_identity_gateway(limits_concurrent_requests=1)
     key, other = new_key(rig, name="a"), new_key(rig, name="b")
     fake_lmstudio.behaviour.chunks = 50
     fake_lmstudio.behaviour.chunk_delay = 0.05
@@ -160,7 +160,7 @@ async def test_concurrent_streams_are_capped_per_principal(
 async def test_failed_authentication_is_throttled_per_address(
     start_identity_gateway: IdentityFactory,
 ) -> None:
-    rig = await start_identity_gateway(clock=FakeClock(), auth_failures_per_minute=3)
+    rig = await start_identity_gateway(clock=FakeClock(), limits_auth_failures_per_minute=3)
     key = new_key(rig)
     for _ in range(3):
         assert (await call(rig, key="lmg_guess_" + "x" * 30))[0] == 401
@@ -175,7 +175,7 @@ async def test_forwarded_for_is_ignored_without_a_trusted_proxy(
     start_identity_gateway: IdentityFactory,
 ) -> None:
     # No tunnel and no configured proxy: a local process cannot pick its client address.
-    rig = await start_identity_gateway(clock=FakeClock(), auth_failures_per_minute=2)
+    rig = await start_identity_gateway(clock=FakeClock(), limits_auth_failures_per_minute=2)
     for n in range(2):
         headers = {"X-Forwarded-For": f"198.51.100.{10 + n}"}
         assert (await call(rig, key="lmg_wrong_" + "z" * 30, headers=headers))[0] == 401
@@ -188,7 +188,9 @@ async def test_forwarded_for_is_trusted_from_configured_proxies(
     start_identity_gateway: IdentityFactory,
 ) -> None:
     rig = await start_identity_gateway(
-        clock=FakeClock(), auth_failures_per_minute=2, trusted_proxies=("127.0.0.1/32",)
+        clock=FakeClock(),
+        limits_auth_failures_per_minute=2,
+        server_trusted_proxies=("127.0.0.1/32",),
     )
     attacker = {"X-Forwarded-For": "198.51.100.1"}
     for _ in range(2):
@@ -421,5 +423,5 @@ def test_no_public_exposure_while_dev_mode_is_on() -> None:
     from tray_app.config.settings import ensure_public_exposure_allowed
 
     with pytest.raises(ConfigError, match="refuses to open a tunnel"):
-        ensure_public_exposure_allowed(Config(dev_mode=True))
+        ensure_public_exposure_allowed(Config(auth_dev_mode=True))
     ensure_public_exposure_allowed(Config())

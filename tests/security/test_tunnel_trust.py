@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import IdentityFactory, IdentityRig
 from tests.fakes import FakeTunnelProvider
 from tests.helpers import FAKE_NGROK_AGENT, LogCapture
-from tray_app.config.settings import Config
+from tray_app.config.settings import Config, TunnelProvider
 from tray_app.control.going_public import go_public, tunnel_manager
 from tray_app.errors import TunnelError
 from tray_app.tunnel.lan import LanProvider
@@ -82,7 +82,9 @@ FORWARDING_HEADERS = {
 
 
 async def start(factory: IdentityFactory) -> IdentityRig:
-    return await factory(auth_failures_per_minute=LIMIT, pairing_attempts_per_minute=LIMIT)
+    return await factory(
+        limits_auth_failures_per_minute=LIMIT, limits_pairing_attempts_per_minute=LIMIT
+    )
 
 
 def clients(logs: LogCapture, path: str) -> list[str]:
@@ -155,7 +157,7 @@ async def ngrok_config(
 
     async def open_tunnel(rig: IdentityRig) -> TunnelManager:
         rig.store.set(NGROK_AUTHTOKEN, TOKEN)
-        config = Config(tunnel_provider="ngrok", ngrok_path=AGENT)
+        config = Config(tunnel_provider=TunnelProvider.NGROK, tunnel_ngrok_path=AGENT)
         manager = await go_public(config, rig.server, rig.store, tmp_path / "state")
         managers.append(manager)
         return manager
@@ -214,7 +216,10 @@ def test_providers_name_their_forwarding_header(tmp_path: Path) -> None:
 async def test_lan_mode_believes_no_header(start_identity_gateway: IdentityFactory) -> None:
     rig = await start(start_identity_gateway)
     manager = await go_public(
-        Config(tunnel_provider="lan", lan_address="127.0.0.2"), rig.server, rig.store, Path("/x")
+        Config(tunnel_provider=TunnelProvider.LAN, tunnel_lan_address="127.0.0.2"),
+        rig.server,
+        rig.store,
+        Path("/x"),
     )
     lan = manager.status.public_url or ""
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from tests.helpers import REPO_ROOT
+from tray_app.config.reference import markdown_table
 from tray_app.config.settings import describe_settings, format_default
 
 ROOT = REPO_ROOT
@@ -30,13 +31,20 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_configuration_table_matches_the_code() -> None:
-    rows = re.findall(r"^\| `([a-z_.]+)` \| `(LMGATE_[A-Z_]+)` \| `([^`]*)` \|", README, re.M)
+    rows = re.findall(
+        r"^\| `([a-z_.]+)` \| `(LMGATE_[A-Z_]+)` \| (?:`--[a-z-]+`)? \| `([^`]*)` \|", README, re.M
+    )
     documented = {key: (env, default) for key, env, default in rows}
     for key, env, default, _help in describe_settings():
         assert key in documented, f"{key} is missing from the README"
         assert documented[key][0] == env
         assert documented[key][1] == format_default(default)
     assert len(documented) == len(describe_settings())
+
+
+def test_configuration_table_is_the_generated_one() -> None:
+    # Regenerate with `lmgate config keys --markdown`.
+    assert markdown_table() in README
 
 
 def test_screenshots_in_the_readme_exist() -> None:

@@ -32,8 +32,8 @@ class Live(LiveGateway):
         # and requests arrive addressed to the site's domain.
         super().__init__(
             tmp / "live",
-            trusted_proxies=("127.0.0.1/32", "::1/128"),
-            allowed_hosts=("llm.example.test",),
+            server_trusted_proxies=("127.0.0.1/32", "::1/128"),
+            server_allowed_hosts=("llm.example.test",),
         )
         self.key = self.identity.api_keys.create("checker", scopes=frozenset({"chat", "models"}))[0]
 

@@ -73,7 +73,7 @@ class Live(LiveGateway):
 
 @pytest.fixture
 def live(tmp_path: Path, qapp: Any) -> Iterator[Live]:  # qapp: the QR is drawn with Qt
-    rig = Live(tmp_path, shutdown_grace=1)
+    rig = Live(tmp_path, server_shutdown_grace=1)
     yield rig
     rig.close()
 

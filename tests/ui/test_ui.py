@@ -308,9 +308,9 @@ def test_settings_test_connection_and_save(qtbot, fake, actions) -> None:  # typ
     qtbot.waitUntil(lambda: dialog.status.text() == "Saved.")
     (saved,) = fake.called("save_settings")
     new = saved[0]
-    assert new.tunnel_provider == "lan" and new.token_ttl == 7 * 86400
-    assert new.allowed_models == ("qwen2.5-7b-instruct",)
-    assert new.requests_per_minute == 30 and new.new_lmstudio_token == "sk-lm-new"
+    assert new.tunnel_provider == "lan" and new.auth_token_ttl == 7 * 86400
+    assert new.auth_allowed_models == ("qwen2.5-7b-instruct",)
+    assert new.limits_requests_per_minute == 30 and new.new_lmstudio_token == "sk-lm-new"
     assert new.new_ngrok_token is None, "an untouched secret field changes nothing"
     assert dialog.lmstudio_token.text() == "", "secret fields never show a value"
     dialog.token_ttl.setText("soon")

@@ -64,8 +64,8 @@ def _secrets(config: Config) -> tuple[Check, SecretStore | None]:
         store = secret_store_for(config)
     except SecretStoreError as exc:
         return Check("secret store", False, str(exc)), None
-    name = store.backend_name if isinstance(store, KeyringSecretStore) else config.secret_store
-    return Check("secret store", True, f"{config.secret_store}: {name}"), store
+    name = store.backend_name if isinstance(store, KeyringSecretStore) else config.secrets_store
+    return Check("secret store", True, f"{config.secrets_store}: {name}"), store
 
 
 async def _lmstudio(config: Config, store: SecretStore | None) -> list[Check]:
@@ -133,7 +133,7 @@ def _ngrok(config: Config, store: SecretStore | None) -> list[Check]:
     used = config.tunnel_provider == "ngrok"
     try:
         # Runs only a candidate that is not pyngrok's downloader, and only with --version.
-        agent = find_agent(config.ngrok_path)
+        agent = find_agent(config.tunnel_ngrok_path)
     except TunnelError as exc:
         detail = (
             str(exc) if used else f"not needed (tunnel.provider is {config.tunnel_provider}): {exc}"

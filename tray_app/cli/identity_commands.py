@@ -200,7 +200,7 @@ def _token(
             raise ConfigError("NAME", "a token needs a name")
         if args.max_tokens is not None and args.max_tokens <= 0:
             raise ConfigError("--max-tokens", "must be a positive number")
-        ttl = _ttl(args.ttl, config.token_ttl)
+        ttl = _ttl(args.ttl, config.auth_token_ttl)
         assert ttl is not None
         issued = identity.tokens.issue(
             name=name,
@@ -387,5 +387,5 @@ def _secret(args: argparse.Namespace, config: Config, out: IO[str]) -> int:
     if not value:
         raise SecretStoreError("nothing was entered; the secret was not changed")
     store.set(args.name, value)
-    print(f"Stored {args.name} in the {config.secret_store} store.", file=out)
+    print(f"Stored {args.name} in the {config.secrets_store} store.", file=out)
     return 0

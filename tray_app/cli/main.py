@@ -12,8 +12,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
@@ -24,8 +25,10 @@ from tray_app.cli.identity_commands import (
     run_identity_command,
 )
 from tray_app.config.settings import (
-    SETTINGS_BY_KEY,
+    SETTINGS,
     Config,
+    Setting,
+    TunnelProvider,
     default_config_path,
     describe_settings,
     format_default,
@@ -43,19 +46,27 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
-# CLI flag -> dotted config key. Values stay strings so the config validator words the error.
-_FLAGS: Mapping[str, str] = {
-    "host": "server.host",
-    "port": "server.port",
-    "upstream": "upstream.url",
-    "idle_timeout": "upstream.idle_timeout",
-    "heartbeat": "streaming.heartbeat_interval",
-    "max_body_bytes": "limits.max_body_bytes",
-    "log_level": "log.level",
-    "secret_store": "secrets.store",
-    "data_dir": "storage.data_dir",
-    "tunnel": "tunnel.provider",
-}
+
+def _add_setting_flags(parser: argparse.ArgumentParser, *, common: bool) -> None:
+    """The flags the settings declare (the common ones, or `serve`'s own). A value stays a
+    string, so the setting's parser words the error and names the key."""
+    for setting in SETTINGS:
+        flag = setting.flag
+        if flag is None or flag.common != common:
+            continue
+        help_text = flag.help or _flag_help(setting)
+        if flag.switch:
+            parser.add_argument(flag.name, action="store_const", const="true", help=help_text)
+        else:
+            parser.add_argument(
+                flag.name, metavar=flag.metavar, choices=setting.choices, help=help_text
+            )
+
+
+def _flag_help(setting: Setting) -> str:
+    if setting.flag is not None and setting.flag.switch:
+        return f"turn on {setting.key}: {setting.help}"
+    return f"{setting.help} (default {format_default(getattr(Config(), setting.attribute))})"
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -66,16 +77,7 @@ def _common_options() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"config file (default: {default_config_path()})",
     )
-    common.add_argument(
-        "--secret-store",
-        choices=["keyring", "file", "env"],
-        help="where secrets live (default: the OS keyring)",
-    )
-    common.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="directory of LM Gate's database (default: the user data dir)",
-    )
+    _add_setting_flags(common, common=True)
     return common
 
 
@@ -104,41 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Callers authenticate with an API key (`lmgate key create NAME`), a token "
         "(`lmgate token create NAME`) or a paired device's token (`lmgate pair`).",
     )
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", help="port to listen on (default 8787; 0 = any free port)")
-    serve.add_argument(
-        "--upstream", metavar="URL", help="LM Studio server URL (default http://127.0.0.1:1234)"
-    )
-    serve.add_argument(
-        "--idle-timeout",
-        metavar="SECONDS",
-        help="how long LM Studio may stay silent before a request fails",
-    )
-    serve.add_argument(
-        "--heartbeat",
-        metavar="SECONDS",
-        help="SSE keep-alive interval while a prompt is processed (0 = off)",
-    )
-    serve.add_argument("--max-body-bytes", metavar="N", help="largest accepted request body")
-    serve.add_argument(
-        "--enable-responses",
-        action="store_const",
-        const="true",
-        help="also forward POST /v1/responses (MCP tools removed)",
-    )
-    serve.add_argument(
-        "--enable-messages",
-        action="store_const",
-        const="true",
-        help="also forward POST /v1/messages (MCP tools removed)",
-    )
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    serve.add_argument(
-        "--tunnel",
-        choices=["none", "ngrok", "lan"],
-        help="go public: ngrok (needs `lmgate tunnel set-token`), lan (this "
-        "network, unencrypted) or none (default: this machine only)",
-    )
+    _add_setting_flags(serve, common=False)
 
     tunnel = commands.add_parser("tunnel", help="the ngrok authtoken")
     tunnel_actions = tunnel.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -156,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
         help="show: effective values; path: the config file; keys: every setting",
     )
     config.add_argument("--config", type=Path, metavar="PATH", help="config file to read")
+    config.add_argument(
+        "--markdown", action="store_true", help="keys: as the README's Markdown table"
+    )
 
     doctor = commands.add_parser("doctor", help="check what LM Gate needs and explain problems")
     doctor.add_argument("--config", type=Path, metavar="PATH", help="config file to check")
@@ -182,10 +153,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    overrides: dict[str, object] = {key: getattr(args, flag, None) for flag, key in _FLAGS.items()}
-    overrides["routes.enable_responses"] = getattr(args, "enable_responses", None)
-    overrides["routes.enable_messages"] = getattr(args, "enable_messages", None)
-    return overrides
+    """Dotted keys from the flags this command has; a flag not given is None (no change)."""
+    return {
+        setting.key: getattr(args, setting.flag.dest, None)
+        for setting in SETTINGS
+        if setting.flag is not None
+    }
 
 
 async def _serve(config: Config, out: IO[str]) -> int:
@@ -256,7 +229,7 @@ def _tunnel_command(args: argparse.Namespace, config: Config, out: IO[str]) -> i
     raw = getpass.getpass("ngrok authtoken: ") if sys.stdin.isatty() else sys.stdin.readline()
     store.set(NGROK_AUTHTOKEN, check_token_shape(raw))
     print(
-        f"The ngrok authtoken is stored ({config.secret_store}). Go public with "
+        f"The ngrok authtoken is stored ({config.secrets_store}). Go public with "
         "`lmgate serve --tunnel ngrok`.",
         file=out,
     )
@@ -310,6 +283,11 @@ def _config_command(args: argparse.Namespace, out: IO[str]) -> int:
     if args.action == "path":
         print(args.config or default_config_path(), file=out)
         return EXIT_OK
+    if args.action == "keys" and args.markdown:
+        from tray_app.config.reference import markdown_table
+
+        print(markdown_table(), end="", file=out)
+        return EXIT_OK
     if args.action == "keys":
         for key, env_var, default, help_text in describe_settings():
             print(
@@ -318,8 +296,11 @@ def _config_command(args: argparse.Namespace, out: IO[str]) -> int:
             )
         return EXIT_OK
     config = load_config(path=args.config)
-    for key, setting in SETTINGS_BY_KEY.items():
-        print(f"{key} = {getattr(config, setting.field)!r}", file=out)
+    for setting in SETTINGS:
+        value = getattr(config, setting.attribute)
+        # A kind prints as the word written in the file, not as Python's enum repr.
+        shown = str(value) if isinstance(value, StrEnum) else value
+        print(f"{setting.key} = {shown!r}", file=out)
     return EXIT_OK
 
 
@@ -348,7 +329,7 @@ def _tray_or_headless(
         overrides: dict[str, object] = {}
         config = load_config(overrides=overrides)
         if not wishes:
-            config = replace(config, tunnel_provider="none")
+            config = replace(config, tunnel_provider=TunnelProvider.NONE)
         configure_logging(config.log_level)
         return asyncio.run(_serve(config, out))
     return run_tray(wishes)

@@ -37,15 +37,15 @@ log = logging.getLogger("lmgate.assembly")
 
 
 def data_dir(config: Config) -> Path:
-    return Path(config.data_dir) if config.data_dir else default_data_dir()
+    return Path(config.storage_data_dir) if config.storage_data_dir else default_data_dir()
 
 
 def secret_store_for(config: Config) -> SecretStore:
     """The store the config names; raises SecretStoreError with advice when it is unusable."""
     file_dir = (
-        Path(config.secret_file_dir) if config.secret_file_dir else data_dir(config) / "secrets"
+        Path(config.secrets_file_dir) if config.secrets_file_dir else data_dir(config) / "secrets"
     )
-    return open_secret_store(config.secret_store, file_dir=file_dir)
+    return open_secret_store(config.secrets_store, file_dir=file_dir)
 
 
 @dataclass
@@ -76,18 +76,20 @@ def open_identity(
     while it runs; without one, a rotated key needs a restart."""
     clock = clock or SystemClock()
     db = db or Database.in_directory(data_dir(config))
-    access = AccessPolicy.with_allowlist(config.allowed_models)
+    access = AccessPolicy.with_allowlist(config.auth_allowed_models)
     tokens = TokenService(db, signing_key, clock, key_loader=key_loader, access=access)
     api_keys = ApiKeyService(db, clock)
     pairing = PairingService(
         db,
         tokens,
         clock,
-        code_ttl=config.pairing_code_ttl,
-        device_token_ttl=config.device_token_ttl,
+        code_ttl=config.auth_pairing_code_ttl,
+        device_token_ttl=config.auth_device_token_ttl,
         access=access,
     )
-    authenticator = IdentityAuthenticator(db, tokens, api_keys, clock, dev_mode=config.dev_mode)
+    authenticator = IdentityAuthenticator(
+        db, tokens, api_keys, clock, dev_mode=config.auth_dev_mode
+    )
     recorder = UsageRecorder(db, clock)
     return Identity(db, tokens, api_keys, pairing, authenticator, recorder, clock, access)
 

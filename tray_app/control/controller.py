@@ -17,17 +17,18 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tray_app.config.files import read_config_file
 from tray_app.config.settings import (
     SETTINGS_BY_KEY,
     Config,
     default_config_path,
     dump_settings,
     load_config,
-    read_config_file,
 )
 from tray_app.control.assembly import Identity
 from tray_app.control.loop_thread import LoopThread
 from tray_app.control.service import GatewayService
+from tray_app.control.settings_form import FORM_FIELDS
 from tray_app.errors import ConfigError, LMGateError, TunnelError
 from tray_app.gateway.upstream.probe import PROBE_TIMEOUT, probe_lmstudio
 from tray_app.identity.principal import ALL_SCOPES, CredentialKind
@@ -80,17 +81,19 @@ class PairingLink:
 
 @dataclass(frozen=True, slots=True)
 class AppSettings:
-    """What the settings window shows and saves. Secrets are write-only: ``*_set`` says whether
-    one is stored, a new value in ``new_*`` replaces it."""
+    """What the settings window shows and saves: one field per setting the form declares
+    (:data:`~tray_app.control.settings_form.FORM_FIELDS`, same names as Config's), then what is
+    not config. Secrets are write-only: ``*_set`` says whether one is stored, a new value in
+    ``new_*`` replaces it."""
 
     upstream_url: str
     tunnel_provider: str
-    ngrok_domain: str
-    allowed_models: tuple[str, ...]
-    token_ttl: float
-    requests_per_minute: int
-    concurrent_requests: int
-    go_public_at_start: bool
+    tunnel_ngrok_domain: str
+    auth_allowed_models: tuple[str, ...]
+    auth_token_ttl: float
+    limits_requests_per_minute: int
+    limits_concurrent_requests: int
+    tunnel_go_public_at_start: bool
     start_at_login: bool
     lmstudio_token_set: bool
     ngrok_token_set: bool
@@ -202,7 +205,7 @@ class Controller:
             needs_tunnel=not self._tunnel_ready(),
             provider=self.config.tunnel_provider,
         )
-        if self.config.go_public_at_start and self._tunnel_ready():
+        if self.config.tunnel_go_public_at_start and self._tunnel_ready():
             with contextlib.suppress(LMGateError):
                 state = await self.go_public()
         return state
@@ -296,7 +299,7 @@ class Controller:
         ok, result = await self.test_connection(self.config.upstream_url)
         if not ok:
             raise LMGateError(result[0] if result else "LM Studio is not reachable")
-        allowed = set(self.config.allowed_models)
+        allowed = set(self.config.auth_allowed_models)
         return [m for m in result if not allowed or m in allowed]
 
     async def curl_snippet(self) -> str:
@@ -425,16 +428,9 @@ class Controller:
     # ---- settings ------------------------------------------------------------------------
 
     async def settings(self) -> AppSettings:
-        c = self.config
+        form_values = {f.attribute: getattr(self.config, f.attribute) for f in FORM_FIELDS}
         return AppSettings(
-            upstream_url=c.upstream_url,
-            tunnel_provider=c.tunnel_provider,
-            ngrok_domain=c.ngrok_domain,
-            allowed_models=c.allowed_models,
-            token_ttl=c.token_ttl,
-            requests_per_minute=c.requests_per_minute,
-            concurrent_requests=c.concurrent_requests,
-            go_public_at_start=c.go_public_at_start,
+            **form_values,
             start_at_login=bool(self._autostart and self._autostart.is_enabled()),
             lmstudio_token_set=bool(read_or_none(self._store, LMSTUDIO_API_TOKEN)),
             ngrok_token_set=bool(read_or_none(self._store, NGROK_AUTHTOKEN)),
@@ -442,16 +438,7 @@ class Controller:
 
     async def save_settings(self, new: AppSettings) -> AppState:
         """Validate, store secrets, write the config file, and restart with the new settings."""
-        values: dict[str, object] = {
-            "upstream.url": new.upstream_url,
-            "tunnel.provider": new.tunnel_provider,
-            "tunnel.ngrok_domain": new.ngrok_domain,
-            "auth.allowed_models": list(new.allowed_models),
-            "auth.token_ttl": new.token_ttl,
-            "limits.requests_per_minute": new.requests_per_minute,
-            "limits.concurrent_requests": new.concurrent_requests,
-            "tunnel.go_public_at_start": new.go_public_at_start,
-        }
+        values = {f.key: _toml_ready(getattr(new, f.attribute)) for f in FORM_FIELDS}
         text = self._merged_config_text(values)  # raises ConfigError naming a bad key
         if new.new_ngrok_token:
             self._store.set(NGROK_AUTHTOKEN, check_token_shape(new.new_ngrok_token))
@@ -480,6 +467,11 @@ class Controller:
                 merged[key] = value
         merged.update(values)
         return dump_settings(merged)
+
+
+def _toml_ready(value: object) -> object:
+    """TOML has arrays, not tuples."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 class ThreadedController:

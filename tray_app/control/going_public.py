@@ -50,12 +50,12 @@ def make_provider(
         return NgrokProvider(
             secrets,
             state_dir / "ngrok",
-            ngrok_path=config.ngrok_path,
-            domain=config.ngrok_domain,
-            region=config.ngrok_region,
+            ngrok_path=config.tunnel_ngrok_path,
+            domain=config.tunnel_ngrok_domain,
+            region=config.tunnel_ngrok_region,
         )
     if config.tunnel_provider == "lan":
-        return LanProvider(server, address=config.lan_address, port=config.lan_port)
+        return LanProvider(server, address=config.tunnel_lan_address, port=config.tunnel_lan_port)
     raise TunnelError(f"unknown tunnel provider {config.tunnel_provider!r}")
 
 

@@ -193,8 +193,8 @@ class Gateway:
         enabled = frozenset(
             name
             for name, on in (
-                ("routes.enable_responses", config.enable_responses),
-                ("routes.enable_messages", config.enable_messages),
+                ("routes.enable_responses", config.routes_enable_responses),
+                ("routes.enable_messages", config.routes_enable_messages),
             )
             if on
         )
@@ -226,8 +226,8 @@ class Gateway:
                 self._forward,
                 context_chars=config.chat_context_chars,
                 read_body=self._read_body,
-                max_event_bytes=config.max_event_bytes,
-                max_answer_chars=config.max_response_bytes,
+                max_event_bytes=config.limits_max_event_bytes,
+                max_answer_chars=config.limits_max_response_bytes,
                 count_usage=recorder is not None,
             )
         self._own_paths = {path for _, path in self._own}
@@ -237,7 +237,7 @@ class Gateway:
     # ---- application wiring ---------------------------------------------------------------
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body_bytes)
+        app = web.Application(client_max_size=self.config.limits_max_body_bytes)
         app.cleanup_ctx.append(session_context(self.config))
         if self._recorder is not None:
             app.cleanup_ctx.append(self._usage_flusher)
@@ -468,10 +468,10 @@ class Gateway:
     ) -> bytes:
         """The whole body, within the size and time limits; ``limit`` below the configured
         one for endpoints whose bodies are small by nature."""
-        limit = min(limit or self.config.max_body_bytes, self.config.max_body_bytes)
+        limit = min(limit or self.config.limits_max_body_bytes, self.config.limits_max_body_bytes)
         setting = (
             "limits.max_body_bytes"
-            if limit == self.config.max_body_bytes
+            if limit == self.config.limits_max_body_bytes
             else "the most this endpoint takes"
         )
         if request.content_length is not None and request.content_length > limit:
@@ -479,14 +479,14 @@ class Gateway:
         parts: list[bytes] = []
         size = 0
         try:
-            async with asyncio.timeout(self.config.body_timeout):
+            async with asyncio.timeout(self.config.server_body_timeout):
                 async for chunk in request.content.iter_any():
                     size += len(chunk)
                     if size > limit:
                         raise _body_too_large(limit, setting)
                     parts.append(chunk)
         except TimeoutError:
-            raise _body_too_slow(self.config.body_timeout) from None
+            raise _body_too_slow(self.config.server_body_timeout) from None
         except RequestPayloadError:
             raise _body_broken() from None
         raw = b"".join(parts)
@@ -722,7 +722,7 @@ class Gateway:
         if self._inflight:
             self._drained = asyncio.Event()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), self.config.shutdown_grace)
+                await asyncio.wait_for(self._drained.wait(), self.config.server_shutdown_grace)
         for exchange in list(self._inflight):
             upstream = exchange.outcome.upstream
             if upstream is not None:

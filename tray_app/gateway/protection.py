@@ -56,15 +56,15 @@ def host_refused() -> ApiError:
 class Protections:
     def __init__(self, config: Config, clock: Clock) -> None:
         self.cors = CorsPolicy(config.cors_allowed_origins)
-        self.hosts = HostPolicy(config.allowed_hosts)
-        self._trusted = parse_networks(config.trusted_proxies)
+        self.hosts = HostPolicy(config.server_allowed_hosts)
+        self._trusted = parse_networks(config.server_trusted_proxies)
         self._tunnel_trusted = self._trusted + LOOPBACK_NETWORKS
         self._tunnel_header: str | None = None
-        self._auth_failures = TokenBuckets(config.auth_failures_per_minute, clock)
-        self._pairing_failures = TokenBuckets(config.pairing_attempts_per_minute, clock)
-        self._requests = TokenBuckets(config.requests_per_minute, clock)
-        self._concurrency = ConcurrencyLimit(config.concurrent_requests)
-        self._concurrent_limit = config.concurrent_requests
+        self._auth_failures = TokenBuckets(config.limits_auth_failures_per_minute, clock)
+        self._pairing_failures = TokenBuckets(config.limits_pairing_attempts_per_minute, clock)
+        self._requests = TokenBuckets(config.limits_requests_per_minute, clock)
+        self._concurrency = ConcurrencyLimit(config.limits_concurrent_requests)
+        self._concurrent_limit = config.limits_concurrent_requests
 
     def client(self, peer: str | None, headers: Mapping[str, str]) -> str:
         if self._tunnel_header is not None and is_loopback(peer):

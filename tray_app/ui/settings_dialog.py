@@ -6,6 +6,7 @@ Secret fields are write-only: they never show a stored value, only whether one i
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any, TypeVar
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
@@ -23,23 +24,35 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from tray_app.config.settings import parse_duration
 from tray_app.control.controller import AppSettings, AppState
+from tray_app.control.settings_form import FORM_FIELDS, FormInput, FormKind
 from tray_app.ui.bridge import UiBridge
 from tray_app.ui.port import ControllerPort
 
-PROVIDERS = (
-    ("none", "None (this computer only)"),
-    ("ngrok", "ngrok (encrypted, anywhere)"),
-    ("lan", "LAN (this network, not encrypted)"),
-)
+W = TypeVar("W", bound=QWidget)
 
 
-def _duration_text(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}"
+def _input_for(field: FormInput) -> QWidget:
+    """The widget for one declared form field."""
+    if field.kind is FormKind.CHOICE:
+        combo = QComboBox()
+        for value, label in field.choices:
+            combo.addItem(label, value)
+        return combo
+    if field.kind is FormKind.NUMBER:
+        spin = QSpinBox()
+        low, high = field.bounds or (0, 2**31 - 1)
+        spin.setRange(low, min(high, 2**31 - 1))  # QSpinBox holds a C int
+        return spin
+    if field.kind is FormKind.MODELS:
+        models = QListWidget()
+        models.setMaximumHeight(120)
+        return models
+    if field.kind is FormKind.CHECKBOX:
+        return QCheckBox(field.label)
+    line = QLineEdit()
+    line.setPlaceholderText(field.placeholder)
+    return line
 
 
 class SettingsDialog(QWidget):
@@ -50,29 +63,24 @@ class SettingsDialog(QWidget):
         self._bridge = bridge
         self._loaded: AppSettings | None = None
 
-        self.upstream = QLineEdit()
+        self.inputs: dict[str, QWidget] = {f.key: _input_for(f) for f in FORM_FIELDS}
+        self.upstream = self._input("upstream.url", QLineEdit)
         self.test_button = QPushButton("Test connection")
         self.test_button.clicked.connect(self.test_connection)
         self.test_result = QLabel("")
         self.test_result.setWordWrap(True)
         self.lmstudio_token = QLineEdit()
         self.lmstudio_token.setEchoMode(QLineEdit.EchoMode.Password)
-        self.provider = QComboBox()
-        for value, label in PROVIDERS:
-            self.provider.addItem(label, value)
+        self.provider = self._input("tunnel.provider", QComboBox)
         self.ngrok_token = QLineEdit()
         self.ngrok_token.setEchoMode(QLineEdit.EchoMode.Password)
-        self.domain = QLineEdit()
-        self.domain.setPlaceholderText("your-name.ngrok-free.app (optional)")
-        self.models = QListWidget()
-        self.models.setMaximumHeight(120)
-        self.token_ttl = QLineEdit()
-        self.rpm = QSpinBox()
-        self.rpm.setRange(1, 100_000)
-        self.concurrency = QSpinBox()
-        self.concurrency.setRange(1, 1000)
+        self.domain = self._input("tunnel.ngrok_domain", QLineEdit)
+        self.models = self._input("auth.allowed_models", QListWidget)
+        self.token_ttl = self._input("auth.token_ttl", QLineEdit)
+        self.rpm = self._input("limits.requests_per_minute", QSpinBox)
+        self.concurrency = self._input("limits.concurrent_requests", QSpinBox)
         self.start_at_login = QCheckBox("Start LM Gate when I log in")
-        self.go_public_at_start = QCheckBox("Go public when LM Gate starts")
+        self.go_public_at_start = self._input("tunnel.go_public_at_start", QCheckBox)
         self.save_button = QPushButton("Save")
         self.save_button.clicked.connect(self.save)
         self.status = QLabel("")
@@ -81,46 +89,78 @@ class SettingsDialog(QWidget):
         upstream_row = QHBoxLayout()
         upstream_row.addWidget(self.upstream, 1)
         upstream_row.addWidget(self.test_button)
+        # Rows that are not settings sit next to the setting they belong to.
+        extra_rows: dict[str, list[tuple[str, QWidget | QHBoxLayout]]] = {
+            "upstream.url": [("", self.test_result), ("LM Studio API token", self.lmstudio_token)],
+            "tunnel.provider": [("ngrok authtoken", self.ngrok_token)],
+        }
         form = QFormLayout()
-        form.addRow("LM Studio URL", upstream_row)
-        form.addRow("", self.test_result)
-        form.addRow("LM Studio API token", self.lmstudio_token)
-        form.addRow("Go public with", self.provider)
-        form.addRow("ngrok authtoken", self.ngrok_token)
-        form.addRow("Reserved ngrok domain", self.domain)
-        form.addRow("Allowed models (none ticked = all)", self.models)
-        form.addRow("Default token lifetime", self.token_ttl)
-        form.addRow("Requests per minute (per caller)", self.rpm)
-        form.addRow("Requests at once (per caller)", self.concurrency)
+        checkboxes: list[QWidget] = [self.start_at_login]
+        for field in FORM_FIELDS:
+            widget = self.inputs[field.key]
+            if field.kind is FormKind.CHECKBOX:
+                checkboxes.append(widget)
+                continue
+            form.addRow(field.label, upstream_row if widget is self.upstream else widget)
+            for label, row in extra_rows.get(field.key, []):
+                form.addRow(label, row)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addWidget(self.start_at_login)
-        layout.addWidget(self.go_public_at_start)
+        for checkbox in checkboxes:
+            layout.addWidget(checkbox)
         layout.addWidget(self.save_button)
         layout.addWidget(self.status)
         bridge.when_done(controller.settings(), self.load, self._error)
 
+    def _input(self, key: str, kind: type[W]) -> W:
+        widget = self.inputs[key]
+        if not isinstance(widget, kind):
+            raise TypeError(f"the form shows {key} as {type(widget).__name__}")
+        return widget
+
     def load(self, settings: AppSettings) -> None:
         self._loaded = settings
-        self.upstream.setText(settings.upstream_url)
+        for field in FORM_FIELDS:
+            self._show(field, getattr(settings, field.attribute))
         self.lmstudio_token.clear()
         self.lmstudio_token.setPlaceholderText(
             "stored — type to replace" if settings.lmstudio_token_set else "not set"
         )
-        self.provider.setCurrentIndex(max(0, self.provider.findData(settings.tunnel_provider)))
         self.ngrok_token.clear()
         self.ngrok_token.setPlaceholderText(
             "stored in the keyring — type to replace"
             if settings.ngrok_token_set
             else "paste from dashboard.ngrok.com"
         )
-        self.domain.setText(settings.ngrok_domain)
-        self._set_models(list(settings.allowed_models), settings.allowed_models)
-        self.token_ttl.setText(_duration_text(settings.token_ttl))
-        self.rpm.setValue(settings.requests_per_minute)
-        self.concurrency.setValue(settings.concurrent_requests)
         self.start_at_login.setChecked(settings.start_at_login)
-        self.go_public_at_start.setChecked(settings.go_public_at_start)
+
+    def _show(self, field: FormInput, value: object) -> None:
+        widget = self.inputs[field.key]
+        if isinstance(widget, QComboBox):
+            widget.setCurrentIndex(max(0, widget.findData(str(value))))
+        elif isinstance(widget, QSpinBox) and isinstance(value, int):
+            widget.setValue(value)
+        elif isinstance(widget, QListWidget) and isinstance(value, tuple):
+            self._set_models(list(value), value)
+        elif isinstance(widget, QCheckBox):
+            widget.setChecked(bool(value))
+        elif isinstance(widget, QLineEdit):
+            widget.setText(field.text(value))
+
+    def _read(self, field: FormInput) -> object:
+        """What the field holds now; a typed duration is parsed here, the rest is checked
+        (and any error named by key) when the controller saves."""
+        widget = self.inputs[field.key]
+        if isinstance(widget, QComboBox):
+            return str(widget.currentData())
+        if isinstance(widget, QSpinBox):
+            return widget.value()
+        if isinstance(widget, QListWidget):
+            return self._checked_models()
+        if isinstance(widget, QCheckBox):
+            return widget.isChecked()
+        text = widget.text().strip() if isinstance(widget, QLineEdit) else ""
+        return field.parse(text) if field.kind is FormKind.DURATION else text
 
     def _set_models(self, available: list[str], allowed: tuple[str, ...]) -> None:
         self.models.clear()
@@ -157,20 +197,10 @@ class SettingsDialog(QWidget):
     def collect(self) -> AppSettings:
         if self._loaded is None:
             raise ValueError("the settings are still loading")
-        try:
-            ttl = parse_duration(self.token_ttl.text())
-        except ValueError as exc:
-            raise ValueError(f"Default token lifetime {exc}") from None
+        values: dict[str, Any] = {f.attribute: self._read(f) for f in FORM_FIELDS}
         return replace(
             self._loaded,
-            upstream_url=self.upstream.text().strip(),
-            tunnel_provider=str(self.provider.currentData()),
-            ngrok_domain=self.domain.text().strip(),
-            allowed_models=self._checked_models(),
-            token_ttl=ttl,
-            requests_per_minute=self.rpm.value(),
-            concurrent_requests=self.concurrency.value(),
-            go_public_at_start=self.go_public_at_start.isChecked(),
+            **values,
             start_at_login=self.start_at_login.isChecked(),
             new_lmstudio_token=self.lmstudio_token.text().strip() or None,
             new_ngrok_token=self.ngrok_token.text().strip() or None,

@@ -52,9 +52,9 @@ def make(tmp_path: Path, lmstudio: FakeLMStudio) -> Iterator:  # type: ignore[ty
     def build(store: MemorySecretStore | None = None, **settings: object) -> ThreadedController:
         settings.setdefault("upstream_url", lmstudio.url)
         settings.setdefault("server_port", 0)
-        settings.setdefault("heartbeat_interval", 0.0)
-        settings.setdefault("data_dir", str(tmp_path / "data"))
-        settings.setdefault("lan_address", "127.0.0.2")
+        settings.setdefault("streaming_heartbeat_interval", 0.0)
+        settings.setdefault("storage_data_dir", str(tmp_path / "data"))
+        settings.setdefault("tunnel_lan_address", "127.0.0.2")
         config = Config(**settings)  # type: ignore[arg-type]
         controller = ThreadedController(
             Controller(
@@ -107,7 +107,7 @@ def test_the_tray_makes_no_key_on_its_first_run(make) -> None:  # type: ignore[n
 
 
 def test_go_public_at_start(make) -> None:  # type: ignore[no-untyped-def]
-    controller = make(tunnel_provider="lan", go_public_at_start=True)
+    controller = make(tunnel_provider="lan", tunnel_go_public_at_start=True)
     state = controller.start().result(30)
     assert state.phase == Phase.PUBLIC and state.public_url.startswith("http://127.0.0.2:")
 
@@ -143,7 +143,7 @@ def test_lan_public_pairing_kill_switch(make) -> None:  # type: ignore[no-untype
 
 
 def test_curl_snippet_runs_verbatim(make, lmstudio: FakeLMStudio) -> None:  # type: ignore[no-untyped-def]
-    controller = make(tunnel_provider="lan", allowed_models=(MODELS[1],))
+    controller = make(tunnel_provider="lan", auth_allowed_models=(MODELS[1],))
     controller.start().result(20)
     controller.go_public().result(30)
     snippet = controller.curl_snippet().result(10)
@@ -176,9 +176,9 @@ def test_settings_round_trip_through_an_in_memory_store(make, tmp_path: Path) ->
     new = replace(
         settings,
         tunnel_provider="ngrok",
-        ngrok_domain="calm-otter.ngrok-free.app",
-        allowed_models=(MODELS[0],),
-        requests_per_minute=30,
+        tunnel_ngrok_domain="calm-otter.ngrok-free.app",
+        auth_allowed_models=(MODELS[0],),
+        limits_requests_per_minute=30,
         start_at_login=True,
         new_ngrok_token=TOKEN,
         new_lmstudio_token="sk-lm-xyz",
@@ -189,11 +189,11 @@ def test_settings_round_trip_through_an_in_memory_store(make, tmp_path: Path) ->
     written = (tmp_path / "config.toml").read_text()
     assert TOKEN not in written and "sk-lm-xyz" not in written
     config = load_config(path=tmp_path / "config.toml", environ={})
-    assert config.tunnel_provider == "ngrok" and config.allowed_models == (MODELS[0],)
-    assert config.requests_per_minute == 30
+    assert config.tunnel_provider == "ngrok" and config.auth_allowed_models == (MODELS[0],)
+    assert config.limits_requests_per_minute == 30
     assert (tmp_path / "home" / ".config" / "autostart" / "lmgate.desktop").exists()
     again = controller.settings().result(5)
-    assert again.ngrok_token_set and again.start_at_login and again.requests_per_minute == 30
+    assert again.ngrok_token_set and again.start_at_login and again.limits_requests_per_minute == 30
     assert again.new_ngrok_token is None
 
 
@@ -238,7 +238,7 @@ def test_tray_go_public_to_a_working_curl_with_the_real_core(  # type: ignore[no
     record = tmp_path / "agent.jsonl"
     monkeypatch.setenv("FAKE_NGROK_RECORD", str(record))
     store = MemorySecretStore({NGROK_AUTHTOKEN: TOKEN, LMSTUDIO_API_TOKEN: LMSTUDIO_TOKEN})
-    controller = make(store=store, tunnel_provider="ngrok", ngrok_path=AGENT)
+    controller = make(store=store, tunnel_provider="ngrok", tunnel_ngrok_path=AGENT)
     app = TrayApp(controller, instance=f"lmgate-real-{time.time_ns()}")
     try:
         app.start()

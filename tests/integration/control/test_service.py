@@ -50,9 +50,9 @@ def config_for(tmp_path: Path, upstream: str, **settings: Any) -> Config:
     settings.setdefault("server_port", 0)
     return Config(
         upstream_url=upstream,
-        heartbeat_interval=0.0,
-        shutdown_grace=1.0,
-        data_dir=str(tmp_path / "data"),
+        streaming_heartbeat_interval=0.0,
+        server_shutdown_grace=1.0,
+        storage_data_dir=str(tmp_path / "data"),
         **settings,
     )
 

@@ -30,7 +30,7 @@ def test_gateway_runs_in_a_loop_thread_driven_from_the_main_thread() -> None:
     try:
         fake = FakeLMStudio()
         loop_thread.submit(fake.start()).result(5)
-        config = Config(upstream_url=fake.url, server_port=0, heartbeat_interval=0)
+        config = Config(upstream_url=fake.url, server_port=0, streaming_heartbeat_interval=0)
         gateway = Gateway(
             config,
             StaticKeyAuthenticator(CLIENT_KEY),
@@ -75,7 +75,10 @@ async def test_stop_lets_a_running_stream_finish_within_the_grace(
     fake_lmstudio: FakeLMStudio,
 ) -> None:
     config = Config(
-        upstream_url=fake_lmstudio.url, server_port=0, heartbeat_interval=0, shutdown_grace=5
+        upstream_url=fake_lmstudio.url,
+        server_port=0,
+        streaming_heartbeat_interval=0,
+        server_shutdown_grace=5,
     )
     server = GatewayServer(
         Gateway(config, StaticKeyAuthenticator(CLIENT_KEY), secrets=MemorySecretStore())
@@ -96,7 +99,10 @@ async def test_stop_lets_a_running_stream_finish_within_the_grace(
 
 async def test_stop_closes_streams_that_outlive_the_grace(fake_lmstudio: FakeLMStudio) -> None:
     config = Config(
-        upstream_url=fake_lmstudio.url, server_port=0, heartbeat_interval=0, shutdown_grace=0.3
+        upstream_url=fake_lmstudio.url,
+        server_port=0,
+        streaming_heartbeat_interval=0,
+        server_shutdown_grace=0.3,
     )
     server = GatewayServer(
         Gateway(config, StaticKeyAuthenticator(CLIENT_KEY), secrets=MemorySecretStore())
@@ -124,8 +130,8 @@ async def test_stop_answers_a_request_still_waiting_for_lm_studio(
     config = Config(
         upstream_url=fake_lmstudio.url,
         server_port=0,
-        heartbeat_interval=heartbeat,
-        shutdown_grace=0.3,
+        streaming_heartbeat_interval=heartbeat,
+        server_shutdown_grace=0.3,
     )
     server = GatewayServer(
         Gateway(config, StaticKeyAuthenticator(CLIENT_KEY), secrets=MemorySecretStore())

@@ -109,7 +109,7 @@ def llm_server() -> Iterator[str]:
 def gateway_url(llm_server: str) -> Iterator[str]:
     thread = LoopThread()
     thread.start()
-    config = Config(upstream_url=llm_server, server_port=0, heartbeat_interval=5)
+    config = Config(upstream_url=llm_server, server_port=0, streaming_heartbeat_interval=5)
     server = GatewayServer(
         Gateway(config, StaticKeyAuthenticator(CLIENT_KEY), secrets=MemorySecretStore())
     )

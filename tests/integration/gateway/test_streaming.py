@@ -75,7 +75,7 @@ async def test_no_total_timeout_on_a_long_stream(
 async def test_heartbeats_while_the_prompt_is_processed(
     start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
 ) -> None:
-    server = await start_gateway(heartbeat_interval=0.2)
+    server = await start_gateway(streaming_heartbeat_interval=0.2)
     fake_lmstudio.behaviour.header_delay = 0.5  # before LM Studio even answers
     fake_lmstudio.behaviour.first_chunk_delay = 0.5  # then silence before the first token
     fake_lmstudio.behaviour.chunks = 3
@@ -94,7 +94,7 @@ async def test_heartbeats_while_the_prompt_is_processed(
 async def test_heartbeats_are_harmless_to_the_openai_client(
     start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
 ) -> None:
-    server = await start_gateway(heartbeat_interval=0.1)
+    server = await start_gateway(streaming_heartbeat_interval=0.1)
     fake_lmstudio.behaviour.header_delay = 0.35
     fake_lmstudio.behaviour.first_chunk_delay = 0.35
     fake_lmstudio.behaviour.chunks = 4
@@ -110,7 +110,7 @@ async def test_heartbeats_are_harmless_to_the_openai_client(
 async def test_hanging_up_mid_stream_closes_lm_studios_request(
     start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio, heartbeat: float
 ) -> None:
-    server = await start_gateway(heartbeat_interval=heartbeat)
+    server = await start_gateway(streaming_heartbeat_interval=heartbeat)
     fake_lmstudio.behaviour.chunks = 1000
     fake_lmstudio.behaviour.chunk_delay = 0.05
     async with aiohttp.ClientSession() as s:
@@ -128,7 +128,7 @@ async def test_hanging_up_mid_stream_closes_lm_studios_request(
 async def test_hanging_up_during_prompt_processing_closes_lm_studios_request(
     start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio, heartbeat: float, phase: str
 ) -> None:
-    server = await start_gateway(heartbeat_interval=heartbeat)
+    server = await start_gateway(streaming_heartbeat_interval=heartbeat)
     if phase == "before-headers":
         fake_lmstudio.behaviour.header_delay = 30
     else:
@@ -221,7 +221,7 @@ async def test_upstream_error_for_a_stream_request_keeps_its_status(
 async def test_upstream_error_after_heartbeats_becomes_an_error_event(
     start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
 ) -> None:
-    server = await start_gateway(heartbeat_interval=0.1)
+    server = await start_gateway(streaming_heartbeat_interval=0.1)
     fake_lmstudio.behaviour.header_delay = 0.35
     fake_lmstudio.behaviour.status = 500
     async with (
@@ -279,7 +279,7 @@ class RelayRig:
     (and so a StreamRelay), keeping each request's Outcome for the test to reach the relay."""
 
     def __init__(self, fake: FakeLMStudio, **settings: Any) -> None:
-        settings.setdefault("heartbeat_interval", 0.0)
+        settings.setdefault("streaming_heartbeat_interval", 0.0)
         self.config = Config(upstream_url=fake.url, **settings)
         self.forwarder = Forwarder(self.config, lambda: False)
         self.outcomes: list[Outcome] = []
@@ -389,7 +389,7 @@ class TestRelayAbort:
         heartbeat: float,
         hide_usage: bool,
     ) -> None:
-        rig = await relay_rig(heartbeat_interval=heartbeat)
+        rig = await relay_rig(streaming_heartbeat_interval=heartbeat)
         rig.hide_usage = hide_usage
         if phase == "before-headers":
             fake_lmstudio.behaviour.header_delay = 30
@@ -483,7 +483,7 @@ class TestObserverWithHiddenUsage:
     async def test_an_endless_event_never_reaches_the_observer(
         self, relay_rig: Callable[..., Any], fake_lmstudio: FakeLMStudio
     ) -> None:
-        rig = await relay_rig(max_event_bytes=64 * 1024)
+        rig = await relay_rig(limits_max_event_bytes=64 * 1024)
         seen: list[bytes] = []
         rig.observer = seen.append
         rig.hide_usage = True

@@ -139,7 +139,7 @@ async def test_lm_studio_requiring_a_token_we_lack_is_explained(
 async def test_response_over_the_cap_is_502(
     start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
 ) -> None:
-    server = await start_gateway(max_response_bytes=1024)
+    server = await start_gateway(limits_max_response_bytes=1024)
     fake_lmstudio.behaviour.chunks = 500  # a long non-streamed answer
     status, payload, _ = await chat(server)
     assert (status, payload["error"]["code"]) == (502, "upstream_response_too_large")

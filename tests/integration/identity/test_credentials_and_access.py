@@ -41,7 +41,7 @@ RACERS = 8
 
 @pytest.fixture
 def identity(tmp_path: Path) -> Iterator[Identity]:
-    opened = open_identity(Config(data_dir=str(tmp_path)), b"k" * 32, clock=FakeClock())
+    opened = open_identity(Config(storage_data_dir=str(tmp_path)), b"k" * 32, clock=FakeClock())
     yield opened
     opened.close()
 
@@ -103,7 +103,7 @@ def test_of_many_connections_redeeming_one_code_at_once_exactly_one_pairs(tmp_pa
 
 
 def test_two_services_exchanging_one_code_give_one_token(tmp_path: Path) -> None:
-    config = Config(data_dir=str(tmp_path))
+    config = Config(storage_data_dir=str(tmp_path))
     tray, cli = (open_identity(config, b"k" * 32) for _ in range(2))
     try:
         code, _ = tray.pairing.create_code()

@@ -68,7 +68,7 @@ def forge(
 
 @pytest.fixture
 async def rig(start_identity_gateway: IdentityFactory) -> IdentityRig:
-    return await start_identity_gateway(clock=FakeClock(), auth_failures_per_minute=1000)
+    return await start_identity_gateway(clock=FakeClock(), limits_auth_failures_per_minute=1000)
 
 
 def issue(rig: IdentityRig, **kwargs: Any) -> str:
@@ -314,7 +314,7 @@ async def test_malformed_pair_requests_are_400(rig: IdentityRig, payload: Any) -
 async def test_pairing_brute_force_is_throttled(
     start_identity_gateway: IdentityFactory,
 ) -> None:
-    rig = await start_identity_gateway(clock=FakeClock(), pairing_attempts_per_minute=5)
+    rig = await start_identity_gateway(clock=FakeClock(), limits_pairing_attempts_per_minute=5)
     code, _ = rig.identity.pairing.create_code()
     for i in range(5):
         status, body, _ = await call(rig, "/pair", json_body={"code": f"{i:0>24}"})

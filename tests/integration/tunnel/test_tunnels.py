@@ -21,7 +21,7 @@ from tests.conftest import IdentityFactory, IdentityRig
 from tests.fake_lmstudio import MODELS, FakeLMStudio
 from tests.fakes import FakeTunnelProvider
 from tests.helpers import FAKE_NGROK_AGENT, LogCapture
-from tray_app.config.settings import Config
+from tray_app.config.settings import Config, TunnelProvider
 from tray_app.control.going_public import go_public
 from tray_app.errors import ConfigError, TunnelError
 from tray_app.secret_store.base import MemorySecretStore
@@ -185,8 +185,10 @@ async def test_lan_mode_without_an_address_explains(
 
 
 async def test_no_tunnel_or_lan_bind_in_dev_mode(start_identity_gateway: IdentityFactory) -> None:
-    rig = await start_identity_gateway(dev_mode=True)
-    config = Config(dev_mode=True, tunnel_provider="lan", lan_address="127.0.0.2")
+    rig = await start_identity_gateway(auth_dev_mode=True)
+    config = Config(
+        auth_dev_mode=True, tunnel_provider=TunnelProvider.LAN, tunnel_lan_address="127.0.0.2"
+    )
     with pytest.raises(ConfigError, match="refuses to open a tunnel"):
         await go_public(config, rig.server, MemorySecretStore(), Path("/nonexistent"))
     assert not rig.server.has_listener("127.0.0.2")
@@ -503,7 +505,7 @@ async def test_lan_rig_is_reachable_through_the_openai_client(
     rig: IdentityRig = await start_identity_gateway()
     key = rig.identity.api_keys.create("laptop", scopes=frozenset({"models"}))[0]
     manager = await go_public(
-        Config(tunnel_provider="lan", lan_address="127.0.0.2"),
+        Config(tunnel_provider=TunnelProvider.LAN, tunnel_lan_address="127.0.0.2"),
         rig.server,
         rig.store,
         Path("/nonexistent"),

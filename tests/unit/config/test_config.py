@@ -21,7 +21,7 @@ def test_defaults_without_a_file(tmp_path: Path) -> None:
     assert config == Config()
     assert config.upstream_url == "http://127.0.0.1:1234"
     assert config.server_host == "127.0.0.1"
-    assert config.enable_responses is False and config.enable_messages is False
+    assert config.routes_enable_responses is False and config.routes_enable_messages is False
 
 
 def test_file_then_env_then_flags(tmp_path: Path) -> None:
@@ -41,11 +41,11 @@ enable_responses = true
     from_file = load_config(path=path, environ={})
     assert from_file.upstream_url == "http://127.0.0.1:4321"  # trailing slash folded
     assert (from_file.server_port, from_file.upstream_idle_timeout) == (9000, 120.0)
-    assert from_file.enable_responses is True
+    assert from_file.routes_enable_responses is True
 
     env = {"LMGATE_SERVER_PORT": "9100", "LMGATE_ROUTES_ENABLE_RESPONSES": "off"}
     from_env = load_config(path=path, environ=env)
-    assert (from_env.server_port, from_env.enable_responses) == (9100, False)
+    assert (from_env.server_port, from_env.routes_enable_responses) == (9100, False)
     assert from_env.server_host == "127.0.0.2"
 
     from_flags = load_config(

@@ -94,7 +94,7 @@ async def test_model_is_required_on_every_inference_endpoint(
 async def test_body_over_the_cap_is_413_declared(
     start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
 ) -> None:
-    server = await start_gateway(max_body_bytes=2048)
+    server = await start_gateway(limits_max_body_bytes=2048)
     status, payload = await post(
         server, "/v1/chat/completions", json.dumps({"model": "m", "pad": "x" * 4000}).encode()
     )
@@ -106,7 +106,7 @@ async def test_body_over_the_cap_is_413_declared(
 async def test_body_over_the_cap_is_413_chunked(
     start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
 ) -> None:
-    server = await start_gateway(max_body_bytes=2048)
+    server = await start_gateway(limits_max_body_bytes=2048)
 
     async def chunks():  # no Content-Length: the cap must hold while reading
         yield b'{"model": "m", "pad": "'
@@ -167,7 +167,7 @@ async def test_unchanged_bodies_are_forwarded_byte_for_byte(
 async def test_mcp_tools_are_removed_from_responses(
     start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
 ) -> None:
-    server = await start_gateway(enable_responses=True, enable_messages=True)
+    server = await start_gateway(routes_enable_responses=True, routes_enable_messages=True)
     function_tool = {"type": "function", "name": "add", "parameters": {}}
     body = {
         "model": "m",

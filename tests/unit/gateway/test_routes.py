@@ -126,7 +126,7 @@ def live_gateway():  # type: ignore[no-untyped-def]
     thread.start()
     fake = FakeLMStudio()
     thread.submit(fake.start()).result(5)
-    config = Config(upstream_url=fake.url, server_port=0, heartbeat_interval=0)
+    config = Config(upstream_url=fake.url, server_port=0, streaming_heartbeat_interval=0)
     server = GatewayServer(
         Gateway(
             config,

@@ -65,19 +65,19 @@ class GatewayServer:
         config = self.gateway.config
         budget = budget_for(raise_descriptor_limit())
         max_total = budget.max_connections
-        if config.max_connections and config.max_connections > max_total:
+        if config.server_max_connections and config.server_max_connections > max_total:
             log.warning(
                 "server.max_connections = %d does not fit in %d file descriptors; using %d",
-                config.max_connections,
+                config.server_max_connections,
                 budget.descriptors,
                 max_total,
             )
-        elif config.max_connections:
-            max_total = config.max_connections
+        elif config.server_max_connections:
+            max_total = config.server_max_connections
         # The gateway decides which peers are its proxies (the running tunnel's agent and
         # configured ones): they carry many clients, and only the total holds them.
-        per_client = config.max_connections_per_client
-        if not config.max_connections:
+        per_client = config.server_max_connections_per_client
+        if not config.server_max_connections:
             # Under a small descriptor limit the derived total is small too: one address may
             # hold a quarter of it, so it can never leave everyone else a handful of slots.
             per_client = min(per_client, max(1, max_total // 4))
@@ -106,13 +106,13 @@ class GatewayServer:
             self.gateway.build_app(),
             policy=ConnectionPolicy(
                 guard=guard,
-                header_timeout=config.header_timeout,
-                write_timeout=config.write_timeout,
+                header_timeout=config.server_header_timeout,
+                write_timeout=config.server_write_timeout,
                 exhaustion=exhaustion,
                 max_lingering=budget.max_lingering,
                 stray_handler=self.gateway.dispatch,
             ),
-            keepalive_timeout=config.keepalive_timeout,
+            keepalive_timeout=config.server_keepalive_timeout,
             lingering_time=_LINGERING_SECONDS,
             # aiohttp's access log prints raw request lines, query strings included: ours is
             # structured and safe, so theirs stays off.
@@ -120,7 +120,7 @@ class GatewayServer:
             # Cancel the handler when the client disconnects, so LM Studio's request is closed
             # even while we are only waiting for it (prompt processing).
             handler_cancellation=True,
-            shutdown_timeout=config.shutdown_grace + _EXTRA_SHUTDOWN_SECONDS,
+            shutdown_timeout=config.server_shutdown_grace + _EXTRA_SHUTDOWN_SECONDS,
         )
         try:
             await runner.setup()

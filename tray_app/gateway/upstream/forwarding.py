@@ -131,7 +131,7 @@ class Forwarder:
         outcome.upstream = upstream
         data = await self._read_whole(upstream)
         if upstream.status == 200 and principal.models is not None:
-            limit = self._config.max_response_bytes
+            limit = self._config.limits_max_response_bytes
             data = _filter_models(
                 decode_body(data, upstream.headers.get("Content-Encoding"), limit), principal
             )
@@ -170,7 +170,7 @@ class Forwarder:
         return self._whole_response(upstream, data, request_id, outcome)
 
     async def _read_whole(self, upstream: aiohttp.ClientResponse) -> bytes:
-        limit = self._config.max_response_bytes
+        limit = self._config.limits_max_response_bytes
         try:
             if upstream.content_length is not None and upstream.content_length > limit:
                 raise response_too_large(limit)
@@ -211,7 +211,7 @@ class Forwarder:
                 data,
                 upstream.headers.get("Content-Encoding"),
                 status,
-                self._config.max_response_bytes,
+                self._config.limits_max_response_bytes,
             )
         return web.Response(status=status, body=data, headers=headers)
 

@@ -77,9 +77,9 @@ class StreamRelay:
         # Sees the answer as the client gets it, in whole events (the conversation API keeps it).
         self._observer = observer
         self._request_id = request_id
-        self._interval = config.heartbeat_interval
+        self._interval = config.streaming_heartbeat_interval
         self._idle_timeout = config.upstream_idle_timeout
-        self._max_event_bytes = config.max_event_bytes
+        self._max_event_bytes = config.limits_max_event_bytes
         self._on_upstream = on_upstream
         self._read_whole = read_whole
         self._is_stopping = is_stopping

@@ -1,0 +1,31 @@
+"""Regression: a value the config accepts survives a save through the Settings form.
+
+The spin boxes had hand-written ranges (at most 100 000 requests a minute, 1 000 at once), so
+opening Settings on a config with a larger value and pressing Save silently wrote a smaller one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+pytest.importorskip("PySide6")
+
+from tests.fake_controller import FakeController
+from tray_app.ui.bridge import UiBridge
+from tray_app.ui.settings_dialog import SettingsDialog
+
+
+def test_large_limits_are_saved_unchanged(qtbot) -> None:  # type: ignore[no-untyped-def]
+    fake = FakeController()
+    fake.stored_settings = replace(
+        fake.stored_settings, limits_requests_per_minute=500_000, limits_concurrent_requests=5_000
+    )
+    dialog = SettingsDialog(fake, UiBridge())
+    qtbot.addWidget(dialog)
+    qtbot.waitUntil(lambda: dialog.rpm.value() == 500_000)
+    dialog.save_button.click()
+    qtbot.waitUntil(lambda: dialog.status.text() == "Saved.")
+    ((saved,),) = fake.called("save_settings")
+    assert (saved.limits_requests_per_minute, saved.limits_concurrent_requests) == (500_000, 5_000)
