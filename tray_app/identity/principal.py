@@ -8,7 +8,7 @@ Until it does, :class:`StaticKeyAuthenticator` accepts one key, compared in cons
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -80,9 +80,6 @@ class Principal:
 
     def may_use_model(self, model: str) -> bool:
         return self.models is None or model in self.models
-
-    def visible_models(self, model_ids: Iterable[str]) -> list[str]:
-        return [m for m in model_ids if self.may_use_model(m)]
 
 
 class Authenticator(Protocol):

@@ -17,7 +17,6 @@ from tray_app.errors import SecretStoreError
 
 # Entry names, one secret each.
 LMSTUDIO_API_TOKEN = "lmstudio-api-token"  # noqa: S105 - a name, not a secret
-GATEWAY_API_KEY = "gateway-api-key"
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 MAX_SECRET_BYTES = 2048

@@ -10,8 +10,6 @@ from tray_app.control.controller import AppState, Phase
 from tray_app.ui.actions import AppActions
 from tray_app.ui.icons import icon_for
 
-BUSY_PHASES = {Phase.STARTING, Phase.RECONNECTING}
-
 
 def tooltip_for(state: AppState) -> str:
     where = state.public_url or state.gateway_url or ""
