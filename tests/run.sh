@@ -81,8 +81,8 @@ export LMGATE_REQUIRE_NGINX=1
 [ "$(id -u)" = 0 ] && export LMGATE_REQUIRE_NAMESPACES=1
 keyring_home=$(mktemp -d)
 trap 'rm -rf "$keyring_home"' EXIT
-# Coverage settings are pyproject.toml's [tool.coverage.*]: branches too, and the `lmgate`
-# processes the tests start. A stale data file from an interrupted run must not count.
+# Coverage settings are pyproject.toml's [tool.coverage.*] (branches too, in-process only).
+# A stale data file from an interrupted run must not count.
 rm -f .coverage .coverage.*
 # The keyring daemon gets a throwaway HOME so no real keyring is touched; without --unlock a
 # fresh keyring would wait for a password prompt that never comes.
