@@ -15,6 +15,7 @@ import gzip
 import json
 import time
 import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,7 +104,9 @@ class FakeLMStudio:
     # ---- recording and common behaviour -----------------------------------------------------
 
     @web.middleware
-    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _record(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         body = await request.read()
         if request.transport is not None:
             self.connections.add(request.transport.get_extra_info("peername"))

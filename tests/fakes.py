@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class FakeClock:
     """A clock that moves only when told to; wall and monotonic time advance together."""
@@ -29,6 +31,8 @@ class FakeTunnelProvider:
 
     name = "fake"
     warning: str | None = None
+    # No agent dials in from loopback unless a test says so.
+    forwarded_header: str | None = None
 
     def __init__(self, fail_opens: int = 0, url: str | None = None) -> None:
         self.fail_opens = fail_opens  # the next N opens raise TunnelError
@@ -36,9 +40,9 @@ class FakeTunnelProvider:
         self.opens = 0
         self.closes = 0
         self.is_open = False
-        self._on_lost = None
+        self._on_lost: Callable[[str], None] | None = None
 
-    def set_lost_callback(self, callback):  # type: ignore[no-untyped-def]
+    def set_lost_callback(self, callback: Callable[[str], None]) -> None:
         self._on_lost = callback
 
     async def open(self, local_port: int) -> str:

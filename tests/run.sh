@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh machine, then runs all of it:
-# lint (ruff), types (mypy --strict), and the tests (pytest), including the real-model test.
-# Usage: bash tests/run.sh [pytest arguments]
+# lint (ruff), types (mypy --strict, package and tests), the layer contracts (lint-imports), and
+# the tests (pytest, including the real-model test) under coverage, which must reach every line
+# of the modules that guard the gate.
+# Usage: bash tests/run.sh [pytest arguments]   (with arguments, coverage is printed, not enforced)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -66,20 +68,31 @@ step "ruff (lint and format)"
 .venv/bin/ruff check tray_app tests benchmarks
 .venv/bin/ruff format --check tray_app tests benchmarks
 
-step "mypy --strict (core)"
+step "mypy --strict (package and tests)"
 .venv/bin/mypy
 
-step "pytest (inside a private D-Bus session with an unlocked, throwaway keyring)"
+step "import contracts (lint-imports, .importlinter)"
+.venv/bin/lint-imports
+
+step "pytest under coverage (inside a private D-Bus session with an unlocked, throwaway keyring)"
 export LMGATE_REQUIRE_SECRET_SERVICE=1 LMGATE_REQUIRE_DISPLAY=1 LMGATE_REQUIRE_BROWSER=1
 export LMGATE_REQUIRE_NGINX=1
 # Mounting a tmpfs needs root; CI runs as root, so the full-disk test must not be skipped there.
 [ "$(id -u)" = 0 ] && export LMGATE_REQUIRE_NAMESPACES=1
 keyring_home=$(mktemp -d)
 trap 'rm -rf "$keyring_home"' EXIT
+# Coverage settings are pyproject.toml's [tool.coverage.*] (branches too, in-process only).
+# A stale data file from an interrupted run must not count.
+rm -f .coverage .coverage.*
 # The keyring daemon gets a throwaway HOME so no real keyring is touched; without --unlock a
 # fresh keyring would wait for a password prompt that never comes.
 dbus-run-session -- bash -c '
   printf pw | HOME="$1" gnome-keyring-daemon --unlock --components=secrets >/dev/null
   shift
-  exec .venv/bin/python -m pytest "$@"
+  exec .venv/bin/python -m pytest --cov --cov-report=term-missing:skip-covered "$@"
 ' _ "$keyring_home" "$@"
+
+if [ $# -eq 0 ]; then
+  step "coverage: every line of the modules that guard the gate"
+  .venv/bin/python -m tests.coverage_guard
+fi

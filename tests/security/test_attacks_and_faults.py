@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GatewayFactory, auth_headers
+from tests.conftest import GatewayFactory, IdentityFactory, auth_headers
 from tests.fake_lmstudio import FakeLMStudio
 from tests.helpers import LMGATE, REPO_ROOT, Env, start_serve
 from tray_app.errors import StorageError
@@ -193,7 +193,7 @@ def test_kill_9_while_writing_loses_nothing_already_recorded(tmp_path: Path) -> 
 
 
 async def test_usage_written_before_a_crash_is_there_after(
-    start_identity_gateway,  # type: ignore[no-untyped-def]
+    start_identity_gateway: IdentityFactory,
     fake_lmstudio: FakeLMStudio,
 ) -> None:
     rig = await start_identity_gateway()
@@ -276,6 +276,7 @@ def test_kill_9_of_a_running_server_keeps_the_usage_it_wrote(env: Env, tmp_path:
             urllib.request.urlopen(request, timeout=5).close()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
+    assert proc.stdout is not None  # start_serve reads the address from it
     proc.stdout.close()
     db = Database.in_directory(env.data)
     try:
@@ -308,7 +309,7 @@ def _can_mount_privately() -> bool:
     return probe.returncode == 0
 
 
-def _requests_recorded(pid: int, database: Path) -> int:
+def _requests_recorded(pid: int, database: str) -> int:
     """Read the usage total inside the server's mount namespace, read-only."""
     query = (
         "import sqlite3, sys; c = sqlite3.connect(f'file:{sys.argv[1]}?mode=ro', uri=True); "

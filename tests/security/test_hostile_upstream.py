@@ -29,7 +29,12 @@ from tray_app.gateway.upstream.usage import EventCutter, Usage
 from tray_app.identity.principal import ALL_SCOPES, Principal
 
 MIB = 1024 * 1024
-CHAT = {"model": MODELS[0], "messages": [{"role": "user", "content": "hi"}], "stream": True}
+# Both a request body and the OpenAI client's keyword arguments.
+CHAT: dict[str, Any] = {
+    "model": MODELS[0],
+    "messages": [{"role": "user", "content": "hi"}],
+    "stream": True,
+}
 LINE_ENDS = pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"], ids=["LF", "CRLF", "CR"])
 
 

@@ -1012,18 +1012,18 @@ def live(tmp_path: Path) -> Iterator[Live]:
     identity.close()
 
 
-def _live_key(live: Live) -> tuple[str, str, Callable[[], None]]:
+def _live_key(live: Live) -> tuple[str, str, Callable[[], object]]:
     key, record = live.identity.api_keys.create("k", scopes=CHAT_SCOPES, ttl=60)
     return key, f"key:{record.id}", lambda: live.other.api_keys.revoke(record.id)
 
 
-def _live_token(live: Live) -> tuple[str, str, Callable[[], None]]:
+def _live_token(live: Live) -> tuple[str, str, Callable[[], object]]:
     issued = live.identity.tokens.issue(name="t", scopes=CHAT_SCOPES, ttl=60)
     jti = issued.record.jti
     return issued.token, f"token:{jti}", lambda: live.other.tokens.revoke(jti)
 
 
-def _live_device(live: Live) -> tuple[str, str, Callable[[], None]]:
+def _live_device(live: Live) -> tuple[str, str, Callable[[], object]]:
     code, _ = live.identity.pairing.create_code()
     issued = live.identity.pairing.exchange(code, "phone")
     device_id = issued.record.device_id
@@ -1035,7 +1035,7 @@ def _live_device(live: Live) -> tuple[str, str, Callable[[], None]]:
     )
 
 
-def _live_device_row_only(live: Live) -> tuple[str, str, Callable[[], None]]:
+def _live_device_row_only(live: Live) -> tuple[str, str, Callable[[], object]]:
     token, credential, _ = _live_device(live)
     device_id = live.identity.pairing.devices()[-1].id
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pyngrok import conf as pyngrok_conf
 
 from tests.helpers import FAKE_NGROK_AGENT, Env
 from tray_app.errors import TunnelError
@@ -102,7 +103,7 @@ def python_dir(tmp_path: Path) -> str:
 @pytest.fixture
 def path_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # pyngrok's download location must not supply an agent behind the test's back.
-    monkeypatch.setattr(ngrok_agent.conf, "DEFAULT_NGROK_PATH", str(tmp_path / "no-download"))
+    monkeypatch.setattr(pyngrok_conf, "DEFAULT_NGROK_PATH", str(tmp_path / "no-download"))
 
 
 def use_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *directories: Path) -> str:

@@ -21,7 +21,8 @@ from tray_app.gateway.limits import TokenBuckets, client_address, parse_networks
 from tray_app.identity.authenticator import IdentityAuthenticator
 from tray_app.identity.principal import ALL_SCOPES
 
-CHAT = {"model": MODELS[0], "messages": [{"role": "user", "content": "hi"}]}
+# Both a request body and the OpenAI client's keyword arguments.
+CHAT: dict[str, Any] = {"model": MODELS[0], "messages": [{"role": "user", "content": "hi"}]}
 
 
 async def call(

@@ -132,7 +132,9 @@ class TestWithoutATunnelNoHeaderIsBelieved:
         rig = await start(start_identity_gateway)
         name = header.split(" ")[0]
         # A fresh "address" on every try: believed, it would dodge the throttle for ever.
-        claims = lambda i: {name: value(f"203.0.113.{i + 1}")}  # noqa: E731
+        claims: Callable[[int], dict[str, str]] = lambda i: {  # noqa: E731
+            name: value(f"203.0.113.{i + 1}")
+        }
         with LogCapture() as logs:
             async with aiohttp.ClientSession() as session:
                 await fail_until_throttled(throttle, session, rig.url, claims)
@@ -180,7 +182,7 @@ class TestThroughTheNgrokAgent:
         public = manager.status.public_url or ""
         assert public and public != rig.url
         # The client prepends a lie; the agent appends the truth, and the truth is used.
-        spoof = lambda i: {"X-Forwarded-For": SPOOFED}  # noqa: E731
+        spoof: Callable[[int], dict[str, str]] = lambda i: {"X-Forwarded-For": SPOOFED}  # noqa: E731
         with LogCapture() as logs:
             async with aiohttp.ClientSession() as session:
                 await fail_until_throttled(throttle, session, public, spoof)

@@ -146,7 +146,7 @@ def test_open_logs_folder_and_quit(qtbot, fake, actions, tmp_path, monkeypatch) 
     trigger(qtbot, menu, "Open logs folder")
     assert (tmp_path / "logs").is_dir()
     trigger(qtbot, menu, "Quit")
-    assert actions.quits == [True]  # type: ignore[attr-defined]
+    assert actions.quits == [True]
 
 
 def test_tray_icon_and_tooltip_follow_the_state(qtbot, fake, actions) -> None:  # type: ignore[no-untyped-def]

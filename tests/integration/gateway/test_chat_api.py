@@ -135,7 +135,7 @@ async def test_one_principal_cannot_touch_anothers_conversation(rig: IdentityRig
     ],
 )
 async def test_bad_chat_requests_get_openai_errors(
-    rig: IdentityRig, body: dict, code: str, param: str
+    rig: IdentityRig, body: dict[str, object], code: str, param: str
 ) -> None:
     status, error, _ = await call(rig, key_for(rig), "/api/chat", method="POST", body=body)
     assert status == 400

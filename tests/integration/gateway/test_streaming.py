@@ -24,7 +24,8 @@ from tray_app.gateway.upstream.forwarding import Forwarder, Outcome
 from tray_app.gateway.upstream.streaming import StreamRelay
 from tray_app.gateway.upstream.usage import Usage
 
-CHAT = {
+# Both a request body and the OpenAI client's keyword arguments.
+CHAT: dict[str, Any] = {
     "model": "qwen2.5-7b-instruct",
     "messages": [{"role": "user", "content": "hi"}],
     "stream": True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 import openai
@@ -20,10 +21,12 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
-async def chat(server: GatewayServer, **extra: object) -> tuple[int, dict, Mapping[str, str]]:
+async def chat(
+    server: GatewayServer, **extra: object
+) -> tuple[int, dict[str, Any], Mapping[str, str]]:
     async with (
         aiohttp.ClientSession() as s,
         s.post(

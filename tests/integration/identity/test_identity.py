@@ -26,7 +26,8 @@ from tray_app.identity.signing_key import (
     rotate_signing_key,
 )
 
-CHAT = {"model": MODELS[0], "messages": [{"role": "user", "content": "hi"}]}
+# Both a request body and the OpenAI client's keyword arguments.
+CHAT: dict[str, Any] = {"model": MODELS[0], "messages": [{"role": "user", "content": "hi"}]}
 
 
 async def call(

@@ -32,9 +32,9 @@ from tray_app.tunnel.ngrok import (
     NgrokProvider,
     check_token_shape,
     explain,
-    find_agent,
     silence_pyngrok_logs,
 )
+from tray_app.tunnel.ngrok_agent import find_agent
 
 AGENT = str(FAKE_NGROK_AGENT)
 TOKEN = "2fakeAuthToken_" + "abc123XYZ" * 4

@@ -1,10 +1,10 @@
 from tests.fake_controller import PUBLIC_URL, FakeController
-from tray_app.control.controller import Phase
+from tray_app.control.controller import AppState, Phase
 
 
 def test_fake_controller_answers_records_and_publishes() -> None:
     fake = FakeController()
-    seen = []
+    seen: list[AppState] = []
     fake.add_listener(seen.append)
     assert fake.go_public().result().public_url == PUBLIC_URL
     assert seen[-1].phase == Phase.PUBLIC

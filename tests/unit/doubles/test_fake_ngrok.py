@@ -7,6 +7,7 @@ import socket
 import subprocess
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tests.fake_lmstudio import FakeLMStudio
 from tests.helpers import FAKE_NGROK_AGENT
@@ -19,7 +20,7 @@ def test_answers_version() -> None:
     assert out.stdout.startswith("ngrok version 3.")
 
 
-def start(config: dict, tmp_path: Path) -> subprocess.Popen[str]:
+def start(config: dict[str, object], tmp_path: Path) -> subprocess.Popen[str]:
     path = tmp_path / "ngrok.yml"
     path.write_text(json.dumps(config))
     return subprocess.Popen(
@@ -59,7 +60,9 @@ async def test_serves_the_api_and_pipes_traffic(
         assert any(f'msg="starting web service" obj=web addr=127.0.0.1:{web}' in ln for ln in lines)
         assert any("client session established" in ln for ln in lines)
 
-        def api(method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        def api(
+            method: str, path: str, body: dict[str, object] | None = None
+        ) -> tuple[int, dict[str, Any]]:
             data = None if body is None else json.dumps(body).encode()
             request = urllib.request.Request(
                 f"http://127.0.0.1:{web}{path}",
@@ -81,7 +84,8 @@ async def test_serves_the_api_and_pipes_traffic(
 
         def through() -> bytes:
             with urllib.request.urlopen(created["public_url"] + "/v1/models", timeout=5) as r:
-                return r.read()
+                answer: bytes = r.read()
+                return answer
 
         assert b"qwen2.5-7b-instruct" in await asyncio.to_thread(through)
         assert fake_lmstudio.paths == ["/v1/models"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -29,7 +31,7 @@ from tray_app.identity.principal import ALL_SCOPES, Principal
 
 async def post(
     server: GatewayServer, path: str, data: bytes, headers: dict[str, str] | None = None
-) -> tuple[int, dict]:
+) -> tuple[int, dict[str, Any]]:
     async with (
         aiohttp.ClientSession() as s,
         s.post(
@@ -75,7 +77,7 @@ async def test_post_needs_a_json_object(
     ],
 )
 async def test_model_and_stream_are_checked(
-    gateway: GatewayServer, fake_lmstudio: FakeLMStudio, body: dict, code: str
+    gateway: GatewayServer, fake_lmstudio: FakeLMStudio, body: dict[str, object], code: str
 ) -> None:
     status, payload = await post(gateway, "/v1/chat/completions", json.dumps(body).encode())
     assert status == 400
@@ -108,7 +110,8 @@ async def test_body_over_the_cap_is_413_chunked(
 ) -> None:
     server = await start_gateway(limits_max_body_bytes=2048)
 
-    async def chunks():  # no Content-Length: the cap must hold while reading
+    # No Content-Length: the cap must hold while reading.
+    async def chunks() -> AsyncIterator[bytes]:
         yield b'{"model": "m", "pad": "'
         for _ in range(10):
             yield b"x" * 1000

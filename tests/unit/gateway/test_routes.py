@@ -3,6 +3,8 @@ hypothesis through real sockets."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -121,7 +123,7 @@ ALLOWED_UPSTREAM = {r.path for r in FORWARDED_ROUTES if r.option is None}
 
 
 @pytest.fixture(scope="module")
-def live_gateway():  # type: ignore[no-untyped-def]
+def live_gateway() -> Iterator[tuple[GatewayServer, FakeLMStudio]]:
     thread = LoopThread()
     thread.start()
     fake = FakeLMStudio()
@@ -150,14 +152,14 @@ def live_gateway():  # type: ignore[no-untyped-def]
     slashes=st.sampled_from(["/", "//"]),
 )
 def test_generated_paths_only_ever_reach_allowed_endpoints(
-    live_gateway, segments, method, slashes
-) -> None:  # type: ignore[no-untyped-def]
+    live_gateway: tuple[GatewayServer, FakeLMStudio], segments: list[str], method: str, slashes: str
+) -> None:
     server, fake = live_gateway
     target = "/" + slashes.join(segments)
     before = len(fake.received)
     body = b'{"model": "m", "input": "x"}' if method != "GET" else b""
     response = raw_request_sync(
-        server.port,
+        server.port or 0,
         method,
         target,
         {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"},

@@ -1,0 +1,113 @@
+"""Access tokens refused at issue and at revocation, and tokens signed with the real key whose
+claims are still not what LM Gate issues (only a holder of the key can make these)."""
+
+from __future__ import annotations
+
+import itertools
+
+import jwt
+import pytest
+
+from tests.unit.identity.conftest import SIGNING_KEY
+from tray_app.control.assembly import Identity
+from tray_app.errors import AuthError
+from tray_app.identity import tokens as tokens_module
+
+CHAT = frozenset({"chat"})
+
+
+@pytest.mark.parametrize("scopes", [frozenset(), frozenset({"chat", "admin"})])
+def test_a_token_needs_known_scopes(identity: Identity, scopes: frozenset[str]) -> None:
+    with pytest.raises(ValueError, match="scopes must be some of"):
+        identity.tokens.issue(name="t", scopes=scopes, ttl=60)
+    assert identity.tokens.list() == []
+
+
+@pytest.mark.parametrize("ttl", [0, -5])
+def test_a_token_needs_a_positive_lifetime(identity: Identity, ttl: float) -> None:
+    with pytest.raises(ValueError, match="lifetime must be positive"):
+        identity.tokens.issue(name="t", scopes=CHAT, ttl=ttl)
+    assert identity.tokens.list() == []
+
+
+def test_a_token_of_an_unknown_kind_or_a_device_token_without_a_device_is_refused(
+    identity: Identity,
+) -> None:
+    with pytest.raises(ValueError, match="unknown token kind 'admin'"):
+        identity.tokens.issue(name="t", scopes=CHAT, ttl=60, kind="admin")
+    with pytest.raises(ValueError, match="needs its device's ID"):
+        identity.tokens.issue(name="t", scopes=CHAT, ttl=60, kind="device")
+    assert identity.tokens.list() == []
+
+
+def forge(identity: Identity, **changes: object) -> str:
+    """A token signed with the real key, whose claims are those of a real one, changed."""
+    issued = identity.tokens.issue(name="t", scopes=CHAT, ttl=600)
+    claims = jwt.decode(
+        issued.token,
+        SIGNING_KEY,
+        algorithms=["HS256"],
+        options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
+    )
+    return jwt.encode({**claims, **changes}, SIGNING_KEY, algorithm="HS256")
+
+
+def refusal(identity: Identity, token: str) -> AuthError:
+    with pytest.raises(AuthError) as caught:
+        identity.authenticator.authenticate({"Authorization": f"Bearer {token}"}, "127.0.0.1")
+    return caught.value
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", ["2099-01-01", True, [1]])
+def test_time_claims_that_are_not_numbers_are_refused(
+    identity: Identity, claim: str, value: object
+) -> None:
+    error = refusal(identity, forge(identity, **{claim: value}))
+    assert error.code == "invalid_token"
+    assert "time claims are malformed" in str(error)
+
+
+@pytest.mark.parametrize("claim", ["jti", "sub", "scope"])
+@pytest.mark.parametrize("value", [12345678, ["chat"]])
+def test_identity_claims_that_are_not_strings_are_refused(
+    identity: Identity, claim: str, value: object
+) -> None:
+    error = refusal(identity, forge(identity, **{claim: value}))
+    assert error.code == "invalid_token"
+    if claim == "scope":  # PyJWT itself checks that jti and sub are strings
+        assert "claims are malformed" in str(error)
+
+
+def test_many_distinct_tokens_keep_verifying_as_the_cache_turns_over(
+    identity: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tokens_module, "_CACHE_LIMIT", 2)
+    issued = [identity.tokens.issue(name=f"t{i}", scopes=CHAT, ttl=600) for i in range(5)]
+    for _ in range(2):
+        for one in issued:
+            assert identity.tokens.verify(one.token).credential == f"token:{one.record.jti}"
+    identity.tokens.revoke(issued[0].record.jti)
+    with pytest.raises(AuthError) as caught:
+        identity.tokens.verify(issued[0].token)
+    assert caught.value.code == "token_revoked"
+
+
+def test_revoking_needs_six_characters_of_one_existing_token(
+    identity: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two tokens whose IDs share their first six characters, as random IDs eventually will.
+    counter = itertools.count()
+    monkeypatch.setattr("secrets.token_hex", lambda n: f"abcdef{next(counter):0{2 * n - 6}x}")
+    first = identity.tokens.issue(name="a", scopes=CHAT, ttl=600)
+    second = identity.tokens.issue(name="b", scopes=CHAT, ttl=600)
+    with pytest.raises(ValueError, match="at least 6 characters"):
+        identity.tokens.revoke("abcde")
+    with pytest.raises(LookupError, match="no token with ID '123456'"):
+        identity.tokens.revoke("123456")
+    with pytest.raises(LookupError, match="matches 2 tokens; give more of the ID"):
+        identity.tokens.revoke("abcdef")
+    assert all(r.revoked is None for r in identity.tokens.list())
+    assert identity.tokens.revoke(second.record.jti).jti == second.record.jti
+    assert identity.tokens.is_active(first.record.jti)
+    assert not identity.tokens.is_active(second.record.jti)
