@@ -154,9 +154,6 @@ class ConcurrencyLimit:
         else:
             self._running[key] = running
 
-    def running(self, key: str) -> int:
-        return self._running.get(key, 0)
-
 
 def retry_after_header(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}

@@ -22,7 +22,7 @@ def make_identity(tmp_path: Path) -> Iterator[IdentityMaker]:
     opened: list[Identity] = []
 
     def make(**settings: Any) -> Identity:
-        config = Config(data_dir=str(tmp_path / f"data{len(opened)}"), **settings)
+        config = Config(storage_data_dir=str(tmp_path / f"data{len(opened)}"), **settings)
         identity = open_identity(config, SIGNING_KEY, clock=FakeClock())
         opened.append(identity)
         return identity
