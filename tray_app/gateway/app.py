@@ -40,12 +40,7 @@ from tray_app.gateway.headers import is_upgrade_request, sane_request_id
 from tray_app.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tray_app.gateway.metrics import GatewayMetrics
 from tray_app.gateway.protection import Protections, host_refused, origin_refused
-from tray_app.gateway.routes import (
-    Refusal,
-    Route,
-    RouteTable,
-    normalise_path,
-)
+from tray_app.gateway.routes import Endpoint, EndpointTable, Part, Refusal, Route, normalise_path
 from tray_app.gateway.upstream.client import UPSTREAM_SESSION, session_context
 from tray_app.gateway.upstream.forwarding import Forwarder, shutting_down
 from tray_app.gateway.webpage import WebPage
@@ -67,24 +62,22 @@ USAGE_FLUSH_SECONDS = 2.0
 REVALIDATE_SECONDS = 2.0
 # /pair is the one JSON endpoint anyone may call: its body is a code and a device name.
 PAIR_MAX_BODY_BYTES = 4096
-# The conversation API: path (or prefix ending in "/") → the methods it answers.
-CONVERSATION_ENDPOINTS = {
-    "/api/chat": "POST",
-    "/api/conversations": "GET",
-    "/api/conversations/": "GET, DELETE",
-}
-
-OwnHandler = Callable[[web.Request, "Exchange"], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request, Exchange, Endpoint], Awaitable[web.StreamResponse]]
 
 
 def _refusal_error(refusal: Refusal) -> ApiError:
-    headers = {"Allow": refusal.allow} if refusal.allow else None
     return ApiError(
-        refusal.status,
-        refusal.message,
+        refusal.status, refusal.message, type="invalid_request_error", code=refusal.code
+    )
+
+
+def _method_not_allowed(method: str, path: str, allow: str) -> ApiError:
+    return ApiError(
+        405,
+        f"Method {method} is not allowed on {path}; use {allow}.",
         type="invalid_request_error",
-        code=refusal.code,
-        headers=headers,
+        code="method_not_allowed",
+        headers={"Allow": allow},
     )
 
 
@@ -155,16 +148,6 @@ def _revoked() -> ApiError:
     )
 
 
-def _conversation_methods(path: str) -> str | None:
-    if path in CONVERSATION_ENDPOINTS:
-        return CONVERSATION_ENDPOINTS[path]
-    prefix = "/api/conversations/"
-    rest = path.removeprefix(prefix)
-    if rest != path and rest and "/" not in rest:
-        return CONVERSATION_ENDPOINTS[prefix]
-    return None
-
-
 class Gateway:
     """Holds the parts and serves requests with them. Identity parts are optional: without
     ``pairing`` there is no /pair, without ``metrics`` no /metrics, without ``recorder`` no
@@ -197,7 +180,6 @@ class Gateway:
             )
             if on
         )
-        self._routes = RouteTable(enabled)
         self._protect = Protections(config, self._clock)
         self._forward = Forwarder(config, lambda: self._stopping)
         # Read once: a keyring lookup per request would cost milliseconds.
@@ -205,21 +187,21 @@ class Gateway:
         self._inflight: set[Exchange] = set()
         self._stopping = False
         self._drained: asyncio.Event | None = None  # set when the last request ends after a stop
-        self._own: dict[tuple[str, str], OwnHandler] = {
-            ("GET", "/healthz"): self._healthz,
-            ("GET", "/readyz"): self._readyz,
+        handlers: dict[Part, Handler] = {
+            Part.HEALTH: self._healthz,
+            Part.READINESS: lambda request, exchange, _: self._readyz(request, exchange),
+            Part.LM_STUDIO: self._forwarded,
         }
         if metrics is not None:
-            self._own[("GET", "/metrics")] = self._metrics
+            handlers[Part.METRICS] = self._metrics
         self._chat: ChatApi | None = None
         self._page: WebPage | None = None
         if pairing is not None:
-            self._own[("POST", "/pair")] = self._pair
-            # The phone page pairs through /pair, so it is served only where pairing exists.
+            handlers[Part.PAIRING] = self._pair
             self._page = WebPage()
-            for page_path in self._page.paths:
-                self._own[("GET", page_path)] = self._serve_page
+            handlers[Part.PHONE_PAGE] = self._serve_page
         if conversations is not None:
+            handlers[Part.CONVERSATIONS] = self._conversation_api
             self._chat = ChatApi(
                 conversations,
                 self._forward,
@@ -229,7 +211,8 @@ class Gateway:
                 max_answer_chars=config.max_response_bytes,
                 count_usage=recorder is not None,
             )
-        self._own_paths = {path for _, path in self._own}
+        self._endpoints = EndpointTable(enabled, handlers)
+        self._handlers = handlers
         self._ready: tuple[float, bool] | None = None  # (when probed, answer)
         self._ready_probe: asyncio.Task[bool] | None = None
 
@@ -370,29 +353,22 @@ class Gateway:
         if path != "/healthz" and not self._protect.hosts.allows(host):
             raise host_refused()
         origin = headers.get("Origin")
+        endpoint = self._endpoints.find(path)
         if CorsPolicy.is_preflight(request.method, headers):
-            return self._preflight(path, origin or "", request.host)
+            return self._preflight(endpoint, origin or "", request.host)
         exchange.cors = self._protect.check_origin(origin, request.host)
-        if path is not None and self._chat is not None and _conversation_methods(path) is not None:
-            return await self._conversation_api(request, exchange, path)
-        if path is not None:
-            own = self._own.get((request.method, path))
-            if own is not None:
-                exchange.route = path
-                return await own(request, exchange)
-            if path in self._own_paths:
-                allowed = ", ".join(m for m, p in self._own if p == path)
-                raise ApiError(
-                    405,
-                    f"Method {request.method} is not allowed on {path}; use {allowed}.",
-                    type="invalid_request_error",
-                    code="method_not_allowed",
-                    headers={"Allow": allowed},
-                )
-        resolved = self._routes.resolve(request.method, path)
-        if isinstance(resolved, Refusal):
-            raise _refusal_error(resolved)
-        exchange.route = resolved.path
+        if endpoint is None:
+            raise _refusal_error(self._endpoints.refusal(path))
+        if request.method not in endpoint.methods:
+            raise _method_not_allowed(request.method, exchange.path, endpoint.allow)
+        exchange.route = endpoint.path
+        return await self._handlers[endpoint.part](request, exchange, endpoint)
+
+    async def _forwarded(
+        self, request: web.Request, exchange: Exchange, endpoint: Endpoint
+    ) -> web.StreamResponse:
+        resolved = endpoint.route
+        assert resolved is not None
         principal = self._authenticate(request, exchange)
         if not principal.has_scope(resolved.scope):
             raise ApiError(
@@ -413,9 +389,10 @@ class Gateway:
             self._protect.leave(principal.name)
 
     async def _conversation_api(
-        self, request: web.Request, exchange: Exchange, path: str
+        self, request: web.Request, exchange: Exchange, endpoint: Endpoint
     ) -> web.StreamResponse:
         assert self._chat is not None
+        path = exchange.path
         exchange.route = "/api/chat" if path == "/api/chat" else "/api/conversations"
         principal = self._authenticate(request, exchange)
         if not principal.has_scope(SCOPE_CHAT):
@@ -438,7 +415,9 @@ class Gateway:
         finally:
             self._protect.leave(principal.name)
 
-    async def _serve_page(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    async def _serve_page(
+        self, request: web.Request, exchange: Exchange, endpoint: Endpoint
+    ) -> web.StreamResponse:
         assert self._page is not None
         return self._page.response(exchange.path, exchange.request_id)
 
@@ -529,30 +508,22 @@ class Gateway:
         finally:
             self.metrics.active_streams.dec()
 
-    def _methods_for(self, path: str | None) -> str | None:
-        """What ``path`` answers (its ``Allow``), or None where nothing is served."""
-        if path is None:
-            return None
-        if self._chat is not None and (methods := _conversation_methods(path)) is not None:
-            return methods
-        if path in self._own_paths:
-            return ", ".join(m for m, p in self._own if p == path)
-        route = self._routes.routes.get(path)
-        return route.method if route is not None else None
-
-    def _preflight(self, path: str | None, origin: str, host: str) -> web.Response:
-        methods = self._methods_for(path)
-        if methods is None:
+    def _preflight(self, endpoint: Endpoint | None, origin: str, host: str) -> web.Response:
+        if endpoint is None:
             raise ApiError(
                 404, "No such endpoint.", type="invalid_request_error", code="unknown_path"
             )
         if not self._protect.cors.allows(origin, host):
             raise origin_refused()
-        return web.Response(status=204, headers=CorsPolicy.preflight_headers(origin, methods))
+        return web.Response(
+            status=204, headers=CorsPolicy.preflight_headers(origin, endpoint.allow)
+        )
 
     # ---- the gateway's own endpoints ------------------------------------------------------
 
-    async def _healthz(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    async def _healthz(
+        self, request: web.Request, exchange: Exchange, endpoint: Endpoint
+    ) -> web.StreamResponse:
         return web.json_response({"status": "ok"}, headers={REQUEST_ID_HEADER: exchange.request_id})
 
     async def _readyz(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
@@ -563,7 +534,9 @@ class Gateway:
             headers={REQUEST_ID_HEADER: exchange.request_id},
         )
 
-    async def _metrics(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    async def _metrics(
+        self, request: web.Request, exchange: Exchange, endpoint: Endpoint
+    ) -> web.StreamResponse:
         assert self.metrics is not None
         principal = self._authenticate(request, exchange)
         if not principal.has_scope(SCOPE_METRICS):
@@ -578,7 +551,9 @@ class Gateway:
         response.headers[REQUEST_ID_HEADER] = exchange.request_id
         return response
 
-    async def _pair(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    async def _pair(
+        self, request: web.Request, exchange: Exchange, endpoint: Endpoint
+    ) -> web.StreamResponse:
         assert self._pairing is not None
         client = exchange.client or "unknown"
         try:
