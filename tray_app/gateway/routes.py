@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import unquote
 
+from tray_app.gateway import api_errors as errors
+from tray_app.gateway.api_errors import ApiError
 from tray_app.gateway.webpage import FILES as PAGE_FILES
 from tray_app.identity.principal import SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
 
@@ -147,15 +149,6 @@ def fold_path(path: str) -> str | None:
     return "/" + "/".join(segments)
 
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """A request the gateway answers itself; LM Studio never hears of it."""
-
-    status: int
-    message: str
-    code: str
-
-
 class EndpointTable:
     """The endpoints one gateway serves: :data:`ENDPOINTS` less the parts it was built without
     and the forwarded routes whose option is off. Resolving a plain path is one dict lookup."""
@@ -206,26 +199,13 @@ class EndpointTable:
                 return endpoint
         return None
 
-    def refusal(self, path: str | None) -> Refusal:
+    def refusal(self, path: str | None) -> ApiError:
         """Why ``path``, which :meth:`find` did not find, is not served."""
         if path is None:
-            return Refusal(404, "This path is not allowed by LM Gate.", "path_not_allowed")
+            return errors.path_not_allowed()
         disabled = self._disabled.get(path)
-        if disabled is not None:
-            return Refusal(
-                404,
-                f"{path} is turned off in LM Gate; enable it with the setting {disabled.option}.",
-                "route_disabled",
-            )
+        if disabled is not None and disabled.option is not None:
+            return errors.route_disabled(path, disabled.option)
         if path == "/api" or path.startswith("/api/"):
-            return Refusal(
-                404,
-                "LM Studio's native /api endpoints (model download, load, unload) are never "
-                f"exposed by LM Gate. Forwarded: {self.forwarded_text}.",
-                "path_not_allowed",
-            )
-        return Refusal(
-            404,
-            f"Unknown path {path[:100]}. LM Gate forwards only: {self.forwarded_text}.",
-            "unknown_path",
-        )
+            return errors.native_api_refused(self.forwarded_text)
+        return errors.unknown_path(path, self.forwarded_text)
