@@ -6,10 +6,13 @@ them into one sentence for the user without catching unrelated bugs::
     LMGateError
     ├── ConfigError        a setting is missing, malformed or out of range
     ├── AuthError          a caller could not be authenticated or is not allowed
+    │   └── PairingError   a pairing code was refused (tray_app.identity.pairing)
     ├── UpstreamError      LM Studio is unreachable, timed out or answered nonsense
     ├── TunnelError        the public tunnel could not be opened or was lost
     ├── SecretStoreError   no usable secret store, or it refused an operation
-    └── StorageError       LM Gate's database cannot be opened or written
+    ├── StorageError       LM Gate's database cannot be opened or written
+    └── ApiError           a request the gateway answers with an error, as its client sees
+                           it (tray_app.gateway.api_errors: the catalogue of every one)
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 
 One handler receives every request and does the routing itself on the
 normalised raw path, so that aiohttp's router can never send an oddly encoded path (or a
-CONNECT, or an absolute-form target) somewhere the route table did not decide. For each
-request, in order: request ID, path, upgrade refusal, Host name, CORS, the gateway's own
-endpoints, route table, authentication (with the auth-failure throttle for failures only),
-scope, rate and concurrency limits, body rules, then forwarding; at the end one access log
+CONNECT, or an absolute-form target) somewhere the endpoint table did not decide. For each
+request, in order: request ID, path, upgrade refusal, Host name, CORS, the endpoint table
+(routes.ENDPOINTS: its methods, else 405), then for forwarded routes authentication (with the
+auth-failure throttle for failures only), scope, rate and concurrency limits, body rules,
+then forwarding; at the end one access log
 line, metrics and usage accounting. A watchdog ends running streams whose credential was
 revoked.
 """
@@ -25,6 +26,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from tray_app.clock import Clock, SystemClock
 from tray_app.config.settings import Config
 from tray_app.errors import AuthError
+from tray_app.gateway import api_errors as errors
 from tray_app.gateway.accounting import UsageRecorder
 from tray_app.gateway.api_errors import REQUEST_ID_HEADER, ApiError
 from tray_app.gateway.body_rules import (
@@ -39,15 +41,10 @@ from tray_app.gateway.exchange import Exchange
 from tray_app.gateway.headers import is_upgrade_request, sane_request_id
 from tray_app.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tray_app.gateway.metrics import GatewayMetrics
-from tray_app.gateway.protection import Protections, host_refused, origin_refused
-from tray_app.gateway.routes import (
-    Refusal,
-    Route,
-    RouteTable,
-    normalise_path,
-)
+from tray_app.gateway.protection import Protections
+from tray_app.gateway.routes import Endpoint, EndpointTable, Part, Route, normalise_path
 from tray_app.gateway.upstream.client import UPSTREAM_SESSION, session_context
-from tray_app.gateway.upstream.forwarding import Forwarder, shutting_down
+from tray_app.gateway.upstream.forwarding import Forwarder
 from tray_app.gateway.upstream.probe import probe_lmstudio
 from tray_app.gateway.webpage import WebPage
 from tray_app.identity.pairing import PairingError, PairingService
@@ -68,66 +65,7 @@ USAGE_FLUSH_SECONDS = 2.0
 REVALIDATE_SECONDS = 2.0
 # /pair is the one JSON endpoint anyone may call: its body is a code and a device name.
 PAIR_MAX_BODY_BYTES = 4096
-# The conversation API: path (or prefix ending in "/") → the methods it answers.
-CONVERSATION_ENDPOINTS = {
-    "/api/chat": "POST",
-    "/api/conversations": "GET",
-    "/api/conversations/": "GET, DELETE",
-}
-
-OwnHandler = Callable[[web.Request, "Exchange"], Awaitable[web.StreamResponse]]
-
-
-def _refusal_error(refusal: Refusal) -> ApiError:
-    headers = {"Allow": refusal.allow} if refusal.allow else None
-    return ApiError(
-        refusal.status,
-        refusal.message,
-        type="invalid_request_error",
-        code=refusal.code,
-        headers=headers,
-    )
-
-
-def _body_too_large(limit: int, setting: str) -> ApiError:
-    # Built only when raised: every POST reads its body here.
-    return ApiError(
-        413,
-        f"The request body is larger than {limit} bytes ({setting}).",
-        type="invalid_request_error",
-        code="body_too_large",
-    )
-
-
-def _encoded_body(encoding: str) -> ApiError:
-    return ApiError(
-        415,
-        f"Request bodies must not be compressed (Content-Encoding: {encoding[:40]}); send "
-        "plain JSON.",
-        type="invalid_request_error",
-        code="unsupported_content_encoding",
-        headers={"Connection": "close"},
-    )
-
-
-def _body_broken() -> ApiError:
-    return ApiError(
-        400,
-        "The request body could not be read (its framing is broken).",
-        type="invalid_request_error",
-        code="invalid_body",
-        headers={"Connection": "close"},
-    )
-
-
-def _body_too_slow(seconds: float) -> ApiError:
-    return ApiError(
-        408,
-        f"The request body did not arrive within {seconds:g} s (server.body_timeout).",
-        type="invalid_request_error",
-        code="body_timeout",
-        headers={"Connection": "close"},
-    )
+Handler = Callable[[web.Request, Exchange, Endpoint], Awaitable[web.StreamResponse]]
 
 
 async def _expect(request: web.Request) -> None:
@@ -136,34 +74,6 @@ async def _expect(request: web.Request) -> None:
     if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
-
-
-def _expectation_failed() -> ApiError:
-    return ApiError(
-        417,
-        "LM Gate understands only 'Expect: 100-continue'.",
-        type="invalid_request_error",
-        code="expectation_failed",
-    )
-
-
-def _revoked() -> ApiError:
-    return ApiError(
-        401,
-        "The credential this request was made with has been revoked.",
-        type="authentication_error",
-        code="credential_revoked",
-    )
-
-
-def _conversation_methods(path: str) -> str | None:
-    if path in CONVERSATION_ENDPOINTS:
-        return CONVERSATION_ENDPOINTS[path]
-    prefix = "/api/conversations/"
-    rest = path.removeprefix(prefix)
-    if rest != path and rest and "/" not in rest:
-        return CONVERSATION_ENDPOINTS[prefix]
-    return None
 
 
 class Gateway:
@@ -198,7 +108,6 @@ class Gateway:
             )
             if on
         )
-        self._routes = RouteTable(enabled)
         self._protect = Protections(config, self._clock)
         self._forward = Forwarder(config, lambda: self._stopping)
         # Read once: a keyring lookup per request would cost milliseconds.
@@ -206,21 +115,21 @@ class Gateway:
         self._inflight: set[Exchange] = set()
         self._stopping = False
         self._drained: asyncio.Event | None = None  # set when the last request ends after a stop
-        self._own: dict[tuple[str, str], OwnHandler] = {
-            ("GET", "/healthz"): self._healthz,
-            ("GET", "/readyz"): self._readyz,
+        handlers: dict[Part, Handler] = {
+            Part.HEALTH: self._healthz,
+            Part.READINESS: lambda request, exchange, _: self._readyz(request, exchange),
+            Part.LM_STUDIO: self._forwarded,
         }
         if metrics is not None:
-            self._own[("GET", "/metrics")] = self._metrics
+            handlers[Part.METRICS] = self._metrics
         self._chat: ChatApi | None = None
         self._page: WebPage | None = None
         if pairing is not None:
-            self._own[("POST", "/pair")] = self._pair
-            # The phone page pairs through /pair, so it is served only where pairing exists.
+            handlers[Part.PAIRING] = self._pair
             self._page = WebPage()
-            for page_path in self._page.paths:
-                self._own[("GET", page_path)] = self._serve_page
+            handlers[Part.PHONE_PAGE] = self._serve_page
         if conversations is not None:
+            handlers[Part.CONVERSATIONS] = self._conversation_api
             self._chat = ChatApi(
                 conversations,
                 self._forward,
@@ -230,7 +139,8 @@ class Gateway:
                 max_answer_chars=config.limits_max_response_bytes,
                 count_usage=recorder is not None,
             )
-        self._own_paths = {path for _, path in self._own}
+        self._endpoints = EndpointTable(enabled, handlers)
+        self._handlers = handlers
         self._ready: tuple[float, bool] | None = None  # (when probed, answer)
         self._ready_probe: asyncio.Task[bool] | None = None
 
@@ -305,13 +215,7 @@ class Gateway:
             # the traceback under the request ID the client was given.
             log.exception("internal error handling request %s", exchange.request_id)
             exchange.error = "internal_error"
-            response = ApiError(
-                500,
-                f"LM Gate hit an internal error (request {exchange.request_id}); "
-                "details are in its log.",
-                type="server_error",
-                code="internal_error",
-            ).to_response(exchange.request_id)
+            response = errors.internal_error(exchange.request_id).to_response(exchange.request_id)
         except asyncio.CancelledError:
             if exchange.aborted_with is not None and exchange.task is not None:
                 # We cancelled a request still waiting for LM Studio (shutdown, revocation);
@@ -350,58 +254,41 @@ class Gateway:
         exchange.path = path if path is not None else "(refused)"
         exchange.client = self._protect.client(request.remote, headers)
         if is_upgrade_request(headers):
-            raise ApiError(
-                404,
-                "WebSocket and other protocol upgrades are not available through LM Gate.",
-                type="invalid_request_error",
-                code="upgrade_not_allowed",
-            )
+            raise errors.upgrade_not_allowed()
         if "Content-Encoding" in headers:
             for encoding in headers.getall("Content-Encoding"):
                 if encoding.strip().lower() not in {"", "identity"}:
                     # Refused on every path, before anything reads (and so inflates) the
                     # body: a 1 MB gzip is 1 GB of work, even drained unread.
-                    raise _encoded_body(encoding.strip().lower())
+                    raise errors.body_compressed(encoding.strip().lower())
         expect = headers.get("Expect")
         if expect is not None and expect.lower() != "100-continue":
-            raise _expectation_failed()
+            raise errors.expectation_failed()
         host = headers.get("Host")
         # /healthz answers nothing worth rebinding for, and the tunnel proves its new public
         # URL with it before that URL's host is known to be ours.
         if path != "/healthz" and not self._protect.hosts.allows(host):
-            raise host_refused()
+            raise errors.host_not_allowed()
         origin = headers.get("Origin")
+        endpoint = self._endpoints.find(path)
         if CorsPolicy.is_preflight(request.method, headers):
-            return self._preflight(path, origin or "", request.host)
+            return self._preflight(endpoint, origin or "", request.host)
         exchange.cors = self._protect.check_origin(origin, request.host)
-        if path is not None and self._chat is not None and _conversation_methods(path) is not None:
-            return await self._conversation_api(request, exchange, path)
-        if path is not None:
-            own = self._own.get((request.method, path))
-            if own is not None:
-                exchange.route = path
-                return await own(request, exchange)
-            if path in self._own_paths:
-                allowed = ", ".join(m for m, p in self._own if p == path)
-                raise ApiError(
-                    405,
-                    f"Method {request.method} is not allowed on {path}; use {allowed}.",
-                    type="invalid_request_error",
-                    code="method_not_allowed",
-                    headers={"Allow": allowed},
-                )
-        resolved = self._routes.resolve(request.method, path)
-        if isinstance(resolved, Refusal):
-            raise _refusal_error(resolved)
-        exchange.route = resolved.path
+        if endpoint is None:
+            raise self._endpoints.refusal(path)
+        if request.method not in endpoint.methods:
+            raise errors.method_not_allowed(request.method, exchange.path, endpoint.allow)
+        exchange.route = endpoint.path
+        return await self._handlers[endpoint.part](request, exchange, endpoint)
+
+    async def _forwarded(
+        self, request: web.Request, exchange: Exchange, endpoint: Endpoint
+    ) -> web.StreamResponse:
+        resolved = endpoint.route
+        assert resolved is not None
         principal = self._authenticate(request, exchange)
         if not principal.has_scope(resolved.scope):
-            raise ApiError(
-                403,
-                f"This key may not use {resolved.path} (it lacks the '{resolved.scope}' scope).",
-                type="permission_error",
-                code="insufficient_scope",
-            )
+            raise errors.missing_scope(resolved.path, resolved.scope)
         self._protect.take_request(principal.name)
         self._protect.enter(principal.name)
         try:
@@ -414,18 +301,14 @@ class Gateway:
             self._protect.leave(principal.name)
 
     async def _conversation_api(
-        self, request: web.Request, exchange: Exchange, path: str
+        self, request: web.Request, exchange: Exchange, endpoint: Endpoint
     ) -> web.StreamResponse:
         assert self._chat is not None
+        path = exchange.path
         exchange.route = "/api/chat" if path == "/api/chat" else "/api/conversations"
         principal = self._authenticate(request, exchange)
         if not principal.has_scope(SCOPE_CHAT):
-            raise ApiError(
-                403,
-                "Conversations need a key with the 'chat' scope.",
-                type="permission_error",
-                code="insufficient_scope",
-            )
+            raise errors.conversations_need_chat_scope()
         self._protect.take_request(principal.name)
         self._protect.enter(principal.name)
         try:
@@ -439,7 +322,9 @@ class Gateway:
         finally:
             self._protect.leave(principal.name)
 
-    async def _serve_page(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    async def _serve_page(
+        self, request: web.Request, exchange: Exchange, endpoint: Endpoint
+    ) -> web.StreamResponse:
         assert self._page is not None
         return self._page.response(exchange.path, exchange.request_id)
 
@@ -454,11 +339,7 @@ class Gateway:
             self._protect.auth_failed(client)
             if self.metrics is not None:
                 self.metrics.auth_failure(exc.code)
-            kind = "authentication_error" if exc.status == 401 else "permission_error"
-            headers = {"WWW-Authenticate": 'Bearer realm="lmgate"'} if exc.status == 401 else None
-            raise ApiError(
-                exc.status, str(exc), type=kind, code=exc.code, headers=headers
-            ) from None
+            raise errors.not_authenticated(exc) from None
         exchange.principal = principal.name
         exchange.caller = principal
         return principal
@@ -475,7 +356,7 @@ class Gateway:
             else "the most this endpoint takes"
         )
         if request.content_length is not None and request.content_length > limit:
-            raise _body_too_large(limit, setting)
+            raise errors.body_too_large(limit, setting)
         parts: list[bytes] = []
         size = 0
         try:
@@ -483,12 +364,12 @@ class Gateway:
                 async for chunk in request.content.iter_any():
                     size += len(chunk)
                     if size > limit:
-                        raise _body_too_large(limit, setting)
+                        raise errors.body_too_large(limit, setting)
                     parts.append(chunk)
         except TimeoutError:
-            raise _body_too_slow(self.config.server_body_timeout) from None
+            raise errors.body_too_slow(self.config.server_body_timeout) from None
         except RequestPayloadError:
-            raise _body_broken() from None
+            raise errors.body_broken() from None
         raw = b"".join(parts)
         exchange.bytes_in = size
         return raw
@@ -530,30 +411,20 @@ class Gateway:
         finally:
             self.metrics.active_streams.dec()
 
-    def _methods_for(self, path: str | None) -> str | None:
-        """What ``path`` answers (its ``Allow``), or None where nothing is served."""
-        if path is None:
-            return None
-        if self._chat is not None and (methods := _conversation_methods(path)) is not None:
-            return methods
-        if path in self._own_paths:
-            return ", ".join(m for m, p in self._own if p == path)
-        route = self._routes.routes.get(path)
-        return route.method if route is not None else None
-
-    def _preflight(self, path: str | None, origin: str, host: str) -> web.Response:
-        methods = self._methods_for(path)
-        if methods is None:
-            raise ApiError(
-                404, "No such endpoint.", type="invalid_request_error", code="unknown_path"
-            )
+    def _preflight(self, endpoint: Endpoint | None, origin: str, host: str) -> web.Response:
+        if endpoint is None:
+            raise errors.no_such_endpoint()
         if not self._protect.cors.allows(origin, host):
-            raise origin_refused()
-        return web.Response(status=204, headers=CorsPolicy.preflight_headers(origin, methods))
+            raise errors.origin_not_allowed()
+        return web.Response(
+            status=204, headers=CorsPolicy.preflight_headers(origin, endpoint.allow)
+        )
 
     # ---- the gateway's own endpoints ------------------------------------------------------
 
-    async def _healthz(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    async def _healthz(
+        self, request: web.Request, exchange: Exchange, endpoint: Endpoint
+    ) -> web.StreamResponse:
         return web.json_response({"status": "ok"}, headers={REQUEST_ID_HEADER: exchange.request_id})
 
     async def _readyz(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
@@ -564,22 +435,21 @@ class Gateway:
             headers={REQUEST_ID_HEADER: exchange.request_id},
         )
 
-    async def _metrics(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    async def _metrics(
+        self, request: web.Request, exchange: Exchange, endpoint: Endpoint
+    ) -> web.StreamResponse:
         assert self.metrics is not None
         principal = self._authenticate(request, exchange)
         if not principal.has_scope(SCOPE_METRICS):
-            raise ApiError(
-                403,
-                "Metrics need a key with the 'metrics' scope.",
-                type="permission_error",
-                code="insufficient_scope",
-            )
+            raise errors.metrics_need_metrics_scope()
         response = web.Response(body=self.metrics.exposition())
         response.headers["Content-Type"] = METRICS_CONTENT_TYPE
         response.headers[REQUEST_ID_HEADER] = exchange.request_id
         return response
 
-    async def _pair(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    async def _pair(
+        self, request: web.Request, exchange: Exchange, endpoint: Endpoint
+    ) -> web.StreamResponse:
         assert self._pairing is not None
         client = exchange.client or "unknown"
         try:
@@ -587,13 +457,7 @@ class Gateway:
             payload = parse_json_object(raw)
             code, device = payload.get("code"), payload.get("device_name", "device")
             if not isinstance(code, str) or not isinstance(device, str):
-                raise ApiError(
-                    400,
-                    'Send {"code": "<pairing code>", "device_name": "..."}.',
-                    type="invalid_request_error",
-                    code="invalid_body",
-                    param="code",
-                )
+                raise errors.pairing_body_invalid()
             issued = self._pairing.exchange(code, device)
         except (ApiError, PairingError) as exc:
             # Every failed attempt counts, malformed ones too; a valid code is never refused
@@ -604,7 +468,7 @@ class Gateway:
                 raise
             if self.metrics is not None:
                 self.metrics.auth_failure(exc.code)
-            raise ApiError(401, str(exc), type="authentication_error", code=exc.code) from None
+            raise errors.pairing_refused(exc) from None
         exchange.principal = issued.record.sub
         record = issued.record
         return web.json_response(
@@ -699,9 +563,9 @@ class Gateway:
                     continue
             if valid:
                 continue
-            error = _revoked()
+            error = errors.credential_revoked()
             if relay is not None:
-                relay.abort(error.message, error.type, error.code)
+                relay.abort(error)
             elif exchange.aborted_with is None:
                 exchange.aborted_with = error
                 exchange.task.cancel()
@@ -709,11 +573,11 @@ class Gateway:
         return ended
 
     async def _answer_aborted(self, exchange: Exchange) -> web.StreamResponse:
-        error = exchange.aborted_with or shutting_down()
+        error = exchange.aborted_with or errors.shutting_down()
         exchange.error = error.code
         relay = exchange.outcome.relay
         if relay is not None and relay.committed:
-            return await relay.fail(error.message, error.type, error.code)
+            return await relay.fail(error)
         return error.to_response(exchange.request_id)
 
     async def _on_shutdown(self, app: web.Application) -> None:
@@ -729,7 +593,7 @@ class Gateway:
                 # The relay or reader sees the closed connection and ends the answer itself.
                 upstream.close()
             elif exchange.task is not None and not exchange.task.done():
-                exchange.aborted_with = shutting_down()
+                exchange.aborted_with = errors.shutting_down()
                 exchange.task.cancel()
 
     def _finish(self, exchange: Exchange) -> None:

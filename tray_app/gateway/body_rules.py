@@ -13,7 +13,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from tray_app.gateway.api_errors import ApiError
+from tray_app.gateway import api_errors as errors
 from tray_app.gateway.routes import Route
 from tray_app.identity.access import refused_model
 from tray_app.identity.principal import Principal
@@ -57,10 +57,6 @@ class PreparedBody:
     model: str | None
     stream: bool
     draft_model: str | None = None
-
-
-def _invalid(message: str, *, param: str | None = None, code: str = "invalid_body") -> ApiError:
-    return ApiError(400, message, type="invalid_request_error", code=code, param=param)
 
 
 # ---- parsing ------------------------------------------------------------------------------
@@ -153,11 +149,9 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     what the gateway checked.
     """
     if not raw.strip():
-        raise _invalid("The request body is empty; send a JSON object.")
+        raise errors.body_empty()
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_CONTAINERS:
-        raise _invalid(
-            f"The request body has more than {MAX_JSON_CONTAINERS} JSON objects and arrays."
-        )
+        raise errors.body_too_many_containers(MAX_JSON_CONTAINERS)
     try:
         # Decoded explicitly: json.loads(bytes) would also accept UTF-16/32, which LM Studio
         # and RFC 8259 do not.
@@ -165,16 +159,16 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         if isinstance(payload, dict):
             _refuse_odd_structure(raw, payload)
     except UnicodeDecodeError:
-        raise _invalid("The request body is not UTF-8 text; send a JSON object.") from None
+        raise errors.body_not_utf8() from None
     except json.JSONDecodeError as exc:
-        raise _invalid(f"The request body is not valid JSON: {exc.msg} at {exc.pos}.") from None
+        raise errors.body_not_json(exc.msg, exc.pos) from None
     except RecursionError:
-        raise _invalid(f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.") from None
+        raise errors.body_too_deep(MAX_JSON_DEPTH) from None
     except _Refused as exc:
-        raise _invalid(f"The request body is refused: {exc}.") from None
+        raise errors.body_refused(str(exc)) from None
     if not isinstance(payload, dict):
         kind = type(payload).__name__
-        raise _invalid(f"The request body must be a JSON object, not a JSON {kind}.")
+        raise errors.body_not_object(kind)
     return payload
 
 
@@ -216,10 +210,10 @@ def _strip_remote_tools(payload: dict[str, Any]) -> bool:
         return False
     tools = payload["tools"]
     if not isinstance(tools, list):
-        raise _invalid("The tools parameter must be a list of tools.", param="tools")
+        raise errors.tools_not_a_list()
     for tool in tools:
         if not isinstance(tool, dict) or not isinstance(tool.get("type", ""), str):
-            raise _invalid("Each tool must be a JSON object whose type is a string.", param="tools")
+            raise errors.tool_malformed()
     kept = [tool for tool in tools if not _is_remote_tool(tool)]
     if len(kept) == len(tools):
         return False
@@ -257,31 +251,20 @@ def _drop_fields(payload: dict[str, Any]) -> bool:
 def _model_name(payload: dict[str, Any], param: str) -> str:
     value = payload[param]
     if not isinstance(value, str) or not value.strip():
-        raise _invalid(
-            f"The {param} parameter must be a non-empty string.", param=param, code="invalid_model"
-        )
+        raise errors.model_name_empty(param)
     if len(value) > MAX_MODEL_NAME:
-        raise _invalid(
-            f"The {param} parameter is longer than {MAX_MODEL_NAME} characters.",
-            param=param,
-            code="invalid_model",
-        )
+        raise errors.model_name_too_long(param, MAX_MODEL_NAME)
     return value
 
 
 def check_models(prepared: PreparedBody, principal: Principal) -> None:
-    """Asks the access policy about every model the request names; raises 403
+    """Asks the access policy about every model the request names (the model, and the draft
+    model for speculative decoding, which LM Studio loads too); raises 403
     ``model_not_allowed`` naming the offending parameter."""
     refused = refused_model(principal, {"model": prepared.model, DRAFT_MODEL: prepared.draft_model})
     if refused is not None:
         param, name = refused
-        raise ApiError(
-            403,
-            f"This key may not use the model {name!r}.",
-            type="permission_error",
-            code="model_not_allowed",
-            param=param,
-        )
+        raise errors.model_not_allowed(name, param)
 
 
 def prepare_body(route: Route, raw: bytes) -> PreparedBody:
@@ -294,19 +277,15 @@ def prepare_body(route: Route, raw: bytes) -> PreparedBody:
     model = payload.get("model")
     if route.needs_model:
         if model is None:
-            raise _invalid(
-                "You must provide a model parameter.", param="model", code="missing_model"
-            )
+            raise errors.model_missing()
         model = _model_name(payload, "model")
     elif model is not None and not isinstance(model, str):
-        raise _invalid("The model parameter must be a string.", param="model", code="invalid_model")
+        raise errors.model_not_a_string()
     draft_model = _model_name(payload, DRAFT_MODEL) if DRAFT_MODEL in payload else None
 
     stream = payload.get("stream", False)
     if not isinstance(stream, bool):
-        raise _invalid(
-            "The stream parameter must be true or false.", param="stream", code="invalid_stream"
-        )
+        raise errors.stream_not_a_boolean()
 
     body = _encode(payload) if changed else raw
     return PreparedBody(

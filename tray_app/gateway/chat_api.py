@@ -16,7 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from tray_app.gateway.api_errors import REQUEST_ID_HEADER, ApiError
+from tray_app.gateway import api_errors as errors
+from tray_app.gateway.api_errors import REQUEST_ID_HEADER
 from tray_app.gateway.body_rules import (
     apply_principal_rules,
     check_models,
@@ -35,16 +36,6 @@ from tray_app.storage.conversations import ConversationStore, Message, trim_hist
 CHAT_ROUTE = next(r for r in FORWARDED_ROUTES if r.path == "/v1/chat/completions")
 MAX_MESSAGE_CHARS = 100_000
 CONVERSATION_HEADER = "X-Conversation-ID"
-
-
-def _invalid(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, type="invalid_request_error", code="invalid_body", param=param)
-
-
-def _not_found() -> ApiError:
-    return ApiError(
-        404, "No such conversation.", type="invalid_request_error", code="conversation_not_found"
-    )
 
 
 class SseCapture:
@@ -114,27 +105,13 @@ class ChatApi:
     async def handle(
         self, request: web.Request, exchange: Exchange, path: str, principal: Principal
     ) -> web.StreamResponse:
+        """``path`` and the method are the gateway's endpoint table's: one of the methods it
+        lists for the path (so a wrong method never gets here)."""
         method = request.method
         request_id = exchange.request_id
         if path == "/api/chat":
-            if method != "POST":
-                raise ApiError(
-                    405,
-                    "Use POST on /api/chat.",
-                    type="invalid_request_error",
-                    code="method_not_allowed",
-                    headers={"Allow": "POST"},
-                )
             return await self._chat(request, exchange, principal)
         if path == "/api/conversations":
-            if method != "GET":
-                raise ApiError(
-                    405,
-                    "Use GET on /api/conversations.",
-                    type="invalid_request_error",
-                    code="method_not_allowed",
-                    headers={"Allow": "GET"},
-                )
             return self._json(
                 request_id,
                 {
@@ -152,19 +129,9 @@ class ChatApi:
                 },
             )
         conversation_id = path.removeprefix("/api/conversations/")
-        if "/" in conversation_id or not conversation_id:
-            raise _not_found()
-        if method not in {"GET", "DELETE"}:
-            raise ApiError(
-                405,
-                "Use GET or DELETE on a conversation.",
-                type="invalid_request_error",
-                code="method_not_allowed",
-                headers={"Allow": "GET, DELETE"},
-            )
         conversation = self._store.get(principal.name, conversation_id)
         if conversation is None:
-            raise _not_found()
+            raise errors.conversation_not_found()
         if method == "GET":
             return self._json(
                 request_id,
@@ -200,13 +167,7 @@ class ChatApi:
         for model in probe.models or ():
             if principal.may_use_model(model):
                 return model
-        raise ApiError(
-            400,
-            "No model given, and LM Studio offers none this key may use; send a model.",
-            type="invalid_request_error",
-            code="missing_model",
-            param="model",
-        )
+        raise errors.no_default_model()
 
     async def _chat(
         self, request: web.Request, exchange: Exchange, principal: Principal
@@ -216,23 +177,23 @@ class ChatApi:
         payload = parse_json_object(raw)
         message = payload.get("message")
         if not isinstance(message, str) or not message.strip():
-            raise _invalid('Send a non-empty "message".', "message")
+            raise errors.chat_message_missing()
         if len(message) > MAX_MESSAGE_CHARS:
-            raise _invalid(f"The message is longer than {MAX_MESSAGE_CHARS} characters.", "message")
+            raise errors.chat_message_too_long(MAX_MESSAGE_CHARS)
         stream = payload.get("stream", False)
         if not isinstance(stream, bool):
-            raise _invalid('"stream" must be true or false.', "stream")
+            raise errors.chat_stream_not_a_boolean()
         conversation_id = payload.get("conversation_id")
         conversation = None
         if conversation_id is not None:
             if not isinstance(conversation_id, str):
-                raise _invalid('"conversation_id" must be a string.', "conversation_id")
+                raise errors.chat_conversation_id_not_a_string()
             conversation = self._store.get(principal.name, conversation_id)
             if conversation is None:
-                raise _not_found()
+                raise errors.conversation_not_found()
         model = payload.get("model")
         if model is not None and (not isinstance(model, str) or not model.strip()):
-            raise _invalid('"model" must be a model name.', "model")
+            raise errors.chat_model_invalid()
         if model is None:
             model = (
                 conversation.model
@@ -311,19 +272,9 @@ class ChatApi:
             content = reply.get("content") or ""
             reasoning = reply.get("reasoning") or reply.get("reasoning_content")
         except TooLargeToParse:
-            raise ApiError(
-                502,
-                "LM Studio's answer is larger than LM Gate keeps in a conversation.",
-                type="upstream_error",
-                code="upstream_response_too_large",
-            ) from None
+            raise errors.chat_answer_too_large() from None
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise ApiError(
-                502,
-                "LM Studio's answer was not in the expected format.",
-                type="upstream_error",
-                code="upstream_bad_response",
-            ) from None
+            raise errors.chat_answer_malformed() from None
         self._store.append(conversation.id, "assistant", content, reasoning=reasoning)
         response = self._json(
             request_id,

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from tray_app.addresses import is_loopback
 from tray_app.clock import Clock
 from tray_app.config.settings import Config
-from tray_app.gateway.api_errors import ApiError
+from tray_app.gateway import api_errors as errors
 from tray_app.gateway.cors import CorsPolicy
 from tray_app.gateway.hosts import HostPolicy
 from tray_app.gateway.limits import (
@@ -24,33 +24,7 @@ from tray_app.gateway.limits import (
     client_address,
     is_trusted_peer,
     parse_networks,
-    retry_after_header,
 )
-
-
-def origin_refused() -> ApiError:
-    return ApiError(
-        403,
-        "This web origin may not call LM Gate; add it to cors.allowed_origins if it should.",
-        type="permission_error",
-        code="origin_not_allowed",
-    )
-
-
-def _too_many(message: str, code: str, retry_after: float) -> ApiError:
-    return ApiError(
-        429, message, type="rate_limit_error", code=code, headers=retry_after_header(retry_after)
-    )
-
-
-def host_refused() -> ApiError:
-    return ApiError(
-        421,
-        "This request is addressed to a host name LM Gate does not serve; if it should, add "
-        "the name to server.allowed_hosts.",
-        type="invalid_request_error",
-        code="host_not_allowed",
-    )
 
 
 class Protections:
@@ -87,7 +61,7 @@ class Protections:
         if origin is None:
             return None
         if not self.cors.allows(origin, host):
-            raise origin_refused()
+            raise errors.origin_not_allowed()
         return CorsPolicy.response_headers(origin)
 
     # ---- throttles for guessing -----------------------------------------------------------
@@ -95,12 +69,7 @@ class Protections:
     def check_auth_allowed(self, client: str) -> None:
         wait = self._auth_failures.empty(address_group(client))
         if wait is not None:
-            raise _too_many(
-                "Too many failed authentication attempts from your address; wait "
-                "and try again with a valid key.",
-                "too_many_auth_failures",
-                wait,
-            )
+            raise errors.too_many_auth_failures(wait)
 
     def auth_failed(self, client: str) -> None:
         self._auth_failures.take(address_group(client))
@@ -108,12 +77,7 @@ class Protections:
     def check_pairing_allowed(self, client: str) -> None:
         wait = self._pairing_failures.empty(address_group(client))
         if wait is not None:
-            raise _too_many(
-                "Too many wrong pairing codes from your address; wait a minute and "
-                "scan a fresh QR code.",
-                "too_many_pairing_attempts",
-                wait,
-            )
+            raise errors.too_many_pairing_attempts(wait)
 
     def pairing_failed(self, client: str) -> None:
         self._pairing_failures.take(address_group(client))
@@ -123,20 +87,11 @@ class Protections:
     def take_request(self, principal: str) -> None:
         wait = self._requests.take(principal)
         if wait is not None:
-            raise _too_many(
-                "Rate limit reached (limits.requests_per_minute); slow down.",
-                "rate_limit_exceeded",
-                wait,
-            )
+            raise errors.rate_limit_exceeded(wait)
 
     def enter(self, principal: str) -> None:
         if not self._concurrency.acquire(principal):
-            raise _too_many(
-                f"Too many requests at once: at most {self._concurrent_limit} "
-                "(limits.concurrent_requests). Wait for one to finish.",
-                "too_many_concurrent_requests",
-                1.0,
-            )
+            raise errors.too_many_concurrent_requests(self._concurrent_limit)
 
     def leave(self, principal: str) -> None:
         self._concurrency.release(principal)

@@ -1,4 +1,8 @@
-"""Default-deny routing: which requests may reach LM Studio, decided on a normalised path.
+"""Default-deny routing: one table of everything the gateway answers, decided on a normalised path.
+
+:data:`ENDPOINTS` lists the gateway's own endpoints, the conversation API and the routes it
+forwards to LM Studio. Routing, ``405`` with ``Allow``, CORS preflights and the list of
+forwarded routes in error messages are all derived from it, so they cannot disagree.
 
 The upstream URL is always built from the matched route's own canonical path, never from what
 the client sent, so no encoding or normalisation trick can make LM Studio see another path.
@@ -8,10 +12,14 @@ Anything that does not normalise cleanly is refused outright.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from urllib.parse import unquote
 
+from tray_app.gateway import api_errors as errors
+from tray_app.gateway.api_errors import ApiError
+from tray_app.gateway.webpage import FILES as PAGE_FILES
 from tray_app.identity.principal import SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
 
 
@@ -26,26 +34,74 @@ class Route:
     option: str | None = None  # config flag that must be on, or None when always on
 
 
-FORWARDED_ROUTES: tuple[Route, ...] = (
-    Route("/v1/models", "GET", SCOPE_MODELS, needs_model=False),
-    Route("/v1/chat/completions", "POST", SCOPE_CHAT, needs_model=True),
-    Route("/v1/completions", "POST", SCOPE_CHAT, needs_model=True),
-    Route("/v1/embeddings", "POST", SCOPE_EMBEDDINGS, needs_model=True),
-    Route(
-        "/v1/responses",
-        "POST",
-        SCOPE_CHAT,
-        needs_model=True,
-        option="routes.enable_responses",
+class Part(Enum):
+    """Which part of the gateway answers an endpoint. A gateway built without a part (no
+    metrics registry, no pairing, no conversation store) does not serve its endpoints."""
+
+    HEALTH = "health"
+    READINESS = "readiness"
+    METRICS = "metrics"
+    PAIRING = "pairing"
+    PHONE_PAGE = "phone page"  # pairs through /pair, so served only where pairing is
+    CONVERSATIONS = "conversations"
+    LM_STUDIO = "lm studio"
+
+
+ONE_SEGMENT = "{id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A path and the methods it answers; ``route`` for the ones forwarded to LM Studio. A path
+    ending in :data:`ONE_SEGMENT` answers any single segment in its place."""
+
+    path: str
+    methods: tuple[str, ...]
+    part: Part
+    route: Route | None = None
+
+    @property
+    def prefix(self) -> str | None:
+        """What a path must start with, for a path ending in :data:`ONE_SEGMENT`."""
+        if self.path.endswith(ONE_SEGMENT):
+            return self.path.removesuffix(ONE_SEGMENT)
+        return None
+
+    @property
+    def allow(self) -> str:
+        """The ``Allow`` header: exactly the methods this endpoint answers."""
+        return ", ".join(self.methods)
+
+
+def _forwarded(
+    path: str, method: str, scope: str, *, needs_model: bool, option: str | None = None
+) -> Endpoint:
+    route = Route(path, method, scope, needs_model, option)
+    return Endpoint(path, (method,), Part.LM_STUDIO, route)
+
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("/healthz", ("GET",), Part.HEALTH),
+    Endpoint("/readyz", ("GET",), Part.READINESS),
+    Endpoint("/metrics", ("GET",), Part.METRICS),
+    Endpoint("/pair", ("POST",), Part.PAIRING),
+    *(Endpoint(path, ("GET",), Part.PHONE_PAGE) for path in PAGE_FILES),
+    Endpoint("/api/chat", ("POST",), Part.CONVERSATIONS),
+    Endpoint("/api/conversations", ("GET",), Part.CONVERSATIONS),
+    Endpoint("/api/conversations/{id}", ("GET", "DELETE"), Part.CONVERSATIONS),
+    _forwarded("/v1/models", "GET", SCOPE_MODELS, needs_model=False),
+    _forwarded("/v1/chat/completions", "POST", SCOPE_CHAT, needs_model=True),
+    _forwarded("/v1/completions", "POST", SCOPE_CHAT, needs_model=True),
+    _forwarded("/v1/embeddings", "POST", SCOPE_EMBEDDINGS, needs_model=True),
+    _forwarded(
+        "/v1/responses", "POST", SCOPE_CHAT, needs_model=True, option="routes.enable_responses"
     ),
-    Route(
-        "/v1/messages",
-        "POST",
-        SCOPE_CHAT,
-        needs_model=True,
-        option="routes.enable_messages",
+    _forwarded(
+        "/v1/messages", "POST", SCOPE_CHAT, needs_model=True, option="routes.enable_messages"
     ),
 )
+
+FORWARDED_ROUTES: tuple[Route, ...] = tuple(e.route for e in ENDPOINTS if e.route is not None)
 
 
 # Segments of letters, digits, '_' and '-' only: no encoding, dots or empty segments to fold.
@@ -93,65 +149,63 @@ def fold_path(path: str) -> str | None:
     return "/" + "/".join(segments)
 
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """A request the gateway answers itself; LM Studio never hears of it."""
+class EndpointTable:
+    """The endpoints one gateway serves: :data:`ENDPOINTS` less the parts it was built without
+    and the forwarded routes whose option is off. Resolving a plain path is one dict lookup."""
 
-    status: int
-    message: str
-    code: str
-    allow: str | None = None  # for 405: the Allow header
-
-
-_ALWAYS_FORWARDED = ", ".join(f"{r.method} {r.path}" for r in FORWARDED_ROUTES if r.option is None)
-
-
-class RouteTable:
-    """Resolves (method, raw target) to a forwarded :class:`Route` or a :class:`Refusal`."""
-
-    def __init__(self, enabled_options: frozenset[str] = frozenset()) -> None:
-        self._by_path: dict[str, Route] = {}
+    def __init__(
+        self,
+        enabled_options: frozenset[str] = frozenset(),
+        parts: Iterable[Part] = tuple(Part),
+    ) -> None:
+        present = frozenset(parts)
+        self._exact: dict[str, Endpoint] = {}
+        self._prefixes: list[tuple[str, Endpoint]] = []
         self._disabled: dict[str, Route] = {}
-        for route in FORWARDED_ROUTES:
-            if route.option is None or route.option in enabled_options:
-                self._by_path[route.path] = route
+        for endpoint in ENDPOINTS:
+            route = endpoint.route
+            if endpoint.part not in present:
+                continue
+            if route is not None and route.option not in {None, *enabled_options}:
+                self._disabled[endpoint.path] = route
+            elif (prefix := endpoint.prefix) is not None:
+                self._prefixes.append((prefix, endpoint))
             else:
-                self._disabled[route.path] = route
+                self._exact[endpoint.path] = endpoint
+        self.served: tuple[Endpoint, ...] = (
+            *self._exact.values(),
+            *(endpoint for _, endpoint in self._prefixes),
+        )
+        # What error messages list as forwarded: what this gateway really forwards.
+        self.forwarded_text = ", ".join(
+            f"{e.route.method} {e.path}" for e in self.served if e.route is not None
+        )
 
     @property
     def routes(self) -> Mapping[str, Route]:
-        return self._by_path
+        """The forwarded routes served, by path."""
+        return {e.path: e.route for e in self.served if e.route is not None}
 
-    def resolve(self, method: str, path: str | None) -> Route | Refusal:
-        """``path`` is the result of :func:`normalise_path` (None = unparseable)."""
+    def find(self, path: str | None) -> Endpoint | None:
+        """The endpoint serving ``path`` (a :func:`normalise_path` result; None = unparseable)."""
         if path is None:
-            return Refusal(404, "This path is not allowed by LM Gate.", "path_not_allowed")
-        route = self._by_path.get(path)
-        if route is not None:
-            if method != route.method:
-                return Refusal(
-                    405,
-                    f"Method {method} is not allowed on {path}; use {route.method}.",
-                    "method_not_allowed",
-                    allow=route.method,
-                )
-            return route
+            return None
+        endpoint = self._exact.get(path)
+        if endpoint is not None:
+            return endpoint
+        for prefix, endpoint in self._prefixes:
+            rest = path.removeprefix(prefix)
+            if rest != path and rest and "/" not in rest:
+                return endpoint
+        return None
+
+    def refusal(self, path: str | None) -> ApiError:
+        """Why ``path``, which :meth:`find` did not find, is not served."""
+        if path is None:
+            return errors.path_not_allowed()
         disabled = self._disabled.get(path)
-        if disabled is not None:
-            return Refusal(
-                404,
-                f"{path} is turned off in LM Gate; enable it with the setting {disabled.option}.",
-                "route_disabled",
-            )
+        if disabled is not None and disabled.option is not None:
+            return errors.route_disabled(path, disabled.option)
         if path == "/api" or path.startswith("/api/"):
-            return Refusal(
-                404,
-                "LM Studio's native /api endpoints (model download, load, unload) are never "
-                f"exposed by LM Gate. Forwarded: {_ALWAYS_FORWARDED}.",
-                "path_not_allowed",
-            )
-        return Refusal(
-            404,
-            f"Unknown path {path[:100]}. LM Gate forwards only: {_ALWAYS_FORWARDED}.",
-            "unknown_path",
-        )
+            return errors.native_api_refused(self.forwarded_text)
+        return errors.unknown_path(path, self.forwarded_text)

@@ -17,6 +17,7 @@ from tests.conftest import CLIENT_KEY, GatewayFactory, auth_headers
 from tests.fake_lmstudio import FakeLMStudio
 from tests.helpers import sse_events
 from tray_app.config.settings import Config
+from tray_app.gateway.api_errors import ApiError
 from tray_app.gateway.chat_api import CHAT_ROUTE
 from tray_app.gateway.server.runner import GatewayServer
 from tray_app.gateway.upstream.client import session_context
@@ -345,6 +346,11 @@ async def relay_rig(fake_lmstudio: FakeLMStudio) -> AsyncIterator[Callable[..., 
 REVOKED = ("This credential was revoked; the stream was ended.", "invalid_request_error", "revoked")
 
 
+def revoked() -> ApiError:
+    message, kind, code = REVOKED
+    return ApiError(401, message, type=kind, code=code)
+
+
 async def _eventually(condition: Callable[[], bool], timeout: float = 2.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -407,7 +413,7 @@ class TestRelayAbort:
             await _eventually(lambda: bool(fake_lmstudio.received))
             await asyncio.sleep(0.3)  # LM Studio is "processing the prompt"
         aborted = time.monotonic()
-        rig.relay.abort(*REVOKED)
+        rig.relay.abort(revoked())
         status, body = await asyncio.wait_for(request, 5)
         assert status == 200
         events = sse_events(body)
@@ -431,7 +437,7 @@ class TestRelayAbort:
         async with aiohttp.ClientSession() as s, s.post(rig.url) as r:
             body = await r.read()
         await _eventually(lambda: rig.outcomes[-1].status == 200)
-        rig.relay.abort(*REVOKED)
+        rig.relay.abort(revoked())
         assert sse_events(body)[-1] == "[DONE]"
         assert rig.relay.error is None
 
@@ -442,8 +448,8 @@ class TestRelayAbort:
         fake_lmstudio.behaviour.first_chunk_delay = 30
         request = asyncio.create_task(_fetch(rig.url, asyncio.Event()))
         await _eventually(lambda: bool(rig.outcomes) and rig.outcomes[-1].upstream is not None)
-        rig.relay.abort(*REVOKED)
-        rig.relay.abort("other", "server_error", "other")
+        rig.relay.abort(revoked())
+        rig.relay.abort(ApiError(500, "other", type="server_error", code="other"))
         events = sse_events((await asyncio.wait_for(request, 5))[1])
         assert len(events) == 1
         assert json.loads(events[0])["error"]["code"] == "revoked"

@@ -17,9 +17,8 @@ from tray_app.control.loop_thread import LoopThread
 from tray_app.gateway.app import Gateway
 from tray_app.gateway.routes import (
     FORWARDED_ROUTES,
-    Refusal,
-    Route,
-    RouteTable,
+    EndpointTable,
+    Part,
     fold_path,
     normalise_path,
 )
@@ -65,18 +64,52 @@ def test_the_plain_path_shortcut_agrees_with_the_full_rules(path: str) -> None:
 
 
 def test_route_table_keeps_opt_in_routes_off_by_default() -> None:
-    table = RouteTable()
+    table = EndpointTable()
     assert set(table.routes) == {
         "/v1/models",
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
     }
-    refusal = table.resolve("POST", "/v1/responses")
-    assert isinstance(refusal, Refusal) and "routes.enable_responses" in refusal.message
-    on = RouteTable(frozenset({"routes.enable_responses", "routes.enable_messages"}))
-    assert isinstance(on.resolve("POST", "/v1/responses"), Route)
-    assert isinstance(on.resolve("POST", "/v1/messages"), Route)
+    assert table.find("/v1/responses") is None
+    refusal = table.refusal("/v1/responses")
+    assert refusal.code == "route_disabled" and "routes.enable_responses" in refusal.message
+    on = EndpointTable(frozenset({"routes.enable_responses", "routes.enable_messages"}))
+    for path in ("/v1/responses", "/v1/messages"):
+        found = on.find(path)
+        assert found is not None and found.route is not None and found.route.path == path
+
+
+def test_the_forwarded_list_in_errors_is_what_this_gateway_forwards() -> None:
+    # It once listed only the always-on routes, also where the opt-in ones were on.
+    plain = EndpointTable().refusal("/v2/nothing").message
+    assert plain.endswith(
+        "forwards only: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, "
+        "POST /v1/embeddings."
+    )
+    on = EndpointTable(frozenset({"routes.enable_responses"})).refusal("/api/v0/models")
+    assert on.code == "path_not_allowed"
+    assert on.message.endswith("POST /v1/embeddings, POST /v1/responses.")
+
+
+def test_a_part_the_gateway_lacks_serves_nothing() -> None:
+    table = EndpointTable(parts={Part.HEALTH, Part.LM_STUDIO})
+    assert table.find("/healthz") is not None and table.find("/v1/models") is not None
+    for path in ("/readyz", "/metrics", "/pair", "/", "/api/chat", "/api/conversations/x"):
+        assert table.find(path) is None, path
+
+
+def test_the_conversation_prefix_answers_exactly_one_segment() -> None:
+    table = EndpointTable()
+    found = table.find("/api/conversations/abc")
+    assert found is not None and found.allow == "GET, DELETE"
+    for path in ("/api/conversations/a/b", "/api/conversationsabc", "/api/conversations/"):
+        assert table.find(path) is None, path
+    page = table.find("/")
+    assert page is not None and page.path == "/", "the phone page is one path, not a prefix"
+    assert table.find("/abc") is None
+    assert table.find(None) is None
+    assert table.refusal(None).code == "path_not_allowed"
 
 
 # Pieces attackers combine to reach /api/* or other paths.

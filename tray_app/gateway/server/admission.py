@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tray_app.gateway import api_errors as errors
 from tray_app.gateway.limits import address_group
 from tray_app.gateway.server.exhaustion_log import RateLimitedLog
 from tray_app.gateway.server.raw_errors import raw_error_response
@@ -31,14 +32,8 @@ class Ticket:
     key: str | None
 
 
-def refusal_response(message: str) -> bytes:
-    return raw_error_response(
-        503,
-        message,
-        type="server_error",
-        code="too_many_connections",
-        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-    )
+def refusal_response(*, from_one_address: bool) -> bytes:
+    return raw_error_response(errors.too_many_connections(from_one_address, RETRY_AFTER_SECONDS))
 
 
 class ConnectionGuard:
@@ -66,9 +61,7 @@ class ConnectionGuard:
                 self.open_total,
                 TOTAL_SETTING,
             )
-            return refusal_response(
-                "LM Gate has as many open connections as it can hold; retry shortly."
-            )
+            return refusal_response(from_one_address=False)
         key = None
         if peer_ip is not None and not self._trusts_peer(peer_ip):
             key = address_group(peer_ip)
@@ -81,9 +74,7 @@ class ConnectionGuard:
                     count,
                     PER_CLIENT_SETTING,
                 )
-                return refusal_response(
-                    "Too many open connections from your address; close some and retry."
-                )
+                return refusal_response(from_one_address=True)
             self._per_client[key] = count + 1
         self.open_total += 1
         return Ticket(key)

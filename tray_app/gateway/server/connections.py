@@ -30,6 +30,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from tray_app.gateway import api_errors as errors
 from tray_app.gateway.api_errors import ApiError
 from tray_app.gateway.server.admission import ConnectionGuard, Ticket
 from tray_app.gateway.server.exhaustion_log import RateLimitedLog
@@ -53,25 +54,10 @@ def _parse_error(status: int, exc: BaseException | None) -> ApiError:
     if isinstance(exc, LineTooLong) or (
         isinstance(exc, BadHttpMessage) and exc.message.startswith("Too many headers")
     ):
-        return ApiError(
-            431,
-            "The request line or a header field is too long, or there are too many headers.",
-            type="invalid_request_error",
-            code="headers_too_large",
-        )
+        return errors.headers_too_large()
     if isinstance(exc, HttpProcessingError) or status == 400:
-        return ApiError(
-            400,
-            "The request is not valid HTTP/1.1.",
-            type="invalid_request_error",
-            code="bad_request",
-        )
-    return ApiError(
-        500,
-        "LM Gate hit an internal error; details are in its log.",
-        type="server_error",
-        code="internal_error",
-    )
+        return errors.bad_http()
+    return errors.unparsed_internal_error()
 
 
 def _access_line(request: BaseRequest, request_id: str, response: web.Response, code: str) -> None:
@@ -194,14 +180,7 @@ class GuardedRequestHandler(RequestHandler):
         if self._bytes_before_head:
             # A client that sent nothing (a browser's speculative connection) is closed
             # quietly; one that started a request is told why.
-            transport.write(
-                raw_error_response(
-                    408,
-                    "The request head did not arrive in time (server.header_timeout).",
-                    type="invalid_request_error",
-                    code="header_timeout",
-                )
-            )
+            transport.write(raw_error_response(errors.header_timeout()))
             self._guarded.exhaustion.note(
                 "header_timeout",
                 "closed a connection from %s: no complete request head within %g s (%s)",

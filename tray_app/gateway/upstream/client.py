@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from tray_app.config.settings import Config
+from tray_app.gateway import api_errors as errors
 from tray_app.gateway.api_errors import ApiError
 
 UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
@@ -46,59 +47,13 @@ def session_context(config: Config) -> Callable[[web.Application], AsyncIterator
     return upstream_session
 
 
-def unreachable(upstream_url: str) -> ApiError:
-    return ApiError(
-        502,
-        f"LM Studio is not reachable at {upstream_url}. Start its server (LM Studio → Developer → "
-        "Start Server, or `lms server start`) and check that LM Gate's upstream.url matches.",
-        type="upstream_error",
-        code="upstream_unreachable",
-    )
-
-
-def timed_out(config: Config) -> ApiError:
-    return ApiError(
-        504,
-        f"LM Studio did not answer within {config.upstream_idle_timeout:g} s "
-        "(upstream.idle_timeout). A large prompt may need a longer idle timeout.",
-        type="upstream_error",
-        code="upstream_timeout",
-    )
-
-
-def rejected_our_credentials(status: int) -> ApiError:
-    return ApiError(
-        502,
-        f"LM Studio refused LM Gate's request ({status}): it requires authentication. Create an "
-        "API token in LM Studio's server settings and give it to LM Gate as the LM Studio token.",
-        type="upstream_error",
-        code="upstream_auth_failed",
-    )
-
-
 def translate_client_error(exc: BaseException, config: Config) -> ApiError:
     """Map an aiohttp client failure (before any response byte was relayed) to an ApiError."""
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
-        return timed_out(config)
+        return errors.upstream_timeout(config.upstream_idle_timeout)
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return unreachable(config.upstream_url)
-    return ApiError(
-        502,
-        f"The connection to LM Studio failed: {type(exc).__name__}. Check that LM Studio's "
-        "server is running and healthy.",
-        type="upstream_error",
-        code="upstream_failed",
-    )
-
-
-def response_too_large(limit: int) -> ApiError:
-    # Built only when raised: the error is rare and its message is not free.
-    return ApiError(
-        502,
-        f"LM Studio's response was larger than {limit} bytes (limits.max_response_bytes).",
-        type="upstream_error",
-        code="upstream_response_too_large",
-    )
+        return errors.upstream_unreachable(config.upstream_url)
+    return errors.upstream_failed(type(exc).__name__)
 
 
 def decode_body(body: bytes, content_encoding: str | None, limit: int) -> bytes:
@@ -116,15 +71,10 @@ def decode_body(body: bytes, content_encoding: str | None, limit: int) -> bytes:
             pass
         else:
             if len(decoded) > limit:
-                raise response_too_large(limit)
+                raise errors.upstream_response_too_large(limit)
             if inflater.eof:
                 return decoded
-    raise ApiError(
-        502,
-        f"LM Studio sent an undecodable body (Content-Encoding: {encoding}).",
-        type="upstream_error",
-        code="upstream_bad_response",
-    )
+    raise errors.upstream_undecodable(encoding)
 
 
 def looks_like_openai_error(body: bytes) -> bool:

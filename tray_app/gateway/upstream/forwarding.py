@@ -11,7 +11,8 @@ import aiohttp
 from aiohttp import web
 
 from tray_app.config.settings import Config
-from tray_app.gateway.api_errors import REQUEST_ID_HEADER, ApiError
+from tray_app.gateway import api_errors as errors
+from tray_app.gateway.api_errors import REQUEST_ID_HEADER
 from tray_app.gateway.headers import client_response_headers, upstream_request_headers
 from tray_app.gateway.routes import Route
 from tray_app.gateway.upstream.answers import (
@@ -24,8 +25,6 @@ from tray_app.gateway.upstream.client import (
     UPSTREAM_SESSION,
     decode_body,
     looks_like_openai_error,
-    rejected_our_credentials,
-    response_too_large,
     translate_client_error,
 )
 from tray_app.gateway.upstream.streaming import StreamRelay
@@ -149,18 +148,12 @@ class Forwarder:
             raise translate_client_error(exc, self._config) from None
         if upstream.status in {401, 403}:
             upstream.release()
-            raise rejected_our_credentials(upstream.status)
+            raise errors.upstream_auth_failed(upstream.status)
         if 300 <= upstream.status < 400:
             # Never followed: a redirect could point LM Gate at LM Studio's native API or at
             # another host, past every route rule. Nor relayed: it is not an answer.
             upstream.close()
-            raise ApiError(
-                502,
-                f"LM Studio answered with a redirect ({upstream.status}); LM Gate does not "
-                "follow redirects. Check that upstream.url points at LM Studio's server.",
-                type="upstream_error",
-                code="upstream_bad_response",
-            )
+            raise errors.upstream_redirect(upstream.status)
         return upstream
 
     async def _read_into_response(
@@ -173,19 +166,19 @@ class Forwarder:
         limit = self._config.limits_max_response_bytes
         try:
             if upstream.content_length is not None and upstream.content_length > limit:
-                raise response_too_large(limit)
+                raise errors.upstream_response_too_large(limit)
             parts: list[bytes] = []
             size = 0
             async for chunk in upstream.content.iter_any():
                 size += len(chunk)
                 if size > limit:
-                    raise response_too_large(limit)
+                    raise errors.upstream_response_too_large(limit)
                 parts.append(chunk)
         except BaseException as exc:
             upstream.close()
             if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError):
                 if self._is_stopping():
-                    raise shutting_down() from None
+                    raise errors.shutting_down() from None
                 raise translate_client_error(exc, self._config) from None
             raise
         upstream.release()
@@ -200,12 +193,7 @@ class Forwarder:
         if status >= 400 and not looks_like_openai_error(data):
             # Keep LM Studio's status (a 5xx passes through) but give clients the error shape.
             snippet = data[:300].decode("utf-8", errors="replace").strip()
-            raise ApiError(
-                status,
-                f"LM Studio answered {status}: {snippet or '(no body)'}",
-                type="upstream_error",
-                code="upstream_error",
-            )
+            raise errors.upstream_status(status, snippet)
         if status < 300:
             outcome.usage = _usage_of_json_answer(
                 data,
@@ -230,21 +218,7 @@ def _usage_of_json_answer(
     except ValueError:
         pass
     snippet = data[:200].decode("utf-8", errors="replace").strip()
-    raise ApiError(
-        502,
-        f"LM Studio answered {status} with a body that is not JSON: {snippet or '(empty)'}",
-        type="upstream_error",
-        code="upstream_bad_response",
-    )
-
-
-def shutting_down() -> ApiError:
-    return ApiError(
-        503,
-        "LM Gate is shutting down; try again in a moment.",
-        type="server_error",
-        code="shutting_down",
-    )
+    raise errors.upstream_not_json(status, snippet)
 
 
 def _filter_models(data: bytes, principal: Principal) -> bytes:
@@ -254,19 +228,9 @@ def _filter_models(data: bytes, principal: Principal) -> bytes:
         if not isinstance(entries, list):
             raise TypeError
     except TooLargeToParse:
-        raise ApiError(
-            502,
-            f"LM Studio's model list is larger than LM Gate reads ({len(data)} bytes).",
-            type="upstream_error",
-            code="upstream_response_too_large",
-        ) from None
+        raise errors.model_list_too_large(len(data)) from None
     except (ValueError, KeyError, TypeError):
-        raise ApiError(
-            502,
-            "LM Studio's model list was not in the expected format.",
-            type="upstream_error",
-            code="upstream_bad_response",
-        ) from None
+        raise errors.model_list_malformed() from None
     payload["data"] = [
         entry
         for entry in entries

@@ -22,7 +22,8 @@ import aiohttp
 from aiohttp import web
 
 from tray_app.config.settings import Config
-from tray_app.gateway.api_errors import REQUEST_ID_HEADER, ApiError, sse_error_event
+from tray_app.gateway import api_errors as errors
+from tray_app.gateway.api_errors import REQUEST_ID_HEADER, ApiError
 from tray_app.gateway.upstream.usage import EventCutter, Usage, usage_from_sse_tail
 from tray_app.tasks import spawn
 
@@ -86,7 +87,7 @@ class StreamRelay:
         self._down: web.StreamResponse | None = None
         self._upstream: aiohttp.ClientResponse | None = None
         self._task: asyncio.Task[Any] | None = None
-        self._aborted: tuple[str, str, str] | None = None  # message, type, code
+        self._aborted: ApiError | None = None
         self._abort_cancelled = False  # abort() cancelled the wait for LM Studio's headers
         self._finished = False
         self.status = 0
@@ -99,14 +100,14 @@ class StreamRelay:
         """Whether response headers went out (heartbeats or data): errors must be SSE events."""
         return self._down is not None
 
-    def abort(self, message: str, type: str, code: str) -> None:
+    def abort(self, error: ApiError) -> None:
         """End the stream from outside (e.g. its credential was revoked): LM Studio's request
         is closed now, and the relay's own task ends the client's stream with this SSE error
-        event as soon as it runs. Call on the relay's event loop; returns at once. Does
+        event (``error``) as soon as it runs. Call on the relay's event loop; returns at once. Does
         nothing once the stream has ended or was already aborted."""
         if self._finished or self._aborted is not None:
             return
-        self._aborted = (message, type, code)
+        self._aborted = error
         if self._upstream is not None:
             self._upstream.close()  # the pending read fails at once
         elif self._task is not None:
@@ -147,7 +148,7 @@ class StreamRelay:
                 await _stop(pump)
                 if self._down is None:
                     raise
-                return await self.fail(err.message, err.type, err.code)
+                return await self.fail(err)
             self._upstream = upstream
             self._on_upstream(upstream)
             content_type = upstream.headers.get("Content-Type", "")
@@ -195,31 +196,13 @@ class StreamRelay:
             if self._aborted is not None:
                 return await self._fail_aborted()
             if self._is_stopping():
-                return await self.fail(
-                    "LM Gate is shutting down; the answer was cut short.",
-                    "server_error",
-                    "shutting_down",
-                )
+                return await self.fail(errors.stream_cut_by_shutdown())
             if isinstance(exc, asyncio.TimeoutError):
-                return await self.fail(
-                    f"LM Studio sent nothing for {self._idle_timeout:g} s "
-                    "(upstream.idle_timeout); the answer was cut short.",
-                    "upstream_error",
-                    "upstream_timeout",
-                )
-            return await self.fail(
-                f"LM Studio's stream broke off ({type(exc).__name__}); the answer is incomplete.",
-                "upstream_error",
-                "upstream_stream_failed",
-            )
+                return await self.fail(errors.stream_idle(self._idle_timeout))
+            return await self.fail(errors.stream_broke(type(exc).__name__))
         except _EventTooLarge:
             upstream.close()  # LM Studio would go on filling it; stop the generation too
-            return await self.fail(
-                f"LM Studio sent an SSE event larger than {self._max_event_bytes} bytes "
-                "(limits.max_event_bytes); the answer was cut short.",
-                "upstream_error",
-                "upstream_event_too_large",
-            )
+            return await self.fail(errors.stream_event_too_large(self._max_event_bytes))
         except BaseException:
             upstream.close()
             raise
@@ -266,14 +249,14 @@ class StreamRelay:
                 return await self._fail_aborted()
             if self._down is None:
                 raise
-            return await self.fail(err.message, err.type, err.code)
+            return await self.fail(err)
         if self._down is None:
             self.status = whole.status
             return whole
         body = whole.body if isinstance(whole.body, bytes) else b""
         if whole.status >= 400:
             return await self.fail(
-                body.decode("utf-8", errors="replace")[:500], "upstream_error", "upstream_error"
+                errors.stream_upstream_error(body.decode("utf-8", errors="replace"))
             )
         await self._write(b"data: " + body.replace(b"\n", b"") + b"\n\ndata: [DONE]\n\n")
         return self._down
@@ -304,19 +287,16 @@ class StreamRelay:
         await self._start(200)
         await self._write(HEARTBEAT)
 
-    async def fail(self, message: str, kind: str, code: str) -> web.StreamResponse:
+    async def fail(self, error: ApiError) -> web.StreamResponse:
         """End the stream with an SSE error event that the OpenAI SDKs raise as APIError."""
-        self.error = code
+        self.error = error.code
         down = await self._start(200)
-        await self._write(
-            sse_error_event(message, type=kind, code=code, request_id=self._request_id)
-        )
+        await self._write(error.sse_event(self._request_id))
         return down
 
     async def _fail_aborted(self) -> web.StreamResponse:
         assert self._aborted is not None
-        message, kind, code = self._aborted
-        return await self.fail(message, kind, code)
+        return await self.fail(self._aborted)
 
 
 class _HeartbeatPump:
