@@ -163,13 +163,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 async def _serve(config: Config, out: IO[str]) -> int:
     service = GatewayService(config)
-    # A key is made (and shown) only for a terminal: journald keeps whatever serve prints.
-    started = await service.start(first_key=out.isatty())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before the start: a Ctrl-C or SIGTERM while LM Studio is probed (up to 5 s) or the
+    # tunnel opens is kept, and stops everything gracefully once the step in progress ends.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        # A key is made (and shown) only for a terminal: journald keeps whatever serve prints.
+        started = await service.start(first_key=out.isatty())
         _print_started(started, config, service.identity, out)
         if config.tunnel_provider != "none":
             print(f"Going public with {config.tunnel_provider}...", file=out, flush=True)

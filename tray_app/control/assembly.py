@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tray_app.clock import Clock, SystemClock
@@ -56,8 +56,8 @@ class Identity:
     pairing: PairingService
     authenticator: IdentityAuthenticator
     recorder: UsageRecorder
-    clock: Clock = field(default_factory=SystemClock)
-    access: AccessPolicy = field(default_factory=AccessPolicy)
+    clock: Clock
+    access: AccessPolicy
 
     def close(self) -> None:
         self.db.close()

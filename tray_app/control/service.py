@@ -79,8 +79,9 @@ class GatewayService:
     async def start(self, *, first_key: bool = False) -> Started:
         """Run the sequence up to the LM Studio probe. ``first_key``: the front-end can show
         a key exactly once (a terminal), so when no credential exists yet an all-scope
-        'owner' key is made — only once the server listens, so a failed start leaves no key
-        nobody saw. Raises (ConfigError for a taken port) with everything closed again."""
+        'owner' key is made — as the start's last step, once the server listens and LM Studio
+        was asked, so a failed or interrupted start leaves no key nobody saw. Raises
+        (ConfigError for a taken port) with everything closed again."""
         if self._identity is not None:
             raise LMGateError("LM Gate is already running")
         store, store_problem = self._open_store()
@@ -99,8 +100,10 @@ class GatewayService:
             raise
         self._identity, self._server = identity, server
         try:
-            made = self._make_first_key(identity) if first_key else None
             reachable = await server.gateway.lmstudio_reachable()
+            # After the last await: nothing can interrupt the start between making the key
+            # and handing it to the front-end that shows it.
+            made = self._make_first_key(identity) if first_key else None
         except BaseException:
             await self.stop()
             raise

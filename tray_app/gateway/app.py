@@ -509,6 +509,7 @@ class Gateway:
             self._forward.lmstudio_token,
             session=session,
             within=READY_TIMEOUT,
+            list_models=False,
         )
         return probe.ready
 

@@ -95,14 +95,14 @@ class PairingService:
         *,
         code_ttl: float = 600.0,
         device_token_ttl: float = 30 * 86400.0,
-        access: AccessPolicy | None = None,
+        access: AccessPolicy,
     ) -> None:
         self._store = CredentialStore(db)
         self._tokens = tokens
         self._clock = clock
         self.code_ttl = code_ttl
         self.device_token_ttl = device_token_ttl
-        self._access = access or AccessPolicy()
+        self._access = access
 
     def create_code(
         self, *, ttl: float | None = None, device_name: str | None = None

@@ -149,14 +149,15 @@ class TokenService:
         clock: Clock,
         *,
         key_loader: Callable[[], bytes] | None = None,
-        access: AccessPolicy | None = None,
+        access: AccessPolicy,
     ) -> None:
         """``key_loader`` reads the signing key from this process's secret store again, for
         when another process (`lmgate keys rotate`) has replaced it; ``access`` says which
-        models each kind of token may use now (the default: the ones it was issued with)."""
+        models each kind of token may use now. It is required: a default would have to pick
+        between "every model" and "what it was issued with", and either is wrong somewhere."""
         self._db = db
         self._store = CredentialStore(db)
-        self._access = access or AccessPolicy()
+        self._access = access
         self._key = signing_key
         self._clock = clock
         self._key_loader = key_loader

@@ -225,7 +225,11 @@ class CredentialStore:
         return [_token(r) for r in rows]
 
     def tokens_with_prefix(self, jti_prefix: str) -> list[TokenRow]:
-        rows = self._db.query("SELECT * FROM tokens WHERE jti LIKE ? || '%'", (jti_prefix,))
+        # A plain comparison, not LIKE: '%' and '_' typed at the CLI are characters, not
+        # wildcards that would pick a token the owner did not name.
+        rows = self._db.query(
+            "SELECT * FROM tokens WHERE substr(jti, 1, ?) = ?", (len(jti_prefix), jti_prefix)
+        )
         return [_token(r) for r in rows]
 
     def revoke_token(self, jti: str, now: float) -> None:

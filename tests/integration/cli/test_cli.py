@@ -7,7 +7,9 @@ import json
 import os
 import pty
 import re
+import select
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -308,3 +310,39 @@ def test_secret_set_stores_the_lm_studio_token(env: Env) -> None:
     assert stored.read_text() == "sk-lm-abc123"
     assert oct(stored.stat().st_mode & 0o777) == "0o600"
     assert "sk-lm-abc123" not in result.stdout + result.stderr
+
+
+def silent_address(listener: socket.socket) -> str:
+    host, port = listener.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def silent_has_a_connection(listener: socket.socket) -> bool:
+    """Whether someone has connected (a listening socket reads as ready then)."""
+    readable, _, _ = select.select([listener], [], [], 0)
+    return bool(readable)
+
+
+def test_sigterm_while_lm_studio_is_probed_stops_gracefully(env: Env) -> None:
+    with socket.socket() as silent:  # accepts, never answers: the start's probe waits 5 s
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        serve = subprocess.Popen(
+            [LMGATE, "serve", "--port", "0", "--upstream", f"http://{silent_address(silent)}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env.vars,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while not silent_has_a_connection(silent) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            serve.send_signal(signal.SIGTERM)
+            out, err = serve.communicate(timeout=30)
+        finally:
+            if serve.poll() is None:
+                serve.kill()
+    # The handlers used to be installed only after the probe: SIGTERM killed it mid-start.
+    assert serve.returncode == 0, (serve.returncode, err)
+    assert out.rstrip().endswith("Stopped."), out

@@ -4,6 +4,7 @@ failed start leaves behind (nothing), and when the first key is made."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from collections.abc import Iterator
@@ -149,3 +150,28 @@ async def test_starting_twice_is_refused(tmp_path: Path, fake_lmstudio: FakeLMSt
             await service.start()
     finally:
         await service.stop()
+
+
+@pytest.fixture
+def silent_lmstudio() -> Iterator[str]:
+    """An LM Studio that accepts connections and never answers: the probe waits its 5 s."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+async def test_a_start_interrupted_while_lm_studio_is_asked_leaves_no_key_and_nothing_open(
+    tmp_path: Path, silent_lmstudio: str
+) -> None:
+    config = config_for(tmp_path, silent_lmstudio)
+    service = GatewayService(config, store=store())
+    start = asyncio.ensure_future(service.start(first_key=True))
+    await asyncio.sleep(0.5)  # the server listens; the probe waits for LM Studio
+    start.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    assert not service.running
+    assert files_open_under(tmp_path / "data") == []
+    # The key used to be made before the probe: an all-scope key nobody was ever shown.
+    assert keys_in(config) == []

@@ -3,13 +3,20 @@ Studio answers, wants a token, is gone, or sends something that is not a model l
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
+from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.fake_lmstudio import MODELS, FakeLMStudio
+from tests.integration.control.test_service import config_for
+from tray_app.control.service import GatewayService
 from tray_app.gateway.upstream.probe import MODEL_LIST_MAX_BYTES, probe_lmstudio
+from tray_app.secret_store.base import MemorySecretStore
 
 
 def closed_port() -> int:
@@ -94,3 +101,71 @@ async def test_a_redirect_is_not_followed(fake_lmstudio: FakeLMStudio) -> None:
         await runner.cleanup()
     assert (probe.status, probe.ready, probe.models) == (307, False, None)
     assert fake_lmstudio.received == [], "LM Studio's token went nowhere else"
+
+
+class HostileModels:
+    """An LM Studio whose /v1/models answers 200 with a body of the test's choosing, sent in
+    pieces ``gap`` seconds apart."""
+
+    def __init__(self, body: bytes, *, pieces: int = 1, gap: float = 0.0) -> None:
+        self.body, self.pieces, self.gap = body, pieces, gap
+        self.asked = 0
+        self._runner: web.AppRunner | None = None
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        self.asked += 1
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        step = max(1, len(self.body) // self.pieces)
+        for start in range(0, len(self.body), step):
+            await response.write(self.body[start : start + step])
+            await asyncio.sleep(self.gap)
+        await response.write_eof()
+        return response
+
+    async def __aenter__(self) -> str:
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+NESTED = b'{"data":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+
+
+@pytest.mark.parametrize("body", [NESTED, b'{"data": [', b"\xff\xfe"])
+async def test_a_hostile_model_list_is_no_model_list_and_never_an_exception(body: bytes) -> None:
+    async with HostileModels(body) as url:
+        probe = await probe_lmstudio(url, None)
+    assert (probe.ready, probe.models, probe.failure) == (True, None, None)
+
+
+async def test_a_start_against_a_hostile_model_list_starts(tmp_path: Path) -> None:
+    async with HostileModels(NESTED) as url:
+        service = GatewayService(config_for(tmp_path, url), store=MemorySecretStore())
+        started = await service.start()
+        try:
+            assert started.lmstudio_reachable
+            async with aiohttp.ClientSession() as session:
+                for _ in range(3):
+                    async with session.get(started.url + "/readyz") as r:
+                        assert (r.status, await r.json()) == (200, {"status": "ready"})
+        finally:
+            await service.stop()
+
+
+async def test_readiness_reads_no_model_list_so_a_dribbling_body_cannot_make_it_late() -> None:
+    async with HostileModels(b'{"data": []}' + b" " * 100, pieces=10, gap=0.5) as url:
+        began = time.monotonic()
+        probe = await probe_lmstudio(url, None, within=2.0, list_models=False)
+        assert probe.ready and probe.models is None
+        assert time.monotonic() - began < 1.0
+        listing = await probe_lmstudio(url, None, within=2.0)
+        assert (listing.answered, listing.failure) == (False, "TimeoutError")

@@ -113,3 +113,13 @@ def test_revoking_needs_six_characters_of_one_existing_token(
     assert identity.tokens.revoke(second.record.jti).jti == second.record.jti
     assert identity.tokens.is_active(first.record.jti)
     assert not identity.tokens.is_active(second.record.jti)
+
+
+@pytest.mark.parametrize("pattern", ["%%%%%%", "______", "%_%_%_", "a%%%%%", "\\%%%%%"])
+def test_a_revoke_prefix_is_matched_as_text_never_as_a_pattern(
+    identity: Identity, pattern: str
+) -> None:
+    issued = identity.tokens.issue(name="only", scopes=CHAT, ttl=600)
+    with pytest.raises(LookupError, match="no token with ID"):
+        identity.tokens.revoke(pattern)
+    assert identity.tokens.verify(issued.token).name == f"token:{issued.record.jti}"

@@ -5,10 +5,11 @@ does it offer? /readyz, the tray's *Test connection*, /api/chat's default model 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import aiohttp
+
+from tray_app.gateway.upstream.answers import TooLargeToParse, parse_bounded
 
 PROBE_TIMEOUT = 5.0
 # A model list is a few KB; a body past this is not one, and nobody waits for it to arrive.
@@ -51,19 +52,22 @@ async def probe_lmstudio(
     session: aiohttp.ClientSession | None = None,
     within: float | None = PROBE_TIMEOUT,
     identify: bool = False,
+    list_models: bool = True,
 ) -> LMStudioProbe:
     """Ask LM Studio at ``url`` for its models. Never raises for anything LM Studio (or the
     network) does. ``session`` is the gateway's pooled one when it has it, else a session
     lives for this probe only; ``within`` (seconds) None leaves the session's timeouts in force.
-    ``identify`` also asks LM Studio's native model lists, to tell its version."""
+    ``identify`` also asks LM Studio's native model lists, to tell its version.
+    ``list_models`` False: only the status counts (/readyz, the start), so the body is not
+    read — an answer that dribbles its body cannot make a ready LM Studio look down."""
     url = url.rstrip("/")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     limit = aiohttp.ClientTimeout(total=within) if within is not None else None
     try:
         if session is not None:
-            return await _probe(session, url, headers, limit, identify)
+            return await _probe(session, url, headers, limit, identify, list_models)
         async with aiohttp.ClientSession(timeout=limit or aiohttp.ClientTimeout()) as own:
-            return await _probe(own, url, headers, limit, identify)
+            return await _probe(own, url, headers, limit, identify, list_models)
     except aiohttp.InvalidURL:
         return LMStudioProbe(url, failure="InvalidURL")
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -76,13 +80,15 @@ async def _probe(
     headers: dict[str, str],
     limit: aiohttp.ClientTimeout | None,
     identify: bool,
+    list_models: bool,
 ) -> LMStudioProbe:
     timeout = limit or session.timeout
     async with session.get(
         url + "/v1/models", headers=headers, allow_redirects=False, timeout=timeout
     ) as response:
         status, date = response.status, response.headers.get("Date")
-        models = _model_ids(await _bounded_body(response)) if status == 200 else None
+        wanted = list_models and status == 200
+        models = _model_ids(await _bounded_body(response)) if wanted else None
     version = None
     if identify and status == 200:
         for path, since in _NATIVE_MODEL_LISTS:
@@ -108,8 +114,8 @@ def _model_ids(body: bytes | None) -> tuple[str, ...] | None:
     if body is None:
         return None
     try:
-        payload = json.loads(body)
-    except ValueError:
+        payload = parse_bounded(body)
+    except (ValueError, TooLargeToParse):  # not JSON, nested too deep, too many containers
         return None
     if not isinstance(payload, dict) or not isinstance(payload.get("data", []), list):
         return None
