@@ -15,13 +15,14 @@ import openai
 import pytest
 
 from tests.fake_lmstudio import FakeLMStudio
+from tests.fakes import StaticKeyAuthenticator
 from tests.helpers import Env, cli_env
 from tray_app.clock import Clock, SystemClock
 from tray_app.config.settings import Config
 from tray_app.control.assembly import Identity, build_gateway, open_identity
 from tray_app.gateway.app import Gateway
 from tray_app.gateway.server.runner import GatewayServer
-from tray_app.identity.principal import Authenticator, StaticKeyAuthenticator
+from tray_app.identity.principal import Authenticator
 from tray_app.identity.signing_key import load_or_create_signing_key
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, MemorySecretStore
 

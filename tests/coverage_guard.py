@@ -27,6 +27,7 @@ GUARDED = (
     "tray_app/gateway/limits.py",
     "tray_app/gateway/protection.py",
     "tray_app/gateway/routes.py",
+    "tray_app/identity/access.py",
     "tray_app/identity/api_keys.py",
     "tray_app/identity/authenticator.py",
     "tray_app/identity/pairing.py",

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hmac
+from collections.abc import Callable, Mapping
+
+from tray_app.errors import AuthError
+from tray_app.identity.principal import (
+    ALL_SCOPES,
+    MISSING_CREDENTIAL,
+    Principal,
+    extract_credential,
+)
 
 
 class FakeClock:
@@ -67,3 +76,28 @@ class FakeTunnelProvider:
         self.is_open = False
         assert self._on_lost is not None
         self._on_lost(reason)
+
+
+MIN_KEY_LENGTH = 16
+
+
+class StaticKeyAuthenticator:
+    """One shared key with every scope, compared in constant time: for gateway tests that
+    are about something other than identity."""
+
+    def __init__(self, key: str, *, principal_name: str = "owner") -> None:
+        if len(key) < MIN_KEY_LENGTH:
+            raise ValueError(f"the API key must be at least {MIN_KEY_LENGTH} characters")
+        self._key = key.encode("utf-8")
+        self._principal = Principal(name=principal_name, scopes=ALL_SCOPES)
+
+    def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
+        credential = extract_credential(headers)
+        if credential is None:
+            raise AuthError(MISSING_CREDENTIAL, code="missing_api_key")
+        if not hmac.compare_digest(credential.encode("utf-8"), self._key):
+            raise AuthError("Invalid API key.", code="invalid_api_key")
+        return self._principal
+
+    def still_valid(self, principal: Principal) -> bool:
+        return principal is self._principal

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tray_app.identity.principal import Principal, StaticKeyAuthenticator
+from tests.fakes import StaticKeyAuthenticator
+from tray_app.identity.principal import Principal
 from tray_app.logs import JsonFormatter
 
 

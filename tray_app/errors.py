@@ -7,7 +7,6 @@ them into one sentence for the user without catching unrelated bugs::
     ├── ConfigError        a setting is missing, malformed or out of range
     ├── AuthError          a caller could not be authenticated or is not allowed
     │   └── PairingError   a pairing code was refused (tray_app.identity.pairing)
-    ├── UpstreamError      LM Studio is unreachable, timed out or answered nonsense
     ├── TunnelError        the public tunnel could not be opened or was lost
     ├── SecretStoreError   no usable secret store, or it refused an operation
     ├── StorageError       LM Gate's database cannot be opened or written
@@ -40,10 +39,6 @@ class AuthError(LMGateError):
         self.status = status
         self.code = code
         super().__init__(message)
-
-
-class UpstreamError(LMGateError):
-    """LM Studio could not be reached or did not answer usefully."""
 
 
 class TunnelError(LMGateError):

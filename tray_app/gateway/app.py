@@ -178,10 +178,6 @@ class Gateway:
         return self._protect.trusts_peer(peer)
 
     @property
-    def inflight_count(self) -> int:
-        return len(self._inflight)
-
-    @property
     def stopping(self) -> bool:
         return self._stopping
 

@@ -27,21 +27,6 @@ _TO_UPSTREAM = frozenset(
 # Response headers a client may need from LM Studio.
 _TO_CLIENT = frozenset({"content-type", "content-encoding", "content-language", "retry-after"})
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 

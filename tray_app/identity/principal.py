@@ -1,13 +1,12 @@
 """Who is calling and what they may do.
 
 The gateway asks an :class:`Authenticator` for a :class:`Principal` and then consults the
-principal for scopes and models; the identity layer (JWTs, API keys, pairing) plugs in here.
-Until it does, :class:`StaticKeyAuthenticator` accepts one key, compared in constant time.
+principal for scopes and models; the identity layer (JWTs, API keys, pairing,
+:mod:`tray_app.identity.authenticator`) is the one real authenticator.
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -22,7 +21,6 @@ SCOPE_MODELS = "models"
 SCOPE_METRICS = "metrics"
 
 ALL_SCOPES = frozenset({SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS, SCOPE_METRICS})
-MIN_STATIC_KEY_LENGTH = 16
 
 
 class CredentialKind(StrEnum):
@@ -123,24 +121,3 @@ def _plain(credential: str) -> str:
 MISSING_CREDENTIAL = (
     "Missing API key. Send it as 'Authorization: Bearer <key>' (or the X-API-Key header)."
 )
-
-
-class StaticKeyAuthenticator:
-    """One shared key with every scope: the interim authenticator for a single owner."""
-
-    def __init__(self, key: str, *, principal_name: str = "owner") -> None:
-        if len(key) < MIN_STATIC_KEY_LENGTH:
-            raise ValueError(f"the API key must be at least {MIN_STATIC_KEY_LENGTH} characters")
-        self._key = key.encode("utf-8")
-        self._principal = Principal(name=principal_name, scopes=ALL_SCOPES)
-
-    def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
-        credential = extract_credential(headers)
-        if credential is None:
-            raise AuthError(MISSING_CREDENTIAL, code="missing_api_key")
-        if not hmac.compare_digest(credential.encode("utf-8"), self._key):
-            raise AuthError("Invalid API key.", code="invalid_api_key")
-        return self._principal
-
-    def still_valid(self, principal: Principal) -> bool:
-        return principal is self._principal

@@ -13,12 +13,12 @@ import pytest
 
 from tests.conftest import CLIENT_KEY, LMSTUDIO_TOKEN, auth_headers
 from tests.fake_lmstudio import MODELS, FakeLMStudio
+from tests.fakes import StaticKeyAuthenticator
 from tests.helpers import sse_events
 from tray_app.config.settings import Config
 from tray_app.control.loop_thread import LoopThread
 from tray_app.gateway.app import Gateway
 from tray_app.gateway.server.runner import GatewayServer
-from tray_app.identity.principal import StaticKeyAuthenticator
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, MemorySecretStore
 
 CHAT = {"model": "m", "messages": [], "stream": True}

@@ -18,12 +18,12 @@ import openai
 import pytest
 
 from tests.conftest import CLIENT_KEY
+from tests.fakes import StaticKeyAuthenticator
 from tests.helpers import LogCapture
 from tray_app.config.settings import Config
 from tray_app.control.loop_thread import LoopThread
 from tray_app.gateway.app import Gateway
 from tray_app.gateway.server.runner import GatewayServer
-from tray_app.identity.principal import StaticKeyAuthenticator
 from tray_app.secret_store.base import MemorySecretStore
 
 pytestmark = pytest.mark.real_llm

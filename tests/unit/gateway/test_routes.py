@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import CLIENT_KEY, LMSTUDIO_TOKEN
 from tests.fake_lmstudio import FakeLMStudio
+from tests.fakes import StaticKeyAuthenticator
 from tests.helpers import raw_request_sync
 from tray_app.config.settings import Config
 from tray_app.control.loop_thread import LoopThread
@@ -23,7 +24,6 @@ from tray_app.gateway.routes import (
     normalise_path,
 )
 from tray_app.gateway.server.runner import GatewayServer
-from tray_app.identity.principal import StaticKeyAuthenticator
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, MemorySecretStore
 
 

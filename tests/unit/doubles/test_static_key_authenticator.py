@@ -1,18 +1,18 @@
-"""The single-key authenticator: a key too short to be one is refused at start, and a wrong key
-is an invalid_api_key failure."""
+"""The single-key authenticator (a test double): a key too short to be one is refused at
+start, and a wrong key is an invalid_api_key failure."""
 
 from __future__ import annotations
 
 import pytest
 
+from tests.fakes import MIN_KEY_LENGTH, StaticKeyAuthenticator
 from tray_app.errors import AuthError
-from tray_app.identity.principal import MIN_STATIC_KEY_LENGTH, StaticKeyAuthenticator
 
-KEY = "s" * MIN_STATIC_KEY_LENGTH
+KEY = "s" * MIN_KEY_LENGTH
 
 
 def test_a_key_shorter_than_the_minimum_is_refused() -> None:
-    with pytest.raises(ValueError, match=f"at least {MIN_STATIC_KEY_LENGTH} characters"):
+    with pytest.raises(ValueError, match=f"at least {MIN_KEY_LENGTH} characters"):
         StaticKeyAuthenticator(KEY[:-1])
 
 
