@@ -578,7 +578,7 @@ class Gateway:
         return error.to_response(exchange.request_id)
 
     async def _on_shutdown(self, app: web.Application) -> None:
-        """Let in-flight requests finish for ``shutdown_grace`` seconds, then close them."""
+        """Let in-flight requests finish for ``server.shutdown_grace`` seconds, then close them."""
         self._stopping = True
         if self._inflight:
             self._drained = asyncio.Event()

@@ -6,14 +6,15 @@ import sys
 
 from PySide6.QtGui import QIcon
 
+from tray_app.control.controller import Phase
 from tray_app.paths import resource_path
-
-PHASES = ("private", "starting", "public", "reconnecting", "error")
 
 
 def icon_for(phase: str, *, template: bool | None = None) -> QIcon:
-    if phase not in PHASES:
-        phase = "error"
+    """The icon of ``phase`` (a :class:`Phase` value names its icon); an unknown phase shows
+    the error icon."""
+    if phase not in set(Phase):
+        phase = Phase.ERROR
     use_template = sys.platform == "darwin" if template is None else template
     name = f"{phase}-template.svg" if use_template else f"{phase}.svg"
     icon = QIcon(str(resource_path("icons", name)))

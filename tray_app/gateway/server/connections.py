@@ -7,8 +7,9 @@
   request is being handled, so an answer may stream for as long as it needs.
 * A request aiohttp cannot parse gets our JSON error instead of aiohttp's text page, which
   quotes the offending bytes (an oversized header may be a credential), and one access line.
-* ``CONNECT`` reaches the application, whose middleware gives it the gateway's JSON 404 and an
-  access line like any other request; nothing here treats it specially.
+* ``CONNECT`` and absolute-form targets reach the gateway's dispatch (see
+  ``_routing_strays``), which gives them its JSON 404 and an access line like any other
+  request; nothing else here treats them specially.
 
 Built as aiohttp builds its own: an AppRunner whose server makes our RequestHandler.
 """
