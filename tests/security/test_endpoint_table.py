@@ -131,9 +131,8 @@ class TestEveryEndpointAnswersItsMethodsOnly:
                 "method_not_allowed",
                 None,
             )
-            path = concrete(endpoint)
             assert error["message"] == (
-                f"Method {method} is not allowed on {path}; use {endpoint.allow}."
+                f"Method {method} is not allowed on {endpoint.path}; use {endpoint.allow}."
             )
         assert fake_lmstudio.received == []
 
@@ -169,3 +168,18 @@ async def test_an_unknown_path_names_what_this_gateway_forwards(rig: IdentityRig
         "POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, "
         "POST /v1/responses, POST /v1/messages."
     )
+
+
+@pytest.mark.parametrize(
+    "conversation",
+    ["a" * 6000, "%3Cimg%20src=x%20onerror=alert(1)%3E", "%E2%80%AEevil", "x" * 64],
+)
+async def test_a_405_names_the_tables_path_never_the_callers(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio, conversation: str
+) -> None:
+    answer = await send(rig, "PUT", f"/api/conversations/{conversation}", {}, b"")
+    assert answer.status == 405
+    message = answer.json()["error"]["message"]
+    assert message == "Method PUT is not allowed on /api/conversations/{id}; use GET, DELETE."
+    assert len(answer.body) < 400
+    assert fake_lmstudio.received == []

@@ -273,7 +273,9 @@ class Gateway:
         if endpoint is None:
             raise self._endpoints.refusal(path)
         if request.method not in endpoint.methods:
-            raise errors.method_not_allowed(request.method, exchange.path, endpoint.allow)
+            # The table's path, not the client's: a 405 comes before authentication, and must
+            # not echo back an arbitrarily long conversation id to anyone who asks.
+            raise errors.method_not_allowed(request.method, endpoint.path, endpoint.allow)
         exchange.route = endpoint.path
         return await self._handlers[endpoint.part](request, exchange, endpoint)
 

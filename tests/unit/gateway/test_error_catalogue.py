@@ -207,12 +207,12 @@ CATALOGUE = [
     entry(E.no_such_endpoint, (), 404, BAD, "unknown_path", None, "No such endpoint."),
     entry(
         E.method_not_allowed,
-        ("PUT", "/api/conversations/a", "GET, DELETE"),
+        ("PUT", "/api/conversations/{id}", "GET, DELETE"),
         405,
         BAD,
         "method_not_allowed",
         None,
-        "Method PUT is not allowed on /api/conversations/a; use GET, DELETE.",
+        "Method PUT is not allowed on /api/conversations/{id}; use GET, DELETE.",
         Allow="GET, DELETE",
     ),
     # who calls
