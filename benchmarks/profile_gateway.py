@@ -64,10 +64,14 @@ def layer_of(frames: list[str]) -> str:
 
 
 def function_name(frame: str) -> str:
-    """``f (path/to/file.py:12)`` -> ``f (file.py)``: lines of one function count together."""
+    """``f (path/to/dir/file.py:12)`` -> ``f (dir/file.py)``: lines of one function count
+    together. LM Gate's own frames keep their path from ``tray_app/`` (its subpackages name
+    the layer); other frames keep their last two parts."""
     name, _, where = frame.partition(" (")
     path = where.rsplit(":", 1)[0]
-    return f"{name} ({'/'.join(path.split('/')[-2:])})"
+    _, ours, inside = path.rpartition("tray_app/")
+    short = ours + inside if ours else "/".join(path.split("/")[-2:])
+    return f"{name} ({short})"
 
 
 def summarise(raw_lines: Iterable[str]) -> Profile:
