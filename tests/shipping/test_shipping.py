@@ -71,6 +71,8 @@ def test_doctor_passes_when_all_is_well(env: Env, live: Live) -> None:
         assert re.search(rf"^ok\s+{name}\s", result.stdout, re.M), name
     assert "qwen2.5-7b-instruct" in result.stdout
     assert str(env.data) in result.stdout, "doctor shows where the data lives"
+    secrets_dir = env.vars["LMGATE_SECRETS_FILE_DIR"]
+    assert f"file: private files in {secrets_dir}" in result.stdout, "and where secrets live"
     assert "All checks passed." in result.stdout
 
 

@@ -25,7 +25,7 @@ from tray_app.gateway.server.runner import port_is_free
 from tray_app.gateway.upstream.probe import probe_lmstudio
 from tray_app.paths import user_log_dir
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
-from tray_app.secret_store.keyring_store import KeyringSecretStore
+from tray_app.secret_store.keyring_store import FileSecretStore, KeyringSecretStore
 from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN, check_token_shape
 from tray_app.tunnel.ngrok_agent import find_agent
 
@@ -64,8 +64,13 @@ def _secrets(config: Config) -> tuple[Check, SecretStore | None]:
         store = secret_store_for(config)
     except SecretStoreError as exc:
         return Check("secret store", False, str(exc)), None
-    name = store.backend_name if isinstance(store, KeyringSecretStore) else config.secrets_store
-    return Check("secret store", True, f"{config.secrets_store}: {name}"), store
+    if isinstance(store, KeyringSecretStore):
+        where = store.backend_name
+    elif isinstance(store, FileSecretStore):
+        where = f"private files in {store.directory}"
+    else:
+        where = "LMGATE_SECRET_* environment variables"
+    return Check("secret store", True, f"{config.secrets_store}: {where}"), store
 
 
 async def _lmstudio(config: Config, store: SecretStore | None) -> list[Check]:
