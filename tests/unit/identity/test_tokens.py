@@ -8,6 +8,7 @@ import itertools
 import jwt
 import pytest
 
+from tests.fakes import FakeClock
 from tests.unit.identity.conftest import SIGNING_KEY
 from tray_app.control.assembly import Identity
 from tray_app.errors import AuthError
@@ -123,3 +124,21 @@ def test_a_revoke_prefix_is_matched_as_text_never_as_a_pattern(
     with pytest.raises(LookupError, match="no token with ID"):
         identity.tokens.revoke(pattern)
     assert identity.tokens.verify(issued.token).name == f"token:{issued.record.jti}"
+
+
+def _clock(identity: Identity) -> FakeClock:
+    clock = identity.tokens._clock
+    assert isinstance(clock, FakeClock)
+    return clock
+
+
+@pytest.mark.parametrize(("past", "verifies"), [(3.0, True), (6.0, False)])
+def test_a_token_that_just_expired_is_forgiven_within_the_leeway(
+    identity: Identity, past: float, verifies: bool
+) -> None:
+    issued = identity.tokens.issue(name="t", scopes=CHAT, ttl=60)
+    _clock(identity).advance(60 + past)
+    if verifies:
+        assert identity.tokens.verify(issued.token).credential is not None
+    else:
+        assert refusal(identity, issued.token).code == "token_expired"
