@@ -142,3 +142,17 @@ def test_a_token_that_just_expired_is_forgiven_within_the_leeway(
         assert identity.tokens.verify(issued.token).credential is not None
     else:
         assert refusal(identity, issued.token).code == "token_expired"
+
+
+def test_the_verified_token_cache_stays_bounded(identity: Identity) -> None:
+    # Every valid token a client presents is cached until it expires; a client holding many
+    # (or one minting them with the admin scope) must not grow this process without bound.
+    # The real limit, not a patched one: the mutant this kills is an unbounded limit.
+    tokens = identity.tokens
+    issued = [tokens.issue(name=f"t{i}", scopes=CHAT, ttl=600) for i in range(10_001)]
+    for one in issued:
+        assert str(tokens.verify(one.token).credential) == f"token:{one.record.jti}"
+    assert 0 < len(tokens._cache) <= 10_000
+    # A token verified after the cache turned over is remembered again, and still verifies.
+    assert str(tokens.verify(issued[0].token).credential) == f"token:{issued[0].record.jti}"
+    assert issued[0].token in tokens._cache
