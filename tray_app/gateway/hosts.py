@@ -12,12 +12,10 @@ serves). The port is not compared: tunnels and Docker port mappings change it on
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
 from collections.abc import Iterable
 
 _CACHE_LIMIT = 1024
-_PORT = re.compile(r"^:[0-9]{1,5}$")
 
 
 def host_name(host: str) -> str:
