@@ -202,7 +202,7 @@ class TestRequestId:
 
     @pytest.mark.parametrize(
         "candidate",
-        [None, "", "0" * 129, "a b", "a\r\nSet-Cookie: x", "<script>", "id/1", "ü"],
+        [None, "", "0" * 129, "a b", "a\r\nSet-Cookie: x", "a\n", "<script>", "id/1", "ü"],
     )
     def test_an_unsafe_id_is_dropped(self, candidate: str | None) -> None:
         assert sane_request_id(candidate) is None
