@@ -215,22 +215,25 @@ class TestTokenBuckets:
     def test_pruning_drops_exactly_the_full_buckets(self) -> None:
         # Memory per client address must stay bounded under a flood of new addresses.
         clock = FakeClock()
-        buckets = TokenBuckets(per_minute=60, clock=clock, capacity=2)
+        buckets = TokenBuckets(per_minute=30, clock=clock, capacity=2)
         assert buckets.take("half") is None
         assert buckets.take("empty") is None
         assert buckets.take("empty") is None
-        for i in range(9_997):
-            assert buckets.empty(f"client-{i}") is None
-        clock.advance(0.5)
+        for i in range(5_000):
+            assert buckets.empty(f"old-{i}") is None
+        clock.advance(1)
+        # Full as well: looked at only now, so they have had no time to refill.
+        for i in range(4_997):
+            assert buckets.empty(f"new-{i}") is None
         assert len(buckets._buckets) == 9_999
         assert buckets.empty("one-more") is None  # 9 999 buckets: no pruning yet
         assert len(buckets._buckets) == 10_000
         assert buckets.empty("the-last-straw") is None
-        # The two that were still refilling stay, with what they had; the new one is added.
+        # The two still refilling stay, owing what they owed; the new one is added.
         assert sorted(buckets._buckets) == ["empty", "half", "the-last-straw"]
-        assert buckets.take("empty") == pytest.approx(0.5)
+        assert buckets.take("empty") == pytest.approx(1.0)
         assert buckets.take("half") is None
-        assert buckets.take("half") == pytest.approx(0.5)
+        assert buckets.take("half") == pytest.approx(1.0)
 
 
 class TestConcurrencyLimit:
