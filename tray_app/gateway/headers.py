@@ -27,7 +27,8 @@ _TO_UPSTREAM = frozenset(
 # Response headers a client may need from LM Studio.
 _TO_CLIENT = frozenset({"content-type", "content-encoding", "content-language", "retry-after"})
 
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# fullmatch, not "^...$": "$" also matches before a trailing newline.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 def _connection_listed(headers: Mapping[str, str]) -> set[str]:
@@ -75,6 +76,6 @@ def is_upgrade_request(headers: Mapping[str, str]) -> bool:
 
 def sane_request_id(candidate: str | None) -> str | None:
     """The client's X-Request-ID if it is safe to echo and log, else None."""
-    if candidate and _SANE_REQUEST_ID.match(candidate):
+    if candidate and _SANE_REQUEST_ID.fullmatch(candidate):
         return candidate
     return None
