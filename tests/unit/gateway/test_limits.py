@@ -253,7 +253,9 @@ class TestConcurrencyLimit:
             assert limit.acquire("a")
             assert not limit.acquire("a")
             limit.release("a")
-        # Nothing is kept for a key with nothing running, nor for one released too often.
+            # Nothing is kept for a key with nothing running...
+            assert limit._running == {}
+        # ...nor for one released too often, or never acquired.
         limit.release("a")
         limit.release("never-acquired")
         assert limit._running == {}
