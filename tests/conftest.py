@@ -6,7 +6,7 @@ import os
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from tests.helpers import Env, cli_env
 from tray_app.clock import Clock, SystemClock
 from tray_app.config.settings import Config
 from tray_app.control.assembly import Identity, build_gateway, open_identity
+from tray_app.control.loop_thread import LoopThread
 from tray_app.gateway.app import Gateway
 from tray_app.gateway.server.runner import GatewayServer
 from tray_app.identity.principal import Authenticator
@@ -141,8 +142,6 @@ class LiveGateway:
     tests (Playwright, subprocess clients) that cannot share pytest's event loop."""
 
     def __init__(self, data_dir: Path, **settings: Any) -> None:
-        from tray_app.control.loop_thread import LoopThread
-
         self.thread = LoopThread()
         self.thread.start()
         self.fake = FakeLMStudio()
@@ -161,3 +160,16 @@ class LiveGateway:
         self.thread.submit(self.fake.stop()).result(5)
         self.thread.stop()
         self.identity.close()
+
+
+@pytest.fixture
+def lmstudio_thread() -> Iterator[FakeLMStudio]:
+    """The fake LM Studio on a loop thread of its own: for code under test that runs its own
+    loop (the tray's controller, the tray itself), which a test's loop cannot serve."""
+    thread = LoopThread()
+    thread.start()
+    fake = FakeLMStudio()
+    thread.submit(fake.start()).result(5)
+    yield fake
+    thread.submit(fake.stop()).result(5)
+    thread.stop()

@@ -40,7 +40,6 @@ from tray_app.control.assembly import (
     signing_key_loader,
 )
 from tray_app.control.controller import Controller, ThreadedController
-from tray_app.control.loop_thread import LoopThread
 from tray_app.errors import AuthError, SecretStoreError
 from tray_app.gateway.server.runner import GatewayServer
 from tray_app.identity.authenticator import PROXY_HEADERS, IdentityAuthenticator
@@ -257,17 +256,6 @@ class Tray:
         url = self.controller.state.gateway_url
         assert url
         return url
-
-
-@pytest.fixture
-def lmstudio_thread() -> Iterator[FakeLMStudio]:
-    thread = LoopThread()
-    thread.start()
-    fake = FakeLMStudio()
-    thread.submit(fake.start()).result(5)
-    yield fake
-    thread.submit(fake.stop()).result(5)
-    thread.stop()
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ from tray_app.control.controller import (
     ThreadedController,
     curl_snippet,
 )
-from tray_app.control.loop_thread import LoopThread
 from tray_app.errors import LMGateError, TunnelError
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, MemorySecretStore
 from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN
@@ -35,22 +34,11 @@ TOKEN = "2fakeAuthToken_" + "abc123XYZ" * 4
 
 
 @pytest.fixture
-def lmstudio() -> Iterator[FakeLMStudio]:
-    thread = LoopThread()
-    thread.start()
-    fake = FakeLMStudio()
-    thread.submit(fake.start()).result(5)
-    yield fake
-    thread.submit(fake.stop()).result(5)
-    thread.stop()
-
-
-@pytest.fixture
-def make(tmp_path: Path, lmstudio: FakeLMStudio) -> Iterator:  # type: ignore[type-arg]
+def make(tmp_path: Path, lmstudio_thread: FakeLMStudio) -> Iterator:  # type: ignore[type-arg]
     made: list[ThreadedController] = []
 
     def build(store: MemorySecretStore | None = None, **settings: object) -> ThreadedController:
-        settings.setdefault("upstream_url", lmstudio.url)
+        settings.setdefault("upstream_url", lmstudio_thread.url)
         settings.setdefault("server_port", 0)
         settings.setdefault("streaming_heartbeat_interval", 0.0)
         settings.setdefault("storage_data_dir", str(tmp_path / "data"))
@@ -142,7 +130,7 @@ def test_lan_public_pairing_kill_switch(make) -> None:  # type: ignore[no-untype
     caught.value.close()
 
 
-def test_curl_snippet_runs_verbatim(make, lmstudio: FakeLMStudio) -> None:  # type: ignore[no-untyped-def]
+def test_curl_snippet_runs_verbatim(make, lmstudio_thread: FakeLMStudio) -> None:  # type: ignore[no-untyped-def]
     controller = make(tunnel_provider="lan", auth_allowed_models=(MODELS[1],))
     controller.start().result(20)
     controller.go_public().result(30)
@@ -197,15 +185,15 @@ def test_settings_round_trip_through_an_in_memory_store(make, tmp_path: Path) ->
     assert again.new_ngrok_token is None
 
 
-def test_test_connection_reports_models_or_the_exact_error(make, lmstudio) -> None:  # type: ignore[no-untyped-def]
+def test_test_connection_reports_models_or_the_exact_error(make, lmstudio_thread) -> None:  # type: ignore[no-untyped-def]
     controller = make()
     controller.start().result(20)
-    ok, models = controller.test_connection(lmstudio.url).result(10)
+    ok, models = controller.test_connection(lmstudio_thread.url).result(10)
     assert ok and models == list(MODELS)
     ok, error = controller.test_connection("http://127.0.0.1:9").result(10)
     assert not ok and "not reachable at http://127.0.0.1:9" in error[0]
-    lmstudio.behaviour.require_token = "right"
-    ok, error = controller.test_connection(lmstudio.url, "wrong").result(10)
+    lmstudio_thread.behaviour.require_token = "right"
+    ok, error = controller.test_connection(lmstudio_thread.url, "wrong").result(10)
     assert not ok and "requires an API token" in error[0]
 
 
