@@ -152,7 +152,8 @@ async def test_enabled_responses_route_is_forwarded(
         {**auth_headers(), "Content-Type": "application/json"},
         b'{"model": "m", "messages": []}',
     )
-    assert messages.status == 404, "enabling /v1/responses must not enable /v1/messages"
+    # Enabling /v1/responses must not enable /v1/messages.
+    assert (messages.status, messages.json()["error"]["code"]) == (404, "route_disabled")
     assert fake_lmstudio.paths == ["/v1/responses"]
 
 

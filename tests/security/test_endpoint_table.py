@@ -147,7 +147,7 @@ async def test_a_gateway_without_a_part_does_not_answer_its_preflights(
         answer = await raw_request(
             server.port, "OPTIONS", path, preflight(ALLOWED_ORIGIN, "GET"), b""
         )
-        assert answer.status == 404, (path, answer.body)
+        assert (answer.status, answer.json()["error"]["code"]) == (404, "unknown_path"), path
     answer = await raw_request(
         server.port, "OPTIONS", "/v1/models", preflight(ALLOWED_ORIGIN, "GET"), b""
     )
@@ -178,7 +178,7 @@ async def test_a_405_names_the_tables_path_never_the_callers(
     rig: IdentityRig, fake_lmstudio: FakeLMStudio, conversation: str
 ) -> None:
     answer = await send(rig, "PUT", f"/api/conversations/{conversation}", {}, b"")
-    assert answer.status == 405
+    assert (answer.status, answer.json()["error"]["code"]) == (405, "method_not_allowed")
     message = answer.json()["error"]["message"]
     assert message == "Method PUT is not allowed on /api/conversations/{id}; use GET, DELETE."
     assert len(answer.body) < 400

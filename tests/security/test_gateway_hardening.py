@@ -353,7 +353,7 @@ async def test_a_browser_app_can_chat_read_and_delete_conversations(
             assert r.status == 204
             assert r.headers["Access-Control-Allow-Origin"] == origin
         async with s.get(url, headers=headers) as r:
-            assert r.status == 404
+            assert (r.status, (await r.json())["error"]["code"]) == (404, "conversation_not_found")
 
 
 # ---- defect 9 and 2 on /api/chat: phone chats are counted and capped ------------------------
@@ -579,9 +579,10 @@ async def test_a_credential_that_is_not_ascii_is_a_counted_401(
         writer.write(request)
         answer = await asyncio.wait_for(reader.read(), 10)
         writer.close()
-        statuses.append(int(answer.split(b" ")[1]))
-        assert b'"invalid_api_key"' in answer or b'"too_many_auth_failures"' in answer
-    assert statuses == [401, 401, 429]
+        code = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"]
+        statuses.append((int(answer.split(b" ")[1]), code))
+    refused = (401, "invalid_api_key")
+    assert statuses == [refused, refused, (429, "too_many_auth_failures")]
 
 
 async def test_a_valid_key_with_an_x_user_id_header_works_when_dev_mode_is_off(
@@ -712,11 +713,12 @@ async def test_ipv6_guesses_are_throttled_per_64(start_identity_gateway: Identit
         for n in range(3):
             headers = {"X-Forwarded-For": f"2001:db8:1:2::{n + 1}", **bearer("lmg_" + "x" * 40)}
             async with s.get(rig.url + "/v1/models", headers=headers) as r:
-                statuses.append(r.status)
+                statuses.append((r.status, (await r.json())["error"]["code"]))
         other = {"X-Forwarded-For": "2001:db8:1:3::1", **bearer("lmg_" + "x" * 40)}
         async with s.get(rig.url + "/v1/models", headers=other) as r:
-            assert r.status == 401
-    assert statuses == [401, 401, 429]
+            assert (r.status, (await r.json())["error"]["code"]) == (401, "invalid_api_key")
+    refused = (401, "invalid_api_key")
+    assert statuses == [refused, refused, (429, "too_many_auth_failures")]
 
 
 # ---- what the second adversarial review found -----------------------------------------------

@@ -539,7 +539,9 @@ async def test_a_token_issued_before_the_upgrade_keeps_working_with_its_history(
         async with s.get(
             rig.url + "/v1/models", headers={"Authorization": f"Bearer {forged}"}
         ) as r:
-            assert r.status == 401
+            error = (await r.json())["error"]
+            assert (r.status, error["code"]) == (401, "invalid_token")
+            assert error["message"] == "The access token does not match the token LM Gate issued."
 
 
 # ---- 5a: claims never trusted over the database ------------------------------------------
@@ -689,7 +691,7 @@ class TestRotationReachesARunningGateway:
 
         assert await eventually(works)
         status, body = await call(gate.url, token=device["token"])
-        assert status == 401, body
+        assert (status, body["error"]["code"]) == (401, "invalid_token"), body
 
     async def test_a_store_that_cannot_be_read_keeps_the_gateway_answering(
         self, start_gate: GateFactory

@@ -262,13 +262,13 @@ async def test_foreign_origins_are_refused(
 ) -> None:
     rig = await start_identity_gateway(cors_allowed_origins=("https://chat.example",))
     key = new_key(rig)
-    status, _, headers = await call(
+    status, body, headers = await call(
         rig,
         "/v1/chat/completions",
         method="OPTIONS",
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
     )
-    assert status == 403
+    assert (status, body["error"]["code"]) == (403, "origin_not_allowed")
     assert "Access-Control-Allow-Origin" not in headers
     status, body, headers = await call(
         rig,
@@ -305,10 +305,10 @@ async def test_allowed_and_own_origins_get_cors_headers(
     ):
         assert r.headers["Access-Control-Allow-Origin"] == own  # streams too
         await r.read()
-    status, _, headers = await call(
+    status, body, headers = await call(
         rig, key="lmg_bad_" + "q" * 30, headers={"Origin": "https://chat.example"}
     )
-    assert status == 401
+    assert (status, body["error"]["code"]) == (401, "invalid_api_key")
     assert headers["Access-Control-Allow-Origin"] == "https://chat.example"  # readable errors
 
 

@@ -149,12 +149,12 @@ def test_pair_list_models_stream_and_keep_conversations_apart(browser: Any, live
         " localStorage.getItem('lmgate.token')}}).then(r => r.json())"
         ".then(j => j.data[0].id)"
     )
-    status = other.evaluate(
+    answer = other.evaluate(
         f"fetch('/api/conversations/{first_id}', {{headers: "
         "{Authorization: 'Bearer ' + localStorage.getItem('lmgate.token')}})"
-        ".then(r => r.status)"
+        ".then(async r => [r.status, (await r.json()).error.code])"
     )
-    assert status == 404
+    assert answer == [404, "conversation_not_found"]
     other_context.close()
     context.close()
 

@@ -64,6 +64,7 @@ async def test_openai_client_sees_the_hint(start_gateway: GatewayFactory) -> Non
         with pytest.raises(openai.InternalServerError) as caught:
             await client.models.list()
     assert caught.value.status_code == 502
+    assert caught.value.code == "upstream_unreachable"
     assert "not reachable" in caught.value.message
 
 
@@ -83,7 +84,8 @@ async def test_upstream_5xx_json_passes_through(
     fake_lmstudio.behaviour.status = 500
     status, payload, _ = await chat(gateway)
     assert status == 500
-    assert payload["error"]["message"] == "fake error 500"
+    # LM Studio's own error object, as it sent it: LM Gate adds no code of its own.
+    assert payload["error"] == {"message": "fake error 500", "type": "server_error"}
 
 
 async def test_upstream_5xx_text_is_wrapped_in_the_error_shape(

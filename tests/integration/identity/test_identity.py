@@ -133,8 +133,9 @@ async def test_rs256_confusion_is_401(rig: IdentityRig) -> None:
     # The classic confusion: claim RS256 and sign with HMAC over the "public key" bytes.
     key = load_or_create_signing_key(rig.store)
     token = forge({"alg": "RS256", "typ": "JWT"}, claims_for(rig), key)
-    status, _, _ = await call(rig, token=token)
-    assert status == 401
+    status, body, _ = await call(rig, token=token)
+    assert (status, body["error"]["code"]) == (401, "invalid_token")
+    assert "algorithm" in body["error"]["message"]
 
 
 async def test_bad_signature_is_401(rig: IdentityRig) -> None:
@@ -305,11 +306,22 @@ async def test_expired_pairing_code_is_refused(rig: IdentityRig) -> None:
     assert "new QR code" in body["error"]["message"]
 
 
-@pytest.mark.parametrize("payload", [{"code": 123}, {"device_name": "x"}, [1], "code"])
-async def test_malformed_pair_requests_are_400(rig: IdentityRig, payload: Any) -> None:
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    # A body that is not an object names no parameter; a bad object names the code.
+    [({"code": 123}, "code"), ({"device_name": "x"}, "code"), ([1], None), ("code", None)],
+)
+async def test_malformed_pair_requests_are_400(
+    rig: IdentityRig, payload: Any, param: str | None
+) -> None:
     status, body, _ = await call(rig, "/pair", json_body=payload)
-    assert status == 400
-    assert body["error"]["type"] == "invalid_request_error"
+    error = body["error"]
+    assert (status, error["type"], error["code"], error["param"]) == (
+        400,
+        "invalid_request_error",
+        "invalid_body",
+        param,
+    )
 
 
 async def test_pairing_brute_force_is_throttled(
