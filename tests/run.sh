@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh machine, then runs all of it:
-# lint (ruff), types (mypy --strict, package and tests), the layer contracts (lint-imports), and
-# the tests (pytest, including the real-model test) under coverage, which must reach every line
-# of the modules that guard the gate.
-# Usage: bash tests/run.sh [pytest arguments]   (with arguments, coverage is printed, not enforced)
+# lint (ruff), types (mypy --strict, package and tests), the layer contracts (lint-imports), the
+# tests (pytest, including the real-model test) under coverage, which must reach every line of
+# the modules that guard the gate, and mutation testing of those modules.
+# Usage: bash tests/run.sh [pytest arguments]   (with arguments, pytest runs only that selection,
+# coverage is printed, not enforced, and mutation testing is skipped)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -95,4 +96,10 @@ dbus-run-session -- bash -c '
 if [ $# -eq 0 ]; then
   step "coverage: every line of the modules that guard the gate"
   .venv/bin/python -m tests.coverage_guard
+
+  # A line that ran is not a rule that is checked: each guarded module is mutated and every
+  # mutant run against the tests that reach it; below 95% killed (tests/mutation/equivalents.txt
+  # lists the mutants that cannot change behaviour) fails the run.
+  step "mutation testing of the modules that guard the gate (tests/mutation/, mutmut)"
+  .venv/bin/python tests/mutation/run.py --jobs "${LMGATE_MUTATION_JOBS:-2}" --threshold 95
 fi
