@@ -450,6 +450,7 @@ def test_a_token_is_accepted_until_five_seconds_past_its_expiry(
         error = refused(identity.tokens, issued.token)
         assert error.code == "token_expired"
         assert str(error) == "The access token has expired; get a new one."
+        assert issued.token not in identity.tokens._cache  # nothing dead is kept
 
 
 def test_a_reload_keeps_a_token_within_its_leeway(identity: Identity) -> None:
@@ -539,6 +540,9 @@ def test_without_a_rotation_or_a_loader_the_key_stays(identity: Identity) -> Non
     assert loader.calls == 0
     rotate_elsewhere(identity)
     assert service(identity).sync_key() is False  # no loader: a restart picks the key up
+    # A process started after the rotation already has the key of that generation.
+    assert service(identity, key=NEW_KEY, key_loader=loader).sync_key() is False
+    assert loader.calls == 0
 
 
 def test_a_rotation_elsewhere_is_picked_up_once(
@@ -602,3 +606,36 @@ def test_a_rotated_key_that_cannot_be_read_keeps_the_old_and_is_tried_again(
     loader.locked = False
     assert tokens.verify(new.token).name == new.record.sub
     assert tokens.sync_key() is False
+
+
+def test_a_verified_token_is_not_decoded_again_until_it_changes(
+    identity: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded: list[str] = []
+    real = jwt.decode
+
+    def counting(token: str, *args: Any, **kwargs: Any) -> Any:
+        decoded.append(token)
+        return real(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting)  # the module the token service calls
+    issued = identity.tokens.issue(name="t", scopes=CHAT, ttl=600)
+    for _ in range(3):
+        identity.tokens.verify(issued.token)
+    assert decoded == [issued.token]
+    identity.tokens.reload()  # the database changed: verified again, once
+    for _ in range(2):
+        identity.tokens.verify(issued.token)
+    assert decoded == [issued.token] * 2
+
+
+@pytest.mark.parametrize("start", [1_000_000_000.0, 4_000_000_000.0])  # 2001 and 2096
+def test_times_are_checked_against_the_injected_clock_never_the_machines(
+    identity: Identity, start: float
+) -> None:
+    clock = FakeClock(start=start)
+    tokens = service(identity, clock=clock)
+    issued = tokens.issue(name="t", scopes=CHAT, ttl=60)
+    assert tokens.verify(issued.token).name == issued.record.sub
+    clock.advance(70)
+    assert refused(service(identity, clock=clock), issued.token).code == "token_expired"
