@@ -13,14 +13,16 @@ from tray_app.control.assembly import Identity
 from tray_app.errors import AuthError
 from tray_app.identity.api_keys import ApiKeyService, looks_like_api_key
 from tray_app.identity.principal import ALL_SCOPES, CredentialKind, Principal, PrincipalId
+from tray_app.storage.credentials import CredentialStore
 
 MODELS = frozenset({"models"})
 
 
 @pytest.mark.parametrize("name", ["", "   ", "\t\n"])
 def test_a_key_needs_a_name(identity: Identity, name: str) -> None:
-    with pytest.raises(ValueError, match="needs a name"):
+    with pytest.raises(ValueError) as caught:
         identity.api_keys.create(name, scopes=MODELS)
+    assert str(caught.value) == "an API key needs a name"
     assert identity.api_keys.list() == []
 
 
@@ -217,3 +219,36 @@ def test_reload_forgets_what_the_database_no_longer_holds(identity: Identity) ->
     identity.api_keys.reload()
     assert not identity.api_keys.is_active(record.id)
     assert refused(identity.api_keys, key).code == "invalid_api_key"
+
+
+def test_a_key_is_listed_with_when_it_was_last_used(identity: Identity) -> None:
+    _, used = identity.api_keys.create("used", scopes=MODELS)
+    _, unused = identity.api_keys.create("unused", scopes=MODELS)
+    identity.db.add_usage([], key_last_used={used.id: 1_800_000_123.5})
+    listed = {record.id: record.last_used for record in identity.api_keys.list()}
+    assert listed == {used.id: 1_800_000_123.5, unused.id: None}
+
+
+def test_a_known_key_is_verified_from_memory_without_a_database_lookup(
+    identity: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looked_up: list[str] = []
+    real = CredentialStore.api_key_by_hash
+
+    def counting(self: CredentialStore, key_hash: str) -> object:
+        looked_up.append(key_hash)
+        return real(self, key_hash)
+
+    monkeypatch.setattr(CredentialStore, "api_key_by_hash", counting)
+    made_here, _ = identity.api_keys.create("here", scopes=MODELS)
+    made_elsewhere, _ = another_process(identity).create("elsewhere", scopes=MODELS)
+    for _ in range(3):
+        identity.api_keys.verify(made_here)
+    assert looked_up == []  # created by this process: known at once
+    for _ in range(3):
+        identity.api_keys.verify(made_elsewhere)
+    assert looked_up == [hashlib.sha256(made_elsewhere.encode()).hexdigest()]  # once
+    identity.api_keys.reload()  # the database changed: both are read from it, no lookup
+    for key in (made_here, made_elsewhere):
+        identity.api_keys.verify(key)
+    assert len(looked_up) == 1
