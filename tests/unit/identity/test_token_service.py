@@ -623,10 +623,51 @@ def test_a_verified_token_is_not_decoded_again_until_it_changes(
     for _ in range(3):
         identity.tokens.verify(issued.token)
     assert decoded == [issued.token]
+    clock_of(identity).advance(604)  # until the last second of its leeway, from the cache
+    identity.tokens.verify(issued.token)
+    assert decoded == [issued.token]
     identity.tokens.reload()  # the database changed: verified again, once
     for _ in range(2):
         identity.tokens.verify(issued.token)
     assert decoded == [issued.token] * 2
+
+
+def test_a_token_known_to_this_process_is_verified_without_a_database_lookup(
+    identity: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looked_up: list[str] = []
+    real = CredentialStore.token
+
+    def counting(self: CredentialStore, jti: str) -> object:
+        looked_up.append(jti)
+        return real(self, jti)
+
+    monkeypatch.setattr(CredentialStore, "token", counting)
+    here = identity.tokens.issue(name="here", scopes=CHAT, ttl=600)
+    elsewhere = service(identity).issue(name="elsewhere", scopes=CHAT, ttl=600)
+    identity.tokens.verify(here.token)
+    assert looked_up == []
+    for _ in range(2):
+        identity.tokens.reload()  # a change elsewhere: the cache is dropped, not what is live
+        identity.tokens.verify(here.token)
+        identity.tokens.verify(elsewhere.token)
+    assert looked_up == []
+
+
+@pytest.mark.parametrize("state", ["issued elsewhere", "expired", "revoked elsewhere"])
+def test_a_token_this_process_does_not_hold_as_live_can_be_revoked(
+    identity: Identity, state: str
+) -> None:
+    maker = identity.tokens if state == "expired" else service(identity)
+    issued = maker.issue(name="t", scopes=CHAT, ttl=60)
+    if state == "expired":
+        clock_of(identity).advance(70)
+        identity.tokens.reload()
+    if state == "revoked elsewhere":
+        maker.revoke(issued.record.jti)
+    assert identity.tokens.revoke(issued.record.jti).jti == issued.record.jti
+    assert not identity.tokens.is_active(issued.record.jti)
+    assert refused(identity.tokens, issued.token).code in {"token_revoked", "token_expired"}
 
 
 @pytest.mark.parametrize("start", [1_000_000_000.0, 4_000_000_000.0])  # 2001 and 2096
