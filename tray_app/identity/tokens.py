@@ -122,7 +122,10 @@ def _claims_match(claims: dict[str, object], record: TokenRecord) -> bool:
         and (record.models is None or claims["models"] == sorted(record.models))
         and ("max_tokens" in claims) == (record.max_tokens is not None)
         # type(): True == 1 in Python, and a bool is no cap.
-        and (max_tokens is None or (type(max_tokens) is int and max_tokens == record.max_tokens))
+        and (
+            record.max_tokens is None
+            or (type(max_tokens) is int and max_tokens == record.max_tokens)
+        )
     )
 
 
