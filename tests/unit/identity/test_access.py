@@ -4,6 +4,7 @@ and curl snippets follow today's, app keys and CLI tokens keep their own)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import pytest
 
 from tests.fakes import FakeClock
 from tests.unit.identity.conftest import SIGNING_KEY
+from tray_app.cli.main import main
+from tray_app.config.parsers import SecretStoreKind
 from tray_app.config.settings import Config
-from tray_app.control.assembly import Identity, open_identity
+from tray_app.control.assembly import Identity, open_identity, secret_store_for
 from tray_app.identity.principal import (
     ALL_SCOPES,
     SCOPE_CHAT,
@@ -21,6 +24,7 @@ from tray_app.identity.principal import (
     CredentialKind,
     Principal,
 )
+from tray_app.identity.signing_key import load_or_create_signing_key
 
 # Opens the identity layer on one data directory with the allowlist setting given.
 Opener = Callable[[tuple[str, ...]], Identity]
@@ -146,3 +150,37 @@ def test_an_empty_allowlist_is_every_model_and_a_listed_one_only_those(
         assert grant.models == frozenset({"a", "b"})
     phone = _bearer(listed, _device(listed))
     assert phone.may_use_model("a") and not phone.may_use_model("c")
+
+
+# ---- what `lmgate token create` and `lmgate key create` grant without --scope --------------
+
+# A CLI token is for a person at a terminal (chat, pick a model); a CLI key is for a script,
+# which may embed too. Neither reads the operator's metrics unless --scope says so.
+CLI_MAY = {
+    "token": {SCOPE_CHAT, SCOPE_MODELS},
+    "key": {SCOPE_CHAT, SCOPE_MODELS, SCOPE_EMBEDDINGS},
+}
+
+
+@pytest.mark.parametrize("command", sorted(CLI_MAY))
+def test_the_cli_grants_what_each_credential_is_for_when_no_scope_is_given(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    for name in [n for n in os.environ if n.startswith("LMGATE_")]:
+        monkeypatch.delenv(name)
+    data = tmp_path / "data"
+    flags = ["--config", str(tmp_path / "none.toml"), "--data-dir", str(data)]
+    assert main([command, "create", "made by hand", *flags, "--secret-store", "file"]) == 0
+    credential = capsys.readouterr().out.strip()
+    config = Config(storage_data_dir=str(data), secrets_store=SecretStoreKind.FILE)
+    key = load_or_create_signing_key(secret_store_for(config))  # a key needs none
+    identity = open_identity(config, key)  # the CLI's token was made by the real clock
+    try:
+        principal = _bearer(identity, credential)
+    finally:
+        identity.close()
+    for scope in ALL_SCOPES:
+        assert principal.has_scope(scope) == (scope in CLI_MAY[command]), scope
