@@ -237,21 +237,20 @@ class BootClock(FakeClock):
         return super().monotonic() - 1000.0
 
 
-def test_the_first_request_reads_what_another_process_changed(
-    identity: Identity, make_identity: IdentityMaker, tmp_path: Path
-) -> None:
-    key, record = identity.api_keys.create("script", scopes=frozenset({"chat"}))
-    built = IdentityAuthenticator(identity.db, identity.tokens, identity.api_keys, BootClock())
-    cli = open_identity(
-        Config(storage_data_dir=str(tmp_path / "data0")), SIGNING_KEY, clock=FakeClock()
-    )
+def test_the_first_request_reads_what_another_process_changed(tmp_path: Path) -> None:
+    config = Config(storage_data_dir=str(tmp_path / "shared"))
+    here = open_identity(config, SIGNING_KEY, clock=FakeClock())
+    cli = open_identity(config, SIGNING_KEY, clock=FakeClock())  # another process
     try:
+        key, record = here.api_keys.create("script", scopes=frozenset({"chat"}))
+        built = IdentityAuthenticator(here.db, here.tokens, here.api_keys, BootClock())
         cli.api_keys.revoke(record.id)
+        with pytest.raises(AuthError) as caught:
+            built.authenticate({"Authorization": f"Bearer {key}"}, None)
+        assert caught.value.code == "api_key_revoked"
     finally:
         cli.close()
-    with pytest.raises(AuthError) as caught:
-        built.authenticate({"Authorization": f"Bearer {key}"}, None)
-    assert caught.value.code == "api_key_revoked"
+        here.close()
 
 
 def test_other_processes_changes_are_looked_for_at_most_twice_a_second(
