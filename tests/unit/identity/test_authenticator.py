@@ -3,16 +3,26 @@ devices stay held to the current allowlist however many of them there are."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from multidict import CIMultiDict
 
 from tests.fakes import FakeClock
 from tests.unit.identity.conftest import SIGNING_KEY, IdentityMaker
 from tray_app.config.settings import Config
-from tray_app.control.assembly import open_identity
+from tray_app.control.assembly import Identity, open_identity
 from tray_app.errors import AuthError
 from tray_app.identity import tokens as tokens_module
+from tray_app.identity.authenticator import IdentityAuthenticator
+from tray_app.identity.principal import (
+    ALL_SCOPES,
+    MISSING_CREDENTIAL,
+    CredentialKind,
+    Principal,
+    PrincipalId,
+)
 
 LOCAL = {"Host": "localhost:8787"}
 
@@ -63,3 +73,201 @@ def test_every_paired_device_follows_the_allowlist_as_the_cache_turns_over(
                 assert principal.may_use_model("small") and not principal.may_use_model("large")
     finally:
         identity.close()
+
+
+# ---- what each refusal tells the client ------------------------------------------------------
+
+DEV_MODE_OFF = "X-User-Id is only accepted in dev mode (auth.dev_mode), which is off."
+DEV_MODE_REMOTE = "Dev mode accepts X-User-Id only from this machine, addressed to localhost."
+DEV_BAD_USER = "X-User-Id must be a short printable name."
+
+
+def _refusal(identity: Identity, headers: Mapping[str, str], peer: str | None) -> AuthError:
+    with pytest.raises(AuthError) as caught:
+        identity.authenticator.authenticate(headers, peer)
+    return caught.value
+
+
+@pytest.mark.parametrize("dev_mode", [False, True])
+@pytest.mark.parametrize("headers", [{}, LOCAL, {**LOCAL, "X-API-Key": "  "}])
+def test_a_request_without_a_credential_is_told_how_to_send_one(
+    make_identity: IdentityMaker, dev_mode: bool, headers: dict[str, str]
+) -> None:
+    refused = _refusal(make_identity(auth_dev_mode=dev_mode), headers, "127.0.0.1")
+    assert (refused.status, refused.code, str(refused)) == (
+        401,
+        "missing_api_key",
+        MISSING_CREDENTIAL,
+    )
+
+
+@pytest.mark.parametrize("peer", ["127.0.0.1", "203.0.113.9"])
+def test_x_user_id_with_dev_mode_off_says_dev_mode_is_off(identity: Identity, peer: str) -> None:
+    refused = _refusal(identity, {**LOCAL, "X-User-Id": "bob"}, peer)
+    assert (refused.status, refused.code, str(refused)) == (401, "dev_mode_off", DEV_MODE_OFF)
+
+
+def test_an_authenticator_built_without_saying_is_not_in_dev_mode(identity: Identity) -> None:
+    built = IdentityAuthenticator(identity.db, identity.tokens, identity.api_keys, identity.clock)
+    with pytest.raises(AuthError) as caught:
+        built.authenticate({**LOCAL, "X-User-Id": "bob"}, "127.0.0.1")
+    assert caught.value.code == "dev_mode_off"
+    assert not built.still_valid(Principal("dev:bob", frozenset(), credential=_DEV_BOB))
+
+
+@pytest.mark.parametrize(
+    ("headers", "peer"),
+    [
+        ({**LOCAL, "X-User-Id": "bob"}, "203.0.113.9"),
+        ({**LOCAL, "X-User-Id": "bob"}, None),
+        ({"Host": "attacker.example", "X-User-Id": "bob"}, "127.0.0.1"),
+        ({"X-User-Id": "bob"}, "127.0.0.1"),
+    ],
+)
+def test_dev_mode_from_elsewhere_says_where_it_is_accepted(
+    make_identity: IdentityMaker, headers: dict[str, str], peer: str | None
+) -> None:
+    refused = _refusal(make_identity(auth_dev_mode=True), headers, peer)
+    assert (refused.status, refused.code, str(refused)) == (
+        401,
+        "dev_mode_remote",
+        DEV_MODE_REMOTE,
+    )
+
+
+def test_a_bad_dev_user_name_is_told_what_a_name_must_be(make_identity: IdentityMaker) -> None:
+    refused = _refusal(
+        make_identity(auth_dev_mode=True), {**LOCAL, "X-User-Id": "\x00"}, "127.0.0.1"
+    )
+    assert (refused.status, refused.code, str(refused)) == (401, "dev_mode_bad_user", DEV_BAD_USER)
+
+
+# ---- dev mode beside real credentials --------------------------------------------------------
+
+_DEV_BOB = PrincipalId(CredentialKind.DEV, "bob")
+
+# Headers relays of every kind add, written out here rather than read from the module, so that
+# a name dropped from its lists is noticed. Some are in no list and only a prefix catches them.
+RELAY_HEADERS = [
+    "Forwarded",
+    "Via",
+    "Client-IP",
+    "X-Forwarded",
+    "X-Forwarded-For",
+    "x-forwarded-host",
+    "X-Forwarded-Proto",
+    "X-Forwarded-Port",
+    "X-Forwarded-Prefix",
+    "X-Forwarded-Server",
+    "X-Forwarded-Ssl",
+    "X-Original-Forwarded-For",
+    "X-Original-URL",
+    "X-Real-IP",
+    "X-Real-Port",
+    "X-Envoy-External-Address",
+    "X-Cluster-Client-IP",
+    "X-Client-IP",
+    "X-Client-Port",
+    "CF-Connecting-IP",
+    "CF-Ray",
+    "cf-ipcountry",
+    "CDN-Loop",
+    "Fly-Client-IP",
+    "Fly-Forwarded-Port",
+    "Fastly-Client-IP",
+    "Fastly-SSL",
+    "Tailscale-User-Login",
+    "True-Client-IP",
+    "X-ProxyUser-Ip",
+]
+
+
+@pytest.mark.parametrize("header", RELAY_HEADERS)
+def test_dev_mode_refuses_a_request_a_proxy_relayed(
+    make_identity: IdentityMaker, header: str
+) -> None:
+    identity = make_identity(auth_dev_mode=True)
+    headers = CIMultiDict({**LOCAL, "X-User-Id": "bob", header: "127.0.0.1"})
+    refused = _refusal(identity, headers, "127.0.0.1")
+    assert (refused.status, refused.code) == (401, "dev_mode_remote")
+
+
+@pytest.mark.parametrize("header", ["X-Request-Id", "User-Agent", "Accept", "X-Custom-Forward"])
+def test_dev_mode_takes_a_request_with_ordinary_headers(
+    make_identity: IdentityMaker, header: str
+) -> None:
+    identity = make_identity(auth_dev_mode=True)
+    headers = CIMultiDict({**LOCAL, "X-User-Id": "bob", header: "x"})
+    principal = identity.authenticator.authenticate(headers, "127.0.0.1")
+    assert (principal.name, principal.scopes, principal.credential) == (
+        "dev:bob",
+        ALL_SCOPES,
+        _DEV_BOB,
+    )
+    assert identity.authenticator.still_valid(principal)
+
+
+@pytest.mark.parametrize("authorization", ["Bearer lmg_" + "x" * 43, "Basic Ym9iOg=="])
+def test_in_dev_mode_x_user_id_speaks_for_the_request_whatever_else_it_carries(
+    make_identity: IdentityMaker, authorization: str
+) -> None:
+    identity = make_identity(auth_dev_mode=True)
+    headers = {**LOCAL, "X-User-Id": "bob", "Authorization": authorization}
+    assert identity.authenticator.authenticate(headers, "127.0.0.1").credential == _DEV_BOB
+
+
+@pytest.mark.parametrize("peer", ["127.0.0.1", "203.0.113.9"])
+def test_in_dev_mode_keys_and_tokens_work_as_ever(make_identity: IdentityMaker, peer: str) -> None:
+    identity = make_identity(auth_dev_mode=True)
+    key, record = identity.api_keys.create("script", scopes=frozenset({"chat"}))
+    token = identity.tokens.issue(name="cli", scopes=frozenset({"models"}), ttl=60.0).token
+    by_key = identity.authenticator.authenticate({"Authorization": f"Bearer {key}"}, peer)
+    assert by_key.name == record.principal_name
+    by_token = identity.authenticator.authenticate({"X-API-Key": token}, peer)
+    assert by_token.scopes == frozenset({"models"})
+
+
+# ---- changes other processes make ------------------------------------------------------------
+
+
+class BootClock(FakeClock):
+    """A machine just booted: its monotonic clock is still below one second."""
+
+    def monotonic(self) -> float:
+        return super().monotonic() - 1000.0
+
+
+def test_the_first_request_reads_what_another_process_changed(tmp_path: Path) -> None:
+    config = Config(storage_data_dir=str(tmp_path / "shared"))
+    here = open_identity(config, SIGNING_KEY, clock=FakeClock())
+    cli = open_identity(config, SIGNING_KEY, clock=FakeClock())  # another process
+    try:
+        key, record = here.api_keys.create("script", scopes=frozenset({"chat"}))
+        built = IdentityAuthenticator(here.db, here.tokens, here.api_keys, BootClock())
+        cli.api_keys.revoke(record.id)
+        with pytest.raises(AuthError) as caught:
+            built.authenticate({"Authorization": f"Bearer {key}"}, None)
+        assert caught.value.code == "api_key_revoked"
+    finally:
+        cli.close()
+        here.close()
+
+
+def test_other_processes_changes_are_looked_for_at_most_twice_a_second(
+    identity: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key, _ = identity.api_keys.create("script", scopes=frozenset({"chat"}))
+    looked = []
+    real = identity.db.changed_by_others
+
+    def counting() -> bool:
+        looked.append(identity.clock.monotonic())
+        return real()
+
+    monkeypatch.setattr(identity.db, "changed_by_others", counting)
+    assert isinstance(identity.clock, FakeClock)
+    for _ in range(4):  # two seconds of requests, ten a second
+        for _ in range(5):
+            identity.authenticator.authenticate({"Authorization": f"Bearer {key}"}, None)
+            identity.clock.advance(0.1)
+    assert len(looked) == 4
