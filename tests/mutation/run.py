@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,24 +138,17 @@ def score_module(name: str, where: Path, file: str, equivalents: dict[str, str])
     return score
 
 
-def run_table_mutants(selected: set[str] | None, equivalents: dict[str, str]) -> Score:
-    entries: list[dict[str, Any]] = tomllib.loads(TABLE_MUTANTS.read_text("utf-8"))["mutant"]
-    score = Score("table mutants", 0, [], [], 0)
-    where = SCRATCH / "_tables"
-    for entry in entries:
-        ident = entry["id"]
-        if selected is not None and entry.get("module") not in selected:
-            continue
-        if ident in equivalents:
-            score.equivalent += 1
-            continue
-        make_scratch(where)
+def _run_table_mutant(entry: dict[str, Any]) -> tuple[str, str]:
+    """Apply one hand-written mutant to its own scratch copy and run its tests: a verdict."""
+    ident = entry["id"]
+    where = SCRATCH / "_tables" / ident
+    make_scratch(where)
+    try:
         target = where / entry["file"]
         text = target.read_text("utf-8")
         if text.count(entry["original"]) != 1:
             # A stale entry must not pass as a kill: the code it mutates has moved.
-            score.other.append(f"{ident} (original text found {text.count(entry['original'])}x)")
-            continue
+            return ident, f"original text found {text.count(entry['original'])}x"
         target.write_text(text.replace(entry["original"], entry["replacement"]), "utf-8")
         result = subprocess.run(
             [str(BIN / "python"), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
@@ -165,14 +159,34 @@ def run_table_mutants(selected: set[str] | None, equivalents: dict[str, str]) ->
             text=True,
             check=False,
         )
-        verdict = {0: "survived", 1: "killed"}.get(result.returncode, f"error {result.returncode}")
-        print(f"   {ident}: {verdict}", flush=True)
-        if result.returncode == 1:
-            score.killed += 1
-        elif result.returncode == 0:
-            score.survived.append(ident)
+        return ident, {0: "survived", 1: "killed"}.get(
+            result.returncode, f"pytest exit {result.returncode}"
+        )
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def run_table_mutants(selected: set[str] | None, equivalents: dict[str, str], jobs: int) -> Score:
+    entries: list[dict[str, Any]] = tomllib.loads(TABLE_MUTANTS.read_text("utf-8"))["mutant"]
+    score = Score("table mutants", 0, [], [], 0)
+    chosen = []
+    for entry in entries:
+        if selected is not None and entry.get("module") not in selected:
+            continue
+        if entry["id"] in equivalents:
+            score.equivalent += 1
         else:
-            score.other.append(f"{ident} (pytest exit {result.returncode})")
+            chosen.append(entry)
+    # Each mutant has its own scratch copy, so they run side by side like mutmut's workers.
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for ident, verdict in pool.map(_run_table_mutant, chosen):
+            print(f"   {ident}: {verdict}", flush=True)
+            if verdict == "killed":
+                score.killed += 1
+            elif verdict == "survived":
+                score.survived.append(ident)
+            else:
+                score.other.append(f"{ident} ({verdict})")
     return score
 
 
@@ -195,7 +209,7 @@ def main() -> int:
     parser.add_argument("--module", action="append", help="run only this module (repeatable)")
     parser.add_argument("--tables-only", action="store_true", help="only the hand-written mutants")
     parser.add_argument("--no-tables", action="store_true", help="skip the hand-written mutants")
-    parser.add_argument("--jobs", type=int, default=1, help="mutmut workers (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="workers (mutmut and table mutants)")
     parser.add_argument("--threshold", type=float, default=0.0, help="fail below this score")
     args = parser.parse_args()
 
@@ -214,7 +228,8 @@ def main() -> int:
             scores.append(score_module(name, where, modules[name]["file"], equivalents))
             print_table(scores[-1:], details=False)
     if not args.no_tables:
-        scores.append(run_table_mutants(set(args.module) if args.module else None, equivalents))
+        selected = set(args.module) if args.module else None
+        scores.append(run_table_mutants(selected, equivalents, args.jobs))
     print_table(scores)
     return 1 if any(s.percent < args.threshold for s in scores) else 0
 
