@@ -1,0 +1,242 @@
+"""The stream relay's usage hiding on its own, over real loopback sockets but without the
+gateway: a scripted upstream writes exactly the reads a test names, one StreamRelay relays
+them, and the test sees both what the client got and what the relay recorded.
+
+A stream whose usage LM Gate asked for must reach the client without it while the usage is
+still counted; a stream nobody cuts must reach the client byte for byte; an observer sees
+exactly what the client got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.helpers import sse_events
+from tray_app.config.settings import Config
+from tray_app.gateway.upstream.streaming import StreamRelay
+from tray_app.gateway.upstream.usage import Usage
+
+LIMIT = 1024
+CONTENT = b'data: {"choices":[{"delta":{"content":"tok"}}]}\n\n'
+USAGE_ONLY = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}\n\n'
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class Rig:
+    """Upstream reads to send (each written alone, a pause between), relay options, and the
+    relays made, one per request."""
+
+    reads: list[bytes] = field(default_factory=list)
+    hide_usage: bool = False
+    observe: bool = False
+    observed: list[bytes] = field(default_factory=list)
+    relays: list[StreamRelay] = field(default_factory=list)
+    upstream_url: str = ""
+    url: str = ""
+    upstream_closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def fetch(self) -> tuple[int, bytes]:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(self.url, timeout=aiohttp.ClientTimeout(total=10)) as r,
+        ):
+            return r.status, await r.read()
+
+    @property
+    def relay(self) -> StreamRelay:
+        return self.relays[-1]
+
+
+async def _upstream(rig: Rig, request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    try:
+        for read in rig.reads:
+            await response.write(read)
+            await asyncio.sleep(0.02)  # so that each write is one read on the other side
+    except (ConnectionResetError, asyncio.CancelledError):
+        rig.upstream_closed.set()
+        raise
+    return response
+
+
+async def _read_whole(upstream: aiohttp.ClientResponse) -> web.Response:
+    return web.Response(status=upstream.status, body=await upstream.read())
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/"
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    rig = Rig()
+    config = Config(streaming_heartbeat_interval=0.0, limits_max_event_bytes=LIMIT)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        observer: Callable[[bytes], None] | None = rig.observed.append if rig.observe else None
+        relay = StreamRelay(
+            request,
+            "req-relay",
+            config=config,
+            on_upstream=lambda _: None,
+            read_whole=_read_whole,
+            is_stopping=lambda: False,
+            hide_usage=rig.hide_usage,
+            observer=observer,
+        )
+        rig.relays.append(relay)
+        return await relay.run(lambda: session.post(rig.upstream_url))
+
+    async def handle_upstream(request: web.Request) -> web.StreamResponse:
+        return await _upstream(rig, request)
+
+    upstream = web.Application()
+    upstream.router.add_post("/", handle_upstream)
+    relaying = web.Application()
+    relaying.router.add_post("/", handle)
+    async with aiohttp.ClientSession() as session:
+        up_runner, rig.upstream_url = await _serve(upstream)
+        runner, rig.url = await _serve(relaying)
+        try:
+            yield rig
+        finally:
+            await runner.cleanup()
+            await up_runner.cleanup()
+
+
+def _usage_in(body: bytes) -> bool:
+    return b'"usage"' in body
+
+
+# How a stream's usage may arrive: its own chunk, on the last content chunk, split over reads.
+USAGE_STREAMS: dict[str, tuple[list[bytes], bytes]] = {
+    "usage-chunk": ([CONTENT, CONTENT, USAGE_ONLY, DONE], CONTENT + CONTENT + DONE),
+    "usage-on-content": (
+        [
+            CONTENT,
+            b'data: {"choices":[{"delta":{"content":"end"}}],'
+            b'"usage":{"prompt_tokens":3,"completion_tokens":5}}\n\n',
+            DONE,
+        ],
+        CONTENT + b'data: {"choices": [{"delta": {"content": "end"}}]}\n\n' + DONE,
+    ),
+    "split-reads": (
+        [CONTENT + USAGE_ONLY[:20], USAGE_ONLY[20:] + b"data: [DO", b"NE]\n\n"],
+        CONTENT + DONE,
+    ),
+    "crlf": (
+        [(CONTENT + USAGE_ONLY + DONE).replace(b"\n", b"\r\n")],
+        CONTENT + DONE,
+    ),
+}
+
+
+@pytest.mark.parametrize("observe", [False, True], ids=["alone", "observed"])
+@pytest.mark.parametrize("stream", USAGE_STREAMS)
+async def test_hidden_usage_does_not_reach_the_client_but_is_counted(
+    rig: Rig, stream: str, observe: bool
+) -> None:
+    rig.reads, expected = USAGE_STREAMS[stream]
+    rig.hide_usage = True
+    rig.observe = observe
+    status, body = await rig.fetch()
+    assert status == 200
+    assert body == expected
+    assert not _usage_in(body)
+    assert rig.relay.usage == Usage(3, 5)
+    assert rig.relay.bytes_out == len(body)
+    assert rig.relay.error is None
+    assert b"".join(rig.observed) == (body if observe else b"")
+
+
+async def test_usage_hidden_early_in_a_long_stream_is_still_counted(rig: Rig) -> None:
+    # The usage event is long gone from the last reads when the stream ends: the cutter's
+    # count is the one that holds.
+    rig.reads = [CONTENT, USAGE_ONLY, *[CONTENT] * 8, DONE]
+    rig.hide_usage = True
+    status, body = await rig.fetch()
+    assert status == 200
+    assert body == CONTENT * 9 + DONE
+    assert rig.relay.usage == Usage(3, 5)
+
+
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r"])
+async def test_a_stream_nobody_cuts_reaches_the_client_byte_for_byte(rig: Rig, end: bytes) -> None:
+    reads = [
+        read.replace(b"\n", end) for read in [CONTENT, CONTENT[:9], CONTENT[9:], USAGE_ONLY, DONE]
+    ]
+    rig.reads = reads
+    status, body = await rig.fetch()
+    assert status == 200
+    assert body == b"".join(reads)  # the client asked for the usage: it gets it, as sent
+    assert rig.relay.usage == Usage(3, 5)  # counted from the stream's last reads
+    assert rig.relay.bytes_out == len(body)
+
+
+async def test_an_observer_sees_whole_events_exactly_as_the_client_gets_them(rig: Rig) -> None:
+    rig.reads = [CONTENT[:10], CONTENT[10:] + USAGE_ONLY[:5], USAGE_ONLY[5:], DONE + b"data: x"]
+    rig.observe = True
+    status, body = await rig.fetch()
+    assert status == 200
+    # The usage the client asked for stays; the unfinished last event is relayed as it is.
+    assert body == CONTENT + USAGE_ONLY + DONE + b"data: x"
+    assert rig.observed[:3] == [CONTENT, USAGE_ONLY, DONE]
+    assert b"".join(rig.observed) == body
+    assert rig.relay.usage == Usage(3, 5)
+    assert rig.relay.bytes_out == len(body)
+
+
+async def test_a_stream_without_usage_counts_none(rig: Rig) -> None:
+    rig.reads = [CONTENT, DONE]
+    rig.hide_usage = True
+    status, body = await rig.fetch()
+    assert (status, body) == (200, CONTENT + DONE)
+    assert rig.relay.usage is None
+
+
+# A stream nobody cuts (no usage hidden, no observer) is relayed as it comes, whatever its
+# events: the client's own parser bounds them.
+@pytest.mark.parametrize(
+    ("hide_usage", "observe"),
+    [(True, False), (True, True), (False, True)],
+    ids=["usage-hidden", "usage-hidden-observed", "observed"],
+)
+async def test_an_event_larger_than_the_limit_ends_the_stream_with_an_error(
+    rig: Rig, hide_usage: bool, observe: bool
+) -> None:
+    big = b"data: " + b"x" * LIMIT + b"\n\n"
+    rig.reads = [CONTENT, big, CONTENT, DONE]
+    rig.hide_usage = hide_usage
+    rig.observe = observe
+    status, body = await rig.fetch()
+    assert status == 200
+    assert body.startswith(CONTENT)
+    events = sse_events(body)
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "upstream_event_too_large"
+    assert error["param"] is None
+    assert error["request_id"] == "req-relay"
+    assert b"x" * 100 not in body
+    assert rig.relay.error == "upstream_event_too_large"
+    await asyncio.wait_for(rig.upstream_closed.wait(), 5)  # the generation is stopped too
+
+
+async def test_an_empty_stream_is_an_empty_answer(rig: Rig) -> None:
+    rig.reads = []
+    rig.hide_usage = True
+    status, body = await rig.fetch()
+    assert (status, body) == (200, b"")
+    assert rig.relay.usage is None
+    assert rig.relay.bytes_out == 0
