@@ -400,3 +400,51 @@ def test_an_oversized_event_completed_by_a_later_read_is_refused() -> None:
     assert not cutter.too_large
     assert cutter.feed(b"\n\n" + event_of(10)) == b""
     assert cutter.too_large
+
+
+# SSE lets a data line's value start right after the colon, or after a blank (removed), and
+# LM Studio's JSON may be padded; every spelling of the usage chunk is the usage chunk.
+DATA_SPELLINGS = [b"data:", b"data: ", b"data:   ", b"data:\t", b"data: \x0c"]
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("prefix", DATA_SPELLINGS)
+def test_every_data_line_spelling_of_the_usage_chunk_is_hidden(prefix: bytes) -> None:
+    event = prefix + b'{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}  '
+    assert strip_usage_events(CONTENT + event + b"\n\n" + DONE_EVENT) == (
+        CONTENT + DONE_EVENT,
+        Usage(3, 5),
+    )
+
+
+# (Not the form feed: str.splitlines ends a line there, so the tail never sees that line whole.)
+@pytest.mark.parametrize("prefix", DATA_SPELLINGS[:-1])
+def test_every_data_line_spelling_of_the_usage_chunk_is_counted(prefix: bytes) -> None:
+    event = prefix + b'{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}  '
+    assert usage_from_sse_tail([CONTENT, event + b"\n\n", DONE_EVENT], 1000) == Usage(3, 5)
+
+
+def test_a_usage_object_nested_in_a_message_is_counted_and_the_event_kept() -> None:
+    # /v1/messages' message_start carries usage inside its message, not at the top.
+    event = b'data: {"type":"message_start","message":{"id":"m1","usage":{"input_tokens":9}}}'
+    left, found = strip_usage_events(event + b"\n\n")
+    assert found == Usage(9, 0)
+    assert json.loads(left.partition(b"\n\n")[0][6:]) == json.loads(event[6:])
+
+
+def test_a_fresh_cutter_keeps_a_leading_line_end() -> None:
+    # No CR came before the first read: its leading LF is a line end of its own.
+    cutter = EventCutter(1000, hide_usage=False)
+    assert cutter.feed(b"\ndata: a\n\n") == b"\ndata: a\n\n"
+    cutter = EventCutter(1000, hide_usage=False)
+    assert cutter.feed(b"\n") == b""
+    assert cutter.feed(b"\ndata: a\n\n") == b"\n\ndata: a\n\n"
+
+
+def test_after_the_rest_is_taken_the_limit_counts_from_zero() -> None:
+    cutter = EventCutter(LIMIT, hide_usage=False)
+    cutter.feed(b"data: unfinished")
+    assert cutter.rest() == b"data: unfinished"
+    assert cutter.feed(b"x" * (LIMIT - 1)) == b""
+    assert not cutter.too_large
+    assert cutter.rest() == b"x" * (LIMIT - 1)
