@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from aiohttp import web
 
 from tests.helpers import sse_events
 from tray_app.config.settings import Config
-from tray_app.gateway.upstream.streaming import StreamRelay
+from tray_app.gateway.upstream.streaming import StreamRelay, _HeartbeatPump
 from tray_app.gateway.upstream.usage import Usage
 
 LIMIT = 1024
@@ -42,6 +43,10 @@ class Rig:
     upstream_url: str = ""
     url: str = ""
     upstream_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    # For an upstream that answers without a stream: its status, body, and how long it thinks.
+    plain: tuple[int, bytes] | None = None
+    header_delay: float = 0.0
+    heartbeat: float = 0.0
 
     async def fetch(self) -> tuple[int, bytes]:
         async with (
@@ -56,6 +61,10 @@ class Rig:
 
 
 async def _upstream(rig: Rig, request: web.Request) -> web.StreamResponse:
+    await asyncio.sleep(rig.header_delay)
+    if rig.plain is not None:
+        status, body = rig.plain
+        return web.Response(status=status, body=body, content_type="application/json")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     try:
@@ -82,9 +91,9 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
     rig = Rig()
-    config = Config(streaming_heartbeat_interval=0.0, limits_max_event_bytes=LIMIT)
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        config = Config(streaming_heartbeat_interval=rig.heartbeat, limits_max_event_bytes=LIMIT)
         observer: Callable[[bytes], None] | None = rig.observed.append if rig.observe else None
         relay = StreamRelay(
             request,
@@ -240,3 +249,71 @@ async def test_an_empty_stream_is_an_empty_answer(rig: Rig) -> None:
     assert (status, body) == (200, b"")
     assert rig.relay.usage is None
     assert rig.relay.bytes_out == 0
+
+
+# ---- LM Studio answers without a stream -----------------------------------------------------
+
+ERROR_BODY = b'{"error":\n  "model not loaded"}'
+
+
+@pytest.mark.parametrize("status", [200, 400, 503])
+async def test_an_answer_before_any_heartbeat_is_passed_on_as_it_is(rig: Rig, status: int) -> None:
+    rig.plain = (status, ERROR_BODY)
+    assert await rig.fetch() == (status, ERROR_BODY)
+    assert rig.relay.status == status
+    assert not rig.relay.committed
+
+
+async def test_a_plain_answer_after_heartbeats_becomes_one_event_and_done(rig: Rig) -> None:
+    rig.plain = (200, b'{"choices":\n[{"text":"hi"}]}')
+    rig.heartbeat, rig.header_delay = 0.05, 0.3
+    status, body = await rig.fetch()
+    assert status == 200
+    beats, _, rest = body.rpartition(b": keep-alive\n\n")
+    assert beats.replace(b": keep-alive\n\n", b"") == b""
+    assert rest == b'data: {"choices":[{"text":"hi"}]}\n\ndata: [DONE]\n\n'
+    assert rig.relay.committed
+    assert rig.relay.error is None
+    assert rig.relay.bytes_out == len(body)
+
+
+@pytest.mark.parametrize("status", [400, 404, 500])
+async def test_an_error_after_heartbeats_becomes_an_error_event(rig: Rig, status: int) -> None:
+    rig.plain = (status, ERROR_BODY + b"\xff")
+    rig.heartbeat, rig.header_delay = 0.05, 0.3
+    got, body = await rig.fetch()
+    assert got == 200  # the headers went out with the first heartbeat
+    assert body.startswith(b": keep-alive\n\n")
+    error = json.loads(sse_events(body)[-1])["error"]
+    assert error["code"] == "upstream_error"
+    assert error["param"] is None
+    assert error["message"] == (ERROR_BODY + b"\xff").decode("utf-8", errors="replace")
+    assert error["request_id"] == "req-relay"
+    assert rig.relay.error == "upstream_error"
+
+
+# ---- a heartbeat that fails -----------------------------------------------------------------
+
+
+class _FailingRelay:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def heartbeat(self) -> None:
+        self.calls += 1
+        raise RuntimeError("socket in a bad state")
+
+
+async def test_a_failed_heartbeat_is_logged_with_its_cause_and_not_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay = _FailingRelay()
+    with caplog.at_level(logging.WARNING, logger="lmgate.streaming"):
+        pump = _HeartbeatPump(relay, 0.01)  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+        await pump.stop()
+    assert relay.calls == 1
+    [record] = [r for r in caplog.records if r.name == "lmgate.streaming"]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == "SSE heartbeat failed: RuntimeError"
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
