@@ -47,6 +47,9 @@ class Rig:
     plain: tuple[int, bytes] | None = None
     header_delay: float = 0.0
     heartbeat: float = 0.0
+    # The upstream drops its connection after its reads instead of ending the stream.
+    breaks: bool = False
+    stopping: bool = False
 
     async def fetch(self) -> tuple[int, bytes]:
         async with (
@@ -71,6 +74,9 @@ async def _upstream(rig: Rig, request: web.Request) -> web.StreamResponse:
         for read in rig.reads:
             await response.write(read)
             await asyncio.sleep(0.02)  # so that each write is one read on the other side
+        if rig.breaks:
+            assert request.transport is not None
+            request.transport.close()
     except (ConnectionResetError, asyncio.CancelledError):
         rig.upstream_closed.set()
         raise
@@ -101,7 +107,7 @@ async def rig() -> AsyncIterator[Rig]:
             config=config,
             on_upstream=lambda _: None,
             read_whole=_read_whole,
-            is_stopping=lambda: False,
+            is_stopping=lambda: rig.stopping,
             hide_usage=rig.hide_usage,
             observer=observer,
         )
@@ -317,3 +323,31 @@ async def test_a_failed_heartbeat_is_logged_with_its_cause_and_not_retried(
     assert record.levelno == logging.WARNING
     assert record.getMessage() == "SSE heartbeat failed: RuntimeError"
     assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+
+
+# ---- heartbeats and a broken stream -------------------------------------------------------
+
+
+@pytest.mark.parametrize("hide_usage", [False, True], ids=["plain", "whole-events"])
+async def test_heartbeats_stop_at_the_first_chunk(rig: Rig, hide_usage: bool) -> None:
+    rig.reads = [CONTENT] * 12 + [DONE]  # about 0.25 s of stream, five heartbeat intervals
+    rig.heartbeat, rig.hide_usage = 0.05, hide_usage
+    status, body = await rig.fetch()
+    assert (status, body) == (200, CONTENT * 12 + DONE)
+
+
+@pytest.mark.parametrize("hide_usage", [False, True], ids=["plain", "whole-events"])
+@pytest.mark.parametrize(
+    ("stopping", "code"), [(False, "upstream_stream_failed"), (True, "shutting_down")]
+)
+async def test_a_stream_that_breaks_off_ends_with_an_error_event(
+    rig: Rig, hide_usage: bool, stopping: bool, code: str
+) -> None:
+    rig.reads = [CONTENT, CONTENT]
+    rig.breaks, rig.stopping, rig.hide_usage = True, stopping, hide_usage
+    status, body = await rig.fetch()
+    assert status == 200
+    assert body.startswith(CONTENT)
+    error = json.loads(sse_events(body)[-1])["error"]
+    assert (error["code"], error["param"], error["request_id"]) == (code, None, "req-relay")
+    assert rig.relay.error == code
