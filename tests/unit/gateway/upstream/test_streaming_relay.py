@@ -21,6 +21,7 @@ from aiohttp import web
 
 from tests.helpers import sse_events
 from tray_app.config.settings import Config
+from tray_app.gateway.api_errors import ApiError
 from tray_app.gateway.upstream.streaming import StreamRelay, _HeartbeatPump
 from tray_app.gateway.upstream.usage import Usage
 
@@ -49,6 +50,8 @@ class Rig:
     heartbeat: float = 0.0
     # The upstream drops its connection after its reads instead of ending the stream.
     breaks: bool = False
+    # What reading a non-stream answer raises (LM Studio's answer too large, say).
+    read_error: ApiError | None = None
     stopping: bool = False
 
     async def fetch(self) -> tuple[int, bytes]:
@@ -83,10 +86,6 @@ async def _upstream(rig: Rig, request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _read_whole(upstream: aiohttp.ClientResponse) -> web.Response:
-    return web.Response(status=upstream.status, body=await upstream.read())
-
-
 async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
@@ -98,6 +97,12 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
 async def rig() -> AsyncIterator[Rig]:
     rig = Rig()
 
+    async def read_whole(upstream: aiohttp.ClientResponse) -> web.Response:
+        body = await upstream.read()
+        if rig.read_error is not None:
+            raise rig.read_error
+        return web.Response(status=upstream.status, body=body)
+
     async def handle(request: web.Request) -> web.StreamResponse:
         config = Config(streaming_heartbeat_interval=rig.heartbeat, limits_max_event_bytes=LIMIT)
         observer: Callable[[bytes], None] | None = rig.observed.append if rig.observe else None
@@ -106,13 +111,16 @@ async def rig() -> AsyncIterator[Rig]:
             "req-relay",
             config=config,
             on_upstream=lambda _: None,
-            read_whole=_read_whole,
+            read_whole=read_whole,
             is_stopping=lambda: rig.stopping,
             hide_usage=rig.hide_usage,
             observer=observer,
         )
         rig.relays.append(relay)
-        return await relay.run(lambda: session.post(rig.upstream_url))
+        try:
+            return await relay.run(lambda: session.post(rig.upstream_url))
+        except ApiError as err:  # what the gateway's error middleware does
+            return err.to_response("req-relay")
 
     async def handle_upstream(request: web.Request) -> web.StreamResponse:
         return await _upstream(rig, request)
@@ -241,6 +249,7 @@ async def test_an_event_larger_than_the_limit_ends_the_stream_with_an_error(
     events = sse_events(body)
     error = json.loads(events[-1])["error"]
     assert error["code"] == "upstream_event_too_large"
+    assert f"larger than {LIMIT} bytes" in error["message"]
     assert error["param"] is None
     assert error["request_id"] == "req-relay"
     assert b"x" * 100 not in body
@@ -351,3 +360,25 @@ async def test_a_stream_that_breaks_off_ends_with_an_error_event(
     error = json.loads(sse_events(body)[-1])["error"]
     assert (error["code"], error["param"], error["request_id"]) == (code, None, "req-relay")
     assert rig.relay.error == code
+    if not stopping:  # the failure is named, for whoever reads the client's error
+        assert "broke off (ClientPayloadError)" in error["message"]
+
+
+TOO_LARGE = ApiError(502, "LM Studio's answer is too large.", type="server_error", code="too_big")
+
+
+@pytest.mark.parametrize("heartbeat", [0.0, 0.05], ids=["before-headers", "after-heartbeats"])
+async def test_a_plain_answer_that_cannot_be_read_ends_with_its_error(
+    rig: Rig, heartbeat: float
+) -> None:
+    rig.plain = (200, b"{}")
+    rig.heartbeat, rig.header_delay, rig.read_error = heartbeat, 0.3, TOO_LARGE
+    status, body = await rig.fetch()
+    if heartbeat:
+        assert status == 200  # committed: the error is the stream's last event
+        error = json.loads(sse_events(body)[-1])["error"]
+        assert rig.relay.error == "too_big"
+    else:
+        assert status == 502  # nothing sent yet: the error is the whole answer
+        error = json.loads(body)["error"]
+    assert (error["code"], error["param"], error["request_id"]) == ("too_big", None, "req-relay")
