@@ -1,0 +1,384 @@
+"""The stream relay's usage hiding on its own, over real loopback sockets but without the
+gateway: a scripted upstream writes exactly the reads a test names, one StreamRelay relays
+them, and the test sees both what the client got and what the relay recorded.
+
+A stream whose usage LM Gate asked for must reach the client without it while the usage is
+still counted; a stream nobody cuts must reach the client byte for byte; an observer sees
+exactly what the client got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.helpers import sse_events
+from tray_app.config.settings import Config
+from tray_app.gateway.api_errors import ApiError
+from tray_app.gateway.upstream.streaming import StreamRelay, _HeartbeatPump
+from tray_app.gateway.upstream.usage import Usage
+
+LIMIT = 1024
+CONTENT = b'data: {"choices":[{"delta":{"content":"tok"}}]}\n\n'
+USAGE_ONLY = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}\n\n'
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class Rig:
+    """Upstream reads to send (each written alone, a pause between), relay options, and the
+    relays made, one per request."""
+
+    reads: list[bytes] = field(default_factory=list)
+    hide_usage: bool = False
+    observe: bool = False
+    observed: list[bytes] = field(default_factory=list)
+    relays: list[StreamRelay] = field(default_factory=list)
+    upstream_url: str = ""
+    url: str = ""
+    upstream_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    # For an upstream that answers without a stream: its status, body, and how long it thinks.
+    plain: tuple[int, bytes] | None = None
+    header_delay: float = 0.0
+    heartbeat: float = 0.0
+    # The upstream drops its connection after its reads instead of ending the stream.
+    breaks: bool = False
+    # What reading a non-stream answer raises (LM Studio's answer too large, say).
+    read_error: ApiError | None = None
+    stopping: bool = False
+
+    async def fetch(self) -> tuple[int, bytes]:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(self.url, timeout=aiohttp.ClientTimeout(total=10)) as r,
+        ):
+            return r.status, await r.read()
+
+    @property
+    def relay(self) -> StreamRelay:
+        return self.relays[-1]
+
+
+async def _upstream(rig: Rig, request: web.Request) -> web.StreamResponse:
+    await asyncio.sleep(rig.header_delay)
+    if rig.plain is not None:
+        status, body = rig.plain
+        return web.Response(status=status, body=body, content_type="application/json")
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    try:
+        for read in rig.reads:
+            await response.write(read)
+            await asyncio.sleep(0.02)  # so that each write is one read on the other side
+        if rig.breaks:
+            assert request.transport is not None
+            request.transport.close()
+    except (ConnectionResetError, asyncio.CancelledError):
+        rig.upstream_closed.set()
+        raise
+    return response
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/"
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    rig = Rig()
+
+    async def read_whole(upstream: aiohttp.ClientResponse) -> web.Response:
+        body = await upstream.read()
+        if rig.read_error is not None:
+            raise rig.read_error
+        return web.Response(status=upstream.status, body=body)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        config = Config(streaming_heartbeat_interval=rig.heartbeat, limits_max_event_bytes=LIMIT)
+        observer: Callable[[bytes], None] | None = rig.observed.append if rig.observe else None
+        relay = StreamRelay(
+            request,
+            "req-relay",
+            config=config,
+            on_upstream=lambda _: None,
+            read_whole=read_whole,
+            is_stopping=lambda: rig.stopping,
+            hide_usage=rig.hide_usage,
+            observer=observer,
+        )
+        rig.relays.append(relay)
+        try:
+            return await relay.run(lambda: session.post(rig.upstream_url))
+        except ApiError as err:  # what the gateway's error middleware does
+            return err.to_response("req-relay")
+
+    async def handle_upstream(request: web.Request) -> web.StreamResponse:
+        return await _upstream(rig, request)
+
+    upstream = web.Application()
+    upstream.router.add_post("/", handle_upstream)
+    relaying = web.Application()
+    relaying.router.add_post("/", handle)
+    async with aiohttp.ClientSession() as session:
+        up_runner, rig.upstream_url = await _serve(upstream)
+        runner, rig.url = await _serve(relaying)
+        try:
+            yield rig
+        finally:
+            await runner.cleanup()
+            await up_runner.cleanup()
+
+
+def _usage_in(body: bytes) -> bool:
+    return b'"usage"' in body
+
+
+# How a stream's usage may arrive: its own chunk, on the last content chunk, split over reads.
+USAGE_STREAMS: dict[str, tuple[list[bytes], bytes]] = {
+    "usage-chunk": ([CONTENT, CONTENT, USAGE_ONLY, DONE], CONTENT + CONTENT + DONE),
+    "usage-on-content": (
+        [
+            CONTENT,
+            b'data: {"choices":[{"delta":{"content":"end"}}],'
+            b'"usage":{"prompt_tokens":3,"completion_tokens":5}}\n\n',
+            DONE,
+        ],
+        CONTENT + b'data: {"choices": [{"delta": {"content": "end"}}]}\n\n' + DONE,
+    ),
+    "split-reads": (
+        [CONTENT + USAGE_ONLY[:20], USAGE_ONLY[20:] + b"data: [DO", b"NE]\n\n"],
+        CONTENT + DONE,
+    ),
+    "crlf": (
+        [(CONTENT + USAGE_ONLY + DONE).replace(b"\n", b"\r\n")],
+        CONTENT + DONE,
+    ),
+}
+
+
+@pytest.mark.parametrize("observe", [False, True], ids=["alone", "observed"])
+@pytest.mark.parametrize("stream", USAGE_STREAMS)
+async def test_hidden_usage_does_not_reach_the_client_but_is_counted(
+    rig: Rig, stream: str, observe: bool
+) -> None:
+    rig.reads, expected = USAGE_STREAMS[stream]
+    rig.hide_usage = True
+    rig.observe = observe
+    status, body = await rig.fetch()
+    assert status == 200
+    assert body == expected
+    assert not _usage_in(body)
+    assert rig.relay.usage == Usage(3, 5)
+    assert rig.relay.bytes_out == len(body)
+    assert rig.relay.error is None
+    assert b"".join(rig.observed) == (body if observe else b"")
+
+
+async def test_usage_hidden_early_in_a_long_stream_is_still_counted(rig: Rig) -> None:
+    # The usage event is long gone from the last reads when the stream ends: the cutter's
+    # count is the one that holds.
+    rig.reads = [CONTENT, USAGE_ONLY, *[CONTENT] * 8, DONE]
+    rig.hide_usage = True
+    status, body = await rig.fetch()
+    assert status == 200
+    assert body == CONTENT * 9 + DONE
+    assert rig.relay.usage == Usage(3, 5)
+
+
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r"])
+async def test_a_stream_nobody_cuts_reaches_the_client_byte_for_byte(rig: Rig, end: bytes) -> None:
+    reads = [
+        read.replace(b"\n", end) for read in [CONTENT, CONTENT[:9], CONTENT[9:], USAGE_ONLY, DONE]
+    ]
+    rig.reads = reads
+    status, body = await rig.fetch()
+    assert status == 200
+    assert body == b"".join(reads)  # the client asked for the usage: it gets it, as sent
+    assert rig.relay.usage == Usage(3, 5)  # counted from the stream's last reads
+    assert rig.relay.bytes_out == len(body)
+
+
+async def test_an_observer_sees_whole_events_exactly_as_the_client_gets_them(rig: Rig) -> None:
+    rig.reads = [CONTENT[:10], CONTENT[10:] + USAGE_ONLY[:5], USAGE_ONLY[5:], DONE + b"data: x"]
+    rig.observe = True
+    status, body = await rig.fetch()
+    assert status == 200
+    # The usage the client asked for stays; the unfinished last event is relayed as it is.
+    assert body == CONTENT + USAGE_ONLY + DONE + b"data: x"
+    assert rig.observed[:3] == [CONTENT, USAGE_ONLY, DONE]
+    assert b"".join(rig.observed) == body
+    assert rig.relay.usage == Usage(3, 5)
+    assert rig.relay.bytes_out == len(body)
+
+
+async def test_a_stream_without_usage_counts_none(rig: Rig) -> None:
+    rig.reads = [CONTENT, DONE]
+    rig.hide_usage = True
+    status, body = await rig.fetch()
+    assert (status, body) == (200, CONTENT + DONE)
+    assert rig.relay.usage is None
+
+
+# A stream nobody cuts (no usage hidden, no observer) is relayed as it comes, whatever its
+# events: the client's own parser bounds them.
+@pytest.mark.parametrize(
+    ("hide_usage", "observe"),
+    [(True, False), (True, True), (False, True)],
+    ids=["usage-hidden", "usage-hidden-observed", "observed"],
+)
+async def test_an_event_larger_than_the_limit_ends_the_stream_with_an_error(
+    rig: Rig, hide_usage: bool, observe: bool
+) -> None:
+    big = b"data: " + b"x" * LIMIT + b"\n\n"
+    rig.reads = [CONTENT, big, CONTENT, DONE]
+    rig.hide_usage = hide_usage
+    rig.observe = observe
+    status, body = await rig.fetch()
+    assert status == 200
+    assert body.startswith(CONTENT)
+    events = sse_events(body)
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "upstream_event_too_large"
+    assert f"larger than {LIMIT} bytes" in error["message"]
+    assert error["param"] is None
+    assert error["request_id"] == "req-relay"
+    assert b"x" * 100 not in body
+    assert rig.relay.error == "upstream_event_too_large"
+    await asyncio.wait_for(rig.upstream_closed.wait(), 5)  # the generation is stopped too
+
+
+async def test_an_empty_stream_is_an_empty_answer(rig: Rig) -> None:
+    rig.reads = []
+    rig.hide_usage = True
+    status, body = await rig.fetch()
+    assert (status, body) == (200, b"")
+    assert rig.relay.usage is None
+    assert rig.relay.bytes_out == 0
+
+
+# ---- LM Studio answers without a stream -----------------------------------------------------
+
+ERROR_BODY = b'{"error":\n  "model not loaded"}'
+
+
+@pytest.mark.parametrize("status", [200, 400, 503])
+async def test_an_answer_before_any_heartbeat_is_passed_on_as_it_is(rig: Rig, status: int) -> None:
+    rig.plain = (status, ERROR_BODY)
+    assert await rig.fetch() == (status, ERROR_BODY)
+    assert rig.relay.status == status
+    assert not rig.relay.committed
+
+
+async def test_a_plain_answer_after_heartbeats_becomes_one_event_and_done(rig: Rig) -> None:
+    rig.plain = (200, b'{"choices":\n[{"text":"hi"}]}')
+    rig.heartbeat, rig.header_delay = 0.05, 0.3
+    status, body = await rig.fetch()
+    assert status == 200
+    beats, _, rest = body.rpartition(b": keep-alive\n\n")
+    assert beats.replace(b": keep-alive\n\n", b"") == b""
+    assert rest == b'data: {"choices":[{"text":"hi"}]}\n\ndata: [DONE]\n\n'
+    assert rig.relay.committed
+    assert rig.relay.error is None
+    assert rig.relay.bytes_out == len(body)
+
+
+@pytest.mark.parametrize("status", [400, 404, 500])
+async def test_an_error_after_heartbeats_becomes_an_error_event(rig: Rig, status: int) -> None:
+    rig.plain = (status, ERROR_BODY + b"\xff")
+    rig.heartbeat, rig.header_delay = 0.05, 0.3
+    got, body = await rig.fetch()
+    assert got == 200  # the headers went out with the first heartbeat
+    assert body.startswith(b": keep-alive\n\n")
+    error = json.loads(sse_events(body)[-1])["error"]
+    assert error["code"] == "upstream_error"
+    assert error["param"] is None
+    assert error["message"] == (ERROR_BODY + b"\xff").decode("utf-8", errors="replace")
+    assert error["request_id"] == "req-relay"
+    assert rig.relay.error == "upstream_error"
+
+
+# ---- a heartbeat that fails -----------------------------------------------------------------
+
+
+class _FailingRelay:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def heartbeat(self) -> None:
+        self.calls += 1
+        raise RuntimeError("socket in a bad state")
+
+
+async def test_a_failed_heartbeat_is_logged_with_its_cause_and_not_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay = _FailingRelay()
+    with caplog.at_level(logging.WARNING, logger="lmgate.streaming"):
+        pump = _HeartbeatPump(relay, 0.01)  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+        await pump.stop()
+    assert relay.calls == 1
+    [record] = [r for r in caplog.records if r.name == "lmgate.streaming"]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == "SSE heartbeat failed: RuntimeError"
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+
+
+# ---- heartbeats and a broken stream -------------------------------------------------------
+
+
+@pytest.mark.parametrize("hide_usage", [False, True], ids=["plain", "whole-events"])
+async def test_heartbeats_stop_at_the_first_chunk(rig: Rig, hide_usage: bool) -> None:
+    rig.reads = [CONTENT] * 12 + [DONE]  # about 0.25 s of stream, five heartbeat intervals
+    rig.heartbeat, rig.hide_usage = 0.05, hide_usage
+    status, body = await rig.fetch()
+    assert (status, body) == (200, CONTENT * 12 + DONE)
+
+
+@pytest.mark.parametrize("hide_usage", [False, True], ids=["plain", "whole-events"])
+@pytest.mark.parametrize(
+    ("stopping", "code"), [(False, "upstream_stream_failed"), (True, "shutting_down")]
+)
+async def test_a_stream_that_breaks_off_ends_with_an_error_event(
+    rig: Rig, hide_usage: bool, stopping: bool, code: str
+) -> None:
+    rig.reads = [CONTENT, CONTENT]
+    rig.breaks, rig.stopping, rig.hide_usage = True, stopping, hide_usage
+    status, body = await rig.fetch()
+    assert status == 200
+    assert body.startswith(CONTENT)
+    error = json.loads(sse_events(body)[-1])["error"]
+    assert (error["code"], error["param"], error["request_id"]) == (code, None, "req-relay")
+    assert rig.relay.error == code
+    if not stopping:  # the failure is named, for whoever reads the client's error
+        assert "broke off (ClientPayloadError)" in error["message"]
+
+
+TOO_LARGE = ApiError(502, "LM Studio's answer is too large.", type="server_error", code="too_big")
+
+
+@pytest.mark.parametrize("heartbeat", [0.0, 0.05], ids=["before-headers", "after-heartbeats"])
+async def test_a_plain_answer_that_cannot_be_read_ends_with_its_error(
+    rig: Rig, heartbeat: float
+) -> None:
+    rig.plain = (200, b"{}")
+    rig.heartbeat, rig.header_delay, rig.read_error = heartbeat, 0.3, TOO_LARGE
+    status, body = await rig.fetch()
+    if heartbeat:
+        assert status == 200  # committed: the error is the stream's last event
+        error = json.loads(sse_events(body)[-1])["error"]
+        assert rig.relay.error == "too_big"
+    else:
+        assert status == 502  # nothing sent yet: the error is the whole answer
+        error = json.loads(body)["error"]
+    assert (error["code"], error["param"], error["request_id"]) == ("too_big", None, "req-relay")
