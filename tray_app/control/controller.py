@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import os
 import shlex
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 
 from tray_app.config.files import read_config_file
 from tray_app.config.settings import (
+    CONFIG_FILE_ENV,
     SETTINGS_BY_KEY,
     Config,
     default_config_path,
@@ -27,7 +29,8 @@ from tray_app.config.settings import (
 )
 from tray_app.control.assembly import Identity
 from tray_app.control.loop_thread import LoopThread
-from tray_app.control.service import GatewayService
+from tray_app.control.port_holder import lmgate_answers, moved_port_note
+from tray_app.control.service import GatewayService, Started
 from tray_app.control.settings_form import FORM_FIELDS
 from tray_app.errors import ConfigError, LMGateError, TunnelError
 from tray_app.gateway.upstream.probe import PROBE_TIMEOUT, probe_lmstudio
@@ -64,6 +67,7 @@ class AppState:
     needs_lmstudio: bool = False  # first-run guide: start LM Studio's server
     needs_tunnel: bool = False  # first-run guide: paste an ngrok token or choose LAN
     busy: bool = False
+    port_note: str | None = None  # the configured port was taken: which port is used instead
 
     @property
     def status_line(self) -> str:
@@ -99,6 +103,12 @@ class AppSettings:
     ngrok_token_set: bool
     new_lmstudio_token: str | None = None
     new_ngrok_token: str | None = None
+    # (key, source) of form settings an environment variable or a flag sets for this run:
+    # shown, but Save leaves the file's value of them alone.
+    overridden: tuple[tuple[str, str], ...] = ()
+    configured_port: int = 0
+    port_in_use: int | None = None
+    port_note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +141,17 @@ def curl_snippet(base_url: str, token: str, model: str) -> str:
     )
 
 
+def config_path_for(environ: Mapping[str, str]) -> Path:
+    """The file the config is read from, so Settings saves where it was loaded from."""
+    named = environ.get(CONFIG_FILE_ENV)
+    return Path(named) if named else default_config_path()
+
+
 class Controller:
     """Lives on the loop thread. ``config_path`` is where Settings saves; ``store`` overrides
-    the configured secret store (tests pass an in-memory one)."""
+    the configured secret store (tests pass an in-memory one). ``overrides`` (flags) and
+    ``environ`` are what ``config`` was loaded with besides the file: a reload after Save
+    applies them again. ``port_fallback``: when the port is taken, run on a free one."""
 
     def __init__(
         self,
@@ -142,9 +160,15 @@ class Controller:
         config_path: Path | None = None,
         store: SecretStore | None = None,
         autostart: Any = None,
+        overrides: Mapping[str, object] | None = None,
+        environ: Mapping[str, str] | None = None,
+        port_fallback: bool = False,
     ) -> None:
         self.config = config
-        self._config_path = config_path or default_config_path()
+        self._environ = environ
+        self._overrides = dict(overrides or {})
+        self._config_path = config_path or config_path_for(self._env)
+        self._port_fallback = port_fallback
         self._store_override = store
         self._autostart = autostart
         self._service = GatewayService(config, store=store)
@@ -160,8 +184,17 @@ class Controller:
     def add_listener(self, listener: Callable[[AppState], None]) -> None:
         self._listeners.append(listener)
 
+    @property
+    def _env(self) -> Mapping[str, str]:
+        return os.environ if self._environ is None else self._environ
+
     def _publish(self, **changes: Any) -> AppState:
-        self._state = replace(self._state, **changes)
+        previous, self._state = self._state, replace(self._state, **changes)
+        if self._state.phase == Phase.ERROR and (
+            previous.phase != Phase.ERROR or previous.message != self._state.message
+        ):
+            # The icon turns red: the log file says why (a tray has no terminal).
+            log.error("LM Gate shows an error: %s", self._state.message)
         for listener in self._listeners:
             try:
                 listener(self._state)
@@ -186,6 +219,7 @@ class Controller:
 
     async def start(self) -> AppState:
         self._publish(phase=Phase.STARTING, message="Starting…", busy=True)
+        note: str | None = None
         if not self._service.running:
             # Each start runs the sequence afresh, with the config as Settings last saved it.
             self._service = GatewayService(self.config, store=self._store_override)
@@ -193,7 +227,12 @@ class Controller:
             # No first key: the tray makes keys when asked, and shows each then.
             started = await self._service.start()
         except ConfigError as exc:
-            return self._publish(phase=Phase.ERROR, message=str(exc), busy=False)
+            if not (self._port_fallback and exc.key == "server.port" and self.config.server_port):
+                return self._publish(phase=Phase.ERROR, message=str(exc), busy=False)
+            try:
+                started, note = await self._start_on_a_free_port()
+            except ConfigError as again:
+                return self._publish(phase=Phase.ERROR, message=str(again), busy=False)
         state = self._publish(
             phase=Phase.PRIVATE,
             gateway_url=started.url,
@@ -204,11 +243,24 @@ class Controller:
             needs_lmstudio=not started.lmstudio_reachable,
             needs_tunnel=not self._tunnel_ready(),
             provider=self.config.tunnel_provider,
+            port_note=note,
         )
         if self.config.tunnel_go_public_at_start and self._tunnel_ready():
             with contextlib.suppress(LMGateError):
                 state = await self.go_public()
         return state
+
+    async def _start_on_a_free_port(self) -> tuple[Started, str]:
+        """The configured port is taken: a free loopback port instead (internal anyway when
+        going public), and a note that says so and whether another LM Gate holds the port."""
+        host, taken = self.config.server_host, self.config.server_port
+        by_lmgate = await lmgate_answers(host, taken)
+        elsewhere = replace(self.config, server_port=0)
+        self._service = GatewayService(elsewhere, store=self._store_override)
+        started = await self._service.start()
+        note = moved_port_note(host, taken, self._service.server.port or 0, by_lmgate=by_lmgate)
+        log.warning("%s", note)
+        return started, note
 
     def _tunnel_ready(self) -> bool:
         if self.config.tunnel_provider == "lan":
@@ -434,11 +486,31 @@ class Controller:
             start_at_login=bool(self._autostart and self._autostart.is_enabled()),
             lmstudio_token_set=bool(read_or_none(self._store, LMSTUDIO_API_TOKEN)),
             ngrok_token_set=bool(read_or_none(self._store, NGROK_AUTHTOKEN)),
+            overridden=tuple(self._overridden().items()),
+            configured_port=self.config.server_port,
+            port_in_use=self._service.server.port if self._service.running else None,
+            port_note=self._state.port_note,
         )
+
+    def _overridden(self) -> dict[str, str]:
+        """Form settings set for this run by an environment variable or a flag: their source."""
+        sources: dict[str, str] = {}
+        for field in FORM_FIELDS:
+            if self._overrides.get(field.key) is not None:
+                sources[field.key] = "command line"
+            elif field.setting.env_var in self._env:
+                sources[field.key] = field.setting.env_var
+        return sources
 
     async def save_settings(self, new: AppSettings) -> AppState:
         """Validate, store secrets, write the config file, and restart with the new settings."""
-        values = {f.key: _toml_ready(getattr(new, f.attribute)) for f in FORM_FIELDS}
+        # What an override sets is this run's, not the file's: the file keeps its own value.
+        overridden = self._overridden()
+        values = {
+            f.key: _toml_ready(getattr(new, f.attribute))
+            for f in FORM_FIELDS
+            if f.key not in overridden
+        }
         text = self._merged_config_text(values)  # raises ConfigError naming a bad key
         if new.new_ngrok_token:
             self._store.set(NGROK_AUTHTOKEN, check_token_shape(new.new_ngrok_token))
@@ -453,7 +525,10 @@ class Controller:
                 self._autostart.disable()
         was_public = self._tunnel is not None
         await self.shutdown()
-        self.config = load_config(path=self._config_path)
+        # The file as saved, under the same environment and flags as at launch.
+        self.config = load_config(
+            path=self._config_path, environ=self._environ, overrides=self._overrides
+        )
         state = await self.start()
         if was_public and self._tunnel_ready():
             with contextlib.suppress(LMGateError):

@@ -85,6 +85,8 @@ class AppActions(QObject):
                 self.notify.emit("LM Gate is reconnecting", state.message)
             elif state.phase == Phase.ERROR:
                 self.notify.emit("LM Gate could not go public", state.message)
+        if state.port_note and state.port_note != previous.port_note:
+            self.notify.emit("LM Gate uses another port", state.port_note)
         if (
             (state.needs_lmstudio or state.needs_tunnel)
             and state.phase == Phase.PRIVATE

@@ -125,6 +125,7 @@ class MainWindow(QWidget):
         self.status.setText(
             f"<b>{state.phase.title()}</b> — {state.status_line}"
             + (f"<br><i>{state.warning}</i>" if state.warning else "")
+            + (f"<br><i>{state.port_note}</i>" if state.port_note else "")
         )
         self.menu.rebuild()
         for button in self.buttons:
