@@ -43,6 +43,11 @@ log = logging.getLogger("lmgate.controller")
 T = TypeVar("T")
 
 SNIPPET_TTL = 3600.0
+APP_KEY_TTL = 30 * 86400.0
+# Each place that hands out an API key reuses its own one while it lasts, instead of minting a
+# key that never expires on every click.
+MENU_OPENAI_SETTINGS = "openai-settings"
+FOR_APPS = "for-apps"
 
 
 class Phase(StrEnum):
@@ -122,6 +127,7 @@ class Credential:
     requests: int
     tokens: int
     active: bool
+    expires: float | None = None  # None: it does not expire
 
 
 def curl_snippet(base_url: str, token: str, model: str) -> str:
@@ -174,6 +180,7 @@ class Controller:
         self._service = GatewayService(config, store=store)
         self._state = AppState(provider=config.tunnel_provider)
         self._listeners: list[Callable[[AppState], None]] = []
+        self._purpose_keys: dict[str, str] = {}  # purpose -> "key id:key"
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -372,14 +379,40 @@ class Controller:
         )
         return curl_snippet(self._base_url(), issued.token, models[0])
 
-    async def openai_settings(self) -> tuple[str, str]:
-        """(base URL ending in /v1, a new API key) for apps and SDKs."""
-        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
-        grant = self.identity.access.for_app_key()
-        key, _ = self.identity.api_keys.create(
-            f"app settings {stamp}", scopes=grant.scopes, models=grant.models
-        )
+    async def openai_settings(self, purpose: str = MENU_OPENAI_SETTINGS) -> tuple[str, str]:
+        """(base URL ending in /v1, the API key that serves ``purpose``) for apps and SDKs.
+        The same key while it is active; a new one (expiring after APP_KEY_TTL) once it
+        expired or was revoked. Which key serves which purpose is kept in the secret store
+        (in memory when it cannot keep it), so a restart reuses it too."""
+        key = self._active_purpose_key(purpose)
+        if key is None:
+            stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+            grant = self.identity.access.for_app_key()
+            key, record = self.identity.api_keys.create(
+                f"{purpose} {stamp}", scopes=grant.scopes, models=grant.models, ttl=APP_KEY_TTL
+            )
+            self._remember_purpose_key(purpose, f"{record.id}:{key}")
         return f"{self._base_url()}/v1", key
+
+    def _purpose_entry(self, purpose: str) -> str:
+        return f"app-key-{purpose}"
+
+    def _active_purpose_key(self, purpose: str) -> str | None:
+        remembered = self._purpose_keys.get(purpose) or read_or_none(
+            self._store, self._purpose_entry(purpose)
+        )
+        if not remembered or ":" not in remembered:
+            return None
+        key_id, key = remembered.split(":", 1)
+        self.identity.api_keys.reload()  # revoked by `lmgate keys revoke` meanwhile?
+        return key if self.identity.api_keys.is_active(key_id) else None
+
+    def _remember_purpose_key(self, purpose: str, entry: str) -> None:
+        self._purpose_keys[purpose] = entry
+        try:
+            self._store.set(self._purpose_entry(purpose), entry)
+        except LMGateError as exc:
+            log.warning("the %s key is kept for this run only: %s", purpose, exc)
 
     async def test_connection(self, url: str, token: str | None = None) -> tuple[bool, list[str]]:
         """(True, model ids) or (False, [the exact error])."""
@@ -428,6 +461,7 @@ class Controller:
                     req,
                     tok,
                     device.revoked is None,
+                    self._device_expiry(device.id),
                 )
             )
         for record in identity.tokens.list():
@@ -445,6 +479,7 @@ class Controller:
                     req,
                     tok,
                     record.revoked is None,
+                    record.expires,
                 )
             )
         for key in identity.api_keys.list():
@@ -460,9 +495,19 @@ class Controller:
                     req,
                     tok,
                     key.revoked is None,
+                    key.expires,
                 )
             )
         return out
+
+    def _device_expiry(self, device_id: str) -> float | None:
+        """When the device's newest token runs out (it pairs again after that)."""
+        ends = [
+            r.expires
+            for r in self.identity.tokens.list()
+            if r.kind is CredentialKind.DEVICE and r.device_id == device_id and r.revoked is None
+        ]
+        return max(ends) if ends else None
 
     async def revoke(self, kind: str, ident: str) -> None:
         if kind == "device":
@@ -586,8 +631,10 @@ class ThreadedController:
     def curl_snippet(self) -> concurrent.futures.Future[str]:
         return self._run(self.controller.curl_snippet())
 
-    def openai_settings(self) -> concurrent.futures.Future[tuple[str, str]]:
-        return self._run(self.controller.openai_settings())
+    def openai_settings(
+        self, purpose: str = MENU_OPENAI_SETTINGS
+    ) -> concurrent.futures.Future[tuple[str, str]]:
+        return self._run(self.controller.openai_settings(purpose))
 
     def test_connection(
         self, url: str, token: str | None = None
