@@ -5,8 +5,10 @@ publishes frozen :class:`AppState` snapshots. The tray (or anything else) drives
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
+import http.client
 import json
 import logging
 import os
@@ -29,10 +31,10 @@ from tray_app.config.settings import (
 )
 from tray_app.control.assembly import Identity
 from tray_app.control.loop_thread import LoopThread
-from tray_app.control.port_holder import lmgate_answers, moved_port_note
 from tray_app.control.service import GatewayService, Started
 from tray_app.control.settings_form import FORM_FIELDS
 from tray_app.errors import ConfigError, LMGateError, TunnelError
+from tray_app.gateway.api_errors import REQUEST_ID_HEADER
 from tray_app.gateway.upstream.probe import PROBE_TIMEOUT, probe_lmstudio
 from tray_app.identity.principal import ALL_SCOPES, CredentialKind
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
@@ -151,6 +153,48 @@ def config_path_for(environ: Mapping[str, str]) -> Path:
     """The file the config is read from, so Settings saves where it was loaded from."""
     named = environ.get(CONFIG_FILE_ENV)
     return Path(named) if named else default_config_path()
+
+
+# ---- who holds the port --------------------------------------------------------------------
+# When the tray cannot bind its port: another LM Gate (of another user or session, whose
+# /healthz answers as ours does) or some other program. The tray says which, and runs on a
+# free loopback port instead of stopping at an error.
+
+HEALTH_TIMEOUT = 2.0
+
+
+async def lmgate_answers(host: str, port: int) -> bool:
+    """True when an LM Gate answers at ``host:port``: its /healthz says ``{"status": "ok"}``
+    and carries a request id, as every answer of the gateway does. (A plain blocking request
+    in a worker thread: only the gateway holds an HTTP client library.)"""
+    return await asyncio.to_thread(_answers, host, port)
+
+
+def _answers(host: str, port: int) -> bool:
+    connection = http.client.HTTPConnection(host, port, timeout=HEALTH_TIMEOUT)
+    try:
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        body = json.loads(response.read(4096) or b"null")
+        return (
+            response.status == 200
+            and body == {"status": "ok"}
+            and response.getheader(REQUEST_ID_HEADER) is not None
+        )
+    except (OSError, http.client.HTTPException, ValueError):
+        return False
+    finally:
+        connection.close()
+
+
+def moved_port_note(host: str, taken: int, used: int, *, by_lmgate: bool) -> str:
+    """What the tray says (message, log, Settings) after moving to another port."""
+    if by_lmgate:
+        return (
+            f"Another LM Gate already runs at {host}:{taken} (another user or session); "
+            f"this one uses port {used} instead."
+        )
+    return f"Port {taken} is taken by another program; LM Gate uses port {used} instead."
 
 
 class Controller:
