@@ -101,9 +101,11 @@ class FakeController:
     def curl_snippet(self) -> concurrent.futures.Future[str]:
         return self._answer("curl_snippet", "curl -N https://example/v1/chat/completions\n")
 
-    def openai_settings(self) -> concurrent.futures.Future[tuple[str, str]]:
+    def openai_settings(
+        self, purpose: str = "openai-settings"
+    ) -> concurrent.futures.Future[tuple[str, str]]:
         base = (self._state.public_url or self._state.gateway_url or "") + "/v1"
-        return self._answer("openai_settings", (base, "lmg_fake_app_key"))
+        return self._answer("openai_settings", (base, "lmg_fake_app_key"), purpose)
 
     def test_connection(
         self, url: str, token: str | None = None

@@ -326,6 +326,8 @@ def test_devices_window_revokes_and_creates(qtbot, fake, actions) -> None:  # ty
     qtbot.waitUntil(lambda: window.table.rowCount() == 2)
     window.table.selectRow(0)
     window.revoke_button.click()
+    assert window.confirm_row.isVisible() and fake.called("revoke") == [], "asks first"
+    window.confirm_button.click()
     qtbot.waitUntil(lambda: fake.called("revoke") == [("device", "d1")])
     window.new_name.setText("ci job")
     window.create_button.click()

@@ -154,6 +154,20 @@ def send(wish: str) -> None:
         s.sendall(wish.encode() + b"\n")
 
 
+def _pair(origin: str, code: str, device: str) -> None:
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        origin + "/pair",
+        data=json.dumps({"code": code, "device_name": device}).encode(),
+        headers={"Content-Type": "application/json", "Origin": origin},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+
+
 @pytest.mark.display
 def test_tray_icon_and_qr_on_a_real_display(display: str, tmp_path: Path) -> None:
     env = cli_env(tmp_path)
@@ -221,6 +235,21 @@ def test_tray_icon_and_qr_on_a_real_display(display: str, tmp_path: Path) -> Non
         crop(qr_shot, ARTIFACTS / "qr-window.png", (0, 0, 460, 500))
         publish_screenshot(ARTIFACTS / "qr-window.png", "qr-window.png")
         assert "/#" in decoded[0] and len(decoded[0]) <= 200
+
+        # A phone pairs with the code on screen: the window names it and shows a fresh code.
+        origin, code = decoded[0].split("/#", 1)
+        _pair(origin, code, "Anna's iPhone")
+        paired_shot = ARTIFACTS / "display-qr-window-paired.png"
+        renewed: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not renewed:
+            time.sleep(0.3)
+            screenshot(display, paired_shot)
+            renewed = [t for t in decode_screen(paired_shot) if t.startswith(origin + "/#")]
+            renewed = [t for t in renewed if t != decoded[0]]
+        assert renewed, f"no fresh pairing code after the phone paired ({paired_shot})"
+        crop(paired_shot, ARTIFACTS / "qr-window-paired.png", (0, 0, 344, 476))
+        publish_screenshot(ARTIFACTS / "qr-window-paired.png", "qr-window-paired.png")
         send("quit")
         assert tray.wait(30) == 0
     finally:

@@ -5,10 +5,13 @@ publishes frozen :class:`AppState` snapshots. The tray (or anything else) drives
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
+import http.client
 import json
 import logging
+import os
 import shlex
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
@@ -19,6 +22,7 @@ from typing import Any, TypeVar
 
 from tray_app.config.files import read_config_file
 from tray_app.config.settings import (
+    CONFIG_FILE_ENV,
     SETTINGS_BY_KEY,
     Config,
     default_config_path,
@@ -27,9 +31,10 @@ from tray_app.config.settings import (
 )
 from tray_app.control.assembly import Identity
 from tray_app.control.loop_thread import LoopThread
-from tray_app.control.service import GatewayService
+from tray_app.control.service import GatewayService, Started
 from tray_app.control.settings_form import FORM_FIELDS
 from tray_app.errors import ConfigError, LMGateError, TunnelError
+from tray_app.gateway.api_errors import REQUEST_ID_HEADER
 from tray_app.gateway.upstream.probe import PROBE_TIMEOUT, probe_lmstudio
 from tray_app.identity.principal import ALL_SCOPES, CredentialKind
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
@@ -40,6 +45,11 @@ log = logging.getLogger("lmgate.controller")
 T = TypeVar("T")
 
 SNIPPET_TTL = 3600.0
+APP_KEY_TTL = 30 * 86400.0
+# Each place that hands out an API key reuses its own one while it lasts, instead of minting a
+# key that never expires on every click.
+MENU_OPENAI_SETTINGS = "openai-settings"
+FOR_APPS = "for-apps"
 
 
 class Phase(StrEnum):
@@ -64,6 +74,7 @@ class AppState:
     needs_lmstudio: bool = False  # first-run guide: start LM Studio's server
     needs_tunnel: bool = False  # first-run guide: paste an ngrok token or choose LAN
     busy: bool = False
+    port_note: str | None = None  # the configured port was taken: which port is used instead
 
     @property
     def status_line(self) -> str:
@@ -99,6 +110,12 @@ class AppSettings:
     ngrok_token_set: bool
     new_lmstudio_token: str | None = None
     new_ngrok_token: str | None = None
+    # (key, source) of form settings an environment variable or a flag sets for this run:
+    # shown, but Save leaves the file's value of them alone.
+    overridden: tuple[tuple[str, str], ...] = ()
+    configured_port: int = 0
+    port_in_use: int | None = None
+    port_note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +129,7 @@ class Credential:
     requests: int
     tokens: int
     active: bool
+    expires: float | None = None  # None: it does not expire
 
 
 def curl_snippet(base_url: str, token: str, model: str) -> str:
@@ -131,9 +149,59 @@ def curl_snippet(base_url: str, token: str, model: str) -> str:
     )
 
 
+def config_path_for(environ: Mapping[str, str]) -> Path:
+    """The file the config is read from, so Settings saves where it was loaded from."""
+    named = environ.get(CONFIG_FILE_ENV)
+    return Path(named) if named else default_config_path()
+
+
+# ---- who holds the port --------------------------------------------------------------------
+# When the tray cannot bind its port: another LM Gate (of another user or session, whose
+# /healthz answers as ours does) or some other program. The tray says which, and runs on a
+# free loopback port instead of stopping at an error.
+
+HEALTH_TIMEOUT = 2.0
+
+
+async def lmgate_answers(host: str, port: int) -> bool:
+    """True when an LM Gate answers at ``host:port``: its /healthz says ``{"status": "ok"}``
+    and carries a request id, as every answer of the gateway does. (A plain blocking request
+    in a worker thread: only the gateway holds an HTTP client library.)"""
+    return await asyncio.to_thread(_answers, host, port)
+
+
+def _answers(host: str, port: int) -> bool:
+    connection = http.client.HTTPConnection(host, port, timeout=HEALTH_TIMEOUT)
+    try:
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        body = json.loads(response.read(4096) or b"null")
+        return (
+            response.status == 200
+            and body == {"status": "ok"}
+            and response.getheader(REQUEST_ID_HEADER) is not None
+        )
+    except (OSError, http.client.HTTPException, ValueError):
+        return False
+    finally:
+        connection.close()
+
+
+def moved_port_note(host: str, taken: int, used: int, *, by_lmgate: bool) -> str:
+    """What the tray says (message, log, Settings) after moving to another port."""
+    if by_lmgate:
+        return (
+            f"Another LM Gate already runs at {host}:{taken} (another user or session); "
+            f"this one uses port {used} instead."
+        )
+    return f"Port {taken} is taken by another program; LM Gate uses port {used} instead."
+
+
 class Controller:
     """Lives on the loop thread. ``config_path`` is where Settings saves; ``store`` overrides
-    the configured secret store (tests pass an in-memory one)."""
+    the configured secret store (tests pass an in-memory one). ``overrides`` (flags) and
+    ``environ`` are what ``config`` was loaded with besides the file: a reload after Save
+    applies them again. ``port_fallback``: when the port is taken, run on a free one."""
 
     def __init__(
         self,
@@ -142,14 +210,21 @@ class Controller:
         config_path: Path | None = None,
         store: SecretStore | None = None,
         autostart: Any = None,
+        overrides: Mapping[str, object] | None = None,
+        environ: Mapping[str, str] | None = None,
+        port_fallback: bool = False,
     ) -> None:
         self.config = config
-        self._config_path = config_path or default_config_path()
+        self._environ = environ
+        self._overrides = dict(overrides or {})
+        self._config_path = config_path or config_path_for(self._env)
+        self._port_fallback = port_fallback
         self._store_override = store
         self._autostart = autostart
         self._service = GatewayService(config, store=store)
         self._state = AppState(provider=config.tunnel_provider)
         self._listeners: list[Callable[[AppState], None]] = []
+        self._purpose_keys: dict[str, str] = {}  # purpose -> "key id:key"
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -160,8 +235,17 @@ class Controller:
     def add_listener(self, listener: Callable[[AppState], None]) -> None:
         self._listeners.append(listener)
 
+    @property
+    def _env(self) -> Mapping[str, str]:
+        return os.environ if self._environ is None else self._environ
+
     def _publish(self, **changes: Any) -> AppState:
-        self._state = replace(self._state, **changes)
+        previous, self._state = self._state, replace(self._state, **changes)
+        if self._state.phase == Phase.ERROR and (
+            previous.phase != Phase.ERROR or previous.message != self._state.message
+        ):
+            # The icon turns red: the log file says why (a tray has no terminal).
+            log.error("LM Gate shows an error: %s", self._state.message)
         for listener in self._listeners:
             try:
                 listener(self._state)
@@ -186,6 +270,7 @@ class Controller:
 
     async def start(self) -> AppState:
         self._publish(phase=Phase.STARTING, message="Starting…", busy=True)
+        note: str | None = None
         if not self._service.running:
             # Each start runs the sequence afresh, with the config as Settings last saved it.
             self._service = GatewayService(self.config, store=self._store_override)
@@ -193,7 +278,12 @@ class Controller:
             # No first key: the tray makes keys when asked, and shows each then.
             started = await self._service.start()
         except ConfigError as exc:
-            return self._publish(phase=Phase.ERROR, message=str(exc), busy=False)
+            if not (self._port_fallback and exc.key == "server.port" and self.config.server_port):
+                return self._publish(phase=Phase.ERROR, message=str(exc), busy=False)
+            try:
+                started, note = await self._start_on_a_free_port()
+            except ConfigError as again:
+                return self._publish(phase=Phase.ERROR, message=str(again), busy=False)
         state = self._publish(
             phase=Phase.PRIVATE,
             gateway_url=started.url,
@@ -204,11 +294,24 @@ class Controller:
             needs_lmstudio=not started.lmstudio_reachable,
             needs_tunnel=not self._tunnel_ready(),
             provider=self.config.tunnel_provider,
+            port_note=note,
         )
         if self.config.tunnel_go_public_at_start and self._tunnel_ready():
             with contextlib.suppress(LMGateError):
                 state = await self.go_public()
         return state
+
+    async def _start_on_a_free_port(self) -> tuple[Started, str]:
+        """The configured port is taken: a free loopback port instead (internal anyway when
+        going public), and a note that says so and whether another LM Gate holds the port."""
+        host, taken = self.config.server_host, self.config.server_port
+        by_lmgate = await lmgate_answers(host, taken)
+        elsewhere = replace(self.config, server_port=0)
+        self._service = GatewayService(elsewhere, store=self._store_override)
+        started = await self._service.start()
+        note = moved_port_note(host, taken, self._service.server.port or 0, by_lmgate=by_lmgate)
+        log.warning("%s", note)
+        return started, note
 
     def _tunnel_ready(self) -> bool:
         if self.config.tunnel_provider == "lan":
@@ -320,14 +423,40 @@ class Controller:
         )
         return curl_snippet(self._base_url(), issued.token, models[0])
 
-    async def openai_settings(self) -> tuple[str, str]:
-        """(base URL ending in /v1, a new API key) for apps and SDKs."""
-        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
-        grant = self.identity.access.for_app_key()
-        key, _ = self.identity.api_keys.create(
-            f"app settings {stamp}", scopes=grant.scopes, models=grant.models
-        )
+    async def openai_settings(self, purpose: str = MENU_OPENAI_SETTINGS) -> tuple[str, str]:
+        """(base URL ending in /v1, the API key that serves ``purpose``) for apps and SDKs.
+        The same key while it is active; a new one (expiring after APP_KEY_TTL) once it
+        expired or was revoked. Which key serves which purpose is kept in the secret store
+        (in memory when it cannot keep it), so a restart reuses it too."""
+        key = self._active_purpose_key(purpose)
+        if key is None:
+            stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+            grant = self.identity.access.for_app_key()
+            key, record = self.identity.api_keys.create(
+                f"{purpose} {stamp}", scopes=grant.scopes, models=grant.models, ttl=APP_KEY_TTL
+            )
+            self._remember_purpose_key(purpose, f"{record.id}:{key}")
         return f"{self._base_url()}/v1", key
+
+    def _purpose_entry(self, purpose: str) -> str:
+        return f"app-key-{purpose}"
+
+    def _active_purpose_key(self, purpose: str) -> str | None:
+        remembered = self._purpose_keys.get(purpose) or read_or_none(
+            self._store, self._purpose_entry(purpose)
+        )
+        if not remembered or ":" not in remembered:
+            return None
+        key_id, key = remembered.split(":", 1)
+        self.identity.api_keys.reload()  # revoked by `lmgate keys revoke` meanwhile?
+        return key if self.identity.api_keys.is_active(key_id) else None
+
+    def _remember_purpose_key(self, purpose: str, entry: str) -> None:
+        self._purpose_keys[purpose] = entry
+        try:
+            self._store.set(self._purpose_entry(purpose), entry)
+        except LMGateError as exc:
+            log.warning("the %s key is kept for this run only: %s", purpose, exc)
 
     async def test_connection(self, url: str, token: str | None = None) -> tuple[bool, list[str]]:
         """(True, model ids) or (False, [the exact error])."""
@@ -376,6 +505,7 @@ class Controller:
                     req,
                     tok,
                     device.revoked is None,
+                    self._device_expiry(device.id),
                 )
             )
         for record in identity.tokens.list():
@@ -393,6 +523,7 @@ class Controller:
                     req,
                     tok,
                     record.revoked is None,
+                    record.expires,
                 )
             )
         for key in identity.api_keys.list():
@@ -408,9 +539,19 @@ class Controller:
                     req,
                     tok,
                     key.revoked is None,
+                    key.expires,
                 )
             )
         return out
+
+    def _device_expiry(self, device_id: str) -> float | None:
+        """When the device's newest token runs out (it pairs again after that)."""
+        ends = [
+            r.expires
+            for r in self.identity.tokens.list()
+            if r.kind is CredentialKind.DEVICE and r.device_id == device_id and r.revoked is None
+        ]
+        return max(ends) if ends else None
 
     async def revoke(self, kind: str, ident: str) -> None:
         if kind == "device":
@@ -434,11 +575,31 @@ class Controller:
             start_at_login=bool(self._autostart and self._autostart.is_enabled()),
             lmstudio_token_set=bool(read_or_none(self._store, LMSTUDIO_API_TOKEN)),
             ngrok_token_set=bool(read_or_none(self._store, NGROK_AUTHTOKEN)),
+            overridden=tuple(self._overridden().items()),
+            configured_port=self.config.server_port,
+            port_in_use=self._service.server.port if self._service.running else None,
+            port_note=self._state.port_note,
         )
+
+    def _overridden(self) -> dict[str, str]:
+        """Form settings set for this run by an environment variable or a flag: their source."""
+        sources: dict[str, str] = {}
+        for field in FORM_FIELDS:
+            if self._overrides.get(field.key) is not None:
+                sources[field.key] = "command line"
+            elif field.setting.env_var in self._env:
+                sources[field.key] = field.setting.env_var
+        return sources
 
     async def save_settings(self, new: AppSettings) -> AppState:
         """Validate, store secrets, write the config file, and restart with the new settings."""
-        values = {f.key: _toml_ready(getattr(new, f.attribute)) for f in FORM_FIELDS}
+        # What an override sets is this run's, not the file's: the file keeps its own value.
+        overridden = self._overridden()
+        values = {
+            f.key: _toml_ready(getattr(new, f.attribute))
+            for f in FORM_FIELDS
+            if f.key not in overridden
+        }
         text = self._merged_config_text(values)  # raises ConfigError naming a bad key
         if new.new_ngrok_token:
             self._store.set(NGROK_AUTHTOKEN, check_token_shape(new.new_ngrok_token))
@@ -453,7 +614,10 @@ class Controller:
                 self._autostart.disable()
         was_public = self._tunnel is not None
         await self.shutdown()
-        self.config = load_config(path=self._config_path)
+        # The file as saved, under the same environment and flags as at launch.
+        self.config = load_config(
+            path=self._config_path, environ=self._environ, overrides=self._overrides
+        )
         state = await self.start()
         if was_public and self._tunnel_ready():
             with contextlib.suppress(LMGateError):
@@ -511,8 +675,10 @@ class ThreadedController:
     def curl_snippet(self) -> concurrent.futures.Future[str]:
         return self._run(self.controller.curl_snippet())
 
-    def openai_settings(self) -> concurrent.futures.Future[tuple[str, str]]:
-        return self._run(self.controller.openai_settings())
+    def openai_settings(
+        self, purpose: str = MENU_OPENAI_SETTINGS
+    ) -> concurrent.futures.Future[tuple[str, str]]:
+        return self._run(self.controller.openai_settings(purpose))
 
     def test_connection(
         self, url: str, token: str | None = None

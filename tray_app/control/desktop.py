@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
+from collections.abc import Mapping
 
 from tray_app.config.settings import load_config
 from tray_app.control.autostart import Autostart, default_command
-from tray_app.control.controller import Controller, ThreadedController
+from tray_app.control.controller import Controller, ThreadedController, config_path_for
 from tray_app.logs import JsonFormatter, route_library_logs
 from tray_app.paths import user_log_dir
 from tray_app.tunnel.ngrok import silence_pyngrok_logs
@@ -32,9 +34,20 @@ def configure_file_logging() -> None:
     route_library_logs(handler)
 
 
-def desktop_controller() -> ThreadedController:
-    """Nothing starts yet: the tray starts it once its icon shows. Raises ConfigError for a
-    config file that does not validate."""
+def desktop_controller(overrides: Mapping[str, object] | None = None) -> ThreadedController:
+    """Nothing starts yet: the tray starts it once its icon shows. ``overrides`` are dotted
+    keys from flags; they (and LMGATE_* variables) hold again after Settings saves. A taken
+    port is no dead end here: the tray runs on a free one and says so. Raises ConfigError for
+    a config file that does not validate."""
     configure_file_logging()
     silence_pyngrok_logs()
-    return ThreadedController(Controller(load_config(), autostart=Autostart(default_command())))
+    path = config_path_for(os.environ)
+    return ThreadedController(
+        Controller(
+            load_config(path=path, overrides=overrides),
+            config_path=path,
+            overrides=overrides,
+            autostart=Autostart(default_command()),
+            port_fallback=True,
+        )
+    )

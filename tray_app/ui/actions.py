@@ -85,6 +85,8 @@ class AppActions(QObject):
                 self.notify.emit("LM Gate is reconnecting", state.message)
             elif state.phase == Phase.ERROR:
                 self.notify.emit("LM Gate could not go public", state.message)
+        if state.port_note and state.port_note != previous.port_note:
+            self.notify.emit("LM Gate uses another port", state.port_note)
         if (
             (state.needs_lmstudio or state.needs_tunnel)
             and state.phase == Phase.PRIVATE
@@ -117,20 +119,27 @@ class AppActions(QObject):
         self.qr_window.raise_()
         self.qr_window.activateWindow()
 
+    def _copied(self, text: str, what: str) -> None:
+        QGuiApplication.clipboard().setText(text)
+        self.notify.emit("Copied", what)
+
     def copy_public_url(self) -> None:
         url = self.state.public_url or self.state.gateway_url or ""
-        QGuiApplication.clipboard().setText(url)
+        self._copied(url, url)
 
     def copy_curl(self) -> None:
         self.bridge.when_done(
-            self.controller.curl_snippet(), QGuiApplication.clipboard().setText, self._error
+            self.controller.curl_snippet(),
+            lambda snippet: self._copied(snippet, "curl snippet (its token lasts an hour)"),
+            self._error,
         )
 
     def copy_openai_settings(self) -> None:
         def put(settings: tuple[str, str]) -> None:
             base_url, key = settings
-            QGuiApplication.clipboard().setText(
-                f"OPENAI_BASE_URL={base_url}\nOPENAI_API_KEY={key}\n"
+            self._copied(
+                f"OPENAI_BASE_URL={base_url}\nOPENAI_API_KEY={key}\n",
+                "OpenAI settings: base URL and API key",
             )
 
         self.bridge.when_done(self.controller.openai_settings(), put, self._error)

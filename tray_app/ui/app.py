@@ -136,7 +136,20 @@ def hand_to_running(wishes: Sequence[str] = ()) -> bool:
     """True when another tray runs and took ``wishes`` (or "show"): this launch is done.
     Asked before the core is built, so a second launch never opens what the first holds."""
     _application()
-    return send_to_running(list(wishes) or ["show"])
+    if not send_to_running(list(wishes) or ["show"]):
+        return False
+    # Never a silent exit: the running tray may be on another session's screen.
+    print(
+        "lmgate: LM Gate already runs for this user (perhaps in another session); "
+        "it was asked to " + _described(wishes) + ".",
+        file=sys.stderr,
+    )
+    return True
+
+
+def _described(wishes: Sequence[str]) -> str:
+    said = {"go-public": "go public", "show-qr": "show its QR code", "quit": "quit"}
+    return " and ".join(said.get(w, "show its window") for w in wishes) or "show its window"
 
 
 def run(wishes: Sequence[str], controller: ControllerPort) -> int:

@@ -1,4 +1,5 @@
-"""Devices & tokens: every credential with last seen and usage; revoke one, create an API key."""
+"""Devices & tokens: every credential with last seen, usage and expiry; revoke one (after a
+non-modal confirmation), hide the revoked ones, create an API key."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from datetime import datetime
 from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QPushButton,
@@ -21,12 +24,17 @@ from tray_app.control.controller import Credential
 from tray_app.ui.bridge import UiBridge
 from tray_app.ui.port import ControllerPort
 
-COLUMNS = ("Kind", "Name", "Scopes", "Last seen", "Requests", "Tokens", "Status")
+COLUMNS = ("Kind", "Name", "Scopes", "Last seen", "Requests", "Tokens", "Status", "Expires")
+NAME_COLUMN = 1
 APP_KEY_SCOPES = frozenset({"chat", "models", "embeddings"})
 
 
 def _when(epoch: float | None) -> str:
     return "never" if epoch is None else datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M")
+
+
+def _expiry(row: Credential) -> str:
+    return "—" if row.expires is None else _when(row.expires)
 
 
 class DevicesWindow(QWidget):
@@ -35,15 +43,36 @@ class DevicesWindow(QWidget):
         self.setWindowTitle("LM Gate — devices & tokens")
         self._controller = controller
         self._bridge = bridge
-        self.rows: list[Credential] = []
+        self.all_rows: list[Credential] = []
+        self.rows: list[Credential] = []  # as the table shows them, row by row
+        self.pending: Credential | None = None  # asked to revoke, not yet confirmed
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(list(COLUMNS))
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setWordWrap(False)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(NAME_COLUMN, QHeaderView.ResizeMode.Stretch)
         self.revoke_button = QPushButton("Revoke selected")
         self.revoke_button.clicked.connect(self.revoke_selected)
         refresh = QPushButton("Refresh")
         refresh.clicked.connect(self.refresh)
+        self.hide_revoked = QCheckBox("Hide revoked")
+        self.hide_revoked.toggled.connect(lambda _: self._fill())
+        # The confirmation is a row in the window, not a modal dialog (no exec()).
+        self.confirm_text = QLabel("")
+        self.confirm_button = QPushButton("Revoke")
+        self.confirm_button.clicked.connect(self.confirm_revoke)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel_revoke)
+        self.confirm_row = QWidget()
+        confirm = QHBoxLayout(self.confirm_row)
+        confirm.setContentsMargins(0, 0, 0, 0)
+        confirm.addWidget(self.confirm_text, 1)
+        confirm.addWidget(self.confirm_button)
+        confirm.addWidget(self.cancel_button)
+        self.confirm_row.hide()
         self.new_name = QLineEdit()
         self.new_name.setPlaceholderText("name for a new API key, e.g. laptop script")
         self.create_button = QPushButton("Create API key")
@@ -52,12 +81,14 @@ class DevicesWindow(QWidget):
         self.new_key.setReadOnly(True)
         self.new_key.setPlaceholderText("a new key is shown here once")
         copy = QPushButton("Copy key")
-        copy.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.new_key.text()))
+        copy.clicked.connect(self.copy_key)
         self.status = QLabel("")
 
         buttons = QHBoxLayout()
         buttons.addWidget(self.revoke_button)
         buttons.addWidget(refresh)
+        buttons.addStretch(1)
+        buttons.addWidget(self.hide_revoked)
         create = QHBoxLayout()
         create.addWidget(self.new_name, 1)
         create.addWidget(self.create_button)
@@ -67,16 +98,23 @@ class DevicesWindow(QWidget):
         layout = QVBoxLayout(self)
         layout.addWidget(self.table)
         layout.addLayout(buttons)
+        layout.addWidget(self.confirm_row)
         layout.addLayout(create)
         layout.addLayout(shown)
         layout.addWidget(self.status)
-        self.resize(760, 420)
+        self.resize(900, 420)
         self.refresh()
 
     def refresh(self) -> None:
         self._bridge.when_done(self._controller.credentials(), self._show, self._error)
 
     def _show(self, rows: list[Credential]) -> None:
+        self.all_rows = rows
+        self._fill()
+
+    def _fill(self) -> None:
+        hide = self.hide_revoked.isChecked()
+        rows = [r for r in self.all_rows if r.active or not hide]
         self.rows = rows
         self.table.setRowCount(len(rows))
         for i, row in enumerate(rows):
@@ -88,16 +126,38 @@ class DevicesWindow(QWidget):
                 str(row.requests),
                 str(row.tokens),
                 "active" if row.active else "revoked",
+                _expiry(row),
             )
             for j, value in enumerate(values):
-                self.table.setItem(i, j, QTableWidgetItem(value))
+                item = QTableWidgetItem(value)
+                item.setToolTip(value)  # a long name is whole here
+                self.table.setItem(i, j, item)
 
     def revoke_selected(self) -> None:
+        """Asks first, in the window: revoking cannot be undone."""
         index = self.table.currentRow()
         if not 0 <= index < len(self.rows):
             self.status.setText("Select a row to revoke.")
             return
         row = self.rows[index]
+        if not row.active:
+            self.status.setText(f"{row.name} is already revoked.")
+            return
+        self.pending = row
+        self.confirm_text.setText(
+            f"Revoke {row.kind} “{row.name}”? It loses access at once; this cannot be undone."
+        )
+        self.confirm_row.show()
+
+    def cancel_revoke(self) -> None:
+        self.pending = None
+        self.confirm_row.hide()
+
+    def confirm_revoke(self) -> None:
+        row, self.pending = self.pending, None
+        self.confirm_row.hide()
+        if row is None:
+            return
         self._bridge.when_done(
             self._controller.revoke(row.kind, row.id),
             lambda _: self._after(f"Revoked {row.name}."),
@@ -112,6 +172,13 @@ class DevicesWindow(QWidget):
         self._bridge.when_done(
             self._controller.create_key(name, APP_KEY_SCOPES), self._created, self._error
         )
+
+    def copy_key(self) -> None:
+        if not self.new_key.text():
+            self.status.setText("Create a key first.")
+            return
+        QGuiApplication.clipboard().setText(self.new_key.text())
+        self.status.setText("Copied.")
 
     def _created(self, key: str) -> None:
         self.new_key.setText(key)

@@ -6,7 +6,13 @@ import concurrent.futures
 from collections.abc import Callable
 from typing import Protocol
 
-from tray_app.control.controller import AppSettings, AppState, Credential, PairingLink
+from tray_app.control.controller import (
+    MENU_OPENAI_SETTINGS,
+    AppSettings,
+    AppState,
+    Credential,
+    PairingLink,
+)
 
 
 class ControllerPort(Protocol):
@@ -25,7 +31,9 @@ class ControllerPort(Protocol):
 
     def curl_snippet(self) -> concurrent.futures.Future[str]: ...
 
-    def openai_settings(self) -> concurrent.futures.Future[tuple[str, str]]: ...
+    def openai_settings(
+        self, purpose: str = MENU_OPENAI_SETTINGS
+    ) -> concurrent.futures.Future[tuple[str, str]]: ...
 
     def test_connection(
         self, url: str, token: str | None = None

@@ -19,19 +19,26 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from tray_app.control.controller import PairingLink
-from tray_app.ui.bridge import UiBridge
+from tray_app.control.controller import FOR_APPS, Credential, PairingLink
+from tray_app.ui.bridge import UiBridge, ignore
 from tray_app.ui.port import ControllerPort
 from tray_app.ui.qr import MAX_PAYLOAD, qr_pixmap
 
+PAIRING_CHECK_TICKS = 2  # look for a newly paired phone every this many seconds
 
-def _copy_row(field: QLineEdit, label: str) -> QHBoxLayout:
+
+def _copy_row(field: QLineEdit, label: str, copied: Callable[[str], None]) -> QHBoxLayout:
     row = QHBoxLayout()
     row.addWidget(field, 1)
     button = QPushButton(label)
-    button.clicked.connect(lambda: QGuiApplication.clipboard().setText(field.text()))
+    button.clicked.connect(lambda: copied(field.text()))
     row.addWidget(button)
     return row
+
+
+def _devices(rows: list[Credential]) -> dict[str, str]:
+    """Active paired devices: id -> name."""
+    return {r.id: r.name for r in rows if r.kind == "device" and r.active}
 
 
 class QrWindow(QWidget):
@@ -45,6 +52,9 @@ class QrWindow(QWidget):
         self._clock = clock
         self.link: PairingLink | None = None
         self._renewed_expired = False
+        # The devices paired before the code on screen was shown; one more means it was used.
+        self._devices_before: dict[str, str] | None = None
+        self._ticks = 0
         self.tabs = QTabWidget()
 
         phone = QWidget()
@@ -63,7 +73,11 @@ class QrWindow(QWidget):
         layout.addWidget(hint)
         layout.addWidget(self.qr_label)
         layout.addWidget(self.countdown)
-        layout.addLayout(_copy_row(self.url_field, "Copy link"))
+        self.paired = QLabel("")
+        self.paired.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.paired.setStyleSheet("color: #15803d; font-weight: bold")
+        layout.addWidget(self.paired)
+        layout.addLayout(_copy_row(self.url_field, "Copy link", self._copy))
         layout.addWidget(renew)
         self.tabs.addTab(phone, "Phone")
 
@@ -75,16 +89,16 @@ class QrWindow(QWidget):
         self.key_field = QLineEdit()
         self.key_field.setReadOnly(True)
         note = QLabel(
-            "OpenAI-compatible settings for apps and SDKs. The key is new and shown "
-            "only here; revoke it in Devices & tokens."
+            "OpenAI-compatible settings for apps and SDKs. This tab keeps one key while it "
+            "lasts (30 days); revoke it in Devices & tokens, and the next one is new."
         )
         note.setWordWrap(True)
         apps_layout = QVBoxLayout(apps)
         apps_layout.addWidget(note)
         apps_layout.addWidget(QLabel("Base URL"))
-        apps_layout.addLayout(_copy_row(self.base_url_field, "Copy"))
+        apps_layout.addLayout(_copy_row(self.base_url_field, "Copy", self._copy))
         apps_layout.addWidget(QLabel("API key"))
-        apps_layout.addLayout(_copy_row(self.key_field, "Copy"))
+        apps_layout.addLayout(_copy_row(self.key_field, "Copy", self._copy))
         apps_layout.addWidget(self.apps_qr)
         self.tabs.addTab(apps, "For apps")
         self.tabs.currentChanged.connect(self._tab_changed)
@@ -92,9 +106,11 @@ class QrWindow(QWidget):
         self.error = QLabel("")
         self.error.setWordWrap(True)
         self.error.setStyleSheet("color: #b91c1c")
+        self.status = QLabel("")
         outer = QVBoxLayout(self)
         outer.addWidget(self.tabs)
         outer.addWidget(self.error)
+        outer.addWidget(self.status)
 
         self._timer = QTimer(self)
         self._timer.setInterval(1000)
@@ -110,9 +126,27 @@ class QrWindow(QWidget):
         self._timer.stop()
         super().hideEvent(event)  # type: ignore[arg-type]
 
+    def _copy(self, text: str) -> None:
+        QGuiApplication.clipboard().setText(text)
+        self.status.setText("Copied.")
+
     def refresh(self) -> None:
         self.error.setText("")
+        self._devices_before = None
         self._bridge.when_done(self._controller.pairing_link(), self._show_link, self._failed)
+        # Asked after the code: a phone that pairs with it is not yet among these.
+        self._bridge.when_done(self._controller.credentials(), self._note_devices, self._failed)
+
+    def _note_devices(self, rows: list[Credential]) -> None:
+        self._devices_before = _devices(rows)
+
+    def _check_paired(self, rows: list[Credential]) -> None:
+        if self._devices_before is None:
+            return
+        new = [name for ident, name in _devices(rows).items() if ident not in self._devices_before]
+        if new:
+            self.paired.setText(f"Paired: {new[-1]} ✓")
+            self.refresh()  # that code is used up: a fresh one for the next phone
 
     def _show_link(self, link: PairingLink) -> None:
         self.link = link
@@ -144,11 +178,14 @@ class QrWindow(QWidget):
             return
         self._renewed_expired = False
         self.countdown.setText(f"Expires in {left // 60}:{left % 60:02d}")
+        self._ticks += 1
+        if self._devices_before is not None and self._ticks % PAIRING_CHECK_TICKS == 0:
+            self._bridge.when_done(self._controller.credentials(), self._check_paired, ignore)
 
     def _tab_changed(self, index: int) -> None:
         if index == 1 and not self.key_field.text():
             self._bridge.when_done(
-                self._controller.openai_settings(), self._show_app_settings, self._failed
+                self._controller.openai_settings(FOR_APPS), self._show_app_settings, self._failed
             )
 
     def _show_app_settings(self, settings: tuple[str, str]) -> None:

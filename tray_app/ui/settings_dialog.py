@@ -85,6 +85,10 @@ class SettingsDialog(QWidget):
         self.save_button.clicked.connect(self.save)
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.port_info = QLabel("")
+        self.port_info.setWordWrap(True)
+        self.overrides_note = QLabel("")
+        self.overrides_note.setWordWrap(True)
 
         upstream_row = QHBoxLayout()
         upstream_row.addWidget(self.upstream, 1)
@@ -104,8 +108,10 @@ class SettingsDialog(QWidget):
             form.addRow(field.label, upstream_row if widget is self.upstream else widget)
             for label, row in extra_rows.get(field.key, []):
                 form.addRow(label, row)
+        form.addRow("Port", self.port_info)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
+        layout.addWidget(self.overrides_note)
         for checkbox in checkboxes:
             layout.addWidget(checkbox)
         layout.addWidget(self.save_button)
@@ -133,6 +139,32 @@ class SettingsDialog(QWidget):
             else "paste from dashboard.ngrok.com"
         )
         self.start_at_login.setChecked(settings.start_at_login)
+        self._show_port(settings)
+        self._show_overrides(dict(settings.overridden))
+
+    def _show_port(self, settings: AppSettings) -> None:
+        if settings.port_note:
+            text = settings.port_note
+        elif settings.port_in_use is not None:
+            text = f"{settings.port_in_use} (on this computer only; internal when public)"
+        else:
+            text = f"{settings.configured_port} (not running)"
+        self.port_info.setText(text)
+
+    def _show_overrides(self, sources: dict[str, str]) -> None:
+        """A field an environment variable or flag sets shows that value but cannot be
+        edited: Save keeps the file's value of it."""
+        named = []
+        for field in FORM_FIELDS:
+            widget = self.inputs[field.key]
+            source = sources.get(field.key)
+            widget.setEnabled(source is None)
+            widget.setToolTip(f"Set by {source} for this run" if source else "")
+            if source:
+                named.append(f"{field.label} ({source})")
+        self.overrides_note.setText(
+            "Set for this run, not by Settings: " + ", ".join(named) + "." if named else ""
+        )
 
     def _show(self, field: FormInput, value: object) -> None:
         widget = self.inputs[field.key]

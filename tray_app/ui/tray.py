@@ -113,18 +113,27 @@ class MainWindow(QWidget):
         self.setWindowTitle("LM Gate")
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        # Where no tray shows messages, the window's own line says "Copied" and the like.
+        self.feedback = QLabel("")
+        self.feedback.setWordWrap(True)
         self.menu = TrayMenu(actions)
         self._layout = QVBoxLayout(self)
         self._layout.addWidget(self.status)
+        self._layout.addWidget(self.feedback)
+        actions.notify.connect(self._feedback)
         self.buttons: list[QPushButton] = []
         actions.bridge.state_changed.connect(self.show_state)
         self.show_state(actions.state)
+
+    def _feedback(self, title: str, message: str) -> None:
+        self.feedback.setText(f"{title}: {message}" if message else title)
 
     def show_state(self, state: AppState) -> None:
         self.setWindowIcon(QIcon(icon_for(state.phase, template=False)))
         self.status.setText(
             f"<b>{state.phase.title()}</b> — {state.status_line}"
             + (f"<br><i>{state.warning}</i>" if state.warning else "")
+            + (f"<br><i>{state.port_note}</i>" if state.port_note else "")
         )
         self.menu.rebuild()
         for button in self.buttons:

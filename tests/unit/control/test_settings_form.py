@@ -16,6 +16,10 @@ NOT_CONFIG = {
     "ngrok_token_set",
     "new_lmstudio_token",
     "new_ngrok_token",
+    "overridden",
+    "configured_port",
+    "port_in_use",
+    "port_note",
 }
 
 
