@@ -14,6 +14,13 @@ FILES = {
     "/app.css": ("app.css", "text/css; charset=utf-8"),
     "/manifest.webmanifest": ("manifest.webmanifest", "application/manifest+json"),
     "/icon.svg": ("icon.svg", "image/svg+xml"),
+    # Debian's builds of marked, DOMPurify and highlight.js (resources/web/vendor/README).
+    "/vendor/marked.min.js": ("vendor/marked.min.js", "text/javascript; charset=utf-8"),
+    "/vendor/purify.min.js": ("vendor/purify.min.js", "text/javascript; charset=utf-8"),
+    "/vendor/highlight.common.js": (
+        "vendor/highlight.common.js",
+        "text/javascript; charset=utf-8",
+    ),
 }
 
 SECURITY_HEADERS = {
