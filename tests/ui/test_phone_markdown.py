@@ -8,13 +8,16 @@ any of them. Screenshots: docs/screenshots/phone-markdown*.png (LMGATE_UPDATE_DO
 
 from __future__ import annotations
 
+import io
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
 from tests.helpers import publish_screenshot
 from tests.ui import test_phone_page
 from tests.ui.test_phone_page import ARTIFACTS, Live
+from tray_app.gateway.webpage import FILES, SECURITY_HEADERS
 
 # The phone page's own fixtures: one Chromium per module, a live gateway per test.
 browser = test_phone_page.browser
@@ -40,7 +43,8 @@ Some *emphasis*, some **strong words**, ~~a struck idea~~ and `inline code`.
 | Lyon | 1 | Hôtel du Parc, rue de la République | 120 € | included | 400 m on foot |
 | Nice | 2 | Le Petit Port, promenade des Anglais | 150 € | extra | 1.2 km by tram |
 
-See [the docs](https://example.com/docs) before you go.
+See [the docs](https://example.com/docs) before you go. Tickets:
+https://tickets.example.com/booking/confirmation/ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789
 
 > Travel light.
 
@@ -377,3 +381,28 @@ def test_stopped_and_error_lines_are_scrolled_into_view(browser: Any, live: Live
     page.wait_for_function("() => " + IN_VIEW + "('.message.error')")
     watch.check(page)
     context.close()
+
+
+# ---- point 5: iOS icon, 320 px --------------------------------------------------------------
+
+
+def test_ios_icon_and_vendor_files_are_served_with_the_strict_csp(live: Live) -> None:
+    from PIL import Image
+
+    for path, (_, kind) in FILES.items():
+        with urllib.request.urlopen(live.server.url + path) as response:
+            assert response.status == 200, path
+            assert response.headers["Content-Type"] == kind
+            csp = response.headers["Content-Security-Policy"]
+            assert csp == SECURITY_HEADERS["Content-Security-Policy"]
+            body = response.read()
+        if path == "/apple-touch-icon.png":
+            with Image.open(io.BytesIO(body)) as icon:
+                assert icon.size == (180, 180) and icon.mode == "RGB", "opaque, as iOS wants"
+    for library in ("marked.min.js", "purify.min.js", "highlight.common.js"):
+        assert f"/vendor/{library}" in FILES
+    with urllib.request.urlopen(live.server.url + "/") as response:
+        html = response.read().decode()
+    assert '<link rel="apple-touch-icon" href="/apple-touch-icon.png">' in html
+    csp = SECURITY_HEADERS["Content-Security-Policy"]
+    assert "script-src 'self';" in csp and "style-src 'self';" in csp and "unsafe" not in csp

@@ -15,6 +15,7 @@ FILES = {
     "/app.css": ("app.css", "text/css; charset=utf-8"),
     "/manifest.webmanifest": ("manifest.webmanifest", "application/manifest+json"),
     "/icon.svg": ("icon.svg", "image/svg+xml"),
+    "/apple-touch-icon.png": ("apple-touch-icon.png", "image/png"),
     # Debian's builds of marked, DOMPurify and highlight.js (resources/web/vendor/README).
     "/vendor/marked.min.js": ("vendor/marked.min.js", "text/javascript; charset=utf-8"),
     "/vendor/purify.min.js": ("vendor/purify.min.js", "text/javascript; charset=utf-8"),
