@@ -253,6 +253,33 @@ def test_hostile_output_never_runs_or_links_out(browser: Any, live: Live) -> Non
     context.close()
 
 
+def test_history_renders_and_copy_works_without_the_clipboard_api(browser: Any, live: Live) -> None:
+    """A conversation reopened from the list is Markdown too; and on plain http over a LAN
+    (not a secure context: no navigator.clipboard) Copy falls back to execCommand."""
+    live.fake.behaviour.reply = MARKDOWN
+    context, page, watch = open_page(browser, live)
+    send(page, "Plan my trip")
+    wait_done(page)
+    page.click("#new-chat")
+    page.click("#conversations-button")
+    page.click("text=Plan my trip")
+    page.wait_for_selector(".message.assistant h1")
+    a = page.locator(".message.assistant").last
+    assert a.locator(".code-block .code-lang").inner_text() == "python"
+    assert a.locator(".table-wrap > table").count() == 1
+    reader = context.new_page()  # a second tab that keeps its clipboard API, to look
+    reader.goto(live.server.url + "/manifest.webmanifest")
+    reader.evaluate("navigator.clipboard.writeText('something else')")
+    page.bring_to_front()
+    page.evaluate("() => { Object.defineProperty(navigator, 'clipboard', {value: undefined}); }")
+    a.locator("button.copy").click()
+    page.wait_for_function(answer_js("a.querySelector('button.copy').textContent === 'Copied'"))
+    assert page.locator("textarea.offscreen").count() == 0, "the helper is gone again"
+    assert reader.evaluate("navigator.clipboard.readText()") == CODE
+    watch.check(page)
+    context.close()
+
+
 # ---- point 2: incremental rendering ---------------------------------------------------------
 
 
