@@ -9,6 +9,7 @@ any of them. Screenshots: docs/screenshots/phone-markdown*.png (LMGATE_UPDATE_DO
 from __future__ import annotations
 
 import io
+import re
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -422,14 +423,24 @@ def test_ios_icon_and_vendor_files_are_served_with_the_strict_csp(live: Live) ->
             assert response.headers["Content-Type"] == kind
             csp = response.headers["Content-Security-Policy"]
             assert csp == SECURITY_HEADERS["Content-Security-Policy"]
+            # Only the version-named libraries may be kept; the page itself is always checked.
+            cache = "max-age=31536000, immutable" if path.startswith("/vendor/") else "no-cache"
+            assert response.headers["Cache-Control"] == cache, path
             body = response.read()
         if path == "/apple-touch-icon.png":
             with Image.open(io.BytesIO(body)) as icon:
                 assert icon.size == (180, 180) and icon.mode == "RGB", "opaque, as iOS wants"
-    for library in ("marked.min.js", "purify.min.js", "highlight.common.js"):
-        assert f"/vendor/{library}" in FILES
     with urllib.request.urlopen(live.server.url + "/") as response:
         html = response.read().decode()
+    scripts = re.findall(r'<script src="([^"]+)" defer></script>', html)
+    assert scripts == [
+        "/vendor/marked-4.2.3.min.js",
+        "/vendor/purify-2.4.1.min.js",
+        "/vendor/highlight-9.18.5-common.js",
+        "/markdown.js",
+        "/app.js",
+    ]
+    assert all(script in FILES for script in scripts)
     assert '<link rel="apple-touch-icon" href="/apple-touch-icon.png">' in html
     csp = SECURITY_HEADERS["Content-Security-Policy"]
     assert "script-src 'self';" in csp and "style-src 'self';" in csp and "unsafe" not in csp
