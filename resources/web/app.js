@@ -1,6 +1,6 @@
 // LM Gate's phone page: pair with the one-time code from the QR code, then chat.
-// No framework, no build step, no third-party requests; model output is put on the page as
-// text nodes only (never as HTML).
+// No framework, no build step, no third-party requests; model output is rendered as Markdown
+// by markdown.js (sanitized, raw HTML shown as text).
 "use strict";
 
 const TOKEN_KEY = "lmgate.token";
@@ -163,7 +163,7 @@ function toggleConversations(open) {
   $("conversations-button").setAttribute("aria-expanded", String(!panel.hidden));
 }
 
-// ---- rendering (text nodes only) -----------------------------------------------------------
+// ---- rendering ------------------------------------------------------------------------------
 
 function addBubble(role) {
   const bubble = document.createElement("div");
@@ -173,49 +173,42 @@ function addBubble(role) {
   return bubble;
 }
 
-function inline(parent, text) {
-  // `code` and **bold**, everything else as plain text.
-  const pattern = /(`[^`\n]+`|\*\*[^*\n]+\*\*)/g;
-  let last = 0;
-  for (const match of text.matchAll(pattern)) {
-    parent.append(document.createTextNode(text.slice(last, match.index)));
-    const token = match[0];
-    const element = document.createElement(token.startsWith("`") ? "code" : "strong");
-    element.textContent = token.startsWith("`") ? token.slice(1, -1) : token.slice(2, -2);
-    parent.append(element);
-    last = match.index + token.length;
+// Updates the bubble in place: the Thinking section (and whether the reader opened it) and the
+// blocks of the answer that did not change are kept, not rebuilt.
+function renderAnswer(bubble, content, reasoning) {
+  let answer = bubble.querySelector(":scope > .answer");
+  if (!answer) {
+    answer = document.createElement("div");
+    answer.className = "answer";
+    bubble.replaceChildren(answer);
   }
-  parent.append(document.createTextNode(text.slice(last)));
+  if (reasoning) {
+    let details = bubble.querySelector(":scope > details.thinking");
+    if (!details) {
+      details = document.createElement("details");
+      details.className = "thinking";
+      const summary = document.createElement("summary");
+      summary.textContent = "Thinking";
+      const body = document.createElement("div");
+      body.className = "thinking-text";
+      details.append(summary, body);
+      bubble.prepend(details);
+    }
+    const body = details.querySelector(".thinking-text");
+    if (body.textContent !== reasoning) body.textContent = reasoning;
+  }
+  LMGateMarkdown.render(answer, content);
 }
 
-function renderAnswer(bubble, content, reasoning) {
-  bubble.replaceChildren();
-  if (reasoning) {
-    const details = document.createElement("details");
-    const summary = document.createElement("summary");
-    summary.textContent = "Thinking";
-    const body = document.createElement("div");
-    body.textContent = reasoning;
-    details.append(summary, body);
-    bubble.append(details);
-  }
-  const parts = content.split(/```/);
-  parts.forEach((part, index) => {
-    if (index % 2 === 1) {
-      const pre = document.createElement("pre");
-      const code = document.createElement("code");
-      code.textContent = part.replace(/^[\w+-]*\n/, "");
-      pre.append(code);
-      bubble.append(pre);
-    } else {
-      for (const paragraph of part.split(/\n{2,}/)) {
-        if (!paragraph.trim()) continue;
-        const p = document.createElement("p");
-        inline(p, paragraph.replace(/^\n+|\n+$/g, ""));
-        bubble.append(p);
-      }
-    }
-  });
+// The view follows a growing answer only while the reader is at the bottom of the list.
+function atBottom() {
+  const list = $("messages");
+  return list.scrollHeight - list.scrollTop - list.clientHeight < 24;
+}
+
+function toBottom() {
+  const list = $("messages");
+  list.scrollTop = list.scrollHeight;
 }
 
 // ---- chatting -----------------------------------------------------------------------------
@@ -237,6 +230,14 @@ async function send(text) {
   busy(true);
   let content = "";
   let reasoning = "";
+  // At most one render per frame, however fast the chunks come.
+  let frame = 0;
+  const paint = () => {
+    frame = 0;
+    const follow = atBottom();
+    renderAnswer(bubble, content, reasoning);
+    if (follow) toBottom();
+  };
   try {
     const response = await api("/api/chat", {
       method: "POST", signal: controller.signal,
@@ -266,17 +267,19 @@ async function send(text) {
         const thinking = delta.reasoning || delta.reasoning_content;
         if (typeof thinking === "string") reasoning += thinking;
       }
-      renderAnswer(bubble, content, reasoning);
-      bubble.scrollIntoView({ block: "end" });
+      if ((content || reasoning) && !frame) frame = requestAnimationFrame(paint);
     }
-    renderAnswer(bubble, content, reasoning);
+    cancelAnimationFrame(frame);
+    paint();
   } catch (error) {
+    cancelAnimationFrame(frame);
     if (error.name === "AbortError") {
       renderAnswer(bubble, content, reasoning);
       const stopped = document.createElement("p");
       stopped.className = "stopped";
       stopped.textContent = "Stopped.";
       bubble.append(stopped);
+      stopped.scrollIntoView({ block: "nearest" });
     } else if (error instanceof ApiProblem && error.status === 401) {
       forget("This phone's access was revoked or has expired. Scan a new QR code to pair again.");
       return;
@@ -284,6 +287,7 @@ async function send(text) {
       bubble.className = "message error";
       bubble.textContent = error.message;
       $("retry").hidden = false;
+      bubble.scrollIntoView({ block: "nearest" });
     }
   } finally {
     state.controller = null;
