@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fake_lmstudio import FakeLMStudio
 from tests.helpers import REPO_ROOT, cli_env, publish_screenshot
 
 ROOT = REPO_ROOT
@@ -169,10 +170,14 @@ def _pair(origin: str, code: str, device: str) -> None:
 
 
 @pytest.mark.display
-def test_tray_icon_and_qr_on_a_real_display(display: str, tmp_path: Path) -> None:
+def test_tray_icon_and_qr_on_a_real_display(
+    display: str, tmp_path: Path, lmstudio_thread: FakeLMStudio
+) -> None:
     env = cli_env(tmp_path)
     variables = {
         **env.vars,
+        # LM Studio answers: the icon is the private grey (amber would say LM Studio is off).
+        "LMGATE_UPSTREAM_URL": lmstudio_thread.url,
         "DISPLAY": display,
         "QT_QPA_PLATFORM": "xcb",
         "XDG_STATE_HOME": str(tmp_path / "state"),
