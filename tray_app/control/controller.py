@@ -6,6 +6,7 @@ publishes frozen :class:`AppState` snapshots. The tray (or anything else) drives
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import http.client
@@ -13,12 +14,13 @@ import json
 import logging
 import os
 import shlex
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
 
 from tray_app.config.files import read_config_file
 from tray_app.config.settings import (
@@ -156,6 +158,37 @@ def curl_snippet(base_url: str, token: str, model: str) -> str:
         "  -H 'ngrok-skip-browser-warning: 1' \\\n"
         f"  -d {shlex.quote(body)}\n"
     )
+
+
+# Chatbox (1.15.1+) imports a provider from a deep link, documented in its docs repository
+# (chatboxai/chatbox-docs, en/guides/providers/import-config.md, "Import Third-Party Provider
+# Configuration"): ``chatbox://provider/import?config=$BASE64_ENCODED_CONFIG``, the config being
+# {id, name, type: "openai", iconUrl, urls: {website}, settings: {apiHost, apiPath?, apiKey?,
+# models: [{modelId, ...}]}}; apiPath defaults to /v1/chat/completions.
+CHATBOX_IMPORT = "chatbox://provider/import?config="
+CHATBOX_MAX_MODELS = 12  # the QR code grows with every model; Chatbox can fetch the rest
+
+
+def chatbox_import_link(base_url: str, key: str, models: Sequence[str]) -> str:
+    """Chatbox's provider deep link for LM Gate at ``base_url`` (ending in /v1) with ``key``
+    and ``models``. Standard base64 as documented, percent-encoded so that no URL parser
+    reads its "+" as a space."""
+    origin = base_url.removesuffix("/").removesuffix("/v1")
+    config = {
+        "id": urlsplit(origin).netloc or "lmgate",  # unique in Chatbox: the host, as advised
+        "name": "LM Gate",
+        "type": "openai",
+        "iconUrl": "",
+        "urls": {"website": origin},
+        "settings": {
+            "apiHost": origin,
+            "apiPath": "/v1/chat/completions",
+            "apiKey": key,
+            "models": [{"modelId": model} for model in models[:CHATBOX_MAX_MODELS]],
+        },
+    }
+    encoded = base64.b64encode(json.dumps(config, separators=(",", ":")).encode()).decode()
+    return CHATBOX_IMPORT + quote(encoded, safe="")
 
 
 def config_path_for(environ: Mapping[str, str]) -> Path:
