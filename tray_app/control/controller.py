@@ -435,14 +435,17 @@ class Controller:
         changed: logged once per change, not once per look. When LM Studio refuses the token
         and the store holds another one (`lmgate secret set` while the tray runs), the
         gateway restarts to use it."""
-        if not self._service.running:
+        service = self._service
+        if not service.running:
             return
         probe = await probe_lmstudio(
             self.config.upstream_url,
-            self._service.lmstudio_token,
+            service.lmstudio_token,
             within=PROBE_TIMEOUT,
             list_models=False,
         )
+        if self._service is not service or not service.running or self._state.busy:
+            return  # Save restarted it meanwhile, or a start is under way: that answer is stale
         if probe.needs_token and self._token_changed():
             log.info("LM Studio's API token changed in the secret store; restarting to use it")
             await self._restart()
