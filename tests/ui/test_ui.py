@@ -3,8 +3,11 @@ and tooltip, clipboard, the QR window decoded with zxing-cpp, settings, devices,
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -38,6 +41,20 @@ def decode(widget_or_image: QWidget | QImage) -> list[str]:
         image.bytesPerLine(),
     )
     return [result.text for result in zxingcpp.read_barcodes(pil)]
+
+
+def chatbox_config(link: str) -> dict[str, Any]:
+    """The provider config in a Chatbox deep link, ``chatbox://provider/import?config=…``
+    (chatboxai/chatbox-docs, en/guides/providers/import-config.md): base64 of JSON."""
+    parts = urlsplit(link)
+    assert (parts.scheme, parts.netloc, parts.path) == ("chatbox", "provider", "/import")
+    query = parse_qs(parts.query, strict_parsing=True)
+    assert list(query) == ["config"] and len(query["config"]) == 1
+    config: dict[str, Any] = json.loads(base64.b64decode(query["config"][0], validate=True))
+    assert set(config) == {"id", "name", "type", "iconUrl", "urls", "settings"}
+    assert config["name"] == "LM Gate"
+    assert config["urls"] == {"website": config["settings"]["apiHost"]}
+    return config
 
 
 @pytest.fixture
@@ -276,13 +293,23 @@ def test_for_apps_tab_shows_base_url_and_key(qtbot, fake, actions) -> None:  # t
     window = actions.qr_window
     assert window is not None
     window.tabs.setCurrentIndex(1)
-    qtbot.waitUntil(lambda: window.key_field.text() != "")
+    qtbot.waitUntil(lambda: window.chatbox_field.text() != "")
     assert window.base_url_field.text() == PUBLIC_URL + "/v1"
     assert window.key_field.text() == "lmg_fake_app_key"
-    window.resize(420, 640)
+    window.resize(460, 900)
     qtbot.wait(50)
-    decoded = decode(window)
-    assert json.loads(decoded[0]) == {"base_url": PUBLIC_URL + "/v1", "api_key": "lmg_fake_app_key"}
+    (decoded,) = decode(window)
+    # What a phone app imports, not a JSON blob no app reads: Chatbox's provider link.
+    assert decoded == window.chatbox_field.text()
+    config = chatbox_config(decoded)
+    assert config["settings"] == {
+        "apiHost": PUBLIC_URL,
+        "apiPath": "/v1/chat/completions",
+        "apiKey": "lmg_fake_app_key",
+        "models": [{"modelId": "qwen2.5-7b-instruct"}, {"modelId": "llama-3.2-1b"}],
+    }
+    assert config["id"] == "calm-otter-42.ngrok-free.app" and config["type"] == "openai"
+    assert "with 2 models" in window.apps_hint.text()
     assert len(fake.called("openai_settings")) == 1, "one key per window, not per view"
     window.close()
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fake_lmstudio import FakeLMStudio
 from tests.helpers import REPO_ROOT, cli_env, publish_screenshot
 
 ROOT = REPO_ROOT
@@ -26,6 +27,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 LMGATE = str(Path(sys.executable).with_name("lmgate"))
 TOOLS = ("Xvfb", "trayer", "import")
 PRIVATE_GREY = (0x6B, 0x72, 0x80)  # resources/icons/private.svg
+QR_WINDOW = "LM Gate — connect a phone"  # its title
 
 
 def _require_tools() -> None:
@@ -146,6 +148,26 @@ def decode_screen(path: Path) -> list[str]:
         return [r.text for r in zxingcpp.read_barcodes(image.convert("RGB"))]
 
 
+def _window_box(display: str, title: str) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the window named ``title`` on ``display``."""
+    env = {**os.environ, "DISPLAY": display}
+    found = subprocess.run(
+        ["xdotool", "search", "--name", title], env=env, capture_output=True, text=True, timeout=10
+    )
+    window = found.stdout.split()[-1]
+    shell = subprocess.run(
+        ["xdotool", "getwindowgeometry", "--shell", window],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
+    g = dict(line.split("=", 1) for line in shell.split())
+    x, y = int(g["X"]), int(g["Y"])
+    return x, y, x + int(g["WIDTH"]), y + int(g["HEIGHT"])
+
+
 def send(wish: str) -> None:
     import getpass
 
@@ -169,10 +191,14 @@ def _pair(origin: str, code: str, device: str) -> None:
 
 
 @pytest.mark.display
-def test_tray_icon_and_qr_on_a_real_display(display: str, tmp_path: Path) -> None:
+def test_tray_icon_and_qr_on_a_real_display(
+    display: str, tmp_path: Path, lmstudio_thread: FakeLMStudio
+) -> None:
     env = cli_env(tmp_path)
     variables = {
         **env.vars,
+        # LM Studio answers: the icon is the private grey (amber would say LM Studio is off).
+        "LMGATE_UPSTREAM_URL": lmstudio_thread.url,
         "DISPLAY": display,
         "QT_QPA_PLATFORM": "xcb",
         "XDG_STATE_HOME": str(tmp_path / "state"),
@@ -232,7 +258,7 @@ def test_tray_icon_and_qr_on_a_real_display(display: str, tmp_path: Path) -> Non
             screenshot(display, qr_shot)
             decoded = [t for t in decode_screen(qr_shot) if t.startswith("http://127.0.0.2:")]
         assert decoded, f"no pairing QR code on screen ({qr_shot})"
-        crop(qr_shot, ARTIFACTS / "qr-window.png", (0, 0, 460, 500))
+        crop(qr_shot, ARTIFACTS / "qr-window.png", _window_box(display, QR_WINDOW))
         publish_screenshot(ARTIFACTS / "qr-window.png", "qr-window.png")
         assert "/#" in decoded[0] and len(decoded[0]) <= 200
 
@@ -248,8 +274,39 @@ def test_tray_icon_and_qr_on_a_real_display(display: str, tmp_path: Path) -> Non
             renewed = [t for t in decode_screen(paired_shot) if t.startswith(origin + "/#")]
             renewed = [t for t in renewed if t != decoded[0]]
         assert renewed, f"no fresh pairing code after the phone paired ({paired_shot})"
-        crop(paired_shot, ARTIFACTS / "qr-window-paired.png", (0, 0, 344, 476))
+        crop(paired_shot, ARTIFACTS / "qr-window-paired.png", _window_box(display, QR_WINDOW))
         publish_screenshot(ARTIFACTS / "qr-window-paired.png", "qr-window-paired.png")
+
+        # The "For apps" tab: a code a phone app imports (Chatbox's provider link).
+        window_box = _window_box(display, QR_WINDOW)
+        subprocess.run(
+            [
+                "xdotool",
+                "mousemove",
+                str(window_box[0] + 115),
+                str(window_box[1] + 23),
+                "click",
+                "1",
+            ],
+            env={**os.environ, "DISPLAY": display},
+            check=True,
+            timeout=10,
+        )
+        apps_shot = ARTIFACTS / "display-qr-window-for-apps.png"
+        links: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not links:
+            time.sleep(0.3)
+            screenshot(display, apps_shot)
+            links = [t for t in decode_screen(apps_shot) if t.startswith("chatbox://")]
+        assert links, f"no Chatbox link on the For apps tab ({apps_shot})"
+        assert links[0].startswith("chatbox://provider/import?config=")
+        crop(
+            apps_shot,
+            ARTIFACTS / "qr-window-for-apps.png",
+            _window_box(display, QR_WINDOW),
+        )
+        publish_screenshot(ARTIFACTS / "qr-window-for-apps.png", "qr-window-for-apps.png")
         send("quit")
         assert tray.wait(30) == 0
     finally:

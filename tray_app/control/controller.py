@@ -6,6 +6,7 @@ publishes frozen :class:`AppState` snapshots. The tray (or anything else) drives
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import http.client
@@ -13,12 +14,13 @@ import json
 import logging
 import os
 import shlex
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
 
 from tray_app.config.files import read_config_file
 from tray_app.config.settings import (
@@ -29,15 +31,16 @@ from tray_app.config.settings import (
     dump_settings,
     load_config,
 )
-from tray_app.control.assembly import Identity
+from tray_app.control.assembly import Identity, data_dir
 from tray_app.control.loop_thread import LoopThread
 from tray_app.control.service import GatewayService, Started
 from tray_app.control.settings_form import FORM_FIELDS
-from tray_app.errors import ConfigError, LMGateError, TunnelError
+from tray_app.errors import ConfigError, LMGateError, SecretStoreError, TunnelError
 from tray_app.gateway.api_errors import REQUEST_ID_HEADER
-from tray_app.gateway.upstream.probe import PROBE_TIMEOUT, probe_lmstudio
+from tray_app.gateway.upstream.probe import PROBE_TIMEOUT, LMStudioProbe, probe_lmstudio
 from tray_app.identity.principal import ALL_SCOPES, CredentialKind
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
+from tray_app.tasks import spawn
 from tray_app.tunnel.manager import TunnelManager, TunnelState, TunnelStatus
 from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN, check_token_shape
 
@@ -50,6 +53,9 @@ APP_KEY_TTL = 30 * 86400.0
 # key that never expires on every click.
 MENU_OPENAI_SETTINGS = "openai-settings"
 FOR_APPS = "for-apps"
+# How often the running tray asks LM Studio whether it is still there: a few seconds after it
+# goes away or comes back, the icon, the status line and the main window say so.
+WATCH_INTERVAL = 3.0
 
 
 class Phase(StrEnum):
@@ -75,12 +81,16 @@ class AppState:
     needs_tunnel: bool = False  # first-run guide: paste an ngrok token or choose LAN
     busy: bool = False
     port_note: str | None = None  # the configured port was taken: which port is used instead
+    # What is wrong with LM Studio while the gateway runs (off, or wants a token); None: fine.
+    upstream_note: str | None = None
+    store_problem: str | None = None  # no usable secret store: why, and the fix
 
     @property
     def status_line(self) -> str:
+        line = self.message
         if self.phase == Phase.PUBLIC and self.public_url:
-            return f"Public at {self.public_url}"
-        return self.message
+            line = f"Public at {self.public_url}"
+        return f"{line} — {self.upstream_note}" if self.upstream_note else line
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +126,7 @@ class AppSettings:
     configured_port: int = 0
     port_in_use: int | None = None
     port_note: str | None = None
+    store_problem: str | None = None  # secrets cannot be saved: why, and the fix
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +158,37 @@ def curl_snippet(base_url: str, token: str, model: str) -> str:
         "  -H 'ngrok-skip-browser-warning: 1' \\\n"
         f"  -d {shlex.quote(body)}\n"
     )
+
+
+# Chatbox (1.15.1+) imports a provider from a deep link, documented in its docs repository
+# (chatboxai/chatbox-docs, en/guides/providers/import-config.md, "Import Third-Party Provider
+# Configuration"): ``chatbox://provider/import?config=$BASE64_ENCODED_CONFIG``, the config being
+# {id, name, type: "openai", iconUrl, urls: {website}, settings: {apiHost, apiPath?, apiKey?,
+# models: [{modelId, ...}]}}; apiPath defaults to /v1/chat/completions.
+CHATBOX_IMPORT = "chatbox://provider/import?config="
+CHATBOX_MAX_MODELS = 12  # the QR code grows with every model; Chatbox can fetch the rest
+
+
+def chatbox_import_link(base_url: str, key: str, models: Sequence[str]) -> str:
+    """Chatbox's provider deep link for LM Gate at ``base_url`` (ending in /v1) with ``key``
+    and ``models``. Standard base64 as documented, percent-encoded so that no URL parser
+    reads its "+" as a space."""
+    origin = base_url.removesuffix("/").removesuffix("/v1")
+    config = {
+        "id": urlsplit(origin).netloc or "lmgate",  # unique in Chatbox: the host, as advised
+        "name": "LM Gate",
+        "type": "openai",
+        "iconUrl": "",
+        "urls": {"website": origin},
+        "settings": {
+            "apiHost": origin,
+            "apiPath": "/v1/chat/completions",
+            "apiKey": key,
+            "models": [{"modelId": model} for model in models[:CHATBOX_MAX_MODELS]],
+        },
+    }
+    encoded = base64.b64encode(json.dumps(config, separators=(",", ":")).encode()).decode()
+    return CHATBOX_IMPORT + quote(encoded, safe="")
 
 
 def config_path_for(environ: Mapping[str, str]) -> Path:
@@ -197,6 +239,35 @@ def moved_port_note(host: str, taken: int, used: int, *, by_lmgate: bool) -> str
     return f"Port {taken} is taken by another program; LM Gate uses port {used} instead."
 
 
+def store_problem_for_tray(problem: str, config: Config, config_path: Path) -> str:
+    """What the tray says when its secret store cannot be opened: the fix in the tray's
+    terms (its config file, not a command-line flag), and what the file store means."""
+    if config.secrets_store != "keyring":
+        return problem
+    secrets_dir = (
+        Path(config.secrets_file_dir) if config.secrets_file_dir else data_dir(config) / "secrets"
+    )
+    return (
+        "No OS keyring is available (no Secret Service), so LM Gate cannot keep LM Studio's "
+        "token, the ngrok token or its signing key beyond this run. Fix: install and unlock "
+        "a keyring (GNOME Keyring or KWallet, e.g. `sudo apt install gnome-keyring`, then log "
+        f'in again), or put `secrets.store = "file"` in {config_path} and restart LM Gate: '
+        f"secrets are then kept unencrypted in files only your user can read ({secrets_dir}), "
+        "so anyone who can read your files or their backups can read them."
+    )
+
+
+def upstream_note_for(probe: LMStudioProbe) -> str | None:
+    """What the status line says about LM Studio while the gateway runs; None: it answers."""
+    if probe.ready:
+        return None
+    if probe.needs_token:
+        return "LM Studio wants an API token: enter it in Settings"
+    if probe.answered:
+        return f"LM Studio answers {probe.status}"
+    return "LM Studio is not answering: start its server (Developer → Start Server)"
+
+
 class Controller:
     """Lives on the loop thread. ``config_path`` is where Settings saves; ``store`` overrides
     the configured secret store (tests pass an in-memory one). ``overrides`` (flags) and
@@ -213,8 +284,11 @@ class Controller:
         overrides: Mapping[str, object] | None = None,
         environ: Mapping[str, str] | None = None,
         port_fallback: bool = False,
+        watch_interval: float = WATCH_INTERVAL,
     ) -> None:
         self.config = config
+        self._watch_interval = watch_interval
+        self._watch: asyncio.Task[None] | None = None
         self._environ = environ
         self._overrides = dict(overrides or {})
         self._config_path = config_path or config_path_for(self._env)
@@ -284,18 +358,31 @@ class Controller:
                 started, note = await self._start_on_a_free_port()
             except ConfigError as again:
                 return self._publish(phase=Phase.ERROR, message=str(again), busy=False)
+        store_problem = (
+            store_problem_for_tray(started.store_problem, self.config, self._config_path)
+            if started.store_problem
+            else None
+        )
+        if store_problem:
+            log.warning("%s", store_problem)
         state = self._publish(
             phase=Phase.PRIVATE,
             gateway_url=started.url,
             lmstudio_reachable=started.lmstudio_reachable,
             message="Private: only this computer can connect",
             busy=False,
-            warning=started.key_warning or started.store_problem,
+            warning=store_problem or started.key_warning,
+            store_problem=store_problem,
             needs_lmstudio=not started.lmstudio_reachable,
             needs_tunnel=not self._tunnel_ready(),
             provider=self.config.tunnel_provider,
             port_note=note,
+            upstream_note=None,
         )
+        if not started.lmstudio_reachable:
+            await self.check_lmstudio()  # says why at once: off, or wants a token
+        if self._watch_interval > 0:
+            self._watch = spawn(self._watch_lmstudio(), name="watch LM Studio")
         if self.config.tunnel_go_public_at_start and self._tunnel_ready():
             with contextlib.suppress(LMGateError):
                 state = await self.go_public()
@@ -322,8 +409,72 @@ class Controller:
 
     async def shutdown(self) -> None:
         """Close the tunnel, let streams finish (within the grace), stop the gateway."""
+        watch, self._watch = self._watch, None
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         await self._service.stop()
-        self._publish(phase=Phase.PRIVATE, public_url=None, message="Stopped", busy=False)
+        self._publish(
+            phase=Phase.PRIVATE, public_url=None, message="Stopped", busy=False, upstream_note=None
+        )
+
+    # ---- watching LM Studio ----------------------------------------------------------------
+
+    async def _watch_lmstudio(self) -> None:
+        me = asyncio.current_task()
+        while self._watch is me:
+            await asyncio.sleep(self._watch_interval)
+            try:
+                await self.check_lmstudio()
+            except Exception:  # the watcher must outlive any one failed look
+                log.exception("checking on LM Studio failed")
+
+    async def check_lmstudio(self) -> None:
+        """Ask LM Studio (with the gateway's token) whether it answers, and publish what
+        changed: logged once per change, not once per look. When LM Studio refuses the token
+        and the store holds another one (`lmgate secret set` while the tray runs), the
+        gateway restarts to use it."""
+        service = self._service
+        if not service.running:
+            return
+        probe = await probe_lmstudio(
+            self.config.upstream_url,
+            service.lmstudio_token,
+            within=PROBE_TIMEOUT,
+            list_models=False,
+        )
+        if self._service is not service or not service.running or self._state.busy:
+            return  # Save restarted it meanwhile, or a start is under way: that answer is stale
+        if probe.needs_token and self._token_changed():
+            log.info("LM Studio's API token changed in the secret store; restarting to use it")
+            await self._restart()
+            self._publish(message="LM Studio's new API token is in use (LM Gate restarted).")
+            return
+        note = upstream_note_for(probe)
+        if note == self._state.upstream_note and probe.ready == self._state.lmstudio_reachable:
+            return
+        if note:
+            log.warning("%s (%s)", note, self.config.upstream_url)
+        else:
+            log.info("LM Studio answers again at %s", self.config.upstream_url)
+        self._publish(
+            upstream_note=note, lmstudio_reachable=probe.ready, needs_lmstudio=not probe.ready
+        )
+
+    def _token_changed(self) -> bool:
+        stored = read_or_none(self._store, LMSTUDIO_API_TOKEN)
+        return bool(stored) and stored != self._service.lmstudio_token
+
+    async def _restart(self) -> AppState:
+        """Stop and start again with the current config, public again if it was."""
+        was_public = self._tunnel is not None
+        await self.shutdown()
+        state = await self.start()
+        if was_public and self._tunnel_ready() and self._tunnel is None:
+            with contextlib.suppress(LMGateError):
+                state = await self.go_public()
+        return state
 
     # ---- going public ----------------------------------------------------------------------
 
@@ -579,6 +730,7 @@ class Controller:
             configured_port=self.config.server_port,
             port_in_use=self._service.server.port if self._service.running else None,
             port_note=self._state.port_note,
+            store_problem=self._state.store_problem,
         )
 
     def _overridden(self) -> dict[str, str]:
@@ -601,6 +753,9 @@ class Controller:
             if f.key not in overridden
         }
         text = self._merged_config_text(values)  # raises ConfigError naming a bad key
+        if (new.new_ngrok_token or new.new_lmstudio_token) and self._state.store_problem:
+            # Said before anything is written: a token typed in cannot be kept anywhere.
+            raise SecretStoreError(f"The token was not saved. {self._state.store_problem}")
         if new.new_ngrok_token:
             self._store.set(NGROK_AUTHTOKEN, check_token_shape(new.new_ngrok_token))
         if new.new_lmstudio_token:
@@ -612,17 +767,12 @@ class Controller:
                 self._autostart.enable()
             else:
                 self._autostart.disable()
-        was_public = self._tunnel is not None
-        await self.shutdown()
-        # The file as saved, under the same environment and flags as at launch.
+        # The file as saved, under the same environment and flags as at launch; the restart
+        # also hands a new LM Studio token to the gateway.
         self.config = load_config(
             path=self._config_path, environ=self._environ, overrides=self._overrides
         )
-        state = await self.start()
-        if was_public and self._tunnel_ready():
-            with contextlib.suppress(LMGateError):
-                state = await self.go_public()
-        return state
+        return await self._restart()
 
     def _merged_config_text(self, values: Mapping[str, object]) -> str:
         merged: dict[str, object] = {}

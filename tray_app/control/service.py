@@ -25,7 +25,12 @@ from tray_app.control.going_public import go_public
 from tray_app.errors import LMGateError, SecretStoreError
 from tray_app.gateway.server.runner import GatewayServer
 from tray_app.identity.principal import ALL_SCOPES
-from tray_app.secret_store.base import EnvSecretStore, SecretStore
+from tray_app.secret_store.base import (
+    LMSTUDIO_API_TOKEN,
+    EnvSecretStore,
+    SecretStore,
+    read_or_none,
+)
 from tray_app.tunnel.manager import StatusListener, TunnelManager
 
 log = logging.getLogger("lmgate.service")
@@ -55,6 +60,9 @@ class GatewayService:
         self._identity: Identity | None = None
         self._server: GatewayServer | None = None
         self._tunnel: TunnelManager | None = None
+        # LM Studio's token as this run's gateway read it at start: a different one in the
+        # store later (`lmgate secret set`) means the gateway must be restarted to use it.
+        self.lmstudio_token: str | None = None
 
     @property
     def running(self) -> bool:
@@ -91,6 +99,7 @@ class GatewayService:
         loader = None if key_warning or store is None else signing_key_loader(store)
         # Without a usable store LM Gate still reads LMGATE_SECRET_* variables set on purpose.
         self.secrets = store if store is not None else EnvSecretStore()
+        self.lmstudio_token = read_or_none(self.secrets, LMSTUDIO_API_TOKEN)
         identity = open_identity(self.config, signing_key, key_loader=loader)
         try:
             server = GatewayServer(build_gateway(self.config, identity, self.secrets))

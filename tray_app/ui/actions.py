@@ -85,6 +85,11 @@ class AppActions(QObject):
                 self.notify.emit("LM Gate is reconnecting", state.message)
             elif state.phase == Phase.ERROR:
                 self.notify.emit("LM Gate could not go public", state.message)
+        if state.upstream_note != previous.upstream_note and state.gateway_url:
+            if state.upstream_note:
+                self.notify.emit("LM Studio", state.upstream_note)
+            elif previous.upstream_note:
+                self.notify.emit("LM Studio answers again", "")
         if state.port_note and state.port_note != previous.port_note:
             self.notify.emit("LM Gate uses another port", state.port_note)
         if (

@@ -3,7 +3,6 @@ the code when it runs out; and a tab with an OpenAI base URL and key for apps.""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 
@@ -19,11 +18,19 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from tray_app.control.controller import FOR_APPS, Credential, PairingLink
+from tray_app.control.controller import (
+    FOR_APPS,
+    AppSettings,
+    Credential,
+    PairingLink,
+    chatbox_import_link,
+)
+from tray_app.qr_codes import qr_matrix
 from tray_app.ui.bridge import UiBridge, ignore
 from tray_app.ui.port import ControllerPort
 from tray_app.ui.qr import MAX_PAYLOAD, qr_pixmap
 
+APPS_QR_PX = 320  # the apps' code carries a whole provider config: denser than a pairing link
 PAIRING_CHECK_TICKS = 2  # look for a newly paired phone every this many seconds
 
 
@@ -84,22 +91,33 @@ class QrWindow(QWidget):
         apps = QWidget()
         self.apps_qr = QLabel("Open this tab to make a key for an app.")
         self.apps_qr.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        # Room for the code from the start: the window is laid out before the code exists.
+        self.apps_qr.setMinimumSize(APPS_QR_PX, APPS_QR_PX)
+        # Lines broken by hand, not wrapped: a wrapped label under-reports its height, and
+        # the code would be drawn over it.
+        self.apps_hint = QLabel("")
+        self.apps_hint.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.base_url_field = QLineEdit()
         self.base_url_field.setReadOnly(True)
         self.key_field = QLineEdit()
         self.key_field.setReadOnly(True)
+        self.chatbox_field = QLineEdit()
+        self.chatbox_field.setReadOnly(True)
         note = QLabel(
-            "OpenAI-compatible settings for apps and SDKs. This tab keeps one key while it "
-            "lasts (30 days); revoke it in Devices & tokens, and the next one is new."
+            "OpenAI-compatible settings for apps and SDKs. This tab keeps\n"
+            "one key while it lasts (30 days); revoke it in Devices & tokens,\n"
+            "and the next one is new."
         )
-        note.setWordWrap(True)
         apps_layout = QVBoxLayout(apps)
         apps_layout.addWidget(note)
+        apps_layout.addWidget(self.apps_qr)
+        apps_layout.addWidget(self.apps_hint)
         apps_layout.addWidget(QLabel("Base URL"))
         apps_layout.addLayout(_copy_row(self.base_url_field, "Copy", self._copy))
         apps_layout.addWidget(QLabel("API key"))
         apps_layout.addLayout(_copy_row(self.key_field, "Copy", self._copy))
-        apps_layout.addWidget(self.apps_qr)
+        apps_layout.addWidget(QLabel("Chatbox link"))
+        apps_layout.addLayout(_copy_row(self.chatbox_field, "Copy", self._copy))
         self.tabs.addTab(apps, "For apps")
         self.tabs.currentChanged.connect(self._tab_changed)
 
@@ -192,5 +210,40 @@ class QrWindow(QWidget):
         base_url, key = settings
         self.base_url_field.setText(base_url)
         self.key_field.setText(key)
-        payload = json.dumps({"base_url": base_url, "api_key": key}, separators=(",", ":"))
-        self.apps_qr.setPixmap(qr_pixmap(payload, module_px=5))
+        self.base_url_field.setCursorPosition(0)
+        self.key_field.setCursorPosition(0)
+        self.apps_qr.setText("Asking LM Studio for its models…")
+        # The link lists the models LM Gate offers: LM Studio's, as Settings allow them.
+        self._bridge.when_done(self._controller.settings(), self._ask_models, self._no_models)
+
+    def _ask_models(self, settings: AppSettings) -> None:
+        def allowed(result: tuple[bool, list[str]]) -> None:
+            ok, models = result
+            only = set(settings.auth_allowed_models)
+            self._show_chatbox_link([m for m in models if not only or m in only] if ok else [])
+
+        self._bridge.when_done(
+            self._controller.test_connection(settings.upstream_url), allowed, self._no_models
+        )
+
+    def _no_models(self, _error: BaseException) -> None:
+        self._show_chatbox_link([])
+
+    def _show_chatbox_link(self, models: list[str]) -> None:
+        """What a phone app imports: Chatbox's provider link (a camera app opens Chatbox
+        with it); other apps take the base URL and key below."""
+        link = chatbox_import_link(self.base_url_field.text(), self.key_field.text(), models)
+        self.chatbox_field.setText(link)
+        self.chatbox_field.setCursorPosition(0)
+        # The largest modules that fit the room the tab keeps for the code (~100 modules).
+        module_px = max(2, APPS_QR_PX // len(qr_matrix(link)))
+        self.apps_qr.setPixmap(qr_pixmap(link, module_px=module_px))
+        self.apps_hint.setText(
+            "Scan with the phone's camera to add LM Gate to Chatbox (1.15.1+)\n"
+            + (
+                f"with {len(models)} model{'s' if len(models) != 1 else ''}."
+                if models
+                else "without models (LM Studio listed none): fetch them in Chatbox."
+            )
+            + " Other apps: copy the base URL and key."
+        )

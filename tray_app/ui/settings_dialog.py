@@ -89,6 +89,11 @@ class SettingsDialog(QWidget):
         self.port_info.setWordWrap(True)
         self.overrides_note = QLabel("")
         self.overrides_note.setWordWrap(True)
+        # No keyring: said here, before a token is typed in that could not be kept.
+        self.store_note = QLabel("")
+        self.store_note.setWordWrap(True)
+        self.store_note.setStyleSheet("color: #b45309")
+        self.store_note.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
         upstream_row = QHBoxLayout()
         upstream_row.addWidget(self.upstream, 1)
@@ -110,6 +115,7 @@ class SettingsDialog(QWidget):
                 form.addRow(label, row)
         form.addRow("Port", self.port_info)
         layout = QVBoxLayout(self)
+        layout.addWidget(self.store_note)
         layout.addLayout(form)
         layout.addWidget(self.overrides_note)
         for checkbox in checkboxes:
@@ -138,6 +144,8 @@ class SettingsDialog(QWidget):
             if settings.ngrok_token_set
             else "paste from dashboard.ngrok.com"
         )
+        self.store_note.setText(settings.store_problem or "")
+        self.store_note.setVisible(bool(settings.store_problem))
         self.start_at_login.setChecked(settings.start_at_login)
         self._show_port(settings)
         self._show_overrides(dict(settings.overridden))

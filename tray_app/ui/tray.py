@@ -17,7 +17,16 @@ def tooltip_for(state: AppState) -> str:
         f"LM Gate — {state.phase}"
         + (f": {where}" if where else "")
         + ("" if state.phase == Phase.PUBLIC else f"\n{state.message}")
+        + (f"\n{state.upstream_note}" if state.upstream_note else "")
     )
+
+
+def icon_name_for(state: AppState) -> str:
+    """The icon's name: a running gateway whose LM Studio is off (or refuses its token)
+    shows the amber icon, as a tunnel that reconnects does: up, but not answering."""
+    if state.upstream_note and state.phase in {Phase.PRIVATE, Phase.PUBLIC}:
+        return Phase.RECONNECTING
+    return state.phase
 
 
 class TrayMenu:
@@ -86,9 +95,10 @@ class Tray:
         self.icon.show()
 
     def render(self, state: AppState) -> None:
-        if state.phase != self.phase:
-            self.phase = state.phase
-            self.icon.setIcon(icon_for(state.phase))
+        name = icon_name_for(state)
+        if name != self.phase:
+            self.phase = name
+            self.icon.setIcon(icon_for(name))
         self.icon.setToolTip(tooltip_for(state))
 
     def _notify(self, title: str, message: str) -> None:
@@ -129,7 +139,7 @@ class MainWindow(QWidget):
         self.feedback.setText(f"{title}: {message}" if message else title)
 
     def show_state(self, state: AppState) -> None:
-        self.setWindowIcon(QIcon(icon_for(state.phase, template=False)))
+        self.setWindowIcon(QIcon(icon_for(icon_name_for(state), template=False)))
         self.status.setText(
             f"<b>{state.phase.title()}</b> — {state.status_line}"
             + (f"<br><i>{state.warning}</i>" if state.warning else "")

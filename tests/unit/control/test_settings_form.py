@@ -20,6 +20,7 @@ NOT_CONFIG = {
     "configured_port",
     "port_in_use",
     "port_note",
+    "store_problem",
 }
 
 
