@@ -23,7 +23,7 @@ def tooltip_for(state: AppState) -> str:
 
 def icon_name_for(state: AppState) -> str:
     """The icon's name: a running gateway whose LM Studio is off (or refuses its token)
-    shows the amber icon, as a tunnel that reconnects does: up, but not answering."""
+    shows the reconnecting icon (blue), as a tunnel that reconnects does: up, but not answering."""
     if state.upstream_note and state.phase in {Phase.PRIVATE, Phase.PUBLIC}:
         return Phase.RECONNECTING
     return state.phase
