@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import IO
 
+from tray_app.cli.client_settings import client_settings
 from tray_app.config.settings import Config, parse_duration
 from tray_app.control.assembly import (
     Identity,
@@ -146,6 +147,13 @@ def _table(out: IO[str], header: Sequence[str], rows: Sequence[Sequence[str]]) -
         )
 
 
+def loopback_host(host: str) -> str:
+    """Where a client on this computer reaches a server listening on ``host``."""
+    if host in {"", "0.0.0.0", "::"}:
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
 def _open(config: Config, *, need_signing_key: bool) -> Identity:
     if need_signing_key:
         store = secret_store_for(config)
@@ -181,7 +189,7 @@ def run_identity_command(args: argparse.Namespace, config: Config, out: IO[str])
         if command == "token":
             return _token(args, action, identity, config, out)
         if command == "key":
-            return _key(args, action, identity, out)
+            return _key(args, action, identity, config, out)
         if command == "pair":
             return _pair(args, identity, config, out)
         if command == "device":
@@ -240,7 +248,9 @@ def _token(
     return 0
 
 
-def _key(args: argparse.Namespace, action: str, identity: Identity, out: IO[str]) -> int:
+def _key(
+    args: argparse.Namespace, action: str, identity: Identity, config: Config, out: IO[str]
+) -> int:
     if action == "create":
         key, record = identity.api_keys.create(
             args.name,
@@ -253,6 +263,13 @@ def _key(args: argparse.Namespace, action: str, identity: Identity, out: IO[str]
             f"\nAPI key {record.id} for {record.name!r}: scopes "
             f"{' '.join(sorted(record.scopes))}, expires {_when(record.expires)}. It is shown "
             "only now; LM Gate keeps just its hash.",
+            file=sys.stderr,
+        )
+        local = f"http://{loopback_host(config.server_host)}:{config.server_port}"
+        snippets = client_settings(local, key, messages_on=config.routes_enable_messages)
+        print(
+            "\nSettings to paste into an app on this computer (elsewhere, use the address it "
+            f"reaches LM Gate at):\n\n{snippets}",
             file=sys.stderr,
         )
         return 0

@@ -280,6 +280,24 @@ CATALOGUE = [
         "draft_model",
         "This key may not use the model 'big-model'.",
     ),
+    entry(
+        E.model_not_found,
+        ("qwen/hidden",),
+        404,
+        BAD,
+        "model_not_found",
+        "model",
+        "The model 'qwen/hidden' does not exist or you do not have access to it.",
+    ),
+    entry(
+        E.count_tokens_messages_invalid,
+        (),
+        400,
+        BAD,
+        "invalid_messages",
+        "messages",
+        "The messages parameter must be a list of messages.",
+    ),
     # throttles and limits
     entry(
         E.too_many_auth_failures,
