@@ -9,6 +9,13 @@ Bearer``; they need ``routes.enable_messages`` on.
 from __future__ import annotations
 
 
+def loopback_host(host: str) -> str:
+    """Where a client on this computer reaches a server listening on ``host`` (for a URL)."""
+    if host in {"", "0.0.0.0", "::"}:
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
 def openai_settings(base_url: str, key: str) -> str:
     return f"OPENAI_BASE_URL={base_url.rstrip('/')}/v1\nOPENAI_API_KEY={key}\n"
 

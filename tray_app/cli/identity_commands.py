@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import IO
 
-from tray_app.cli.client_settings import client_settings
+from tray_app.cli.client_settings import client_settings, loopback_host
 from tray_app.config.settings import Config, parse_duration
 from tray_app.control.assembly import (
     Identity,
@@ -145,13 +145,6 @@ def _table(out: IO[str], header: Sequence[str], rows: Sequence[Sequence[str]]) -
         print(
             "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out
         )
-
-
-def loopback_host(host: str) -> str:
-    """Where a client on this computer reaches a server listening on ``host``."""
-    if host in {"", "0.0.0.0", "::"}:
-        return "127.0.0.1"
-    return f"[{host}]" if ":" in host else host
 
 
 def _open(config: Config, *, need_signing_key: bool) -> Identity:

@@ -6,8 +6,12 @@ from __future__ import annotations
 import re
 
 from tests.helpers import Env
-from tray_app.cli.client_settings import claude_code_settings, client_settings, openai_settings
-from tray_app.cli.identity_commands import loopback_host
+from tray_app.cli.client_settings import (
+    claude_code_settings,
+    client_settings,
+    loopback_host,
+    openai_settings,
+)
 
 
 def test_key_create_prints_claude_code_settings(env: Env) -> None:
