@@ -41,6 +41,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(fields, ensure_ascii=True, default=str)
 
 
+def _is_terminal(stream: IO[str]) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
 class MalformedRequestFilter(logging.Filter):
     """aiohttp logs a request it cannot parse with a traceback that quotes the offending bytes —
     which may be an Authorization header. Keep one line, and none of the request's bytes."""
@@ -68,10 +73,51 @@ def route_library_logs(handler: logging.Handler) -> None:
             logger.addFilter(MalformedRequestFilter())
 
 
-def configure_logging(level: str = "info", stream: IO[str] | None = None) -> logging.Handler:
-    """Send every ``lmgate`` log line to ``stream`` (stderr) as JSON."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
+def _printable(value: object, limit: int = 200) -> str:
+    # A path or device name is the client's text: a terminal must not run its escape codes.
+    text = str(value)
+    return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+
+
+class TextFormatter(logging.Formatter):
+    """One short line per request for a person watching a terminal; other records as
+    ``time LEVEL message``. Everything a client chose is shown without control characters."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):
+            return f"{when} {self._request(access)}"
+        line = f"{when} {record.levelname} {_printable(record.getMessage(), 2000)}"
+        if record.exc_info:
+            trace = self.formatException(record.exc_info)
+            line += "\n" + "\n".join(_printable(part, 2000) for part in trace.splitlines())
+        return line
+
+    @staticmethod
+    def _request(fields: dict[str, Any]) -> str:
+        parts = [str(fields.get("status")), f"{fields.get('method')} {fields.get('path')}"]
+        if fields.get("model"):
+            parts.append(str(fields["model"]))
+        parts.append(f"{float(fields.get('latency_ms') or 0) / 1000:.2f}s")
+        if "prompt_tokens" in fields:
+            parts.append(f"{fields['prompt_tokens']}+{fields.get('completion_tokens')} tok")
+        if fields.get("principal"):
+            parts.append(str(fields["principal"]))
+        if fields.get("error"):
+            parts.append(f"({fields['error']})")
+        return _printable(" ".join(parts), 300)
+
+
+def configure_logging(
+    level: str = "info", stream: IO[str] | None = None, *, format: str = "json"
+) -> logging.Handler:
+    """Send every ``lmgate`` log line to ``stream`` (stderr): as JSON, as short text
+    (``format="text"``), or ``"auto"``: text when the stream is a terminal, else JSON."""
+    target = stream or sys.stderr
+    handler = logging.StreamHandler(target)
+    text = format == "text" or (format == "auto" and _is_terminal(target))
+    handler.setFormatter(TextFormatter() if text else JsonFormatter())
     root = logging.getLogger("lmgate")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -38,7 +38,8 @@ BLOCKED = [
     ("GET", "/", {}, 404),
     ("GET", "/admin", {}, 404),
     ("GET", "/v1", {}, 404),
-    ("GET", "/v1/models/qwen2.5-7b-instruct", {}, 404),
+    # /v1/models/{model} answers from the list; an encoded slash in it must not climb out.
+    ("GET", "/v1/models/..%2F..%2Fapi%2Fv1%2Fmodels%2Fload", {}, 404),
     ("POST", "/v2/chat/completions", {}, 404),
     ("POST", "/v1/chat/completions/extra", {}, 404),
     ("GET", "/.env", {}, 404),

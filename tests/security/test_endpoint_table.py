@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import GatewayFactory, IdentityFactory, IdentityRig
 from tests.fake_lmstudio import MODELS, FakeLMStudio
 from tests.helpers import RawResponse, raw_request
-from tray_app.gateway.routes import ENDPOINTS, ONE_SEGMENT, Endpoint
+from tray_app.gateway.routes import ENDPOINTS, MODEL_ID, ONE_SEGMENT, Endpoint
 from tray_app.identity.principal import ALL_SCOPES
 
 ALLOWED_ORIGIN = "https://app.example.com"
@@ -35,8 +35,9 @@ BODIES = {
 
 
 def concrete(endpoint: Endpoint) -> str:
-    """A path the entry serves: one ending in {id} serves any one segment in its place."""
-    return endpoint.path.replace(ONE_SEGMENT, "abc123")
+    """A path the entry serves: one ending in {id} serves any one segment in its place, the
+    model one answers for a model LM Studio lists."""
+    return endpoint.path.replace(ONE_SEGMENT, "abc123").replace(MODEL_ID, MODELS[0])
 
 
 def body_for(endpoint: Endpoint) -> bytes:
@@ -166,7 +167,8 @@ async def test_an_unknown_path_names_what_this_gateway_forwards(rig: IdentityRig
     assert error["message"] == (
         "Unknown path /v2/anything. LM Gate forwards only: GET /v1/models, "
         "POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, "
-        "POST /v1/responses, POST /v1/messages."
+        "POST /v1/responses, POST /v1/messages, POST /v1/messages/count_tokens, "
+        "GET /v1/models/{model}."
     )
 
 

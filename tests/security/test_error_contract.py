@@ -17,7 +17,10 @@ from tray_app.identity.principal import ALL_SCOPES
 
 REQUEST_ID = "contract-test-1"
 CHAT = {"model": MODELS[0], "messages": [{"role": "user", "content": "hi"}]}
-FORWARDED = "GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings"
+FORWARDED = (
+    "GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, "
+    "GET /v1/models/{model}"
+)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import asyncio
 import email.utils
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tray_app.config.settings import (
 )
 from tray_app.control.assembly import data_dir, secret_store_for
 from tray_app.errors import ConfigError, SecretStoreError, TunnelError
+from tray_app.gateway.server.identify import lmgate_listens
 from tray_app.gateway.server.runner import port_is_free
 from tray_app.gateway.upstream.probe import probe_lmstudio
 from tray_app.paths import user_log_dir
@@ -45,14 +47,16 @@ def log_dir() -> Path:
     return user_log_dir()
 
 
-def _config(path: Path | None) -> tuple[Check, Config | None]:
+def _config(
+    path: Path | None, overrides: Mapping[str, object] | None
+) -> tuple[Check, Config | None]:
     where = path or (
         Path(os.environ[CONFIG_FILE_ENV])
         if os.environ.get(CONFIG_FILE_ENV)
         else default_config_path()
     )
     try:
-        config = load_config(path=path)
+        config = load_config(path=path, overrides=overrides)
     except ConfigError as exc:
         return Check("config file", False, f"{exc} — fix it in {where}"), None
     exists = "found" if where.exists() else "none yet (defaults apply)"
@@ -82,7 +86,7 @@ async def _lmstudio(config: Config, store: SecretStore | None) -> list[Check]:
             Check(
                 "LM Studio",
                 False,
-                f"not reachable at {url} ({probe.failure}): start "
+                f"not reachable at {url} ({probe.reason}): start "
                 "its server (Developer tab → Start Server, or `lms server start`) or fix "
                 "upstream.url",
             )
@@ -163,11 +167,18 @@ def _ngrok(config: Config, store: SecretStore | None) -> list[Check]:
     return checks
 
 
-def _port(config: Config) -> Check:
+async def _port(config: Config) -> Check:
     if config.server_port == 0:
         return Check("port", True, "any free port (server.port = 0)")
     if port_is_free(config.server_host, config.server_port):
         return Check("port", True, f"{config.server_host}:{config.server_port} is free")
+    if await lmgate_listens(config.server_host, config.server_port):
+        return Check(
+            "port",
+            True,
+            f"{config.server_host}:{config.server_port} is LM Gate's: it is running already "
+            "(stop it before starting another, or set server.port)",
+        )
     return Check(
         "port",
         False,
@@ -189,8 +200,10 @@ def _places(config: Config) -> Check:
     return Check("data and logs", True, f"data {places['data']}, logs {places['logs']}")
 
 
-async def run_checks(config_path: Path | None = None) -> list[Check]:
-    first, config = _config(config_path)
+async def run_checks(
+    config_path: Path | None = None, overrides: Mapping[str, object] | None = None
+) -> list[Check]:
+    first, config = _config(config_path, overrides)
     if config is None:
         return [first]
     secrets_check, store = _secrets(config)
@@ -199,7 +212,7 @@ async def run_checks(config_path: Path | None = None) -> list[Check]:
         secrets_check,
         *(await _lmstudio(config, store)),
         *_ngrok(config, store),
-        _port(config),
+        await _port(config),
         _places(config),
     ]
 
@@ -213,6 +226,9 @@ def render(checks: list[Check]) -> str:
     return "\n".join(lines)
 
 
-def doctor(config_path: Path | None = None) -> tuple[str, bool]:
-    checks = asyncio.run(run_checks(config_path))
+def doctor(
+    config_path: Path | None = None, overrides: Mapping[str, object] | None = None
+) -> tuple[str, bool]:
+    """``overrides``: dotted keys from the command line (``--data-dir``, ``--secret-store``)."""
+    checks = asyncio.run(run_checks(config_path, overrides))
     return render(checks), all(c.ok for c in checks)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import IO
 
+from tray_app.cli.client_settings import client_settings, loopback_host
 from tray_app.config.settings import Config, parse_duration
 from tray_app.control.assembly import (
     Identity,
@@ -181,7 +182,7 @@ def run_identity_command(args: argparse.Namespace, config: Config, out: IO[str])
         if command == "token":
             return _token(args, action, identity, config, out)
         if command == "key":
-            return _key(args, action, identity, out)
+            return _key(args, action, identity, config, out)
         if command == "pair":
             return _pair(args, identity, config, out)
         if command == "device":
@@ -240,7 +241,9 @@ def _token(
     return 0
 
 
-def _key(args: argparse.Namespace, action: str, identity: Identity, out: IO[str]) -> int:
+def _key(
+    args: argparse.Namespace, action: str, identity: Identity, config: Config, out: IO[str]
+) -> int:
     if action == "create":
         key, record = identity.api_keys.create(
             args.name,
@@ -253,6 +256,13 @@ def _key(args: argparse.Namespace, action: str, identity: Identity, out: IO[str]
             f"\nAPI key {record.id} for {record.name!r}: scopes "
             f"{' '.join(sorted(record.scopes))}, expires {_when(record.expires)}. It is shown "
             "only now; LM Gate keeps just its hash.",
+            file=sys.stderr,
+        )
+        local = f"http://{loopback_host(config.server_host)}:{config.server_port}"
+        snippets = client_settings(local, key, messages_on=config.routes_enable_messages)
+        print(
+            "\nSettings to paste into an app on this computer (elsewhere, use the address it "
+            f"reaches LM Gate at):\n\n{snippets}",
             file=sys.stderr,
         )
         return 0

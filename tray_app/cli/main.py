@@ -37,14 +37,17 @@ from tray_app.config.settings import (
 from tray_app.control.assembly import Identity, data_dir, secret_store_for
 from tray_app.control.service import FIRST_KEY_NAME, GatewayService, Started
 from tray_app.errors import ConfigError, LMGateError
+from tray_app.gateway.upstream.probe import LMStudioProbe, probe_lmstudio
 from tray_app.logs import configure_logging
 from tray_app.qr_codes import terminal_qr
+from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, read_or_none
 from tray_app.tunnel.manager import TunnelManager, TunnelState, TunnelStatus
 from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN, check_token_shape
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+BANNER_PROBE_SECONDS = 2.0
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, *, common: bool) -> None:
@@ -128,8 +131,9 @@ def _parser() -> argparse.ArgumentParser:
         "--markdown", action="store_true", help="keys: as the README's Markdown table"
     )
 
-    doctor = commands.add_parser("doctor", help="check what LM Gate needs and explain problems")
-    doctor.add_argument("--config", type=Path, metavar="PATH", help="config file to check")
+    commands.add_parser(
+        "doctor", parents=[common], help="check what LM Gate needs and explain problems"
+    )
 
     check = commands.add_parser("check", help="verify a running LM Gate end to end, from anywhere")
     check.add_argument("url", help="the gateway's address, e.g. https://calm-otter.ngrok-free.app")
@@ -172,7 +176,14 @@ async def _serve(config: Config, out: IO[str]) -> int:
     try:
         # A key is made (and shown) only for a terminal: journald keeps whatever serve prints.
         started = await service.start(first_key=out.isatty())
-        _print_started(started, config, service.identity, out)
+        probe = None
+        if not started.lmstudio_reachable:
+            # Asked again only when something is wrong, to say what: down, or wanting a token.
+            token = read_or_none(service.secrets, LMSTUDIO_API_TOKEN)
+            probe = await probe_lmstudio(
+                config.upstream_url, token, within=BANNER_PROBE_SECONDS, list_models=False
+            )
+        _print_started(started, config, service.identity, out, probe)
         if config.tunnel_provider != "none":
             print(f"Going public with {config.tunnel_provider}...", file=out, flush=True)
             manager = await service.go_public(on_change=_status_printer(out))
@@ -188,12 +199,26 @@ async def _serve(config: Config, out: IO[str]) -> int:
     return EXIT_OK
 
 
-def _print_started(started: Started, config: Config, identity: Identity, out: IO[str]) -> None:
+def _print_started(
+    started: Started,
+    config: Config,
+    identity: Identity,
+    out: IO[str],
+    probe: LMStudioProbe | None = None,
+) -> None:
     url = started.url
     print(f"LM Gate {__version__} is running.", file=out)
     print(f"Listening on {url}  (OpenAI base URL: {url}/v1)", file=out)
     if started.lmstudio_reachable:
         print(f"LM Studio:   {config.upstream_url} is reachable.", file=out)
+    elif probe is not None and probe.needs_token:
+        print(
+            f"LM Studio:   {config.upstream_url} wants a token (it answered {probe.status}). "
+            "Copy it from LM Studio's Developer tab (Server Settings -> Require "
+            "Authentication) and store it with `lmgate secret set lmstudio-api-token`; "
+            "requests get 502 until then.",
+            file=out,
+        )
     else:
         print(
             f"LM Studio:   NOT reachable at {config.upstream_url}. Start its server "
@@ -332,7 +357,7 @@ def _tray_or_headless(
         config = load_config(overrides=overrides)
         if not wishes:
             config = replace(config, tunnel_provider=TunnelProvider.NONE)
-        configure_logging(config.log_level)
+        configure_logging(config.log_level, format=config.log_format)
         return asyncio.run(_serve(config, out))
     return run_tray(wishes)
 
@@ -348,14 +373,14 @@ def main(
     try:
         if args.command == "serve":
             config = load_config(path=args.config, overrides=_overrides(args))
-            configure_logging(config.log_level)
+            configure_logging(config.log_level, format=config.log_format)
             return asyncio.run(_serve(config, out))
         if args.command == "config":
             return _config_command(args, out)
         if args.command == "doctor":
             from tray_app.cli.doctor import doctor
 
-            report, ok = doctor(args.config)
+            report, ok = doctor(args.config, _overrides(args))
             print(report, file=out)
             return EXIT_OK if ok else EXIT_FAILURE
         if args.command == "check":

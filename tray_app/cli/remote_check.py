@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from tray_app.gateway.upstream.failures import describe_failure
+
 HEADERS = {"ngrok-skip-browser-warning": "1"}
 SECONDS = 60.0
 
@@ -23,6 +25,18 @@ class Step:
     name: str
     ok: bool
     detail: str
+
+
+def _why(exc: Exception) -> str:
+    """A failed step in words (it once said "ClientConnectorError: ...")."""
+    if isinstance(exc, aiohttp.ClientError | TimeoutError):
+        words = describe_failure(exc)
+    elif isinstance(exc, ValueError):
+        words = "the answer was not the JSON expected"
+    else:
+        words = "the answer lacked a field"
+    detail = str(exc)
+    return f"{words} ({detail})" if detail else words
 
 
 async def _run(url: str, token: str) -> list[Step]:
@@ -36,7 +50,7 @@ async def _run(url: str, token: str) -> list[Step]:
             try:
                 return await coro  # type: ignore[misc]
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, IndexError) as exc:
-                steps.append(Step(name, False, f"{type(exc).__name__}: {exc}"[:160]))
+                steps.append(Step(name, False, _why(exc)[:160]))
                 return None
 
         async def health() -> None:

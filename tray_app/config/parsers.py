@@ -35,6 +35,12 @@ class LogLevel(StrEnum):
     ERROR = "error"
 
 
+class LogFormat(StrEnum):
+    AUTO = "auto"  # short text lines at a terminal, JSON anywhere else
+    TEXT = "text"
+    JSON = "json"
+
+
 class SecretStoreKind(StrEnum):
     KEYRING = "keyring"
     FILE = "file"

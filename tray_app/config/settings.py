@@ -20,7 +20,14 @@ from typing import Any
 from tray_app.config import parsers as p
 from tray_app.config.declaration import Flag, FormField, FormKind, Setting, declarations, setting
 from tray_app.config.files import read_config_file, toml_text
-from tray_app.config.parsers import MIB, LogLevel, SecretStoreKind, TunnelProvider, parse_duration
+from tray_app.config.parsers import (
+    MIB,
+    LogFormat,
+    LogLevel,
+    SecretStoreKind,
+    TunnelProvider,
+    parse_duration,
+)
 from tray_app.errors import ConfigError
 from tray_app.paths import user_config_dir
 
@@ -201,6 +208,13 @@ class Config:
         p.OneOf(LogLevel),
         "log level",
         flag=Flag("--log-level"),
+    )
+    log_format: LogFormat = setting(  # noqa: RUF009 - a field specifier, evaluated once
+        "log.format",
+        LogFormat.AUTO,
+        p.OneOf(LogFormat),
+        "log lines: auto (short text at a terminal, JSON elsewhere), text or json",
+        flag=Flag("--log-format"),
     )
     # ---- identity
     auth_dev_mode: bool = setting(

@@ -341,6 +341,18 @@ def model_not_allowed(model: str, param: str) -> ApiError:
     )
 
 
+def model_not_found(model: str) -> ApiError:
+    """OpenAI's own answer for a model that is not listed: also for one that exists but the
+    caller may not use, so that nobody learns which hidden models there are."""
+    return ApiError(
+        404,
+        f"The model {model[:256]!r} does not exist or you do not have access to it.",
+        type=INVALID,
+        code="model_not_found",
+        param="model",
+    )
+
+
 # ---- throttles and limits -------------------------------------------------------------------
 
 
@@ -470,6 +482,14 @@ def model_name_too_long(param: str, limit: int) -> ApiError:
 def model_not_a_string() -> ApiError:
     return _invalid_body(
         "The model parameter must be a string.", code="invalid_model", param="model"
+    )
+
+
+def count_tokens_messages_invalid() -> ApiError:
+    return _invalid_body(
+        "The messages parameter must be a list of messages.",
+        code="invalid_messages",
+        param="messages",
     )
 
 

@@ -42,7 +42,16 @@ from tray_app.gateway.headers import is_upgrade_request, sane_request_id
 from tray_app.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tray_app.gateway.metrics import GatewayMetrics
 from tray_app.gateway.protection import Protections
-from tray_app.gateway.routes import Endpoint, EndpointTable, Part, Route, normalise_path
+from tray_app.gateway.routes import (
+    COUNT_TOKENS,
+    MODEL_PREFIX,
+    Endpoint,
+    EndpointTable,
+    Part,
+    Route,
+    normalise_path,
+)
+from tray_app.gateway.token_estimate import METHOD, METHOD_HEADER, estimate_input_tokens
 from tray_app.gateway.upstream.client import UPSTREAM_SESSION, session_context
 from tray_app.gateway.upstream.forwarding import Forwarder
 from tray_app.gateway.upstream.probe import probe_lmstudio
@@ -290,6 +299,16 @@ class Gateway:
         self._protect.take_request(principal.name)
         self._protect.enter(principal.name)
         try:
+            if resolved.path == COUNT_TOKENS:
+                return await self._count_tokens(request, exchange, resolved, principal)
+            if resolved.local:
+                return await self._forward.model(
+                    request,
+                    exchange.request_id,
+                    exchange.path.removeprefix(MODEL_PREFIX),
+                    principal,
+                    exchange.outcome,
+                )
             if resolved.method == "GET":
                 return await self._forward.models(
                     request, exchange.request_id, resolved, principal, exchange.outcome
@@ -408,6 +427,19 @@ class Gateway:
             )
         finally:
             self.metrics.active_streams.dec()
+
+    async def _count_tokens(
+        self, request: web.Request, exchange: Exchange, route: Route, principal: Principal
+    ) -> web.StreamResponse:
+        """Answered here (LM Studio has no such endpoint), under /v1/messages' own rules: the
+        same body limits, body checks and model allowlist."""
+        prepared = prepare_body(route, await self._read_body(request, exchange))
+        exchange.model = prepared.model
+        check_models(prepared, principal)
+        return web.json_response(
+            {"input_tokens": estimate_input_tokens(prepared.payload)},
+            headers={REQUEST_ID_HEADER: exchange.request_id, METHOD_HEADER: METHOD},
+        )
 
     def _preflight(self, endpoint: Endpoint | None, origin: str, host: str) -> web.Response:
         if endpoint is None:

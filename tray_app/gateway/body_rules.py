@@ -113,6 +113,14 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 Container = dict[str, Any] | list[Any]
+_JSON_KINDS: dict[type, str] = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
 
 
 def _containers(payload: dict[str, Any]) -> list[Container]:
@@ -167,8 +175,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     except _Refused as exc:
         raise errors.body_refused(str(exc)) from None
     if not isinstance(payload, dict):
-        kind = type(payload).__name__
-        raise errors.body_not_object(kind)
+        # JSON's words, not Python's: a client never sent a "list" or a "NoneType".
+        raise errors.body_not_object(_JSON_KINDS[type(payload)])
     return payload
 
 

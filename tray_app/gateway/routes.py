@@ -32,6 +32,9 @@ class Route:
     scope: str
     needs_model: bool
     option: str | None = None  # config flag that must be on, or None when always on
+    # Answered by the gateway itself from what LM Studio has (or without asking it at all):
+    # the route's path is never requested upstream.
+    local: bool = False
 
 
 class Part(Enum):
@@ -48,12 +51,17 @@ class Part(Enum):
 
 
 ONE_SEGMENT = "{id}"
+# One or more segments: LM Studio's model IDs often hold a slash ("qwen/qwen3-4b").
+MODEL_ID = "{model}"
+MODEL_PREFIX = "/v1/models/"
+COUNT_TOKENS = "/v1/messages/count_tokens"
 
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """A path and the methods it answers; ``route`` for the ones forwarded to LM Studio. A path
-    ending in :data:`ONE_SEGMENT` answers any single segment in its place."""
+    ending in :data:`ONE_SEGMENT` answers any single segment in its place, one ending in
+    :data:`MODEL_ID` any number of segments."""
 
     path: str
     methods: tuple[str, ...]
@@ -62,9 +70,10 @@ class Endpoint:
 
     @property
     def prefix(self) -> str | None:
-        """What a path must start with, for a path ending in :data:`ONE_SEGMENT`."""
-        if self.path.endswith(ONE_SEGMENT):
-            return self.path.removesuffix(ONE_SEGMENT)
+        """What a path must start with, for a path ending in a placeholder."""
+        for placeholder in (ONE_SEGMENT, MODEL_ID):
+            if self.path.endswith(placeholder):
+                return self.path.removesuffix(placeholder)
         return None
 
     @property
@@ -74,9 +83,15 @@ class Endpoint:
 
 
 def _forwarded(
-    path: str, method: str, scope: str, *, needs_model: bool, option: str | None = None
+    path: str,
+    method: str,
+    scope: str,
+    *,
+    needs_model: bool,
+    option: str | None = None,
+    local: bool = False,
 ) -> Endpoint:
-    route = Route(path, method, scope, needs_model, option)
+    route = Route(path, method, scope, needs_model, option, local)
     return Endpoint(path, (method,), Part.LM_STUDIO, route)
 
 
@@ -90,6 +105,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/api/conversations", ("GET",), Part.CONVERSATIONS),
     Endpoint("/api/conversations/{id}", ("GET", "DELETE"), Part.CONVERSATIONS),
     _forwarded("/v1/models", "GET", SCOPE_MODELS, needs_model=False),
+    # Answered from the caller's filtered /v1/models list (openai's models.retrieve).
+    _forwarded(MODEL_PREFIX + MODEL_ID, "GET", SCOPE_MODELS, needs_model=False, local=True),
     _forwarded("/v1/chat/completions", "POST", SCOPE_CHAT, needs_model=True),
     _forwarded("/v1/completions", "POST", SCOPE_CHAT, needs_model=True),
     _forwarded("/v1/embeddings", "POST", SCOPE_EMBEDDINGS, needs_model=True),
@@ -99,25 +116,44 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     _forwarded(
         "/v1/messages", "POST", SCOPE_CHAT, needs_model=True, option="routes.enable_messages"
     ),
+    # LM Studio has no token counter; Anthropic clients (Claude Code) call it before a turn.
+    _forwarded(
+        COUNT_TOKENS,
+        "POST",
+        SCOPE_CHAT,
+        needs_model=True,
+        option="routes.enable_messages",
+        local=True,
+    ),
 )
 
-FORWARDED_ROUTES: tuple[Route, ...] = tuple(e.route for e in ENDPOINTS if e.route is not None)
+# The routes whose path LM Studio itself is asked for.
+FORWARDED_ROUTES: tuple[Route, ...] = tuple(
+    e.route for e in ENDPOINTS if e.route is not None and not e.route.local
+)
 
 
 # Segments of letters, digits, '_' and '-' only: no encoding, dots or empty segments to fold.
 _PLAIN_PATH = re.compile(r"(?:/[A-Za-z0-9_\-]+)+")
+_ENCODED_SLASH = re.compile("%2f", re.IGNORECASE)
 
 
 def normalise_path(raw_target: str) -> str | None:
     """The canonical form of a request target's path, or None when it must be refused.
 
-    Refused: no leading slash (absolute-form targets), encoded slashes or backslashes, any
-    backslash, double encoding, control characters, invalid UTF-8, and ``..`` that climbs
-    above the root. Accepted and folded: ``//``, ``/./``, ``..`` inside the path, a trailing slash.
+    Refused: no leading slash (absolute-form targets), encoded slashes (but in a model ID)
+    or backslashes, any backslash, double encoding, control characters, invalid UTF-8, and
+    ``..`` that climbs above the root. Accepted and folded: ``//``, ``/./``, ``..`` inside the
+    path, a trailing slash.
     """
     path = raw_target.split("?", 1)[0].split("#", 1)[0]
     if _PLAIN_PATH.fullmatch(path):
         return path  # nothing to decode or fold: the common case, decided by one regex
+    if path.startswith(MODEL_PREFIX) and _ENCODED_SLASH.search(path):
+        # openai's models.retrieve("qwen/qwen3-4b") encodes the ID's slash. The ID is only
+        # looked up in a list, never sent on, so it may have one; it must not climb out.
+        folded = fold_path(MODEL_PREFIX + _ENCODED_SLASH.sub("/", path[len(MODEL_PREFIX) :]))
+        return folded if folded is not None and folded.startswith(MODEL_PREFIX) else None
     return fold_path(path)
 
 
@@ -160,7 +196,7 @@ class EndpointTable:
     ) -> None:
         present = frozenset(parts)
         self._exact: dict[str, Endpoint] = {}
-        self._prefixes: list[tuple[str, Endpoint]] = []
+        self._prefixes: list[tuple[str, bool, Endpoint]] = []
         self._disabled: dict[str, Route] = {}
         for endpoint in ENDPOINTS:
             route = endpoint.route
@@ -169,14 +205,15 @@ class EndpointTable:
             if route is not None and route.option not in {None, *enabled_options}:
                 self._disabled[endpoint.path] = route
             elif (prefix := endpoint.prefix) is not None:
-                self._prefixes.append((prefix, endpoint))
+                self._prefixes.append((prefix, endpoint.path.endswith(MODEL_ID), endpoint))
             else:
                 self._exact[endpoint.path] = endpoint
         self.served: tuple[Endpoint, ...] = (
             *self._exact.values(),
-            *(endpoint for _, endpoint in self._prefixes),
+            *(endpoint for _, _, endpoint in self._prefixes),
         )
-        # What error messages list as forwarded: what this gateway really forwards.
+        # What error messages list as forwarded: what this gateway really answers under /v1
+        # (the routes answered here from LM Studio's list included; none that is off).
         self.forwarded_text = ", ".join(
             f"{e.route.method} {e.path}" for e in self.served if e.route is not None
         )
@@ -193,9 +230,9 @@ class EndpointTable:
         endpoint = self._exact.get(path)
         if endpoint is not None:
             return endpoint
-        for prefix, endpoint in self._prefixes:
+        for prefix, nested, endpoint in self._prefixes:
             rest = path.removeprefix(prefix)
-            if rest != path and rest and "/" not in rest:
+            if rest != path and rest and (nested or "/" not in rest):
                 return endpoint
         return None
 

@@ -154,6 +154,9 @@ def test_curl_snippet_quotes_awkward_model_names() -> None:
 
 
 def test_settings_round_trip_through_an_in_memory_store(make, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Saving restarts from the file: without a port in it, on the default 8787, which a
+    # running LM Gate holds on a developer's machine. Port 0 is any free one.
+    (tmp_path / "config.toml").write_text("[server]\nport = 0\n", encoding="utf-8")
     store = MemorySecretStore()
     controller = make(store=store)
     controller.start().result(20)

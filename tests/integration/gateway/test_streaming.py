@@ -502,3 +502,20 @@ class TestObserverWithHiddenUsage:
         assert sum(map(len, seen)) < 1024
         assert json.loads(sse_events(body)[-1])["error"]["code"] == "upstream_event_too_large"
         await asyncio.wait_for(fake_lmstudio.disconnected.wait(), 1.0)
+
+
+async def test_a_broken_stream_says_why_in_words(
+    client: openai.AsyncOpenAI, fake_lmstudio: FakeLMStudio
+) -> None:
+    # It once named the exception's class ("ClientPayloadError"), which tells a user nothing.
+    fake_lmstudio.behaviour.chunks = 10
+    fake_lmstudio.behaviour.fail_after = 2
+    stream = await client.chat.completions.create(**CHAT)
+    with pytest.raises(openai.APIError) as caught:
+        async with asyncio.timeout(5):
+            async for _ in stream:
+                pass
+    assert caught.value.message == (
+        "LM Studio's stream broke off (its answer arrived broken); the answer is incomplete."
+    )
+    assert caught.value.code == "upstream_stream_failed"

@@ -50,8 +50,8 @@ async def post(
         (b"   ", "empty"),
         (b"not json", "not valid JSON"),
         (b'{"model": "m",', "not valid JSON"),
-        (b"[1, 2]", "JSON object, not a JSON list"),
-        (b'"text"', "JSON object, not a JSON str"),
+        (b"[1, 2]", "JSON object, not a JSON array."),
+        (b'"text"', "JSON object, not a JSON string."),
         (b"\xff\xfe{\x00}\x00", "not UTF-8"),  # UTF-16: valid to json.loads, not to HTTP JSON
         (b'{"model": "\xc3\x28"}', "not UTF-8"),
     ],

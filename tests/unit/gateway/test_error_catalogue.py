@@ -280,6 +280,24 @@ CATALOGUE = [
         "draft_model",
         "This key may not use the model 'big-model'.",
     ),
+    entry(
+        E.model_not_found,
+        ("qwen/hidden",),
+        404,
+        BAD,
+        "model_not_found",
+        "model",
+        "The model 'qwen/hidden' does not exist or you do not have access to it.",
+    ),
+    entry(
+        E.count_tokens_messages_invalid,
+        (),
+        400,
+        BAD,
+        "invalid_messages",
+        "messages",
+        "The messages parameter must be a list of messages.",
+    ),
     # throttles and limits
     entry(
         E.too_many_auth_failures,
@@ -410,12 +428,12 @@ CATALOGUE = [
     ),
     entry(
         E.body_not_object,
-        ("list",),
+        ("array",),
         400,
         BAD,
         "invalid_body",
         None,
-        "The request body must be a JSON object, not a JSON list.",
+        "The request body must be a JSON object, not a JSON array.",
     ),
     entry(
         E.tools_not_a_list,
@@ -577,12 +595,13 @@ CATALOGUE = [
     ),
     entry(
         E.upstream_failed,
-        ("ServerDisconnectedError",),
+        ("it closed the connection without answering",),
         502,
         "upstream_error",
         "upstream_failed",
         None,
-        "The connection to LM Studio failed: ServerDisconnectedError. Check that LM Studio's "
+        "The connection to LM Studio failed: it closed the connection without answering. Check "
+        "that LM Studio's "
         "server is running and healthy.",
     ),
     entry(
@@ -698,12 +717,12 @@ CATALOGUE = [
     ),
     entry(
         E.stream_broke,
-        ("ClientPayloadError",),
+        ("its answer arrived broken",),
         502,
         "upstream_error",
         "upstream_stream_failed",
         None,
-        "LM Studio's stream broke off (ClientPayloadError); the answer is incomplete.",
+        "LM Studio's stream broke off (its answer arrived broken); the answer is incomplete.",
     ),
     entry(
         E.stream_event_too_large,

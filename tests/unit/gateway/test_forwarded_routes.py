@@ -27,6 +27,11 @@ FORWARDED = [
     ("/v1/responses", "POST", SCOPE_CHAT, True, "routes.enable_responses"),
     ("/v1/messages", "POST", SCOPE_CHAT, True, "routes.enable_messages"),
 ]
+# Answered by the gateway itself (from LM Studio's model list, or not asking it at all).
+LOCAL = [
+    ("/v1/models/{model}", "GET", SCOPE_MODELS, False, None),
+    ("/v1/messages/count_tokens", "POST", SCOPE_CHAT, True, "routes.enable_messages"),
+]
 OPT_IN = [row for row in FORWARDED if row[4] is not None]
 
 
@@ -66,7 +71,42 @@ def test_the_forwarded_list_is_exactly_the_lm_studio_routes(routes: ModuleType) 
         (r.path, r.method, r.scope, r.needs_model, r.option) for r in routes.FORWARDED_ROUTES
     ] == (FORWARDED)
     every = routes.EndpointTable(EVERY_OPTION)
-    assert every.forwarded_text == ", ".join(f"{m} {p}" for p, m, *_ in FORWARDED)
+    # Exact paths first, in table order, then the prefix one.
+    listed = [*FORWARDED, LOCAL[1], LOCAL[0]]
+    assert every.forwarded_text == ", ".join(f"{m} {p}" for p, m, *_ in listed)
+
+
+@pytest.mark.parametrize(("path", "method", "scope", "needs_model", "option"), LOCAL)
+def test_each_local_route_is_answered_by_the_gateway(
+    routes: ModuleType,
+    path: str,
+    method: str,
+    scope: str,
+    needs_model: bool,
+    option: str | None,
+) -> None:
+    table = routes.EndpointTable(EVERY_OPTION)
+    concrete = path.replace("{model}", "qwen/qwen3-4b")
+    endpoint = table.find(concrete)
+    assert endpoint is not None, concrete
+    assert endpoint.path == path
+    assert endpoint.methods == (method,)
+    assert endpoint.part is routes.Part.LM_STUDIO
+    assert endpoint.route == routes.Route(path, method, scope, needs_model, option, local=True)
+    assert endpoint.route not in routes.FORWARDED_ROUTES
+    assert table.routes[path] is endpoint.route
+
+
+def test_count_tokens_is_off_with_messages() -> None:
+    from tray_app.gateway.routes import EndpointTable
+
+    off = EndpointTable()
+    assert off.find("/v1/messages/count_tokens") is None
+    refusal = off.refusal("/v1/messages/count_tokens")
+    assert (refusal.status, refusal.code) == (404, "route_disabled")
+    assert "routes.enable_messages" in refusal.message
+    assert "count_tokens" not in off.forwarded_text
+    assert "/v1/messages" not in off.forwarded_text
 
 
 @pytest.mark.parametrize(("path", "method", "scope", "needs_model", "option"), OPT_IN)

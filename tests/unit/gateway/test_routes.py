@@ -67,6 +67,7 @@ def test_route_table_keeps_opt_in_routes_off_by_default() -> None:
     table = EndpointTable()
     assert set(table.routes) == {
         "/v1/models",
+        "/v1/models/{model}",
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
@@ -85,11 +86,11 @@ def test_the_forwarded_list_in_errors_is_what_this_gateway_forwards() -> None:
     plain = EndpointTable().refusal("/v2/nothing").message
     assert plain.endswith(
         "forwards only: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, "
-        "POST /v1/embeddings."
+        "POST /v1/embeddings, GET /v1/models/{model}."
     )
     on = EndpointTable(frozenset({"routes.enable_responses"})).refusal("/api/v0/models")
     assert on.code == "path_not_allowed"
-    assert on.message.endswith("POST /v1/embeddings, POST /v1/responses.")
+    assert on.message.endswith("POST /v1/embeddings, POST /v1/responses, GET /v1/models/{model}.")
 
 
 def test_a_part_the_gateway_lacks_serves_nothing() -> None:

@@ -13,6 +13,7 @@ from aiohttp import web
 from tray_app.config.settings import Config
 from tray_app.gateway import api_errors as errors
 from tray_app.gateway.api_errors import ApiError
+from tray_app.gateway.upstream.failures import describe_failure
 
 UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 
@@ -53,7 +54,7 @@ def translate_client_error(exc: BaseException, config: Config) -> ApiError:
         return errors.upstream_timeout(config.upstream_idle_timeout)
     if isinstance(exc, aiohttp.ClientConnectorError):
         return errors.upstream_unreachable(config.upstream_url)
-    return errors.upstream_failed(type(exc).__name__)
+    return errors.upstream_failed(describe_failure(exc))
 
 
 def decode_body(body: bytes, content_encoding: str | None, limit: int) -> bytes:

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -31,6 +32,7 @@ from tray_app.gateway.upstream.streaming import StreamRelay
 from tray_app.gateway.upstream.usage import Usage, usage_from_payload
 from tray_app.identity.principal import Principal
 
+MODEL_LIST = "/v1/models"
 # Larger bodies (images) go out in chunks so one request cannot stall the event loop.
 _INLINE_BODY_BYTES = 1024 * 1024
 
@@ -139,6 +141,34 @@ class Forwarder:
             return response
         return self._whole_response(upstream, data, request_id, outcome)
 
+    async def model(
+        self,
+        request: web.Request,
+        request_id: str,
+        model_id: str,
+        principal: Principal,
+        outcome: Outcome,
+    ) -> web.StreamResponse:
+        """``GET /v1/models/{model}``: the entry from the caller's own filtered list. A model
+        LM Studio has but the caller may not use gets the same 404 as one that does not exist."""
+        headers = self._headers(request, request_id)
+        session = request.app[UPSTREAM_SESSION]
+        upstream = await self._open(
+            lambda: session.request(
+                "GET", self.upstream_url + MODEL_LIST, headers=headers, allow_redirects=False
+            )
+        )
+        outcome.upstream = upstream
+        data = await self._read_whole(upstream)
+        if upstream.status != 200:
+            return self._whole_response(upstream, data, request_id, outcome)
+        limit = self._config.limits_max_response_bytes
+        listed = _listed_models(decode_body(data, upstream.headers.get("Content-Encoding"), limit))
+        for entry in listed["data"]:
+            if entry["id"] == model_id and principal.may_use_model(model_id):
+                return web.json_response(entry, headers={REQUEST_ID_HEADER: request_id})
+        raise errors.model_not_found(model_id)
+
     async def _open(
         self, send: Callable[[], Awaitable[aiohttp.ClientResponse]]
     ) -> aiohttp.ClientResponse:
@@ -222,8 +252,15 @@ def _usage_of_json_answer(
 
 
 def _filter_models(data: bytes, principal: Principal) -> bytes:
+    payload = _listed_models(data)
+    payload["data"] = [entry for entry in payload["data"] if principal.may_use_model(entry["id"])]
+    return json.dumps(payload).encode()
+
+
+def _listed_models(data: bytes) -> dict[str, Any]:
+    """LM Studio's model list with only well-formed entries (objects with a string ``id``)."""
     try:
-        payload = parse_bounded(data)
+        payload: dict[str, Any] = parse_bounded(data)
         entries = payload["data"]
         if not isinstance(entries, list):
             raise TypeError
@@ -232,10 +269,6 @@ def _filter_models(data: bytes, principal: Principal) -> bytes:
     except (ValueError, KeyError, TypeError):
         raise errors.model_list_malformed() from None
     payload["data"] = [
-        entry
-        for entry in entries
-        if isinstance(entry, dict)
-        and isinstance(entry.get("id"), str)
-        and principal.may_use_model(entry["id"])
+        entry for entry in entries if isinstance(entry, dict) and isinstance(entry.get("id"), str)
     ]
-    return json.dumps(payload).encode()
+    return payload

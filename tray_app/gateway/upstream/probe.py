@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from tray_app.gateway.upstream.answers import TooLargeToParse, parse_bounded
+from tray_app.gateway.upstream.failures import describe_failure
 
 PROBE_TIMEOUT = 5.0
 # A model list is a few KB; a body past this is not one, and nobody waits for it to arrive.
@@ -27,6 +28,7 @@ class LMStudioProbe:
     status: int | None = None
     models: tuple[str, ...] | None = None  # None: no readable model list came back
     failure: str | None = None
+    reason: str | None = None  # ``failure`` in words for people (see upstream.failures)
     date: str | None = None  # the answer's Date header: a second clock for `doctor`
     version: str | None = None  # oldest version with the newest native API LM Studio answers
 
@@ -68,10 +70,12 @@ async def probe_lmstudio(
             return await _probe(session, url, headers, limit, identify, list_models)
         async with aiohttp.ClientSession(timeout=limit or aiohttp.ClientTimeout()) as own:
             return await _probe(own, url, headers, limit, identify, list_models)
-    except aiohttp.InvalidURL:
-        return LMStudioProbe(url, failure="InvalidURL")
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return LMStudioProbe(url, failure=type(exc).__name__)
+    except aiohttp.InvalidURL as exc:
+        return LMStudioProbe(url, failure="InvalidURL", reason=describe_failure(exc))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return LMStudioProbe(url, failure=type(exc).__name__, reason=describe_failure(exc))
+    except ValueError as exc:
+        return LMStudioProbe(url, failure=type(exc).__name__, reason="the address is unusable")
 
 
 async def _probe(

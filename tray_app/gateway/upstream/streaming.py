@@ -24,6 +24,7 @@ from aiohttp import web
 from tray_app.config.settings import Config
 from tray_app.gateway import api_errors as errors
 from tray_app.gateway.api_errors import REQUEST_ID_HEADER, ApiError
+from tray_app.gateway.upstream.failures import describe_failure
 from tray_app.gateway.upstream.usage import EventCutter, Usage, usage_from_sse_tail
 from tray_app.tasks import spawn
 
@@ -199,7 +200,7 @@ class StreamRelay:
                 return await self.fail(errors.stream_cut_by_shutdown())
             if isinstance(exc, asyncio.TimeoutError):
                 return await self.fail(errors.stream_idle(self._idle_timeout))
-            return await self.fail(errors.stream_broke(type(exc).__name__))
+            return await self.fail(errors.stream_broke(describe_failure(exc)))
         except _EventTooLarge:
             upstream.close()  # LM Studio would go on filling it; stop the generation too
             return await self.fail(errors.stream_event_too_large(self._max_event_bytes))

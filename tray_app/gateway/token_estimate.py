@@ -1,0 +1,72 @@
+"""An honest estimate for ``POST /v1/messages/count_tokens``, which LM Studio does not have.
+
+Anthropic clients (Claude Code among them) ask it how big a conversation is before they send
+it, to decide when to compact. LM Studio exposes no tokenizer, and the model's own one is not
+reachable from here, so the answer is an estimate, and it says so in :data:`METHOD_HEADER`:
+every piece of text the model would read (system prompt, message text, tool calls and results,
+tool definitions) counted at :data:`CHARS_PER_TOKEN` characters a token, the usual ratio of
+BPE tokenizers on English text and code, plus a few tokens of framing per message and a flat
+amount per image (whose size in tokens the tokenizer decides from its pixels).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from tray_app.gateway import api_errors as errors
+
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4  # role markers and separators of a chat template
+TOKENS_PER_IMAGE = 1_600  # what Anthropic documents for an image of about 1.15 megapixels
+METHOD_HEADER = "X-LMGate-Token-Count"
+METHOD = f"estimate; {CHARS_PER_TOKEN} characters per token; not the model's tokenizer"
+
+
+def _text_of(block: Any) -> tuple[int, int]:
+    """(characters, images) in one content block or content value."""
+    if isinstance(block, str):
+        return len(block), 0
+    if isinstance(block, list):
+        chars = images = 0
+        for part in block:
+            more_chars, more_images = _text_of(part)
+            chars += more_chars
+            images += more_images
+        return chars, images
+    if not isinstance(block, dict):
+        return 0, 0
+    kind = block.get("type")
+    if kind in {"image", "document"}:
+        return 0, 1
+    if kind == "text":
+        return _text_of(block.get("text"))
+    if kind == "tool_result":
+        return _text_of(block.get("content"))
+    if kind == "tool_use":
+        return len(str(block.get("name", ""))) + len(json.dumps(block.get("input", {}))), 0
+    # Thinking and any block kind added later: whatever text it carries is read by the model.
+    return len(json.dumps(block, ensure_ascii=False)), 0
+
+
+def estimate_input_tokens(payload: dict[str, Any]) -> int:
+    """The estimated ``input_tokens`` of a Messages API request body (already validated by the
+    body rules); raises 400 ``invalid_messages`` for a ``messages`` that is not a list."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        raise errors.count_tokens_messages_invalid()
+    chars, images = _text_of(payload.get("system", ""))
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else message
+        more_chars, more_images = _text_of(content)
+        chars += more_chars
+        images += more_images
+    tools = payload.get("tools")
+    if isinstance(tools, list):
+        chars += len(json.dumps(tools, ensure_ascii=False))
+    return (
+        math.ceil(chars / CHARS_PER_TOKEN)
+        + TOKENS_PER_MESSAGE * len(messages)
+        + TOKENS_PER_IMAGE * images
+    )
