@@ -618,7 +618,7 @@ class Controller:
             return False, [f"{url} is not a valid URL."]
         if not probe.answered:
             return False, [
-                f"LM Studio is not reachable at {url} ({probe.failure}). Start "
+                f"LM Studio is not reachable at {url} ({probe.reason or probe.failure}). Start "
                 "its server: LM Studio → Developer → Start Server."
             ]
         if probe.needs_token:

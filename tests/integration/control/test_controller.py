@@ -195,6 +195,8 @@ def test_test_connection_reports_models_or_the_exact_error(make, lmstudio_thread
     assert ok and models == list(MODELS)
     ok, error = controller.test_connection("http://127.0.0.1:9").result(10)
     assert not ok and "not reachable at http://127.0.0.1:9" in error[0]
+    # In words, not the exception's class name.
+    assert "(nothing accepts connections there)" in error[0] and "Error" not in error[0]
     lmstudio_thread.behaviour.require_token = "right"
     ok, error = controller.test_connection(lmstudio_thread.url, "wrong").result(10)
     assert not ok and "requires an API token" in error[0]
