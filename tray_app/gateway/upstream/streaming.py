@@ -193,6 +193,8 @@ class StreamRelay:
         except (TimeoutError, aiohttp.ClientError) as exc:
             upstream.close()
             await _stop(pump)
+            if cutter is None:
+                await self._end_partial_event(tail)
             if self._aborted is not None:
                 return await self._fail_aborted()
             if self._is_stopping():
@@ -208,6 +210,8 @@ class StreamRelay:
             raise
         upstream.release()
         if self._aborted is not None:
+            if cutter is None:
+                await self._end_partial_event(tail)
             return await self._fail_aborted()  # the close looked like a clean end
         found = cutter.usage if cutter is not None else None
         self.usage = found or usage_from_sse_tail(tail, self._max_event_bytes)
@@ -239,6 +243,15 @@ class StreamRelay:
             if observe is not None:
                 observe(rest)
             await self._write(rest)
+
+    async def _end_partial_event(self, tail: deque[bytes]) -> None:
+        """The plain relay passes bytes on as they come, so a stream that stops mid-event
+        leaves the client inside that event: end it with a blank line, or the error event
+        written next would be glued onto it and no SSE parser could read the error."""
+        # Two line ends in a row (LF, CRLF or CR) end an event; four bytes hold the longest.
+        last = b"".join(tail)[-4:].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if tail and not last.endswith(b"\n\n"):
+            await self._write(b"\n\n")
 
     async def _not_a_stream(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         """LM Studio answered with an error (or plain JSON) although a stream was asked for."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from aiohttp import web
+from openai._streaming import SSEDecoder
 
 from tests.helpers import sse_events
 from tray_app.config.settings import Config
@@ -53,6 +54,8 @@ class Rig:
     # What reading a non-stream answer raises (LM Studio's answer too large, say).
     read_error: ApiError | None = None
     stopping: bool = False
+    # The upstream keeps its stream open after its reads (until the test ends it).
+    holds: bool = False
 
     async def fetch(self) -> tuple[int, bytes]:
         async with (
@@ -80,6 +83,8 @@ async def _upstream(rig: Rig, request: web.Request) -> web.StreamResponse:
         if rig.breaks:
             assert request.transport is not None
             request.transport.close()
+        if rig.holds:
+            await asyncio.sleep(30)
     except (ConnectionResetError, asyncio.CancelledError):
         rig.upstream_closed.set()
         raise
@@ -382,3 +387,80 @@ async def test_a_plain_answer_that_cannot_be_read_ends_with_its_error(
         assert status == 502  # nothing sent yet: the error is the whole answer
         error = json.loads(body)["error"]
     assert (error["code"], error["param"], error["request_id"]) == ("too_big", None, "req-relay")
+
+
+def _client_events(body: bytes) -> list[str]:
+    """The events an SSE client reads from ``body``: the OpenAI SDK's own parser (unlike
+    sse_events, which only picks data lines, it sees where each event ends)."""
+    return [event.data for event in SSEDecoder().iter_bytes(iter([body]))]
+
+
+# How the last read of a stream can stop: inside an event (then the relay ends that event
+# before its error event) or right after one (then nothing is added).
+PARTIAL = b'data: {"choices":[{"delta":{"content":"half'
+STOPS: dict[str, tuple[bytes, bool]] = {
+    "mid-line": (PARTIAL, True),
+    "after-LF": (PARTIAL + b'"}}]}\n', True),
+    "after-CRLF": (PARTIAL + b'"}}]}\r\n', True),
+    "after-CR": (PARTIAL + b'"}}]}\r', True),
+    "event-LF": (CONTENT, False),
+    "event-CRLF": (CONTENT.replace(b"\n", b"\r\n"), False),
+    "event-CR": (CONTENT.replace(b"\n", b"\r"), False),
+    "event-LF-CR": (CONTENT[:-1] + b"\r", False),
+}
+
+
+@pytest.mark.parametrize("stop", STOPS)
+async def test_a_stream_broken_mid_event_still_ends_with_an_error_the_client_can_read(
+    rig: Rig, stop: str
+) -> None:
+    last, unfinished = STOPS[stop]
+    rig.reads = [CONTENT, last]
+    rig.breaks = True
+    status, body = await rig.fetch()
+    assert status == 200
+    sent = CONTENT + last
+    assert body.startswith(sent)
+    ending = b"\n\n" if unfinished else b""
+    assert body[len(sent) :].startswith(ending + b'data: {"error"')
+    events = _client_events(body)
+    error = json.loads(events[-1])["error"]  # its own event, whole JSON
+    assert (error["code"], error["param"], error["request_id"]) == (
+        "upstream_stream_failed",
+        None,
+        "req-relay",
+    )
+    assert "broke off (ClientPayloadError)" in error["message"]
+    assert len(events) == 3 if unfinished else 2  # the unfinished event is ended, not lost
+    assert rig.relay.bytes_out == len(body)
+
+
+async def test_a_stream_broken_before_its_first_byte_is_only_its_error(rig: Rig) -> None:
+    rig.reads, rig.breaks = [], True
+    rig.heartbeat, rig.header_delay = 0.05, 0.2  # committed: the error is an event
+    status, body = await rig.fetch()
+    assert status == 200
+    beats, _, rest = body.rpartition(b": keep-alive\n\n")
+    assert beats.replace(b": keep-alive\n\n", b"") == b""
+    assert rest.startswith(b'data: {"error"')  # no blank line: no event was begun
+    assert json.loads(_client_events(body)[-1])["error"]["code"] == "upstream_stream_failed"
+
+
+REVOKED = ApiError(401, "The credential was revoked.", type="invalid_request_error", code="revoked")
+
+
+@pytest.mark.parametrize("stop", ["mid-line", "event-LF"])
+async def test_an_abort_mid_event_ends_that_event_before_its_error(rig: Rig, stop: str) -> None:
+    last, unfinished = STOPS[stop]
+    rig.reads, rig.holds = [CONTENT, last], True
+    fetching = asyncio.create_task(rig.fetch())
+    sent = CONTENT + last
+    async with asyncio.timeout(5):
+        while not rig.relays or rig.relay.bytes_out < len(sent):
+            await asyncio.sleep(0.01)
+    rig.relay.abort(REVOKED)
+    status, body = await asyncio.wait_for(fetching, 5)
+    assert status == 200
+    ending = b"\n\n" if unfinished else b""
+    assert body == sent + ending + REVOKED.sse_event("req-relay")
+    assert json.loads(_client_events(body)[-1])["error"]["code"] == "revoked"
