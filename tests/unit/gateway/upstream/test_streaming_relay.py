@@ -44,6 +44,9 @@ class Rig:
     relays: list[StreamRelay] = field(default_factory=list)
     upstream_url: str = ""
     url: str = ""
+    # The same relay on a server that does not cancel a handler whose client hung up
+    # (aiohttp's default): the relay then learns it from a failing write.
+    url_uncancelled: str = ""
     upstream_closed: asyncio.Event = field(default_factory=asyncio.Event)
     # For an upstream that answers without a stream: its status, body, and how long it thinks.
     plain: tuple[int, bytes] | None = None
@@ -56,6 +59,11 @@ class Rig:
     stopping: bool = False
     # The upstream keeps its stream open after its reads (until the test ends it).
     holds: bool = False
+    upstream_called: asyncio.Event = field(default_factory=asyncio.Event)
+    # LM Gate's idle timeout (sock_read on the upstream request), when a test needs one.
+    idle: float | None = None
+    # What opening the upstream raises (as Forwarder._open turns failures into ApiError).
+    open_error: ApiError | None = None
 
     async def fetch(self) -> tuple[int, bytes]:
         async with (
@@ -70,7 +78,12 @@ class Rig:
 
 
 async def _upstream(rig: Rig, request: web.Request) -> web.StreamResponse:
-    await asyncio.sleep(rig.header_delay)
+    rig.upstream_called.set()
+    try:
+        await asyncio.sleep(rig.header_delay)
+    except asyncio.CancelledError:
+        rig.upstream_closed.set()
+        raise
     if rig.plain is not None:
         status, body = rig.plain
         return web.Response(status=status, body=body, content_type="application/json")
@@ -91,8 +104,8 @@ async def _upstream(rig: Rig, request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+async def _serve(app: web.Application, *, cancel: bool = True) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=cancel)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/"
@@ -108,8 +121,19 @@ async def rig() -> AsyncIterator[Rig]:
             raise rig.read_error
         return web.Response(status=upstream.status, body=body)
 
+    async def open_upstream() -> aiohttp.ClientResponse:
+        if rig.open_error is not None:
+            await asyncio.sleep(rig.header_delay)
+            raise rig.open_error
+        timeout = aiohttp.ClientTimeout(sock_read=rig.idle)
+        return await session.post(rig.upstream_url, timeout=timeout)
+
     async def handle(request: web.Request) -> web.StreamResponse:
-        config = Config(streaming_heartbeat_interval=rig.heartbeat, limits_max_event_bytes=LIMIT)
+        config = Config(
+            streaming_heartbeat_interval=rig.heartbeat,
+            limits_max_event_bytes=LIMIT,
+            upstream_idle_timeout=rig.idle or 600.0,
+        )
         observer: Callable[[bytes], None] | None = rig.observed.append if rig.observe else None
         relay = StreamRelay(
             request,
@@ -123,7 +147,7 @@ async def rig() -> AsyncIterator[Rig]:
         )
         rig.relays.append(relay)
         try:
-            return await relay.run(lambda: session.post(rig.upstream_url))
+            return await relay.run(open_upstream)
         except ApiError as err:  # what the gateway's error middleware does
             return err.to_response("req-relay")
 
@@ -137,9 +161,11 @@ async def rig() -> AsyncIterator[Rig]:
     async with aiohttp.ClientSession() as session:
         up_runner, rig.upstream_url = await _serve(upstream)
         runner, rig.url = await _serve(relaying)
+        plain_runner, rig.url_uncancelled = await _serve(relaying, cancel=False)
         try:
             yield rig
         finally:
+            await plain_runner.cleanup()
             await runner.cleanup()
             await up_runner.cleanup()
 
@@ -464,3 +490,195 @@ async def test_an_abort_mid_event_ends_that_event_before_its_error(rig: Rig, sto
     ending = b"\n\n" if unfinished else b""
     assert body == sent + ending + REVOKED.sse_event("req-relay")
     assert json.loads(_client_events(body)[-1])["error"]["code"] == "revoked"
+
+
+# ---- what the plain relay keeps -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("after", "found"), [(3, True), (4, False)])
+async def test_the_plain_relay_keeps_only_the_last_four_reads_for_the_usage(
+    rig: Rig, after: int, found: bool
+) -> None:
+    # The usage survives three later reads (a split event, an empty one, [DONE]); beyond
+    # that memory stays bounded: only the last four reads are kept, not the whole stream.
+    rig.reads = [CONTENT, USAGE_ONLY, *[CONTENT] * (after - 1), DONE]
+    status, body = await rig.fetch()
+    assert (status, body) == (200, b"".join(rig.reads))
+    assert rig.relay.usage == (Usage(3, 5) if found else None)
+
+
+# ---- the heartbeat task -----------------------------------------------------------------------
+
+
+class _BlockedRelay:
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def heartbeat(self) -> None:
+        await self.release.wait()
+
+
+async def test_a_heartbeat_is_written_by_a_task_named_for_it() -> None:
+    # A task dump (asyncio debug mode, a hung shutdown) must say what a pending task is.
+    relay = _BlockedRelay()
+    pump = _HeartbeatPump(relay, 0.001)  # type: ignore[arg-type]
+    async with asyncio.timeout(2):
+        while not any(t.get_name() == "sse-heartbeat" for t in asyncio.all_tasks()):
+            await asyncio.sleep(0.001)
+    relay.release.set()
+    await pump.stop()
+
+
+# ---- LM Studio goes silent, or cannot be reached ------------------------------------------
+
+
+@pytest.mark.parametrize("hide_usage", [False, True], ids=["plain", "whole-events"])
+async def test_a_stream_that_goes_silent_ends_with_the_idle_error(
+    rig: Rig, hide_usage: bool
+) -> None:
+    rig.reads, rig.holds, rig.idle, rig.hide_usage = [CONTENT], True, 0.3, hide_usage
+    status, body = await rig.fetch()
+    assert status == 200
+    assert body.startswith(CONTENT)
+    error = json.loads(_client_events(body)[-1])["error"]
+    assert (error["code"], error["param"], error["request_id"]) == (
+        "upstream_timeout",
+        None,
+        "req-relay",
+    )
+    assert "sent nothing for 0.3 s" in error["message"]
+    assert rig.relay.error == "upstream_timeout"
+    await asyncio.wait_for(rig.upstream_closed.wait(), 5)  # the generation is stopped too
+
+
+UNREACHABLE = ApiError(502, "LM Studio is not running.", type="server_error", code="no_lm")
+
+
+@pytest.mark.parametrize("heartbeat", [0.0, 0.05], ids=["before-headers", "after-heartbeats"])
+async def test_an_upstream_that_cannot_be_opened_ends_with_its_error(
+    rig: Rig, heartbeat: float
+) -> None:
+    rig.open_error, rig.heartbeat, rig.header_delay = UNREACHABLE, heartbeat, 0.3
+    status, body = await rig.fetch()
+    if heartbeat:
+        assert status == 200  # committed by the heartbeats: the error is the last event
+        beats, _, rest = body.rpartition(b": keep-alive\n\n")
+        assert beats.replace(b": keep-alive\n\n", b"") == b""
+        assert rest == UNREACHABLE.sse_event("req-relay")
+        assert rig.relay.error == "no_lm"
+    else:
+        assert status == 502  # nothing sent yet: the error is the whole answer
+        assert json.loads(body)["error"]["code"] == "no_lm"
+        assert not rig.relay.committed
+
+
+# ---- abort from outside, in every phase --------------------------------------------------------
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(5):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("hide_usage", [False, True], ids=["plain", "whole-events"])
+@pytest.mark.parametrize(
+    ("phase", "heartbeat"),
+    [
+        ("before-headers", 0.0),
+        ("before-headers", 0.05),
+        ("before-first-token", 0.0),
+        ("before-first-token", 0.05),
+        ("mid-stream", 0.0),
+    ],
+)
+async def test_abort_ends_the_stream_with_its_error_and_stops_the_upstream(
+    rig: Rig, phase: str, heartbeat: float, hide_usage: bool
+) -> None:
+    rig.heartbeat, rig.hide_usage, rig.holds = heartbeat, hide_usage, True
+    if phase == "before-headers":
+        rig.header_delay = 30
+    elif phase == "mid-stream":
+        rig.reads = [CONTENT]
+    fetching = asyncio.create_task(rig.fetch())
+    await asyncio.wait_for(rig.upstream_called.wait(), 5)
+    if phase == "mid-stream":
+        await _until(lambda: rig.relay.bytes_out >= len(CONTENT))
+    else:
+        await asyncio.sleep(0.2)  # LM Studio is "processing the prompt"; heartbeats go out
+    rig.relay.abort(REVOKED)
+    status, body = await asyncio.wait_for(fetching, 5)
+    assert status == 200
+    beats, _, rest = body.rpartition(b": keep-alive\n\n")
+    assert beats.replace(b": keep-alive\n\n", b"") == b""
+    sent = CONTENT if phase == "mid-stream" else b""
+    assert rest == sent + REVOKED.sse_event("req-relay")
+    assert bool(beats or rest != body) == bool(heartbeat)
+    assert rig.relay.error == "revoked"
+    await asyncio.wait_for(rig.upstream_closed.wait(), 5)
+
+
+async def test_abort_after_the_stream_ended_changes_nothing(rig: Rig) -> None:
+    rig.reads = [CONTENT, DONE]
+    assert await rig.fetch() == (200, CONTENT + DONE)
+    rig.relay.abort(REVOKED)
+    assert rig.relay.error is None
+    assert rig.relay.bytes_out == len(CONTENT + DONE)
+
+
+async def test_a_second_abort_is_ignored(rig: Rig) -> None:
+    rig.holds = True
+    fetching = asyncio.create_task(rig.fetch())
+    await asyncio.wait_for(rig.upstream_called.wait(), 5)
+    await asyncio.sleep(0.05)
+    rig.relay.abort(REVOKED)
+    rig.relay.abort(UNREACHABLE)
+    status, body = await asyncio.wait_for(fetching, 5)
+    assert (status, body) == (200, REVOKED.sse_event("req-relay"))
+    assert rig.relay.error == "revoked"
+
+
+# ---- the client hangs up ------------------------------------------------------------------
+
+
+async def _hang_up(url: str, *, after_first_read: bool) -> None:
+    if after_first_read:
+        async with aiohttp.ClientSession() as s:
+            r = await s.post(url)
+            await r.content.readany()
+            r.close()
+        return
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\r\n".encode())
+    await writer.drain()
+    await asyncio.sleep(0.2)  # LM Studio is "processing the prompt"
+    writer.close()
+    await writer.wait_closed()
+
+
+@pytest.mark.parametrize("hide_usage", [False, True], ids=["plain", "whole-events"])
+@pytest.mark.parametrize("heartbeat", [0.0, 0.05], ids=["no-heartbeat", "heartbeat"])
+@pytest.mark.parametrize("phase", ["before-headers", "before-first-token", "mid-stream"])
+async def test_hanging_up_stops_the_upstream_at_once(
+    rig: Rig, phase: str, heartbeat: float, hide_usage: bool
+) -> None:
+    rig.heartbeat, rig.hide_usage, rig.holds = heartbeat, hide_usage, True
+    if phase == "before-headers":
+        rig.header_delay = 30
+    elif phase == "mid-stream":
+        rig.reads = [CONTENT] * 100
+    await _hang_up(rig.url, after_first_read=phase == "mid-stream")
+    await asyncio.wait_for(rig.upstream_closed.wait(), 1)
+
+
+@pytest.mark.parametrize("hide_usage", [False, True], ids=["plain", "whole-events"])
+async def test_a_client_gone_mid_stream_is_recorded_and_stops_the_upstream(
+    rig: Rig, hide_usage: bool
+) -> None:
+    rig.reads, rig.hide_usage, rig.holds = [CONTENT] * 100, hide_usage, True
+    await _hang_up(rig.url_uncancelled, after_first_read=True)
+    await asyncio.wait_for(rig.upstream_closed.wait(), 2)
+    await _until(lambda: rig.relay.status == 499)
+    assert rig.relay.error == "client_disconnected"
+    assert 0 < rig.relay.bytes_out < 100 * len(CONTENT)
