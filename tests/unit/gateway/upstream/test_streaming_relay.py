@@ -64,6 +64,9 @@ class Rig:
     idle: float | None = None
     # What opening the upstream raises (as Forwarder._open turns failures into ApiError).
     open_error: ApiError | None = None
+    extra_headers: dict[str, str] | None = None
+    # abort() is called with this error before run() (a credential revoked in between).
+    abort_first: ApiError | None = None
 
     async def fetch(self) -> tuple[int, bytes]:
         async with (
@@ -135,6 +138,8 @@ async def rig() -> AsyncIterator[Rig]:
             upstream_idle_timeout=rig.idle or 600.0,
         )
         observer: Callable[[bytes], None] | None = rig.observed.append if rig.observe else None
+        # Said only when true: a relay told nothing must not cut the stream (the default).
+        hiding = {"hide_usage": True} if rig.hide_usage else {}
         relay = StreamRelay(
             request,
             "req-relay",
@@ -142,10 +147,13 @@ async def rig() -> AsyncIterator[Rig]:
             on_upstream=lambda _: None,
             read_whole=read_whole,
             is_stopping=lambda: rig.stopping,
-            hide_usage=rig.hide_usage,
             observer=observer,
+            extra_headers=rig.extra_headers,
+            **hiding,
         )
         rig.relays.append(relay)
+        if rig.abort_first is not None:
+            relay.abort(rig.abort_first)
         try:
             return await relay.run(open_upstream)
         except ApiError as err:  # what the gateway's error middleware does
@@ -433,6 +441,7 @@ STOPS: dict[str, tuple[bytes, bool]] = {
     "event-CRLF": (CONTENT.replace(b"\n", b"\r\n"), False),
     "event-CR": (CONTENT.replace(b"\n", b"\r"), False),
     "event-LF-CR": (CONTENT[:-1] + b"\r", False),
+    "event-LF-CRLF": (CONTENT[:-1] + b"\r\n", False),
 }
 
 
@@ -682,3 +691,46 @@ async def test_a_client_gone_mid_stream_is_recorded_and_stops_the_upstream(
     await _until(lambda: rig.relay.status == 499)
     assert rig.relay.error == "client_disconnected"
     assert 0 < rig.relay.bytes_out < 100 * len(CONTENT)
+
+
+# ---- the stream's headers ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heartbeat", [0.0, 0.05], ids=["first-chunk", "first-heartbeat"])
+async def test_a_stream_goes_out_as_unbuffered_uncached_sse_with_its_headers(
+    rig: Rig, heartbeat: float
+) -> None:
+    rig.reads, rig.heartbeat, rig.header_delay = [CONTENT, DONE], heartbeat, 0.2
+    rig.extra_headers = {"X-LMGate-Note": "kept"}
+    async with aiohttp.ClientSession() as s, s.post(rig.url) as r:
+        assert r.status == 200
+        # Proxies (nginx, ngrok's edge) must neither buffer nor cache a token stream.
+        assert r.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        assert r.headers["Cache-Control"] == "no-cache"
+        assert r.headers["X-Accel-Buffering"] == "no"
+        assert r.headers["X-Request-ID"] == "req-relay"
+        assert r.headers["X-LMGate-Note"] == "kept"
+        assert (await r.read()).endswith(CONTENT + DONE)
+
+
+async def test_abort_before_the_relay_runs_sends_only_its_error(rig: Rig) -> None:
+    rig.reads, rig.abort_first = [CONTENT, DONE], REVOKED
+    assert await rig.fetch() == (200, REVOKED.sse_event("req-relay"))
+    assert not rig.upstream_called.is_set()  # LM Studio is never asked
+    assert rig.relay.error == "revoked"
+
+
+async def test_stopping_the_pump_waits_for_a_heartbeat_being_written() -> None:
+    # The relay writes its own first bytes only after stop() returns: a beat half-written
+    # then would interleave with them, or prepare the response a second time.
+    relay = _BlockedRelay()
+    pump = _HeartbeatPump(relay, 0.001)  # type: ignore[arg-type]
+    async with asyncio.timeout(2):
+        while pump._beat is None:
+            await asyncio.sleep(0.001)
+    await asyncio.sleep(0)  # the beat task runs into relay.heartbeat() and blocks there
+    stopping = asyncio.create_task(pump.stop())
+    await asyncio.sleep(0.02)
+    assert not stopping.done()
+    relay.release.set()
+    await asyncio.wait_for(stopping, 1)
