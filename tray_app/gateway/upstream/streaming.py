@@ -90,6 +90,7 @@ class StreamRelay:
         self._aborted: ApiError | None = None
         self._abort_cancelled = False  # abort() cancelled the wait for LM Studio's headers
         self._finished = False
+        self._plain_tail: deque[bytes] | None = None  # set once the plain relay sends data
         self.status = 0
         self.bytes_out = 0
         self.usage: Usage | None = None
@@ -181,6 +182,7 @@ class StreamRelay:
                 cutter = EventCutter(self._max_event_bytes, hide_usage=self._hide_usage)
                 await self._relay_events(first, content, cutter, tail)
             elif first:
+                self._plain_tail = tail  # the bytes as sent, for an error event after them
                 tail.append(first)
                 await self._write(first)
                 async for chunk in content.iter_any():
@@ -193,8 +195,6 @@ class StreamRelay:
         except (TimeoutError, aiohttp.ClientError) as exc:
             upstream.close()
             await _stop(pump)
-            if cutter is None:
-                await self._end_partial_event(tail)
             if self._aborted is not None:
                 return await self._fail_aborted()
             if self._is_stopping():
@@ -210,8 +210,6 @@ class StreamRelay:
             raise
         upstream.release()
         if self._aborted is not None:
-            if cutter is None:
-                await self._end_partial_event(tail)
             return await self._fail_aborted()  # the close looked like a clean end
         found = cutter.usage if cutter is not None else None
         self.usage = found or usage_from_sse_tail(tail, self._max_event_bytes)
@@ -244,13 +242,16 @@ class StreamRelay:
                 observe(rest)
             await self._write(rest)
 
-    async def _end_partial_event(self, tail: deque[bytes]) -> None:
+    async def _end_partial_event(self) -> None:
         """The plain relay passes bytes on as they come, so a stream that stops mid-event
         leaves the client inside that event: end it with a blank line, or the error event
         written next would be glued onto it and no SSE parser could read the error."""
+        tail = self._plain_tail
+        if tail is None:
+            return  # nothing relayed as it came: heartbeats and whole events end themselves
         # Two line ends in a row (LF, CRLF or CR) end an event; four bytes hold the longest.
         last = b"".join(tail)[-4:].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        if tail and not last.endswith(b"\n\n"):
+        if not last.endswith(b"\n\n"):
             await self._write(b"\n\n")
 
     async def _not_a_stream(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -304,6 +305,7 @@ class StreamRelay:
         """End the stream with an SSE error event that the OpenAI SDKs raise as APIError."""
         self.error = error.code
         down = await self._start(200)
+        await self._end_partial_event()
         await self._write(error.sse_event(self._request_id))
         return down
 
