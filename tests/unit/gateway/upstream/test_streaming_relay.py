@@ -67,6 +67,10 @@ class Rig:
     extra_headers: dict[str, str] | None = None
     # abort() is called with this error before run() (a credential revoked in between).
     abort_first: ApiError | None = None
+    # abort() is called with this error once run() is over (the revocation came too late).
+    abort_after: ApiError | None = None
+    # How each relaying handler ended: "returned", or the name of what it raised.
+    endings: list[str] = field(default_factory=list)
 
     async def fetch(self) -> tuple[int, bytes]:
         async with (
@@ -155,9 +159,17 @@ async def rig() -> AsyncIterator[Rig]:
         if rig.abort_first is not None:
             relay.abort(rig.abort_first)
         try:
-            return await relay.run(open_upstream)
+            response = await relay.run(open_upstream)
         except ApiError as err:  # what the gateway's error middleware does
-            return err.to_response("req-relay")
+            response = err.to_response("req-relay")
+        except BaseException as exc:
+            rig.endings.append(type(exc).__name__)
+            raise
+        if rig.abort_after is not None:
+            relay.abort(rig.abort_after)
+            await asyncio.sleep(0.01)  # the handler goes on (the access log is written here)
+        rig.endings.append("returned")
+        return response
 
     async def handle_upstream(request: web.Request) -> web.StreamResponse:
         return await _upstream(rig, request)
@@ -624,6 +636,7 @@ async def test_abort_ends_the_stream_with_its_error_and_stops_the_upstream(
     assert rest == sent + REVOKED.sse_event("req-relay")
     assert bool(beats or rest != body) == bool(heartbeat)
     assert rig.relay.error == "revoked"
+    assert rig.relay.usage is None
     await asyncio.wait_for(rig.upstream_closed.wait(), 5)
 
 
@@ -679,6 +692,10 @@ async def test_hanging_up_stops_the_upstream_at_once(
         rig.reads = [CONTENT] * 100
     await _hang_up(rig.url, after_first_read=phase == "mid-stream")
     await asyncio.wait_for(rig.upstream_closed.wait(), 1)
+    await _until(lambda: bool(rig.endings))
+    assert rig.endings == ["CancelledError"]  # aiohttp's cancellation is let through
+    if phase != "mid-stream" and not heartbeat:
+        assert rig.relay.status == 0  # nothing was sent: the access log says so
 
 
 @pytest.mark.parametrize("hide_usage", [False, True], ids=["plain", "whole-events"])
@@ -690,6 +707,8 @@ async def test_a_client_gone_mid_stream_is_recorded_and_stops_the_upstream(
     await asyncio.wait_for(rig.upstream_closed.wait(), 2)
     await _until(lambda: rig.relay.status == 499)
     assert rig.relay.error == "client_disconnected"
+    await _until(lambda: bool(rig.endings))
+    assert rig.endings == ["returned"]  # nothing raised: aiohttp finds the transport closed
     assert 0 < rig.relay.bytes_out < 100 * len(CONTENT)
 
 
@@ -734,3 +753,42 @@ async def test_stopping_the_pump_waits_for_a_heartbeat_being_written() -> None:
     assert not stopping.done()
     relay.release.set()
     await asyncio.wait_for(stopping, 1)
+
+
+@pytest.mark.parametrize("heartbeat", [0.0, 0.05], ids=["refused", "error-event"])
+async def test_an_abort_after_the_relay_ended_leaves_the_handler_alone(
+    rig: Rig, heartbeat: float
+) -> None:
+    # LM Studio could not be reached, so the relay never had an upstream to close: a late
+    # abort must not cancel the handler, which is still finishing the request.
+    rig.open_error, rig.heartbeat, rig.header_delay = UNREACHABLE, heartbeat, 0.2
+    rig.abort_after = REVOKED
+    status, body = await rig.fetch()
+    assert status == (200 if heartbeat else 502)
+    assert b"revoked" not in body
+    assert rig.endings == ["returned"]
+    assert rig.relay.error == ("no_lm" if heartbeat else None)
+
+
+async def test_an_answer_without_a_content_type_is_no_stream(rig: Rig) -> None:
+    # aiohttp always names a type, so a bare socket plays LM Studio here.
+    answer = b'{"choices":[]}'
+
+    async def bare(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(bare, "127.0.0.1", 0)
+    rig.upstream_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    async with server:
+        assert await rig.fetch() == (200, answer)  # passed on whole, not relayed as SSE
+    assert not rig.relay.committed
+    assert rig.relay.status == 200
+
+
+async def test_an_observer_gets_no_empty_rest_after_a_stream_that_ends_whole(rig: Rig) -> None:
+    rig.reads, rig.observe = [CONTENT, DONE], True
+    assert await rig.fetch() == (200, CONTENT + DONE)
+    assert rig.observed == [CONTENT, DONE]
