@@ -69,6 +69,8 @@ class Rig:
     abort_first: ApiError | None = None
     # abort() is called with this error once run() is over (the revocation came too late).
     abort_after: ApiError | None = None
+    # What each relay reported as LM Studio's response (on_upstream).
+    upstreams: list[aiohttp.ClientResponse] = field(default_factory=list)
     # How each relaying handler ended: "returned", or the name of what it raised.
     endings: list[str] = field(default_factory=list)
 
@@ -148,7 +150,7 @@ async def rig() -> AsyncIterator[Rig]:
             request,
             "req-relay",
             config=config,
-            on_upstream=lambda _: None,
+            on_upstream=rig.upstreams.append,
             read_whole=read_whole,
             is_stopping=lambda: rig.stopping,
             observer=observer,
@@ -232,7 +234,11 @@ async def test_hidden_usage_does_not_reach_the_client_but_is_counted(
     assert rig.relay.usage == Usage(3, 5)
     assert rig.relay.bytes_out == len(body)
     assert rig.relay.error is None
+    assert rig.relay.status == 200
     assert b"".join(rig.observed) == (body if observe else b"")
+    [upstream] = rig.upstreams  # the response the access log reads LM Studio's side from
+    assert upstream.status == 200
+    assert upstream.headers["Content-Type"] == "text/event-stream"
 
 
 async def test_usage_hidden_early_in_a_long_stream_is_still_counted(rig: Rig) -> None:
@@ -454,6 +460,7 @@ STOPS: dict[str, tuple[bytes, bool]] = {
     "event-CR": (CONTENT.replace(b"\n", b"\r"), False),
     "event-LF-CR": (CONTENT[:-1] + b"\r", False),
     "event-LF-CRLF": (CONTENT[:-1] + b"\r\n", False),
+    "blank-line-alone": (b"\n", False),  # a read of one byte still ends the event before it
 }
 
 
@@ -478,7 +485,10 @@ async def test_a_stream_broken_mid_event_still_ends_with_an_error_the_client_can
         "req-relay",
     )
     assert "broke off (ClientPayloadError)" in error["message"]
-    assert len(events) == 3 if unfinished else 2  # the unfinished event is ended, not lost
+    # What came before the error reads as it was sent; an unfinished event is ended, not lost.
+    assert events[:-1] == _client_events(sent + ending)
+    if unfinished:
+        assert events[-2].startswith(PARTIAL[len(b"data: ") :].decode())
     assert rig.relay.bytes_out == len(body)
 
 
@@ -792,3 +802,10 @@ async def test_an_observer_gets_no_empty_rest_after_a_stream_that_ends_whole(rig
     rig.reads, rig.observe = [CONTENT, DONE], True
     assert await rig.fetch() == (200, CONTENT + DONE)
     assert rig.observed == [CONTENT, DONE]
+
+
+async def test_a_stream_of_a_few_bytes_that_ends_whole_gets_no_extra_blank_line(rig: Rig) -> None:
+    rig.reads, rig.breaks = [b":\r\r"], True  # a comment, then CR CR: a whole (empty) event
+    status, body = await rig.fetch()
+    assert status == 200
+    assert body.startswith(b':\r\rdata: {"error"')
