@@ -50,6 +50,7 @@ class Rig:
     upstream_closed: asyncio.Event = field(default_factory=asyncio.Event)
     # For an upstream that answers without a stream: its status, body, and how long it thinks.
     plain: tuple[int, bytes] | None = None
+    body_delay: float = 0.0  # between the plain answer's headers and its body
     header_delay: float = 0.0
     heartbeat: float = 0.0
     # The upstream drops its connection after its reads instead of ending the stream.
@@ -95,7 +96,14 @@ async def _upstream(rig: Rig, request: web.Request) -> web.StreamResponse:
         raise
     if rig.plain is not None:
         status, body = rig.plain
-        return web.Response(status=status, body=body, content_type="application/json")
+        if not rig.body_delay:
+            return web.Response(status=status, body=body, content_type="application/json")
+        slow = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+        slow.content_length = len(body)
+        await slow.prepare(request)
+        await asyncio.sleep(rig.body_delay)
+        await slow.write(body)
+        return slow
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     try:
@@ -809,3 +817,11 @@ async def test_a_stream_of_a_few_bytes_that_ends_whole_gets_no_extra_blank_line(
     status, body = await rig.fetch()
     assert status == 200
     assert body.startswith(b':\r\rdata: {"error"')
+
+
+async def test_heartbeats_stop_when_lm_studio_answers_without_a_stream(rig: Rig) -> None:
+    # The answer's body may take a while to read: no heartbeat may commit the response as a
+    # 200 stream meanwhile, or LM Studio's own status would be lost.
+    rig.plain, rig.body_delay, rig.heartbeat = (400, ERROR_BODY), 0.3, 0.05
+    assert await rig.fetch() == (400, ERROR_BODY)
+    assert not rig.relay.committed
