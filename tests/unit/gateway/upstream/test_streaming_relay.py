@@ -825,3 +825,19 @@ async def test_heartbeats_stop_when_lm_studio_answers_without_a_stream(rig: Rig)
     rig.plain, rig.body_delay, rig.heartbeat = (400, ERROR_BODY), 0.3, 0.05
     assert await rig.fetch() == (400, ERROR_BODY)
     assert not rig.relay.committed
+
+
+async def test_a_hang_up_together_with_an_abort_still_cancels_the_handler(rig: Rig) -> None:
+    # abort() cancels the wait for LM Studio's headers; aiohttp cancelling the handler in the
+    # same moment (the client left too) must not be swallowed with it.
+    rig.header_delay = 30
+    fetching = asyncio.create_task(rig.fetch())
+    await asyncio.wait_for(rig.upstream_called.wait(), 5)
+    relay = rig.relay
+    relay.abort(REVOKED)
+    assert relay._task is not None
+    relay._task.cancel()  # what aiohttp does when the client hangs up
+    await _until(lambda: bool(rig.endings))
+    assert rig.endings == ["CancelledError"]
+    fetching.cancel()
+    await asyncio.gather(fetching, return_exceptions=True)
