@@ -12,6 +12,7 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from openai._streaming import SSEDecoder
 
 from tests.conftest import CLIENT_KEY, GatewayFactory, auth_headers
 from tests.fake_lmstudio import FakeLMStudio
@@ -192,6 +193,32 @@ async def test_idle_timeout_mid_stream_ends_with_an_error_event(
     assert json.loads(events[0])["choices"][0]["delta"]["content"] == "tok0 "
     assert json.loads(events[-1])["error"]["code"] == "upstream_timeout"
     await asyncio.wait_for(fake_lmstudio.disconnected.wait(), 1.0)
+
+
+async def test_a_stream_cut_inside_an_event_still_ends_with_a_readable_error(
+    start_gateway: GatewayFactory, fake_lmstudio: FakeLMStudio
+) -> None:
+    # The client asks for the usage itself, so nothing is hidden and the stream is relayed
+    # byte for byte; LM Studio then goes silent in the middle of an event. The relay must end
+    # that event before its error event, or an SSE parser reads the two as one broken event.
+    server = await start_gateway(upstream_idle_timeout=1.0)
+    fake_lmstudio.behaviour.chunks = 2
+    fake_lmstudio.behaviour.unterminated_event_bytes = 100
+    fake_lmstudio.behaviour.hold_open = 5.0
+    body = {**CHAT, "stream_options": {"include_usage": True}}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(server.url + "/v1/chat/completions", json=body, headers=auth_headers()) as r,
+    ):
+        assert r.status == 200
+        raw = await r.read()
+    assert b"x" * 94 + b"\n\ndata: {" in raw  # the event ended, then the error
+    # The OpenAI SDK's own SSE parser: the cut event is one event, the error its own one.
+    events = [e.data for e in SSEDecoder().iter_bytes(iter([raw]))]
+    assert events[-2] == "x" * 94
+    error = json.loads(events[-1])["error"]
+    assert (error["code"], error["param"]) == ("upstream_timeout", None)
+    assert error["request_id"] == r.headers["X-Request-ID"]
 
 
 async def test_idle_timeout_before_any_answer_is_504(

@@ -91,6 +91,7 @@ class StreamRelay:
         self._aborted: ApiError | None = None
         self._abort_cancelled = False  # abort() cancelled the wait for LM Studio's headers
         self._finished = False
+        self._plain_tail: deque[bytes] | None = None  # set once the plain relay sends data
         self.status = 0
         self.bytes_out = 0
         self.usage: Usage | None = None
@@ -182,6 +183,7 @@ class StreamRelay:
                 cutter = EventCutter(self._max_event_bytes, hide_usage=self._hide_usage)
                 await self._relay_events(first, content, cutter, tail)
             elif first:
+                self._plain_tail = tail  # the bytes as sent, for an error event after them
                 tail.append(first)
                 await self._write(first)
                 async for chunk in content.iter_any():
@@ -241,6 +243,18 @@ class StreamRelay:
                 observe(rest)
             await self._write(rest)
 
+    async def _end_partial_event(self) -> None:
+        """The plain relay passes bytes on as they come, so a stream that stops mid-event
+        leaves the client inside that event: end it with a blank line, or the error event
+        written next would be glued onto it and no SSE parser could read the error."""
+        tail = self._plain_tail
+        if tail is None:
+            return  # nothing relayed as it came: heartbeats and whole events end themselves
+        # Two line ends in a row (LF, CRLF or CR) end an event; four bytes hold the longest.
+        last = b"".join(tail)[-4:].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if not last.endswith(b"\n\n"):
+            await self._write(b"\n\n")
+
     async def _not_a_stream(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         """LM Studio answered with an error (or plain JSON) although a stream was asked for."""
         try:
@@ -292,6 +306,7 @@ class StreamRelay:
         """End the stream with an SSE error event that the OpenAI SDKs raise as APIError."""
         self.error = error.code
         down = await self._start(200)
+        await self._end_partial_event()
         await self._write(error.sse_event(self._request_id))
         return down
 

@@ -116,9 +116,9 @@ class EventCutter:
         self.usage: Usage | None = None
 
     def feed(self, chunk: bytes) -> bytes:
-        """The events ``chunk`` completes (maybe none)."""
-        if self.too_large:
-            return b""
+        """The events ``chunk`` completes (maybe none); an empty chunk changes nothing."""
+        if self.too_large or not chunk:
+            return b""  # an empty chunk must not forget a CR that ended the one before
         if self._after_cr or b"\r" in chunk:
             if self._after_cr and chunk.startswith(b"\n"):
                 chunk = chunk[1:]

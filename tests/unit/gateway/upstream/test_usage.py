@@ -323,6 +323,13 @@ def test_a_cr_ending_a_chunk_does_not_eat_a_later_lf() -> None:
     assert feed_all(cutter, [b"data: a\r", b"x", b"\n\n"]) == b"data: a\nx\n\n"
 
 
+def test_an_empty_chunk_after_a_cr_keeps_the_crlf_whole() -> None:
+    # CR, nothing, LF: still one CRLF line end, not a CR and a LF (which would end the event).
+    cutter = EventCutter(1000, hide_usage=False)
+    chunks = [b"data: a\r", b"", b"\ndata: b\r\n\r\n"]
+    assert feed_all(cutter, chunks) + cutter.rest() == b"data: a\ndata: b\n\n"
+
+
 def test_what_a_stream_leaves_unfinished_is_the_rest() -> None:
     cutter = EventCutter(1000, hide_usage=True)
     assert cutter.feed(CONTENT + b"data: par") == CONTENT
