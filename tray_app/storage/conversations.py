@@ -45,6 +45,15 @@ def trim_history(messages: list[Message], budget_chars: int) -> list[Message]:
     return list(reversed(kept))
 
 
+def up_to_last_turn(messages: list[Message], content: str) -> list[Message] | None:
+    """The history up to its last user message if that message says ``content`` (what a retry
+    or a regenerate answers again); None if the last user message says something else."""
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index].role == "user":
+            return messages[: index + 1] if messages[index].content == content else None
+    return None
+
+
 class ConversationStore:
     def __init__(self, db: Database, clock: Clock) -> None:
         self._db = db
@@ -112,6 +121,33 @@ class ConversationStore:
                 (now, model, conversation_id),
             )
         return added == 1
+
+    def reopen_last_turn(
+        self, conversation_id: str, content: str, *, model: str | None = None
+    ) -> bool:
+        """Make the last user message, if it says ``content``, unanswered again: the answers
+        after it (a partial one from a broken stream, or the one being regenerated) go.
+
+        A retry of a failed turn then reuses the stored message instead of storing it twice.
+        False (nothing changed) if the last user message says something else, e.g. because the
+        failed request never reached LM Gate."""
+        with self._db.transaction() as conn:
+            last = conn.execute(
+                "SELECT id, content FROM messages WHERE conversation_id = ? AND role = 'user' "
+                "ORDER BY id DESC LIMIT 1",
+                (conversation_id,),
+            ).fetchone()
+            if last is None or last[1] != content:
+                return False
+            conn.execute(
+                "DELETE FROM messages WHERE conversation_id = ? AND id > ?",
+                (conversation_id, last[0]),
+            )
+            conn.execute(
+                "UPDATE conversations SET updated = ?, model = COALESCE(?, model) WHERE id = ?",
+                (self._clock.time(), model, conversation_id),
+            )
+        return True
 
     def delete(self, principal: str, conversation_id: str) -> bool:
         with self._db.transaction() as conn:

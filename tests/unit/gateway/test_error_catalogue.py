@@ -527,6 +527,15 @@ CATALOGUE = [
         '"conversation_id" must be a string.',
     ),
     entry(
+        E.chat_retry_not_a_boolean,
+        (),
+        400,
+        BAD,
+        "invalid_body",
+        "retry",
+        '"retry" must be true or false.',
+    ),
+    entry(
         E.chat_model_invalid,
         (),
         400,
