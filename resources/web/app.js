@@ -10,10 +10,11 @@ const state = { token: localStorage.getItem(TOKEN_KEY), conversationId: null, co
 
 class Offline extends Error {}
 class ApiProblem extends Error {
-  constructor(status, error) {
+  constructor(status, error, conversationId) {
     super((error && error.message) || `LM Gate answered ${status}`);
     this.status = status;
     this.code = error && error.code;
+    this.conversationId = conversationId || null;  // where a failed turn was kept
   }
 }
 
@@ -33,7 +34,8 @@ async function api(path, { method = "GET", body, signal } = {}) {
   if (!response.ok) {
     let payload = null;
     try { payload = await response.json(); } catch (_) { /* not JSON */ }
-    throw new ApiProblem(response.status, payload && payload.error);
+    throw new ApiProblem(response.status, payload && payload.error,
+                         response.headers.get("X-Conversation-ID"));
   }
   return response;
 }
@@ -211,6 +213,62 @@ function toBottom() {
   list.scrollTop = list.scrollHeight;
 }
 
+// The API's messages are written for whoever runs the computer (settings, LM Studio's Developer
+// tab); the phone's user gets what it means for them and what they can do from here.
+const PHONE_WORDING = {
+  upstream_unreachable: "The computer's LM Studio is off. Start LM Studio (and its server) " +
+                        "on the computer, then tap Retry.",
+  upstream_failed: "The computer's LM Studio stopped answering. Check that it is running on " +
+                   "the computer, then tap Retry.",
+  upstream_stream_failed: "The connection to the computer's LM Studio broke off; the answer is " +
+                          "incomplete. Tap Retry.",
+  upstream_timeout: "The computer's LM Studio took too long to answer. Tap Retry, or try a " +
+                    "shorter message.",
+  upstream_auth_failed: "The computer's LM Studio refused LM Gate. On the computer, give LM Gate " +
+                        "LM Studio's API token.",
+  upstream_bad_response: "The computer's LM Studio sent an answer LM Gate could not read. " +
+                         "Tap Retry.",
+  upstream_response_too_large: "The answer is too long to keep. Ask for a shorter one.",
+  upstream_event_too_large: "The answer was cut short: LM Studio sent more at once than LM Gate " +
+                            "takes. Tap Retry.",
+  shutting_down: "LM Gate on the computer is shutting down. Try again once it is back.",
+  model_not_allowed: "This phone may not use this model. Choose another one above.",
+  invalid_model: "That model is not available. Choose another one above.",
+  missing_model: "No model is loaded in the computer's LM Studio. Load one there, then tap Retry.",
+  rate_limit_exceeded: "Too many messages at once. Wait a moment, then tap Retry.",
+  too_many_concurrent_requests: "Too many answers at once. Wait a moment, then tap Retry.",
+  body_too_large: "This message is too long to send. Shorten it.",
+  conversation_not_found: "This conversation was deleted. Start a new chat.",
+};
+
+function phoneWording(error) {
+  if (!(error instanceof ApiProblem)) return error.message;
+  if (PHONE_WORDING[error.code]) return PHONE_WORDING[error.code];
+  // LM Studio's own refusal (e.g. a model that is not loaded) says what went wrong.
+  if (error.code === "upstream_error" || !error.code) {
+    return `The computer's LM Studio answered: ${error.message}`;
+  }
+  return error.message;
+}
+
+// What was said stays: a partial answer keeps its bubble, with the error under it.
+function showFailure(bubble, content, reasoning, error) {
+  if (content || reasoning) {
+    renderAnswer(bubble, content, reasoning);
+  } else {
+    bubble.replaceChildren();
+    bubble.className = "message error";  // nothing was said: the bubble is the error
+  }
+  bubble.classList.add("failed");
+  const line = document.createElement("p");
+  line.className = "error-line";
+  line.setAttribute("role", "alert");
+  line.textContent = phoneWording(error);
+  bubble.append(line);
+  $("retry").hidden = false;
+  line.scrollIntoView({ block: "nearest" });
+}
+
 // ---- chatting -----------------------------------------------------------------------------
 
 function busy(on) {
@@ -219,10 +277,12 @@ function busy(on) {
   $("retry").hidden = true;
 }
 
-async function send(text) {
+// retry: the server already holds this turn (a failed or broken one, or the answer being
+// regenerated) and answers it again instead of storing the message twice.
+async function send(text, { retry = false } = {}) {
   state.lastMessage = text;
   notice("");
-  addBubble("user").textContent = text;
+  if (!retry) addBubble("user").textContent = text;
   const bubble = addBubble("assistant");
   bubble.textContent = "…";
   const controller = new AbortController();
@@ -242,7 +302,7 @@ async function send(text) {
     const response = await api("/api/chat", {
       method: "POST", signal: controller.signal,
       body: { message: text, conversation_id: state.conversationId, model: $("model").value,
-              stream: true },
+              stream: true, retry },
     });
     state.conversationId = response.headers.get("X-Conversation-ID") || state.conversationId;
     localStorage.setItem("lmgate.model", $("model").value);
@@ -261,7 +321,7 @@ async function send(text) {
         if (data === "[DONE]") continue;
         let event;
         try { event = JSON.parse(data); } catch (_) { continue; }
-        if (event.error) throw new ApiProblem(502, event.error);
+        if (event.error) throw new ApiProblem(502, event.error, state.conversationId);
         const delta = (event.choices && event.choices[0] && event.choices[0].delta) || {};
         if (typeof delta.content === "string") content += delta.content;
         const thinking = delta.reasoning || delta.reasoning_content;
@@ -284,10 +344,10 @@ async function send(text) {
       forget("This phone's access was revoked or has expired. Scan a new QR code to pair again.");
       return;
     } else {
-      bubble.className = "message error";
-      bubble.textContent = error.message;
-      $("retry").hidden = false;
-      bubble.scrollIntoView({ block: "nearest" });
+      if (error instanceof ApiProblem && error.conversationId) {
+        state.conversationId = error.conversationId;
+      }
+      showFailure(bubble, content, reasoning, error);
     }
   } finally {
     state.controller = null;
@@ -314,8 +374,8 @@ function wire() {
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
   $("retry").addEventListener("click", () => {
     const last = $("messages").lastElementChild;
-    if (last && last.classList.contains("error")) last.remove();
-    if (state.lastMessage) send(state.lastMessage);
+    if (last && last.classList.contains("failed")) last.remove();
+    if (state.lastMessage) send(state.lastMessage, { retry: true });
   });
   $("new-chat").addEventListener("click", newChat);
   $("conversations-button").addEventListener("click", () => toggleConversations());
@@ -323,8 +383,9 @@ function wire() {
   window.addEventListener("offline", () => notice("This phone is offline."));
 }
 
-async function start() {
-  wire();
+// Also when a new pairing link is opened in a tab that already shows the page: only the
+// fragment changes, so the page is not loaded again.
+async function enter() {
   await pairFromFragment();
   if (!state.token) {
     show("pair");
@@ -341,6 +402,14 @@ async function start() {
       notice(error.message);
     }
   }
+}
+
+function start() {
+  wire();
+  window.addEventListener("hashchange", () => {
+    if (location.hash.length > 1) enter();
+  });
+  enter();
 }
 
 start();

@@ -1,0 +1,115 @@
+"""The phone page keeps what was said when something fails, and offers the everyday actions.
+
+Debian's Chromium at a phone viewport against a live gateway and the fake LM Studio (which can
+break a stream mid-way, or be switched off). Every page watches for console errors, CSP
+violations and requests to other origins (tests/ui/test_phone_markdown.py's ``open_page``).
+Screenshots: docs/screenshots/phone-*.png (LMGATE_UPDATE_DOCS=1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.ui import test_phone_page
+from tests.ui.test_phone_markdown import open_page, send, shot, wait_done
+from tests.ui.test_phone_page import PHONE, Live
+
+browser = test_phone_page.browser
+live = test_phone_page.live
+
+
+def bubbles(page: Any) -> list[tuple[str, str]]:
+    """Each bubble's classes and text (an answer's text without its error line)."""
+    shown = page.eval_on_selector_all(
+        "#messages .message",
+        "els => els.map(e => [e.className, e.querySelector('.answer') ?"
+        " e.querySelector('.answer').innerText.trim() : e.innerText.trim()])",
+    )
+    return [(kind, text) for kind, text in shown]
+
+
+# ---- point 4: failures keep what was said ---------------------------------------------------
+
+
+def test_a_broken_stream_keeps_its_partial_answer_and_retry_sends_the_turn_once(
+    browser: Any, live: Live
+) -> None:
+    live.fake.behaviour.chunks = 8
+    live.fake.behaviour.chunk_delay = 0.02
+    live.fake.behaviour.fail_after = 3
+    context, page, watch = open_page(browser, live)
+    send(page, "Tell me a story")
+    page.wait_for_selector(".message.failed .error-line", timeout=10000)
+    answer = page.locator(".message.assistant").last
+    assert answer.locator(".answer").inner_text().strip() == "tok0 tok1 tok2", "the answer stays"
+    line = answer.locator(".error-line")
+    assert "broke off" in line.inner_text() and "Retry" in line.inner_text()
+    assert page.is_visible("#retry")
+    shot(page, "phone-broken-stream")
+
+    live.fake.behaviour.fail_after = None
+    page.click("#retry")
+    wait_done(page)
+    assert bubbles(page) == [
+        ("message user", "Tell me a story"),
+        ("message assistant", "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7"),
+    ], "the partial answer is replaced, the question is not repeated"
+    sent = live.fake.received[-1].json()["messages"]
+    assert sent == [{"role": "user", "content": "Tell me a story"}], "LM Studio saw one turn"
+    page.reload()
+    page.wait_for_selector("#chat-screen:not([hidden])")
+    page.click("#conversations-button")
+    page.click("text=Tell me a story")
+    page.wait_for_selector(".message.assistant")
+    assert bubbles(page) == [
+        ("message user", "Tell me a story"),
+        ("message assistant", "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7"),
+    ], "the server kept the turn once, with its whole answer"
+    watch.check(page)
+    context.close()
+
+
+def test_lmstudio_being_off_is_said_to_the_phones_user(browser: Any, live: Live) -> None:
+    context, page, watch = open_page(browser, live)
+    live.thread.submit(live.fake.stop()).result(5)
+    send(page, "Are you there?")
+    page.wait_for_selector(".message.error")
+    text = page.inner_text(".message.error")
+    assert text.startswith("The computer's LM Studio is off."), text
+    assert "Developer" not in text and "upstream" not in text
+    assert page.is_visible("#retry")
+    assert bubbles(page)[0] == ("message user", "Are you there?"), "the question stays"
+    shot(page, "phone-lmstudio-off")
+    # Retrying while it is still off stores nothing twice: the conversation holds one question.
+    page.click("#retry")
+    page.wait_for_selector(".message.error")
+    assert [kind for kind, _ in bubbles(page)] == ["message user", "message error failed"]
+    conversations = page.evaluate(
+        "fetch('/api/conversations', {headers: {Authorization: 'Bearer ' +"
+        " localStorage.getItem('lmgate.token')}}).then(r => r.json())"
+        ".then(j => Promise.all(j.data.map(c => fetch('/api/conversations/' + c.id,"
+        " {headers: {Authorization: 'Bearer ' + localStorage.getItem('lmgate.token')}})"
+        ".then(r => r.json()))))"
+    )
+    assert [[m["content"] for m in c["messages"]] for c in conversations] == [["Are you there?"]]
+    # Console errors here are the browser's own lines about the failed requests (502).
+    assert all("502" in e for e in watch.errors), watch.errors
+    watch.errors.clear()
+    watch.check(page)
+    context.close()
+
+
+def test_a_new_pairing_link_pairs_a_tab_that_already_shows_the_page(
+    browser: Any, live: Live
+) -> None:
+    context = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.goto(live.server.url + "/")
+    page.wait_for_selector("#pair-screen:not([hidden])")
+    code, _ = live.identity.pairing.create_code()
+    page.goto(f"{live.server.url}/#{code}")  # same document: only the fragment changes
+    page.wait_for_selector("#chat-screen:not([hidden])", timeout=10000)
+    assert "#" not in page.url, "the code left the address bar"
+    assert page.evaluate("localStorage.getItem('lmgate.token')").count(".") == 2
+    assert page.eval_on_selector_all("#model option", "els => els.length") > 0
+    context.close()
