@@ -4,6 +4,7 @@
 "use strict";
 
 const TOKEN_KEY = "lmgate.token";
+const CONVERSATION_KEY = "lmgate.conversation";  // the one to resume after a reload
 const $ = (id) => document.getElementById(id);
 const state = { token: localStorage.getItem(TOKEN_KEY), conversationId: null, controller: null,
                 lastMessage: null };
@@ -62,6 +63,7 @@ function deviceName() {
 function forget(message) {
   state.token = null;
   localStorage.removeItem(TOKEN_KEY);
+  current(null);
   $("pair-status").textContent = message;
   show("pair");
 }
@@ -94,6 +96,34 @@ async function pairFromFragment() {
 
 // ---- models and conversations ------------------------------------------------------------
 
+function current(id) {
+  state.conversationId = id;
+  if (id) localStorage.setItem(CONVERSATION_KEY, id);
+  else localStorage.removeItem(CONVERSATION_KEY);
+}
+
+function button(text, className) {
+  const made = document.createElement("button");
+  made.type = "button";
+  made.className = className;
+  made.textContent = text;
+  return made;
+}
+
+// "14:05", "Yesterday 09:12", "3 Dec", "3 Dec 2025": when a conversation was last used.
+function when(seconds) {
+  const date = new Date(seconds * 1000);
+  const now = new Date();
+  const time = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  if (date.toDateString() === now.toDateString()) return time;
+  const yesterday = new Date(now);
+  yesterday.setDate(now.getDate() - 1);
+  if (date.toDateString() === yesterday.toDateString()) return `Yesterday ${time}`;
+  const parts = { day: "numeric", month: "short" };
+  if (date.getFullYear() !== now.getFullYear()) parts.year = "numeric";
+  return date.toLocaleDateString([], parts);
+}
+
 async function loadModels() {
   const response = await api("/v1/models");
   const payload = await response.json();
@@ -115,13 +145,13 @@ async function loadConversations() {
     open.className = "open" + (conversation.id === state.conversationId ? " current" : "");
     open.textContent = conversation.title;
     open.addEventListener("click", () => openConversation(conversation.id));
-    const remove = document.createElement("button");
-    remove.type = "button";
-    remove.className = "delete";
+    const date = document.createElement("time");
+    date.dateTime = new Date(conversation.updated * 1000).toISOString();
+    date.textContent = when(conversation.updated);
+    const remove = button("×", "delete");
     remove.setAttribute("aria-label", `Delete ${conversation.title}`);
-    remove.textContent = "×";
-    remove.addEventListener("click", () => deleteConversation(conversation.id));
-    item.append(open, remove);
+    remove.addEventListener("click", () => confirmDelete(item, conversation));
+    item.append(open, date, remove);
     return item;
   }));
   if (!payload.data.length) {
@@ -134,16 +164,38 @@ async function loadConversations() {
 async function openConversation(id) {
   const response = await api(`/api/conversations/${encodeURIComponent(id)}`);
   const conversation = await response.json();
-  state.conversationId = conversation.id;
+  current(conversation.id);
   $("messages").replaceChildren();
   for (const message of conversation.messages) {
     const bubble = addBubble(message.role);
     if (message.role === "assistant") renderAnswer(bubble, message.content, message.reasoning);
     else bubble.textContent = message.content;
+    addTools(bubble, message.content);
   }
+  const last = conversation.messages[conversation.messages.length - 1];
+  if (!last || last.role !== "assistant") dropRegenerate();
   if (conversation.model) $("model").value = conversation.model;
   toggleConversations(false);
   await loadConversations();
+}
+
+// Asked inline (no window.confirm, which some phone browsers suppress): the row becomes the
+// question until it is answered.
+function confirmDelete(item, conversation) {
+  const shown = [...item.childNodes];
+  const question = document.createElement("span");
+  question.className = "question";
+  question.textContent = `Delete “${conversation.title}”?`;
+  const yes = button("Delete", "confirm-delete");
+  const no = button("Cancel", "cancel-delete");
+  yes.addEventListener("click", () => deleteConversation(conversation.id).catch(showProblem));
+  no.addEventListener("click", () => {
+    item.classList.remove("confirming");
+    item.replaceChildren(...shown);
+  });
+  item.classList.add("confirming");
+  item.replaceChildren(question, yes, no);
+  no.focus();
 }
 
 async function deleteConversation(id) {
@@ -153,7 +205,7 @@ async function deleteConversation(id) {
 }
 
 function newChat() {
-  state.conversationId = null;
+  current(null);
   $("messages").replaceChildren();
   notice("");
   $("input").focus();
@@ -166,6 +218,42 @@ function toggleConversations(open) {
 }
 
 // ---- rendering ------------------------------------------------------------------------------
+
+const said = new WeakMap();  // bubble -> its text as sent or received (an answer's Markdown)
+
+// Copy under every message; Regenerate under the last answer only.
+function addTools(bubble, text) {
+  said.set(bubble, text);
+  const answer = bubble.classList.contains("assistant");
+  const tools = document.createElement("div");
+  tools.className = `tools ${answer ? "assistant" : "user"}`;
+  const copy = button("Copy", "copy-message");
+  copy.setAttribute("aria-label", answer ? "Copy answer" : "Copy message");
+  copy.addEventListener("click", () => LMGateMarkdown.copyText(said.get(bubble), copy));
+  tools.append(copy);
+  if (answer) {
+    dropRegenerate();
+    const again = button("Regenerate", "regenerate");
+    again.addEventListener("click", () => regenerate(bubble, tools));
+    tools.append(again);
+  }
+  bubble.after(tools);
+}
+
+function dropRegenerate() {
+  for (const old of $("messages").querySelectorAll(".regenerate")) old.remove();
+}
+
+// The answer is replaced, on the server too (retry: the stored question is answered again).
+function regenerate(bubble, tools) {
+  if (state.controller) return;
+  let question = bubble.previousElementSibling;
+  while (question && !question.matches(".message.user")) question = question.previousElementSibling;
+  if (!question) return;
+  bubble.remove();
+  tools.remove();
+  send(said.get(question), { retry: true });
+}
 
 function addBubble(role) {
   const bubble = document.createElement("div");
@@ -282,7 +370,12 @@ function busy(on) {
 async function send(text, { retry = false } = {}) {
   state.lastMessage = text;
   notice("");
-  if (!retry) addBubble("user").textContent = text;
+  dropRegenerate();
+  if (!retry) {
+    const mine = addBubble("user");
+    mine.textContent = text;
+    addTools(mine, text);
+  }
   const bubble = addBubble("assistant");
   bubble.textContent = "…";
   const controller = new AbortController();
@@ -304,7 +397,7 @@ async function send(text, { retry = false } = {}) {
       body: { message: text, conversation_id: state.conversationId, model: $("model").value,
               stream: true, retry },
     });
-    state.conversationId = response.headers.get("X-Conversation-ID") || state.conversationId;
+    current(response.headers.get("X-Conversation-ID") || state.conversationId);
     localStorage.setItem("lmgate.model", $("model").value);
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
@@ -331,6 +424,9 @@ async function send(text, { retry = false } = {}) {
     }
     cancelAnimationFrame(frame);
     paint();
+    const follow = atBottom();
+    addTools(bubble, content);
+    if (follow) toBottom();  // the tools row is part of the answer's end
   } catch (error) {
     cancelAnimationFrame(frame);
     if (error.name === "AbortError") {
@@ -339,14 +435,13 @@ async function send(text, { retry = false } = {}) {
       stopped.className = "stopped";
       stopped.textContent = "Stopped.";
       bubble.append(stopped);
+      addTools(bubble, content);
       stopped.scrollIntoView({ block: "nearest" });
     } else if (error instanceof ApiProblem && error.status === 401) {
       forget("This phone's access was revoked or has expired. Scan a new QR code to pair again.");
       return;
     } else {
-      if (error instanceof ApiProblem && error.conversationId) {
-        state.conversationId = error.conversationId;
-      }
+      if (error instanceof ApiProblem && error.conversationId) current(error.conversationId);
       showFailure(bubble, content, reasoning, error);
     }
   } finally {
@@ -394,13 +489,30 @@ async function enter() {
   show("chat");
   try {
     await loadModels();
+    await resume();
     await loadConversations();
   } catch (error) {
-    if (error instanceof ApiProblem && error.status === 401) {
-      forget("This phone's access was revoked or has expired. Scan a new QR code to pair again.");
-    } else {
-      notice(error.message);
-    }
+    showProblem(error);
+  }
+}
+
+// After a reload the last conversation is on screen again, as it was.
+async function resume() {
+  const id = localStorage.getItem(CONVERSATION_KEY);
+  if (!id || state.conversationId === id) return;
+  try {
+    await openConversation(id);
+  } catch (error) {
+    if (!(error instanceof ApiProblem && error.status === 404)) throw error;
+    current(null);  // deleted meanwhile, perhaps from another tab
+  }
+}
+
+function showProblem(error) {
+  if (error instanceof ApiProblem && error.status === 401) {
+    forget("This phone's access was revoked or has expired. Scan a new QR code to pair again.");
+  } else {
+    notice(phoneWording(error));
   }
 }
 

@@ -113,3 +113,151 @@ def test_a_new_pairing_link_pairs_a_tab_that_already_shows_the_page(
     assert page.evaluate("localStorage.getItem('lmgate.token')").count(".") == 2
     assert page.eval_on_selector_all("#model option", "els => els.length") > 0
     context.close()
+
+
+# ---- point 3: the everyday actions ----------------------------------------------------------
+
+
+def token_fetch(path: str) -> str:
+    return (
+        f"fetch('{path}', {{headers: {{Authorization: 'Bearer ' +"
+        " localStorage.getItem('lmgate.token')}}).then(r => r.json())"
+    )
+
+
+def test_copy_a_message_and_regenerate_the_last_answer(browser: Any, live: Live) -> None:
+    live.fake.behaviour.chunks = 3
+    context, page, watch = open_page(browser, live)
+    send(page, "Hello")
+    wait_done(page)
+    send(page, "Say it in **bold**")
+    wait_done(page)
+    assert page.locator(".tools .regenerate").count() == 1, "only under the last answer"
+
+    mine = page.locator(".tools.user .copy-message").last
+    mine.click()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.tools.user .copy-message')].pop().textContent"
+        " === 'Copied'"
+    )
+    assert page.evaluate("navigator.clipboard.readText()") == "Say it in **bold**"
+    answer_copy = page.locator(".tools.assistant .copy-message").last
+    answer_copy.click()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.tools.assistant .copy-message')].pop()"
+        ".textContent === 'Copied'"
+    )
+    assert page.evaluate("navigator.clipboard.readText()") == "tok0 tok1 tok2 "
+    shot(page, "phone-actions")
+
+    live.fake.behaviour.reply = "A **better** answer"
+    live.fake.behaviour.chunks = 2
+    page.click(".tools .regenerate")
+    wait_done(page)
+    assert bubbles(page) == [
+        ("message user", "Hello"),
+        ("message assistant", "tok0 tok1 tok2"),
+        ("message user", "Say it in **bold**"),
+        ("message assistant", "A better answer"),
+    ], "the last answer is replaced, the question not repeated"
+    assert page.locator(".message.assistant").last.locator("strong").inner_text() == "better"
+    sent = live.fake.received[-1].json()["messages"]
+    assert [(m["role"], m["content"]) for m in sent] == [
+        ("user", "Hello"),
+        ("assistant", "tok0 tok1 tok2 "),
+        ("user", "Say it in **bold**"),
+    ]
+    (conversation,) = page.evaluate(token_fetch("/api/conversations"))["data"]
+    full = page.evaluate(token_fetch(f"/api/conversations/{conversation['id']}"))
+    assert [m["content"] for m in full["messages"]] == [
+        "Hello",
+        "tok0 tok1 tok2 ",
+        "Say it in **bold**",
+        "A **better** answer",
+    ], "replaced on the server too"
+    assert page.locator(".tools .regenerate").count() == 1
+    watch.check(page)
+    context.close()
+
+
+def test_the_last_conversation_is_resumed_after_a_reload(browser: Any, live: Live) -> None:
+    live.fake.behaviour.chunks = 2
+    context, page, watch = open_page(browser, live)
+    send(page, "Remember me")
+    wait_done(page)
+    page.reload()
+    page.wait_for_selector(".message.assistant")
+    assert bubbles(page) == [("message user", "Remember me"), ("message assistant", "tok0 tok1")]
+    send(page, "Still here?")
+    wait_done(page)
+    sent = live.fake.received[-1].json()["messages"]
+    assert [m["content"] for m in sent] == ["Remember me", "tok0 tok1 ", "Still here?"]
+
+    page.click("#new-chat")
+    page.reload()
+    page.wait_for_selector("#chat-screen:not([hidden])")
+    page.wait_for_function("() => document.querySelector('#conversation-list li')")
+    assert page.locator("#messages .message").count() == 0, "New chat stays new"
+    watch.check(page)
+    context.close()
+
+
+def test_deleting_a_conversation_asks_inline_first(browser: Any, live: Live) -> None:
+    live.fake.behaviour.chunks = 2
+    context, page, watch = open_page(browser, live)
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    send(page, "Keep me")
+    wait_done(page)
+    page.click("#conversations-button")
+    page.click("[aria-label='Delete Keep me']")
+    row = page.locator("#conversation-list li.confirming")
+    assert row.locator(".question").inner_text() == "Delete “Keep me”?"
+    shot(page, "phone-delete-confirm")
+    row.locator(".cancel-delete").click()
+    assert page.locator("#conversation-list .open").all_inner_texts() == ["Keep me"]
+    assert len(page.evaluate(token_fetch("/api/conversations"))["data"]) == 1, "nothing deleted"
+
+    page.click("[aria-label='Delete Keep me']")
+    page.click("#conversation-list .confirm-delete")
+    page.wait_for_function(
+        "() => document.querySelector('#conversation-list').textContent === 'No conversations yet.'"
+    )
+    assert page.evaluate(token_fetch("/api/conversations"))["data"] == []
+    assert page.locator("#messages .message").count() == 0, "the open one was closed"
+    assert dialogs == [], "no window.confirm"
+    watch.check(page)
+    context.close()
+
+
+def test_conversation_titles_show_when_they_were_used(browser: Any, live: Live) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    live.fake.behaviour.chunks = 2
+    context = browser.new_context(
+        viewport=PHONE, is_mobile=True, has_touch=True, locale="en-GB", timezone_id="UTC"
+    )
+    page = context.new_page()
+    page.goto(live.qr_url())
+    page.wait_for_selector("#chat-screen:not([hidden])", timeout=10000)
+    send(page, "Plan a trip")
+    wait_done(page)
+    (conversation,) = page.evaluate(token_fetch("/api/conversations"))["data"]
+    used = datetime.fromtimestamp(conversation["updated"], UTC)
+    date = page.locator("#conversation-list time")
+    assert date.get_attribute("datetime") == used.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    assert date.inner_text() == used.strftime("%H:%M"), "today: the time"
+    for later, shown in (
+        (timedelta(days=1), used.strftime("Yesterday %H:%M")),
+        (timedelta(days=3), f"{used.day} {used:%b}"),
+        (timedelta(days=400), f"{used.day} {used:%b} {used.year}"),
+    ):
+        if later.days == 3 and (used + later).year != used.year:
+            shown = f"{used.day} {used:%b} {used.year}"
+        page.clock.set_fixed_time(used + later)
+        page.reload()
+        page.wait_for_selector("#conversation-list time", state="attached")
+        assert page.text_content("#conversation-list time") == shown
+    page.click("#conversations-button")
+    shot(page, "phone-conversation-list")
+    context.close()
