@@ -7,7 +7,7 @@ const TOKEN_KEY = "lmgate.token";
 const CONVERSATION_KEY = "lmgate.conversation";  // the one to resume after a reload
 const $ = (id) => document.getElementById(id);
 const state = { token: localStorage.getItem(TOKEN_KEY), conversationId: null, controller: null,
-                lastMessage: null };
+                lastMessage: null, editing: null };
 
 class Offline extends Error {}
 class ApiProblem extends Error {
@@ -165,6 +165,7 @@ async function openConversation(id) {
   const response = await api(`/api/conversations/${encodeURIComponent(id)}`);
   const conversation = await response.json();
   current(conversation.id);
+  stopEdit();
   $("messages").replaceChildren();
   for (const message of conversation.messages) {
     const bubble = addBubble(message.role);
@@ -206,6 +207,7 @@ async function deleteConversation(id) {
 
 function newChat() {
   current(null);
+  stopEdit();
   $("messages").replaceChildren();
   notice("");
   $("input").focus();
@@ -221,7 +223,7 @@ function toggleConversations(open) {
 
 const said = new WeakMap();  // bubble -> its text as sent or received (an answer's Markdown)
 
-// Copy under every message; Regenerate under the last answer only.
+// Copy under every message; Edit under the last question, Regenerate under the last answer.
 function addTools(bubble, text) {
   said.set(bubble, text);
   const answer = bubble.classList.contains("assistant");
@@ -236,12 +238,36 @@ function addTools(bubble, text) {
     const again = button("Regenerate", "regenerate");
     again.addEventListener("click", () => regenerate(bubble, tools));
     tools.append(again);
+  } else {
+    dropEdit();
+    const edit = button("Edit", "edit");
+    edit.addEventListener("click", () => startEdit(bubble));
+    tools.append(edit);
   }
   bubble.after(tools);
 }
 
 function dropRegenerate() {
   for (const old of $("messages").querySelectorAll(".regenerate")) old.remove();
+}
+
+function dropEdit() {
+  for (const old of $("messages").querySelectorAll(".edit")) old.remove();
+}
+
+// The question goes back into the composer; sending it replaces the last question and its
+// answer, on the server too (edit: true).
+function startEdit(bubble) {
+  if (state.controller) return;
+  state.editing = bubble;
+  $("input").value = said.get(bubble);
+  $("cancel-edit").hidden = false;
+  $("input").focus();
+}
+
+function stopEdit() {
+  state.editing = null;
+  $("cancel-edit").hidden = true;
 }
 
 // The answer is replaced, on the server too (retry: the stored question is answered again).
@@ -367,7 +393,7 @@ function busy(on) {
 
 // retry: the server already holds this turn (a failed or broken one, or the answer being
 // regenerated) and answers it again instead of storing the message twice.
-async function send(text, { retry = false } = {}) {
+async function send(text, { retry = false, edit = false } = {}) {
   state.lastMessage = text;
   notice("");
   dropRegenerate();
@@ -395,7 +421,7 @@ async function send(text, { retry = false } = {}) {
     const response = await api("/api/chat", {
       method: "POST", signal: controller.signal,
       body: { message: text, conversation_id: state.conversationId, model: $("model").value,
-              stream: true, retry },
+              stream: true, retry, edit },
     });
     current(response.headers.get("X-Conversation-ID") || state.conversationId);
     localStorage.setItem("lmgate.model", $("model").value);
@@ -443,6 +469,7 @@ async function send(text, { retry = false } = {}) {
     } else {
       if (error instanceof ApiProblem && error.conversationId) current(error.conversationId);
       showFailure(bubble, content, reasoning, error);
+      dropEdit();  // a failed question is retried; an edit could replace the one before it
     }
   } finally {
     state.controller = null;
@@ -458,7 +485,13 @@ function wire() {
     const text = $("input").value.trim();
     if (!text || state.controller) return;
     $("input").value = "";
-    send(text);
+    const editing = state.editing;
+    stopEdit();
+    if (editing) {
+      while (editing.nextElementSibling) editing.nextElementSibling.remove();
+      editing.remove();
+    }
+    send(text, { edit: Boolean(editing) });
   });
   $("input").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && window.matchMedia("(pointer: fine)").matches) {
@@ -473,6 +506,10 @@ function wire() {
     if (state.lastMessage) send(state.lastMessage, { retry: true });
   });
   $("new-chat").addEventListener("click", newChat);
+  $("cancel-edit").addEventListener("click", () => {
+    stopEdit();
+    $("input").value = "";
+  });
   $("conversations-button").addEventListener("click", () => toggleConversations());
   window.addEventListener("online", () => notice(""));
   window.addEventListener("offline", () => notice("This phone is offline."));

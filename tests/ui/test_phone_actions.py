@@ -206,7 +206,12 @@ def test_deleting_a_conversation_asks_inline_first(browser: Any, live: Live) -> 
     live.fake.behaviour.chunks = 2
     context, page, watch = open_page(browser, live)
     dialogs: list[str] = []
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+
+    def refuse(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", refuse)
     send(page, "Keep me")
     wait_done(page)
     page.click("#conversations-button")
@@ -260,4 +265,41 @@ def test_conversation_titles_show_when_they_were_used(browser: Any, live: Live) 
         assert page.text_content("#conversation-list time") == shown
     page.click("#conversations-button")
     shot(page, "phone-conversation-list")
+    context.close()
+
+
+def test_edit_and_resend_the_last_question(browser: Any, live: Live) -> None:
+    live.fake.behaviour.chunks = 2
+    context, page, watch = open_page(browser, live)
+    send(page, "Hello")
+    wait_done(page)
+    send(page, "Whats 2+2")
+    wait_done(page)
+    assert page.locator(".tools .edit").count() == 1, "only under the last question"
+    page.click(".tools .edit")
+    assert page.input_value("#input") == "Whats 2+2"
+    page.click("#cancel-edit")
+    assert page.input_value("#input") == "" and not page.is_visible("#cancel-edit")
+    page.click(".tools .edit")
+    live.fake.behaviour.reply = "Four."
+    live.fake.behaviour.chunks = 1
+    send(page, "What's 2+2?")
+    wait_done(page)
+    assert bubbles(page) == [
+        ("message user", "Hello"),
+        ("message assistant", "tok0 tok1"),
+        ("message user", "What's 2+2?"),
+        ("message assistant", "Four."),
+    ]
+    sent = live.fake.received[-1].json()["messages"]
+    assert [m["content"] for m in sent] == ["Hello", "tok0 tok1 ", "What's 2+2?"]
+    (conversation,) = page.evaluate(token_fetch("/api/conversations"))["data"]
+    full = page.evaluate(token_fetch(f"/api/conversations/{conversation['id']}"))
+    assert [m["content"] for m in full["messages"]] == [
+        "Hello",
+        "tok0 tok1 ",
+        "What's 2+2?",
+        "Four.",
+    ]
+    watch.check(page)
     context.close()

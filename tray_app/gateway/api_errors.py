@@ -502,6 +502,10 @@ def chat_retry_not_a_boolean() -> ApiError:
     return _invalid_body('"retry" must be true or false.', param="retry")
 
 
+def chat_edit_not_a_boolean() -> ApiError:
+    return _invalid_body('"edit" must be true or false.', param="edit")
+
+
 def chat_conversation_id_not_a_string() -> ApiError:
     return _invalid_body('"conversation_id" must be a string.', param="conversation_id")
 

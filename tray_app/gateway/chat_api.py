@@ -191,6 +191,9 @@ class ChatApi:
         retry = payload.get("retry", False)
         if not isinstance(retry, bool):
             raise errors.chat_retry_not_a_boolean()
+        edit = payload.get("edit", False)
+        if not isinstance(edit, bool):
+            raise errors.chat_edit_not_a_boolean()
         conversation_id = payload.get("conversation_id")
         conversation = None
         if conversation_id is not None:
@@ -210,8 +213,9 @@ class ChatApi:
             )
         exchange.model, exchange.stream = model, stream
         history = self._store.messages(conversation.id) if conversation is not None else []
-        # A retry (or a regenerate) answers the stored turn again instead of storing it twice.
-        retried = up_to_last_turn(history, message) if retry else None
+        # A retry (or a regenerate) answers the stored turn again instead of storing it twice;
+        # an edit replaces the last question and answers that.
+        retried = up_to_last_turn(history, message, replace=edit) if retry or edit else None
         if retried is None:
             history.append(Message("user", message, None, 0.0))
         sent = trim_history(retried or history, self._context_chars)
@@ -235,7 +239,7 @@ class ChatApi:
         if conversation is None:
             conversation = self._store.create(principal.name, message, model)
         if retried is None or not self._store.reopen_last_turn(
-            conversation.id, message, model=model
+            conversation.id, message, model=model, replace=edit
         ):
             self._store.append(conversation.id, "user", message, model=model)
         headers = {CONVERSATION_HEADER: conversation.id, **(extra_headers or {})}

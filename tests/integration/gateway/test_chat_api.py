@@ -131,6 +131,7 @@ async def test_one_principal_cannot_touch_anothers_conversation(rig: IdentityRig
         ({"message": 3}, "invalid_body", "message"),
         ({"message": "hi", "stream": "yes"}, "invalid_body", "stream"),
         ({"message": "hi", "retry": "yes"}, "invalid_body", "retry"),
+        ({"message": "hi", "edit": 1}, "invalid_body", "edit"),
         ({"message": "hi", "model": ""}, "invalid_body", "model"),
         ({"message": "hi", "conversation_id": 7}, "invalid_body", "conversation_id"),
     ],
@@ -319,3 +320,27 @@ async def test_regenerate_replaces_the_last_answer_and_a_new_text_is_a_new_turn(
     other = {**again, "message": "Something else"}
     assert (await call(rig, key, "/api/chat", method="POST", body=other))[0] == 200
     assert [r for r, _ in (await stored(rig, key, conversation))] == ["user", "assistant"] * 2
+
+
+async def test_an_edit_replaces_the_last_question_and_its_answer(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio
+) -> None:
+    key = key_for(rig)
+    _, first, _ = await call(
+        rig, key, "/api/chat", method="POST", body={"message": "Hello", "model": MODELS[0]}
+    )
+    conversation = first["conversation_id"]
+    ask = {"message": "Whats 2+2", "conversation_id": conversation}
+    assert (await call(rig, key, "/api/chat", method="POST", body=ask))[0] == 200
+    fake_lmstudio.behaviour.chunks = 1
+    edited = {**ask, "message": "What's 2+2?", "edit": True}
+    status, answer, _ = await call(rig, key, "/api/chat", method="POST", body=edited)
+    assert (status, answer["response"]) == (200, "tok0")
+    sent = fake_lmstudio.received[-1].json()["messages"]
+    assert [m["content"] for m in sent] == ["Hello", "tok0 tok1 tok2 tok3 tok4", "What's 2+2?"]
+    assert (await stored(rig, key, conversation)) == [
+        ("user", "Hello"),
+        ("assistant", "tok0 tok1 tok2 tok3 tok4"),
+        ("user", "What's 2+2?"),
+        ("assistant", "tok0"),
+    ], "the question is replaced, not added"

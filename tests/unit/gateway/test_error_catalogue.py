@@ -536,6 +536,15 @@ CATALOGUE = [
         '"retry" must be true or false.',
     ),
     entry(
+        E.chat_edit_not_a_boolean,
+        (),
+        400,
+        BAD,
+        "invalid_body",
+        "edit",
+        '"edit" must be true or false.',
+    ),
+    entry(
         E.chat_model_invalid,
         (),
         400,
