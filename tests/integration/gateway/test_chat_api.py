@@ -234,12 +234,14 @@ async def test_the_page_is_served_with_a_strict_csp(
     assert fake_lmstudio.received == []
 
 
-async def stream_chat(rig: IdentityRig, key: str, body: dict[str, Any]) -> tuple[int, Any]:
+async def chat_checking_error(rig: IdentityRig, key: str, body: dict[str, Any]) -> tuple[int, Any]:
     async with (
         aiohttp.ClientSession() as s,
         s.post(rig.url + "/api/chat", headers={"Authorization": f"Bearer {key}"}, json=body) as r,
     ):
-        await r.read()
+        raw = await r.read()
+        if r.status >= 400:  # LM Studio's own error, passed through
+            assert json.loads(raw)["error"]["message"] == f"fake error {r.status}"
         return r.status, r.headers.get("X-Conversation-ID")
 
 
@@ -255,11 +257,11 @@ async def test_a_retried_failed_turn_is_stored_and_sent_once(
     key = key_for(rig)
     fake_lmstudio.behaviour.status = 503
     body = {"message": "Hi there", "model": MODELS[0], "stream": stream}
-    status, conversation = await stream_chat(rig, key, body)
+    status, conversation = await chat_checking_error(rig, key, body)
     assert status == 503
     assert conversation, "the failed answer names the conversation its turn is kept in"
     fake_lmstudio.behaviour.status = None
-    status, again = await stream_chat(
+    status, again = await chat_checking_error(
         rig, key, {**body, "conversation_id": conversation, "retry": True}
     )
     assert (status, again) == (200, conversation)
@@ -281,13 +283,13 @@ async def test_a_retry_after_a_broken_stream_replaces_the_partial_answer(
     conversation = first["conversation_id"]
     fake_lmstudio.behaviour.fail_after = 2
     body = {"message": "Tell me more", "conversation_id": conversation, "stream": True}
-    assert (await stream_chat(rig, key, body))[0] == 200
+    assert (await chat_checking_error(rig, key, body))[0] == 200
     assert (await stored(rig, key, conversation))[-2:] == [
         ("user", "Tell me more"),
         ("assistant", "tok0 tok1 "),
     ], "the partial answer is kept"
     fake_lmstudio.behaviour.fail_after = None
-    assert (await stream_chat(rig, key, {**body, "retry": True}))[0] == 200
+    assert (await chat_checking_error(rig, key, {**body, "retry": True}))[0] == 200
     sent = fake_lmstudio.received[-1].json()["messages"]
     assert [(m["role"], m["content"]) for m in sent] == [
         ("user", "Hello"),
