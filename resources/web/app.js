@@ -4,16 +4,18 @@
 "use strict";
 
 const TOKEN_KEY = "lmgate.token";
+const CONVERSATION_KEY = "lmgate.conversation";  // the one to resume after a reload
 const $ = (id) => document.getElementById(id);
 const state = { token: localStorage.getItem(TOKEN_KEY), conversationId: null, controller: null,
-                lastMessage: null };
+                lastMessage: null, editing: null };
 
 class Offline extends Error {}
 class ApiProblem extends Error {
-  constructor(status, error) {
+  constructor(status, error, conversationId) {
     super((error && error.message) || `LM Gate answered ${status}`);
     this.status = status;
     this.code = error && error.code;
+    this.conversationId = conversationId || null;  // where a failed turn was kept
   }
 }
 
@@ -33,7 +35,8 @@ async function api(path, { method = "GET", body, signal } = {}) {
   if (!response.ok) {
     let payload = null;
     try { payload = await response.json(); } catch (_) { /* not JSON */ }
-    throw new ApiProblem(response.status, payload && payload.error);
+    throw new ApiProblem(response.status, payload && payload.error,
+                         response.headers.get("X-Conversation-ID"));
   }
   return response;
 }
@@ -60,6 +63,7 @@ function deviceName() {
 function forget(message) {
   state.token = null;
   localStorage.removeItem(TOKEN_KEY);
+  current(null);
   $("pair-status").textContent = message;
   show("pair");
 }
@@ -92,6 +96,34 @@ async function pairFromFragment() {
 
 // ---- models and conversations ------------------------------------------------------------
 
+function current(id) {
+  state.conversationId = id;
+  if (id) localStorage.setItem(CONVERSATION_KEY, id);
+  else localStorage.removeItem(CONVERSATION_KEY);
+}
+
+function button(text, className) {
+  const made = document.createElement("button");
+  made.type = "button";
+  made.className = className;
+  made.textContent = text;
+  return made;
+}
+
+// "14:05", "Yesterday 09:12", "3 Dec", "3 Dec 2025": when a conversation was last used.
+function when(seconds) {
+  const date = new Date(seconds * 1000);
+  const now = new Date();
+  const time = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  if (date.toDateString() === now.toDateString()) return time;
+  const yesterday = new Date(now);
+  yesterday.setDate(now.getDate() - 1);
+  if (date.toDateString() === yesterday.toDateString()) return `Yesterday ${time}`;
+  const parts = { day: "numeric", month: "short" };
+  if (date.getFullYear() !== now.getFullYear()) parts.year = "numeric";
+  return date.toLocaleDateString([], parts);
+}
+
 async function loadModels() {
   const response = await api("/v1/models");
   const payload = await response.json();
@@ -113,13 +145,13 @@ async function loadConversations() {
     open.className = "open" + (conversation.id === state.conversationId ? " current" : "");
     open.textContent = conversation.title;
     open.addEventListener("click", () => openConversation(conversation.id));
-    const remove = document.createElement("button");
-    remove.type = "button";
-    remove.className = "delete";
+    const date = document.createElement("time");
+    date.dateTime = new Date(conversation.updated * 1000).toISOString();
+    date.textContent = when(conversation.updated);
+    const remove = button("×", "delete");
     remove.setAttribute("aria-label", `Delete ${conversation.title}`);
-    remove.textContent = "×";
-    remove.addEventListener("click", () => deleteConversation(conversation.id));
-    item.append(open, remove);
+    remove.addEventListener("click", () => confirmDelete(item, conversation));
+    item.append(open, date, remove);
     return item;
   }));
   if (!payload.data.length) {
@@ -132,16 +164,39 @@ async function loadConversations() {
 async function openConversation(id) {
   const response = await api(`/api/conversations/${encodeURIComponent(id)}`);
   const conversation = await response.json();
-  state.conversationId = conversation.id;
+  current(conversation.id);
+  stopEdit();
   $("messages").replaceChildren();
   for (const message of conversation.messages) {
     const bubble = addBubble(message.role);
     if (message.role === "assistant") renderAnswer(bubble, message.content, message.reasoning);
     else bubble.textContent = message.content;
+    addTools(bubble, message.content);
   }
+  const last = conversation.messages[conversation.messages.length - 1];
+  if (!last || last.role !== "assistant") dropRegenerate();
   if (conversation.model) $("model").value = conversation.model;
   toggleConversations(false);
   await loadConversations();
+}
+
+// Asked inline (no window.confirm, which some phone browsers suppress): the row becomes the
+// question until it is answered.
+function confirmDelete(item, conversation) {
+  const shown = [...item.childNodes];
+  const question = document.createElement("span");
+  question.className = "question";
+  question.textContent = `Delete “${conversation.title}”?`;
+  const yes = button("Delete", "confirm-delete");
+  const no = button("Cancel", "cancel-delete");
+  yes.addEventListener("click", () => deleteConversation(conversation.id).catch(showProblem));
+  no.addEventListener("click", () => {
+    item.classList.remove("confirming");
+    item.replaceChildren(...shown);
+  });
+  item.classList.add("confirming");
+  item.replaceChildren(question, yes, no);
+  no.focus();
 }
 
 async function deleteConversation(id) {
@@ -151,7 +206,8 @@ async function deleteConversation(id) {
 }
 
 function newChat() {
-  state.conversationId = null;
+  current(null);
+  stopEdit();
   $("messages").replaceChildren();
   notice("");
   $("input").focus();
@@ -164,6 +220,66 @@ function toggleConversations(open) {
 }
 
 // ---- rendering ------------------------------------------------------------------------------
+
+const said = new WeakMap();  // bubble -> its text as sent or received (an answer's Markdown)
+
+// Copy under every message; Edit under the last question, Regenerate under the last answer.
+function addTools(bubble, text) {
+  said.set(bubble, text);
+  const answer = bubble.classList.contains("assistant");
+  const tools = document.createElement("div");
+  tools.className = `tools ${answer ? "assistant" : "user"}`;
+  const copy = button("Copy", "copy-message");
+  copy.setAttribute("aria-label", answer ? "Copy answer" : "Copy message");
+  copy.addEventListener("click", () => LMGateMarkdown.copyText(said.get(bubble), copy));
+  tools.append(copy);
+  if (answer) {
+    dropRegenerate();
+    const again = button("Regenerate", "regenerate");
+    again.addEventListener("click", () => regenerate(bubble, tools));
+    tools.append(again);
+  } else {
+    dropEdit();
+    const edit = button("Edit", "edit");
+    edit.addEventListener("click", () => startEdit(bubble));
+    tools.append(edit);
+  }
+  bubble.after(tools);
+}
+
+function dropRegenerate() {
+  for (const old of $("messages").querySelectorAll(".regenerate")) old.remove();
+}
+
+function dropEdit() {
+  for (const old of $("messages").querySelectorAll(".edit")) old.remove();
+}
+
+// The question goes back into the composer; sending it replaces the last question and its
+// answer, on the server too (edit: true).
+function startEdit(bubble) {
+  if (state.controller) return;
+  state.editing = bubble;
+  $("input").value = said.get(bubble);
+  $("cancel-edit").hidden = false;
+  $("input").focus();
+}
+
+function stopEdit() {
+  state.editing = null;
+  $("cancel-edit").hidden = true;
+}
+
+// The answer is replaced, on the server too (retry: the stored question is answered again).
+function regenerate(bubble, tools) {
+  if (state.controller) return;
+  let question = bubble.previousElementSibling;
+  while (question && !question.matches(".message.user")) question = question.previousElementSibling;
+  if (!question) return;
+  bubble.remove();
+  tools.remove();
+  send(said.get(question), { retry: true });
+}
 
 function addBubble(role) {
   const bubble = document.createElement("div");
@@ -211,6 +327,62 @@ function toBottom() {
   list.scrollTop = list.scrollHeight;
 }
 
+// The API's messages are written for whoever runs the computer (settings, LM Studio's Developer
+// tab); the phone's user gets what it means for them and what they can do from here.
+const PHONE_WORDING = {
+  upstream_unreachable: "The computer's LM Studio is off. Start LM Studio (and its server) " +
+                        "on the computer, then tap Retry.",
+  upstream_failed: "The computer's LM Studio stopped answering. Check that it is running on " +
+                   "the computer, then tap Retry.",
+  upstream_stream_failed: "The connection to the computer's LM Studio broke off; the answer is " +
+                          "incomplete. Tap Retry.",
+  upstream_timeout: "The computer's LM Studio took too long to answer. Tap Retry, or try a " +
+                    "shorter message.",
+  upstream_auth_failed: "The computer's LM Studio refused LM Gate. On the computer, give LM Gate " +
+                        "LM Studio's API token.",
+  upstream_bad_response: "The computer's LM Studio sent an answer LM Gate could not read. " +
+                         "Tap Retry.",
+  upstream_response_too_large: "The answer is too long to keep. Ask for a shorter one.",
+  upstream_event_too_large: "The answer was cut short: LM Studio sent more at once than LM Gate " +
+                            "takes. Tap Retry.",
+  shutting_down: "LM Gate on the computer is shutting down. Try again once it is back.",
+  model_not_allowed: "This phone may not use this model. Choose another one above.",
+  invalid_model: "That model is not available. Choose another one above.",
+  missing_model: "No model is loaded in the computer's LM Studio. Load one there, then tap Retry.",
+  rate_limit_exceeded: "Too many messages at once. Wait a moment, then tap Retry.",
+  too_many_concurrent_requests: "Too many answers at once. Wait a moment, then tap Retry.",
+  body_too_large: "This message is too long to send. Shorten it.",
+  conversation_not_found: "This conversation was deleted. Start a new chat.",
+};
+
+function phoneWording(error) {
+  if (!(error instanceof ApiProblem)) return error.message;
+  if (PHONE_WORDING[error.code]) return PHONE_WORDING[error.code];
+  // LM Studio's own refusal (e.g. a model that is not loaded) says what went wrong.
+  if (error.code === "upstream_error" || !error.code) {
+    return `The computer's LM Studio answered: ${error.message}`;
+  }
+  return error.message;
+}
+
+// What was said stays: a partial answer keeps its bubble, with the error under it.
+function showFailure(bubble, content, reasoning, error) {
+  if (content || reasoning) {
+    renderAnswer(bubble, content, reasoning);
+  } else {
+    bubble.replaceChildren();
+    bubble.className = "message error";  // nothing was said: the bubble is the error
+  }
+  bubble.classList.add("failed");
+  const line = document.createElement("p");
+  line.className = "error-line";
+  line.setAttribute("role", "alert");
+  line.textContent = phoneWording(error);
+  bubble.append(line);
+  $("retry").hidden = false;
+  line.scrollIntoView({ block: "nearest" });
+}
+
 // ---- chatting -----------------------------------------------------------------------------
 
 function busy(on) {
@@ -219,10 +391,17 @@ function busy(on) {
   $("retry").hidden = true;
 }
 
-async function send(text) {
+// retry: the server already holds this turn (a failed or broken one, or the answer being
+// regenerated) and answers it again instead of storing the message twice.
+async function send(text, { retry = false, edit = false } = {}) {
   state.lastMessage = text;
   notice("");
-  addBubble("user").textContent = text;
+  dropRegenerate();
+  if (!retry) {
+    const mine = addBubble("user");
+    mine.textContent = text;
+    addTools(mine, text);
+  }
   const bubble = addBubble("assistant");
   bubble.textContent = "…";
   const controller = new AbortController();
@@ -242,9 +421,9 @@ async function send(text) {
     const response = await api("/api/chat", {
       method: "POST", signal: controller.signal,
       body: { message: text, conversation_id: state.conversationId, model: $("model").value,
-              stream: true },
+              stream: true, retry, edit },
     });
-    state.conversationId = response.headers.get("X-Conversation-ID") || state.conversationId;
+    current(response.headers.get("X-Conversation-ID") || state.conversationId);
     localStorage.setItem("lmgate.model", $("model").value);
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
@@ -261,7 +440,7 @@ async function send(text) {
         if (data === "[DONE]") continue;
         let event;
         try { event = JSON.parse(data); } catch (_) { continue; }
-        if (event.error) throw new ApiProblem(502, event.error);
+        if (event.error) throw new ApiProblem(502, event.error, state.conversationId);
         const delta = (event.choices && event.choices[0] && event.choices[0].delta) || {};
         if (typeof delta.content === "string") content += delta.content;
         const thinking = delta.reasoning || delta.reasoning_content;
@@ -271,6 +450,9 @@ async function send(text) {
     }
     cancelAnimationFrame(frame);
     paint();
+    const follow = atBottom();
+    addTools(bubble, content);
+    if (follow) toBottom();  // the tools row is part of the answer's end
   } catch (error) {
     cancelAnimationFrame(frame);
     if (error.name === "AbortError") {
@@ -279,15 +461,15 @@ async function send(text) {
       stopped.className = "stopped";
       stopped.textContent = "Stopped.";
       bubble.append(stopped);
+      addTools(bubble, content);
       stopped.scrollIntoView({ block: "nearest" });
     } else if (error instanceof ApiProblem && error.status === 401) {
       forget("This phone's access was revoked or has expired. Scan a new QR code to pair again.");
       return;
     } else {
-      bubble.className = "message error";
-      bubble.textContent = error.message;
-      $("retry").hidden = false;
-      bubble.scrollIntoView({ block: "nearest" });
+      if (error instanceof ApiProblem && error.conversationId) current(error.conversationId);
+      showFailure(bubble, content, reasoning, error);
+      dropEdit();  // a failed question is retried; an edit could replace the one before it
     }
   } finally {
     state.controller = null;
@@ -303,7 +485,13 @@ function wire() {
     const text = $("input").value.trim();
     if (!text || state.controller) return;
     $("input").value = "";
-    send(text);
+    const editing = state.editing;
+    stopEdit();
+    if (editing) {
+      while (editing.nextElementSibling) editing.nextElementSibling.remove();
+      editing.remove();
+    }
+    send(text, { edit: Boolean(editing) });
   });
   $("input").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && window.matchMedia("(pointer: fine)").matches) {
@@ -314,17 +502,22 @@ function wire() {
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
   $("retry").addEventListener("click", () => {
     const last = $("messages").lastElementChild;
-    if (last && last.classList.contains("error")) last.remove();
-    if (state.lastMessage) send(state.lastMessage);
+    if (last && last.classList.contains("failed")) last.remove();
+    if (state.lastMessage) send(state.lastMessage, { retry: true });
   });
   $("new-chat").addEventListener("click", newChat);
+  $("cancel-edit").addEventListener("click", () => {
+    stopEdit();
+    $("input").value = "";
+  });
   $("conversations-button").addEventListener("click", () => toggleConversations());
   window.addEventListener("online", () => notice(""));
   window.addEventListener("offline", () => notice("This phone is offline."));
 }
 
-async function start() {
-  wire();
+// Also when a new pairing link is opened in a tab that already shows the page: only the
+// fragment changes, so the page is not loaded again.
+async function enter() {
   await pairFromFragment();
   if (!state.token) {
     show("pair");
@@ -333,14 +526,39 @@ async function start() {
   show("chat");
   try {
     await loadModels();
+    await resume();
     await loadConversations();
   } catch (error) {
-    if (error instanceof ApiProblem && error.status === 401) {
-      forget("This phone's access was revoked or has expired. Scan a new QR code to pair again.");
-    } else {
-      notice(error.message);
-    }
+    showProblem(error);
   }
+}
+
+// After a reload the last conversation is on screen again, as it was.
+async function resume() {
+  const id = localStorage.getItem(CONVERSATION_KEY);
+  if (!id || state.conversationId === id) return;
+  try {
+    await openConversation(id);
+  } catch (error) {
+    if (!(error instanceof ApiProblem && error.status === 404)) throw error;
+    current(null);  // deleted meanwhile, perhaps from another tab
+  }
+}
+
+function showProblem(error) {
+  if (error instanceof ApiProblem && error.status === 401) {
+    forget("This phone's access was revoked or has expired. Scan a new QR code to pair again.");
+  } else {
+    notice(phoneWording(error));
+  }
+}
+
+function start() {
+  wire();
+  window.addEventListener("hashchange", () => {
+    if (location.hash.length > 1) enter();
+  });
+  enter();
 }
 
 start();

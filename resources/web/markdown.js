@@ -156,5 +156,5 @@ const LMGateMarkdown = (() => {
     }
   }
 
-  return { render };
+  return { render, copyText };
 })();

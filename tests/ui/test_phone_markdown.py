@@ -405,8 +405,9 @@ def test_stopped_and_error_lines_are_scrolled_into_view(browser: Any, live: Live
     send(page, "Again, please")
     page.wait_for_function(answer_js("a.textContent.includes('Line 30 ')"), timeout=10000)
     scroll_up(page)
-    page.wait_for_selector(".message.error", timeout=10000)
-    page.wait_for_function("() => " + IN_VIEW + "('.message.error')")
+    # The partial answer stays, with the error line under it (issue 15, point 4).
+    page.wait_for_selector(".message.failed .error-line", timeout=10000)
+    page.wait_for_function("() => " + IN_VIEW + "('.message.failed .error-line')")
     watch.check(page)
     context.close()
 

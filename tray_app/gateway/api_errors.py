@@ -518,6 +518,14 @@ def chat_stream_not_a_boolean() -> ApiError:
     return _invalid_body('"stream" must be true or false.', param="stream")
 
 
+def chat_retry_not_a_boolean() -> ApiError:
+    return _invalid_body('"retry" must be true or false.', param="retry")
+
+
+def chat_edit_not_a_boolean() -> ApiError:
+    return _invalid_body('"edit" must be true or false.', param="edit")
+
+
 def chat_conversation_id_not_a_string() -> ApiError:
     return _invalid_body('"conversation_id" must be a string.', param="conversation_id")
 

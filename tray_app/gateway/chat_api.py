@@ -31,7 +31,12 @@ from tray_app.gateway.upstream.client import UPSTREAM_SESSION, decode_body
 from tray_app.gateway.upstream.forwarding import Forwarder
 from tray_app.gateway.upstream.probe import probe_lmstudio
 from tray_app.identity.principal import Principal
-from tray_app.storage.conversations import ConversationStore, Message, trim_history
+from tray_app.storage.conversations import (
+    ConversationStore,
+    Message,
+    trim_history,
+    up_to_last_turn,
+)
 
 CHAT_ROUTE = next(r for r in FORWARDED_ROUTES if r.path == "/v1/chat/completions")
 MAX_MESSAGE_CHARS = 100_000
@@ -183,6 +188,12 @@ class ChatApi:
         stream = payload.get("stream", False)
         if not isinstance(stream, bool):
             raise errors.chat_stream_not_a_boolean()
+        retry = payload.get("retry", False)
+        if not isinstance(retry, bool):
+            raise errors.chat_retry_not_a_boolean()
+        edit = payload.get("edit", False)
+        if not isinstance(edit, bool):
+            raise errors.chat_edit_not_a_boolean()
         conversation_id = payload.get("conversation_id")
         conversation = None
         if conversation_id is not None:
@@ -202,8 +213,12 @@ class ChatApi:
             )
         exchange.model, exchange.stream = model, stream
         history = self._store.messages(conversation.id) if conversation is not None else []
-        history.append(Message("user", message, None, 0.0))
-        sent = trim_history(history, self._context_chars)
+        # A retry (or a regenerate) answers the stored turn again instead of storing it twice;
+        # an edit replaces the last question and answers that.
+        retried = up_to_last_turn(history, message, replace=edit) if retry or edit else None
+        if retried is None:
+            history.append(Message("user", message, None, 0.0))
+        sent = trim_history(retried or history, self._context_chars)
         # The body LM Studio gets passes the same rules as any /v1/chat/completions request:
         # the model allowlist, the output cap, and usage asked for so the turn is counted.
         prepared = prepare_body(
@@ -223,12 +238,15 @@ class ChatApi:
         body = adjusted.body.raw
         if conversation is None:
             conversation = self._store.create(principal.name, message, model)
-        self._store.append(conversation.id, "user", message, model=model)
+        if retried is None or not self._store.reopen_last_turn(
+            conversation.id, message, model=model, replace=edit
+        ):
+            self._store.append(conversation.id, "user", message, model=model)
         headers = {CONVERSATION_HEADER: conversation.id, **(extra_headers or {})}
         if stream:
             capture = SseCapture(max_line=self._max_event_bytes, max_chars=self._max_answer_chars)
             try:
-                return await self._forward.post(
+                relayed = await self._forward.post(
                     request,
                     request_id,
                     CHAT_ROUTE,
@@ -239,6 +257,13 @@ class ChatApi:
                     hide_usage=adjusted.hide_usage,
                     observer=capture,
                 )
+                if not relayed.prepared:  # LM Studio's error, answered whole
+                    relayed.headers[CONVERSATION_HEADER] = conversation.id
+                return relayed
+            except errors.ApiError as err:
+                # The stored turn is in this conversation: a Retry must name it.
+                err.headers[CONVERSATION_HEADER] = conversation.id
+                raise
             finally:
                 # Also after a Stop: what was generated so far belongs to the history.
                 text = "".join(capture.content)
@@ -249,18 +274,23 @@ class ChatApi:
                         text,
                         reasoning="".join(capture.reasoning) or None,
                     )
-        upstream = await self._forward.post(
-            request,
-            request_id,
-            CHAT_ROUTE,
-            body,
-            stream=False,
-            outcome=outcome,
-            extra_headers=None,
-            hide_usage=False,
-        )
+        try:
+            upstream = await self._forward.post(
+                request,
+                request_id,
+                CHAT_ROUTE,
+                body,
+                stream=False,
+                outcome=outcome,
+                extra_headers=None,
+                hide_usage=False,
+            )
+        except errors.ApiError as err:
+            err.headers[CONVERSATION_HEADER] = conversation.id
+            raise
         assert isinstance(upstream, web.Response) and isinstance(upstream.body, bytes)
         if upstream.status >= 400:
+            upstream.headers[CONVERSATION_HEADER] = conversation.id
             return upstream  # LM Studio's own error, already in the OpenAI shape
         try:
             answer = parse_bounded(

@@ -45,6 +45,21 @@ def trim_history(messages: list[Message], budget_chars: int) -> list[Message]:
     return list(reversed(kept))
 
 
+def up_to_last_turn(
+    messages: list[Message], content: str, *, replace: bool = False
+) -> list[Message] | None:
+    """The history up to its last user message, which says ``content``: what a retry or a
+    regenerate answers again (that message must say ``content``; None if it says something
+    else) or what an edit of it answers (``replace``: the message is replaced by ``content``)."""
+    for index in range(len(messages) - 1, -1, -1):
+        last = messages[index]
+        if last.role == "user":
+            if not replace:
+                return messages[: index + 1] if last.content == content else None
+            return [*messages[:index], Message("user", content, None, last.created)]
+    return None
+
+
 class ConversationStore:
     def __init__(self, db: Database, clock: Clock) -> None:
         self._db = db
@@ -112,6 +127,41 @@ class ConversationStore:
                 (now, model, conversation_id),
             )
         return added == 1
+
+    def reopen_last_turn(
+        self,
+        conversation_id: str,
+        content: str,
+        *,
+        model: str | None = None,
+        replace: bool = False,
+    ) -> bool:
+        """Make the last user message, if it says ``content``, unanswered again: the answers
+        after it (a partial one from a broken stream, or the one being regenerated) go.
+
+        A retry of a failed turn then reuses the stored message instead of storing it twice.
+        False (nothing changed) if the last user message says something else, e.g. because the
+        failed request never reached LM Gate. With ``replace`` (an edit), the last user message
+        is made to say ``content``."""
+        with self._db.transaction() as conn:
+            last = conn.execute(
+                "SELECT id, content FROM messages WHERE conversation_id = ? AND role = 'user' "
+                "ORDER BY id DESC LIMIT 1",
+                (conversation_id,),
+            ).fetchone()
+            if last is None or (last[1] != content and not replace):
+                return False
+            if replace:
+                conn.execute("UPDATE messages SET content = ? WHERE id = ?", (content, last[0]))
+            conn.execute(
+                "DELETE FROM messages WHERE conversation_id = ? AND id > ?",
+                (conversation_id, last[0]),
+            )
+            conn.execute(
+                "UPDATE conversations SET updated = ?, model = COALESCE(?, model) WHERE id = ?",
+                (self._clock.time(), model, conversation_id),
+            )
+        return True
 
     def delete(self, principal: str, conversation_id: str) -> bool:
         with self._db.transaction() as conn:

@@ -130,6 +130,8 @@ async def test_one_principal_cannot_touch_anothers_conversation(rig: IdentityRig
         ({"message": "   "}, "invalid_body", "message"),
         ({"message": 3}, "invalid_body", "message"),
         ({"message": "hi", "stream": "yes"}, "invalid_body", "stream"),
+        ({"message": "hi", "retry": "yes"}, "invalid_body", "retry"),
+        ({"message": "hi", "edit": 1}, "invalid_body", "edit"),
         ({"message": "hi", "model": ""}, "invalid_body", "model"),
         ({"message": "hi", "conversation_id": 7}, "invalid_body", "conversation_id"),
     ],
@@ -230,3 +232,117 @@ async def test_the_page_is_served_with_a_strict_csp(
             html = await r.text()
     assert "<script>" not in html and "onclick" not in html and "http" not in html.lower()
     assert fake_lmstudio.received == []
+
+
+async def chat_checking_error(rig: IdentityRig, key: str, body: dict[str, Any]) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(rig.url + "/api/chat", headers={"Authorization": f"Bearer {key}"}, json=body) as r,
+    ):
+        raw = await r.read()
+        if r.status >= 400:  # LM Studio's own error, passed through
+            assert json.loads(raw)["error"]["message"] == f"fake error {r.status}"
+        return r.status, r.headers.get("X-Conversation-ID")
+
+
+async def stored(rig: IdentityRig, key: str, conversation: str) -> list[tuple[str, str]]:
+    _, full, _ = await call(rig, key, f"/api/conversations/{conversation}")
+    return [(m["role"], m["content"]) for m in full["messages"]]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_retried_failed_turn_is_stored_and_sent_once(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio, stream: bool
+) -> None:
+    key = key_for(rig)
+    fake_lmstudio.behaviour.status = 503
+    body = {"message": "Hi there", "model": MODELS[0], "stream": stream}
+    status, conversation = await chat_checking_error(rig, key, body)
+    assert status == 503
+    assert conversation, "the failed answer names the conversation its turn is kept in"
+    fake_lmstudio.behaviour.status = None
+    status, again = await chat_checking_error(
+        rig, key, {**body, "conversation_id": conversation, "retry": True}
+    )
+    assert (status, again) == (200, conversation)
+    sent = fake_lmstudio.received[-1].json()["messages"]
+    assert sent == [{"role": "user", "content": "Hi there"}], "one user turn, not two"
+    assert (await stored(rig, key, conversation)) == [
+        ("user", "Hi there"),
+        ("assistant", "tok0 tok1 tok2 tok3 tok4" + (" " if stream else "")),
+    ]
+
+
+async def test_a_retry_after_a_broken_stream_replaces_the_partial_answer(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio
+) -> None:
+    key = key_for(rig)
+    _, first, _ = await call(
+        rig, key, "/api/chat", method="POST", body={"message": "Hello", "model": MODELS[0]}
+    )
+    conversation = first["conversation_id"]
+    fake_lmstudio.behaviour.fail_after = 2
+    body = {"message": "Tell me more", "conversation_id": conversation, "stream": True}
+    assert (await chat_checking_error(rig, key, body))[0] == 200
+    assert (await stored(rig, key, conversation))[-2:] == [
+        ("user", "Tell me more"),
+        ("assistant", "tok0 tok1 "),
+    ], "the partial answer is kept"
+    fake_lmstudio.behaviour.fail_after = None
+    assert (await chat_checking_error(rig, key, {**body, "retry": True}))[0] == 200
+    sent = fake_lmstudio.received[-1].json()["messages"]
+    assert [(m["role"], m["content"]) for m in sent] == [
+        ("user", "Hello"),
+        ("assistant", "tok0 tok1 tok2 tok3 tok4"),
+        ("user", "Tell me more"),
+    ], "LM Studio sees neither the partial answer nor the question twice"
+    assert (await stored(rig, key, conversation)) == [
+        ("user", "Hello"),
+        ("assistant", "tok0 tok1 tok2 tok3 tok4"),
+        ("user", "Tell me more"),
+        ("assistant", "tok0 tok1 tok2 tok3 tok4 "),
+    ]
+
+
+async def test_regenerate_replaces_the_last_answer_and_a_new_text_is_a_new_turn(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio
+) -> None:
+    key = key_for(rig)
+    _, first, _ = await call(
+        rig, key, "/api/chat", method="POST", body={"message": "Hello", "model": MODELS[0]}
+    )
+    conversation = first["conversation_id"]
+    fake_lmstudio.behaviour.chunks = 2
+    again = {"message": "Hello", "conversation_id": conversation, "retry": True}
+    status, answer, _ = await call(rig, key, "/api/chat", method="POST", body=again)
+    assert (status, answer["response"]) == (200, "tok0 tok1")
+    assert fake_lmstudio.received[-1].json()["messages"] == [{"role": "user", "content": "Hello"}]
+    assert (await stored(rig, key, conversation)) == [("user", "Hello"), ("assistant", "tok0 tok1")]
+    # A retry whose text is not the last turn's (that request never arrived) is a new turn.
+    other = {**again, "message": "Something else"}
+    assert (await call(rig, key, "/api/chat", method="POST", body=other))[0] == 200
+    assert [r for r, _ in (await stored(rig, key, conversation))] == ["user", "assistant"] * 2
+
+
+async def test_an_edit_replaces_the_last_question_and_its_answer(
+    rig: IdentityRig, fake_lmstudio: FakeLMStudio
+) -> None:
+    key = key_for(rig)
+    _, first, _ = await call(
+        rig, key, "/api/chat", method="POST", body={"message": "Hello", "model": MODELS[0]}
+    )
+    conversation = first["conversation_id"]
+    ask = {"message": "Whats 2+2", "conversation_id": conversation}
+    assert (await call(rig, key, "/api/chat", method="POST", body=ask))[0] == 200
+    fake_lmstudio.behaviour.chunks = 1
+    edited = {**ask, "message": "What's 2+2?", "edit": True}
+    status, answer, _ = await call(rig, key, "/api/chat", method="POST", body=edited)
+    assert (status, answer["response"]) == (200, "tok0")
+    sent = fake_lmstudio.received[-1].json()["messages"]
+    assert [m["content"] for m in sent] == ["Hello", "tok0 tok1 tok2 tok3 tok4", "What's 2+2?"]
+    assert (await stored(rig, key, conversation)) == [
+        ("user", "Hello"),
+        ("assistant", "tok0 tok1 tok2 tok3 tok4"),
+        ("user", "What's 2+2?"),
+        ("assistant", "tok0"),
+    ], "the question is replaced, not added"
