@@ -54,7 +54,7 @@ def _reads_the_error(function: ast.AST) -> bool:
             and node.slice.value in ("code", "error")
         ):
             return True
-        if isinstance(node, ast.Attribute) and node.attr == "code":
+        if isinstance(node, ast.Attribute) and node.attr in ("code", "error"):
             return True
         if isinstance(node, ast.Call):
             name = str(getattr(node.func, "id", None) or getattr(node.func, "attr", ""))
