@@ -65,3 +65,13 @@ def test_a_route_without_a_model_takes_none_or_a_name(
     body: dict[str, object], model: str | None
 ) -> None:
     assert prepare_body(NO_MODEL_NEEDED, json.dumps(body).encode()).model == model
+
+
+def test_capping_a_body_already_within_the_cap_reports_no_change() -> None:
+    # False, not merely falsy: the caller's "nothing changed, forward the client's bytes" test.
+    from tray_app.gateway import body_rules
+
+    within = {"model": "m", "max_tokens": 10, "max_completion_tokens": 10, "n": 1}
+    assert body_rules._cap_output(within, CHAT, 64) is False
+    over = {"model": "m", "max_tokens": 100}
+    assert body_rules._cap_output(over, CHAT, 64) is True

@@ -680,3 +680,29 @@ def test_times_are_checked_against_the_injected_clock_never_the_machines(
     assert tokens.verify(issued.token).name == issued.record.sub
     clock.advance(70)
     assert refused(service(identity, clock=clock), issued.token).code == "token_expired"
+
+
+def test_a_record_and_its_database_row_carry_every_field_both_ways() -> None:
+    # Every field set, none at its default: a field dropped or reset on the way is noticed.
+    record = tokens_module.TokenRecord(
+        jti="j" * 24,
+        sub="token:" + "j" * 24,
+        name="phone",
+        kind=CredentialKind.DEVICE,
+        scopes=frozenset({"chat"}),
+        models=frozenset({"m"}),
+        max_tokens=64,
+        created=100.0,
+        expires=200.0,
+        revoked=150.0,
+        device_id="d" * 12,
+        issued_sub="device:" + "d" * 12,
+    )
+    row = tokens_module._row(record)
+    assert (row.revoked, row.issued_sub, row.device_id, row.kind) == (
+        150.0,
+        "device:" + "d" * 12,
+        "d" * 12,
+        "device",
+    )
+    assert tokens_module._record(row) == record
