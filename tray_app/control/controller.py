@@ -9,7 +9,6 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
-import http.client
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from tray_app.control.loop_thread import LoopThread
 from tray_app.control.service import GatewayService, Started
 from tray_app.control.settings_form import FORM_FIELDS
 from tray_app.errors import ConfigError, LMGateError, SecretStoreError, TunnelError
-from tray_app.gateway.api_errors import REQUEST_ID_HEADER
+from tray_app.gateway.server.identify import lmgate_listens
 from tray_app.gateway.upstream.probe import PROBE_TIMEOUT, LMStudioProbe, probe_lmstudio
 from tray_app.identity.principal import ALL_SCOPES, CredentialKind
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
@@ -202,32 +201,6 @@ def config_path_for(environ: Mapping[str, str]) -> Path:
 # /healthz answers as ours does) or some other program. The tray says which, and runs on a
 # free loopback port instead of stopping at an error.
 
-HEALTH_TIMEOUT = 2.0
-
-
-async def lmgate_answers(host: str, port: int) -> bool:
-    """True when an LM Gate answers at ``host:port``: its /healthz says ``{"status": "ok"}``
-    and carries a request id, as every answer of the gateway does. (A plain blocking request
-    in a worker thread: only the gateway holds an HTTP client library.)"""
-    return await asyncio.to_thread(_answers, host, port)
-
-
-def _answers(host: str, port: int) -> bool:
-    connection = http.client.HTTPConnection(host, port, timeout=HEALTH_TIMEOUT)
-    try:
-        connection.request("GET", "/healthz")
-        response = connection.getresponse()
-        body = json.loads(response.read(4096) or b"null")
-        return (
-            response.status == 200
-            and body == {"status": "ok"}
-            and response.getheader(REQUEST_ID_HEADER) is not None
-        )
-    except (OSError, http.client.HTTPException, ValueError):
-        return False
-    finally:
-        connection.close()
-
 
 def moved_port_note(host: str, taken: int, used: int, *, by_lmgate: bool) -> str:
     """What the tray says (message, log, Settings) after moving to another port."""
@@ -392,7 +365,7 @@ class Controller:
         """The configured port is taken: a free loopback port instead (internal anyway when
         going public), and a note that says so and whether another LM Gate holds the port."""
         host, taken = self.config.server_host, self.config.server_port
-        by_lmgate = await lmgate_answers(host, taken)
+        by_lmgate = await lmgate_listens(host, taken)
         elsewhere = replace(self.config, server_port=0)
         self._service = GatewayService(elsewhere, store=self._store_override)
         started = await self._service.start()
