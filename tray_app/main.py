@@ -6,11 +6,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from tray_app.cli.main import EXIT_FAILURE, EXIT_OK
+from tray_app.cli.main import EXIT_FAILURE, EXIT_OK, TrayLaunch
 from tray_app.cli.main import main as run_command
 
 
-def run_tray(wishes: list[str]) -> int:
+def run_tray(launch: TrayLaunch) -> int:
     try:
         from tray_app.ui.app import hand_to_running, run
     except ImportError as exc:
@@ -20,11 +20,18 @@ def run_tray(wishes: list[str]) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    if hand_to_running(wishes):
+    if hand_to_running(launch.wishes):
+        if launch.flags_given:
+            print(
+                f"lmgate: {' '.join(launch.flags_given)} did not reach it: a running LM Gate "
+                "keeps its settings. Quit it (tray menu → Quit) and start it again with them.",
+                file=sys.stderr,
+            )
         return EXIT_OK
     from tray_app.control.desktop import desktop_controller
 
-    return run(wishes, desktop_controller())
+    controller = desktop_controller(overrides=launch.overrides, config_path=launch.config_path)
+    return run(launch.wishes, controller)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from PySide6.QtNetwork import QLocalServer
 import tray_app.control.desktop as desktop
 import tray_app.ui.app as ui_app
 from tray_app import main as entry_point
+from tray_app.cli.main import TrayLaunch
 from tray_app.control.controller import ThreadedController
 from tray_app.errors import ConfigError
 
@@ -32,8 +33,12 @@ def restore_lmgate_logging() -> Iterator[None]:
     root.handlers[:], root.level, root.propagate = saved
 
 
+@pytest.mark.parametrize("flags", [False, True], ids=["plain", "with-flags"])
 def test_a_second_launch_hands_its_wish_over_and_builds_no_core(
-    qtbot: Any, monkeypatch: pytest.MonkeyPatch
+    qtbot: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    flags: bool,
 ) -> None:
     name = f"lmgate-entry-{time.time_ns()}"
     monkeypatch.setattr(ui_app, "instance_name", lambda: name)
@@ -53,10 +58,15 @@ def test_a_second_launch_hands_its_wish_over_and_builds_no_core(
 
     monkeypatch.setattr(desktop, "desktop_controller", no_core)
     try:
-        assert entry_point.run_tray(["show-qr"]) == 0
+        overrides: dict[str, object] = {"server.port": "9123"} if flags else {}
+        assert entry_point.run_tray(TrayLaunch(["show-qr"], overrides=overrides)) == 0
         qtbot.waitUntil(lambda: received == [b"show-qr\n"], timeout=3000)
     finally:
         running.close()
+    err = capsys.readouterr().err
+    assert "LM Gate already runs for this user" in err
+    # Flags cannot reach the running tray: never silently dropped.
+    assert ("--port did not reach it" in err) == flags
 
 
 def test_the_desktop_core_is_built_from_the_config_and_not_started(
@@ -83,3 +93,17 @@ def test_a_broken_config_is_a_config_error_before_any_window(
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     with pytest.raises(ConfigError, match=r"server\.port"):
         desktop.desktop_controller()
+
+
+def test_flags_and_a_config_path_build_the_desktop_core(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_lmgate_logging: None
+) -> None:
+    elsewhere = tmp_path / "elsewhere.toml"
+    elsewhere.write_text("[upstream]\nurl = 'http://127.0.0.1:4321'\n")
+    monkeypatch.setenv("LMGATE_CONFIG", str(tmp_path / "not-this.toml"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    threaded = desktop.desktop_controller(overrides={"server.port": "9123"}, config_path=elsewhere)
+    controller = threaded.controller
+    assert controller.config.upstream_url == "http://127.0.0.1:4321"
+    assert controller.config.server_port == 9123
+    assert controller._config_path == elsewhere  # where Settings saves

@@ -12,8 +12,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import IO
@@ -50,19 +50,37 @@ EXIT_CONFIG = 2
 BANNER_PROBE_SECONDS = 2.0
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser, *, common: bool) -> None:
-    """The flags the settings declare (the common ones, or `serve`'s own). A value stays a
-    string, so the setting's parser words the error and names the key."""
+# The tray's flags (given before any command) land under their own names: argparse lets a
+# subcommand's defaults overwrite what the top level parsed under the same name.
+TRAY_PREFIX = "tray_"
+
+
+def _add_setting_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *,
+    common: bool | None,
+    prefix: str = "",
+) -> None:
+    """The flags the settings declare (the common ones, `serve`'s own, or with None all of
+    them). A value stays a string, so the setting's parser words the error and names the key."""
     for setting in SETTINGS:
         flag = setting.flag
-        if flag is None or flag.common != common:
+        if flag is None or (common is not None and flag.common != common):
             continue
         help_text = flag.help or _flag_help(setting)
+        dest = prefix + flag.dest
         if flag.switch:
-            parser.add_argument(flag.name, action="store_const", const="true", help=help_text)
+            parser.add_argument(
+                flag.name, dest=dest, action="store_const", const="true", help=help_text
+            )
         else:
             parser.add_argument(
-                flag.name, metavar=flag.metavar, choices=setting.choices, help=help_text
+                flag.name,
+                dest=dest,
+                # Named after the flag, not its dest (which may carry the tray's prefix).
+                metavar=flag.metavar or (None if setting.choices else flag.dest.upper()),
+                choices=setting.choices,
+                help=help_text,
             )
 
 
@@ -97,6 +115,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="(tray app) go public and show the QR code for a phone",
     )
+    tray = parser.add_argument_group(
+        "settings for this run of the tray app (or of `serve`, without a desktop)",
+        "Given before any command; each holds over the config file and LMGATE_* variables, "
+        "also after Settings saves.",
+    )
+    tray.add_argument(
+        "--config",
+        dest=TRAY_PREFIX + "config",
+        type=Path,
+        metavar="PATH",
+        help=f"config file (default: {default_config_path()})",
+    )
+    _add_setting_flags(tray, common=None, prefix=TRAY_PREFIX)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = _common_options()
 
@@ -156,13 +187,40 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, object]:
+def _overrides(args: argparse.Namespace, prefix: str = "") -> dict[str, object]:
     """Dotted keys from the flags this command has; a flag not given is None (no change)."""
     return {
-        setting.key: getattr(args, setting.flag.dest, None)
+        setting.key: getattr(args, prefix + setting.flag.dest, None)
         for setting in SETTINGS
         if setting.flag is not None
     }
+
+
+@dataclass(frozen=True)
+class TrayLaunch:
+    """What `lmgate` without a command asks of the tray app: what to do once it runs, and the
+    config file and settings its flags name (None: not given)."""
+
+    wishes: list[str]
+    config_path: Path | None = None
+    overrides: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def flags_given(self) -> list[str]:
+        """The setting flags given, as typed (for saying they cannot reach a running tray)."""
+        named = {s.key: s.flag.name for s in SETTINGS if s.flag is not None}
+        given = [named[key] for key, value in self.overrides.items() if value is not None]
+        return (["--config"] if self.config_path is not None else []) + given
+
+
+def _tray_flags_after_a_command(args: argparse.Namespace) -> list[str]:
+    launch = _tray_launch(args)
+    return launch.flags_given if args.command else []
+
+
+def _tray_launch(args: argparse.Namespace) -> TrayLaunch:
+    wishes = [w for w, on in (("go-public", args.go_public), ("show-qr", args.show_qr)) if on]
+    return TrayLaunch(wishes, getattr(args, TRAY_PREFIX + "config"), _overrides(args, TRAY_PREFIX))
 
 
 async def _serve(config: Config, out: IO[str]) -> int:
@@ -337,15 +395,15 @@ def _no_display() -> bool:
     return not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def _no_tray(wishes: list[str]) -> int:
+def _no_tray(launch: TrayLaunch) -> int:
     print("lmgate: this build has no tray app; run `lmgate serve`.", file=sys.stderr)
     return EXIT_FAILURE
 
 
 def _tray_or_headless(
-    args: argparse.Namespace, out: IO[str], run_tray: Callable[[list[str]], int]
+    args: argparse.Namespace, out: IO[str], run_tray: Callable[[TrayLaunch], int]
 ) -> int:
-    wishes = [w for w, on in (("go-public", args.go_public), ("show-qr", args.show_qr)) if on]
+    launch = _tray_launch(args)
     if _no_display():
         print(
             "No desktop display here: running headless (`lmgate serve`). "
@@ -353,22 +411,28 @@ def _tray_or_headless(
             file=out,
             flush=True,
         )
-        overrides: dict[str, object] = {}
-        config = load_config(overrides=overrides)
-        if not wishes:
+        config = load_config(path=launch.config_path, overrides=launch.overrides)
+        if not launch.wishes:
             config = replace(config, tunnel_provider=TunnelProvider.NONE)
         configure_logging(config.log_level, format=config.log_format)
         return asyncio.run(_serve(config, out))
-    return run_tray(wishes)
+    return run_tray(launch)
 
 
 def main(
-    argv: Sequence[str] | None = None, *, run_tray: Callable[[list[str]], int] | None = None
+    argv: Sequence[str] | None = None, *, run_tray: Callable[[TrayLaunch], int] | None = None
 ) -> int:
     """Run one ``lmgate`` command. ``run_tray`` starts the tray app when there is a desktop; the
     entry point (:mod:`tray_app.main`) passes it in, so the CLI never imports the UI."""
     run_tray = run_tray or _no_tray
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if misplaced := _tray_flags_after_a_command(args):
+        parser.error(
+            f"{' '.join(misplaced)} before `{args.command}` would set nothing: "
+            f"put {'it' if len(misplaced) == 1 else 'them'} after the command "
+            f"(`lmgate {args.command} {misplaced[0]} ...`)"
+        )
     out = sys.stdout
     try:
         if args.command == "serve":

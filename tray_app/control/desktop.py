@@ -9,6 +9,7 @@ import logging
 import logging.handlers
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from tray_app.config.settings import load_config
 from tray_app.control.autostart import Autostart, default_command
@@ -34,14 +35,17 @@ def configure_file_logging() -> None:
     route_library_logs(handler)
 
 
-def desktop_controller(overrides: Mapping[str, object] | None = None) -> ThreadedController:
+def desktop_controller(
+    overrides: Mapping[str, object] | None = None, config_path: Path | None = None
+) -> ThreadedController:
     """Nothing starts yet: the tray starts it once its icon shows. ``overrides`` are dotted
-    keys from flags; they (and LMGATE_* variables) hold again after Settings saves. A taken
+    keys from flags; they (and LMGATE_* variables) hold again after Settings saves, which
+    writes to ``config_path`` (default: LMGATE_CONFIG, else the user's config file). A taken
     port is no dead end here: the tray runs on a free one and says so. Raises ConfigError for
     a config file that does not validate."""
     configure_file_logging()
     silence_pyngrok_logs()
-    path = config_path_for(os.environ)
+    path = config_path or config_path_for(os.environ)
     return ThreadedController(
         Controller(
             load_config(path=path, overrides=overrides),
