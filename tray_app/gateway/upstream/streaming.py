@@ -88,6 +88,7 @@ class StreamRelay:
         self._down: web.StreamResponse | None = None
         self._upstream: aiohttp.ClientResponse | None = None
         self._task: asyncio.Task[Any] | None = None
+        self._pump: _HeartbeatPump | None = None
         self._aborted: ApiError | None = None
         self._abort_cancelled = False  # abort() cancelled the wait for LM Studio's headers
         self._finished = False
@@ -122,9 +123,10 @@ class StreamRelay:
         self, open_upstream: Callable[[], Awaitable[aiohttp.ClientResponse]]
     ) -> web.StreamResponse:
         self._task = asyncio.current_task()
-        pump = _HeartbeatPump(self, self._interval) if self._interval > 0 else None
+        if self._interval > 0:
+            self._pump = _HeartbeatPump(self, self._interval)
         try:
-            return await self._run(open_upstream, pump)
+            return await self._run(open_upstream)
         except _ClientGone:
             self.status = 499
             self.error = "client_disconnected"
@@ -133,13 +135,11 @@ class StreamRelay:
             return self._down
         finally:
             self._finished = True
-            if pump is not None:
-                pump.cancel()
+            if self._pump is not None:
+                self._pump.cancel()
 
     async def _run(
-        self,
-        open_upstream: Callable[[], Awaitable[aiohttp.ClientResponse]],
-        pump: _HeartbeatPump | None,
+        self, open_upstream: Callable[[], Awaitable[aiohttp.ClientResponse]]
     ) -> web.StreamResponse:
         try:
             if self._aborted is not None:
@@ -147,7 +147,8 @@ class StreamRelay:
             try:
                 upstream = await open_upstream()
             except ApiError as err:
-                await _stop(pump)
+                # Before asking whether headers went out: a heartbeat may be sending them.
+                await self._stop_heartbeats()
                 if self._down is None:
                     raise
                 return await self.fail(err)
@@ -155,9 +156,9 @@ class StreamRelay:
             self._on_upstream(upstream)
             content_type = upstream.headers.get("Content-Type", "")
             if upstream.status != 200 or "text/event-stream" not in content_type:
-                await _stop(pump)
+                await self._stop_heartbeats()
                 return await self._not_a_stream(upstream)
-            return await self._relay(upstream, pump)
+            return await self._relay(upstream)
         except asyncio.CancelledError:
             if not self._abort_cancelled:
                 raise  # the client hung up: aiohttp cancelled the handler
@@ -166,18 +167,15 @@ class StreamRelay:
             assert task is not None
             if task.uncancel() > 0:
                 raise  # the client hung up as well
-            await _stop(pump)
             return await self._fail_aborted()
 
-    async def _relay(
-        self, upstream: aiohttp.ClientResponse, pump: _HeartbeatPump | None
-    ) -> web.StreamResponse:
+    async def _relay(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
         cutter: EventCutter | None = None
         try:
             content = upstream.content
             first = await content.readany()  # the pump beats on while the prompt is processed
-            await _stop(pump)
+            await self._stop_heartbeats()
             down = await self._start(upstream.status)
             if first and (self._hide_usage or self._observer is not None):
                 cutter = EventCutter(self._max_event_bytes, hide_usage=self._hide_usage)
@@ -195,7 +193,6 @@ class StreamRelay:
                     self.bytes_out += len(chunk)
         except (TimeoutError, aiohttp.ClientError) as exc:
             upstream.close()
-            await _stop(pump)
             if self._aborted is not None:
                 return await self._fail_aborted()
             if self._is_stopping():
@@ -302,9 +299,16 @@ class StreamRelay:
         await self._start(200)
         await self._write(HEARTBEAT)
 
+    async def _stop_heartbeats(self) -> None:
+        if self._pump is not None:
+            await self._pump.stop()
+
     async def fail(self, error: ApiError) -> web.StreamResponse:
-        """End the stream with an SSE error event that the OpenAI SDKs raise as APIError."""
+        """End the stream with an SSE error event that the OpenAI SDKs raise as APIError.
+        The event is the stream's last bytes: no heartbeat is due or being written once it
+        starts, even when a slow client keeps the write waiting for longer than a beat."""
         self.error = error.code
+        await self._stop_heartbeats()
         down = await self._start(200)
         await self._end_partial_event()
         await self._write(error.sse_event(self._request_id))
@@ -361,8 +365,3 @@ class _HeartbeatPump:
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.warning("SSE heartbeat failed: %s", type(exc).__name__, exc_info=exc)
-
-
-async def _stop(pump: _HeartbeatPump | None) -> None:
-    if pump is not None:
-        await pump.stop()
