@@ -398,4 +398,13 @@ def _secret(args: argparse.Namespace, config: Config, out: IO[str]) -> int:
         raise SecretStoreError("nothing was entered; the secret was not changed")
     store.set(args.name, value)
     print(f"Stored {args.name} in the {config.secrets_store} store.", file=out)
+    if args.name == LMSTUDIO_API_TOKEN:
+        # The tray's LM Studio watcher restarts its gateway with a changed token; `serve`
+        # reads it once at start, so it is told rather than left using the old one.
+        print(
+            "A running tray app switches to it within seconds once LM Studio refuses "
+            "the old one; restart a running "
+            "`lmgate serve` to use it.",
+            file=out,
+        )
     return 0

@@ -311,6 +311,8 @@ def test_secret_set_stores_the_lm_studio_token(env: Env) -> None:
     assert stored.read_text() == "sk-lm-abc123"
     assert oct(stored.stat().st_mode & 0o777) == "0o600"
     assert "sk-lm-abc123" not in result.stdout + result.stderr
+    # `serve` reads the token once: a running one would go on with the old token, unsaid.
+    assert "restart a running `lmgate serve` to use it" in result.stdout
 
 
 def silent_address(listener: socket.socket) -> str:
