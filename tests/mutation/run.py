@@ -139,6 +139,11 @@ def score_module(name: str, where: Path, file: str, equivalents: dict[str, str])
             score.survived.append(ident)
         else:
             score.other.append(f"{ident} (exit {code})")
+    # A listed id this module no longer has (its function lost mutants) is as stale.
+    prefix = file.removesuffix(".py").replace("/", ".") + "."
+    for ident in sorted(set(equivalents) - set(codes)):
+        if ident.startswith(prefix):
+            score.other.append(f"{ident} (listed as equivalent but no such mutant: a stale id?)")
     return score
 
 
