@@ -9,7 +9,6 @@ from typing import ClassVar
 import pytest
 
 from tests.helpers import photo_data_url
-from tray_app.gateway import chat_api
 from tray_app.gateway.api_errors import ApiError
 from tray_app.gateway.chat_api import (
     MAX_SYSTEM_CHARS,
@@ -97,7 +96,7 @@ class TestParseImage:
         def never(*_: object, **__: object) -> bytes:
             raise AssertionError("decoded")
 
-        monkeypatch.setattr(chat_api.base64, "b64decode", never)
+        monkeypatch.setattr(base64, "b64decode", never)
         assert refused("data:image/png;base64," + "A" * 4000, 1000) == ("image_too_large", "image")
 
 
