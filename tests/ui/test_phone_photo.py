@@ -87,7 +87,7 @@ def test_a_photo_is_resized_sent_shown_and_kept_after_a_reload(
         "#messages img", "els => els.map(e => [e.className, e.src.slice(0, 23), e.naturalWidth])"
     )
     assert shown == [["photo", "data:image/jpeg;base64,", 1280]], "no remote image is loaded"
-    # The next one, attached and not yet sent: its thumbnail and × by the composer.
+    # The next one, attached and not yet sent: its thumbnail and remove button by the composer.
     attach(page, big_png(tmp_path, 2400, 2400))
     page.fill("#input", "And this one?")
     shot(page, "phone-photo")
