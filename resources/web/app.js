@@ -8,7 +8,8 @@ const CONVERSATION_KEY = "lmgate.conversation";  // the one to resume after a re
 const $ = (id) => document.getElementById(id);
 const state = { token: localStorage.getItem(TOKEN_KEY), conversationId: null, controller: null,
                 lastMessage: null, lastImage: null, editing: null,
-                system: "",  // this conversation's system prompt, sent with every message
+                system: "",  // this conversation's system prompt
+                systemChanged: false,  // changed here since the server last took it
                 photo: null, photoSource: null,  // the attached photo (data URL) and its bitmap
                 // The gateway's, from /api/conversations; these defaults until it answers.
                 limits: { max_body_bytes: 32 * 1024 * 1024, max_image_bytes: 8 * 1024 * 1024 } };
@@ -241,6 +242,10 @@ function fillQuestion(bubble, text, image) {
     const img = document.createElement("img");
     img.className = "photo";
     img.alt = "Photo";
+    // Decoded after the bubble was placed: the view that followed the thread still follows it
+    // once the photo has its height.
+    const follow = atBottom();
+    img.addEventListener("load", () => { if (follow) toBottom(); }, { once: true });
     img.src = image;  // a data: URL checked by the gateway; the CSP allows no other source
     bubble.append(img);
     photoOf.set(bubble, image);
@@ -422,9 +427,11 @@ function showFailure(bubble, content, reasoning, error) {
 
 // ---- the system prompt -----------------------------------------------------------------------
 
-// Kept with the conversation on the server: sent with the next message, and every one after.
-function setSystem(text) {
+// Kept with the conversation on the server: a change goes with the next message, and the server
+// sends it first with that one and every one after.
+function setSystem(text, { changed = false } = {}) {
   state.system = text;
+  state.systemChanged = changed;
   $("system-input").value = text;
   const button = $("system-button");
   button.classList.toggle("set", Boolean(text));
@@ -564,10 +571,13 @@ async function send(text, { retry = false, edit = false, image = null, shownImag
     const response = await api("/api/chat", {
       method: "POST", signal: controller.signal,
       body: { message: text, conversation_id: state.conversationId, model: $("model").value,
-              stream: true, retry, edit, system: state.system,
+              stream: true, retry, edit,
+              // Only a change is sent: another tab's newer prompt is not overwritten.
+              ...(state.systemChanged ? { system: state.system } : {}),
               ...(image ? { image } : {}) },
     });
     current(response.headers.get("X-Conversation-ID") || state.conversationId);
+    state.systemChanged = false;  // the server keeps it now
     localStorage.setItem("lmgate.model", $("model").value);
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
@@ -669,13 +679,14 @@ function wire() {
   $("photo-remove").addEventListener("click", dropPhoto);
   $("system-button").addEventListener("click", () => toggleSystem());
   $("system-done").addEventListener("click", () => {
-    setSystem($("system-input").value.trim());
+    const text = $("system-input").value.trim();
+    if (text !== state.system) setSystem(text, { changed: true });
     toggleSystem(false);
     $("input").focus();
   });
   $("system-clear").addEventListener("click", () => {
     $("system-input").value = "";
-    setSystem("");
+    if (state.system) setSystem("", { changed: true });
   });
   window.addEventListener("online", () => notice(""));
   window.addEventListener("offline", () => notice("This phone is offline."));

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tests.ui import test_phone_page
 from tests.ui.test_phone_actions import bubbles, token_fetch
 from tests.ui.test_phone_markdown import open_page, send, shot, wait_done
 from tests.ui.test_phone_page import Live
+from tests.ui.test_phone_page import shot as artifact
 
 browser = test_phone_page.browser
 live = test_phone_page.live
@@ -129,6 +131,14 @@ def test_at_320_wide_a_photo_can_be_removed_and_regenerate_keeps_it(
     with decoded(sent) as received:
         assert received.size == (853, 1280)
     assert page.evaluate("document.documentElement.scrollWidth") <= 320, "nothing overflows"
+    assert (
+        page.evaluate(
+            "(() => { const m = document.getElementById('messages');"
+            " return m.scrollHeight - m.scrollTop - m.clientHeight; })()"
+        )
+        < 24
+    ), "the thread still follows the answer after the photo took its height"
+    artifact(page, "photo-320")  # test-artifacts/ only
     page.click(".tools .regenerate")
     wait_done(page)
     assert image_parts(live) == [sent], "the regenerated turn keeps its photo"
@@ -175,6 +185,11 @@ def system_of(live: Live) -> Any:
 def test_a_system_prompt_is_set_sent_first_and_survives_a_reload(browser: Any, live: Live) -> None:
     live.fake.behaviour.chunks = 3
     context, page, watch = open_page(browser, live)
+    posted: list[dict[str, Any]] = []
+    page.on(
+        "request",
+        lambda r: posted.append(json.loads(r.post_data)) if r.url.endswith("/api/chat") else None,
+    )
     assert page.get_attribute("#system-button", "class") in (None, "")
     page.click("#system-button")
     assert page.input_value("#system-input") == "", "none by default"
@@ -203,6 +218,11 @@ def test_a_system_prompt_is_set_sent_first_and_survives_a_reload(browser: Any, l
         "assistant",
         "user",
     ]
+    send(page, "Once more")
+    wait_done(page)
+    assert "system" not in posted[-1], "unchanged, it is not sent: another tab's edit stays"
+    assert posted[-2]["system"] == "Answer in German."
+    assert system_of(live) == "Answer in German.", "the server keeps sending it"
 
     page.click("#new-chat")
     assert "set" not in (page.get_attribute("#system-button", "class") or "")
@@ -218,6 +238,7 @@ def test_at_320_wide_the_system_prompt_panel_fits(browser: Any, live: Live) -> N
     page.click("#system-button")
     page.fill("#system-input", "Be brief.")
     assert page.evaluate("document.documentElement.scrollWidth") <= 320
+    artifact(page, "system-prompt-320")
     box = page.locator("#system-button").bounding_box()
     assert box is not None and box["x"] + box["width"] <= 320 and box["height"] >= 44
     page.click("#system-clear")
