@@ -247,3 +247,16 @@ def start_serve(
 # places they find from anywhere in that tree.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAKE_NGROK_AGENT = Path(__file__).resolve().parent / "fake_ngrok" / "ngrok"
+
+
+def photo_data_url(width: int = 8, height: int = 6, kind: str = "PNG") -> str:
+    """A real image made by Pillow, as the data URL the phone page sends."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 40, 40)).save(buffer, kind)
+    media = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}[kind]
+    return f"data:{media};base64," + base64.b64encode(buffer.getvalue()).decode()

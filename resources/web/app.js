@@ -7,12 +7,19 @@ const TOKEN_KEY = "lmgate.token";
 const CONVERSATION_KEY = "lmgate.conversation";  // the one to resume after a reload
 const $ = (id) => document.getElementById(id);
 const state = { token: localStorage.getItem(TOKEN_KEY), conversationId: null, controller: null,
-                lastMessage: null, editing: null };
+                lastMessage: null, lastImage: null, editing: null,
+                system: "",  // this conversation's system prompt
+                systemChanged: false,  // changed here since the server last took it
+                photo: null, photoSource: null,  // the attached photo (data URL) and its bitmap
+                // The gateway's, from /api/conversations; these defaults until it answers.
+                limits: { max_body_bytes: 32 * 1024 * 1024, max_image_bytes: 8 * 1024 * 1024 } };
 
 class Offline extends Error {}
 class ApiProblem extends Error {
   constructor(status, error, conversationId) {
-    super((error && error.message) || `LM Gate answered ${status}`);
+    // LM Studio's own errors are sometimes a bare string ({"error": "Model does not ..."}).
+    super((typeof error === "string" && error) || (error && error.message) ||
+          `LM Gate answered ${status}`);
     this.status = status;
     this.code = error && error.code;
     this.conversationId = conversationId || null;  // where a failed turn was kept
@@ -137,6 +144,7 @@ async function loadModels() {
 async function loadConversations() {
   const response = await api("/api/conversations");
   const payload = await response.json();
+  if (payload.limits) state.limits = payload.limits;
   const list = $("conversation-list");
   list.replaceChildren(...payload.data.map((conversation) => {
     const item = document.createElement("li");
@@ -166,11 +174,12 @@ async function openConversation(id) {
   const conversation = await response.json();
   current(conversation.id);
   stopEdit();
+  setSystem(conversation.system || "");
   $("messages").replaceChildren();
   for (const message of conversation.messages) {
     const bubble = addBubble(message.role);
     if (message.role === "assistant") renderAnswer(bubble, message.content, message.reasoning);
-    else bubble.textContent = message.content;
+    else fillQuestion(bubble, message.content, message.image);
     addTools(bubble, message.content);
   }
   const last = conversation.messages[conversation.messages.length - 1];
@@ -208,6 +217,8 @@ async function deleteConversation(id) {
 function newChat() {
   current(null);
   stopEdit();
+  setSystem("");
+  dropPhoto();
   $("messages").replaceChildren();
   notice("");
   $("input").focus();
@@ -222,6 +233,27 @@ function toggleConversations(open) {
 // ---- rendering ------------------------------------------------------------------------------
 
 const said = new WeakMap();  // bubble -> its text as sent or received (an answer's Markdown)
+const photoOf = new WeakMap();  // a question's bubble -> the photo sent with it
+
+// A question: its photo (if any) above its text. textContent only: the text is never HTML.
+function fillQuestion(bubble, text, image) {
+  bubble.replaceChildren();
+  if (image) {
+    const img = document.createElement("img");
+    img.className = "photo";
+    img.alt = "Photo";
+    // Decoded after the bubble was placed: the view that followed the thread still follows it
+    // once the photo has its height.
+    const follow = atBottom();
+    img.addEventListener("load", () => { if (follow) toBottom(); }, { once: true });
+    img.src = image;  // a data: URL checked by the gateway; the CSP allows no other source
+    bubble.append(img);
+    photoOf.set(bubble, image);
+  }
+  const words = document.createElement("span");
+  words.textContent = text;
+  bubble.append(words);
+}
 
 // Copy under every message; Edit under the last question, Regenerate under the last answer.
 function addTools(bubble, text) {
@@ -353,11 +385,21 @@ const PHONE_WORDING = {
   too_many_concurrent_requests: "Too many answers at once. Wait a moment, then tap Retry.",
   body_too_large: "This message is too long to send. Shorten it.",
   conversation_not_found: "This conversation was deleted. Start a new chat.",
+  image_too_large: "This photo is too large to send. Try a smaller one.",
+  invalid_image: "This photo could not be sent. Try taking or choosing it again.",
+  image_type_not_allowed: "Only JPEG, PNG and WebP photos can be sent. Choose another one.",
 };
+
+// LM Studio's refusal of a photo for a model without vision, in its various wordings.
+const NO_VISION = /does not support image|not support (image|vision)|image input|vision/i;
 
 function phoneWording(error) {
   if (!(error instanceof ApiProblem)) return error.message;
   if (PHONE_WORDING[error.code]) return PHONE_WORDING[error.code];
+  if ((error.code === "upstream_error" || !error.code) && NO_VISION.test(error.message)) {
+    return "This model can't see photos. Choose a model that can (a vision model) above, " +
+           "then tap Retry.";
+  }
   // LM Studio's own refusal (e.g. a model that is not loaded) says what went wrong.
   if (error.code === "upstream_error" || !error.code) {
     return `The computer's LM Studio answered: ${error.message}`;
@@ -383,6 +425,111 @@ function showFailure(bubble, content, reasoning, error) {
   line.scrollIntoView({ block: "nearest" });
 }
 
+// ---- the system prompt -----------------------------------------------------------------------
+
+// Kept with the conversation on the server: a change goes with the next message, and the server
+// sends it first with that one and every one after.
+function setSystem(text, { changed = false } = {}) {
+  state.system = text;
+  state.systemChanged = changed;
+  $("system-input").value = text;
+  const button = $("system-button");
+  button.classList.toggle("set", Boolean(text));
+  button.title = text ? "System prompt (set)" : "System prompt";
+  button.setAttribute("aria-label", text ? "System prompt (set)" : "System prompt");
+}
+
+function toggleSystem(open) {
+  const panel = $("system-panel");
+  panel.hidden = open === undefined ? !panel.hidden : !open;
+  $("system-button").setAttribute("aria-expanded", String(!panel.hidden));
+  if (!panel.hidden) {
+    $("system-input").value = state.system;
+    $("system-input").focus();
+  }
+}
+
+// ---- photos ---------------------------------------------------------------------------------
+
+// Resized here, before upload: a phone's 12-megapixel photo is 3-6 MB, a model sees ~1 MP.
+const PHOTO_SIDE = 1280;
+const PHOTO_QUALITY = 0.85;
+const JPEG_PREFIX = "data:image/jpeg;base64,".length;
+
+async function attachPhoto(file) {
+  if (!file) return;
+  let bitmap;
+  try {
+    // Not through an <img>: the page's CSP allows no blob: images, and a bitmap needs none.
+    bitmap = await createImageBitmap(file);
+  } catch (_) {
+    notice("This file could not be read as a photo. Choose a JPEG, PNG or WebP photo.");
+    return;
+  }
+  state.photoSource = bitmap;
+  state.photo = encodePhoto(bitmap, photoBudget($("input").value));
+  if (!state.photo) {
+    dropPhoto();
+    notice("This photo is too large to send, even made smaller.");
+    return;
+  }
+  notice("");
+  $("photo-thumb").src = state.photo;
+  $("photo-preview").hidden = false;
+}
+
+function dropPhoto() {
+  state.photo = null;
+  if (state.photoSource) state.photoSource.close();
+  state.photoSource = null;
+  $("photo-preview").hidden = true;
+  $("photo-thumb").removeAttribute("src");
+}
+
+// The decoded bytes a photo may have: the gateway's photo limit, and what is left of its body
+// limit after the rest of the request (base64 makes 3 bytes 4; 4 KB for the JSON around it).
+function photoBudget(text) {
+  const rest = new Blob([JSON.stringify({ message: text, system: state.system })]).size + 4096;
+  return Math.min(state.limits.max_image_bytes,
+                  Math.floor((state.limits.max_body_bytes - rest) * 3 / 4));
+}
+
+function photoBytes(url) {
+  return Math.ceil((url.length - JPEG_PREFIX) * 3 / 4);
+}
+
+// A JPEG of at most PHOTO_SIDE px that fits the budget: first less quality, then fewer pixels.
+function encodePhoto(bitmap, budget) {
+  const canvas = document.createElement("canvas");
+  let side = Math.min(PHOTO_SIDE, Math.max(bitmap.width, bitmap.height));
+  let quality = PHOTO_QUALITY;
+  while (side >= 64) {
+    const scale = side / Math.max(bitmap.width, bitmap.height);
+    canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+    canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+    const context = canvas.getContext("2d");
+    context.fillStyle = "#fff";  // a transparent PNG would turn black in a JPEG
+    context.fillRect(0, 0, canvas.width, canvas.height);
+    context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    const url = canvas.toDataURL("image/jpeg", quality);
+    if (photoBytes(url) <= budget) return url;
+    if (quality > 0.6) quality -= 0.1;
+    else side = Math.floor(side * 0.75);
+  }
+  return null;
+}
+
+// The attached photo for a message: null for none, undefined if it cannot be made to fit.
+function fitPhoto(text) {
+  if (!state.photo) return null;
+  const budget = photoBudget(text);
+  if (photoBytes(state.photo) <= budget) return state.photo;
+  const smaller = state.photoSource && encodePhoto(state.photoSource, budget);
+  if (smaller) return smaller;
+  notice("This photo and message are too large to send together. Shorten the message.");
+  return undefined;
+}
+
 // ---- chatting -----------------------------------------------------------------------------
 
 function busy(on) {
@@ -393,13 +540,16 @@ function busy(on) {
 
 // retry: the server already holds this turn (a failed or broken one, or the answer being
 // regenerated) and answers it again instead of storing the message twice.
-async function send(text, { retry = false, edit = false } = {}) {
+// image: a photo sent with this turn; shownImage: one the server already holds for it (an edit
+// keeps its question's photo), shown but not sent again.
+async function send(text, { retry = false, edit = false, image = null, shownImage = null } = {}) {
   state.lastMessage = text;
   notice("");
   dropRegenerate();
+  state.lastImage = image;
   if (!retry) {
     const mine = addBubble("user");
-    mine.textContent = text;
+    fillQuestion(mine, text, image || shownImage);
     addTools(mine, text);
   }
   const bubble = addBubble("assistant");
@@ -421,9 +571,13 @@ async function send(text, { retry = false, edit = false } = {}) {
     const response = await api("/api/chat", {
       method: "POST", signal: controller.signal,
       body: { message: text, conversation_id: state.conversationId, model: $("model").value,
-              stream: true, retry, edit },
+              stream: true, retry, edit,
+              // Only a change is sent: another tab's newer prompt is not overwritten.
+              ...(state.systemChanged ? { system: state.system } : {}),
+              ...(image ? { image } : {}) },
     });
     current(response.headers.get("X-Conversation-ID") || state.conversationId);
+    state.systemChanged = false;  // the server keeps it now
     localStorage.setItem("lmgate.model", $("model").value);
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
@@ -484,14 +638,18 @@ function wire() {
     event.preventDefault();
     const text = $("input").value.trim();
     if (!text || state.controller) return;
+    const image = fitPhoto(text);
+    if (image === undefined) return;  // could not be made small enough: said in the notice
     $("input").value = "";
     const editing = state.editing;
     stopEdit();
+    const shownImage = editing ? photoOf.get(editing) : null;
     if (editing) {
       while (editing.nextElementSibling) editing.nextElementSibling.remove();
       editing.remove();
     }
-    send(text, { edit: Boolean(editing) });
+    dropPhoto();
+    send(text, { edit: Boolean(editing), image, shownImage });
   });
   $("input").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && window.matchMedia("(pointer: fine)").matches) {
@@ -503,7 +661,8 @@ function wire() {
   $("retry").addEventListener("click", () => {
     const last = $("messages").lastElementChild;
     if (last && last.classList.contains("failed")) last.remove();
-    if (state.lastMessage) send(state.lastMessage, { retry: true });
+    // The photo goes again: a turn that never reached LM Gate is stored only now.
+    if (state.lastMessage) send(state.lastMessage, { retry: true, image: state.lastImage });
   });
   $("new-chat").addEventListener("click", newChat);
   $("cancel-edit").addEventListener("click", () => {
@@ -511,6 +670,24 @@ function wire() {
     $("input").value = "";
   });
   $("conversations-button").addEventListener("click", () => toggleConversations());
+  $("attach").addEventListener("click", () => $("photo-input").click());
+  $("photo-input").addEventListener("change", () => {
+    const file = $("photo-input").files[0];
+    $("photo-input").value = "";  // the same photo can be picked again after a remove
+    attachPhoto(file).catch(showProblem);
+  });
+  $("photo-remove").addEventListener("click", dropPhoto);
+  $("system-button").addEventListener("click", () => toggleSystem());
+  $("system-done").addEventListener("click", () => {
+    const text = $("system-input").value.trim();
+    if (text !== state.system) setSystem(text, { changed: true });
+    toggleSystem(false);
+    $("input").focus();
+  });
+  $("system-clear").addEventListener("click", () => {
+    $("system-input").value = "";
+    if (state.system) setSystem("", { changed: true });
+  });
   window.addEventListener("online", () => notice(""));
   window.addEventListener("offline", () => notice("This phone is offline."));
 }

@@ -436,7 +436,8 @@ def _v1_database(path: Path) -> None:
         conn.execute("INSERT INTO devices (id, name, created) VALUES ('d1', 'phone', 1)")
         for principal in ("token:friend", "token:solo", "snippet:curl", "device:d1"):
             conn.execute(
-                "INSERT INTO conversations VALUES (?, ?, 't', NULL, 1, 1)",
+                "INSERT INTO conversations (id, principal, title, model, created, updated) "
+                "VALUES (?, ?, 't', NULL, 1, 1)",
                 ("c-" + principal, principal),
             )
             conn.execute("INSERT INTO usage VALUES (?, 3, 0, 0, 1)", (principal,))

@@ -530,6 +530,58 @@ def chat_conversation_id_not_a_string() -> ApiError:
     return _invalid_body('"conversation_id" must be a string.', param="conversation_id")
 
 
+def chat_system_not_a_string() -> ApiError:
+    return _invalid_body('"system" must be a string ("" for none).', param="system")
+
+
+def chat_system_too_long(limit: int) -> ApiError:
+    return _invalid_body(f"The system prompt is longer than {limit} characters.", param="system")
+
+
+def chat_image_not_a_string() -> ApiError:
+    return _invalid_body(
+        '"image" must be a data URL string (data:image/jpeg;base64,...).', param="image"
+    )
+
+
+def chat_image_not_a_data_url() -> ApiError:
+    return _invalid_body(
+        '"image" must be a base64 data URL: data:image/jpeg;base64,... (or image/png, image/webp).',
+        code="invalid_image",
+        param="image",
+    )
+
+
+def chat_image_type_not_allowed() -> ApiError:
+    return _invalid_body(
+        "Only JPEG, PNG and WebP photos are accepted (image/jpeg, image/png, image/webp).",
+        code="image_type_not_allowed",
+        param="image",
+    )
+
+
+def chat_image_base64_invalid() -> ApiError:
+    return _invalid_body(
+        "The photo's base64 data is not valid.", code="invalid_image", param="image"
+    )
+
+
+def chat_image_not_its_type() -> ApiError:
+    return _invalid_body(
+        "The photo's data is not the image type its data URL names.",
+        code="invalid_image",
+        param="image",
+    )
+
+
+def chat_image_too_large(limit: int) -> ApiError:
+    return _invalid_body(
+        f"The photo is larger than {limit} bytes; send it smaller.",
+        code="image_too_large",
+        param="image",
+    )
+
+
 def chat_model_invalid() -> ApiError:
     return _invalid_body('"model" must be a model name.', param="model")
 

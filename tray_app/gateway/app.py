@@ -147,6 +147,7 @@ class Gateway:
                 max_event_bytes=config.limits_max_event_bytes,
                 max_answer_chars=config.limits_max_response_bytes,
                 count_usage=recorder is not None,
+                max_body_bytes=config.limits_max_body_bytes,
             )
         self._endpoints = EndpointTable(enabled, handlers)
         self._handlers = handlers

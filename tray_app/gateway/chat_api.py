@@ -5,12 +5,30 @@ conversation's recent history (trimmed to ``chat.context_chars``) to LM Studio, 
 ``{"response", "conversation_id", "model", ...}`` — or, with ``stream: true``, relays LM
 Studio's SSE chunks (the conversation ID in the ``X-Conversation-ID`` header) while keeping the
 answer for the history. ``GET /api/conversations``, ``GET`` and ``DELETE
-/api/conversations/{id}`` list, read and delete the caller's own conversations.
+/api/conversations/{id}`` list, read and delete the caller's own conversations (the list also
+names the limits the phone page fits a photo into).
+
+Photos: ``"image"`` is one ``data:image/(jpeg|png|webp);base64,...`` URL, checked strictly (the
+media type allowlisted, the base64 well-formed, the data starting like the type it names, at
+most ``MAX_IMAGE_BYTES`` decoded) and sent to LM Studio as OpenAI content parts on that user
+turn. It is stored with the message, so the history shows it and follow-up questions still
+send it — but only the newest ``MAX_RESENT_IMAGES`` photos of the history sent are resent;
+older ones become a short text note, so a long photo conversation does not resend every photo
+on every turn. Photos do not count against ``chat.context_chars`` (their cost in tokens is the
+model's); ``limits.max_body_bytes`` bounds each request.
+
+System prompt: ``"system"`` (at most ``MAX_SYSTEM_CHARS``, "" to clear it) sets the
+conversation's system prompt, kept with it and sent as the first message of this and every
+later turn. It is always sent, whatever the trimming, and its length is taken from the history's
+``chat.context_chars`` budget.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,7 +58,88 @@ from tray_app.storage.conversations import (
 
 CHAT_ROUTE = next(r for r in FORWARDED_ROUTES if r.path == "/v1/chat/completions")
 MAX_MESSAGE_CHARS = 100_000
+MAX_SYSTEM_CHARS = 10_000
+# Decoded; a phone photo resized to 1280 px is ~150-400 KB, so this leaves room for a PNG.
+MAX_IMAGE_BYTES = 8 * 1024 * 1024
+# Photos resent with a turn (the newest ones of the history sent): vision models spend hundreds
+# of tokens on each, and the question is almost always about the latest.
+MAX_RESENT_IMAGES = 3
+OLDER_PHOTO_NOTE = "[A photo was attached here; it is no longer shown.]"
 CONVERSATION_HEADER = "X-Conversation-ID"
+
+# What each allowed type's data starts with: a data URL that names one type and holds another
+# (an SVG, an HTML page) is refused rather than handed to a model runtime's image decoder.
+IMAGE_SIGNATURES = {
+    "image/jpeg": re.compile(rb"\xff\xd8\xff"),
+    "image/png": re.compile(rb"\x89PNG\r\n\x1a\n"),
+    "image/webp": re.compile(rb"RIFF....WEBP", re.DOTALL),
+}
+_DATA_URL_HEAD = re.compile(r"data:((?i:[a-z0-9.+-]+/[a-z0-9.+-]+));base64", re.ASCII)
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}", re.ASCII)
+
+
+def parse_image(value: object, max_bytes: int = MAX_IMAGE_BYTES) -> str | None:
+    """The ``image`` field checked: None (no photo) or the data URL as it came."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise errors.chat_image_not_a_string()
+    head, comma, data = value.partition(",")
+    if not comma or not head.startswith("data:"):
+        raise errors.chat_image_not_a_data_url()
+    matched = _DATA_URL_HEAD.fullmatch(head)
+    if matched is None:
+        raise errors.chat_image_not_a_data_url()
+    media_type = matched[1]
+    if media_type not in IMAGE_SIGNATURES:  # lower case only, as browsers write it
+        raise errors.chat_image_type_not_allowed()
+    # Bounded before decoding: the base64 text of max_bytes is at most 4/3 of it.
+    if len(data) > (max_bytes + 2) // 3 * 4:
+        raise errors.chat_image_too_large(max_bytes)
+    if len(data) % 4 or not _BASE64.fullmatch(data):
+        raise errors.chat_image_base64_invalid()
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise errors.chat_image_base64_invalid() from None
+    if len(decoded) > max_bytes:
+        raise errors.chat_image_too_large(max_bytes)
+    if not IMAGE_SIGNATURES[media_type].match(decoded):
+        raise errors.chat_image_not_its_type()
+    return value
+
+
+def parse_system(value: object) -> str | None:
+    """The ``system`` field checked: None (leave it as it is) or the new prompt ("" for none)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise errors.chat_system_not_a_string()
+    if len(value) > MAX_SYSTEM_CHARS:
+        raise errors.chat_system_too_long(MAX_SYSTEM_CHARS)
+    return value.strip()
+
+
+def wire_messages(
+    system: str, sent: list[Message], max_images: int = MAX_RESENT_IMAGES
+) -> list[dict[str, Any]]:
+    """The messages LM Studio gets: the system prompt first, then the turns, the newest
+    ``max_images`` photos as image parts and older ones as a note."""
+    with_photo = [i for i, m in enumerate(sent) if m.image]
+    resent = set(with_photo[-max_images:]) if max_images > 0 else set()
+    out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for index, m in enumerate(sent):
+        if m.image and index in resent:
+            content: Any = [
+                {"type": "text", "text": m.content},
+                {"type": "image_url", "image_url": {"url": m.image}},
+            ]
+        elif m.image:
+            content = f"{m.content}\n\n{OLDER_PHOTO_NOTE}"
+        else:
+            content = m.content
+        out.append({"role": m.role, "content": content})
+    return out
 
 
 class SseCapture:
@@ -98,6 +197,7 @@ class ChatApi:
         max_event_bytes: int,
         max_answer_chars: int,
         count_usage: bool,
+        max_body_bytes: int,
     ) -> None:
         self._store = store
         self._forward = forwarder
@@ -106,6 +206,7 @@ class ChatApi:
         self._max_event_bytes = max_event_bytes
         self._max_answer_chars = max_answer_chars
         self._count_usage = count_usage
+        self._max_body_bytes = max_body_bytes
 
     async def handle(
         self, request: web.Request, exchange: Exchange, path: str, principal: Principal
@@ -131,6 +232,13 @@ class ChatApi:
                         }
                         for c in self._store.for_principal(principal.name)
                     ],
+                    # What the phone page fits a photo (and the request carrying it) into.
+                    "limits": {
+                        "max_body_bytes": self._max_body_bytes,
+                        "max_image_bytes": MAX_IMAGE_BYTES,
+                        "max_message_chars": MAX_MESSAGE_CHARS,
+                        "max_system_chars": MAX_SYSTEM_CHARS,
+                    },
                 },
             )
         conversation_id = path.removeprefix("/api/conversations/")
@@ -144,11 +252,13 @@ class ChatApi:
                     "id": conversation.id,
                     "title": conversation.title,
                     "model": conversation.model,
+                    "system": conversation.system,
                     "messages": [
                         {
                             "role": m.role,
                             "content": m.content,
                             "reasoning": m.reasoning,
+                            "image": m.image,
                             "created": int(m.created),
                         }
                         for m in self._store.messages(conversation.id)
@@ -194,6 +304,8 @@ class ChatApi:
         edit = payload.get("edit", False)
         if not isinstance(edit, bool):
             raise errors.chat_edit_not_a_boolean()
+        new_system = parse_system(payload.get("system"))
+        image = parse_image(payload.get("image"))
         conversation_id = payload.get("conversation_id")
         conversation = None
         if conversation_id is not None:
@@ -215,10 +327,19 @@ class ChatApi:
         history = self._store.messages(conversation.id) if conversation is not None else []
         # A retry (or a regenerate) answers the stored turn again instead of storing it twice;
         # an edit replaces the last question and answers that.
-        retried = up_to_last_turn(history, message, replace=edit) if retry or edit else None
+        # A retried or regenerated turn keeps its stored photo; an edit keeps it unless it
+        # brings a new one.
+        retried = (
+            up_to_last_turn(history, message, replace=edit, image=image) if retry or edit else None
+        )
         if retried is None:
-            history.append(Message("user", message, None, 0.0))
-        sent = trim_history(retried or history, self._context_chars)
+            history.append(Message("user", message, None, 0.0, image))
+        system = (
+            new_system
+            if new_system is not None
+            else (conversation.system if conversation is not None else "")
+        )
+        sent = trim_history(retried or history, self._context_chars - len(system))
         # The body LM Studio gets passes the same rules as any /v1/chat/completions request:
         # the model allowlist, the output cap, and usage asked for so the turn is counted.
         prepared = prepare_body(
@@ -227,7 +348,7 @@ class ChatApi:
                 {
                     "model": model,
                     "stream": stream,
-                    "messages": [{"role": m.role, "content": m.content} for m in sent],
+                    "messages": wire_messages(system, sent),
                 }
             ).encode(),
         )
@@ -237,11 +358,13 @@ class ChatApi:
         )
         body = adjusted.body.raw
         if conversation is None:
-            conversation = self._store.create(principal.name, message, model)
+            conversation = self._store.create(principal.name, message, model, system=system)
+        elif new_system is not None and new_system != conversation.system:
+            self._store.set_system(conversation.id, new_system)
         if retried is None or not self._store.reopen_last_turn(
-            conversation.id, message, model=model, replace=edit
+            conversation.id, message, model=model, replace=edit, image=image if edit else None
         ):
-            self._store.append(conversation.id, "user", message, model=model)
+            self._store.append(conversation.id, "user", message, model=model, image=image)
         headers = {CONVERSATION_HEADER: conversation.id, **(extra_headers or {})}
         if stream:
             capture = SseCapture(max_line=self._max_event_bytes, max_chars=self._max_answer_chars)

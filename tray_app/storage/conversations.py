@@ -2,11 +2,16 @@
 
 Every lookup is scoped to the principal: a conversation that is someone else's does not exist
 (404), so one device can never read, continue or delete another's.
+
+A conversation keeps its system prompt (``system``, "" for none); a user message keeps the photo
+sent with it (``image``, a data URL already checked by /api/chat), so the history shows it and
+a retry, an edit or a regenerate of that turn sends it again.
 """
 
 from __future__ import annotations
 
 import secrets
+import sqlite3
 from dataclasses import dataclass
 
 from tray_app.clock import Clock
@@ -22,6 +27,7 @@ class Conversation:
     model: str | None
     created: float
     updated: float
+    system: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +36,13 @@ class Message:
     content: str
     reasoning: str | None
     created: float
+    image: str | None = None
 
 
 def trim_history(messages: list[Message], budget_chars: int) -> list[Message]:
-    """The newest messages whose text fits the budget; the newest one always goes."""
+    """The newest messages whose text fits the budget; the newest one always goes. (A photo
+    is not counted: its cost in tokens depends on the model, and /api/chat bounds how many
+    photos it resends instead.)"""
     kept: list[Message] = []
     used = 0
     for message in reversed(messages):
@@ -46,18 +55,26 @@ def trim_history(messages: list[Message], budget_chars: int) -> list[Message]:
 
 
 def up_to_last_turn(
-    messages: list[Message], content: str, *, replace: bool = False
+    messages: list[Message], content: str, *, replace: bool = False, image: str | None = None
 ) -> list[Message] | None:
     """The history up to its last user message, which says ``content``: what a retry or a
     regenerate answers again (that message must say ``content``; None if it says something
-    else) or what an edit of it answers (``replace``: the message is replaced by ``content``)."""
+    else) or what an edit of it answers (``replace``: the message is replaced by ``content``,
+    keeping its photo unless ``image`` brings a new one)."""
     for index in range(len(messages) - 1, -1, -1):
         last = messages[index]
         if last.role == "user":
             if not replace:
                 return messages[: index + 1] if last.content == content else None
-            return [*messages[:index], Message("user", content, None, last.created)]
+            kept = image or last.image
+            return [*messages[:index], Message("user", content, None, last.created, kept)]
     return None
+
+
+def _conversation(r: sqlite3.Row) -> Conversation:
+    return Conversation(
+        r["id"], r["title"], r["model"], r["created"], r["updated"], r["system"] or ""
+    )
 
 
 class ConversationStore:
@@ -65,15 +82,17 @@ class ConversationStore:
         self._db = db
         self._clock = clock
 
-    def create(self, principal: str, first_message: str, model: str | None) -> Conversation:
+    def create(
+        self, principal: str, first_message: str, model: str | None, *, system: str = ""
+    ) -> Conversation:
         now = self._clock.time()
         title = " ".join(first_message.split())[:TITLE_CHARS] or "New chat"
-        conversation = Conversation(secrets.token_hex(8), title, model, now, now)
+        conversation = Conversation(secrets.token_hex(8), title, model, now, now, system)
         with self._db.transaction() as conn:
             conn.execute(
                 "INSERT INTO conversations (id, principal, title, model, created, "
-                "updated) VALUES (?, ?, ?, ?, ?, ?)",
-                (conversation.id, principal, title, model, now, now),
+                "updated, system) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (conversation.id, principal, title, model, now, now, system or None),
             )
         return conversation
 
@@ -82,23 +101,28 @@ class ConversationStore:
             "SELECT * FROM conversations WHERE id = ? AND principal = ?",
             (conversation_id, principal),
         )
-        if not rows:
-            return None
-        r = rows[0]
-        return Conversation(r["id"], r["title"], r["model"], r["created"], r["updated"])
+        return _conversation(rows[0]) if rows else None
 
     def for_principal(self, principal: str) -> list[Conversation]:
         return [
-            Conversation(r["id"], r["title"], r["model"], r["created"], r["updated"])
+            _conversation(r)
             for r in self._db.query(
                 "SELECT * FROM conversations WHERE principal = ? ORDER BY updated DESC",
                 (principal,),
             )
         ]
 
+    def set_system(self, conversation_id: str, system: str) -> None:
+        """The system prompt every later turn starts with ("" for none)."""
+        with self._db.transaction() as conn:
+            conn.execute(
+                "UPDATE conversations SET system = ? WHERE id = ?",
+                (system or None, conversation_id),
+            )
+
     def messages(self, conversation_id: str) -> list[Message]:
         return [
-            Message(r["role"], r["content"], r["reasoning"], r["created"])
+            Message(r["role"], r["content"], r["reasoning"], r["created"], r["image"])
             for r in self._db.query(
                 "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
             )
@@ -112,15 +136,17 @@ class ConversationStore:
         *,
         reasoning: str | None = None,
         model: str | None = None,
+        image: str | None = None,
     ) -> bool:
         """Add a message; False (nothing stored) if the conversation was deleted meanwhile,
         e.g. while its answer was still streaming."""
         now = self._clock.time()
         with self._db.transaction() as conn:
             added = conn.execute(
-                "INSERT INTO messages (conversation_id, role, content, reasoning, created) "
-                "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM conversations WHERE id = ?)",
-                (conversation_id, role, content, reasoning or None, now, conversation_id),
+                "INSERT INTO messages (conversation_id, role, content, reasoning, created, "
+                "image) SELECT ?, ?, ?, ?, ?, ? "
+                "WHERE EXISTS (SELECT 1 FROM conversations WHERE id = ?)",
+                (conversation_id, role, content, reasoning or None, now, image, conversation_id),
             ).rowcount
             conn.execute(
                 "UPDATE conversations SET updated = ?, model = COALESCE(?, model) WHERE id = ?",
@@ -135,6 +161,7 @@ class ConversationStore:
         *,
         model: str | None = None,
         replace: bool = False,
+        image: str | None = None,
     ) -> bool:
         """Make the last user message, if it says ``content``, unanswered again: the answers
         after it (a partial one from a broken stream, or the one being regenerated) go.
@@ -142,7 +169,8 @@ class ConversationStore:
         A retry of a failed turn then reuses the stored message instead of storing it twice.
         False (nothing changed) if the last user message says something else, e.g. because the
         failed request never reached LM Gate. With ``replace`` (an edit), the last user message
-        is made to say ``content``."""
+        is made to say ``content`` (and, given an ``image``, to hold that photo; else it keeps
+        its own)."""
         with self._db.transaction() as conn:
             last = conn.execute(
                 "SELECT id, content FROM messages WHERE conversation_id = ? AND role = 'user' "
@@ -152,7 +180,10 @@ class ConversationStore:
             if last is None or (last[1] != content and not replace):
                 return False
             if replace:
-                conn.execute("UPDATE messages SET content = ? WHERE id = ?", (content, last[0]))
+                conn.execute(
+                    "UPDATE messages SET content = ?, image = COALESCE(?, image) WHERE id = ?",
+                    (content, image, last[0]),
+                )
             conn.execute(
                 "DELETE FROM messages WHERE conversation_id = ? AND id > ?",
                 (conversation_id, last[0]),

@@ -26,7 +26,8 @@ from tray_app.errors import StorageError
 from tray_app.paths import make_private_dir, user_data_dir
 
 # 2: every issued token and snippet is its own principal (sub = kind:jti), not kind:name.
-SCHEMA_VERSION = 2
+# 3: a conversation keeps its system prompt, a message the photo sent with it.
+SCHEMA_VERSION = 3
 # Bumped by `lmgate keys rotate`; a running gateway that sees it change re-reads the key.
 SIGNING_KEY_GENERATION = "signing_key_generation"
 SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -49,12 +50,13 @@ CREATE TABLE IF NOT EXISTS pairing_codes (
     device_id TEXT, device_name TEXT);
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY, principal TEXT NOT NULL, title TEXT NOT NULL, model TEXT,
-    created REAL NOT NULL, updated REAL NOT NULL);
+    created REAL NOT NULL, updated REAL NOT NULL, system TEXT);
 CREATE INDEX IF NOT EXISTS conversations_by_principal ON conversations (principal, updated);
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-    role TEXT NOT NULL, content TEXT NOT NULL, reasoning TEXT, created REAL NOT NULL);
+    role TEXT NOT NULL, content TEXT NOT NULL, reasoning TEXT, created REAL NOT NULL,
+    image TEXT);
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
 CREATE TABLE IF NOT EXISTS usage (
     principal TEXT PRIMARY KEY, requests INTEGER NOT NULL DEFAULT 0,
@@ -91,6 +93,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
         version = _schema_version(conn)  # again: another process may have just migrated it
         if version < 2:
             _split_shared_principals(conn)
+        if version < 3:
+            _add_system_prompts_and_photos(conn)
         conn.execute(
             "UPDATE meta SET value = ? WHERE key = 'schema_version'",
             (str(max(version, SCHEMA_VERSION)),),
@@ -132,6 +136,21 @@ def _split_shared_principals(conn: sqlite3.Connection) -> None:
         "UPDATE tokens SET issued_sub = sub, sub = kind || ':' || jti "
         "WHERE kind IN ('token', 'snippet') AND sub != kind || ':' || jti"
     )
+
+
+def _add_column(conn: sqlite3.Connection, table: str, column: str) -> None:
+    # Checked first: a crash between ALTER and the version update must not make the next
+    # start fail on a column that is already there.
+    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+    if column not in columns:
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+
+
+def _add_system_prompts_and_photos(conn: sqlite3.Connection) -> None:
+    """Version 3: ``conversations.system`` (the per-conversation system prompt) and
+    ``messages.image`` (a user turn's photo as a data URL). Both NULL for what was there."""
+    _add_column(conn, "conversations", "system")
+    _add_column(conn, "messages", "image")
 
 
 def encode_list(values: Iterable[str] | None) -> str | None:

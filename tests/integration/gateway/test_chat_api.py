@@ -94,6 +94,7 @@ async def test_streamed_chat_relays_chunks_and_records_the_answer(
         "role": "assistant",
         "content": "tok0 tok1 tok2 tok3 ",
         "reasoning": None,
+        "image": None,
         "created": full["messages"][-1]["created"],
     }
 
