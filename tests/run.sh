@@ -31,6 +31,14 @@ for tool in Xvfb:xvfb trayer:trayer import:imagemagick xdotool:xdotool chromium:
             nginx:nginx openssl:openssl unshare:util-linux nsenter:util-linux; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
+# The Docker image is built and run on a private engine (root only: dockerd and a network
+# namespace), from a base filesystem made with debootstrap.
+if [ "$(id -u)" = 0 ]; then
+  for tool in dockerd:docker.io docker-compose:docker-compose debootstrap:debootstrap \
+              ip:iproute2 iptables-save:iptables; do
+    command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+  done
+fi
 for lib in libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-image0 \
            libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libegl1 libgl1 \
            libfontconfig1 libdbus-1-3 fonts-dejavu-core; do
@@ -64,6 +72,12 @@ if ! .venv-llm/bin/python -c "import llama_cpp, sys; sys.exit(llama_cpp.__versio
 fi
 export LMGATE_TEST_LLM_PYTHON="$PWD/.venv-llm/bin/python"
 export LMGATE_REQUIRE_REAL_LLM=1
+
+if [ "$(id -u)" = 0 ]; then
+  step "the Docker tests' base filesystem and wheels (tests/docker_prepare.sh; first time about 2 min)"
+  bash tests/docker_prepare.sh
+  export LMGATE_REQUIRE_DOCKER=1
+fi
 
 step "ruff (lint and format)"
 .venv/bin/ruff check tray_app tests benchmarks

@@ -1,5 +1,5 @@
 """Shipping: doctor, check, the nginx deployment (nginx -t and a real stream through it), the
-Dockerfile (hadolint; Docker itself cannot run here), the desktop build, and the README's
+Dockerfile (hadolint; test_docker.py builds and runs it), the desktop build, and the README's
 run command executed as written in a fresh clone."""
 
 from __future__ import annotations
