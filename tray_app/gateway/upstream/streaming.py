@@ -97,6 +97,7 @@ class StreamRelay:
         self.bytes_out = 0
         self.usage: Usage | None = None
         self.error: str | None = None
+        self._opening = False  # awaiting LM Studio's headers: the one wait abort() may cancel
 
     @property
     def committed(self) -> bool:
@@ -113,11 +114,13 @@ class StreamRelay:
         self._aborted = error
         if self._upstream is not None:
             self._upstream.close()  # the pending read fails at once
-        elif self._task is not None:
+        elif self._opening and self._task is not None:
             # Still waiting for LM Studio's headers, which may take minutes of prompt
             # processing: cancel that wait (aiohttp then closes the connection).
             self._abort_cancelled = True
             self._task.cancel()
+        # Otherwise the relay is already writing its own end (opening LM Studio failed): a
+        # cancel would cut that error event short and add this one after it.
 
     async def run(
         self, open_upstream: Callable[[], Awaitable[aiohttp.ClientResponse]]
@@ -145,7 +148,7 @@ class StreamRelay:
             if self._aborted is not None:
                 return await self._fail_aborted()
             try:
-                upstream = await open_upstream()
+                upstream = await self._open(open_upstream)
             except ApiError as err:
                 # Before asking whether headers went out: a heartbeat may be sending them.
                 await self._stop_heartbeats()
@@ -168,6 +171,15 @@ class StreamRelay:
             if task.uncancel() > 0:
                 raise  # the client hung up as well
             return await self._fail_aborted()
+
+    async def _open(
+        self, open_upstream: Callable[[], Awaitable[aiohttp.ClientResponse]]
+    ) -> aiohttp.ClientResponse:
+        self._opening = True
+        try:
+            return await open_upstream()
+        finally:
+            self._opening = False
 
     async def _relay(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)

@@ -293,18 +293,22 @@ async def test_a_revocation_while_a_token_is_being_written_counts_that_token(
     _assert_ends_with_one_error(body, relayed.relay, REVOKED.code)
 
 
+@pytest.mark.parametrize("ending", ["stream-breaks", "opening-fails"])
 async def test_a_revocation_while_the_error_event_is_being_written_adds_no_second_one(
-    upstream: Upstream,
+    upstream: Upstream, ending: str
 ) -> None:
-    upstream.script = Script(reads=TOKENS[:1], then="break")
     client = SlowClient()
     client.hold_on = ERROR_MARK
-    relayed = await _start_relay(upstream, client)
+    if ending == "stream-breaks":  # LM Studio's response is open: the abort closes it
+        upstream.script = Script(reads=TOKENS[:1], then="break")
+        relayed, code = await _start_relay(upstream, client), errors.stream_broke("").code
+    else:  # no response to close: the abort must not cancel the write in progress
+        relayed, code = await _open_fails(upstream, client)
     await asyncio.wait_for(client.holding.wait(), 5)
     relayed.relay.abort(REVOKED)  # too late: the stream already ends with its own error
     body = await _finish(relayed)
-    assert body.startswith(TOKENS[0])
-    _assert_ends_with_one_error(body, relayed.relay, errors.stream_broke("").code)
+    assert body.startswith(TOKENS[0] if ending == "stream-breaks" else HEARTBEAT)
+    _assert_ends_with_one_error(body, relayed.relay, code)
 
 
 @pytest.mark.parametrize("hide_usage", [False, True], ids=["plain", "in-events"])
