@@ -44,6 +44,7 @@ WHEELS = CACHE / "wheels"
 BASE_TAG = "local/debian-python:bookworm"
 PYTHON_TAG = "python:3.11-slim"  # what the Dockerfile builds FROM
 CLONE_NEWNET = 0x40000000
+PREFIX = "lmgate-docker-"  # + the test process's PID: namespaces and state directories
 BRIDGE_IP = "172.31.250.1"  # the engine's bridge, on the namespace's side: fixed by --bip
 T = TypeVar("T")
 
@@ -201,8 +202,9 @@ async def _serve_wheels() -> tuple[str, Any]:
 @contextlib.contextmanager
 def running_engine() -> Iterator[Engine]:
     """Start the namespace, the engine and the base images; afterwards remove them all."""
-    name = f"lmgate-docker-{os.getpid()}"
-    home = Path(tempfile.mkdtemp(prefix="lmgate-docker-"))
+    _sweep_stale()
+    name = f"{PREFIX}{os.getpid()}"
+    home = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     host_firewall = _firewall()
     _run("ip", "netns", "add", name)
     dockerd: subprocess.Popen[bytes] | None = None
@@ -289,6 +291,33 @@ def _firewall() -> list[str]:
     rules = _run("iptables-save").splitlines()
     kept = [re.sub(r"\[\d+:\d+\]", "[0:0]", line) for line in rules if not line.startswith("#")]
     return [*kept, "ip_forward=" + Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()]
+
+
+def _sweep_stale() -> None:
+    """What a killed run left (its finally never ran): namespaces and engines of test
+    processes that are gone. Those of a run still going are left alone."""
+
+    def gone(pid: str) -> bool:
+        return pid.isdigit() and not Path(f"/proc/{pid}").exists()
+
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    for line in listed.stdout.splitlines():
+        netns = line.split()[0] if line.split() else ""
+        if netns.startswith(PREFIX) and gone(netns.removeprefix(PREFIX)):
+            pids = subprocess.run(
+                ["ip", "netns", "pids", netns], capture_output=True, text=True, check=False
+            )
+            for pid in pids.stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
+    for home in Path(tempfile.gettempdir()).glob(f"{PREFIX}*-*"):
+        if gone(home.name.removeprefix(PREFIX).split("-")[0]):
+            pid_file = home / "dockerd.pid"
+            if pid_file.exists():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            _remove_tree(home)
 
 
 def _stop_dockerd(dockerd: subprocess.Popen[bytes], home: Path) -> None:
