@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
+import stat
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,3 +111,82 @@ def test_flags_and_a_config_path_build_the_desktop_core(
     assert controller.config.upstream_url == "http://127.0.0.1:4321"
     assert controller.config.server_port == 9123
     assert controller._config_path == elsewhere  # where Settings saves
+
+
+# ---- the tray's log is private ---------------------------------------------------------------
+# It records errors, client addresses, principals and the public URL: another user on this
+# machine (position C in docs/security.md) must not read it, whatever the umask.
+
+
+@pytest.fixture
+def loose_umask() -> Iterator[None]:
+    previous = os.umask(0o022)  # the common default: 0755 directories, 0644 files
+    yield
+    os.umask(previous)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _log_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = tmp_path / "state" / "lmgate" / "log"
+    monkeypatch.setattr(desktop, "user_log_dir", lambda: directory)
+    return directory
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes")
+class TestTheLogIsPrivate:
+    def test_a_new_log_directory_and_file_are_0700_and_0600(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        restore_lmgate_logging: None,
+        loose_umask: None,
+    ) -> None:
+        directory = _log_dir(tmp_path, monkeypatch)
+        desktop.configure_file_logging()
+        logging.getLogger("lmgate.test").warning("from 203.0.113.7 as key:abc")
+        log = directory / desktop.LOG_FILE
+        assert "203.0.113.7" in log.read_text()
+        assert _mode(log) == 0o600
+        assert _mode(directory) == 0o700
+        assert _mode(directory.parent) == 0o700, "the parents it made too"
+
+    def test_an_existing_loose_log_is_tightened(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        restore_lmgate_logging: None,
+        loose_umask: None,
+    ) -> None:
+        directory = _log_dir(tmp_path, monkeypatch)
+        directory.mkdir(parents=True, mode=0o755)
+        old = [directory / desktop.LOG_FILE, directory / f"{desktop.LOG_FILE}.1"]
+        for path in old:
+            path.write_text("written by an older version\n")
+            path.chmod(0o644)
+        directory.chmod(0o755)
+        desktop.configure_file_logging()
+        assert _mode(directory) == 0o700
+        assert [_mode(path) for path in old] == [0o600, 0o600]
+        assert old[0].read_text().startswith("written by an older version"), "appended to"
+
+    def test_the_file_after_a_rollover_is_0600(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        restore_lmgate_logging: None,
+        loose_umask: None,
+    ) -> None:
+        directory = _log_dir(tmp_path, monkeypatch)
+        desktop.configure_file_logging()
+        (handler,) = logging.getLogger("lmgate").handlers
+        assert isinstance(handler, logging.handlers.RotatingFileHandler)
+        logging.getLogger("lmgate.test").warning("before the rollover")
+        handler.doRollover()
+        logging.getLogger("lmgate.test").warning("after the rollover")
+        fresh, rolled = directory / desktop.LOG_FILE, directory / f"{desktop.LOG_FILE}.1"
+        assert "after the rollover" in fresh.read_text()
+        assert "before the rollover" in rolled.read_text()
+        assert [_mode(fresh), _mode(rolled)] == [0o600, 0o600]

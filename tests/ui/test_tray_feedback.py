@@ -1,7 +1,10 @@
 """Feedback in the tray (issue 15, point 8): "Copied" after every copy, "Paired: <device> ✓" and
 a fresh code when a phone pairs, one expiring key per purpose instead of a never-expiring key
 per click, and a Devices window that shows expiry and whole names, asks before revoking and can
-hide revoked rows. Offscreen Qt with the controller double, and the real core where it counts."""
+hide revoked rows. Offscreen Qt with the controller double, and the real core where it counts.
+
+Names others choose (a device names itself when it pairs; LM Studio names its models) are shown
+as text: a name written as HTML must not draw as markup (issue 15, security review)."""
 
 from __future__ import annotations
 
@@ -15,8 +18,8 @@ import pytest
 
 pytest.importorskip("PySide6")
 
-from PySide6.QtGui import QGuiApplication
-from PySide6.QtWidgets import QPushButton, QWidget
+from PySide6.QtGui import QColor, QGuiApplication, Qt, QTextDocument
+from PySide6.QtWidgets import QLabel, QPushButton, QWidget
 
 from tests.conftest import LMSTUDIO_TOKEN
 from tests.fake_controller import PUBLIC_URL, FakeController
@@ -34,6 +37,7 @@ from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, MemorySecretStore
 from tray_app.ui.actions import AppActions
 from tray_app.ui.bridge import UiBridge
 from tray_app.ui.qr_window import QrWindow
+from tray_app.ui.settings_dialog import SettingsDialog
 from tray_app.ui.tray import MainWindow, TrayMenu
 
 
@@ -114,7 +118,7 @@ def test_devices_show_expiry_whole_names_and_hide_revoked(qtbot, fake, actions) 
     assert window.table.horizontalHeaderItem(7).text() == "Expires"
     row = next(i for i, r in enumerate(window.rows) if r.id == "d2")
     assert window.table.item(row, 1).text() == long_name
-    assert window.table.item(row, 1).toolTip() == long_name
+    assert _as_qt_shows_it(window.table.item(row, 1).toolTip()) == long_name
     assert window.table.item(row, 7).text().startswith("2030-")
     assert window.table.item(0, 7).text() == "—", "no expiry shown as a dash, not a date"
     window.hide_revoked.setChecked(True)
@@ -158,6 +162,113 @@ def test_a_paired_phone_is_named_and_the_code_renews(qtbot, fake, actions) -> No
     qtbot.waitUntil(lambda: window.link is not None and window.link.code != first.code)
     assert len(fake.called("pairing_link")) == 2, "one fresh code, not one per check"
     window.close()
+
+
+# ---- names shown as text, never as markup ---------------------------------------------------
+
+# A device that pairs under this name would, drawn as rich text, say "Admin laptop" in big red
+# letters and hide what it is; drawn as text it shows every character.
+SPOOF = "<font size=7 color=red>Admin laptop</font>"
+
+
+def _red_pixels(label: QLabel) -> int:
+    image = label.grab().toImage()
+    return sum(
+        1
+        for y in range(image.height())
+        for x in range(image.width())
+        if (c := QColor(image.pixel(x, y))).red() > 180 and c.green() < 90 and c.blue() < 90
+    )
+
+
+def _as_qt_shows_it(tooltip: str) -> str:
+    """What a tooltip reads as on screen: Qt renders it as HTML when it might be rich text."""
+    if not Qt.mightBeRichText(tooltip):
+        return tooltip
+    document = QTextDocument()
+    document.setHtml(tooltip)
+    return document.toPlainText()
+
+
+def _shown_literally(label: QLabel, text: str) -> None:
+    assert text in label.text()
+    assert _red_pixels(label) == 0, "the name's markup was drawn"
+    assert label.textFormat() == Qt.TextFormat.PlainText
+
+
+def test_the_red_pixel_probe_sees_markup(qtbot) -> None:  # type: ignore[no-untyped-def]
+    # The probe the tests below rely on: a label that does draw the markup has red pixels.
+    label = QLabel(SPOOF)
+    qtbot.addWidget(label)
+    label.show()
+    assert _red_pixels(label) > 50
+
+
+def test_a_device_named_in_html_is_shown_literally_when_it_pairs(qtbot, fake, actions) -> None:  # type: ignore[no-untyped-def]
+    fake.go_public()
+    window = QrWindow(fake, actions.bridge)
+    qtbot.addWidget(window)
+    window.show()
+    qtbot.waitUntil(lambda: window.link is not None and window._devices_before is not None)
+    fake.devices.append(Credential("device", "d9", SPOOF, "paired device", 2e9, None, 0, 0, True))
+    qtbot.waitUntil(lambda: window.paired.text() == f"Paired: {SPOOF} ✓", timeout=5000)
+    _shown_literally(window.paired, SPOOF)
+
+
+def test_devices_show_a_name_in_html_literally_everywhere(qtbot, fake, actions) -> None:  # type: ignore[no-untyped-def]
+    fake.devices = [
+        Credential("device", "d2", SPOOF, "paired device", 1.8e9, None, 0, 0, True),
+        Credential("device", "d3", SPOOF, "paired device", 1.8e9, None, 0, 0, False),
+    ]
+    actions.show_devices()
+    window = actions.devices_window
+    qtbot.waitUntil(lambda: window.table.rowCount() == 4)
+    for row in (2, 3):
+        item = window.table.item(row, 1)
+        assert item.text() == SPOOF
+        assert _as_qt_shows_it(item.toolTip()) == SPOOF, "the tooltip shows the name as it is"
+    long_value = window.table.item(0, 3).toolTip()
+    assert _as_qt_shows_it(long_value) == window.table.item(0, 3).text(), "plain values too"
+    window.table.selectRow(2)
+    window.revoke_button.click()
+    assert window.confirm_text.text() == (
+        f"Revoke device “{SPOOF}”? It loses access at once; this cannot be undone."
+    )
+    _shown_literally(window.confirm_text, SPOOF)
+    window.cancel_button.click()
+    window.table.selectRow(3)
+    window.revoke_button.click()
+    assert window.status.text() == f"{SPOOF} is already revoked."
+    _shown_literally(window.status, SPOOF)
+    window.table.selectRow(2)
+    window.revoke_button.click()
+    window.confirm_button.click()
+    qtbot.waitUntil(lambda: window.status.text() == f"Revoked {SPOOF}.")
+    _shown_literally(window.status, SPOOF)
+    window.close()
+
+
+class HostileModels(PairingFake):
+    """LM Studio may be hostile (position E): its model ids are anyone's text."""
+
+    def test_connection(
+        self, url: str, token: str | None = None
+    ) -> concurrent.futures.Future[tuple[bool, list[str]]]:
+        return self._answer("test_connection", (True, [SPOOF, "qwen"]), url, token)
+
+
+def test_settings_show_a_model_id_in_html_literally(qtbot) -> None:  # type: ignore[no-untyped-def]
+    fake = HostileModels()
+    dialog = SettingsDialog(fake, UiBridge())
+    qtbot.addWidget(dialog)
+    dialog.show()
+    qtbot.waitUntil(lambda: dialog.upstream.text() != "")
+    dialog.test_button.click()
+    qtbot.waitUntil(lambda: "Connected" in dialog.test_result.text())
+    assert dialog.test_result.text() == f"Connected. Models: {SPOOF}, qwen"
+    _shown_literally(dialog.test_result, SPOOF)
+    assert dialog.models.item(0).text() == SPOOF
+    dialog.close()
 
 
 # ---- the real core: one expiring key per purpose ------------------------------------------

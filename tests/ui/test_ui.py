@@ -298,6 +298,8 @@ def test_for_apps_tab_shows_base_url_and_key(qtbot, fake, actions) -> None:  # t
     assert window.key_field.text() == "lmg_fake_app_key"
     window.resize(460, 900)
     qtbot.wait(50)
+    assert decode(window) == [], "the code holds the key: drawn only when asked"
+    window.show_apps_qr.click()
     (decoded,) = decode(window)
     # What a phone app imports, not a JSON blob no app reads: Chatbox's provider link.
     assert decoded == window.chatbox_field.text()

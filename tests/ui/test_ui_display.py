@@ -277,35 +277,40 @@ def test_tray_icon_and_qr_on_a_real_display(
         crop(paired_shot, ARTIFACTS / "qr-window-paired.png", _window_box(display, QR_WINDOW))
         publish_screenshot(ARTIFACTS / "qr-window-paired.png", "qr-window-paired.png")
 
-        # The "For apps" tab: a code a phone app imports (Chatbox's provider link).
+        # The "For apps" tab: a code a phone app imports (Chatbox's provider link), drawn only
+        # when asked (Alt+S: "Show QR for an app"; nothing until the link exists).
         window_box = _window_box(display, QR_WINDOW)
-        subprocess.run(
-            [
-                "xdotool",
-                "mousemove",
-                str(window_box[0] + 115),
-                str(window_box[1] + 23),
-                "click",
-                "1",
-            ],
-            env={**os.environ, "DISPLAY": display},
-            check=True,
-            timeout=10,
-        )
+        x11 = {**os.environ, "DISPLAY": display}
+
+        def click_tab(dx: int) -> None:
+            at = (str(window_box[0] + dx), str(window_box[1] + 23))
+            subprocess.run(
+                ["xdotool", "mousemove", *at, "click", "1"], env=x11, check=True, timeout=10
+            )
+
+        click_tab(115)
         apps_shot = ARTIFACTS / "display-qr-window-for-apps.png"
         links: list[str] = []
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not links:
             time.sleep(0.3)
+            subprocess.run(["xdotool", "key", "alt+s"], env=x11, check=True, timeout=10)
+            time.sleep(0.2)
             screenshot(display, apps_shot)
             links = [t for t in decode_screen(apps_shot) if t.startswith("chatbox://")]
         assert links, f"no Chatbox link on the For apps tab ({apps_shot})"
         assert links[0].startswith("chatbox://provider/import?config=")
-        crop(
-            apps_shot,
-            ARTIFACTS / "qr-window-for-apps.png",
-            _window_box(display, QR_WINDOW),
+        # Away and back: the code is down and the key masked, as the tab always opens.
+        click_tab(45)
+        time.sleep(0.3)
+        click_tab(115)
+        masked_shot = ARTIFACTS / "display-qr-window-for-apps-masked.png"
+        time.sleep(0.5)
+        screenshot(display, masked_shot)
+        assert not [t for t in decode_screen(masked_shot) if t.startswith("chatbox://")], (
+            f"the code is still on screen after leaving the tab ({masked_shot})"
         )
+        crop(masked_shot, ARTIFACTS / "qr-window-for-apps.png", _window_box(display, QR_WINDOW))
         publish_screenshot(ARTIFACTS / "qr-window-for-apps.png", "qr-window-for-apps.png")
         send("quit")
         assert tray.wait(30) == 0

@@ -9,23 +9,40 @@ import logging
 import logging.handlers
 import os
 from collections.abc import Mapping
+from io import TextIOWrapper
 from pathlib import Path
 
 from tray_app.config.settings import load_config
 from tray_app.control.autostart import Autostart, default_command
 from tray_app.control.controller import Controller, ThreadedController, config_path_for
 from tray_app.logs import JsonFormatter, route_library_logs
-from tray_app.paths import user_log_dir
+from tray_app.paths import make_private_dir, user_log_dir
 from tray_app.tunnel.ngrok import silence_pyngrok_logs
 
 LOG_FILE = "lmgate.log"
+LOG_BACKUPS = 3
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log whose every file is 0600: it records errors, client addresses,
+    principals and the public URL, which are no one else's to read. Each new file after a
+    rollover is opened here too, so the umask never decides."""
+
+    def _open(self) -> TextIOWrapper:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        Path(self.baseFilename).chmod(0o600)  # O_CREAT's mode holds only for a new file
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
 def configure_file_logging() -> None:
     directory = user_log_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(
-        directory / LOG_FILE, maxBytes=5_000_000, backupCount=3
+    make_private_dir(directory)  # tightens a directory an older version made 0755
+    for backup in range(1, LOG_BACKUPS + 1):
+        old = directory / f"{LOG_FILE}.{backup}"
+        if old.exists():
+            old.chmod(0o600)  # written before the logs were private
+    handler = PrivateRotatingFileHandler(
+        directory / LOG_FILE, maxBytes=5_000_000, backupCount=LOG_BACKUPS
     )
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger("lmgate")

@@ -3,8 +3,10 @@ non-modal confirmation), hide the revoked ones, create an API key."""
 
 from __future__ import annotations
 
+import html
 from datetime import datetime
 
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -37,6 +39,21 @@ def _expiry(row: Credential) -> str:
     return "—" if row.expires is None else _when(row.expires)
 
 
+def literal_tooltip(text: str) -> str:
+    """``text`` as a tooltip that shows it literally. Qt takes a tooltip that looks like HTML
+    for HTML, so a device that named itself ``<font size=7>…`` would be drawn as markup; and
+    an escaped plain tooltip would show its ``&lt;``. So: escaped, inside markup Qt
+    recognises, not wrapped (``pre``), as a plain tooltip would not be."""
+    return f"<p style='white-space:pre'>{html.escape(text)}</p>"
+
+
+def _plain_label(text: str = "") -> QLabel:
+    """A label for text that holds names chosen by others (devices name themselves)."""
+    label = QLabel(text)
+    label.setTextFormat(Qt.TextFormat.PlainText)
+    return label
+
+
 class DevicesWindow(QWidget):
     def __init__(self, controller: ControllerPort, bridge: UiBridge) -> None:
         super().__init__()
@@ -61,7 +78,7 @@ class DevicesWindow(QWidget):
         self.hide_revoked = QCheckBox("Hide revoked")
         self.hide_revoked.toggled.connect(lambda _: self._fill())
         # The confirmation is a row in the window, not a modal dialog (no exec()).
-        self.confirm_text = QLabel("")
+        self.confirm_text = _plain_label()
         self.confirm_button = QPushButton("Revoke")
         self.confirm_button.clicked.connect(self.confirm_revoke)
         self.cancel_button = QPushButton("Cancel")
@@ -82,7 +99,7 @@ class DevicesWindow(QWidget):
         self.new_key.setPlaceholderText("a new key is shown here once")
         copy = QPushButton("Copy key")
         copy.clicked.connect(self.copy_key)
-        self.status = QLabel("")
+        self.status = _plain_label()
 
         buttons = QHBoxLayout()
         buttons.addWidget(self.revoke_button)
@@ -130,7 +147,7 @@ class DevicesWindow(QWidget):
             )
             for j, value in enumerate(values):
                 item = QTableWidgetItem(value)
-                item.setToolTip(value)  # a long name is whole here
+                item.setToolTip(literal_tooltip(value))  # a long name is whole here
                 self.table.setItem(i, j, item)
 
     def revoke_selected(self) -> None:

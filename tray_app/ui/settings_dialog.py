@@ -68,6 +68,8 @@ class SettingsDialog(QWidget):
         self.test_button = QPushButton("Test connection")
         self.test_button.clicked.connect(self.test_connection)
         self.test_result = QLabel("")
+        # Model ids and errors come from LM Studio, which may be hostile: text, never markup.
+        self.test_result.setTextFormat(Qt.TextFormat.PlainText)
         self.test_result.setWordWrap(True)
         self.lmstudio_token = QLineEdit()
         self.lmstudio_token.setEchoMode(QLineEdit.EchoMode.Password)
@@ -84,6 +86,7 @@ class SettingsDialog(QWidget):
         self.save_button = QPushButton("Save")
         self.save_button.clicked.connect(self.save)
         self.status = QLabel("")
+        self.status.setTextFormat(Qt.TextFormat.PlainText)
         self.status.setWordWrap(True)
         self.port_info = QLabel("")
         self.port_info.setWordWrap(True)
