@@ -190,3 +190,25 @@ class TestTheLogIsPrivate:
         assert "after the rollover" in fresh.read_text()
         assert "before the rollover" in rolled.read_text()
         assert [_mode(fresh), _mode(rolled)] == [0o600, 0o600]
+
+
+def test_a_first_launch_hands_its_flags_and_config_to_the_desktop_core(
+    qtbot: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(ui_app, "instance_name", lambda: f"lmgate-first-{time.time_ns()}")
+    built: list[dict[str, object]] = []
+    ran: list[tuple[list[str], object]] = []
+    core = object()
+
+    def capture_core(**kwargs: object) -> object:
+        built.append(kwargs)
+        return core
+
+    monkeypatch.setattr(desktop, "desktop_controller", capture_core)
+    monkeypatch.setattr(
+        ui_app, "run", lambda wishes, controller: ran.append((wishes, controller)) or 0
+    )
+    launch = TrayLaunch(["go-public"], tmp_path / "c.toml", {"server.port": "9123"})
+    assert entry_point.run_tray(launch) == 0
+    assert built == [{"overrides": {"server.port": "9123"}, "config_path": tmp_path / "c.toml"}]
+    assert ran == [(["go-public"], core)]

@@ -213,9 +213,12 @@ class TrayLaunch:
         return (["--config"] if self.config_path is not None else []) + given
 
 
-def _tray_flags_after_a_command(args: argparse.Namespace) -> list[str]:
+def _tray_flags_before_a_command(args: argparse.Namespace) -> list[str]:
+    """The tray's flags (wishes included) given before a command, which reads none of them."""
+    if not args.command:
+        return []
     launch = _tray_launch(args)
-    return launch.flags_given if args.command else []
+    return [f"--{wish}" for wish in launch.wishes] + launch.flags_given
 
 
 def _tray_launch(args: argparse.Namespace) -> TrayLaunch:
@@ -412,7 +415,9 @@ def _tray_or_headless(
             flush=True,
         )
         config = load_config(path=launch.config_path, overrides=launch.overrides)
-        if not launch.wishes:
+        # A plain launch stays private, as the tray does until "Go public"; an explicit
+        # --tunnel is a wish to go public too.
+        if not launch.wishes and launch.overrides.get("tunnel.provider") is None:
             config = replace(config, tunnel_provider=TunnelProvider.NONE)
         configure_logging(config.log_level, format=config.log_format)
         return asyncio.run(_serve(config, out))
@@ -427,11 +432,11 @@ def main(
     run_tray = run_tray or _no_tray
     parser = _parser()
     args = parser.parse_args(argv)
-    if misplaced := _tray_flags_after_a_command(args):
+    if misplaced := _tray_flags_before_a_command(args):
         parser.error(
-            f"{' '.join(misplaced)} before `{args.command}` would set nothing: "
-            f"put {'it' if len(misplaced) == 1 else 'them'} after the command "
-            f"(`lmgate {args.command} {misplaced[0]} ...`)"
+            f"{' '.join(misplaced)} before `{args.command}` would do nothing: flags before a "
+            f"command are the tray app's. Give a command its flags after its full name "
+            f"(`lmgate {args.command} --help` lists those it takes)."
         )
     out = sys.stdout
     try:

@@ -66,16 +66,27 @@ def test_the_flags_given_are_named_as_typed(desktop: None) -> None:
     assert launch.flags_given == ["--config", "--port", "--enable-messages"]
 
 
-@pytest.mark.parametrize("command", ["serve", "doctor", "key"])
-def test_a_setting_flag_before_a_command_is_a_usage_error(
-    command: str, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("before", "command"),
+    [
+        (["--port", "9123"], ["serve"]),
+        (["--port", "9123"], ["doctor"]),
+        (["--data-dir", "/x"], ["key", "list"]),
+        (["--tunnel", "lan"], ["key", "list"]),
+        (["--go-public"], ["serve"]),
+        (["--show-qr"], ["key", "list"]),
+    ],
+)
+def test_a_tray_flag_before_a_command_is_a_usage_error(
+    before: list[str], command: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exited:
-        main(["--port", "9123", command, *(["list"] if command == "key" else [])])
+        main([*before, *command])
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert f"--port before `{command}` would set nothing" in err
-    assert f"`lmgate {command} --port ...`" in err
+    assert f"{before[0]} before `{command[0]}` would do nothing" in err
+    # Pointing at the command's own help, not at a spelling that may not exist for it.
+    assert f"`lmgate {command[0]} --help` lists those it takes" in err
 
 
 def test_without_a_desktop_the_flags_reach_the_headless_gateway(env: Env, tmp_path: Path) -> None:
@@ -111,3 +122,19 @@ def test_without_a_desktop_the_flags_reach_the_headless_gateway(env: Env, tmp_pa
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+def test_without_a_desktop_an_explicit_tunnel_flag_is_not_dropped(env: Env) -> None:
+    # A plain headless launch stays private; `--tunnel ngrok` asks for the tunnel, which here
+    # fails as it should (no agent installed, and LM Gate never downloads one).
+    gone = ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")
+    headless = {k: v for k, v in env.vars.items() if k not in gone}
+    result = subprocess.run(
+        [LMGATE, "--port", "0", "--tunnel", "ngrok"],
+        env={**headless, "PATH": "/usr/bin:/bin"},  # no ngrok agent anywhere on it
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "The ngrok agent is not installed" in result.stderr
