@@ -205,9 +205,12 @@ def test_a_first_launch_hands_its_flags_and_config_to_the_desktop_core(
         return core
 
     monkeypatch.setattr(desktop, "desktop_controller", capture_core)
-    monkeypatch.setattr(
-        ui_app, "run", lambda wishes, controller: ran.append((wishes, controller)) or 0
-    )
+
+    def capture_run(wishes: list[str], controller: object) -> int:
+        ran.append((wishes, controller))
+        return 0
+
+    monkeypatch.setattr(ui_app, "run", capture_run)
     launch = TrayLaunch(["go-public"], tmp_path / "c.toml", {"server.port": "9123"})
     assert entry_point.run_tray(launch) == 0
     assert built == [{"overrides": {"server.port": "9123"}, "config_path": tmp_path / "c.toml"}]
