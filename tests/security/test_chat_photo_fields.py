@@ -187,7 +187,7 @@ class TestPhotosPerConversation:
             assert status == 200, (index, answer)  # up to the limit, every photo is taken
             conversation = answer["conversation_id"]
         assert conversation is not None
-        return conversation
+        return str(conversation)
 
     async def test_the_photo_after_the_limit_is_refused_and_nothing_is_stored(
         self, rig: IdentityRig, fake_lmstudio: FakeLMStudio
