@@ -5,6 +5,11 @@
 
 const TOKEN_KEY = "lmgate.token";
 const CONVERSATION_KEY = "lmgate.conversation";  // the one to resume after a reload
+// A system prompt set with Done but not yet sent, per conversation ("new" for a new chat): the
+// server takes it only with the next message, and a reload must not lose it meanwhile.
+const PENDING_SYSTEM_KEY = "lmgate.system.";
+// What a pairing code looks like (tray_app/identity/pairing.py): anything else is not posted.
+const CODE_SHAPE = /^[A-Z2-7]{24}$/;
 const $ = (id) => document.getElementById(id);
 const state = { token: localStorage.getItem(TOKEN_KEY), conversationId: null, controller: null,
                 lastMessage: null, lastImage: null, editing: null,
@@ -77,12 +82,26 @@ function forget(message) {
 
 // ---- pairing -------------------------------------------------------------------------------
 
+// Any link can carry a fragment: a failed pairing never costs a paired phone its pairing.
+function pairingFailed(message) {
+  if (state.token) notice(message);
+  else forget(message);
+}
+
 async function pairFromFragment() {
-  const code = decodeURIComponent(location.hash.slice(1)).trim();
-  if (!code) return;
+  const fragment = location.hash.slice(1);
+  if (!fragment) return;
   // The code was only in the fragment, which no server saw; it must not stay in the bar or history.
   history.replaceState(null, "", location.pathname + location.search);
-  $("pair-status").textContent = "Pairing…";
+  let code = "";
+  try {
+    code = decodeURIComponent(fragment).trim();
+  } catch (_) { /* not even percent-encoding: not a code either */ }
+  if (!CODE_SHAPE.test(code)) {
+    pairingFailed("This link holds no pairing code. Scan the QR code LM Gate shows.");
+    return;
+  }
+  if (!state.token) $("pair-status").textContent = "Pairing…";
   try {
     const response = await api("/pair", { method: "POST",
                                           body: { code, device_name: deviceName() } });
@@ -97,7 +116,7 @@ async function pairFromFragment() {
       pairing_code_invalid: "This QR code is not valid. Ask for a new QR code.",
       too_many_pairing_attempts: "Too many tries. Wait a minute, then scan a new QR code.",
     };
-    forget((error instanceof ApiProblem && messages[error.code]) || error.message);
+    pairingFailed((error instanceof ApiProblem && messages[error.code]) || error.message);
   }
 }
 
@@ -175,6 +194,7 @@ async function openConversation(id) {
   current(conversation.id);
   stopEdit();
   setSystem(conversation.system || "");
+  restorePendingSystem();
   $("messages").replaceChildren();
   for (const message of conversation.messages) {
     const bubble = addBubble(message.role);
@@ -210,6 +230,7 @@ function confirmDelete(item, conversation) {
 
 async function deleteConversation(id) {
   await api(`/api/conversations/${encodeURIComponent(id)}`, { method: "DELETE" });
+  localStorage.removeItem(PENDING_SYSTEM_KEY + id);
   if (id === state.conversationId) newChat();
   await loadConversations();
 }
@@ -218,6 +239,7 @@ function newChat() {
   current(null);
   stopEdit();
   setSystem("");
+  restorePendingSystem();
   dropPhoto();
   $("messages").replaceChildren();
   notice("");
@@ -263,7 +285,12 @@ function addTools(bubble, text) {
   tools.className = `tools ${answer ? "assistant" : "user"}`;
   const copy = button("Copy", "copy-message");
   copy.setAttribute("aria-label", answer ? "Copy answer" : "Copy message");
-  copy.addEventListener("click", () => LMGateMarkdown.copyText(said.get(bubble), copy));
+  // An answer copies what the reader sees, not its Markdown: that may hold text never shown
+  // (a reference-style comment, say) which a paste into a terminal would run.
+  copy.addEventListener("click", () => {
+    const shown = answer && bubble.querySelector(":scope > .answer");
+    LMGateMarkdown.copyText(shown ? shown.innerText.trim() : said.get(bubble), copy);
+  });
   tools.append(copy);
   if (answer) {
     dropRegenerate();
@@ -323,7 +350,7 @@ function addBubble(role) {
 
 // Updates the bubble in place: the Thinking section (and whether the reader opened it) and the
 // blocks of the answer that did not change are kept, not rebuilt.
-function renderAnswer(bubble, content, reasoning) {
+function renderAnswer(bubble, content, reasoning, { streaming = false } = {}) {
   let answer = bubble.querySelector(":scope > .answer");
   if (!answer) {
     answer = document.createElement("div");
@@ -345,7 +372,7 @@ function renderAnswer(bubble, content, reasoning) {
     const body = details.querySelector(".thinking-text");
     if (body.textContent !== reasoning) body.textContent = reasoning;
   }
-  LMGateMarkdown.render(answer, content);
+  LMGateMarkdown.render(answer, content, { streaming });
 }
 
 // The view follows a growing answer only while the reader is at the bottom of the list.
@@ -388,6 +415,8 @@ const PHONE_WORDING = {
   image_too_large: "This photo is too large to send. Try a smaller one.",
   invalid_image: "This photo could not be sent. Try taking or choosing it again.",
   image_type_not_allowed: "Only JPEG, PNG and WebP photos can be sent. Choose another one.",
+  too_many_images: "This conversation already holds as many photos as it can. Start a new " +
+                   "chat to send another photo.",
 };
 
 // LM Studio's refusal of a photo for a model without vision, in its various wordings.
@@ -432,11 +461,22 @@ function showFailure(bubble, content, reasoning, error) {
 function setSystem(text, { changed = false } = {}) {
   state.system = text;
   state.systemChanged = changed;
+  if (changed) localStorage.setItem(pendingSystemKey(), text);
   $("system-input").value = text;
   const button = $("system-button");
   button.classList.toggle("set", Boolean(text));
   button.title = text ? "System prompt (set)" : "System prompt";
   button.setAttribute("aria-label", text ? "System prompt (set)" : "System prompt");
+}
+
+function pendingSystemKey(id = state.conversationId) {
+  return PENDING_SYSTEM_KEY + (id || "new");
+}
+
+// A prompt set here before a reload (or before this conversation was left) and not yet sent.
+function restorePendingSystem() {
+  const pending = localStorage.getItem(pendingSystemKey());
+  if (pending !== null && pending !== state.system) setSystem(pending, { changed: true });
 }
 
 function toggleSystem(open) {
@@ -559,14 +599,36 @@ async function send(text, { retry = false, edit = false, image = null, shownImag
   busy(true);
   let content = "";
   let reasoning = "";
-  // At most one render per frame, however fast the chunks come.
+  // At most one render per frame, however fast the chunks come; and a render that takes long
+  // (a huge or pathological answer) waits three times its own time before the next, so it
+  // never takes more than a quarter of the phone's time while the answer streams.
   let frame = 0;
-  const paint = () => {
+  let nextPaint = 0;
+  const paint = (streaming = true) => {
     frame = 0;
     const follow = atBottom();
-    renderAnswer(bubble, content, reasoning);
+    const started = performance.now();
+    renderAnswer(bubble, content, reasoning, { streaming });
+    const took = performance.now() - started;
+    nextPaint = performance.now() + 3 * took;
     if (follow) toBottom();
   };
+  let later = 0;
+  const schedule = () => {
+    const wait = nextPaint - performance.now();
+    if (wait <= 0) {
+      frame = requestAnimationFrame(() => paint());
+    } else {
+      frame = -1;  // scheduled, not yet a frame
+      later = setTimeout(() => { frame = requestAnimationFrame(() => paint()); }, wait);
+    }
+  };
+  const unschedule = () => {
+    clearTimeout(later);
+    if (frame > 0) cancelAnimationFrame(frame);
+    frame = 0;
+  };
+  const systemKey = pendingSystemKey();
   try {
     const response = await api("/api/chat", {
       method: "POST", signal: controller.signal,
@@ -577,6 +639,7 @@ async function send(text, { retry = false, edit = false, image = null, shownImag
               ...(image ? { image } : {}) },
     });
     current(response.headers.get("X-Conversation-ID") || state.conversationId);
+    if (state.systemChanged) localStorage.removeItem(systemKey);
     state.systemChanged = false;  // the server keeps it now
     localStorage.setItem("lmgate.model", $("model").value);
     const reader = response.body.getReader();
@@ -600,15 +663,15 @@ async function send(text, { retry = false, edit = false, image = null, shownImag
         const thinking = delta.reasoning || delta.reasoning_content;
         if (typeof thinking === "string") reasoning += thinking;
       }
-      if ((content || reasoning) && !frame) frame = requestAnimationFrame(paint);
+      if ((content || reasoning) && !frame) schedule();
     }
-    cancelAnimationFrame(frame);
-    paint();
+    unschedule();
+    paint(false);
     const follow = atBottom();
     addTools(bubble, content);
     if (follow) toBottom();  // the tools row is part of the answer's end
   } catch (error) {
-    cancelAnimationFrame(frame);
+    unschedule();
     if (error.name === "AbortError") {
       renderAnswer(bubble, content, reasoning);
       const stopped = document.createElement("p");
@@ -703,7 +766,8 @@ async function enter() {
   show("chat");
   try {
     await loadModels();
-    await resume();
+    if (localStorage.getItem(CONVERSATION_KEY)) await resume();
+    else restorePendingSystem();
     await loadConversations();
   } catch (error) {
     showProblem(error);
@@ -717,8 +781,17 @@ async function resume() {
   try {
     await openConversation(id);
   } catch (error) {
-    if (!(error instanceof ApiProblem && error.status === 404)) throw error;
-    current(null);  // deleted meanwhile, perhaps from another tab
+    // LM Gate's answer or no connection: said as usual (a 401 unpairs), the id kept for later.
+    if (error instanceof Offline || (error instanceof ApiProblem && error.status !== 404)) {
+      throw error;
+    }
+    // Deleted meanwhile (perhaps from another tab), or it could not be shown here: start
+    // afresh rather than fail the same way on every load.
+    current(null);
+    $("messages").replaceChildren();
+    setSystem("");
+    restorePendingSystem();
+    if (!(error instanceof ApiProblem)) notice("The last conversation could not be shown.");
   }
 }
 

@@ -1,7 +1,8 @@
 """/api/chat's new fields, ``image`` and ``system``, attacked through a real gateway: every bad
 value of every field is a 400 with the field's ``param`` and a catalogue code, reaches LM
 Studio never, and stores nothing — neither a new conversation nor a turn in an existing one.
-The photo is bounded at its limit exactly, and the request carrying it by the body limit."""
+The photo is bounded at its limit exactly, the request carrying it by the body limit, and the
+photos one conversation keeps (all returned inline when it is read) by a count."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tests.conftest import IdentityFactory, IdentityRig
 from tests.fake_lmstudio import MODELS, FakeLMStudio
 from tests.helpers import photo_data_url
 from tests.integration.gateway.test_chat_api import call, key_for
-from tray_app.gateway.chat_api import MAX_IMAGE_BYTES, MAX_SYSTEM_CHARS
+from tray_app.gateway.chat_api import MAX_CONVERSATION_IMAGES, MAX_IMAGE_BYTES, MAX_SYSTEM_CHARS
 
 PNG_HEAD = b"\x89PNG\r\n\x1a\n"
 GOOD_B64 = photo_data_url().partition(",")[2]
@@ -165,6 +166,102 @@ class TestImageField:
         )
         assert (status, error["error"]["code"]) == (413, "body_too_large")
         assert fake_lmstudio.received == []
+
+
+class TestPhotosPerConversation:
+    """Reading a conversation returns every photo it keeps: so it keeps a bounded number."""
+
+    async def fill(self, rig: IdentityRig, key: str) -> str:
+        conversation = None
+        for index in range(MAX_CONVERSATION_IMAGES):
+            status, answer = await post(
+                rig,
+                key,
+                {
+                    "message": f"Photo {index}",
+                    "model": MODELS[0],
+                    "image": photo_data_url(),
+                    **({"conversation_id": conversation} if conversation else {}),
+                },
+            )
+            assert status == 200, (index, answer)  # up to the limit, every photo is taken
+            conversation = answer["conversation_id"]
+        assert conversation is not None
+        return str(conversation)
+
+    async def test_the_photo_after_the_limit_is_refused_and_nothing_is_stored(
+        self, rig: IdentityRig, fake_lmstudio: FakeLMStudio
+    ) -> None:
+        key = key_for(rig)
+        conversation = await self.fill(rig, key)
+        for flags in ({}, {"retry": True}):
+            error = await refused(
+                rig,
+                key,
+                fake_lmstudio,
+                {"image": photo_data_url(), "conversation_id": conversation, **flags},
+            )
+            assert (error["code"], error["param"], error["type"]) == (
+                "too_many_images",
+                "image",
+                "invalid_request_error",
+            )
+            assert str(MAX_CONVERSATION_IMAGES) in error["message"]
+        _, full, _ = await call(rig, key, f"/api/conversations/{conversation}")
+        photos = [m["image"] for m in full["messages"] if m["image"]]
+        assert len(photos) == MAX_CONVERSATION_IMAGES
+        assert full["messages"][-1]["content"] == "tok0 tok1 tok2 tok3 tok4", "no turn added"
+
+    async def test_a_full_conversation_goes_on_in_words_and_an_edit_may_swap_its_photo(
+        self, rig: IdentityRig, fake_lmstudio: FakeLMStudio
+    ) -> None:
+        key = key_for(rig)
+        conversation = await self.fill(rig, key)
+        status, _ = await post(
+            rig, key, {"message": "And now?", "model": MODELS[0], "conversation_id": conversation}
+        )
+        assert status == 200
+        status, _ = await post(
+            rig,
+            key,
+            {"message": "Photo 9", "model": MODELS[0], "conversation_id": conversation},
+        )
+        assert status == 200
+        # The last question holds no photo: an edit that adds one would be one too many...
+        error = await refused(
+            rig,
+            key,
+            fake_lmstudio,
+            {"image": photo_data_url(), "conversation_id": conversation, "edit": True},
+        )
+        assert error["code"] == "too_many_images"
+        # ...but in a fresh conversation the same photo is welcome.
+        status, answer = await post(
+            rig, key, {"message": "New", "model": MODELS[0], "image": photo_data_url()}
+        )
+        assert status == 200 and answer["conversation_id"] != conversation
+
+    async def test_an_edit_replacing_the_last_photo_keeps_the_count(
+        self, rig: IdentityRig, fake_lmstudio: FakeLMStudio
+    ) -> None:
+        key = key_for(rig)
+        conversation = await self.fill(rig, key)
+        replacement = png_of_size(64)
+        status, answer = await post(
+            rig,
+            key,
+            {
+                "message": "Photo 9, better",
+                "model": MODELS[0],
+                "conversation_id": conversation,
+                "image": replacement,
+                "edit": True,
+            },
+        )
+        assert status == 200, answer
+        _, full, _ = await call(rig, key, f"/api/conversations/{conversation}")
+        photos = [m["image"] for m in full["messages"] if m["image"]]
+        assert len(photos) == MAX_CONVERSATION_IMAGES and photos[-1] == replacement
 
 
 class TestSystemField:

@@ -147,7 +147,7 @@ def test_copy_a_message_and_regenerate_the_last_answer(browser: Any, live: Live)
         "() => [...document.querySelectorAll('.tools.assistant .copy-message')].pop()"
         ".textContent === 'Copied'"
     )
-    assert page.evaluate("navigator.clipboard.readText()") == "tok0 tok1 tok2 "
+    assert page.evaluate("navigator.clipboard.readText()") == "tok0 tok1 tok2"
     shot(page, "phone-actions")
 
     live.fake.behaviour.reply = "A **better** answer"

@@ -582,6 +582,15 @@ def chat_image_too_large(limit: int) -> ApiError:
     )
 
 
+def chat_too_many_images(limit: int) -> ApiError:
+    return _invalid_body(
+        f"This conversation already holds {limit} photos, as many as it may; "
+        "start a new conversation to send another.",
+        code="too_many_images",
+        param="image",
+    )
+
+
 def chat_model_invalid() -> ApiError:
     return _invalid_body('"model" must be a model name.', param="model")
 

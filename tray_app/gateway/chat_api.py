@@ -17,6 +17,13 @@ older ones become a short text note, so a long photo conversation does not resen
 on every turn. Photos do not count against ``chat.context_chars`` (their cost in tokens is the
 model's); ``limits.max_body_bytes`` bounds each request.
 
+``GET /api/conversations/{id}`` returns every stored photo inline, so its size is bounded by
+bounding the photos: at most ``MAX_IMAGE_BYTES`` (2 MiB) each — the phone page sends JPEGs of
+at most 1280 px, well under 1 MB — and at most ``MAX_CONVERSATION_IMAGES`` per conversation; a
+further photo is refused (400 ``too_many_images``, ``param: image``) before anything is stored
+or sent, and the page says to start a new chat. So one conversation's answer holds at most
+~27 MB of photos (base64), plus its text.
+
 System prompt: ``"system"`` (at most ``MAX_SYSTEM_CHARS``, "" to clear it) sets the
 conversation's system prompt, kept with it and sent as the first message of this and every
 later turn. It is always sent, whatever the trimming, and its length is taken from the history's
@@ -59,8 +66,10 @@ from tray_app.storage.conversations import (
 CHAT_ROUTE = next(r for r in FORWARDED_ROUTES if r.path == "/v1/chat/completions")
 MAX_MESSAGE_CHARS = 100_000
 MAX_SYSTEM_CHARS = 10_000
-# Decoded; a phone photo resized to 1280 px is ~150-400 KB, so this leaves room for a PNG.
-MAX_IMAGE_BYTES = 8 * 1024 * 1024
+# Decoded; a phone photo resized to 1280 px is ~150-400 KB (the page sends at most ~1 MB).
+MAX_IMAGE_BYTES = 2 * 1024 * 1024
+# Photos one conversation keeps: reading it back returns them all, so this bounds that answer.
+MAX_CONVERSATION_IMAGES = 10
 # Photos resent with a turn (the newest ones of the history sent): vision models spend hundreds
 # of tokens on each, and the question is almost always about the latest.
 MAX_RESENT_IMAGES = 3
@@ -236,6 +245,7 @@ class ChatApi:
                     "limits": {
                         "max_body_bytes": self._max_body_bytes,
                         "max_image_bytes": MAX_IMAGE_BYTES,
+                        "max_conversation_images": MAX_CONVERSATION_IMAGES,
                         "max_message_chars": MAX_MESSAGE_CHARS,
                         "max_system_chars": MAX_SYSTEM_CHARS,
                     },
@@ -334,6 +344,12 @@ class ChatApi:
         )
         if retried is None:
             history.append(Message("user", message, None, 0.0, image))
+        # Counted as it will be stored (an edit's new photo replaces its old one); only a new
+        # photo is refused, so a conversation over the limit can still go on in words.
+        if image is not None and sum(1 for m in retried or history if m.image) > (
+            MAX_CONVERSATION_IMAGES
+        ):
+            raise errors.chat_too_many_images(MAX_CONVERSATION_IMAGES)
         system = (
             new_system
             if new_system is not None

@@ -13,6 +13,7 @@ from tests.fake_lmstudio import MODELS, FakeLMStudio
 from tests.helpers import photo_data_url
 from tests.integration.gateway.test_chat_api import call, key_for
 from tray_app.gateway.chat_api import (
+    MAX_CONVERSATION_IMAGES,
     MAX_IMAGE_BYTES,
     MAX_MESSAGE_CHARS,
     MAX_SYSTEM_CHARS,
@@ -228,6 +229,7 @@ async def test_the_list_names_the_limits_a_photo_must_fit(rig: IdentityRig) -> N
     assert listed["limits"] == {
         "max_body_bytes": 32 * 1024 * 1024,
         "max_image_bytes": MAX_IMAGE_BYTES,
+        "max_conversation_images": MAX_CONVERSATION_IMAGES,
         "max_message_chars": MAX_MESSAGE_CHARS,
         "max_system_chars": MAX_SYSTEM_CHARS,
     }

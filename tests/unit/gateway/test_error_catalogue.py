@@ -635,6 +635,16 @@ CATALOGUE = [
         "The photo is larger than 8388608 bytes; send it smaller.",
     ),
     entry(
+        E.chat_too_many_images,
+        (10,),
+        400,
+        BAD,
+        "too_many_images",
+        "image",
+        "This conversation already holds 10 photos, as many as it may; "
+        "start a new conversation to send another.",
+    ),
+    entry(
         E.chat_model_invalid,
         (),
         400,
