@@ -196,6 +196,14 @@ async def _finish(relayed: Relayed) -> bytes:
     return bytes(relayed.client.sent)
 
 
+def _without_beats(body: bytes) -> bytes:
+    """The body without its leading heartbeats (due before the first token when LM Studio's
+    answer is slow to arrive, as on a loaded machine)."""
+    while body.startswith(HEARTBEAT):
+        body = body.removeprefix(HEARTBEAT)
+    return body
+
+
 def _error_codes(body: bytes) -> list[str]:
     found = [json.loads(event) for event in sse_events(body) if event != "[DONE]"]
     return [event["error"]["code"] for event in found if "error" in event]
@@ -289,7 +297,7 @@ async def test_a_revocation_while_a_token_is_being_written_counts_that_token(
     await asyncio.wait_for(client.holding.wait(), 5)
     relayed.relay.abort(REVOKED)
     body = await _finish(relayed)
-    assert body.startswith(TOKENS[0] + TOKENS[1])
+    assert _without_beats(body).startswith(TOKENS[0] + TOKENS[1])
     _assert_ends_with_one_error(body, relayed.relay, REVOKED.code)
 
 
@@ -307,7 +315,10 @@ async def test_a_revocation_while_the_error_event_is_being_written_adds_no_secon
     await asyncio.wait_for(client.holding.wait(), 5)
     relayed.relay.abort(REVOKED)  # too late: the stream already ends with its own error
     body = await _finish(relayed)
-    assert body.startswith(TOKENS[0] if ending == "stream-breaks" else HEARTBEAT)
+    if ending == "stream-breaks":  # a beat may come first on a loaded machine
+        assert _without_beats(body).startswith(TOKENS[0])
+    else:
+        assert body.startswith(HEARTBEAT)
     _assert_ends_with_one_error(body, relayed.relay, code)
 
 
