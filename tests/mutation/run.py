@@ -20,6 +20,9 @@ the code, which a test noticed by not finishing). Exit status 1 when a module is
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
+import hashlib
 import json
 import shutil
 import subprocess
@@ -60,16 +63,59 @@ class Score:
         return 100.0 * self.killed / self.counted if self.counted else 100.0
 
 
-def load_equivalents() -> dict[str, str]:
-    found: dict[str, str] = {}
+@dataclass(frozen=True)
+class Equivalent:
+    reason: str
+    # The mutant's changed lines, hashed: mutmut numbers a function's mutants in order, so
+    # an edit to the function can move a listed id onto another mutant, even a real survivor.
+    fingerprint: str | None
+
+
+def load_equivalents() -> dict[str, Equivalent]:
+    found: dict[str, Equivalent] = {}
     for line in EQUIVALENTS.read_text("utf-8").splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            ident, _, reason = line.partition(" ")
-            if not reason.strip():
+            ident, _, rest = line.partition(" ")
+            rest = rest.strip()
+            fingerprint = None
+            if rest.startswith("@"):
+                fingerprint, _, rest = rest[1:].partition(" ")
+            if not rest.strip():
                 raise SystemExit(f"equivalents.txt: {ident} has no reason")
-            found[ident] = reason.strip()
+            found[ident] = Equivalent(rest.strip(), fingerprint)
     return found
+
+
+def mutant_sources(where: Path, file: str) -> dict[str, str]:
+    """Every function of mutmut's rewritten copy of ``file`` in scratch ``where``, by name:
+    the original (``..._mutmut_orig``) and each mutant (``..._mutmut_N``)."""
+    path = where / "mutants" / file
+    if not path.exists():
+        return {}
+    text = path.read_text("utf-8")
+    sources: dict[str, str] = {}
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and "__mutmut_" in node.name:
+            sources[node.name] = ast.get_source_segment(text, node) or ""
+    return sources
+
+
+def fingerprint(sources: dict[str, str], ident: str) -> str | None:
+    """A short hash of the lines a mutant changes in its function (None: no such mutant)."""
+    name = ident.rsplit(".", 1)[-1]
+    function, _, _ = name.rpartition("__mutmut_")
+    mutant, original = sources.get(name), sources.get(function + "__mutmut_orig")
+    if mutant is None or original is None:
+        return None
+    old = original.replace(function + "__mutmut_orig", function).splitlines()
+    new = mutant.replace(name, function).splitlines()
+    changed = [
+        line.strip()
+        for line in difflib.unified_diff(old, new, lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+    return hashlib.sha1("\n".join(changed).encode()).hexdigest()[:10]
 
 
 def _toml_value(value: Any) -> str:
@@ -119,15 +165,23 @@ def run_module(name: str, module: dict[str, Any], shared: dict[str, Any], jobs: 
     return where
 
 
-def score_module(name: str, where: Path, file: str, equivalents: dict[str, str]) -> Score:
+def score_module(name: str, where: Path, file: str, equivalents: dict[str, Equivalent]) -> Score:
     meta = where / "mutants" / (file + ".meta")
     if not meta.exists():
         print(f"   no results: see {where / 'mutmut.log'}")
         return Score(name, 0, [], ["<mutmut failed>"], 0)
     codes: dict[str, int | None] = json.loads(meta.read_text("utf-8"))["exit_code_by_key"]
+    sources = mutant_sources(where, file)
     score = Score(name, 0, [], [], 0)
     for ident, code in sorted(codes.items()):
-        if ident in equivalents and code in KILLED_CODES:
+        listed = equivalents.get(ident)
+        if listed is not None and listed.fingerprint != fingerprint(sources, ident):
+            found = fingerprint(sources, ident)
+            score.other.append(
+                f"{ident} (listed as equivalent, but its mutant's fingerprint is @{found}, "
+                f"not @{listed.fingerprint}: a stale id? re-read the mutant, then fix the line)"
+            )
+        elif ident in equivalents and code in KILLED_CODES:
             # mutmut numbers a function's mutants in order, so an edit to the function moves
             # the ids: a listed id that a test kills now names another mutant.
             score.other.append(f"{ident} (listed as equivalent but killed: a stale id?)")
@@ -145,6 +199,19 @@ def score_module(name: str, where: Path, file: str, equivalents: dict[str, str])
         if ident.startswith(prefix):
             score.other.append(f"{ident} (listed as equivalent but no such mutant: a stale id?)")
     return score
+
+
+def print_fingerprints(names: list[str], modules: dict[str, dict[str, Any]]) -> None:
+    """Each listed equivalent of these modules with its mutant's fingerprint, from the last
+    run's scratch copies: for writing equivalents.txt after reading the mutants."""
+    equivalents = load_equivalents()
+    for name in names:
+        file = modules[name]["file"]
+        sources = mutant_sources(SCRATCH / name, file)
+        prefix = file.removesuffix(".py").replace("/", ".") + "."
+        for ident, listed in equivalents.items():
+            if ident.startswith(prefix):
+                print(f"{ident}  @{fingerprint(sources, ident)}  {listed.reason}")
 
 
 def _run_table_mutant(entry: dict[str, Any]) -> tuple[str, str]:
@@ -175,7 +242,9 @@ def _run_table_mutant(entry: dict[str, Any]) -> tuple[str, str]:
         shutil.rmtree(where, ignore_errors=True)
 
 
-def run_table_mutants(selected: set[str] | None, equivalents: dict[str, str], jobs: int) -> Score:
+def run_table_mutants(
+    selected: set[str] | None, equivalents: dict[str, Equivalent], jobs: int
+) -> Score:
     entries: list[dict[str, Any]] = tomllib.loads(TABLE_MUTANTS.read_text("utf-8"))["mutant"]
     score = Score("table mutants", 0, [], [], 0)
     chosen = []
@@ -220,6 +289,11 @@ def main() -> int:
     parser.add_argument("--no-tables", action="store_true", help="skip the hand-written mutants")
     parser.add_argument("--jobs", type=int, default=1, help="workers (mutmut and table mutants)")
     parser.add_argument("--threshold", type=float, default=0.0, help="fail below this score")
+    parser.add_argument(
+        "--fingerprints",
+        action="store_true",
+        help="print the listed equivalents with their mutants' fingerprints from the last run",
+    )
     args = parser.parse_args()
 
     config = tomllib.loads(CONFIG.read_text("utf-8"))
@@ -228,6 +302,9 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown module(s) {sorted(unknown)}; known: {sorted(modules)}")
     names = args.module or list(modules)
+    if args.fingerprints:
+        print_fingerprints(names, modules)
+        return 0
     equivalents = load_equivalents()
 
     scores = []
