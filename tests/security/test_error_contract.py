@@ -97,7 +97,7 @@ class TestErrorsOverSockets:
             "route_disabled",
             None,
             "/v1/responses is turned off in LM Gate; enable it with the setting "
-            "routes.enable_responses.",
+            "routes.enable_responses or the flag --enable-responses.",
         )
 
     async def test_method_not_allowed(self, rig: IdentityRig) -> None:

@@ -68,3 +68,32 @@ def test_readme_names_every_cli_command() -> None:
         "lmgate keys rotate",
     ):
         assert command in README, command
+
+
+def test_the_request_line_example_is_what_serve_prints() -> None:
+    import logging
+
+    from tray_app.logs import ACCESS_LOGGER, TextFormatter
+
+    found = re.search(r"one short line per\s+request \(`(\d\d:\d\d:\d\d) ([^`]+)`", README)
+    assert found is not None, "the README shows a request line"
+    record = logging.LogRecord(ACCESS_LOGGER, logging.INFO, __file__, 1, "request", (), None)
+    # What the gateway logs for a chat by an API key: its principal is key:<id>.
+    record.access = {
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "status": 200,
+        "model": "qwen2.5-7b-instruct",
+        "latency_ms": 1240.0,
+        "prompt_tokens": 7,
+        "completion_tokens": 20,
+        "principal": "key:f9ad1a8bbd35",
+    }
+    printed = TextFormatter().format(record)
+    assert printed.split(" ", 1)[1] == found.group(2)
+
+
+def test_troubleshooting_names_the_codes_a_new_user_meets() -> None:
+    section = README.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    assert "`401 invalid_token`" in section
+    assert "--enable-messages" in section and "route_disabled" in section

@@ -31,9 +31,9 @@ def claude_code_settings(base_url: str, key: str, *, model: str | None = None) -
     return "\n".join(lines) + "\n"
 
 
-def client_settings(base_url: str, key: str, *, messages_on: bool) -> str:
+def client_settings(base_url: str, key: str, *, messages_on: bool, model: str | None = None) -> str:
     """Both snippets, and how to turn on what Claude Code needs when it is off."""
-    claude = claude_code_settings(base_url, key)
+    claude = claude_code_settings(base_url, key, model=model)
     if not messages_on:
         claude += (
             "# Claude Code needs POST /v1/messages: start LM Gate with --enable-messages\n"

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tray_app.errors import ConfigError
+from tray_app.cli.input_errors import InputError
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 
@@ -31,7 +31,7 @@ class Deployment:
 
     def validate(self) -> Deployment:
         if not _DOMAIN.match(self.domain.lower()):
-            raise ConfigError(
+            raise InputError(
                 "--domain", f"{self.domain!r} is not a domain name like llm.example.com"
             )
         for name, port in (
@@ -40,9 +40,9 @@ class Deployment:
             ("--http-port", self.http_port),
         ):
             if not 1 <= port <= 65535:
-                raise ConfigError(name, f"must be between 1 and 65535, got {port}")
+                raise InputError(name, f"must be between 1 and 65535, got {port}")
         if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", self.user):
-            raise ConfigError("--user", f"{self.user!r} is not a valid system user name")
+            raise InputError("--user", f"{self.user!r} is not a valid system user name")
         return self
 
     @property

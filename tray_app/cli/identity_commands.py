@@ -4,13 +4,16 @@ stored secrets. Secrets (tokens, keys) are printed once, at creation, and never 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import IO
+from urllib.parse import urlsplit
 
 from tray_app.cli.client_settings import client_settings, loopback_host
+from tray_app.cli.input_errors import InputError
 from tray_app.config.settings import Config, parse_duration
 from tray_app.control.assembly import (
     Identity,
@@ -18,7 +21,8 @@ from tray_app.control.assembly import (
     rotate_signing_key_everywhere,
     secret_store_for,
 )
-from tray_app.errors import ConfigError, SecretStoreError
+from tray_app.errors import SecretStoreError
+from tray_app.gateway.server.identify import lmgate_listens
 from tray_app.identity.access import CLI_KEY_SCOPES, CLI_TOKEN_SCOPES
 from tray_app.identity.principal import ALL_SCOPES, CredentialKind, PrincipalId
 from tray_app.identity.signing_key import SIGNING_KEY, load_or_create_signing_key
@@ -110,7 +114,7 @@ def _scopes(raw: Sequence[str] | None, default: frozenset[str]) -> frozenset[str
     scopes = frozenset(s.strip() for item in raw for s in item.replace(",", " ").split())
     unknown = scopes - ALL_SCOPES
     if unknown:
-        raise ConfigError(
+        raise InputError(
             "--scope",
             f"unknown scope {', '.join(sorted(unknown))}; choose from "
             f"{', '.join(sorted(ALL_SCOPES))}",
@@ -123,8 +127,12 @@ def _models(raw: str | None) -> frozenset[str] | None:
         return None
     models = frozenset(m.strip() for m in raw.split(",") if m.strip())
     if not models:
-        raise ConfigError("--models", "give at least one model name")
+        raise InputError("--models", "give at least one model name")
     return models
+
+
+def _first_model(raw: str | None) -> str | None:
+    return next((m.strip() for m in (raw or "").split(",") if m.strip()), None)
 
 
 def _ttl(raw: str | None, default: float | None) -> float | None:
@@ -133,7 +141,7 @@ def _ttl(raw: str | None, default: float | None) -> float | None:
     try:
         return parse_duration(raw)
     except ValueError as exc:
-        raise ConfigError("--ttl", str(exc)) from None
+        raise InputError("--ttl", str(exc)) from None
 
 
 def _table(out: IO[str], header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -198,9 +206,9 @@ def _token(
     if action == "create":
         name = args.name.strip()
         if not name:
-            raise ConfigError("NAME", "a token needs a name")
+            raise InputError("NAME", "a token needs a name")
         if args.max_tokens is not None and args.max_tokens <= 0:
-            raise ConfigError("--max-tokens", "must be a positive number")
+            raise InputError("--max-tokens", "must be a positive number")
         ttl = _ttl(args.ttl, config.auth_token_ttl)
         assert ttl is not None
         issued = identity.tokens.issue(
@@ -236,7 +244,7 @@ def _token(
     try:
         record = identity.tokens.revoke(args.id)
     except (LookupError, ValueError) as exc:
-        raise ConfigError("ID", str(exc)) from None
+        raise InputError("", f"{exc} (`lmgate token list` shows the IDs)") from None
     print(f"Revoked token {record.jti} ({record.name}).", file=out)
     return 0
 
@@ -252,19 +260,32 @@ def _key(
             ttl=_ttl(args.ttl, None),
         )
         print(key, file=out)
+        expiry = f"expires {_when(record.expires)}" if record.expires else "never expires"
         print(
             f"\nAPI key {record.id} for {record.name!r}: scopes "
-            f"{' '.join(sorted(record.scopes))}, expires {_when(record.expires)}. It is shown "
+            f"{' '.join(sorted(record.scopes))}, {expiry}. It is shown "
             "only now; LM Gate keeps just its hash.",
             file=sys.stderr,
         )
         local = f"http://{loopback_host(config.server_host)}:{config.server_port}"
-        snippets = client_settings(local, key, messages_on=config.routes_enable_messages)
+        # The first model as typed: a key limited to models can use no other in Claude Code.
+        first = _first_model(args.models)
+        snippets = client_settings(
+            local, key, messages_on=config.routes_enable_messages, model=first
+        )
         print(
             "\nSettings to paste into an app on this computer (elsewhere, use the address it "
             f"reaches LM Gate at):\n\n{snippets}",
             file=sys.stderr,
         )
+        if not asyncio.run(lmgate_listens(config.server_host, config.server_port)):
+            # A serve started with --port (or only public) is not where server.port says.
+            print(
+                f"Note: no LM Gate answers at {local} now; these settings assume server.port "
+                f"({config.server_port}). Use the address LM Gate runs at (its port, or its "
+                "public URL) if that differs.",
+                file=sys.stderr,
+            )
         return 0
     if action == "list":
         rows = [
@@ -289,14 +310,36 @@ def _key(
     try:
         record = identity.api_keys.revoke(args.id)
     except LookupError as exc:
-        raise ConfigError("ID", str(exc)) from None
+        raise InputError("", f"{exc} (`lmgate key list` shows the IDs)") from None
     print(f"Revoked API key {record.id} ({record.name}).", file=out)
     return 0
 
 
+def gateway_address(raw: str) -> str:
+    """A ``--url`` the phone can open: anything else made a QR code that led nowhere."""
+    text = raw.strip().rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in {"http", "https"}:
+        rest = text.split("://", 1)[-1]
+        like = f"http://{rest}" if rest else "https://calm-otter.ngrok.app"
+        raise InputError("--url", f"must start with http:// or https:// (like {like}), got {raw!r}")
+    try:
+        host, _ = parts.hostname, parts.port
+    except ValueError:
+        raise InputError("--url", f"has an invalid port: {raw!r}") from None
+    if not host:
+        raise InputError("--url", f"has no host name: {raw!r}")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        # The pairing code rides in the fragment; anything else there would garble it.
+        raise InputError("--url", f"must be the gateway's address alone, got {raw!r}")
+    return text
+
+
 def _pair(args: argparse.Namespace, identity: Identity, config: Config, out: IO[str]) -> int:
+    # Checked before a code is made: a refused address leaves no code behind.
+    given = gateway_address(args.url) if args.url is not None else None
     code, expires = identity.pairing.create_code(device_name=args.device)
-    base = (args.url or f"http://{config.server_host}:{config.server_port}").rstrip("/")
+    base = given or f"http://{config.server_host}:{config.server_port}"
     url = f"{base}/#{code}"
     print(terminal_qr(url), file=out)
     print(f"Pairing URL: {url}", file=out)
@@ -331,7 +374,7 @@ def _device(args: argparse.Namespace, action: str, identity: Identity, out: IO[s
     try:
         device = identity.pairing.revoke_device(args.id)
     except LookupError as exc:
-        raise ConfigError("ID", str(exc)) from None
+        raise InputError("", f"{exc} (`lmgate device list` shows the IDs)") from None
     print(f"Revoked device {device.id} ({device.name}).", file=out)
     return 0
 

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import getpass
 import os
+import shlex
 import signal
 import sys
 import time
@@ -24,7 +25,9 @@ from tray_app.cli.identity_commands import (
     add_identity_commands,
     run_identity_command,
 )
+from tray_app.cli.input_errors import InputError
 from tray_app.config.settings import (
+    CONFIG_FILE_ENV,
     SETTINGS,
     Config,
     Setting,
@@ -37,6 +40,7 @@ from tray_app.config.settings import (
 from tray_app.control.assembly import Identity, data_dir, secret_store_for
 from tray_app.control.service import FIRST_KEY_NAME, GatewayService, Started
 from tray_app.errors import ConfigError, LMGateError
+from tray_app.gateway.server.identify import lmgate_listens
 from tray_app.gateway.upstream.probe import LMStudioProbe, probe_lmstudio
 from tray_app.logs import configure_logging
 from tray_app.qr_codes import terminal_qr
@@ -90,14 +94,13 @@ def _flag_help(setting: Setting) -> str:
     return f"{setting.help} (default {format_default(getattr(Config(), setting.attribute))})"
 
 
+def _config_help() -> str:
+    return f"config file (default: ${CONFIG_FILE_ENV}, else {default_config_path()})"
+
+
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config",
-        type=Path,
-        metavar="PATH",
-        help=f"config file (default: {default_config_path()})",
-    )
+    common.add_argument("--config", type=Path, metavar="PATH", help=_config_help())
     _add_setting_flags(common, common=True)
     return common
 
@@ -125,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         dest=TRAY_PREFIX + "config",
         type=Path,
         metavar="PATH",
-        help=f"config file (default: {default_config_path()})",
+        help=_config_help(),
     )
     _add_setting_flags(tray, common=None, prefix=TRAY_PREFIX)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -151,13 +154,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     tunnel_actions.add_parser("delete-token", parents=[common], help="forget the ngrok authtoken")
 
-    config = commands.add_parser("config", help="show the effective configuration")
+    # The common flags too: `config show` shows what --data-dir or --secret-store would make.
+    config = commands.add_parser(
+        "config", parents=[common], help="show the effective configuration"
+    )
     config.add_argument(
         "action",
         choices=["show", "path", "keys"],
-        help="show: effective values; path: the config file; keys: every setting",
+        help="show: effective values; path: the config file read; keys: every setting",
     )
-    config.add_argument("--config", type=Path, metavar="PATH", help="config file to read")
     config.add_argument(
         "--markdown", action="store_true", help="keys: as the README's Markdown table"
     )
@@ -238,13 +243,16 @@ async def _serve(config: Config, out: IO[str]) -> int:
         # A key is made (and shown) only for a terminal: journald keeps whatever serve prints.
         started = await service.start(first_key=out.isatty())
         probe = None
+        token = None
         if not started.lmstudio_reachable:
             # Asked again only when something is wrong, to say what: down, or wanting a token.
             token = read_or_none(service.secrets, LMSTUDIO_API_TOKEN)
             probe = await probe_lmstudio(
                 config.upstream_url, token, within=BANNER_PROBE_SECONDS, list_models=False
             )
-        _print_started(started, config, service.identity, out, probe)
+        _print_started(
+            started, config, service.identity, out, probe, token_stored=token is not None
+        )
         if config.tunnel_provider != "none":
             print(f"Going public with {config.tunnel_provider}...", file=out, flush=True)
             manager = await service.go_public(on_change=_status_printer(out))
@@ -266,12 +274,22 @@ def _print_started(
     identity: Identity,
     out: IO[str],
     probe: LMStudioProbe | None = None,
+    *,
+    token_stored: bool = False,
 ) -> None:
     url = started.url
     print(f"LM Gate {__version__} is running.", file=out)
     print(f"Listening on {url}  (OpenAI base URL: {url}/v1)", file=out)
     if started.lmstudio_reachable:
         print(f"LM Studio:   {config.upstream_url} is reachable.", file=out)
+    elif probe is not None and probe.needs_token and token_stored:
+        print(
+            f"LM Studio:   {config.upstream_url} refused the stored token (it answered "
+            f"{probe.status}). Copy the current one from LM Studio's Developer tab (Server "
+            "Settings -> Require Authentication) and store it with `lmgate secret set "
+            "lmstudio-api-token`; requests get 502 until then.",
+            file=out,
+        )
     elif probe is not None and probe.needs_token:
         print(
             f"LM Studio:   {config.upstream_url} wants a token (it answered {probe.status}). "
@@ -369,7 +387,9 @@ def _status_printer(out: IO[str]) -> Callable[[TunnelStatus], None]:
 
 def _config_command(args: argparse.Namespace, out: IO[str]) -> int:
     if args.action == "path":
-        print(args.config or default_config_path(), file=out)
+        from tray_app.cli.doctor import config_file_in_use
+
+        print(config_file_in_use(args.config), file=out)
         return EXIT_OK
     if args.action == "keys" and args.markdown:
         from tray_app.config.reference import markdown_table
@@ -383,7 +403,7 @@ def _config_command(args: argparse.Namespace, out: IO[str]) -> int:
                 file=out,
             )
         return EXIT_OK
-    config = load_config(path=args.config)
+    config = load_config(path=args.config, overrides=_overrides(args))
     for setting in SETTINGS:
         value = getattr(config, setting.attribute)
         # A kind prints as the word written in the file, not as Python's enum repr.
@@ -424,6 +444,61 @@ def _tray_or_headless(
     return run_tray(launch)
 
 
+def _serve_or_say_it_runs(config: Config, out: IO[str]) -> int:
+    try:
+        return asyncio.run(_serve(config, out))
+    except ConfigError as exc:
+        # A taken port is no config mistake when LM Gate itself holds it: it runs already.
+        host, port = config.server_host, config.server_port
+        if exc.key != "server.port" or not asyncio.run(lmgate_listens(host, port)):
+            raise
+    print(
+        f"lmgate: LM Gate is running already on {host}:{port}; stop it before starting "
+        "another, or choose another port with --port",
+        file=sys.stderr,
+    )
+    return EXIT_CONFIG
+
+
+def _takes_a_value() -> frozenset[str]:
+    names = {s.flag.name for s in SETTINGS if s.flag is not None and not s.flag.switch}
+    return frozenset({"--config", *names})
+
+
+def _after_the_command(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
+    """What was typed after the command's name, to keep it in the corrected line."""
+    valued = _takes_a_value()
+    for at, word in enumerate(argv):
+        if word == args.command and (at == 0 or argv[at - 1] not in valued):
+            return list(argv[at + 1 :])
+    return []
+
+
+def _misplaced_advice(
+    args: argparse.Namespace, misplaced: list[str], argv: Sequence[str] | None
+) -> str:
+    said = f"{' '.join(misplaced)} before `{args.command}` would do nothing"
+    launch = _tray_launch(args)
+    if args.command == "serve" and not launch.wishes:
+        # serve takes every setting flag: the same flags after its name are the fix.
+        moved = [] if launch.config_path is None else ["--config", str(launch.config_path)]
+        for setting in SETTINGS:
+            value = launch.overrides.get(setting.key)
+            if setting.flag is None or value is None:
+                continue
+            moved += [setting.flag.name] if setting.flag.switch else [setting.flag.name, str(value)]
+        rest = _after_the_command(args, sys.argv[1:] if argv is None else argv)
+        fixed = shlex.join(["lmgate", "serve", *moved, *rest])
+        return f"{said} (flags before a command are the tray app's); run `{fixed}`"
+    name = " ".join(
+        word for word in (args.command, getattr(args, "action", None)) if isinstance(word, str)
+    )
+    return (
+        f"{said}: flags before a command are the tray app's; give them after it "
+        f"(`lmgate {name} --help` lists those it takes)"
+    )
+
+
 def main(
     argv: Sequence[str] | None = None, *, run_tray: Callable[[TrayLaunch], int] | None = None
 ) -> int:
@@ -433,17 +508,15 @@ def main(
     parser = _parser()
     args = parser.parse_args(argv)
     if misplaced := _tray_flags_before_a_command(args):
-        parser.error(
-            f"{' '.join(misplaced)} before `{args.command}` would do nothing: flags before a "
-            f"command are the tray app's. Give a command its flags after its full name "
-            f"(`lmgate {args.command} --help` lists those it takes)."
-        )
+        # One line, not argparse's usage screen: the fix is all the person needs.
+        print(f"lmgate: {_misplaced_advice(args, misplaced, argv)}", file=sys.stderr)
+        return EXIT_CONFIG
     out = sys.stdout
     try:
         if args.command == "serve":
             config = load_config(path=args.config, overrides=_overrides(args))
             configure_logging(config.log_level, format=config.log_format)
-            return asyncio.run(_serve(config, out))
+            return _serve_or_say_it_runs(config, out)
         if args.command == "config":
             return _config_command(args, out)
         if args.command == "doctor":
@@ -481,6 +554,9 @@ def main(
             config = load_config(path=args.config, overrides=_overrides(args))
             return run_identity_command(args, config, out)
         return _tray_or_headless(args, out, run_tray)
+    except InputError as exc:
+        print(f"lmgate: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as exc:
         print(f"lmgate: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -1,13 +1,15 @@
 """``lmgate check URL TOKEN``: verify a deployment end to end from any machine.
 
 Health, that a request without a token is refused, models, a chat, a streamed chat (time to
-first token), and a CORS preflight; a pass/fail table, exit 0 only if all pass.
+first token), and a CORS preflight; a pass/fail table, exit 0 only if all pass. A step that
+cannot run because an earlier one failed is skipped, not failed, and the summary names the
+first failure: one cause is counted once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import os
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -18,6 +20,7 @@ from tray_app.gateway.upstream.failures import describe_failure
 
 HEADERS = {"ngrok-skip-browser-warning": "1"}
 SECONDS = 60.0
+MESSAGE_CHARS = 100  # an error's message as shown; LM Gate's are shorter
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,18 +28,40 @@ class Step:
     name: str
     ok: bool
     detail: str
+    skipped: bool = False
 
 
 def _why(exc: Exception) -> str:
-    """A failed step in words (it once said "ClientConnectorError: ...")."""
+    """A failed step in words: neither a class name ("ClientConnectorError") nor aiohttp's
+    own text ("Cannot connect to host ... ssl:default [Connect call failed ...]")."""
+    number = exc.os_error.errno if type(exc) is aiohttp.ClientConnectorError else None
+    if number is not None and number > 0:
+        # The system's words for the errno ("connection refused"); a DNS or TLS failure is a
+        # subclass, and describe_failure words it better.
+        return f"not reachable: {os.strerror(number).lower()}"
     if isinstance(exc, aiohttp.ClientError | TimeoutError):
-        words = describe_failure(exc)
-    elif isinstance(exc, ValueError):
-        words = "the answer was not the JSON expected"
-    else:
-        words = "the answer lacked a field"
-    detail = str(exc)
-    return f"{words} ({detail})" if detail else words
+        return f"not reachable: {describe_failure(exc)}"
+    if isinstance(exc, ValueError):
+        return "the answer was not the JSON expected"
+    return "the answer lacked a field"
+
+
+def _short(text: str, limit: int = MESSAGE_CHARS) -> str:
+    """Cut at a word, not mid-word, and say that it was cut."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " …"
+
+
+def _refusal(status: int, body: object) -> str:
+    """An error answer as its code and message (OpenAI's shape), else just its status."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        code, message = error.get("code"), error.get("message")
+        said = _short(str(message)) if message else ""
+        return f"{status} {code}: {said}" if code else f"{status}: {said}"
+    return f"answered {status}"
 
 
 async def _run(url: str, token: str) -> list[Step]:
@@ -50,14 +75,18 @@ async def _run(url: str, token: str) -> list[Step]:
             try:
                 return await coro  # type: ignore[misc]
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, IndexError) as exc:
-                steps.append(Step(name, False, _why(exc)[:160]))
+                steps.append(Step(name, False, _why(exc)))
                 return None
+
+        def skip(name: str, because: str) -> None:
+            steps.append(Step(name, False, because, skipped=True))
 
         async def health() -> None:
             async with s.get(base + "/healthz", headers=HEADERS) as r:
                 body = await r.json(content_type=None)
                 ok = r.status == 200 and body == {"status": "ok"}
-                steps.append(Step("health", ok, f"{r.status} {json.dumps(body)}"))
+                detail = "200 ok" if ok else _refusal(r.status, body)
+                steps.append(Step("health", ok, detail))
 
         async def refused() -> None:
             async with s.get(base + "/v1/models", headers=HEADERS) as r:
@@ -69,13 +98,11 @@ async def _run(url: str, token: str) -> list[Step]:
             async with s.get(base + "/v1/models", headers=auth) as r:
                 body = await r.json(content_type=None)
                 ids = [m["id"] for m in body.get("data", [])] if r.status == 200 else []
-                steps.append(
-                    Step(
-                        "models",
-                        bool(ids),
-                        ", ".join(ids) if ids else f"{r.status} {json.dumps(body)[:120]}",
-                    )
-                )
+                if r.status == 200 and not ids:
+                    detail = "LM Studio offers no model: load one"
+                else:
+                    detail = _short(", ".join(ids)) if ids else _refusal(r.status, body)
+                steps.append(Step("models", bool(ids), detail))
                 return ids
 
         async def chat(model: str) -> None:
@@ -91,7 +118,7 @@ async def _run(url: str, token: str) -> list[Step]:
                 detail = (
                     f"{(time.monotonic() - started) * 1000:.0f} ms"
                     if ok
-                    else f"{r.status} {json.dumps(body)[:120]}"
+                    else _refusal(r.status, body)
                 )
                 steps.append(Step("chat", ok, detail))
 
@@ -107,7 +134,8 @@ async def _run(url: str, token: str) -> list[Step]:
             done = False
             async with s.post(base + "/v1/chat/completions", headers=auth, json=payload) as r:
                 if r.status != 200:
-                    steps.append(Step("streamed chat", False, f"{r.status}"))
+                    body = await r.json(content_type=None)
+                    steps.append(Step("streamed chat", False, _refusal(r.status, body)))
                     return
                 async for line in r.content:
                     if line.startswith(b"data:") and first is None:
@@ -140,14 +168,20 @@ async def _run(url: str, token: str) -> list[Step]:
                 steps.append(Step("CORS preflight", ok, f"{r.status}, allows {allowed}"))
 
         await step("health", health())
+        if not steps[-1].ok and steps[-1].detail.startswith("not reachable"):
+            # Nothing answers: every other step would fail for the same reason.
+            for name in ("no token is refused", "models", "chat", "streamed chat"):
+                skip(name, "the gateway is not reachable")
+            skip("CORS preflight", "the gateway is not reachable")
+            return steps
         await step("no token is refused", refused())
         ids = await step("models", models())
         if isinstance(ids, list) and ids:
             await step("chat", chat(ids[0]))
             await step("streamed chat", stream(ids[0]))
         else:
-            steps.append(Step("chat", False, "skipped: no model"))
-            steps.append(Step("streamed chat", False, "skipped: no model"))
+            skip("chat", "no model to ask (models failed)")
+            skip("streamed chat", "no model to ask (models failed)")
         await step("CORS preflight", preflight())
     return steps
 
@@ -155,10 +189,25 @@ async def _run(url: str, token: str) -> list[Step]:
 def render(url: str, steps: list[Step]) -> str:
     width = max(len(s.name) for s in steps)
     lines = [f"LM Gate at {url}", ""]
-    lines += [f"{'PASS' if s.ok else 'FAIL'}  {s.name.ljust(width)}  {s.detail}" for s in steps]
-    failed = sum(not s.ok for s in steps)
-    lines += ["", "All checks passed." if not failed else f"{failed} check(s) failed."]
+    lines += [f"{_mark(s)}  {s.name.ljust(width)}  {s.detail}" for s in steps]
+    failed = [s for s in steps if not s.ok and not s.skipped]
+    skipped = sum(s.skipped for s in steps)
+    if not failed and not skipped:
+        summary = "All checks passed."
+    else:
+        counted = f"{len(failed)} check(s) failed" + (
+            f" ({skipped} more could not run)" if skipped else ""
+        )
+        cause = f". First cause: {failed[0].name}: {failed[0].detail}" if failed else "."
+        summary = f"{counted}{cause}"
+    lines += ["", summary]
     return "\n".join(lines)
+
+
+def _mark(step: Step) -> str:
+    if step.skipped:
+        return "SKIP"
+    return "PASS" if step.ok else "FAIL"
 
 
 def check(url: str, token: str) -> tuple[str, bool]:

@@ -15,6 +15,7 @@ from http import HTTPStatus
 
 from aiohttp import web
 
+from tray_app.config.settings import SETTINGS_BY_KEY
 from tray_app.errors import AuthError, LMGateError
 from tray_app.gateway.limits import retry_after_header
 
@@ -243,9 +244,13 @@ def native_api_refused(forwarded: str) -> ApiError:
 
 
 def route_disabled(path: str, option: str) -> ApiError:
+    # The flag too: a `serve` user turns it on there, not in a file.
+    setting = SETTINGS_BY_KEY.get(option)
+    flag = setting.flag.name if setting is not None and setting.flag is not None else None
+    how = f"the setting {option} or the flag {flag}" if flag else f"the setting {option}"
     return ApiError(
         404,
-        f"{path} is turned off in LM Gate; enable it with the setting {option}.",
+        f"{path} is turned off in LM Gate; enable it with {how}.",
         type=INVALID,
         code="route_disabled",
     )

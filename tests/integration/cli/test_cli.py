@@ -76,14 +76,26 @@ def test_serve_help() -> None:
 @pytest.mark.parametrize(
     ("args", "extra", "expected"),
     [
-        (["serve", "--port", "abc"], {}, "server.port (from command line): must be an integer"),
-        (["serve", "--upstream", "localhost:1234"], {}, "upstream.url (from command line)"),
-        (["serve"], {"LMGATE_SERVER_HOST": "not an ip"}, "server.host (from LMGATE_SERVER_HOST)"),
-        (["serve", "--config", "BADFILE"], {}, "config file"),
+        (
+            ["serve", "--port", "abc"],
+            {},
+            "config error: server.port (from command line): must be an integer",
+        ),
+        (
+            ["serve", "--upstream", "localhost:1234"],
+            {},
+            "config error: upstream.url (from command line)",
+        ),
+        (
+            ["serve"],
+            {"LMGATE_SERVER_HOST": "not an ip"},
+            "config error: server.host (from LMGATE_SERVER_HOST)",
+        ),
+        (["serve", "--config", "BADFILE"], {}, "config error: config file"),
         (
             ["serve"],
             {"LMGATE_AUTH_DEV_MODE": "1", "LMGATE_SERVER_HOST": "0.0.0.0"},
-            "auth.dev_mode",
+            "config error: auth.dev_mode",
         ),
         (["token", "create", "x", "--ttl", "soon"], {}, "--ttl: must be a duration"),
         (["token", "create", "x", "--scope", "admin"], {}, "--scope: unknown scope admin"),
@@ -101,8 +113,10 @@ def test_invalid_input_is_one_line_and_exit_2(
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("lmgate: config error: ")
+    assert lines[0].startswith("lmgate: ")
     assert expected in lines[0]
+    # A setting's problem is a config error; a typed ID, scope or duration is just named.
+    assert ("config error" in lines[0]) == expected.startswith("config error: "), lines[0]
     assert "Traceback" not in result.stderr
 
 
@@ -271,7 +285,7 @@ def test_serve_reports_a_busy_port(env: Env, serve: tuple[subprocess.Popen[str],
     _, url = serve
     result = env.run("serve", "--port", url.rsplit(":", 1)[1])
     assert result.returncode == 2
-    assert "already in use" in result.stderr
+    assert "LM Gate is running already" in result.stderr  # the port's holder is LM Gate
     assert "Traceback" not in result.stderr
 
 
@@ -293,7 +307,7 @@ def test_a_failed_start_on_a_terminal_makes_no_key_so_the_next_start_shows_one(
         _, err = busy.communicate(timeout=30)
     finally:
         os.close(controller)
-    assert busy.returncode == 2 and "already in use" in err
+    assert busy.returncode == 2 and "LM Gate is running already" in err
     # It used to make the owner key before binding: a key nobody saw, and none shown later.
     assert not re.search(r"^[0-9a-f]{12}\s+owner", env.run("key", "list").stdout, re.M)
     stop(running)

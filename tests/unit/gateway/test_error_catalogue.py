@@ -193,7 +193,7 @@ CATALOGUE = [
         "route_disabled",
         None,
         "/v1/responses is turned off in LM Gate; enable it with the setting "
-        "routes.enable_responses.",
+        "routes.enable_responses or the flag --enable-responses.",
     ),
     entry(
         E.unknown_path,
