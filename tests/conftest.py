@@ -141,7 +141,7 @@ class LiveGateway:
     """The identity gateway and the fake LM Studio on their own loop thread, for synchronous
     tests (Playwright, subprocess clients) that cannot share pytest's event loop."""
 
-    def __init__(self, data_dir: Path, **settings: Any) -> None:
+    def __init__(self, data_dir: Path, clock: Clock | None = None, **settings: Any) -> None:
         self.thread = LoopThread()
         self.thread.start()
         self.fake = FakeLMStudio()
@@ -152,7 +152,7 @@ class LiveGateway:
         )
         store = MemorySecretStore({LMSTUDIO_API_TOKEN: LMSTUDIO_TOKEN})
         self.identity = open_identity(config, load_or_create_signing_key(store))
-        self.server = GatewayServer(build_gateway(config, self.identity, store))
+        self.server = GatewayServer(build_gateway(config, self.identity, store, clock=clock))
         self.thread.submit(self.server.start()).result(5)
 
     def close(self) -> None:

@@ -47,6 +47,7 @@ class Behaviour:
     require_token: str | None = None  # act like "Require Authentication" is on
     reply: str | None = None  # stream this text (split into `chunks` pieces) instead of tokN
     reasoning: str | None = None  # stream this as delta.reasoning before the answer
+    models: tuple[str, ...] = MODELS  # what GET /v1/models lists: () = none loaded
 
 
 @dataclass
@@ -172,7 +173,8 @@ class FakeLMStudio:
             {
                 "object": "list",
                 "data": [
-                    {"id": m, "object": "model", "owned_by": "organization_owner"} for m in MODELS
+                    {"id": m, "object": "model", "owned_by": "organization_owner"}
+                    for m in self.behaviour.models
                 ],
             }
         )

@@ -17,7 +17,7 @@ const state = { token: localStorage.getItem(TOKEN_KEY), conversationId: null, co
                 systemChanged: false,  // changed here since the server last took it
                 photo: null, photoSource: null,  // the attached photo (data URL) and its bitmap
                 // The gateway's, from /api/conversations; these defaults until it answers.
-                limits: { max_body_bytes: 32 * 1024 * 1024, max_image_bytes: 8 * 1024 * 1024 } };
+                limits: { max_body_bytes: 32 * 1024 * 1024, max_image_bytes: 2 * 1024 * 1024 } };
 
 class Offline extends Error {}
 class ApiProblem extends Error {
@@ -28,6 +28,7 @@ class ApiProblem extends Error {
     this.status = status;
     this.code = error && error.code;
     this.conversationId = conversationId || null;  // where a failed turn was kept
+    this.sentModel = null;  // the model a failed message named, if any
   }
 }
 
@@ -42,7 +43,7 @@ async function api(path, { method = "GET", body, signal } = {}) {
   } catch (error) {
     if (error.name === "AbortError") throw error;
     throw new Offline("Can't reach LM Gate. Check this phone's connection, and that the " +
-                      "computer is on and LM Gate is public.");
+                      "computer is on and LM Gate is running there and open to phones.");
   }
   if (!response.ok) {
     let payload = null;
@@ -157,7 +158,7 @@ async function loadModels() {
   const previous = select.value || localStorage.getItem("lmgate.model");
   select.replaceChildren(...payload.data.map((model) => new Option(model.id, model.id)));
   if (previous && payload.data.some((m) => m.id === previous)) select.value = previous;
-  if (!payload.data.length) notice("LM Studio offers no model right now. Load one in LM Studio.");
+  if (!payload.data.length) notice(NO_MODEL);
 }
 
 async function loadConversations() {
@@ -397,17 +398,17 @@ const PHONE_WORDING = {
                           "incomplete. Tap Retry.",
   upstream_timeout: "The computer's LM Studio took too long to answer. Tap Retry, or try a " +
                     "shorter message.",
-  upstream_auth_failed: "The computer's LM Studio refused LM Gate. On the computer, give LM Gate " +
-                        "LM Studio's API token.",
+  upstream_auth_failed: "The computer's LM Studio is locked with a password (an API token) " +
+                        "that LM Gate does not have. Ask the computer's owner to give LM Gate " +
+                        "that token.",
   upstream_bad_response: "The computer's LM Studio sent an answer LM Gate could not read. " +
                          "Tap Retry.",
   upstream_response_too_large: "The answer is too long to keep. Ask for a shorter one.",
-  upstream_event_too_large: "The answer was cut short: LM Studio sent more at once than LM Gate " +
-                            "takes. Tap Retry.",
+  upstream_event_too_large: "The answer was cut short: a piece of it was too big to pass on. " +
+                            "Tap Retry.",
   shutting_down: "LM Gate on the computer is shutting down. Try again once it is back.",
   model_not_allowed: "This phone may not use this model. Choose another one above.",
   invalid_model: "That model is not available. Choose another one above.",
-  missing_model: "No model is loaded in the computer's LM Studio. Load one there, then tap Retry.",
   rate_limit_exceeded: "Too many messages at once. Wait a moment, then tap Retry.",
   too_many_concurrent_requests: "Too many answers at once. Wait a moment, then tap Retry.",
   body_too_large: "This message is too long to send. Shorten it.",
@@ -419,11 +420,20 @@ const PHONE_WORDING = {
                    "chat to send another photo.",
 };
 
+// Said when LM Studio lists no model, and when the gateway found none to pick for a message
+// the page sent without one (its model menu was empty).
+const NO_MODEL = "No model is loaded in the computer's LM Studio. Ask its owner to load one.";
+// missing_model is also the answer to a request that named no model: for a message that did
+// name one, "none loaded" would be wrong.
+const MODEL_NOT_NAMED = "The computer's LM Studio says no model was chosen. Choose a model " +
+                        "above, then tap Retry.";
+
 // LM Studio's refusal of a photo for a model without vision, in its various wordings.
 const NO_VISION = /does not support image|not support (image|vision)|image input|vision/i;
 
 function phoneWording(error) {
   if (!(error instanceof ApiProblem)) return error.message;
+  if (error.code === "missing_model") return error.sentModel ? MODEL_NOT_NAMED : NO_MODEL;
   if (PHONE_WORDING[error.code]) return PHONE_WORDING[error.code];
   if ((error.code === "upstream_error" || !error.code) && NO_VISION.test(error.message)) {
     return "This model can't see photos. Choose a model that can (a vision model) above, " +
@@ -629,10 +639,13 @@ async function send(text, { retry = false, edit = false, image = null, shownImag
     frame = 0;
   };
   const systemKey = pendingSystemKey();
+  // With an empty model menu none is named: the gateway picks the conversation's, or says
+  // there is none ("" would be refused as a bad model name).
+  const model = $("model").value || undefined;
   try {
     const response = await api("/api/chat", {
       method: "POST", signal: controller.signal,
-      body: { message: text, conversation_id: state.conversationId, model: $("model").value,
+      body: { message: text, conversation_id: state.conversationId, model,
               stream: true, retry, edit,
               // Only a change is sent: another tab's newer prompt is not overwritten.
               ...(state.systemChanged ? { system: state.system } : {}),
@@ -641,7 +654,7 @@ async function send(text, { retry = false, edit = false, image = null, shownImag
     current(response.headers.get("X-Conversation-ID") || state.conversationId);
     if (state.systemChanged) localStorage.removeItem(systemKey);
     state.systemChanged = false;  // the server keeps it now
-    localStorage.setItem("lmgate.model", $("model").value);
+    if (model) localStorage.setItem("lmgate.model", model);
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
@@ -684,6 +697,7 @@ async function send(text, { retry = false, edit = false, image = null, shownImag
       forget("This phone's access was revoked or has expired. Scan a new QR code to pair again.");
       return;
     } else {
+      if (error instanceof ApiProblem) error.sentModel = model || null;
       if (error instanceof ApiProblem && error.conversationId) current(error.conversationId);
       showFailure(bubble, content, reasoning, error);
       dropEdit();  // a failed question is retried; an edit could replace the one before it

@@ -8,8 +8,13 @@ Screenshots: docs/screenshots/phone-*.png (LMGATE_UPDATE_DOCS=1).
 
 from __future__ import annotations
 
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from tests.fake_lmstudio import MODELS
 from tests.ui import test_phone_page
 from tests.ui.test_phone_markdown import open_page, send, shot, wait_done
 from tests.ui.test_phone_page import PHONE, Live
@@ -31,9 +36,16 @@ def bubbles(page: Any) -> list[tuple[str, str]]:
 # ---- point 4: failures keep what was said ---------------------------------------------------
 
 
+STORY = (
+    "Once upon a time, a lighthouse keeper found a bottle on the rocks. Inside was a note "
+    "in a child's hand: please keep the light on, my father sails home tonight."
+)
+
+
 def test_a_broken_stream_keeps_its_partial_answer_and_retry_sends_the_turn_once(
     browser: Any, live: Live
 ) -> None:
+    live.fake.behaviour.reply = STORY
     live.fake.behaviour.chunks = 8
     live.fake.behaviour.chunk_delay = 0.02
     live.fake.behaviour.fail_after = 3
@@ -41,7 +53,8 @@ def test_a_broken_stream_keeps_its_partial_answer_and_retry_sends_the_turn_once(
     send(page, "Tell me a story")
     page.wait_for_selector(".message.failed .error-line", timeout=10000)
     answer = page.locator(".message.assistant").last
-    assert answer.locator(".answer").inner_text().strip() == "tok0 tok1 tok2", "the answer stays"
+    partial = STORY[: 3 * -(-len(STORY) // 8)].strip()  # the fake's first three pieces
+    assert answer.locator(".answer").inner_text().strip() == partial, "the answer stays"
     line = answer.locator(".error-line")
     assert "broke off" in line.inner_text() and "Retry" in line.inner_text()
     assert page.is_visible("#retry")
@@ -52,7 +65,7 @@ def test_a_broken_stream_keeps_its_partial_answer_and_retry_sends_the_turn_once(
     wait_done(page)
     assert bubbles(page) == [
         ("message user", "Tell me a story"),
-        ("message assistant", "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7"),
+        ("message assistant", STORY),
     ], "the partial answer is replaced, the question is not repeated"
     sent = live.fake.received[-1].json()["messages"]
     assert sent == [{"role": "user", "content": "Tell me a story"}], "LM Studio saw one turn"
@@ -63,7 +76,7 @@ def test_a_broken_stream_keeps_its_partial_answer_and_retry_sends_the_turn_once(
     page.wait_for_selector(".message.assistant")
     assert bubbles(page) == [
         ("message user", "Tell me a story"),
-        ("message assistant", "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7"),
+        ("message assistant", STORY),
     ], "the server kept the turn once, with its whole answer"
     watch.check(page)
     context.close()
@@ -106,6 +119,8 @@ def test_a_new_pairing_link_pairs_a_tab_that_already_shows_the_page(
     page = context.new_page()
     page.goto(live.server.url + "/")
     page.wait_for_selector("#pair-screen:not([hidden])")
+    assert "Show QR code…" in page.inner_text("#pair-message")
+    assert "lmgate pair" in page.inner_text("#pair-headless"), "a host without a tray too"
     code, _ = live.identity.pairing.create_code()
     page.goto(f"{live.server.url}/#{code}")  # same document: only the fragment changes
     page.wait_for_selector("#chat-screen:not([hidden])", timeout=10000)
@@ -127,9 +142,11 @@ def token_fetch(path: str) -> str:
 
 def test_copy_a_message_and_regenerate_the_last_answer(browser: Any, live: Live) -> None:
     live.fake.behaviour.chunks = 3
+    live.fake.behaviour.reply = "Hello! How can I help?"
     context, page, watch = open_page(browser, live)
     send(page, "Hello")
     wait_done(page)
+    live.fake.behaviour.reply = "Here it is: **Hello!**"
     send(page, "Say it in **bold**")
     wait_done(page)
     assert page.locator(".tools .regenerate").count() == 1, "only under the last answer"
@@ -147,7 +164,7 @@ def test_copy_a_message_and_regenerate_the_last_answer(browser: Any, live: Live)
         "() => [...document.querySelectorAll('.tools.assistant .copy-message')].pop()"
         ".textContent === 'Copied'"
     )
-    assert page.evaluate("navigator.clipboard.readText()") == "tok0 tok1 tok2"
+    assert page.evaluate("navigator.clipboard.readText()") == "Here it is: Hello!"
     shot(page, "phone-actions")
 
     live.fake.behaviour.reply = "A **better** answer"
@@ -156,7 +173,7 @@ def test_copy_a_message_and_regenerate_the_last_answer(browser: Any, live: Live)
     wait_done(page)
     assert bubbles(page) == [
         ("message user", "Hello"),
-        ("message assistant", "tok0 tok1 tok2"),
+        ("message assistant", "Hello! How can I help?"),
         ("message user", "Say it in **bold**"),
         ("message assistant", "A better answer"),
     ], "the last answer is replaced, the question not repeated"
@@ -164,14 +181,14 @@ def test_copy_a_message_and_regenerate_the_last_answer(browser: Any, live: Live)
     sent = live.fake.received[-1].json()["messages"]
     assert [(m["role"], m["content"]) for m in sent] == [
         ("user", "Hello"),
-        ("assistant", "tok0 tok1 tok2 "),
+        ("assistant", "Hello! How can I help?"),
         ("user", "Say it in **bold**"),
     ]
     (conversation,) = page.evaluate(token_fetch("/api/conversations"))["data"]
     full = page.evaluate(token_fetch(f"/api/conversations/{conversation['id']}"))
     assert [m["content"] for m in full["messages"]] == [
         "Hello",
-        "tok0 tok1 tok2 ",
+        "Hello! How can I help?",
         "Say it in **bold**",
         "A **better** answer",
     ], "replaced on the server too"
@@ -204,6 +221,7 @@ def test_the_last_conversation_is_resumed_after_a_reload(browser: Any, live: Liv
 
 def test_deleting_a_conversation_asks_inline_first(browser: Any, live: Live) -> None:
     live.fake.behaviour.chunks = 2
+    live.fake.behaviour.reply = "A good book, a plant, or a day out together."
     context, page, watch = open_page(browser, live)
     dialogs: list[str] = []
 
@@ -212,18 +230,18 @@ def test_deleting_a_conversation_asks_inline_first(browser: Any, live: Live) -> 
         dialog.dismiss()
 
     page.on("dialog", refuse)
-    send(page, "Keep me")
+    send(page, "Birthday present ideas")
     wait_done(page)
     page.click("#conversations-button")
-    page.click("[aria-label='Delete Keep me']")
+    page.click("[aria-label='Delete Birthday present ideas']")
     row = page.locator("#conversation-list li.confirming")
-    assert row.locator(".question").inner_text() == "Delete “Keep me”?"
+    assert row.locator(".question").inner_text() == "Delete “Birthday present ideas”?"
     shot(page, "phone-delete-confirm")
     row.locator(".cancel-delete").click()
-    assert page.locator("#conversation-list .open").all_inner_texts() == ["Keep me"]
+    assert page.locator("#conversation-list .open").all_inner_texts() == ["Birthday present ideas"]
     assert len(page.evaluate(token_fetch("/api/conversations"))["data"]) == 1, "nothing deleted"
 
-    page.click("[aria-label='Delete Keep me']")
+    page.click("[aria-label='Delete Birthday present ideas']")
     page.click("#conversation-list .confirm-delete")
     page.wait_for_function(
         "() => document.querySelector('#conversation-list').textContent === 'No conversations yet.'"
@@ -236,8 +254,6 @@ def test_deleting_a_conversation_asks_inline_first(browser: Any, live: Live) -> 
 
 
 def test_conversation_titles_show_when_they_were_used(browser: Any, live: Live) -> None:
-    from datetime import UTC, datetime, timedelta
-
     live.fake.behaviour.chunks = 2
     context = browser.new_context(
         viewport=PHONE, is_mobile=True, has_touch=True, locale="en-GB", timezone_id="UTC"
@@ -263,8 +279,114 @@ def test_conversation_titles_show_when_they_were_used(browser: Any, live: Live) 
         page.reload()
         page.wait_for_selector("#conversation-list time", state="attached")
         assert page.text_content("#conversation-list time") == shown
-    page.click("#conversations-button")
-    shot(page, "phone-conversation-list")
+    context.close()
+
+
+class ShiftedClock:
+    """The gateway's wall clock, moved back by ``offset`` seconds: conversations used on other
+    days, made through the page as a person made them then. Durations stay real."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+def test_the_conversation_list_as_a_user_sees_it(browser: Any, tmp_path: Path, qapp: Any) -> None:
+    clock = ShiftedClock()
+    rig = Live(tmp_path, clock=clock, server_shutdown_grace=1)
+    try:
+        rig.fake.behaviour.chunks = 2
+        rig.fake.behaviour.reply = "Sure, here you go."
+        context = browser.new_context(
+            viewport=PHONE, is_mobile=True, has_touch=True, locale="en-GB", timezone_id="UTC"
+        )
+        page = context.new_page()
+        page.goto(rig.qr_url())
+        page.wait_for_selector("#chat-screen:not([hidden])", timeout=10000)
+        day = 24 * 3600
+        used = {
+            "Plan a weekend in Lyon": 40 * day,
+            "Translate a letter to my landlord": 6 * day,
+            "A quick dinner with what is in the fridge": 1 * day,
+            "Explain how vaccines work": 0,
+        }
+        for title, ago in used.items():
+            clock.offset = -ago
+            page.click("#new-chat")
+            send(page, title)
+            wait_done(page)
+        page.click("#conversations-button")
+        page.wait_for_function(
+            "() => document.querySelectorAll('#conversation-list .open').length === 4"
+        )
+        rows = page.eval_on_selector_all(
+            "#conversation-list li",
+            "els => els.map(e => [e.querySelector('.open').textContent,"
+            " e.querySelector('time').textContent])",
+        )
+        stored = page.evaluate(token_fetch("/api/conversations"))["data"]
+        now = datetime.now(UTC)
+        expected = []
+        for conversation in stored:
+            d = datetime.fromtimestamp(conversation["updated"], UTC)
+            if d.date() == now.date():
+                shown = d.strftime("%H:%M")
+            elif d.date() == (now - timedelta(days=1)).date():
+                shown = d.strftime("Yesterday %H:%M")
+            else:
+                shown = f"{d.day} {d:%b}" + ("" if d.year == now.year else f" {d.year}")
+            expected.append((conversation["title"], shown))
+        assert [title for title, _ in expected] == list(used)[::-1], "newest first"
+        assert [tuple(row) for row in rows] == expected
+        assert page.locator("#conversation-list .current").inner_text() == (
+            "Explain how vaccines work"
+        )
+        shot(page, "phone-conversation-list")
+        context.close()
+    finally:
+        rig.close()
+
+
+def test_no_model_loaded_is_said_only_when_the_page_sent_none(browser: Any, live: Live) -> None:
+    no_model = "No model is loaded in the computer's LM Studio. Ask its owner to load one."
+    live.fake.behaviour.models = ()
+    context, page, watch = open_page(browser, live)
+    posted: list[dict[str, Any]] = []
+    page.on(
+        "request",
+        lambda r: posted.append(json.loads(r.post_data)) if r.url.endswith("/api/chat") else None,
+    )
+    assert page.inner_text("#notice") == no_model
+    send(page, "Hello")
+    page.wait_for_selector(".message.error")
+    assert "model" not in posted[-1], "an empty menu names no model"
+    assert page.inner_text(".message.error") == no_model, "the gateway's missing_model"
+    assert not [r for r in live.fake.received if r.path == "/v1/chat/completions"]
+
+    # A message that named its model and still got missing_model (LM Studio's own answer to a
+    # request without one): "no model loaded" would send its owner looking in the wrong place.
+    live.fake.behaviour.models = MODELS
+    page.click("#new-chat")
+    page.reload()
+    page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
+    live.fake.behaviour.status = 400  # from now on: after the model list was read
+    live.fake.behaviour.error_body = json.dumps(
+        {"error": {"message": "No model specified.", "code": "missing_model"}}
+    ).encode()
+    send(page, "Hello again")
+    page.wait_for_selector(".message.error")
+    assert posted[-1]["model"] == MODELS[0]
+    text = page.inner_text(".message.error")
+    assert text.startswith("The computer's LM Studio says no model was chosen."), text
+    assert "loaded" not in text
+    assert all("400" in e for e in watch.errors), watch.errors  # the browser's own lines
+    watch.errors.clear()
+    watch.check(page)
     context.close()
 
 

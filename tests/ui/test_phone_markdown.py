@@ -129,11 +129,13 @@ def wait_done(page: Any) -> None:
     page.wait_for_function("() => !document.querySelector('#stop:not([hidden])')", timeout=20000)
 
 
-def shot(page: Any, name: str) -> None:
+def shot(page: Any, name: str, *, publish: bool = True) -> None:
+    """A screenshot in test-artifacts/; ``publish``: also the README's (LMGATE_UPDATE_DOCS=1)."""
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path))
-    publish_screenshot(path, f"{name}.png")
+    if publish:
+        publish_screenshot(path, f"{name}.png")
 
 
 def answer_js(expression: str) -> str:

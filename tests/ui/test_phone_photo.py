@@ -69,7 +69,7 @@ def test_a_photo_is_resized_sent_shown_and_kept_after_a_reload(
     browser: Any, live: Live, tmp_path: Path
 ) -> None:
     live.fake.behaviour.chunks = 3
-    live.fake.behaviour.reply = "A house on a hill. ![x](https://example.com/a.png)"
+    live.fake.behaviour.reply = "A small house with a red roof on a green hill, under a sunny sky."
     context, page, watch = open_page(browser, live)
     assert page.get_attribute("#photo-input", "accept") == "image/*"
     assert page.is_visible("#attach")
@@ -85,10 +85,6 @@ def test_a_photo_is_resized_sent_shown_and_kept_after_a_reload(
         assert received.size == (1280, 853), "resized on the phone, the longest side 1280 px"
     assert len(base64.b64decode(sent.partition(",")[2])) < 400_000
     assert page.is_hidden("#photo-preview"), "the attachment went with the message"
-    shown = page.eval_on_selector_all(
-        "#messages img", "els => els.map(e => [e.className, e.src.slice(0, 23), e.naturalWidth])"
-    )
-    assert shown == [["photo", "data:image/jpeg;base64,", 1280]], "no remote image is loaded"
     # The next one, attached and not yet sent: its thumbnail and remove button by the composer.
     attach(page, big_png(tmp_path, 2400, 2400))
     page.fill("#input", "And this one?")
@@ -100,9 +96,15 @@ def test_a_photo_is_resized_sent_shown_and_kept_after_a_reload(
     page.wait_for_selector(".message.user img.photo")
     page.wait_for_function("() => document.querySelector('img.photo').naturalWidth === 1280")
     assert bubbles(page)[0] == ("message user", "What is in this photo?")
+    # An answer that names a remote image next to the photo: only the photo is an <img>.
+    live.fake.behaviour.reply = "Blue, yellow and green. ![x](https://example.com/a.png)"
     send(page, "And the colours?")
     wait_done(page)
     assert image_parts(live) == [sent], "a follow-up question still sends the photo"
+    shown = page.eval_on_selector_all(
+        "#messages img", "els => els.map(e => [e.className, e.src.slice(0, 23), e.naturalWidth])"
+    )
+    assert shown == [["photo", "data:image/jpeg;base64,", 1280]], "no remote image is loaded"
     (conversation,) = page.evaluate(token_fetch("/api/conversations"))["data"]
     full = page.evaluate(token_fetch(f"/api/conversations/{conversation['id']}"))
     assert [m["image"] for m in full["messages"]] == [sent, None, None, None]
@@ -184,6 +186,7 @@ def system_of(live: Live) -> Any:
 
 def test_a_system_prompt_is_set_sent_first_and_survives_a_reload(browser: Any, live: Live) -> None:
     live.fake.behaviour.chunks = 3
+    live.fake.behaviour.reply = "Bonjour ! Je réponds en français."
     context, page, watch = open_page(browser, live)
     posted: list[dict[str, Any]] = []
     page.on(
@@ -206,7 +209,9 @@ def test_a_system_prompt_is_set_sent_first_and_survives_a_reload(browser: Any, l
     assert "set" in (page.get_attribute("#system-button", "class") or "")
     page.click("#system-button")
     assert page.input_value("#system-input") == "Answer in French, in one sentence."
+    assert page.get_by_role("button", name="System prompt (set)").is_visible()
     shot(page, "phone-system-prompt")
+    live.fake.behaviour.reply = "Hallo! Ich antworte auf Deutsch."
     page.fill("#system-input", "Answer in German.")
     page.click("#system-done")
     send(page, "Again")
@@ -229,6 +234,30 @@ def test_a_system_prompt_is_set_sent_first_and_survives_a_reload(browser: Any, l
     send(page, "Fresh")
     wait_done(page)
     assert system_of(live) is None, "a new chat starts without one"
+    watch.check(page)
+    context.close()
+
+
+def test_at_320_wide_the_header_leaves_the_model_name_readable(browser: Any, live: Live) -> None:
+    context, page, watch = open_page(browser, live, width=320, height=640)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 320
+    for name in ("Conversations", "New chat", "System prompt"):
+        button = page.get_by_role("button", name=name, exact=True)
+        box = button.bounding_box()
+        assert box is not None and box["height"] >= 44 and box["x"] + box["width"] <= 320, name
+    assert page.is_hidden("#new-chat .label") and page.is_visible("#new-chat .icon")
+    model = page.locator("#model")
+    assert model.input_value() == "qwen2.5-7b-instruct"
+    # The name's own width, in the menu's font, fits the menu beside its arrow.
+    fits = page.evaluate(
+        "(s => { const c = document.createElement('canvas').getContext('2d');"
+        " c.font = getComputedStyle(s).font; return [c.measureText(s.value).width,"
+        " s.getBoundingClientRect().width]; })(document.querySelector('#model'))"
+    )
+    assert fits[0] + 28 <= fits[1], fits
+    artifact(page, "header-320")  # test-artifacts/ only
+    page.set_viewport_size({"width": 800, "height": 844})  # room enough for the words
+    assert page.is_visible("#new-chat .label") and page.is_hidden("#new-chat .icon")
     watch.check(page)
     context.close()
 

@@ -63,7 +63,7 @@ def test_an_answer_that_overflows_the_renderer_is_shown_as_text_and_survives_a_r
     answer = page.locator(".message.assistant .answer").last
     assert answer.inner_text().endswith("> x"), "the text as it came"
     assert page.locator(".tools.assistant .copy-message").count() == 1, "the turn ended"
-    shot(page, "phone-review-deep-quote")
+    shot(page, "phone-review-deep-quote", publish=False)
     watch.check(page)
 
     page.reload()
@@ -169,7 +169,7 @@ def test_a_pathological_block_streams_in_and_is_highlighted_only_when_complete(
     page.click("text=Write slow code")
     page.wait_for_function(answer_js("a && a.querySelectorAll('pre').length === 2"))
     assert time.monotonic() - started < 2, "reopened within ~1 s"
-    shot(page, "phone-review-slow-code")
+    shot(page, "phone-review-slow-code", publish=False)
     watch.check(page)
     context.close()
 

@@ -18,6 +18,13 @@ async def test_lists_models_and_records_requests(fake_lmstudio: FakeLMStudio) ->
     assert fake_lmstudio.paths == ["/v1/models"]
 
 
+async def test_lists_no_model_when_none_is_loaded(fake_lmstudio: FakeLMStudio) -> None:
+    fake_lmstudio.behaviour.models = ()
+    async with aiohttp.ClientSession() as s, s.get(fake_lmstudio.url + "/v1/models") as r:
+        body = await r.json()
+    assert body == {"object": "list", "data": []}
+
+
 async def test_streams_the_configured_chunks_then_done(fake_lmstudio: FakeLMStudio) -> None:
     fake_lmstudio.behaviour.chunks = 3
     payload = {
