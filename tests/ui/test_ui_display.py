@@ -28,6 +28,9 @@ LMGATE = str(Path(sys.executable).with_name("lmgate"))
 TOOLS = ("Xvfb", "trayer", "import")
 PRIVATE_GREY = (0x6B, 0x72, 0x80)  # resources/icons/private.svg
 QR_WINDOW = "LM Gate — connect a phone"  # its title
+TRAY_HEIGHT = 40  # trayer's panel along the top edge, in pixels
+SCREEN = (1024, 768)
+MARGIN = 8  # around a cropped screenshot, so nothing it shows touches its edge
 
 
 def _require_tools() -> None:
@@ -44,7 +47,7 @@ def display() -> Iterator[str]:
     number = random.randint(200, 900)
     name = f":{number}"
     xvfb = subprocess.Popen(
-        ["Xvfb", name, "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
+        ["Xvfb", name, "-screen", "0", f"{SCREEN[0]}x{SCREEN[1]}x24", "-nolisten", "tcp"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -63,7 +66,7 @@ def display() -> Iterator[str]:
             "--widthtype",
             "request",
             "--height",
-            "40",
+            str(TRAY_HEIGHT),
             "--SetDockType",
             "true",
             "--transparent",
@@ -140,6 +143,28 @@ def crop(source: Path, target: Path, box: tuple[int, int, int, int]) -> None:
         image.crop(box).save(target)
 
 
+def drawn_box(path: Path, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of what is drawn inside ``box``: Xvfb's bare root is black,
+    so anything not black is a window, the tray or a menu."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        region = image.convert("L").crop(box).point(lambda v: 255 if v > 8 else 0)
+        found = region.getbbox()
+    assert found, f"nothing drawn in {box} of {path}"
+    return box[0] + found[0], box[1] + found[1], box[0] + found[2], box[1] + found[3]
+
+
+def around(*boxes: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The smallest box holding ``boxes``, MARGIN wider on each side the screen allows."""
+    return (
+        max(0, min(b[0] for b in boxes) - MARGIN),
+        max(0, min(b[1] for b in boxes) - MARGIN),
+        min(SCREEN[0], max(b[2] for b in boxes) + MARGIN),
+        min(SCREEN[1], max(b[3] for b in boxes) + MARGIN),
+    )
+
+
 def decode_screen(path: Path) -> list[str]:
     import zxingcpp
     from PIL import Image
@@ -148,24 +173,50 @@ def decode_screen(path: Path) -> list[str]:
         return [r.text for r in zxingcpp.read_barcodes(image.convert("RGB"))]
 
 
-def _window_box(display: str, title: str) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the window named ``title`` on ``display``."""
-    env = {**os.environ, "DISPLAY": display}
-    found = subprocess.run(
-        ["xdotool", "search", "--name", title], env=env, capture_output=True, text=True, timeout=10
-    )
-    window = found.stdout.split()[-1]
-    shell = subprocess.run(
-        ["xdotool", "getwindowgeometry", "--shell", window],
-        env=env,
+def _xdotool(display: str, *args: str) -> str:
+    return subprocess.run(
+        ["xdotool", *args],
+        env={**os.environ, "DISPLAY": display},
         capture_output=True,
         text=True,
         timeout=10,
-        check=True,
     ).stdout
-    g = dict(line.split("=", 1) for line in shell.split())
+
+
+def _geometry(display: str, window: str) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of ``window`` (an X id) on ``display``."""
+    g = dict(
+        line.split("=", 1)
+        for line in _xdotool(display, "getwindowgeometry", "--shell", window).split()
+    )
     x, y = int(g["X"]), int(g["Y"])
     return x, y, x + int(g["WIDTH"]), y + int(g["HEIGHT"])
+
+
+def _window_box(display: str, title: str) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the window named ``title`` on ``display``, checked to be
+    the only window there: a crop of a full-screen shot shows whatever else overlaps it (the
+    README once showed the "getting started" guide sticking out from under the QR window)."""
+    window = _xdotool(display, "search", "--name", title).split()[-1]
+    box = _geometry(display, window)
+    # No window manager runs, so every window the app maps is a child of the root; the search
+    # also finds the root itself (depth 0), which is not another window.
+    root = _xdotool(display, "search", "--maxdepth", "0", "").split()
+    others = []
+    for other in _xdotool(display, "search", "--maxdepth", "1", "--onlyvisible", "").split():
+        if other in root:
+            continue
+        left, top, right, bottom = _geometry(display, other)
+        if (
+            other != window
+            and left < box[2]
+            and box[0] < right
+            and top < box[3]
+            and box[1] < bottom
+        ):
+            others.append(_xdotool(display, "getwindowname", other).strip() or other)
+    assert not others, f"{others} overlap the window {title!r} at {box}"
+    return box
 
 
 def send(wish: str) -> None:
@@ -215,17 +266,19 @@ def test_tray_icon_and_qr_on_a_real_display(
         seen_after = None
         while time.monotonic() - started < 20:
             screenshot(display, shot)
-            if find_colour(shot, PRIVATE_GREY, (824, 0, 1024, 40)) > 20:
+            if find_colour(shot, PRIVATE_GREY, (824, 0, 1024, TRAY_HEIGHT)) > 20:
                 seen_after = time.monotonic() - started
                 break
             time.sleep(0.1)
         assert seen_after is not None, f"no tray icon in {shot}"
         print(f"tray icon visible {seen_after:.2f} s after launch (incl. screenshot time)")
 
-        # Right-click the icon: the menu opens, built from the current state.
-        x, y = centroid(shot, PRIVATE_GREY, (824, 0, 1024, 40))
+        # Right-click the icon: the menu opens, built from the current state. Qt opens it at
+        # the pointer, so the click is near the panel's lower edge: the menu then opens below
+        # the icon instead of over its lower half, and the screenshot shows both whole.
+        x, _y = centroid(shot, PRIVATE_GREY, (824, 0, 1024, TRAY_HEIGHT))
         subprocess.run(
-            ["xdotool", "mousemove", str(x), str(y), "click", "3"],
+            ["xdotool", "mousemove", str(x), str(TRAY_HEIGHT - 3), "click", "3"],
             env={**os.environ, "DISPLAY": display},
             check=True,
             timeout=10,
@@ -237,7 +290,13 @@ def test_tray_icon_and_qr_on_a_real_display(
             screenshot(display, menu_shot)
             if find_colour(menu_shot, (0xEF, 0xEF, 0xEF), (500, 40, 1024, 400), 20) > 2000:
                 break
-        crop(menu_shot, ARTIFACTS / "tray-menu.png", (560, 0, 1024, 420))
+        tray_panel = drawn_box(shot, (824, 0, 1024, TRAY_HEIGHT))
+        icon_pixels = find_colour(shot, PRIVATE_GREY, tray_panel)
+        assert find_colour(menu_shot, PRIVATE_GREY, tray_panel) >= icon_pixels * 0.95, (
+            f"the menu covers the tray icon ({menu_shot})"
+        )
+        menu = drawn_box(menu_shot, (500, TRAY_HEIGHT, 1024, SCREEN[1]))
+        crop(menu_shot, ARTIFACTS / "tray-menu.png", around(menu, tray_panel))
         publish_screenshot(ARTIFACTS / "tray-menu.png", "tray-menu.png")
         subprocess.run(
             ["xdotool", "key", "Escape"],
