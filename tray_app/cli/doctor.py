@@ -29,7 +29,7 @@ from tray_app.paths import user_log_dir
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
 from tray_app.secret_store.keyring_store import FileSecretStore, KeyringSecretStore
 from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN, check_token_shape
-from tray_app.tunnel.ngrok_agent import find_agent
+from tray_app.tunnel.ngrok_agent import SHIM, candidates, find_agent, is_pyngrok_shim
 
 PROBE_SECONDS = 5.0
 MAX_CLOCK_SKEW = 120.0  # tokens carry times; a clock this far off breaks them
@@ -149,12 +149,13 @@ def _ngrok(config: Config, store: SecretStore | None) -> list[Check]:
         agent = find_agent(config.tunnel_ngrok_path)
     except TunnelError as exc:
         if not used:
-            # How to install a program no one needs now is noise on a passing row.
-            return [
-                Check(
-                    "ngrok agent", True, f"not needed (tunnel.provider is {config.tunnel_provider})"
-                )
-            ]
+            # How to install a program no one needs now is noise on a passing row; that the
+            # `ngrok` on PATH is pyngrok's downloader is worth knowing before going public.
+            note = f"not needed (tunnel.provider is {config.tunnel_provider})"
+            shims = [str(path) for path in candidates() if is_pyngrok_shim(path)]
+            if shims:
+                note += f": {', '.join(shims)} is {SHIM}, not the agent"
+            return [Check("ngrok agent", True, note)]
         return [Check("ngrok agent", False, str(exc))]
     checks = [Check("ngrok agent", True, f"{agent.path}: ngrok version {agent.version}")]
     token = read_or_none(store, NGROK_AUTHTOKEN)
