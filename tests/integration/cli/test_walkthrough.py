@@ -7,7 +7,6 @@ counts one cause once, and `key create` prints settings that work as pasted."""
 from __future__ import annotations
 
 import re
-import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -17,17 +16,8 @@ import pytest
 
 from tests.fake_lmstudio import FakeLMStudio
 from tests.helpers import Env, start_serve
+from tests.integration.cli.test_messages import CLASS_NAME, stop
 from tray_app.cli.main import main
-
-CLASS_NAME = re.compile(r"\b[A-Z][a-z]+(?:[A-Z][a-z]+)*Error\b")
-
-
-def stop(proc: subprocess.Popen[str]) -> str:
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=30)
-    assert proc.stdout is not None and proc.stderr is not None
-    with proc.stdout, proc.stderr:
-        return proc.stdout.read()
 
 
 @pytest.fixture
