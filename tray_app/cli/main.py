@@ -282,18 +282,15 @@ def _print_started(
     print(f"Listening on {url}  (OpenAI base URL: {url}/v1)", file=out)
     if started.lmstudio_reachable:
         print(f"LM Studio:   {config.upstream_url} is reachable.", file=out)
-    elif probe is not None and probe.needs_token and token_stored:
-        print(
-            f"LM Studio:   {config.upstream_url} refused the stored token (it answered "
-            f"{probe.status}). Copy the current one from LM Studio's Developer tab (Server "
-            "Settings -> Require Authentication) and store it with `lmgate secret set "
-            "lmstudio-api-token`; requests get 502 until then.",
-            file=out,
-        )
     elif probe is not None and probe.needs_token:
+        said, copy = (
+            ("refused the stored token", "the current one")
+            if token_stored
+            else ("wants a token", "it")
+        )
         print(
-            f"LM Studio:   {config.upstream_url} wants a token (it answered {probe.status}). "
-            "Copy it from LM Studio's Developer tab (Server Settings -> Require "
+            f"LM Studio:   {config.upstream_url} {said} (it answered {probe.status}). "
+            f"Copy {copy} from LM Studio's Developer tab (Server Settings -> Require "
             "Authentication) and store it with `lmgate secret set lmstudio-api-token`; "
             "requests get 502 until then.",
             file=out,
@@ -440,7 +437,7 @@ def _tray_or_headless(
         if not launch.wishes and launch.overrides.get("tunnel.provider") is None:
             config = replace(config, tunnel_provider=TunnelProvider.NONE)
         configure_logging(config.log_level, format=config.log_format)
-        return asyncio.run(_serve(config, out))
+        return _serve_or_say_it_runs(config, out)
     return run_tray(launch)
 
 
