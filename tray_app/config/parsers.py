@@ -41,6 +41,14 @@ class LogFormat(StrEnum):
     JSON = "json"
 
 
+class ModelSwitch(StrEnum):
+    """What a request for a model LM Studio has not loaded does while others generate."""
+
+    WAIT = "wait"  # until the other models' generations end, then load it once
+    REFUSE = "refuse"  # 503 model_switch_refused at once
+    OFF = "off"  # no guard: LM Studio loads (and may evict) as it likes
+
+
 class SecretStoreKind(StrEnum):
     KEYRING = "keyring"
     FILE = "file"

@@ -24,6 +24,7 @@ from tray_app.config.parsers import (
     MIB,
     LogFormat,
     LogLevel,
+    ModelSwitch,
     SecretStoreKind,
     TunnelProvider,
     parse_duration,
@@ -37,6 +38,7 @@ __all__ = [
     "SETTINGS_BY_KEY",
     "Config",
     "LogLevel",
+    "ModelSwitch",
     "SecretStoreKind",
     "Setting",
     "TunnelProvider",
@@ -256,6 +258,82 @@ class Config:
         p.int_in(1, 10_000),
         "requests or streams one principal may run at once",
         form=FormField("Requests at once (per caller)", FormKind.NUMBER, 7),
+    )
+    # ---- sharing one GPU: the generation queue, budgets, the model guard
+    # LM Studio's "Max Concurrent Predictions" defaults to 4: more in flight only queue inside it,
+    # where nobody sees their turn and one caller's burst goes first.
+    queue_generations_in_flight: int = setting(
+        "queue.generations_in_flight",
+        4,
+        p.int_in(1, 1024),
+        "generations the whole gateway runs at once (LM Studio's parallel predictions); "
+        "the rest wait in a fair queue",
+        form=FormField("Generations at once (whole gateway)", FormKind.NUMBER, 9),
+    )
+    queue_max_waiting: int = setting(
+        "queue.max_waiting",
+        512,
+        p.int_in(0, 100_000),
+        "requests that may wait for a generation slot in total (0 = none wait: 429 at once)",
+    )
+    queue_max_waiting_per_client: int = setting(
+        "queue.max_waiting_per_client",
+        32,
+        p.int_in(0, 100_000),
+        "requests one client address (an IPv6 /64) may have waiting at once",
+    )
+    queue_max_wait: float = setting(
+        "queue.max_wait",
+        60.0,
+        p.duration_in(0, 3600),
+        "how long a request without streaming waits for its turn before 503",
+    )
+    queue_max_stream_wait: float = setting(
+        "queue.max_stream_wait",
+        600.0,
+        p.duration_in(0, 86400),
+        "how long a stream waits for its turn (it is told its position meanwhile)",
+    )
+    budget_device_tokens_per_day: int = setting(
+        "budget.device_tokens_per_day",
+        0,
+        p.int_in(0, 10**12),
+        "tokens per day a newly paired device gets (prompt + completion; 0 = no budget)",
+        form=FormField("Paired device: tokens per day (0 = unlimited)", FormKind.NUMBER, 10),
+    )
+    budget_device_tokens_per_month: int = setting(
+        "budget.device_tokens_per_month",
+        0,
+        p.int_in(0, 10**12),
+        "tokens per month a newly paired device gets (0 = no budget)",
+        form=FormField("Paired device: tokens per month", FormKind.NUMBER, 11),
+    )
+    budget_copied_key_tokens_per_day: int = setting(
+        "budget.copied_key_tokens_per_day",
+        0,
+        p.int_in(0, 10**12),
+        "tokens per day a key or curl snippet copied from the tray gets (0 = no budget)",
+        form=FormField("Copied key: tokens per day (0 = unlimited)", FormKind.NUMBER, 12),
+    )
+    budget_copied_key_tokens_per_month: int = setting(
+        "budget.copied_key_tokens_per_month",
+        0,
+        p.int_in(0, 10**12),
+        "tokens per month a key or curl snippet copied from the tray gets (0 = no budget)",
+        form=FormField("Copied key: tokens per month", FormKind.NUMBER, 13),
+    )
+    models_switch: ModelSwitch = setting(  # noqa: RUF009 - a field specifier, evaluated once
+        "models.switch",
+        ModelSwitch.WAIT,
+        p.OneOf(ModelSwitch),
+        "a request for a model LM Studio has not loaded, while other models generate: wait "
+        "for them (then one load), refuse (503), or off (LM Studio may evict mid-answer)",
+    )
+    models_load_timeout: float = setting(
+        "models.load_timeout",
+        300.0,
+        p.duration_in(1, 3600),
+        "how long loading a model may take (warm-up, or the first request for it)",
     )
     limits_auth_failures_per_minute: int = setting(
         "limits.auth_failures_per_minute",

@@ -14,7 +14,7 @@ from tray_app.clock import Clock
 from tray_app.errors import StorageError
 from tray_app.gateway.upstream.usage import Usage
 from tray_app.identity.principal import CredentialKind, PrincipalId
-from tray_app.storage.database import Database, UsageRow
+from tray_app.storage.database import HOUR, Database, UsageRow
 
 log = logging.getLogger("lmgate.accounting")
 
@@ -31,15 +31,17 @@ class UsageRecorder:
     def __init__(self, db: Database, clock: Clock) -> None:
         self._db = db
         self._clock = clock
-        self._pending: dict[str, _Pending] = {}
+        # Per principal and UTC hour: the hour buckets a budget is counted from after a restart.
+        self._pending: dict[tuple[str, int], _Pending] = {}
         self._key_last_used: dict[str, float] = {}
         self._device_last_seen: dict[str, float] = {}
 
     def record(self, principal: str, usage: Usage | None) -> None:
         now = self._clock.time()
-        pending = self._pending.get(principal)
+        key = (principal, int(now) // HOUR * HOUR)
+        pending = self._pending.get(key)
         if pending is None:
-            pending = self._pending[principal] = _Pending()
+            pending = self._pending[key] = _Pending()
         pending.requests += 1
         pending.last_seen = now
         if usage is not None:
@@ -65,15 +67,15 @@ class UsageRecorder:
         keys, self._key_last_used = self._key_last_used, {}
         devices, self._device_last_seen = self._device_last_seen, {}
         rows = [
-            UsageRow(p, c.requests, c.prompt_tokens, c.completion_tokens, c.last_seen)
-            for p, c in batch.items()
+            UsageRow(p, c.requests, c.prompt_tokens, c.completion_tokens, c.last_seen, hour)
+            for (p, hour), c in batch.items()
         ]
         try:
             self._db.add_usage(rows, key_last_used=keys, device_last_seen=devices)
         except StorageError as exc:
             log.error("usage could not be saved, will retry: %s", exc)
-            for principal, counted in batch.items():
-                into = self._pending.setdefault(principal, _Pending())
+            for key, counted in batch.items():
+                into = self._pending.setdefault(key, _Pending())
                 into.requests += counted.requests
                 into.prompt_tokens += counted.prompt_tokens
                 into.completion_tokens += counted.completion_tokens

@@ -395,6 +395,88 @@ def too_many_concurrent_requests(limit: int) -> ApiError:
     )
 
 
+# ---- sharing one GPU: budgets, the queue, the model guard -------------------------------------
+
+
+def budget_exceeded(
+    period: str, limit: int, remaining: int, needed: int, resets: str, retry_after: float
+) -> ApiError:
+    """``period`` is "day" or "month"; ``resets`` the reset time in words (UTC)."""
+    if remaining <= 0:
+        said = f"Your token budget for this {period} ({limit:,} tokens) is used up"
+    else:
+        said = (
+            f"This request could use about {needed:,} tokens, and {remaining:,} of your "
+            f"{limit:,} for this {period} are left"
+        )
+    return _too_many(
+        f"{said}; it resets at {resets}. Ask the owner for a larger budget.",
+        "budget_exceeded",
+        retry_after,
+    )
+
+
+def queue_full(from_one_address: bool, retry_after: float) -> ApiError:
+    if from_one_address:
+        return _too_many(
+            "Too many requests from your address are already waiting for their turn "
+            "(queue.max_waiting_per_client); wait for some to finish.",
+            "queue_full",
+            retry_after,
+        )
+    return ApiError(
+        503,
+        "LM Gate's queue is full (queue.max_waiting): everyone else is waiting too; retry shortly.",
+        type=SERVER,
+        code="queue_full",
+        headers=retry_after_header(retry_after),
+    )
+
+
+def queue_wait_timeout(seconds: float, retry_after: float) -> ApiError:
+    return ApiError(
+        503,
+        f"LM Studio stayed busy: waited {seconds:g} s for a turn (queue.max_wait); retry later.",
+        type=SERVER,
+        code="queue_timeout",
+        headers=retry_after_header(retry_after),
+    )
+
+
+def model_switch_refused(model: str, retry_after: float) -> ApiError:
+    return ApiError(
+        503,
+        f"{model!r} is not loaded, and loading it now would cut off answers others are "
+        "receiving from another model (models.switch = refuse); retry when they finish.",
+        type=SERVER,
+        code="model_busy",
+        headers=retry_after_header(retry_after),
+    )
+
+
+def model_switch_timeout(model: str, seconds: float, retry_after: float) -> ApiError:
+    return ApiError(
+        503,
+        f"{model!r} is not loaded, and others kept receiving answers from another model for "
+        f"{seconds:g} s; retry later.",
+        type=SERVER,
+        code="model_busy",
+        headers=retry_after_header(retry_after),
+    )
+
+
+def model_load_failed(model: str, detail: str) -> ApiError:
+    return _upstream(f"LM Studio could not load {model!r}: {detail[:200]}", "model_load_failed")
+
+
+def model_load_timeout(model: str, seconds: float) -> ApiError:
+    return _upstream(
+        f"LM Studio did not finish loading {model!r} within {seconds:g} s (models.load_timeout).",
+        "model_load_timeout",
+        504,
+    )
+
+
 # ---- reading the body -----------------------------------------------------------------------
 
 

@@ -58,6 +58,18 @@ _KIND_VALUES = frozenset(kind.value for kind in CredentialKind)
 
 
 @dataclass(frozen=True, slots=True)
+class Budget:
+    """Tokens (prompt + completion) a principal may use per UTC day and month; None: no cap."""
+
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+
+    @property
+    def limited(self) -> bool:
+        return self.tokens_per_day is not None or self.tokens_per_month is not None
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     """An authenticated caller. ``models`` None means every model LM Studio offers.
 
@@ -72,6 +84,8 @@ class Principal:
     models: frozenset[str] | None = None
     max_tokens: int | None = None
     credential: PrincipalId | None = None
+    # From the database's budgets table, never from a token's claims.
+    budget: Budget | None = None
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes

@@ -27,7 +27,8 @@ from tray_app.paths import make_private_dir, user_data_dir
 
 # 2: every issued token and snippet is its own principal (sub = kind:jti), not kind:name.
 # 3: a conversation keeps its system prompt, a message the photo sent with it.
-SCHEMA_VERSION = 3
+# 4: token budgets, usage in hour and day buckets, the audit trail of credential changes.
+SCHEMA_VERSION = 4
 # Bumped by `lmgate keys rotate`; a running gateway that sees it change re-reads the key.
 SIGNING_KEY_GENERATION = "signing_key_generation"
 SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -62,6 +63,23 @@ CREATE TABLE IF NOT EXISTS usage (
     principal TEXT PRIMARY KEY, requests INTEGER NOT NULL DEFAULT 0,
     prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
     last_seen REAL);
+CREATE TABLE IF NOT EXISTS budgets (
+    principal TEXT PRIMARY KEY, tokens_per_day INTEGER, tokens_per_month INTEGER,
+    updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS usage_hours (
+    principal TEXT NOT NULL, hour INTEGER NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (principal, hour)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS usage_hours_by_hour ON usage_hours (hour);
+CREATE TABLE IF NOT EXISTS usage_days (
+    principal TEXT NOT NULL, day INTEGER NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (principal, day)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS usage_days_by_day ON usage_days (day);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, action TEXT NOT NULL,
+    principal TEXT NOT NULL, name TEXT, source TEXT NOT NULL, detail TEXT);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
 """
 
 
@@ -95,6 +113,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
             _split_shared_principals(conn)
         if version < 3:
             _add_system_prompts_and_photos(conn)
+        # 4 only adds tables, which _SCHEMA creates (IF NOT EXISTS) before this runs.
         conn.execute(
             "UPDATE meta SET value = ? WHERE key = 'schema_version'",
             (str(max(version, SCHEMA_VERSION)),),
@@ -168,6 +187,14 @@ class UsageRow:
     prompt_tokens: int
     completion_tokens: int
     last_seen: float | None
+    # The UTC hour (epoch seconds, a multiple of 3600) the usage happened in; None: totals only.
+    hour: int | None = None
+
+
+HOUR = 3600
+DAY = 86400
+# Hour buckets feed the charts of the last weeks and this month's budget; days are kept for good.
+KEEP_HOURS_SECONDS = 40 * DAY
 
 
 class Database:
@@ -276,6 +303,7 @@ class Database:
     ) -> None:
         """Add counted usage, and when keys and devices were last used, in one transaction:
         either all of it is written or none (a retry must not count anything twice)."""
+        rows = list(rows)
         with self.transaction() as conn:
             conn.executemany(
                 """INSERT INTO usage (principal, requests, prompt_tokens, completion_tokens,
@@ -291,6 +319,29 @@ class Database:
                     for r in rows
                 ],
             )
+            bucketed = [r for r in rows if r.hour is not None]
+            for table, column, size in (("usage_hours", "hour", HOUR), ("usage_days", "day", DAY)):
+                conn.executemany(
+                    f"INSERT INTO {table} (principal, {column}, requests, prompt_tokens, "  # noqa: S608
+                    "completion_tokens) VALUES (?, ?, ?, ?, ?) "
+                    f"ON CONFLICT(principal, {column}) DO UPDATE SET "
+                    "requests = requests + excluded.requests, "
+                    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                    "completion_tokens = completion_tokens + excluded.completion_tokens",
+                    [
+                        (
+                            r.principal,
+                            (r.hour or 0) // size * size,
+                            r.requests,
+                            r.prompt_tokens,
+                            r.completion_tokens,
+                        )
+                        for r in bucketed
+                    ],
+                )
+            if bucketed:
+                oldest_kept = min(r.hour or 0 for r in bucketed) - KEEP_HOURS_SECONDS
+                conn.execute("DELETE FROM usage_hours WHERE hour < ?", (oldest_kept,))
             conn.executemany(
                 "UPDATE api_keys SET last_used = ? WHERE id = ?",
                 [(t, k) for k, t in (key_last_used or {}).items()],

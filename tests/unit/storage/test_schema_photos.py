@@ -44,7 +44,7 @@ class TestSchemaStep3:
         conn.close()
         for _ in range(2):  # opening it again changes nothing more
             db = Database(path)
-            assert db.meta("schema_version") == str(SCHEMA_VERSION) == "3"
+            assert db.meta("schema_version") == str(SCHEMA_VERSION) == "4"
             store = ConversationStore(db, FakeClock())
             old = store.get("device:d1", "old")
             assert old is not None and old.system == ""
