@@ -297,7 +297,7 @@ class TestBoundaries:
 
     def test_a_request_running_at_midnight_holds_its_tokens_in_the_new_day(self, rig: Rig) -> None:
         who = principal(day=1000)
-        running = rig.ledger.reserve(who, prompt_estimate=0, requested_output=800)
+        assert rig.ledger.reserve(who, prompt_estimate=0, requested_output=800)
         rig.clock.advance(MIDNIGHT - START)
         refusal(rig, who, 0, 201)
         assert rig.ledger.reserve(who, prompt_estimate=0, requested_output=200)
