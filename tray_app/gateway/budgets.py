@@ -147,8 +147,8 @@ class BudgetLedger:
             return  # it reserved nothing, so it was forgotten: the next load reads its usage
         account.reserved -= reservation.tokens
         if account.day != day_start(self._clock.time()):
-            # Ended in a period this account is not loaded for: the next reserve reads the
-            # totals again, and by then the recorder holds this request.
+            # Not loaded for the day it ended in: its totals are read again before they are
+            # used, and by then the recorder holds this request; idle, it is not kept at all.
             self._forget_if_idle(reservation.principal, account)
             return
         charged = _charge(reservation, used, bytes_out)
