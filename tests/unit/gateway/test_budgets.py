@@ -1,0 +1,350 @@
+"""The budget ledger over a real database, recorder and usage history: admission at the edge
+of each period, settling, restarts, and the day and month boundaries."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.fakes import FakeClock
+from tray_app.gateway.accounting import UsageRecorder
+from tray_app.gateway.api_errors import ApiError
+from tray_app.gateway.budgets import BudgetLedger, Reservation
+from tray_app.gateway.upstream.usage import Usage
+from tray_app.identity.principal import SCOPE_CHAT, Budget, Principal
+from tray_app.storage.database import Database, UsageRow
+from tray_app.storage.usage_history import UsageHistory
+
+NAME = "key:k1"
+START = dt.datetime(2027, 1, 15, 8, 0, tzinfo=dt.UTC).timestamp()
+MIDNIGHT = dt.datetime(2027, 1, 16, tzinfo=dt.UTC).timestamp()
+FEBRUARY = dt.datetime(2027, 2, 1, tzinfo=dt.UTC).timestamp()
+
+
+def principal(day: int | None = None, month: int | None = None, name: str = NAME) -> Principal:
+    return Principal(name, frozenset({SCOPE_CHAT}), budget=Budget(day, month))
+
+
+@dataclass
+class Rig:
+    db: Database
+    clock: FakeClock
+    recorder: UsageRecorder
+    ledger: BudgetLedger
+
+    def restart(self) -> BudgetLedger:
+        """A new process over the same database: what the old one counted is flushed."""
+        assert self.recorder.flush()
+        self.recorder = UsageRecorder(self.db, self.clock)
+        self.ledger = new_ledger(self.db, self.clock, self.recorder)
+        return self.ledger
+
+    def finish(
+        self, reservation: Reservation | None, used: Usage | None, bytes_out: int = 0
+    ) -> None:
+        """What the gateway does when a request ends: settle and record in one step."""
+        if reservation is not None:
+            self.ledger.settle(reservation, used, bytes_out=bytes_out)
+        self.recorder.record(NAME if reservation is None else reservation.principal, used)
+
+
+def new_ledger(db: Database, clock: FakeClock, recorder: UsageRecorder) -> BudgetLedger:
+    return BudgetLedger(UsageHistory(db), clock, pending=recorder.pending_tokens)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    db = Database(tmp_path / "lmgate.db")
+    clock = FakeClock(START)
+    recorder = UsageRecorder(db, clock)
+    yield Rig(db, clock, recorder, new_ledger(db, clock, recorder))
+    db.close()
+
+
+def refusal(rig: Rig, who: Principal, prompt: int, output: int | None) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        rig.ledger.reserve(who, prompt_estimate=prompt, requested_output=output)
+    assert caught.value.status == 429
+    assert caught.value.code == "budget_exceeded"
+    return caught.value
+
+
+class TestNothingToTrack:
+    def test_no_budget(self, rig: Rig) -> None:
+        who = Principal(NAME, frozenset({SCOPE_CHAT}))
+        assert rig.ledger.reserve(who, prompt_estimate=10**9, requested_output=None) is None
+        assert rig.ledger.principals_tracked == 0
+
+    def test_a_budget_without_limits(self, rig: Rig) -> None:
+        assert rig.ledger.reserve(principal(), prompt_estimate=10**9, requested_output=1) is None
+
+
+class TestRequestedOutput:
+    def test_fits_exactly_at_the_edge(self, rig: Rig) -> None:
+        r = rig.ledger.reserve(principal(day=1000), prompt_estimate=400, requested_output=600)
+        assert r is not None
+        assert (r.principal, r.tokens, r.max_output) == (NAME, 1000, None)
+
+    def test_one_token_over_the_edge_is_refused(self, rig: Rig) -> None:
+        error = refusal(rig, principal(day=1000), 400, 601)
+        assert "1,001 tokens" in error.message
+        assert "1,000 of your 1,000 for this day are left" in error.message
+        assert "2027-01-16 00:00 UTC" in error.message
+        assert error.headers["Retry-After"] == str(16 * 3600)
+
+    def test_reservations_in_flight_count(self, rig: Rig) -> None:
+        who = principal(day=1000)
+        assert rig.ledger.reserve(who, prompt_estimate=0, requested_output=700) is not None
+        assert rig.ledger.reserve(who, prompt_estimate=0, requested_output=300) is not None
+        error = refusal(rig, who, 0, 1)
+        assert "is used up" in error.message
+
+    def test_other_principals_have_their_own_budget(self, rig: Rig) -> None:
+        assert rig.ledger.reserve(principal(day=10), prompt_estimate=0, requested_output=10)
+        other = principal(day=10, name="key:k2")
+        assert rig.ledger.reserve(other, prompt_estimate=0, requested_output=10) is not None
+
+    def test_negative_estimates_reserve_nothing_negative(self, rig: Rig) -> None:
+        r = rig.ledger.reserve(principal(day=10), prompt_estimate=-5, requested_output=-5)
+        assert r is not None
+        assert r.tokens == 0
+        assert rig.ledger.status(NAME, Budget(10)).in_flight == 0
+
+
+class TestChosenCap:
+    def test_the_ledger_caps_the_output_at_what_is_left(self, rig: Rig) -> None:
+        r = rig.ledger.reserve(principal(day=1000), prompt_estimate=300, requested_output=None)
+        assert r is not None
+        assert (r.tokens, r.max_output) == (1000, 700)
+
+    def test_room_for_one_token_is_enough(self, rig: Rig) -> None:
+        r = rig.ledger.reserve(principal(day=1000), prompt_estimate=999, requested_output=None)
+        assert r is not None
+        assert r.max_output == 1
+
+    def test_no_room_for_one_token_is_refused(self, rig: Rig) -> None:
+        error = refusal(rig, principal(day=1000), 1000, None)
+        assert "about 1,001 tokens, and 1,000 of your 1,000" in error.message
+
+    def test_the_tighter_period_sets_the_cap(self, rig: Rig) -> None:
+        who = principal(day=1000, month=500)
+        r = rig.ledger.reserve(who, prompt_estimate=100, requested_output=None)
+        assert r is not None
+        assert r.max_output == 400
+        who = principal(day=300, month=500, name="key:k2")
+        r = rig.ledger.reserve(who, prompt_estimate=100, requested_output=None)
+        assert r is not None
+        assert r.max_output == 200
+
+
+class TestWhichPeriodIsNamed:
+    def test_the_month_when_it_is_short(self, rig: Rig) -> None:
+        # Both are short; waiting for the day's reset would not help.
+        error = refusal(rig, principal(day=100, month=100), 0, 101)
+        assert "for this month" in error.message
+        assert "2027-02-01 00:00 UTC" in error.message
+        assert error.headers["Retry-After"] == str(int(FEBRUARY - START))
+
+    def test_the_day_when_only_it_is_short(self, rig: Rig) -> None:
+        error = refusal(rig, principal(day=100, month=10_000), 0, 101)
+        assert "for this day" in error.message
+        assert error.headers["Retry-After"] == str(int(MIDNIGHT - START))
+
+    def test_the_month_alone(self, rig: Rig) -> None:
+        assert rig.ledger.reserve(principal(month=100), prompt_estimate=0, requested_output=60)
+        error = refusal(rig, principal(month=100), 40, None)
+        assert "about 41 tokens, and 40 of your 100 for this month are left" in error.message
+
+
+class TestSettle:
+    def test_real_usage_replaces_the_reservation(self, rig: Rig) -> None:
+        r = rig.ledger.reserve(principal(day=1000), prompt_estimate=100, requested_output=900)
+        rig.finish(r, Usage(120, 30))
+        status = rig.ledger.status(NAME, Budget(1000))
+        assert (status.day_used, status.month_used, status.in_flight) == (150, 150, 0)
+        assert rig.ledger.reserve(principal(day=1000), prompt_estimate=0, requested_output=850)
+
+    def test_twice_counts_once(self, rig: Rig) -> None:
+        r = rig.ledger.reserve(principal(day=1000), prompt_estimate=10, requested_output=90)
+        assert r is not None
+        rig.ledger.settle(r, Usage(10, 20))
+        rig.ledger.settle(r, Usage(10, 20))
+        status = rig.ledger.status(NAME, Budget(1000))
+        assert (status.day_used, status.in_flight) == (30, 0)
+
+    def test_equal_reservations_are_settled_one_each(self, rig: Rig) -> None:
+        first = rig.ledger.reserve(principal(day=1000), prompt_estimate=10, requested_output=90)
+        second = rig.ledger.reserve(principal(day=1000), prompt_estimate=10, requested_output=90)
+        assert first == second
+        assert first is not None and second is not None
+        rig.ledger.settle(first, Usage(10, 20))
+        rig.ledger.settle(second, Usage(10, 20))
+        assert rig.ledger.status(NAME, Budget(1000)).day_used == 60
+
+    def test_nothing_came_back_charges_nothing(self, rig: Rig) -> None:
+        r = rig.ledger.reserve(principal(day=1000), prompt_estimate=100, requested_output=500)
+        assert r is not None
+        rig.ledger.settle(r, None, bytes_out=0)
+        assert rig.ledger.status(NAME, Budget(1000)).day_used == 0
+
+    def test_a_stream_cut_short_is_charged_by_its_bytes(self, rig: Rig) -> None:
+        r = rig.ledger.reserve(principal(day=1000), prompt_estimate=100, requested_output=500)
+        assert r is not None
+        rig.ledger.settle(r, None, bytes_out=1099)
+        assert rig.ledger.status(NAME, Budget(1000)).day_used == 110
+
+    def test_the_estimate_never_passes_the_cap(self, rig: Rig) -> None:
+        r = rig.ledger.reserve(principal(day=1000), prompt_estimate=100, requested_output=None)
+        assert r is not None
+        rig.ledger.settle(r, None, bytes_out=10**9)
+        assert rig.ledger.status(NAME, Budget(1000)).day_used == 1000
+
+    def test_usage_above_the_reservation_leaves_no_negative_room(self, rig: Rig) -> None:
+        r = rig.ledger.reserve(principal(day=100), prompt_estimate=10, requested_output=10)
+        rig.finish(r, Usage(80, 70))  # the estimate was wrong
+        error = refusal(rig, principal(day=100), 0, 1)
+        assert "is used up" in error.message
+        assert rig.ledger.status(NAME, Budget(100)).day_used == 150
+
+
+class TestStoredTotals:
+    def test_a_restart_continues_from_the_database(self, rig: Rig) -> None:
+        r = rig.ledger.reserve(principal(day=1000), prompt_estimate=0, requested_output=600)
+        rig.finish(r, Usage(400, 200))
+        ledger = rig.restart()
+        assert ledger.status(NAME, Budget(1000)).day_used == 600
+        assert ledger.reserve(principal(day=1000), prompt_estimate=0, requested_output=400)
+        refusal(rig, principal(day=1000), 0, 1)
+
+    def test_counted_but_not_flushed_counts(self, rig: Rig) -> None:
+        rig.recorder.record(NAME, Usage(300, 300))  # before this principal had a budget
+        refusal(rig, principal(day=1000), 0, 401)
+        assert rig.ledger.reserve(principal(day=1000), prompt_estimate=0, requested_output=400)
+
+    def test_a_flush_does_not_count_twice(self, rig: Rig) -> None:
+        r = rig.ledger.reserve(principal(day=1000), prompt_estimate=0, requested_output=500)
+        rig.finish(r, Usage(250, 250))
+        assert rig.recorder.flush()
+        assert rig.ledger.reserve(principal(day=1000), prompt_estimate=0, requested_output=500)
+
+    def test_the_database_is_read_once_per_period(self, rig: Rig) -> None:
+        assert rig.ledger.status(NAME, Budget(1000)).day_used == 0
+        rig.db.add_usage([UsageRow(NAME, 1, 500, 0, START, int(START) // 3600 * 3600)])
+        assert rig.ledger.status(NAME, Budget(1000)).day_used == 0
+        assert rig.ledger.reserve(principal(day=1000), prompt_estimate=0, requested_output=1000)
+
+    def test_usage_while_it_had_no_budget_counts_when_it_has_one_again(self, rig: Rig) -> None:
+        rig.ledger.reserve(principal(day=1000), prompt_estimate=0, requested_output=0)
+        unlimited = Principal(NAME, frozenset({SCOPE_CHAT}))
+        assert rig.ledger.reserve(unlimited, prompt_estimate=0, requested_output=None) is None
+        rig.recorder.record(NAME, Usage(700, 0))
+        refusal(rig, principal(day=1000), 0, 301)
+
+    def test_the_month_counts_earlier_days(self, rig: Rig) -> None:
+        earlier = int(START) - 3 * 86400
+        rig.db.add_usage([UsageRow(NAME, 1, 900, 0, earlier, earlier // 3600 * 3600)])
+        status = rig.ledger.status(NAME, Budget(1000, 1000))
+        assert (status.day_used, status.month_used) == (0, 900)
+        refusal(rig, principal(day=1000, month=1000), 0, 101)
+
+    def test_last_month_does_not_count(self, rig: Rig) -> None:
+        december = int(dt.datetime(2026, 12, 31, 23, tzinfo=dt.UTC).timestamp())
+        rig.db.add_usage([UsageRow(NAME, 1, 900, 0, december, december)])
+        assert rig.ledger.status(NAME, Budget(1000, 1000)).month_used == 0
+
+
+class TestBoundaries:
+    def test_a_new_day_starts_empty_and_the_month_goes_on(self, rig: Rig) -> None:
+        who = principal(day=1000, month=1500)
+        rig.finish(
+            rig.ledger.reserve(who, prompt_estimate=0, requested_output=1000), Usage(0, 1000)
+        )
+        refusal(rig, who, 0, 1)
+        rig.clock.advance(MIDNIGHT - START)
+        status = rig.ledger.status(NAME, Budget(1000, 1500))
+        assert (status.day_used, status.month_used) == (0, 1000)
+        assert status.day_resets_at == MIDNIGHT + 86400
+        assert rig.ledger.reserve(who, prompt_estimate=0, requested_output=500)
+        error = refusal(rig, who, 0, 1)
+        assert "for this month" in error.message
+
+    def test_one_second_before_midnight_is_still_today(self, rig: Rig) -> None:
+        who = principal(day=1000)
+        rig.finish(
+            rig.ledger.reserve(who, prompt_estimate=0, requested_output=1000), Usage(0, 1000)
+        )
+        rig.clock.advance(MIDNIGHT - START - 1)
+        error = refusal(rig, who, 0, 1)
+        assert error.headers["Retry-After"] == "1"
+        rig.clock.advance(1)
+        assert rig.ledger.reserve(who, prompt_estimate=0, requested_output=1000)
+
+    def test_a_new_month_starts_empty(self, rig: Rig) -> None:
+        who = principal(month=1000)
+        rig.finish(
+            rig.ledger.reserve(who, prompt_estimate=0, requested_output=1000), Usage(0, 1000)
+        )
+        rig.clock.advance(FEBRUARY - START - 1)
+        refusal(rig, who, 0, 1)
+        rig.clock.advance(1)
+        status = rig.ledger.status(NAME, Budget(None, 1000))
+        assert status.month_resets_at == dt.datetime(2027, 3, 1, tzinfo=dt.UTC).timestamp()
+        assert rig.ledger.reserve(who, prompt_estimate=0, requested_output=1000)
+
+    def test_a_request_running_at_midnight_holds_its_tokens_in_the_new_day(self, rig: Rig) -> None:
+        who = principal(day=1000)
+        assert rig.ledger.reserve(who, prompt_estimate=0, requested_output=800)
+        rig.clock.advance(MIDNIGHT - START)
+        refusal(rig, who, 0, 201)
+        assert rig.ledger.reserve(who, prompt_estimate=0, requested_output=200)
+
+    def test_it_counts_in_the_day_it_ends_in(self, rig: Rig) -> None:
+        who = principal(day=1000, month=10_000)
+        running = rig.ledger.reserve(who, prompt_estimate=0, requested_output=800)
+        rig.clock.advance(MIDNIGHT - START)
+        rig.finish(running, Usage(0, 600))  # settled before anything reserved today
+        status = rig.ledger.status(NAME, Budget(1000, 10_000))
+        assert (status.day_used, status.month_used, status.in_flight) == (600, 600, 0)
+        assert rig.restart().status(NAME, Budget(1000, 10_000)).day_used == 600
+
+    def test_ended_after_a_reservation_today_counts_today_too(self, rig: Rig) -> None:
+        who = principal(day=1000)
+        running = rig.ledger.reserve(who, prompt_estimate=0, requested_output=500)
+        rig.clock.advance(MIDNIGHT - START)
+        rig.ledger.reserve(who, prompt_estimate=0, requested_output=100)
+        rig.finish(running, Usage(0, 300))
+        status = rig.ledger.status(NAME, Budget(1000))
+        assert (status.day_used, status.in_flight) == (300, 100)
+
+
+class TestMemory:
+    def test_principals_idle_at_a_new_day_are_forgotten(self, rig: Rig) -> None:
+        idle = rig.ledger.reserve(
+            principal(day=10, name="key:idle"), prompt_estimate=0, requested_output=1
+        )
+        assert idle is not None
+        rig.ledger.settle(idle, Usage(0, 1))
+        running = rig.ledger.reserve(principal(day=10), prompt_estimate=0, requested_output=1)
+        assert rig.ledger.principals_tracked == 2
+        rig.clock.advance(MIDNIGHT - START)
+        rig.ledger.status("key:other", Budget(10))
+        assert rig.ledger.principals_tracked == 2  # the running one and the one just asked about
+        rig.finish(running, Usage(0, 1))
+        assert rig.ledger.principals_tracked == 1
+
+    def test_a_principal_without_a_budget_is_forgotten(self, rig: Rig) -> None:
+        rig.ledger.status(NAME, Budget(10))
+        rig.ledger.reserve(Principal(NAME, frozenset()), prompt_estimate=0, requested_output=None)
+        assert rig.ledger.principals_tracked == 0
+
+    def test_a_reservation_of_nothing_forgotten_meanwhile_settles_quietly(self, rig: Rig) -> None:
+        nothing = rig.ledger.reserve(principal(day=10), prompt_estimate=0, requested_output=0)
+        assert nothing is not None
+        rig.ledger.reserve(Principal(NAME, frozenset()), prompt_estimate=0, requested_output=None)
+        rig.finish(nothing, Usage(3, 4))
+        assert rig.ledger.principals_tracked == 0
+        assert rig.ledger.status(NAME, Budget(10)).day_used == 7  # from the recorder

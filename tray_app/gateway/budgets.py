@@ -1,0 +1,238 @@
+"""Token budgets: tokens (prompt + completion) a principal may use per UTC day and month.
+
+A request is admitted only if what it could use fits: its prompt estimate plus its output cap
+is reserved before it is forwarded, and replaced by the real usage when it ends. Reserving is
+what makes a burst of parallel streams unable to overshoot: each one holds its worst case
+until it is settled. A request without a cap of its own gets one from the ledger (what is
+left of the tighter period, less the prompt), so none is ever uncapped.
+
+Where "used" comes from. The ledger keeps, per principal, the totals of the current day and
+month in memory. They are loaded once per period, from the database's day buckets plus what
+the usage recorder has counted but not yet flushed (``pending``); after that the ledger adds
+what it settles itself and never reads the database for that period again. So a request
+the recorder flushes later is not counted twice, and a restart continues from the stored
+totals. This needs one thing of the gateway: a request is settled here and recorded by the
+recorder in the same step (no ``await`` between), so no load can fall between the two.
+
+Midnight. A request counts in the period it ends in, as the recorder writes it, so the totals
+after a restart agree with the ones before. A reservation still running at midnight therefore
+holds its tokens in the new day (it might end there), and one made before the rollover and
+settled after it makes the ledger reload that principal's totals, which then hold it.
+
+Memory: at each new UTC day every principal with nothing in flight is forgotten (a
+principal seen again is loaded again), and the ledger keeps only open reservations.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tray_app.clock import Clock
+from tray_app.gateway import api_errors
+from tray_app.gateway.upstream.usage import Usage
+from tray_app.identity.principal import Budget, Principal
+from tray_app.storage.database import DAY
+from tray_app.storage.usage_history import (
+    UsageHistory,
+    day_start,
+    month_start,
+    next_month_start,
+)
+
+# What an answer cut short is charged for when LM Studio never said how many tokens it used:
+# a streamed token reaches the client in an SSE event of at least ~100 bytes (its JSON
+# envelope), so bytes_out // 100 errs high for streams, never low, and the cap bounds it.
+BYTES_PER_TOKEN = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    principal: str
+    tokens: int  # reserved: prompt_estimate + output cap
+    max_output: int | None  # the output cap the forwarded request must carry (None: its own)
+    prompt_estimate: int = 0
+    # Tells two reservations with equal fields apart, so settling one twice is caught.
+    ticket: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    """A principal's budget as the tray, metrics and the CLI show it; times are epoch seconds."""
+
+    day_used: int
+    day_limit: int | None
+    month_used: int
+    month_limit: int | None
+    day_resets_at: int
+    month_resets_at: int
+    in_flight: int = 0  # reserved by requests still running, not in the used counts yet
+
+
+@dataclass(slots=True)
+class _Account:
+    day: int  # the UTC day the totals are of; NOT_LOADED when they must be read again
+    day_used: int = 0
+    month_used: int = 0
+    reserved: int = 0  # by requests in flight, whatever period they end in
+
+
+NOT_LOADED = -1
+
+
+@dataclass(frozen=True, slots=True)
+class _Room:
+    period: str
+    limit: int
+    left: int  # may be negative: a settled request may use more than it reserved
+    resets_at: int
+
+
+class BudgetLedger:
+    def __init__(
+        self,
+        history: UsageHistory,
+        clock: Clock,
+        *,
+        pending: Callable[[str, float], int] | None = None,
+    ) -> None:
+        self._history = history
+        self._clock = clock
+        self._pending = pending
+        self._accounts: dict[str, _Account] = {}
+        self._open: dict[int, Reservation] = {}
+        self._tickets = itertools.count(1)
+        self._day = NOT_LOADED
+        self._month = NOT_LOADED
+        self._next_month = NOT_LOADED
+
+    def reserve(
+        self, principal: Principal, *, prompt_estimate: int, requested_output: int | None
+    ) -> Reservation | None:
+        """Hold what the request could use, or raise ``budget_exceeded`` (429); None when the
+        principal has no budget (nothing to settle then)."""
+        budget = principal.budget
+        if budget is None or not budget.limited:
+            self._unload(principal.name)  # its usage is not settled here while it has none
+            return None
+        now = self._clock.time()
+        account = self._account(principal.name, now)
+        rooms = self._rooms(account, budget)
+        prompt = max(0, prompt_estimate)
+        if requested_output is not None:
+            needed = prompt + max(0, requested_output)
+            max_output = None
+            short = [room for room in rooms if needed > room.left]
+        else:
+            tightest = min(room.left for room in rooms)
+            needed = tightest
+            max_output = tightest - prompt
+            short = [room for room in rooms if room.left - prompt < 1]
+        if short:
+            # The month's reset is the later one: if it is short, waiting for the day is no use.
+            raise _refusal(short[-1], max(needed, prompt + 1), now)
+        reservation = Reservation(principal.name, needed, max_output, prompt, next(self._tickets))
+        account.reserved += needed
+        self._open[reservation.ticket] = reservation
+        return reservation
+
+    def settle(self, reservation: Reservation, used: Usage | None, *, bytes_out: int = 0) -> None:
+        """Replace the reservation by what the request used; a second call does nothing."""
+        if self._open.pop(reservation.ticket, None) is None:
+            return
+        account = self._accounts.get(reservation.principal)
+        if account is None:
+            return  # it reserved nothing, so it was forgotten: the next load reads its usage
+        account.reserved -= reservation.tokens
+        if account.day != day_start(self._clock.time()):
+            # Not loaded for the day it ended in: its totals are read again before they are
+            # used, and by then the recorder holds this request; idle, it is not kept at all.
+            self._forget_if_idle(reservation.principal, account)
+            return
+        charged = _charge(reservation, used, bytes_out)
+        account.day_used += charged
+        account.month_used += charged
+
+    def status(self, principal: str, budget: Budget) -> BudgetStatus:
+        now = self._clock.time()
+        account = self._account(principal, now)
+        return BudgetStatus(
+            day_used=account.day_used,
+            day_limit=budget.tokens_per_day,
+            month_used=account.month_used,
+            month_limit=budget.tokens_per_month,
+            day_resets_at=self._day + DAY,
+            month_resets_at=self._next_month,
+            in_flight=account.reserved,
+        )
+
+    @property
+    def principals_tracked(self) -> int:
+        return len(self._accounts)
+
+    # ---- periods and loading ----------------------------------------------------------------
+
+    def _account(self, principal: str, now: float) -> _Account:
+        today = day_start(now)
+        if today != self._day:
+            self._new_day(today)
+        account = self._accounts.get(principal)
+        if account is None:
+            account = self._accounts[principal] = _Account(NOT_LOADED)
+        if account.day != today:
+            account.day = today
+            account.day_used = self._stored(principal, today)
+            account.month_used = self._stored(principal, self._month)
+        return account
+
+    def _new_day(self, today: int) -> None:
+        self._day = today
+        self._month = month_start(today)
+        self._next_month = next_month_start(today)
+        for name, account in list(self._accounts.items()):
+            self._forget_if_idle(name, account)
+
+    def _stored(self, principal: str, since: int) -> int:
+        # Pending first: a flush finishing between the two reads then counts a batch twice
+        # (refusing a little early) rather than not at all.
+        pending = self._pending(principal, since) if self._pending is not None else 0
+        return pending + self._history.totals_since(principal, since).tokens
+
+    def _unload(self, principal: str) -> None:
+        account = self._accounts.get(principal)
+        if account is not None:
+            self._forget_if_idle(principal, account)
+
+    def _forget_if_idle(self, principal: str, account: _Account) -> None:
+        account.day = NOT_LOADED
+        if account.reserved == 0:
+            del self._accounts[principal]
+
+    def _rooms(self, account: _Account, budget: Budget) -> list[_Room]:
+        """Each limited period's room, the day's before the month's."""
+        rooms = []
+        if budget.tokens_per_day is not None:
+            left = budget.tokens_per_day - account.day_used - account.reserved
+            rooms.append(_Room("day", budget.tokens_per_day, left, self._day + DAY))
+        if budget.tokens_per_month is not None:
+            left = budget.tokens_per_month - account.month_used - account.reserved
+            rooms.append(_Room("month", budget.tokens_per_month, left, self._next_month))
+        return rooms
+
+
+def _charge(reservation: Reservation, used: Usage | None, bytes_out: int) -> int:
+    if used is not None:
+        return used.prompt_tokens + used.completion_tokens
+    if bytes_out <= 0:
+        return 0  # nothing came back: LM Studio refused or failed before answering
+    cap = reservation.tokens - reservation.prompt_estimate
+    return reservation.prompt_estimate + min(cap, bytes_out // BYTES_PER_TOKEN)
+
+
+def _refusal(room: _Room, needed: int, now: float) -> api_errors.ApiError:
+    resets = dt.datetime.fromtimestamp(room.resets_at, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return api_errors.budget_exceeded(
+        room.period, room.limit, max(0, room.left), needed, resets, room.resets_at - now
+    )
