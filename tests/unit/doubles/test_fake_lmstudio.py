@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import aiohttp
@@ -148,9 +149,7 @@ class TestNativeModelList:
         async with aiohttp.ClientSession() as s:
             async with s.get(fake_lmstudio.url + "/api/v0/models") as r:
                 assert r.status == 404
-            async with s.post(
-                fake_lmstudio.url + "/api/v1/models/load", json={"model": QWEN}
-            ) as r:
+            async with s.post(fake_lmstudio.url + "/api/v1/models/load", json={"model": QWEN}) as r:
                 assert r.status == 404
         assert not fake_lmstudio.loads
 
@@ -245,10 +244,8 @@ class TestLoading:
         while not fake.loads:
             await asyncio.sleep(0.01)
         await fake.stop()
-        try:
+        with contextlib.suppress(aiohttp.ClientError):
             await loading
-        except aiohttp.ClientError:
-            pass
         assert fake.loaded == []
 
 
@@ -268,9 +265,7 @@ class TestJustInTimeLoading:
         fake_lmstudio.loaded = [QWEN]
         async with (
             aiohttp.ClientSession() as s,
-            s.post(
-                fake_lmstudio.url + "/v1/embeddings", json={"model": EMBED, "input": "x"}
-            ) as r,
+            s.post(fake_lmstudio.url + "/v1/embeddings", json={"model": EMBED, "input": "x"}) as r,
         ):
             assert r.status == 200
         assert fake_lmstudio.loaded == [EMBED]

@@ -62,7 +62,7 @@ class MemoryModelApi:
             return None
         return ModelStates(frozenset(self.downloaded), frozenset(self.in_memory))
 
-    async def load(self, model: str, timeout: float) -> None:  # noqa: ASYNC109 - the protocol's
+    async def load(self, model: str, timeout: float) -> None:
         self.loads[model] += 1
         self.loading.set()
         if self.go is not None:
