@@ -41,12 +41,12 @@ LOADING = "loading the model"
 class ModelUse:
     """One request's hold on its model, from ``enter`` until ``leave``."""
 
-    __slots__ = ("_counted", "_left", "model")
+    __slots__ = ("_counted", "model")
 
-    def __init__(self, model: str | None, *, counted: bool) -> None:
+    def __init__(self, model: str | None) -> None:
         self.model = model
-        self._counted = counted
-        self._left = False
+        # The model this use is counted under until it leaves; None: not (or no longer) counted.
+        self._counted: str | None = None
 
 
 def _silent(_: str) -> None:
@@ -82,27 +82,25 @@ class ModelGuard:
         receiving answers from. Raises model_switch_refused, model_switch_timeout (after
         ``max_wait`` seconds of waiting), model_load_failed or model_load_timeout."""
         if self._policy is ModelSwitch.OFF or model is None:
-            return ModelUse(model, counted=False)
-        use, _ = await self._enter(model, max_wait, notify or _silent, self._policy, warm=False)
+            return ModelUse(model)
+        use, _ = await self._enter(model, max_wait, notify or _silent, warm=False)
         return use
 
     def leave(self, use: ModelUse) -> None:
-        if use._left:
+        model, use._counted = use._counted, None
+        if model is None:
             return
-        use._left = True
-        if use._counted and use.model is not None:
-            self._active[use.model] -= 1
-            if self._active[use.model] <= 0:
-                del self._active[use.model]
-                self._wake()
+        self._active[model] -= 1
+        if not self._active[model]:
+            del self._active[model]
+            self._wake()
 
     async def warm_up(self, model: str) -> float:
         """Load ``model`` now, under the same rules as a request for it (with the policy
         off, at once); the seconds the load took, 0 if it was loaded already."""
         # Off turns off the guarding, not the loading the owner asks for; with the guard
         # off no use is counted, so nothing is waited for.
-        policy = ModelSwitch.WAIT if self._policy is ModelSwitch.OFF else self._policy
-        use, seconds = await self._enter(model, self._load_timeout, _silent, policy, warm=True)
+        use, seconds = await self._enter(model, self._load_timeout, _silent, warm=True)
         self.leave(use)
         return seconds
 
@@ -122,7 +120,6 @@ class ModelGuard:
         model: str,
         max_wait: float,
         notify: Callable[[str], None],
-        policy: ModelSwitch,
         *,
         warm: bool,
     ) -> tuple[ModelUse, float]:
@@ -147,23 +144,24 @@ class ModelGuard:
                     if not self._held(model):
                         return self._count(model), seconds
                     say(WAITING_FOR_SWITCH)
-                    await self._wait(model, deadline, max_wait)
                 else:
                     if not wanting:
                         self._wanted[model] = self._wanted.get(model, 0) + 1
                         wanting = True
                     if self._busy_besides(model):
-                        if policy is ModelSwitch.REFUSE:
+                        if self._policy is ModelSwitch.REFUSE:
                             raise errors.model_switch_refused(model, RETRY_AFTER)
                         say(WAITING_FOR_OTHERS)
-                        await self._wait(model, deadline, max_wait)
                     elif next(iter(self._wanted)) != model:
                         say(WAITING_FOR_SWITCH)
-                        await self._wait(model, deadline, max_wait)
                     else:
                         say(LOADING)
                         # Shielded: a caller going away must not cancel a load others await.
-                        seconds += await asyncio.shield(self._load_once(model))
+                        seconds = await asyncio.shield(self._load_once(model))
+                        states = await self._read(None)
+                        continue
+                if not await self._changes_before(deadline):
+                    raise errors.model_switch_timeout(model, max_wait, RETRY_AFTER)
                 states = await self._read(None)
         finally:
             if wanting:
@@ -171,7 +169,9 @@ class ModelGuard:
 
     def _count(self, model: str) -> ModelUse:
         self._active[model] += 1
-        return ModelUse(model, counted=True)
+        use = ModelUse(model)
+        use._counted = model
+        return use
 
     def _held(self, model: str) -> bool:
         """A switch to another model is under way or waiting: this model may be evicted."""
@@ -192,15 +192,14 @@ class ModelGuard:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def _wait(self, model: str, deadline: float, max_wait: float) -> None:
-        changed = self._changed
-        remaining = deadline - self._clock.monotonic()
+    async def _changes_before(self, deadline: float) -> bool:
+        """Wait for a use to end, a switch to end or the states to change; False if the
+        deadline came first."""
         try:
-            if remaining <= 0:
-                raise TimeoutError
-            await asyncio.wait_for(changed.wait(), remaining)
+            await asyncio.wait_for(self._changed.wait(), deadline - self._clock.monotonic())
         except TimeoutError:
-            raise errors.model_switch_timeout(model, max_wait, RETRY_AFTER) from None
+            return False
+        return True
 
     # ---- what is loaded ---------------------------------------------------------------------
 
@@ -215,7 +214,7 @@ class ModelGuard:
         if not (stale or missed):
             return states
         if self._reading is None:
-            self._reading = spawn(self._api.loaded(), name="lmgate-model-states")
+            self._reading = spawn(self._api.loaded())
             self._reading.add_done_callback(self._read_done)
         try:
             # Shielded: one caller going away must not cancel the read the others share.
@@ -246,7 +245,7 @@ class ModelGuard:
     def _load_once(self, model: str) -> asyncio.Task[float]:
         task = self._loads.get(model)
         if task is None:
-            task = spawn(self._load(model), name="lmgate-model-load")
+            task = spawn(self._load(model))
             self._loads[model] = task
             task.add_done_callback(partial(self._load_done, model))
         return task

@@ -8,8 +8,10 @@ socket, streams and all, is in tests/integration/gateway/test_model_api.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import pytest
 
@@ -41,6 +43,8 @@ class MemoryModelApi:
         self.in_memory = set(loaded)
         self.reads = 0
         self.loads: Counter[str] = Counter()
+        self.load_timeouts: list[float] = []
+        self.loads_ended = 0  # loads that returned, failed or were cancelled
         self.no_api = False
         self.read_failure: ApiError | None = None
         self.failing_reads: set[int] = set()  # these reads (1 = the first) fail
@@ -64,12 +68,16 @@ class MemoryModelApi:
 
     async def load(self, model: str, timeout: float) -> None:
         self.loads[model] += 1
+        self.load_timeouts.append(timeout)
         self.loading.set()
-        if self.go is not None:
-            await self.go.wait()
-        if self.load_failure is not None:
-            raise self.load_failure
-        self.in_memory = set() if self.load_forgets else {model}
+        try:
+            if self.go is not None:
+                await self.go.wait()
+            if self.load_failure is not None:
+                raise self.load_failure
+            self.in_memory = set() if self.load_forgets else {model}
+        finally:
+            self.loads_ended += 1
 
     def hold_loads(self) -> asyncio.Event:
         self.go = asyncio.Event()
@@ -88,6 +96,20 @@ def guard_for(
 async def settle() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
+
+
+@contextlib.contextmanager
+def loop_errors() -> Iterator[list[dict[str, object]]]:
+    """What the event loop reports meanwhile (a task's exception never retrieved, a failing
+    callback): the guard's own tasks must leave nothing for it to report."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        yield reported
+    finally:
+        loop.set_exception_handler(previous)
 
 
 def code(exc: pytest.ExceptionInfo[ApiError]) -> tuple[int, str]:
@@ -210,7 +232,7 @@ class TestSwitching:
         told: list[str] = []
         guard = guard_for(api)
         use = await guard.enter(B, max_wait=WAIT, notify=told.append)
-        assert api.loads == {B: 1}
+        assert api.loads == {B: 1} and api.load_timeouts == [WAIT]
         assert guard.loaded_models() == {B}
         assert told == [LOADING]
         guard.leave(use)
@@ -323,7 +345,8 @@ class TestSwitching:
         assert asyncio.get_running_loop().time() - started >= 0.1
         assert code(timed_out) == (503, "model_busy")
         assert timed_out.value.headers["Retry-After"] == str(int(RETRY_AFTER))
-        assert "0.1 s" in timed_out.value.message
+        assert timed_out.value.message.startswith(f"{B!r} is not loaded, and others kept")
+        assert "for 0.1 s;" in timed_out.value.message
         # Nothing is left behind: A's new requests are not held by a switch nobody wants.
         again = await asyncio.wait_for(guard.enter(A, max_wait=WAIT), 1)
         guard.leave(again)
@@ -355,6 +378,48 @@ class TestSwitching:
         assert code(timed_out) == (503, "model_busy")
         guard.leave(streaming)
 
+    async def test_a_request_held_behind_a_switch_is_bounded_too(self) -> None:
+        api = MemoryModelApi()
+        guard = guard_for(api)
+        streaming = await guard.enter(A, max_wait=WAIT)
+        switching = asyncio.ensure_future(guard.enter(B, max_wait=WAIT))
+        await settle()
+        with pytest.raises(ApiError) as timed_out:
+            await guard.enter(A, max_wait=0.1)
+        assert code(timed_out) == (503, "model_busy")
+        assert timed_out.value.message.startswith(f"{A!r} is not loaded")
+        assert "for 0.1 s;" in timed_out.value.message
+        guard.leave(streaming)
+        guard.leave(await switching)
+
+    async def test_a_model_unloaded_under_its_own_answers_is_loaded_without_waiting(
+        self,
+    ) -> None:
+        """Its answers were cut already (LM Studio's TTL, a restart): waiting for them to
+        end would wait for nothing."""
+        api = MemoryModelApi()
+        clock = FakeClock()
+        guard = guard_for(api, clock=clock)
+        cut_off = await guard.enter(A, max_wait=WAIT)
+        api.in_memory = set()
+        clock.advance(REFRESH_INTERVAL)
+        again = await asyncio.wait_for(guard.enter(A, max_wait=WAIT), 1)
+        assert api.loads == {A: 1}
+        guard.leave(again)
+        guard.leave(cut_off)
+
+    async def test_a_switch_loaded_by_someone_else_meanwhile_takes_no_time(self) -> None:
+        api = MemoryModelApi()
+        clock = FakeClock()
+        guard = guard_for(api, clock=clock)
+        streaming = await guard.enter(A, max_wait=WAIT)
+        warming = asyncio.ensure_future(guard.warm_up(B))
+        await settle()
+        api.in_memory = {A, B}  # the states read a moment ago still say B is not
+        guard.leave(streaming)
+        assert await warming == 0.0
+        assert api.loads == Counter()
+
 
 class TestRefusing:
     async def test_refuse_answers_at_once_while_another_model_answers(self) -> None:
@@ -364,6 +429,7 @@ class TestRefusing:
         with pytest.raises(ApiError) as refused:
             await guard.enter(B, max_wait=WAIT)
         assert code(refused) == (503, "model_busy")
+        assert refused.value.message.startswith(f"{B!r} is not loaded, and loading it now")
         assert "models.switch = refuse" in refused.value.message
         assert refused.value.headers["Retry-After"] == str(int(RETRY_AFTER))
         assert api.loads == Counter()
@@ -410,6 +476,19 @@ class TestLoadFailures:
         # Once before the load (a second copy is never asked for), once after it failed.
         assert api.reads == reads + 3
 
+    async def test_a_failed_load_with_lm_studio_gone_says_the_load_s_failure(self) -> None:
+        api = MemoryModelApi()
+        go = api.hold_loads()
+        api.load_failure = errors.model_load_failed(B, "not enough memory")
+        guard = guard_for(api)
+        entering = asyncio.ensure_future(guard.enter(B, max_wait=WAIT))
+        await api.loading.wait()
+        api.read_failure = errors.upstream_unreachable("http://127.0.0.1:1234")
+        go.set()
+        with pytest.raises(ApiError) as failed:
+            await entering
+        assert failed.value.message == f"LM Studio could not load {B!r}: not enough memory"
+
     async def test_a_load_is_bounded(self) -> None:
         api = MemoryModelApi()
         api.hold_loads()
@@ -417,7 +496,9 @@ class TestLoadFailures:
         with pytest.raises(ApiError) as timed_out:
             await guard.enter(B, max_wait=WAIT)
         assert code(timed_out) == (504, "model_load_timeout")
-        assert "0.1 s" in timed_out.value.message
+        assert timed_out.value.message == (
+            f"LM Studio did not finish loading {B!r} within 0.1 s (models.load_timeout)."
+        )
 
     async def test_a_load_lm_studio_does_not_show_fails(self) -> None:
         api = MemoryModelApi()
@@ -426,7 +507,10 @@ class TestLoadFailures:
         with pytest.raises(ApiError) as failed:
             await guard.enter(B, max_wait=WAIT)
         assert code(failed) == (502, "model_load_failed")
-        assert "does not list it as loaded" in failed.value.message
+        assert failed.value.message == (
+            f"LM Studio could not load {B!r}: it answered that it loaded the model, but does "
+            "not list it as loaded"
+        )
 
     async def test_lm_studio_gone_after_its_load_fails_the_request(self) -> None:
         api = MemoryModelApi()
@@ -487,11 +571,26 @@ class TestCancelling:
         await api.loading.wait()
         gone.cancel()
         await settle()
-        go.set()
-        await settle()  # its failure is retrieved: no "exception never retrieved"
+        with loop_errors() as reported:
+            go.set()
+            await settle()
+            gc.collect()  # an unretrieved failure is reported when its task is collected
+        assert reported == [], "its failure is retrieved though nobody waits for it"
         api.load_failure = None
         guard.leave(await guard.enter(B, max_wait=WAIT))
         assert api.loads == {B: 2}
+
+    async def test_a_cancelled_load_is_put_away_quietly(self) -> None:
+        api = MemoryModelApi()
+        api.hold_loads()
+        guard = guard_for(api)
+        entering = asyncio.ensure_future(guard.enter(B, max_wait=WAIT))
+        await api.loading.wait()
+        with loop_errors() as reported:
+            await guard.close()
+            await settle()
+        assert reported == []
+        entering.cancel()
 
     async def test_a_held_caller_gone_leaves_nothing_behind(self) -> None:
         api = MemoryModelApi()
@@ -513,6 +612,7 @@ class TestCancelling:
         entering = asyncio.ensure_future(guard.enter(B, max_wait=WAIT))
         await api.loading.wait()
         await guard.close()
+        assert api.loads_ended == 1, "close returns once the load has stopped"
         with pytest.raises(asyncio.CancelledError):
             await entering
 
@@ -547,7 +647,9 @@ class TestLeaving:
         guard = guard_for(MemoryModelApi(), ModelSwitch.OFF)
         use = await guard.enter(A, max_wait=WAIT)
         guard.leave(use)
-        guard.leave(ModelUse(None, counted=True))
+        waiting = guard_for(MemoryModelApi())
+        waiting.leave(ModelUse(A))  # never counted: nothing to take back...
+        guard.leave(await waiting.enter(B, max_wait=0.05))  # ...so nothing holds a switch
 
 
 class TestRestart:
@@ -637,7 +739,10 @@ class TestWarmUp:
         with pytest.raises(ApiError) as failed:
             await guard_for(api).warm_up(B)
         assert code(failed) == (502, "model_load_failed")
-        assert "no model API" in failed.value.message
+        assert failed.value.message == (
+            f"LM Studio could not load {B!r}: this server has no model API to load it with "
+            "(LM Studio's is needed)"
+        )
 
     async def test_lm_studio_unreachable_is_said(self) -> None:
         api = MemoryModelApi()
