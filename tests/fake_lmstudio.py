@@ -6,6 +6,14 @@ one does, and records every request it receives so tests can prove what reached 
 is set through :class:`Behaviour` (chunk counts, delays, a mid-stream failure, status overrides,
 and the shapes a hostile or broken LM Studio sends: CRLF or CR line ends, an oversized or
 never-ending SSE event, compression bombs). Its own tests are in ``test_fake_lmstudio.py``.
+
+It can also simulate LM Studio's memory (set :attr:`FakeLMStudio.loaded` to a list): the
+native ``/api/v0/models`` says which models are loaded, ``/api/v1/models/load`` loads one
+after ``Behaviour.load_delay``, a request naming a listed model that is not loaded loads it
+first (JIT), and a load beyond ``Behaviour.max_loaded`` evicts the oldest model, cutting off
+its running streams mid-answer — LM Studio's bug #671, which the model guard must prevent.
+Simultaneous first requests each start a load of their own (#1751). Counters (``loads``,
+``evicted``, ``streams_cut``) let tests show what happened.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import gzip
 import json
 import time
 import zlib
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +57,11 @@ class Behaviour:
     reply: str | None = None  # stream this text (split into `chunks` pieces) instead of tokN
     reasoning: str | None = None  # stream this as delta.reasoning before the answer
     models: tuple[str, ...] = MODELS  # what GET /v1/models lists: () = none loaded
+    # LM Studio's memory, when FakeLMStudio.loaded is a list (the models above are on disk):
+    load_delay: float = 0.0  # seconds a load takes
+    max_loaded: int = 1  # models in memory at once; a load past it evicts the oldest
+    load_error: str | None = None  # /api/v1/models/load answers 500 with this message
+    native_api: bool = True  # False: /api/v0/models and the load answer 404 (llama.cpp)
 
 
 @dataclass
@@ -62,6 +76,14 @@ class Received:
         return json.loads(self.body)
 
 
+class _Stream:
+    """A running SSE answer, which an eviction can cut off."""
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self.request = request
+        self.cut = False
+
+
 class FakeLMStudio:
     def __init__(self, behaviour: Behaviour | None = None) -> None:
         self.behaviour = behaviour or Behaviour()
@@ -70,6 +92,14 @@ class FakeLMStudio:
         self.chunk_sent_at: list[float] = []  # monotonic times each SSE chunk was written
         self.connections: set[object] = set()  # client (host, port) pairs seen: pooling shows
         self.disconnected = asyncio.Event()
+        # None: memory is not simulated (every listed model counts as loaded, none is ever
+        # evicted); a list: the models in memory, oldest load first.
+        self.loaded: list[str] | None = None
+        self.loads: Counter[str] = Counter()  # loads started per model (JIT ones included)
+        self.evicted: list[str] = []  # each model evicted, in order
+        self.streams_cut: list[str] = []  # the model of each stream an eviction cut off
+        self._streaming: dict[str, set[_Stream]] = {}
+        self._load_tasks: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -89,6 +119,8 @@ class FakeLMStudio:
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/v1/responses", self._echo)
         app.router.add_post("/v1/messages", self._echo)
+        app.router.add_get("/api/v0/models", self._native_models)
+        app.router.add_post("/api/v1/models/load", self._load_endpoint)
         app.router.add_route("*", "/{tail:.*}", self._anything)
         app.middlewares.append(self._record)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
@@ -98,6 +130,8 @@ class FakeLMStudio:
         self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
+        for task in list(self._load_tasks):
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -179,8 +213,101 @@ class FakeLMStudio:
             }
         )
 
+    # ---- LM Studio's memory: the native model list, loads, JIT loading, eviction -----------
+
+    def is_loaded(self, model: str) -> bool:
+        return model in self.behaviour.models if self.loaded is None else model in self.loaded
+
+    async def _native_models(self, request: web.Request) -> web.StreamResponse:
+        if not self.behaviour.native_api:
+            return _not_found("Unexpected endpoint or method. (GET /api/v0/models)")
+        return self._json(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": m,
+                        "object": "model",
+                        "type": "embeddings" if "embed" in m else "llm",
+                        "publisher": "lmstudio-community",
+                        "arch": "fake",
+                        "compatibility_type": "gguf",
+                        "quantization": "Q4_K_M",
+                        "state": "loaded" if self.is_loaded(m) else "not-loaded",
+                        "max_context_length": 32768,
+                    }
+                    for m in self.behaviour.models
+                ],
+            }
+        )
+
+    async def _load_endpoint(self, request: web.Request) -> web.StreamResponse:
+        b = self.behaviour
+        if not b.native_api:
+            return _not_found("Unexpected endpoint or method. (POST /api/v1/models/load)")
+        payload = await request.json()
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if not isinstance(model, str) or model not in b.models:
+            return _not_found(f"Model not found: {model}")
+        if b.load_error is not None:
+            self.loads[model] += 1
+            return web.json_response({"error": {"message": b.load_error}}, status=500)
+        started = time.monotonic()
+        await self._load(model)
+        return web.json_response(
+            {
+                "model_instance_id": model,
+                "config": {"context_length": 4096},
+                "load_time_seconds": round(time.monotonic() - started, 3),
+            }
+        )
+
+    async def _load(self, model: str) -> None:
+        """Load ``model``; like LM Studio's, the load goes on when the asker goes away."""
+        task = asyncio.ensure_future(self._loading(model))
+        self._load_tasks.add(task)
+        task.add_done_callback(self._load_tasks.discard)
+        await asyncio.shield(task)
+
+    async def _loading(self, model: str) -> None:
+        self.loads[model] += 1
+        if self.loaded is None:  # memory not simulated: a load only takes its time
+            await asyncio.sleep(self.behaviour.load_delay)
+            return
+        # Memory is freed first, as LM Studio does: the evicted model's answers stop at once.
+        while len(self.loaded) >= self.behaviour.max_loaded:
+            others = [m for m in self.loaded if m != model]
+            if not others:
+                break
+            self._evict(others[0])
+        await asyncio.sleep(self.behaviour.load_delay)
+        if model not in self.loaded:
+            self.loaded.append(model)
+
+    def _evict(self, model: str) -> None:
+        assert self.loaded is not None
+        self.loaded.remove(model)
+        self.evicted.append(model)
+        for stream in self._streaming.pop(model, set()):
+            stream.cut = True
+            self.streams_cut.append(model)
+            if stream.request.transport is not None:
+                stream.request.transport.abort()
+
+    async def _jit(self, model: str) -> web.Response | None:
+        """What LM Studio does before answering a request naming ``model``: load it if it is
+        on disk but not in memory (evicting others), or refuse a model it does not have."""
+        if self.loaded is None or model in self.loaded:
+            return None
+        if model not in self.behaviour.models:
+            return _not_found(f"Model not found: {model}")
+        await self._load(model)
+        return None
+
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         payload = await request.json()
+        if (refusal := await self._jit(payload["model"])) is not None:
+            return refusal
         inputs = payload["input"] if isinstance(payload["input"], list) else [payload["input"]]
         data = [
             {"object": "embedding", "index": i, "embedding": [0.1 * (i + 1), 0.2, 0.3]}
@@ -206,6 +333,8 @@ class FakeLMStudio:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         payload = await request.json()
         model = payload.get("model", "unknown")
+        if (refusal := await self._jit(model)) is not None:
+            return refusal
         if not payload.get("stream"):
             words = [f"tok{i}" for i in range(self.behaviour.chunks)]
             return self._json(
@@ -239,6 +368,9 @@ class FakeLMStudio:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
+        stream = _Stream(request)
+        running = self._streaming.setdefault(model, set())
+        running.add(stream)
         try:
             if b.first_chunk_delay:
                 await asyncio.sleep(b.first_chunk_delay)
@@ -283,9 +415,16 @@ class FakeLMStudio:
                 )
             await response.write(b"data: [DONE]" + eol * 2)
         except (asyncio.CancelledError, ConnectionResetError):
-            self._note_disconnect()
+            if not stream.cut:  # an eviction's cut is LM Studio's doing, not the client's
+                self._note_disconnect()
             raise
+        finally:
+            running.discard(stream)
         return response
+
+
+def _not_found(message: str) -> web.Response:
+    return web.json_response({"error": {"message": message}}, status=404)
 
 
 def _chunk(

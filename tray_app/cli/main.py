@@ -26,6 +26,7 @@ from tray_app.cli.identity_commands import (
     run_identity_command,
 )
 from tray_app.cli.input_errors import InputError
+from tray_app.cli.warm_up import add_warm_up_command, run_warm_up
 from tray_app.config.settings import (
     CONFIG_FILE_ENV,
     SETTINGS,
@@ -189,6 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     nginx.add_argument("--http-port", type=int, default=80)
 
     add_identity_commands(commands, common)
+    add_warm_up_command(commands, common)
     return parser
 
 
@@ -547,6 +549,9 @@ def main(
         if args.command == "tunnel":
             config = load_config(path=args.config, overrides=_overrides(args))
             return _tunnel_command(args, config, out)
+        if args.command == "warm-up":
+            config = load_config(path=args.config, overrides=_overrides(args))
+            return run_warm_up(args, config, out)
         if args.command in IDENTITY_COMMANDS:
             config = load_config(path=args.config, overrides=_overrides(args))
             return run_identity_command(args, config, out)

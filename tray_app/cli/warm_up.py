@@ -1,0 +1,110 @@
+"""``lmgate warm-up MODEL``: load a model into LM Studio before people arrive, so the first
+request for it neither waits for the load nor (with the guard off) swaps models under others.
+
+It asks LM Studio at upstream.url with LM Studio's token from the secret store, as the
+gateway does, and loads through the same guard (once, and never a second copy of a loaded
+model). Exit codes: 0 loaded (or loaded already), 1 LM Studio unreachable or the load failed,
+2 a model LM Studio does not have (the downloaded ones are listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import IO
+
+from tray_app.clock import SystemClock
+from tray_app.config.settings import Config, ModelSwitch
+from tray_app.control.assembly import secret_store_for
+from tray_app.errors import SecretStoreError
+from tray_app.gateway.api_errors import ApiError
+from tray_app.gateway.upstream.model_api import ModelStates, own_model_api
+from tray_app.gateway.upstream.model_guard import ModelGuard
+from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_UNKNOWN_MODEL = 2
+AUTH_ADVICE = "Store LM Studio's token with `lmgate secret set lmstudio-api-token`."
+
+
+def add_warm_up_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    warm_up = commands.add_parser(
+        "warm-up",
+        parents=[common],
+        help="load a model into LM Studio before people arrive",
+        description="Load MODEL into LM Studio now (within models.load_timeout). LM Studio may "
+        "unload another model to make room, so run it before people use that one.",
+    )
+    warm_up.add_argument("model", metavar="MODEL", help="the model's id, as LM Studio lists it")
+
+
+def run_warm_up(args: argparse.Namespace, config: Config, out: IO[str]) -> int:
+    return asyncio.run(warm_up(config, args.model, out, sys.stderr))
+
+
+async def warm_up(config: Config, model: str, out: IO[str], err: IO[str]) -> int:
+    token = read_or_none(_store(config), LMSTUDIO_API_TOKEN)
+    async with own_model_api(config.upstream_url, token) as api:
+        try:
+            states = await api.loaded()
+        except ApiError as exc:
+            return _failed(exc, err)
+        if (refusal := _cannot_load(config, model, states, err)) is not None:
+            return refusal
+        assert states is not None
+        if model in states.loaded:
+            print(f"{model} is loaded already.", file=out)
+            return EXIT_OK
+        others = sorted(states.loaded)
+        if others:
+            print(f"LM Studio may unload {', '.join(others)} to make room.", file=out)
+        print(f"Loading {model}…", end="", file=out, flush=True)
+        guard = ModelGuard(
+            api,
+            policy=ModelSwitch.WAIT,
+            load_timeout=config.models_load_timeout,
+            clock=SystemClock(),
+        )
+        try:
+            seconds = await guard.warm_up(model)
+        except ApiError as exc:
+            print(" failed.", file=out, flush=True)
+            return _failed(exc, err)
+        print(f" loaded in {seconds:.1f} s.", file=out)
+        return EXIT_OK
+
+
+def _store(config: Config) -> SecretStore | None:
+    try:
+        return secret_store_for(config)
+    except SecretStoreError:
+        return None  # no store, no token: LM Studio says whether it needs one
+
+
+def _cannot_load(
+    config: Config, model: str, states: ModelStates | None, err: IO[str]
+) -> int | None:
+    if states is None:
+        print(
+            f"lmgate: {config.upstream_url} has no LM Studio model API (GET /api/v0/models): "
+            "only LM Studio's server loads models on request; check upstream.url.",
+            file=err,
+        )
+        return EXIT_FAILURE
+    if model not in states.downloaded:
+        downloaded = ", ".join(sorted(states.downloaded)) or "none (download one in LM Studio)"
+        print(f"lmgate: LM Studio has no model {model!r}. Downloaded: {downloaded}.", file=err)
+        return EXIT_UNKNOWN_MODEL
+    return None
+
+
+def _failed(exc: ApiError, err: IO[str]) -> int:
+    print(f"lmgate: {exc.message}", file=err)
+    if exc.code == "upstream_auth_failed":
+        print(f"lmgate: {AUTH_ADVICE}", file=err)
+    return EXIT_FAILURE
