@@ -1,0 +1,230 @@
+"""The fair queue for generation slots: when LM Studio is busy, requests wait their turn instead
+of being refused, and the turns go round-robin across callers, not by arrival.
+
+A caller (principal) with fifty requests waiting and one with a single request alternate: each
+pass over the callers that wait gives every one of them one turn, and a caller that was just
+served goes to the back. A caller never runs more than ``per_caller`` generations at once; one
+at that cap is passed over, keeping its place, until one of its own ends.
+
+Waiting is bounded twice — in total and per client address group (an IPv4 address, an IPv6 /64)
+— so a flood from one address fills only its own share. A waiter that gives up (the client hung
+up, its credential was revoked, the gateway stops) leaves at once; a slot granted to it in the
+same instant goes on to the next waiter, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+
+from tray_app.gateway import api_errors as errors
+from tray_app.gateway.limits import address_group
+
+Notify = Callable[[str], None]
+
+# Retry-After after a refusal is one mean turn: by then ``slots`` waiters have moved on, so a
+# full queue has room again and a busy LM Studio has served a round. Clamped so that a client
+# neither hammers the gateway after a quick answer nor gives up for minutes after a long one.
+# The first estimate stands until some turns have been measured.
+RETRY_AFTER_MIN = 1.0
+RETRY_AFTER_MAX = 5.0
+_FIRST_TURN_ESTIMATE = 2.0
+_TURN_WEIGHT = 0.1  # of the newest turn in the moving mean: about the last ten count
+
+
+class Turn:
+    """One granted generation slot; give it back with :meth:`FairQueue.release`."""
+
+    __slots__ = ("_released", "caller", "started")
+
+    def __init__(self, caller: str, started: float) -> None:
+        self.caller = caller
+        self.started = started
+        self._released = False
+
+
+class _Waiter:
+    __slots__ = ("ahead", "caller", "future", "group", "notify")
+
+    def __init__(
+        self, caller: str, group: str, notify: Notify | None, future: asyncio.Future[Turn]
+    ) -> None:
+        self.caller = caller
+        self.group = group
+        self.notify = notify
+        self.future = future
+        self.ahead = -1  # what the client was last told
+
+
+class FairQueue:
+    """``busy`` (slots in use) and ``waiting`` (requests waiting) are read by the metrics."""
+
+    def __init__(
+        self, *, slots: int, per_caller: int, max_waiting: int, max_waiting_per_client: int
+    ) -> None:
+        self._slots = slots
+        self._per_caller = per_caller
+        self._max_waiting = max_waiting
+        self._max_per_client = max_waiting_per_client
+        self.busy = 0
+        self.waiting = 0
+        self._running: dict[str, int] = {}
+        # The callers that wait, in the order their next turns come; each one's own waiters in
+        # arrival order. A dict keeps insertion order and moves a caller to the back in O(1).
+        self._queues: dict[str, deque[_Waiter]] = {}
+        self._per_group: dict[str, int] = {}
+        self._mean_turn = _FIRST_TURN_ESTIMATE
+        self._telling: asyncio.Handle | None = None
+
+    def try_acquire(self, caller: str) -> Turn | None:
+        """A turn at once when nobody waits, a slot is free and ``caller`` is under its cap;
+        else None (then :meth:`acquire`). No await: it runs on every generation request."""
+        if self.waiting or self.busy >= self._slots:
+            return None
+        running = self._running.get(caller, 0)
+        if running >= self._per_caller:
+            return None
+        self._running[caller] = running + 1
+        self.busy += 1
+        return Turn(caller, time.monotonic())
+
+    async def acquire(
+        self, caller: str, client: str, *, max_wait: float, notify: Notify | None = None
+    ) -> Turn:
+        """Waits for ``caller``'s turn, telling ``notify`` how many go first whenever that
+        changes. Raises queue_full when no more may wait (in total, or from ``client``'s
+        address group), queue_wait_timeout after ``max_wait`` seconds."""
+        # Whenever a slot is free, every waiter's caller is at its cap (each change grants what
+        # it can), so a caller under its cap overtakes nobody by taking a free slot.
+        if self.busy < self._slots and self._running.get(caller, 0) < self._per_caller:
+            return self._grant(caller)
+        group = address_group(client)
+        if self._per_group.get(group, 0) >= self._max_per_client:
+            raise errors.queue_full(True, self.retry_after())
+        if self.waiting >= self._max_waiting:
+            raise errors.queue_full(False, self.retry_after())
+        waiter = _Waiter(caller, group, notify, asyncio.get_running_loop().create_future())
+        self._enqueue(waiter)
+        try:
+            async with asyncio.timeout(max_wait):
+                return await waiter.future
+        except TimeoutError:
+            turn = self._give_up(waiter)
+            if turn is not None:
+                return turn  # granted just as the time ran out: it counts
+            raise errors.queue_wait_timeout(max_wait, self.retry_after()) from None
+        except BaseException:
+            turn = self._give_up(waiter)
+            if turn is not None:
+                self.release(turn)  # granted just as the waiter left: the next one gets it
+            raise
+
+    def release(self, turn: Turn) -> None:
+        """Gives the slot back and grants the next turn; a second release does nothing."""
+        if turn._released:
+            return
+        turn._released = True
+        self.busy -= 1
+        running = self._running[turn.caller] - 1
+        if running:
+            self._running[turn.caller] = running
+        else:
+            del self._running[turn.caller]
+        held = time.monotonic() - turn.started
+        self._mean_turn += (held - self._mean_turn) * _TURN_WEIGHT
+        self._grant_waiting()
+
+    def retry_after(self) -> float:
+        """Seconds a refused client should wait before trying again."""
+        return min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, self._mean_turn))
+
+    # ---- the waiters ------------------------------------------------------------------------
+
+    def _grant(self, caller: str) -> Turn:
+        self._running[caller] = self._running.get(caller, 0) + 1
+        self.busy += 1
+        return Turn(caller, time.monotonic())
+
+    def _enqueue(self, waiter: _Waiter) -> None:
+        queue = self._queues.get(waiter.caller)
+        if queue is None:
+            queue = self._queues[waiter.caller] = deque()
+        queue.append(waiter)
+        self.waiting += 1
+        self._per_group[waiter.group] = self._per_group.get(waiter.group, 0) + 1
+        self._positions_changed()
+
+    def _unlink(self, waiter: _Waiter) -> None:
+        """Counts ``waiter`` out; it is already off its caller's queue."""
+        self.waiting -= 1
+        left = self._per_group[waiter.group] - 1
+        if left:
+            self._per_group[waiter.group] = left
+        else:
+            del self._per_group[waiter.group]
+        self._positions_changed()
+
+    def _give_up(self, waiter: _Waiter) -> Turn | None:
+        """Takes a waiter that stops waiting out of the queue; returns the turn it was granted
+        in the meantime, if any."""
+        future = waiter.future
+        if future.done() and not future.cancelled():
+            return future.result()
+        queue = self._queues.get(waiter.caller)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+            if not queue:
+                del self._queues[waiter.caller]
+            self._unlink(waiter)
+        return None
+
+    def _grant_waiting(self) -> None:
+        while self.busy < self._slots:
+            caller = next(
+                (c for c in self._queues if self._running.get(c, 0) < self._per_caller), None
+            )
+            if caller is None:
+                return  # every waiting caller is at its cap
+            queue = self._queues.pop(caller)
+            waiter = queue.popleft()
+            if queue:
+                self._queues[caller] = queue  # to the back: the others go first
+            self._unlink(waiter)
+            if not waiter.future.done():  # a waiter cancelled a moment ago is gone
+                waiter.future.set_result(self._grant(caller))
+
+    # ---- telling waiters their place --------------------------------------------------------
+
+    def _positions_changed(self) -> None:
+        """Places are told once per loop turn, however many changes that turn brought: a burst
+        of arrivals costs one pass over the waiters, not one per arrival."""
+        if self._telling is None and self.waiting:
+            self._telling = asyncio.get_running_loop().call_soon(self._tell_positions)
+
+    def _tell_positions(self) -> None:
+        self._telling = None
+        ahead = 0
+        for waiter in self._in_serving_order():
+            if waiter.future.done():
+                continue  # leaving: it holds no place
+            if waiter.notify is not None and waiter.ahead != ahead:
+                waiter.notify(f"waiting, {ahead} ahead")
+            waiter.ahead = ahead
+            ahead += 1
+
+    def _in_serving_order(self) -> list[_Waiter]:
+        """The waiters in the order their turns would come if every cap allowed: round after
+        round, each waiting caller's next waiter, callers in their queue order."""
+        order: list[_Waiter] = []
+        rounds = [iter(queue) for queue in self._queues.values()]
+        while rounds:
+            still = []
+            for waiters in rounds:
+                waiter = next(waiters, None)
+                if waiter is not None:
+                    order.append(waiter)
+                    still.append(waiters)
+            rounds = still
+        return order
