@@ -1,10 +1,15 @@
 """The fair queue for generation slots: when LM Studio is busy, requests wait their turn instead
 of being refused, and the turns go round-robin across callers, not by arrival.
 
-A caller (principal) with fifty requests waiting and one with a single request alternate: each
-pass over the callers that wait gives every one of them one turn, and a caller that was just
-served goes to the back. A caller never runs more than ``per_caller`` generations at once; one
-at that cap is passed over, keeping its place, until one of its own ends.
+A caller (principal) with fifty requests waiting and one with a single request alternate. Each
+request gets a round number when it starts waiting: one more than its caller's request before
+it (waiting or served), and never earlier than the round being served now (so a caller that
+was idle saves up no turns). Turns go by round, and within a round by arrival. A caller that
+sends its next request only when the last one ends thus keeps its share against one that
+queued fifty at once: plain rotation over the callers that wait at each grant would pass it
+over, because at that instant it has nothing waiting. A caller never runs more than
+``per_caller`` generations at once; one at that cap is passed over, keeping its place, until
+one of its own ends.
 
 Waiting is bounded twice — in total and per client address group (an IPv4 address, an IPv6 /64)
 — so a flood from one address fills only its own share. A waiter that gives up (the client hung
@@ -15,6 +20,8 @@ same instant goes on to the next waiter, never lost.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,6 +39,7 @@ RETRY_AFTER_MIN = 1.0
 RETRY_AFTER_MAX = 5.0
 _FIRST_TURN_ESTIMATE = 2.0
 _TURN_WEIGHT = 0.1  # of the newest turn in the moving mean: about the last ten count
+_PRUNE_AT = 4096  # callers remembered before those that no longer matter are forgotten
 
 
 class Turn:
@@ -46,15 +54,21 @@ class Turn:
 
 
 class _Waiter:
-    __slots__ = ("ahead", "caller", "future", "group", "notify")
+    __slots__ = ("ahead", "caller", "future", "group", "notify", "place")
 
     def __init__(
-        self, caller: str, group: str, notify: Notify | None, future: asyncio.Future[Turn]
+        self,
+        caller: str,
+        group: str,
+        notify: Notify | None,
+        future: asyncio.Future[Turn],
+        place: tuple[int, int],
     ) -> None:
         self.caller = caller
         self.group = group
         self.notify = notify
         self.future = future
+        self.place = place  # (round, arrival): the smallest is served first
         self.ahead = -1  # what the client was last told
 
 
@@ -71,9 +85,13 @@ class FairQueue:
         self.busy = 0
         self.waiting = 0
         self._running: dict[str, int] = {}
-        # The callers that wait, in the order their next turns come; each one's own waiters in
-        # arrival order. A dict keeps insertion order and moves a caller to the back in O(1).
-        self._queues: dict[str, deque[_Waiter]] = {}
+        self._queues: dict[str, deque[_Waiter]] = {}  # each waiting caller's, in its own order
+        # Each waiting caller's first waiter's place, with its name; entries whose waiter has
+        # left since are skipped when they come up.
+        self._heads: list[tuple[int, int, str]] = []
+        self._round = 0  # the round of the latest turn granted
+        self._latest_round: dict[str, int] = {}  # of each caller's latest request
+        self._arrivals = itertools.count()
         self._per_group: dict[str, int] = {}
         self._mean_turn = _FIRST_TURN_ESTIMATE
         self._telling: asyncio.Handle | None = None
@@ -105,7 +123,8 @@ class FairQueue:
             raise errors.queue_full(True, self.retry_after())
         if self.waiting >= self._max_waiting:
             raise errors.queue_full(False, self.retry_after())
-        waiter = _Waiter(caller, group, notify, asyncio.get_running_loop().create_future())
+        future: asyncio.Future[Turn] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(caller, group, notify, future, self._next_place(caller))
         self._enqueue(waiter)
         try:
             async with asyncio.timeout(max_wait):
@@ -147,14 +166,30 @@ class FairQueue:
         self.busy += 1
         return Turn(caller, time.monotonic())
 
+    def _next_place(self, caller: str) -> tuple[int, int]:
+        # Start-time fair queuing, in rounds: the round after the caller's latest request, but
+        # not before the one being served. Counting from its latest request even when that one
+        # was already served keeps a caller that was just served from a second turn this round.
+        latest = self._latest_round
+        if len(latest) > _PRUNE_AT and len(latest) > 2 * len(self._queues):
+            # Only rounds still ahead of the one served matter; the others mean "now".
+            self._latest_round = latest = {c: r for c, r in latest.items() if r >= self._round}
+        place = max(self._round - 1, latest.get(caller, 0)) + 1
+        latest[caller] = place
+        return place, next(self._arrivals)
+
     def _enqueue(self, waiter: _Waiter) -> None:
         queue = self._queues.get(waiter.caller)
         if queue is None:
             queue = self._queues[waiter.caller] = deque()
+            self._push_head(waiter)
         queue.append(waiter)
         self.waiting += 1
         self._per_group[waiter.group] = self._per_group.get(waiter.group, 0) + 1
         self._positions_changed()
+
+    def _push_head(self, waiter: _Waiter) -> None:
+        heapq.heappush(self._heads, (*waiter.place, waiter.caller))
 
     def _unlink(self, waiter: _Waiter) -> None:
         """Counts ``waiter`` out; it is already off its caller's queue."""
@@ -174,26 +209,38 @@ class FairQueue:
             return future.result()
         queue = self._queues.get(waiter.caller)
         if queue is not None and waiter in queue:
+            first = queue[0] is waiter
             queue.remove(waiter)
             if not queue:
                 del self._queues[waiter.caller]
+            elif first:
+                self._push_head(queue[0])
             self._unlink(waiter)
         return None
 
     def _grant_waiting(self) -> None:
-        while self.busy < self._slots:
-            caller = next(
-                (c for c in self._queues if self._running.get(c, 0) < self._per_caller), None
-            )
-            if caller is None:
-                return  # every waiting caller is at its cap
-            queue = self._queues.pop(caller)
+        capped: list[tuple[int, int, str]] = []  # passed over, for after this grant
+        heads = self._heads
+        while self.busy < self._slots and heads:
+            entry = heapq.heappop(heads)
+            caller = entry[2]
+            queue = self._queues.get(caller)
+            if queue is None or queue[0].place != entry[:2]:
+                continue  # that waiter left; its caller's next one has its own entry
+            if self._running.get(caller, 0) >= self._per_caller:
+                capped.append(entry)
+                continue
             waiter = queue.popleft()
             if queue:
-                self._queues[caller] = queue  # to the back: the others go first
+                self._push_head(queue[0])
+            else:
+                del self._queues[caller]
             self._unlink(waiter)
             if not waiter.future.done():  # a waiter cancelled a moment ago is gone
+                self._round = max(self._round, waiter.place[0])
                 waiter.future.set_result(self._grant(caller))
+        for entry in capped:
+            heapq.heappush(heads, entry)
 
     # ---- telling waiters their place --------------------------------------------------------
 
@@ -215,16 +262,5 @@ class FairQueue:
             ahead += 1
 
     def _in_serving_order(self) -> list[_Waiter]:
-        """The waiters in the order their turns would come if every cap allowed: round after
-        round, each waiting caller's next waiter, callers in their queue order."""
-        order: list[_Waiter] = []
-        rounds = [iter(queue) for queue in self._queues.values()]
-        while rounds:
-            still = []
-            for waiters in rounds:
-                waiter = next(waiters, None)
-                if waiter is not None:
-                    order.append(waiter)
-                    still.append(waiters)
-            rounds = still
-        return order
+        """The waiters in the order their turns would come if every cap allowed."""
+        return list(heapq.merge(*self._queues.values(), key=lambda waiter: waiter.place))
