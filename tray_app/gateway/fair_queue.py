@@ -2,9 +2,9 @@
 of being refused, and the turns go round-robin across callers, not by arrival.
 
 A caller (principal) with fifty requests waiting and one with a single request alternate. Each
-request gets a round number when it starts waiting: one more than its caller's request before
-it (waiting or served), and never earlier than the round being served now (so a caller that
-was idle saves up no turns). Turns go by round, and within a round by arrival. A caller that
+request gets a round number: one more than its caller's request before it (waiting, running or
+done), and never earlier than the round being served now (so a caller that was idle saves up
+no turns). Turns go by round, and within a round by arrival. A caller that
 sends its next request only when the last one ends thus keeps its share against one that
 queued fifty at once: plain rotation over the callers that wait at each grant would pass it
 over, because at that instant it has nothing waiting. A caller never runs more than
@@ -45,10 +45,11 @@ _PRUNE_AT = 4096  # callers remembered before those that no longer matter are fo
 class Turn:
     """One granted generation slot; give it back with :meth:`FairQueue.release`."""
 
-    __slots__ = ("_released", "caller", "started")
+    __slots__ = ("_released", "caller", "round", "started")
 
-    def __init__(self, caller: str, started: float) -> None:
+    def __init__(self, caller: str, round_: int, started: float) -> None:
         self.caller = caller
+        self.round = round_  # its start round (see _take_round)
         self.started = started
         self._released = False
 
@@ -89,8 +90,10 @@ class FairQueue:
         # Each waiting caller's first waiter's place, with its name; entries whose waiter has
         # left since are skipped when they come up.
         self._heads: list[tuple[int, int, str]] = []
-        self._round = 0  # the round of the latest turn granted
-        self._latest_round: dict[str, int] = {}  # of each caller's latest request
+        self._round = 0  # the latest start round granted to a waiter
+        self._in_service: dict[int, int] = {}  # start round: how many turns from it run
+        self._done_round = 0  # the latest end of a round
+        self._next_round: dict[str, int] = {}  # each caller's: after its latest request's
         self._arrivals = itertools.count()
         self._per_group: dict[str, int] = {}
         self._mean_turn = _FIRST_TURN_ESTIMATE
@@ -98,15 +101,30 @@ class FairQueue:
 
     def try_acquire(self, caller: str) -> Turn | None:
         """A turn at once when nobody waits, a slot is free and ``caller`` is under its cap;
-        else None (then :meth:`acquire`). No await: it runs on every generation request."""
+        else None (then :meth:`acquire`). No await: it runs on every generation request, so
+        _grant, _now and _take_round are written out here (without pruning, which waits for
+        a queue to form)."""
         if self.waiting or self.busy >= self._slots:
             return None
-        running = self._running.get(caller, 0)
-        if running >= self._per_caller:
+        running = self._running
+        count = running.get(caller, 0)
+        if count >= self._per_caller:
             return None
-        self._running[caller] = running + 1
+        running[caller] = count + 1
         self.busy += 1
-        return Turn(caller, time.monotonic())
+        # A turn taken at once counts in the rounds too: a caller that grabbed every slot
+        # while nobody waited queues behind the others when they come.
+        in_service = self._in_service
+        now = min(in_service) if in_service else self._done_round
+        if now < self._round:
+            now = self._round
+        rounds = self._next_round
+        place = rounds.get(caller, 0)
+        if place < now:
+            place = now
+        rounds[caller] = place + 1
+        in_service[place] = in_service.get(place, 0) + 1
+        return Turn(caller, place, time.monotonic())
 
     async def acquire(
         self, caller: str, client: str, *, max_wait: float, notify: Notify | None = None
@@ -117,7 +135,7 @@ class FairQueue:
         # Whenever a slot is free, every waiter's caller is at its cap (each change grants what
         # it can), so a caller under its cap overtakes nobody by taking a free slot.
         if self.busy < self._slots and self._running.get(caller, 0) < self._per_caller:
-            return self._grant(caller)
+            return self._grant(caller, self._take_round(caller))
         group = address_group(client)
         if self._per_group.get(group, 0) >= self._max_per_client:
             raise errors.queue_full(True, self.retry_after())
@@ -146,14 +164,24 @@ class FairQueue:
             return
         turn._released = True
         self.busy -= 1
-        running = self._running[turn.caller] - 1
-        if running:
-            self._running[turn.caller] = running
+        caller, round_ = turn.caller, turn.round
+        running = self._running
+        count = running[caller] - 1
+        if count:
+            running[caller] = count
         else:
-            del self._running[turn.caller]
-        held = time.monotonic() - turn.started
-        self._mean_turn += (held - self._mean_turn) * _TURN_WEIGHT
-        self._grant_waiting()
+            del running[caller]
+        in_service = self._in_service
+        count = in_service[round_] - 1
+        if count:
+            in_service[round_] = count
+        else:
+            del in_service[round_]
+        if round_ >= self._done_round:
+            self._done_round = round_ + 1
+        self._mean_turn += (time.monotonic() - turn.started - self._mean_turn) * _TURN_WEIGHT
+        if self._heads:
+            self._grant_waiting()
 
     def retry_after(self) -> float:
         """Seconds a refused client should wait before trying again."""
@@ -161,22 +189,40 @@ class FairQueue:
 
     # ---- the waiters ------------------------------------------------------------------------
 
-    def _grant(self, caller: str) -> Turn:
+    def _grant(self, caller: str, round_: int) -> Turn:
         self._running[caller] = self._running.get(caller, 0) + 1
         self.busy += 1
-        return Turn(caller, time.monotonic())
+        return self._start(caller, round_)
+
+    def _start(self, caller: str, round_: int) -> Turn:
+        self._in_service[round_] = self._in_service.get(round_, 0) + 1
+        return Turn(caller, round_, time.monotonic())
+
+    def _now(self) -> int:
+        """The round being served: the latest given to a waiter, or later when every turn
+        running started later (turns taken at once while nobody waited) or none runs. The
+        earliest running turn, not the latest, so that one caller's burst of turns taken at
+        once does not move the others on; never behind the waiters' rounds, so that one long
+        answer does not hold "now" back while the queue moves on."""
+        running = self._in_service
+        return max(self._round, min(running) if running else self._done_round)
+
+    def _take_round(self, caller: str) -> int:
+        # Start-time fair queuing, in rounds: a request starts in its caller's round after the
+        # one of its latest request (waiting, running or done), but never before the round
+        # being served. Counting from the latest request even when that one was already
+        # served keeps a caller that was just served from a second turn this round.
+        now = self._now()
+        rounds = self._next_round
+        if len(rounds) > _PRUNE_AT and len(rounds) > 2 * len(self._queues):
+            # Only rounds still ahead of now matter; the others mean "now".
+            self._next_round = rounds = {c: r for c, r in rounds.items() if r > now}
+        place = max(now, rounds.get(caller, 0))
+        rounds[caller] = place + 1
+        return place
 
     def _next_place(self, caller: str) -> tuple[int, int]:
-        # Start-time fair queuing, in rounds: the round after the caller's latest request, but
-        # not before the one being served. Counting from its latest request even when that one
-        # was already served keeps a caller that was just served from a second turn this round.
-        latest = self._latest_round
-        if len(latest) > _PRUNE_AT and len(latest) > 2 * len(self._queues):
-            # Only rounds still ahead of the one served matter; the others mean "now".
-            self._latest_round = latest = {c: r for c, r in latest.items() if r >= self._round}
-        place = max(self._round - 1, latest.get(caller, 0)) + 1
-        latest[caller] = place
-        return place, next(self._arrivals)
+        return self._take_round(caller), next(self._arrivals)
 
     def _enqueue(self, waiter: _Waiter) -> None:
         queue = self._queues.get(waiter.caller)
@@ -238,7 +284,7 @@ class FairQueue:
             self._unlink(waiter)
             if not waiter.future.done():  # a waiter cancelled a moment ago is gone
                 self._round = max(self._round, waiter.place[0])
-                waiter.future.set_result(self._grant(caller))
+                waiter.future.set_result(self._grant(caller, waiter.place[0]))
         for entry in capped:
             heapq.heappush(heads, entry)
 

@@ -196,6 +196,43 @@ async def test_a_caller_at_its_cap_is_passed_over_and_keeps_its_place() -> None:
     assert served.order == ["b", "c", "d", "a"]
 
 
+async def test_turns_taken_at_once_count_against_the_caller_when_a_queue_forms() -> None:
+    q = queue(slots=3, per_caller=3)
+    burst = [held(q, "heavy") for _ in range(3)]  # nobody waited: all three at once
+    served = Served(q)
+    served.wait("heavy")
+    served.wait("light")
+    await settle()
+    q.release(burst[0])
+    await settle()
+    assert served.order == ["light", "heavy"]
+    for turn in burst[1:]:
+        q.release(turn)
+
+
+async def test_one_long_answer_does_not_hold_the_rounds_back() -> None:
+    # A turn that runs for minutes keeps the round it started in; callers that came after the
+    # queue moved on still start from where the queue is, not from that round.
+    q = queue(slots=2)
+    long = held(q, "long")
+    other = held(q, "other")
+    served = Served(q)
+    for n in range(4):
+        served.wait("a", f"a{n}")
+    await settle()
+    q.release(other)
+    await settle()
+    assert served.order == ["a0", "a1", "a2", "a3"]
+    newcomer = held(q, "c")  # at once, in the round the queue is in
+    served.wait("a", "a4")
+    served.wait("c")
+    await settle()
+    q.release(newcomer)
+    await settle()
+    assert served.order[4:] == ["a4", "c"]
+    q.release(long)
+
+
 async def test_a_callers_next_request_takes_its_place_when_the_first_one_leaves() -> None:
     q = queue()
     holder = held(q)
@@ -224,8 +261,8 @@ async def test_callers_that_no_longer_matter_are_forgotten(monkeypatch: pytest.M
         await settle()
         q.release(holder)
         await settle()
-    assert served.order[:4] == ["steady", "once0", "once1", "steady"]
-    assert len(q._latest_round) <= 8 + 2
+    assert served.order[:4] == ["steady", "once0", "steady", "once1"]
+    assert len(q._next_round) <= 8 + 2
     assert q.busy == 0 and q.waiting == 0
 
 
