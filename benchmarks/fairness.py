@@ -32,6 +32,7 @@ import aiohttp
 from aiohttp import web
 
 from tray_app.gateway.fair_queue import FairQueue
+from tray_app.tasks import spawn
 
 HEAVY = "caller-000"
 
@@ -110,7 +111,7 @@ async def _run(name: str, depths: dict[str, int], args: argparse.Namespace, url:
                     run.waits.append(waited)
 
         workers = [
-            asyncio.create_task(keep_asking(caller, f"10.{n // 65536}.{n // 256 % 256}.{n % 256}"))
+            spawn(keep_asking(caller, f"10.0.{n // 256}.{n % 256}"))  # an address each
             for n, (caller, depth) in enumerate(depths.items())
             for _ in range(depth)
         ]
