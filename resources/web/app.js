@@ -349,6 +349,23 @@ function addBubble(role) {
   return bubble;
 }
 
+// "waiting, 2 ahead" from the gateway's queue, in the answer's place until its first word:
+// said as a sentence, so a busy computer does not look like a stuck page.
+const WAITING = /^waiting\b/i;
+
+function showWaiting(bubble, comment) {
+  if (!WAITING.test(comment)) return;  // a keep-alive
+  let line = bubble.querySelector(":scope > .waiting");
+  if (!line) {
+    line = document.createElement("p");
+    line.className = "waiting";
+    line.setAttribute("role", "status");
+    bubble.replaceChildren(line);
+  }
+  const words = comment.charAt(0).toUpperCase() + comment.slice(1);
+  if (line.textContent !== words) line.textContent = words;
+}
+
 // Updates the bubble in place: the Thinking section (and whether the reader opened it) and the
 // blocks of the answer that did not change are kept, not rebuilt.
 function renderAnswer(bubble, content, reasoning, { streaming = false } = {}) {
@@ -411,6 +428,10 @@ const PHONE_WORDING = {
   invalid_model: "That model is not available. Choose another one above.",
   rate_limit_exceeded: "Too many messages at once. Wait a moment, then tap Retry.",
   too_many_concurrent_requests: "Too many answers at once. Wait a moment, then tap Retry.",
+  queue_full: "The computer is busy answering others, and too many are already waiting. " +
+              "Wait a moment, then tap Retry.",
+  queue_timeout: "The computer stayed busy answering others for too long. Tap Retry in a " +
+                 "moment.",
   body_too_large: "This message is too long to send. Shorten it.",
   conversation_not_found: "This conversation was deleted. Start a new chat.",
   image_too_large: "This photo is too large to send. Try a smaller one.",
@@ -665,7 +686,12 @@ async function send(text, { retry = false, edit = false, image = null, shownImag
       const lines = buffer.split("\n");
       buffer = lines.pop();
       for (const line of lines) {
-        if (!line.startsWith("data:")) continue;  // SSE comments are keep-alives
+        // SSE comments are keep-alives, or the gateway's queue telling this answer its place.
+        if (line.startsWith(":")) {
+          if (!content && !reasoning) showWaiting(bubble, line.slice(1).trim());
+          continue;
+        }
+        if (!line.startsWith("data:")) continue;
         const data = line.slice(5).trim();
         if (data === "[DONE]") continue;
         let event;

@@ -14,6 +14,7 @@ from aiohttp import web
 from tray_app.config.settings import Config
 from tray_app.gateway import api_errors as errors
 from tray_app.gateway.api_errors import REQUEST_ID_HEADER
+from tray_app.gateway.fair_queue import Notify
 from tray_app.gateway.headers import client_response_headers, upstream_request_headers
 from tray_app.gateway.routes import Route
 from tray_app.gateway.upstream.answers import (
@@ -75,7 +76,12 @@ class Forwarder:
         extra_headers: Mapping[str, str] | None,
         hide_usage: bool,
         observer: Callable[[bytes], None] | None = None,
+        wait_turn: Callable[[Notify | None], Awaitable[None]] | None = None,
     ) -> web.StreamResponse:
+        """``wait_turn`` (the fair queue) is awaited just before LM Studio is asked: for a
+        stream inside the relay's opening, so that an abort cancels the wait too, and told how
+        to give the client its place; the ApiError it may raise is then an SSE error event once
+        a notice has committed the stream."""
         headers = self._headers(request, request_id)
         url = self.upstream_url + route.path
         session = request.app[UPSTREAM_SESSION]
@@ -87,6 +93,8 @@ class Forwarder:
             )
 
         if not stream:
+            if wait_turn is not None:
+                await wait_turn(None)
             upstream = await self._open(send)
             outcome.upstream = upstream
             return await self._read_into_response(upstream, request_id, outcome)
@@ -105,8 +113,14 @@ class Forwarder:
             hide_usage=hide_usage,
             observer=observer,
         )
+
+        async def open_stream() -> aiohttp.ClientResponse:
+            if wait_turn is not None:
+                await wait_turn(relay.notify)
+            return await self._open(send)
+
         try:
-            return await relay.run(lambda: self._open(send))
+            return await relay.run(open_stream)
         finally:
             # Also when the client hung up (aiohttp cancels us): the log counts what was sent.
             outcome.status = relay.status

@@ -1,10 +1,11 @@
 """Relaying a streamed (SSE) answer from LM Studio, chunk by chunk as it arrives.
 
 While LM Studio is still processing the prompt, an optional heartbeat pump sends SSE comments
-so that idle-sensitive proxies and phones keep the connection. The relay itself awaits LM
-Studio directly (no wrapper task per read), and once the first chunk arrives it is a plain
-read-write loop: no parsing, no timers, one deque append per chunk (for usage). A stream
-whose usage must be hidden, or whose events an observer reads, is relayed in whole events,
+so that idle-sensitive proxies and phones keep the connection; while the request waits for its
+turn in the fair queue, the same pump sends the client its place (``notify``). The relay
+itself awaits LM Studio directly (no wrapper task per read), and once the first chunk arrives it
+is a plain read-write loop: no parsing, no timers, one deque append per chunk (for usage). A
+stream whose usage must be hidden, or whose events an observer reads, is relayed in whole events,
 none larger than limits.max_event_bytes.
 When the client hangs up, LM Studio's request is closed at once so the GPU stops generating;
 ``StreamRelay.abort`` does the same from outside (a revoked credential) and tells the client.
@@ -98,6 +99,8 @@ class StreamRelay:
         self.usage: Usage | None = None
         self.error: str | None = None
         self._opening = False  # awaiting LM Studio's headers: the one wait abort() may cancel
+        self._notice: bytes | None = None  # the next comment to send instead of a keep-alive
+        self._told: bytes | None = None  # the last notice sent or due: the same is not resent
 
     @property
     def committed(self) -> bool:
@@ -122,12 +125,28 @@ class StreamRelay:
         # Otherwise the relay is already writing its own end (opening LM Studio failed): a
         # cancel would cut that error event short and add this one after it.
 
+    def notify(self, text: str) -> None:
+        """Tell the waiting client ``text`` (e.g. "waiting, 2 ahead") as an SSE comment, as
+        soon as the pump can write it; this commits the response as a 200 stream. Does nothing
+        once the relay is past its waiting (relaying, failing or done)."""
+        pump = self._pump
+        if pump is None or pump.stopped:
+            return
+        # One line: a line break would end the comment and let the rest read as SSE fields.
+        line = " ".join(text.splitlines())
+        notice = f": {line}\n\n".encode()
+        if notice == self._told:
+            return
+        self._told = self._notice = notice
+        pump.beat_now()
+
     async def run(
         self, open_upstream: Callable[[], Awaitable[aiohttp.ClientResponse]]
     ) -> web.StreamResponse:
         self._task = asyncio.current_task()
-        if self._interval > 0:
-            self._pump = _HeartbeatPump(self, self._interval)
+        # Also without heartbeats: the pump is the one writer of what comes before the answer,
+        # the queue's notices too.
+        self._pump = _HeartbeatPump(self, self._interval)
         try:
             return await self._run(open_upstream)
         except _ClientGone:
@@ -308,8 +327,10 @@ class StreamRelay:
         self.bytes_out += len(data)
 
     async def heartbeat(self) -> None:
+        # Taken first: a newer notice that comes while the headers go out waits for the next.
+        notice, self._notice = self._notice, None
         await self._start(200)
-        await self._write(HEARTBEAT)
+        await self._write(notice or HEARTBEAT)
 
     async def _stop_heartbeats(self) -> None:
         if self._pump is not None:
@@ -335,18 +356,38 @@ class _HeartbeatPump:
     """Sends SSE comments every interval until stopped: the only other writer before the first
     chunk. Between beats it is only a timer, so a stream whose first chunk comes in time never
     creates a task for it. A beat is never cancelled mid-write, so the response is prepared
-    exactly once and no heartbeat is cut in half."""
+    exactly once and no heartbeat is cut in half. ``beat_now`` sends the relay's notice at once
+    (or right after the beat being written); an interval of 0 sends nothing else."""
 
     def __init__(self, relay: StreamRelay, interval: float) -> None:
         self._relay = relay
         self._interval = interval
         self._stopping = False
+        self._again = False  # a notice came while a beat was being written: beat once more
         self._beat: asyncio.Task[None] | None = None  # set only while a heartbeat is written
-        self._timer = asyncio.get_running_loop().call_later(interval, self._due)
+        self._timer: asyncio.TimerHandle | None = None
+        self._arm(interval)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopping
+
+    def _arm(self, delay: float) -> None:
+        if delay > 0:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._due)
 
     def _due(self) -> None:
         self._beat = spawn(self._send(), name="sse-heartbeat")
         self._beat.add_done_callback(_log_failure)
+
+    def beat_now(self) -> None:
+        if self._stopping:
+            return
+        if self._beat is not None:
+            self._again = True
+            return
+        self._disarm()
+        self._due()
 
     async def _send(self) -> None:
         try:
@@ -357,12 +398,21 @@ class _HeartbeatPump:
             return  # aiohttp cancels the handler; there is nobody left to beat for
         finally:
             self._beat = None
-        if not self._stopping:
-            self._timer = asyncio.get_running_loop().call_later(self._interval, self._due)
+        if self._stopping:
+            return
+        if self._again:
+            self._again = False
+            self._due()
+        else:
+            self._arm(self._interval)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
     def cancel(self) -> None:
         self._stopping = True
-        self._timer.cancel()
+        self._disarm()
 
     async def stop(self) -> None:
         """Stop beating; returns once no heartbeat write is in progress, without a loop turn
