@@ -30,6 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
+NATIVE_MODEL_PATHS = frozenset({"/api/v0/models", "/api/v1/models/load"})
 MODELS = ("qwen2.5-7b-instruct", "llama-3.2-1b-instruct", "nomic-embed-text-v1.5")
 
 
@@ -62,6 +63,7 @@ class Behaviour:
     max_loaded: int = 1  # models in memory at once; a load past it evicts the oldest
     load_error: str | None = None  # /api/v1/models/load answers 500 with this message
     native_api: bool = True  # False: /api/v0/models and the load answer 404 (llama.cpp)
+    native_delay: float = 0.0  # seconds before the native model API answers (header_delay's twin)
 
 
 @dataclass
@@ -88,6 +90,9 @@ class FakeLMStudio:
     def __init__(self, behaviour: Behaviour | None = None) -> None:
         self.behaviour = behaviour or Behaviour()
         self.received: list[Received] = []
+        # The gateway's own calls to the native model API (its model guard), kept apart from
+        # what it forwarded: tests of forwarding see only what a caller's request caused.
+        self.native: list[Received] = []
         self.disconnects: list[float] = []  # monotonic times a client went away mid-answer
         self.chunk_sent_at: list[float] = []  # monotonic times each SSE chunk was written
         self.connections: set[object] = set()  # client (host, port) pairs seen: pooling shows
@@ -145,15 +150,19 @@ class FakeLMStudio:
         body = await request.read()
         if request.transport is not None:
             self.connections.add(request.transport.get_extra_info("peername"))
-        self.received.append(
-            Received(
-                request.method, request.raw_path, dict(request.headers), body, time.monotonic()
-            )
+        seen = Received(
+            request.method, request.raw_path, dict(request.headers), body, time.monotonic()
         )
+        native = request.path in NATIVE_MODEL_PATHS
+        (self.native if native else self.received).append(seen)
         b = self.behaviour
         expected = f"Bearer {b.require_token}"
         if b.require_token is not None and request.headers.get("Authorization") != expected:
             return web.json_response({"error": {"message": "Invalid token"}}, status=401)
+        if native:
+            if b.native_delay:
+                await asyncio.sleep(b.native_delay)
+            return await handler(request)
         if b.header_delay:
             try:
                 await asyncio.sleep(b.header_delay)
@@ -335,8 +344,10 @@ class FakeLMStudio:
         model = payload.get("model", "unknown")
         if (refusal := await self._jit(model)) is not None:
             return refusal
+        # Like a real model, it stops at the request's max_tokens (one token per chunk here).
+        length = _answer_length(payload, self.behaviour.chunks)
         if not payload.get("stream"):
-            words = [f"tok{i}" for i in range(self.behaviour.chunks)]
+            words = [f"tok{i}" for i in range(length)]
             return self._json(
                 {
                     "id": "chatcmpl-fake",
@@ -358,10 +369,10 @@ class FakeLMStudio:
                 }
             )
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
-        return await self._stream(request, model, include_usage)
+        return await self._stream(request, model, include_usage, length)
 
     async def _stream(
-        self, request: web.Request, model: str, include_usage: bool
+        self, request: web.Request, model: str, include_usage: bool, length: int
     ) -> web.StreamResponse:
         b = self.behaviour
         response = web.StreamResponse(
@@ -377,14 +388,14 @@ class FakeLMStudio:
             eol = b.line_end
             if b.reasoning:
                 await response.write(_chunk(model, {"reasoning": b.reasoning}, None, eol))
-            for i in range(b.chunks):
+            for i in range(length):
                 if b.fail_after is not None and i == b.fail_after:
                     assert request.transport is not None
                     request.transport.abort()
                     return response
                 if i and b.chunk_delay:
                     await asyncio.sleep(b.chunk_delay)
-                piece = f"tok{i} " if b.reply is None else _piece(b.reply, i, b.chunks)
+                piece = f"tok{i} " if b.reply is None else _piece(b.reply, i, length)
                 size = b.event_bytes if i == 0 else None
                 await response.write(_chunk(model, {"content": piece}, None, eol, size))
                 self.chunk_sent_at.append(time.monotonic())
@@ -396,8 +407,8 @@ class FakeLMStudio:
             if include_usage:
                 usage = {
                     "prompt_tokens": 7,
-                    "completion_tokens": b.chunks,
-                    "total_tokens": 7 + b.chunks,
+                    "completion_tokens": length,
+                    "total_tokens": 7 + length,
                 }
                 await response.write(
                     b"data: "
@@ -425,6 +436,11 @@ class FakeLMStudio:
 
 def _not_found(message: str) -> web.Response:
     return web.json_response({"error": {"message": message}}, status=404)
+
+
+def _answer_length(payload: dict[str, Any], chunks: int) -> int:
+    cap = payload.get("max_tokens", payload.get("max_completion_tokens"))
+    return min(chunks, cap) if type(cap) is int and cap > 0 else chunks
 
 
 def _chunk(

@@ -16,6 +16,7 @@ from tray_app.config.settings import Config
 from tray_app.errors import SecretStoreError
 from tray_app.gateway.accounting import UsageRecorder
 from tray_app.gateway.app import Gateway
+from tray_app.gateway.budgets import BudgetLedger
 from tray_app.gateway.metrics import GatewayMetrics
 from tray_app.identity.access import AccessPolicy
 from tray_app.identity.api_keys import ApiKeyService
@@ -32,6 +33,7 @@ from tray_app.secret_store.keyring_store import open_secret_store
 from tray_app.storage.conversations import ConversationStore
 from tray_app.storage.credentials import CredentialStore
 from tray_app.storage.database import Database, default_data_dir
+from tray_app.storage.usage_history import UsageHistory
 
 log = logging.getLogger("lmgate.assembly")
 
@@ -142,6 +144,7 @@ def build_gateway(
     *,
     clock: Clock | None = None,
 ) -> Gateway:
+    clock = clock or SystemClock()
     return Gateway(
         config,
         identity.authenticator,
@@ -150,5 +153,8 @@ def build_gateway(
         pairing=identity.pairing,
         metrics=GatewayMetrics(),
         recorder=identity.recorder,
-        conversations=ConversationStore(identity.db, clock or SystemClock()),
+        conversations=ConversationStore(identity.db, clock),
+        ledger=BudgetLedger(
+            UsageHistory(identity.db), clock, pending=identity.recorder.pending_tokens
+        ),
     )

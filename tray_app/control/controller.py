@@ -119,6 +119,12 @@ class AppSettings:
     ngrok_token_set: bool
     new_lmstudio_token: str | None = None
     new_ngrok_token: str | None = None
+    # Sharing one GPU (issue 17): defaults as Config's, so a form older than them still loads.
+    queue_generations_in_flight: int = 4
+    budget_device_tokens_per_day: int = 0
+    budget_device_tokens_per_month: int = 0
+    budget_copied_key_tokens_per_day: int = 0
+    budget_copied_key_tokens_per_month: int = 0
     # (key, source) of form settings an environment variable or a flag sets for this run:
     # shown, but Save leaves the file's value of them alone.
     overridden: tuple[tuple[str, str], ...] = ()

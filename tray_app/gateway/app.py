@@ -35,9 +35,11 @@ from tray_app.gateway.body_rules import (
     parse_json_object,
     prepare_body,
 )
+from tray_app.gateway.budgets import BudgetLedger
 from tray_app.gateway.chat_api import ChatApi
 from tray_app.gateway.cors import CorsPolicy
 from tray_app.gateway.exchange import Exchange
+from tray_app.gateway.fair_queue import FairQueue
 from tray_app.gateway.headers import is_upgrade_request, sane_request_id
 from tray_app.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tray_app.gateway.metrics import GatewayMetrics
@@ -51,9 +53,12 @@ from tray_app.gateway.routes import (
     Route,
     normalise_path,
 )
+from tray_app.gateway.sharing import Sharing
 from tray_app.gateway.token_estimate import METHOD, METHOD_HEADER, estimate_input_tokens
 from tray_app.gateway.upstream.client import UPSTREAM_SESSION, session_context
 from tray_app.gateway.upstream.forwarding import Forwarder
+from tray_app.gateway.upstream.model_api import LMStudioModelApi
+from tray_app.gateway.upstream.model_guard import ModelGuard
 from tray_app.gateway.upstream.probe import probe_lmstudio
 from tray_app.gateway.webpage import WebPage
 from tray_app.identity.pairing import PairingError, PairingService
@@ -101,6 +106,7 @@ class Gateway:
         metrics: GatewayMetrics | None = None,
         recorder: UsageRecorder | None = None,
         conversations: ConversationStore | None = None,
+        ledger: BudgetLedger | None = None,
     ) -> None:
         self.config = config
         self._auth = authenticator
@@ -121,6 +127,22 @@ class Gateway:
         self._forward = Forwarder(config, lambda: self._stopping)
         # Read once: a keyring lookup per request would cost milliseconds.
         self._forward.lmstudio_token = secrets.get(LMSTUDIO_API_TOKEN)
+        self.queue = FairQueue(
+            slots=config.queue_generations_in_flight,
+            per_caller=config.limits_concurrent_requests,
+            max_waiting=config.queue_max_waiting,
+            max_waiting_per_client=config.queue_max_waiting_per_client,
+        )
+        self.ledger = ledger
+        # The guard needs LM Studio's session, which lives while the server runs (build_app).
+        self.model_guard: ModelGuard | None = None
+        self.sharing = Sharing(
+            self.queue,
+            guard=None,
+            ledger=ledger,
+            max_wait=config.queue_max_wait,
+            max_stream_wait=config.queue_max_stream_wait,
+        )
         self._inflight: set[Exchange] = set()
         self._stopping = False
         self._drained: asyncio.Event | None = None  # set when the last request ends after a stop
@@ -148,6 +170,7 @@ class Gateway:
                 max_answer_chars=config.limits_max_response_bytes,
                 count_usage=recorder is not None,
                 max_body_bytes=config.limits_max_body_bytes,
+                sharing=self.sharing,
             )
         self._endpoints = EndpointTable(enabled, handlers)
         self._handlers = handlers
@@ -159,6 +182,7 @@ class Gateway:
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.limits_max_body_bytes)
         app.cleanup_ctx.append(session_context(self.config))
+        app.cleanup_ctx.append(self._model_guard_context)
         if self._recorder is not None:
             app.cleanup_ctx.append(self._usage_flusher)
         app.cleanup_ctx.append(self._revocation_watchdog)
@@ -298,6 +322,10 @@ class Gateway:
         if not principal.has_scope(resolved.scope):
             raise errors.missing_scope(resolved.path, resolved.scope)
         self._protect.take_request(principal.name)
+        if resolved.method == "POST" and resolved.path != COUNT_TOKENS:
+            # A generation: the fair queue holds the caller's concurrency cap, and waits
+            # instead of refusing.
+            return await self._forward_post(request, exchange, resolved, principal)
         self._protect.enter(principal.name)
         try:
             if resolved.path == COUNT_TOKENS:
@@ -310,11 +338,9 @@ class Gateway:
                     principal,
                     exchange.outcome,
                 )
-            if resolved.method == "GET":
-                return await self._forward.models(
-                    request, exchange.request_id, resolved, principal, exchange.outcome
-                )
-            return await self._forward_post(request, exchange, resolved, principal)
+            return await self._forward.models(
+                request, exchange.request_id, resolved, principal, exchange.outcome
+            )
         finally:
             self._protect.leave(principal.name)
 
@@ -328,15 +354,18 @@ class Gateway:
         if not principal.has_scope(SCOPE_CHAT):
             raise errors.conversations_need_chat_scope()
         self._protect.take_request(principal.name)
-        self._protect.enter(principal.name)
-        try:
-            if exchange.method != "POST" or self.metrics is None:
+        if exchange.method == "POST":
+            # A chat turn is a generation: its concurrency is the fair queue's.
+            if self.metrics is None:
                 return await self._chat.handle(request, exchange, path, principal)
             self.metrics.active_streams.inc()
             try:
                 return await self._chat.handle(request, exchange, path, principal)
             finally:
                 self.metrics.active_streams.dec()
+        self._protect.enter(principal.name)
+        try:
+            return await self._chat.handle(request, exchange, path, principal)
         finally:
             self._protect.leave(principal.name)
 
@@ -400,34 +429,46 @@ class Gateway:
         exchange.model = prepared.model
         exchange.stream = prepared.stream
         check_models(prepared, principal)
-        adjusted = apply_principal_rules(
-            prepared, route, max_tokens=principal.max_tokens, want_usage=self._recorder is not None
+        generation = exchange.generation = self.sharing.admit(
+            principal, exchange.client or "unknown", route, prepared
         )
-        if not prepared.stream or self.metrics is None:
-            return await self._forward.post(
-                request,
-                exchange.request_id,
-                route,
-                adjusted.body.raw,
-                stream=prepared.stream,
-                outcome=exchange.outcome,
-                extra_headers=exchange.cors,
-                hide_usage=adjusted.hide_usage,
-            )
-        self.metrics.active_streams.inc()
+        outcome = exchange.outcome
         try:
-            return await self._forward.post(
-                request,
-                exchange.request_id,
+            adjusted = apply_principal_rules(
+                prepared,
                 route,
-                adjusted.body.raw,
-                stream=True,
-                outcome=exchange.outcome,
-                extra_headers=exchange.cors,
-                hide_usage=adjusted.hide_usage,
+                max_tokens=generation.max_tokens,
+                want_usage=self._recorder is not None,
             )
+            if not prepared.stream or self.metrics is None:
+                return await self._forward.post(
+                    request,
+                    exchange.request_id,
+                    route,
+                    adjusted.body.raw,
+                    stream=prepared.stream,
+                    outcome=outcome,
+                    extra_headers=exchange.cors,
+                    hide_usage=adjusted.hide_usage,
+                    wait_turn=generation.wait_turn,
+                )
+            self.metrics.active_streams.inc()
+            try:
+                return await self._forward.post(
+                    request,
+                    exchange.request_id,
+                    route,
+                    adjusted.body.raw,
+                    stream=True,
+                    outcome=outcome,
+                    extra_headers=exchange.cors,
+                    hide_usage=adjusted.hide_usage,
+                    wait_turn=generation.wait_turn,
+                )
+            finally:
+                self.metrics.active_streams.dec()
         finally:
-            self.metrics.active_streams.dec()
+            generation.release()
 
     async def _count_tokens(
         self, request: web.Request, exchange: Exchange, route: Route, principal: Principal
@@ -564,6 +605,30 @@ class Gateway:
             await asyncio.wait({task})
             recorder.flush()
 
+    async def _model_guard_context(self, app: web.Application) -> AsyncIterator[None]:
+        api = LMStudioModelApi(
+            self.config.upstream_url, lambda: self._forward.lmstudio_token, app[UPSTREAM_SESSION]
+        )
+        guard = ModelGuard(
+            api,
+            policy=self.config.models_switch,
+            load_timeout=self.config.models_load_timeout,
+            clock=self._clock,
+        )
+        self.model_guard = self.sharing.guard = guard
+        try:
+            yield
+        finally:
+            self.model_guard = self.sharing.guard = None
+            await guard.close()
+
+    async def warm_up(self, model: str) -> float:
+        """Load ``model`` before people arrive (the tray's and the CLI's warm-up), by the
+        guard's rules: it waits for other models' answers first. Seconds the load took."""
+        if self.model_guard is None:
+            raise errors.shutting_down()
+        return await self.model_guard.warm_up(model)
+
     async def _revocation_watchdog(self, app: web.Application) -> AsyncIterator[None]:
         async def watch() -> None:
             while True:
@@ -632,6 +697,12 @@ class Gateway:
         outcome = exchange.outcome
         error = exchange.error or outcome.error
         usage = outcome.usage
+        counted = usage
+        generation = exchange.generation
+        if generation is not None:
+            # Settled and recorded in one step: no usage counted twice, or never, by a budget.
+            exchange.generation = None
+            counted = generation.settle(usage, outcome.bytes_out if exchange.status < 400 else 0)
         seconds = self._clock.monotonic() - exchange.started
         if self.metrics is not None:
             self.metrics.observe_request(exchange.route, exchange.status, seconds)
@@ -651,7 +722,7 @@ class Gateway:
             and exchange.principal is not None
             and exchange.route != "/pair"
         ):
-            self._recorder.record(exchange.principal, usage)
+            self._recorder.record(exchange.principal, counted)
         if not access_log.isEnabledFor(logging.INFO):
             return
         fields: dict[str, object] = {

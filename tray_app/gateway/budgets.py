@@ -138,22 +138,29 @@ class BudgetLedger:
         self._open[reservation.ticket] = reservation
         return reservation
 
-    def settle(self, reservation: Reservation, used: Usage | None, *, bytes_out: int = 0) -> None:
-        """Replace the reservation by what the request used; a second call does nothing."""
+    def settle(
+        self, reservation: Reservation, used: Usage | None, *, bytes_out: int = 0
+    ) -> Usage | None:
+        """Replace the reservation by what the request used; a second call does nothing.
+        Returns the usage it was charged (``used``, or the estimate when LM Studio reported
+        none), which the recorder must write in the same step, so that the totals a restart
+        reads are the ones the ledger counted."""
+        charged = used if used is not None else _estimate(reservation, bytes_out)
         if self._open.pop(reservation.ticket, None) is None:
-            return
+            return used
         account = self._accounts.get(reservation.principal)
         if account is None:
-            return  # it reserved nothing, so it was forgotten: the next load reads its usage
+            return charged  # it reserved nothing, so it was forgotten: the next load reads it
         account.reserved -= reservation.tokens
         if account.day != day_start(self._clock.time()):
             # Not loaded for the day it ended in: its totals are read again before they are
             # used, and by then the recorder holds this request; idle, it is not kept at all.
             self._forget_if_idle(reservation.principal, account)
-            return
-        charged = _charge(reservation, used, bytes_out)
-        account.day_used += charged
-        account.month_used += charged
+            return charged
+        tokens = 0 if charged is None else charged.prompt_tokens + charged.completion_tokens
+        account.day_used += tokens
+        account.month_used += tokens
+        return charged
 
     def status(self, principal: str, budget: Budget) -> BudgetStatus:
         now = self._clock.time()
@@ -222,13 +229,12 @@ class BudgetLedger:
         return rooms
 
 
-def _charge(reservation: Reservation, used: Usage | None, bytes_out: int) -> int:
-    if used is not None:
-        return used.prompt_tokens + used.completion_tokens
+def _estimate(reservation: Reservation, bytes_out: int) -> Usage | None:
+    """What a request LM Studio reported no usage for is charged."""
     if bytes_out <= 0:
-        return 0  # nothing came back: LM Studio refused or failed before answering
+        return None  # nothing came back: LM Studio refused or failed before answering
     cap = reservation.tokens - reservation.prompt_estimate
-    return reservation.prompt_estimate + min(cap, bytes_out // BYTES_PER_TOKEN)
+    return Usage(reservation.prompt_estimate, min(cap, bytes_out // BYTES_PER_TOKEN))
 
 
 def _refusal(room: _Room, needed: int, now: float) -> api_errors.ApiError:

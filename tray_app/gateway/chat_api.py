@@ -37,6 +37,7 @@ import binascii
 import json
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -44,6 +45,7 @@ from aiohttp import web
 from tray_app.gateway import api_errors as errors
 from tray_app.gateway.api_errors import REQUEST_ID_HEADER
 from tray_app.gateway.body_rules import (
+    PreparedBody,
     apply_principal_rules,
     check_models,
     parse_json_object,
@@ -51,12 +53,14 @@ from tray_app.gateway.body_rules import (
 )
 from tray_app.gateway.exchange import Exchange
 from tray_app.gateway.routes import FORWARDED_ROUTES
+from tray_app.gateway.sharing import Generation, Sharing
 from tray_app.gateway.upstream.answers import TooLargeToParse, parse_bounded
 from tray_app.gateway.upstream.client import UPSTREAM_SESSION, decode_body
 from tray_app.gateway.upstream.forwarding import Forwarder
 from tray_app.gateway.upstream.probe import probe_lmstudio
 from tray_app.identity.principal import Principal
 from tray_app.storage.conversations import (
+    Conversation,
     ConversationStore,
     Message,
     trim_history,
@@ -195,6 +199,20 @@ class SseCapture:
 BodyReader = Callable[[web.Request, Exchange], Awaitable[bytes]]
 
 
+@dataclass(frozen=True, slots=True)
+class _Turn:
+    """What a chat request asks, once checked: the question and where it goes."""
+
+    message: str
+    model: str
+    image: str | None
+    conversation: Conversation | None
+    new_system: str | None
+    system: str
+    retried: bool  # answers the stored last turn again (a retry, a regenerate or an edit)
+    edit: bool
+
+
 class ChatApi:
     def __init__(
         self,
@@ -207,6 +225,7 @@ class ChatApi:
         max_answer_chars: int,
         count_usage: bool,
         max_body_bytes: int,
+        sharing: Sharing,
     ) -> None:
         self._store = store
         self._forward = forwarder
@@ -216,6 +235,7 @@ class ChatApi:
         self._max_answer_chars = max_answer_chars
         self._count_usage = count_usage
         self._max_body_bytes = max_body_bytes
+        self._sharing = sharing
 
     async def handle(
         self, request: web.Request, exchange: Exchange, path: str, principal: Principal
@@ -297,7 +317,6 @@ class ChatApi:
     async def _chat(
         self, request: web.Request, exchange: Exchange, principal: Principal
     ) -> web.StreamResponse:
-        request_id, outcome, extra_headers = exchange.request_id, exchange.outcome, exchange.cors
         raw = await self._read_body(request, exchange)
         payload = parse_json_object(raw)
         message = payload.get("message")
@@ -369,15 +388,39 @@ class ChatApi:
             ).encode(),
         )
         check_models(prepared, principal)
+        # Before anything is stored: a turn over budget leaves no question without an answer.
+        generation = exchange.generation = self._sharing.admit(
+            principal, exchange.client or "unknown", CHAT_ROUTE, prepared
+        )
+        try:
+            asked = _Turn(
+                message, model, image, conversation, new_system, system, retried is not None, edit
+            )
+            return await self._answer(request, exchange, principal, generation, prepared, asked)
+        finally:
+            generation.release()
+
+    async def _answer(
+        self,
+        request: web.Request,
+        exchange: Exchange,
+        principal: Principal,
+        generation: Generation,
+        prepared: PreparedBody,
+        asked: _Turn,
+    ) -> web.StreamResponse:
+        request_id, outcome, extra_headers = exchange.request_id, exchange.outcome, exchange.cors
+        stream, message, model, image = prepared.stream, asked.message, asked.model, asked.image
+        conversation, new_system, edit = asked.conversation, asked.new_system, asked.edit
         adjusted = apply_principal_rules(
-            prepared, CHAT_ROUTE, max_tokens=principal.max_tokens, want_usage=self._count_usage
+            prepared, CHAT_ROUTE, max_tokens=generation.max_tokens, want_usage=self._count_usage
         )
         body = adjusted.body.raw
         if conversation is None:
-            conversation = self._store.create(principal.name, message, model, system=system)
+            conversation = self._store.create(principal.name, message, model, system=asked.system)
         elif new_system is not None and new_system != conversation.system:
             self._store.set_system(conversation.id, new_system)
-        if retried is None or not self._store.reopen_last_turn(
+        if not asked.retried or not self._store.reopen_last_turn(
             conversation.id, message, model=model, replace=edit, image=image if edit else None
         ):
             self._store.append(conversation.id, "user", message, model=model, image=image)
@@ -395,6 +438,7 @@ class ChatApi:
                     extra_headers=headers,
                     hide_usage=adjusted.hide_usage,
                     observer=capture,
+                    wait_turn=generation.wait_turn,
                 )
                 if not relayed.prepared:  # LM Studio's error, answered whole
                     relayed.headers[CONVERSATION_HEADER] = conversation.id
@@ -423,6 +467,7 @@ class ChatApi:
                 outcome=outcome,
                 extra_headers=None,
                 hide_usage=False,
+                wait_turn=generation.wait_turn,
             )
         except errors.ApiError as err:
             err.headers[CONVERSATION_HEADER] = conversation.id

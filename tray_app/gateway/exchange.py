@@ -7,6 +7,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from tray_app.gateway.api_errors import ApiError
+from tray_app.gateway.sharing import Generation
 from tray_app.gateway.upstream.forwarding import Outcome
 from tray_app.identity.principal import Principal
 
@@ -34,3 +35,5 @@ class Exchange:
     # client is still there and gets this error instead of the answer.
     aborted_with: ApiError | None = field(default=None, repr=False)
     error: str | None = None
+    # A generation's budget reservation, settled when the request is counted (_finish).
+    generation: Generation | None = field(default=None, repr=False)

@@ -38,7 +38,8 @@ def _text_of(block: Any) -> tuple[int, int]:
     if not isinstance(block, dict):
         return 0, 0
     kind = block.get("type")
-    if kind in {"image", "document"}:
+    # OpenAI chat and Responses name their image parts differently; a photo is never its base64.
+    if kind in {"image", "document", "image_url", "input_image"}:
         return 0, 1
     if kind == "text":
         return _text_of(block.get("text"))
@@ -70,3 +71,17 @@ def estimate_input_tokens(payload: dict[str, Any]) -> int:
         + TOKENS_PER_MESSAGE * len(messages)
         + TOKENS_PER_IMAGE * images
     )
+
+
+def estimate_prompt_tokens(payload: dict[str, Any]) -> int:
+    """What a generation request's input costs, for a token budget's reservation: the same
+    estimate for every endpoint (chat messages, a completion's prompt, an embedding's or a
+    response's input). The settled usage then replaces it with LM Studio's own count."""
+    if isinstance(payload.get("messages"), list):
+        return estimate_input_tokens(payload)
+    chars = images = 0
+    for field in ("instructions", "prompt", "input"):
+        more_chars, more_images = _text_of(payload.get(field, ""))
+        chars += more_chars
+        images += more_images
+    return math.ceil(chars / CHARS_PER_TOKEN) + TOKENS_PER_IMAGE * images

@@ -157,8 +157,9 @@ async def test_streams_a_message_with_anthropic_headers_and_no_client_key(
         final = await stream.get_final_message()
     assert text == "Hello from LM Studio"
     assert final.stop_reason == "end_turn" and final.usage.output_tokens == 3
-    assert upstream.paths == ["/v1/messages"]
-    _, headers, _ = upstream.received[0]
+    # The gateway's own read of which models are loaded (its model guard) aside.
+    assert [p for p in upstream.paths if p != "/api/v0/models"] == ["/v1/messages"]
+    _, headers, _ = next(r for r in upstream.received if r[0] == "/v1/messages")
     lowered = {name.lower(): value for name, value in headers.items()}
     assert lowered["anthropic-version"] == "2023-06-01"
     assert lowered["anthropic-beta"] == "tools-2024-04-04"

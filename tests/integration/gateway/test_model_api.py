@@ -55,7 +55,7 @@ class TestReadingWhatIsLoaded:
         fake_lmstudio.behaviour.require_token = TOKEN
         states = await api_for(fake_lmstudio, session).loaded()
         assert states == ModelStates(frozenset(MODELS), frozenset({QWEN}))
-        sent = fake_lmstudio.received[0]
+        sent = fake_lmstudio.native[0]
         assert (sent.path, sent.headers["Authorization"]) == ("/api/v0/models", f"Bearer {TOKEN}")
         assert sent.headers["Accept-Encoding"] == "identity"
 
@@ -66,7 +66,7 @@ class TestReadingWhatIsLoaded:
         api = LMStudioModelApi(fake_lmstudio.url + "/", lambda: next(tokens), session)
         await api.loaded()
         await api.loaded()
-        first, second = fake_lmstudio.received
+        first, second = fake_lmstudio.native
         assert "Authorization" not in first.headers and first.path == "/api/v0/models"
         assert second.headers["Authorization"] == "Bearer sk-lm-new"
 
@@ -108,7 +108,7 @@ class TestReadingWhatIsLoaded:
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         monkeypatch.setattr(model_api, "MODEL_STATES_TIMEOUT", 0.1)
-        fake_lmstudio.behaviour.header_delay = 1.0
+        fake_lmstudio.behaviour.native_delay = 1.0
         failed = await failure(api_for(fake_lmstudio, session).loaded())
         assert failed.code == "upstream_failed" and "no answer in time" in failed.message
 
@@ -143,7 +143,7 @@ class TestLoading:
         fake_lmstudio.behaviour.require_token = TOKEN
         await api_for(fake_lmstudio, session).load(LLAMA, 5)
         assert fake_lmstudio.loaded == [LLAMA]
-        sent = fake_lmstudio.received[0]
+        sent = fake_lmstudio.native[0]
         assert (sent.path, sent.json()) == ("/api/v1/models/load", {"model": LLAMA})
         assert sent.headers["Authorization"] == f"Bearer {TOKEN}"
 

@@ -341,6 +341,75 @@ CATALOGUE = [
         "finish.",
         Retry_After="1",
     ),
+    # sharing one GPU: budgets, the queue, the model guard
+    entry(
+        E.budget_exceeded,
+        ("day", 50000, 0, 120, "2026-12-02 00:00 UTC", 3600.0),
+        429,
+        "rate_limit_error",
+        "budget_exceeded",
+        None,
+        "Your token budget for this day (50,000 tokens) is used up; it resets at 2026-12-02 00:00 UTC. Ask the owner for a larger budget.",
+        Retry_After="3600",
+    ),
+    entry(
+        E.queue_full,
+        (True, 2.0),
+        429,
+        "rate_limit_error",
+        "queue_full",
+        None,
+        "Too many requests from your address are already waiting for their turn (queue.max_waiting_per_client); wait for some to finish.",
+        Retry_After="2",
+    ),
+    entry(
+        E.queue_wait_timeout,
+        (60.0, 5.0),
+        503,
+        "server_error",
+        "queue_timeout",
+        None,
+        "LM Studio stayed busy: waited 60 s for a turn (queue.max_wait); retry later.",
+        Retry_After="5",
+    ),
+    entry(
+        E.model_switch_refused,
+        ("llama-3.2-1b-instruct", 10.0),
+        503,
+        "server_error",
+        "model_busy",
+        None,
+        "'llama-3.2-1b-instruct' is not loaded, and loading it now would cut off answers others are receiving from another model (models.switch = refuse); retry when they finish.",
+        Retry_After="10",
+    ),
+    entry(
+        E.model_switch_timeout,
+        ("llama-3.2-1b-instruct", 600.0, 10.0),
+        503,
+        "server_error",
+        "model_busy",
+        None,
+        "'llama-3.2-1b-instruct' is not loaded, and others kept receiving answers from another model for 600 s; retry later.",
+        Retry_After="10",
+    ),
+    entry(
+        E.model_load_failed,
+        ("llama-3.2-1b-instruct", "not enough memory"),
+        502,
+        "upstream_error",
+        "model_load_failed",
+        None,
+        "LM Studio could not load 'llama-3.2-1b-instruct': not enough memory",
+    ),
+    entry(
+        E.model_load_timeout,
+        ("llama-3.2-1b-instruct", 300.0),
+        504,
+        "upstream_error",
+        "model_load_timeout",
+        None,
+        "LM Studio did not finish loading 'llama-3.2-1b-instruct' within 300 s (models.load_timeout).",
+    ),
     # reading the body
     entry(
         E.body_too_large,
@@ -859,6 +928,28 @@ def catalogue_factories() -> set[str]:
 
 
 class TestTheCatalogue:
+    def test_a_budget_with_tokens_left_says_how_many(self) -> None:
+        error = E.budget_exceeded("month", 1000000, 300, 4200, "2027-01-01 00:00 UTC", 86400.5)
+        assert (error.status, error.code, error.headers) == (
+            429,
+            "budget_exceeded",
+            {"Retry-After": "86401"},
+        )
+        assert error.message == (
+            "This request could use about 4,200 tokens, and 300 of your 1,000,000 for this "
+            "month are left; it resets at 2027-01-01 00:00 UTC. Ask the owner for a larger budget."
+        )
+
+    def test_a_full_queue_in_total_is_the_gateway_s_503(self) -> None:
+        error = E.queue_full(False, 5.0)
+        assert (error.status, error.type, error.code, error.headers) == (
+            503,
+            "server_error",
+            "queue_full",
+            {"Retry-After": "5"},
+        )
+        assert "queue.max_waiting)" in error.message
+
     def test_the_table_lists_every_entry_once(self) -> None:
         listed = [e.factory.__name__ for e in CATALOGUE]
         assert len(listed) == len(set(listed)), "an entry is listed twice"

@@ -1,0 +1,218 @@
+"""One generation's way through the parts that share one GPU: the caller's token budget, the
+fair queue for a generation slot, and the model guard.
+
+The order is the point. The budget is checked first, from the body alone, so a caller over
+budget never waits in the queue for a refusal; its reservation also decides the output cap the
+request carries. Then the model guard: a request waiting for another model's answers to end
+holds no generation slot, so the slots keep serving the model that is loaded. Last the fair
+queue's slot (round-robin across callers). Everything a
+generation took is given back in one place, :meth:`Generation.finish`, whatever way it ended.
+
+The parts are passed in (see :class:`Queue`, :class:`Guard`, :class:`Ledger`): the gateway
+builds the real ones, tests may pass their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from tray_app.gateway.body_rules import LENGTH_FIELDS, PreparedBody
+from tray_app.gateway.budgets import BudgetStatus
+from tray_app.gateway.routes import Route
+from tray_app.gateway.token_estimate import estimate_prompt_tokens
+from tray_app.gateway.upstream.usage import Usage
+from tray_app.identity.principal import Budget, Principal
+
+Notify = Callable[[str], None]
+
+
+class Turn(Protocol):
+    caller: str
+
+
+class Queue(Protocol):
+    def try_acquire(self, caller: str) -> Any: ...
+
+    async def acquire(
+        self, caller: str, client: str, *, max_wait: float, notify: Notify | None = None
+    ) -> Any: ...
+
+    def release(self, turn: Any) -> None: ...
+
+
+class Guard(Protocol):
+    async def enter(
+        self, model: str | None, *, max_wait: float, notify: Notify | None = None
+    ) -> Any: ...
+
+    def leave(self, use: Any) -> None: ...
+
+
+class Reservation(Protocol):
+    @property
+    def max_output(self) -> int | None: ...
+
+
+class Ledger(Protocol):
+    def reserve(
+        self, principal: Principal, *, prompt_estimate: int, requested_output: int | None
+    ) -> Any: ...
+
+    def settle(
+        self, reservation: Any, used: Usage | None, *, bytes_out: int = 0
+    ) -> Usage | None: ...
+
+    def status(self, principal: str, budget: Budget) -> BudgetStatus: ...
+
+
+# A budgeted request that names no output length gets this cap (less if less is left), so
+# that one such request does not reserve the whole budget and refuse its caller's others.
+BUDGETED_DEFAULT_OUTPUT = 8192
+
+
+def requested_output(payload: dict[str, Any], route: Route) -> int | None:
+    """The smallest output length the client asked for (None: it set none). An endpoint with
+    no output at all (embeddings) asks for 0."""
+    fields = LENGTH_FIELDS.get(route.path)
+    if fields is None:
+        return 0
+    asked = [v for f in fields if type(v := payload.get(f)) is int and v > 0]
+    return min(asked, default=None)
+
+
+class Sharing:
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        guard: Guard | None,
+        ledger: Ledger | None,
+        max_wait: float,
+        max_stream_wait: float,
+    ) -> None:
+        self._queue = queue
+        self.guard = guard
+        self._ledger = ledger
+        self._max_wait = max_wait
+        self._max_stream_wait = max_stream_wait
+
+    def admit(
+        self, principal: Principal, client: str, route: Route, prepared: PreparedBody
+    ) -> Generation:
+        """A generation that may go ahead as far as its budget goes (else ApiError 429
+        budget_exceeded); it still has to wait for its turn."""
+        cap = principal.max_tokens
+        reservation = None
+        budget = principal.budget
+        if self._ledger is not None and budget is not None and budget.limited:
+            asked = requested_output(prepared.payload, route)
+            if cap is not None:
+                asked = cap if asked is None else min(asked, cap)
+            prompt = estimate_prompt_tokens(prepared.payload)
+            if asked is None:
+                asked = self._default_output(principal.name, budget, prompt)
+            reservation = self._ledger.reserve(
+                principal, prompt_estimate=prompt, requested_output=asked
+            )
+            if reservation is not None and reservation.max_output is not None:
+                cap = reservation.max_output if cap is None else min(cap, reservation.max_output)
+        return Generation(
+            self,
+            principal.name,
+            client,
+            prepared.model,
+            cap,
+            reservation,
+            self._max_stream_wait if prepared.stream else self._max_wait,
+        )
+
+    def _default_output(self, caller: str, budget: Budget, prompt: int) -> int | None:
+        """BUDGETED_DEFAULT_OUTPUT, or what is left when that is less; None when nothing is
+        left (the ledger then refuses in its words)."""
+        assert self._ledger is not None
+        status = self._ledger.status(caller, budget)
+        room = BUDGETED_DEFAULT_OUTPUT
+        for limit, used in (
+            (status.day_limit, status.day_used),
+            (status.month_limit, status.month_used),
+        ):
+            if limit is not None:
+                room = min(room, limit - used - status.in_flight - prompt)
+        return room if room >= 1 else None
+
+
+class Generation:
+    """What one admitted generation holds: its budget reservation, then its slot and its model
+    use once :meth:`wait_turn` got them. ``max_tokens`` is the output cap its body must carry."""
+
+    __slots__ = (
+        "_caller",
+        "_client",
+        "_max_wait",
+        "_model",
+        "_reservation",
+        "_sharing",
+        "_turn",
+        "_use",
+        "max_tokens",
+    )
+
+    def __init__(
+        self,
+        sharing: Sharing,
+        caller: str,
+        client: str,
+        model: str | None,
+        max_tokens: int | None,
+        reservation: Any,
+        max_wait: float,
+    ) -> None:
+        self._sharing = sharing
+        self._caller = caller
+        self._client = client
+        self._model = model
+        self.max_tokens = max_tokens
+        self._reservation = reservation
+        self._max_wait = max_wait
+        self._turn: Any = None
+        self._use: tuple[Guard, Any] | None = None
+
+    async def wait_turn(self, notify: Notify | None) -> None:
+        """Wait for the model, then for a slot; ApiError if either refuses. Called once, just
+        before LM Studio is asked (cancelled with the request, it leaves both queues)."""
+        sharing = self._sharing
+        guard = sharing.guard
+        if guard is not None:
+            # The guard it entered is the one it leaves, even if the gateway stops meanwhile.
+            self._use = (
+                guard,
+                await guard.enter(self._model, max_wait=self._max_wait, notify=notify),
+            )
+        turn = sharing._queue.try_acquire(self._caller)
+        if turn is None:
+            turn = await sharing._queue.acquire(
+                self._caller, self._client, max_wait=self._max_wait, notify=notify
+            )
+        self._turn = turn
+
+    def release(self) -> None:
+        """Give back the slot and the model, as soon as the answer ended however it ended
+        (refused, failed, hung up, finished); a second call does nothing."""
+        sharing = self._sharing
+        if self._use is not None:
+            guard, use = self._use
+            guard.leave(use)
+            self._use = None
+        if self._turn is not None:
+            sharing._queue.release(self._turn)
+            self._turn = None
+
+    def settle(self, usage: Usage | None, bytes_out: int) -> Usage | None:
+        """Settle the budget with what was really used, and return the usage to record for
+        it (an estimate when LM Studio reported none): the gateway records it in the same
+        step, so a restart reads the totals the ledger counted."""
+        reservation, self._reservation = self._reservation, None
+        if reservation is None or self._sharing._ledger is None:
+            return usage
+        return self._sharing._ledger.settle(reservation, usage, bytes_out=bytes_out)
