@@ -9,6 +9,11 @@ ways, and this is the only place that says which:
 - an app key (Settings' OpenAI settings) is made with the allowlist of the moment and keeps
   it, like every credential made in the CLI keeps the models it was given.
 
+A budget is different: every credential keeps the budget it was made with (stored with it,
+changed later by `lmgate budget set`); the defaults below (``budget.device_tokens_per_*`` for
+paired devices, ``budget.copied_key_tokens_per_*`` for what the tray copies) reach only
+credentials made after them.
+
 Pairing, the tray, the CLI and the token service ask this policy; the gateway asks
 :func:`refused_model` about every model a request names.
 """
@@ -22,9 +27,11 @@ from tray_app.identity.principal import (
     SCOPE_CHAT,
     SCOPE_EMBEDDINGS,
     SCOPE_MODELS,
+    Budget,
     CredentialKind,
     Principal,
 )
+from tray_app.storage.budgets import NO_BUDGET
 
 DEVICE_SCOPES = frozenset({SCOPE_CHAT, SCOPE_MODELS})
 SNIPPET_SCOPES = frozenset({SCOPE_CHAT})
@@ -38,29 +45,43 @@ _FOLLOW_THE_ALLOWLIST = frozenset({CredentialKind.DEVICE, CredentialKind.SNIPPET
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What a new credential is made with: its scopes and models (None = all)."""
+    """What a new credential is made with: its scopes, models (None = all) and budget."""
 
     scopes: frozenset[str]
     models: frozenset[str] | None
+    budget: Budget = NO_BUDGET
+
+
+def budget_from_settings(tokens_per_day: int, tokens_per_month: int) -> Budget:
+    """The budget two settings describe, where 0 (their default) means no cap."""
+    return Budget(tokens_per_day or None, tokens_per_month or None)
 
 
 @dataclass(frozen=True, slots=True)
 class AccessPolicy:
     allowed_models: frozenset[str] | None = None
+    device_budget: Budget = NO_BUDGET
+    copied_key_budget: Budget = NO_BUDGET  # the tray's curl snippets and app keys
 
     @classmethod
-    def with_allowlist(cls, models: Iterable[str]) -> AccessPolicy:
-        """The policy for the setting's list (empty = every model)."""
-        return cls(frozenset(models) or None)
+    def with_allowlist(
+        cls,
+        models: Iterable[str],
+        *,
+        device_budget: Budget = NO_BUDGET,
+        copied_key_budget: Budget = NO_BUDGET,
+    ) -> AccessPolicy:
+        """The policy for the setting's list (empty = every model) and budget defaults."""
+        return cls(frozenset(models) or None, device_budget, copied_key_budget)
 
     def for_device(self) -> Grant:
-        return Grant(DEVICE_SCOPES, self.allowed_models)
+        return Grant(DEVICE_SCOPES, self.allowed_models, self.device_budget)
 
     def for_snippet(self) -> Grant:
-        return Grant(SNIPPET_SCOPES, self.allowed_models)
+        return Grant(SNIPPET_SCOPES, self.allowed_models, self.copied_key_budget)
 
     def for_app_key(self) -> Grant:
-        return Grant(APP_KEY_SCOPES, self.allowed_models)
+        return Grant(APP_KEY_SCOPES, self.allowed_models, self.copied_key_budget)
 
     def models_now(
         self, kind: CredentialKind, recorded: frozenset[str] | None
