@@ -141,9 +141,7 @@ def _label(principal: str, names: dict[str, Credential]) -> tuple[str, str]:
     return "", who.kind.value
 
 
-def against(used: int, limit: int | None, *, as_csv: bool) -> str:
-    if as_csv:
-        return str(used)
+def against(used: int, limit: int | None) -> str:
     return f"{used:,}" if limit is None else f"{used:,} of {limit:,}"
 
 
@@ -196,8 +194,8 @@ def _usage(args: argparse.Namespace, identity: Identity, out: IO[str]) -> int:
             )
         else:
             budget_columns = (
-                against(day_used, budget.tokens_per_day, as_csv=False),
-                against(month_used, budget.tokens_per_month, as_csv=False),
+                against(day_used, budget.tokens_per_day),
+                against(month_used, budget.tokens_per_month),
                 when(last_seen),
             )
         table_rows.append(

@@ -260,6 +260,33 @@ class TestUsage:
         code, out, _ = lmgate("usage", "--by", "day")  # every day there is
         assert code == 0 and len(out.splitlines()) == 3
 
+    def test_usage_of_no_credential_there_is_still_shown(
+        self, lmgate: Run, db: Callable[[], Database]
+    ) -> None:
+        now = int(time.time())
+        hour = now // HOUR * HOUR
+        db().add_usage(
+            [
+                # Counted before each token was its own principal; dev mode; a deleted key.
+                UsageRow("token:friend", 1, 1, 1, now, hour=hour),
+                UsageRow("dev:ana", 2, 2, 2, now, hour=hour),
+                UsageRow("key:0123456789ab", 3, 3, 3, now, hour=hour),
+                UsageRow("someone", 4, 4, 4, now, hour=hour),
+            ]
+        )
+        code, out, _ = lmgate("usage", "--since", "1d", "--csv")
+        assert code == 0
+        rows = {r["principal"]: r for r in csv.DictReader(io.StringIO(out))}
+        assert {p: (r["name"], r["kind"]) for p, r in rows.items()} == {
+            "token:friend": ("friend (older tokens sharing that name)", "token"),
+            "dev:ana": ("", "dev"),
+            "key:0123456789ab": ("", "key"),
+            "someone": ("", ""),
+        }
+        # Since when: from the day buckets, which keep no last-seen time.
+        assert {r["last_seen"] for r in rows.values()} == {""}
+        assert rows["dev:ana"]["tokens_today"] == "4"
+
     def test_a_bad_since_is_a_usage_error(self, lmgate: Run) -> None:
         code, _, err = lmgate("usage", "--since", "soon")
         assert code == 2 and "--since: must be a duration" in err
