@@ -21,8 +21,8 @@ from tray_app.cli.usage_commands import (
     credentials,
     run_usage_command,
     table,
+    when,
 )
-from tray_app.cli.usage_commands import when as _when
 from tray_app.config.settings import Config, parse_duration
 from tray_app.control.assembly import (
     Identity,
@@ -260,7 +260,7 @@ def _token(
         print(issued.token, file=out)
         print(
             f"\nToken {r.jti} for {r.name!r}: scopes {' '.join(sorted(r.scopes))}, "
-            f"expires {_when(r.expires)}. It is shown only now; keep it somewhere safe.",
+            f"expires {when(r.expires)}. It is shown only now; keep it somewhere safe.",
             file=sys.stderr,
         )
         return 0
@@ -272,7 +272,7 @@ def _token(
                 r.kind,
                 " ".join(sorted(r.scopes)),
                 ",".join(sorted(r.models)) if r.models else "all",
-                _when(r.expires),
+                when(r.expires),
                 "revoked" if r.revoked else "active",
             )
             for r in identity.tokens.list()
@@ -300,7 +300,7 @@ def _key(
             source=AuditSource.CLI,
         )
         print(key, file=out)
-        expiry = f"expires {_when(record.expires)}" if record.expires else "never expires"
+        expiry = f"expires {when(record.expires)}" if record.expires else "never expires"
         print(
             f"\nAPI key {record.id} for {record.name!r}: scopes "
             f"{' '.join(sorted(record.scopes))}, {expiry}. It is shown "
@@ -334,9 +334,9 @@ def _key(
                 r.name,
                 " ".join(sorted(r.scopes)),
                 ",".join(sorted(r.models)) if r.models else "all",
-                _when(r.created),
-                _when(r.expires),
-                _when(r.last_used),
+                when(r.created),
+                when(r.expires),
+                when(r.last_used),
                 "revoked" if r.revoked else "active",
             )
             for r in identity.api_keys.list()
@@ -383,7 +383,7 @@ def _pair(args: argparse.Namespace, identity: Identity, config: Config, out: IO[
     url = f"{base}/#{code}"
     print(terminal_qr(url), file=out)
     print(f"Pairing URL: {url}", file=out)
-    print(f"Valid until {_when(expires)}, for one device.", file=out)
+    print(f"Valid until {when(expires)}, for one device.", file=out)
     if not args.url and config.server_host in {"127.0.0.1", "localhost", "::1"}:
         print(
             "Note: this address works only on this computer; a phone needs the public or LAN "
@@ -399,8 +399,8 @@ def _device(args: argparse.Namespace, action: str, identity: Identity, out: IO[s
             (
                 d.id,
                 d.name,
-                _when(d.created),
-                _when(d.last_seen),
+                when(d.created),
+                when(d.last_seen),
                 "revoked" if d.revoked else "active",
             )
             for d in identity.pairing.devices()
