@@ -76,12 +76,11 @@ def open_identity(
     while it runs; without one, a rotated key needs a restart."""
     clock = clock or SystemClock()
     db = db or Database.in_directory(data_dir(config))
-    access = AccessPolicy.with_allowlist(
-        config.auth_allowed_models,
-        device_budget=budget_from_settings(
+    access = AccessPolicy.with_allowlist(config.auth_allowed_models).with_budgets(
+        device=budget_from_settings(
             config.budget_device_tokens_per_day, config.budget_device_tokens_per_month
         ),
-        copied_key_budget=budget_from_settings(
+        copied_key=budget_from_settings(
             config.budget_copied_key_tokens_per_day, config.budget_copied_key_tokens_per_month
         ),
     )

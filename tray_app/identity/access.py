@@ -20,6 +20,7 @@ Pairing, the tray, the CLI and the token service ask this policy; the gateway as
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -64,15 +65,13 @@ class AccessPolicy:
     copied_key_budget: Budget = NO_BUDGET  # the tray's curl snippets and app keys
 
     @classmethod
-    def with_allowlist(
-        cls,
-        models: Iterable[str],
-        *,
-        device_budget: Budget = NO_BUDGET,
-        copied_key_budget: Budget = NO_BUDGET,
-    ) -> AccessPolicy:
-        """The policy for the setting's list (empty = every model) and budget defaults."""
-        return cls(frozenset(models) or None, device_budget, copied_key_budget)
+    def with_allowlist(cls, models: Iterable[str]) -> AccessPolicy:
+        """The policy for the setting's list (empty = every model)."""
+        return cls(frozenset(models) or None)
+
+    def with_budgets(self, *, device: Budget, copied_key: Budget) -> AccessPolicy:
+        """This policy with the budgets new devices and copied keys and snippets get."""
+        return dataclasses.replace(self, device_budget=device, copied_key_budget=copied_key)
 
     def for_device(self) -> Grant:
         return Grant(DEVICE_SCOPES, self.allowed_models, self.device_budget)

@@ -210,8 +210,8 @@ def test_a_policy_without_budget_defaults_grants_none() -> None:
 
 
 def test_each_grant_carries_the_default_budget_of_its_kind() -> None:
-    policy = AccessPolicy.with_allowlist(
-        ["m"], device_budget=Budget(1, 2), copied_key_budget=Budget(3, 4)
+    policy = AccessPolicy.with_allowlist(["m"]).with_budgets(
+        device=Budget(1, 2), copied_key=Budget(3, 4)
     )
     assert policy.for_device() == Grant(DEVICE_SCOPES, frozenset({"m"}), Budget(1, 2))
     assert policy.for_snippet().budget == policy.for_app_key().budget == Budget(3, 4)
