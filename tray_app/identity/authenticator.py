@@ -102,7 +102,7 @@ class IdentityAuthenticator:
         self._next_refresh = 0.0
         self._budget_store = BudgetStore(db)
         # Every principal read so far, None for one without a budget; all stored ones at start.
-        self._budgets: dict[str, Budget | None] = {}
+        self._budgets: dict[str, Budget | None]
         self.reload_budgets()
 
     def reload_budgets(self) -> None:
@@ -142,7 +142,9 @@ class IdentityAuthenticator:
             budget = self._budgets[name]
         else:  # made since the last read (by the CLI, or pairing in this process)
             budget = self._budgets[name] = self._budget_store.get(name)
-        return principal if budget is None else dataclasses.replace(principal, budget=budget)
+        if budget is not None:  # most callers have none: no copy for them
+            principal = dataclasses.replace(principal, budget=budget)
+        return principal
 
     def still_valid(self, principal: Principal) -> bool:
         """Whether the credential behind ``principal`` may go on (a running stream asks)."""
