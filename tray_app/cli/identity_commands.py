@@ -1,5 +1,6 @@
-"""CLI commands for identity: tokens, API keys, pairing, devices, usage, the signing key and
-stored secrets. Secrets (tokens, keys) are printed once, at creation, and never again."""
+"""CLI commands for identity: tokens, API keys, pairing, devices, budgets, the signing key and
+stored secrets (usage and the audit trail are in usage_commands). Secrets (tokens, keys) are
+printed once, at creation, and never again; every change says it came from the CLI."""
 
 from __future__ import annotations
 
@@ -8,12 +9,20 @@ import asyncio
 import getpass
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import IO
 from urllib.parse import urlsplit
 
 from tray_app.cli.client_settings import client_settings, loopback_host
 from tray_app.cli.input_errors import InputError
+from tray_app.cli.usage_commands import (
+    USAGE_COMMANDS,
+    Credential,
+    add_usage_commands,
+    credentials,
+    run_usage_command,
+    table,
+    when,
+)
 from tray_app.config.settings import Config, parse_duration
 from tray_app.control.assembly import (
     Identity,
@@ -24,10 +33,13 @@ from tray_app.control.assembly import (
 from tray_app.errors import SecretStoreError
 from tray_app.gateway.server.identify import lmgate_listens
 from tray_app.identity.access import CLI_KEY_SCOPES, CLI_TOKEN_SCOPES
-from tray_app.identity.principal import ALL_SCOPES, CredentialKind, PrincipalId
+from tray_app.identity.principal import ALL_SCOPES, Budget, PrincipalId
 from tray_app.identity.signing_key import SIGNING_KEY, load_or_create_signing_key
 from tray_app.qr_codes import terminal_qr
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN
+from tray_app.storage.audit import AuditSource
+from tray_app.storage.budgets import BudgetStore
+from tray_app.storage.usage_history import Totals, UsageHistory, day_start, month_start
 
 SETTABLE_SECRETS = (LMSTUDIO_API_TOKEN,)
 
@@ -45,6 +57,7 @@ def add_identity_commands(
     create.add_argument("--models", help="comma-separated models the token may use (default: all)")
     create.add_argument("--max-tokens", type=int, help="cap on output tokens per request")
     create.add_argument("--ttl", help="lifetime, e.g. 30m, 24h, 7d (default: auth.token_ttl)")
+    _budget_arguments(create)
     token_actions.add_parser("list", parents=[common], help="list live tokens")
     revoke = token_actions.add_parser("revoke", parents=[common], help="revoke a token")
     revoke.add_argument("id", help="the token ID from `lmgate token list` (6+ characters)")
@@ -58,6 +71,7 @@ def add_identity_commands(
     )
     kcreate.add_argument("--models", help="comma-separated models the key may use")
     kcreate.add_argument("--ttl", help="lifetime, e.g. 90d (default: no expiry)")
+    _budget_arguments(kcreate)
     key_actions.add_parser("list", parents=[common], help="list keys")
     krevoke = key_actions.add_parser("revoke", parents=[common], help="revoke a key")
     krevoke.add_argument("id")
@@ -81,7 +95,20 @@ def add_identity_commands(
         "revoke-all", parents=[common], help="revoke every paired device (the kill switch)"
     )
 
-    commands.add_parser("usage", parents=[common], help="requests and tokens per caller")
+    budget = commands.add_parser("budget", help="token budgets per credential: set, show")
+    budget_actions = budget.add_subparsers(dest="action", metavar="ACTION", required=True)
+    bset = budget_actions.add_parser(
+        "set", parents=[common], help="change a credential's budget (its next request obeys it)"
+    )
+    bset.add_argument("who", metavar="WHO", help=_WHO_HELP)
+    bset.add_argument("--day", metavar="N|none", help="tokens per UTC day, or none")
+    bset.add_argument("--month", metavar="N|none", help="tokens per UTC month, or none")
+    bshow = budget_actions.add_parser(
+        "show", parents=[common], help="each live credential's budget and what it used"
+    )
+    bshow.add_argument("who", metavar="WHO", nargs="?", help=_WHO_HELP)
+
+    add_usage_commands(commands, common)
 
     keys = commands.add_parser("keys", help="the token signing key")
     keys_actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -99,13 +126,31 @@ def add_identity_commands(
     sdel.add_argument("name", choices=SETTABLE_SECRETS)
 
 
-IDENTITY_COMMANDS = frozenset({"token", "key", "pair", "device", "usage", "keys", "secret"})
+_WHO_HELP = (
+    "a principal (key:ab12..., device:..., token:...), a name, or the start of an ID "
+    "(6+ characters)"
+)
+
+IDENTITY_COMMANDS = frozenset(
+    {"token", "key", "pair", "device", "budget", "keys", "secret", *USAGE_COMMANDS}
+)
 
 
-def _when(epoch: float | None) -> str:
-    if epoch is None:
-        return "-"
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M UTC")
+def _budget_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget-day", type=int, metavar="N", help="tokens per UTC day")
+    parser.add_argument("--budget-month", type=int, metavar="N", help="tokens per UTC month")
+
+
+def _positive(what: str, value: int | None) -> int | None:
+    if value is not None and value <= 0:
+        raise InputError(what, f"must be a positive number of tokens, got {value}")
+    return value
+
+
+def _budget(args: argparse.Namespace) -> Budget:
+    return Budget(
+        _positive("--budget-day", args.budget_day), _positive("--budget-month", args.budget_month)
+    )
 
 
 def _scopes(raw: Sequence[str] | None, default: frozenset[str]) -> frozenset[str]:
@@ -142,17 +187,6 @@ def _ttl(raw: str | None, default: float | None) -> float | None:
         return parse_duration(raw)
     except ValueError as exc:
         raise InputError("--ttl", str(exc)) from None
-
-
-def _table(out: IO[str], header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    if not rows:
-        print("(none)", file=out)
-        return
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
-    for row in (header, *rows):
-        print(
-            "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out
-        )
 
 
 def _open(config: Config, *, need_signing_key: bool) -> Identity:
@@ -195,7 +229,9 @@ def run_identity_command(args: argparse.Namespace, config: Config, out: IO[str])
             return _pair(args, identity, config, out)
         if command == "device":
             return _device(args, action, identity, out)
-        return _usage(identity, out)
+        if command == "budget":
+            return _budget_command(args, action, identity, out)
+        return run_usage_command(args, identity, out)
     finally:
         identity.close()
 
@@ -217,12 +253,14 @@ def _token(
             ttl=ttl,
             models=_models(args.models),
             max_tokens=args.max_tokens,
+            budget=_budget(args),
+            source=AuditSource.CLI,
         )
         r = issued.record
         print(issued.token, file=out)
         print(
             f"\nToken {r.jti} for {r.name!r}: scopes {' '.join(sorted(r.scopes))}, "
-            f"expires {_when(r.expires)}. It is shown only now; keep it somewhere safe.",
+            f"expires {when(r.expires)}. It is shown only now; keep it somewhere safe.",
             file=sys.stderr,
         )
         return 0
@@ -234,15 +272,15 @@ def _token(
                 r.kind,
                 " ".join(sorted(r.scopes)),
                 ",".join(sorted(r.models)) if r.models else "all",
-                _when(r.expires),
+                when(r.expires),
                 "revoked" if r.revoked else "active",
             )
             for r in identity.tokens.list()
         ]
-        _table(out, ("ID", "NAME", "KIND", "SCOPES", "MODELS", "EXPIRES", "STATUS"), rows)
+        table(out, ("ID", "NAME", "KIND", "SCOPES", "MODELS", "EXPIRES", "STATUS"), rows)
         return 0
     try:
-        record = identity.tokens.revoke(args.id)
+        record = identity.tokens.revoke(args.id, source=AuditSource.CLI)
     except (LookupError, ValueError) as exc:
         raise InputError("", f"{exc} (`lmgate token list` shows the IDs)") from None
     print(f"Revoked token {record.jti} ({record.name}).", file=out)
@@ -258,9 +296,11 @@ def _key(
             scopes=_scopes(args.scopes, CLI_KEY_SCOPES),
             models=_models(args.models),
             ttl=_ttl(args.ttl, None),
+            budget=_budget(args),
+            source=AuditSource.CLI,
         )
         print(key, file=out)
-        expiry = f"expires {_when(record.expires)}" if record.expires else "never expires"
+        expiry = f"expires {when(record.expires)}" if record.expires else "never expires"
         print(
             f"\nAPI key {record.id} for {record.name!r}: scopes "
             f"{' '.join(sorted(record.scopes))}, {expiry}. It is shown "
@@ -294,21 +334,21 @@ def _key(
                 r.name,
                 " ".join(sorted(r.scopes)),
                 ",".join(sorted(r.models)) if r.models else "all",
-                _when(r.created),
-                _when(r.expires),
-                _when(r.last_used),
+                when(r.created),
+                when(r.expires),
+                when(r.last_used),
                 "revoked" if r.revoked else "active",
             )
             for r in identity.api_keys.list()
         ]
-        _table(
+        table(
             out,
             ("ID", "NAME", "SCOPES", "MODELS", "CREATED", "EXPIRES", "LAST USED", "STATUS"),
             rows,
         )
         return 0
     try:
-        record = identity.api_keys.revoke(args.id)
+        record = identity.api_keys.revoke(args.id, source=AuditSource.CLI)
     except LookupError as exc:
         raise InputError("", f"{exc} (`lmgate key list` shows the IDs)") from None
     print(f"Revoked API key {record.id} ({record.name}).", file=out)
@@ -343,7 +383,7 @@ def _pair(args: argparse.Namespace, identity: Identity, config: Config, out: IO[
     url = f"{base}/#{code}"
     print(terminal_qr(url), file=out)
     print(f"Pairing URL: {url}", file=out)
-    print(f"Valid until {_when(expires)}, for one device.", file=out)
+    print(f"Valid until {when(expires)}, for one device.", file=out)
     if not args.url and config.server_host in {"127.0.0.1", "localhost", "::1"}:
         print(
             "Note: this address works only on this computer; a phone needs the public or LAN "
@@ -359,74 +399,130 @@ def _device(args: argparse.Namespace, action: str, identity: Identity, out: IO[s
             (
                 d.id,
                 d.name,
-                _when(d.created),
-                _when(d.last_seen),
+                when(d.created),
+                when(d.last_seen),
                 "revoked" if d.revoked else "active",
             )
             for d in identity.pairing.devices()
         ]
-        _table(out, ("ID", "NAME", "PAIRED", "LAST SEEN", "STATUS"), rows)
+        table(out, ("ID", "NAME", "PAIRED", "LAST SEEN", "STATUS"), rows)
         return 0
     if action == "revoke-all":
-        count = identity.pairing.revoke_all_devices()
+        count = identity.pairing.revoke_all_devices(source=AuditSource.CLI)
         print(f"Revoked {count} device(s); they must pair again.", file=out)
         return 0
     try:
-        device = identity.pairing.revoke_device(args.id)
+        device = identity.pairing.revoke_device(args.id, source=AuditSource.CLI)
     except LookupError as exc:
         raise InputError("", f"{exc} (`lmgate device list` shows the IDs)") from None
     print(f"Revoked device {device.id} ({device.name}).", file=out)
     return 0
 
 
-def _usage(identity: Identity, out: IO[str]) -> int:
-    names = _principal_names(identity)
-    rows = [
-        (
-            u.principal,
-            _label(u.principal, names),
-            str(u.requests),
-            str(u.prompt_tokens),
-            str(u.completion_tokens),
-            _when(u.last_seen),
+def _budget_command(args: argparse.Namespace, action: str, identity: Identity, out: IO[str]) -> int:
+    store = BudgetStore(identity.db)
+    if action == "show":
+        chosen = [find_credential(identity, args.who)] if args.who else None
+        shown = chosen or [c for c in credentials(identity) if c.live]
+        history = UsageHistory(identity.db)
+        now = identity.clock.time()
+        today = history.per_principal(day_start(now))
+        month = history.per_principal(month_start(now))
+        budgets = store.all()
+        rows = [
+            (
+                c.principal,
+                c.name,
+                c.kind.value,
+                _limit(budgets.get(c.principal, Budget()).tokens_per_day),
+                _limit(budgets.get(c.principal, Budget()).tokens_per_month),
+                f"{today.get(c.principal, Totals()).tokens:,}",
+                f"{month.get(c.principal, Totals()).tokens:,}",
+            )
+            for c in shown
+        ]
+        table(
+            out,
+            ("PRINCIPAL", "NAME", "KIND", "PER DAY", "PER MONTH", "USED TODAY", "THIS MONTH"),
+            rows,
         )
-        for u in identity.db.usage()
-    ]
-    _table(
-        out,
-        ("PRINCIPAL", "NAME", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "LAST SEEN"),
-        rows,
+        return 0
+    if args.day is None and args.month is None:
+        raise InputError("", "say what to change: --day N|none, --month N|none, or both")
+    credential = find_credential(identity, args.who)
+    if not credential.live:
+        raise InputError(
+            "",
+            f"{credential.principal} ({credential.name}) is revoked or expired: it has no use "
+            "for a budget",
+        )
+    before = store.get(credential.principal) or Budget()
+    budget = Budget(
+        before.tokens_per_day if args.day is None else _budget_value("--day", args.day),
+        before.tokens_per_month if args.month is None else _budget_value("--month", args.month),
+    )
+    store.set(
+        credential.principal,
+        budget,
+        now=identity.clock.time(),
+        source=AuditSource.CLI,
+        name=credential.name,
+    )
+    print(
+        f"Budget of {credential.principal} ({credential.name}): {budget.words()} "
+        f"(was {before.words()}). A running LM Gate applies it from the next request.",
+        file=out,
     )
     return 0
 
 
-def _principal_names(identity: Identity) -> dict[str, str]:
-    """Each principal's label. Principals are one per credential (key:<id>, device:<id>,
-    token:<jti>, snippet:<jti>); names may repeat."""
-    names = {key.principal_name: key.name for key in identity.api_keys.list()}
-    names.update({device.principal_name: device.name for device in identity.pairing.devices()})
-    names.update(
-        {
-            token.sub: token.name
-            for token in identity.tokens.list(include_expired=True)
-            if token.kind in _OWN_PRINCIPAL
-        }
-    )
-    return names
+def _limit(value: int | None) -> str:
+    return "none" if value is None else f"{value:,}"
 
 
-# Tokens that are their own principal (a device's tokens speak for the device).
-_OWN_PRINCIPAL = frozenset({CredentialKind.TOKEN, CredentialKind.SNIPPET})
+def _budget_value(what: str, raw: str) -> int | None:
+    text = raw.strip().replace(",", "").replace("_", "")
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(what, f"must be a number of tokens or none, got {raw!r}") from None
+    return _positive(what, value)
 
 
-def _label(principal: str, names: dict[str, str]) -> str:
-    if principal in names:
-        return names[principal]
-    who = PrincipalId.parse(principal)
-    if who is not None and who.kind in _OWN_PRINCIPAL:
-        # Counted before each token was its own principal, when tokens sharing a name did.
-        return f"{who.id} (older tokens sharing that name)"
-    return ""
+# A token ID prefix must be this long, as for `lmgate token revoke`.
+_MIN_PREFIX = 6
+
+
+def find_credential(identity: Identity, who: str) -> Credential:
+    """The one credential ``who`` names: its principal (or a principal's start, such as
+    ``key:ab12``), its name, or the start of its ID. Live credentials win over revoked ones
+    with the same name; several still matching is an error naming them."""
+    text = who.strip()
+    every = credentials(identity)
+    named = PrincipalId.parse(text)
+    if named is not None:
+        matches = [c for c in every if c.principal.startswith(text)]
+    else:
+        matches = [
+            c
+            for c in every
+            if c.name == text or (len(text) >= _MIN_PREFIX and c.ident.startswith(text))
+        ]
+    exact = [c for c in matches if c.principal == text]
+    if exact:
+        return exact[0]
+    live = [c for c in matches if c.live]
+    candidates = live or matches
+    if not candidates:
+        raise InputError("", f"no credential is called {who!r} (`lmgate budget show` lists them)")
+    if len(candidates) > 1:
+        listed = ", ".join(f"{c.principal} ({c.name})" for c in candidates[:5])
+        raise InputError(
+            "", f"{who!r} could be {len(candidates)} credentials: {listed}; give its principal"
+        )
+    return candidates[0]
 
 
 def _secret(args: argparse.Namespace, config: Config, out: IO[str]) -> int:

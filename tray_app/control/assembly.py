@@ -18,7 +18,7 @@ from tray_app.gateway.accounting import UsageRecorder
 from tray_app.gateway.app import Gateway
 from tray_app.gateway.budgets import BudgetLedger
 from tray_app.gateway.metrics import GatewayMetrics
-from tray_app.identity.access import AccessPolicy
+from tray_app.identity.access import AccessPolicy, budget_from_settings
 from tray_app.identity.api_keys import ApiKeyService
 from tray_app.identity.authenticator import IdentityAuthenticator
 from tray_app.identity.pairing import PairingService
@@ -78,7 +78,14 @@ def open_identity(
     while it runs; without one, a rotated key needs a restart."""
     clock = clock or SystemClock()
     db = db or Database.in_directory(data_dir(config))
-    access = AccessPolicy.with_allowlist(config.auth_allowed_models)
+    access = AccessPolicy.with_allowlist(config.auth_allowed_models).with_budgets(
+        device=budget_from_settings(
+            config.budget_device_tokens_per_day, config.budget_device_tokens_per_month
+        ),
+        copied_key=budget_from_settings(
+            config.budget_copied_key_tokens_per_day, config.budget_copied_key_tokens_per_month
+        ),
+    )
     tokens = TokenService(db, signing_key, clock, key_loader=key_loader, access=access)
     api_keys = ApiKeyService(db, clock)
     pairing = PairingService(

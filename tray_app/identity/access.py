@@ -9,12 +9,18 @@ ways, and this is the only place that says which:
 - an app key (Settings' OpenAI settings) is made with the allowlist of the moment and keeps
   it, like every credential made in the CLI keeps the models it was given.
 
+A budget is different: every credential keeps the budget it was made with (stored with it,
+changed later by `lmgate budget set`); the defaults below (``budget.device_tokens_per_*`` for
+paired devices, ``budget.copied_key_tokens_per_*`` for what the tray copies) reach only
+credentials made after them.
+
 Pairing, the tray, the CLI and the token service ask this policy; the gateway asks
 :func:`refused_model` about every model a request names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -22,9 +28,11 @@ from tray_app.identity.principal import (
     SCOPE_CHAT,
     SCOPE_EMBEDDINGS,
     SCOPE_MODELS,
+    Budget,
     CredentialKind,
     Principal,
 )
+from tray_app.storage.budgets import NO_BUDGET
 
 DEVICE_SCOPES = frozenset({SCOPE_CHAT, SCOPE_MODELS})
 SNIPPET_SCOPES = frozenset({SCOPE_CHAT})
@@ -38,29 +46,41 @@ _FOLLOW_THE_ALLOWLIST = frozenset({CredentialKind.DEVICE, CredentialKind.SNIPPET
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What a new credential is made with: its scopes and models (None = all)."""
+    """What a new credential is made with: its scopes, models (None = all) and budget."""
 
     scopes: frozenset[str]
     models: frozenset[str] | None
+    budget: Budget = NO_BUDGET
+
+
+def budget_from_settings(tokens_per_day: int, tokens_per_month: int) -> Budget:
+    """The budget two settings describe, where 0 (their default) means no cap."""
+    return Budget(tokens_per_day or None, tokens_per_month or None)
 
 
 @dataclass(frozen=True, slots=True)
 class AccessPolicy:
     allowed_models: frozenset[str] | None = None
+    device_budget: Budget = NO_BUDGET
+    copied_key_budget: Budget = NO_BUDGET  # the tray's curl snippets and app keys
 
     @classmethod
     def with_allowlist(cls, models: Iterable[str]) -> AccessPolicy:
         """The policy for the setting's list (empty = every model)."""
         return cls(frozenset(models) or None)
 
+    def with_budgets(self, *, device: Budget, copied_key: Budget) -> AccessPolicy:
+        """This policy with the budgets new devices and copied keys and snippets get."""
+        return dataclasses.replace(self, device_budget=device, copied_key_budget=copied_key)
+
     def for_device(self) -> Grant:
-        return Grant(DEVICE_SCOPES, self.allowed_models)
+        return Grant(DEVICE_SCOPES, self.allowed_models, self.device_budget)
 
     def for_snippet(self) -> Grant:
-        return Grant(SNIPPET_SCOPES, self.allowed_models)
+        return Grant(SNIPPET_SCOPES, self.allowed_models, self.copied_key_budget)
 
     def for_app_key(self) -> Grant:
-        return Grant(APP_KEY_SCOPES, self.allowed_models)
+        return Grant(APP_KEY_SCOPES, self.allowed_models, self.copied_key_budget)
 
     def models_now(
         self, kind: CredentialKind, recorded: frozenset[str] | None

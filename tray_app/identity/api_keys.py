@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 from tray_app.clock import Clock
 from tray_app.errors import AuthError
-from tray_app.identity.principal import CredentialKind, Principal, PrincipalId
+from tray_app.identity.principal import Budget, CredentialKind, Principal, PrincipalId
 from tray_app.identity.tokens import check_scopes
+from tray_app.storage.audit import AuditSource
+from tray_app.storage.budgets import NO_BUDGET
 from tray_app.storage.credentials import ApiKeyRow, CredentialStore
 from tray_app.storage.database import Database
 
@@ -106,8 +108,11 @@ class ApiKeyService:
         scopes: frozenset[str],
         models: frozenset[str] | None = None,
         ttl: float | None = None,
+        budget: Budget = NO_BUDGET,
+        source: AuditSource = AuditSource.CLI,
     ) -> tuple[str, ApiKeyRecord]:
-        """Make a key; returns (the key, shown once; its record)."""
+        """Make a key with its budget, recording where it was made; returns (the key, shown
+        once; its record)."""
         check_scopes(scopes)
         if not name.strip():
             raise ValueError("an API key needs a name")
@@ -135,7 +140,9 @@ class ApiKeyService:
                 record.expires,
                 None,
                 None,
-            )
+            ),
+            budget=budget,
+            source=source,
         )
         self._remember(hashed, record)
         return key, record
@@ -159,8 +166,8 @@ class ApiKeyService:
     def list(self) -> list[ApiKeyRecord]:
         return [_record(row) for row in self._store.api_keys()]
 
-    def revoke(self, key_id: str) -> ApiKeyRecord:
-        revoked = self._store.revoke_api_key(key_id, self._clock.time())
+    def revoke(self, key_id: str, *, source: AuditSource = AuditSource.CLI) -> ApiKeyRecord:
+        revoked = self._store.revoke_api_key(key_id, self._clock.time(), source=source)
         if revoked is None:
             raise LookupError(f"no API key with ID {key_id!r}")
         self.reload()

@@ -4,6 +4,11 @@ Changes other processes make (the CLI creating, revoking, rotating) are read at 
 second; a credential not in memory yet is looked up at once, so a new one works on its first
 request. Which models each credential may use is the access policy's (identity.access).
 
+A principal's budget comes from the budgets table, never from what a token claims: read with
+the keys and tokens when another process changed the database, and looked up once for a
+principal not read yet, so `lmgate budget set` reaches a running gateway's next request within
+a second, and a credential made a moment ago has its budget on its first request.
+
 Dev mode reproduces the seed's ``X-User-Id`` header for local experiments: it is accepted only
 from a loopback peer, addressed to a loopback host name (a page on a DNS-rebinding domain
 sends its own), with no proxy header (a proxy on this machine relays for someone else); no
@@ -12,6 +17,7 @@ tunnel may open while it is on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 
@@ -22,12 +28,14 @@ from tray_app.identity.api_keys import ApiKeyService, looks_like_api_key
 from tray_app.identity.principal import (
     ALL_SCOPES,
     MISSING_CREDENTIAL,
+    Budget,
     CredentialKind,
     Principal,
     PrincipalId,
     extract_credential,
 )
 from tray_app.identity.tokens import TokenService
+from tray_app.storage.budgets import BudgetStore
 from tray_app.storage.database import Database
 
 log = logging.getLogger("lmgate.identity")
@@ -92,6 +100,15 @@ class IdentityAuthenticator:
         self._clock = clock
         self.dev_mode = dev_mode
         self._next_refresh = 0.0
+        self._budget_store = BudgetStore(db)
+        # Every principal read so far, None for one without a budget; all stored ones at start.
+        self._budgets: dict[str, Budget | None]
+        self.reload_budgets()
+
+    def reload_budgets(self) -> None:
+        """Read every budget again: after another process changed the database, or when
+        this process changed a budget itself (other connections' changes are noticed alone)."""
+        self._budgets = dict(self._budget_store.all())
 
     def refresh_if_changed(self) -> None:
         """Pick up keys, revocations and a rotated signing key another process (the CLI)
@@ -104,6 +121,7 @@ class IdentityAuthenticator:
             self.tokens.sync_key()
             self.tokens.reload()
             self.api_keys.reload()
+            self.reload_budgets()
 
     def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
         self.refresh_if_changed()
@@ -115,8 +133,18 @@ class IdentityAuthenticator:
                 return self._dev_user(headers, peer)  # says dev mode is off
             raise AuthError(MISSING_CREDENTIAL, code="missing_api_key")
         if looks_like_api_key(credential):
-            return self.api_keys.verify(credential)[1]
-        return self.tokens.verify(credential)
+            return self._with_budget(self.api_keys.verify(credential)[1])
+        return self._with_budget(self.tokens.verify(credential))
+
+    def _with_budget(self, principal: Principal) -> Principal:
+        name = principal.name
+        if name in self._budgets:
+            budget = self._budgets[name]
+        else:  # made since the last read (by the CLI, or pairing in this process)
+            budget = self._budgets[name] = self._budget_store.get(name)
+        if budget is not None:  # most callers have none: no copy for them
+            principal = dataclasses.replace(principal, budget=budget)
+        return principal
 
     def still_valid(self, principal: Principal) -> bool:
         """Whether the credential behind ``principal`` may go on (a running stream asks)."""

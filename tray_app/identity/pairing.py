@@ -19,6 +19,7 @@ from tray_app.errors import AuthError
 from tray_app.identity.access import DEVICE_SCOPES, AccessPolicy
 from tray_app.identity.principal import CredentialKind, PrincipalId
 from tray_app.identity.tokens import IssuedToken, TokenService
+from tray_app.storage.audit import AuditSource
 from tray_app.storage.credentials import CodeRefusal, CredentialStore, DeviceRow
 from tray_app.storage.database import Database
 
@@ -124,12 +125,12 @@ class PairingService:
             raise PairingError(
                 "That is not a pairing code; scan the QR code again.", "pairing_code_invalid"
             )
+        grant = self._access.for_device()
         device = self._store.redeem_pairing_code(
-            _hash(code), self._clock.time(), secrets.token_hex(6), name
+            _hash(code), self._clock.time(), secrets.token_hex(6), name, budget=grant.budget
         )
         if isinstance(device, CodeRefusal):
             raise PairingError(*_REFUSALS[device])
-        grant = self._access.for_device()
         return self._tokens.issue(
             name=device.name,
             scopes=grant.scopes,
@@ -143,16 +144,16 @@ class PairingService:
     def devices(self) -> list[Device]:
         return [_device(row) for row in self._store.devices()]
 
-    def revoke_device(self, device_id: str) -> Device:
-        revoked = self._store.revoke_device(device_id, self._clock.time())
+    def revoke_device(self, device_id: str, *, source: AuditSource = AuditSource.CLI) -> Device:
+        revoked = self._store.revoke_device(device_id, self._clock.time(), source=source)
         if revoked is None:
             raise LookupError(f"no device with ID {device_id!r}")
         self._tokens.reload()
         return _device(revoked)
 
-    def revoke_all_devices(self) -> int:
+    def revoke_all_devices(self, *, source: AuditSource = AuditSource.CLI) -> int:
         """The kill switch: every paired device loses access at once, and no QR code shown
         before it can pair a new one."""
-        count = self._store.revoke_all_devices(self._clock.time())
+        count = self._store.revoke_all_devices(self._clock.time(), source=source)
         self._tokens.reload()
         return count

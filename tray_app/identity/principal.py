@@ -14,6 +14,9 @@ from typing import Protocol
 
 from tray_app.errors import AuthError
 
+# Budgets are stored below this layer; the class is the identity layer's word for them too.
+from tray_app.storage.budgets import Budget as Budget
+
 # Scopes an access token can carry (routes name the one each needs).
 SCOPE_CHAT = "chat"
 SCOPE_EMBEDDINGS = "embeddings"
@@ -55,18 +58,6 @@ class PrincipalId:
 
 
 _KIND_VALUES = frozenset(kind.value for kind in CredentialKind)
-
-
-@dataclass(frozen=True, slots=True)
-class Budget:
-    """Tokens (prompt + completion) a principal may use per UTC day and month; None: no cap."""
-
-    tokens_per_day: int | None = None
-    tokens_per_month: int | None = None
-
-    @property
-    def limited(self) -> bool:
-        return self.tokens_per_day is not None or self.tokens_per_month is not None
 
 
 @dataclass(frozen=True, slots=True)

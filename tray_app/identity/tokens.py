@@ -23,7 +23,9 @@ import jwt
 from tray_app.clock import Clock
 from tray_app.errors import AuthError, LMGateError
 from tray_app.identity.access import AccessPolicy
-from tray_app.identity.principal import ALL_SCOPES, CredentialKind, Principal, PrincipalId
+from tray_app.identity.principal import ALL_SCOPES, Budget, CredentialKind, Principal, PrincipalId
+from tray_app.storage.audit import AuditSource
+from tray_app.storage.budgets import NO_BUDGET
 from tray_app.storage.credentials import CredentialStore, TokenRow
 from tray_app.storage.database import SIGNING_KEY_GENERATION, Database
 
@@ -34,6 +36,12 @@ REQUIRED_CLAIMS = ["sub", "scope", "iat", "nbf", "exp", "jti"]
 _KNOWN_CLAIMS = frozenset({*REQUIRED_CLAIMS, "models", "max_tokens"})
 KINDS = frozenset({CredentialKind.TOKEN, CredentialKind.DEVICE, CredentialKind.SNIPPET})
 LEEWAY_SECONDS = 5.0
+# Where each kind of token is made: `lmgate token create`, the tray's curl snippet, /pair.
+ISSUED_FROM = {
+    CredentialKind.TOKEN: AuditSource.CLI,
+    CredentialKind.SNIPPET: AuditSource.TRAY,
+    CredentialKind.DEVICE: AuditSource.PAIRING,
+}
 _CACHE_LIMIT = 10_000
 
 
@@ -229,7 +237,12 @@ class TokenService:
         models: frozenset[str] | None = None,
         max_tokens: int | None = None,
         device_id: str | None = None,
+        budget: Budget = NO_BUDGET,
+        source: AuditSource | None = None,
     ) -> IssuedToken:
+        """Issue a token and record it with its budget and where it was made (by default
+        where its kind is made: see ``ISSUED_FROM``). A device's token (``kind`` DEVICE) has
+        neither: its device was given both when it paired. No budget is ever in the claims."""
         check_scopes(scopes)
         self.sync_key()  # never sign with a key another process has just rotated away
         if ttl <= 0:
@@ -263,7 +276,12 @@ class TokenService:
             None,
             device_id,
         )
-        self._store.add_token(_row(record))
+        own = kind is not CredentialKind.DEVICE
+        self._store.add_token(
+            _row(record),
+            budget=budget if own else None,
+            source=(source or ISSUED_FROM[kind]) if own else None,
+        )
         self._active[jti] = record
         return IssuedToken(token, record)
 
@@ -360,7 +378,7 @@ class TokenService:
         expiring_after = None if include_expired else self._clock.time()
         return [_record(row) for row in self._store.tokens(expiring_after=expiring_after)]
 
-    def revoke(self, jti_prefix: str) -> TokenRecord:
+    def revoke(self, jti_prefix: str, *, source: AuditSource = AuditSource.CLI) -> TokenRecord:
         """Revoke one token by its jti (a unique prefix of at least 6 characters will do)."""
         if len(jti_prefix) < 6:
             raise ValueError("give at least 6 characters of the token ID")
@@ -370,7 +388,7 @@ class TokenService:
         if len(rows) > 1:
             raise LookupError(f"{jti_prefix!r} matches {len(rows)} tokens; give more of the ID")
         record = _record(rows[0])
-        self._store.revoke_token(record.jti, self._clock.time())
+        self._store.revoke_token(record.jti, self._clock.time(), source=source)
         self._active.pop(record.jti, None)
         self._cache.clear()
         return record

@@ -3,7 +3,9 @@
 Every statement the identity layer needs is one named method here, returning typed rows, so
 that identity code reads as policy and no SQL (not even a fragment) leaves storage. Where one
 change spans several rows or tables (a redemption, a device and its tokens, a key rotation) it
-is one method and one transaction: it happens entirely or not at all.
+is one method and one transaction: it happens entirely or not at all. Every change to a
+credential writes its audit entry (and a new credential its budget) in that same transaction;
+a change that changes nothing (revoking what is revoked) writes none.
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ import sqlite3
 from dataclasses import dataclass
 from enum import Enum
 
+from tray_app.storage.audit import AuditAction, AuditSource, record
+from tray_app.storage.budgets import NO_BUDGET, Budget, write_budget
 from tray_app.storage.database import SIGNING_KEY_GENERATION, Database, decode_list, encode_list
 
 # A code unused this long after it expired is purged when the next one is made.
 _PURGE_CODES_AFTER = 86400.0
+
+# What the audit trail names a key rotation by: it is no one credential's change.
+SIGNING_KEY_PRINCIPAL = "signing-key"
 
 # A device's tokens die with the device, even if revoking them was interrupted.
 _WITH_DEVICE_STATE = (
@@ -127,6 +134,18 @@ def _one(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> sqli
     return row
 
 
+def _key_principal(key_id: str) -> str:
+    return f"key:{key_id}"
+
+
+def _device_principal(device_id: str) -> str:
+    return f"device:{device_id}"
+
+
+def _created_detail(scopes: frozenset[str], budget: Budget) -> str:
+    return f"scopes {_encode_scopes(scopes)}; {budget.words()}"
+
+
 def _expire_pending_codes(conn: sqlite3.Connection, now: float) -> None:
     conn.execute(
         "UPDATE pairing_codes SET expires = ? WHERE used IS NULL AND expires > ?", (now, now)
@@ -150,7 +169,7 @@ class CredentialStore:
         rows = self._db.query("SELECT * FROM api_keys WHERE key_hash = ?", (key_hash,))
         return _api_key(rows[0]) if rows else None
 
-    def add_api_key(self, key: ApiKeyRow) -> None:
+    def add_api_key(self, key: ApiKeyRow, *, budget: Budget, source: AuditSource) -> None:
         with self._db.transaction() as conn:
             conn.execute(
                 "INSERT INTO api_keys (id, name, key_hash, scopes, models, created, expires) "
@@ -165,20 +184,43 @@ class CredentialStore:
                     key.expires,
                 ),
             )
+            write_budget(conn, _key_principal(key.id), budget, key.created)
+            record(
+                conn,
+                at=key.created,
+                action=AuditAction.CREATED,
+                principal=_key_principal(key.id),
+                source=source,
+                name=key.name,
+                detail=_created_detail(key.scopes, budget),
+            )
 
-    def revoke_api_key(self, key_id: str, now: float) -> ApiKeyRow | None:
+    def revoke_api_key(self, key_id: str, now: float, *, source: AuditSource) -> ApiKeyRow | None:
         """Mark the key revoked (one revoked before keeps its first revocation time); the key
         as it is then, None if there is no such key."""
         with self._db.transaction() as conn:
-            conn.execute(
+            changed = conn.execute(
                 "UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (now, key_id)
-            )
+            ).rowcount
             row = _one(conn, "SELECT * FROM api_keys WHERE id = ?", (key_id,))
+            if changed and row is not None:
+                record(
+                    conn,
+                    at=now,
+                    action=AuditAction.REVOKED,
+                    principal=_key_principal(key_id),
+                    source=source,
+                    name=row["name"],
+                )
         return None if row is None else _api_key(row)
 
     # ---- tokens -------------------------------------------------------------------------
 
-    def add_token(self, token: TokenRow) -> None:
+    def add_token(
+        self, token: TokenRow, *, budget: Budget | None, source: AuditSource | None
+    ) -> None:
+        """Record an issued token with its budget and audit entry; both None for a device's
+        token, whose budget is the device's and whose entry is the device's pairing."""
         with self._db.transaction() as conn:
             conn.execute(
                 "INSERT INTO tokens (jti, sub, name, kind, scopes, models, max_tokens, created, "
@@ -196,6 +238,18 @@ class CredentialStore:
                     token.device_id,
                 ),
             )
+            if budget is not None:
+                write_budget(conn, token.sub, budget, token.created)
+            if source is not None:
+                record(
+                    conn,
+                    at=token.created,
+                    action=AuditAction.CREATED,
+                    principal=token.sub,
+                    source=source,
+                    name=token.name,
+                    detail=_created_detail(token.scopes, budget or NO_BUDGET),
+                )
 
     def live_tokens(self, expiring_after: float) -> list[TokenRow]:
         """Tokens neither revoked nor belonging to a revoked device, that expire after
@@ -232,11 +286,23 @@ class CredentialStore:
         )
         return [_token(r) for r in rows]
 
-    def revoke_token(self, jti: str, now: float) -> None:
+    def revoke_token(self, jti: str, now: float, *, source: AuditSource) -> None:
         with self._db.transaction() as conn:
-            conn.execute(
+            changed = conn.execute(
                 "UPDATE tokens SET revoked = ? WHERE jti = ? AND revoked IS NULL", (now, jti)
-            )
+            ).rowcount
+            row = _one(conn, "SELECT sub, name FROM tokens WHERE jti = ?", (jti,))
+            if changed and row is not None:
+                # A device's token is named by its device, and the detail says which one.
+                record(
+                    conn,
+                    at=now,
+                    action=AuditAction.REVOKED,
+                    principal=row["sub"],
+                    source=source,
+                    name=row["name"],
+                    detail=f"token {jti}",
+                )
 
     # ---- pairing codes and devices -----------------------------------------------------
 
@@ -253,11 +319,18 @@ class CredentialStore:
             )
 
     def redeem_pairing_code(
-        self, code_hash: str, now: float, device_id: str, device_name: str
+        self,
+        code_hash: str,
+        now: float,
+        device_id: str,
+        device_name: str,
+        *,
+        budget: Budget = NO_BUDGET,
     ) -> DeviceRow | CodeRefusal:
         """Use the code once and record the device it pairs (named as the code says, else
-        ``device_name``). One conditional UPDATE claims the code, so of two redemptions racing
-        for it exactly one wins; the loser learns why it lost."""
+        ``device_name``) with its budget and its audit entry. One conditional UPDATE claims
+        the code, so of two redemptions racing for it exactly one wins; the loser learns why
+        it lost."""
         with self._db.transaction() as conn:
             claimed = conn.execute(
                 "UPDATE pairing_codes SET used = ?, device_id = ? "
@@ -276,6 +349,16 @@ class CredentialStore:
                 "INSERT INTO devices (id, name, created, last_seen) VALUES (?, ?, ?, ?)",
                 (device_id, name, now, now),
             )
+            write_budget(conn, _device_principal(device_id), budget, now)
+            record(
+                conn,
+                at=now,
+                action=AuditAction.PAIRED,
+                principal=_device_principal(device_id),
+                source=AuditSource.PAIRING,
+                name=name,
+                detail=budget.words(),
+            )
         return DeviceRow(device_id, name, now, now, None)
 
     def devices(self) -> list[DeviceRow]:
@@ -285,37 +368,61 @@ class CredentialStore:
         rows = self._db.query("SELECT * FROM devices WHERE id = ?", (device_id,))
         return _device(rows[0]) if rows else None
 
-    def revoke_device(self, device_id: str, now: float) -> DeviceRow | None:
+    def revoke_device(self, device_id: str, now: float, *, source: AuditSource) -> DeviceRow | None:
         """Revoke the device and every token it holds, together; the device as it is then,
         None if there is no such device."""
         with self._db.transaction() as conn:
-            conn.execute(
+            changed = conn.execute(
                 "UPDATE devices SET revoked = ? WHERE id = ? AND revoked IS NULL",
                 (now, device_id),
-            )
-            conn.execute(
+            ).rowcount
+            tokens = conn.execute(
                 "UPDATE tokens SET revoked = ? WHERE revoked IS NULL AND device_id = ?",
                 (now, device_id),
-            )
+            ).rowcount
             row = _one(conn, "SELECT * FROM devices WHERE id = ?", (device_id,))
+            if changed and row is not None:
+                record(
+                    conn,
+                    at=now,
+                    action=AuditAction.REVOKED,
+                    principal=_device_principal(device_id),
+                    source=source,
+                    name=row["name"],
+                    detail=f"{tokens} token(s) with it",
+                )
         return None if row is None else _device(row)
 
-    def revoke_all_devices(self, now: float) -> int:
+    def revoke_all_devices(self, now: float, *, source: AuditSource) -> int:
         """Revoke every device and device token, and end every code not used yet; how many
-        devices were live."""
+        devices were live. Each device revoked gets its own audit entry."""
         with self._db.transaction() as conn:
+            live = conn.execute("SELECT id, name FROM devices WHERE revoked IS NULL").fetchall()
             count = conn.execute(
                 "UPDATE devices SET revoked = ? WHERE revoked IS NULL", (now,)
             ).rowcount
+            for device_id, name in live:
+                record(
+                    conn,
+                    at=now,
+                    action=AuditAction.REVOKED,
+                    principal=_device_principal(device_id),
+                    source=source,
+                    name=name,
+                    detail="every device revoked",
+                )
             _expire_pending_codes(conn, now)
             conn.execute(
                 "UPDATE tokens SET revoked = ? WHERE revoked IS NULL AND kind = 'device'", (now,)
             )
         return count
 
-    def revoke_for_key_rotation(self, now: float) -> RotationRevoked:
+    def revoke_for_key_rotation(
+        self, now: float, *, source: AuditSource = AuditSource.CLI
+    ) -> RotationRevoked:
         """Every token and device revoked, every pending code ended and the signing key's
-        generation bumped, in one transaction: a running gateway sees all of it at once."""
+        generation bumped, in one transaction: a running gateway sees all of it at once. The
+        audit trail gets one entry with the counts, not one per token."""
         with self._db.transaction() as conn:
             tokens = conn.execute(
                 "UPDATE tokens SET revoked = ? WHERE revoked IS NULL", (now,)
@@ -328,5 +435,13 @@ class CredentialStore:
                 "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key) DO UPDATE "
                 "SET value = CAST(value AS INTEGER) + 1",
                 (SIGNING_KEY_GENERATION,),
+            )
+            record(
+                conn,
+                at=now,
+                action=AuditAction.ROTATED,
+                principal=SIGNING_KEY_PRINCIPAL,
+                source=source,
+                detail=f"{tokens} token(s) and {devices} device(s) revoked",
             )
         return RotationRevoked(tokens, devices)

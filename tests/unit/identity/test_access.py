@@ -16,11 +16,13 @@ from tray_app.cli.main import main
 from tray_app.config.parsers import SecretStoreKind
 from tray_app.config.settings import Config
 from tray_app.control.assembly import Identity, open_identity, secret_store_for
+from tray_app.identity.access import DEVICE_SCOPES, AccessPolicy, Grant, budget_from_settings
 from tray_app.identity.principal import (
     ALL_SCOPES,
     SCOPE_CHAT,
     SCOPE_EMBEDDINGS,
     SCOPE_MODELS,
+    Budget,
     CredentialKind,
     Principal,
 )
@@ -64,12 +66,15 @@ def _snippet(identity: Identity) -> str:
         scopes=grant.scopes,
         ttl=3600.0,
         models=grant.models,
+        budget=grant.budget,
     ).token
 
 
 def _app_key(identity: Identity) -> str:
     grant = identity.access.for_app_key()
-    key, _ = identity.api_keys.create("app settings", scopes=grant.scopes, models=grant.models)
+    key, _ = identity.api_keys.create(
+        "app settings", scopes=grant.scopes, models=grant.models, budget=grant.budget
+    )
     return key
 
 
@@ -184,3 +189,64 @@ def test_the_cli_grants_what_each_credential_is_for_when_no_scope_is_given(
         identity.close()
     for scope in ALL_SCOPES:
         assert principal.has_scope(scope) == (scope in CLI_MAY[command]), scope
+
+
+# ---- budget defaults: devices get the device setting, what the tray copies the copied one ----
+
+
+@pytest.mark.parametrize(
+    ("day", "month", "budget"),
+    [(0, 0, Budget()), (5, 0, Budget(5, None)), (0, 6, Budget(None, 6)), (1, 2, Budget(1, 2))],
+)
+def test_a_setting_of_0_is_no_cap(day: int, month: int, budget: Budget) -> None:
+    assert budget_from_settings(day, month) == budget
+
+
+def test_a_policy_without_budget_defaults_grants_none() -> None:
+    for policy in (AccessPolicy(), AccessPolicy.with_allowlist(["m"])):
+        for grant in (policy.for_device(), policy.for_snippet(), policy.for_app_key()):
+            assert grant.budget == Budget() and not grant.budget.limited
+    assert Grant(frozenset({SCOPE_CHAT}), None).budget == Budget()
+
+
+def test_each_grant_carries_the_default_budget_of_its_kind() -> None:
+    policy = AccessPolicy.with_allowlist(["m"]).with_budgets(
+        device=Budget(1, 2), copied_key=Budget(3, 4)
+    )
+    assert policy.for_device() == Grant(DEVICE_SCOPES, frozenset({"m"}), Budget(1, 2))
+    assert policy.for_snippet().budget == policy.for_app_key().budget == Budget(3, 4)
+
+
+@pytest.mark.parametrize(
+    ("kind", "budget"),
+    [("device", Budget(100, 1000)), ("snippet", Budget(20, 200)), ("app key", Budget(20, 200))],
+)
+def test_what_the_tray_hands_out_carries_the_configured_default_budget(
+    tmp_path: Path, kind: str, budget: Budget
+) -> None:
+    config = Config(
+        storage_data_dir=str(tmp_path / "data"),
+        budget_device_tokens_per_day=100,
+        budget_device_tokens_per_month=1000,
+        budget_copied_key_tokens_per_day=20,
+        budget_copied_key_tokens_per_month=200,
+    )
+    identity = open_identity(config, SIGNING_KEY, clock=FakeClock())
+    try:
+        assert _bearer(identity, MAKERS[kind](identity)).budget == budget
+    finally:
+        identity.close()
+
+
+def test_a_cli_credential_gets_no_default_budget(tmp_path: Path) -> None:
+    config = Config(
+        storage_data_dir=str(tmp_path / "data"),
+        budget_device_tokens_per_day=100,
+        budget_copied_key_tokens_per_day=20,
+    )
+    identity = open_identity(config, SIGNING_KEY, clock=FakeClock())
+    try:
+        key, _ = identity.api_keys.create("script", scopes=frozenset({SCOPE_CHAT}))
+        assert _bearer(identity, key).budget is None
+    finally:
+        identity.close()

@@ -12,7 +12,9 @@ from tests.fakes import FakeClock
 from tray_app.control.assembly import Identity
 from tray_app.errors import AuthError
 from tray_app.identity.api_keys import ApiKeyService, looks_like_api_key
-from tray_app.identity.principal import ALL_SCOPES, CredentialKind, Principal, PrincipalId
+from tray_app.identity.principal import ALL_SCOPES, Budget, CredentialKind, Principal, PrincipalId
+from tray_app.storage.audit import AuditAction, AuditLog, AuditSource
+from tray_app.storage.budgets import BudgetStore
 from tray_app.storage.credentials import CredentialStore
 
 MODELS = frozenset({"models"})
@@ -252,3 +254,34 @@ def test_a_known_key_is_verified_from_memory_without_a_database_lookup(
     for key in (made_here, made_elsewhere):
         identity.api_keys.verify(key)
     assert len(looked_up) == 1
+
+
+# ---- a key's budget and its audit entries -----------------------------------------------------
+
+
+def test_a_key_is_stored_with_its_budget_and_where_it_was_made(identity: Identity) -> None:
+    _, record = identity.api_keys.create(
+        "k", scopes=MODELS, budget=Budget(10, 20), source=AuditSource.GATEWAY
+    )
+    assert BudgetStore(identity.db).all() == {record.principal_name: Budget(10, 20)}
+    (entry,) = AuditLog(identity.db).entries()
+    assert (entry.action, entry.principal, entry.source) == (
+        AuditAction.CREATED,
+        record.principal_name,
+        AuditSource.GATEWAY,
+    )
+
+
+def test_a_key_made_without_a_budget_has_no_budget_row(identity: Identity) -> None:
+    identity.api_keys.create("k", scopes=MODELS)
+    assert BudgetStore(identity.db).all() == {}
+    assert AuditLog(identity.db).entries()[0].source is AuditSource.CLI
+
+
+def test_a_revocation_records_where_it_was_made(identity: Identity) -> None:
+    _, record = identity.api_keys.create("k", scopes=MODELS)
+    identity.api_keys.revoke(record.id, source=AuditSource.TRAY)
+    last = AuditLog(identity.db).entries()[-1]
+    assert (last.action, last.source) == (AuditAction.REVOKED, AuditSource.TRAY)
+    identity.api_keys.revoke(record.id)
+    assert AuditLog(identity.db).entries()[-1] == last

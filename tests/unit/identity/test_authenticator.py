@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import jwt
 import pytest
 from multidict import CIMultiDict
 
@@ -19,12 +20,16 @@ from tray_app.identity.authenticator import IdentityAuthenticator
 from tray_app.identity.principal import (
     ALL_SCOPES,
     MISSING_CREDENTIAL,
+    Budget,
     CredentialKind,
     Principal,
     PrincipalId,
 )
+from tray_app.storage.audit import AuditSource
+from tray_app.storage.budgets import BudgetStore
 
 LOCAL = {"Host": "localhost:8787"}
+CHAT = frozenset({"chat"})
 
 
 @pytest.mark.parametrize("user", ["", "   ", "x" * 65, "bad\x00name", "tab\there"])
@@ -271,3 +276,171 @@ def test_other_processes_changes_are_looked_for_at_most_twice_a_second(
             identity.authenticator.authenticate({"Authorization": f"Bearer {key}"}, None)
             identity.clock.advance(0.1)
     assert len(looked) == 4
+
+
+# ---- budgets: from the budgets table, for every kind of credential, never from a token -------
+
+
+def bearer(credential: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {credential}"}
+
+
+class TestBudgetsComeFromTheDatabase:
+    def test_a_key_made_with_a_budget_carries_it(self, identity: Identity) -> None:
+        key, _ = identity.api_keys.create("k", scopes=CHAT, budget=Budget(100, 1000))
+        principal = identity.authenticator.authenticate(bearer(key), None)
+        assert principal.budget == Budget(100, 1000)
+
+    def test_a_credential_without_a_budget_carries_none(self, identity: Identity) -> None:
+        key, _ = identity.api_keys.create("k", scopes=CHAT)
+        token = identity.tokens.issue(name="t", scopes=CHAT, ttl=60).token
+        for credential in (key, token):
+            assert identity.authenticator.authenticate(bearer(credential), None).budget is None
+
+    @pytest.mark.parametrize("kind", [CredentialKind.TOKEN, CredentialKind.SNIPPET])
+    def test_a_token_made_with_a_budget_carries_it(
+        self, identity: Identity, kind: CredentialKind
+    ) -> None:
+        token = identity.tokens.issue(name="t", scopes=CHAT, ttl=60, kind=kind, budget=Budget(7))
+        principal = identity.authenticator.authenticate(bearer(token.token), None)
+        assert (principal.name, principal.budget) == (token.record.sub, Budget(7))
+
+    def test_every_token_of_a_device_carries_the_devices_budget(
+        self, make_identity: IdentityMaker
+    ) -> None:
+        identity = make_identity(
+            budget_device_tokens_per_day=2000, budget_device_tokens_per_month=30000
+        )
+        code, _ = identity.pairing.create_code()
+        first = identity.pairing.exchange(code, "phone")
+        device_id = first.record.device_id
+        second = identity.tokens.issue(
+            name="phone", scopes=CHAT, ttl=60, kind=CredentialKind.DEVICE, device_id=device_id
+        )
+        for token in (first.token, second.token):
+            principal = identity.authenticator.authenticate(bearer(token), None)
+            assert (principal.name, principal.budget) == (
+                f"device:{device_id}",
+                Budget(2000, 30000),
+            )
+
+    def test_another_processs_change_reaches_the_next_request_within_a_second(
+        self, tmp_path: Path
+    ) -> None:
+        config = Config(storage_data_dir=str(tmp_path / "data"))
+        gateway = open_identity(config, SIGNING_KEY, clock=FakeClock())
+        cli = open_identity(config, SIGNING_KEY, clock=FakeClock())
+        try:
+            key, record = gateway.api_keys.create("k", scopes=CHAT, budget=Budget(100))
+            assert gateway.authenticator.authenticate(bearer(key), None).budget == Budget(100)
+            BudgetStore(cli.db).set(
+                record.principal_name, Budget(None, 50), now=1.0, source=AuditSource.CLI
+            )
+            assert isinstance(gateway.clock, FakeClock)
+            gateway.clock.advance(0.5)
+            assert gateway.authenticator.authenticate(bearer(key), None).budget == Budget(None, 50)
+            BudgetStore(cli.db).set(
+                record.principal_name, Budget(), now=2.0, source=AuditSource.CLI
+            )
+            gateway.clock.advance(0.5)
+            assert gateway.authenticator.authenticate(bearer(key), None).budget is None
+        finally:
+            cli.close()
+            gateway.close()
+
+    def test_a_budget_set_in_this_process_applies_once_budgets_are_reloaded(
+        self, identity: Identity
+    ) -> None:
+        key, record = identity.api_keys.create("k", scopes=CHAT)
+        assert identity.authenticator.authenticate(bearer(key), None).budget is None
+        BudgetStore(identity.db).set(
+            record.principal_name, Budget(9), now=1.0, source=AuditSource.TRAY
+        )
+        identity.authenticator.reload_budgets()
+        assert identity.authenticator.authenticate(bearer(key), None).budget == Budget(9)
+
+    @pytest.mark.parametrize("kind", ["key", "token"])
+    def test_a_credential_another_process_just_made_has_its_budget_on_its_first_request(
+        self, tmp_path: Path, kind: str
+    ) -> None:
+        config = Config(storage_data_dir=str(tmp_path / "data"))
+        gateway = open_identity(config, SIGNING_KEY, clock=FakeClock())
+        cli = open_identity(config, SIGNING_KEY, clock=FakeClock())
+        try:
+            gateway.authenticator.refresh_if_changed()  # the last look: nothing changed yet
+            if kind == "key":
+                credential, _ = cli.api_keys.create("k", scopes=CHAT, budget=Budget(3, 4))
+            else:
+                credential = cli.tokens.issue(
+                    name="t", scopes=CHAT, ttl=60, budget=Budget(3, 4)
+                ).token
+            # Within the half second in which the gateway does not look for changes.
+            principal = gateway.authenticator.authenticate(bearer(credential), None)
+            assert principal.budget == Budget(3, 4)
+        finally:
+            cli.close()
+            gateway.close()
+
+    def test_dev_mode_users_have_no_budget(self, make_identity: IdentityMaker) -> None:
+        identity = make_identity(auth_dev_mode=True)
+        BudgetStore(identity.db).set("dev:ana", Budget(1), now=1.0, source=AuditSource.CLI)
+        identity.authenticator.reload_budgets()
+        principal = identity.authenticator.authenticate({**LOCAL, "X-User-Id": "ana"}, "127.0.0.1")
+        assert principal.budget is None
+
+
+class TestTokenClaimsNeverCarryABudget:
+    """A budget is the database's: issued tokens carry none, and a token re-signed with one
+    (by someone holding the signing key) is refused, not believed."""
+
+    def test_an_issued_token_names_no_budget(self, identity: Identity) -> None:
+        token = identity.tokens.issue(name="t", scopes=CHAT, ttl=60, budget=Budget(5, 50))
+        claims = jwt.decode(token.token, options={"verify_signature": False})
+        assert not any("budget" in c or "tokens_per" in c for c in claims)
+        assert "5" not in {str(v) for v in claims.values()}
+
+    @pytest.mark.parametrize(
+        "extra",
+        [
+            {"budget": None},
+            {"budget": {"tokens_per_day": 10**12}},
+            {"tokens_per_day": 10**12},
+            {"tokens_per_month": None},
+        ],
+    )
+    def test_a_token_re_signed_with_a_budget_claim_is_refused(
+        self, identity: Identity, extra: dict[str, object]
+    ) -> None:
+        token = identity.tokens.issue(name="t", scopes=CHAT, ttl=60, budget=Budget(5))
+        claims = jwt.decode(token.token, options={"verify_signature": False})
+        forged = jwt.encode({**claims, **extra}, SIGNING_KEY, algorithm="HS256")
+        with pytest.raises(AuthError) as caught:
+            identity.authenticator.authenticate(bearer(forged), None)
+        assert caught.value.code == "invalid_token"
+        # The real token still has the database's budget.
+        assert identity.authenticator.authenticate(bearer(token.token), None).budget == Budget(5)
+
+
+class TestARevokedCredentialsBudgetIsHarmless:
+    def test_a_revoked_key_with_a_budget_row_stays_refused(self, identity: Identity) -> None:
+        key, record = identity.api_keys.create("k", scopes=CHAT, budget=Budget(10**9))
+        identity.api_keys.revoke(record.id)
+        assert BudgetStore(identity.db).get(record.principal_name) == Budget(10**9)
+        with pytest.raises(AuthError) as caught:
+            identity.authenticator.authenticate(bearer(key), None)
+        assert caught.value.code == "api_key_revoked"
+
+    def test_a_revoked_devices_budget_reaches_no_new_device(
+        self, make_identity: IdentityMaker
+    ) -> None:
+        identity = make_identity()
+        code, _ = identity.pairing.create_code()
+        old = identity.pairing.exchange(code, "phone")
+        BudgetStore(identity.db).set(old.record.sub, Budget(1), now=1.0, source=AuditSource.CLI)
+        identity.pairing.revoke_device(old.record.device_id or "")
+        code, _ = identity.pairing.create_code()
+        new = identity.pairing.exchange(code, "phone")
+        assert new.record.sub != old.record.sub
+        assert identity.authenticator.authenticate(bearer(new.token), None).budget is None
+        with pytest.raises(AuthError):
+            identity.authenticator.authenticate(bearer(old.token), None)

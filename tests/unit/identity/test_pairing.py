@@ -15,6 +15,9 @@ from tray_app.config.settings import Config
 from tray_app.control.assembly import Identity
 from tray_app.errors import AuthError
 from tray_app.identity.pairing import PairingError, PairingService
+from tray_app.identity.principal import Budget
+from tray_app.storage.audit import AuditAction, AuditLog, AuditSource
+from tray_app.storage.budgets import BudgetStore
 
 
 def test_a_code_made_for_a_named_device_keeps_that_name(identity: Identity) -> None:
@@ -248,3 +251,41 @@ def test_revoking_one_device_stamps_it_and_ends_its_token(identity: Identity) ->
     with pytest.raises(AuthError) as caught:
         identity.authenticator.authenticate({"Authorization": f"Bearer {issued.token}"}, None)
     assert caught.value.code == "token_revoked"
+
+
+# ---- a device's budget and its audit entries --------------------------------------------------
+
+
+def test_a_paired_device_gets_the_device_budget_and_one_paired_entry(
+    make_identity: IdentityMaker,
+) -> None:
+    identity = make_identity(budget_device_tokens_per_month=9000)
+    code, _ = identity.pairing.create_code()
+    issued = identity.pairing.exchange(code, "phone")
+    assert BudgetStore(identity.db).all() == {issued.record.sub: Budget(None, 9000)}
+    (entry,) = AuditLog(identity.db).entries()
+    assert (entry.action, entry.principal, entry.source) == (
+        AuditAction.PAIRED,
+        issued.record.sub,
+        AuditSource.PAIRING,
+    )
+
+
+def test_a_device_paired_without_a_default_has_no_budget(identity: Identity) -> None:
+    code, _ = identity.pairing.create_code()
+    identity.pairing.exchange(code, "phone")
+    assert BudgetStore(identity.db).all() == {}
+
+
+def test_revoking_devices_records_where_it_was_done(identity: Identity) -> None:
+    ids = []
+    for name in ("a", "b"):
+        code, _ = identity.pairing.create_code()
+        ids.append(identity.pairing.exchange(code, name).record.device_id or "")
+    identity.pairing.revoke_device(ids[0], source=AuditSource.TRAY)
+    identity.pairing.revoke_all_devices(source=AuditSource.TRAY)
+    entries = AuditLog(identity.db).entries()[2:]
+    assert [(e.action, e.principal, e.source) for e in entries] == [
+        (AuditAction.REVOKED, f"device:{ids[0]}", AuditSource.TRAY),
+        (AuditAction.REVOKED, f"device:{ids[1]}", AuditSource.TRAY),
+    ]

@@ -18,8 +18,10 @@ from tray_app.control.assembly import Identity
 from tray_app.errors import AuthError, SecretStoreError
 from tray_app.identity import tokens as tokens_module
 from tray_app.identity.access import AccessPolicy
-from tray_app.identity.principal import ALL_SCOPES, CredentialKind, Principal, PrincipalId
+from tray_app.identity.principal import ALL_SCOPES, Budget, CredentialKind, Principal, PrincipalId
 from tray_app.identity.tokens import IssuedToken, TokenService, check_scopes, principal_for
+from tray_app.storage.audit import AuditAction, AuditLog, AuditSource
+from tray_app.storage.budgets import BudgetStore
 from tray_app.storage.credentials import CredentialStore
 
 CHAT = frozenset({"chat"})
@@ -706,3 +708,48 @@ def test_a_record_and_its_database_row_carry_every_field_both_ways() -> None:
         "device",
     )
     assert tokens_module._record(row) == record
+
+
+# ---- a token's budget and its audit entries ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "source"),
+    [(CredentialKind.TOKEN, AuditSource.CLI), (CredentialKind.SNIPPET, AuditSource.TRAY)],
+)
+def test_a_token_is_stored_with_its_budget_under_its_own_principal(
+    identity: Identity, kind: CredentialKind, source: AuditSource
+) -> None:
+    issued = identity.tokens.issue(
+        name="t", scopes=frozenset({"chat"}), ttl=60, kind=kind, budget=Budget(None, 8)
+    )
+    assert issued.record.sub == f"{kind.value}:{issued.record.jti}"
+    assert BudgetStore(identity.db).all() == {issued.record.sub: Budget(None, 8)}
+    (entry,) = AuditLog(identity.db).entries()
+    assert (entry.principal, entry.source) == (issued.record.sub, source)
+    assert tokens_module.ISSUED_FROM[kind] is source
+
+
+def test_a_devices_token_is_given_no_budget_and_no_entry_of_its_own(identity: Identity) -> None:
+    identity.tokens.issue(
+        name="phone",
+        scopes=frozenset({"chat"}),
+        ttl=60,
+        kind=CredentialKind.DEVICE,
+        device_id="d1",
+        budget=Budget(5),
+        source=AuditSource.CLI,
+    )
+    assert BudgetStore(identity.db).all() == {}
+    assert AuditLog(identity.db).entries() == []
+    assert tokens_module.ISSUED_FROM[CredentialKind.DEVICE] is AuditSource.PAIRING
+
+
+def test_a_token_says_where_it_was_made_and_revoked_when_told(identity: Identity) -> None:
+    record = identity.tokens.issue(
+        name="t", scopes=frozenset({"chat"}), ttl=60, source=AuditSource.GATEWAY
+    ).record
+    identity.tokens.revoke(record.jti, source=AuditSource.TRAY)
+    created, revoked = AuditLog(identity.db).entries()
+    assert (created.action, created.source) == (AuditAction.CREATED, AuditSource.GATEWAY)
+    assert (revoked.action, revoked.source) == (AuditAction.REVOKED, AuditSource.TRAY)
