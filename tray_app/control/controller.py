@@ -39,6 +39,7 @@ from tray_app.gateway.server.identify import lmgate_listens
 from tray_app.gateway.upstream.probe import PROBE_TIMEOUT, LMStudioProbe, probe_lmstudio
 from tray_app.identity.principal import ALL_SCOPES, CredentialKind
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
+from tray_app.storage.audit import AuditSource
 from tray_app.tasks import spawn
 from tray_app.tunnel.manager import TunnelManager, TunnelState, TunnelStatus
 from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN, check_token_shape
@@ -509,7 +510,7 @@ class Controller:
     async def go_private(self, *, revoke_devices: bool = False) -> AppState:
         await self._service.go_private()
         if revoke_devices and self._service.running:
-            count = self.identity.pairing.revoke_all_devices()
+            count = self.identity.pairing.revoke_all_devices(source=AuditSource.TRAY)
             self._publish(
                 message=f"Private: only this computer can connect ({count} device(s) revoked)"
             )
@@ -550,6 +551,8 @@ class Controller:
             scopes=grant.scopes,
             ttl=SNIPPET_TTL,
             models=grant.models,
+            budget=grant.budget,
+            source=AuditSource.TRAY,
         )
         return curl_snippet(self._base_url(), issued.token, models[0])
 
@@ -563,7 +566,12 @@ class Controller:
             stamp = datetime.now(UTC).strftime("%Y-%m-%d")
             grant = self.identity.access.for_app_key()
             key, record = self.identity.api_keys.create(
-                f"{purpose} {stamp}", scopes=grant.scopes, models=grant.models, ttl=APP_KEY_TTL
+                f"{purpose} {stamp}",
+                scopes=grant.scopes,
+                models=grant.models,
+                ttl=APP_KEY_TTL,
+                budget=grant.budget,
+                source=AuditSource.TRAY,
             )
             self._remember_purpose_key(purpose, f"{record.id}:{key}")
         return f"{self._base_url()}/v1", key
@@ -685,16 +693,18 @@ class Controller:
 
     async def revoke(self, kind: str, ident: str) -> None:
         if kind == "device":
-            self.identity.pairing.revoke_device(ident)
+            self.identity.pairing.revoke_device(ident, source=AuditSource.TRAY)
         elif kind == "token":
-            self.identity.tokens.revoke(ident)
+            self.identity.tokens.revoke(ident, source=AuditSource.TRAY)
         elif kind == "key":
-            self.identity.api_keys.revoke(ident)
+            self.identity.api_keys.revoke(ident, source=AuditSource.TRAY)
         else:
             raise LMGateError(f"unknown credential kind {kind!r}")
 
     async def create_key(self, name: str, scopes: frozenset[str]) -> str:
-        return self.identity.api_keys.create(name, scopes=scopes & ALL_SCOPES)[0]
+        return self.identity.api_keys.create(
+            name, scopes=scopes & ALL_SCOPES, source=AuditSource.TRAY
+        )[0]
 
     # ---- settings ------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from tray_app.secret_store.base import (
     SecretStore,
     read_or_none,
 )
+from tray_app.storage.audit import AuditSource
 from tray_app.tunnel.manager import StatusListener, TunnelManager
 
 log = logging.getLogger("lmgate.service")
@@ -130,7 +131,9 @@ class GatewayService:
     def _make_first_key(identity: Identity) -> str | None:
         if identity.api_keys.list() or identity.tokens.list():
             return None
-        key, _record = identity.api_keys.create(FIRST_KEY_NAME, scopes=ALL_SCOPES)
+        key, _record = identity.api_keys.create(
+            FIRST_KEY_NAME, scopes=ALL_SCOPES, source=AuditSource.GATEWAY
+        )
         return key
 
     async def go_public(self, on_change: StatusListener | None = None) -> TunnelManager:
