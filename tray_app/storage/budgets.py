@@ -21,4 +21,6 @@ class BudgetStore:
 
     def all(self) -> dict[str, StoredBudget]:
         rows = self._db.query("SELECT principal, tokens_per_day, tokens_per_month FROM budgets")
-        return {r["principal"]: StoredBudget(r["tokens_per_day"], r["tokens_per_month"]) for r in rows}
+        return {
+            r["principal"]: StoredBudget(r["tokens_per_day"], r["tokens_per_month"]) for r in rows
+        }
