@@ -7,6 +7,7 @@ budgets as rows of the budgets table. Screenshot: docs/screenshots/devices-usage
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,12 +20,13 @@ from PySide6.QtCore import QPoint
 from PySide6.QtGui import QColor, QImage
 
 from tests.conftest import LMSTUDIO_TOKEN
+from tests.fake_controller import FakeController
 from tests.fake_lmstudio import FakeLMStudio
 from tests.helpers import REPO_ROOT, publish_screenshot
 from tray_app.config.settings import Config
 from tray_app.control.assembly import Identity
-from tray_app.control.controller import Controller, ThreadedController
-from tray_app.control.credential_usage import CHART_DAYS
+from tray_app.control.controller import Controller, Credential, ThreadedController
+from tray_app.control.credential_usage import CHART_DAYS, RecentUsage
 from tray_app.identity.principal import Budget
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, MemorySecretStore
 from tray_app.storage.database import DAY, HOUR, UsageRow
@@ -284,3 +286,32 @@ def test_screenshot_at_the_default_size(core, window) -> None:  # type: ignore[n
     assert chart.isVisible() and chart.width() >= chart.sizeHint().width()
     corner = chart.mapTo(shown, QPoint(2, 2))
     assert picture.toImage().pixelColor(corner) == GROUND, "bars on their ground, not the selection"
+
+
+class SlowCredentials(FakeController):
+    """The controller double, answering credentials() only when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: concurrent.futures.Future[list[Credential]] = concurrent.futures.Future()
+
+    def credentials(self) -> concurrent.futures.Future[list[Credential]]:
+        return self.pending
+
+
+def test_the_window_does_not_wait_for_the_usage(qtbot) -> None:  # type: ignore[no-untyped-def]
+    """Reading usage runs on the controller's loop; the window opens and answers meanwhile."""
+    slow = SlowCredentials()
+    shown = DevicesWindow(slow, UiBridge())
+    qtbot.addWidget(shown)
+    shown.show()
+    qtbot.wait(50)
+    assert shown.rows == [] and shown.isVisible()
+    shown.hide_revoked.setChecked(True)  # still answers clicks
+    used = RecentUsage(3, 12_345, 9, 40_000, (0,) * (CHART_DAYS - 1) + (12_345,))
+    slow.pending.set_result(
+        [Credential("key", "k", "late", "chat", 1e9, None, 9, 40_000, True, None, used)]
+    )
+    qtbot.waitUntil(lambda: len(shown.rows) == 1)
+    assert _cell(shown, "late", TODAY_COLUMN) == "12,345 · no budget"
+    assert _chart(shown, "late").values[-1] == 12_345
