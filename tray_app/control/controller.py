@@ -31,13 +31,19 @@ from tray_app.config.settings import (
     load_config,
 )
 from tray_app.control.assembly import Identity, data_dir
+from tray_app.control.credential_usage import (
+    NO_RECENT_USAGE,
+    RecentUsage,
+    budgets,
+    recent_usage,
+)
 from tray_app.control.loop_thread import LoopThread
 from tray_app.control.service import GatewayService, Started
 from tray_app.control.settings_form import FORM_FIELDS
 from tray_app.errors import ConfigError, LMGateError, SecretStoreError, TunnelError
 from tray_app.gateway.server.identify import lmgate_listens
 from tray_app.gateway.upstream.probe import PROBE_TIMEOUT, LMStudioProbe, probe_lmstudio
-from tray_app.identity.principal import ALL_SCOPES, CredentialKind
+from tray_app.identity.principal import ALL_SCOPES, Budget, CredentialKind
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
 from tray_app.storage.audit import AuditSource
 from tray_app.tasks import spawn
@@ -147,6 +153,8 @@ class Credential:
     tokens: int
     active: bool
     expires: float | None = None  # None: it does not expire
+    recent: RecentUsage = NO_RECENT_USAGE
+    budget: Budget | None = None  # None: no budget of its own
 
 
 def curl_snippet(base_url: str, token: str, model: str) -> str:
@@ -624,24 +632,47 @@ class Controller:
         identity = self.identity
         identity.recorder.flush()
         usage = {u.principal: u for u in identity.db.usage()}
+        recent = recent_usage(identity.db, identity.clock.time())
+        budget_of = budgets(identity.db)
 
-        def counted(principal: str) -> tuple[int, int]:
+        def credential(
+            kind: str,
+            ident: str,
+            name: str,
+            detail: str,
+            created: float,
+            last_seen: float | None,
+            principal: str,
+            active: bool,
+            expires: float | None,
+        ) -> Credential:
             u = usage.get(principal)
-            return (u.requests, u.prompt_tokens + u.completion_tokens) if u else (0, 0)
+            return Credential(
+                kind,
+                ident,
+                name,
+                detail,
+                created,
+                last_seen,
+                u.requests if u else 0,
+                u.prompt_tokens + u.completion_tokens if u else 0,
+                active,
+                expires,
+                recent.get(principal, NO_RECENT_USAGE),
+                budget_of.get(principal),
+            )
 
         out: list[Credential] = []
         for device in identity.pairing.devices():
-            req, tok = counted(device.principal_name)
             out.append(
-                Credential(
+                credential(
                     "device",
                     device.id,
                     device.name,
                     "paired device",
                     device.created,
                     device.last_seen,
-                    req,
-                    tok,
+                    device.principal_name,
                     device.revoked is None,
                     self._device_expiry(device.id),
                 )
@@ -649,33 +680,29 @@ class Controller:
         for record in identity.tokens.list():
             if record.kind is CredentialKind.DEVICE:
                 continue
-            req, tok = counted(record.sub)
             out.append(
-                Credential(
+                credential(
                     "token",
                     record.jti,
                     record.name,
                     " ".join(sorted(record.scopes)),
                     record.created,
                     usage[record.sub].last_seen if record.sub in usage else None,
-                    req,
-                    tok,
+                    record.sub,
                     record.revoked is None,
                     record.expires,
                 )
             )
         for key in identity.api_keys.list():
-            req, tok = counted(key.principal_name)
             out.append(
-                Credential(
+                credential(
                     "key",
                     key.id,
                     key.name,
                     " ".join(sorted(key.scopes)),
                     key.created,
                     key.last_used,
-                    req,
-                    tok,
+                    key.principal_name,
                     key.revoked is None,
                     key.expires,
                 )

@@ -1,5 +1,6 @@
-"""Devices & tokens: every credential with last seen, usage and expiry; revoke one (after a
-non-modal confirmation), hide the revoked ones, create an API key."""
+"""Devices & tokens: every credential with last seen, usage and expiry; what it used today and
+this month against its budget, and a chart of its last days; revoke one (after a non-modal
+confirmation), hide the revoked ones, create an API key."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import html
 from datetime import datetime
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QGuiApplication
+from PySide6.QtGui import QColor, QFont, QGuiApplication
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -23,11 +24,28 @@ from PySide6.QtWidgets import (
 )
 
 from tray_app.control.controller import Credential
+from tray_app.control.credential_usage import CHART_DAYS
 from tray_app.ui.bridge import UiBridge
 from tray_app.ui.port import ControllerPort
+from tray_app.ui.usage_chart import OVER, WARNING, UsageChart, near_budget
 
-COLUMNS = ("Kind", "Name", "Scopes", "Last seen", "Requests", "Tokens", "Status", "Expires")
+COLUMNS = (
+    "Kind",
+    "Name",
+    "Scopes",
+    "Last seen",
+    "Requests",
+    "Tokens",
+    "Status",
+    "Expires",
+    "Tokens today",
+    "Tokens this month",
+    f"Last {CHART_DAYS} days",
+)
 NAME_COLUMN = 1
+TODAY_COLUMN = 8
+MONTH_COLUMN = 9
+CHART_COLUMN = 10
 APP_KEY_SCOPES = frozenset({"chat", "models", "embeddings"})
 
 
@@ -37,6 +55,41 @@ def _when(epoch: float | None) -> str:
 
 def _expiry(row: Credential) -> str:
     return "—" if row.expires is None else _when(row.expires)
+
+
+def budget_words(used: int, limit: int | None) -> tuple[str, QColor | None]:
+    """``used`` tokens against ``limit`` in words, and the colour to warn in (None: no need)."""
+    if limit is None:
+        return f"{used:,} · no budget", None
+    if used >= limit:
+        return f"{used:,} of {limit:,} · used up", OVER
+    if near_budget(used, limit):
+        return f"{used:,} of {limit:,} · {used * 100 // limit} %", WARNING
+    return f"{used:,} of {limit:,}", None
+
+
+def _day_limit(row: Credential) -> int | None:
+    return None if row.budget is None else row.budget.tokens_per_day
+
+
+def _month_limit(row: Credential) -> int | None:
+    return None if row.budget is None else row.budget.tokens_per_month
+
+
+def usage_summary(row: Credential) -> str:
+    """The selected credential's usage in a sentence (days and months are UTC, as budgets)."""
+    recent = row.recent
+    today, _ = budget_words(recent.tokens_today, _day_limit(row))
+    month, _ = budget_words(recent.tokens_month, _month_limit(row))
+    return (
+        f"{row.name}: {today} tokens today ({_requests(recent.requests_today)}); "
+        f"{month} tokens this month ({_requests(recent.requests_month)}). "
+        "Days and months are UTC."
+    )
+
+
+def _requests(count: int) -> str:
+    return "1 request" if count == 1 else f"{count:,} requests"
 
 
 def literal_tooltip(text: str) -> str:
@@ -100,6 +153,8 @@ class DevicesWindow(QWidget):
         copy = QPushButton("Copy key")
         copy.clicked.connect(self.copy_key)
         self.status = _plain_label()
+        self.usage_line = _plain_label("Select a row to see its usage.")
+        self.table.itemSelectionChanged.connect(self._show_usage)
 
         buttons = QHBoxLayout()
         buttons.addWidget(self.revoke_button)
@@ -114,12 +169,13 @@ class DevicesWindow(QWidget):
         shown.addWidget(copy)
         layout = QVBoxLayout(self)
         layout.addWidget(self.table)
+        layout.addWidget(self.usage_line)
         layout.addLayout(buttons)
         layout.addWidget(self.confirm_row)
         layout.addLayout(create)
         layout.addLayout(shown)
         layout.addWidget(self.status)
-        self.resize(900, 420)
+        self.resize(1240, 440)
         self.refresh()
 
     def refresh(self) -> None:
@@ -140,8 +196,8 @@ class DevicesWindow(QWidget):
                 row.name,
                 row.detail,
                 _when(row.last_seen),
-                str(row.requests),
-                str(row.tokens),
+                f"{row.requests:,}",
+                f"{row.tokens:,}",
                 "active" if row.active else "revoked",
                 _expiry(row),
             )
@@ -149,6 +205,39 @@ class DevicesWindow(QWidget):
                 item = QTableWidgetItem(value)
                 item.setToolTip(literal_tooltip(value))  # a long name is whole here
                 self.table.setItem(i, j, item)
+            self._fill_usage(i, row)
+        self._show_usage()
+
+    def _fill_usage(self, i: int, row: Credential) -> None:
+        for column, used, limit, period in (
+            (TODAY_COLUMN, row.recent.tokens_today, _day_limit(row), "today"),
+            (MONTH_COLUMN, row.recent.tokens_month, _month_limit(row), "this month"),
+        ):
+            words, warn = budget_words(used, limit)
+            item = QTableWidgetItem(words)
+            item.setToolTip(literal_tooltip(f"{words} tokens {period} (UTC)"))
+            if warn is not None:
+                item.setForeground(warn)
+                font = QFont(item.font())
+                font.setBold(True)
+                item.setFont(font)
+            self.table.setItem(i, column, item)
+        chart = UsageChart(row.recent.tokens_per_day, _day_limit(row))
+        chart.setToolTip(
+            literal_tooltip(
+                f"Tokens per UTC day, the last {CHART_DAYS} days (today last): "
+                f"peak {max(row.recent.tokens_per_day, default=0):,}"
+            )
+        )
+        self.table.setCellWidget(i, CHART_COLUMN, chart)
+        self.table.setItem(i, CHART_COLUMN, QTableWidgetItem())  # sized by the chart's hint
+
+    def _show_usage(self) -> None:
+        index = self.table.currentRow()
+        if 0 <= index < len(self.rows):
+            self.usage_line.setText(usage_summary(self.rows[index]))
+        else:
+            self.usage_line.setText("Select a row to see its usage.")
 
     def revoke_selected(self) -> None:
         """Asks first, in the window: revoking cannot be undone."""
