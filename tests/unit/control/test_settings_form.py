@@ -41,6 +41,11 @@ def test_the_form_keeps_its_order() -> None:
         "limits.requests_per_minute",
         "limits.concurrent_requests",
         "tunnel.go_public_at_start",
+        "queue.generations_in_flight",
+        "budget.device_tokens_per_day",
+        "budget.device_tokens_per_month",
+        "budget.copied_key_tokens_per_day",
+        "budget.copied_key_tokens_per_month",
     ]
 
 

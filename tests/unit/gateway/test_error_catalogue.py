@@ -349,7 +349,8 @@ CATALOGUE = [
         "rate_limit_error",
         "budget_exceeded",
         None,
-        "Your token budget for this day (50,000 tokens) is used up; it resets at 2026-12-02 00:00 UTC. Ask the owner for a larger budget.",
+        "Your token budget for this day (50,000 tokens) is used up; it resets at 2026-12-02 "
+        "00:00 UTC. Ask the owner for a larger budget.",
         Retry_After="3600",
     ),
     entry(
@@ -359,7 +360,8 @@ CATALOGUE = [
         "rate_limit_error",
         "queue_full",
         None,
-        "Too many requests from your address are already waiting for their turn (queue.max_waiting_per_client); wait for some to finish.",
+        "Too many requests from your address are already waiting for their turn "
+        "(queue.max_waiting_per_client); wait for some to finish.",
         Retry_After="2",
     ),
     entry(
@@ -379,7 +381,8 @@ CATALOGUE = [
         "server_error",
         "model_busy",
         None,
-        "'llama-3.2-1b-instruct' is not loaded, and loading it now would cut off answers others are receiving from another model (models.switch = refuse); retry when they finish.",
+        "'llama-3.2-1b-instruct' is not loaded, and loading it now would cut off answers others "
+        "are receiving from another model (models.switch = refuse); retry when they finish.",
         Retry_After="10",
     ),
     entry(
@@ -389,7 +392,8 @@ CATALOGUE = [
         "server_error",
         "model_busy",
         None,
-        "'llama-3.2-1b-instruct' is not loaded, and others kept receiving answers from another model for 600 s; retry later.",
+        "'llama-3.2-1b-instruct' is not loaded, and others kept receiving answers from another "
+        "model for 600 s; retry later.",
         Retry_After="10",
     ),
     entry(
@@ -408,7 +412,8 @@ CATALOGUE = [
         "upstream_error",
         "model_load_timeout",
         None,
-        "LM Studio did not finish loading 'llama-3.2-1b-instruct' within 300 s (models.load_timeout).",
+        "LM Studio did not finish loading 'llama-3.2-1b-instruct' within 300 s "
+        "(models.load_timeout).",
     ),
     # reading the body
     entry(
