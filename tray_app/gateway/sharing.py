@@ -115,8 +115,11 @@ class Sharing:
             reservation = self._ledger.reserve(
                 principal, prompt_estimate=prompt, requested_output=asked
             )
+            # The body carries what was reserved for its output, so it cannot use more.
             if reservation is not None and reservation.max_output is not None:
-                cap = reservation.max_output if cap is None else min(cap, reservation.max_output)
+                asked = reservation.max_output
+            if asked:
+                cap = asked
         return Generation(
             self,
             principal.name,
