@@ -20,19 +20,26 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # host and connection limits, the protections, and every kind of credential.
 GUARDED = (
     "tray_app/addresses.py",
+    "tray_app/gateway/accounting.py",
     "tray_app/gateway/body_rules.py",
+    "tray_app/gateway/budgets.py",
     "tray_app/gateway/cors.py",
+    "tray_app/gateway/fair_queue.py",
     "tray_app/gateway/headers.py",
     "tray_app/gateway/hosts.py",
     "tray_app/gateway/limits.py",
     "tray_app/gateway/protection.py",
     "tray_app/gateway/routes.py",
+    "tray_app/gateway/sharing.py",
+    "tray_app/gateway/upstream/model_api.py",
+    "tray_app/gateway/upstream/model_guard.py",
     "tray_app/identity/access.py",
     "tray_app/identity/api_keys.py",
     "tray_app/identity/authenticator.py",
     "tray_app/identity/pairing.py",
     "tray_app/identity/principal.py",
     "tray_app/identity/tokens.py",
+    "tray_app/storage/budgets.py",
 )
 
 
