@@ -143,6 +143,13 @@ class Gateway:
             max_wait=config.queue_max_wait,
             max_stream_wait=config.queue_max_stream_wait,
         )
+        if metrics is not None:
+            metrics.watch_sharing(
+                waiting=lambda: self.queue.waiting,
+                busy=lambda: self.queue.busy,
+                budgeted=lambda: ledger.principals_tracked if ledger is not None else 0,
+                reserved=lambda: ledger.reserved_tokens if ledger is not None else 0,
+            )
         self._inflight: set[Exchange] = set()
         self._stopping = False
         self._drained: asyncio.Event | None = None  # set when the last request ends after a stop
@@ -715,6 +722,10 @@ class Gateway:
                 "too_many_concurrent_requests",
                 "too_many_auth_failures",
                 "too_many_pairing_attempts",
+                "budget_exceeded",
+                "queue_full",
+                "queue_timeout",
+                "model_busy",
             }:
                 self.metrics.rate_limited(error)
         if (

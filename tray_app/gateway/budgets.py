@@ -179,6 +179,11 @@ class BudgetLedger:
     def principals_tracked(self) -> int:
         return len(self._accounts)
 
+    @property
+    def reserved_tokens(self) -> int:
+        """Tokens held by requests still running, every principal together (for metrics)."""
+        return sum(account.reserved for account in self._accounts.values())
+
     # ---- periods and loading ----------------------------------------------------------------
 
     def _account(self, principal: str, now: float) -> _Account:

@@ -7,6 +7,8 @@ be the most expensive thing prometheus-client does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -81,6 +83,32 @@ class GatewayMetrics:
 
     def rate_limited(self, limit: str) -> None:
         self._rate_limited.labels(limit).inc()
+
+    def watch_sharing(
+        self,
+        *,
+        waiting: Callable[[], int],
+        busy: Callable[[], int],
+        budgeted: Callable[[], int],
+        reserved: Callable[[], int],
+    ) -> None:
+        """Gauges read when scraped (nothing on the request path): the fair queue and the
+        budgets, without a label per caller (callers are unbounded, a scrape must not be)."""
+        for name, text, read in (
+            ("lmgate_queue_waiting", "Requests waiting for a generation slot", waiting),
+            ("lmgate_generations_in_flight", "Generation slots in use", busy),
+            (
+                "lmgate_budget_callers",
+                "Callers with a token budget seen this period",
+                budgeted,
+            ),
+            (
+                "lmgate_budget_reserved_tokens",
+                "Tokens reserved by budgeted requests still running",
+                reserved,
+            ),
+        ):
+            Gauge(name, text, registry=self.registry).set_function(read)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

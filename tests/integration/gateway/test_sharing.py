@@ -345,3 +345,31 @@ async def test_the_guard_never_answers_a_caller_with_model_states(
             assert response.status == 404
             assert b"not-loaded" not in await response.read()
     assert all(not r.path.startswith("/api/") for r in fake_lmstudio.received)
+
+
+async def test_prometheus_shows_the_queue_and_the_budgets_without_a_label_per_caller(
+    start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
+) -> None:
+    fake_lmstudio.behaviour.chunks = 40
+    fake_lmstudio.behaviour.chunk_delay = 0.03
+    rig = await start_identity_gateway(queue_generations_in_flight=1)
+    runner = key_with_budget(rig, "runner", Budget(tokens_per_day=1000))
+    waiter, broke = key_with_budget(rig, "waiter"), key_with_budget(rig, "broke", Budget(1))
+    scraper = rig.identity.api_keys.create("prometheus", scopes=frozenset({"metrics"}))[0]
+    async with aiohttp.ClientSession() as session:
+        running = asyncio.ensure_future(chat(session, rig, runner, max_tokens=40))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.ensure_future(chat(session, rig, waiter))
+        await asyncio.sleep(0.1)
+        assert (await chat(session, rig, broke, max_tokens=5))[0] == 429
+        async with session.get(
+            rig.url + "/metrics", headers={"Authorization": f"Bearer {scraper}"}
+        ) as response:
+            text = (await response.text()).splitlines()
+        await asyncio.gather(running, waiting)
+    assert "lmgate_queue_waiting 1.0" in text
+    assert "lmgate_generations_in_flight 1.0" in text
+    assert f"lmgate_budget_reserved_tokens {ESTIMATE + 40}.0" in text
+    assert "lmgate_budget_callers 2.0" in text
+    assert 'lmgate_rate_limited_total{limit="budget_exceeded"} 1.0' in text
+    assert not any("runner" in line or "key:" in line for line in text)
