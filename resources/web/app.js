@@ -432,6 +432,12 @@ const PHONE_WORDING = {
               "Wait a moment, then tap Retry.",
   queue_timeout: "The computer stayed busy answering others for too long. Tap Retry in a " +
                  "moment.",
+  model_busy: "The computer is answering others with another model; this one can load once " +
+              "they finish. Tap Retry in a moment.",
+  model_load_failed: "The computer's LM Studio could not load this model. Choose another one " +
+                     "above, or ask the computer's owner.",
+  model_load_timeout: "The computer's LM Studio took too long to load this model. Tap Retry.",
+  // budget_exceeded: the gateway's own words already say how much, until when, and whom to ask.
   body_too_large: "This message is too long to send. Shorten it.",
   conversation_not_found: "This conversation was deleted. Start a new chat.",
   image_too_large: "This photo is too large to send. Try a smaller one.",

@@ -172,6 +172,8 @@ def test_a_waiting_answer_shows_its_place_in_words_until_its_first_token(
     [
         ("queue_timeout", "The computer stayed busy answering others for too long."),
         ("queue_full", "The computer is busy answering others, and too many are already"),
+        ("model_busy", "The computer is answering others with another model;"),
+        ("model_load_timeout", "The computer's LM Studio took too long to load this model."),
     ],
 )
 def test_a_wait_that_ends_in_a_queue_error_says_so_in_words(
