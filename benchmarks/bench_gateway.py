@@ -164,10 +164,17 @@ def start_gateway(
     log: Path | None,
     wrapper: Sequence[str] = (),
     settings: Mapping[str, str] | None = None,
+    *,
+    source: Path | None = None,
+    key_options: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[str], str, str]:
     """``lmgate serve`` with everything on, its URL and an API key for it. ``wrapper`` goes in
-    front of the command (a profiler); ``settings`` are extra LMGATE_* variables."""
-    lmgate = str(Path(sys.executable).with_name("lmgate"))
+    front of the command (a profiler); ``settings`` are extra LMGATE_* variables; ``source`` a
+    checkout of another version to run instead (``--baseline``); ``key_options`` go to
+    ``lmgate key create`` (a budget)."""
+    lmgate: list[str] = [str(Path(sys.executable).with_name("lmgate"))]
+    if source is not None:
+        lmgate = [sys.executable, "-m", "tray_app"]
     gateway_env = {
         **os.environ,
         "LMGATE_UPSTREAM_URL": upstream_url,
@@ -181,15 +188,17 @@ def start_gateway(
         "LMGATE_LIMITS_CONCURRENT_REQUESTS": "1000",
         **(settings or {}),
     }
+    if source is not None:
+        gateway_env["PYTHONPATH"] = str(source)
     made = subprocess.run(
-        [lmgate, "key", "create", "bench"],
+        [*lmgate, "key", "create", "bench", *key_options],
         env=gateway_env,
         capture_output=True,
         text=True,
         check=True,
     )
     gateway, url = start_process(
-        [*wrapper, lmgate, "serve", "--port", "0"],
+        [*wrapper, *lmgate, "serve", "--port", "0"],
         gateway_env,
         r"Listening on (http://\S+)",
         log,
@@ -197,17 +206,49 @@ def start_gateway(
     return gateway, url, made.stdout.strip()
 
 
-async def run(rounds: int, requests: int, floors: bool) -> dict[str, dict[str, float]]:
+def checkout(ref: str, into: Path) -> Path:
+    """The package as it was at ``ref`` (a commit, a tag), to run side by side with this one."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(HERE.parent), "archive", ref, "tray_app"],
+        capture_output=True,
+        check=True,
+    )
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+async def run(
+    rounds: int, requests: int, floors: bool, baseline: str | None = None
+) -> dict[str, dict[str, float]]:
     env = {**os.environ}
     upstream, upstream_url = start_upstream()
     home = Path(tempfile.mkdtemp(prefix="lmgate-bench-"))
     log = home / "gateway.log"
-    gateway, gateway_url, key = start_gateway(home, upstream_url, log)
+    # The key has a token budget (far from its edge): its reservation and settlement run on
+    # every request, as the fair queue and the model guard do.
+    gateway, gateway_url, key = start_gateway(
+        home,
+        upstream_url,
+        log,
+        # The queue stays on (every generation takes a slot) but wide enough never to wait:
+        # this measures its cost, not LM Studio's parallelism.
+        settings={"LMGATE_QUEUE_GENERATIONS_IN_FLIGHT": "1000"},
+        key_options=("--budget-day", str(10**12)),
+    )
     sides = [
         Side("direct", upstream_url, {}),
         Side("gateway", gateway_url, {"Authorization": f"Bearer {key}"}),
     ]
     others: list[subprocess.Popen[str]] = []
+    if baseline is not None:
+        old_home = home / "baseline"
+        old_home.mkdir()
+        proc, url, old_key = start_gateway(
+            old_home, upstream_url, None, source=checkout(baseline, home / "src")
+        )
+        others.append(proc)
+        sides.append(Side("baseline", url, {"Authorization": f"Bearer {old_key}"}))
     try:
         if floors:
             for kind in FLOORS:
@@ -284,6 +325,19 @@ def floors_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(out)
 
 
+def baseline_table(results: dict[str, dict[str, float]], ref: str) -> str:
+    """This version against ``ref`` in the same run: what the new checks cost per request."""
+    labels = dict((key, label) for key, label, _ in ROWS)
+    out = [
+        f"| measure | {ref} | this version | difference |",
+        "|---|---:|---:|---:|",
+    ]
+    for key in ("c1_p50_ms", "c1_p99_ms", "c16_p50_ms", "paced_ttft_ms"):
+        b, g = results["baseline"][key], results["gateway"][key]
+        out.append(f"| {labels[key]} | {b:,.3f} | {g:,.3f} | {g - b:+.3f} ms |")
+    return "\n".join(out)
+
+
 def table(results: dict[str, dict[str, float]]) -> str:
     out = [
         "| measure | direct | through LM Gate | gateway / direct | added |",
@@ -310,13 +364,22 @@ def main() -> None:
         action="store_true",
         help="also measure a bare aiohttp proxy and a TCP byte relay (benchmarks/floors.py)",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run LM Gate as it was at this git commit, side by side (e.g. the commit "
+        "before a change, to measure what it costs)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    results = asyncio.run(run(args.rounds, args.requests, args.floors))
+    results = asyncio.run(run(args.rounds, args.requests, args.floors, args.baseline))
     print(table(results))
     if args.floors:
         print()
         print(floors_table(results))
+    if args.baseline:
+        print()
+        print(baseline_table(results, args.baseline))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
