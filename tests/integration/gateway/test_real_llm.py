@@ -166,3 +166,64 @@ def test_real_embeddings_or_a_clear_error(client: openai.OpenAI) -> None:
         assert result.data
     except openai.APIStatusError as exc:
         assert exc.status_code < 600 and isinstance(exc.body, dict)
+
+
+def test_real_model_budget_and_queue(llm_server: str, tmp_path: Path) -> None:
+    """Budgets and the fair queue with a real model: two requests through one generation slot
+    both finish, the budget is charged LM Studio's own token counts (the llama.cpp server has
+    no native model API, so the model guard stands aside), and a request whose worst case no
+    longer fits is refused."""
+    import concurrent.futures
+
+    from tray_app.control.assembly import build_gateway, open_identity
+    from tray_app.identity.signing_key import load_or_create_signing_key
+    from tray_app.storage.budgets import Budget
+    from tray_app.storage.usage_history import UsageHistory, day_start
+
+    store = MemorySecretStore()
+    config = Config(
+        upstream_url=llm_server,
+        server_port=0,
+        storage_data_dir=str(tmp_path),
+        queue_generations_in_flight=1,
+    )
+    identity = open_identity(config, load_or_create_signing_key(store))
+    key, record = identity.api_keys.create(
+        "real", scopes=frozenset({"chat"}), budget=Budget(tokens_per_day=400)
+    )
+    thread = LoopThread()
+    thread.start()
+    server = GatewayServer(build_gateway(config, identity, store))
+    thread.submit(server.start()).result(10)
+    try:
+        with openai.OpenAI(
+            base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120
+        ) as client:
+
+            def ask() -> int:
+                # Not streamed: this llama.cpp server sends no usage chunk on streams.
+                reply = client.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": "Say hello."}],
+                    max_tokens=16,
+                    temperature=0,
+                )
+                assert reply.usage is not None
+                return reply.usage.total_tokens
+
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                used = sum(pool.map(lambda _: ask(), range(2)))
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": "Tell me a long story."}],
+                    max_tokens=400,
+                )
+            assert refused.value.code == "budget_exceeded"
+    finally:
+        thread.submit(server.stop()).result(20)
+        thread.stop()
+    identity.recorder.flush()
+    counted = UsageHistory(identity.db).totals_since(record.principal_name, day_start(time.time()))
+    identity.close()
+    assert counted.tokens == used and 0 < used <= 400
