@@ -29,3 +29,28 @@ def test_large_limits_are_saved_unchanged(qtbot) -> None:  # type: ignore[no-unt
     qtbot.waitUntil(lambda: dialog.status.text() == "Saved.")
     ((saved,),) = fake.called("save_settings")
     assert (saved.limits_requests_per_minute, saved.limits_concurrent_requests) == (500_000, 5_000)
+
+
+def test_the_largest_budget_defaults_are_saved_unchanged(qtbot) -> None:  # type: ignore[no-untyped-def]
+    from PySide6.QtWidgets import QSpinBox
+
+    from tray_app.config.settings import BUDGET_DEFAULT_MAX, SETTINGS_BY_KEY
+
+    fake = FakeController()
+    fake.stored_settings = replace(
+        fake.stored_settings,
+        budget_device_tokens_per_day=BUDGET_DEFAULT_MAX,
+        budget_copied_key_tokens_per_month=BUDGET_DEFAULT_MAX,
+    )
+    dialog = SettingsDialog(fake, UiBridge())
+    qtbot.addWidget(dialog)
+    day = dialog.inputs["budget.device_tokens_per_day"]
+    assert isinstance(day, QSpinBox)
+    qtbot.waitUntil(lambda: day.value() == BUDGET_DEFAULT_MAX)
+    dialog.save_button.click()
+    qtbot.waitUntil(lambda: dialog.status.text() == "Saved.")
+    ((saved,),) = fake.called("save_settings")
+    assert saved.budget_device_tokens_per_day == BUDGET_DEFAULT_MAX
+    assert saved.budget_copied_key_tokens_per_month == BUDGET_DEFAULT_MAX
+    with pytest.raises(ValueError):  # and the config refuses what the form could not hold
+        SETTINGS_BY_KEY["budget.device_tokens_per_day"].parse(BUDGET_DEFAULT_MAX + 1)

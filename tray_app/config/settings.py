@@ -56,6 +56,9 @@ __all__ = [
 CONFIG_FILE_ENV = "LMGATE_CONFIG"
 
 _SECONDS = "SECONDS"
+# The Settings form edits budget defaults in a spin box, which holds a C int; two billion
+# tokens a day is far beyond what one GPU makes.
+BUDGET_DEFAULT_MAX = 2_000_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,28 +300,28 @@ class Config:
     budget_device_tokens_per_day: int = setting(
         "budget.device_tokens_per_day",
         0,
-        p.int_in(0, 10**12),
+        p.int_in(0, BUDGET_DEFAULT_MAX),
         "tokens per day a newly paired device gets (prompt + completion; 0 = no budget)",
         form=FormField("Paired device: tokens per day (0 = unlimited)", FormKind.NUMBER, 10),
     )
     budget_device_tokens_per_month: int = setting(
         "budget.device_tokens_per_month",
         0,
-        p.int_in(0, 10**12),
+        p.int_in(0, BUDGET_DEFAULT_MAX),
         "tokens per month a newly paired device gets (0 = no budget)",
         form=FormField("Paired device: tokens per month", FormKind.NUMBER, 11),
     )
     budget_copied_key_tokens_per_day: int = setting(
         "budget.copied_key_tokens_per_day",
         0,
-        p.int_in(0, 10**12),
+        p.int_in(0, BUDGET_DEFAULT_MAX),
         "tokens per day a key or curl snippet copied from the tray gets (0 = no budget)",
         form=FormField("Copied key: tokens per day (0 = unlimited)", FormKind.NUMBER, 12),
     )
     budget_copied_key_tokens_per_month: int = setting(
         "budget.copied_key_tokens_per_month",
         0,
-        p.int_in(0, 10**12),
+        p.int_in(0, BUDGET_DEFAULT_MAX),
         "tokens per month a key or curl snippet copied from the tray gets (0 = no budget)",
         form=FormField("Copied key: tokens per month", FormKind.NUMBER, 13),
     )
