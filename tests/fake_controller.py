@@ -101,6 +101,12 @@ class FakeController:
     def curl_snippet(self) -> concurrent.futures.Future[str]:
         return self._answer("curl_snippet", "curl -N https://example/v1/chat/completions\n")
 
+    def models(self) -> concurrent.futures.Future[list[str]]:
+        return self._answer("models", ["qwen2.5-7b-instruct", "llama-3.2-1b"])
+
+    def warm_up(self, model: str) -> concurrent.futures.Future[float]:
+        return self._answer("warm_up", 1.5, model)
+
     def openai_settings(
         self, purpose: str = "openai-settings"
     ) -> concurrent.futures.Future[tuple[str, str]]:

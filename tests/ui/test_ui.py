@@ -95,6 +95,7 @@ def test_menu_when_private(actions: AppActions) -> None:
         "Copy curl snippet",
         "Copy OpenAI settings",
         "Devices & tokens…",
+        "Warm up a model…",
         "Settings…",
         "Open logs folder",
         "Quit",

@@ -544,6 +544,14 @@ class Controller:
         allowed = set(self.config.auth_allowed_models)
         return [m for m in result if not allowed or m in allowed]
 
+    async def warm_up(self, model: str) -> float:
+        """Load ``model`` into LM Studio now, through the running gateway's model guard, so
+        the load waits for other models' answers instead of cutting them off (the CLI's
+        warm-up cannot see them). Seconds the load took, 0.0 if it was loaded already."""
+        if not self._service.running:
+            raise LMGateError("LM Gate is not running, so it cannot load a model; start it first.")
+        return await self._service.gateway.warm_up(model)
+
     async def curl_snippet(self) -> str:
         models = await self.models()
         if not models:
@@ -840,6 +848,12 @@ class ThreadedController:
 
     def curl_snippet(self) -> concurrent.futures.Future[str]:
         return self._run(self.controller.curl_snippet())
+
+    def models(self) -> concurrent.futures.Future[list[str]]:
+        return self._run(self.controller.models())
+
+    def warm_up(self, model: str) -> concurrent.futures.Future[float]:
+        return self._run(self.controller.warm_up(model))
 
     def openai_settings(
         self, purpose: str = MENU_OPENAI_SETTINGS

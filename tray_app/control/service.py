@@ -23,6 +23,7 @@ from tray_app.control.assembly import (
 )
 from tray_app.control.going_public import go_public
 from tray_app.errors import LMGateError, SecretStoreError
+from tray_app.gateway.app import Gateway
 from tray_app.gateway.server.runner import GatewayServer
 from tray_app.identity.principal import ALL_SCOPES
 from tray_app.secret_store.base import (
@@ -80,6 +81,11 @@ class GatewayService:
         if self._server is None:
             raise LMGateError("LM Gate is not running")
         return self._server
+
+    @property
+    def gateway(self) -> Gateway:
+        """The running gateway, for what the owner asks of it directly (a warm-up)."""
+        return self.server.gateway
 
     @property
     def tunnel(self) -> TunnelManager | None:

@@ -16,6 +16,7 @@ from tray_app.ui.devices_window import DevicesWindow
 from tray_app.ui.port import ControllerPort
 from tray_app.ui.qr_window import QrWindow
 from tray_app.ui.settings_dialog import SettingsDialog
+from tray_app.ui.warm_up_window import WarmUpWindow
 
 
 def log_dir() -> Path:
@@ -71,6 +72,7 @@ class AppActions(QObject):
         self.qr_window: QrWindow | None = None
         self.settings_window: SettingsDialog | None = None
         self.devices_window: DevicesWindow | None = None
+        self.warm_up_window: WarmUpWindow | None = None
         self.guide = GuideWindow(self)
         self.last_error = ""
         self._guide_shown = False
@@ -156,6 +158,14 @@ class AppActions(QObject):
             self.devices_window.refresh()
         self.devices_window.show()
         self.devices_window.raise_()
+
+    def show_warm_up(self) -> None:
+        if self.warm_up_window is None:
+            self.warm_up_window = WarmUpWindow(self.controller, self.bridge)
+            self.warm_up_window.said.connect(self.notify)
+        self.warm_up_window.refresh()
+        self.warm_up_window.show()  # non-modal: never exec()
+        self.warm_up_window.raise_()
 
     def show_settings(self) -> None:
         if self.settings_window is None:

@@ -64,6 +64,7 @@ class TrayMenu:
         menu.addSeparator()
         # "&&": a single "&" would be taken for a keyboard mnemonic and vanish.
         menu.addAction("Devices && tokens…", do.show_devices).setEnabled(running)
+        menu.addAction("Warm up a model…", do.show_warm_up).setEnabled(running)
         menu.addAction("Settings…", do.show_settings)
         menu.addAction("Open logs folder", do.open_logs)
         menu.addSeparator()
