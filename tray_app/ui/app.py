@@ -115,6 +115,7 @@ class TrayApp:
             self.actions.qr_window,
             self.actions.settings_window,
             self.actions.devices_window,
+            self.actions.warm_up_window,
             self.actions.guide,
         ):
             if window is not None:

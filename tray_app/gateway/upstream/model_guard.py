@@ -58,7 +58,7 @@ class ModelGuard:
         self, api: ModelApi, *, policy: ModelSwitch, load_timeout: float, clock: Clock
     ) -> None:
         self._api = api
-        self._policy = policy
+        self._policy = ModelSwitch(policy)  # a plain "off" from code (Config built by hand) too
         self._load_timeout = load_timeout
         self._clock = clock
         self._active: Counter[str] = Counter()

@@ -125,6 +125,13 @@ class TestLettingThrough:
         assert (api.reads, api.loads) == (0, Counter())
         guard.leave(use)
 
+    async def test_off_written_as_plain_text_is_off(self) -> None:
+        # Config built by hand (tests, embedders) may carry "off" rather than ModelSwitch.OFF.
+        api = MemoryModelApi()
+        guard = guard_for(api, "off")  # type: ignore[arg-type]
+        guard.leave(await guard.enter(B, max_wait=WAIT))
+        assert (api.reads, api.loads) == (0, Counter())
+
     async def test_no_model_named_asks_lm_studio_nothing(self) -> None:
         api = MemoryModelApi()
         use = await guard_for(api).enter(None, max_wait=WAIT)
