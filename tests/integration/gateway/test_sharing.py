@@ -7,6 +7,7 @@ two models. The parts have their own unit tests; these prove the gateway wires t
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,11 @@ async def chat(
         headers={"Authorization": f"Bearer {key}"},
     ) as response:
         return response.status, dict(response.headers), await response.read()
+
+
+def error_code(body: bytes) -> str:
+    code: str = json.loads(body)["error"]["code"]
+    return code
 
 
 def principal_of(rig: IdentityRig, name: str) -> str:
@@ -111,7 +117,10 @@ class TestBudgetsAtTheirEdge:
             await first.server.stop()  # flushes the usage
             again = await start_identity_gateway(storage_data_dir=data)
             status, _, body = await chat(session, again, key, max_tokens=10)
-            assert status == 429 and b"11 of your 45" in body
+            assert (status, error_code(body)) == (
+                429,
+                "budget_exceeded",
+            ) and b"11 of your 45" in body
             # What is left still serves a request that fits in it (9 + 2).
             assert (await chat(session, again, key, max_tokens=2))[0] == 200
 
@@ -142,7 +151,7 @@ class TestBudgetsAtTheirEdge:
             )
             rig.identity.authenticator.reload_budgets()
             status, _, body = await chat(session, rig, key, max_tokens=10)
-            assert status == 429 and b"budget_exceeded" in body
+            assert (status, error_code(body)) == (429, "budget_exceeded")
 
     async def test_a_caller_without_a_budget_is_not_counted_against_one(
         self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
@@ -187,7 +196,7 @@ class TestTheQueue:
             status, headers, body = await chat(session, rig, waiting, stream=False)
             waited = time.monotonic() - started
             first.cancel()
-        assert (status, b'"queue_timeout"' in body) == (503, True)
+        assert (status, error_code(body)) == (503, "queue_timeout")
         assert 0.3 <= waited < 1.5 and 1 <= int(headers["Retry-After"]) <= 5
 
     async def test_a_caller_that_gives_up_leaves_the_queue_at_once(
@@ -237,7 +246,7 @@ class TestTheQueue:
             status, headers, body = await chat(session, rig, key, stream=False)
             for task in running:
                 task.cancel()
-        assert status == 429 and b'"queue_full"' in body and "Retry-After" in headers
+        assert (status, error_code(body)) == (429, "queue_full") and "Retry-After" in headers
 
     async def test_a_heavy_caller_does_not_starve_a_light_one(
         self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
@@ -314,7 +323,7 @@ class TestTheModelGuard:
             await asyncio.sleep(0.1)
             status, headers, body = await chat(session, rig, switcher, model=LLAMA, stream=False)
             await running
-        assert status == 503 and b'"model_busy"' in body and "Retry-After" in headers
+        assert (status, error_code(body)) == (503, "model_busy") and "Retry-After" in headers
         assert fake_lmstudio.loads[LLAMA] == 0 and not fake_lmstudio.streams_cut
 
     async def test_warm_up_loads_a_model_before_anyone_asks(
@@ -342,8 +351,9 @@ async def test_the_guard_never_answers_a_caller_with_model_states(
         async with session.get(
             rig.url + "/api/v0/models", headers={"Authorization": f"Bearer {key}"}
         ) as response:
-            assert response.status == 404
-            assert b"not-loaded" not in await response.read()
+            body = await response.read()
+            assert (response.status, error_code(body)) == (404, "path_not_allowed")
+            assert b"not-loaded" not in body
     assert all(not r.path.startswith("/api/") for r in fake_lmstudio.received)
 
 

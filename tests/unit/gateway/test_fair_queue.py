@@ -500,7 +500,7 @@ class TestQueueFloodIsBounded:
         await settle()
         with pytest.raises(ApiError) as caught:
             await q.acquire("b", "2001:db8:1:2::ffff", max_wait=10)
-        assert caught.value.status == 429
+        assert (caught.value.status, caught.value.code) == (429, "queue_full")
         cleanup.append(asyncio.create_task(q.acquire("b", "2001:db8:1:3::1", max_wait=10)))
         await settle()
         assert q.waiting == 2
