@@ -49,11 +49,6 @@ class Guard(Protocol):
     def leave(self, use: Any) -> None: ...
 
 
-class Reservation(Protocol):
-    @property
-    def max_output(self) -> int | None: ...
-
-
 class Ledger(Protocol):
     def reserve(
         self, principal: Principal, *, prompt_estimate: int, requested_output: int | None
@@ -112,12 +107,11 @@ class Sharing:
             prompt = estimate_prompt_tokens(prepared.payload)
             if asked is None:
                 asked = self._default_output(principal.name, budget, prompt)
+            # Always a length here (None only when nothing is left, and then this refuses):
+            # the body carries what was reserved for its output, so it cannot use more.
             reservation = self._ledger.reserve(
                 principal, prompt_estimate=prompt, requested_output=asked
             )
-            # The body carries what was reserved for its output, so it cannot use more.
-            if reservation is not None and reservation.max_output is not None:
-                asked = reservation.max_output
             if asked:
                 cap = asked
         return Generation(
