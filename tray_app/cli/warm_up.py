@@ -19,6 +19,7 @@ from tray_app.config.settings import Config, ModelSwitch
 from tray_app.control.assembly import secret_store_for
 from tray_app.errors import SecretStoreError
 from tray_app.gateway.api_errors import ApiError
+from tray_app.gateway.server.identify import lmgate_listens
 from tray_app.gateway.upstream.model_api import ModelStates, own_model_api
 from tray_app.gateway.upstream.model_guard import ModelGuard
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
@@ -41,13 +42,24 @@ def add_warm_up_command(
         "unload another model to make room, so run it before people use that one.",
     )
     warm_up.add_argument("model", metavar="MODEL", help="the model's id, as LM Studio lists it")
+    warm_up.add_argument(
+        "--upstream", metavar="URL", help="LM Studio's URL, as `serve --upstream` takes it"
+    )
+    warm_up.add_argument(
+        "--force",
+        action="store_true",
+        help="load even while an LM Gate serves: this command cannot see its running answers",
+    )
 
 
 def run_warm_up(args: argparse.Namespace, config: Config, out: IO[str]) -> int:
-    return asyncio.run(warm_up(config, args.model, out, sys.stderr))
+    # --upstream reached `config` as serve's flag does (one declaration, upstream.url).
+    return asyncio.run(warm_up(config, args.model, out, sys.stderr, force=args.force))
 
 
-async def warm_up(config: Config, model: str, out: IO[str], err: IO[str]) -> int:
+async def warm_up(
+    config: Config, model: str, out: IO[str], err: IO[str], *, force: bool = False
+) -> int:
     token = read_or_none(_store(config), LMSTUDIO_API_TOKEN)
     async with own_model_api(config.upstream_url, token) as api:
         try:
@@ -61,6 +73,17 @@ async def warm_up(config: Config, model: str, out: IO[str], err: IO[str]) -> int
             print(f"{model} is loaded already.", file=out)
             return EXIT_OK
         others = sorted(states.loaded)
+        if others and not force and await lmgate_listens(config.server_host, config.server_port):
+            # Its model guard would wait for the answers it streams; this process cannot see
+            # them, and LM Studio's unload would cut them off (LM Studio #671).
+            print(
+                f"lmgate: an LM Gate is serving on port {config.server_port}, and loading {model} "
+                f"may make LM Studio unload {', '.join(others)}, cutting off answers it is "
+                "streaming, which this command cannot see. Use the tray's Warm up a model… "
+                "(it waits for them), run this before people arrive, or add --force.",
+                file=err,
+            )
+            return EXIT_FAILURE
         if others:
             print(f"LM Studio may unload {', '.join(others)} to make room.", file=out)
         print(f"Loading {model}…", end="", file=out, flush=True)

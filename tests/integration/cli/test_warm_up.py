@@ -4,6 +4,7 @@ fake LM Studio over a real socket, with the config and secret store the gateway 
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +125,33 @@ def test_the_command_is_listed(env: Env) -> None:
     result = env.run("--help")
     assert "warm-up" in result.stdout
     assert "models.load_timeout" in env.run("warm-up", "--help").stdout
+
+
+def test_upstream_can_be_given_as_serve_takes_it(lmstudio: FakeLMStudio, env: Env) -> None:
+    url = env.vars.pop("LMGATE_UPSTREAM_URL")
+    result = env.run("warm-up", LLAMA, "--upstream", url)
+    assert result.returncode == 0, result.stderr
+    assert lmstudio.loaded == [LLAMA]
+    refused = env.run("warm-up", LLAMA, "--upstream", "ftp://nowhere")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("lmgate: config error: upstream.url (from command line)")
+
+
+def test_while_an_lm_gate_serves_it_refuses_to_evict_unless_forced(
+    lmstudio: FakeLMStudio, env: Env, tmp_path: Path
+) -> None:
+    from tests.conftest import LiveGateway
+
+    serving = LiveGateway(tmp_path / "serving")
+    try:
+        env.vars["LMGATE_SERVER_PORT"] = str(serving.server.port)
+        refused = env.run("warm-up", LLAMA)
+        assert refused.returncode == 1
+        assert "cutting off answers it is streaming" in refused.stderr
+        assert "Warm up a model…" in refused.stderr and "--force" in refused.stderr
+        assert lmstudio.loaded == [QWEN] and not lmstudio.loads
+        forced = env.run("warm-up", LLAMA, "--force")
+        assert forced.returncode == 0, forced.stderr
+        assert lmstudio.loaded == [LLAMA]
+    finally:
+        serving.close()

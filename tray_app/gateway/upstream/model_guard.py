@@ -205,12 +205,19 @@ class ModelGuard:
 
     async def _read(self, model: str | None) -> ModelStates | None:
         """The states as last read, read again when older than REFRESH_INTERVAL or when
-        ``model`` is not loaded in them (LM Studio may have loaded it since)."""
+        ``model`` is downloaded but not loaded in them (LM Studio may have loaded it since)."""
         states = self._states
         stale = self._read_at is None or (
             self._clock.monotonic() - self._read_at >= REFRESH_INTERVAL
         )
-        missed = model is not None and states is not None and model not in states.loaded
+        # Only a downloaded model LM Studio may have loaded since: a name it does not have at
+        # all must not cost a read per request (nor let a caller make LM Studio answer two).
+        missed = (
+            model is not None
+            and states is not None
+            and model in states.downloaded
+            and model not in states.loaded
+        )
         if not (stale or missed):
             return states
         if self._reading is None:

@@ -171,6 +171,13 @@ class TestWhatIsLoaded:
         assert api.loads == Counter()
         guard.leave(use)
 
+    async def test_a_model_lm_studio_does_not_have_costs_no_read_per_request(self) -> None:
+        api = MemoryModelApi()
+        guard = guard_for(api)
+        for _ in range(3):
+            guard.leave(await guard.enter("no-such-model", max_wait=WAIT))
+        assert api.reads == 1 and api.loads == Counter()
+
     async def test_nothing_is_known_before_the_first_read(self) -> None:
         assert guard_for(MemoryModelApi()).loaded_models() == frozenset()
 
