@@ -349,9 +349,10 @@ function addBubble(role) {
   return bubble;
 }
 
-// "waiting, 2 ahead" from the gateway's queue, in the answer's place until its first word:
-// said as a sentence, so a busy computer does not look like a stuck page.
-const WAITING = /^waiting\b/i;
+// "waiting, 2 ahead" from the gateway's queue (or "loading the model" from its model guard),
+// in the answer's place until its first word: said as a sentence, so a busy computer does not
+// look like a stuck page.
+const WAITING = /^(waiting|loading)\b/i;
 
 function showWaiting(bubble, comment) {
   if (!WAITING.test(comment)) return;  // a keep-alive

@@ -277,7 +277,7 @@ class Config:
         "queue.max_waiting",
         512,
         p.int_in(0, 100_000),
-        "requests that may wait for a generation slot in total (0 = none wait: 429 at once)",
+        "requests that may wait for a generation slot in total (0 = none wait: 503 at once)",
     )
     queue_max_waiting_per_client: int = setting(
         "queue.max_waiting_per_client",

@@ -436,7 +436,8 @@ def queue_full(from_one_address: bool, retry_after: float) -> ApiError:
 def queue_wait_timeout(seconds: float, retry_after: float) -> ApiError:
     return ApiError(
         503,
-        f"LM Studio stayed busy: waited {seconds:g} s for a turn (queue.max_wait); retry later.",
+        f"LM Studio stayed busy: waited {seconds:g} s for a turn (queue.max_wait, or "
+        "queue.max_stream_wait for a stream); retry later.",
         type=SERVER,
         code="queue_timeout",
         headers=retry_after_header(retry_after),

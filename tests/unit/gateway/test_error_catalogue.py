@@ -371,7 +371,8 @@ CATALOGUE = [
         "server_error",
         "queue_timeout",
         None,
-        "LM Studio stayed busy: waited 60 s for a turn (queue.max_wait); retry later.",
+        "LM Studio stayed busy: waited 60 s for a turn (queue.max_wait, or queue.max_stream_wait "
+        "for a stream); retry later.",
         Retry_After="5",
     ),
     entry(
