@@ -709,7 +709,11 @@ class Gateway:
         if generation is not None:
             # Settled and recorded in one step: no usage counted twice, or never, by a budget.
             exchange.generation = None
-            counted = generation.settle(usage, outcome.bytes_out if exchange.status < 400 else 0)
+            # Charged by what reached LM Studio, not by how the client left: a hang-up
+            # mid-answer still pays for it; a wait that ended in a refusal pays nothing.
+            upstream = outcome.upstream
+            reached = upstream is not None and upstream.status < 400
+            counted = generation.settle(usage, outcome.bytes_out if reached else 0, reached=reached)
         seconds = self._clock.monotonic() - exchange.started
         if self.metrics is not None:
             self.metrics.observe_request(exchange.route, exchange.status, seconds)

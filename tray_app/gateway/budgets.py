@@ -139,13 +139,18 @@ class BudgetLedger:
         return reservation
 
     def settle(
-        self, reservation: Reservation, used: Usage | None, *, bytes_out: int = 0
+        self,
+        reservation: Reservation,
+        used: Usage | None,
+        *,
+        bytes_out: int = 0,
+        reached: bool = False,
     ) -> Usage | None:
         """Replace the reservation by what the request used; a second call does nothing.
         Returns the usage it was charged (``used``, or the estimate when LM Studio reported
         none), which the recorder must write in the same step, so that the totals a restart
         reads are the ones the ledger counted."""
-        charged = used if used is not None else _estimate(reservation, bytes_out)
+        charged = used if used is not None else _estimate(reservation, bytes_out, reached)
         if self._open.pop(reservation.ticket, None) is None:
             return used
         account = self._accounts.get(reservation.principal)
@@ -234,9 +239,11 @@ class BudgetLedger:
         return rooms
 
 
-def _estimate(reservation: Reservation, bytes_out: int) -> Usage | None:
-    """What a request LM Studio reported no usage for is charged."""
-    if bytes_out <= 0:
+def _estimate(reservation: Reservation, bytes_out: int, reached: bool) -> Usage | None:
+    """What a request LM Studio reported no usage for is charged. ``reached``: LM Studio took
+    the request (and so read its prompt), whatever happened after: a client that hangs up
+    mid-answer pays for what was generated, not nothing."""
+    if bytes_out <= 0 and not reached:
         return None  # nothing came back: LM Studio refused or failed before answering
     cap = reservation.tokens - reservation.prompt_estimate
     return Usage(reservation.prompt_estimate, min(cap, bytes_out // BYTES_PER_TOKEN))

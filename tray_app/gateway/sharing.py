@@ -55,7 +55,7 @@ class Ledger(Protocol):
     ) -> Any: ...
 
     def settle(
-        self, reservation: Any, used: Usage | None, *, bytes_out: int = 0
+        self, reservation: Any, used: Usage | None, *, bytes_out: int = 0, reached: bool = False
     ) -> Usage | None: ...
 
     def status(self, principal: str, budget: Budget) -> BudgetStatus: ...
@@ -205,11 +205,13 @@ class Generation:
             sharing._queue.release(self._turn)
             self._turn = None
 
-    def settle(self, usage: Usage | None, bytes_out: int) -> Usage | None:
+    def settle(self, usage: Usage | None, bytes_out: int, *, reached: bool = False) -> Usage | None:
         """Settle the budget with what was really used, and return the usage to record for
         it (an estimate when LM Studio reported none): the gateway records it in the same
         step, so a restart reads the totals the ledger counted."""
         reservation, self._reservation = self._reservation, None
         if reservation is None or self._sharing._ledger is None:
             return usage
-        return self._sharing._ledger.settle(reservation, usage, bytes_out=bytes_out)
+        return self._sharing._ledger.settle(
+            reservation, usage, bytes_out=bytes_out, reached=reached
+        )

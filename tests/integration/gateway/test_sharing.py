@@ -165,6 +165,51 @@ class TestBudgetsAtTheirEdge:
             assert (await chat(session, rig, limited, max_tokens=10))[0] == 200
 
 
+class TestWhatAnAnswerCutShortCosts:
+    async def test_hanging_up_mid_answer_still_pays_for_it(
+        self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
+    ) -> None:
+        fake_lmstudio.behaviour.chunks = 50
+        fake_lmstudio.behaviour.chunk_delay = 0.02
+        rig = await start_identity_gateway()
+        key = key_with_budget(rig, "quitter", Budget(tokens_per_day=1000))
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(
+                rig.url + CHAT,
+                json={"model": QWEN, "messages": QUESTION, "stream": True, "max_tokens": 50},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            for _ in range(5):
+                await response.content.readany()
+            response.close()
+            await asyncio.sleep(0.3)
+        rig.identity.recorder.flush()
+        used = UsageHistory(rig.identity.db).totals_since(
+            principal_of(rig, "quitter"), day_start(time.time())
+        )
+        assert ESTIMATE <= used.tokens <= ESTIMATE + 50
+
+    async def test_a_wait_that_ends_refused_costs_nothing(
+        self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
+    ) -> None:
+        fake_lmstudio.behaviour.chunks = 50
+        fake_lmstudio.behaviour.chunk_delay = 0.05
+        rig = await start_identity_gateway(queue_generations_in_flight=1, queue_max_stream_wait=0.3)
+        busy = key_with_budget(rig, "busy")
+        waiting = key_with_budget(rig, "waiting", Budget(tokens_per_day=1000))
+        async with aiohttp.ClientSession() as session:
+            first = asyncio.ensure_future(chat(session, rig, busy))
+            await asyncio.sleep(0.1)
+            status, _, body = await chat(session, rig, waiting, max_tokens=10)
+            first.cancel()
+        assert status == 200 and b'"code": "queue_timeout"' in body  # told its place first
+        rig.identity.recorder.flush()
+        used = UsageHistory(rig.identity.db).totals_since(
+            principal_of(rig, "waiting"), day_start(time.time())
+        )
+        assert used.tokens == 0
+
+
 class TestTheQueue:
     async def test_a_waiting_stream_is_told_its_place_then_answered(
         self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio

@@ -125,7 +125,8 @@ class Forwarder:
             # Also when the client hung up (aiohttp cancels us): the log counts what was sent.
             outcome.status = relay.status
             outcome.bytes_out = relay.bytes_out
-            outcome.usage = relay.usage
+            # A stream LM Studio answered whole (JSON) has its usage from _whole_response.
+            outcome.usage = relay.usage or outcome.usage
             outcome.error = relay.error
 
     async def models(
