@@ -99,7 +99,7 @@ class StreamRelay:
         self.usage: Usage | None = None
         self.error: str | None = None
         self._opening = False  # awaiting LM Studio's headers: the one wait abort() may cancel
-        self._notice: bytes | None = None  # the next comment to send instead of a keep-alive
+        self._next_comment = HEARTBEAT  # what the pump writes next: a keep-alive or a notice
         self._told: bytes | None = None  # the last notice sent or due: the same is not resent
 
     @property
@@ -137,7 +137,7 @@ class StreamRelay:
         notice = f": {line}\n\n".encode()
         if notice == self._told:
             return
-        self._told = self._notice = notice
+        self._told = self._next_comment = notice
         pump.beat_now()
 
     async def run(
@@ -328,9 +328,9 @@ class StreamRelay:
 
     async def heartbeat(self) -> None:
         # Taken first: a newer notice that comes while the headers go out waits for the next.
-        notice, self._notice = self._notice, None
+        comment, self._next_comment = self._next_comment, HEARTBEAT
         await self._start(200)
-        await self._write(notice or HEARTBEAT)
+        await self._write(comment)
 
     async def _stop_heartbeats(self) -> None:
         if self._pump is not None:

@@ -355,6 +355,37 @@ async def test_a_notice_during_a_slow_heartbeat_follows_it() -> None:
     assert bytes(client.sent).endswith(REVOKED.sse_event("req-bare"))
 
 
+async def test_without_heartbeats_a_notice_during_a_slow_notice_follows_it_once() -> None:
+    # The pump beats once more for the notice that came mid-write, and then writes nothing
+    # until the next notice: no keep-alive, not the same notice again.
+    client = SlowClient()
+    client.hold_on = b"2 ahead"
+    relay = _bare_relay(client, heartbeat=0.0)
+    told = asyncio.Event()
+
+    async def open_upstream() -> aiohttp.ClientResponse:
+        relay.notify("waiting, 2 ahead")
+        await asyncio.wait_for(client.holding.wait(), 2)
+        relay.notify("waiting, 1 ahead")  # the first notice's write is in progress
+        told.set()
+        await asyncio.sleep(30)
+        raise AssertionError("aborted before")
+
+    task = asyncio.create_task(relay.run(open_upstream))
+    await told.wait()
+    client.release()
+    notices = b": waiting, 2 ahead\n\n: waiting, 1 ahead\n\n"
+    await _eventually(lambda: len(client.sent) >= len(notices), timeout=1.0)
+    await asyncio.sleep(0.1)  # time for any further beat to be written
+    assert bytes(client.sent) == notices
+    relay.notify("waiting, 0 ahead")  # the pump still answers the next notice
+    await _eventually(lambda: b"0 ahead" in client.sent, timeout=1.0)
+    relay.abort(REVOKED)
+    await asyncio.wait_for(task, 2)
+    assert bytes(client.sent) == notices + b": waiting, 0 ahead\n\n" + REVOKED.sse_event("req-bare")
+    assert client.headers_sent == 1
+
+
 async def test_a_notice_before_the_relay_runs_or_after_it_stopped_is_dropped() -> None:
     client = SlowClient()
     relay = _bare_relay(client, heartbeat=0.0)
