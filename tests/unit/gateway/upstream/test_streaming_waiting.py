@@ -386,6 +386,31 @@ async def test_without_heartbeats_a_notice_during_a_slow_notice_follows_it_once(
     assert client.headers_sent == 1
 
 
+async def test_a_client_that_hangs_up_while_waiting_gets_no_more_beats_or_notices() -> None:
+    # aiohttp cancels the handler when the client hangs up; the pump must stop with it, or
+    # its timer would go on writing to a response nobody reads.
+    client = SlowClient()
+    relay = _bare_relay(client, heartbeat=0.02)
+    waiting = asyncio.Event()
+
+    async def open_upstream() -> aiohttp.ClientResponse:
+        waiting.set()
+        await asyncio.sleep(30)
+        raise AssertionError("cancelled before")
+
+    task = asyncio.create_task(relay.run(open_upstream))
+    await waiting.wait()
+    await _eventually(lambda: HEARTBEAT in client.sent, timeout=1.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    sent = bytes(client.sent)
+    relay.notify("waiting, 0 ahead")
+    await asyncio.sleep(0.1)  # five beats' time
+    assert bytes(client.sent) == sent
+    assert sent.count(HEARTBEAT) * len(HEARTBEAT) == len(sent)  # whole beats only
+
+
 async def test_a_notice_before_the_relay_runs_or_after_it_stopped_is_dropped() -> None:
     client = SlowClient()
     relay = _bare_relay(client, heartbeat=0.0)
