@@ -1,0 +1,234 @@
+"""Several model servers behind one gateway: which one a request goes to, and which are up.
+
+The pool is pure bookkeeping, with no I/O: the health checker (``upstream.health``) tells it
+what each server answered, the forwarder asks it where to send a request and tells it when
+the request ends. Keeping the choice here, in one synchronous place, makes it cheap on the
+hot path (no await, a handful of comparisons per upstream) and testable without sockets.
+
+The choice, in order (see :meth:`UpstreamPool.choose`):
+
+1. Only upstreams that are enabled, not marked down, and offer the model (an upstream whose
+   model list is not known yet is asked anyway: refusing would turn a slow first probe into
+   an outage).
+2. The upstream that served the conversation before, while it qualifies: its prompt cache
+   holds the conversation, so the next turn starts at once.
+3. One that has the model in memory already (a load takes seconds to minutes; when the
+   server cannot say, nothing is preferred for it).
+4. The least busy (requests in flight), then the higher weight, then the order configured.
+
+A failed upstream is taken out at once and probed again after a backoff that doubles with
+each failure in a row, up to :data:`BACKOFF_MAX`; one good answer puts it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from tray_app.clock import Clock
+
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 60.0
+# How often an upstream that answers is asked again: its model list and loaded models change
+# when someone loads or downloads a model on that machine.
+HEALTHY_PROBE_INTERVAL = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    """One configured model server. Its API token, if any, lives in the secret store under
+    :func:`token_secret_name`, never in the configuration."""
+
+    name: str
+    url: str
+    weight: int = 1
+    enabled: bool = True
+
+
+def token_secret_name(upstream: str) -> str:
+    return f"upstream-token:{upstream}"
+
+
+class Upstream:
+    """One upstream's live state. ``up`` is None until its first probe ended."""
+
+    __slots__ = (
+        "down_reason",
+        "failures",
+        "in_flight",
+        "index",
+        "loaded",
+        "models",
+        "next_probe",
+        "spec",
+        "up",
+    )
+
+    def __init__(self, spec: UpstreamSpec, index: int) -> None:
+        self.spec = spec
+        self.index = index
+        self.up: bool | None = None
+        self.down_reason: str | None = None
+        self.failures = 0  # in a row
+        self.next_probe = 0.0  # monotonic
+        self.models: frozenset[str] | None = None  # None: not known (yet)
+        self.loaded: frozenset[str] | None = None  # None: the server cannot say
+        self.in_flight = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def usable(self) -> bool:
+        return self.spec.enabled and self.up is not False
+
+    def offers(self, model: str | None) -> bool:
+        return model is None or self.models is None or model in self.models
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamView:
+    """A frozen copy of one upstream's state for /readyz, the tray, metrics and `doctor`."""
+
+    name: str
+    url: str
+    enabled: bool
+    up: bool | None
+    down_reason: str | None
+    models: tuple[str, ...]
+    loaded: tuple[str, ...]
+    in_flight: int
+
+    @property
+    def state(self) -> str:
+        if not self.enabled:
+            return "disabled"
+        return {None: "starting", True: "up", False: "down"}[self.up]
+
+
+class UpstreamPool:
+    def __init__(self, specs: Iterable[UpstreamSpec], clock: Clock) -> None:
+        self._clock = clock
+        self._upstreams: dict[str, Upstream] = {}
+        for spec in specs:
+            if spec.name in self._upstreams:
+                raise ValueError(f"two upstreams are named {spec.name!r}")
+            self._upstreams[spec.name] = Upstream(spec, len(self._upstreams))
+        if not self._upstreams:
+            raise ValueError("LM Gate needs at least one upstream")
+        self._only = next(iter(self._upstreams.values())) if len(self._upstreams) == 1 else None
+
+    def __iter__(self) -> Iterator[Upstream]:
+        return iter(self._upstreams.values())
+
+    def __len__(self) -> int:
+        return len(self._upstreams)
+
+    def get(self, name: str) -> Upstream | None:
+        return self._upstreams.get(name)
+
+    # ---- the choice (hot path) ------------------------------------------------------------
+
+    def choose(
+        self, model: str | None, *, sticky: str | None = None, avoid: str | None = None
+    ) -> Upstream | None:
+        """Where a request for ``model`` goes, or None when no upstream can take it.
+        ``sticky``: the upstream that served the conversation before; ``avoid``: one that
+        just failed this request (a retry goes elsewhere or nowhere)."""
+        only = self._only
+        if only is not None:  # one upstream: no choice to make, and none to pay for
+            return only if only.usable and only.offers(model) and avoid is None else None
+        if sticky is not None and sticky != avoid:
+            kept = self._upstreams.get(sticky)
+            if kept is not None and kept.usable and kept.offers(model):
+                return kept
+        best: Upstream | None = None
+        best_key: tuple[bool, int, int, int] | None = None
+        for upstream in self._upstreams.values():
+            if upstream.name == avoid or not upstream.usable or not upstream.offers(model):
+                continue
+            loaded = upstream.loaded
+            key = (
+                not (model is not None and loaded is not None and model in loaded),
+                upstream.in_flight,
+                -upstream.spec.weight,
+                upstream.index,
+            )
+            if best_key is None or key < best_key:
+                best, best_key = upstream, key
+        return best
+
+    def models(self) -> frozenset[str]:
+        """Every model some usable upstream offers (what ``/v1/models`` lists)."""
+        found: set[str] = set()
+        for upstream in self._upstreams.values():
+            if upstream.usable and upstream.models is not None:
+                found |= upstream.models
+        return frozenset(found)
+
+    # ---- what happened --------------------------------------------------------------------
+
+    def started(self, upstream: Upstream) -> None:
+        upstream.in_flight += 1
+
+    def ended(self, upstream: Upstream) -> None:
+        upstream.in_flight -= 1
+
+    def answered(
+        self,
+        name: str,
+        *,
+        models: Iterable[str] | None,
+        loaded: Iterable[str] | None = None,
+    ) -> None:
+        """A probe (or a request) found ``name`` answering."""
+        upstream = self._upstreams.get(name)
+        if upstream is None:
+            return
+        upstream.up = True
+        upstream.down_reason = None
+        upstream.failures = 0
+        if models is not None:
+            upstream.models = frozenset(models)
+        if loaded is not None:
+            upstream.loaded = frozenset(loaded)
+        upstream.next_probe = self._clock.monotonic() + HEALTHY_PROBE_INTERVAL
+
+    def failed(self, name: str, reason: str) -> None:
+        """``name`` could not be reached (a probe, or a request before its first byte): out
+        until a probe after the backoff finds it answering."""
+        upstream = self._upstreams.get(name)
+        if upstream is None:
+            return
+        upstream.up = False
+        upstream.down_reason = reason
+        upstream.failures += 1
+        backoff = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (upstream.failures - 1))
+        upstream.next_probe = self._clock.monotonic() + backoff
+
+    def due(self) -> list[Upstream]:
+        """The enabled upstreams whose next probe is due."""
+        now = self._clock.monotonic()
+        return [u for u in self._upstreams.values() if u.spec.enabled and u.next_probe <= now]
+
+    def next_due_in(self) -> float:
+        """Seconds until the next probe is due (0 when one is due now)."""
+        now = self._clock.monotonic()
+        waits = [u.next_probe - now for u in self._upstreams.values() if u.spec.enabled]
+        return max(0.0, min(waits, default=HEALTHY_PROBE_INTERVAL))
+
+    def views(self) -> tuple[UpstreamView, ...]:
+        return tuple(
+            UpstreamView(
+                name=u.name,
+                url=u.spec.url,
+                enabled=u.spec.enabled,
+                up=u.up,
+                down_reason=u.down_reason,
+                models=tuple(sorted(u.models or ())),
+                loaded=tuple(sorted(u.loaded or ())),
+                in_flight=u.in_flight,
+            )
+            for u in self._upstreams.values()
+        )
