@@ -13,10 +13,12 @@ import re
 from collections.abc import Mapping
 from typing import Protocol
 
+from tray_app.config.upstreams import LOCAL_TOKEN_SECRET
 from tray_app.errors import SecretStoreError
 
-# Entry names, one secret each.
-LMSTUDIO_API_TOKEN = "lmstudio-api-token"  # noqa: S105 - a name, not a secret
+# Entry names, one secret each. Each further upstream's token has its own entry
+# (config.upstreams.token_secret_name).
+LMSTUDIO_API_TOKEN = LOCAL_TOKEN_SECRET
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 MAX_SECRET_BYTES = 2048

@@ -37,16 +37,12 @@ HEALTHY_PROBE_INTERVAL = 10.0
 @dataclass(frozen=True, slots=True)
 class UpstreamSpec:
     """One configured model server. Its API token, if any, lives in the secret store under
-    :func:`token_secret_name`, never in the configuration."""
+    ``config.upstreams.token_secret_name(name)``, never in the configuration."""
 
     name: str
     url: str
     weight: int = 1
     enabled: bool = True
-
-
-def token_secret_name(upstream: str) -> str:
-    return f"upstream-token:{upstream}"
 
 
 class Upstream:

@@ -11,7 +11,6 @@ from tray_app.gateway.upstream.pool import (
     HEALTHY_PROBE_INTERVAL,
     UpstreamPool,
     UpstreamSpec,
-    token_secret_name,
 )
 
 
@@ -42,10 +41,6 @@ class TestConstruction:
         assert [u.name for u in p] == ["b", "a", "c"]
         assert len(p) == 3
         assert p.get("a") is not None and p.get("zz") is None
-
-    def test_token_lives_under_a_name_per_upstream(self) -> None:
-        assert token_secret_name("desk") == "upstream-token:desk"
-        assert token_secret_name("desk") != token_secret_name("laptop")
 
 
 class TestOneUpstream:
