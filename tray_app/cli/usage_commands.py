@@ -199,7 +199,7 @@ def _usage(args: argparse.Namespace, identity: Identity, out: IO[str]) -> int:
     history = UsageHistory(identity.db)
     if args.by is not None:
         bucket = Bucket(args.by)
-        first = 0 if start is None else bucket_start(start.start, bucket)
+        first_bucket = 0 if start is None else bucket_start(start.start, bucket)
         rows = [
             (
                 iso(row.start) if args.csv else when(row.start),
@@ -209,10 +209,10 @@ def _usage(args: argparse.Namespace, identity: Identity, out: IO[str]) -> int:
                 str(row.totals.prompt_tokens),
                 str(row.totals.completion_tokens),
             )
-            for row in history.series(first, bucket)
+            for row in history.series(first_bucket, bucket)
         ]
         if start is not None:
-            _since_header(out, args.csv, Since(first, bucket))
+            _since_header(out, args.csv, Since(first_bucket, bucket))
         header = ("START", "PRINCIPAL", "NAME", "KIND", "REQUESTS", "PROMPT TOKENS")
         _write(out, args.csv, (*header, "COMPLETION TOKENS"), rows)
         return 0

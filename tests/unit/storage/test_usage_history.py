@@ -55,9 +55,7 @@ class TestPerPrincipal:
     def test_by_day_by_default_from_the_start_of_its_day(self, db: Database) -> None:
         _use(db, "key:a", _at(2026, 11, 24, 23), 100)
         _use(db, "key:a", _at(2026, 11, 25, 0), 10)
-        assert UsageHistory(db).per_principal(_at(2026, 11, 25, 18)) == {
-            "key:a": Totals(1, 10, 0)
-        }
+        assert UsageHistory(db).per_principal(_at(2026, 11, 25, 18)) == {"key:a": Totals(1, 10, 0)}
 
 
 class TestCurrent:
