@@ -491,7 +491,7 @@ _BUDGET_FORMS = "a number of tokens (100000, 100,000, 100k, 2M) or none"
 def parse_budget_value(what: str, raw: str) -> int | None:
     """A budget as typed for ``what`` (``--day``, ``--budget-month``, ...): tokens, or None for
     no cap. 0 is refused, not read as "no cap": a stored 0 refuses every request while the
-    settings' 0 means no budget, and a person typing it means one of the two."""
+    settings' 0 means no budget, and a person typing it could mean either."""
     text = raw.strip()
     if text.lower() == "none":
         return None
@@ -514,7 +514,11 @@ def parse_budget_value(what: str, raw: str) -> int | None:
             "none means no cap)",
         )
     if value > BUDGET_DEFAULT_MAX:
-        raise InputError(what, f"must be at most {BUDGET_DEFAULT_MAX:,} tokens, got {value:,}")
+        raise InputError(
+            what,
+            f"must be at most {BUDGET_DEFAULT_MAX:,} tokens (as much as the tray's budget "
+            f"fields hold), got {value:,}",
+        )
     return value
 
 

@@ -110,7 +110,7 @@ def when(epoch: float | None) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-# A calendar date names its UTC midnight; the digits are ASCII on purpose (int() would take others).
+# A calendar date names its UTC midnight. [0-9], not \d: digits of other scripts are no date here.
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _SINCE_FORMS = "a time ago like 36h or 7d, or a UTC date like 2026-11-20"
 

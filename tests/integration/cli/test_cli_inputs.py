@@ -193,7 +193,11 @@ REFUSED = [
     ("0k", "must be a positive number of tokens, got 0"),
     ("-5", "must be a positive number of tokens, got -5"),
     ("-1k", "must be a positive number of tokens, got -1k"),
-    (str(BUDGET_DEFAULT_MAX + 1), "must be at most 2,000,000,000 tokens, got 2,000,000,001"),
+    (
+        str(BUDGET_DEFAULT_MAX + 1),
+        "must be at most 2,000,000,000 tokens (as much as the tray's budget fields hold), "
+        "got 2,000,000,001",
+    ),
     ("3M000", "must be a number of tokens (100000, 100,000, 100k, 2M) or none"),
     ("2001M", "must be at most 2,000,000,000 tokens"),
     ("1.2345k", "must be a whole number of tokens, got '1.2345k'"),
