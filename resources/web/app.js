@@ -353,6 +353,14 @@ function addBubble(role) {
 // in the answer's place until its first word: said as a sentence, so a busy computer does not
 // look like a stuck page.
 const WAITING = /^(waiting|loading)\b/i;
+// First in the queue: "0 ahead" reads like nothing is happening. The gateway may say it so
+// itself one day ("waiting, next in line").
+const NEXT_IN_LINE = /^waiting,\s*(0 ahead|next in line)$/i;
+
+function waitingWords(comment) {
+  if (NEXT_IN_LINE.test(comment)) return "Next in line";
+  return comment.charAt(0).toUpperCase() + comment.slice(1);
+}
 
 function showWaiting(bubble, comment) {
   if (!WAITING.test(comment)) return;  // a keep-alive
@@ -363,7 +371,7 @@ function showWaiting(bubble, comment) {
     line.setAttribute("role", "status");
     bubble.replaceChildren(line);
   }
-  const words = comment.charAt(0).toUpperCase() + comment.slice(1);
+  const words = waitingWords(comment);
   if (line.textContent !== words) line.textContent = words;
 }
 
@@ -459,8 +467,41 @@ const MODEL_NOT_NAMED = "The computer's LM Studio says no model was chosen. Choo
 // LM Studio's refusal of a photo for a model without vision, in its various wordings.
 const NO_VISION = /does not support image|not support (image|vision)|image input|vision/i;
 
+// The gateway says when a budget resets in UTC ("resets at 2026-12-03 00:00 UTC", or ISO
+// 8601): the phone's user reads it in their own time and how long that is from now.
+const UTC_RESET = /resets at (\d{4})-(\d\d)-(\d\d)[ T](\d\d):(\d\d)(?::\d\d)?(?: UTC|Z)/;
+
+function twoDigits(number) {
+  return String(number).padStart(2, "0");
+}
+
+function fromNow(ms) {
+  const minutes = Math.max(1, Math.round(ms / 60000));
+  if (minutes < 60) return `in ${minutes} min`;
+  const hours = Math.round(minutes / 60);
+  if (hours < 48) return `in ${hours} h`;
+  return `in ${Math.round(hours / 24)} days`;
+}
+
+const DAY_MS = 24 * 3600 * 1000;
+
+function localReset(message, now = new Date()) {
+  const found = UTC_RESET.exec(message);
+  if (!found) return message;
+  const [, year, month, day, hour, minute] = found.map(Number);
+  const resets = new Date(Date.UTC(year, month - 1, day, hour, minute));
+  let when = `at ${twoDigits(resets.getHours())}:${twoDigits(resets.getMinutes())}`;
+  if (resets - now >= DAY_MS) {  // a month's reset: "at 01:00" alone would read as today
+    const date = resets.toLocaleDateString(undefined, { weekday: "short", month: "short",
+                                                        day: "numeric" });
+    when = `on ${date} ${when}`;
+  }
+  return message.replace(found[0], `resets ${when} (${fromNow(resets - now)})`);
+}
+
 function phoneWording(error) {
   if (!(error instanceof ApiProblem)) return error.message;
+  if (error.code === "budget_exceeded") return localReset(error.message);
   if (error.code === "missing_model") return error.sentModel ? MODEL_NOT_NAMED : NO_MODEL;
   if (PHONE_WORDING[error.code]) return PHONE_WORDING[error.code];
   if ((error.code === "upstream_error" || !error.code) && NO_VISION.test(error.message)) {

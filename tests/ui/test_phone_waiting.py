@@ -188,12 +188,39 @@ def test_a_wait_that_ends_in_a_queue_error_says_so_in_words(
     context, page = open_chat(browser, gateway)
     page.fill("#input", "Hi")
     page.click("#send")
-    wait_for_bubble(page, "Waiting, 0 ahead")
+    wait_for_bubble(page, "Next in line")
     gateway.step()
     page.wait_for_selector(".message.error .error-line", timeout=10000)
     assert page.inner_text(".message.error .error-line").startswith(words)
     assert page.evaluate("document.querySelector('.waiting')") is None
     assert not page.is_hidden("#retry")
+    context.close()
+
+
+@pytest.mark.parametrize("notice", [b"waiting, 0 ahead", b"waiting, next in line"])
+def test_first_in_the_queue_is_next_in_line(
+    browser: Any, gateway: FakeGateway, notice: bytes
+) -> None:
+    gateway.script = [
+        b": waiting, 1 ahead\n\n",
+        STEP,
+        b": " + notice + b"\n\n",
+        STEP,
+        b": waiting, 10 ahead\n\n",  # 10 is not 0: told as it came
+        STEP,
+        token("Hi"),
+        b"data: [DONE]\n\n",
+    ]
+    context, page = open_chat(browser, gateway)
+    page.fill("#input", "Hi")
+    page.click("#send")
+    wait_for_bubble(page, "Waiting, 1 ahead")
+    gateway.step()
+    wait_for_bubble(page, "Next in line")
+    gateway.step()
+    wait_for_bubble(page, "Waiting, 10 ahead")
+    gateway.step()
+    wait_for_bubble(page, "Hi")
     context.close()
 
 

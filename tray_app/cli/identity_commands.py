@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import re
 import sys
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import IO
 from urllib.parse import urlsplit
 
@@ -23,7 +25,7 @@ from tray_app.cli.usage_commands import (
     table,
     when,
 )
-from tray_app.config.settings import Config, parse_duration
+from tray_app.config.settings import BUDGET_DEFAULT_MAX, Config, parse_duration
 from tray_app.control.assembly import (
     Identity,
     open_identity,
@@ -39,7 +41,7 @@ from tray_app.qr_codes import terminal_qr
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN
 from tray_app.storage.audit import AuditSource
 from tray_app.storage.budgets import BudgetStore
-from tray_app.storage.usage_history import Totals, UsageHistory, day_start, month_start
+from tray_app.storage.usage_history import Current, UsageHistory
 
 SETTABLE_SECRETS = (LMSTUDIO_API_TOKEN,)
 
@@ -137,20 +139,19 @@ IDENTITY_COMMANDS = frozenset(
 
 
 def _budget_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--budget-day", type=int, metavar="N", help="tokens per UTC day")
-    parser.add_argument("--budget-month", type=int, metavar="N", help="tokens per UTC month")
-
-
-def _positive(what: str, value: int | None) -> int | None:
-    if value is not None and value <= 0:
-        raise InputError(what, f"must be a positive number of tokens, got {value}")
-    return value
+    parser.add_argument("--budget-day", metavar="N|none", help="tokens per UTC day (100k, 2M)")
+    parser.add_argument("--budget-month", metavar="N|none", help="tokens per UTC month (100k, 2M)")
 
 
 def _budget(args: argparse.Namespace) -> Budget:
     return Budget(
-        _positive("--budget-day", args.budget_day), _positive("--budget-month", args.budget_month)
+        _optional_budget("--budget-day", args.budget_day),
+        _optional_budget("--budget-month", args.budget_month),
     )
+
+
+def _optional_budget(what: str, raw: str | None) -> int | None:
+    return None if raw is None else parse_budget_value(what, raw)
 
 
 def _scopes(raw: Sequence[str] | None, default: frozenset[str]) -> frozenset[str]:
@@ -424,10 +425,7 @@ def _budget_command(args: argparse.Namespace, action: str, identity: Identity, o
     if action == "show":
         chosen = [find_credential(identity, args.who)] if args.who else None
         shown = chosen or [c for c in credentials(identity) if c.live]
-        history = UsageHistory(identity.db)
-        now = identity.clock.time()
-        today = history.per_principal(day_start(now))
-        month = history.per_principal(month_start(now))
+        current = UsageHistory(identity.db).current(identity.clock.time())
         budgets = store.all()
         rows = [
             (
@@ -436,8 +434,8 @@ def _budget_command(args: argparse.Namespace, action: str, identity: Identity, o
                 c.kind.value,
                 _limit(budgets.get(c.principal, Budget()).tokens_per_day),
                 _limit(budgets.get(c.principal, Budget()).tokens_per_month),
-                f"{today.get(c.principal, Totals()).tokens:,}",
-                f"{month.get(c.principal, Totals()).tokens:,}",
+                f"{current.get(c.principal, Current()).today.tokens:,}",
+                f"{current.get(c.principal, Current()).month.tokens:,}",
             )
             for c in shown
         ]
@@ -458,8 +456,10 @@ def _budget_command(args: argparse.Namespace, action: str, identity: Identity, o
         )
     before = store.get(credential.principal) or Budget()
     budget = Budget(
-        before.tokens_per_day if args.day is None else _budget_value("--day", args.day),
-        before.tokens_per_month if args.month is None else _budget_value("--month", args.month),
+        before.tokens_per_day if args.day is None else parse_budget_value("--day", args.day),
+        before.tokens_per_month
+        if args.month is None
+        else parse_budget_value("--month", args.month),
     )
     store.set(
         credential.principal,
@@ -480,15 +480,46 @@ def _limit(value: int | None) -> str:
     return "none" if value is None else f"{value:,}"
 
 
-def _budget_value(what: str, raw: str) -> int | None:
-    text = raw.strip().replace(",", "").replace("_", "")
+# Plain, grouped (100,000 as written, 100_000 as in Python) or with a k/M suffix. The digits are
+# ASCII on purpose: int() would also take Arabic-Indic and other digits.
+_PLAIN_TOKENS = re.compile(r"[0-9]+|[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+(?:_[0-9]+)+")
+_SUFFIXED_TOKENS = re.compile(r"([0-9]+(?:\.[0-9]+)?)([km])", re.IGNORECASE)
+_SUFFIX = {"k": 1_000, "m": 1_000_000}
+_BUDGET_FORMS = "a number of tokens (100000, 100,000, 100k, 2M) or none"
+
+
+def parse_budget_value(what: str, raw: str) -> int | None:
+    """A budget as typed for ``what`` (``--day``, ``--budget-month``, ...): tokens, or None for
+    no cap. 0 is refused, not read as "no cap": a stored 0 refuses every request while the
+    settings' 0 means no budget, and a person typing it could mean either."""
+    text = raw.strip()
     if text.lower() == "none":
         return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise InputError(what, f"must be a number of tokens or none, got {raw!r}") from None
-    return _positive(what, value)
+    suffixed = _SUFFIXED_TOKENS.fullmatch(text)
+    if _PLAIN_TOKENS.fullmatch(text):
+        value = int(text.replace(",", "").replace("_", ""))
+    elif suffixed:
+        exact = Decimal(suffixed.group(1)) * _SUFFIX[suffixed.group(2).lower()]
+        if exact != exact.to_integral_value():
+            raise InputError(what, f"must be a whole number of tokens, got {raw!r}")
+        value = int(exact)
+    elif text.startswith("-"):
+        raise InputError(what, f"must be a positive number of tokens, got {text}")
+    else:
+        raise InputError(what, f"must be {_BUDGET_FORMS}, got {raw!r}")
+    if value == 0:
+        raise InputError(
+            what,
+            "must be a positive number of tokens, got 0 (0 would refuse every request; "
+            "none means no cap)",
+        )
+    if value > BUDGET_DEFAULT_MAX:
+        raise InputError(
+            what,
+            f"must be at most {BUDGET_DEFAULT_MAX:,} tokens (as much as the tray's budget "
+            f"fields hold), got {value:,}",
+        )
+    return value
 
 
 # A token ID prefix must be this long, as for `lmgate token revoke`.

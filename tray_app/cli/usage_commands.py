@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,7 +18,14 @@ from tray_app.control.assembly import Identity
 from tray_app.identity.principal import Budget, CredentialKind, PrincipalId
 from tray_app.storage.audit import AuditLog
 from tray_app.storage.budgets import BudgetStore
-from tray_app.storage.usage_history import Bucket, Totals, UsageHistory, day_start, month_start
+from tray_app.storage.usage_history import (
+    Bucket,
+    Current,
+    Totals,
+    UsageHistory,
+    bucket_start,
+    finest_bucket,
+)
 
 USAGE_COMMANDS = frozenset({"usage", "audit"})
 # More than anyone reads in a terminal; a longer trail is for --since and --csv.
@@ -30,11 +38,17 @@ def add_usage_commands(
     usage = commands.add_parser(
         "usage", parents=[common], help="requests and tokens per credential, against its budget"
     )
-    usage.add_argument("--since", help="only usage since, e.g. 24h, 7d (default: all of it)")
+    usage.add_argument(
+        "--since",
+        help="only usage since, e.g. 36h, 7d (from the hour) or 2026-11-20 (UTC midnight); "
+        "default: all of it",
+    )
     usage.add_argument("--by", choices=[b.value for b in Bucket], help="one row per hour or day")
     usage.add_argument("--csv", action="store_true", help="comma-separated, with a header row")
     audit = commands.add_parser("audit", parents=[common], help="every change to a credential")
-    audit.add_argument("--since", default="30d", help="entries since, e.g. 7d (default: 30d)")
+    audit.add_argument(
+        "--since", default="30d", help="entries since, e.g. 7d or 2026-11-20 (default: 30d)"
+    )
     audit.add_argument("--csv", action="store_true", help="comma-separated, with a header row")
 
 
@@ -96,13 +110,46 @@ def when(epoch: float | None) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def since(raw: str | None, now: float) -> float | None:
-    if raw is None:
-        return None
-    try:
-        return now - parse_duration(raw)
-    except ValueError as exc:
-        raise InputError("--since", str(exc)) from None
+# A calendar date names its UTC midnight. [0-9], not \d: digits of other scripts are no date here.
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_SINCE_FORMS = "a time ago like 36h or 7d, or a UTC date like 2026-11-20"
+
+
+@dataclass(frozen=True, slots=True)
+class Since:
+    """Where a ``--since`` starts, on a bucket's first second, and the finest bucket that still
+    reaches back that far (hours for 40 days, days before)."""
+
+    start: int
+    bucket: Bucket
+
+    def words(self) -> str:
+        return f"since {when(self.start)}"
+
+
+def parse_since(raw: str, now: float) -> Since:
+    """``--since`` for every command that has one: a duration back from ``now`` (a unit is
+    required: a bare ``7`` reads as seven seconds to the parser and as seven days to a person)
+    or a date. The start is rounded down to the hour, or to the day once hours are no longer
+    kept, so the totals are exactly the buckets from there on."""
+    text = raw.strip()
+    if _DATE.fullmatch(text):
+        try:
+            moment = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+        except ValueError:
+            raise InputError("--since", f"{raw!r} is not a calendar date") from None
+    elif text[-1:].isalpha():
+        try:
+            moment = now - parse_duration(text)
+        except ValueError:
+            raise InputError("--since", f"must be {_SINCE_FORMS}, got {raw!r}") from None
+    else:
+        raise InputError("--since", f"must be {_SINCE_FORMS}, got {raw!r}")
+    if moment > now:
+        raise InputError("--since", f"{raw!r} is in the future")
+    moment = max(moment, 0.0)  # a span longer than the epoch means all of it
+    bucket = finest_bucket(moment, now)
+    return Since(bucket_start(moment, bucket), bucket)
 
 
 def table(out: IO[str], header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -147,11 +194,12 @@ def against(used: int, limit: int | None) -> str:
 
 def _usage(args: argparse.Namespace, identity: Identity, out: IO[str]) -> int:
     now = identity.clock.time()
-    start = since(args.since, now)
+    start = None if args.since is None else parse_since(args.since, now)
     names = {c.principal: c for c in credentials(identity)}
     history = UsageHistory(identity.db)
     if args.by is not None:
         bucket = Bucket(args.by)
+        first_bucket = 0 if start is None else bucket_start(start.start, bucket)
         rows = [
             (
                 iso(row.start) if args.csv else when(row.start),
@@ -161,29 +209,23 @@ def _usage(args: argparse.Namespace, identity: Identity, out: IO[str]) -> int:
                 str(row.totals.prompt_tokens),
                 str(row.totals.completion_tokens),
             )
-            for row in history.series(start or 0.0, bucket)
+            for row in history.series(first_bucket, bucket)
         ]
+        if start is not None:
+            _since_header(out, args.csv, Since(first_bucket, bucket))
         header = ("START", "PRINCIPAL", "NAME", "KIND", "REQUESTS", "PROMPT TOKENS")
         _write(out, args.csv, (*header, "COMPLETION TOKENS"), rows)
         return 0
-    totals: dict[str, tuple[Totals, float | None]]
-    if start is None:
-        totals = {
-            u.principal: (Totals(u.requests, u.prompt_tokens, u.completion_tokens), u.last_seen)
-            for u in identity.db.usage()
-        }
-    else:
-        totals = {p: (t, None) for p, t in history.per_principal(start).items()}
-    today = history.per_principal(day_start(now))
-    month = history.per_principal(month_start(now))
+    totals = _totals(identity, history, start)
+    current = history.current(now)
     budgets = BudgetStore(identity.db).all()
     table_rows = []
     for principal in sorted(totals):
         used, last_seen = totals[principal]
         name, kind = _label(principal, names)
         budget = budgets.get(principal, Budget())
-        day_used = today.get(principal, Totals()).tokens
-        month_used = month.get(principal, Totals()).tokens
+        day_used = current.get(principal, Current()).today.tokens
+        month_used = current.get(principal, Current()).month.tokens
         if args.csv:
             budget_columns: tuple[str, ...] = (
                 str(day_used),
@@ -220,8 +262,34 @@ def _usage(args: argparse.Namespace, identity: Identity, out: IO[str]) -> int:
         )
     else:
         rest = ("TODAY", "THIS MONTH", "LAST SEEN")
+    if start is not None:
+        _since_header(out, args.csv, start)
     _write(out, args.csv, (*first, *rest, "KIND"), table_rows)
     return 0
+
+
+def _totals(
+    identity: Identity, history: UsageHistory, start: Since | None
+) -> dict[str, tuple[Totals, float | None]]:
+    """Each principal's totals (all time, or from ``start``'s bucket on) and when it was
+    last seen: the buckets keep no times, the running totals do."""
+    everything = identity.db.usage()
+    last_seen = {u.principal: u.last_seen for u in everything}
+    if start is None:
+        return {
+            u.principal: (Totals(u.requests, u.prompt_tokens, u.completion_tokens), u.last_seen)
+            for u in everything
+        }
+    return {
+        p: (t, last_seen.get(p))
+        for p, t in history.per_principal(start.start, start.bucket).items()
+    }
+
+
+def _since_header(out: IO[str], as_csv: bool, start: Since) -> None:
+    # A CSV keeps its columns: the start is in every row's own times or was asked for.
+    if not as_csv:
+        print(start.words(), file=out)
 
 
 def _number(value: int | None) -> str:
@@ -229,7 +297,7 @@ def _number(value: int | None) -> str:
 
 
 def _audit(args: argparse.Namespace, identity: Identity, out: IO[str]) -> int:
-    start = since(args.since, identity.clock.time())
+    start = parse_since(args.since, identity.clock.time())
     rows = [
         (
             iso(e.at) if args.csv else when(e.at),
@@ -239,7 +307,8 @@ def _audit(args: argparse.Namespace, identity: Identity, out: IO[str]) -> int:
             e.source.value,
             e.detail or "",
         )
-        for e in AuditLog(identity.db).entries(since=start or 0.0, limit=_AUDIT_ROWS)
+        for e in AuditLog(identity.db).entries(since=start.start, limit=_AUDIT_ROWS)
     ]
+    _since_header(out, args.csv, start)
     _write(out, args.csv, ("WHEN", "ACTION", "WHO", "NAME", "FROM", "DETAIL"), rows)
     return 0

@@ -1,5 +1,5 @@
 """What each credential used lately, for the Devices window: today, this month and a short
-series of tokens per day, with its budget. Read for all principals at once (one query over
+series of tokens per day, with its budget. Read for all principals at once (two queries over
 the day buckets, one over the budgets), however many credentials there are.
 
 Days and months are UTC, as budgets count them, so "today" here is the day a budget resets on.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from tray_app.identity.principal import Budget
 from tray_app.storage.budgets import BudgetStore
 from tray_app.storage.database import DAY, Database
-from tray_app.storage.usage_history import Bucket, UsageHistory, day_start, month_start
+from tray_app.storage.usage_history import Bucket, Current, UsageHistory, day_start
 
 CHART_DAYS = 14  # two weeks shows a weekly rhythm and still fits a table cell
 
@@ -32,35 +32,31 @@ NO_RECENT_USAGE = RecentUsage()
 
 def recent_usage(db: Database, now: float) -> dict[str, RecentUsage]:
     """Every principal with usage this month or in the chart's days."""
+    history = UsageHistory(db)
     today = day_start(now)
     first_chart_day = today - (CHART_DAYS - 1) * DAY
-    this_month = month_start(now)
-    rows = UsageHistory(db).series(min(first_chart_day, this_month), Bucket.DAY)
-    counts: dict[str, list[int]] = {}
     series: dict[str, list[int]] = {}
-    for row in rows:
+    for row in history.series(first_chart_day, Bucket.DAY):
         if row.start > today:  # written under a clock that ran ahead: no day of ours yet
             continue
-        count = counts.setdefault(row.principal, [0, 0, 0, 0])
-        if row.start == today:
-            count[0] += row.totals.requests
-            count[1] += row.totals.tokens
-        if row.start >= this_month:
-            count[2] += row.totals.requests
-            count[3] += row.totals.tokens
-        if row.start >= first_chart_day:
-            days = series.setdefault(row.principal, [0] * CHART_DAYS)
-            days[(row.start - first_chart_day) // DAY] += row.totals.tokens
+        days = series.setdefault(row.principal, [0] * CHART_DAYS)
+        days[(row.start - first_chart_day) // DAY] += row.totals.tokens
+    current = history.current(now)
+    no_days = [0] * CHART_DAYS
     return {
-        principal: RecentUsage(
-            requests_today=count[0],
-            tokens_today=count[1],
-            requests_month=count[2],
-            tokens_month=count[3],
-            tokens_per_day=tuple(series.get(principal, [0] * CHART_DAYS)),
-        )
-        for principal, count in counts.items()
+        principal: _recent(current.get(principal, Current()), series.get(principal, no_days))
+        for principal in current.keys() | series.keys()
     }
+
+
+def _recent(used: Current, days: list[int]) -> RecentUsage:
+    return RecentUsage(
+        requests_today=used.today.requests,
+        tokens_today=used.today.tokens,
+        requests_month=used.month.requests,
+        tokens_month=used.month.tokens,
+        tokens_per_day=tuple(days),
+    )
 
 
 def budgets(db: Database) -> dict[str, Budget]:

@@ -11,6 +11,7 @@ a change that changes nothing (revoking what is revoked) writes none.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -152,6 +153,60 @@ def _expire_pending_codes(conn: sqlite3.Connection, now: float) -> None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Revocable:
+    """A table whose rows are revoked by setting ``revoked``, and the principal a row's audit
+    entry names."""
+
+    table: str
+    key: str
+    principal: Callable[[sqlite3.Row], str]
+
+
+_API_KEYS = _Revocable("api_keys", "id", lambda r: _key_principal(r["id"]))
+_TOKENS = _Revocable("tokens", "jti", lambda r: r["sub"])  # a device's token: its device
+_DEVICES = _Revocable("devices", "id", lambda r: _device_principal(r["id"]))
+
+
+def _audit_revoked(
+    conn: sqlite3.Connection,
+    now: float,
+    principal: str,
+    name: str,
+    source: AuditSource,
+    detail: str | None = None,
+) -> None:
+    record(
+        conn,
+        at=now,
+        action=AuditAction.REVOKED,
+        principal=principal,
+        source=source,
+        name=name,
+        detail=detail,
+    )
+
+
+def _revoke(
+    conn: sqlite3.Connection,
+    kind: _Revocable,
+    ident: str,
+    now: float,
+    source: AuditSource,
+    detail: str | None = None,
+) -> sqlite3.Row | None:
+    """Revoke one row (one revoked before keeps its first revocation time) with its audit
+    entry, written only if this revoked it; the row as it is then, None if there is none."""
+    changed = conn.execute(
+        f"UPDATE {kind.table} SET revoked = ? WHERE {kind.key} = ? AND revoked IS NULL",  # noqa: S608
+        (now, ident),
+    ).rowcount
+    row = _one(conn, f"SELECT * FROM {kind.table} WHERE {kind.key} = ?", (ident,))  # noqa: S608
+    if changed and row is not None:
+        _audit_revoked(conn, now, kind.principal(row), row["name"], source, detail)
+    return row
+
+
 class CredentialStore:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -199,19 +254,7 @@ class CredentialStore:
         """Mark the key revoked (one revoked before keeps its first revocation time); the key
         as it is then, None if there is no such key."""
         with self._db.transaction() as conn:
-            changed = conn.execute(
-                "UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (now, key_id)
-            ).rowcount
-            row = _one(conn, "SELECT * FROM api_keys WHERE id = ?", (key_id,))
-            if changed and row is not None:
-                record(
-                    conn,
-                    at=now,
-                    action=AuditAction.REVOKED,
-                    principal=_key_principal(key_id),
-                    source=source,
-                    name=row["name"],
-                )
+            row = _revoke(conn, _API_KEYS, key_id, now, source)
         return None if row is None else _api_key(row)
 
     # ---- tokens -------------------------------------------------------------------------
@@ -288,21 +331,8 @@ class CredentialStore:
 
     def revoke_token(self, jti: str, now: float, *, source: AuditSource) -> None:
         with self._db.transaction() as conn:
-            changed = conn.execute(
-                "UPDATE tokens SET revoked = ? WHERE jti = ? AND revoked IS NULL", (now, jti)
-            ).rowcount
-            row = _one(conn, "SELECT sub, name FROM tokens WHERE jti = ?", (jti,))
-            if changed and row is not None:
-                # A device's token is named by its device, and the detail says which one.
-                record(
-                    conn,
-                    at=now,
-                    action=AuditAction.REVOKED,
-                    principal=row["sub"],
-                    source=source,
-                    name=row["name"],
-                    detail=f"token {jti}",
-                )
+            # A device's token is named by its device, and the detail says which one.
+            _revoke(conn, _TOKENS, jti, now, source, detail=f"token {jti}")
 
     # ---- pairing codes and devices -----------------------------------------------------
 
@@ -372,25 +402,12 @@ class CredentialStore:
         """Revoke the device and every token it holds, together; the device as it is then,
         None if there is no such device."""
         with self._db.transaction() as conn:
-            changed = conn.execute(
-                "UPDATE devices SET revoked = ? WHERE id = ? AND revoked IS NULL",
-                (now, device_id),
-            ).rowcount
             tokens = conn.execute(
                 "UPDATE tokens SET revoked = ? WHERE revoked IS NULL AND device_id = ?",
                 (now, device_id),
             ).rowcount
-            row = _one(conn, "SELECT * FROM devices WHERE id = ?", (device_id,))
-            if changed and row is not None:
-                record(
-                    conn,
-                    at=now,
-                    action=AuditAction.REVOKED,
-                    principal=_device_principal(device_id),
-                    source=source,
-                    name=row["name"],
-                    detail=f"{tokens} token(s) with it",
-                )
+            detail = f"{tokens} token(s) with it"
+            row = _revoke(conn, _DEVICES, device_id, now, source, detail=detail)
         return None if row is None else _device(row)
 
     def revoke_all_devices(self, now: float, *, source: AuditSource) -> int:
@@ -402,14 +419,8 @@ class CredentialStore:
                 "UPDATE devices SET revoked = ? WHERE revoked IS NULL", (now,)
             ).rowcount
             for device_id, name in live:
-                record(
-                    conn,
-                    at=now,
-                    action=AuditAction.REVOKED,
-                    principal=_device_principal(device_id),
-                    source=source,
-                    name=name,
-                    detail="every device revoked",
+                _audit_revoked(
+                    conn, now, _device_principal(device_id), name, source, "every device revoked"
                 )
             _expire_pending_codes(conn, now)
             conn.execute(

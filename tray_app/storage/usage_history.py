@@ -11,7 +11,7 @@ import datetime as dt
 from dataclasses import dataclass
 from enum import StrEnum
 
-from tray_app.storage.database import DAY, HOUR, Database
+from tray_app.storage.database import DAY, HOUR, KEEP_HOURS_SECONDS, Database
 
 
 class Bucket(StrEnum):
@@ -43,6 +43,24 @@ class BucketRow:
     principal: str
     start: int  # epoch seconds, UTC, the bucket's first second
     totals: Totals
+
+
+@dataclass(frozen=True, slots=True)
+class Current:
+    """What a principal used in the UTC day and month a budget is counting now."""
+
+    today: Totals = Totals()
+    month: Totals = Totals()
+
+
+def finest_bucket(since: float, now: float) -> Bucket:
+    """The bucket that still holds every hour from ``since`` on: hours while they are kept,
+    days before that."""
+    return Bucket.HOUR if since >= now - KEEP_HOURS_SECONDS + HOUR else Bucket.DAY
+
+
+def bucket_start(when: float, bucket: Bucket) -> int:
+    return int(when) // bucket.seconds * bucket.seconds
 
 
 def day_start(when: float) -> int:
@@ -98,11 +116,32 @@ class UsageHistory:
             for r in rows
         ]
 
-    def per_principal(self, since: float) -> dict[str, Totals]:
-        """Totals per principal over the days from ``since``'s day on."""
+    def per_principal(self, since: float, bucket: Bucket = Bucket.DAY) -> dict[str, Totals]:
+        """Totals per principal over the buckets from the one ``since`` falls in on."""
+        table, column = bucket._table
         rows = self._db.query(
-            "SELECT principal, SUM(requests) AS r, SUM(prompt_tokens) AS p, "
-            "SUM(completion_tokens) AS c FROM usage_days WHERE day >= ? GROUP BY principal",
-            (day_start(since),),
+            "SELECT principal, SUM(requests) AS r, SUM(prompt_tokens) AS p, "  # noqa: S608
+            f"SUM(completion_tokens) AS c FROM {table} WHERE {column} >= ? GROUP BY principal",
+            (bucket_start(since, bucket),),
         )
         return {r["principal"]: Totals(r["r"], r["p"], r["c"]) for r in rows}
+
+    def current(self, now: float) -> dict[str, Current]:
+        """Each principal's use today and this month, in one read. A day after today (written
+        while the clock ran ahead) is no day of this month's yet."""
+        today = day_start(now)
+        rows = self._db.query(
+            "SELECT principal, "
+            "SUM(CASE WHEN day = ? THEN requests ELSE 0 END) AS dr, "
+            "SUM(CASE WHEN day = ? THEN prompt_tokens ELSE 0 END) AS dp, "
+            "SUM(CASE WHEN day = ? THEN completion_tokens ELSE 0 END) AS dc, "
+            "SUM(requests) AS mr, SUM(prompt_tokens) AS mp, SUM(completion_tokens) AS mc "
+            "FROM usage_days WHERE day >= ? AND day <= ? GROUP BY principal",
+            (today, today, today, month_start(now), today),
+        )
+        return {
+            r["principal"]: Current(
+                Totals(r["dr"], r["dp"], r["dc"]), Totals(r["mr"], r["mp"], r["mc"])
+            )
+            for r in rows
+        }

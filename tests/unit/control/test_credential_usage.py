@@ -1,6 +1,6 @@
 """What each credential used lately (issue 17, point 4), read from the real day buckets the
-gateway's flush writes: today, this UTC month and the chart's days, for every principal in one
-query; and the budgets table as identity's Budget."""
+gateway's flush writes: today, this UTC month and the chart's days, for every principal in the
+same few queries; and the budgets table as identity's Budget."""
 
 from __future__ import annotations
 
@@ -75,11 +75,15 @@ def test_late_in_a_month_the_month_reaches_past_the_chart(db: CountingDatabase) 
 
 def test_every_principal_from_one_read_and_none_for_the_unused(db: CountingDatabase) -> None:
     now = _at(2026, 7, 20)
-    for i in range(30):
+    _use(db, "key:k0", now, 1)
+    before = db.queries
+    recent_usage(db, now)
+    for_one = db.queries - before
+    for i in range(1, 30):
         _use(db, f"key:k{i}", now, i + 1)
     before = db.queries
     usage = recent_usage(db, now)
-    assert db.queries - before == 1, "one query for all principals, not one per credential"
+    assert db.queries - before == for_one <= 2, "the same reads for all, not one per credential"
     assert len(usage) == 30 and usage["key:k29"].tokens_today == 30
     assert "key:unused" not in usage
     assert RecentUsage(0, 0, 0, 0, (0,) * CHART_DAYS) == NO_RECENT_USAGE
@@ -102,3 +106,13 @@ def test_budgets_by_principal_as_identitys_budget(db: CountingDatabase) -> None:
         )
     assert budgets(db) == {"key:a": Budget(50_000, 1_000_000), "device:b": Budget(None, 300_000)}
     assert budgets(Database(db.path.parent / "other.db")) == {}
+
+
+def test_a_principal_used_only_last_month_is_charted_with_an_empty_month(
+    db: CountingDatabase,
+) -> None:
+    now = _at(2026, 3, 2)
+    _use(db, "key:a", _at(2026, 2, 27), 40)
+    usage = recent_usage(db, now)["key:a"]
+    assert (usage.requests_month, usage.tokens_month, usage.tokens_today) == (0, 0, 0)
+    assert usage.tokens_per_day[-4] == 40
