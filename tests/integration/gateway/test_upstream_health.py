@@ -152,15 +152,15 @@ class TestChecker:
         pool = UpstreamPool([UpstreamSpec("a", "http://127.0.0.1:1")], clock)
         checker = HealthChecker(pool, probe, clock)
         await checker.check_due()
-        assert pool.choose("m") is None
+        upstream = pool.get("a")
+        assert upstream is not None and upstream.up is False
         await checker.check_due()  # not due yet: not asked again
         assert asked == ["a"]
         answers["a"] = ProbeResult(models=("m",))
         clock.advance(BACKOFF_FIRST)
         await checker.check_due()
         assert asked == ["a", "a"]
-        chosen = pool.choose("m")
-        assert chosen is not None and chosen.name == "a"
+        assert upstream.up is True and upstream.models == frozenset({"m"})
 
     async def test_a_probe_that_raises_marks_down_and_the_checker_lives(self) -> None:
         clock = FakeClock()
@@ -192,7 +192,7 @@ class TestChecker:
             upstream = pool.get("a")
             assert upstream is not None and upstream.up is True
             checker.suspect(upstream, "connection refused")
-            assert upstream.up is False and pool.choose("m") is None
+            assert upstream.up is False
             # Probed again after the first backoff, long before the healthy interval.
             await asyncio.wait_for(answered.wait(), BACKOFF_FIRST + 3)
             assert upstream.up is True

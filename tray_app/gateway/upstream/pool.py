@@ -133,8 +133,11 @@ class UpstreamPool:
         ``sticky``: the upstream that served the conversation before; ``avoid``: one that
         just failed this request (a retry goes elsewhere or nowhere)."""
         only = self._only
-        if only is not None:  # one upstream: no choice to make, and none to pay for
-            return only if only.usable and only.offers(model) and avoid is None else None
+        if only is not None:
+            # One upstream: no choice to make, and none to pay for. It is asked even when its
+            # probe failed or its list lacks the model: it may be back already, and its own
+            # answer (unreachable, model not found) says more than a refusal from here.
+            return only if only.spec.enabled and avoid is None else None
         if sticky is not None and sticky != avoid:
             kept = self._upstreams.get(sticky)
             if kept is not None and kept.usable and kept.offers(model):
