@@ -53,6 +53,10 @@ def _silent(_: str) -> None:
     pass
 
 
+def _nothing() -> None:
+    pass
+
+
 class ModelGuard:
     def __init__(
         self, api: ModelApi, *, policy: ModelSwitch, load_timeout: float, clock: Clock
@@ -76,14 +80,25 @@ class ModelGuard:
         return frozenset() if self._states is None else self._states.loaded
 
     async def enter(
-        self, model: str | None, *, max_wait: float, notify: Callable[[str], None] | None = None
+        self,
+        model: str | None,
+        *,
+        max_wait: float,
+        notify: Callable[[str], None] | None = None,
+        before_waiting: Callable[[], None] | None = None,
     ) -> ModelUse:
         """Return once ``model`` may be asked for without evicting a model others are
         receiving answers from. Raises model_switch_refused, model_switch_timeout (after
-        ``max_wait`` seconds of waiting), model_load_failed or model_load_timeout."""
+        ``max_wait`` seconds of waiting), model_load_failed or model_load_timeout.
+        ``before_waiting`` is called once, before the first wait (for other answers, a
+        switch or a load), and not when the model may be asked for at once: the queue holds
+        a place there, so requests waiting here count against its bounds (what it raises,
+        ``enter`` raises)."""
         if self._policy is ModelSwitch.OFF or model is None:
             return ModelUse(model)
-        use, _ = await self._enter(model, max_wait, notify or _silent, warm=False)
+        use, _ = await self._enter(
+            model, max_wait, notify or _silent, before_waiting or _nothing, warm=False
+        )
         return use
 
     def leave(self, use: ModelUse) -> None:
@@ -100,7 +115,7 @@ class ModelGuard:
         off, at once); the seconds the load took, 0 if it was loaded already."""
         # Off turns off the guarding, not the loading the owner asks for; with the guard
         # off no use is counted, so nothing is waited for.
-        use, seconds = await self._enter(model, self._load_timeout, _silent, warm=True)
+        use, seconds = await self._enter(model, self._load_timeout, _silent, _nothing, warm=True)
         self.leave(use)
         return seconds
 
@@ -120,6 +135,7 @@ class ModelGuard:
         model: str,
         max_wait: float,
         notify: Callable[[str], None],
+        before_waiting: Callable[[], None],
         *,
         warm: bool,
     ) -> tuple[ModelUse, float]:
@@ -127,7 +143,10 @@ class ModelGuard:
         told: set[str] = set()
 
         def say(words: str) -> None:
+            # Every wait is told first, so the first words are the moment waiting begins.
             if words not in told:
+                if not told:
+                    before_waiting()
                 told.add(words)
                 notify(words)
 
