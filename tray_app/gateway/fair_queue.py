@@ -116,8 +116,8 @@ class FairQueue:
         self._max_waiting = max_waiting
         self._max_per_client = max_waiting_per_client
         # None: no bound of its own, only the total's
-        self._max_per_caller = max_waiting if max_waiting_per_caller is None else (
-            max_waiting_per_caller
+        self._max_per_caller = (
+            max_waiting if max_waiting_per_caller is None else max_waiting_per_caller
         )
         self.busy = 0
         self.waiting = 0
@@ -305,11 +305,11 @@ class FairQueue:
     def _check_room(self, caller: str, group: str) -> None:
         if self._per_group.get(group, 0) >= self._max_per_client:
             raise errors.queue_full(True, self.retry_after())
+        if self.waiting + self._held >= self._max_waiting:
+            raise errors.queue_full(False, self.retry_after())
         if self._caller_places.get(caller, 0) >= self._max_per_caller:
             # the catalogue has no words of its own for this yet: the per-address 429
             raise errors.queue_full(True, self.retry_after())
-        if self.waiting + self._held >= self._max_waiting:
-            raise errors.queue_full(False, self.retry_after())
 
     def _count_in(self, caller: str, group: str) -> None:
         self._per_group[group] = self._per_group.get(group, 0) + 1
