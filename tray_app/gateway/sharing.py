@@ -63,6 +63,7 @@ class Guard(Protocol):
         max_wait: float,
         notify: Notify | None = None,
         before_waiting: Callable[[], None] | None = None,
+        draft_model: str | None = None,
     ) -> Any: ...
 
     def leave(self, use: Any) -> None: ...
@@ -138,6 +139,7 @@ class Sharing:
             principal.name,
             client,
             prepared.model,
+            prepared.draft_model,
             cap,
             reservation,
             self._max_stream_wait if prepared.stream else self._max_wait,
@@ -165,6 +167,7 @@ class Generation:
     __slots__ = (
         "_caller",
         "_client",
+        "_draft_model",
         "_max_wait",
         "_model",
         "_place",
@@ -181,6 +184,7 @@ class Generation:
         caller: str,
         client: str,
         model: str | None,
+        draft_model: str | None,
         max_tokens: int | None,
         reservation: Any,
         max_wait: float,
@@ -189,6 +193,7 @@ class Generation:
         self._caller = caller
         self._client = client
         self._model = model
+        self._draft_model = draft_model
         self.max_tokens = max_tokens
         self._reservation = reservation
         self._max_wait = max_wait
@@ -215,6 +220,7 @@ class Generation:
                         max_wait=self._max_wait,
                         notify=notify,
                         before_waiting=self._hold_place,
+                        draft_model=self._draft_model,
                     ),
                 )
             except BaseException:

@@ -232,3 +232,13 @@ class TestOneDeadline:
         assert "waited 0.4 s" in caught.value.message  # the whole wait, not what was left
         assert 0.35 <= waited < 0.6  # not 0.25 + 0.4
         queue.release(slot)
+
+
+async def test_a_draft_model_the_body_names_goes_to_the_guard() -> None:
+    sharing, queue, _ = guarded()
+    prepared = prepare_body(CHAT, body(CHAT, f'"model":"{A}","draft_model":"{B}",{QUESTION}'))
+    generation = sharing.admit(Principal("key:k", ALL_SCOPES), "198.51.100.1", CHAT, prepared)
+    with pytest.raises(ApiError) as caught:
+        await generation.wait_turn(None)
+    assert caught.value.code == "model_busy" and repr(B) in caught.value.message
+    assert queue.busy == 0

@@ -778,3 +778,72 @@ class TestTheQueueSeesWhoWaits:
             await guard.enter(B, max_wait=WAIT, before_waiting=lambda: calls.append(""))
         assert calls == []
         guard.leave(streaming)
+
+
+class TestADraftModel:
+    """A body's draft_model (speculative decoding) is a second model LM Studio would load:
+    one not loaded is refused, one loaded is counted so that no switch evicts it."""
+
+    async def test_a_loaded_draft_model_is_counted_like_the_model(self) -> None:
+        api = MemoryModelApi(loaded=(A, B))
+        guard = guard_for(api)
+        use = await guard.enter(A, max_wait=WAIT, draft_model=B)
+        switching = asyncio.ensure_future(guard.enter(C, max_wait=WAIT))
+        await settle()
+        assert not switching.done()
+        api.in_memory = {A, B}
+        guard.leave(use)
+        guard.leave(use)  # a second leave counts nothing out
+        guard.leave(await asyncio.wait_for(switching, 1))
+        assert api.loads == {C: 1}
+
+    async def test_the_draft_alone_keeps_a_switch_waiting(self) -> None:
+        guard = guard_for(MemoryModelApi(loaded=(A, B)))
+        use = await guard.enter(A, max_wait=WAIT, draft_model=B)
+        with pytest.raises(ApiError) as caught:
+            await guard.enter(A, max_wait=0.05, draft_model=C)
+        assert code(caught) == (503, "model_busy") and repr(C) in caught.value.message
+        guard.leave(use)
+
+    async def test_a_draft_model_not_loaded_is_refused_and_the_model_let_go(self) -> None:
+        api = MemoryModelApi()
+        guard = guard_for(api)
+        with pytest.raises(ApiError) as caught:
+            await guard.enter(A, max_wait=WAIT, draft_model=B)
+        assert code(caught) == (503, "model_busy")
+        assert caught.value.message.startswith(f"{B!r} is not loaded")
+        assert api.loads == Counter()
+        # nothing is left counted: a switch goes ahead at once
+        guard.leave(await asyncio.wait_for(guard.enter(C, max_wait=WAIT), 1))
+
+    async def test_a_draft_equal_to_the_model_or_unknown_is_not_guarded(self) -> None:
+        api = MemoryModelApi()
+        guard = guard_for(api)
+        same = await guard.enter(A, max_wait=WAIT, draft_model=A)
+        guard.leave(same)
+        unknown = await guard.enter(A, max_wait=WAIT, draft_model="not-on-disk")
+        guard.leave(unknown)
+        guard.leave(await asyncio.wait_for(guard.enter(C, max_wait=WAIT), 1))
+
+    async def test_a_caller_gone_while_the_draft_is_read_lets_the_model_go(self) -> None:
+        api = MemoryModelApi()
+        guard = guard_for(api)
+        guard.leave(await guard.enter(A, max_wait=WAIT))  # what is loaded, read: A alone
+        api.in_memory = {A, B}  # loaded since: the draft's check reads again, and waits
+        api.read_go = asyncio.Event()
+        entering = asyncio.ensure_future(guard.enter(A, max_wait=WAIT, draft_model=B))
+        await settle()
+        assert api.reads == 2 and not entering.done()
+        entering.cancel()
+        await settle()
+        api.read_go.set()
+        await settle()
+        assert entering.cancelled()
+        guard.leave(await asyncio.wait_for(guard.enter(C, max_wait=WAIT), 1))
+        assert api.loads == {C: 1}
+
+    async def test_with_the_guard_off_a_draft_model_is_lms_studio_s_affair(self) -> None:
+        api = MemoryModelApi()
+        guard = guard_for(api, ModelSwitch.OFF)
+        guard.leave(await guard.enter(A, max_wait=WAIT, draft_model=B))
+        assert api.reads == 0
