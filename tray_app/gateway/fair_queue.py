@@ -8,19 +8,18 @@ running (idle) starts in the round being served or the one after, never later: i
 turns while idle and carries no debt from turns it took while nobody else waited, so it is
 served within one round, but only once before the others' next. A request that gives up gives
 its round back, so abandoned waits push a caller no later. Turns go by round, and within a
-round by arrival. A caller that
-sends its next request only when the last one ends thus keeps its share against one that
-queued fifty at once: plain rotation over the callers that wait at each grant would pass it
-over, because at that instant it has nothing waiting. A caller never runs more than
+round by arrival. A caller that sends its next request only when the last one ends thus keeps
+its share against one that queued fifty at once: plain rotation over the callers that wait at
+each grant would pass it over, because at that instant it has nothing waiting. A caller never runs more than
 ``per_caller`` generations at once; one at that cap is passed over, keeping its place, until
 one of its own ends.
 
 Waiting is bounded three times — in total, per client address group (an IPv4 address, an IPv6
 /64) and per caller — so a flood from one address, or from one credential spread over many
 addresses (a tunnel, an IPv6 /48), fills only its own share. A request waiting for its model
-before it queues (see :class:`Place`) counts against the same bounds. A waiter that gives up (the client hung
-up, its credential was revoked, the gateway stops) leaves at once; a slot granted to it in the
-same instant goes on to the next waiter, never lost.
+before it queues (see :class:`Place`) counts against the same bounds. A waiter that gives up
+(the client hung up, its credential was revoked, the gateway stops) leaves at once; a slot
+granted to it in the same instant goes on to the next waiter, never lost.
 """
 
 from __future__ import annotations
