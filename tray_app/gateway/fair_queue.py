@@ -10,9 +10,9 @@ served within one round, but only once before the others' next. A request that g
 its round back, so abandoned waits push a caller no later. Turns go by round, and within a
 round by arrival. A caller that sends its next request only when the last one ends thus keeps
 its share against one that queued fifty at once: plain rotation over the callers that wait at
-each grant would pass it over, because at that instant it has nothing waiting. A caller never runs more than
-``per_caller`` generations at once; one at that cap is passed over, keeping its place, until
-one of its own ends.
+each grant would pass it over, because at that instant it has nothing waiting. A caller never
+runs more than ``per_caller`` generations at once; one at that cap is passed over, keeping its
+place, until one of its own ends.
 
 Waiting is bounded three times — in total, per client address group (an IPv4 address, an IPv6
 /64) and per caller — so a flood from one address, or from one credential spread over many
