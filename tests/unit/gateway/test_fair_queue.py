@@ -854,6 +854,8 @@ class TestGiveUpsDoNotGrowTheHeap:
             served.tasks[-2].cancel()
             await settle()
             assert len(q._heads) <= 2 * q.waiting + fair_queue._STALE_SLACK
+        await asyncio.gather(*served.tasks[3:], return_exceptions=True)
+        assert all(task.cancelled() for task in served.tasks[3:])  # no failure on the way
         assert q.waiting == 3
         q.release(holder)
         await settle()
@@ -874,3 +876,32 @@ class TestGiveUpsDoNotGrowTheHeap:
         q.release(holder)
         await settle()
         assert served.order == ["other", "a199"]
+
+
+async def test_an_idle_caller_s_turn_at_once_starts_in_the_round_being_served() -> None:
+    q = queue(slots=2)
+    long = held(q, "long")  # round 0, and it holds "now" at 0
+    first = held(q, "idle")
+    assert first.round == 0  # nothing ahead of now: the clamp leaves it be
+    q.release(first)
+    for _ in range(5):
+        q.release(held(q, "idle"))
+    assert held(q, "idle").round == 1  # far ahead, clamped to the next round
+    q.release(long)
+
+
+async def test_a_turn_granted_at_once_by_acquire_counts_in_the_caller_s_rounds() -> None:
+    q = queue(slots=2, per_caller=1)
+    first = held(q, "a")
+    a_waits = asyncio.create_task(q.acquire("a", CLIENT, max_wait=10))
+    await settle()
+    b_turn = await asyncio.wait_for(q.acquire("b", CLIENT, max_wait=10), 1)  # a free slot
+    served = Served(q)
+    served.wait("b", "b-again")
+    served.wait("c")
+    await settle()
+    q.release(b_turn)
+    await settle()
+    assert served.order == ["c", "b-again"]  # b had its turn this round already
+    q.release(first)
+    q.release(await asyncio.wait_for(a_waits, 1))

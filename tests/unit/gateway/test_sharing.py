@@ -26,7 +26,7 @@ from tray_app.gateway.sharing import (
     Sharing,
     requested_output,
 )
-from tray_app.gateway.upstream.model_guard import ModelGuard
+from tray_app.gateway.upstream.model_guard import LOADING, WAITING_FOR_OTHERS, ModelGuard
 from tray_app.gateway.upstream.usage import Usage
 from tray_app.identity.principal import ALL_SCOPES, Principal
 from tray_app.storage.budgets import Budget
@@ -242,3 +242,28 @@ async def test_a_draft_model_the_body_names_goes_to_the_guard() -> None:
         await generation.wait_turn(None)
     assert caught.value.code == "model_busy" and repr(B) in caught.value.message
     assert queue.busy == 0
+
+
+async def test_a_wait_in_the_guard_then_the_queue_tells_both_and_keeps_one_place() -> None:
+    sharing, queue, guard = guarded(per_caller=1)
+    streaming = await guard.enter(A, max_wait=5)
+    slot = queue.try_acquire("key:busy")
+    assert slot is not None
+    told: list[str] = []
+    generation = asking(sharing, B)
+    waiting = asyncio.create_task(generation.wait_turn(told.append))
+    await settle()
+    guard.leave(streaming)  # B loads; the one slot is still taken: it queues, on its place
+    await settle()
+    assert queue.waiting == 1 and not waiting.done()
+    queue.release(slot)
+    await asyncio.wait_for(waiting, 1)
+    assert told == [WAITING_FOR_OTHERS, LOADING, "waiting, 0 ahead"]
+    # its turn is counted as its caller's: the caller's cap of one holds the next one back
+    second = FairQueue(slots=2, per_caller=1, max_waiting=1, max_waiting_per_client=1)
+    capped = Sharing(second, guard=None, ledger=None, max_wait=0.05, max_stream_wait=0.05)
+    await asking(capped, A).wait_turn(None)
+    with pytest.raises(ApiError) as caught:
+        await asking(capped, A).wait_turn(None)
+    assert caught.value.code == "queue_timeout"
+    generation.release()
