@@ -905,3 +905,27 @@ async def test_a_turn_granted_at_once_by_acquire_counts_in_the_caller_s_rounds()
     assert served.order == ["c", "b-again"]  # b had its turn this round already
     q.release(first)
     q.release(await asyncio.wait_for(a_waits, 1))
+
+
+async def test_rounds_start_at_zero_and_move_on_as_turns_end() -> None:
+    # The rounds themselves, as each turn carries its own: a fresh queue serves round 0, a
+    # round ends with its turns, a newcomer starts in the round after the last one ended, and
+    # a waiter's turn runs in the round it waited for.
+    q = queue(slots=2)
+    first = held(q, "a")
+    same_round = await q.acquire("b", CLIENT, max_wait=10)  # acquire's own grant at once
+    assert (first.round, same_round.round) == (0, 0)
+    q.release(first)
+    q.release(same_round)
+    c_turn, d_turn = held(q, "c"), held(q, "d")
+    assert (c_turn.round, d_turn.round) == (1, 1)
+    c_waits = asyncio.create_task(q.acquire("c", CLIENT, max_wait=10))  # round 2
+    e_waits = asyncio.create_task(q.acquire("e", CLIENT, max_wait=10))  # round 1
+    await settle()
+    q.release(d_turn)
+    e_turn = await asyncio.wait_for(e_waits, 1)
+    q.release(c_turn)
+    c_again = await asyncio.wait_for(c_waits, 1)
+    assert (e_turn.round, c_again.round) == (1, 2)
+    q.release(e_turn)
+    q.release(c_again)
