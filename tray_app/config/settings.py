@@ -285,6 +285,14 @@ class Config:
         p.int_in(0, 100_000),
         "requests one client address (an IPv6 /64) may have waiting at once",
     )
+    # As many as one address may: one credential reaching LM Gate from many addresses (a
+    # tunnel, an IPv6 /48) must not fill the whole queue, yet gets no less than an address.
+    queue_max_waiting_per_caller: int = setting(
+        "queue.max_waiting_per_caller",
+        32,
+        p.int_in(0, 100_000),
+        "requests one credential may have waiting at once, from all its addresses together",
+    )
     queue_max_wait: float = setting(
         "queue.max_wait",
         60.0,

@@ -132,6 +132,7 @@ class Gateway:
             per_caller=config.limits_concurrent_requests,
             max_waiting=config.queue_max_waiting,
             max_waiting_per_client=config.queue_max_waiting_per_client,
+            max_waiting_per_caller=config.queue_max_waiting_per_caller,
         )
         self.ledger = ledger
         # The guard needs LM Studio's session, which lives while the server runs (build_app).

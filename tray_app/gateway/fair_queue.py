@@ -3,18 +3,23 @@ of being refused, and the turns go round-robin across callers, not by arrival.
 
 A caller (principal) with fifty requests waiting and one with a single request alternate. Each
 request gets a round number: one more than its caller's request before it (waiting, running or
-done), and never earlier than the round being served now (so a caller that was idle saves up
-no turns). Turns go by round, and within a round by arrival. A caller that
-sends its next request only when the last one ends thus keeps its share against one that
-queued fifty at once: plain rotation over the callers that wait at each grant would pass it
-over, because at that instant it has nothing waiting. A caller never runs more than
-``per_caller`` generations at once; one at that cap is passed over, keeping its place, until
-one of its own ends.
+done), and never earlier than the round being served now. A caller with nothing waiting or
+running (idle) starts in the round being served or the one after, never later: it saves up no
+turns while idle and carries no debt from turns it took while nobody else waited, so it is
+served within one round, but only once before the others' next. A request that gives up gives
+its round back, so abandoned waits push a caller no later. Turns go by round, and within a
+round by arrival. A caller that sends its next request only when the last one ends thus keeps
+its share against one that queued fifty at once: plain rotation over the callers that wait at
+each grant would pass it over, because at that instant it has nothing waiting. A caller never
+runs more than ``per_caller`` generations at once; one at that cap is passed over, keeping its
+place, until one of its own ends.
 
-Waiting is bounded twice — in total and per client address group (an IPv4 address, an IPv6 /64)
-— so a flood from one address fills only its own share. A waiter that gives up (the client hung
-up, its credential was revoked, the gateway stops) leaves at once; a slot granted to it in the
-same instant goes on to the next waiter, never lost.
+Waiting is bounded three times — in total, per client address group (an IPv4 address, an IPv6
+/64) and per caller — so a flood from one address, or from one credential spread over many
+addresses (a tunnel, an IPv6 /48), fills only its own share. A request waiting for its model
+before it queues (see :class:`Place`) counts against the same bounds. A waiter that gives up
+(the client hung up, its credential was revoked, the gateway stops) leaves at once; a slot
+granted to it in the same instant goes on to the next waiter, never lost.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ RETRY_AFTER_MAX = 5.0
 _FIRST_TURN_ESTIMATE = 2.0
 _TURN_WEIGHT = 0.1  # of the newest turn in the moving mean: about the last ten count
 _PRUNE_AT = 4096  # callers remembered before those that no longer matter are forgotten
+# Entries of waiters that left, kept in the heap of heads beyond the live ones before it is
+# rebuilt: a flood of give-ups must not grow it past the waiting it bounds.
+_STALE_SLACK = 16
 
 
 class Turn:
@@ -54,8 +62,22 @@ class Turn:
         self._released = False
 
 
+class Place:
+    """A waiting place held before the request joins the queue — while the model guard waits
+    for its model — counted against the same bounds as a waiter, so requests waiting for a
+    model cannot pile up past them. Pass it to :meth:`FairQueue.acquire` (which takes it over)
+    or give it back with :meth:`FairQueue.free_place`."""
+
+    __slots__ = ("_held", "caller", "group")
+
+    def __init__(self, caller: str, group: str) -> None:
+        self.caller = caller
+        self.group = group
+        self._held = True
+
+
 class _Waiter:
-    __slots__ = ("ahead", "caller", "future", "group", "notify", "place")
+    __slots__ = ("ahead", "caller", "future", "group", "notify", "place", "prior")
 
     def __init__(
         self,
@@ -70,6 +92,9 @@ class _Waiter:
         self.notify = notify
         self.future = future
         self.place = place  # (round, arrival): the smallest is served first
+        # The round its caller goes back to if this one gives up: its own, or an earlier one
+        # handed on by a request of the same caller before it that gave up.
+        self.prior = place[0]
         self.ahead = -1  # what the client was last told
 
 
@@ -77,14 +102,26 @@ class FairQueue:
     """``busy`` (slots in use) and ``waiting`` (requests waiting) are read by the metrics."""
 
     def __init__(
-        self, *, slots: int, per_caller: int, max_waiting: int, max_waiting_per_client: int
+        self,
+        *,
+        slots: int,
+        per_caller: int,
+        max_waiting: int,
+        max_waiting_per_client: int,
+        max_waiting_per_caller: int | None = None,
     ) -> None:
         self._slots = slots
         self._per_caller = per_caller
         self._max_waiting = max_waiting
         self._max_per_client = max_waiting_per_client
+        # None: no bound of its own, only the total's
+        self._max_per_caller = (
+            max_waiting if max_waiting_per_caller is None else max_waiting_per_caller
+        )
         self.busy = 0
         self.waiting = 0
+        self._held = 0  # places held outside the queue (see Place)
+        self._caller_places: dict[str, int] = {}  # waiting and held, per caller
         self._running: dict[str, int] = {}
         self._queues: dict[str, deque[_Waiter]] = {}  # each waiting caller's, in its own order
         # Each waiting caller's first waiter's place, with its name; entries whose waiter has
@@ -122,30 +159,64 @@ class FairQueue:
         place = rounds.get(caller, 0)
         if place < now:
             place = now
+        elif not count and place > now + 1:
+            place = now + 1  # idle (nothing waits, nothing of its own runs): see _take_round
         rounds[caller] = place + 1
         in_service[place] = in_service.get(place, 0) + 1
         return Turn(caller, place, time.monotonic())
 
+    def hold_place(self, caller: str, client: str) -> Place:
+        """A waiting place for ``caller`` from ``client``, counted against the bounds until it
+        is given to :meth:`acquire` or back; raises queue_full as :meth:`acquire` does."""
+        group = address_group(client)
+        self._check_room(caller, group)
+        self._held += 1
+        self._count_in(caller, group)
+        return Place(caller, group)
+
+    def free_place(self, place: Place) -> None:
+        """Gives a held place back; a second call, or one for a place acquire took, does
+        nothing."""
+        if place._held:
+            place._held = False
+            self._held -= 1
+            self._count_out(place.caller, place.group)
+
     async def acquire(
-        self, caller: str, client: str, *, max_wait: float, notify: Notify | None = None
+        self,
+        caller: str,
+        client: str,
+        *,
+        max_wait: float,
+        notify: Notify | None = None,
+        deadline: float | None = None,
+        place: Place | None = None,
     ) -> Turn:
         """Waits for ``caller``'s turn, telling ``notify`` how many go first whenever that
-        changes. Raises queue_full when no more may wait (in total, or from ``client``'s
-        address group), queue_wait_timeout after ``max_wait`` seconds."""
+        changes. Raises queue_full when no more may wait (in total, from ``client``'s address
+        group, or from ``caller``), queue_wait_timeout after ``max_wait`` seconds — or at
+        ``deadline`` (the loop's clock) when the request already waited elsewhere for part of
+        ``max_wait``. A ``place`` held for this request is taken over, whatever the outcome."""
         # Whenever a slot is free, every waiter's caller is at its cap (each change grants what
         # it can), so a caller under its cap overtakes nobody by taking a free slot.
         if self.busy < self._slots and self._running.get(caller, 0) < self._per_caller:
+            if place is not None:
+                self.free_place(place)
             return self._grant(caller, self._take_round(caller))
-        group = address_group(client)
-        if self._per_group.get(group, 0) >= self._max_per_client:
-            raise errors.queue_full(True, self.retry_after())
-        if self.waiting >= self._max_waiting:
-            raise errors.queue_full(False, self.retry_after())
-        future: asyncio.Future[Turn] = asyncio.get_running_loop().create_future()
+        if place is not None and place._held:
+            place._held = False  # its counts become the waiter's
+            self._held -= 1
+            group = place.group
+        else:
+            group = address_group(client)
+            self._check_room(caller, group)
+            self._count_in(caller, group)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Turn] = loop.create_future()
         waiter = _Waiter(caller, group, notify, future, self._next_place(caller))
         self._enqueue(waiter)
         try:
-            async with asyncio.timeout(max_wait):
+            async with asyncio.timeout_at(loop.time() + max_wait if deadline is None else deadline):
                 return await waiter.future
         except TimeoutError:
             turn = self._give_up(waiter)
@@ -212,17 +283,44 @@ class FairQueue:
         # one of its latest request (waiting, running or done), but never before the round
         # being served. Counting from the latest request even when that one was already
         # served keeps a caller that was just served from a second turn this round.
+        # Invariant: an idle caller (nothing waiting, nothing running) starts in round now or
+        # now + 1. Its rounds ahead of that came from turns it took while nobody waited (a
+        # long answer holds "now" back meanwhile) and deprived nobody, so they must not keep
+        # it behind a backlog that formed since; and never before now, so idling saves none.
         now = self._now()
         rounds = self._next_round
         if len(rounds) > _PRUNE_AT and len(rounds) > 2 * len(self._queues):
             # Only rounds still ahead of now matter; the others mean "now".
             self._next_round = rounds = {c: r for c, r in rounds.items() if r > now}
         place = max(now, rounds.get(caller, 0))
+        if place > now + 1 and caller not in self._queues and caller not in self._running:
+            place = now + 1
         rounds[caller] = place + 1
         return place
 
     def _next_place(self, caller: str) -> tuple[int, int]:
         return self._take_round(caller), next(self._arrivals)
+
+    def _check_room(self, caller: str, group: str) -> None:
+        if self._per_group.get(group, 0) >= self._max_per_client:
+            raise errors.queue_full(True, self.retry_after())
+        if self.waiting + self._held >= self._max_waiting:
+            raise errors.queue_full(False, self.retry_after())
+        if self._caller_places.get(caller, 0) >= self._max_per_caller:
+            # the catalogue has no words of its own for this yet: the per-address 429
+            raise errors.queue_full(True, self.retry_after())
+
+    def _count_in(self, caller: str, group: str) -> None:
+        self._per_group[group] = self._per_group.get(group, 0) + 1
+        self._caller_places[caller] = self._caller_places.get(caller, 0) + 1
+
+    def _count_out(self, caller: str, group: str) -> None:
+        for counts, key in ((self._per_group, group), (self._caller_places, caller)):
+            left = counts[key] - 1
+            if left:
+                counts[key] = left
+            else:
+                del counts[key]
 
     def _enqueue(self, waiter: _Waiter) -> None:
         queue = self._queues.get(waiter.caller)
@@ -231,7 +329,6 @@ class FairQueue:
             self._push_head(waiter)
         queue.append(waiter)
         self.waiting += 1
-        self._per_group[waiter.group] = self._per_group.get(waiter.group, 0) + 1
         self._positions_changed()
 
     def _push_head(self, waiter: _Waiter) -> None:
@@ -240,11 +337,7 @@ class FairQueue:
     def _unlink(self, waiter: _Waiter) -> None:
         """Counts ``waiter`` out; it is already off its caller's queue."""
         self.waiting -= 1
-        left = self._per_group[waiter.group] - 1
-        if left:
-            self._per_group[waiter.group] = left
-        else:
-            del self._per_group[waiter.group]
+        self._count_out(waiter.caller, waiter.group)
         self._positions_changed()
 
     def _give_up(self, waiter: _Waiter) -> Turn | None:
@@ -253,15 +346,25 @@ class FairQueue:
         future = waiter.future
         if future.done() and not future.cancelled():
             return future.result()
-        queue = self._queues.get(waiter.caller)
+        caller = waiter.caller
+        queue = self._queues.get(caller)
         if queue is not None and waiter in queue:
-            first = queue[0] is waiter
-            queue.remove(waiter)
+            index = queue.index(waiter)
+            del queue[index]
+            # Its round goes back: to the caller's next request when one waits behind it,
+            # else to the caller, so abandoned waits do not push the caller later and later.
+            if index < len(queue):
+                queue[index].prior = waiter.prior
+            else:
+                self._next_round[caller] = waiter.prior
             if not queue:
-                del self._queues[waiter.caller]
-            elif first:
+                del self._queues[caller]
+            elif not index:
                 self._push_head(queue[0])
             self._unlink(waiter)
+            if len(self._heads) > 2 * len(self._queues) + _STALE_SLACK:
+                self._heads = [(*q[0].place, c) for c, q in self._queues.items()]
+                heapq.heapify(self._heads)
         return None
 
     def _grant_waiting(self) -> None:

@@ -4,8 +4,10 @@ fair queue for a generation slot, and the model guard.
 The order is the point. The budget is checked first, from the body alone, so a caller over
 budget never waits in the queue for a refusal; its reservation also decides the output cap the
 request carries. Then the model guard: a request waiting for another model's answers to end
-holds no generation slot, so the slots keep serving the model that is loaded. Last the fair
-queue's slot (round-robin across callers). Everything a
+holds no generation slot, so the slots keep serving the model that is loaded; it holds a
+waiting place in the queue instead, so it counts against the queue's bounds like any waiter.
+Last the fair queue's slot (round-robin across callers). Both waits share one deadline: a
+request waits at most ``queue.max_wait`` (``queue.max_stream_wait``) in all. Everything a
 generation took is given back in one place, :meth:`Generation.finish`, whatever way it ended.
 
 The parts are passed in (see :class:`Queue`, :class:`Guard`, :class:`Ledger`): the gateway
@@ -14,6 +16,7 @@ builds the real ones, tests may pass their own.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -34,8 +37,19 @@ class Turn(Protocol):
 class Queue(Protocol):
     def try_acquire(self, caller: str) -> Any: ...
 
+    def hold_place(self, caller: str, client: str) -> Any: ...
+
+    def free_place(self, place: Any) -> None: ...
+
     async def acquire(
-        self, caller: str, client: str, *, max_wait: float, notify: Notify | None = None
+        self,
+        caller: str,
+        client: str,
+        *,
+        max_wait: float,
+        notify: Notify | None = None,
+        deadline: float | None = None,
+        place: Any = None,
     ) -> Any: ...
 
     def release(self, turn: Any) -> None: ...
@@ -43,7 +57,13 @@ class Queue(Protocol):
 
 class Guard(Protocol):
     async def enter(
-        self, model: str | None, *, max_wait: float, notify: Notify | None = None
+        self,
+        model: str | None,
+        *,
+        max_wait: float,
+        notify: Notify | None = None,
+        before_waiting: Callable[[], None] | None = None,
+        draft_model: str | None = None,
     ) -> Any: ...
 
     def leave(self, use: Any) -> None: ...
@@ -119,6 +139,7 @@ class Sharing:
             principal.name,
             client,
             prepared.model,
+            prepared.draft_model,
             cap,
             reservation,
             self._max_stream_wait if prepared.stream else self._max_wait,
@@ -146,8 +167,10 @@ class Generation:
     __slots__ = (
         "_caller",
         "_client",
+        "_draft_model",
         "_max_wait",
         "_model",
+        "_place",
         "_reservation",
         "_sharing",
         "_turn",
@@ -161,6 +184,7 @@ class Generation:
         caller: str,
         client: str,
         model: str | None,
+        draft_model: str | None,
         max_tokens: int | None,
         reservation: Any,
         max_wait: float,
@@ -169,29 +193,61 @@ class Generation:
         self._caller = caller
         self._client = client
         self._model = model
+        self._draft_model = draft_model
         self.max_tokens = max_tokens
         self._reservation = reservation
         self._max_wait = max_wait
         self._turn: Any = None
         self._use: tuple[Guard, Any] | None = None
+        self._place: Any = None
 
     async def wait_turn(self, notify: Notify | None) -> None:
-        """Wait for the model, then for a slot; ApiError if either refuses. Called once, just
-        before LM Studio is asked (cancelled with the request, it leaves both queues)."""
+        """Wait for the model, then for a slot, both within one ``max_wait``; ApiError if
+        either refuses. Called once, just before LM Studio is asked (cancelled with the
+        request, it leaves both queues)."""
         sharing = self._sharing
+        queue = sharing._queue
+        deadline = asyncio.get_running_loop().time() + self._max_wait
         guard = sharing.guard
         if guard is not None:
-            # The guard it entered is the one it leaves, even if the gateway stops meanwhile.
-            self._use = (
-                guard,
-                await guard.enter(self._model, max_wait=self._max_wait, notify=notify),
-            )
-        turn = sharing._queue.try_acquire(self._caller)
+            try:
+                # The guard it entered is the one it leaves, even if the gateway stops
+                # meanwhile.
+                self._use = (
+                    guard,
+                    await guard.enter(
+                        self._model,
+                        max_wait=self._max_wait,
+                        notify=notify,
+                        before_waiting=self._hold_place,
+                        draft_model=self._draft_model,
+                    ),
+                )
+            except BaseException:
+                self._free_place()
+                raise
+        turn = queue.try_acquire(self._caller)
         if turn is None:
-            turn = await sharing._queue.acquire(
-                self._caller, self._client, max_wait=self._max_wait, notify=notify
+            place, self._place = self._place, None
+            turn = await queue.acquire(
+                self._caller,
+                self._client,
+                max_wait=self._max_wait,
+                notify=notify,
+                deadline=deadline,
+                place=place,
             )
+        else:
+            self._free_place()
         self._turn = turn
+
+    def _hold_place(self) -> None:
+        self._place = self._sharing._queue.hold_place(self._caller, self._client)
+
+    def _free_place(self) -> None:
+        place, self._place = self._place, None
+        if place is not None:
+            self._sharing._queue.free_place(place)
 
     def release(self) -> None:
         """Give back the slot and the model, as soon as the answer ended however it ended

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from tests.conftest import IdentityFactory, IdentityRig
 from tests.fake_lmstudio import MODELS, FakeLMStudio
 from tests.helpers import sse_events
 from tray_app.config.settings import ModelSwitch
-from tray_app.storage.budgets import Budget, BudgetStore
+from tray_app.storage.audit import AuditSource
+from tray_app.storage.budgets import NO_BUDGET, Budget, BudgetStore
 from tray_app.storage.usage_history import UsageHistory, day_start
 
 QWEN, LLAMA = MODELS[0], MODELS[1]
@@ -30,8 +32,6 @@ ESTIMATE, PROMPT = 9, 7
 
 
 def key_with_budget(rig: IdentityRig, name: str, budget: Budget | None = None) -> str:
-    from tray_app.storage.budgets import NO_BUDGET
-
     return rig.identity.api_keys.create(
         name, scopes=frozenset({"chat", "models"}), budget=budget or NO_BUDGET
     )[0]
@@ -54,6 +54,28 @@ async def chat(
         return response.status, dict(response.headers), await response.read()
 
 
+def answers_slowly(fake: FakeLMStudio, chunks: int, delay: float) -> None:
+    fake.behaviour.chunks = chunks
+    fake.behaviour.chunk_delay = delay
+
+
+async def occupying(
+    session: aiohttp.ClientSession, rig: IdentityRig, key: str, **fields: Any
+) -> asyncio.Future[tuple[int, dict[str, str], bytes]]:
+    """A stream started and given time to take its slot (or its model), still running."""
+    running = asyncio.ensure_future(chat(session, rig, key, **fields))
+    await asyncio.sleep(0.1)
+    return running
+
+
+async def until(condition: Callable[[], bool], seconds: float = 2.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    assert condition()
+
+
 def error_code(body: bytes) -> str:
     code: str = json.loads(body)["error"]["code"]
     return code
@@ -70,8 +92,7 @@ class TestBudgetsAtTheirEdge:
     ) -> None:
         # Each stream reserves its estimate + its cap (9 + 10) and uses 7 + 10: 52 of 100 fit
         # in 1,000 at once, whatever order they arrive in.
-        fake_lmstudio.behaviour.chunks = 10
-        fake_lmstudio.behaviour.chunk_delay = 0.01
+        answers_slowly(fake_lmstudio, 10, 0.01)
         rig = await start_identity_gateway(
             limits_concurrent_requests=100,
             limits_requests_per_minute=10_000,
@@ -137,8 +158,6 @@ class TestBudgetsAtTheirEdge:
     async def test_a_budget_set_while_serving_applies_to_the_next_request(
         self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
     ) -> None:
-        from tray_app.storage.audit import AuditSource
-
         rig = await start_identity_gateway()
         key = key_with_budget(rig, "friend")
         async with aiohttp.ClientSession() as session:
@@ -169,8 +188,7 @@ class TestWhatAnAnswerCutShortCosts:
     async def test_hanging_up_mid_answer_still_pays_for_it(
         self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
     ) -> None:
-        fake_lmstudio.behaviour.chunks = 50
-        fake_lmstudio.behaviour.chunk_delay = 0.02
+        answers_slowly(fake_lmstudio, 50, 0.02)
         rig = await start_identity_gateway()
         key = key_with_budget(rig, "quitter", Budget(tokens_per_day=1000))
         async with aiohttp.ClientSession() as session:
@@ -192,14 +210,12 @@ class TestWhatAnAnswerCutShortCosts:
     async def test_a_wait_that_ends_refused_costs_nothing(
         self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
     ) -> None:
-        fake_lmstudio.behaviour.chunks = 50
-        fake_lmstudio.behaviour.chunk_delay = 0.05
+        answers_slowly(fake_lmstudio, 50, 0.05)
         rig = await start_identity_gateway(queue_generations_in_flight=1, queue_max_stream_wait=0.3)
         busy = key_with_budget(rig, "busy")
         waiting = key_with_budget(rig, "waiting", Budget(tokens_per_day=1000))
         async with aiohttp.ClientSession() as session:
-            first = asyncio.ensure_future(chat(session, rig, busy))
-            await asyncio.sleep(0.1)
+            first = await occupying(session, rig, busy)
             status, _, body = await chat(session, rig, waiting, max_tokens=10)
             first.cancel()
         assert status == 200 and b'"code": "queue_timeout"' in body  # told its place first
@@ -214,13 +230,11 @@ class TestTheQueue:
     async def test_a_waiting_stream_is_told_its_place_then_answered(
         self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
     ) -> None:
-        fake_lmstudio.behaviour.chunks = 20
-        fake_lmstudio.behaviour.chunk_delay = 0.02
+        answers_slowly(fake_lmstudio, 20, 0.02)
         rig = await start_identity_gateway(queue_generations_in_flight=1)
         busy, waiting = key_with_budget(rig, "busy"), key_with_budget(rig, "waiting")
         async with aiohttp.ClientSession() as session:
-            first = asyncio.ensure_future(chat(session, rig, busy))
-            await asyncio.sleep(0.1)
+            first = await occupying(session, rig, busy)
             status, headers, body = await chat(session, rig, waiting)
             assert (await first)[0] == 200
         assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
@@ -230,13 +244,11 @@ class TestTheQueue:
     async def test_a_plain_request_waits_no_longer_than_queue_max_wait(
         self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
     ) -> None:
-        fake_lmstudio.behaviour.chunks = 50
-        fake_lmstudio.behaviour.chunk_delay = 0.05
+        answers_slowly(fake_lmstudio, 50, 0.05)
         rig = await start_identity_gateway(queue_generations_in_flight=1, queue_max_wait=0.3)
         busy, waiting = key_with_budget(rig, "busy"), key_with_budget(rig, "waiting")
         async with aiohttp.ClientSession() as session:
-            first = asyncio.ensure_future(chat(session, rig, busy))
-            await asyncio.sleep(0.1)
+            first = await occupying(session, rig, busy)
             started = time.monotonic()
             status, headers, body = await chat(session, rig, waiting, stream=False)
             waited = time.monotonic() - started
@@ -247,38 +259,24 @@ class TestTheQueue:
     async def test_a_caller_that_gives_up_leaves_the_queue_at_once(
         self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
     ) -> None:
-        fake_lmstudio.behaviour.chunks = 100
-        fake_lmstudio.behaviour.chunk_delay = 0.05
+        answers_slowly(fake_lmstudio, 100, 0.05)
         rig = await start_identity_gateway(queue_generations_in_flight=1)
         busy, waiting = key_with_budget(rig, "busy"), key_with_budget(rig, "waiting")
         queue = rig.server.gateway.queue
         async with aiohttp.ClientSession() as session:
-            first = asyncio.ensure_future(chat(session, rig, busy))
-            await asyncio.sleep(0.1)
+            first = await occupying(session, rig, busy)
             gives_up = asyncio.ensure_future(chat(session, rig, waiting))
-            for _ in range(100):
-                if queue.waiting:
-                    break
-                await asyncio.sleep(0.01)
-            assert queue.waiting == 1
+            await until(lambda: queue.waiting == 1)
             gives_up.cancel()
-            for _ in range(100):
-                if not queue.waiting:
-                    break
-                await asyncio.sleep(0.01)
-            assert queue.waiting == 0 and queue.busy == 1
+            await until(lambda: queue.waiting == 0)
+            assert queue.busy == 1
             first.cancel()
-            for _ in range(200):
-                if not queue.busy:
-                    break
-                await asyncio.sleep(0.01)
-            assert queue.busy == 0, "the slot of a stream whose client left is given back"
+            await until(lambda: queue.busy == 0)  # a stream whose client left gives its slot back
 
     async def test_one_address_cannot_fill_the_queue(
         self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
     ) -> None:
-        fake_lmstudio.behaviour.chunks = 40
-        fake_lmstudio.behaviour.chunk_delay = 0.05
+        answers_slowly(fake_lmstudio, 40, 0.05)
         rig = await start_identity_gateway(
             queue_generations_in_flight=1,
             queue_max_waiting_per_client=2,
@@ -293,13 +291,35 @@ class TestTheQueue:
                 task.cancel()
         assert (status, error_code(body)) == (429, "queue_full") and "Retry-After" in headers
 
+    async def test_one_credential_cannot_fill_the_queue(
+        self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
+    ) -> None:
+        # The address's share is roomy here: the credential's own bound is what refuses.
+        answers_slowly(fake_lmstudio, 40, 0.05)
+        rig = await start_identity_gateway(
+            queue_generations_in_flight=1,
+            queue_max_waiting_per_client=10,
+            queue_max_waiting_per_caller=2,
+            limits_concurrent_requests=10,
+        )
+        key, other = key_with_budget(rig, "flood"), key_with_budget(rig, "other")
+        queue = rig.server.gateway.queue
+        async with aiohttp.ClientSession() as session:
+            running = [asyncio.ensure_future(chat(session, rig, key)) for _ in range(3)]
+            await until(lambda: queue.waiting == 2)  # one runs, two wait: the key's share
+            status, headers, body = await chat(session, rig, key, stream=False)
+            running.append(asyncio.ensure_future(chat(session, rig, other)))
+            await until(lambda: queue.waiting == 3)  # another key still may wait
+            for task in running:
+                task.cancel()
+        assert (status, error_code(body)) == (429, "queue_full") and "Retry-After" in headers
+
     async def test_a_heavy_caller_does_not_starve_a_light_one(
         self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
     ) -> None:
         # One slot; the heavy caller keeps 8 queued, the light one asks again each time it is
         # answered: round-robin serves it every other turn, not after the whole backlog.
-        fake_lmstudio.behaviour.chunks = 3
-        fake_lmstudio.behaviour.chunk_delay = 0.02
+        answers_slowly(fake_lmstudio, 3, 0.02)
         rig = await start_identity_gateway(
             queue_generations_in_flight=1,
             limits_concurrent_requests=8,
@@ -326,20 +346,34 @@ class TestTheModelGuard:
         self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
     ) -> None:
         fake_lmstudio.loaded = [QWEN]
-        fake_lmstudio.behaviour.chunks = 20
-        fake_lmstudio.behaviour.chunk_delay = 0.02
+        answers_slowly(fake_lmstudio, 20, 0.02)
         fake_lmstudio.behaviour.load_delay = 0.1
         rig = await start_identity_gateway()
         reader, switcher = key_with_budget(rig, "reader"), key_with_budget(rig, "switcher")
         async with aiohttp.ClientSession() as session:
-            running = asyncio.ensure_future(chat(session, rig, reader, model=QWEN))
-            await asyncio.sleep(0.1)
+            running = await occupying(session, rig, reader, model=QWEN)
             status, _, body = await chat(session, rig, switcher, model=LLAMA)
             first_status, _, first_body = await running
         assert (first_status, sse_events(first_body)[-1]) == (200, "[DONE]")
         assert not fake_lmstudio.streams_cut, "no answer was evicted mid-stream"
         assert status == 200 and b": waiting for another model's answers to finish" in body
         assert fake_lmstudio.loads[LLAMA] == 1 and fake_lmstudio.loaded == [LLAMA]
+
+    async def test_requests_waiting_for_a_model_count_against_the_queue(
+        self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
+    ) -> None:
+        fake_lmstudio.loaded = [QWEN]
+        answers_slowly(fake_lmstudio, 30, 0.03)
+        rig = await start_identity_gateway(queue_max_waiting_per_caller=1)
+        reader, switcher = key_with_budget(rig, "reader"), key_with_budget(rig, "switcher")
+        async with aiohttp.ClientSession() as session:
+            running = await occupying(session, rig, reader, model=QWEN)
+            waiting = await occupying(session, rig, switcher, model=LLAMA)
+            assert rig.server.gateway.queue.waiting == 0  # it waits in the guard, not the queue
+            status, _, body = await chat(session, rig, switcher, model=LLAMA, stream=False)
+            assert (status, error_code(body)) == (429, "queue_full")
+            assert (await running)[0] == 200 and (await waiting)[0] == 200
+        assert fake_lmstudio.loads[LLAMA] == 1 and not fake_lmstudio.streams_cut
 
     async def test_concurrent_first_requests_load_the_model_once(
         self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
@@ -359,13 +393,11 @@ class TestTheModelGuard:
         self, start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
     ) -> None:
         fake_lmstudio.loaded = [QWEN]
-        fake_lmstudio.behaviour.chunks = 30
-        fake_lmstudio.behaviour.chunk_delay = 0.02
+        answers_slowly(fake_lmstudio, 30, 0.02)
         rig = await start_identity_gateway(models_switch=ModelSwitch.REFUSE)
         reader, switcher = key_with_budget(rig, "reader"), key_with_budget(rig, "switcher")
         async with aiohttp.ClientSession() as session:
-            running = asyncio.ensure_future(chat(session, rig, reader, model=QWEN))
-            await asyncio.sleep(0.1)
+            running = await occupying(session, rig, reader, model=QWEN)
             status, headers, body = await chat(session, rig, switcher, model=LLAMA, stream=False)
             await running
         assert (status, error_code(body)) == (503, "model_busy") and "Retry-After" in headers
@@ -405,17 +437,14 @@ async def test_the_guard_never_answers_a_caller_with_model_states(
 async def test_prometheus_shows_the_queue_and_the_budgets_without_a_label_per_caller(
     start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
 ) -> None:
-    fake_lmstudio.behaviour.chunks = 40
-    fake_lmstudio.behaviour.chunk_delay = 0.03
+    answers_slowly(fake_lmstudio, 40, 0.03)
     rig = await start_identity_gateway(queue_generations_in_flight=1)
     runner = key_with_budget(rig, "runner", Budget(tokens_per_day=1000))
     waiter, broke = key_with_budget(rig, "waiter"), key_with_budget(rig, "broke", Budget(1))
     scraper = rig.identity.api_keys.create("prometheus", scopes=frozenset({"metrics"}))[0]
     async with aiohttp.ClientSession() as session:
-        running = asyncio.ensure_future(chat(session, rig, runner, max_tokens=40))
-        await asyncio.sleep(0.1)
-        waiting = asyncio.ensure_future(chat(session, rig, waiter))
-        await asyncio.sleep(0.1)
+        running = await occupying(session, rig, runner, max_tokens=40)
+        waiting = await occupying(session, rig, waiter)
         assert (await chat(session, rig, broke, max_tokens=5))[0] == 429
         async with session.get(
             rig.url + "/metrics", headers={"Authorization": f"Bearer {scraper}"}

@@ -532,3 +532,400 @@ class TestQueueFloodIsBounded:
         await settle()
         assert q.waiting == 1
         q.release(turn)
+
+
+class TestOneCredentialCannotFillTheQueue:
+    """A credential reaching LM Gate from many address groups (a tunnel's users, an IPv6 /48)
+    is bounded by itself: the per-address bound alone would let it fill the whole queue."""
+
+    async def test_up_to_max_waiting_per_caller_wait_from_any_addresses_then_429(
+        self, cleanup: list[asyncio.Task[object]]
+    ) -> None:
+        q = FairQueue(
+            slots=1,
+            per_caller=1,
+            max_waiting=100,
+            max_waiting_per_client=10,
+            max_waiting_per_caller=2,
+        )
+        held(q)
+        for n in range(2):
+            cleanup.append(asyncio.create_task(q.acquire("key:k", f"2001:db8:{n}::1", max_wait=10)))
+        await settle()
+        assert q.waiting == 2
+        with pytest.raises(ApiError) as caught:
+            await q.acquire("key:k", "2001:db8:9::1", max_wait=10)
+        assert (caught.value.status, caught.value.code) == (429, "queue_full")
+        assert "Retry-After" in caught.value.headers
+        assert q.waiting == 2
+        # another credential from the same addresses still may wait
+        cleanup.append(asyncio.create_task(q.acquire("key:other", "2001:db8:9::1", max_wait=10)))
+        await settle()
+        assert q.waiting == 3
+
+    async def test_a_place_the_caller_gave_up_is_its_own_again(self) -> None:
+        q = FairQueue(
+            slots=1,
+            per_caller=1,
+            max_waiting=100,
+            max_waiting_per_client=10,
+            max_waiting_per_caller=1,
+        )
+        holder = held(q)
+        leaving = asyncio.create_task(q.acquire("key:k", "198.51.100.1", max_wait=10))
+        await settle()
+        leaving.cancel()
+        await settle()
+        staying = asyncio.create_task(q.acquire("key:k", "198.51.100.2", max_wait=10))
+        await settle()
+        assert q.waiting == 1
+        q.release(holder)
+        q.release(await asyncio.wait_for(staying, 1))
+
+    async def test_without_a_bound_of_its_own_only_the_total_bounds_a_caller(
+        self, cleanup: list[asyncio.Task[object]]
+    ) -> None:
+        q = queue(max_waiting=3, per_client=10)
+        held(q)
+        for n in range(3):
+            cleanup.append(asyncio.create_task(q.acquire("key:k", f"198.51.100.{n}", max_wait=10)))
+        await settle()
+        assert q.waiting == 3
+        with pytest.raises(ApiError) as caught:
+            await q.acquire("key:k", "198.51.100.9", max_wait=10)
+        assert (caught.value.status, caught.value.code) == (503, "queue_full")
+
+
+class TestPlacesHeldOutsideTheQueue:
+    """A request waiting for its model holds a place: it counts against every bound like a
+    waiter, and becomes a waiter (counted once) when it queues."""
+
+    def bounded(self, total: int = 100, client: int = 100, caller: int = 100) -> FairQueue:
+        return FairQueue(
+            slots=1,
+            per_caller=1,
+            max_waiting=total,
+            max_waiting_per_client=client,
+            max_waiting_per_caller=caller,
+        )
+
+    async def test_a_held_place_counts_against_the_total(self) -> None:
+        q = self.bounded(total=2)
+        q.hold_place("a", "198.51.100.1")
+        q.hold_place("b", "198.51.100.2")
+        with pytest.raises(ApiError) as caught:
+            q.hold_place("c", "198.51.100.3")
+        assert (caught.value.status, caught.value.code) == (503, "queue_full")
+        held(q)
+        with pytest.raises(ApiError):
+            await q.acquire("c", "198.51.100.3", max_wait=10)
+        assert q.waiting == 0
+
+    async def test_a_held_place_counts_against_its_address_and_its_caller(self) -> None:
+        q = self.bounded(client=1, caller=1)
+        place = q.hold_place("a", CLIENT)
+        for caller, client in (("b", CLIENT), ("a", "198.51.100.7")):
+            with pytest.raises(ApiError) as caught:
+                q.hold_place(caller, client)
+            assert (caught.value.status, caught.value.code) == (429, "queue_full")
+        q.free_place(place)
+        q.free_place(place)  # a second give-back counts nothing out
+        q.free_place(q.hold_place("b", CLIENT))
+        other = q.hold_place("a", "198.51.100.7")
+        q.hold_place("c", "198.51.100.8")
+        with pytest.raises(ApiError):
+            q.hold_place("d", "198.51.100.7")  # one place for that address, not two
+        q.free_place(other)
+
+    async def test_a_place_taken_into_the_queue_counts_once(self) -> None:
+        q = self.bounded(total=1, client=1, caller=1)
+        holder = held(q)
+        place = q.hold_place("a", CLIENT)
+        waiting = asyncio.create_task(q.acquire("a", CLIENT, max_wait=10, place=place))
+        await settle()
+        assert q.waiting == 1  # the full queue had room: the place was its own
+        q.free_place(place)  # acquire took it over: this counts nothing out
+        with pytest.raises(ApiError):
+            q.hold_place("b", "198.51.100.7")
+        q.release(holder)
+        turn = await asyncio.wait_for(waiting, 1)
+        assert q.waiting == 0
+        q.free_place(q.hold_place("a", CLIENT))  # its place is free again
+        q.release(turn)
+
+    async def test_a_place_whose_turn_comes_at_once_is_given_back(self) -> None:
+        q = self.bounded(total=1)
+        place = q.hold_place("a", CLIENT)
+        turn = await q.acquire("a", CLIENT, max_wait=10, place=place)
+        q.free_place(q.hold_place("b", CLIENT))
+        q.release(turn)
+
+    async def test_a_place_given_back_already_is_checked_like_none(self) -> None:
+        q = self.bounded(total=1)
+        holder = held(q)
+        place = q.hold_place("a", CLIENT)
+        q.free_place(place)
+        other = q.hold_place("b", CLIENT)
+        with pytest.raises(ApiError):
+            await q.acquire("a", CLIENT, max_wait=10, place=place)
+        q.free_place(other)
+        q.release(holder)
+
+    async def test_a_waiter_with_a_place_that_gives_up_frees_it(self) -> None:
+        q = self.bounded(total=1)
+        holder = held(q)
+        place = q.hold_place("a", CLIENT)
+        leaving = asyncio.create_task(q.acquire("a", CLIENT, max_wait=10, place=place))
+        await settle()
+        leaving.cancel()
+        await settle()
+        assert q.waiting == 0
+        q.free_place(q.hold_place("b", CLIENT))
+        q.release(holder)
+
+
+async def test_a_deadline_ends_the_wait_and_the_timeout_names_the_whole_wait() -> None:
+    q = queue()
+    holder = held(q)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(ApiError) as caught:
+        await q.acquire("a", CLIENT, max_wait=7, deadline=started + 0.05)
+    assert loop.time() - started < 1
+    assert caught.value.code == "queue_timeout" and "waited 7 s" in caught.value.message
+    q.release(holder)
+
+
+# ---- rounds and giving up -------------------------------------------------------------------
+
+
+async def test_abandoned_waits_do_not_push_a_caller_behind_a_heavy_one() -> None:
+    # The review's repro: a light caller whose waits were abandoned, one after another, was
+    # served 12th behind a heavy caller's backlog; each gives its round back.
+    q = queue()
+    holder = held(q)
+    served = Served(q)
+    for n in range(12):
+        served.wait("heavy", f"heavy{n}")
+    await settle()
+    for _ in range(6):
+        served.wait("light", "abandoned")
+        await settle()
+        served.tasks[-1].cancel()
+        await settle()
+    served.wait("light")
+    await settle()
+    q.release(holder)
+    await settle()
+    assert served.order.index("light") == 1
+    assert served.order == ["heavy0", "light", *(f"heavy{n}" for n in range(1, 12))]
+
+
+async def test_waits_abandoned_oldest_first_give_back_every_round() -> None:
+    q = queue()
+    holder = held(q)
+    served = Served(q)
+    for n in range(6):
+        served.wait("heavy", f"heavy{n}")
+    for n in range(3):
+        served.wait("light", f"gone{n}")
+    await settle()
+    for task in served.tasks[6:]:  # in arrival order: each hands its round to the next
+        task.cancel()
+        await settle()
+    served.wait("light")
+    await settle()
+    q.release(holder)
+    await settle()
+    assert served.order == ["heavy0", "light", *(f"heavy{n}" for n in range(1, 6))]
+
+
+async def test_a_wait_abandoned_between_two_keeps_the_later_one_in_its_round() -> None:
+    q = queue()
+    holder = held(q)
+    served = Served(q)
+    for n in range(4):
+        served.wait("heavy", f"heavy{n}")
+    for n in range(3):
+        served.wait("light", f"light{n}")
+    await settle()
+    served.tasks[5].cancel()  # light1: light2 keeps its round, its caller's next one too
+    await settle()
+    served.wait("light", "light3")
+    await settle()
+    q.release(holder)
+    await settle()
+    assert served.order == [
+        "heavy0",
+        "light0",
+        "heavy1",
+        "heavy2",
+        "light2",
+        "heavy3",
+        "light3",
+    ]
+
+
+class TestAnIdleCallerComesBackInTheNextRound:
+    """An idle caller (nothing waiting, nothing running) starts in the round being served or
+    the next: neither behind a backlog for turns it took while nobody else waited, nor ahead
+    of the backlog for more than one turn."""
+
+    async def test_turns_taken_while_alone_do_not_keep_it_behind_a_backlog(self) -> None:
+        q = queue(slots=2, per_caller=1)
+        long = held(q, "long")  # holds the round being served back meanwhile
+        for _ in range(20):
+            q.release(held(q, "idle"))  # twenty quick answers while nobody waited
+        heavy = held(q, "heavy")
+        served = Served(q)
+        for n in range(5):
+            served.wait("heavy", f"heavy{n}")
+        await settle()
+        for n in range(3):
+            served.wait("idle", f"idle{n}")  # back after idling, with a burst
+        await settle()
+        q.release(heavy)
+        await settle()
+        # Served within one round, then alternating: it saved no turns either.
+        assert served.order == [
+            "heavy0",
+            "idle0",
+            "heavy1",
+            "idle1",
+            "heavy2",
+            "idle2",
+            "heavy3",
+            "heavy4",
+        ]
+        q.release(long)
+
+    async def test_a_turn_taken_at_once_after_idling_starts_in_the_next_round(self) -> None:
+        q = queue(slots=3, per_caller=2)
+        long = held(q, "long")
+        for _ in range(20):
+            q.release(held(q, "idle"))
+        running = held(q, "idle")  # at once, after idling: in the next round, not the 21st
+        heavy = held(q, "heavy")
+        served = Served(q)
+        for n in range(4):
+            served.wait("heavy", f"heavy{n}")
+        await settle()
+        for n in range(2):
+            served.wait("idle", f"idle{n}")  # not idle now: after its running turn's round
+        await settle()
+        q.release(heavy)
+        await settle()
+        assert served.order == ["heavy0", "heavy1", "idle0", "heavy2", "idle1", "heavy3"]
+        q.release(running)
+        q.release(long)
+
+    async def test_an_idle_caller_does_not_start_before_the_round_being_served(self) -> None:
+        q = queue()
+        holder = held(q)
+        served = Served(q)
+        for n in range(4):
+            served.wait("heavy", f"heavy{n}")
+        await settle()
+        q.release(holder)
+        await settle()
+        holder = held(q)  # the rounds moved on to 4; "late" never came before
+        for n in range(3):
+            served.wait("heavy", f"again{n}")
+            served.wait("late", f"late{n}")
+        await settle()
+        q.release(holder)
+        await settle()
+        assert served.order[4:] == ["again0", "late0", "again1", "late1", "again2", "late2"]
+
+
+class TestGiveUpsDoNotGrowTheHeap:
+    async def test_many_give_ups_leave_the_heap_bounded_and_the_order_right(self) -> None:
+        q = queue()
+        holder = held(q)
+        served = Served(q)
+        for n in range(3):
+            served.wait(f"stay{n}")
+        await settle()
+        for n in range(300):
+            served.wait(f"flood{n}")
+            served.wait("stay0", f"stay0-{n}")
+            await settle()
+            served.tasks[-1].cancel()
+            served.tasks[-2].cancel()
+            await settle()
+            assert len(q._heads) <= 2 * q.waiting + fair_queue._STALE_SLACK
+        await asyncio.gather(*served.tasks[3:], return_exceptions=True)
+        assert all(task.cancelled() for task in served.tasks[3:])  # no failure on the way
+        assert q.waiting == 3
+        q.release(holder)
+        await settle()
+        assert served.order == ["stay0", "stay1", "stay2"]
+
+    async def test_give_ups_of_a_caller_s_first_waiter_are_bounded_too(self) -> None:
+        q = queue(max_waiting=1000, per_client=1000)
+        holder = held(q)
+        served = Served(q)
+        served.wait("other")
+        for n in range(200):
+            served.wait("a", f"a{n}")
+        await settle()
+        for task in served.tasks[1:-1]:  # a's first waiter, each time: a new head
+            task.cancel()
+            await settle()
+            assert len(q._heads) <= 2 * 2 + fair_queue._STALE_SLACK
+        q.release(holder)
+        await settle()
+        assert served.order == ["other", "a199"]
+
+
+async def test_an_idle_caller_s_turn_at_once_starts_in_the_round_being_served() -> None:
+    q = queue(slots=2)
+    long = held(q, "long")  # round 0, and it holds "now" at 0
+    first = held(q, "idle")
+    assert first.round == 0  # nothing ahead of now: the clamp leaves it be
+    q.release(first)
+    for _ in range(5):
+        q.release(held(q, "idle"))
+    assert held(q, "idle").round == 1  # far ahead, clamped to the next round
+    q.release(long)
+
+
+async def test_a_turn_granted_at_once_by_acquire_counts_in_the_caller_s_rounds() -> None:
+    q = queue(slots=2, per_caller=1)
+    first = held(q, "a")
+    a_waits = asyncio.create_task(q.acquire("a", CLIENT, max_wait=10))
+    await settle()
+    b_turn = await asyncio.wait_for(q.acquire("b", CLIENT, max_wait=10), 1)  # a free slot
+    served = Served(q)
+    served.wait("b", "b-again")
+    served.wait("c")
+    await settle()
+    q.release(b_turn)
+    await settle()
+    assert served.order == ["c", "b-again"]  # b had its turn this round already
+    q.release(first)
+    q.release(await asyncio.wait_for(a_waits, 1))
+
+
+async def test_rounds_start_at_zero_and_move_on_as_turns_end() -> None:
+    # The rounds themselves, as each turn carries its own: a fresh queue serves round 0, a
+    # round ends with its turns, a newcomer starts in the round after the last one ended, and
+    # a waiter's turn runs in the round it waited for.
+    q = queue(slots=2)
+    first = held(q, "a")
+    same_round = await q.acquire("b", CLIENT, max_wait=10)  # acquire's own grant at once
+    assert (first.round, same_round.round) == (0, 0)
+    q.release(first)
+    q.release(same_round)
+    c_turn, d_turn = held(q, "c"), held(q, "d")
+    assert (c_turn.round, d_turn.round) == (1, 1)
+    c_waits = asyncio.create_task(q.acquire("c", CLIENT, max_wait=10))  # round 2
+    e_waits = asyncio.create_task(q.acquire("e", CLIENT, max_wait=10))  # round 1
+    await settle()
+    q.release(d_turn)
+    e_turn = await asyncio.wait_for(e_waits, 1)
+    q.release(c_turn)
+    c_again = await asyncio.wait_for(c_waits, 1)
+    assert (e_turn.round, c_again.round) == (1, 2)
+    q.release(e_turn)
+    q.release(c_again)

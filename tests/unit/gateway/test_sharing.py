@@ -1,21 +1,32 @@
 """The sharing gate on its own, with the real ledger (over a real database) and the real fair
 queue: which output cap a generation carries, what it reserves, and that everything it took
-is given back once. The whole path through the gateway is in the integration test of the same
-name."""
+is given back once. The model guard in front of the queue is the real one too, over LM
+Studio's model API in memory. The whole path through the gateway is in the integration test
+of the same name."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.fakes import FakeClock
+from tests.memory_model_api import A, B, C, MemoryModelApi
+from tray_app.config.settings import ModelSwitch
+from tray_app.gateway.api_errors import ApiError
 from tray_app.gateway.body_rules import prepare_body
 from tray_app.gateway.budgets import BudgetLedger
 from tray_app.gateway.fair_queue import FairQueue
 from tray_app.gateway.routes import FORWARDED_ROUTES, Route
-from tray_app.gateway.sharing import BUDGETED_DEFAULT_OUTPUT, Sharing, requested_output
+from tray_app.gateway.sharing import (
+    BUDGETED_DEFAULT_OUTPUT,
+    Generation,
+    Sharing,
+    requested_output,
+)
+from tray_app.gateway.upstream.model_guard import LOADING, WAITING_FOR_OTHERS, ModelGuard
 from tray_app.gateway.upstream.usage import Usage
 from tray_app.identity.principal import ALL_SCOPES, Principal
 from tray_app.storage.budgets import Budget
@@ -105,3 +116,154 @@ class TestGivingBack:
         assert generation.settle(None, 500) == Usage(9, 5)  # an estimate from the bytes sent
         assert generation.settle(None, 500) is None
         assert ledger.status("key:k", Budget(tokens_per_day=100)).day_used == 14
+
+
+def guarded(
+    *, slots: int = 1, max_wait: float = 5, total: int = 10, per_caller: int = 10
+) -> tuple[Sharing, FairQueue, ModelGuard]:
+    queue = FairQueue(
+        slots=slots,
+        per_caller=4,
+        max_waiting=total,
+        max_waiting_per_client=10,
+        max_waiting_per_caller=per_caller,
+    )
+    guard = ModelGuard(MemoryModelApi(), policy=ModelSwitch.WAIT, load_timeout=5, clock=FakeClock())
+    sharing = Sharing(queue, guard=guard, ledger=None, max_wait=max_wait, max_stream_wait=max_wait)
+    return sharing, queue, guard
+
+
+def asking(sharing: Sharing, model: str, name: str = "key:k") -> Generation:
+    prepared = prepare_body(CHAT, body(CHAT, f'"model":"{model}",{QUESTION}'))
+    return sharing.admit(Principal(name, ALL_SCOPES), "198.51.100.1", CHAT, prepared)
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+class TestWaitingForAModelCountsInTheQueue:
+    """A flood of requests for a model that is not loaded waits in the model guard, not in
+    the queue: each holds a place in the queue meanwhile, so the queue's bounds hold them."""
+
+    async def test_requests_waiting_for_a_model_fill_the_caller_s_places(self) -> None:
+        sharing, _, guard = guarded(slots=2, per_caller=1)
+        streaming = await guard.enter(A, max_wait=5)  # someone reads from A: B must wait
+        first = asking(sharing, B)
+        waiting = asyncio.create_task(first.wait_turn(None))
+        await settle()
+        assert not waiting.done()
+        with pytest.raises(ApiError) as caught:
+            await asking(sharing, B).wait_turn(None)
+        assert (caught.value.status, caught.value.code) == (429, "queue_full")
+        second = asking(sharing, B, "key:other")
+        other = asyncio.create_task(second.wait_turn(None))
+        await settle()
+        assert not other.done()  # another caller still has its own places
+        guard.leave(streaming)
+        await asyncio.wait_for(waiting, 1)
+        first.release()
+        await asyncio.wait_for(other, 1)
+        second.release()
+        # every place is free again: as many may wait as before
+        streaming = await guard.enter(A, max_wait=5)
+        again = asyncio.create_task(asking(sharing, C).wait_turn(None))
+        await settle()
+        assert not again.done()
+        guard.leave(streaming)
+        await asyncio.wait_for(again, 1)
+
+    async def test_with_no_room_to_wait_only_a_model_that_needs_no_wait_is_served(
+        self,
+    ) -> None:
+        sharing, _, _ = guarded(total=0)
+        served = asking(sharing, A)
+        await served.wait_turn(None)  # loaded, a slot free: it holds no place at all
+        served.release()
+        with pytest.raises(ApiError) as caught:
+            await asking(sharing, B).wait_turn(None)  # a load is a wait
+        assert (caught.value.status, caught.value.code) == (503, "queue_full")
+
+    async def test_a_place_held_in_the_guard_is_given_back_when_the_slot_is_free(
+        self,
+    ) -> None:
+        sharing, queue, _ = guarded(total=1)
+        loaded = asking(sharing, B)
+        await loaded.wait_turn(None)  # a load, then a free slot
+        loaded.release()
+        waiting = asking(sharing, B, "key:other")
+        await waiting.wait_turn(None)  # B loaded now, the slot free again
+        holder = queue.try_acquire("x")
+        assert holder is None  # waiting holds the one slot
+        behind = asyncio.create_task(asking(sharing, B, "key:third").wait_turn(None))
+        await settle()
+        assert queue.waiting == 1  # the one place in the queue: nobody else's held
+        waiting.release()
+        await asyncio.wait_for(behind, 1)
+
+    async def test_a_refusal_or_a_hang_up_in_the_guard_gives_the_place_back(self) -> None:
+        sharing, queue, guard = guarded(total=1, max_wait=0.05)
+        streaming = await guard.enter(A, max_wait=5)
+        with pytest.raises(ApiError) as caught:
+            await asking(sharing, B).wait_turn(None)
+        assert caught.value.code == "model_busy"
+        leaving = asyncio.create_task(asking(sharing, B).wait_turn(None))
+        await settle()
+        leaving.cancel()
+        await settle()
+        queue.free_place(queue.hold_place("key:k", "198.51.100.1"))  # the one place is free
+        guard.leave(streaming)
+
+
+class TestOneDeadline:
+    async def test_the_guard_and_the_queue_share_one_max_wait(self) -> None:
+        sharing, queue, guard = guarded(max_wait=0.4)
+        streaming = await guard.enter(A, max_wait=5)
+        slot = queue.try_acquire("key:busy")
+        assert slot is not None
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.25, guard.leave, streaming)  # B may load after 0.25 s of 0.4
+        started = loop.time()
+        with pytest.raises(ApiError) as caught:
+            await asking(sharing, B).wait_turn(None)
+        waited = loop.time() - started
+        assert caught.value.code == "queue_timeout"
+        assert "waited 0.4 s" in caught.value.message  # the whole wait, not what was left
+        assert 0.35 <= waited < 0.6  # not 0.25 + 0.4
+        queue.release(slot)
+
+
+async def test_a_draft_model_the_body_names_goes_to_the_guard() -> None:
+    sharing, queue, _ = guarded()
+    prepared = prepare_body(CHAT, body(CHAT, f'"model":"{A}","draft_model":"{B}",{QUESTION}'))
+    generation = sharing.admit(Principal("key:k", ALL_SCOPES), "198.51.100.1", CHAT, prepared)
+    with pytest.raises(ApiError) as caught:
+        await generation.wait_turn(None)
+    assert caught.value.code == "model_busy" and repr(B) in caught.value.message
+    assert queue.busy == 0
+
+
+async def test_a_wait_in_the_guard_then_the_queue_tells_both_and_keeps_one_place() -> None:
+    sharing, queue, guard = guarded(per_caller=1)
+    streaming = await guard.enter(A, max_wait=5)
+    slot = queue.try_acquire("key:busy")
+    assert slot is not None
+    told: list[str] = []
+    generation = asking(sharing, B)
+    waiting = asyncio.create_task(generation.wait_turn(told.append))
+    await settle()
+    guard.leave(streaming)  # B loads; the one slot is still taken: it queues, on its place
+    await settle()
+    assert queue.waiting == 1 and not waiting.done()
+    queue.release(slot)
+    await asyncio.wait_for(waiting, 1)
+    assert told == [WAITING_FOR_OTHERS, LOADING, "waiting, 0 ahead"]
+    # its turn is counted as its caller's: the caller's cap of one holds the next one back
+    second = FairQueue(slots=2, per_caller=1, max_waiting=1, max_waiting_per_client=1)
+    capped = Sharing(second, guard=None, ledger=None, max_wait=0.05, max_stream_wait=0.05)
+    await asking(capped, A).wait_turn(None)
+    with pytest.raises(ApiError) as caught:
+        await asking(capped, A).wait_turn(None)
+    assert caught.value.code == "queue_timeout"
+    generation.release()

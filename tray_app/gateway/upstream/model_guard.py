@@ -39,17 +39,22 @@ LOADING = "loading the model"
 
 
 class ModelUse:
-    """One request's hold on its model, from ``enter`` until ``leave``."""
+    """One request's hold on its model (and its draft model), from ``enter`` until ``leave``."""
 
-    __slots__ = ("_counted", "model")
+    __slots__ = ("_counted", "_draft", "model")
 
     def __init__(self, model: str | None) -> None:
         self.model = model
         # The model this use is counted under until it leaves; None: not (or no longer) counted.
         self._counted: str | None = None
+        self._draft: str | None = None  # the draft model it is counted under as well
 
 
 def _silent(_: str) -> None:
+    pass
+
+
+def _nothing() -> None:
     pass
 
 
@@ -76,31 +81,52 @@ class ModelGuard:
         return frozenset() if self._states is None else self._states.loaded
 
     async def enter(
-        self, model: str | None, *, max_wait: float, notify: Callable[[str], None] | None = None
+        self,
+        model: str | None,
+        *,
+        max_wait: float,
+        notify: Callable[[str], None] | None = None,
+        before_waiting: Callable[[], None] | None = None,
+        draft_model: str | None = None,
     ) -> ModelUse:
         """Return once ``model`` may be asked for without evicting a model others are
         receiving answers from. Raises model_switch_refused, model_switch_timeout (after
-        ``max_wait`` seconds of waiting), model_load_failed or model_load_timeout."""
+        ``max_wait`` seconds of waiting), model_load_failed or model_load_timeout.
+        ``before_waiting`` is called once, before the first wait (for other answers, a
+        switch or a load), and not when the model may be asked for at once: the queue holds
+        a place there, so requests waiting here count against its bounds (what it raises,
+        ``enter`` raises). A ``draft_model`` (speculative decoding) LM Studio would load too:
+        one not loaded is refused (model_switch_refused), as its load could evict a model
+        others read from; one loaded is counted like the model, so no switch evicts it."""
         if self._policy is ModelSwitch.OFF or model is None:
             return ModelUse(model)
-        use, _ = await self._enter(model, max_wait, notify or _silent, warm=False)
+        use, _ = await self._enter(
+            model, max_wait, notify or _silent, before_waiting or _nothing, warm=False
+        )
+        if draft_model is not None and draft_model != model:
+            try:
+                await self._count_draft(use, draft_model)
+            except BaseException:
+                self.leave(use)
+                raise
         return use
 
     def leave(self, use: ModelUse) -> None:
-        model, use._counted = use._counted, None
-        if model is None:
-            return
-        self._active[model] -= 1
-        if not self._active[model]:
-            del self._active[model]
-            self._wake()
+        counted = (use._counted, use._draft)
+        use._counted = use._draft = None
+        for model in counted:
+            if model is not None:
+                self._active[model] -= 1
+                if not self._active[model]:
+                    del self._active[model]
+                    self._wake()
 
     async def warm_up(self, model: str) -> float:
         """Load ``model`` now, under the same rules as a request for it (with the policy
         off, at once); the seconds the load took, 0 if it was loaded already."""
         # Off turns off the guarding, not the loading the owner asks for; with the guard
         # off no use is counted, so nothing is waited for.
-        use, seconds = await self._enter(model, self._load_timeout, _silent, warm=True)
+        use, seconds = await self._enter(model, self._load_timeout, _silent, _nothing, warm=True)
         self.leave(use)
         return seconds
 
@@ -120,6 +146,7 @@ class ModelGuard:
         model: str,
         max_wait: float,
         notify: Callable[[str], None],
+        before_waiting: Callable[[], None],
         *,
         warm: bool,
     ) -> tuple[ModelUse, float]:
@@ -127,7 +154,10 @@ class ModelGuard:
         told: set[str] = set()
 
         def say(words: str) -> None:
+            # Every wait is told first, so the first words are the moment waiting begins.
             if words not in told:
+                if not told:
+                    before_waiting()
                 told.add(words)
                 notify(words)
 
@@ -166,6 +196,17 @@ class ModelGuard:
         finally:
             if wanting:
                 self._unwant(model)
+
+    async def _count_draft(self, use: ModelUse, draft: str) -> None:
+        # Loading a draft model beside the model is a switch of its own; waiting for it too
+        # would mean waiting for two models at once, so it must be loaded already (a warm-up).
+        states = await self._read(draft)
+        if states is None or draft not in states.downloaded:
+            return  # not one the guard can know: LM Studio answers for it
+        if draft not in states.loaded:
+            raise errors.model_switch_refused(draft, RETRY_AFTER)
+        self._active[draft] += 1
+        use._draft = draft
 
     def _count(self, model: str) -> ModelUse:
         self._active[model] += 1

@@ -11,15 +11,15 @@ import asyncio
 import contextlib
 import gc
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from tests.fakes import FakeClock
+from tests.memory_model_api import A, B, C, MemoryModelApi
 from tray_app.config.settings import ModelSwitch
 from tray_app.gateway import api_errors as errors
 from tray_app.gateway.api_errors import ApiError
-from tray_app.gateway.upstream.model_api import ModelStates
 from tray_app.gateway.upstream.model_guard import (
     LOADING,
     REFRESH_INTERVAL,
@@ -30,58 +30,7 @@ from tray_app.gateway.upstream.model_guard import (
     ModelUse,
 )
 
-A, B, C = "qwen2.5-7b-instruct", "llama-3.2-1b-instruct", "gemma-3-4b"
 WAIT = 5.0
-
-
-class MemoryModelApi:
-    """LM Studio's model API in memory: one model fits (a load evicts the others), loads
-    wait for ``go`` when a test holds them, and every call is counted."""
-
-    def __init__(self, downloaded: Iterable[str] = (A, B, C), loaded: Iterable[str] = (A,)):
-        self.downloaded = set(downloaded)
-        self.in_memory = set(loaded)
-        self.reads = 0
-        self.loads: Counter[str] = Counter()
-        self.load_timeouts: list[float] = []
-        self.loads_ended = 0  # loads that returned, failed or were cancelled
-        self.no_api = False
-        self.read_failure: ApiError | None = None
-        self.failing_reads: set[int] = set()  # these reads (1 = the first) fail
-        self.load_failure: ApiError | None = None
-        self.load_forgets = False  # answers the load, yet does not list the model loaded
-        self.go: asyncio.Event | None = None  # set: loads wait for it
-        self.read_go: asyncio.Event | None = None
-        self.loading = asyncio.Event()
-
-    async def loaded(self) -> ModelStates | None:
-        self.reads += 1
-        if self.read_go is not None:
-            await self.read_go.wait()
-        if self.read_failure is not None:
-            raise self.read_failure
-        if self.reads in self.failing_reads:
-            raise errors.upstream_failed("the connection was reset")
-        if self.no_api:
-            return None
-        return ModelStates(frozenset(self.downloaded), frozenset(self.in_memory))
-
-    async def load(self, model: str, timeout: float) -> None:
-        self.loads[model] += 1
-        self.load_timeouts.append(timeout)
-        self.loading.set()
-        try:
-            if self.go is not None:
-                await self.go.wait()
-            if self.load_failure is not None:
-                raise self.load_failure
-            self.in_memory = set() if self.load_forgets else {model}
-        finally:
-            self.loads_ended += 1
-
-    def hold_loads(self) -> asyncio.Event:
-        self.go = asyncio.Event()
-        return self.go
 
 
 def guard_for(
@@ -764,3 +713,137 @@ class TestWarmUp:
         with pytest.raises(ApiError) as failed:
             await guard_for(api).warm_up(B)
         assert failed.value.code == "upstream_unreachable"
+
+
+class TestTheQueueSeesWhoWaits:
+    """``before_waiting`` is how a request waiting here holds its place in the fair queue:
+    called once when a wait begins, never when the model may be asked for at once, and
+    what it raises ends the wait before it began."""
+
+    async def test_a_loaded_model_enters_without_a_place(self) -> None:
+        calls: list[str] = []
+        guard = guard_for(MemoryModelApi())
+        use = await guard.enter(A, max_wait=WAIT, before_waiting=lambda: calls.append("held"))
+        assert calls == []
+        guard.leave(use)
+
+    async def test_a_wait_holds_a_place_once_however_many_steps_it_has(self) -> None:
+        api = MemoryModelApi()
+        guard = guard_for(api)
+        streaming = await guard.enter(A, max_wait=WAIT)
+        calls: list[str] = []
+        told: list[str] = []
+        switching = asyncio.ensure_future(
+            guard.enter(
+                B,
+                max_wait=WAIT,
+                notify=told.append,
+                before_waiting=lambda: calls.append(f"held after {len(told)} told"),
+            )
+        )
+        await settle()
+        assert calls == ["held after 0 told"]
+        guard.leave(streaming)
+        guard.leave(await switching)
+        assert told == [WAITING_FOR_OTHERS, LOADING] and calls == ["held after 0 told"]
+
+    async def test_a_load_alone_holds_a_place_too(self) -> None:
+        calls: list[str] = []
+        guard = guard_for(MemoryModelApi())
+        guard.leave(await guard.enter(B, max_wait=WAIT, before_waiting=lambda: calls.append("")))
+        assert calls == [""]
+
+    async def test_a_full_queue_ends_the_wait_and_leaves_no_switch_wanted(self) -> None:
+        api = MemoryModelApi()
+        guard = guard_for(api)
+        streaming = await guard.enter(A, max_wait=WAIT)
+
+        def full() -> None:
+            raise errors.queue_full(False, 1)
+
+        with pytest.raises(ApiError) as caught:
+            await guard.enter(B, max_wait=WAIT, before_waiting=full)
+        assert code(caught) == (503, "queue_full")
+        # B is not wanted any more: a new request for A is not held behind it
+        again = await asyncio.wait_for(guard.enter(A, max_wait=WAIT), 1)
+        guard.leave(again)
+        guard.leave(streaming)
+        assert api.loads == Counter()
+
+    async def test_a_refusal_holds_no_place(self) -> None:
+        guard = guard_for(MemoryModelApi(), ModelSwitch.REFUSE)
+        streaming = await guard.enter(A, max_wait=WAIT)
+        calls: list[str] = []
+        with pytest.raises(ApiError):
+            await guard.enter(B, max_wait=WAIT, before_waiting=lambda: calls.append(""))
+        assert calls == []
+        guard.leave(streaming)
+
+
+class TestADraftModel:
+    """A body's draft_model (speculative decoding) is a second model LM Studio would load:
+    one not loaded is refused, one loaded is counted so that no switch evicts it."""
+
+    async def test_a_loaded_draft_model_is_counted_like_the_model(self) -> None:
+        api = MemoryModelApi(loaded=(A, B))
+        guard = guard_for(api)
+        use = await guard.enter(A, max_wait=WAIT, draft_model=B)
+        switching = asyncio.ensure_future(guard.enter(C, max_wait=WAIT))
+        await settle()
+        assert not switching.done()
+        api.in_memory = {A, B}
+        guard.leave(use)
+        guard.leave(use)  # a second leave counts nothing out
+        guard.leave(await asyncio.wait_for(switching, 1))
+        assert api.loads == {C: 1}
+
+    async def test_the_draft_alone_keeps_a_switch_waiting(self) -> None:
+        guard = guard_for(MemoryModelApi(loaded=(A, B)))
+        use = await guard.enter(A, max_wait=WAIT, draft_model=B)
+        with pytest.raises(ApiError) as caught:
+            await guard.enter(A, max_wait=0.05, draft_model=C)
+        assert code(caught) == (503, "model_busy") and repr(C) in caught.value.message
+        guard.leave(use)
+
+    async def test_a_draft_model_not_loaded_is_refused_and_the_model_let_go(self) -> None:
+        api = MemoryModelApi()
+        guard = guard_for(api)
+        with pytest.raises(ApiError) as caught:
+            await guard.enter(A, max_wait=WAIT, draft_model=B)
+        assert code(caught) == (503, "model_busy")
+        assert caught.value.message.startswith(f"{B!r} is not loaded")
+        assert api.loads == Counter()
+        # nothing is left counted: a switch goes ahead at once
+        guard.leave(await asyncio.wait_for(guard.enter(C, max_wait=WAIT), 1))
+
+    async def test_a_draft_equal_to_the_model_or_unknown_is_not_guarded(self) -> None:
+        api = MemoryModelApi()
+        guard = guard_for(api)
+        same = await guard.enter(A, max_wait=WAIT, draft_model=A)
+        guard.leave(same)
+        unknown = await guard.enter(A, max_wait=WAIT, draft_model="not-on-disk")
+        guard.leave(unknown)
+        guard.leave(await asyncio.wait_for(guard.enter(C, max_wait=WAIT), 1))
+
+    async def test_a_caller_gone_while_the_draft_is_read_lets_the_model_go(self) -> None:
+        api = MemoryModelApi()
+        guard = guard_for(api)
+        guard.leave(await guard.enter(A, max_wait=WAIT))  # what is loaded, read: A alone
+        api.in_memory = {A, B}  # loaded since: the draft's check reads again, and waits
+        api.read_go = asyncio.Event()
+        entering = asyncio.ensure_future(guard.enter(A, max_wait=WAIT, draft_model=B))
+        await settle()
+        assert api.reads == 2 and not entering.done()
+        entering.cancel()
+        await settle()
+        api.read_go.set()
+        await settle()
+        assert entering.cancelled()
+        guard.leave(await asyncio.wait_for(guard.enter(C, max_wait=WAIT), 1))
+        assert api.loads == {C: 1}
+
+    async def test_with_the_guard_off_a_draft_model_is_lms_studio_s_affair(self) -> None:
+        api = MemoryModelApi()
+        guard = guard_for(api, ModelSwitch.OFF)
+        guard.leave(await guard.enter(A, max_wait=WAIT, draft_model=B))
+        assert api.reads == 0
