@@ -433,6 +433,15 @@ def queue_full(from_one_address: bool, retry_after: float) -> ApiError:
     )
 
 
+def queue_full_for_caller(retry_after: float) -> ApiError:
+    return _too_many(
+        "Too many of your requests are already waiting for their turn "
+        "(queue.max_waiting_per_caller); wait for some to finish.",
+        "queue_full",
+        retry_after,
+    )
+
+
 def queue_wait_timeout(seconds: float, retry_after: float) -> ApiError:
     return ApiError(
         503,
@@ -451,6 +460,19 @@ def model_switch_refused(model: str, retry_after: float) -> ApiError:
         "receiving from another model (models.switch = refuse); retry when they finish.",
         type=SERVER,
         code="model_busy",
+        headers=retry_after_header(retry_after),
+    )
+
+
+def draft_model_not_loaded(model: str, retry_after: float) -> ApiError:
+    return ApiError(
+        503,
+        f"The draft model {model!r} is not loaded, and loading it beside the model could cut off "
+        "answers others are receiving; ask the owner to warm it up (lmgate warm-up), or leave "
+        "draft_model out.",
+        type=SERVER,
+        code="model_busy",
+        param="draft_model",
         headers=retry_after_header(retry_after),
     )
 
@@ -703,6 +725,24 @@ def upstream_unreachable(upstream_url: str) -> ApiError:
         f"LM Studio is not reachable at {upstream_url}. Start its server (LM Studio → Developer → "
         "Start Server, or `lms server start`) and check that LM Gate's upstream.url matches.",
         "upstream_unreachable",
+    )
+
+
+# A down upstream is probed again within a minute (the pool's longest backoff).
+NO_UPSTREAM_RETRY_AFTER = 60.0
+
+
+def no_upstream(model: str | None) -> ApiError:
+    """Several upstreams, and none that offers ``model`` is up (the names and addresses of
+    the owner's machines are not the caller's business: /readyz and the tray show them)."""
+    what = "any model" if model is None else repr(model[:256])
+    return ApiError(
+        503,
+        f"None of LM Gate's model servers that serve {what} is reachable now; "
+        "retry in a minute, or tell the owner.",
+        type=UPSTREAM,
+        code="upstream_unreachable",
+        headers=retry_after_header(NO_UPSTREAM_RETRY_AFTER),
     )
 
 

@@ -307,8 +307,7 @@ class FairQueue:
         if self.waiting + self._held >= self._max_waiting:
             raise errors.queue_full(False, self.retry_after())
         if self._caller_places.get(caller, 0) >= self._max_per_caller:
-            # the catalogue has no words of its own for this yet: the per-address 429
-            raise errors.queue_full(True, self.retry_after())
+            raise errors.queue_full_for_caller(self.retry_after())
 
     def _count_in(self, caller: str, group: str) -> None:
         self._per_group[group] = self._per_group.get(group, 0) + 1

@@ -365,6 +365,17 @@ CATALOGUE = [
         Retry_After="2",
     ),
     entry(
+        E.queue_full_for_caller,
+        (3.0,),
+        429,
+        "rate_limit_error",
+        "queue_full",
+        None,
+        "Too many of your requests are already waiting for their turn "
+        "(queue.max_waiting_per_caller); wait for some to finish.",
+        Retry_After="3",
+    ),
+    entry(
         E.queue_wait_timeout,
         (60.0, 5.0),
         503,
@@ -384,6 +395,18 @@ CATALOGUE = [
         None,
         "'llama-3.2-1b-instruct' is not loaded, and loading it now would cut off answers others "
         "are receiving from another model (models.switch = refuse); retry when they finish.",
+        Retry_After="10",
+    ),
+    entry(
+        E.draft_model_not_loaded,
+        ("qwen-0.5b-draft", 10.0),
+        503,
+        "server_error",
+        "model_busy",
+        "draft_model",
+        "The draft model 'qwen-0.5b-draft' is not loaded, and loading it beside the model could "
+        "cut off answers others are receiving; ask the owner to warm it up (lmgate warm-up), or "
+        "leave draft_model out.",
         Retry_After="10",
     ),
     entry(
@@ -757,6 +780,17 @@ CATALOGUE = [
         "LM Studio is not reachable at http://127.0.0.1:1234. Start its server (LM Studio → "
         "Developer → Start Server, or `lms server start`) and check that LM Gate's "
         "upstream.url matches.",
+    ),
+    entry(
+        E.no_upstream,
+        ("qwen2.5-7b-instruct",),
+        503,
+        "upstream_error",
+        "upstream_unreachable",
+        None,
+        "None of LM Gate's model servers that serve 'qwen2.5-7b-instruct' is reachable now; "
+        "retry in a minute, or tell the owner.",
+        Retry_After="60",
     ),
     entry(
         E.upstream_timeout,

@@ -556,6 +556,7 @@ class TestOneCredentialCannotFillTheQueue:
         with pytest.raises(ApiError) as caught:
             await q.acquire("key:k", "2001:db8:9::1", max_wait=10)
         assert (caught.value.status, caught.value.code) == (429, "queue_full")
+        assert "queue.max_waiting_per_caller" in caught.value.message
         assert "Retry-After" in caught.value.headers
         assert q.waiting == 2
         # another credential from the same addresses still may wait

@@ -204,7 +204,7 @@ class ModelGuard:
         if states is None or draft not in states.downloaded:
             return  # not one the guard can know: LM Studio answers for it
         if draft not in states.loaded:
-            raise errors.model_switch_refused(draft, RETRY_AFTER)
+            raise errors.draft_model_not_loaded(draft, RETRY_AFTER)
         self._active[draft] += 1
         use._draft = draft
 

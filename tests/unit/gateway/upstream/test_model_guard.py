@@ -811,7 +811,8 @@ class TestADraftModel:
         with pytest.raises(ApiError) as caught:
             await guard.enter(A, max_wait=WAIT, draft_model=B)
         assert code(caught) == (503, "model_busy")
-        assert caught.value.message.startswith(f"{B!r} is not loaded")
+        assert caught.value.message.startswith(f"The draft model {B!r} is not loaded")
+        assert caught.value.param == "draft_model"
         assert api.loads == Counter()
         # nothing is left counted: a switch goes ahead at once
         guard.leave(await asyncio.wait_for(guard.enter(C, max_wait=WAIT), 1))
