@@ -146,9 +146,16 @@ def test_only_the_last_two_events_worth_of_bytes_is_read() -> None:
     filler = b": " + b"x" * (window - len(line) - 3) + b"\n"
     assert len(line + filler) == window
     assert usage_from_sse_tail([b"data: [DONE]\n\n" + line + filler], limit) == Usage(3, 5)
-    # One byte more after it, and its "d" falls outside the window: not found.
+    # One byte more after it, and its "d" falls outside the window: the line is not parsed,
+    # but its usage object, still inside, is read on its own.
     more = filler[:-1] + b"y\n"
-    assert usage_from_sse_tail([b"data: [DONE]\n\n" + line + more], limit) is None
+    assert usage_from_sse_tail([b"data: [DONE]\n\n" + line + more], limit) == Usage(3, 5)
+    # Once the object's first byte is outside too, nothing of it is read.
+    shift = line.index(b'"usage"') + 1
+    beyond = filler[:-1] + b"y" * shift + b"\n"
+    assert usage_from_sse_tail([b"data: [DONE]\n\n" + line + beyond], limit) is None
+    inside = filler[:-1] + b"y" * (shift - 1) + b"\n"
+    assert usage_from_sse_tail([b"data: [DONE]\n\n" + line + inside], limit) == Usage(3, 5)
 
 
 def test_bytes_that_are_no_utf8_do_not_break_the_search() -> None:
