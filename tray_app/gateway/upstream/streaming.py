@@ -262,14 +262,12 @@ class StreamRelay:
         the plain loop takes over: the one place a plain stream's bytes are looked at."""
         head = [first]
         chunk = first
-        while True:
+        while chunk:  # an empty read: the stream ended
             tail.append(chunk)
             await self._write(chunk)
             if len(head) >= _HEAD_CHUNKS or first_event_ended(b"".join(head)):
                 break
             chunk = await content.readany()
-            if not chunk:
-                break
             head.append(chunk)
         self._head = b"".join(head)
 
