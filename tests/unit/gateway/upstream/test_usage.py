@@ -655,3 +655,31 @@ class TestUsageInTheTail:
         inner = b'{"k":"' + b"x" * (1024 - 5) + b'"}'
         assert len(inner) - 2 == 1025
         assert usage_in_tail(b'"usage":{"d":' + inner + b"}") is None
+
+
+class TestWhichLinesAreParsed:
+    """Only data lines that say "usage" are parsed, head and tail alike; the field's value
+    starts right after "data:", with or without a space."""
+
+    DEEP = b'data:{"usage":{"prompt_tokens":3,"completion_tokens":5,"d":{"e":{"f":1}}}}'
+
+    def test_a_data_line_without_a_space(self) -> None:
+        line = b'data:{"usage":{"input_tokens":23}}\n\n'
+        assert usage_from_sse_head(line, 1000) == Usage(23, 0)
+        # Too deep for the loose-object search: only the line's own parse finds it.
+        assert usage_from_sse_tail([self.DEEP + b"\n\n"], 1000) == Usage(3, 5)
+
+    def test_a_broken_last_line_does_not_hide_an_earlier_one(self) -> None:
+        stream = self.DEEP + b'\n\ndata: {"usage" broken\n\n'
+        assert usage_from_sse_tail([stream], 1000) == Usage(3, 5)
+
+    def test_a_line_that_is_no_data_line_is_not_parsed(self) -> None:
+        # Its value from the sixth character on would be JSON with a usage.
+        other = b'xxxx:{"usage":{"input_tokens":99}}\n\n'
+        assert usage_from_sse_head(other, 1000) is None
+        assert usage_from_sse_head(other + MESSAGE_START, 1000) == Usage(23, 1)
+
+    def test_a_data_line_that_does_not_say_usage_is_not_parsed_in_the_head(self) -> None:
+        escaped = b'data: {"\\u0075sage":{"input_tokens":99}}\n\n'
+        assert usage_from_sse_head(escaped, 1000) is None
+        assert usage_from_sse_head(escaped + MESSAGE_START, 1000) == Usage(23, 1)
