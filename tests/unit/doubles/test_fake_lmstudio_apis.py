@@ -15,14 +15,15 @@ QWEN = MODELS[0]
 async def test_a_messages_stream_is_anthropic_s_event_sequence(fake_lmstudio: FakeLMStudio) -> None:
     fake_lmstudio.behaviour.chunks = 3
     fake_lmstudio.behaviour.first_event_pieces = 3
-    async with anthropic.AsyncAnthropic(
-        base_url=fake_lmstudio.url, api_key="x", max_retries=0
-    ) as client:
-        async with client.messages.stream(
+    client = anthropic.AsyncAnthropic(base_url=fake_lmstudio.url, api_key="x", max_retries=0)
+    async with (
+        client,
+        client.messages.stream(
             model=QWEN, max_tokens=64, messages=[{"role": "user", "content": "hi"}]
-        ) as stream:
-            kinds = [event.type async for event in stream]
-            final = await stream.get_final_message()
+        ) as stream,
+    ):
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_message()
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     assert final.content[0].type == "text" and final.content[0].text == "tok0 tok1 tok2 "
     assert (final.usage.input_tokens, final.usage.output_tokens) == (MESSAGES_INPUT, 3)
