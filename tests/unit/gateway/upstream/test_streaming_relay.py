@@ -936,3 +936,26 @@ class TestTheFirstEventsUsage:
         assert status == 200
         assert body.startswith(MSG_START + b'data: {"error"')
         assert rig.relay.bytes_out == len(body)
+
+    async def test_a_first_event_ended_across_two_reads_ends_the_head(self, rig: Rig) -> None:
+        # Its blank line's two LFs in two reads: the head stops there, and a usage in the
+        # next read (no tail's either) is not taken for the first event's.
+        later = b'data: {"usage":{"input_tokens":99,"output_tokens":99}}\n\n'
+        rig.reads = [MSG_TEXT[:-1], b"\n", later, *[MSG_TEXT] * 5, MSG_DELTA, MSG_STOP]
+        status, _ = await rig.fetch()
+        assert status == 200
+        assert rig.relay.usage == Usage(0, 15)
+
+    @pytest.mark.parametrize(("extra", "found"), [(0, True), (1, False)])
+    async def test_only_max_event_bytes_of_the_head_are_read(
+        self, rig: Rig, extra: int, found: bool
+    ) -> None:
+        # A first read with a comment before message_start: its data line is parsed only if
+        # it ends within limits.max_event_bytes (no event the relay looks for is larger).
+        size = LIMIT - (len(MSG_START) - 2) + extra
+        comment = b": " + b"x" * (size - 4) + b"\n\n"
+        assert len(comment) == size
+        rig.reads = [comment + MSG_START, *[MSG_TEXT] * 5, MSG_DELTA, MSG_STOP]
+        status, _ = await rig.fetch()
+        assert status == 200
+        assert rig.relay.usage == Usage(23 if found else 0, 15)
