@@ -30,6 +30,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests import fake_lmstudio_apis as apis
+
 NATIVE_MODEL_PATHS = frozenset({"/api/v0/models", "/api/v1/models/load"})
 MODELS = ("qwen2.5-7b-instruct", "llama-3.2-1b-instruct", "nomic-embed-text-v1.5")
 
@@ -64,6 +66,9 @@ class Behaviour:
     load_error: str | None = None  # /api/v1/models/load answers 500 with this message
     native_api: bool = True  # False: /api/v0/models and the load answer 404 (llama.cpp)
     native_delay: float = 0.0  # seconds before the native model API answers (header_delay's twin)
+    # /v1/messages and /v1/responses streams write their first event in this many pieces, a
+    # pause between (each its own read on the other side).
+    first_event_pieces: int = 1
 
 
 @dataclass
@@ -122,8 +127,8 @@ class FakeLMStudio:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
-        app.router.add_post("/v1/responses", self._echo)
-        app.router.add_post("/v1/messages", self._echo)
+        app.router.add_post("/v1/responses", self._responses)
+        app.router.add_post("/v1/messages", self._messages)
         app.router.add_get("/api/v0/models", self._native_models)
         app.router.add_post("/api/v1/models/load", self._load_endpoint)
         app.router.add_route("*", "/{tail:.*}", self._anything)
@@ -331,8 +336,44 @@ class FakeLMStudio:
             }
         )
 
-    async def _echo(self, request: web.Request) -> web.StreamResponse:
-        return self._json({"received": await request.json()})
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        payload = await request.json()
+        length = apis.answer_length(payload, self.behaviour.chunks, "max_tokens")
+        if not payload.get("stream"):
+            return self._json(apis.messages_answer(payload, length))
+        events = apis.messages_events(payload, length, self.behaviour.line_end)
+        return await self._stream_events(request, events)
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        payload = await request.json()
+        length = apis.answer_length(payload, self.behaviour.chunks, "max_output_tokens")
+        if not payload.get("stream"):
+            return self._json(apis.responses_answer(payload, length))
+        events = apis.responses_events(payload, length, self.behaviour.line_end)
+        return await self._stream_events(request, events)
+
+    async def _stream_events(self, request: web.Request, events: list[bytes]) -> web.StreamResponse:
+        b = self.behaviour
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        first, rest = events[0], events[1:]
+        size = -(-len(first) // b.first_event_pieces)
+        pieces = [first[i : i + size] for i in range(0, len(first), size)]
+        try:
+            for piece in pieces:
+                await response.write(piece)
+                if len(pieces) > 1:
+                    await asyncio.sleep(0.02)
+            for event in rest:
+                if b.chunk_delay:
+                    await asyncio.sleep(b.chunk_delay)
+                await response.write(event)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self._note_disconnect()
+            raise
+        return response
 
     async def _anything(self, request: web.Request) -> web.StreamResponse:
         # The real server answers unknown paths with 200, which is why the gateway must not

@@ -399,9 +399,17 @@ def too_many_concurrent_requests(limit: int) -> ApiError:
 
 
 def budget_exceeded(
-    period: str, limit: int, remaining: int, needed: int, resets: str, retry_after: float
+    period: str,
+    limit: int,
+    remaining: int,
+    needed: int,
+    resets: str,
+    retry_after: float,
+    *,
+    fits_output: int | None = None,
 ) -> ApiError:
-    """``period`` is "day" or "month"; ``resets`` the reset time in words (UTC)."""
+    """``period`` is "day" or "month"; ``resets`` the reset time in words (UTC);
+    ``fits_output`` the largest output cap that would fit now, when a smaller one would."""
     if remaining <= 0:
         said = f"Your token budget for this {period} ({limit:,} tokens) is used up"
     else:
@@ -409,6 +417,8 @@ def budget_exceeded(
             f"This request could use about {needed:,} tokens, and {remaining:,} of your "
             f"{limit:,} for this {period} are left"
         )
+    if fits_output is not None:
+        said += f": lower max_tokens (or max_output_tokens) to {fits_output:,} or less"
     return _too_many(
         f"{said}; it resets at {resets}. Ask the owner for a larger budget.",
         "budget_exceeded",

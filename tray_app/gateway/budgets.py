@@ -132,7 +132,8 @@ class BudgetLedger:
             short = [room for room in rooms if room.left - prompt < 1]
         if short:
             # The month's reset is the later one: if it is short, waiting for the day is no use.
-            raise _refusal(short[-1], max(needed, prompt + 1), now)
+            fits = min(room.left for room in rooms) - prompt  # >= 1 only if a cap was too large
+            raise _refusal(short[-1], max(needed, prompt + 1), now, fits)
         reservation = Reservation(principal.name, needed, max_output, prompt, next(self._tickets))
         account.reserved += needed
         self._open[reservation.ticket] = reservation
@@ -150,7 +151,7 @@ class BudgetLedger:
         Returns the usage it was charged (``used``, or the estimate when LM Studio reported
         none), which the recorder must write in the same step, so that the totals a restart
         reads are the ones the ledger counted."""
-        charged = used if used is not None else _estimate(reservation, bytes_out, reached)
+        charged = _charged(reservation, used, bytes_out, reached)
         if self._open.pop(reservation.ticket, None) is None:
             return used
         account = self._accounts.get(reservation.principal)
@@ -239,6 +240,19 @@ class BudgetLedger:
         return rooms
 
 
+def _charged(
+    reservation: Reservation, used: Usage | None, bytes_out: int, reached: bool
+) -> Usage | None:
+    """LM Studio's usage, or an estimate where it said nothing. A prompt it counts as 0 is
+    taken as not said (every generation reads at least its chat template): a usage event the
+    gateway could not see in full must not let a prompt go free."""
+    if used is None:
+        return _estimate(reservation, bytes_out, reached)
+    if used.prompt_tokens <= 0 < reservation.prompt_estimate:
+        return Usage(reservation.prompt_estimate, used.completion_tokens)
+    return used
+
+
 def _estimate(reservation: Reservation, bytes_out: int, reached: bool) -> Usage | None:
     """What a request LM Studio reported no usage for is charged. ``reached``: LM Studio took
     the request (and so read its prompt), whatever happened after: a client that hangs up
@@ -249,8 +263,16 @@ def _estimate(reservation: Reservation, bytes_out: int, reached: bool) -> Usage 
     return Usage(reservation.prompt_estimate, min(cap, bytes_out // BYTES_PER_TOKEN))
 
 
-def _refusal(room: _Room, needed: int, now: float) -> api_errors.ApiError:
+def _refusal(room: _Room, needed: int, now: float, fits_output: int) -> api_errors.ApiError:
+    """``fits_output``: the largest output cap every period has room for now, besides the
+    prompt; a caller told it can retry at once instead of waiting for the reset."""
     resets = dt.datetime.fromtimestamp(room.resets_at, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return api_errors.budget_exceeded(
-        room.period, room.limit, max(0, room.left), needed, resets, room.resets_at - now
+        room.period,
+        room.limit,
+        max(0, room.left),
+        needed,
+        resets,
+        room.resets_at - now,
+        fits_output=fits_output if fits_output >= 1 else None,
     )

@@ -348,3 +348,71 @@ class TestMemory:
         rig.finish(nothing, Usage(3, 4))
         assert rig.ledger.principals_tracked == 0
         assert rig.ledger.status(NAME, Budget(10)).day_used == 7  # from the recorder
+
+
+class TestARefusalSaysWhatFits:
+    """A cap too large for what is left is told the largest that fits (what every period has
+    left, less the prompt estimate), so the caller can retry at once instead of waiting."""
+
+    def test_the_largest_cap_that_fits(self, rig: Rig) -> None:
+        error = refusal(rig, principal(day=1000), 400, 601)
+        assert "lower max_tokens (or max_output_tokens) to 600 or less" in error.message
+        assert "resets at 2027-01-16 00:00 UTC" in error.message
+        assert error.headers["Retry-After"] == str(16 * 3600)
+        assert rig.ledger.reserve(principal(day=1000), prompt_estimate=400, requested_output=600)
+
+    def test_the_tighter_period_decides_it(self, rig: Rig) -> None:
+        # Both short: the month is named (its reset is later), the day has less left.
+        error = refusal(rig, principal(day=250, month=300), 50, 300)
+        assert "for this month" in error.message and "to 200 or less" in error.message
+        error = refusal(rig, principal(day=300, month=250, name="key:k2"), 50, 300)
+        assert "for this month" in error.message and "to 200 or less" in error.message
+        error = refusal(rig, principal(day=300, month=10_000, name="key:k3"), 50, 300)
+        assert "for this day" in error.message and "to 250 or less" in error.message
+
+    def test_room_for_one_token_is_offered(self, rig: Rig) -> None:
+        error = refusal(rig, principal(day=10), 9, 2)
+        assert "lower max_tokens (or max_output_tokens) to 1 or less" in error.message
+
+    def test_no_room_for_one_token_offers_nothing(self, rig: Rig) -> None:
+        for prompt in (10, 11):
+            error = refusal(rig, principal(day=10), prompt, 1)
+            assert "lower max_tokens" not in error.message
+            assert "resets at" in error.message
+
+    def test_a_budget_used_up_offers_nothing(self, rig: Rig) -> None:
+        assert rig.ledger.reserve(principal(day=10), prompt_estimate=0, requested_output=10)
+        error = refusal(rig, principal(day=10), 0, 1)
+        assert "is used up" in error.message and "lower max_tokens" not in error.message
+
+    def test_a_cap_the_ledger_chose_offers_nothing(self, rig: Rig) -> None:
+        error = refusal(rig, principal(day=10), 10, None)
+        assert "lower max_tokens" not in error.message
+
+
+class TestAPromptReportedAsNothing:
+    """Every generation reads at least its chat template: a usage with no prompt (a usage
+    event the gateway saw only half of) is charged the prompt estimate, never nothing."""
+
+    def test_a_zero_prompt_is_charged_the_estimate(self, rig: Rig) -> None:
+        r = rig.ledger.reserve(principal(day=1000), prompt_estimate=40, requested_output=100)
+        assert r is not None
+        assert rig.ledger.settle(r, Usage(0, 15)) == Usage(40, 15)
+        assert rig.ledger.status(NAME, Budget(1000)).day_used == 55
+
+    def test_a_negative_prompt_too(self, rig: Rig) -> None:
+        r = rig.ledger.reserve(principal(day=1000), prompt_estimate=40, requested_output=100)
+        assert r is not None
+        assert rig.ledger.settle(r, Usage(-3, 15)) == Usage(40, 15)
+
+    def test_a_prompt_of_one_is_lm_studio_s_word(self, rig: Rig) -> None:
+        r = rig.ledger.reserve(principal(day=1000), prompt_estimate=40, requested_output=100)
+        assert r is not None
+        assert rig.ledger.settle(r, Usage(1, 15)) == Usage(1, 15)
+        assert rig.ledger.status(NAME, Budget(1000)).day_used == 16
+
+    def test_without_an_estimate_zero_stays_zero(self, rig: Rig) -> None:
+        # Nothing estimated (an empty prompt): nothing to put in its place.
+        r = rig.ledger.reserve(principal(day=1000), prompt_estimate=0, requested_output=100)
+        assert r is not None
+        assert rig.ledger.settle(r, Usage(0, 15)) == Usage(0, 15)

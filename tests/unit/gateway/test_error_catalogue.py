@@ -980,6 +980,23 @@ class TestTheCatalogue:
             "month are left; it resets at 2027-01-01 00:00 UTC. Ask the owner for a larger budget."
         )
 
+    def test_a_budget_a_smaller_cap_fits_in_says_which(self) -> None:
+        error = E.budget_exceeded(
+            "day", 1000000, 3000, 4200, "2027-01-01 00:00 UTC", 60.0, fits_output=2500
+        )
+        assert (error.status, error.code, error.headers) == (
+            429,
+            "budget_exceeded",
+            {"Retry-After": "60"},
+        )
+        assert error.message == (
+            "This request could use about 4,200 tokens, and 3,000 of your 1,000,000 for this "
+            "day are left: lower max_tokens (or max_output_tokens) to 2,500 or less; it resets "
+            "at 2027-01-01 00:00 UTC. Ask the owner for a larger budget."
+        )
+        unsaid = E.budget_exceeded("day", 10, 3, 42, "2027-01-01 00:00 UTC", 60.0, fits_output=None)
+        assert "lower" not in unsaid.message
+
     def test_a_full_queue_in_total_is_the_gateway_s_503(self) -> None:
         error = E.queue_full(False, 5.0)
         assert (error.status, error.type, error.code, error.headers) == (

@@ -17,7 +17,9 @@ MIB = 1024 * 1024
 MAX_PARSED_BYTES = 8 * MIB
 MAX_PARSED_CONTAINERS = 1_000_000  # objects and arrays (brackets, a bound from above)
 _TAIL_BYTES = 64 * 1024
-_USAGE_IN_TAIL = re.compile(rb'"usage"\s*:\s*(\{[^{}]{0,4096}\})')
+# A usage object may hold one level of objects: OpenAI's input_tokens_details and the like.
+# The two alternatives start differently, so the match takes linear time.
+_USAGE_IN_TAIL = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]{0,1024}\}){0,4096}\})')
 
 
 class TooLargeToParse(Exception):

@@ -4,7 +4,9 @@ While LM Studio is still processing the prompt, an optional heartbeat pump sends
 so that idle-sensitive proxies and phones keep the connection; while the request waits for its
 turn in the fair queue, the same pump sends the client its place (``notify``). The relay
 itself awaits LM Studio directly (no wrapper task per read), and once the first chunk arrives it
-is a plain read-write loop: no parsing, no timers, one deque append per chunk (for usage). A
+is a plain read-write loop: no parsing, no timers, one deque append per chunk (for usage). Its
+usage is read once the stream ended, from its last reads and from its first event (where
+/v1/messages puts input_tokens): the first few reads are kept until that event has ended. A
 stream whose usage must be hidden, or whose events an observer reads, is relayed in whole events,
 none larger than limits.max_event_bytes.
 When the client hangs up, LM Studio's request is closed at once so the GPU stops generating;
@@ -26,7 +28,14 @@ from tray_app.config.settings import Config
 from tray_app.gateway import api_errors as errors
 from tray_app.gateway.api_errors import REQUEST_ID_HEADER, ApiError
 from tray_app.gateway.upstream.failures import describe_failure
-from tray_app.gateway.upstream.usage import EventCutter, Usage, usage_from_sse_tail
+from tray_app.gateway.upstream.usage import (
+    EventCutter,
+    Usage,
+    first_event_ended,
+    merge_usage,
+    usage_from_sse_head,
+    usage_from_sse_tail,
+)
 from tray_app.tasks import spawn
 
 log = logging.getLogger("lmgate.streaming")
@@ -39,6 +48,7 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 _TAIL_CHUNKS = 4  # the usage chunk and [DONE] arrive in the last few reads
+_HEAD_CHUNKS = 4  # LM Studio writes its first event in one go: a read or two hold it
 
 
 class _SseResponse(web.StreamResponse):
@@ -94,6 +104,7 @@ class StreamRelay:
         self._abort_cancelled = False  # abort() cancelled the wait for LM Studio's headers
         self._finished = False
         self._plain_tail: deque[bytes] | None = None  # set once the plain relay sends data
+        self._head = b""  # the stream's first bytes: its first event, as far as they hold it
         self.status = 0
         self.bytes_out = 0
         self.usage: Usage | None = None
@@ -213,8 +224,7 @@ class StreamRelay:
                 await self._relay_events(first, content, cutter, tail)
             elif first:
                 self._plain_tail = tail  # the bytes as sent, for an error event after them
-                tail.append(first)
-                await self._write(first)
+                await self._relay_head(first, content, tail)
                 async for chunk in content.iter_any():
                     tail.append(chunk)
                     try:
@@ -241,8 +251,25 @@ class StreamRelay:
         if self._aborted is not None:
             return await self._fail_aborted()  # the close looked like a clean end
         found = cutter.usage if cutter is not None else None
-        self.usage = found or usage_from_sse_tail(tail, self._max_event_bytes)
+        last = found or usage_from_sse_tail(tail, self._max_event_bytes)
+        self.usage = merge_usage(usage_from_sse_head(self._head, self._max_event_bytes), last)
         return down
+
+    async def _relay_head(
+        self, first: bytes, content: aiohttp.StreamReader, tail: deque[bytes]
+    ) -> None:
+        """Relay the first reads, kept until the first event has ended (a few at most), before
+        the plain loop takes over: the one place a plain stream's bytes are looked at."""
+        head = [first]
+        chunk = first
+        while chunk:  # an empty read: the stream ended
+            tail.append(chunk)
+            await self._write(chunk)
+            if len(head) >= _HEAD_CHUNKS or first_event_ended(b"".join(head)):
+                break
+            chunk = await content.readany()
+            head.append(chunk)
+        self._head = b"".join(head)
 
     async def _relay_events(
         self,
@@ -259,6 +286,8 @@ class StreamRelay:
             tail.append(chunk)
             ready = cutter.feed(chunk)
             if ready:
+                if not self._head:
+                    self._head = ready  # whole events, the first among them
                 if observe is not None:
                     observe(ready)
                 await self._write(ready)

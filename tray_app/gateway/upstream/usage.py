@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from tray_app.gateway.upstream.answers import usage_in_tail
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:
@@ -20,28 +22,73 @@ class Usage:
 
 
 def usage_from_payload(payload: Any) -> Usage | None:
-    """Usage from a chat/completions/embeddings/responses/messages JSON object, if it has one."""
+    """Usage from a chat/completions/embeddings/responses/messages JSON object, if it has one:
+    at the top (every JSON answer, an OpenAI stream's usage chunk, /v1/messages'
+    message_delta), in ``message`` (/v1/messages' message_start) or in ``response``
+    (/v1/responses' response.completed)."""
     if not isinstance(payload, dict):
         return None
     usage = payload.get("usage")
+    for holder in ("message", "response"):
+        if isinstance(usage, dict):
+            break
+        inner = payload.get(holder)
+        usage = inner.get("usage") if isinstance(inner, dict) else None
     if not isinstance(usage, dict):
-        # /v1/messages streams carry usage inside message_start / message_delta events.
-        message = payload.get("message")
-        usage = message.get("usage") if isinstance(message, dict) else None
-        if not isinstance(usage, dict):
-            return None
+        return None
     prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
     completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
+    # Anthropic counts a prompt served from its cache apart from input_tokens; it was read all
+    # the same, and a budget counts every token of the prompt.
+    for cached in ("cache_creation_input_tokens", "cache_read_input_tokens"):
+        more = usage.get(cached)
+        if type(more) is int and more > 0:
+            prompt += more
     return Usage(prompt_tokens=prompt, completion_tokens=completion)
+
+
+def merge_usage(first: Usage | None, last: Usage | None) -> Usage | None:
+    """One stream's usage from its first and last events: /v1/messages says input_tokens in
+    message_start and output_tokens in the final message_delta. Each count is the larger of
+    the two: Anthropic's counts are cumulative (a later one is never smaller when both are
+    given), and a count missing from one event reads as 0 there."""
+    if first is None or last is None:
+        return last or first
+    return Usage(
+        max(first.prompt_tokens, last.prompt_tokens),
+        max(first.completion_tokens, last.completion_tokens),
+    )
+
+
+def first_event_ended(head: bytes) -> bool:
+    """Whether a stream's first bytes hold its whole first event (any SSE line end)."""
+    return b"\n\n" in to_lf(head)
+
+
+def usage_from_sse_head(head: bytes, max_event_bytes: int) -> Usage | None:
+    """Usage from the first events of a stream (/v1/messages' message_start), parsing at
+    most the first ``max_event_bytes``, the most a whole first event may be."""
+    text = to_lf(head[:max_event_bytes]).decode("utf-8", errors="replace")
+    for line in text.split("\n"):
+        if line.startswith("data:") and '"usage"' in line:
+            try:
+                found = usage_from_payload(json.loads(line[5:].strip()))
+            except ValueError:
+                continue
+            if found is not None:
+                return found
+    return None
 
 
 def usage_from_sse_tail(chunks: Iterable[bytes], max_event_bytes: int) -> Usage | None:
     """Usage from the last events of a stream (the usage chunk comes just before [DONE]).
 
     Only the last two events' worth of bytes is parsed: the usage event is at most
-    ``max_event_bytes``, and a hostile stream's last reads need not be cheap to parse."""
+    ``max_event_bytes``, and a hostile stream's last reads need not be cheap to parse. A last
+    event whose start is not among the last reads (/v1/responses' response.completed repeats
+    the whole answer) still ends with its usage object, which is then read on its own."""
     data = b"".join(chunks)
     text = data[-2 * max_event_bytes :].decode("utf-8", errors="replace")
     for line in reversed(text.splitlines()):  # splitlines knows all of SSE's line ends
@@ -53,7 +100,7 @@ def usage_from_sse_tail(chunks: Iterable[bytes], max_event_bytes: int) -> Usage 
             continue
         if found is not None:
             return found
-    return None
+    return usage_from_payload({"usage": usage_in_tail(data[-2 * max_event_bytes :])})
 
 
 USAGE_MARKERS = (b'"usage":{', b'"usage": {')

@@ -841,3 +841,121 @@ async def test_a_hang_up_together_with_an_abort_still_cancels_the_handler(rig: R
     assert rig.endings == ["CancelledError"]
     fetching.cancel()
     await asyncio.gather(fetching, return_exceptions=True)
+
+
+# ---- usage from the first event (/v1/messages' message_start) -----------------------------
+
+MSG_START = (
+    b"event: message_start\n"
+    b'data: {"type":"message_start","message":{"usage":{"input_tokens":23,"output_tokens":1}}}'
+    b"\n\n"
+)
+MSG_TEXT = b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{}}\n\n'
+MSG_DELTA = b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":15}}\n\n'
+MSG_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+MESSAGES_STREAM = [MSG_START, *[MSG_TEXT] * 6, MSG_DELTA, MSG_STOP]
+
+
+def _pieces(event: bytes, count: int) -> list[bytes]:
+    size = -(-len(event) // count)
+    return [event[i : i + size] for i in range(0, len(event), size)]
+
+
+class TestTheFirstEventsUsage:
+    """A /v1/messages stream says its prompt's input_tokens only in its first event and its
+    output_tokens in its last: the relay reads both, or the budget charges no prompt."""
+
+    @pytest.mark.parametrize("observe", [False, True], ids=["plain", "whole-events"])
+    async def test_the_prompt_from_the_first_event_and_the_answer_from_the_last(
+        self, rig: Rig, observe: bool
+    ) -> None:
+        rig.reads = MESSAGES_STREAM
+        rig.observe = observe
+        status, body = await rig.fetch()
+        assert (status, body) == (200, b"".join(MESSAGES_STREAM))
+        assert rig.relay.usage == Usage(23, 15)
+        assert rig.relay.bytes_out == len(body)
+
+    @pytest.mark.parametrize("observe", [False, True], ids=["plain", "whole-events"])
+    @pytest.mark.parametrize("count", [2, 3, 4])
+    async def test_a_first_event_in_up_to_four_reads_is_read_whole(
+        self, rig: Rig, count: int, observe: bool
+    ) -> None:
+        rig.reads = [*_pieces(MSG_START, count), *MESSAGES_STREAM[1:]]
+        assert len(rig.reads) == len(MESSAGES_STREAM) + count - 1
+        rig.observe = observe
+        status, body = await rig.fetch()
+        assert (status, body) == (200, b"".join(MESSAGES_STREAM))
+        assert rig.relay.usage == Usage(23, 15)
+        assert rig.relay.bytes_out == len(body)
+
+    async def test_the_plain_relay_looks_at_no_more_than_four_first_reads(self, rig: Rig) -> None:
+        # Bounded like the tail: a first event dripped in more reads is passed on, unread.
+        rig.reads = [*_pieces(MSG_START, 5), *MESSAGES_STREAM[1:]]
+        status, body = await rig.fetch()
+        assert (status, body) == (200, b"".join(MESSAGES_STREAM))
+        assert rig.relay.usage == Usage(0, 15)
+
+    async def test_whole_events_keep_the_first_however_many_reads_it_took(self, rig: Rig) -> None:
+        rig.reads = [*_pieces(MSG_START, 6), *MESSAGES_STREAM[1:]]
+        rig.observe = True
+        status, body = await rig.fetch()
+        assert (status, body) == (200, b"".join(MESSAGES_STREAM))
+        assert rig.relay.usage == Usage(23, 15)
+
+    @pytest.mark.parametrize("observe", [False, True], ids=["plain", "whole-events"])
+    async def test_only_the_first_event_is_the_head(self, rig: Rig, observe: bool) -> None:
+        # A usage in a later event, long before the tail, is not the first event's.
+        later = b'data: {"usage":{"input_tokens":99,"output_tokens":99}}\n\n'
+        rig.reads = [MSG_TEXT, later, *[MSG_TEXT] * 5, MSG_DELTA, MSG_STOP]
+        rig.observe = observe
+        status, _ = await rig.fetch()
+        assert status == 200
+        assert rig.relay.usage == Usage(0, 15)
+
+    @pytest.mark.parametrize("count", [1, 2])
+    async def test_a_stream_that_is_only_its_first_event(self, rig: Rig, count: int) -> None:
+        rig.reads = _pieces(MSG_START, count)
+        status, body = await rig.fetch()
+        assert (status, body) == (200, MSG_START)
+        assert rig.relay.usage == Usage(23, 1)
+
+    async def test_a_stream_that_ends_inside_its_first_event(self, rig: Rig) -> None:
+        rig.reads = _pieces(MSG_START[:-2], 2)
+        status, body = await rig.fetch()
+        assert (status, body) == (200, MSG_START[:-2])
+        assert rig.relay.bytes_out == len(body)
+
+    async def test_a_break_right_after_a_first_event_read_in_two_adds_no_blank_line(
+        self, rig: Rig
+    ) -> None:
+        # The second read, which ends the event, is among the reads the error event follows.
+        rig.reads = [MSG_START[:-1], b"\n"]
+        rig.breaks = True
+        status, body = await rig.fetch()
+        assert status == 200
+        assert body.startswith(MSG_START + b'data: {"error"')
+        assert rig.relay.bytes_out == len(body)
+
+    async def test_a_first_event_ended_across_two_reads_ends_the_head(self, rig: Rig) -> None:
+        # Its blank line's two LFs in two reads: the head stops there, and a usage in the
+        # next read (no tail's either) is not taken for the first event's.
+        later = b'data: {"usage":{"input_tokens":99,"output_tokens":99}}\n\n'
+        rig.reads = [MSG_TEXT[:-1], b"\n", later, *[MSG_TEXT] * 5, MSG_DELTA, MSG_STOP]
+        status, _ = await rig.fetch()
+        assert status == 200
+        assert rig.relay.usage == Usage(0, 15)
+
+    @pytest.mark.parametrize(("extra", "found"), [(0, True), (1, False)])
+    async def test_only_max_event_bytes_of_the_head_are_read(
+        self, rig: Rig, extra: int, found: bool
+    ) -> None:
+        # A first read with a comment before message_start: its data line is parsed only if
+        # it ends within limits.max_event_bytes (no event the relay looks for is larger).
+        size = LIMIT - (len(MSG_START) - 2) + extra
+        comment = b": " + b"x" * (size - 4) + b"\n\n"
+        assert len(comment) == size
+        rig.reads = [comment + MSG_START, *[MSG_TEXT] * 5, MSG_DELTA, MSG_STOP]
+        status, _ = await rig.fetch()
+        assert status == 200
+        assert rig.relay.usage == Usage(23 if found else 0, 15)

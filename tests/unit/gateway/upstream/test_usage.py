@@ -9,13 +9,17 @@ import json
 
 import pytest
 
+from tray_app.gateway.upstream.answers import usage_in_tail
 from tray_app.gateway.upstream.usage import (
     EventCutter,
     Usage,
+    first_event_ended,
     has_usage_object,
+    merge_usage,
     strip_usage_events,
     to_lf,
     usage_from_payload,
+    usage_from_sse_head,
     usage_from_sse_tail,
 )
 
@@ -53,6 +57,55 @@ from tray_app.gateway.upstream.usage import (
             {"usage": {"prompt_tokens": 1}, "message": {"usage": {"input_tokens": 50}}},
             Usage(1, 0),
         ),
+        # /v1/responses streams: usage inside response.completed's response
+        (
+            {
+                "type": "response.completed",
+                "response": {
+                    "usage": {
+                        "input_tokens": 31,
+                        "input_tokens_details": {"cached_tokens": 0},
+                        "output_tokens": 5,
+                    }
+                },
+            },
+            Usage(31, 5),
+        ),
+        ({"usage": None, "response": {"usage": {"input_tokens": 4}}}, Usage(4, 0)),
+        ({"message": {}, "response": {"usage": {"output_tokens": 4}}}, Usage(0, 4)),
+        # the message's wins over the response's, the top's over both
+        (
+            {"message": {"usage": {"input_tokens": 2}}, "response": {"usage": {"input_tokens": 9}}},
+            Usage(2, 0),
+        ),
+        ({"usage": {"input_tokens": 1}, "response": {"usage": {"input_tokens": 9}}}, Usage(1, 0)),
+        # Anthropic's cached prompt was read too: it counts with input_tokens
+        (
+            {
+                "usage": {
+                    "input_tokens": 3,
+                    "cache_creation_input_tokens": 10,
+                    "cache_read_input_tokens": 100,
+                    "output_tokens": 2,
+                }
+            },
+            Usage(113, 2),
+        ),
+        ({"message": {"usage": {"cache_read_input_tokens": 7}}}, Usage(7, 0)),
+        # cached counts that are no positive integer are left out
+        (
+            {
+                "usage": {
+                    "input_tokens": 3,
+                    "cache_creation_input_tokens": -10,
+                    "cache_read_input_tokens": "100",
+                }
+            },
+            Usage(3, 0),
+        ),
+        ({"usage": {"input_tokens": 3, "cache_read_input_tokens": True}}, Usage(3, 0)),
+        ({"usage": {"input_tokens": 3, "cache_read_input_tokens": 0}}, Usage(3, 0)),
+        ({"usage": {"input_tokens": 3, "cache_read_input_tokens": 1}}, Usage(4, 0)),
     ],
 )
 def test_usage_is_read_from_every_api_shape(payload: object, expected: Usage) -> None:
@@ -75,6 +128,11 @@ def test_usage_is_read_from_every_api_shape(payload: object, expected: Usage) ->
         {"message": {"usage": None}},
         {"message": {"usage": [3]}},
         {"message": {}},
+        {"response": None},
+        {"response": {"usage": None}},
+        {"response": {"usage": 5}},
+        {"response": "usage"},
+        {"response": {}},
     ],
 )
 def test_no_usage_object_is_no_usage(payload: object) -> None:
@@ -88,6 +146,7 @@ def test_no_usage_object_is_no_usage(payload: object) -> None:
 def test_a_count_that_is_no_integer_is_no_usage(field: str, bad: object) -> None:
     assert usage_from_payload({"usage": {field: bad}}) is None
     assert usage_from_payload({"message": {"usage": {field: bad}}}) is None
+    assert usage_from_payload({"response": {"usage": {field: bad}}}) is None
 
 
 # ---- usage_from_sse_tail ------------------------------------------------------------------
@@ -146,14 +205,39 @@ def test_only_the_last_two_events_worth_of_bytes_is_read() -> None:
     filler = b": " + b"x" * (window - len(line) - 3) + b"\n"
     assert len(line + filler) == window
     assert usage_from_sse_tail([b"data: [DONE]\n\n" + line + filler], limit) == Usage(3, 5)
-    # One byte more after it, and its "d" falls outside the window: not found.
+    # One byte more after it, and its "d" falls outside the window: the line is not parsed,
+    # but its usage object, still inside, is read on its own.
     more = filler[:-1] + b"y\n"
-    assert usage_from_sse_tail([b"data: [DONE]\n\n" + line + more], limit) is None
+    assert usage_from_sse_tail([b"data: [DONE]\n\n" + line + more], limit) == Usage(3, 5)
+    # Once the object's first byte is outside too, nothing of it is read.
+    shift = line.index(b'"usage"') + 1
+    beyond = filler[:-1] + b"y" * shift + b"\n"
+    assert usage_from_sse_tail([b"data: [DONE]\n\n" + line + beyond], limit) is None
+    inside = filler[:-1] + b"y" * (shift - 1) + b"\n"
+    assert usage_from_sse_tail([b"data: [DONE]\n\n" + line + inside], limit) == Usage(3, 5)
 
 
 def test_bytes_that_are_no_utf8_do_not_break_the_search() -> None:
     stream = CONTENT + b"data: \xff\xfe broken\n\n" + USAGE_LINE + b"\n\n\xffdata: [DONE]\n\n"
     assert usage_from_sse_tail([stream], 1000) == Usage(3, 5)
+
+
+def test_a_last_event_too_long_for_the_tail_still_gives_its_usage() -> None:
+    # /v1/responses' response.completed repeats the whole answer: its data line starts
+    # before the kept reads, its usage object (with objects inside) is near its end.
+    end = b'"usage":{"input_tokens":31,"input_tokens_details":{"cached_tokens":0},'
+    end += b'"output_tokens":5,"output_tokens_details":{"reasoning_tokens":0}},"user":null}}\n\n'
+    assert usage_from_sse_tail([b'xx"}]}],', end], 100) == Usage(31, 5)
+    # A whole line is still preferred to a loose object after it.
+    loose = b': "usage":{"input_tokens":99}\n\n'
+    assert usage_from_sse_tail([USAGE_LINE + b"\n\n" + loose], 1000) == Usage(3, 5)
+    assert usage_from_sse_tail([loose], 1000) == Usage(99, 0)
+
+
+def test_a_loose_usage_object_beyond_the_window_is_not_read() -> None:
+    loose = b'"usage":{"input_tokens":99}'
+    assert usage_from_sse_tail([loose + b" " * (200 - len(loose))], 100) == Usage(99, 0)
+    assert usage_from_sse_tail([loose + b" " * (201 - len(loose))], 100) is None
 
 
 def test_a_stream_without_usage_has_none() -> None:
@@ -455,3 +539,147 @@ def test_after_the_rest_is_taken_the_limit_counts_from_zero() -> None:
     assert cutter.feed(b"x" * (LIMIT - 1)) == b""
     assert not cutter.too_large
     assert cutter.rest() == b"x" * (LIMIT - 1)
+
+
+# ---- a stream's first event, and its usage merged with the last one's -----------------------
+
+MESSAGE_START = (
+    b"event: message_start\n"
+    b'data: {"type":"message_start","message":{"usage":{"input_tokens":23,"output_tokens":1}}}'
+    b"\n\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("head", "ended"),
+    [
+        (MESSAGE_START, True),
+        (MESSAGE_START[:-1], False),
+        (MESSAGE_START.replace(b"\n", b"\r\n"), True),
+        (MESSAGE_START.replace(b"\n", b"\r\n")[:-2], False),
+        # A CR alone ends a line: CRLF and CR are two line ends, whatever comes next.
+        (MESSAGE_START.replace(b"\n", b"\r\n")[:-1], True),
+        (MESSAGE_START.replace(b"\n", b"\r"), True),
+        (b"data: x\r\n\n", True),
+        (b"data: x\r\r\n", True),
+        (b"", False),
+        (b"\n", False),
+    ],
+)
+def test_whether_the_first_event_has_ended(head: bytes, ended: bool) -> None:
+    assert first_event_ended(head) is ended
+
+
+class TestUsageFromTheHead:
+    def test_message_start_gives_the_prompt(self) -> None:
+        assert usage_from_sse_head(MESSAGE_START, 1000) == Usage(23, 1)
+
+    @pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r"])
+    def test_every_line_end(self, end: bytes) -> None:
+        assert usage_from_sse_head(MESSAGE_START.replace(b"\n", end), 1000) == Usage(23, 1)
+
+    def test_the_first_usage_wins(self) -> None:
+        later = b'data: {"usage":{"input_tokens":99}}\n\n'
+        assert usage_from_sse_head(MESSAGE_START + later, 1000) == Usage(23, 1)
+        assert usage_from_sse_head(later + MESSAGE_START, 1000) == Usage(99, 0)
+
+    @pytest.mark.parametrize(
+        "before",
+        [
+            b'data: {"choices":[{"delta":{"content":"no usage"}}]}\n\n',
+            b'data: {"usage": null}\n\n',
+            b'data: {"usage": broken\n\n',
+            b': "usage" in a comment\n\n',
+            b'"usage":{"input_tokens":99}\n\n',
+        ],
+    )
+    def test_lines_that_give_no_usage_are_passed_over(self, before: bytes) -> None:
+        assert usage_from_sse_head(before + MESSAGE_START, 1000) == Usage(23, 1)
+        assert usage_from_sse_head(before, 1000) is None
+
+    def test_only_the_first_max_event_bytes_are_read(self) -> None:
+        size = len(MESSAGE_START) - 2  # the line, without its blank line
+        assert usage_from_sse_head(MESSAGE_START, size) == Usage(23, 1)
+        assert usage_from_sse_head(MESSAGE_START, size - 1) is None
+
+    def test_bytes_that_are_no_utf8_do_not_break_it(self) -> None:
+        assert usage_from_sse_head(b"data: \xff\n\n" + MESSAGE_START, 1000) == Usage(23, 1)
+
+
+class TestMergingTheFirstAndLastUsage:
+    def test_the_prompt_from_the_first_the_answer_from_the_last(self) -> None:
+        assert merge_usage(Usage(23, 1), Usage(0, 15)) == Usage(23, 15)
+
+    def test_each_count_is_the_larger(self) -> None:
+        # Anthropic's message_delta may repeat input_tokens: cumulative, never smaller.
+        assert merge_usage(Usage(23, 1), Usage(25, 15)) == Usage(25, 15)
+        assert merge_usage(Usage(23, 20), Usage(5, 15)) == Usage(23, 20)
+
+    def test_one_side_missing_is_the_other(self) -> None:
+        assert merge_usage(None, Usage(3, 5)) == Usage(3, 5)
+        assert merge_usage(Usage(3, 5), None) == Usage(3, 5)
+        assert merge_usage(None, None) is None
+
+    def test_a_zero_usage_still_merges(self) -> None:
+        assert merge_usage(Usage(0, 0), Usage(0, 0)) == Usage(0, 0)
+        assert merge_usage(Usage(4, 0), Usage(0, 0)) == Usage(4, 0)
+        assert merge_usage(Usage(0, 0), Usage(0, 6)) == Usage(0, 6)
+
+
+# ---- a large JSON answer's usage, from its tail --------------------------------------------
+
+
+class TestUsageInTheTail:
+    def test_a_flat_usage_object(self) -> None:
+        assert usage_in_tail(b'{"x":1,"usage":{"prompt_tokens":3}}') == {"prompt_tokens": 3}
+
+    def test_objects_inside_the_usage_object(self) -> None:
+        text = b'{"usage": {"input_tokens":3,"input_tokens_details":{"cached_tokens":1}}}'
+        assert usage_in_tail(text) == {
+            "input_tokens": 3,
+            "input_tokens_details": {"cached_tokens": 1},
+        }
+
+    def test_objects_two_levels_down_are_no_usage(self) -> None:
+        assert usage_in_tail(b'"usage":{"a":{"b":{"c":1}}}') is None
+
+    def test_the_last_one_wins(self) -> None:
+        text = b'"usage":{"input_tokens":1} "usage":{"input_tokens":2,"d":{"e":0}}'
+        assert usage_in_tail(text) == {"input_tokens": 2, "d": {"e": 0}}
+
+    def test_a_nested_object_may_hold_1024_bytes(self) -> None:
+        inner = b'{"k":"' + b"x" * (1024 - 8) + b'"}'
+        assert len(inner) - 2 == 1022
+        fits = b'"usage":{"d":' + inner + b"}"
+        assert usage_in_tail(fits) == {"d": {"k": "x" * 1016}}
+        inner = b'{"k":"' + b"x" * (1024 - 5) + b'"}'
+        assert len(inner) - 2 == 1025
+        assert usage_in_tail(b'"usage":{"d":' + inner + b"}") is None
+
+
+class TestWhichLinesAreParsed:
+    """Only data lines that say "usage" are parsed, head and tail alike; the field's value
+    starts right after "data:", with or without a space."""
+
+    DEEP = b'data:{"usage":{"prompt_tokens":3,"completion_tokens":5,"d":{"e":{"f":1}}}}'
+
+    def test_a_data_line_without_a_space(self) -> None:
+        line = b'data:{"usage":{"input_tokens":23}}\n\n'
+        assert usage_from_sse_head(line, 1000) == Usage(23, 0)
+        # Too deep for the loose-object search: only the line's own parse finds it.
+        assert usage_from_sse_tail([self.DEEP + b"\n\n"], 1000) == Usage(3, 5)
+
+    def test_a_broken_last_line_does_not_hide_an_earlier_one(self) -> None:
+        stream = self.DEEP + b'\n\ndata: {"usage" broken\n\n'
+        assert usage_from_sse_tail([stream], 1000) == Usage(3, 5)
+
+    def test_a_line_that_is_no_data_line_is_not_parsed(self) -> None:
+        # Its value from the sixth character on would be JSON with a usage.
+        other = b'xxxx:{"usage":{"input_tokens":99}}\n\n'
+        assert usage_from_sse_head(other, 1000) is None
+        assert usage_from_sse_head(other + MESSAGE_START, 1000) == Usage(23, 1)
+
+    def test_a_data_line_that_does_not_say_usage_is_not_parsed_in_the_head(self) -> None:
+        escaped = b'data: {"\\u0075sage":{"input_tokens":99}}\n\n'
+        assert usage_from_sse_head(escaped, 1000) is None
+        assert usage_from_sse_head(escaped + MESSAGE_START, 1000) == Usage(23, 1)
