@@ -139,8 +139,8 @@ async def test_concurrent_streams_are_capped_per_principal(
     start_identity_gateway: IdentityFactory,
     fake_lmstudio: FakeLMStudio,
 ) -> None:
-    """Over its cap a caller waits its turn (here: too long, so 503 queue_timeout), and no
-    other caller waits for it."""
+    """Over its cap a caller waits its turn (here: too long; slots were free, so the answer
+    names its own limit, 429 too_many_concurrent_requests), and no other caller waits for it."""
     rig = await start_identity_gateway(limits_concurrent_requests=1, queue_max_wait=0.3)
     key, other = new_key(rig, name="a"), new_key(rig, name="b")
     fake_lmstudio.behaviour.chunks = 50
@@ -154,7 +154,8 @@ async def test_concurrent_streams_are_capped_per_principal(
         await first.content.readany()
         started = time.monotonic()
         status, body, headers = await call(rig, "/v1/chat/completions", key=key, json_body=CHAT)
-        assert (status, body["error"]["code"]) == (503, "queue_timeout")
+        assert (status, body["error"]["code"]) == (429, "too_many_concurrent_requests")
+        assert "limits.concurrent_requests" in body["error"]["message"]
         assert 0.3 <= time.monotonic() - started < 2.0
         assert "Retry-After" in headers
         assert (await call(rig, "/v1/chat/completions", key=other, json_body=CHAT))[0] == 200

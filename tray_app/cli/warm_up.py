@@ -80,7 +80,8 @@ async def warm_up(
                 f"lmgate: an LM Gate is serving on port {config.server_port}, and loading {model} "
                 f"may make LM Studio unload {', '.join(others)}, cutting off answers it is "
                 "streaming, which this command cannot see. Use the tray's Warm up a model… "
-                "(it waits for them), run this before people arrive, or add --force.",
+                "(it waits for them), or stop LM Gate and run this again, or add --force if "
+                "nobody is receiving an answer from another model now.",
                 file=err,
             )
             return EXIT_FAILURE

@@ -711,10 +711,16 @@ class Gateway:
             # Settled and recorded in one step: no usage counted twice, or never, by a budget.
             exchange.generation = None
             # Charged by what reached LM Studio, not by how the client left: a hang-up
-            # mid-answer still pays for it; a wait that ended in a refusal pays nothing.
+            # mid-answer, or before a non-streamed answer's headers, still pays for it; a
+            # wait that ended in a refusal pays nothing.
             upstream = outcome.upstream
-            reached = upstream is not None and upstream.status < 400
-            counted = generation.settle(usage, outcome.bytes_out if reached else 0, reached=reached)
+            reached = outcome.sent and (upstream is None or upstream.status < 400)
+            counted = generation.settle(
+                usage,
+                outcome.bytes_out if reached else 0,
+                reached=reached,
+                unanswered=reached and upstream is None and outcome.relay is None,
+            )
         seconds = self._clock.monotonic() - exchange.started
         if self.metrics is not None:
             self.metrics.observe_request(exchange.route, exchange.status, seconds)

@@ -146,12 +146,16 @@ class BudgetLedger:
         *,
         bytes_out: int = 0,
         reached: bool = False,
+        unanswered: bool = False,
     ) -> Usage | None:
         """Replace the reservation by what the request used; a second call does nothing.
+        ``unanswered``: LM Studio had the request but no answer came back (the client hung
+        up, or the connection broke, before a non-streamed answer's headers): it may have
+        generated up to the cap, so that is what is charged.
         Returns the usage it was charged (``used``, or the estimate when LM Studio reported
         none), which the recorder must write in the same step, so that the totals a restart
         reads are the ones the ledger counted."""
-        charged = _charged(reservation, used, bytes_out, reached)
+        charged = _charged(reservation, used, bytes_out, reached, unanswered)
         if self._open.pop(reservation.ticket, None) is None:
             return used
         account = self._accounts.get(reservation.principal)
@@ -241,12 +245,16 @@ class BudgetLedger:
 
 
 def _charged(
-    reservation: Reservation, used: Usage | None, bytes_out: int, reached: bool
+    reservation: Reservation, used: Usage | None, bytes_out: int, reached: bool, unanswered: bool
 ) -> Usage | None:
     """LM Studio's usage, or an estimate where it said nothing. A prompt it counts as 0 is
     taken as not said (every generation reads at least its chat template): a usage event the
     gateway could not see in full must not let a prompt go free."""
     if used is None:
+        if unanswered:
+            return Usage(
+                reservation.prompt_estimate, reservation.tokens - reservation.prompt_estimate
+            )
         return _estimate(reservation, bytes_out, reached)
     if used.prompt_tokens <= 0 < reservation.prompt_estimate:
         return Usage(reservation.prompt_estimate, used.completion_tokens)

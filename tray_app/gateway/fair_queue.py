@@ -222,6 +222,10 @@ class FairQueue:
             turn = self._give_up(waiter)
             if turn is not None:
                 return turn  # granted just as the time ran out: it counts
+            if self.busy < self._slots:
+                # Slots were free: only the caller's own answers held it back, and more
+                # slots would not have helped (as queue_wait_timeout's advice says).
+                raise errors.too_many_concurrent_requests(self._per_caller) from None
             raise errors.queue_wait_timeout(max_wait, self.retry_after()) from None
         except BaseException:
             turn = self._give_up(waiter)

@@ -75,7 +75,13 @@ class Ledger(Protocol):
     ) -> Any: ...
 
     def settle(
-        self, reservation: Any, used: Usage | None, *, bytes_out: int = 0, reached: bool = False
+        self,
+        reservation: Any,
+        used: Usage | None,
+        *,
+        bytes_out: int = 0,
+        reached: bool = False,
+        unanswered: bool = False,
     ) -> Usage | None: ...
 
     def status(self, principal: str, budget: Budget) -> BudgetStatus: ...
@@ -84,6 +90,8 @@ class Ledger(Protocol):
 # A budgeted request that names no output length gets this cap (less if less is left), so
 # that one such request does not reserve the whole budget and refuse its caller's others.
 BUDGETED_DEFAULT_OUTPUT = 8192
+# Less than this left, a request that named no length is refused rather than cut short.
+MIN_DEFAULT_OUTPUT = 16
 
 
 def requested_output(payload: dict[str, Any], route: Route) -> int | None:
@@ -120,20 +128,28 @@ class Sharing:
         cap = principal.max_tokens
         reservation = None
         budget = principal.budget
-        if self._ledger is not None and budget is not None and budget.limited:
+        ledger = self._ledger
+        if ledger is not None and budget is not None and budget.limited:
             asked = requested_output(prepared.payload, route)
-            if cap is not None:
-                asked = cap if asked is None else min(asked, cap)
             prompt = estimate_prompt_tokens(prepared.payload)
             if asked is None:
-                asked = self._default_output(principal.name, budget, prompt)
-            # Always a length here (None only when nothing is left, and then this refuses):
-            # the body carries what was reserved for its output, so it cannot use more.
-            reservation = self._ledger.reserve(
-                principal, prompt_estimate=prompt, requested_output=asked
-            )
+                # The client named no length: what is left caps it, the credential's own
+                # cap too (a phone cannot set max_tokens, so refusing it would strand it).
+                # Less than the minimum left: asking for the minimum makes the ledger refuse,
+                # in its words and with what would still fit.
+                asked = self._default_output(principal.name, budget, prompt, cap)
+                asked = asked or MIN_DEFAULT_OUTPUT
+            elif cap is not None:
+                asked = min(asked, cap)
+            # Always a length here: the body carries what was reserved for its output, so it
+            # cannot use more.
+            reservation = ledger.reserve(principal, prompt_estimate=prompt, requested_output=asked)
             if asked:
                 cap = asked
+        elif ledger is not None:
+            # No budget now: the ledger forgets what it counted, or a budget given back
+            # later would start from the day's total as it was when it was lifted.
+            ledger.reserve(principal, prompt_estimate=0, requested_output=None)
         return Generation(
             self,
             principal.name,
@@ -145,19 +161,22 @@ class Sharing:
             self._max_stream_wait if prepared.stream else self._max_wait,
         )
 
-    def _default_output(self, caller: str, budget: Budget, prompt: int) -> int | None:
-        """BUDGETED_DEFAULT_OUTPUT, or what is left when that is less; None when nothing is
-        left (the ledger then refuses in its words)."""
+    def _default_output(
+        self, caller: str, budget: Budget, prompt: int, cap: int | None
+    ) -> int | None:
+        """BUDGETED_DEFAULT_OUTPUT (or the credential's ``cap``), or what is left when that
+        is less; None when less than MIN_DEFAULT_OUTPUT is left (an answer cut to a token or
+        two, with no word why, helps nobody)."""
         assert self._ledger is not None
         status = self._ledger.status(caller, budget)
-        room = BUDGETED_DEFAULT_OUTPUT
+        room = BUDGETED_DEFAULT_OUTPUT if cap is None else cap
         for limit, used in (
             (status.day_limit, status.day_used),
             (status.month_limit, status.month_used),
         ):
             if limit is not None:
                 room = min(room, limit - used - status.in_flight - prompt)
-        return room if room >= 1 else None
+        return room if room >= MIN_DEFAULT_OUTPUT else None
 
 
 class Generation:
@@ -261,7 +280,14 @@ class Generation:
             sharing._queue.release(self._turn)
             self._turn = None
 
-    def settle(self, usage: Usage | None, bytes_out: int, *, reached: bool = False) -> Usage | None:
+    def settle(
+        self,
+        usage: Usage | None,
+        bytes_out: int,
+        *,
+        reached: bool = False,
+        unanswered: bool = False,
+    ) -> Usage | None:
         """Settle the budget with what was really used, and return the usage to record for
         it (an estimate when LM Studio reported none): the gateway records it in the same
         step, so a restart reads the totals the ledger counted."""
@@ -269,5 +295,5 @@ class Generation:
         if reservation is None or self._sharing._ledger is None:
             return usage
         return self._sharing._ledger.settle(
-            reservation, usage, bytes_out=bytes_out, reached=reached
+            reservation, usage, bytes_out=bytes_out, reached=reached, unanswered=unanswered
         )

@@ -930,3 +930,28 @@ async def test_rounds_start_at_zero_and_move_on_as_turns_end() -> None:
     assert (e_turn.round, c_again.round) == (1, 2)
     q.release(e_turn)
     q.release(c_again)
+
+
+async def test_a_wait_held_only_by_the_callers_own_cap_says_so() -> None:
+    """Slots were free: the caller's own answers held it back, and the busy-LM-Studio advice
+    (more generation slots) would not help; the caller's concurrency limit is named."""
+    q = queue(slots=3, per_caller=1)
+    own = q.try_acquire("key:a")
+    assert own is not None
+    with pytest.raises(ApiError) as caught:
+        await q.acquire("key:a", CLIENT, max_wait=0.05)
+    err = caught.value
+    assert (err.status, err.code) == (429, "too_many_concurrent_requests")
+    assert "at most 1 (limits.concurrent_requests)" in err.message
+    assert q.waiting == 0
+    q.release(own)
+
+
+async def test_a_wait_for_a_slot_others_hold_is_the_queue_timeout() -> None:
+    q = queue(slots=1, per_caller=1)
+    other = q.try_acquire("key:b")
+    assert other is not None
+    with pytest.raises(ApiError) as caught:
+        await q.acquire("key:a", CLIENT, max_wait=0.05)
+    assert (caught.value.status, caught.value.code) == (503, "queue_timeout")
+    q.release(other)

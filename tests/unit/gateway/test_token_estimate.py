@@ -183,3 +183,26 @@ class TestAChatTurnsToolCalls:
         body = {"messages": [{"role": "assistant", "content": TEXT, "tool_calls": [call]}]}
         assert estimate_input_tokens(body) == 20 + TOKENS_PER_MESSAGE
         assert estimate_prompt_tokens(body) == 20 + TOKENS_PER_MESSAGE
+
+
+class TestTextOutsideASCII:
+    """Text a tokenizer splits finer than English is reserved for what it costs: a budget's
+    estimate must not let Chinese text in at a quarter of its tokens."""
+
+    @pytest.mark.parametrize(
+        ("text", "at_least_tokens"),
+        [
+            ("你好" * 100, 200),  # about a token a character
+            ("こんにちは" * 40, 200),
+            ("🙂" * 50, 50),  # several tokens each
+        ],
+    )
+    def test_counts_at_least_a_token_a_character(self, text: str, at_least_tokens: int) -> None:
+        payload = {"prompt": text}
+        assert estimate_prompt_tokens(payload) >= at_least_tokens
+
+    def test_ascii_is_four_characters_a_token(self) -> None:
+        assert estimate_prompt_tokens({"prompt": "abcd" * 100}) == 100
+
+    def test_a_lone_surrogate_is_counted_not_raised(self) -> None:
+        assert estimate_prompt_tokens({"prompt": "\ud800" * 4}) >= 1

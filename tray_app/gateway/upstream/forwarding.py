@@ -34,6 +34,8 @@ from tray_app.gateway.upstream.usage import Usage, usage_from_payload
 from tray_app.identity.principal import Principal
 
 MODEL_LIST = "/v1/models"
+# Failures that mean no request byte reached LM Studio: nothing can have been generated.
+_NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 # Larger bodies (images) go out in chunks so one request cannot stall the event loop.
 _INLINE_BODY_BYTES = 1024 * 1024
 
@@ -41,10 +43,14 @@ _INLINE_BODY_BYTES = 1024 * 1024
 class Outcome:
     """What the access log, metrics and accounting learn from one forwarded request."""
 
-    __slots__ = ("bytes_out", "error", "relay", "status", "upstream", "usage")
+    __slots__ = ("bytes_out", "error", "relay", "sent", "status", "upstream", "usage")
 
     def __init__(self) -> None:
         self.upstream: aiohttp.ClientResponse | None = None
+        # The request went to LM Studio and was not refused at the door: from then on it
+        # may be generating, answer headers or not (a non-streamed answer has none until
+        # it is done), so a budget pays for it even if the client hangs up first.
+        self.sent = False
         self.relay: StreamRelay | None = None
         self.status = 0
         self.bytes_out = 0
@@ -95,7 +101,7 @@ class Forwarder:
         if not stream:
             if wait_turn is not None:
                 await wait_turn(None)
-            upstream = await self._open(send)
+            upstream = await self._open(send, outcome)
             outcome.upstream = upstream
             return await self._read_into_response(upstream, request_id, outcome)
 
@@ -117,7 +123,7 @@ class Forwarder:
         async def open_stream() -> aiohttp.ClientResponse:
             if wait_turn is not None:
                 await wait_turn(relay.notify)
-            return await self._open(send)
+            return await self._open(send, outcome)
 
         try:
             return await relay.run(open_stream)
@@ -185,19 +191,29 @@ class Forwarder:
         raise errors.model_not_found(model_id)
 
     async def _open(
-        self, send: Callable[[], Awaitable[aiohttp.ClientResponse]]
+        self,
+        send: Callable[[], Awaitable[aiohttp.ClientResponse]],
+        outcome: Outcome | None = None,
     ) -> aiohttp.ClientResponse:
+        if outcome is not None:
+            outcome.sent = True
         try:
             upstream = await send()
         except (TimeoutError, aiohttp.ClientError) as exc:
+            if outcome is not None and isinstance(exc, _NOT_SENT):
+                outcome.sent = False
             raise translate_client_error(exc, self._config) from None
         if upstream.status in {401, 403}:
             upstream.release()
+            if outcome is not None:
+                outcome.sent = False  # refused at the door: nothing generated
             raise errors.upstream_auth_failed(upstream.status)
         if 300 <= upstream.status < 400:
             # Never followed: a redirect could point LM Gate at LM Studio's native API or at
             # another host, past every route rule. Nor relayed: it is not an answer.
             upstream.close()
+            if outcome is not None:
+                outcome.sent = False
             raise errors.upstream_redirect(upstream.status)
         return upstream
 
