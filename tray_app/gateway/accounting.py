@@ -42,6 +42,7 @@ class UsageRecorder:
         self._lock = threading.Lock()
         self._key_last_used: dict[str, float] = {}
         self._device_last_seen: dict[str, float] = {}
+        self._failing = False
 
     def record(self, principal: str, usage: Usage | None) -> None:
         now = self._clock.time()
@@ -93,14 +94,21 @@ class UsageRecorder:
         ]
         try:
             self._db.add_usage(rows, key_last_used=keys, device_last_seen=devices)
-        except StorageError as exc:
-            log.error("usage could not be saved, will retry: %s", exc)
+        # Not only StorageError: a value SQLite refuses (OverflowError) or any other surprise
+        # must not lose every principal's usage in the batch, nor end the periodic flush.
+        except Exception as exc:
             with self._lock:
                 self._writing = {}
                 self._keep(batch, keys, devices)
+                first_failure, self._failing = not self._failing, True
+            if first_failure:  # once per outage, not every few seconds until it ends
+                log.error("usage could not be saved, will retry: %s", _describe(exc))
             return False
         with self._lock:
             self._writing = {}
+            recovered, self._failing = self._failing, False
+        if recovered:
+            log.info("usage is saved again")
         return True
 
     def _keep(
@@ -119,3 +127,9 @@ class UsageRecorder:
             self._key_last_used.setdefault(k, t)
         for d, t in devices.items():
             self._device_last_seen.setdefault(d, t)
+
+
+def _describe(exc: Exception) -> str:
+    """Our own StorageError says what failed in words fit for a log; anything else is named
+    by its type only, since its message may quote the values it choked on."""
+    return str(exc) if isinstance(exc, StorageError) else type(exc).__name__

@@ -237,6 +237,31 @@ class TestLoading:
 # ---- the guard in front of the fake: what it is for -------------------------------------------
 
 
+class TestALoadAnswerNestedTooDeep:
+    """60,000 "[" make json.loads raise RecursionError, no ValueError: the load still fails
+    with a catalogue error instead of the exception escaping the guard."""
+
+    DEEP = b'{"usage":' + b"[" * 60_000
+
+    async def test_as_a_failure_it_is_quoted_as_text(
+        self, fake_lmstudio: FakeLMStudio, session: aiohttp.ClientSession
+    ) -> None:
+        assert len(self.DEEP) <= model_api.LOAD_ANSWER_MAX_BYTES
+        fake_lmstudio.behaviour.status = 503
+        fake_lmstudio.behaviour.error_body = self.DEEP
+        failed = await failure(api_for(fake_lmstudio, session, "/v1").load(LLAMA, 5))
+        assert failed.code == "model_load_failed"
+        assert failed.message.endswith(': {"usage":' + "[" * 191)
+
+    async def test_as_a_200_it_is_no_load(
+        self, fake_lmstudio: FakeLMStudio, session: aiohttp.ClientSession
+    ) -> None:
+        fake_lmstudio.behaviour.status = 200
+        fake_lmstudio.behaviour.error_body = self.DEEP
+        failed = await failure(api_for(fake_lmstudio, session, "/v1").load(LLAMA, 5))
+        assert failed.code == "model_load_failed" and "did not answer like" in failed.message
+
+
 async def answer(
     guard: ModelGuard, fake: FakeLMStudio, session: aiohttp.ClientSession, model: str
 ) -> list[str]:

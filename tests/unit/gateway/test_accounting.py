@@ -3,6 +3,7 @@ flush is writing them in its thread, and kept when the write fails."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,3 +93,79 @@ class TestPendingTokens:
 
     def test_nothing_to_flush(self, db: Database) -> None:
         assert UsageRecorder(db, FakeClock(START)).flush() is True
+
+
+class TestAWriteThatFailsInAnyWay:
+    """A flush that fails, whatever raised, keeps every principal's usage for the next try,
+    says so in the log once per outage, and returns instead of raising, so the periodic
+    flush goes on."""
+
+    def test_a_value_sqlite_refuses_loses_nothing(self, db: Database) -> None:
+        recorder = UsageRecorder(db, FakeClock(START))
+        recorder.record("key:a", Usage(5, 2**64))  # beyond SQLite's INTEGER: OverflowError
+        recorder.record("key:b", Usage(5, 7))
+        assert recorder.flush() is False
+        assert recorder.has_pending
+        assert recorder.pending_tokens("key:a", 0) == 5 + 2**64
+        assert recorder.pending_tokens("key:b", 0) == 12
+        assert stored(db, "key:b") == 0  # one transaction: nothing half written
+
+    def test_it_is_logged_once_by_its_type_only(
+        self, db: Database, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        recorder = UsageRecorder(db, FakeClock(START))
+        recorder.record("key:secret-looking", Usage(5, 2**64))
+        with caplog.at_level(logging.INFO, "lmgate.accounting"):
+            assert recorder.flush() is False
+            recorder.record("key:b", Usage(1, 1))
+            assert recorder.flush() is False
+        assert [r.getMessage() for r in caplog.records] == [
+            "usage could not be saved, will retry: OverflowError"
+        ]
+
+    def test_a_storage_error_says_what_failed_and_the_recovery_is_logged(
+        self, db: Database, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        recorder = UsageRecorder(db, FakeClock(START))
+        recorder.record("key:a", Usage(10, 5))
+        refuse_writes(db)
+        with caplog.at_level(logging.INFO, "lmgate.accounting"):
+            assert recorder.flush() is False
+            assert recorder.flush() is False
+            allow_writes(db)
+            assert recorder.flush() is True
+            recorder.record("key:a", Usage(1, 0))
+            assert recorder.flush() is True
+        messages = [r.getMessage() for r in caplog.records]
+        assert len(messages) == 2
+        assert messages[0].startswith("usage could not be saved, will retry: ")
+        assert "simulated write failure" in messages[0]
+        assert messages[1] == "usage is saved again"
+        assert stored(db, "key:a") == 16
+
+    def test_a_later_outage_is_logged_again(
+        self, db: Database, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        recorder = UsageRecorder(db, FakeClock(START))
+        with caplog.at_level(logging.ERROR, "lmgate.accounting"):
+            for _ in range(2):
+                recorder.record("key:a", Usage(1, 1))
+                refuse_writes(db)
+                assert recorder.flush() is False
+                allow_writes(db)
+                assert recorder.flush() is True
+        assert len(caplog.records) == 2
+        assert stored(db, "key:a") == 4
+
+
+def refuse_writes(db: Database) -> None:
+    with db.transaction() as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON usage_days "
+            "BEGIN SELECT RAISE(ABORT, 'simulated write failure'); END"
+        )
+
+
+def allow_writes(db: Database) -> None:
+    with db.transaction() as conn:
+        conn.execute("DROP TRIGGER refuse")

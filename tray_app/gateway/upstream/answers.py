@@ -13,6 +13,8 @@ import json
 import re
 from typing import Any
 
+from tray_app.gateway.upstream.token_counts import usage_of
+
 MIB = 1024 * 1024
 MAX_PARSED_BYTES = 8 * MIB
 MAX_PARSED_CONTAINERS = 1_000_000  # objects and arrays (brackets, a bound from above)
@@ -43,13 +45,23 @@ def looks_like_json_object(text: bytes) -> bool:
 
 
 def usage_in_tail(text: bytes) -> dict[str, Any] | None:
-    """The last ``"usage": {...}`` object near the end of a large answer, if any."""
-    matches = list(_USAGE_IN_TAIL.finditer(text[-_TAIL_BYTES:]))
-    if not matches:
+    """The usage the ``"usage": {...}`` objects near the end of a large answer say, if any.
+
+    An answer may echo what the caller sent (a response's metadata, say) after its real usage,
+    and a caller could put a small usage object there: with several objects, each count is
+    the largest any of them says, so an echo can raise a charge but never lower it."""
+    said = []
+    for found in _USAGE_IN_TAIL.finditer(text[-_TAIL_BYTES:]):
+        try:
+            usage = parse_bounded(found.group(1))
+        except ValueError:  # TooLargeToParse cannot be: the pattern bounds the object
+            continue
+        counts = usage_of(usage) if isinstance(usage, dict) else None
+        if counts is not None:
+            said.append(counts)
+    if not said:
         return None
-    found = matches[-1]
-    try:
-        usage = json.loads(found.group(1))
-    except ValueError:
-        return None
-    return usage if isinstance(usage, dict) else None
+    return {
+        "prompt_tokens": max(u.prompt_tokens for u in said),
+        "completion_tokens": max(u.completion_tokens for u in said),
+    }

@@ -8,7 +8,6 @@ so a broken or hostile LM Studio can neither stall the guard nor crash it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -170,8 +169,8 @@ async def _bounded_body(response: aiohttp.ClientResponse, limit: int) -> bytes |
 
 def _error_message(body: bytes) -> str:
     try:
-        payload = json.loads(body)
-    except ValueError:
+        payload = parse_bounded(body)
+    except (ValueError, TooLargeToParse):
         return body.decode("utf-8", "replace").strip()
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict):
@@ -181,7 +180,7 @@ def _error_message(body: bytes) -> str:
 
 def _is_load_result(body: bytes) -> bool:
     try:
-        payload = json.loads(body)
-    except ValueError:
+        payload = parse_bounded(body)
+    except (ValueError, TooLargeToParse):
         return False
     return isinstance(payload, dict) and isinstance(payload.get("model_instance_id"), str)

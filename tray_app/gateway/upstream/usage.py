@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from tray_app.gateway.upstream.answers import usage_in_tail
+from tray_app.gateway.upstream.token_counts import Usage as Usage
+from tray_app.gateway.upstream.token_counts import usage_of
 
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
+# What json.loads raises for a line that is no JSON; a line nested too deep (60,000 "[")
+# raises RecursionError instead, and is no usage either.
+_NOT_JSON = (ValueError, RecursionError)
 
 
 def usage_from_payload(payload: Any) -> Usage | None:
@@ -34,19 +33,7 @@ def usage_from_payload(payload: Any) -> Usage | None:
             break
         inner = payload.get(holder)
         usage = inner.get("usage") if isinstance(inner, dict) else None
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    # Anthropic counts a prompt served from its cache apart from input_tokens; it was read all
-    # the same, and a budget counts every token of the prompt.
-    for cached in ("cache_creation_input_tokens", "cache_read_input_tokens"):
-        more = usage.get(cached)
-        if type(more) is int and more > 0:
-            prompt += more
-    return Usage(prompt_tokens=prompt, completion_tokens=completion)
+    return usage_of(usage) if isinstance(usage, dict) else None
 
 
 def merge_usage(first: Usage | None, last: Usage | None) -> Usage | None:
@@ -75,7 +62,7 @@ def usage_from_sse_head(head: bytes, max_event_bytes: int) -> Usage | None:
         if line.startswith("data:") and '"usage"' in line:
             try:
                 found = usage_from_payload(json.loads(line[5:].strip()))
-            except ValueError:
+            except _NOT_JSON:
                 continue
             if found is not None:
                 return found
@@ -96,7 +83,7 @@ def usage_from_sse_tail(chunks: Iterable[bytes], max_event_bytes: int) -> Usage 
             continue
         try:
             found = usage_from_payload(json.loads(line[5:].strip()))
-        except ValueError:
+        except _NOT_JSON:
             continue
         if found is not None:
             return found
@@ -129,7 +116,7 @@ def strip_usage_events(data: bytes) -> tuple[bytes, Usage | None]:
             body = b"\n".join(line[5:].lstrip() for line in lines if line.startswith(b"data:"))
             try:
                 payload = json.loads(body)
-            except ValueError:
+            except _NOT_JSON:
                 out.append(event)
                 continue
             if isinstance(payload, dict):

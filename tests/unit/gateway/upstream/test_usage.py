@@ -10,6 +10,7 @@ import json
 import pytest
 
 from tray_app.gateway.upstream.answers import usage_in_tail
+from tray_app.gateway.upstream.token_counts import MAX_TOKEN_COUNT
 from tray_app.gateway.upstream.usage import (
     EventCutter,
     Usage,
@@ -92,18 +93,6 @@ from tray_app.gateway.upstream.usage import (
             Usage(113, 2),
         ),
         ({"message": {"usage": {"cache_read_input_tokens": 7}}}, Usage(7, 0)),
-        # cached counts that are no positive integer are left out
-        (
-            {
-                "usage": {
-                    "input_tokens": 3,
-                    "cache_creation_input_tokens": -10,
-                    "cache_read_input_tokens": "100",
-                }
-            },
-            Usage(3, 0),
-        ),
-        ({"usage": {"input_tokens": 3, "cache_read_input_tokens": True}}, Usage(3, 0)),
         ({"usage": {"input_tokens": 3, "cache_read_input_tokens": 0}}, Usage(3, 0)),
         ({"usage": {"input_tokens": 3, "cache_read_input_tokens": 1}}, Usage(4, 0)),
     ],
@@ -631,30 +620,70 @@ class TestMergingTheFirstAndLastUsage:
 
 class TestUsageInTheTail:
     def test_a_flat_usage_object(self) -> None:
-        assert usage_in_tail(b'{"x":1,"usage":{"prompt_tokens":3}}') == {"prompt_tokens": 3}
+        assert usage_in_tail(b'{"x":1,"usage":{"prompt_tokens":3}}') == counts(3, 0)
 
     def test_objects_inside_the_usage_object(self) -> None:
         text = b'{"usage": {"input_tokens":3,"input_tokens_details":{"cached_tokens":1}}}'
-        assert usage_in_tail(text) == {
-            "input_tokens": 3,
-            "input_tokens_details": {"cached_tokens": 1},
-        }
+        assert usage_in_tail(text) == counts(3, 0)
 
     def test_objects_two_levels_down_are_no_usage(self) -> None:
         assert usage_in_tail(b'"usage":{"a":{"b":{"c":1}}}') is None
 
-    def test_the_last_one_wins(self) -> None:
-        text = b'"usage":{"input_tokens":1} "usage":{"input_tokens":2,"d":{"e":0}}'
-        assert usage_in_tail(text) == {"input_tokens": 2, "d": {"e": 0}}
-
     def test_a_nested_object_may_hold_1024_bytes(self) -> None:
         inner = b'{"k":"' + b"x" * (1024 - 8) + b'"}'
         assert len(inner) - 2 == 1022
-        fits = b'"usage":{"d":' + inner + b"}"
-        assert usage_in_tail(fits) == {"d": {"k": "x" * 1016}}
+        fits = b'"usage":{"output_tokens":4,"d":' + inner + b"}"
+        assert usage_in_tail(fits) == counts(0, 4)
         inner = b'{"k":"' + b"x" * (1024 - 5) + b'"}'
         assert len(inner) - 2 == 1025
-        assert usage_in_tail(b'"usage":{"d":' + inner + b"}") is None
+        assert usage_in_tail(b'"usage":{"output_tokens":4,"d":' + inner + b"}") is None
+
+
+class TestAnEchoedUsageObjectInTheTail:
+    """A caller's own usage object, echoed after the real one (a response's metadata), must
+    not set the caller's charge: each count is the largest any object in the tail says."""
+
+    REAL = b'"usage":{"input_tokens":900,"output_tokens":300,"d":{"e":0}}'
+
+    def test_a_smaller_echo_after_the_real_usage_does_not_lower_it(self) -> None:
+        echo = b',"metadata":{"usage":{"input_tokens":1,"output_tokens":0}}}'
+        assert usage_in_tail(b'{"response":{' + self.REAL + b"}" + echo) == counts(900, 300)
+
+    def test_a_smaller_echo_before_it_does_not_either(self) -> None:
+        echo = b'"usage": {"prompt_tokens":1,"completion_tokens":0}'
+        assert usage_in_tail(echo + b"," + self.REAL) == counts(900, 300)
+
+    def test_each_count_is_the_largest_of_any_object(self) -> None:
+        text = b'"usage":{"input_tokens":5,"output_tokens":70} "usage":{"input_tokens":60}'
+        assert usage_in_tail(text) == counts(60, 70)
+
+    def test_another_spelling_cannot_shadow_the_real_counts(self) -> None:
+        # merged field by field, prompt_tokens=1 would hide the real input_tokens=900
+        echo = b'"usage":{"prompt_tokens":1,"completion_tokens":0}'
+        assert usage_in_tail(self.REAL + b"," + echo) == counts(900, 300)
+
+    @pytest.mark.parametrize("bad", [b"-5", b"true", b"1e9", b"4294967296", b'"9"', b"null"])
+    def test_an_object_with_an_implausible_count_is_passed_over(self, bad: bytes) -> None:
+        text = self.REAL + b' "usage":{"input_tokens":' + bad + b',"output_tokens":1000}'
+        assert usage_in_tail(text) == counts(900, 300)
+
+    def test_only_implausible_objects_are_no_usage(self) -> None:
+        assert usage_in_tail(b'"usage":{"input_tokens":-1}') is None
+
+    def test_an_object_nested_too_deep_is_passed_over(self) -> None:
+        # within what the pattern matches (4096 characters), beyond what json.loads recurses
+        deep = b'"usage":{"a":' + b"[" * 2000 + b"]" * 2000 + b"}"
+        assert usage_in_tail(self.REAL + b" " + deep) == counts(900, 300)
+        assert usage_in_tail(deep) is None
+
+    def test_the_large_answer_path_charges_the_real_usage(self) -> None:
+        echo = b',"metadata":{"usage":{"input_tokens":1,"output_tokens":0}}}'
+        event = b'data: {"response":{"output":"' + b"x" * 5000 + b'",' + self.REAL + b"}" + echo
+        assert usage_from_sse_tail([event + b"\n\n"], 1000) == Usage(900, 300)
+
+
+def counts(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion}
 
 
 class TestWhichLinesAreParsed:
@@ -683,3 +712,88 @@ class TestWhichLinesAreParsed:
         escaped = b'data: {"\\u0075sage":{"input_tokens":99}}\n\n'
         assert usage_from_sse_head(escaped, 1000) is None
         assert usage_from_sse_head(escaped + MESSAGE_START, 1000) == Usage(23, 1)
+
+
+# ---- hostile counts and nesting ------------------------------------------------------------
+
+COUNT_FIELDS = [
+    "prompt_tokens",
+    "completion_tokens",
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+]
+IMPLAUSIBLE = [-1, -1_000_000, True, False, 3.0, 3.5, MAX_TOKEN_COUNT + 1, 2**64, "3", None]
+
+
+class TestImplausibleCountsAreNotSaid:
+    """A negative count would refund a budget and a huge one fail the usage flush: any count
+    that is no plausible token count makes the object "not said", and the estimate applies."""
+
+    @pytest.mark.parametrize("field", COUNT_FIELDS)
+    @pytest.mark.parametrize("bad", IMPLAUSIBLE, ids=repr)
+    def test_alone(self, field: str, bad: object) -> None:
+        assert usage_from_payload({"usage": {field: bad}}) is None
+        assert usage_from_payload({"message": {"usage": {field: bad}}}) is None
+        assert usage_from_payload({"response": {"usage": {field: bad}}}) is None
+
+    @pytest.mark.parametrize("field", COUNT_FIELDS)
+    @pytest.mark.parametrize("bad", IMPLAUSIBLE, ids=repr)
+    def test_beside_plausible_counts(self, field: str, bad: object) -> None:
+        usage: dict[str, object] = {"prompt_tokens": 5, "completion_tokens": 7, field: bad}
+        assert usage_from_payload({"usage": usage}) is None
+
+    @pytest.mark.parametrize("field", COUNT_FIELDS)
+    def test_the_bound_itself_is_a_count(self, field: str) -> None:
+        found = usage_from_payload({"usage": {field: MAX_TOKEN_COUNT}})
+        assert found is not None
+        assert MAX_TOKEN_COUNT in (found.prompt_tokens, found.completion_tokens)
+
+    @pytest.mark.parametrize("field", COUNT_FIELDS)
+    def test_zero_is_a_count(self, field: str) -> None:
+        assert usage_from_payload({"usage": {field: 0}}) == Usage(0, 0)
+
+    def test_the_bound_fits_sqlite_even_summed(self) -> None:
+        assert MAX_TOKEN_COUNT == 2**31 - 1
+        most = usage_from_payload({"usage": dict.fromkeys(COUNT_FIELDS, MAX_TOKEN_COUNT)})
+        assert most == Usage(3 * MAX_TOKEN_COUNT, MAX_TOKEN_COUNT)
+        assert most.prompt_tokens + most.completion_tokens < 2**63
+
+    def test_a_field_that_is_no_count_is_not_checked(self) -> None:
+        usage = {"input_tokens": 3, "input_tokens_details": {"cached_tokens": -1}, "x": "y"}
+        assert usage_from_payload({"usage": usage}) == Usage(3, 0)
+
+    @pytest.mark.parametrize("bad", [b"-1000000", b"true", b"18446744073709551616", b"1.0"])
+    def test_in_a_stream(self, bad: bytes) -> None:
+        line = b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":' + bad + b"}}"
+        assert usage_from_sse_tail([line + b"\n\n"], 1000) is None
+        assert usage_from_sse_head(line + b"\n\n", 1000) is None
+        _, found = strip_usage_events(line)
+        assert found is None
+
+
+DEEP = b"data: " + b'{"usage":' + b"[" * 60_000
+
+
+class TestNestingTooDeepIsNoUsage:
+    """60,000 "[" make json.loads raise RecursionError, which is no ValueError: each parser
+    takes such a line for what it is, no usage, and goes on."""
+
+    def test_the_head(self) -> None:
+        assert usage_from_sse_head(DEEP + b"\n\n", 100_000) is None
+        assert usage_from_sse_head(DEEP + b"\n" + USAGE_LINE + b"\n\n", 100_000) == Usage(3, 5)
+
+    def test_the_tail(self) -> None:
+        assert usage_from_sse_tail([DEEP + b"\n\n"], 100_000) is None
+        assert usage_from_sse_tail([USAGE_LINE + b"\n\n" + DEEP + b"\n\n"], 100_000) == Usage(3, 5)
+
+    def test_hiding_usage(self) -> None:
+        event = DEEP.replace(b'{"usage":', b'{"usage":{')
+        assert strip_usage_events(event) == (event, None)
+
+    def test_the_cutter(self) -> None:
+        cutter = EventCutter(100_000, hide_usage=True)
+        event = DEEP.replace(b'{"usage":', b'{"usage":{') + b"\n\n"
+        assert cutter.feed(event) == event
+        assert cutter.usage is None
