@@ -234,7 +234,7 @@ async def run(
         # The queue stays on (every generation takes a slot) but wide enough never to wait:
         # this measures its cost, not LM Studio's parallelism.
         settings={"LMGATE_QUEUE_GENERATIONS_IN_FLIGHT": "1000"},
-        key_options=("--budget-day", str(10**12)),
+        key_options=("--budget-day", str(10**9)),
     )
     sides = [
         Side("direct", upstream_url, {}),

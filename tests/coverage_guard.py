@@ -33,6 +33,7 @@ GUARDED = (
     "tray_app/gateway/sharing.py",
     "tray_app/gateway/upstream/model_api.py",
     "tray_app/gateway/upstream/model_guard.py",
+    "tray_app/gateway/upstream/token_counts.py",
     "tray_app/identity/access.py",
     "tray_app/identity/api_keys.py",
     "tray_app/identity/authenticator.py",

@@ -32,11 +32,12 @@ def is_token_count(value: object) -> bool:
 
 
 def usage_of(usage: dict[str, Any]) -> Usage | None:
-    """The counts of a usage object (a count it does not name is 0), or None if any count
-    it names is not a plausible one."""
-    if not all(is_token_count(usage[field]) for field in _COUNT_FIELDS if field in usage):
+    """The counts of a usage object (a count it does not name, or names as null, is 0), or
+    None if any count it names is not a plausible one."""
+    counts = {field: usage[field] for field in _COUNT_FIELDS if usage.get(field) is not None}
+    if not all(is_token_count(value) for value in counts.values()):
         return None
-    prompt = usage.get(_PROMPT_FIELDS[0], usage.get(_PROMPT_FIELDS[1], 0))
-    completion = usage.get(_COMPLETION_FIELDS[0], usage.get(_COMPLETION_FIELDS[1], 0))
-    prompt += sum(usage.get(field, 0) for field in _CACHED_PROMPT_FIELDS)
+    prompt = counts.get(_PROMPT_FIELDS[0], counts.get(_PROMPT_FIELDS[1], 0))
+    completion = counts.get(_COMPLETION_FIELDS[0], counts.get(_COMPLETION_FIELDS[1], 0))
+    prompt += sum(counts.get(field, 0) for field in _CACHED_PROMPT_FIELDS)
     return Usage(prompt_tokens=prompt, completion_tokens=completion)
