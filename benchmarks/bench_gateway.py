@@ -222,43 +222,15 @@ async def run(
     rounds: int, requests: int, floors: bool, baseline: str | None = None
 ) -> dict[str, dict[str, float]]:
     env = {**os.environ}
-    upstream, upstream_url = start_upstream()
     home = Path(tempfile.mkdtemp(prefix="lmgate-bench-"))
     log = home / "gateway.log"
-    # The key has a token budget (far from its edge): its reservation and settlement run on
-    # every request, as the fair queue and the model guard do.
-    gateway, gateway_url, key = start_gateway(
-        home,
-        upstream_url,
-        log,
-        # The queue stays on (every generation takes a slot) but wide enough never to wait:
-        # this measures its cost, not LM Studio's parallelism.
-        settings={"LMGATE_QUEUE_GENERATIONS_IN_FLIGHT": "1000"},
-        key_options=("--budget-day", str(10**9)),
-    )
-    sides = [
-        Side("direct", upstream_url, {}),
-        Side("gateway", gateway_url, {"Authorization": f"Bearer {key}"}),
-    ]
-    others: list[subprocess.Popen[str]] = []
-    if baseline is not None:
-        old_home = home / "baseline"
-        old_home.mkdir()
-        proc, url, old_key = start_gateway(
-            old_home, upstream_url, None, source=checkout(baseline, home / "src")
-        )
-        others.append(proc)
-        sides.append(Side("baseline", url, {"Authorization": f"Bearer {old_key}"}))
+    # Every process started is stopped however the run ends: a gateway that fails to start
+    # (a bad --baseline, a key it refuses) must not leave the upstream running.
+    started: list[subprocess.Popen[str]] = []
     try:
-        if floors:
-            for kind in FLOORS:
-                proc, url = start_process(
-                    [sys.executable, str(HERE / "floors.py"), kind, upstream_url],
-                    env,
-                    r"Listening on (http://\S+)",
-                )
-                others.append(proc)
-                sides.append(Side(kind, url, {}))
+        upstream, upstream_url = start_upstream()
+        started.append(upstream)
+        sides = await _start_sides(home, log, upstream_url, env, floors, baseline, started)
         connector = aiohttp.TCPConnector(limit=64)
         async with aiohttp.ClientSession(connector=connector) as session:
             for side in sides:  # warm-up: connections and caches
@@ -275,12 +247,59 @@ async def run(
                     for side in sides:
                         await test(side)
     finally:
-        for proc in (gateway, *others, upstream):
+        for proc in reversed(started):
             proc.terminate()
             proc.wait(30)
     lines = log.read_text().count('"lmgate.access"')
     print(f"(gateway wrote {lines} access log lines)", file=sys.stderr)
     return {side.name: {m: side.median(m) for m in side.figures} for side in sides}
+
+
+async def _start_sides(
+    home: Path,
+    log: Path,
+    upstream_url: str,
+    env: dict[str, str],
+    floors: bool,
+    baseline: str | None,
+    started: list[subprocess.Popen[str]],
+) -> list[Side]:
+    """The gateway (and the baseline and floors asked for) in front of ``upstream_url``;
+    each process is added to ``started`` as soon as it runs."""
+    # The key has a token budget (far from its edge): its reservation and settlement run on
+    # every request, as the fair queue and the model guard do.
+    gateway, gateway_url, key = start_gateway(
+        home,
+        upstream_url,
+        log,
+        # The queue stays on (every generation takes a slot) but wide enough never to wait:
+        # this measures its cost, not LM Studio's parallelism.
+        settings={"LMGATE_QUEUE_GENERATIONS_IN_FLIGHT": "1000"},
+        key_options=("--budget-day", str(10**9)),
+    )
+    started.append(gateway)
+    sides = [
+        Side("direct", upstream_url, {}),
+        Side("gateway", gateway_url, {"Authorization": f"Bearer {key}"}),
+    ]
+    if baseline is not None:
+        old_home = home / "baseline"
+        old_home.mkdir()
+        proc, url, old_key = start_gateway(
+            old_home, upstream_url, None, source=checkout(baseline, home / "src")
+        )
+        started.append(proc)
+        sides.append(Side("baseline", url, {"Authorization": f"Bearer {old_key}"}))
+    if floors:
+        for kind in FLOORS:
+            proc, url = start_process(
+                [sys.executable, str(HERE / "floors.py"), kind, upstream_url],
+                env,
+                r"Listening on (http://\S+)",
+            )
+            started.append(proc)
+            sides.append(Side(kind, url, {}))
+    return sides
 
 
 ROWS = [
