@@ -219,7 +219,11 @@ def checkout(ref: str, into: Path) -> Path:
 
 
 async def run(
-    rounds: int, requests: int, floors: bool, baseline: str | None = None
+    rounds: int,
+    requests: int,
+    floors: bool,
+    baseline: str | None = None,
+    control: bool = False,
 ) -> dict[str, dict[str, float]]:
     env = {**os.environ}
     home = Path(tempfile.mkdtemp(prefix="lmgate-bench-"))
@@ -230,7 +234,7 @@ async def run(
     try:
         upstream, upstream_url = start_upstream()
         started.append(upstream)
-        sides = await _start_sides(home, log, upstream_url, env, floors, baseline, started)
+        sides = await _start_sides(home, log, upstream_url, env, floors, baseline, control, started)
         connector = aiohttp.TCPConnector(limit=64)
         async with aiohttp.ClientSession(connector=connector) as session:
             for side in sides:  # warm-up: connections and caches
@@ -262,26 +266,35 @@ async def _start_sides(
     env: dict[str, str],
     floors: bool,
     baseline: str | None,
+    control: bool,
     started: list[subprocess.Popen[str]],
 ) -> list[Side]:
     """The gateway (and the baseline and floors asked for) in front of ``upstream_url``;
     each process is added to ``started`` as soon as it runs."""
     # The key has a token budget (far from its edge): its reservation and settlement run on
     # every request, as the fair queue and the model guard do.
+    # The queue stays on (every generation takes a slot) but wide enough never to wait:
+    # this measures its cost, not LM Studio's parallelism.
+    settings = {"LMGATE_QUEUE_GENERATIONS_IN_FLIGHT": "1000"}
+    key_options = ("--budget-day", str(10**9))
     gateway, gateway_url, key = start_gateway(
-        home,
-        upstream_url,
-        log,
-        # The queue stays on (every generation takes a slot) but wide enough never to wait:
-        # this measures its cost, not LM Studio's parallelism.
-        settings={"LMGATE_QUEUE_GENERATIONS_IN_FLIGHT": "1000"},
-        key_options=("--budget-day", str(10**9)),
+        home, upstream_url, log, settings=settings, key_options=key_options
     )
     started.append(gateway)
     sides = [
         Side("direct", upstream_url, {}),
         Side("gateway", gateway_url, {"Authorization": f"Bearer {key}"}),
     ]
+    if control:
+        # The same version once more, in a process of its own: how far two runs of the same
+        # code differ here, the noise any difference to --baseline must stand out from.
+        twin_home = home / "control"
+        twin_home.mkdir()
+        twin, twin_url, twin_key = start_gateway(
+            twin_home, upstream_url, None, settings=settings, key_options=key_options
+        )
+        started.append(twin)
+        sides.append(Side("control", twin_url, {"Authorization": f"Bearer {twin_key}"}))
     if baseline is not None:
         old_home = home / "baseline"
         old_home.mkdir()
@@ -344,15 +357,16 @@ def floors_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(out)
 
 
-def baseline_table(results: dict[str, dict[str, float]], ref: str) -> str:
-    """This version against ``ref`` in the same run: what the new checks cost per request."""
+def baseline_table(results: dict[str, dict[str, float]], ref: str, side: str = "baseline") -> str:
+    """This version against ``ref`` in the same run: what the new checks cost per request
+    (``side`` "control": against itself in another process, the run's noise)."""
     labels = dict((key, label) for key, label, _ in ROWS)
     out = [
         f"| measure | {ref} | this version | difference |",
         "|---|---:|---:|---:|",
     ]
     for key in ("c1_p50_ms", "c1_p99_ms", "c16_p50_ms", "paced_ttft_ms"):
-        b, g = results["baseline"][key], results["gateway"][key]
+        b, g = results[side][key], results["gateway"][key]
         out.append(f"| {labels[key]} | {b:,.3f} | {g:,.3f} | {g - b:+.3f} ms |")
     return "\n".join(out)
 
@@ -389,9 +403,15 @@ def main() -> None:
         help="also run LM Gate as it was at this git commit, side by side (e.g. the commit "
         "before a change, to measure what it costs)",
     )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also run this version a second time, in its own process: the table against it "
+        "shows how much two runs of the same code differ (the noise of the difference)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    results = asyncio.run(run(args.rounds, args.requests, args.floors, args.baseline))
+    results = asyncio.run(run(args.rounds, args.requests, args.floors, args.baseline, args.control))
     print(table(results))
     if args.floors:
         print()
@@ -399,6 +419,9 @@ def main() -> None:
     if args.baseline:
         print()
         print(baseline_table(results, args.baseline))
+    if args.control:
+        print()
+        print(baseline_table(results, "control (this version again)", side="control"))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -93,12 +93,14 @@ def test_benchmark_measures_every_side_and_figure(tmp_path: Path) -> None:
         "--requests",
         "32",
         "--floors",
+        "--control",
         "--json",
         str(out),
         timeout=240,
     )
     figures = json.loads(out.read_text())
-    assert set(figures) == {"direct", "gateway", "bare-aiohttp", "tcp-relay"}
+    assert set(figures) == {"direct", "gateway", "control", "bare-aiohttp", "tcp-relay"}
+    assert "| measure | control (this version again) | this version | difference |" in text
     metrics = {key for key, _label, _better in _module("bench_gateway").ROWS}
     for side, values in figures.items():
         assert metrics <= set(values), side

@@ -185,6 +185,17 @@ class BudgetLedger:
             in_flight=account.reserved,
         )
 
+    def left(self, principal: str, budget: Budget) -> int:
+        """Tokens the tightest limited period has left, less what is reserved: what a request
+        may still reserve (for its default output cap). ``budget`` must be limited."""
+        account = self._account(principal, self._clock.time())
+        lefts = []
+        if budget.tokens_per_day is not None:
+            lefts.append(budget.tokens_per_day - account.day_used)
+        if budget.tokens_per_month is not None:
+            lefts.append(budget.tokens_per_month - account.month_used)
+        return min(lefts) - account.reserved
+
     @property
     def principals_tracked(self) -> int:
         return len(self._accounts)

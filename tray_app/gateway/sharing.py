@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from tray_app.gateway.body_rules import LENGTH_FIELDS, PreparedBody
-from tray_app.gateway.budgets import BudgetStatus
 from tray_app.gateway.routes import Route
 from tray_app.gateway.token_estimate import estimate_prompt_tokens
 from tray_app.gateway.upstream.usage import Usage
@@ -84,7 +83,7 @@ class Ledger(Protocol):
         unanswered: bool = False,
     ) -> Usage | None: ...
 
-    def status(self, principal: str, budget: Budget) -> BudgetStatus: ...
+    def left(self, principal: str, budget: Budget) -> int: ...
 
 
 # A budgeted request that names no output length gets this cap (less if less is left), so
@@ -168,14 +167,10 @@ class Sharing:
         is less; None when less than MIN_DEFAULT_OUTPUT is left (an answer cut to a token or
         two, with no word why, helps nobody)."""
         assert self._ledger is not None
-        status = self._ledger.status(caller, budget)
-        room = BUDGETED_DEFAULT_OUTPUT if cap is None else cap
-        for limit, used in (
-            (status.day_limit, status.day_used),
-            (status.month_limit, status.month_used),
-        ):
-            if limit is not None:
-                room = min(room, limit - used - status.in_flight - prompt)
+        room = min(
+            BUDGETED_DEFAULT_OUTPUT if cap is None else cap,
+            self._ledger.left(caller, budget) - prompt,
+        )
         return room if room >= MIN_DEFAULT_OUTPUT else None
 
 

@@ -416,3 +416,28 @@ class TestAPromptReportedAsNothing:
         r = rig.ledger.reserve(principal(day=1000), prompt_estimate=0, requested_output=100)
         assert r is not None
         assert rig.ledger.settle(r, Usage(0, 15)) == Usage(0, 15)
+
+
+class TestWhatIsLeft:
+    """``left`` is what a request may still reserve: the tightest limited period's room, less
+    what requests running now hold (the default output cap is cut from it)."""
+
+    @pytest.mark.parametrize(
+        ("day", "month", "expected"),
+        [
+            (100, None, 100 - 30 - 20),
+            (None, 80, 80 - 30 - 20),
+            (100, 60, 60 - 30 - 20),
+            (50, 500, 50 - 30 - 20),
+        ],
+    )
+    def test_the_tightest_period_less_what_runs(
+        self, rig: Rig, day: int | None, month: int | None, expected: int
+    ) -> None:
+        who = principal(day=day, month=month)
+        rig.finish(rig.ledger.reserve(who, prompt_estimate=10, requested_output=20), Usage(10, 20))
+        running = rig.ledger.reserve(who, prompt_estimate=5, requested_output=15)
+        assert running is not None and running.tokens == 20
+        assert rig.ledger.left(NAME, who.budget or Budget()) == expected
+        rig.ledger.settle(running, Usage(5, 15))
+        assert rig.ledger.left(NAME, who.budget or Budget()) == expected + 20 - 20

@@ -75,6 +75,7 @@ class ModelGuard:
         self._reading: asyncio.Task[ModelStates | None] | None = None
         self._loads: dict[str, asyncio.Task[float]] = {}
         self._changed = asyncio.Event()
+        self._waiting = 0  # requests in _changes_before, for _wake
 
     def loaded_models(self) -> frozenset[str]:
         """The models LM Studio last said were loaded, for the tray and metrics only."""
@@ -230,16 +231,22 @@ class ModelGuard:
             self._wake()
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        # Every answer's end comes here: with nobody waiting (the common case) there is
+        # nobody to wake, and no new Event to make.
+        if self._waiting:
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     async def _changes_before(self, deadline: float) -> bool:
         """Wait for a use to end, a switch to end or the states to change; False if the
         deadline came first."""
+        self._waiting += 1
         try:
             await asyncio.wait_for(self._changed.wait(), deadline - self._clock.monotonic())
         except TimeoutError:
             return False
+        finally:
+            self._waiting -= 1
         return True
 
     # ---- what is loaded ---------------------------------------------------------------------
