@@ -150,6 +150,12 @@ def _budget(args: argparse.Namespace) -> Budget:
     )
 
 
+def _budget_words(args: argparse.Namespace) -> str:
+    """``, budget 50,000/day, no monthly cap`` for the creation note (nothing without one)."""
+    budget = _budget(args)
+    return f", budget {budget.words()}" if budget.limited else ""
+
+
 def _optional_budget(what: str, raw: str | None) -> int | None:
     return None if raw is None else parse_budget_value(what, raw)
 
@@ -261,7 +267,8 @@ def _token(
         print(issued.token, file=out)
         print(
             f"\nToken {r.jti} for {r.name!r}: scopes {' '.join(sorted(r.scopes))}, "
-            f"expires {when(r.expires)}. It is shown only now; keep it somewhere safe.",
+            f"expires {when(r.expires)}{_budget_words(args)}. It is shown only now; keep it "
+            "somewhere safe.",
             file=sys.stderr,
         )
         return 0
@@ -304,7 +311,7 @@ def _key(
         expiry = f"expires {when(record.expires)}" if record.expires else "never expires"
         print(
             f"\nAPI key {record.id} for {record.name!r}: scopes "
-            f"{' '.join(sorted(record.scopes))}, {expiry}. It is shown "
+            f"{' '.join(sorted(record.scopes))}, {expiry}{_budget_words(args)}. It is shown "
             "only now; LM Gate keeps just its hash.",
             file=sys.stderr,
         )

@@ -26,9 +26,11 @@ class TestBudgetsAtCreation:
         code, _, err = lmgate("token", "create", "bob", "--budget-day", "1000")
         assert code == 0
         jti = token_jti(err)
+        assert ", budget 1,000/day, no monthly cap." in err  # said where it is made
         code, out, err = lmgate("key", "create", "ci", "--budget-month", "50000")
         assert code == 0
         kid = key_id(out, err)
+        assert "budget no daily cap, 50,000/month." in err
         assert BudgetStore(db()).all() == {
             f"token:{jti}": Budget(1000, None),
             f"key:{kid}": Budget(None, 50000),
@@ -37,7 +39,8 @@ class TestBudgetsAtCreation:
     def test_a_credential_made_without_a_budget_has_none(
         self, lmgate: Run, db: Callable[[], Database]
     ) -> None:
-        assert lmgate("key", "create", "ci")[0] == 0
+        code, _, err = lmgate("key", "create", "ci")
+        assert code == 0 and "budget" not in err
         assert BudgetStore(db()).all() == {}
 
     @pytest.mark.parametrize("command", ["token", "key"])
