@@ -13,18 +13,28 @@ import platformdirs
 APP_NAME = "lmgate"
 
 
-def resource_path(*parts: str) -> Path:
-    try:
-        base = Path(str(resources.files("tray_app.resources")))
-        if (base / parts[0]).exists():
-            return base.joinpath(*parts)
-    except (ModuleNotFoundError, TypeError):
-        pass
+def _resource_roots() -> tuple[Path, ...]:
+    """Where the resources may be, in order: the installed package's, the PyInstaller
+    build's (beside the package's modules), the checkout's (the last, the fallback)."""
+    roots: list[Path] = []
+    with contextlib.suppress(ModuleNotFoundError, TypeError):
+        roots.append(Path(str(resources.files("tray_app.resources"))))
     here = Path(__file__).resolve().parent
-    frozen = here / "resources"  # the PyInstaller build puts them beside the package's modules
-    if (frozen / parts[0]).exists():
-        return frozen.joinpath(*parts)
-    return here.parent.joinpath("resources", *parts)
+    return (*roots, here / "resources", here.parent / "resources")
+
+
+# Looked up once, when this module is imported. Asked on every call, a checkout's missing
+# tray_app.resources package ran the whole import machinery each time, and the tray's icons
+# (Qt thread) and the phone page (loop thread) doing so at once hung a test run in
+# importlib's locks.
+_ROOTS = _resource_roots()
+
+
+def resource_path(*parts: str) -> Path:
+    for root in _ROOTS[:-1]:
+        if (root / parts[0]).exists():
+            return root.joinpath(*parts)
+    return _ROOTS[-1].joinpath(*parts)
 
 
 def make_private_dir(directory: Path) -> None:
