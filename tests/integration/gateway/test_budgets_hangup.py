@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from typing import Any
 
 import aiohttp
 import pytest
@@ -82,16 +83,21 @@ class TestAHangUpBeforeTheHeadersPays:
         key = key_with_budget(rig, "quitter", Budget(tokens_per_day=2 * (ESTIMATE + CAP)))
         for _ in range(2):
             await hang_up(rig, key, fake_lmstudio, stream=False)
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                rig.url + CHAT,
-                json={"model": QWEN, "messages": QUESTION, "max_tokens": CAP},
-                headers={"Authorization": f"Bearer {key}"},
-            ) as response,
-        ):
-            body = await response.json()
-        assert (response.status, body["error"]["code"]) == (429, "budget_exceeded")
+        status, body = await ask(rig, key)
+        assert (status, body["error"]["code"]) == (429, "budget_exceeded")
+
+
+async def ask(rig: IdentityRig, key: str) -> tuple[int, Any]:
+    """One non-streamed chat with the cap; its status and JSON answer."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            rig.url + CHAT,
+            json={"model": QWEN, "messages": QUESTION, "max_tokens": CAP},
+            headers={"Authorization": f"Bearer {key}"},
+        ) as response,
+    ):
+        return response.status, await response.json()
 
 
 def closed_port() -> int:
@@ -106,16 +112,8 @@ class TestWhatNeverReachedLMStudioIsFree:
     ) -> None:
         rig = await start_identity_gateway(upstream_url=f"http://127.0.0.1:{closed_port()}")
         key = key_with_budget(rig, "quitter", Budget(tokens_per_day=100_000))
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                rig.url + CHAT,
-                json={"model": QWEN, "messages": QUESTION, "max_tokens": CAP},
-                headers={"Authorization": f"Bearer {key}"},
-            ) as response,
-        ):
-            body = await response.json()
-        assert (response.status, body["error"]["code"]) == (502, "upstream_unreachable")
+        status, body = await ask(rig, key)
+        assert (status, body["error"]["code"]) == (502, "upstream_unreachable")
         assert used(rig, "quitter").tokens == 0
 
     async def test_a_refused_token_costs_nothing(
@@ -124,14 +122,6 @@ class TestWhatNeverReachedLMStudioIsFree:
         fake_lmstudio.behaviour.require_token = "not-the-one-lm-gate-has"
         rig = await start_identity_gateway()
         key = key_with_budget(rig, "quitter", Budget(tokens_per_day=100_000))
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                rig.url + CHAT,
-                json={"model": QWEN, "messages": QUESTION, "max_tokens": CAP},
-                headers={"Authorization": f"Bearer {key}"},
-            ) as response,
-        ):
-            body = await response.json()
-        assert body["error"]["code"] == "upstream_auth_failed"
+        status, body = await ask(rig, key)
+        assert (status, body["error"]["code"]) == (502, "upstream_auth_failed")
         assert used(rig, "quitter").tokens == 0
