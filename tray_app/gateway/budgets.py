@@ -189,12 +189,7 @@ class BudgetLedger:
         """Tokens the tightest limited period has left, less what is reserved: what a request
         may still reserve (for its default output cap). ``budget`` must be limited."""
         account = self._account(principal, self._clock.time())
-        lefts = []
-        if budget.tokens_per_day is not None:
-            lefts.append(budget.tokens_per_day - account.day_used)
-        if budget.tokens_per_month is not None:
-            lefts.append(budget.tokens_per_month - account.month_used)
-        return min(lefts) - account.reserved
+        return min(room.left for room in self._rooms(account, budget))
 
     @property
     def principals_tracked(self) -> int:

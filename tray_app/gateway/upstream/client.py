@@ -16,6 +16,9 @@ from tray_app.gateway.api_errors import ApiError
 from tray_app.gateway.upstream.failures import describe_failure
 
 UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
+# Failures that mean no request byte reached the server: nothing can have been generated, so
+# the request costs nothing and may be sent elsewhere.
+NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 def upstream_timeout(config: Config) -> aiohttp.ClientTimeout:

@@ -24,6 +24,7 @@ from tray_app.gateway.upstream.answers import (
     usage_in_tail,
 )
 from tray_app.gateway.upstream.client import (
+    NOT_SENT,
     UPSTREAM_SESSION,
     decode_body,
     looks_like_openai_error,
@@ -34,8 +35,6 @@ from tray_app.gateway.upstream.usage import Usage, usage_from_payload
 from tray_app.identity.principal import Principal
 
 MODEL_LIST = "/v1/models"
-# Failures that mean no request byte reached LM Studio: nothing can have been generated.
-_NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 # Larger bodies (images) go out in chunks so one request cannot stall the event loop.
 _INLINE_BODY_BYTES = 1024 * 1024
 
@@ -200,7 +199,7 @@ class Forwarder:
         try:
             upstream = await send()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            if outcome is not None and isinstance(exc, _NOT_SENT):
+            if outcome is not None and isinstance(exc, NOT_SENT):
                 outcome.sent = False
             raise translate_client_error(exc, self._config) from None
         if upstream.status in {401, 403}:

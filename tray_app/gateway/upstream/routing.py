@@ -17,17 +17,14 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import aiohttp
-
 from tray_app.gateway import api_errors as errors
+from tray_app.gateway.upstream.client import NOT_SENT
 from tray_app.gateway.upstream.failures import describe_failure
 from tray_app.gateway.upstream.health import HealthChecker
 from tray_app.gateway.upstream.pool import Upstream, UpstreamPool
 
 T = TypeVar("T")
 STICKY_MAX = 10_000
-# What "could not connect" is, in aiohttp's words: no request byte reached the server.
-CONNECT_FAILURES = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 class Router:
@@ -57,7 +54,7 @@ class Router:
         pool.started(upstream)
         try:
             answer = await send(upstream)
-        except CONNECT_FAILURES as exc:
+        except NOT_SENT as exc:
             pool.ended(upstream)
             retry = pool.choose(model, avoid=upstream.name)
             self._suspect(upstream, exc)
@@ -68,7 +65,7 @@ class Router:
             pool.started(upstream)
             try:
                 answer = await send(upstream)
-            except CONNECT_FAILURES as again:
+            except NOT_SENT as again:
                 pool.ended(upstream)
                 self._suspect(upstream, again)
                 raise
