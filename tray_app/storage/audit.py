@@ -7,11 +7,10 @@ layer and the CLI call it, and ``lmgate audit`` reads it back.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from enum import StrEnum
 
-from tray_app.storage.database import Database
+from tray_app.storage.database import Connection, Database
 
 
 class AuditAction(StrEnum):
@@ -42,7 +41,7 @@ class AuditEntry:
 
 
 def record(
-    conn: sqlite3.Connection,
+    conn: Connection,
     *,
     at: float,
     action: AuditAction,
@@ -66,7 +65,7 @@ class AuditLog:
         """The newest ``limit`` entries from ``since`` on, oldest first."""
         rows = self._db.query(
             "SELECT * FROM (SELECT * FROM audit WHERE at >= ? ORDER BY id DESC LIMIT ?) "
-            "ORDER BY id",
+            "AS recent ORDER BY id",
             (since, limit),
         )
         return [

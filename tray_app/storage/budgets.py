@@ -9,11 +9,10 @@ here, below the identity layer, so that storage can hand it out; the identity la
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 
 from tray_app.storage.audit import AuditAction, AuditSource, record
-from tray_app.storage.database import Database
+from tray_app.storage.database import Connection, Database
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +42,7 @@ class Budget:
 NO_BUDGET = Budget()
 
 
-def write_budget(conn: sqlite3.Connection, principal: str, budget: Budget, now: float) -> None:
+def write_budget(conn: Connection, principal: str, budget: Budget, now: float) -> None:
     """Set ``principal``'s budget inside the caller's transaction; an unlimited one is no row."""
     if not budget.limited:
         conn.execute("DELETE FROM budgets WHERE principal = ?", (principal,))
@@ -57,7 +56,7 @@ def write_budget(conn: sqlite3.Connection, principal: str, budget: Budget, now: 
     )
 
 
-def _read(conn: sqlite3.Connection, principal: str) -> Budget:
+def _read(conn: Connection, principal: str) -> Budget:
     row = conn.execute(
         "SELECT tokens_per_day, tokens_per_month FROM budgets WHERE principal = ?", (principal,)
     ).fetchone()
@@ -70,7 +69,9 @@ class BudgetStore:
 
     def all(self) -> dict[str, Budget]:
         """Every stored budget by principal name (a principal without a row has none)."""
-        rows = self._db.query("SELECT principal, tokens_per_day, tokens_per_month FROM budgets")
+        rows = self._db.query(
+            "SELECT principal, tokens_per_day, tokens_per_month FROM budgets ORDER BY rowid"
+        )
         return {r["principal"]: Budget(r["tokens_per_day"], r["tokens_per_month"]) for r in rows}
 
     def get(self, principal: str) -> Budget | None:
@@ -92,7 +93,7 @@ class BudgetStore:
         """Replace ``principal``'s budget (``NO_BUDGET`` clears it) and record the change with
         what it was before; returns the budget before. A change to the same budget is none:
         nothing is written."""
-        with self._db.transaction() as conn:
+        with self._db.transaction(notify=True) as conn:
             before = _read(conn, principal)
             if before != budget:
                 write_budget(conn, principal, budget, now)

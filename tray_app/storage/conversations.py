@@ -11,11 +11,10 @@ a retry, an edit or a regenerate of that turn sends it again.
 from __future__ import annotations
 
 import secrets
-import sqlite3
 from dataclasses import dataclass
 
 from tray_app.clock import Clock
-from tray_app.storage.database import Database
+from tray_app.storage.database import Database, Row
 
 TITLE_CHARS = 60
 
@@ -71,7 +70,7 @@ def up_to_last_turn(
     return None
 
 
-def _conversation(r: sqlite3.Row) -> Conversation:
+def _conversation(r: Row) -> Conversation:
     return Conversation(
         r["id"], r["title"], r["model"], r["created"], r["updated"], r["system"] or ""
     )
@@ -107,7 +106,7 @@ class ConversationStore:
         return [
             _conversation(r)
             for r in self._db.query(
-                "SELECT * FROM conversations WHERE principal = ? ORDER BY updated DESC",
+                "SELECT * FROM conversations WHERE principal = ? ORDER BY updated DESC, rowid DESC",
                 (principal,),
             )
         ]
@@ -142,17 +141,20 @@ class ConversationStore:
         e.g. while its answer was still streaming."""
         now = self._clock.time()
         with self._db.transaction() as conn:
-            added = conn.execute(
-                "INSERT INTO messages (conversation_id, role, content, reasoning, created, "
-                "image) SELECT ?, ?, ?, ?, ?, ? "
-                "WHERE EXISTS (SELECT 1 FROM conversations WHERE id = ?)",
-                (conversation_id, role, content, reasoning or None, now, image, conversation_id),
-            ).rowcount
-            conn.execute(
+            # The conversation's row first: where writers do not queue for one lock (a shared
+            # database), its row lock keeps a delete from slipping in before the message.
+            exists = conn.execute(
                 "UPDATE conversations SET updated = ?, model = COALESCE(?, model) WHERE id = ?",
                 (now, model, conversation_id),
+            ).rowcount
+            if exists != 1:
+                return False
+            conn.execute(
+                "INSERT INTO messages (conversation_id, role, content, reasoning, created, "
+                "image) VALUES (?, ?, ?, ?, ?, ?)",
+                (conversation_id, role, content, reasoning or None, now, image),
             )
-        return added == 1
+        return True
 
     def reopen_last_turn(
         self,

@@ -10,14 +10,20 @@ a change that changes nothing (revoking what is revoked) writes none.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
 from tray_app.storage.audit import AuditAction, AuditSource, record
 from tray_app.storage.budgets import NO_BUDGET, Budget, write_budget
-from tray_app.storage.database import SIGNING_KEY_GENERATION, Database, decode_list, encode_list
+from tray_app.storage.database import (
+    SIGNING_KEY_GENERATION,
+    Connection,
+    Database,
+    Row,
+    decode_list,
+    encode_list,
+)
 
 # A code unused this long after it expired is purged when the next one is made.
 _PURGE_CODES_AFTER = 86400.0
@@ -92,7 +98,7 @@ def _encode_scopes(scopes: frozenset[str]) -> str:
     return " ".join(sorted(scopes))
 
 
-def _api_key(r: sqlite3.Row) -> ApiKeyRow:
+def _api_key(r: Row) -> ApiKeyRow:
     return ApiKeyRow(
         r["id"],
         r["name"],
@@ -106,7 +112,7 @@ def _api_key(r: sqlite3.Row) -> ApiKeyRow:
     )
 
 
-def _token(r: sqlite3.Row) -> TokenRow:
+def _token(r: Row) -> TokenRow:
     return TokenRow(
         jti=r["jti"],
         sub=r["sub"],
@@ -123,15 +129,13 @@ def _token(r: sqlite3.Row) -> TokenRow:
     )
 
 
-def _device(r: sqlite3.Row) -> DeviceRow:
+def _device(r: Row) -> DeviceRow:
     return DeviceRow(r["id"], r["name"], r["created"], r["last_seen"], r["revoked"])
 
 
-def _one(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> sqlite3.Row | None:
+def _one(conn: Connection, sql: str, params: tuple[object, ...]) -> Row | None:
     """One row by column name, read inside the caller's transaction."""
-    cursor = conn.execute(sql, params)
-    cursor.row_factory = sqlite3.Row
-    row: sqlite3.Row | None = cursor.fetchone()
+    row: Row | None = conn.execute(sql, params).fetchone()
     return row
 
 
@@ -147,7 +151,7 @@ def _created_detail(scopes: frozenset[str], budget: Budget) -> str:
     return f"scopes {_encode_scopes(scopes)}; {budget.words()}"
 
 
-def _expire_pending_codes(conn: sqlite3.Connection, now: float) -> None:
+def _expire_pending_codes(conn: Connection, now: float) -> None:
     conn.execute(
         "UPDATE pairing_codes SET expires = ? WHERE used IS NULL AND expires > ?", (now, now)
     )
@@ -160,7 +164,7 @@ class _Revocable:
 
     table: str
     key: str
-    principal: Callable[[sqlite3.Row], str]
+    principal: Callable[[Row], str]
 
 
 _API_KEYS = _Revocable("api_keys", "id", lambda r: _key_principal(r["id"]))
@@ -169,7 +173,7 @@ _DEVICES = _Revocable("devices", "id", lambda r: _device_principal(r["id"]))
 
 
 def _audit_revoked(
-    conn: sqlite3.Connection,
+    conn: Connection,
     now: float,
     principal: str,
     name: str,
@@ -188,13 +192,13 @@ def _audit_revoked(
 
 
 def _revoke(
-    conn: sqlite3.Connection,
+    conn: Connection,
     kind: _Revocable,
     ident: str,
     now: float,
     source: AuditSource,
     detail: str | None = None,
-) -> sqlite3.Row | None:
+) -> Row | None:
     """Revoke one row (one revoked before keeps its first revocation time) with its audit
     entry, written only if this revoked it; the row as it is then, None if there is none."""
     changed = conn.execute(
@@ -214,7 +218,9 @@ class CredentialStore:
     # ---- API keys -----------------------------------------------------------------------
 
     def api_keys(self) -> list[ApiKeyRow]:
-        return [_api_key(r) for r in self._db.query("SELECT * FROM api_keys ORDER BY created")]
+        return [
+            _api_key(r) for r in self._db.query("SELECT * FROM api_keys ORDER BY created, rowid")
+        ]
 
     def api_key(self, key_id: str) -> ApiKeyRow | None:
         rows = self._db.query("SELECT * FROM api_keys WHERE id = ?", (key_id,))
@@ -225,7 +231,7 @@ class CredentialStore:
         return _api_key(rows[0]) if rows else None
 
     def add_api_key(self, key: ApiKeyRow, *, budget: Budget, source: AuditSource) -> None:
-        with self._db.transaction() as conn:
+        with self._db.transaction(notify=True) as conn:
             conn.execute(
                 "INSERT INTO api_keys (id, name, key_hash, scopes, models, created, expires) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -253,7 +259,7 @@ class CredentialStore:
     def revoke_api_key(self, key_id: str, now: float, *, source: AuditSource) -> ApiKeyRow | None:
         """Mark the key revoked (one revoked before keeps its first revocation time); the key
         as it is then, None if there is no such key."""
-        with self._db.transaction() as conn:
+        with self._db.transaction(notify=True) as conn:
             row = _revoke(conn, _API_KEYS, key_id, now, source)
         return None if row is None else _api_key(row)
 
@@ -264,7 +270,7 @@ class CredentialStore:
     ) -> None:
         """Record an issued token with its budget and audit entry; both None for a device's
         token, whose budget is the device's and whose entry is the device's pairing."""
-        with self._db.transaction() as conn:
+        with self._db.transaction(notify=True) as conn:
             conn.execute(
                 "INSERT INTO tokens (jti, sub, name, kind, scopes, models, max_tokens, created, "
                 "expires, revoked, device_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
@@ -314,10 +320,11 @@ class CredentialStore:
     def tokens(self, *, expiring_after: float | None = None) -> list[TokenRow]:
         """Every token (or those expiring after ``expiring_after``), oldest first."""
         if expiring_after is None:
-            rows = self._db.query("SELECT * FROM tokens ORDER BY created")
+            rows = self._db.query("SELECT * FROM tokens ORDER BY created, rowid")
         else:
             rows = self._db.query(
-                "SELECT * FROM tokens WHERE expires > ? ORDER BY created", (expiring_after,)
+                "SELECT * FROM tokens WHERE expires > ? ORDER BY created, rowid",
+                (expiring_after,),
             )
         return [_token(r) for r in rows]
 
@@ -325,12 +332,13 @@ class CredentialStore:
         # A plain comparison, not LIKE: '%' and '_' typed at the CLI are characters, not
         # wildcards that would pick a token the owner did not name.
         rows = self._db.query(
-            "SELECT * FROM tokens WHERE substr(jti, 1, ?) = ?", (len(jti_prefix), jti_prefix)
+            "SELECT * FROM tokens WHERE substr(jti, 1, ?) = ? ORDER BY rowid",
+            (len(jti_prefix), jti_prefix),
         )
         return [_token(r) for r in rows]
 
     def revoke_token(self, jti: str, now: float, *, source: AuditSource) -> None:
-        with self._db.transaction() as conn:
+        with self._db.transaction(notify=True) as conn:
             # A device's token is named by its device, and the detail says which one.
             _revoke(conn, _TOKENS, jti, now, source, detail=f"token {jti}")
 
@@ -339,7 +347,7 @@ class CredentialStore:
     def add_pairing_code(
         self, code_hash: str, now: float, expires: float, device_name: str | None
     ) -> None:
-        with self._db.transaction() as conn:
+        with self._db.transaction(notify=True) as conn:
             # Old codes are useless; keep the table small.
             conn.execute("DELETE FROM pairing_codes WHERE expires < ?", (now - _PURGE_CODES_AFTER,))
             conn.execute(
@@ -360,8 +368,18 @@ class CredentialStore:
         """Use the code once and record the device it pairs (named as the code says, else
         ``device_name``) with its budget and its audit entry. One conditional UPDATE claims
         the code, so of two redemptions racing for it exactly one wins; the loser learns why
-        it lost."""
-        with self._db.transaction() as conn:
+        it lost. A code that cannot be claimed is refused by a read alone: a guess must not
+        write, nor make every other replica read all credentials again."""
+        seen = self._db.query(
+            "SELECT used, expires FROM pairing_codes WHERE code_hash = ?", (code_hash,)
+        )
+        if not seen:
+            return CodeRefusal.UNKNOWN
+        if seen[0][0] is not None:
+            return CodeRefusal.USED
+        if seen[0][1] <= now:
+            return CodeRefusal.EXPIRED
+        with self._db.transaction(notify=True) as conn:
             claimed = conn.execute(
                 "UPDATE pairing_codes SET used = ?, device_id = ? "
                 "WHERE code_hash = ? AND used IS NULL AND expires > ?",
@@ -392,7 +410,7 @@ class CredentialStore:
         return DeviceRow(device_id, name, now, now, None)
 
     def devices(self) -> list[DeviceRow]:
-        return [_device(r) for r in self._db.query("SELECT * FROM devices ORDER BY created")]
+        return [_device(r) for r in self._db.query("SELECT * FROM devices ORDER BY created, rowid")]
 
     def device(self, device_id: str) -> DeviceRow | None:
         rows = self._db.query("SELECT * FROM devices WHERE id = ?", (device_id,))
@@ -401,7 +419,7 @@ class CredentialStore:
     def revoke_device(self, device_id: str, now: float, *, source: AuditSource) -> DeviceRow | None:
         """Revoke the device and every token it holds, together; the device as it is then,
         None if there is no such device."""
-        with self._db.transaction() as conn:
+        with self._db.transaction(notify=True) as conn:
             tokens = conn.execute(
                 "UPDATE tokens SET revoked = ? WHERE revoked IS NULL AND device_id = ?",
                 (now, device_id),
@@ -413,8 +431,10 @@ class CredentialStore:
     def revoke_all_devices(self, now: float, *, source: AuditSource) -> int:
         """Revoke every device and device token, and end every code not used yet; how many
         devices were live. Each device revoked gets its own audit entry."""
-        with self._db.transaction() as conn:
-            live = conn.execute("SELECT id, name FROM devices WHERE revoked IS NULL").fetchall()
+        with self._db.transaction(notify=True) as conn:
+            live = conn.execute(
+                "SELECT id, name FROM devices WHERE revoked IS NULL ORDER BY rowid"
+            ).fetchall()
             count = conn.execute(
                 "UPDATE devices SET revoked = ? WHERE revoked IS NULL", (now,)
             ).rowcount
@@ -434,7 +454,7 @@ class CredentialStore:
         """Every token and device revoked, every pending code ended and the signing key's
         generation bumped, in one transaction: a running gateway sees all of it at once. The
         audit trail gets one entry with the counts, not one per token."""
-        with self._db.transaction() as conn:
+        with self._db.transaction(notify=True) as conn:
             tokens = conn.execute(
                 "UPDATE tokens SET revoked = ? WHERE revoked IS NULL", (now,)
             ).rowcount
@@ -444,7 +464,7 @@ class CredentialStore:
             _expire_pending_codes(conn, now)  # a QR code shown before must not pair after
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key) DO UPDATE "
-                "SET value = CAST(value AS INTEGER) + 1",
+                "SET value = CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)",
                 (SIGNING_KEY_GENERATION,),
             )
             record(

@@ -17,10 +17,11 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from tray_app.errors import StorageError
 from tray_app.paths import make_private_dir, user_data_dir
@@ -81,6 +82,40 @@ CREATE TABLE IF NOT EXISTS audit (
     principal TEXT NOT NULL, name TEXT, source TEXT NOT NULL, detail TEXT);
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
 """
+
+
+class Row(Protocol):
+    """A row read by name (``r["col"]``) or by position (``r[0]``), as every store reads them
+    on any backend (sqlite3.Row here)."""
+
+    def __getitem__(self, key: int | str, /) -> Any: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def __len__(self) -> int: ...
+
+    def keys(self) -> list[str]: ...
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Connection(Protocol):
+    """What a store writes through inside :meth:`Database.transaction`: ``?`` placeholders,
+    rows as :class:`Row`. The SQL the stores write is the subset SQLite and PostgreSQL share
+    (table-qualified columns in ON CONFLICT DO UPDATE, CASE instead of two-argument MAX,
+    ON CONFLICT DO NOTHING instead of OR IGNORE, an alias on every subquery in FROM, SUMs
+    cast to BIGINT, explicit ORDER BY with ``rowid`` breaking ties)."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Cursor: ...
 
 
 def default_data_dir() -> Path:
@@ -208,6 +243,8 @@ class Database:
             self._conn = sqlite3.connect(
                 path, check_same_thread=False, isolation_level=None, timeout=5.0
             )
+            # Rows by name and by position, in transactions as in queries.
+            self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL: a commit survives a crash of this process; only power loss can
             # take the last transactions.
@@ -240,9 +277,12 @@ class Database:
             self._conn.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, notify: bool = False) -> Iterator[Connection]:
         """One write transaction; StorageError if it could not be committed, and then nothing
-        of it was written and the connection is ready for the next try."""
+        of it was written and the connection is ready for the next try. ``notify``: a change
+        other processes must notice (credentials, budgets, the signing key's generation) —
+        SQLite's data_version sees every commit, so it changes nothing here; a backend shared
+        by replicas counts such changes for :meth:`changed_by_others`."""
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -266,12 +306,11 @@ class Database:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
 
-    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[Row]:
         with self._lock:
             try:
-                cursor = self._conn.execute(sql, params)
-                cursor.row_factory = sqlite3.Row
-                return cursor.fetchall()
+                rows: list[Row] = self._conn.execute(sql, params).fetchall()
+                return rows
             except sqlite3.DatabaseError as exc:
                 raise StorageError(
                     f"LM Gate's database {self.path} could not be read: {exc}."
@@ -284,6 +323,16 @@ class Database:
     def meta(self, key: str) -> str | None:
         rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
         return rows[0]["value"] if rows else None
+
+    def claim_meta(self, key: str, value: str) -> str:
+        """Store ``value`` under ``key`` unless something is stored there already; what is
+        stored now (the first claim wins, whoever made it)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                (key, value),
+            )
+        return self.meta(key) or ""
 
     def changed_by_others(self) -> bool:
         """True once after another connection (the CLI) committed a change."""
@@ -303,17 +352,22 @@ class Database:
     ) -> None:
         """Add counted usage, and when keys and devices were last used, in one transaction:
         either all of it is written or none (a retry must not count anything twice)."""
-        rows = list(rows)
+        # In key order: two flushes writing the same rows at once (replicas sharing a
+        # database) then lock them in the same order and cannot deadlock.
+        rows = sorted(rows, key=lambda r: (r.principal, r.hour or 0))
         with self.transaction() as conn:
             conn.executemany(
                 """INSERT INTO usage (principal, requests, prompt_tokens, completion_tokens,
                                       last_seen)
                    VALUES (?, ?, ?, ?, ?)
                    ON CONFLICT(principal) DO UPDATE SET
-                     requests = requests + excluded.requests,
-                     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-                     completion_tokens = completion_tokens + excluded.completion_tokens,
-                     last_seen = MAX(COALESCE(last_seen, 0), excluded.last_seen)""",
+                     requests = usage.requests + excluded.requests,
+                     prompt_tokens = usage.prompt_tokens + excluded.prompt_tokens,
+                     completion_tokens = usage.completion_tokens + excluded.completion_tokens,
+                     last_seen = CASE
+                       WHEN excluded.last_seen IS NULL
+                         OR excluded.last_seen > COALESCE(usage.last_seen, 0)
+                       THEN excluded.last_seen ELSE COALESCE(usage.last_seen, 0) END""",
                 [
                     (r.principal, r.requests, r.prompt_tokens, r.completion_tokens, r.last_seen)
                     for r in rows
@@ -325,9 +379,9 @@ class Database:
                     f"INSERT INTO {table} (principal, {column}, requests, prompt_tokens, "  # noqa: S608
                     "completion_tokens) VALUES (?, ?, ?, ?, ?) "
                     f"ON CONFLICT(principal, {column}) DO UPDATE SET "
-                    "requests = requests + excluded.requests, "
-                    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                    "completion_tokens = completion_tokens + excluded.completion_tokens",
+                    f"requests = {table}.requests + excluded.requests, "
+                    f"prompt_tokens = {table}.prompt_tokens + excluded.prompt_tokens, "
+                    f"completion_tokens = {table}.completion_tokens + excluded.completion_tokens",
                     [
                         (
                             r.principal,
@@ -344,11 +398,11 @@ class Database:
                 conn.execute("DELETE FROM usage_hours WHERE hour < ?", (oldest_kept,))
             conn.executemany(
                 "UPDATE api_keys SET last_used = ? WHERE id = ?",
-                [(t, k) for k, t in (key_last_used or {}).items()],
+                [(t, k) for k, t in sorted((key_last_used or {}).items())],
             )
             conn.executemany(
                 "UPDATE devices SET last_seen = ? WHERE id = ?",
-                [(t, d) for d, t in (device_last_seen or {}).items()],
+                [(t, d) for d, t in sorted((device_last_seen or {}).items())],
             )
 
     def usage(self) -> list[UsageRow]:

@@ -87,8 +87,9 @@ class UsageHistory:
         """What ``principal`` used in buckets starting at or after ``since``."""
         table, column = bucket._table
         rows = self._db.query(
-            f"SELECT COALESCE(SUM(requests), 0) AS r, COALESCE(SUM(prompt_tokens), 0) AS p, "  # noqa: S608
-            f"COALESCE(SUM(completion_tokens), 0) AS c FROM {table} "
+            "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) AS r, "  # noqa: S608
+            "CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS p, "
+            f"CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS c FROM {table} "
             f"WHERE principal = ? AND {column} >= ?",
             (principal, int(since)),
         )
@@ -120,8 +121,10 @@ class UsageHistory:
         """Totals per principal over the buckets from the one ``since`` falls in on."""
         table, column = bucket._table
         rows = self._db.query(
-            "SELECT principal, SUM(requests) AS r, SUM(prompt_tokens) AS p, "  # noqa: S608
-            f"SUM(completion_tokens) AS c FROM {table} WHERE {column} >= ? GROUP BY principal",
+            "SELECT principal, CAST(SUM(requests) AS BIGINT) AS r, "  # noqa: S608
+            "CAST(SUM(prompt_tokens) AS BIGINT) AS p, "
+            f"CAST(SUM(completion_tokens) AS BIGINT) AS c FROM {table} WHERE {column} >= ? "
+            "GROUP BY principal ORDER BY principal",
             (bucket_start(since, bucket),),
         )
         return {r["principal"]: Totals(r["r"], r["p"], r["c"]) for r in rows}
@@ -132,11 +135,12 @@ class UsageHistory:
         today = day_start(now)
         rows = self._db.query(
             "SELECT principal, "
-            "SUM(CASE WHEN day = ? THEN requests ELSE 0 END) AS dr, "
-            "SUM(CASE WHEN day = ? THEN prompt_tokens ELSE 0 END) AS dp, "
-            "SUM(CASE WHEN day = ? THEN completion_tokens ELSE 0 END) AS dc, "
-            "SUM(requests) AS mr, SUM(prompt_tokens) AS mp, SUM(completion_tokens) AS mc "
-            "FROM usage_days WHERE day >= ? AND day <= ? GROUP BY principal",
+            "CAST(SUM(CASE WHEN day = ? THEN requests ELSE 0 END) AS BIGINT) AS dr, "
+            "CAST(SUM(CASE WHEN day = ? THEN prompt_tokens ELSE 0 END) AS BIGINT) AS dp, "
+            "CAST(SUM(CASE WHEN day = ? THEN completion_tokens ELSE 0 END) AS BIGINT) AS dc, "
+            "CAST(SUM(requests) AS BIGINT) AS mr, CAST(SUM(prompt_tokens) AS BIGINT) AS mp, "
+            "CAST(SUM(completion_tokens) AS BIGINT) AS mc "
+            "FROM usage_days WHERE day >= ? AND day <= ? GROUP BY principal ORDER BY principal",
             (today, today, today, month_start(now), today),
         )
         return {

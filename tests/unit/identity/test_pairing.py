@@ -4,20 +4,34 @@ device's principal is the one its token speaks for; unknown devices cannot be re
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jwt
 import pytest
 
 from tests.fakes import FakeClock
-from tests.unit.identity.conftest import IdentityMaker
+from tests.unit.identity.conftest import SIGNING_KEY, IdentityMaker
 from tray_app.config.settings import Config
-from tray_app.control.assembly import Identity
+from tray_app.control.assembly import Identity, open_identity
 from tray_app.errors import AuthError
 from tray_app.identity.pairing import PairingError, PairingService
 from tray_app.identity.principal import Budget
 from tray_app.storage.audit import AuditAction, AuditLog, AuditSource
 from tray_app.storage.budgets import BudgetStore
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def identity(request: pytest.FixtureRequest, make_identity: IdentityMaker) -> Iterator[Identity]:
+    """Pairing on this machine's SQLite and on a real PostgreSQL (tests.postgres_server)."""
+    if request.param == "sqlite":
+        yield make_identity()
+        return
+    from tray_app.storage.postgres import PostgresDatabase
+
+    db = PostgresDatabase.connect(request.getfixturevalue("postgres_url"))
+    identity = open_identity(Config(), SIGNING_KEY, clock=FakeClock(), db=db)
+    yield identity
+    identity.close()
 
 
 def test_a_code_made_for_a_named_device_keeps_that_name(identity: Identity) -> None:

@@ -25,9 +25,16 @@ def _at(year: int, month: int, day: int, hour: int = 12, minute: int = 0) -> flo
     return dt.datetime(year, month, day, hour, minute, tzinfo=dt.UTC).timestamp()
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(tmp_path / "lmgate.db")
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """Each test on SQLite and on a real PostgreSQL (tests.postgres_server)."""
+    database: Database
+    if request.param == "postgres":
+        from tray_app.storage.postgres import PostgresDatabase
+
+        database = PostgresDatabase.connect(request.getfixturevalue("postgres_url"))
+    else:
+        database = Database(tmp_path / "lmgate.db")
     yield database
     database.close()
 
