@@ -9,6 +9,12 @@ the keys and tokens when another process changed the database, and looked up onc
 principal not read yet, so `lmgate budget set` reaches a running gateway's next request within
 a second, and a credential made a moment ago has its budget on its first request.
 
+When the database cannot be read (a team's PostgreSQL down, a local file locked or broken)
+nothing is authenticated: a revocation made meanwhile could not be seen. Every request is
+refused with the StorageError at once, without asking the database again, until the next
+refresh (half a second on) finds it back, and then everything is read again, so a change made
+during the outage is not missed.
+
 Dev mode reproduces the seed's ``X-User-Id`` header for local experiments: it is accepted only
 from a loopback peer, addressed to a loopback host name (a page on a DNS-rebinding domain
 sends its own), with no proxy header (a proxy on this machine relays for someone else); no
@@ -23,7 +29,7 @@ from collections.abc import Mapping
 
 from tray_app.addresses import is_loopback, is_loopback_host
 from tray_app.clock import Clock
-from tray_app.errors import AuthError
+from tray_app.errors import AuthError, StorageError
 from tray_app.identity.api_keys import ApiKeyService, looks_like_api_key
 from tray_app.identity.principal import (
     ALL_SCOPES,
@@ -100,6 +106,9 @@ class IdentityAuthenticator:
         self._clock = clock
         self.dev_mode = dev_mode
         self._next_refresh = 0.0
+        # Set while the database cannot be read; and whether everything must be read again.
+        self._state_error: StorageError | None = None
+        self._reload_pending = False
         self._budget_store = BudgetStore(db)
         # Every principal read so far, None for one without a budget; all stored ones at start.
         self._budgets: dict[str, Budget | None]
@@ -115,13 +124,32 @@ class IdentityAuthenticator:
         wrote, at most twice a second."""
         now = self._clock.monotonic()
         if now < self._next_refresh:
+            if self._state_error is not None:
+                raise self._state_error
             return
         self._next_refresh = now + _REFRESH_SECONDS
-        if self._db.changed_by_others():
-            self.tokens.sync_key()
-            self.tokens.reload()
-            self.api_keys.reload()
-            self.reload_budgets()
+        try:
+            # The change is consumed by asking, so a reload cut short is remembered (below).
+            if self._reload_pending or self._db.changed_by_others():
+                self.tokens.sync_key()
+                self.tokens.reload()
+                self.api_keys.reload()
+                self.reload_budgets()
+                self._reload_pending = False
+        except StorageError as exc:
+            if self._state_error is None:
+                log.warning("credentials cannot be checked, every request is refused: %s", exc)
+            self._state_error = exc
+            self._reload_pending = True
+            raise
+        if self._state_error is not None:
+            log.warning("credentials can be checked again")
+            self._state_error = None
+
+    def check_state(self) -> None:
+        """Raise StorageError while credentials cannot be checked (asks the database at most
+        twice a second)."""
+        self.refresh_if_changed()
 
     def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
         self.refresh_if_changed()

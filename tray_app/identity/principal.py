@@ -96,6 +96,11 @@ class Authenticator(Protocol):
         running stream."""
         ...
 
+    def check_state(self) -> None:
+        """Raise :class:`StorageError` while credentials cannot be checked (their database
+        out of reach); asked by the readiness check."""
+        ...
+
 
 def extract_credential(headers: Mapping[str, str]) -> str | None:
     """The bearer token or API key a request carries (never from the query string)."""

@@ -28,6 +28,19 @@ def _decode(text: str) -> bytes:
     return key
 
 
+def check_signing_key(text: str) -> None:
+    """Refuse a value for the key that could not sign (`lmgate secret set jwt-signing-key`
+    for a team gateway's replicas, which must all hold the same one)."""
+    try:
+        _decode(text)
+    except SecretStoreError:
+        raise SecretStoreError(
+            f"{SIGNING_KEY} must be at least {KEY_BYTES} random bytes in URL-safe base64 (for "
+            "example the output of `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            "; it was not changed"
+        ) from None
+
+
 def load_signing_key(store: SecretStore) -> bytes:
     """The stored key, for a running gateway re-reading it after `lmgate keys rotate`."""
     existing = store.get(SIGNING_KEY)

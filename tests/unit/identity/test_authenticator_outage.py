@@ -1,0 +1,159 @@
+"""The authenticator while its database cannot be read: it fails closed, asks the database
+at most twice a second meanwhile, says so once in the log, and after the outage reads
+everything again, so that a revocation made during it is not missed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fakes import FakeClock
+from tests.unit.identity.conftest import SIGNING_KEY
+from tray_app.config.settings import Config
+from tray_app.control.assembly import Identity, open_identity
+from tray_app.errors import AuthError, StorageError
+from tray_app.storage.database import Database
+
+
+class BreakableDatabase(Database):
+    """The real database, with reads that can be made to fail as an unreachable server's
+    would; it counts how often it was asked anything."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.changes_unreadable = False  # changed_by_others fails
+        self.rows_unreadable = False  # every query fails
+        self.asked = 0
+
+    def _fail(self) -> None:
+        raise StorageError("LM Gate's database could not be read: server closed the connection.")
+
+    def changed_by_others(self) -> bool:
+        self.asked += 1
+        if self.changes_unreadable:
+            self._fail()
+        return super().changed_by_others()
+
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[object]:  # type: ignore[override]
+        self.asked += 1
+        if self.rows_unreadable:
+            self._fail()
+        return super().query(sql, params)  # type: ignore[return-value]
+
+    def down(self, is_down: bool = True) -> None:
+        self.changes_unreadable = self.rows_unreadable = is_down
+
+
+class Rig:
+    def __init__(self, tmp_path: Path) -> None:
+        config = Config(storage_data_dir=str(tmp_path / "data"))
+        self.clock = FakeClock()
+        self.db = BreakableDatabase(tmp_path / "data" / "lmgate.db")
+        self.here = open_identity(config, SIGNING_KEY, clock=self.clock, db=self.db)
+        self.cli: Identity = open_identity(config, SIGNING_KEY, clock=FakeClock())
+        self.key, self.record = self.here.api_keys.create("script", scopes=frozenset({"chat"}))
+
+    def authenticate(self) -> str:
+        return self.here.authenticator.authenticate(
+            {"Authorization": f"Bearer {self.key}"}, None
+        ).name
+
+    def close(self) -> None:
+        self.cli.close()
+        self.here.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    made = Rig(tmp_path)
+    yield made
+    made.close()
+
+
+def test_a_valid_key_is_refused_while_the_database_cannot_be_read(rig: Rig) -> None:
+    rig.authenticate()
+    rig.db.down()
+    rig.clock.advance(0.5)
+    with pytest.raises(StorageError):
+        rig.authenticate()
+    with pytest.raises(StorageError):  # and between two checks as well, from memory
+        rig.here.authenticator.check_state()
+
+
+def test_during_an_outage_the_database_is_asked_at_most_twice_a_second(rig: Rig) -> None:
+    rig.authenticate()
+    rig.db.down()
+    rig.clock.advance(0.5)
+    asked = rig.db.asked
+    for _ in range(4):  # 0.4 s of requests: all refused, the database asked once
+        with pytest.raises(StorageError):
+            rig.authenticate()
+        rig.clock.advance(0.1)
+    assert rig.db.asked == asked + 1
+    rig.clock.advance(0.11)  # half a second after the failed check, whatever the rounding
+    with pytest.raises(StorageError):
+        rig.authenticate()
+    assert rig.db.asked == asked + 2
+
+
+def test_it_recovers_by_itself_and_the_log_tells_the_outage_once(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig.db.down()
+    with caplog.at_level(logging.WARNING, logger="lmgate.identity"):
+        for _ in range(3):
+            rig.clock.advance(0.5)
+            with pytest.raises(StorageError):
+                rig.authenticate()
+        rig.db.down(False)
+        with pytest.raises(StorageError):  # not before the next check is due
+            rig.authenticate()
+        rig.clock.advance(0.5)
+        assert rig.authenticate() == str(rig.record.principal)
+        assert rig.authenticate() == str(rig.record.principal)  # and between checks after it
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0] == (
+        "credentials cannot be checked, every request is refused: "
+        "LM Gate's database could not be read: server closed the connection."
+    )
+    assert messages[1] == "credentials can be checked again"
+
+
+def test_a_revocation_made_during_the_outage_holds_after_it(rig: Rig) -> None:
+    rig.authenticate()
+    rig.db.down()
+    rig.clock.advance(0.5)
+    with pytest.raises(StorageError):
+        rig.authenticate()
+    rig.cli.api_keys.revoke(rig.record.id)  # another replica, or the CLI
+    rig.db.down(False)
+    rig.clock.advance(0.5)
+    with pytest.raises(AuthError) as caught:
+        rig.authenticate()
+    assert caught.value.code == "api_key_revoked"
+
+
+def test_a_reload_cut_short_is_done_again_though_no_new_change_came(rig: Rig) -> None:
+    # The change was seen (and so consumed), then reading the keys failed: the next check
+    # must read them again, though the database says nothing changed since.
+    rig.authenticate()
+    rig.cli.api_keys.revoke(rig.record.id)
+    rig.db.rows_unreadable = True
+    rig.clock.advance(0.5)
+    with pytest.raises(StorageError):
+        rig.authenticate()
+    rig.db.rows_unreadable = False
+    rig.clock.advance(0.5)
+    with pytest.raises(AuthError) as caught:
+        rig.authenticate()
+    assert caught.value.code == "api_key_revoked"
+    # Read again once, not at every check from then on.
+    asked = rig.db.asked
+    rig.clock.advance(0.5)
+    with pytest.raises(AuthError):
+        rig.authenticate()
+    assert rig.db.asked == asked + 1  # only whether something changed
