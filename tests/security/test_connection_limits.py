@@ -231,7 +231,9 @@ class TestKeepAlive:
         await conn.send(then)
         assert await conn.stays_open(0.8)
         assert await conn.read_to_eof(timeout=1.5) == b""
-        assert 1.0 <= time.monotonic() - answered < 2.0
+        # The server's timer started a moment before `answered` was read: a few ms under 1 s
+        # is the same timeout (stays_open above proved it was not much earlier).
+        assert 0.95 <= time.monotonic() - answered < 2.0
 
 
 class TestLongAnswers:

@@ -448,7 +448,14 @@ async def test_readyz_says_unavailable_when_lm_studio_stops(
         await fake_lmstudio.stop()
         await asyncio.sleep(0.3)
         async with s.get(rig.url + "/readyz") as r:
-            assert (r.status, await r.json()) == (503, {"status": "unavailable"})
+            assert (r.status, await r.json()) == (
+                503,
+                {
+                    "status": "unavailable",
+                    "upstreams": [{"name": "local", "state": "down"}],
+                    "database": "up",
+                },
+            )
 
 
 @pytest.mark.parametrize(

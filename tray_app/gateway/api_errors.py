@@ -395,6 +395,32 @@ def too_many_concurrent_requests(limit: int) -> ApiError:
     )
 
 
+def shared_limits_unavailable(retry_after: float) -> ApiError:
+    # Several replicas count their limits in Redis: without it no replica can tell whether a
+    # request is within them, and counting alone would multiply every limit by the replicas.
+    return ApiError(
+        503,
+        "LM Gate cannot reach the store its replicas share their limits in (Redis), so it "
+        "cannot check this request's limits; try again shortly "
+        "(state.when_redis_is_down = closed).",
+        type=SERVER,
+        code="shared_limits_unavailable",
+        headers=retry_after_header(retry_after),
+    )
+
+
+def state_unavailable(retry_after: float) -> ApiError:
+    # A credential that cannot be checked is not trusted: it may have been revoked meanwhile.
+    return ApiError(
+        503,
+        "LM Gate cannot read its database, so it cannot check credentials; nothing was "
+        "forwarded. Try again shortly.",
+        type=SERVER,
+        code="state_unavailable",
+        headers=retry_after_header(retry_after),
+    )
+
+
 # ---- sharing one GPU: budgets, the queue, the model guard -------------------------------------
 
 

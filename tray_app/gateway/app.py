@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -25,7 +27,8 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from tray_app.clock import Clock, SystemClock
 from tray_app.config.settings import Config
-from tray_app.errors import AuthError
+from tray_app.config.upstreams import token_secret_name
+from tray_app.errors import AuthError, StorageError
 from tray_app.gateway import api_errors as errors
 from tray_app.gateway.accounting import UsageRecorder
 from tray_app.gateway.api_errors import REQUEST_ID_HEADER, ApiError
@@ -57,21 +60,32 @@ from tray_app.gateway.sharing import Sharing
 from tray_app.gateway.token_estimate import METHOD, METHOD_HEADER, estimate_input_tokens
 from tray_app.gateway.upstream.client import UPSTREAM_SESSION, session_context
 from tray_app.gateway.upstream.forwarding import Forwarder
+from tray_app.gateway.upstream.health import HealthChecker, ProbeResult, lmstudio_probe
 from tray_app.gateway.upstream.model_api import LMStudioModelApi
 from tray_app.gateway.upstream.model_guard import ModelGuard
+from tray_app.gateway.upstream.pool import Upstream, UpstreamPool, UpstreamView, specs_of
 from tray_app.gateway.upstream.probe import probe_lmstudio
+from tray_app.gateway.upstream.routing import Router
 from tray_app.gateway.webpage import WebPage
 from tray_app.identity.pairing import PairingError, PairingService
 from tray_app.identity.principal import SCOPE_CHAT, SCOPE_METRICS, Authenticator, Principal
 from tray_app.logs import ACCESS_LOGGER, new_request_id
-from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore
+from tray_app.secret_store.base import SecretStore
 from tray_app.storage.conversations import ConversationStore
 from tray_app.tasks import spawn
+
+if TYPE_CHECKING:
+    # redis-py is the team extra's: a desktop or Docker install without it must still import
+    # the gateway; only a gateway that is given shared limits needs it.
+    from tray_app.gateway.shared_limits import SharedLimits
 
 log = logging.getLogger("lmgate.gateway")
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 READY_TIMEOUT = 5.0
+# What a client is told to wait while the database cannot be read: the authenticator asks it
+# again twice a second.
+STATE_RETRY_AFTER_SECONDS = 1.0
 # /readyz needs no credential: one LM Studio probe per this many seconds, whoever asks.
 READY_CACHE_SECONDS = 2.0
 USAGE_FLUSH_SECONDS = 2.0
@@ -107,6 +121,7 @@ class Gateway:
         recorder: UsageRecorder | None = None,
         conversations: ConversationStore | None = None,
         ledger: BudgetLedger | None = None,
+        shared_limits: SharedLimits | None = None,
     ) -> None:
         self.config = config
         self._auth = authenticator
@@ -123,20 +138,36 @@ class Gateway:
             )
             if on
         )
-        self._protect = Protections(config, self._clock)
-        self._forward = Forwarder(config, lambda: self._stopping)
+        # Several replicas count in Redis; one counts in this process.
+        self._shared = shared_limits
+        self._protect = Protections(config, self._clock, shared_limits)
+        self.pool = UpstreamPool(specs_of(config), self._clock)
         # Read once: a keyring lookup per request would cost milliseconds.
-        self._forward.lmstudio_token = secrets.get(LMSTUDIO_API_TOKEN)
-        self.queue = FairQueue(
-            slots=config.queue_generations_in_flight,
-            per_caller=config.limits_concurrent_requests,
-            max_waiting=config.queue_max_waiting,
-            max_waiting_per_client=config.queue_max_waiting_per_client,
-            max_waiting_per_caller=config.queue_max_waiting_per_caller,
-        )
+        tokens = {u.name: secrets.get(token_secret_name(u.name)) for u in self.pool}
+        self._session: aiohttp.ClientSession | None = None  # while the server runs
+        self._reading_token: set[str] = set()  # upstreams whose token is being read
+        self.health = HealthChecker(self.pool, self._probe_upstream, self._clock)
+        several = self.pool.several
+        # One upstream is always asked (see the pool): nothing checks it in the background,
+        # and a failed request says nothing about where the next one goes.
+        router = Router(self.pool, health=self.health if several else None)
+        self._forward = Forwarder(config, lambda: self._stopping, router, tokens)
+        # Each machine runs its own generations: a queue (its slots) per upstream, each fair
+        # across callers, so a busy or hung machine holds no other machine's slots.
+        self.queues = {
+            u.name: FairQueue(
+                slots=config.queue_generations_in_flight,
+                per_caller=config.limits_concurrent_requests,
+                max_waiting=config.queue_max_waiting,
+                max_waiting_per_client=config.queue_max_waiting_per_client,
+                max_waiting_per_caller=config.queue_max_waiting_per_caller,
+            )
+            for u in self.pool
+        }
+        self.queue = next(iter(self.queues.values()))  # with one upstream, its queue
         self.ledger = ledger
         # The guard needs LM Studio's session, which lives while the server runs (build_app).
-        self.model_guard: ModelGuard | None = None
+        self.guards: dict[str, ModelGuard] = {}  # each upstream's, by name
         self.sharing = Sharing(
             self.queue,
             guard=None,
@@ -144,13 +175,17 @@ class Gateway:
             max_wait=config.queue_max_wait,
             max_stream_wait=config.queue_max_stream_wait,
         )
+        self.sharing.queues = self.queues
         if metrics is not None:
+            queues = tuple(self.queues.values())
             metrics.watch_sharing(
-                waiting=lambda: self.queue.waiting,
-                busy=lambda: self.queue.busy,
+                waiting=lambda: sum(q.waiting for q in queues),
+                busy=lambda: sum(q.busy for q in queues),
                 budgeted=lambda: ledger.principals_tracked if ledger is not None else 0,
                 reserved=lambda: ledger.reserved_tokens if ledger is not None else 0,
             )
+            if several:
+                metrics.watch_upstreams(self.pool.views, lambda: router.retries)
         self._inflight: set[Exchange] = set()
         self._stopping = False
         self._drained: asyncio.Event | None = None  # set when the last request ends after a stop
@@ -190,7 +225,11 @@ class Gateway:
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.limits_max_body_bytes)
         app.cleanup_ctx.append(session_context(self.config))
+        if self._shared is not None:
+            app.cleanup_ctx.append(self._shared_limits_context)
         app.cleanup_ctx.append(self._model_guard_context)
+        if self.pool.several:
+            app.cleanup_ctx.append(self._health_context)
         if self._recorder is not None:
             app.cleanup_ctx.append(self._usage_flusher)
         app.cleanup_ctx.append(self._revocation_watchdog)
@@ -248,6 +287,14 @@ class Gateway:
                 stop_reading = getattr(request.protocol, "stop_reading", None)
                 if stop_reading is not None:
                     stop_reading()
+        except StorageError as exc:
+            # The database failed, not the code: pairing, conversations or budgets could not be
+            # read or written, and nothing of the request was kept (a transaction or nothing).
+            log.warning("request %s: %s", exchange.request_id, exc)
+            exchange.error = "state_unavailable"
+            response = errors.state_unavailable(STATE_RETRY_AFTER_SECONDS).to_response(
+                exchange.request_id
+            )
         except Exception:
             # A bug, not a request problem: keep serving, answer in the API's shape, and log
             # the traceback under the request ID the client was given.
@@ -326,15 +373,15 @@ class Gateway:
     ) -> web.StreamResponse:
         resolved = endpoint.route
         assert resolved is not None
-        principal = self._authenticate(request, exchange)
+        principal = await self._authenticate(request, exchange)
         if not principal.has_scope(resolved.scope):
             raise errors.missing_scope(resolved.path, resolved.scope)
-        self._protect.take_request(principal.name)
+        await self._protect.take_request(principal.name)
         if resolved.method == "POST" and resolved.path != COUNT_TOKENS:
             # A generation: the fair queue holds the caller's concurrency cap, and waits
             # instead of refusing.
             return await self._forward_post(request, exchange, resolved, principal)
-        self._protect.enter(principal.name)
+        lease = await self._protect.enter(principal.name)
         try:
             if resolved.path == COUNT_TOKENS:
                 return await self._count_tokens(request, exchange, resolved, principal)
@@ -350,7 +397,7 @@ class Gateway:
                 request, exchange.request_id, resolved, principal, exchange.outcome
             )
         finally:
-            self._protect.leave(principal.name)
+            self._protect.leave(principal.name, lease)
 
     async def _conversation_api(
         self, request: web.Request, exchange: Exchange, endpoint: Endpoint
@@ -358,10 +405,10 @@ class Gateway:
         assert self._chat is not None
         path = exchange.path
         exchange.route = "/api/chat" if path == "/api/chat" else "/api/conversations"
-        principal = self._authenticate(request, exchange)
+        principal = await self._authenticate(request, exchange)
         if not principal.has_scope(SCOPE_CHAT):
             raise errors.conversations_need_chat_scope()
-        self._protect.take_request(principal.name)
+        await self._protect.take_request(principal.name)
         if exchange.method == "POST":
             # A chat turn is a generation: its concurrency is the fair queue's.
             if self.metrics is None:
@@ -371,11 +418,11 @@ class Gateway:
                 return await self._chat.handle(request, exchange, path, principal)
             finally:
                 self.metrics.active_streams.dec()
-        self._protect.enter(principal.name)
+        lease = await self._protect.enter(principal.name)
         try:
             return await self._chat.handle(request, exchange, path, principal)
         finally:
-            self._protect.leave(principal.name)
+            self._protect.leave(principal.name, lease)
 
     async def _serve_page(
         self, request: web.Request, exchange: Exchange, endpoint: Endpoint
@@ -383,18 +430,20 @@ class Gateway:
         assert self._page is not None
         return self._page.response(exchange.path, exchange.request_id)
 
-    def _authenticate(self, request: web.Request, exchange: Exchange) -> Principal:
+    async def _authenticate(self, request: web.Request, exchange: Exchange) -> Principal:
         client = exchange.client or "unknown"
         try:
             principal = self._auth.authenticate(request.headers, request.remote)
         except AuthError as exc:
             # The throttle slows guessing from an address; it never refuses a valid
             # credential because others at that address guessed wrong.
-            self._protect.check_auth_allowed(client)
-            self._protect.auth_failed(client)
+            await self._protect.auth_failed(client)
             if self.metrics is not None:
                 self.metrics.auth_failure(exc.code)
             raise errors.not_authenticated(exc) from None
+        except StorageError:
+            # Fail closed: the authenticator logged the outage once, and finds it over.
+            raise errors.state_unavailable(STATE_RETRY_AFTER_SECONDS) from None
         exchange.principal = principal.name
         exchange.caller = principal
         return principal
@@ -459,6 +508,8 @@ class Gateway:
                     extra_headers=exchange.cors,
                     hide_usage=adjusted.hide_usage,
                     wait_turn=generation.wait_turn,
+                    caller=principal.name,
+                    model=prepared.model,
                 )
             self.metrics.active_streams.inc()
             try:
@@ -472,6 +523,8 @@ class Gateway:
                     extra_headers=exchange.cors,
                     hide_usage=adjusted.hide_usage,
                     wait_turn=generation.wait_turn,
+                    caller=principal.name,
+                    model=prepared.model,
                 )
             finally:
                 self.metrics.active_streams.dec()
@@ -508,9 +561,38 @@ class Gateway:
         return web.json_response({"status": "ok"}, headers={REQUEST_ID_HEADER: exchange.request_id})
 
     async def _readyz(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
-        ready = await self._ready_cached(request.app[UPSTREAM_SESSION])
+        """Ready while some upstream answers. Each upstream is named with its state only:
+        anyone may ask, and its address and failure are the owner's business (the tray,
+        `doctor`)."""
+        if not self.pool.several:
+            ready = await self._ready_cached(request.app[UPSTREAM_SESSION])
+            states = {next(iter(self.pool)).name: "up" if ready else "down"}
+            status = "ready" if ready else "unavailable"
+        else:
+            states = {view.name: view.state for view in self.pool.views()}
+            up = [state == "up" for state in states.values() if state != "disabled"]
+            ready = any(up)
+            status = "unavailable" if not ready else "ready" if all(up) else "degraded"
+        answer: dict[str, object] = {
+            "status": status,
+            "upstreams": [{"name": name, "state": state} for name, state in states.items()],
+        }
+        try:
+            self._auth.check_state()
+            answer["database"] = "up"
+        except StorageError:
+            # Nothing can be authenticated, whatever the upstreams say.
+            answer["database"], answer["status"], ready = "down", "unavailable", False
+        shared = self._shared
+        if shared is not None:
+            answer["shared_limits"] = "up" if shared.available else "down"
+            if not shared.available and ready:
+                # Open: served, but without the limits. Closed: every limited request is
+                # refused, so this replica cannot serve.
+                ready = shared.fails_open
+                answer["status"] = "degraded" if ready else "unavailable"
         return web.json_response(
-            {"status": "ready" if ready else "unavailable"},
+            answer,
             status=200 if ready else 503,
             headers={REQUEST_ID_HEADER: exchange.request_id},
         )
@@ -519,7 +601,7 @@ class Gateway:
         self, request: web.Request, exchange: Exchange, endpoint: Endpoint
     ) -> web.StreamResponse:
         assert self.metrics is not None
-        principal = self._authenticate(request, exchange)
+        principal = await self._authenticate(request, exchange)
         if not principal.has_scope(SCOPE_METRICS):
             raise errors.metrics_need_metrics_scope()
         response = web.Response(body=self.metrics.exposition())
@@ -542,8 +624,7 @@ class Gateway:
         except (ApiError, PairingError) as exc:
             # Every failed attempt counts, malformed ones too; a valid code is never refused
             # for others' failures at this address.
-            self._protect.check_pairing_allowed(client)
-            self._protect.pairing_failed(client)
+            await self._protect.pairing_failed(client)
             if isinstance(exc, ApiError):
                 raise
             if self.metrics is not None:
@@ -581,6 +662,13 @@ class Gateway:
         if not probe.cancelled() and probe.exception() is None:
             self._ready = (self._clock.monotonic(), probe.result())
 
+    async def upstreams_reachable(self) -> bool:
+        """At the start: whether some upstream answers (with several, as the probes before
+        serving found)."""
+        if not self.pool.several:
+            return await self.lmstudio_reachable()
+        return any(view.state == "up" for view in self.pool.views())
+
     async def lmstudio_reachable(self, session: aiohttp.ClientSession | None = None) -> bool:
         """Whether LM Studio answers with LM Gate's token; without ``session``, asked on a
         session of its own (the app's lives only while the server runs)."""
@@ -613,29 +701,88 @@ class Gateway:
             await asyncio.wait({task})
             recorder.flush()
 
-    async def _model_guard_context(self, app: web.Application) -> AsyncIterator[None]:
-        api = LMStudioModelApi(
-            self.config.upstream_url, lambda: self._forward.lmstudio_token, app[UPSTREAM_SESSION]
-        )
-        guard = ModelGuard(
-            api,
-            policy=self.config.models_switch,
-            load_timeout=self.config.models_load_timeout,
-            clock=self._clock,
-        )
-        self.model_guard = self.sharing.guard = guard
+    async def _shared_limits_context(self, app: web.Application) -> AsyncIterator[None]:
+        """The Redis client lives on the gateway's loop, while the server runs."""
+        shared = self._shared
+        assert shared is not None
+        await shared.open()
         try:
             yield
         finally:
-            self.model_guard = self.sharing.guard = None
-            await guard.close()
+            await shared.close()
+
+    async def _model_guard_context(self, app: web.Application) -> AsyncIterator[None]:
+        session = self._session = app[UPSTREAM_SESSION]
+        forward = self._forward
+        guards: dict[str, ModelGuard] = {}
+        for upstream in self.pool:
+            name = upstream.name
+            api = LMStudioModelApi(upstream.spec.url, partial(forward.token_of, name), session)
+            guards[name] = ModelGuard(
+                api,
+                policy=self.config.models_switch,
+                load_timeout=self.config.models_load_timeout,
+                clock=self._clock,
+            )
+        self.guards = self.sharing.guards = guards
+        try:
+            yield
+        finally:
+            self.guards = {}
+            self.sharing.guards = {}
+            self._session = None
+            for guard in guards.values():
+                await guard.close()
+
+    async def _health_context(self, app: web.Application) -> AsyncIterator[None]:
+        """Several upstreams: each is probed in the background, so a request goes to one
+        that answers and offers its model (one upstream is always asked: see the pool)."""
+        # Once before serving (each probe within its deadline), so the first requests find
+        # every upstream's state and models known; then in the background.
+        await self.health.check_all()
+        task = spawn(self.health.run(), name="upstream-health")
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def _probe_upstream(self, upstream: Upstream) -> ProbeResult:
+        """Each probe reads the upstream's token from the secret store first (off the loop:
+        a keyring read takes milliseconds), so a token the owner fixed while LM Gate runs is
+        used from that probe on, requests included."""
+        session = self._session
+        if session is None:
+            return ProbeResult(failure="LM Gate is stopping")
+        name = upstream.name
+        token = self._forward.token_of(name)
+        if name not in self._reading_token:
+            # One read at a time: a keyring stuck on an unlock prompt must not pile up threads.
+            self._reading_token.add(name)
+            try:
+                token = await asyncio.to_thread(self._secrets.get, token_secret_name(name))
+            except Exception:  # an unreadable store: keep the token read at the start
+                token = self._forward.token_of(name)
+            finally:
+                self._reading_token.discard(name)
+        if token != self._forward.token_of(name):
+            log.info("upstream %s: its token changed in the secret store; using the new one", name)
+            self._forward.set_token(name, token)
+        return await lmstudio_probe(session, self._forward.token_of)(upstream)
+
+    def upstream_views(self) -> tuple[UpstreamView, ...]:
+        """Each upstream's state now (for the tray, /readyz, metrics and `doctor`)."""
+        return self.pool.views()
 
     async def warm_up(self, model: str) -> float:
         """Load ``model`` before people arrive (the tray's and the CLI's warm-up), by the
         guard's rules: it waits for other models' answers first. Seconds the load took."""
-        if self.model_guard is None:
+        if not self.guards:
             raise errors.shutting_down()
-        return await self.model_guard.warm_up(model)
+        upstream = self.pool.choose(model)
+        if upstream is None:
+            raise errors.no_upstream(model)
+        return await self.guards[upstream.name].warm_up(model)
 
     async def _revocation_watchdog(self, app: web.Application) -> AsyncIterator[None]:
         async def watch() -> None:
@@ -663,6 +810,10 @@ class Gateway:
             if valid is None:
                 try:
                     valid = checked[caller] = self._auth.still_valid(caller)
+                except StorageError:
+                    # Cannot be told now; a running stream was checked when it began, and
+                    # is checked again once the database answers (the outage is logged once).
+                    continue
                 except Exception:
                     log.exception("checking a running stream's credential failed")
                     continue
@@ -760,6 +911,8 @@ class Gateway:
             "bytes_in": exchange.bytes_in,
             "bytes_out": outcome.bytes_out,
         }
+        if outcome.served_by is not None and self._forward.several:
+            fields["upstream"] = outcome.served_by
         if usage is not None:
             fields["prompt_tokens"] = usage.prompt_tokens
             fields["completion_tokens"] = usage.completion_tokens

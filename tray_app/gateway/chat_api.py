@@ -36,7 +36,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -303,13 +303,17 @@ class ChatApi:
         return web.json_response(payload, headers={REQUEST_ID_HEADER: request_id})
 
     async def _default_model(self, request: web.Request, principal: Principal) -> str:
-        probe = await probe_lmstudio(
-            self._forward.upstream_url,
-            self._forward.lmstudio_token,
-            session=request.app[UPSTREAM_SESSION],
-            within=None,  # the upstream session's own connect and idle timeouts
-        )
-        for model in probe.models or ():
+        if self._forward.several:
+            models: Sequence[str] = self._forward.models_known()
+        else:
+            probe = await probe_lmstudio(
+                self._forward.upstream_url,
+                self._forward.lmstudio_token,
+                session=request.app[UPSTREAM_SESSION],
+                within=None,  # the upstream session's own connect and idle timeouts
+            )
+            models = probe.models or ()
+        for model in models:
             if principal.may_use_model(model):
                 return model
         raise errors.no_default_model()
@@ -439,6 +443,8 @@ class ChatApi:
                     hide_usage=adjusted.hide_usage,
                     observer=capture,
                     wait_turn=generation.wait_turn,
+                    caller=principal.name,
+                    model=model,
                 )
                 if not relayed.prepared:  # LM Studio's error, answered whole
                     relayed.headers[CONVERSATION_HEADER] = conversation.id
@@ -468,6 +474,8 @@ class ChatApi:
                 extra_headers=None,
                 hide_usage=False,
                 wait_turn=generation.wait_turn,
+                caller=principal.name,
+                model=model,
             )
         except errors.ApiError as err:
             err.headers[CONVERSATION_HEADER] = conversation.id

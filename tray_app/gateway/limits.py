@@ -4,6 +4,9 @@ Per principal: a token bucket for requests per minute and a cap on concurrent re
 Per client address: a bucket for failed authentications (and a stricter one for pairing), so
 guessing keys or codes is slow. The client address is taken from a forwarding header only when
 the direct peer is a trusted proxy: a configured one (nginx), or the running tunnel's agent.
+
+Where the counts live is a part (:class:`Limits`): this process (:class:`LocalLimits`, the
+default) or Redis, shared by replicas (``tray_app.gateway.shared_limits``).
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ import ipaddress
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
 
 from tray_app.addresses import parse_ip
 from tray_app.clock import Clock
+from tray_app.config.settings import Config
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _PRUNE_AT = 10_000
@@ -153,6 +159,60 @@ class ConcurrencyLimit:
             self._running.pop(key, None)
         else:
             self._running[key] = running
+
+
+class Bucket(StrEnum):
+    """The token buckets, each counted by its own key: a principal, or an address group."""
+
+    REQUESTS = "requests"
+    AUTH_FAILURES = "auth"
+    PAIRING_ATTEMPTS = "pairing"
+
+
+def bucket_rates(config: Config) -> dict[Bucket, float]:
+    """Each bucket's tokens per minute (and so its capacity: a minute's worth)."""
+    return {
+        Bucket.REQUESTS: config.limits_requests_per_minute,
+        Bucket.AUTH_FAILURES: config.limits_auth_failures_per_minute,
+        Bucket.PAIRING_ATTEMPTS: config.limits_pairing_attempts_per_minute,
+    }
+
+
+class Limits(Protocol):
+    """Where the counts behind the limits live. Async, because a shared store is a network
+    away; this process's own never suspends, so it costs no more than a call."""
+
+    async def take(self, bucket: Bucket, key: str) -> float | None:
+        """Spend one of ``key``'s tokens: None if it had one, else seconds until it will."""
+        ...
+
+    async def acquire(self, principal: str) -> str | None:
+        """A place among ``principal``'s concurrent requests: a lease to hand back to
+        :meth:`release`, or None at the cap."""
+        ...
+
+    def release(self, principal: str, lease: str) -> None:
+        """Give a place back. Synchronous: it runs in ``finally`` clauses, also on a
+        cancelled request, where waiting on anything could be cut short."""
+        ...
+
+
+class LocalLimits:
+    """The counts in this process: one replica's own, exact for it alone."""
+
+    def __init__(self, config: Config, clock: Clock) -> None:
+        self._buckets = {b: TokenBuckets(rate, clock) for b, rate in bucket_rates(config).items()}
+        self._concurrency = ConcurrencyLimit(config.limits_concurrent_requests)
+
+    async def take(self, bucket: Bucket, key: str) -> float | None:
+        return self._buckets[bucket].take(key)
+
+    async def acquire(self, principal: str) -> str | None:
+        # One count per principal is the whole state: the lease names nothing more.
+        return "" if self._concurrency.acquire(principal) else None
+
+    def release(self, principal: str, lease: str) -> None:
+        self._concurrency.release(principal)
 
 
 def retry_after_header(seconds: float) -> dict[str, str]:

@@ -7,10 +7,14 @@ be the most expensive thing prometheus-client does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from tray_app.gateway.upstream.pool import UpstreamView
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -110,5 +114,51 @@ class GatewayMetrics:
         ):
             Gauge(name, text, registry=self.registry).set_function(read)
 
+    def watch_upstreams(
+        self, views: Callable[[], tuple[UpstreamView, ...]], retries: Callable[[], int]
+    ) -> None:
+        """Each upstream's state, read when scraped. Labelled by upstream name: the names
+        are the owner's configuration, never a caller's input, so the label set is bounded."""
+        self.registry.register(_UpstreamCollector(views, retries))
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _UpstreamCollector(Collector):
+    def __init__(
+        self, views: Callable[[], tuple[UpstreamView, ...]], retries: Callable[[], int]
+    ) -> None:
+        self._views = views
+        self._retries = retries
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # no fixed description: the label values come from the pool
+
+    def collect(self) -> Iterator[Metric]:
+        views = self._views()
+        up = GaugeMetricFamily(
+            "lmgate_upstream_up",
+            "1 while the upstream answers its probe, 0 when down, disabled or not probed yet",
+            labels=["upstream"],
+        )
+        busy = GaugeMetricFamily(
+            "lmgate_upstream_in_flight", "Requests the upstream is serving", labels=["upstream"]
+        )
+        models = GaugeMetricFamily(
+            "lmgate_upstream_models", "Models the upstream offers", labels=["upstream"]
+        )
+        served = CounterMetricFamily(
+            "lmgate_upstream_requests", "Requests sent to the upstream", labels=["upstream"]
+        )
+        for view in views:
+            up.add_metric([view.name], 1.0 if view.state == "up" else 0.0)
+            busy.add_metric([view.name], view.in_flight)
+            models.add_metric([view.name], len(view.models))
+            served.add_metric([view.name], view.requests)
+        retried = CounterMetricFamily(
+            "lmgate_upstream_retries",
+            "Requests sent to a second upstream after the first could not be reached",
+        )
+        retried.add_metric([], self._retries())
+        yield from (up, busy, models, served, retried)

@@ -18,8 +18,9 @@ from tray_app.gateway.cors import CorsPolicy
 from tray_app.gateway.hosts import HostPolicy
 from tray_app.gateway.limits import (
     LOOPBACK_NETWORKS,
-    ConcurrencyLimit,
-    TokenBuckets,
+    Bucket,
+    Limits,
+    LocalLimits,
     address_group,
     client_address,
     is_trusted_peer,
@@ -28,16 +29,16 @@ from tray_app.gateway.limits import (
 
 
 class Protections:
-    def __init__(self, config: Config, clock: Clock) -> None:
+    """``limits`` is where the counts live: this process's (the default) or shared ones
+    (:class:`tray_app.gateway.shared_limits.SharedLimits`, for several replicas)."""
+
+    def __init__(self, config: Config, clock: Clock, limits: Limits | None = None) -> None:
         self.cors = CorsPolicy(config.cors_allowed_origins)
         self.hosts = HostPolicy(config.server_allowed_hosts)
         self._trusted = parse_networks(config.server_trusted_proxies)
         self._tunnel_trusted = self._trusted + LOOPBACK_NETWORKS
         self._tunnel_header: str | None = None
-        self._auth_failures = TokenBuckets(config.limits_auth_failures_per_minute, clock)
-        self._pairing_failures = TokenBuckets(config.limits_pairing_attempts_per_minute, clock)
-        self._requests = TokenBuckets(config.limits_requests_per_minute, clock)
-        self._concurrency = ConcurrencyLimit(config.limits_concurrent_requests)
+        self._limits: Limits = limits if limits is not None else LocalLimits(config, clock)
         self._concurrent_limit = config.limits_concurrent_requests
 
     def client(self, peer: str | None, headers: Mapping[str, str]) -> str:
@@ -66,32 +67,35 @@ class Protections:
 
     # ---- throttles for guessing -----------------------------------------------------------
 
-    def check_auth_allowed(self, client: str) -> None:
-        wait = self._auth_failures.empty(address_group(client))
+    # A failure is counted and checked in one step (one round trip to a shared store): it is
+    # refused when the address had no failure left, so the limit is exact across replicas.
+
+    async def auth_failed(self, client: str) -> None:
+        """Count a failed authentication from ``client``; ApiError (429) once its address
+        group has used up its failures."""
+        wait = await self._limits.take(Bucket.AUTH_FAILURES, address_group(client))
         if wait is not None:
             raise errors.too_many_auth_failures(wait)
 
-    def auth_failed(self, client: str) -> None:
-        self._auth_failures.take(address_group(client))
-
-    def check_pairing_allowed(self, client: str) -> None:
-        wait = self._pairing_failures.empty(address_group(client))
+    async def pairing_failed(self, client: str) -> None:
+        """Count a failed pairing attempt, like :meth:`auth_failed`, in a bucket of its own."""
+        wait = await self._limits.take(Bucket.PAIRING_ATTEMPTS, address_group(client))
         if wait is not None:
             raise errors.too_many_pairing_attempts(wait)
 
-    def pairing_failed(self, client: str) -> None:
-        self._pairing_failures.take(address_group(client))
-
     # ---- limits per principal -------------------------------------------------------------
 
-    def take_request(self, principal: str) -> None:
-        wait = self._requests.take(principal)
+    async def take_request(self, principal: str) -> None:
+        wait = await self._limits.take(Bucket.REQUESTS, principal)
         if wait is not None:
             raise errors.rate_limit_exceeded(wait)
 
-    def enter(self, principal: str) -> None:
-        if not self._concurrency.acquire(principal):
+    async def enter(self, principal: str) -> str:
+        """A place among the principal's concurrent requests: the lease :meth:`leave` takes."""
+        lease = await self._limits.acquire(principal)
+        if lease is None:
             raise errors.too_many_concurrent_requests(self._concurrent_limit)
+        return lease
 
-    def leave(self, principal: str) -> None:
-        self._concurrency.release(principal)
+    def leave(self, principal: str, lease: str) -> None:
+        self._limits.release(principal, lease)

@@ -8,7 +8,11 @@ holds no generation slot, so the slots keep serving the model that is loaded; it
 waiting place in the queue instead, so it counts against the queue's bounds like any waiter.
 Last the fair queue's slot (round-robin across callers). Both waits share one deadline: a
 request waits at most ``queue.max_wait`` (``queue.max_stream_wait``) in all. Everything a
-generation took is given back in one place, :meth:`Generation.finish`, whatever way it ended.
+generation took is given back in one place, :meth:`Generation.release`, whatever way it ended.
+
+With several upstreams each has its own model guard and its own queue (its generation slots):
+the model and the slot are waited for on the machine the request goes to, so one busy or hung
+machine holds no other machine's slots.
 
 The parts are passed in (see :class:`Queue`, :class:`Guard`, :class:`Ledger`): the gateway
 builds the real ones, tests may pass their own.
@@ -17,7 +21,7 @@ builds the real ones, tests may pass their own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from tray_app.gateway.body_rules import LENGTH_FIELDS, PreparedBody
@@ -115,9 +119,25 @@ class Sharing:
     ) -> None:
         self._queue = queue
         self.guard = guard
+        # Each upstream's own guard, by name (a model loaded on one machine evicts nothing on
+        # another); an upstream without one here has ``guard``.
+        self.guards: Mapping[str, Guard] = {}
+        # Likewise each upstream's own queue for its generation slots; one without has
+        # ``queue``.
+        self.queues: Mapping[str, Queue] = {}
         self._ledger = ledger
         self._max_wait = max_wait
         self._max_stream_wait = max_stream_wait
+
+    def queue_for(self, upstream: str | None) -> Queue:
+        if upstream is None:
+            return self._queue
+        return self.queues.get(upstream, self._queue)
+
+    def guard_for(self, upstream: str | None) -> Guard | None:
+        if upstream is None:
+            return self.guard
+        return self.guards.get(upstream, self.guard)
 
     def admit(
         self, principal: Principal, client: str, route: Route, prepared: PreparedBody
@@ -181,10 +201,12 @@ class Generation:
     __slots__ = (
         "_caller",
         "_client",
+        "_deadline",
         "_draft_model",
         "_max_wait",
         "_model",
         "_place",
+        "_queue",
         "_reservation",
         "_sharing",
         "_turn",
@@ -212,17 +234,35 @@ class Generation:
         self._reservation = reservation
         self._max_wait = max_wait
         self._turn: Any = None
+        self._deadline: float | None = None  # set by the first wait_turn
         self._use: tuple[Guard, Any] | None = None
         self._place: Any = None
+        # The queue of the upstream being asked: its slot, or the place held in it.
+        self._queue: Queue = sharing._queue
 
-    async def wait_turn(self, notify: Notify | None) -> None:
-        """Wait for the model, then for a slot, both within one ``max_wait``; ApiError if
-        either refuses. Called once, just before LM Studio is asked (cancelled with the
-        request, it leaves both queues)."""
+    async def wait_turn(self, notify: Notify | None, upstream: str | None = None) -> None:
+        """Wait for the model on ``upstream``, then for a slot, both within one
+        ``max_wait``; ApiError if either refuses. Called just before an upstream is asked
+        (cancelled with the request, it leaves both queues), and again when a request that
+        could not connect is sent to another upstream: then only that upstream's model guard
+        is waited for, within what is left of the same deadline, and the slot is that
+        upstream's (each machine runs its own generations)."""
         sharing = self._sharing
-        queue = sharing._queue
-        deadline = asyncio.get_running_loop().time() + self._max_wait
-        guard = sharing.guard
+        queue = sharing.queue_for(upstream)
+        loop_time = asyncio.get_running_loop().time
+        if self._deadline is None:
+            self._deadline = loop_time() + self._max_wait
+        deadline = self._deadline
+        if self._use is not None:
+            # A retry elsewhere: the model is no longer being asked of the first upstream.
+            left, use = self._use
+            self._use = None
+            left.leave(use)
+        if self._turn is not None and self._queue is not queue:
+            self._queue.release(self._turn)
+            self._turn = None
+        self._queue = queue
+        guard = sharing.guard_for(upstream)
         if guard is not None:
             try:
                 # The guard it entered is the one it leaves, even if the gateway stops
@@ -231,7 +271,7 @@ class Generation:
                     guard,
                     await guard.enter(
                         self._model,
-                        max_wait=self._max_wait,
+                        max_wait=min(self._max_wait, max(0.0, deadline - loop_time())),
                         notify=notify,
                         before_waiting=self._hold_place,
                         draft_model=self._draft_model,
@@ -240,6 +280,9 @@ class Generation:
             except BaseException:
                 self._free_place()
                 raise
+        if self._turn is not None:
+            self._free_place()
+            return
         turn = queue.try_acquire(self._caller)
         if turn is None:
             place, self._place = self._place, None
@@ -256,23 +299,22 @@ class Generation:
         self._turn = turn
 
     def _hold_place(self) -> None:
-        self._place = self._sharing._queue.hold_place(self._caller, self._client)
+        self._place = self._queue.hold_place(self._caller, self._client)
 
     def _free_place(self) -> None:
         place, self._place = self._place, None
         if place is not None:
-            self._sharing._queue.free_place(place)
+            self._queue.free_place(place)
 
     def release(self) -> None:
         """Give back the slot and the model, as soon as the answer ended however it ended
         (refused, failed, hung up, finished); a second call does nothing."""
-        sharing = self._sharing
         if self._use is not None:
             guard, use = self._use
             guard.leave(use)
             self._use = None
         if self._turn is not None:
-            sharing._queue.release(self._turn)
+            self._queue.release(self._turn)
             self._turn = None
 
     def settle(

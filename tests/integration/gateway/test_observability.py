@@ -128,11 +128,21 @@ async def test_readyz_reports_whether_lm_studio_answers(
     monkeypatch.setattr("tray_app.gateway.app.READY_CACHE_SECONDS", 0.0)  # no cached answer
     server = await start_gateway()
     ready = await raw_request(server.port or 0, "GET", "/readyz")
-    assert (ready.status, ready.json()) == (200, {"status": "ready"})
+    assert (ready.status, ready.json()) == (
+        200,
+        {"status": "ready", "upstreams": [{"name": "local", "state": "up"}], "database": "up"},
+    )
     assert fake_lmstudio.received[0].headers["Authorization"] == f"Bearer {LMSTUDIO_TOKEN}"
     await fake_lmstudio.stop()
     down = await raw_request(server.port or 0, "GET", "/readyz")
-    assert (down.status, down.json()) == (503, {"status": "unavailable"})
+    assert (down.status, down.json()) == (
+        503,
+        {
+            "status": "unavailable",
+            "upstreams": [{"name": "local", "state": "down"}],
+            "database": "up",
+        },
+    )
     assert fake_lmstudio.url not in json.dumps(down.json())
 
 

@@ -156,7 +156,14 @@ async def test_a_start_against_a_hostile_model_list_starts(tmp_path: Path) -> No
             async with aiohttp.ClientSession() as session:
                 for _ in range(3):
                     async with session.get(started.url + "/readyz") as r:
-                        assert (r.status, await r.json()) == (200, {"status": "ready"})
+                        assert (r.status, await r.json()) == (
+                            200,
+                            {
+                                "status": "ready",
+                                "upstreams": [{"name": "local", "state": "up"}],
+                                "database": "up",
+                            },
+                        )
         finally:
             await service.stop()
 

@@ -7,6 +7,7 @@ with LMGATE_REQUIRE_REAL_LLM=1 (set by the script, so in CI) a missing server is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -50,8 +51,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def llm_server() -> Iterator[str]:
+@contextlib.contextmanager
+def running_llm_server(alias: str = MODEL) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A llama.cpp server of SmolLM2 serving it as ``alias``: its URL and process (a test may
+    kill it), stopped on exit."""
     python = _llm_python()
     assert python is not None
     site = subprocess.run(
@@ -75,7 +78,7 @@ def llm_server() -> Iterator[str]:
             "--port",
             str(port),
             "--model_alias",
-            MODEL,
+            alias,
             "--n_ctx",
             "2048",
         ],
@@ -95,7 +98,7 @@ def llm_server() -> Iterator[str]:
                 time.sleep(0.2)
         else:
             pytest.fail("the llama.cpp server did not start within 90 s")
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
@@ -103,6 +106,12 @@ def llm_server() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def llm_server() -> Iterator[str]:
+    with running_llm_server() as (url, _proc):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +150,7 @@ def test_real_chat_completion(client: openai.OpenAI) -> None:
         )
     assert reply.choices[0].message.content
     assert reply.usage is not None and reply.usage.completion_tokens > 0
-    line = logs.access()[0]
+    line = logs.wait_for_access()[0]
     assert line["completion_tokens"] == reply.usage.completion_tokens
 
 

@@ -14,7 +14,7 @@ from tests.fake_lmstudio import Behaviour, FakeLMStudio
 from tests.fakes import FakeClock
 from tray_app.gateway.api_errors import ApiError
 from tray_app.gateway.upstream.health import HealthChecker, ProbeResult
-from tray_app.gateway.upstream.pool import Upstream, UpstreamPool, UpstreamSpec
+from tray_app.gateway.upstream.pool import BACKOFF_FIRST, Upstream, UpstreamPool, UpstreamSpec
 from tray_app.gateway.upstream.routing import STICKY_MAX, Router
 
 QUESTION = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -74,6 +74,29 @@ class TestRetryBeforeTheFirstByte:
         assert upstream.in_flight == 0
         assert len(fakes[0].received) == 1  # the answer ran once
 
+    async def test_a_burst_refused_by_a_server_that_went_away_counts_as_one_failure(
+        self, session: aiohttp.ClientSession, fakes: list[FakeLMStudio]
+    ) -> None:
+        clock = FakeClock()
+        pool = UpstreamPool(
+            [UpstreamSpec("gone", closed_url(), weight=9), UpstreamSpec("desk", fakes[0].url)],
+            clock,
+        )
+        router = Router(pool, health=HealthChecker(pool, self.never_probed, clock))
+        sent: list[str] = []
+        answers = await asyncio.gather(
+            *(router.send(f"key:{n}", "m", sender(session, sent)) for n in range(8))
+        )
+        assert [(u.name, status) for u, status in answers] == [("desk", 200)] * 8
+        gone = pool.get("gone")
+        assert gone is not None and gone.up is False
+        # Back within the first backoff, not pushed out to the longest one.
+        assert (gone.failures, gone.next_probe) == (1, clock.monotonic() + BACKOFF_FIRST)
+
+    @staticmethod
+    async def never_probed(upstream: Upstream) -> ProbeResult:
+        raise AssertionError("only the checker's own run probes")
+
     async def test_no_other_upstream_raises_the_connect_failure(
         self, session: aiohttp.ClientSession
     ) -> None:
@@ -119,9 +142,14 @@ class TestRetryBeforeTheFirstByte:
     async def test_one_upstream_is_tried_once(self, session: aiohttp.ClientSession) -> None:
         pool = UpstreamPool([UpstreamSpec("only", closed_url())], FakeClock())
         sent: list[str] = []
+        clock = FakeClock()
+        checker = HealthChecker(pool, TestRetryBeforeTheFirstByte.never_probed, clock)
         with pytest.raises(aiohttp.ClientConnectorError):
-            await Router(pool).send("key:a", "m", sender(session, sent))
+            await Router(pool, health=checker).send("key:a", "m", sender(session, sent))
         assert sent == ["only"]
+        only = pool.get("only")
+        # Not marked down: the one upstream is asked again next time, whatever happened.
+        assert only is not None and only.up is None and only.failures == 0
 
     async def test_a_cancelled_request_is_not_counted_busy(
         self, session: aiohttp.ClientSession, fakes: list[FakeLMStudio]

@@ -71,21 +71,31 @@ class TestRealProbe:
     async def test_each_upstream_gets_its_own_token(self, session: aiohttp.ClientSession) -> None:
         one = await started(Behaviour(require_token="tok-one"))
         two = await started(Behaviour(require_token="tok-two"))
+        three = await started(Behaviour(require_token="tok-three"))
         tokens = {"one": "tok-one", "two": "wrong"}
         try:
             pool = UpstreamPool(
-                [UpstreamSpec("one", one.url), UpstreamSpec("two", two.url)], FakeClock()
+                [
+                    UpstreamSpec("one", one.url),
+                    UpstreamSpec("two", two.url),
+                    UpstreamSpec("three", three.url),
+                ],
+                FakeClock(),
             )
             await HealthChecker(pool, lmstudio_probe(session, tokens.get), FakeClock()).check_all()
             states = {v.name: (v.state, v.down_reason) for v in pool.views()}
             assert states["one"] == ("up", None)
-            assert states["two"][0] == "down"
-            assert "token" in (states["two"][1] or "")
+            assert states["two"] == ("down", "it refused LM Gate's token (401)")
+            assert states["three"] == (
+                "down",
+                "it wants an API token (401) and none is stored: "
+                "`lmgate secret set upstream-token-three`",
+            )
             sent = {r.headers.get("Authorization") for r in one.received + one.native}
             assert sent == {"Bearer tok-one"}  # never the other upstream's token
         finally:
-            await one.stop()
-            await two.stop()
+            for fake in (one, two, three):
+                await fake.stop()
 
     async def test_nothing_listening_is_down_in_words(self, session: aiohttp.ClientSession) -> None:
         pool = UpstreamPool(
@@ -161,6 +171,56 @@ class TestChecker:
         await checker.check_due()
         assert asked == ["a", "a"]
         assert upstream.up is True and upstream.models == frozenset({"m"})
+
+    async def test_a_probe_that_never_ends_is_cut_off_and_holds_up_no_other(self) -> None:
+        clock = FakeClock()
+
+        async def probe(upstream: Upstream) -> ProbeResult:
+            if upstream.name == "dribbling":
+                await asyncio.sleep(3600)
+            return ProbeResult(models=("m",))
+
+        pool = UpstreamPool(
+            [
+                UpstreamSpec("dribbling", "http://127.0.0.1:1"),
+                UpstreamSpec("fine", "http://127.0.0.1:2"),
+            ],
+            clock,
+        )
+        checker = HealthChecker(pool, probe, clock, probe_deadline=0.1)
+        await asyncio.wait_for(checker.check_due(), 2)
+        states = {view.name: (view.state, view.down_reason) for view in pool.views()}
+        assert states == {
+            "dribbling": ("down", "it did not answer within 0.1 s"),
+            "fine": ("up", None),
+        }
+
+    async def test_a_slow_machine_delays_no_other_s_probes(self) -> None:
+        asked: list[str] = []
+
+        async def probe(upstream: Upstream) -> ProbeResult:
+            asked.append(upstream.name)
+            if upstream.name == "slow":
+                await asyncio.sleep(30)  # under way for the whole test
+            return ProbeResult(failure="refused")  # "quick" fails: retried after 1, 2 s
+
+        clock = SystemClock()
+        pool = UpstreamPool(
+            [
+                UpstreamSpec("slow", "http://127.0.0.1:1"),
+                UpstreamSpec("quick", "http://127.0.0.1:2"),
+            ],
+            clock,
+        )
+        task = asyncio.create_task(HealthChecker(pool, probe, clock, probe_deadline=60).run())
+        try:
+            await asyncio.sleep(BACKOFF_FIRST + 0.5)
+            # Not waiting for slow's answer: quick was asked again after its first backoff.
+            assert asked.count("quick") == 2 and asked.count("slow") == 1
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def test_a_probe_that_raises_marks_down_and_the_checker_lives(self) -> None:
         clock = FakeClock()

@@ -341,6 +341,29 @@ CATALOGUE = [
         "finish.",
         Retry_After="1",
     ),
+    entry(
+        E.state_unavailable,
+        (1.0,),
+        503,
+        "server_error",
+        "state_unavailable",
+        None,
+        "LM Gate cannot read its database, so it cannot check credentials; nothing was "
+        "forwarded. Try again shortly.",
+        Retry_After="1",
+    ),
+    entry(
+        E.shared_limits_unavailable,
+        (0.4,),
+        503,
+        "server_error",
+        "shared_limits_unavailable",
+        None,
+        "LM Gate cannot reach the store its replicas share their limits in (Redis), so it "
+        "cannot check this request's limits; try again shortly "
+        "(state.when_redis_is_down = closed).",
+        Retry_After="1",
+    ),
     # sharing one GPU: budgets, the queue, the model guard
     entry(
         E.budget_exceeded,

@@ -9,7 +9,7 @@ peer it should not, fails here and not only in the slow end-to-end tests.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -172,20 +172,16 @@ def test_the_host_policy_holds_the_configured_hosts() -> None:
 # ---- throttles for guessing ---------------------------------------------------------------
 
 
-# name: (check, record a failure, its limit, its error code, its Retry-After once full)
-Throttle = tuple[
-    Callable[[Protections, str], None], Callable[[Protections, str], None], int, str, str
-]
+# name: (record a failure, its limit, its error code, its Retry-After once full)
+Throttle = tuple[Callable[[Protections, str], Awaitable[None]], int, str, str]
 THROTTLES: dict[str, Throttle] = {
     "auth": (
-        Protections.check_auth_allowed,
         Protections.auth_failed,
         3,
         "too_many_auth_failures",
         "20",  # 1 token at 3/min
     ),
     "pairing": (
-        Protections.check_pairing_allowed,
         Protections.pairing_failed,
         2,
         "too_many_pairing_attempts",
@@ -196,76 +192,79 @@ OTHER = {"auth": "pairing", "pairing": "auth"}
 
 
 @pytest.mark.parametrize("name", THROTTLES)
-def test_failures_up_to_the_limit_are_allowed_then_refused_with_retry_after(name: str) -> None:
-    check, failed, limit, code, retry_after = THROTTLES[name]
+async def test_failures_up_to_the_limit_are_allowed_then_refused_with_retry_after(
+    name: str,
+) -> None:
+    failed, limit, code, retry_after = THROTTLES[name]
     protections, clock = make()
     for _ in range(limit):
-        check(protections, CLIENT)  # checking spends nothing
-        check(protections, CLIENT)
-        failed(protections, CLIENT)
+        await failed(protections, CLIENT)
     with pytest.raises(ApiError) as caught:
-        check(protections, CLIENT)
+        await failed(protections, CLIENT)
     assert_too_many(caught.value, code, retry_after)
+    # A refused failure spent nothing: one token back after Retry-After, and only one.
     clock.advance(int(retry_after))
-    check(protections, CLIENT)  # one token back
+    await failed(protections, CLIENT)
+    with pytest.raises(ApiError):
+        await failed(protections, CLIENT)
 
 
 @pytest.mark.parametrize("name", THROTTLES)
-def test_a_throttle_counts_per_address_group_and_apart_from_the_other(name: str) -> None:
-    check, failed, limit, _, _ = THROTTLES[name]
-    other_check = THROTTLES[OTHER[name]][0]
+async def test_a_throttle_counts_per_address_group_and_apart_from_the_other(name: str) -> None:
+    failed, limit, _, _ = THROTTLES[name]
+    other_failed = THROTTLES[OTHER[name]][0]
     protections, _ = make()
     for _ in range(limit):
-        failed(protections, "2001:db8:1:2::1")
+        await failed(protections, "2001:db8:1:2::1")
     # Rotating inside the IPv6 /64 gains nothing ...
     with pytest.raises(ApiError):
-        check(protections, "2001:db8:1:2:ffff::9")
+        await failed(protections, "2001:db8:1:2:ffff::9")
     # ... but another /64, another address, and the other throttle are untouched.
-    check(protections, "2001:db8:1:3::1")
-    check(protections, CLIENT)
-    other_check(protections, "2001:db8:1:2::1")
+    await failed(protections, "2001:db8:1:3::1")
+    await failed(protections, CLIENT)
+    await other_failed(protections, "2001:db8:1:2::1")
     # Nor do requests per principal share these buckets.
-    protections.take_request("2001:db8:1:2::1")
+    await protections.take_request("2001:db8:1:2::1")
 
 
 # ---- limits per principal -----------------------------------------------------------------
 
 
-def test_requests_per_minute_are_counted_per_principal() -> None:
+async def test_requests_per_minute_are_counted_per_principal() -> None:
     protections, clock = make()
     for _ in range(4):
-        protections.take_request("key:alice")
+        await protections.take_request("key:alice")
     with pytest.raises(ApiError) as caught:
-        protections.take_request("key:alice")
+        await protections.take_request("key:alice")
     assert_too_many(caught.value, "rate_limit_exceeded", "15")  # 1 token at 4/min
-    protections.take_request("key:bob")
+    await protections.take_request("key:bob")
     # Requests do not fill the guessing throttles of an address named like the principal.
-    protections.check_auth_allowed("key:alice")
-    protections.check_pairing_allowed("key:alice")
+    await protections.auth_failed("key:alice")
+    await protections.pairing_failed("key:alice")
     clock.advance(15)
-    protections.take_request("key:alice")
+    await protections.take_request("key:alice")
 
 
-def test_concurrent_requests_are_capped_per_principal_and_released() -> None:
+async def test_concurrent_requests_are_capped_per_principal_and_released() -> None:
     protections, _ = make()
-    protections.enter("key:alice")
-    protections.enter("key:alice")
+    first = await protections.enter("key:alice")
+    await protections.enter("key:alice")
     with pytest.raises(ApiError) as caught:
-        protections.enter("key:alice")
+        await protections.enter("key:alice")
     assert_too_many(caught.value, "too_many_concurrent_requests", "1")
     assert "at most 2 " in caught.value.message
-    protections.enter("key:bob")
-    protections.leave("key:alice")
-    protections.enter("key:alice")
+    await protections.enter("key:bob")
+    protections.leave("key:alice", first)
+    await protections.enter("key:alice")
     with pytest.raises(ApiError):
-        protections.enter("key:alice")
+        await protections.enter("key:alice")
 
 
 @pytest.mark.parametrize("limit", [1, 3])
-def test_the_concurrency_cap_is_the_configured_one(limit: int) -> None:
+async def test_the_concurrency_cap_is_the_configured_one(limit: int) -> None:
     protections, _ = make(limits_concurrent_requests=limit)
     for _ in range(limit):
-        protections.enter("key:alice")
+        await protections.enter("key:alice")
     with pytest.raises(ApiError) as caught:
-        protections.enter("key:alice")
+        await protections.enter("key:alice")
     assert f"at most {limit} " in caught.value.message

@@ -267,3 +267,80 @@ async def test_a_wait_in_the_guard_then_the_queue_tells_both_and_keeps_one_place
         await asking(capped, A).wait_turn(None)
     assert caught.value.code == "too_many_concurrent_requests"  # a slot was free: its own cap
     generation.release()
+
+
+class TestARetryOnAnotherUpstream:
+    """A request that could not connect to one upstream waits again for the other's turn:
+    that upstream's model guard, within what is left of the same deadline, keeping its slot."""
+
+    def two_machines(
+        self, *, max_wait: float = 5
+    ) -> tuple[Sharing, FairQueue, ModelGuard, ModelGuard]:
+        sharing, queue, first = guarded(slots=1, max_wait=max_wait)
+        second = ModelGuard(
+            MemoryModelApi(), policy=ModelSwitch.WAIT, load_timeout=5, clock=FakeClock()
+        )
+        sharing.guards = {"one": first, "two": second}
+        return sharing, queue, first, second
+
+    async def test_it_leaves_the_first_guard_enters_the_second_and_keeps_its_slot(
+        self,
+    ) -> None:
+        sharing, queue, first, second = self.two_machines()
+        generation = asking(sharing, A)
+        await generation.wait_turn(None, "one")
+        assert (first._active[A], second._active[A], queue.busy) == (1, 0, 1)
+        await generation.wait_turn(None, "two")
+        assert (first._active[A], second._active[A], queue.busy) == (0, 1, 1)
+        generation.release()
+        assert (first._active[A], second._active[A], queue.busy) == (0, 0, 0)
+
+    async def test_with_a_queue_per_machine_the_slot_moves_to_the_second_machine(
+        self,
+    ) -> None:
+        sharing, first_queue, _, _ = self.two_machines()
+        second_queue = FairQueue(slots=1, per_caller=4, max_waiting=10, max_waiting_per_client=10)
+        sharing.queues = {"one": first_queue, "two": second_queue}
+        generation = asking(sharing, A)
+        await generation.wait_turn(None, "one")
+        assert (first_queue.busy, second_queue.busy) == (1, 0)
+        await generation.wait_turn(None, "two")
+        assert (first_queue.busy, second_queue.busy) == (0, 1)
+        generation.release()
+        assert (first_queue.busy, second_queue.busy) == (0, 0)
+
+    async def test_a_busy_machine_holds_no_slot_of_another(self) -> None:
+        sharing, first_queue, _, _ = self.two_machines(max_wait=0.1)
+        second_queue = FairQueue(slots=1, per_caller=4, max_waiting=10, max_waiting_per_client=10)
+        sharing.queues = {"one": first_queue, "two": second_queue}
+        hung = asking(sharing, A, "key:hung")
+        await hung.wait_turn(None, "one")  # the first machine's only slot, held
+        with pytest.raises(ApiError) as waited:
+            await asking(sharing, A, "key:other").wait_turn(None, "one")
+        assert waited.value.code == "queue_timeout"
+        served = asking(sharing, A, "key:other")
+        await served.wait_turn(None, "two")  # at once: the second machine's slot is free
+        assert second_queue.busy == 1
+        served.release()
+        hung.release()
+
+    async def test_the_second_wait_has_only_what_is_left_of_the_deadline(self) -> None:
+        sharing, _, _, second = self.two_machines(max_wait=0.2)
+        blocking = await second.enter(B, max_wait=5)  # someone reads B on the second machine
+        generation = asking(sharing, A)
+        await generation.wait_turn(None, "one")
+        await asyncio.sleep(0.15)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ApiError) as refused:
+            await generation.wait_turn(None, "two")
+        assert refused.value.code == "model_busy"
+        waited = asyncio.get_running_loop().time() - started
+        assert waited < 0.15  # the 0.05 s left, not another 0.2
+        second.leave(blocking)
+        generation.release()
+
+    def test_an_upstream_without_a_guard_of_its_own_has_the_shared_one(self) -> None:
+        sharing, _, first, second = self.two_machines()
+        assert sharing.guard_for("two") is second
+        assert sharing.guard_for("elsewhere") is first  # guarded() set the shared guard
+        assert sharing.guard_for(None) is first

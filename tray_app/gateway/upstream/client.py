@@ -51,12 +51,13 @@ def session_context(config: Config) -> Callable[[web.Application], AsyncIterator
     return upstream_session
 
 
-def translate_client_error(exc: BaseException, config: Config) -> ApiError:
-    """Map an aiohttp client failure (before any response byte was relayed) to an ApiError."""
+def translate_client_error(exc: BaseException, config: Config, url: str | None = None) -> ApiError:
+    """Map an aiohttp client failure (before any response byte was relayed) to an ApiError;
+    ``url``: the upstream that failed (default: upstream.url)."""
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return errors.upstream_timeout(config.upstream_idle_timeout)
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return errors.upstream_unreachable(config.upstream_url)
+        return errors.upstream_unreachable(url or config.upstream_url)
     return errors.upstream_failed(describe_failure(exc))
 
 

@@ -8,8 +8,8 @@ hot path (no await, a handful of comparisons per upstream) and testable without 
 The choice, in order (see :meth:`UpstreamPool.choose`):
 
 1. Only upstreams that are enabled, not marked down, and offer the model (an upstream whose
-   model list is not known yet is asked anyway: refusing would turn a slow first probe into
-   an outage).
+   model list is not known yet is asked too, but only when none known to have the model
+   qualifies: refusing would turn a slow first probe into an outage).
 2. The upstream that served the conversation before, while it qualifies: its prompt cache
    holds the conversation, so the next turn starts at once.
 3. One that has the model in memory already (a load takes seconds to minutes; when the
@@ -22,10 +22,11 @@ each failure in a row, up to :data:`BACKOFF_MAX`; one good answer puts it back.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 
 from tray_app.clock import Clock
+from tray_app.config.settings import Config
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
@@ -45,6 +46,14 @@ class UpstreamSpec:
     enabled: bool = True
 
 
+def specs_of(config: Config) -> tuple[UpstreamSpec, ...]:
+    """The configured upstreams (``local`` first), as the pool takes them."""
+    return tuple(
+        UpstreamSpec(entry.name, entry.url, entry.weight, entry.enabled)
+        for entry in config.all_upstreams
+    )
+
+
 class Upstream:
     """One upstream's live state. ``up`` is None until its first probe ended."""
 
@@ -56,6 +65,7 @@ class Upstream:
         "loaded",
         "models",
         "next_probe",
+        "requests",
         "spec",
         "up",
     )
@@ -70,6 +80,7 @@ class Upstream:
         self.models: frozenset[str] | None = None  # None: not known (yet)
         self.loaded: frozenset[str] | None = None  # None: the server cannot say
         self.in_flight = 0
+        self.requests = 0  # sent to it, ever (for metrics)
 
     @property
     def name(self) -> str:
@@ -95,6 +106,7 @@ class UpstreamView:
     models: tuple[str, ...]
     loaded: tuple[str, ...]
     in_flight: int
+    requests: int = 0
 
     @property
     def state(self) -> str:
@@ -121,6 +133,11 @@ class UpstreamPool:
     def __len__(self) -> int:
         return len(self._upstreams)
 
+    @property
+    def several(self) -> bool:
+        """More than one upstream: a choice to make, states worth probing and showing."""
+        return self._only is None
+
     def get(self, name: str) -> Upstream | None:
         return self._upstreams.get(name)
 
@@ -143,12 +160,14 @@ class UpstreamPool:
             if kept is not None and kept.usable and kept.offers(model):
                 return kept
         best: Upstream | None = None
-        best_key: tuple[bool, int, int, int] | None = None
+        best_key: tuple[bool, bool, int, int, int] | None = None
         for upstream in self._upstreams.values():
             if upstream.name == avoid or not upstream.usable or not upstream.offers(model):
                 continue
             loaded = upstream.loaded
             key = (
+                # Not probed yet: asked only when no upstream is known to have the model.
+                upstream.models is None,
                 not (model is not None and loaded is not None and model in loaded),
                 upstream.in_flight,
                 -upstream.spec.weight,
@@ -157,6 +176,11 @@ class UpstreamPool:
             if best_key is None or key < best_key:
                 best, best_key = upstream, key
         return best
+
+    def may_have(self, model: str) -> bool:
+        """Whether some enabled upstream, up or down, lists ``model`` (or has not said what it
+        lists): a model none has is not there, however long the caller waits."""
+        return any(u.spec.enabled and u.offers(model) for u in self._upstreams.values())
 
     def models(self) -> frozenset[str]:
         """Every model some usable upstream offers (what ``/v1/models`` lists)."""
@@ -170,6 +194,7 @@ class UpstreamPool:
 
     def started(self, upstream: Upstream) -> None:
         upstream.in_flight += 1
+        upstream.requests += 1
 
     def ended(self, upstream: Upstream) -> None:
         upstream.in_flight -= 1
@@ -206,15 +231,30 @@ class UpstreamPool:
         backoff = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (upstream.failures - 1))
         upstream.next_probe = self._clock.monotonic() + backoff
 
+    def suspect(self, name: str, reason: str) -> bool:
+        """A request could not connect to ``name``: out now, unless it is out already; whether
+        this took it out. Only probes grow the backoff: a burst of requests refused by one
+        server that went away must not push its return out to the longest backoff."""
+        upstream = self._upstreams.get(name)
+        if upstream is None or upstream.up is False:
+            return False
+        self.failed(name, reason)
+        return True
+
     def due(self) -> list[Upstream]:
         """The enabled upstreams whose next probe is due."""
         now = self._clock.monotonic()
         return [u for u in self._upstreams.values() if u.spec.enabled and u.next_probe <= now]
 
-    def next_due_in(self) -> float:
-        """Seconds until the next probe is due (0 when one is due now)."""
+    def next_due_in(self, skip: Container[str] = ()) -> float:
+        """Seconds until the next probe is due (0 when one is due now), leaving out the
+        upstreams named in ``skip`` (those being probed already)."""
         now = self._clock.monotonic()
-        waits = [u.next_probe - now for u in self._upstreams.values() if u.spec.enabled]
+        waits = [
+            u.next_probe - now
+            for u in self._upstreams.values()
+            if u.spec.enabled and u.name not in skip
+        ]
         return max(0.0, min(waits, default=HEALTHY_PROBE_INTERVAL))
 
     def views(self) -> tuple[UpstreamView, ...]:
@@ -228,6 +268,7 @@ class UpstreamPool:
                 models=tuple(sorted(u.models or ())),
                 loaded=tuple(sorted(u.loaded or ())),
                 in_flight=u.in_flight,
+                requests=u.requests,
             )
             for u in self._upstreams.values()
         )

@@ -13,6 +13,7 @@ model), for the most recent :data:`STICKY_MAX` pairs.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -24,6 +25,7 @@ from tray_app.gateway.upstream.health import HealthChecker
 from tray_app.gateway.upstream.pool import Upstream, UpstreamPool
 
 T = TypeVar("T")
+log = logging.getLogger("lmgate.upstreams")
 STICKY_MAX = 10_000
 
 
@@ -32,7 +34,6 @@ class Router:
         self.pool = pool
         self._health = health
         self._sticky: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self._choosing = len(pool) > 1  # one upstream: nothing to remember
         self.retries = 0  # requests sent a second time, elsewhere (for metrics and tests)
 
     async def send(
@@ -46,10 +47,13 @@ class Router:
         connect failure when no other upstream could take it, or ApiError 503 when none can
         take it at all."""
         pool = self.pool
-        key = (principal, model) if model is not None and self._choosing else None
+        # One upstream: nothing to remember.
+        key = (principal, model) if model is not None and pool.several else None
         sticky = self._sticky.get(key) if key is not None else None
         upstream = pool.choose(model, sticky=sticky)
         if upstream is None:
+            if model is not None and not pool.may_have(model):
+                raise errors.model_not_found(model)
             raise errors.no_upstream(model)
         pool.started(upstream)
         try:
@@ -61,6 +65,11 @@ class Router:
             if retry is None:
                 raise
             self.retries += 1
+            log.info(
+                "upstream %s could not be reached; the request went to %s",
+                upstream.name,
+                retry.name,
+            )
             upstream = retry
             pool.started(upstream)
             try:
@@ -84,11 +93,13 @@ class Router:
         self.pool.ended(upstream)
 
     def _suspect(self, upstream: Upstream, exc: BaseException) -> None:
+        if not self.pool.several:
+            return  # one upstream is always asked: "down" would tell nobody anything
         reason = describe_failure(exc)
         if self._health is not None:
             self._health.suspect(upstream, reason)
         else:
-            self.pool.failed(upstream.name, reason)
+            self.pool.suspect(upstream.name, reason)
 
     def _remember(self, key: tuple[str, str], name: str) -> None:
         sticky = self._sticky

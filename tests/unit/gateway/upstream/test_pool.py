@@ -72,6 +72,14 @@ class TestChoice:
         assert chosen(p, "x") == "a"
         assert chosen(p, "z") is None
 
+    def test_one_not_probed_yet_is_asked_only_when_no_known_one_has_the_model(self) -> None:
+        p = pool(spec("early", weight=9), spec("known"))
+        p.answered("known", models=["x"])
+        assert chosen(p, "x") == "known"  # despite early's weight: it may not have x
+        assert chosen(p, "y") == "early"  # nobody known has y: early may
+        p.answered("early", models=["z"])
+        assert chosen(p, "y") is None
+
     def test_loaded_first(self) -> None:
         p = pool(spec("a", weight=5), spec("b"))
         p.answered("a", models=["x"], loaded=[])
@@ -137,6 +145,23 @@ class TestChoice:
         assert chosen(p, None) == "b"
 
 
+class TestMayHave:
+    def test_a_model_some_enabled_upstream_lists_up_or_down(self) -> None:
+        p = pool(spec("a"), spec("b"), spec("off", enabled=False))
+        p.answered("a", models=["x"])
+        p.answered("b", models=["y"])
+        p.answered("off", models=["z"])
+        p.failed("b", "refused")
+        assert p.may_have("x") and p.may_have("y")  # b is down, yet y is there
+        assert not p.may_have("z")  # only a disabled one has it
+        assert not p.may_have("typo")
+
+    def test_one_that_never_said_may_have_anything(self) -> None:
+        p = pool(spec("a"), spec("b"))
+        p.answered("a", models=["x"])
+        assert p.may_have("typo")
+
+
 class TestModels:
     def test_union_of_usable(self) -> None:
         p = pool(spec("a"), spec("b"), spec("c"), spec("d", enabled=False))
@@ -171,6 +196,20 @@ class TestHealth:
         assert waits[:3] == [BACKOFF_FIRST, 2 * BACKOFF_FIRST, 4 * BACKOFF_FIRST]
         assert max(waits) == BACKOFF_MAX
         assert a.down_reason == "refused" and a.failures == 10
+
+    def test_a_request_s_suspicion_takes_it_out_but_only_probes_grow_the_backoff(
+        self,
+    ) -> None:
+        clock = FakeClock()
+        p = pool(spec("a"), clock=clock)
+        a = p.get("a")
+        assert a is not None
+        for _ in range(8):  # a burst of requests refused at once
+            p.suspect("a", "refused")
+        assert (a.up, a.failures, a.next_probe) == (False, 1, clock.monotonic() + BACKOFF_FIRST)
+        p.failed("a", "refused again")  # the probe after the backoff
+        assert (a.failures, a.next_probe) == (2, clock.monotonic() + 2 * BACKOFF_FIRST)
+        p.suspect("nobody", "refused")  # an unknown name changes nothing
 
     def test_one_answer_puts_it_back(self) -> None:
         clock = FakeClock()

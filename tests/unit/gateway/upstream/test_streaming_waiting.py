@@ -68,7 +68,7 @@ class QueueRig:
         stream = request.headers.get("X-Stream") == "1"
         turns: list[Turn] = []
 
-        async def wait_turn(notify: Notify | None) -> None:
+        async def wait_turn(notify: Notify | None, upstream: str) -> None:
             turn = self.queue.try_acquire(caller)
             if turn is None:
                 turn = await self.queue.acquire(

@@ -1,0 +1,315 @@
+"""The limits on Redis, shared by every replica of a team's gateway.
+
+Each update is one Lua script, so two replicas never read the same count and both act on it:
+the token buckets (requests per minute per principal, failed authentications and pairing
+attempts per address group) and concurrency as expiring leases (a sorted set per principal,
+member = lease id, score = when it expires). A replica renews the leases it holds every third
+of ``state.lease_seconds``; one that crashes stops renewing, and its callers' places free
+themselves. Every script reads Redis's own clock (TIME), so the replicas' clocks do not matter.
+
+While Redis cannot be reached the policy (``state.when_redis_is_down``) decides: closed refuses
+the request (503 ``shared_limits_unavailable``), open lets it through without these limits and
+logs a warning once per outage. Never is a request counted in this process alone: N replicas
+would let N times every limit through. An outage is noticed by a failed call; from then on no
+request waits on Redis, and a probe in the background finds it back, so limits return by
+themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from tray_app.config.parsers import WhenRedisIsDown
+from tray_app.config.settings import Config
+from tray_app.gateway import api_errors as errors
+from tray_app.gateway.limits import Bucket, bucket_rates
+from tray_app.tasks import spawn
+
+log = logging.getLogger("lmgate.gateway.shared_limits")
+
+T = TypeVar("T")
+
+PREFIX = "lmgate:"
+# A hung Redis must not hang requests: every connect and every answer within this.
+TIMEOUT_SECONDS = 1.0
+# Connections per replica; a request waits at most TIMEOUT_SECONDS for a free one.
+MAX_CONNECTIONS = 32
+# How often, during an outage, a probe asks whether Redis is back.
+PROBE_SECONDS = 0.5
+# What a client is told to wait in closed mode: about how soon a probe can find Redis back.
+RETRY_AFTER_SECONDS = 1.0
+
+# KEYS[1] the bucket (a hash: tokens, at); ARGV capacity, tokens per second.
+# Returns false when a token was spent, else the seconds until one is there (as a string:
+# Redis would truncate a Lua number to an integer).
+TAKE = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1])
+local at = tonumber(state[2])
+if tokens == nil or at == nil then
+  tokens = capacity
+elseif now > at then
+  tokens = math.min(capacity, tokens + (now - at) * rate)
+end
+if tokens < 1 then
+  return tostring((1 - tokens) / rate)
+end
+tokens = tokens - 1
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+-- Once full again the bucket is the same as none: it expires then.
+redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) / rate * 1000) + 1000)
+return false
+"""
+
+# KEYS[1] the principal's leases (a sorted set: lease id -> expiry in ms); ARGV lease id, cap,
+# lease ms. Expired leases (a crashed replica's) are dropped first. 1 admitted, 0 at the cap.
+ACQUIRE = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local lease_ms = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + lease_ms, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], lease_ms)
+return 1
+"""
+
+# KEYS[1] the principal's leases; ARGV lease ms, then the lease ids this replica holds there.
+# XX: a lease that already expired (or was released meanwhile) is not brought back, which
+# could put the principal over the cap; the request it belonged to just runs on uncounted.
+RENEW = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local lease_ms = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', now + lease_ms, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], lease_ms)
+return 0
+"""
+
+
+class SharedLimits:
+    """The :class:`tray_app.gateway.limits.Limits` of a team's gateway, on Redis at ``url``.
+    Made anywhere; the client is opened by :meth:`open` on the gateway's loop (the gateway
+    does it while it serves) and closed by :meth:`close`."""
+
+    def __init__(self, config: Config, url: str) -> None:
+        self._url = url
+        self._closed_when_down = config.state_when_redis_is_down is WhenRedisIsDown.CLOSED
+        self._rates = {bucket: rate / 60.0 for bucket, rate in bucket_rates(config).items()}
+        self._capacity = dict(bucket_rates(config))
+        self._cap = config.limits_concurrent_requests
+        self.lease_seconds = config.state_lease_seconds
+        self._lease_ms = max(1, round(config.state_lease_seconds * 1000))
+        # Lease ids are this replica's: another's renewals never touch them.
+        self._replica = secrets.token_hex(8)
+        self._serial = itertools.count(1)
+        self._held: dict[str, set[str]] = {}  # principal -> lease ids this replica holds
+        self._client: Redis | None = None
+        self._down = True  # until open() reached Redis: nothing is known yet
+        self._outage = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._releases: set[asyncio.Task[object]] = set()
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        pool = BlockingConnectionPool.from_url(
+            self._url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=TIMEOUT_SECONDS,
+            socket_timeout=TIMEOUT_SECONDS,
+            socket_connect_timeout=TIMEOUT_SECONDS,
+            # One quick retry on a broken connection: after Redis restarts, each pooled
+            # connection fails once before it reconnects, and that is no outage. A timeout
+            # is not retried: it already took its second.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        client = self._client = Redis.from_pool(pool)  # closed with the client
+        self._take = client.register_script(TAKE)
+        self._acquire = client.register_script(ACQUIRE)
+        self._renew = client.register_script(RENEW)
+        if await self._ping():
+            self._back()
+        else:
+            self._lost("at the start")
+        self._task = spawn(self._keep_up(), name="shared-limits")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})
+            self._task = None
+        if self._releases:
+            await asyncio.wait(set(self._releases), timeout=TIMEOUT_SECONDS)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def available(self) -> bool:
+        """Whether Redis answers (as the last call or probe found)."""
+        return not self._down
+
+    @property
+    def fails_open(self) -> bool:
+        return not self._closed_when_down
+
+    # ---- the Limits protocol --------------------------------------------------------------
+
+    async def take(self, bucket: Bucket, key: str) -> float | None:
+        rate = self._rates[bucket]
+        wait = await self._call(
+            lambda: self._take(
+                keys=[f"{PREFIX}{bucket.value}:{key}"], args=[self._capacity[bucket], rate]
+            ),
+            allowed=None,
+        )
+        return None if wait is None else float(wait)
+
+    async def acquire(self, principal: str) -> str | None:
+        lease = f"{self._replica}:{next(self._serial)}"
+        admitted = await self._call(
+            lambda: self._acquire(
+                keys=[self._leases_key(principal)], args=[lease, self._cap, self._lease_ms]
+            ),
+            allowed="",
+        )
+        if admitted == "":
+            return ""  # let through without Redis (open policy): no lease to give back
+        if not admitted:
+            return None
+        self._held.setdefault(principal, set()).add(lease)
+        return lease
+
+    def release(self, principal: str, lease: str) -> None:
+        held = self._held.get(principal)
+        if held is None or lease not in held:
+            return  # taken while Redis was down, or already given back
+        held.discard(lease)
+        if not held:
+            del self._held[principal]
+        # Off the request's path: a release that fails leaves a lease that is no longer
+        # renewed, so it expires by itself.
+        task = spawn(self._remove(principal, lease), name="shared-limits-release")
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    # ---- Redis calls under the failure policy ---------------------------------------------
+
+    async def _call(self, command: Callable[[], Awaitable[T]], *, allowed: T) -> T:
+        """``command``'s answer; while Redis cannot be reached, ``allowed`` (open) or the
+        503 (closed), without waiting on Redis again until a probe finds it back."""
+        if not self._down:
+            try:
+                return await command()
+            except (RedisError, OSError) as exc:
+                self._lost(f"({type(exc).__name__}: {exc})")
+        if self._closed_when_down:
+            raise errors.shared_limits_unavailable(RETRY_AFTER_SECONDS)
+        return allowed
+
+    def _lost(self, why: str) -> None:
+        if self._down and self._outage.is_set():
+            return  # the same outage: said once
+        self._down = True
+        self._outage.set()
+        if self._closed_when_down:
+            log.error(
+                "Redis is unreachable %s: requests are refused until it is back "
+                "(state.when_redis_is_down = closed)",
+                why,
+            )
+        else:
+            log.warning(
+                "Redis is unreachable %s: requests pass WITHOUT rate, concurrency and "
+                "guessing limits until it is back (state.when_redis_is_down = open)",
+                why,
+            )
+
+    def _back(self) -> None:
+        if self._outage.is_set():
+            log.warning("Redis answers again: the shared limits apply again")
+        self._down = False
+        self._outage.clear()
+
+    async def _ping(self) -> bool:
+        assert self._client is not None
+        try:
+            return bool(await self._client.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def _remove(self, principal: str, lease: str) -> None:
+        if self._down or self._client is None:
+            return
+        with contextlib.suppress(RedisError, OSError):
+            await self._client.zrem(self._leases_key(principal), lease)
+
+    @staticmethod
+    def _leases_key(principal: str) -> str:
+        return f"{PREFIX}leases:{principal}"
+
+    # ---- in the background: renewals, and probes during an outage -------------------------
+
+    async def _keep_up(self) -> None:
+        while True:
+            try:
+                await self._keep_up_once()
+            except Exception:
+                # A surprise must not end renewals and probes for good: leases would expire
+                # under running requests, and an outage would never be found over.
+                log.exception("renewing shared leases failed; trying again")
+                await asyncio.sleep(PROBE_SECONDS)
+
+    async def _keep_up_once(self) -> None:
+        renew_every = self.lease_seconds / 3
+        while True:
+            if self._down:
+                await asyncio.sleep(PROBE_SECONDS)
+                if await self._ping():
+                    self._back()
+                    # Leases held through the outage are renewed now, before they expire.
+                    await self._renew_held()
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outage.wait(), renew_every)
+                continue  # a request found Redis gone: probe from now on
+            await self._renew_held()
+
+    async def _renew_held(self) -> None:
+        """Every lease this replica holds, renewed in one pipeline."""
+        assert self._client is not None
+        held = {principal: sorted(leases) for principal, leases in self._held.items()}
+        if not held:
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for principal, leases in held.items():
+                    await self._renew(
+                        keys=[self._leases_key(principal)],
+                        args=[self._lease_ms, *leases],
+                        client=pipe,
+                    )
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._lost(f"renewing leases ({type(exc).__name__}: {exc})")
