@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -73,10 +74,19 @@ def route_library_logs(handler: logging.Handler) -> None:
             logger.addFilter(MalformedRequestFilter())
 
 
-def _printable(value: object, limit: int = 200) -> str:
-    # A path or device name is the client's text: a terminal must not run its escape codes.
+def printable(value: object, limit: int = 200) -> str:
+    """Others' text for a terminal or a window: a path, a device name, a model id another
+    machine listed. Its escape codes must not run (move the cursor, fake a line), so every
+    character that is not printable shows as "?"."""
     text = str(value)
     return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+
+
+def printable_list(items: Iterable[object], shown: int = 20) -> str:
+    """Up to ``shown`` of ``items``, each :func:`printable`, then how many more there are."""
+    listed = list(items)
+    text = ", ".join(printable(item) for item in listed[:shown])
+    return text + (f" and {len(listed) - shown} more" if len(listed) > shown else "")
 
 
 class TextFormatter(logging.Formatter):
@@ -88,10 +98,10 @@ class TextFormatter(logging.Formatter):
         access = getattr(record, "access", None)
         if isinstance(access, dict):
             return f"{when} {self._request(access)}"
-        line = f"{when} {record.levelname} {_printable(record.getMessage(), 2000)}"
+        line = f"{when} {record.levelname} {printable(record.getMessage(), 2000)}"
         if record.exc_info:
             trace = self.formatException(record.exc_info)
-            line += "\n" + "\n".join(_printable(part, 2000) for part in trace.splitlines())
+            line += "\n" + "\n".join(printable(part, 2000) for part in trace.splitlines())
         return line
 
     @staticmethod
@@ -99,6 +109,8 @@ class TextFormatter(logging.Formatter):
         parts = [str(fields.get("status")), f"{fields.get('method')} {fields.get('path')}"]
         if fields.get("model"):
             parts.append(str(fields["model"]))
+        if fields.get("upstream"):
+            parts.append(f"on {fields['upstream']}")
         parts.append(f"{float(fields.get('latency_ms') or 0) / 1000:.2f}s")
         if "prompt_tokens" in fields:
             parts.append(f"{fields['prompt_tokens']}+{fields.get('completion_tokens')} tok")
@@ -106,7 +118,7 @@ class TextFormatter(logging.Formatter):
             parts.append(str(fields["principal"]))
         if fields.get("error"):
             parts.append(f"({fields['error']})")
-        return _printable(" ".join(parts), 300)
+        return printable(" ".join(parts), 300)
 
 
 def configure_logging(

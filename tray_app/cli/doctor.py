@@ -20,6 +20,7 @@ from tray_app.config.settings import (
     default_config_path,
     load_config,
 )
+from tray_app.config.upstreams import LOCAL, UpstreamEntry, token_secret_name
 from tray_app.control.assembly import data_dir, secret_store_for
 from tray_app.errors import ConfigError, SecretStoreError, TunnelError
 from tray_app.gateway.server.identify import lmgate_listens
@@ -84,6 +85,8 @@ def _secrets(config: Config) -> tuple[Check, SecretStore | None]:
 async def _lmstudio(config: Config, store: SecretStore | None) -> list[Check]:
     token = read_or_none(store, LMSTUDIO_API_TOKEN)
     url = config.upstream_url
+    if not config.all_upstreams[0].enabled:
+        return [Check("LM Studio", True, f"{url}: disabled ([upstreams.local]), not asked")]
     probe = await probe_lmstudio(url, token, within=PROBE_SECONDS, identify=True)
     if not probe.answered:
         return [
@@ -119,6 +122,41 @@ async def _lmstudio(config: Config, store: SecretStore | None) -> list[Check]:
         ),
         _clock(probe.date),
     ]
+
+
+async def _other_upstreams(config: Config, store: SecretStore | None) -> list[Check]:
+    """One line for each upstream besides the local one (which the checks above cover), all
+    asked at once, each with its own token: a slow machine delays no other's line."""
+    others = [entry for entry in config.all_upstreams if entry.name != LOCAL]
+    return list(await asyncio.gather(*(_upstream(entry, store) for entry in others)))
+
+
+async def _upstream(entry: UpstreamEntry, store: SecretStore | None) -> Check:
+    name, url = f"upstream {entry.name}", entry.url
+    if not entry.enabled:
+        return Check(name, True, f"{url}: disabled, not asked")
+    token = read_or_none(store, token_secret_name(entry.name))
+    probe = await probe_lmstudio(url, token, within=PROBE_SECONDS)
+    if not probe.answered:
+        return Check(
+            name,
+            False,
+            f"not reachable at {url} ({probe.reason}): start its server or fix "
+            f"upstreams.{entry.name}.url",
+        )
+    if probe.needs_token:
+        why = "the stored token was refused" if token else "it requires an API token"
+        return Check(
+            name,
+            False,
+            f"{url}: {why} ({probe.status}): `lmgate secret set {token_secret_name(entry.name)}`",
+        )
+    if probe.models is None:
+        return Check(name, False, f"{url}/v1/models answered {probe.status}")
+    if not probe.models:
+        return Check(name, False, f"reachable at {url}, but it offers no model: load one there")
+    count = len(probe.models)
+    return Check(name, True, f"reachable at {url}, {count} model{'' if count == 1 else 's'}")
 
 
 def _clock(date_header: str | None) -> Check:
@@ -220,6 +258,7 @@ async def run_checks(
         first,
         secrets_check,
         *(await _lmstudio(config, store)),
+        *(await _other_upstreams(config, store)),
         *_ngrok(config, store),
         await _port(config),
         _places(config),

@@ -26,24 +26,46 @@ from tray_app.cli.usage_commands import (
     when,
 )
 from tray_app.config.settings import BUDGET_DEFAULT_MAX, Config, parse_duration
+from tray_app.config.upstreams import is_token_secret_name
 from tray_app.control.assembly import (
     Identity,
     open_identity,
+    open_shared,
     rotate_signing_key_everywhere,
     secret_store_for,
 )
+from tray_app.control.shared_state import check_shared_secret, uses_shared_state
 from tray_app.errors import SecretStoreError
 from tray_app.gateway.server.identify import lmgate_listens
 from tray_app.identity.access import CLI_KEY_SCOPES, CLI_TOKEN_SCOPES
 from tray_app.identity.principal import ALL_SCOPES, Budget, PrincipalId
 from tray_app.identity.signing_key import SIGNING_KEY, load_or_create_signing_key
 from tray_app.qr_codes import terminal_qr
-from tray_app.secret_store.base import LMSTUDIO_API_TOKEN
+from tray_app.secret_store.base import (
+    LMSTUDIO_API_TOKEN,
+    STATE_DATABASE_URL,
+    STATE_REDIS_URL,
+    SecretStore,
+)
 from tray_app.storage.audit import AuditSource
 from tray_app.storage.budgets import BudgetStore
 from tray_app.storage.usage_history import Current, UsageHistory
 
-SETTABLE_SECRETS = (LMSTUDIO_API_TOKEN,)
+SECRET_NAMES = (
+    f"{LMSTUDIO_API_TOKEN}, upstream-token-NAME (an upstream's API token), or for a team "
+    f"gateway {STATE_DATABASE_URL}, {STATE_REDIS_URL} and {SIGNING_KEY} (the same on every "
+    "replica)"
+)
+# Secrets a team gateway's replicas read once, at start.
+_READ_AT_START = (STATE_DATABASE_URL, STATE_REDIS_URL, SIGNING_KEY)
+
+
+def _settable_secret(name: str) -> str:
+    if name == "upstream-token-local":
+        raise argparse.ArgumentTypeError(f"the local upstream's token is {LMSTUDIO_API_TOKEN}")
+    if name not in _READ_AT_START and not is_token_secret_name(name):
+        raise argparse.ArgumentTypeError(f"{name!r} is not a secret LM Gate keeps: {SECRET_NAMES}")
+    return name
 
 
 def add_identity_commands(
@@ -123,9 +145,9 @@ def add_identity_commands(
     sset = secret_actions.add_parser(
         "set", parents=[common], help="store a secret (read from the terminal or stdin)"
     )
-    sset.add_argument("name", choices=SETTABLE_SECRETS)
+    sset.add_argument("name", type=_settable_secret, help=SECRET_NAMES)
     sdel = secret_actions.add_parser("delete", parents=[common], help="remove a secret")
-    sdel.add_argument("name", choices=SETTABLE_SECRETS)
+    sdel.add_argument("name", type=_settable_secret, help=SECRET_NAMES)
 
 
 _WHO_HELP = (
@@ -196,10 +218,13 @@ def _ttl(raw: str | None, default: float | None) -> float | None:
         raise InputError("--ttl", str(exc)) from None
 
 
-def _open(config: Config, *, need_signing_key: bool) -> Identity:
+def _open(config: Config, *, need_signing_key: bool, store: SecretStore | None = None) -> Identity:
+    if uses_shared_state(config):
+        # The replicas' database and key: the URL and the master are in the store.
+        shared = open_shared(config, store or secret_store_for(config))
+        return open_identity(config, shared.signing.current(), shared=shared)
     if need_signing_key:
-        store = secret_store_for(config)
-        key = load_or_create_signing_key(store)
+        key = load_or_create_signing_key(store or secret_store_for(config))
     else:
         key = b"\0" * 32  # listing and revoking never sign anything
     return open_identity(config, key)
@@ -212,13 +237,19 @@ def run_identity_command(args: argparse.Namespace, config: Config, out: IO[str])
         return _secret(args, config, out)
     if command == "keys":
         store = secret_store_for(config)
-        identity = open_identity(config, load_or_create_signing_key(store))
+        identity = _open(config, need_signing_key=True, store=store)
         try:
             rotation = rotate_signing_key_everywhere(identity, store)
         finally:
             identity.close()
+        where = (
+            f"New signing key stored ({SIGNING_KEY})"
+            if identity.shared_signing is None
+            else "New signing key generation in the shared database (every replica derives it "
+            f"from its {SIGNING_KEY})"
+        )
         print(
-            f"New signing key stored ({SIGNING_KEY}). Every token issued before is invalid "
+            f"{where}. Every token issued before is invalid "
             f"now ({rotation.tokens_revoked} marked revoked) and every paired device "
             f"({rotation.devices_revoked}) must pair again. A running LM Gate picks up the new "
             "key within a second. API keys are not affected.",
@@ -573,9 +604,17 @@ def _secret(args: argparse.Namespace, config: Config, out: IO[str]) -> int:
     value = value.strip()
     if not value:
         raise SecretStoreError("nothing was entered; the secret was not changed")
+    check_shared_secret(args.name, value)
     store.set(args.name, value)
     print(f"Stored {args.name} in the {config.secrets_store} store.", file=out)
-    if args.name == LMSTUDIO_API_TOKEN:
+    if args.name in _READ_AT_START:
+        print("Replicas read it when they start: restart them to use it.", file=out)
+    elif args.name != LMSTUDIO_API_TOKEN:
+        print(
+            "A running LM Gate uses it from its next probe of that upstream (within a minute).",
+            file=out,
+        )
+    elif args.name == LMSTUDIO_API_TOKEN:
         # The tray's LM Studio watcher restarts its gateway with a changed token; `serve`
         # reads it once at start, so it is told rather than left using the old one.
         print(

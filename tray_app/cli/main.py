@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import os
 import shlex
@@ -26,6 +27,8 @@ from tray_app.cli.identity_commands import (
     run_identity_command,
 )
 from tray_app.cli.input_errors import InputError
+from tray_app.cli.state_commands import add_state_commands, run_state_command
+from tray_app.cli.upstream_commands import add_upstream_commands, run_upstream_command
 from tray_app.cli.warm_up import add_warm_up_command, run_warm_up
 from tray_app.config.settings import (
     CONFIG_FILE_ENV,
@@ -42,6 +45,7 @@ from tray_app.control.assembly import Identity, data_dir, secret_store_for
 from tray_app.control.service import FIRST_KEY_NAME, GatewayService, Started
 from tray_app.errors import ConfigError, LMGateError
 from tray_app.gateway.server.identify import lmgate_listens
+from tray_app.gateway.upstream.pool import UpstreamView
 from tray_app.gateway.upstream.probe import LMStudioProbe, probe_lmstudio
 from tray_app.logs import configure_logging
 from tray_app.qr_codes import terminal_qr
@@ -188,9 +192,19 @@ def _parser() -> argparse.ArgumentParser:
     nginx.add_argument("--certificate-key", default="", help="TLS key (default: certbot's)")
     nginx.add_argument("--https-port", type=int, default=443)
     nginx.add_argument("--http-port", type=int, default=80)
+    nginx.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="an LM Gate replica nginx spreads requests over (repeat; two or more make a team "
+        "gateway sharing PostgreSQL and Redis; default: one on 127.0.0.1:--port)",
+    )
 
     add_identity_commands(commands, common)
     add_warm_up_command(commands, common)
+    add_upstream_commands(commands, common)
+    add_state_commands(commands, common)
     return parser
 
 
@@ -233,14 +247,26 @@ def _tray_launch(args: argparse.Namespace) -> TrayLaunch:
     return TrayLaunch(wishes, getattr(args, TRAY_PREFIX + "config"), _overrides(args, TRAY_PREFIX))
 
 
+# SIGHUP: the terminal serve ran in was closed; Windows has none.
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
 async def _serve(config: Config, out: IO[str]) -> int:
     service = GatewayService(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop.is_set():
+            _end_at_once(service, signum, out)
+        stop.set()
+
     # Before the start: a Ctrl-C or SIGTERM while LM Studio is probed (up to 5 s) or the
     # tunnel opens is kept, and stops everything gracefully once the step in progress ends.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         # A key is made (and shown) only for a terminal: journald keeps whatever serve prints.
         started = await service.start(first_key=out.isatty())
@@ -261,13 +287,47 @@ async def _serve(config: Config, out: IO[str]) -> int:
             _print_public(manager, service.identity, out)
         print("Press Ctrl-C to stop.", file=out, flush=True)
         await stop.wait()
-        print("Stopping: letting running requests finish...", file=out, flush=True)
+        _say_while_stopping("Stopping: letting running requests finish...", out)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await service.stop()
-    print("Stopped.", file=out, flush=True)
+        try:
+            await service.stop()
+        finally:
+            # Only now: a second signal during the stop must still reach on_signal (by
+            # default SIGTERM would end serve with the agent, in its own session, left behind).
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+    _say_while_stopping("Stopped.", out)
     return EXIT_OK
+
+
+def _print_upstreams(views: Sequence[UpstreamView], out: IO[str]) -> None:
+    """Several upstreams: each one's state after the start's probe, one line each."""
+    print(f"Upstreams:   {len(views)}, each probed in the background:", file=out)
+    for view in views:
+        if view.state == "up":
+            said = f"up, {len(view.models)} model(s)"
+        elif view.state == "down":
+            said = f"DOWN: {view.down_reason}; it gets nothing until it answers"
+        else:
+            said = view.state
+        print(f"             {view.name:<12} {view.url}  {said}", file=out)
+
+
+def _say_while_stopping(text: str, out: IO[str]) -> None:
+    # After SIGHUP the terminal may be gone: writing to it fails, the stop must not.
+    with contextlib.suppress(OSError):
+        print(text, file=out, flush=True)
+
+
+def _end_at_once(service: GatewayService, signum: signal.Signals, out: IO[str]) -> None:
+    """A second stop signal: running requests are not waited for; the tunnel's agent still
+    stops (no signal sent to serve reaches it). Never returns."""
+    try:
+        _say_while_stopping("Stopping at once: running requests are cut off.", out)
+        service.stop_agent_now()
+    finally:
+        # Not an exception: it would unwind into the stop under way, which waits on.
+        os._exit(128 + signum)
 
 
 def _print_started(
@@ -282,7 +342,9 @@ def _print_started(
     url = started.url
     print(f"LM Gate {__version__} is running.", file=out)
     print(f"Listening on {url}  (OpenAI base URL: {url}/v1)", file=out)
-    if started.lmstudio_reachable:
+    if started.upstreams:
+        _print_upstreams(started.upstreams, out)
+    elif started.lmstudio_reachable:
         print(f"LM Studio:   {config.upstream_url} is reachable.", file=out)
     elif probe is not None and probe.needs_token:
         said, copy = (
@@ -542,6 +604,7 @@ def main(
                 certificate_key=args.certificate_key,
                 https_port=args.https_port,
                 http_port=args.http_port,
+                replicas=tuple(args.replica),
             )
             site, unit = write(deployment, args.output)
             print(instructions(deployment, site, unit), file=out)
@@ -549,6 +612,11 @@ def main(
         if args.command == "tunnel":
             config = load_config(path=args.config, overrides=_overrides(args))
             return _tunnel_command(args, config, out)
+        if args.command == "upstream":
+            return run_upstream_command(args, _overrides(args), out)
+        if args.command == "state":
+            config = load_config(path=args.config, overrides=_overrides(args))
+            return run_state_command(args, config, out)
         if args.command == "warm-up":
             config = load_config(path=args.config, overrides=_overrides(args))
             return run_warm_up(args, config, out)

@@ -43,10 +43,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def toml_text(values: Mapping[str, object]) -> str:
-    """TOML text for dotted ``section.name`` keys, sections and names sorted."""
+    """TOML text for dotted ``section.name`` keys (``table.name.field`` ones as
+    ``[table.name]``), sections and names sorted."""
     sections: dict[str, list[str]] = {}
     for key, value in sorted(values.items()):
-        section, _, name = key.partition(".")
+        section, _, name = key.rpartition(".")  # [upstreams.desk] url = ...
         sections.setdefault(section, []).append(f"{name} = {_toml_value(value)}")
     return "\n".join(
         f"[{section}]\n" + "\n".join(lines) + "\n" for section, lines in sections.items()
@@ -59,7 +60,9 @@ def _toml_value(value: object) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
+        # A JSON string is a valid TOML basic string, if what is beyond ASCII stays itself:
+        # JSON's surrogate-pair escapes for an emoji are not valid TOML.
+        return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise ValueError(f"cannot write {value!r} to TOML")

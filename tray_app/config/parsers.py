@@ -55,6 +55,22 @@ class SecretStoreKind(StrEnum):
     ENV = "env"
 
 
+class StateBackend(StrEnum):
+    """Where LM Gate keeps what must outlive a request: one machine's SQLite file, or PostgreSQL
+    and Redis shared by several replicas."""
+
+    SQLITE = "sqlite"
+    POSTGRES = "postgres"
+
+
+class WhenRedisIsDown(StrEnum):
+    """What the shared limits do while Redis cannot be reached: refuse (closed) or let requests
+    through unlimited (open); never count per replica, which would multiply every limit."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+
+
 class IntRange:
     """An integer between ``low`` and ``high``; the bounds are public so a form's number field
     can offer exactly the values the config accepts."""
@@ -133,6 +149,9 @@ def upstream_url(raw: object) -> str:
     if not isinstance(raw, str) or not raw.strip():
         raise ValueError(f"must be a URL like http://127.0.0.1:1234, got {raw!r}")
     url = raw.strip().rstrip("/")
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        # urlsplit drops tabs and newlines silently; what is written must be what is used.
+        raise ValueError(f"must not contain spaces or control characters, got {raw!r}")
     parts = urlsplit(url)
     if parts.scheme not in {"http", "https"}:
         raise ValueError(f"must start with http:// or https://, got {raw!r}")

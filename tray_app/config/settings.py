@@ -26,8 +26,23 @@ from tray_app.config.parsers import (
     LogLevel,
     ModelSwitch,
     SecretStoreKind,
+    StateBackend,
     TunnelProvider,
+    WhenRedisIsDown,
     parse_duration,
+)
+from tray_app.config.upstreams import (
+    FIELDS as UPSTREAM_FIELDS,
+)
+from tray_app.config.upstreams import (
+    LOCAL,
+    UpstreamEntry,
+    check_name,
+    is_upstream_key,
+    parse_upstreams,
+)
+from tray_app.config.upstreams import (
+    PREFIX as UPSTREAM_PREFIX,
 )
 from tray_app.errors import ConfigError
 from tray_app.paths import user_config_dir
@@ -259,7 +274,7 @@ class Config:
         "limits.concurrent_requests",
         4,
         p.int_in(1, 10_000),
-        "requests or streams one principal may run at once",
+        "requests or streams one principal may run at once (generations: on each upstream)",
         form=FormField("Requests at once (per caller)", FormKind.NUMBER, 7),
     )
     # ---- sharing one GPU: the generation queue, budgets, the model guard
@@ -269,21 +284,22 @@ class Config:
         "queue.generations_in_flight",
         4,
         p.int_in(1, 1024),
-        "generations the whole gateway runs at once (LM Studio's parallel predictions); "
-        "the rest wait in a fair queue",
-        form=FormField("Generations at once (whole gateway)", FormKind.NUMBER, 9),
+        "generations each upstream runs at once (LM Studio's parallel predictions); "
+        "the rest wait in one fair queue",
+        form=FormField("Generations at once (per upstream)", FormKind.NUMBER, 9),
     )
     queue_max_waiting: int = setting(
         "queue.max_waiting",
         512,
         p.int_in(0, 100_000),
-        "requests that may wait for a generation slot in total (0 = none wait: 503 at once)",
+        "requests that may wait for a generation slot in total, per upstream "
+        "(0 = none wait: 503 at once)",
     )
     queue_max_waiting_per_client: int = setting(
         "queue.max_waiting_per_client",
         32,
         p.int_in(0, 100_000),
-        "requests one client address (an IPv6 /64) may have waiting at once",
+        "requests one client address (an IPv6 /64) may have waiting at once, per upstream",
     )
     # As many as one address may: one credential reaching LM Gate from many addresses (a
     # tunnel, an IPv6 /48) must not fill the whole queue, yet gets no less than an address.
@@ -291,7 +307,8 @@ class Config:
         "queue.max_waiting_per_caller",
         32,
         p.int_in(0, 100_000),
-        "requests one credential may have waiting at once, from all its addresses together",
+        "requests one credential may have waiting at once, from all its addresses together, "
+        "per upstream",
     )
     queue_max_wait: float = setting(
         "queue.max_wait",
@@ -385,6 +402,34 @@ class Config:
             common=True,
             help="directory of LM Gate's database (default: the user data dir)",
         ),
+    )
+    # ---- shared state for several replicas (docs: README "Team gateway")
+    state_backend: StateBackend = setting(  # noqa: RUF009 - a field specifier, evaluated once
+        "state.backend",
+        StateBackend.SQLITE,
+        p.OneOf(StateBackend),
+        "sqlite (one machine) or postgres (several replicas: PostgreSQL for records, Redis for "
+        "limits; their URLs are the secrets state-database-url and state-redis-url)",
+    )
+    state_when_redis_is_down: WhenRedisIsDown = setting(  # noqa: RUF009 - a field specifier
+        "state.when_redis_is_down",
+        WhenRedisIsDown.CLOSED,
+        p.OneOf(WhenRedisIsDown),
+        "with state.backend = postgres, while Redis is unreachable: closed refuses requests "
+        "(503), open lets them through without rate or concurrency limits",
+    )
+    state_database_pool_size: int = setting(
+        "state.database_pool_size",
+        8,
+        p.int_in(1, 256),
+        "PostgreSQL connections each replica keeps open",
+    )
+    # A replica that dies keeps its callers' places this long; a live one renews them.
+    state_lease_seconds: float = setting(
+        "state.lease_seconds",
+        30.0,
+        p.duration_in(3, 3600),
+        "how long a crashed replica's concurrency leases outlive it in Redis",
     )
     secrets_store: SecretStoreKind = setting(  # noqa: RUF009 - a field specifier, evaluated once
         "secrets.store",
@@ -489,8 +534,20 @@ class Config:
         "characters of history /api/chat sends with a message (newest first)",
     )
 
+    # Not a setting of its own: the config file's [upstreams.NAME] tables (see
+    # config.upstreams), parsed once the other layers have decided upstream.url.
+    upstreams: tuple[UpstreamEntry, ...] = ()
+
+    @property
+    def all_upstreams(self) -> tuple[UpstreamEntry, ...]:
+        """Every upstream, ``local`` (upstream.url) first: a list of one without tables."""
+        return self.upstreams or (UpstreamEntry(LOCAL, self.upstream_url),)
+
 
 SETTINGS: tuple[Setting, ...] = declarations(Config)
+# Config's fields that are tables of settings, each table's fields declared once in its own
+# module (config.upstreams.FIELDS), not settings themselves.
+TABLE_FIELDS = ("upstreams",)
 
 SETTINGS_BY_KEY: Mapping[str, Setting] = {s.key: s for s in SETTINGS}
 
@@ -525,15 +582,21 @@ def load_config(
     if path is None:
         path = Path(env[CONFIG_FILE_ENV]) if env.get(CONFIG_FILE_ENV) else default_config_path()
     values: dict[str, Any] = {}
+    tables: dict[str, Any] = {}
     for key, raw in read_config_file(path).items():
-        _apply(values, key, raw, str(path))
+        if is_upstream_key(key):
+            tables[key] = raw
+        else:
+            _apply(values, key, raw, str(path))
     for declared in SETTINGS:
         if declared.env_var in env:
             _apply(values, declared.key, env[declared.env_var], declared.env_var)
     for key, raw in (overrides or {}).items():
         if raw is not None:
             _apply(values, key, raw, "command line")
-    config = Config(**values)
+    local_url = values.get("upstream_url") or Config().upstream_url
+    upstreams = parse_upstreams(tables, local_url, str(path)) if tables else ()
+    config = Config(**values, upstreams=upstreams)
     check_combinations(config)
     return config
 
@@ -586,6 +649,9 @@ def ensure_public_exposure_allowed(config: Config) -> None:
 def dump_settings(values: Mapping[str, object]) -> str:
     """TOML text for dotted keys (as the settings window saves them); values are validated."""
     for key, value in sorted(values.items()):
+        if is_upstream_key(key):
+            _check_upstream_key(key, value)
+            continue
         declared = SETTINGS_BY_KEY.get(key)
         if declared is None:
             raise ConfigError(key, "unknown setting")
@@ -594,3 +660,15 @@ def dump_settings(values: Mapping[str, object]) -> str:
         except ValueError as exc:
             raise ConfigError(key, str(exc)) from None
     return toml_text(values)
+
+
+def _check_upstream_key(key: str, value: object) -> None:
+    name, _, field = key[len(UPSTREAM_PREFIX) :].partition(".")
+    declared = UPSTREAM_FIELDS.get(field)
+    try:
+        check_name(name)
+        if declared is None:
+            raise ValueError("unknown upstream setting")
+        declared.parse(value)
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None

@@ -34,6 +34,7 @@ NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
 NAME_RULE = "1-31 lower-case letters, digits or '-', starting with a letter or digit"
 # What the first upstream's token has always been called; the others' follow the pattern.
 LOCAL_TOKEN_SECRET = "lmstudio-api-token"  # noqa: S105 - a name, not a secret
+TOKEN_SECRET_PREFIX = "upstream-token-"  # noqa: S105 - a name, not a secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,15 @@ DEFAULTS = {"weight": 1, "enabled": True}
 
 def token_secret_name(upstream: str) -> str:
     """The secret-store entry of ``upstream``'s API token: one per upstream, never shared."""
-    return LOCAL_TOKEN_SECRET if upstream == LOCAL else f"upstream-token-{upstream}"
+    return LOCAL_TOKEN_SECRET if upstream == LOCAL else TOKEN_SECRET_PREFIX + upstream
+
+
+def is_token_secret_name(secret: str) -> bool:
+    """Whether ``secret`` is some upstream's token entry (what `lmgate secret set` may set)."""
+    if secret == LOCAL_TOKEN_SECRET:
+        return True
+    name = secret.removeprefix(TOKEN_SECRET_PREFIX)
+    return name != secret and name != LOCAL and NAME_PATTERN.fullmatch(name) is not None
 
 
 def check_name(name: object) -> str:

@@ -10,10 +10,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tray_app.clock import Clock, SystemClock
 from tray_app.config.settings import Config
-from tray_app.errors import SecretStoreError
+from tray_app.control.shared_state import (
+    SharedSigningKey,
+    load_shared_signing_key,
+    shared_secret,
+    uses_shared_state,
+)
+from tray_app.errors import SecretStoreError, StorageError
 from tray_app.gateway.accounting import UsageRecorder
 from tray_app.gateway.app import Gateway
 from tray_app.gateway.budgets import BudgetLedger
@@ -28,12 +35,15 @@ from tray_app.identity.signing_key import (
     rotate_signing_key,
 )
 from tray_app.identity.tokens import TokenService
-from tray_app.secret_store.base import SecretStore
+from tray_app.secret_store.base import STATE_DATABASE_URL, STATE_REDIS_URL, SecretStore
 from tray_app.secret_store.keyring_store import open_secret_store
 from tray_app.storage.conversations import ConversationStore
 from tray_app.storage.credentials import CredentialStore
 from tray_app.storage.database import Database, default_data_dir
 from tray_app.storage.usage_history import UsageHistory
+
+if TYPE_CHECKING:
+    from tray_app.gateway.shared_limits import SharedLimits
 
 log = logging.getLogger("lmgate.assembly")
 
@@ -50,6 +60,35 @@ def secret_store_for(config: Config) -> SecretStore:
     return open_secret_store(config.secrets_store, file_dir=file_dir)
 
 
+def open_database(config: Config, store: SecretStore | None) -> Database:
+    """The configured database: this machine's SQLite file, or with state.backend = postgres
+    the replicas' shared PostgreSQL (its URL a secret: SecretStoreError when it is not set)."""
+    if not uses_shared_state(config):
+        return Database.in_directory(data_dir(config))
+    from tray_app.storage.postgres import PostgresDatabase  # psycopg only in this mode
+
+    url = shared_secret(store, STATE_DATABASE_URL)  # a missing URL is said first
+    return PostgresDatabase.connect(url, pool_size=config.state_database_pool_size)
+
+
+@dataclass(frozen=True, slots=True)
+class SharedIdentityParts:
+    """What a replica opens before its identity services: the shared database and the
+    signing key every replica derives alike (control.shared_state)."""
+
+    db: Database
+    signing: SharedSigningKey
+
+
+def open_shared(config: Config, store: SecretStore) -> SharedIdentityParts:
+    db = open_database(config, store)
+    try:
+        return SharedIdentityParts(db, load_shared_signing_key(store, db))
+    except BaseException:
+        db.close()
+        raise
+
+
 @dataclass
 class Identity:
     db: Database
@@ -60,6 +99,8 @@ class Identity:
     recorder: UsageRecorder
     clock: Clock
     access: AccessPolicy
+    # With shared state: where the signing key comes from (a rotation keeps the master).
+    shared_signing: SharedSigningKey | None = None
 
     def close(self) -> None:
         self.db.close()
@@ -72,11 +113,15 @@ def open_identity(
     clock: Clock | None = None,
     db: Database | None = None,
     key_loader: Callable[[], bytes] | None = None,
+    shared: SharedIdentityParts | None = None,
 ) -> Identity:
     """The identity services on the configured data directory. A gateway passes
     ``key_loader`` (see :func:`signing_key_loader`) so that `lmgate keys rotate` reaches it
-    while it runs; without one, a rotated key needs a restart."""
+    while it runs; without one, a rotated key needs a restart. A replica passes ``shared``
+    (:func:`open_shared`): its database, and its key derived at every generation."""
     clock = clock or SystemClock()
+    if shared is not None:
+        db, key_loader = shared.db, shared.signing.current
     db = db or Database.in_directory(data_dir(config))
     access = AccessPolicy.with_allowlist(config.auth_allowed_models).with_budgets(
         device=budget_from_settings(
@@ -100,7 +145,17 @@ def open_identity(
         db, tokens, api_keys, clock, dev_mode=config.auth_dev_mode
     )
     recorder = UsageRecorder(db, clock)
-    return Identity(db, tokens, api_keys, pairing, authenticator, recorder, clock, access)
+    return Identity(
+        db,
+        tokens,
+        api_keys,
+        pairing,
+        authenticator,
+        recorder,
+        clock,
+        access,
+        shared.signing if shared is not None else None,
+    )
 
 
 def signing_key_loader(store: SecretStore) -> Callable[[], bytes]:
@@ -118,6 +173,13 @@ def rotate_signing_key_everywhere(identity: Identity, store: SecretStore) -> Rot
     """`lmgate keys rotate`: a new key in ``store``; every token and paired device revoked
     and the key's generation bumped in one transaction, so a running gateway sees all of it
     at once and re-reads the key from its own store. API keys are not signed: they stay."""
+    if identity.shared_signing is not None:
+        # The master stays: the new key is the next generation's, which every replica
+        # derives from the same master once it sees the bump.
+        revoked = CredentialStore(identity.db).revoke_for_key_rotation(identity.clock.time())
+        identity.tokens.replace_key(identity.shared_signing.current())
+        identity.tokens.reload()
+        return Rotation(revoked.tokens, revoked.devices)
     key = rotate_signing_key(store)
     revoked = CredentialStore(identity.db).revoke_for_key_rotation(identity.clock.time())
     identity.tokens.replace_key(key)
@@ -144,6 +206,22 @@ def signing_key_or_ephemeral(store: SecretStore | None) -> tuple[bytes, str | No
     return stdlib_secrets.token_bytes(32), warning
 
 
+def shared_limits_for(config: Config, store: SecretStore) -> SharedLimits | None:
+    """A replica's limits on the Redis its URL secret names; None on one machine, where they
+    are counted in this process. SecretStoreError when the URL is not set."""
+    if not uses_shared_state(config):
+        return None
+    url = shared_secret(store, STATE_REDIS_URL)
+    try:
+        # Here, not at the top: redis-py is the `team` extra's, and one machine runs without it.
+        from tray_app.gateway.shared_limits import SharedLimits
+    except ImportError:
+        raise StorageError(
+            "state.backend = postgres needs the team extra: pip install 'lmgate[team]'"
+        ) from None
+    return SharedLimits(config, url)
+
+
 def build_gateway(
     config: Config,
     identity: Identity,
@@ -155,6 +233,7 @@ def build_gateway(
     return Gateway(
         config,
         identity.authenticator,
+        shared_limits=shared_limits_for(config, store),
         secrets=store,
         clock=clock,
         pairing=identity.pairing,

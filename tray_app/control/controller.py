@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
+from tray_app.config import upstream_edit
 from tray_app.config.files import read_config_file
 from tray_app.config.settings import (
     CONFIG_FILE_ENV,
@@ -30,6 +31,7 @@ from tray_app.config.settings import (
     dump_settings,
     load_config,
 )
+from tray_app.config.upstreams import is_upstream_key, token_secret_name
 from tray_app.control.assembly import Identity, data_dir
 from tray_app.control.credential_usage import (
     NO_RECENT_USAGE,
@@ -40,6 +42,15 @@ from tray_app.control.credential_usage import (
 from tray_app.control.loop_thread import LoopThread
 from tray_app.control.service import GatewayService, Started
 from tray_app.control.settings_form import FORM_FIELDS
+from tray_app.control.upstream_changes import add_with_token, remove_with_token
+from tray_app.control.upstream_status import (
+    UpstreamRow,
+    UpstreamsChanged,
+    UpstreamStatus,
+    ask_upstream,
+    rows_of,
+    statuses_of,
+)
 from tray_app.errors import ConfigError, LMGateError, SecretStoreError, TunnelError
 from tray_app.gateway.server.identify import lmgate_listens
 from tray_app.gateway.upstream.probe import PROBE_TIMEOUT, LMStudioProbe, probe_lmstudio
@@ -90,6 +101,8 @@ class AppState:
     # What is wrong with LM Studio while the gateway runs (off, or wants a token); None: fine.
     upstream_note: str | None = None
     store_problem: str | None = None  # no usable secret store: why, and the fix
+    # Each upstream's state while the gateway runs (the tray lists them when there are several).
+    upstreams: tuple[UpstreamStatus, ...] = ()
 
     @property
     def status_line(self) -> str:
@@ -369,6 +382,7 @@ class Controller:
         )
         if not started.lmstudio_reachable:
             await self.check_lmstudio()  # says why at once: off, or wants a token
+        self.check_upstreams()
         if self._watch_interval > 0:
             self._watch = spawn(self._watch_lmstudio(), name="watch LM Studio")
         if self.config.tunnel_go_public_at_start and self._tunnel_ready():
@@ -395,6 +409,10 @@ class Controller:
             return bool(read_or_none(self._store, NGROK_AUTHTOKEN))
         return False
 
+    def stop_agent_now(self) -> bool:
+        """See :meth:`GatewayService.stop_agent_now`: safe from any thread."""
+        return self._service.stop_agent_now()
+
     async def shutdown(self) -> None:
         """Close the tunnel, let streams finish (within the grace), stop the gateway."""
         watch, self._watch = self._watch, None
@@ -404,7 +422,12 @@ class Controller:
                 await watch
         await self._service.stop()
         self._publish(
-            phase=Phase.PRIVATE, public_url=None, message="Stopped", busy=False, upstream_note=None
+            phase=Phase.PRIVATE,
+            public_url=None,
+            message="Stopped",
+            busy=False,
+            upstream_note=None,
+            upstreams=(),  # nothing checks them now: an old "up" would be a claim
         )
 
     # ---- watching LM Studio ----------------------------------------------------------------
@@ -415,6 +438,7 @@ class Controller:
             await asyncio.sleep(self._watch_interval)
             try:
                 await self.check_lmstudio()
+                self.check_upstreams()
             except Exception:  # the watcher must outlive any one failed look
                 log.exception("checking on LM Studio failed")
 
@@ -449,6 +473,15 @@ class Controller:
         self._publish(
             upstream_note=note, lmstudio_reachable=probe.ready, needs_lmstudio=not probe.ready
         )
+
+    def check_upstreams(self) -> None:
+        """Publish each upstream's state as the gateway's health checker last saw it, when it
+        changed (the checker probes on its own schedule; this only reads what it found)."""
+        if not self._service.running:
+            return
+        found = statuses_of(self._service.gateway.upstream_views())
+        if found != self._state.upstreams:
+            self._publish(upstreams=found)
 
     def _token_changed(self) -> bool:
         stored = read_or_none(self._store, LMSTUDIO_API_TOKEN)
@@ -798,10 +831,57 @@ class Controller:
         )
         return await self._restart()
 
+    # ---- upstreams ---------------------------------------------------------------------------
+    # Not part of AppSettings and Save: each change is written to the file at once, as
+    # `lmgate upstream add|remove` writes it, and applied as Save applies settings: the
+    # gateway restarts (if it runs) to use it.
+
+    async def upstream_rows(self) -> tuple[UpstreamRow, ...]:
+        """The configured upstreams, ``local`` first, for Settings' list."""
+        return rows_of(self.config.all_upstreams, self._store)
+
+    async def add_upstream(
+        self, name: str, url: str, weight: int = 1, token: str | None = None
+    ) -> UpstreamsChanged:
+        """Raises ValueError (a bad name, URL or weight, a name in use) in the parsers' words."""
+        entry = upstream_edit.new_entry(name.strip(), url.strip(), weight)
+        upstream_edit.ensure_unused(self._config_path, entry.name)
+        token = (token or "").strip() or None
+        if token and self._state.store_problem:
+            raise SecretStoreError(f"The upstream was not added. {self._state.store_problem}")
+        add_with_token(self._config_path, entry, self.config.all_upstreams, self._store, token)
+        return await self._upstreams_changed(f"Added {entry.name} at {entry.url}")
+
+    async def remove_upstream(self, name: str) -> UpstreamsChanged:
+        remove_with_token(self._config_path, name, self._store)
+        return await self._upstreams_changed(f"Removed {name}")
+
+    async def test_upstream(self, name: str) -> tuple[bool, str]:
+        """Ask the configured upstream ``name`` now, with its own token."""
+        entry = next((e for e in self.config.all_upstreams if e.name == name), None)
+        if entry is None:
+            raise ValueError(f"no upstream is named {name!r}")
+        return await ask_upstream(
+            name, entry.url, read_or_none(self._store, token_secret_name(name))
+        )
+
+    async def _upstreams_changed(self, done: str) -> UpstreamsChanged:
+        self.config = load_config(
+            path=self._config_path, environ=self._environ, overrides=self._overrides
+        )
+        if self._service.running:
+            await self._restart()
+            message = f"{done}; LM Gate restarted to use it."
+        else:
+            message = f"{done}; LM Gate uses it when it starts."
+        return UpstreamsChanged(rows_of(self.config.all_upstreams, self._store), message)
+
     def _merged_config_text(self, values: Mapping[str, object]) -> str:
         merged: dict[str, object] = {}
         for key, value in read_config_file(self._config_path).items():
-            if key in SETTINGS_BY_KEY:
+            # The upstreams' tables too: the Settings window does not edit them (yet), and a
+            # save must not drop the owner's other machines.
+            if key in SETTINGS_BY_KEY or is_upstream_key(key):
                 merged[key] = value
         merged.update(values)
         return dump_settings(merged)
@@ -879,6 +959,25 @@ class ThreadedController:
 
     def save_settings(self, new: AppSettings) -> concurrent.futures.Future[AppState]:
         return self._run(self.controller.save_settings(new))
+
+    def upstream_rows(self) -> concurrent.futures.Future[tuple[UpstreamRow, ...]]:
+        return self._run(self.controller.upstream_rows())
+
+    def add_upstream(
+        self, name: str, url: str, weight: int = 1, token: str | None = None
+    ) -> concurrent.futures.Future[UpstreamsChanged]:
+        return self._run(self.controller.add_upstream(name, url, weight, token))
+
+    def remove_upstream(self, name: str) -> concurrent.futures.Future[UpstreamsChanged]:
+        return self._run(self.controller.remove_upstream(name))
+
+    def test_upstream(self, name: str) -> concurrent.futures.Future[tuple[bool, str]]:
+        return self._run(self.controller.test_upstream(name))
+
+    def stop_now(self) -> None:
+        """A second stop signal, from any thread (the UI's, while :meth:`shutdown` waits): the
+        tunnel's agent stops at once; the caller then ends the process."""
+        self.controller.stop_agent_now()
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop everything and the loop thread; returns when done (or after ``timeout``).

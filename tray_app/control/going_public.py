@@ -47,16 +47,34 @@ def make_provider(
 ) -> TunnelProvider:
     if config.tunnel_provider == "ngrok":
         silence_pyngrok_logs()
-        return NgrokProvider(
-            secrets,
-            state_dir / "ngrok",
-            ngrok_path=config.tunnel_ngrok_path,
-            domain=config.tunnel_ngrok_domain,
-            region=config.tunnel_ngrok_region,
-        )
+        return _ngrok_provider(config, secrets, state_dir)
     if config.tunnel_provider == "lan":
         return LanProvider(server, address=config.tunnel_lan_address, port=config.tunnel_lan_port)
     raise TunnelError(f"unknown tunnel provider {config.tunnel_provider!r}")
+
+
+def _ngrok_provider(config: Config, secrets: SecretStore, state_dir: Path) -> NgrokProvider:
+    return NgrokProvider(
+        secrets,
+        state_dir / "ngrok",
+        ngrok_path=config.tunnel_ngrok_path,
+        domain=config.tunnel_ngrok_domain,
+        region=config.tunnel_ngrok_region,
+    )
+
+
+def stop_agent_now(config: Config, secrets: SecretStore, state_dir: Path) -> bool:
+    """Stop the tunnel agent that ``config`` runs from ``state_dir``, from any thread and
+    whatever its orderly close is doing: by its PID file, as a crash's leftover is stopped at
+    the next start. For a second stop signal, which ends LM Gate without waiting; True if an
+    agent was stopped."""
+    if config.tunnel_provider != "ngrok":
+        return False
+    provider = _ngrok_provider(config, secrets, state_dir)
+    stopped = provider.stop_stale_agent()
+    # The authtoken's only copy outside the secret store goes with the agent, as on a close.
+    provider.config_path.unlink(missing_ok=True)
+    return stopped
 
 
 def tunnel_manager(

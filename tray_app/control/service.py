@@ -17,14 +17,17 @@ from tray_app.control.assembly import (
     build_gateway,
     data_dir,
     open_identity,
+    open_shared,
     secret_store_for,
     signing_key_loader,
     signing_key_or_ephemeral,
 )
-from tray_app.control.going_public import go_public
+from tray_app.control.going_public import go_public, stop_agent_now
+from tray_app.control.shared_state import uses_shared_state
 from tray_app.errors import LMGateError, SecretStoreError
 from tray_app.gateway.app import Gateway
 from tray_app.gateway.server.runner import GatewayServer
+from tray_app.gateway.upstream.pool import UpstreamView
 from tray_app.identity.principal import ALL_SCOPES
 from tray_app.secret_store.base import (
     LMSTUDIO_API_TOKEN,
@@ -47,6 +50,8 @@ class Started:
     store_problem: str | None  # the configured store is unusable: why, and what to do
     key_warning: str | None  # the signing key lives in memory for this run only
     first_key: str | None  # made by this start (see GatewayService.start); shown only now
+    # With several upstreams, each one's state after the start's probe (else empty).
+    upstreams: tuple[UpstreamView, ...] = ()
 
 
 class GatewayService:
@@ -100,14 +105,28 @@ class GatewayService:
         if self._identity is not None:
             raise LMGateError("LM Gate is already running")
         store, store_problem = self._open_store()
-        signing_key, key_warning = signing_key_or_ephemeral(store)
-        # With the key from a store, `lmgate keys rotate` reaches this gateway while it runs;
-        # a key in memory only cannot have been rotated by anyone else.
-        loader = None if key_warning or store is None else signing_key_loader(store)
+        shared = None
+        if uses_shared_state(self.config):
+            # A replica without its store has no database URL and no common key: it must
+            # not start on a key of its own whose tokens no other replica accepts.
+            if store is None:
+                raise SecretStoreError(store_problem or "no secret store is available")
+            shared = open_shared(self.config, store)
+            signing_key, key_warning, loader = shared.signing.current(), None, None
+        else:
+            signing_key, key_warning = signing_key_or_ephemeral(store)
+            # With the key from a store, `lmgate keys rotate` reaches this gateway while it
+            # runs; a key in memory only cannot have been rotated by anyone else.
+            loader = None if key_warning or store is None else signing_key_loader(store)
         # Without a usable store LM Gate still reads LMGATE_SECRET_* variables set on purpose.
         self.secrets = store if store is not None else EnvSecretStore()
         self.lmstudio_token = read_or_none(self.secrets, LMSTUDIO_API_TOKEN)
-        identity = open_identity(self.config, signing_key, key_loader=loader)
+        try:
+            identity = open_identity(self.config, signing_key, key_loader=loader, shared=shared)
+        except BaseException:
+            if shared is not None:
+                shared.db.close()
+            raise
         try:
             server = GatewayServer(build_gateway(self.config, identity, self.secrets))
             await server.start()
@@ -116,14 +135,15 @@ class GatewayService:
             raise
         self._identity, self._server = identity, server
         try:
-            reachable = await server.gateway.lmstudio_reachable()
+            reachable = await server.gateway.upstreams_reachable()
             # After the last await: nothing can interrupt the start between making the key
             # and handing it to the front-end that shows it.
             made = self._make_first_key(identity) if first_key else None
         except BaseException:
             await self.stop()
             raise
-        return Started(server.url, reachable, store_problem, key_warning, made)
+        views = server.gateway.upstream_views() if server.gateway.pool.several else ()
+        return Started(server.url, reachable, store_problem, key_warning, made, views)
 
     def _open_store(self) -> tuple[SecretStore | None, str | None]:
         if self._store_override is not None:
@@ -155,6 +175,11 @@ class GatewayService:
         if self._tunnel is not None:
             tunnel, self._tunnel = self._tunnel, None
             await tunnel.stop()
+
+    def stop_agent_now(self) -> bool:
+        """A second stop signal: the tunnel's agent is stopped here and now, from any thread,
+        even while :meth:`stop` is under way; the rest is left to the process's end."""
+        return stop_agent_now(self.config, self.secrets, data_dir(self.config))
 
     async def stop(self) -> None:
         """In reverse: the tunnel (and its agent) before the gateway, whose running streams

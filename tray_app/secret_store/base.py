@@ -19,6 +19,10 @@ from tray_app.errors import SecretStoreError
 # Entry names, one secret each. Each further upstream's token has its own entry
 # (config.upstreams.token_secret_name).
 LMSTUDIO_API_TOKEN = LOCAL_TOKEN_SECRET
+# With state.backend = postgres: where the shared state lives. URLs, because they carry the
+# password (postgresql://user:pw@host/db, redis://:pw@host:6379/0), never config or argv.
+STATE_DATABASE_URL = "state-database-url"
+STATE_REDIS_URL = "state-redis-url"
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 MAX_SECRET_BYTES = 2048

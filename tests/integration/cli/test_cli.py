@@ -363,3 +363,16 @@ def test_sigterm_while_lm_studio_is_probed_stops_gracefully(env: Env) -> None:
     # The handlers used to be installed only after the probe: SIGTERM killed it mid-start.
     assert serve.returncode == 0, (serve.returncode, err)
     assert out.rstrip().endswith("Stopped."), out
+
+
+def test_secret_set_takes_an_upstreams_token_and_refuses_other_names(env: Env) -> None:
+    stored = env.run("secret", "set", "upstream-token-desk", stdin="sk-desk-123\n")
+    assert stored.returncode == 0, stored.stderr
+    assert "Stored upstream-token-desk" in stored.stdout
+    assert "uses it from its next probe of that upstream" in stored.stdout
+    listed = env.run("upstream", "list")
+    refused = env.run("secret", "set", "signing-key", stdin="x\n")
+    assert refused.returncode == 2
+    assert "'signing-key' is not a secret LM Gate keeps" in refused.stderr
+    assert "upstream-token-NAME" in refused.stderr
+    assert "sk-desk-123" not in stored.stdout + stored.stderr + listed.stdout

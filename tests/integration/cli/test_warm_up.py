@@ -4,11 +4,12 @@ fake LM Studio over a real socket, with the config and secret store the gateway 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fake_lmstudio import MODELS, FakeLMStudio
+from tests.fake_lmstudio import MODELS, FakeLMStudio, fake_on_a_thread
 from tests.helpers import Env
 
 QWEN, LLAMA, EMBED = MODELS
@@ -155,3 +156,43 @@ def test_while_an_lm_gate_serves_it_refuses_to_evict_unless_forced(
         assert lmstudio.loaded == [LLAMA]
     finally:
         serving.close()
+
+
+@pytest.fixture
+def second_lmstudio() -> Iterator[FakeLMStudio]:
+    for fake in fake_on_a_thread():
+        fake.loaded = [QWEN]
+        yield fake
+
+
+def test_on_names_the_upstream_and_sends_its_own_token(
+    lmstudio: FakeLMStudio, second_lmstudio: FakeLMStudio, env: Env
+) -> None:
+    second_lmstudio.behaviour.require_token = TOKEN
+    added = env.run(
+        "upstream", "add", "desk", second_lmstudio.url, "--token-stdin", stdin=TOKEN + "\n"
+    )
+    assert added.returncode == 0, added.stderr
+    result = env.run("warm-up", LLAMA, "--on", "desk")
+    assert result.returncode == 0, result.stderr
+    assert (second_lmstudio.loaded, lmstudio.loaded) == ([LLAMA], [QWEN])
+    assert lmstudio.native == []  # local was not even asked
+
+
+def test_on_an_unknown_upstream_names_the_configured_ones(lmstudio: FakeLMStudio, env: Env) -> None:
+    result = env.run("warm-up", LLAMA, "--on", "attic")
+    assert result.returncode == 2
+    assert result.stderr == "lmgate: no upstream is named 'attic' (configured: local).\n"
+    assert lmstudio.loaded == [QWEN]
+
+
+def test_another_machine_s_model_ids_cannot_drive_the_terminal(
+    lmstudio: FakeLMStudio, env: Env
+) -> None:
+    forged = "evil\x1b[2K\rfake line"
+    lmstudio.behaviour.models = (*MODELS, forged)
+    lmstudio.loaded = [forged]
+    result = env.run("warm-up", QWEN, "--force")
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout
+    assert "LM Studio may unload evil?[2K?fake line to make room." in result.stdout

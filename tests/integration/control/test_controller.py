@@ -188,6 +188,25 @@ def test_settings_round_trip_through_an_in_memory_store(make, tmp_path: Path) ->
     assert again.new_ngrok_token is None
 
 
+def test_saving_settings_keeps_the_other_upstreams(make, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The Settings window does not edit [upstreams.NAME] tables: a save keeps them."""
+    (tmp_path / "config.toml").write_text(
+        '[server]\nport = 0\n[upstreams.desk]\nurl = "http://127.0.0.1:3000"\nweight = 2\n',
+        encoding="utf-8",
+    )
+    controller = make(store=MemorySecretStore())
+    controller.start().result(20)
+    from dataclasses import replace
+
+    new = replace(controller.settings().result(5), limits_requests_per_minute=31)
+    controller.save_settings(new).result(30)
+    config = load_config(path=tmp_path / "config.toml", environ={})
+    assert config.limits_requests_per_minute == 31
+    assert [(u.name, u.url, u.weight) for u in config.all_upstreams][1:] == [
+        ("desk", "http://127.0.0.1:3000", 2)
+    ]
+
+
 def test_test_connection_reports_models_or_the_exact_error(make, lmstudio_thread) -> None:  # type: ignore[no-untyped-def]
     controller = make()
     controller.start().result(20)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
+from tray_app.config.settings import dump_settings, load_config
 from tray_app.config.upstreams import (
     FIELDS,
     LOCAL,
     WEIGHT_MAX,
     UpstreamEntry,
     check_name,
+    is_token_secret_name,
     parse_upstreams,
     token_secret_name,
     upstream_keys,
@@ -133,3 +136,83 @@ class TestWriteBack:
             "upstreams.desk.url": "http://127.0.0.1:3000"
         }
         assert upstream_keys(UpstreamEntry(LOCAL, LOCAL_URL)) == {}
+
+
+class TestThroughLoadConfig:
+    """The tables through the real loader: the file's tables, upstream.url from any layer."""
+
+    def write(self, tmp_path: Path, text: str) -> Path:
+        path = tmp_path / "config.toml"
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def test_without_tables_a_list_of_one(self, tmp_path: Path) -> None:
+        config = load_config(path=self.write(tmp_path, ""), environ={})
+        assert config.upstreams == ()
+        assert config.all_upstreams == (UpstreamEntry(LOCAL, "http://127.0.0.1:1234"),)
+
+    def test_tables_with_upstream_url_from_the_environment(self, tmp_path: Path) -> None:
+        path = self.write(
+            tmp_path,
+            '[upstreams.desk]\nurl = "http://127.0.0.1:3000"\nweight = 3\n'
+            "[upstreams.local]\nenabled = false\n",
+        )
+        config = load_config(path=path, environ={"LMGATE_UPSTREAM_URL": "http://127.0.0.1:9"})
+        assert config.all_upstreams == (
+            UpstreamEntry(LOCAL, "http://127.0.0.1:9", enabled=False),
+            UpstreamEntry("desk", "http://127.0.0.1:3000", 3),
+        )
+
+    def test_a_bad_table_names_its_key_and_file(self, tmp_path: Path) -> None:
+        path = self.write(tmp_path, '[upstreams.desk]\nurl = "ftp://x"\n')
+        with pytest.raises(ConfigError) as caught:
+            load_config(path=path, environ={})
+        assert caught.value.key == "upstreams.desk.url" and caught.value.source == str(path)
+
+    def test_written_back_and_read_again(self, tmp_path: Path) -> None:
+        entry = UpstreamEntry("desk", "http://127.0.0.1:3000", 2, False)
+        path = self.write(tmp_path, dump_settings({"server.port": 9000, **upstream_keys(entry)}))
+        config = load_config(path=path, environ={})
+        assert config.server_port == 9000 and entry in config.all_upstreams
+
+    @pytest.mark.parametrize(
+        ("key", "value"),
+        [
+            ("upstreams.Desk.url", "http://127.0.0.1:1"),
+            ("upstreams.desk.port", 1),
+            ("upstreams.desk.weight", 0),
+            ("upstreams.desk.url", "http://u:p@127.0.0.1"),
+        ],
+    )
+    def test_dump_refuses_what_load_would(self, key: str, value: object) -> None:
+        with pytest.raises(ConfigError) as caught:
+            dump_settings({key: value})
+        assert caught.value.key == key
+
+
+class TestTokenSecretNames:
+    @pytest.mark.parametrize(
+        "name", ["lmstudio-api-token", "upstream-token-desk", "upstream-token-a-1"]
+    )
+    def test_each_upstreams_entry_is_one(self, name: str) -> None:
+        assert is_token_secret_name(name)
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            "upstream-token-",
+            "upstream-token-local",  # local's is lmstudio-api-token: never two entries for one
+            "upstream-token-Desk",
+            "upstream-token-../x",
+            "ngrok-authtoken",
+            "signing-key",
+            "upstream-token",
+            "",
+        ],
+    )
+    def test_nothing_else_is(self, name: str) -> None:
+        assert not is_token_secret_name(name)
+
+    def test_every_upstreams_own_name_is_one(self) -> None:
+        for upstream in ("local", "desk", "a" * 31):
+            assert is_token_secret_name(token_secret_name(upstream))
