@@ -126,7 +126,8 @@ def test_a_new_pairing_link_pairs_a_tab_that_already_shows_the_page(
     page.wait_for_selector("#chat-screen:not([hidden])", timeout=10000)
     assert "#" not in page.url, "the code left the address bar"
     assert page.evaluate("localStorage.getItem('lmgate.token')").count(".") == 2
-    assert page.eval_on_selector_all("#model option", "els => els.length") > 0
+    # The model list arrives by its own request after the chat screen shows.
+    page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
     context.close()
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import getpass
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +22,7 @@ from tray_app.control.controller import AppState, Phase
 from tray_app.ui.actions import AppActions
 from tray_app.ui.bridge import UiBridge
 from tray_app.ui.port import ControllerPort
+from tray_app.ui.stop_signals import StopSignals
 from tray_app.ui.tray import MainWindow, Tray
 
 log = logging.getLogger("lmgate.ui")
@@ -64,6 +67,8 @@ class TrayApp:
         self.server.listen(name)
         self.server.newConnection.connect(self._incoming)
         self._stopped = False
+        # Set by run(): a stop signal during Quit's shutdown then ends the app at once.
+        self.stop_signals: StopSignals | None = None
 
     def start(self, wishes: Sequence[str] = ()) -> None:
         self.bridge.when_done(
@@ -108,6 +113,8 @@ class TrayApp:
         if self._stopped:
             return
         self._stopped = True
+        if self.stop_signals is not None:
+            self.stop_signals.mark_stopping()
         if self.tray is not None:
             self.tray.icon.hide()
         for window in (
@@ -160,6 +167,27 @@ def run(wishes: Sequence[str], controller: ControllerPort) -> int:
     app.setQuitOnLastWindowClosed(False)
     app.setApplicationName("LM Gate")
     tray_app = TrayApp(controller)
+    stop_signals = StopSignals(app, tray_app.quit, lambda signum: end_at_once(controller, signum))
+    tray_app.stop_signals = stop_signals
+    stop_signals.install()
     QTimer.singleShot(0, lambda: tray_app.start(wishes))
+    # Quit from the menu, a stop signal, macOS's terminate request and Windows' session end
+    # all come here.
     app.aboutToQuit.connect(tray_app.quit)
-    return int(app.exec())
+    try:
+        return int(app.exec())
+    finally:
+        stop_signals.uninstall()
+
+
+def end_at_once(controller: ControllerPort, signum: int) -> None:
+    """A second stop signal: the running answers are not waited for, the tunnel's agent still
+    stops (it runs in a session of its own, so no signal of ours reaches it). Never returns."""
+    try:
+        log.warning("%s during shutdown: ending at once", signal.Signals(signum).name)
+        controller.stop_now()
+    finally:
+        logging.shutdown()
+        # Not sys.exit: the handler may have interrupted the shutdown's wait in this thread,
+        # and an exception would only unwind back into it.
+        os._exit(128 + signum)

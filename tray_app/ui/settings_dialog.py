@@ -1,4 +1,5 @@
-"""Settings, non-modal: LM Studio, tunnel, allowed models, token lifetime, limits, start-up.
+"""Settings, non-modal: LM Studio, the other machines behind it, tunnel, allowed models, token
+lifetime, limits, start-up.
 
 Secret fields are write-only: they never show a stored value, only whether one is stored.
 """
@@ -28,6 +29,7 @@ from tray_app.control.controller import AppSettings, AppState
 from tray_app.control.settings_form import FORM_FIELDS, FormInput, FormKind
 from tray_app.ui.bridge import UiBridge
 from tray_app.ui.port import ControllerPort
+from tray_app.ui.upstreams_section import UpstreamsPort, UpstreamsSection
 
 W = TypeVar("W", bound=QWidget)
 
@@ -97,6 +99,10 @@ class SettingsDialog(QWidget):
         self.store_note.setWordWrap(True)
         self.store_note.setStyleSheet("color: #b45309")
         self.store_note.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        # A controller without upstreams (an older double) gets the form without the section.
+        self.upstreams = (
+            UpstreamsSection(controller, bridge) if isinstance(controller, UpstreamsPort) else None
+        )
 
         upstream_row = QHBoxLayout()
         upstream_row.addWidget(self.upstream, 1)
@@ -120,6 +126,8 @@ class SettingsDialog(QWidget):
         layout = QVBoxLayout(self)
         layout.addWidget(self.store_note)
         layout.addLayout(form)
+        if self.upstreams is not None:
+            layout.addWidget(self.upstreams)
         layout.addWidget(self.overrides_note)
         for checkbox in checkboxes:
             layout.addWidget(checkbox)
@@ -152,6 +160,8 @@ class SettingsDialog(QWidget):
         self.start_at_login.setChecked(settings.start_at_login)
         self._show_port(settings)
         self._show_overrides(dict(settings.overridden))
+        if self.upstreams is not None:
+            self.upstreams.refresh()
 
     def _show_port(self, settings: AppSettings) -> None:
         if settings.port_note:

@@ -3,12 +3,26 @@ window that stands in where no system tray exists (GNOME without AppIndicator)."
 
 from __future__ import annotations
 
+import html
+
 from PySide6.QtGui import QAction, QIcon
 from PySide6.QtWidgets import QLabel, QMenu, QPushButton, QSystemTrayIcon, QVBoxLayout, QWidget
 
 from tray_app.control.controller import AppState, Phase
 from tray_app.ui.actions import AppActions
 from tray_app.ui.icons import icon_for
+
+# Marks the menu's lines that say how things are, not something to do: the main window
+# turns every other action into a button.
+STATUS_ONLY = "status"
+
+
+def upstream_lines(state: AppState) -> list[str]:
+    """One line per upstream ("desk: down: it refused LM Gate's token") when there are several;
+    none for one, whose state the status line says already."""
+    if len(state.upstreams) < 2:
+        return []
+    return [f"{status.name}: {status.words}" for status in state.upstreams]
 
 
 def tooltip_for(state: AppState) -> str:
@@ -18,6 +32,7 @@ def tooltip_for(state: AppState) -> str:
         + (f": {where}" if where else "")
         + ("" if state.phase == Phase.PUBLIC else f"\n{state.message}")
         + (f"\n{state.upstream_note}" if state.upstream_note else "")
+        + "".join(f"\n{line}" for line in upstream_lines(state))
     )
 
 
@@ -44,6 +59,15 @@ class TrayMenu:
         menu.clear()
         status = menu.addAction(state.status_line)
         status.setEnabled(False)
+        status.setData(STATUS_ONLY)
+        lines = upstream_lines(state)
+        if lines:
+            menu.addSeparator()
+        for line in lines:
+            # "&&": a name or a reason with "&" must not become a keyboard mnemonic.
+            shown = menu.addAction(line.replace("&", "&&"))
+            shown.setEnabled(False)
+            shown.setData(STATUS_ONLY)
         menu.addSeparator()
         public = state.phase in {Phase.PUBLIC, Phase.RECONNECTING}
         running = state.gateway_url is not None
@@ -145,6 +169,8 @@ class MainWindow(QWidget):
             f"<b>{state.phase.title()}</b> — {state.status_line}"
             + (f"<br><i>{state.warning}</i>" if state.warning else "")
             + (f"<br><i>{state.port_note}</i>" if state.port_note else "")
+            # Names and reasons come from the config and other machines: escaped, not markup.
+            + "".join(f"<br>{html.escape(line)}" for line in upstream_lines(state))
         )
         self.menu.rebuild()
         for button in self.buttons:
@@ -152,7 +178,7 @@ class MainWindow(QWidget):
             button.deleteLater()
         self.buttons = []
         for action in self.menu.menu.actions():
-            if action.isSeparator() or action.text() == state.status_line:
+            if action.isSeparator() or action.data() == STATUS_ONLY:
                 continue
             button = QPushButton(action.text())
             button.setEnabled(action.isEnabled())
