@@ -125,3 +125,31 @@ def test_profile_script_reports_layers(tmp_path: Path) -> None:
     assert "| socket writes (send system call) |" in text
     assert "| LM Gate (tray_app) |" in text
     assert "`Gateway.dispatch (tray_app/gateway/app.py)`" in text
+
+
+def test_routing_benchmark_measures_one_two_and_the_control(tmp_path: Path) -> None:
+    out = tmp_path / "routing.json"
+    _script(
+        "bench_routing.py", "--rounds", "1", "--requests", "30", "--json", str(out), timeout=300
+    )
+    figures = json.loads(out.read_text())
+    assert set(figures) == {"one upstream", "two upstreams", "one upstream (control)", "in process"}
+    assert figures["two upstreams"]["c1_p50_ms"] > 0
+
+
+def test_failover_benchmark_kills_one_and_sees_it_rejoin(tmp_path: Path) -> None:
+    out = tmp_path / "failover.json"
+    _script(
+        "bench_failover.py",
+        *("--concurrency", "4", "--kill-after", "1", "--down-for", "1", "--json", str(out)),
+        timeout=300,
+    )
+    figures = json.loads(out.read_text())
+    # What was sent after the kill and never reached a server could have gone to the other
+    # one; a request in flight at the kill could not be retried (a server may have had it).
+    assert figures["sent"] > 0
+    assert figures["failed_had_not_started_never_reached"] == 0, figures["failures_never_reached"]
+    # ... and was sent moments before it: a request the gateway held on to for longer
+    # (past a whole answer's time) and then lost is not in flight, it is lost.
+    assert all(-1000 < at < 0 for at in figures["in_flight_sent_ms_after_kill"])
+    assert figures["marked_down_s"] is not None and figures["serves_again_s"] is not None

@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from tests.conftest import LiveGateway
-from tests.helpers import LMGATE, REPO_ROOT, Env, cli_env, start_serve
+from tests.helpers import LMGATE, REPO_ROOT, Env, cli_env, free_port, start_serve
+from tests.nginx_server import nginx_binary, self_signed, start_nginx
 
 ROOT = REPO_ROOT
 
@@ -133,48 +134,10 @@ def test_check_reports_failures(live: Live) -> None:
 # ---- nginx ------------------------------------------------------------------------------------
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "test.crt", directory / "test.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=llm.example.test",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_nginx_site_passes_nginx_t_and_streams(live: Live, tmp_path: Path) -> None:
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
-        if os.environ.get("LMGATE_REQUIRE_NGINX") == "1":
-            pytest.fail("nginx is required (tests/run.sh installs Debian's nginx)")
-        pytest.skip("nginx is not installed (tests/run.sh installs it)")
-    cert, key = _self_signed(tmp_path)
-    https, http = _free_port(), _free_port()
+    nginx_binary()  # skipped (or failed, in CI) before anything is written
+    cert, key = self_signed(tmp_path, "llm.example.test")
+    https, http = free_port(), free_port()
     out = tmp_path / "deploy"
     result = subprocess.run(
         [
@@ -216,31 +179,8 @@ def test_nginx_site_passes_nginx_t_and_streams(live: Live, tmp_path: Path) -> No
     assert "LMGATE_SERVER_TRUSTED_PROXIES=127.0.0.1/32" in unit and "NoNewPrivileges=true" in unit
     assert "LMGATE_SERVER_ALLOWED_HOSTS=llm.example.test" in unit
 
-    prefix = tmp_path / "nginx"
-    (prefix / "logs").mkdir(parents=True)
-    conf = prefix / "nginx.conf"
-    conf.write_text(
-        f"pid {prefix}/nginx.pid;\nerror_log {prefix}/logs/error.log;\n"
-        "events {}\n"
-        f"http {{\n  access_log off;\n  client_body_temp_path {prefix}/body;\n"
-        f"  proxy_temp_path {prefix}/proxy;\n  include {out}/lmgate-nginx.conf;\n}}\n"
-    )
-    tested = subprocess.run(
-        [nginx, "-t", "-p", str(prefix), "-c", str(conf)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert tested.returncode == 0, tested.stderr
-    assert "syntax is ok" in tested.stderr
-
-    server = subprocess.Popen(
-        [nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_nginx(tmp_path / "nginx", out / "lmgate-nginx.conf", https)
     try:
-        time.sleep(0.5)
         live.fake.behaviour.chunks = 6
         live.fake.behaviour.chunk_delay = 0.2
         base = f"https://llm.example.test:{https}"
@@ -273,8 +213,7 @@ def test_nginx_site_passes_nginx_t_and_streams(live: Live, tmp_path: Path) -> No
         assert first_at < 0.6, f"nginx buffered the stream ({first_at:.2f} s to the first chunk)"
         assert "data: [DONE]" in rest
     finally:
-        server.send_signal(signal.SIGQUIT)
-        server.wait(10)
+        server.stop()
 
 
 # ---- Docker -------------------------------------------------------------------------------
