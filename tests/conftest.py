@@ -14,7 +14,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.fake_lmstudio import FakeLMStudio
+from tests.fake_lmstudio import FakeLMStudio, fake_on_a_thread
 from tests.fakes import StaticKeyAuthenticator
 from tests.helpers import Env, cli_env
 from tray_app.clock import Clock, SystemClock
@@ -26,6 +26,8 @@ from tray_app.gateway.server.runner import GatewayServer
 from tray_app.identity.principal import Authenticator
 from tray_app.identity.signing_key import load_or_create_signing_key
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, MemorySecretStore
+
+pytest_plugins = ["tests.redis_server", "tests.postgres_server"]  # real Redis and PostgreSQL
 
 # Made fresh per run, so a test that finds one of these in a log found a real leak.
 CLIENT_KEY = "lmg_test_" + secrets.token_urlsafe(24)
@@ -164,12 +166,5 @@ class LiveGateway:
 
 @pytest.fixture
 def lmstudio_thread() -> Iterator[FakeLMStudio]:
-    """The fake LM Studio on a loop thread of its own: for code under test that runs its own
-    loop (the tray's controller, the tray itself), which a test's loop cannot serve."""
-    thread = LoopThread()
-    thread.start()
-    fake = FakeLMStudio()
-    thread.submit(fake.start()).result(5)
-    yield fake
-    thread.submit(fake.stop()).result(5)
-    thread.stop()
+    """The fake LM Studio on a loop thread of its own (see :func:`fake_on_a_thread`)."""
+    yield from fake_on_a_thread()

@@ -41,6 +41,7 @@ GUARDED = (
     "tray_app/identity/principal.py",
     "tray_app/identity/tokens.py",
     "tray_app/storage/budgets.py",
+    "tray_app/ui/stop_signals.py",
     "tray_app/ui/warm_up_window.py",
 )
 

@@ -149,5 +149,8 @@ class FakeController:
         )
         return self._answer("save_settings", self._state, new)
 
+    def stop_now(self) -> None:
+        self.calls.append(("stop_now", ()))
+
     def shutdown(self, timeout: float = 30.0) -> None:
         self.calls.append(("shutdown", ()))

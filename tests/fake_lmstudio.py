@@ -24,13 +24,14 @@ import json
 import time
 import zlib
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from tests import fake_lmstudio_apis as apis
+from tray_app.control.loop_thread import LoopThread
 
 NATIVE_MODEL_PATHS = frozenset({"/api/v0/models", "/api/v1/models/load"})
 MODELS = ("qwen2.5-7b-instruct", "llama-3.2-1b-instruct", "nomic-embed-text-v1.5")
@@ -543,3 +544,16 @@ def _compressed(pieces: list[bytes], encoding: str) -> bytes:
 def _piece(text: str, index: int, count: int) -> str:
     size = -(-len(text) // count)
     return text[index * size : (index + 1) * size]
+
+
+def fake_on_a_thread(behaviour: Behaviour | None = None) -> Iterator[FakeLMStudio]:
+    """A fake LM Studio on a loop thread of its own, for a fixture to ``yield from``: for code
+    under test that runs its own loop (the tray's controller, the tray, the CLI), which a
+    test's loop cannot serve."""
+    thread = LoopThread()
+    thread.start()
+    fake = FakeLMStudio(behaviour)
+    thread.submit(fake.start()).result(5)
+    yield fake
+    thread.submit(fake.stop()).result(5)
+    thread.stop()

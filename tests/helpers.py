@@ -11,10 +11,13 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+import pytest
 
 from tests.fakes import StaticKeyAuthenticator
 from tray_app.identity.principal import Principal
@@ -129,6 +132,15 @@ class LogCapture:
     def access(self) -> list[dict[str, Any]]:
         return [r for r in self.records() if r["logger"] == "lmgate.access"]
 
+    def wait_for_access(self, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The access lines once there are ``count``: a line is written after its answer's last
+        byte went out, so a client can hold the answer before the gateway has logged it."""
+        deadline = time.monotonic() + timeout
+        while len(lines := self.access()) < count:
+            assert time.monotonic() < deadline, f"{len(lines)} access lines, wanted {count}"
+            time.sleep(0.01)
+        return lines
+
 
 class FixedPrincipalAuthenticator:
     """Accepts one key and returns a given principal: exercises the identity layer's hooks."""
@@ -143,6 +155,9 @@ class FixedPrincipalAuthenticator:
 
     def still_valid(self, principal: Principal) -> bool:
         return principal is self._principal
+
+    def check_state(self) -> None:
+        pass  # no database behind it
 
 
 def sse_events(body: bytes) -> list[str]:
@@ -186,6 +201,13 @@ def cli_env(tmp_path: Path) -> Env:
     return Env(variables, tmp_path / "data")
 
 
+def free_port() -> int:
+    """A port nothing listens on now, for a server that cannot be told to pick its own."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def curl(url: str, *args: str) -> tuple[int, str]:
     result = subprocess.run(
         ["curl", "-sS", "-w", "\n%{http_code}", url, *args],
@@ -219,7 +241,6 @@ def start_serve(
 
     Fails (instead of hanging) if the process exits or says nothing within ``timeout``."""
     import re
-    import time
 
     proc = subprocess.Popen(
         [executable, "serve", "--port", "0", *args],
@@ -260,3 +281,11 @@ def photo_data_url(width: int = 8, height: int = 6, kind: str = "PNG") -> str:
     Image.new("RGB", (width, height), (200, 40, 40)).save(buffer, kind)
     media = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}[kind]
     return f"data:{media};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def missing_tool(what: str, variable: str, hint: str = "") -> NoReturn:
+    """A program some tests drive is not installed: skip them, or fail where CI must have it
+    (``variable`` = 1, as tests/run.sh sets)."""
+    if os.environ.get(variable) == "1":
+        pytest.fail(f"{what} is required ({variable}=1){hint} but not installed")
+    pytest.skip(f"{what} is not installed{hint}")

@@ -23,6 +23,10 @@ command -v curl >/dev/null || missing+=(curl)
 command -v gnome-keyring-daemon >/dev/null || missing+=(gnome-keyring)
 command -v dbus-run-session >/dev/null || missing+=(dbus-x11)
 command -v secret-tool >/dev/null || missing+=(libsecret-tools)
+# The team gateway's shared state (state.backend = postgres): a real PostgreSQL and a real
+# Redis, each started by the tests in a private directory on a port of their own.
+command -v redis-server >/dev/null || missing+=(redis-server)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 # The tray app: Qt's runtime libraries, and a real X display with a tray host for the display test;
 # Debian's Chromium for the phone page (Playwright drives it; it never downloads a browser);
 # nginx and openssl to test the generated server deployment; unshare and nsenter to give a test
@@ -91,7 +95,7 @@ step "import contracts (lint-imports, .importlinter)"
 
 step "pytest under coverage (inside a private D-Bus session with an unlocked, throwaway keyring)"
 export LMGATE_REQUIRE_SECRET_SERVICE=1 LMGATE_REQUIRE_DISPLAY=1 LMGATE_REQUIRE_BROWSER=1
-export LMGATE_REQUIRE_NGINX=1
+export LMGATE_REQUIRE_NGINX=1 LMGATE_REQUIRE_REDIS=1 LMGATE_REQUIRE_POSTGRES=1
 # Mounting a tmpfs needs root; CI runs as root, so the full-disk test must not be skipped there.
 [ "$(id -u)" = 0 ] && export LMGATE_REQUIRE_NAMESPACES=1
 keyring_home=$(mktemp -d)

@@ -1,0 +1,247 @@
+"""A team's gateway for real: 2-3 `lmgate serve` replicas sharing a real PostgreSQL and a
+real Redis (tests/postgres_server.py, tests/redis_server.py), with a real nginx in front made by
+`lmgate deploy nginx --replica` (tests/replicas.py). What issue 19 says must hold across
+replicas: a rate limit is exact, a revocation reaches every replica within a second, a pairing
+code pairs one device however many replicas it is sent to at once, and a database that goes
+away fails closed and comes back by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.fake_lmstudio import FakeLMStudio, fake_on_a_thread
+from tests.postgres_server import PostgresServer
+from tests.redis_server import RedisServer
+from tests.replicas import DOMAIN, TeamGateway
+
+MakeTeam = Callable[..., TeamGateway]
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeLMStudio]:
+    yield from fake_on_a_thread()
+
+
+@pytest.fixture
+def make_team(
+    tmp_path: Path,
+    upstream: FakeLMStudio,
+    postgres_server: PostgresServer,
+    redis_server: RedisServer,
+) -> Iterator[MakeTeam]:
+    """A team gateway on a database of its own; settings as LMGATE_* variables."""
+    made: list[TeamGateway] = []
+
+    def make(**settings: str) -> TeamGateway:
+        home = tmp_path / f"team{len(made)}"
+        home.mkdir()
+        gateway = TeamGateway(
+            home,
+            postgres_server.new_database(),
+            redis_server.url,
+            upstream.url,
+            settings=settings,
+        )
+        made.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in made:
+        gateway.close()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", "Host": DOMAIN}
+
+
+async def status_of(session: aiohttp.ClientSession, url: str, key: str) -> tuple[int, str]:
+    async with session.get(url + "/v1/models", headers=bearer(key), ssl=False) as r:
+        body = await r.read()
+        code = json.loads(body).get("error", {}).get("code", "") if r.status != 200 else ""
+        return r.status, code
+
+
+async def answers_within(
+    session: aiohttp.ClientSession, urls: list[str], key: str, want: tuple[int, str], seconds: float
+) -> list[tuple[int, str]]:
+    """Every replica's answer, asked again until each gives ``want`` or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while True:
+        answers = [await status_of(session, u, key) for u in urls]
+        if answers == [want] * len(urls) or time.monotonic() >= deadline:
+            return answers
+        await asyncio.sleep(0.2)
+
+
+async def test_n_requests_a_minute_are_n_across_the_replicas_not_n_each(
+    make_team: MakeTeam,
+) -> None:
+    team = make_team(LMGATE_LIMITS_REQUESTS_PER_MINUTE="10").start(3)
+    key = team.create_key()
+    urls = [r.url for r in team.replicas]
+    async with aiohttp.ClientSession() as session:
+        answers = [await status_of(session, urls[n % 3], key) for n in range(16)]
+    assert Counter(answers) == {(200, ""): 10, (429, "rate_limit_exceeded"): 6}
+
+
+async def test_through_nginx_the_limit_is_the_same(make_team: MakeTeam) -> None:
+    team = make_team(LMGATE_LIMITS_REQUESTS_PER_MINUTE="10").start(2)
+    team.start_nginx()
+    key = team.create_key()
+    async with aiohttp.ClientSession() as session:
+        answers = [await status_of(session, team.nginx_url, key) for _ in range(14)]
+    assert Counter(answers) == {(200, ""): 10, (429, "rate_limit_exceeded"): 4}
+
+
+async def test_a_concurrency_cap_holds_across_the_replicas_behind_nginx(
+    make_team: MakeTeam, upstream: FakeLMStudio
+) -> None:
+    team = make_team(LMGATE_LIMITS_CONCURRENT_REQUESTS="2").start(2)
+    team.start_nginx()
+    key = team.create_key()
+    upstream.behaviour.header_delay = 1.0  # each answer takes a second: all overlap
+    async with aiohttp.ClientSession() as session:
+        answers = await asyncio.gather(*(status_of(session, team.nginx_url, key) for _ in range(6)))
+    assert Counter(answers) == {(200, ""): 2, (429, "too_many_concurrent_requests"): 4}
+
+
+async def test_a_key_revoked_by_the_cli_is_refused_by_every_replica_within_a_second(
+    make_team: MakeTeam,
+) -> None:
+    team = make_team().start(3)
+    key = team.create_key("leaver")
+    async with aiohttp.ClientSession() as session:
+        for replica in team.replicas:  # every replica has it in memory
+            assert await status_of(session, replica.url, key) == (200, "")
+        listed = team.cli("key", "list").stdout
+        key_id = re.search(r"^([0-9a-f]{12})\s+leaver", listed, re.M)
+        assert key_id, listed
+        assert team.cli("key", "revoke", key_id.group(1)).returncode == 0
+        revoked_at = time.monotonic()
+        pending = {r.url for r in team.replicas}
+        while pending and time.monotonic() - revoked_at < 1.0:
+            for url in list(pending):
+                if (await status_of(session, url, key))[0] == 401:
+                    pending.discard(url)
+            await asyncio.sleep(0.05)
+    assert not pending, f"still accepted a second after the revocation: {pending}"
+
+
+async def test_one_pairing_code_sent_to_every_replica_at_once_pairs_one_device(
+    make_team: MakeTeam,
+) -> None:
+    team = make_team().start(3)
+    paired = team.cli("pair", "--device", "Anna's phone", "--url", "https://" + DOMAIN)
+    assert paired.returncode == 0, paired.stderr
+    match = re.search(r"#([A-Z2-7]{24})", paired.stdout)
+    assert match, paired.stdout
+    body = {"code": match.group(1)}
+    urls = [r.url for r in team.replicas]
+
+    async def redeem(session: aiohttp.ClientSession, n: int) -> int:
+        async with session.post(urls[n % 3] + "/pair", json=body, headers={"Host": DOMAIN}) as r:
+            await r.read()
+            return r.status
+
+    async with aiohttp.ClientSession() as session:
+        statuses = await asyncio.gather(*(redeem(session, n) for n in range(50)))
+    assert statuses.count(200) == 1, Counter(statuses)
+    assert set(statuses) <= {200, 401, 429}
+    devices = team.cli("device", "list").stdout
+    assert devices.count("Anna's phone") == 1, devices
+
+
+async def test_a_database_that_goes_away_fails_closed_and_comes_back_by_itself(
+    make_team: MakeTeam, postgres_server: PostgresServer
+) -> None:
+    team = make_team().start(2)
+    key = team.create_key()
+    urls = [r.url for r in team.replicas]
+    async with aiohttp.ClientSession() as session:
+        assert [await status_of(session, u, key) for u in urls] == [(200, "")] * 2
+        postgres_server.stop()
+        try:
+            refused = (503, "state_unavailable")
+            assert await answers_within(session, urls, key, refused, 10) == [refused] * 2
+            async with session.get(urls[0] + "/readyz", headers={"Host": DOMAIN}) as r:
+                assert (r.status, (await r.json())["database"]) == (503, "down")
+            # Nothing waits on the missing database: not the refusals, not the health check.
+            for path in ("/healthz", "/v1/models", "/healthz"):
+                began = time.monotonic()
+                async with session.get(urls[1] + path, headers=bearer(key)) as r:
+                    await r.read()
+                assert time.monotonic() - began < 0.5, path
+        finally:
+            postgres_server.start()
+        assert await answers_within(session, urls, key, (200, ""), 20) == [(200, "")] * 2
+    assert all(r.alive for r in team.replicas)
+
+
+async def test_a_chat_streams_through_nginx_to_a_replica(
+    make_team: MakeTeam, upstream: FakeLMStudio
+) -> None:
+    team = make_team().start(2)
+    team.start_nginx()
+    key = team.create_key()
+    upstream.behaviour.chunk_delay = 0.05  # arrives in pieces, as a model's answer does
+    body = {
+        "model": "qwen2.5-7b-instruct",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "stream": True,
+    }
+    arrivals: list[float] = []
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            team.nginx_url + "/v1/chat/completions", json=body, headers=bearer(key), ssl=False
+        ) as r,
+    ):
+        assert r.status == 200, await r.text()
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        data = b""
+        async for piece in r.content.iter_any():
+            arrivals.append(time.monotonic())
+            data += piece
+    events = [line[6:] for line in data.decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert len(events) >= upstream.behaviour.chunks + 1
+    # Not buffered by nginx or the replica: the pieces came over the answer's whole time.
+    assert arrivals[-1] - arrivals[0] > 0.15
+
+
+async def test_redis_gone_refuses_on_every_replica_and_comes_back(
+    make_team: MakeTeam, redis_server: RedisServer
+) -> None:
+    team = make_team().start(2)  # state.when_redis_is_down = closed, the default
+    key = team.create_key()
+    urls = [r.url for r in team.replicas]
+    async with aiohttp.ClientSession() as session:
+        assert [await status_of(session, u, key) for u in urls] == [(200, "")] * 2
+        redis_server.stop()
+        try:
+            answers = [await status_of(session, u, key) for u in urls]
+            assert answers == [(503, "shared_limits_unavailable")] * 2
+            async with session.get(urls[0] + "/readyz", headers={"Host": DOMAIN}) as r:
+                assert (r.status, (await r.json())["shared_limits"]) == (503, "down")
+        finally:
+            redis_server.start()
+        assert await answers_within(session, urls, key, (200, ""), 10) == [(200, "")] * 2
+
+
+async def test_a_killed_replica_is_stepped_around_by_nginx(make_team: MakeTeam) -> None:
+    team = make_team().start(2)
+    team.start_nginx()
+    key = team.create_key()
+    team.kill(0)  # SIGKILL: no goodbye to anyone
+    async with aiohttp.ClientSession() as session:
+        answers = [await status_of(session, team.nginx_url, key) for _ in range(10)]
+    assert answers == [(200, "")] * 10
