@@ -13,6 +13,7 @@ import glob
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -78,6 +79,29 @@ class PostgresServer:
         if self.running:
             self._run("pg_ctl", "-D", str(self._dir / "data"), "-m", "fast", "-w", "stop")
             self.running = False
+
+    def _processes(self) -> list[int]:
+        """The postmaster and every process it started (the backends, the checkpointer...)."""
+        postmaster = int((self._dir / "data" / "postmaster.pid").read_text().split()[0])
+        found = [postmaster]
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended meanwhile
+            if int(fields[1]) == postmaster:
+                found.append(int(stat.parent.name))
+        return found
+
+    def freeze(self) -> None:
+        """Stop every process of the server without closing a connection: its kernel still
+        acknowledges, so clients wait on it as on a hung or paused machine."""
+        for pid in self._processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self._processes():
+            os.kill(pid, signal.SIGCONT)
 
     def new_database(self) -> str:
         """A fresh, empty database's URL."""

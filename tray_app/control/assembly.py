@@ -25,6 +25,7 @@ from tray_app.gateway.accounting import UsageRecorder
 from tray_app.gateway.app import Gateway
 from tray_app.gateway.budgets import BudgetLedger
 from tray_app.gateway.metrics import GatewayMetrics
+from tray_app.gateway.state_calls import StateCalls
 from tray_app.identity.access import AccessPolicy, budget_from_settings
 from tray_app.identity.api_keys import ApiKeyService
 from tray_app.identity.authenticator import IdentityAuthenticator
@@ -243,4 +244,5 @@ def build_gateway(
         ledger=BudgetLedger(
             UsageHistory(identity.db), clock, pending=identity.recorder.pending_tokens
         ),
+        state_calls=StateCalls(offload=identity.db.remote, workers=config.state_database_pool_size),
     )

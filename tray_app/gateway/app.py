@@ -57,6 +57,7 @@ from tray_app.gateway.routes import (
     normalise_path,
 )
 from tray_app.gateway.sharing import Sharing
+from tray_app.gateway.state_calls import StateCalls
 from tray_app.gateway.token_estimate import METHOD, METHOD_HEADER, estimate_input_tokens
 from tray_app.gateway.upstream.client import UPSTREAM_SESSION, session_context
 from tray_app.gateway.upstream.forwarding import Forwarder
@@ -122,9 +123,12 @@ class Gateway:
         conversations: ConversationStore | None = None,
         ledger: BudgetLedger | None = None,
         shared_limits: SharedLimits | None = None,
+        state_calls: StateCalls | None = None,
     ) -> None:
         self.config = config
         self._auth = authenticator
+        # Every call that may read the database goes through it: a remote one's on a thread.
+        self._state = state_calls or StateCalls(offload=False)
         self._secrets = secrets
         self._clock: Clock = clock or SystemClock()
         self._pairing = pairing
@@ -174,6 +178,7 @@ class Gateway:
             ledger=ledger,
             max_wait=config.queue_max_wait,
             max_stream_wait=config.queue_max_stream_wait,
+            state=self._state,
         )
         self.sharing.queues = self.queues
         if metrics is not None:
@@ -214,6 +219,7 @@ class Gateway:
                 count_usage=recorder is not None,
                 max_body_bytes=config.limits_max_body_bytes,
                 sharing=self.sharing,
+                state=self._state,
             )
         self._endpoints = EndpointTable(enabled, handlers)
         self._handlers = handlers
@@ -433,7 +439,9 @@ class Gateway:
     async def _authenticate(self, request: web.Request, exchange: Exchange) -> Principal:
         client = exchange.client or "unknown"
         try:
-            principal = self._auth.authenticate(request.headers, request.remote)
+            principal = await self._state.call(
+                self._auth.authenticate, request.headers, request.remote
+            )
         except AuthError as exc:
             # The throttle slows guessing from an address; it never refuses a valid
             # credential because others at that address guessed wrong.
@@ -486,6 +494,7 @@ class Gateway:
         exchange.model = prepared.model
         exchange.stream = prepared.stream
         check_models(prepared, principal)
+        await self.sharing.load_budget(principal)
         generation = exchange.generation = self.sharing.admit(
             principal, exchange.client or "unknown", route, prepared
         )
@@ -578,7 +587,7 @@ class Gateway:
             "upstreams": [{"name": name, "state": state} for name, state in states.items()],
         }
         try:
-            self._auth.check_state()
+            await self._state.call(self._auth.check_state)
             answer["database"] = "up"
         except StorageError:
             # Nothing can be authenticated, whatever the upstreams say.
@@ -620,7 +629,7 @@ class Gateway:
             code, device = payload.get("code"), payload.get("device_name", "device")
             if not isinstance(code, str) or not isinstance(device, str):
                 raise errors.pairing_body_invalid()
-            issued = self._pairing.exchange(code, device)
+            issued = await self._state.call(self._pairing.exchange, code, device)
         except (ApiError, PairingError) as exc:
             # Every failed attempt counts, malformed ones too; a valid code is never refused
             # for others' failures at this address.
@@ -788,7 +797,7 @@ class Gateway:
         async def watch() -> None:
             while True:
                 await asyncio.sleep(REVALIDATE_SECONDS)
-                self.end_revoked_requests()
+                await self.end_revoked_requests()
 
         task = spawn(watch(), name="revocation-watchdog")
         try:
@@ -796,37 +805,54 @@ class Gateway:
         finally:
             task.cancel()
             await asyncio.wait({task})
+            self._state.close()
 
-    def end_revoked_requests(self) -> int:
+    async def end_revoked_requests(self) -> int:
         """End every running request whose credential is no longer valid; how many. A stream
         ends with an SSE error; a request still waiting for LM Studio's answer with a 401."""
+        running = [
+            exchange
+            for exchange in self._inflight
+            if exchange.caller is not None
+            and exchange.task is not None
+            and not exchange.task.done()
+        ]
+        if not running:
+            return 0
+        callers = {exchange.caller for exchange in running if exchange.caller is not None}
+        try:
+            validity = await self._state.call(self._validity, callers)
+        except StorageError:
+            # Cannot be told now; a running stream was checked when it began, and is checked
+            # again once the database answers (the outage is logged once).
+            return 0
         ended = 0
-        checked: dict[Principal, bool] = {}
-        for exchange in list(self._inflight):
-            relay, caller = exchange.outcome.relay, exchange.caller
-            if caller is None or exchange.task is None or exchange.task.done():
-                continue
-            valid = checked.get(caller)
-            if valid is None:
-                try:
-                    valid = checked[caller] = self._auth.still_valid(caller)
-                except StorageError:
-                    # Cannot be told now; a running stream was checked when it began, and
-                    # is checked again once the database answers (the outage is logged once).
-                    continue
-                except Exception:
-                    log.exception("checking a running stream's credential failed")
-                    continue
-            if valid:
+        for exchange in running:
+            caller, task = exchange.caller, exchange.task
+            if caller is None or task is None or task.done() or validity.get(caller, True):
                 continue
             error = errors.credential_revoked()
+            relay = exchange.outcome.relay
             if relay is not None:
                 relay.abort(error)
             elif exchange.aborted_with is None:
                 exchange.aborted_with = error
-                exchange.task.cancel()
+                task.cancel()
             ended += 1
         return ended
+
+    def _validity(self, callers: set[Principal]) -> dict[Principal, bool]:
+        """Whether each caller's credential may go on; a caller that cannot be told is left
+        out (its request goes on)."""
+        validity: dict[Principal, bool] = {}
+        for caller in callers:
+            try:
+                validity[caller] = self._auth.still_valid(caller)
+            except StorageError:
+                break  # the database cannot be read: nothing more can be told either
+            except Exception:
+                log.exception("checking a running stream's credential failed")
+        return validity
 
     async def _answer_aborted(self, exchange: Exchange) -> web.StreamResponse:
         error = exchange.aborted_with or errors.shutting_down()

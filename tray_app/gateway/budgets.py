@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from tray_app.clock import Clock
 from tray_app.gateway import api_errors
+from tray_app.gateway.state_calls import StateCalls
 from tray_app.gateway.upstream.usage import Usage
 from tray_app.identity.principal import Budget, Principal
 from tray_app.storage.database import DAY
@@ -107,6 +108,39 @@ class BudgetLedger:
         self._day = NOT_LOADED
         self._month = NOT_LOADED
         self._next_month = NOT_LOADED
+
+    async def load(self, principal: Principal, state: StateCalls) -> None:
+        """Read a budgeted principal's stored use of today and of the month through ``state``
+        (a remote database's on a thread), if this process has not read it yet: the reserve
+        that follows then finds it in memory and asks the database nothing on the loop."""
+        budget = principal.budget
+        if budget is None or not budget.limited:
+            return
+        name, today = principal.name, day_start(self._clock.time())
+        account = self._accounts.get(name)
+        if today == self._day and account is not None and account.day == today:
+            return
+        month = month_start(today)
+        # Pending first, on the loop that owns it (as in _stored).
+        pending = (0, 0) if self._pending is None else (
+            self._pending(name, today), self._pending(name, month)
+        )  # fmt: skip
+        day_used, month_used = await state.call(self._stored_totals, name, today, month)
+        if today != self._day:
+            self._new_day(today)
+        account = self._accounts.get(name)
+        if account is None:
+            account = self._accounts[name] = _Account(NOT_LOADED)
+        if account.day != today:  # not read meanwhile by another request of the same caller
+            account.day = today
+            account.day_used = pending[0] + day_used
+            account.month_used = pending[1] + month_used
+
+    def _stored_totals(self, principal: str, today: int, month: int) -> tuple[int, int]:
+        return (
+            self._history.totals_since(principal, today).tokens,
+            self._history.totals_since(principal, month).tokens,
+        )
 
     def reserve(
         self, principal: Principal, *, prompt_estimate: int, requested_output: int | None

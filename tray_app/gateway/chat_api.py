@@ -54,6 +54,7 @@ from tray_app.gateway.body_rules import (
 from tray_app.gateway.exchange import Exchange
 from tray_app.gateway.routes import FORWARDED_ROUTES
 from tray_app.gateway.sharing import Generation, Sharing
+from tray_app.gateway.state_calls import StateCalls
 from tray_app.gateway.upstream.answers import TooLargeToParse, parse_bounded
 from tray_app.gateway.upstream.client import UPSTREAM_SESSION, decode_body
 from tray_app.gateway.upstream.forwarding import Forwarder
@@ -226,8 +227,10 @@ class ChatApi:
         count_usage: bool,
         max_body_bytes: int,
         sharing: Sharing,
+        state: StateCalls,
     ) -> None:
         self._store = store
+        self._state = state  # each store call through it: a remote database's on a thread
         self._forward = forwarder
         self._context_chars = context_chars
         self._read_body = read_body  # the gateway's: its size and time limits, its errors
@@ -259,7 +262,7 @@ class ChatApi:
                             "created": int(c.created),
                             "updated": int(c.updated),
                         }
-                        for c in self._store.for_principal(principal.name)
+                        for c in await self._state.call(self._store.for_principal, principal.name)
                     ],
                     # What the phone page fits a photo (and the request carrying it) into.
                     "limits": {
@@ -272,7 +275,7 @@ class ChatApi:
                 },
             )
         conversation_id = path.removeprefix("/api/conversations/")
-        conversation = self._store.get(principal.name, conversation_id)
+        conversation = await self._state.call(self._store.get, principal.name, conversation_id)
         if conversation is None:
             raise errors.conversation_not_found()
         if method == "GET":
@@ -291,12 +294,40 @@ class ChatApi:
                             "image": m.image,
                             "created": int(m.created),
                         }
-                        for m in self._store.messages(conversation.id)
+                        for m in await self._state.call(self._store.messages, conversation.id)
                     ],
                 },
             )
-        self._store.delete(principal.name, conversation.id)
+        await self._state.call(self._store.delete, principal.name, conversation.id)
         return web.Response(status=204, headers={REQUEST_ID_HEADER: request_id})
+
+    def _store_question(self, principal: Principal, asked: _Turn) -> Conversation:
+        """The asked turn stored, in a conversation made for it if it is the first; one call,
+        so a remote database is asked on one thread hop."""
+        conversation, message, model, image = (
+            asked.conversation,
+            asked.message,
+            asked.model,
+            asked.image,
+        )
+        if conversation is None:
+            conversation = self._store.create(principal.name, message, model, system=asked.system)
+        elif asked.new_system is not None and asked.new_system != conversation.system:
+            self._store.set_system(conversation.id, asked.new_system)
+        if not asked.retried or not self._store.reopen_last_turn(
+            conversation.id,
+            message,
+            model=model,
+            replace=asked.edit,
+            image=image if asked.edit else None,
+        ):
+            self._store.append(conversation.id, "user", message, model=model, image=image)
+        return conversation
+
+    async def _store_answer(self, conversation_id: str, text: str, reasoning: str | None) -> None:
+        await self._state.call(
+            self._store.append, conversation_id, "assistant", text, reasoning=reasoning
+        )
 
     @staticmethod
     def _json(request_id: str, payload: Any) -> web.Response:
@@ -344,7 +375,7 @@ class ChatApi:
         if conversation_id is not None:
             if not isinstance(conversation_id, str):
                 raise errors.chat_conversation_id_not_a_string()
-            conversation = self._store.get(principal.name, conversation_id)
+            conversation = await self._state.call(self._store.get, principal.name, conversation_id)
             if conversation is None:
                 raise errors.conversation_not_found()
         model = payload.get("model")
@@ -357,7 +388,11 @@ class ChatApi:
                 else await self._default_model(request, principal)
             )
         exchange.model, exchange.stream = model, stream
-        history = self._store.messages(conversation.id) if conversation is not None else []
+        history = (
+            await self._state.call(self._store.messages, conversation.id)
+            if conversation is not None
+            else []
+        )
         # A retry (or a regenerate) answers the stored turn again instead of storing it twice;
         # an edit replaces the last question and answers that.
         # A retried or regenerated turn keeps its stored photo; an edit keeps it unless it
@@ -392,6 +427,7 @@ class ChatApi:
             ).encode(),
         )
         check_models(prepared, principal)
+        await self._sharing.load_budget(principal)
         # Before anything is stored: a turn over budget leaves no question without an answer.
         generation = exchange.generation = self._sharing.admit(
             principal, exchange.client or "unknown", CHAT_ROUTE, prepared
@@ -414,20 +450,12 @@ class ChatApi:
         asked: _Turn,
     ) -> web.StreamResponse:
         request_id, outcome, extra_headers = exchange.request_id, exchange.outcome, exchange.cors
-        stream, message, model, image = prepared.stream, asked.message, asked.model, asked.image
-        conversation, new_system, edit = asked.conversation, asked.new_system, asked.edit
+        stream, model = prepared.stream, asked.model
         adjusted = apply_principal_rules(
             prepared, CHAT_ROUTE, max_tokens=generation.max_tokens, want_usage=self._count_usage
         )
         body = adjusted.body.raw
-        if conversation is None:
-            conversation = self._store.create(principal.name, message, model, system=asked.system)
-        elif new_system is not None and new_system != conversation.system:
-            self._store.set_system(conversation.id, new_system)
-        if not asked.retried or not self._store.reopen_last_turn(
-            conversation.id, message, model=model, replace=edit, image=image if edit else None
-        ):
-            self._store.append(conversation.id, "user", message, model=model, image=image)
+        conversation = await self._state.call(self._store_question, principal, asked)
         headers = {CONVERSATION_HEADER: conversation.id, **(extra_headers or {})}
         if stream:
             capture = SseCapture(max_line=self._max_event_bytes, max_chars=self._max_answer_chars)
@@ -457,11 +485,8 @@ class ChatApi:
                 # Also after a Stop: what was generated so far belongs to the history.
                 text = "".join(capture.content)
                 if text or capture.reasoning:
-                    self._store.append(
-                        conversation.id,
-                        "assistant",
-                        text,
-                        reasoning="".join(capture.reasoning) or None,
+                    await self._store_answer(
+                        conversation.id, text, "".join(capture.reasoning) or None
                     )
         try:
             upstream = await self._forward.post(
@@ -497,7 +522,7 @@ class ChatApi:
             raise errors.chat_answer_too_large() from None
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise errors.chat_answer_malformed() from None
-        self._store.append(conversation.id, "assistant", content, reasoning=reasoning)
+        await self._store_answer(conversation.id, content, reasoning)
         response = self._json(
             request_id,
             {

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from tray_app.gateway.body_rules import LENGTH_FIELDS, PreparedBody
 from tray_app.gateway.routes import Route
+from tray_app.gateway.state_calls import StateCalls
 from tray_app.gateway.token_estimate import estimate_prompt_tokens
 from tray_app.gateway.upstream.usage import Usage
 from tray_app.identity.principal import Budget, Principal
@@ -89,6 +90,8 @@ class Ledger(Protocol):
 
     def left(self, principal: str, budget: Budget) -> int: ...
 
+    async def load(self, principal: Principal, state: StateCalls) -> None: ...
+
 
 # A budgeted request that names no output length gets this cap (less if less is left), so
 # that one such request does not reserve the whole budget and refuse its caller's others.
@@ -116,8 +119,10 @@ class Sharing:
         ledger: Ledger | None,
         max_wait: float,
         max_stream_wait: float,
+        state: StateCalls | None = None,
     ) -> None:
         self._queue = queue
+        self._state = state or StateCalls(offload=False)
         self.guard = guard
         # Each upstream's own guard, by name (a model loaded on one machine evicts nothing on
         # another); an upstream without one here has ``guard``.
@@ -138,6 +143,12 @@ class Sharing:
         if upstream is None:
             return self.guard
         return self.guards.get(upstream, self.guard)
+
+    async def load_budget(self, principal: Principal) -> None:
+        """Before :meth:`admit`: a remote database's read of the caller's stored use is made
+        off the loop (a local one's is made by admit itself, in microseconds)."""
+        if self._ledger is not None and self._state.offload:
+            await self._ledger.load(principal, self._state)
 
     def admit(
         self, principal: Principal, client: str, route: Route, prepared: PreparedBody

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Mapping
 
 from tray_app.addresses import is_loopback, is_loopback_host
@@ -109,6 +110,7 @@ class IdentityAuthenticator:
         # Set while the database cannot be read; and whether everything must be read again.
         self._state_error: StorageError | None = None
         self._reload_pending = False
+        self._refreshing = threading.Lock()
         self._budget_store = BudgetStore(db)
         # Every principal read so far, None for one without a budget; all stored ones at start.
         self._budgets: dict[str, Budget | None]
@@ -127,8 +129,12 @@ class IdentityAuthenticator:
             if self._state_error is not None:
                 raise self._state_error
             return
-        self._next_refresh = now + _REFRESH_SECONDS
+        if not self._refreshing.acquire(blocking=False):
+            # Another thread (a remote database's calls run on a few) is reading it now; this
+            # request goes on with what is in memory, at most half a second old.
+            return
         try:
+            self._next_refresh = now + _REFRESH_SECONDS
             # The change is consumed by asking, so a reload cut short is remembered (below).
             if self._reload_pending or self._db.changed_by_others():
                 self.tokens.sync_key()
@@ -142,6 +148,8 @@ class IdentityAuthenticator:
             self._state_error = exc
             self._reload_pending = True
             raise
+        finally:
+            self._refreshing.release()
         if self._state_error is not None:
             log.warning("credentials can be checked again")
             self._state_error = None

@@ -235,6 +235,9 @@ KEEP_HOURS_SECONDS = 40 * DAY
 class Database:
     """One SQLite connection guarded by a lock (the loop thread and a flush thread share it)."""
 
+    # Whether a call can wait on a network (the gateway then makes it off its loop).
+    remote = False
+
     def __init__(self, path: Path) -> None:
         self.path = path
         try:

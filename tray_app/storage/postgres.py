@@ -207,6 +207,8 @@ def _scrub(text: str, url: str) -> str:
 class PostgresDatabase(Database):
     """The stores over a bounded psycopg pool (see the module's docstring)."""
 
+    remote = True
+
     def __init__(self, pool: ConnectionPool[Any], url: str) -> None:  # use connect()
         self._pool = pool
         self._url = url

@@ -186,6 +186,48 @@ async def test_a_database_that_goes_away_fails_closed_and_comes_back_by_itself(
     assert all(r.alive for r in team.replicas)
 
 
+async def test_a_database_that_hangs_holds_up_no_request_and_no_stream(
+    make_team: MakeTeam, postgres_server: PostgresServer, upstream: FakeLMStudio
+) -> None:
+    """A frozen PostgreSQL keeps its connections open and acknowledges every packet: no
+    socket option ends a wait on it. The replica's loop never waits on it: a stream under way
+    goes on, health checks answer at once, and a request is refused within the bound."""
+    team = make_team().start(1)
+    key = team.create_key()
+    url = team.replicas[0].url
+    upstream.behaviour.chunks, upstream.behaviour.chunk_delay = 16, 0.25
+    body = {"model": "qwen2.5-7b-instruct", "messages": [{"role": "user", "content": "Hi"}]}
+    # A loop held by the database would hang every call: each fails in 15 s instead.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        assert await status_of(session, url, key) == (200, "")
+        async with session.post(
+            url + "/v1/chat/completions", json={**body, "stream": True}, headers=bearer(key)
+        ) as stream:
+            assert stream.status == 200
+            data = await stream.content.readany()
+            postgres_server.freeze()
+            try:
+                refused = (503, "state_unavailable")
+                began = time.monotonic()
+                assert await answers_within(session, [url], key, refused, 10) == [refused]
+                # Told within the bound (2 s) after the replica's first read that hung.
+                assert time.monotonic() - began < 4.5
+                for path in ("/healthz", "/v1/models", "/readyz"):
+                    began = time.monotonic()
+                    async with session.get(url + path, headers=bearer(key)) as r:
+                        await r.read()
+                        assert r.status != 200 or path == "/healthz", path
+                    assert time.monotonic() - began < 0.5, path
+                data += await stream.content.read()  # the answer went on meanwhile
+            finally:
+                postgres_server.thaw()
+    events = [line[6:] for line in data.decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) >= 17
+    async with aiohttp.ClientSession() as session:
+        assert await answers_within(session, [url], key, (200, ""), 20) == [(200, "")]
+    assert team.replicas[0].alive
+
+
 async def test_a_chat_streams_through_nginx_to_a_replica(
     make_team: MakeTeam, upstream: FakeLMStudio
 ) -> None:

@@ -4,6 +4,7 @@ of each period, settling, restarts, and the day and month boundaries."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +12,15 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import FakeClock
+from tray_app.errors import StorageError
 from tray_app.gateway.accounting import UsageRecorder
 from tray_app.gateway.api_errors import ApiError
 from tray_app.gateway.budgets import BudgetLedger, Reservation
+from tray_app.gateway.state_calls import StateCalls
 from tray_app.gateway.upstream.usage import Usage
 from tray_app.identity.principal import SCOPE_CHAT, Budget, Principal
 from tray_app.storage.database import Database, UsageRow
-from tray_app.storage.usage_history import UsageHistory
+from tray_app.storage.usage_history import Bucket, Totals, UsageHistory
 
 NAME = "key:k1"
 START = dt.datetime(2027, 1, 15, 8, 0, tzinfo=dt.UTC).timestamp()
@@ -441,3 +444,84 @@ class TestWhatIsLeft:
         assert rig.ledger.left(NAME, who.budget or Budget()) == expected
         rig.ledger.settle(running, Usage(5, 15))
         assert rig.ledger.left(NAME, who.budget or Budget()) == expected + 20 - 20
+
+
+class CountingHistory(UsageHistory):
+    """The real history, telling which thread each read was made on."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self.reads: list[str] = []
+        self.broken = False
+
+    def totals_since(self, principal: str, since: float, bucket: Bucket = Bucket.DAY) -> Totals:
+        if self.broken:
+            raise StorageError("the database cannot be read")
+        self.reads.append(threading.current_thread().name)
+        return super().totals_since(principal, since, bucket)
+
+
+class TestLoadedOffTheLoop:
+    """With a remote database the gateway loads a caller's stored use through StateCalls before
+    admitting it, so the reserve that follows reads nothing on the loop."""
+
+    @pytest.fixture
+    def history(self, rig: Rig) -> CountingHistory:
+        history = CountingHistory(rig.db)
+        rig.ledger = BudgetLedger(history, rig.clock, pending=rig.recorder.pending_tokens)
+        return history
+
+    async def test_the_day_and_month_are_read_on_a_worker_then_reserve_reads_nothing(
+        self, rig: Rig, history: CountingHistory
+    ) -> None:
+        earlier = int(START) - 3 * 86400
+        rig.db.add_usage(
+            [
+                UsageRow(NAME, 1, 300, 0, earlier, earlier // 3600 * 3600),
+                UsageRow(NAME, 1, 200, 0, START, int(START) // 3600 * 3600),
+            ]
+        )
+        rig.recorder.record(NAME, Usage(100, 0))  # counted, not flushed: counts too
+        state = StateCalls(offload=True, timeout=5)
+        try:
+            await rig.ledger.load(principal(day=1000, month=1000), state)
+            await rig.ledger.load(principal(day=1000, month=1000), state)  # once only
+        finally:
+            state.close()
+        assert len(history.reads) == 2
+        assert all(name.startswith("lmgate-state") for name in history.reads)
+        status = rig.ledger.status(NAME, Budget(1000, 1000))
+        assert (status.day_used, status.month_used) == (300, 600)
+        refusal(rig, principal(day=1000, month=1000), 0, 401)
+        assert rig.ledger.reserve(
+            principal(day=1000, month=1000), prompt_estimate=0, requested_output=400
+        )
+        assert len(history.reads) == 2
+
+    async def test_a_new_day_is_read_again(self, rig: Rig, history: CountingHistory) -> None:
+        state = StateCalls(offload=False)
+        await rig.ledger.load(principal(day=1000), state)
+        rig.clock.advance(MIDNIGHT - START)
+        await rig.ledger.load(principal(day=1000), state)
+        assert len(history.reads) == 4
+
+    async def test_no_budget_reads_nothing(self, rig: Rig, history: CountingHistory) -> None:
+        state = StateCalls(offload=False)
+        await rig.ledger.load(Principal(NAME, frozenset({SCOPE_CHAT})), state)
+        await rig.ledger.load(principal(), state)  # a budget with no limit
+        assert history.reads == []
+
+    async def test_a_database_that_does_not_answer_is_a_storage_error(
+        self, rig: Rig, history: CountingHistory
+    ) -> None:
+        state = StateCalls(offload=True, timeout=5)
+        history.broken = True
+        try:
+            with pytest.raises(StorageError):
+                await rig.ledger.load(principal(day=1000), state)
+        finally:
+            state.close()
+        # Nothing half-loaded: the next read asks again.
+        history.broken = False
+        assert rig.ledger.status(NAME, Budget(1000)).day_used == 0
+        assert history.reads == ["MainThread"] * 2  # the day and the month
