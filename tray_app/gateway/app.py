@@ -181,6 +181,8 @@ class Gateway:
             state=self._state,
         )
         self.sharing.queues = self.queues
+        if shared_limits is not None:
+            self.sharing.leases = self._protect
         if metrics is not None:
             queues = tuple(self.queues.values())
             metrics.watch_sharing(

@@ -129,6 +129,9 @@ class SharedLimits:
         self._outage = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[object]] = set()
+        # Principal -> its releases on their way to Redis: a place this replica gave back a
+        # moment ago is free, even if Redis has not heard yet.
+        self._releasing: dict[str, set[asyncio.Task[object]]] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -188,12 +191,14 @@ class SharedLimits:
 
     async def acquire(self, principal: str) -> str | None:
         lease = f"{self._replica}:{next(self._serial)}"
-        admitted = await self._call(
-            lambda: self._acquire(
-                keys=[self._leases_key(principal)], args=[lease, self._cap, self._lease_ms]
-            ),
-            allowed="",
-        )
+        # Taken before asking: a release may reach Redis just after the refusal did.
+        releasing = set(self._releasing.get(principal, ()))
+        admitted = await self._try_acquire(principal, lease)
+        if not admitted and releasing:
+            # The caller's next request here (its generation that waited for the turn the
+            # last one gave back) is not refused for a place already given back.
+            await asyncio.wait(releasing)
+            admitted = await self._try_acquire(principal, lease)
         if admitted == "":
             return ""  # let through without Redis (open policy): no lease to give back
         if not admitted:
@@ -212,7 +217,24 @@ class SharedLimits:
         # renewed, so it expires by itself.
         task = spawn(self._remove(principal, lease), name="shared-limits-release")
         self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
+        releasing = self._releasing.setdefault(principal, set())
+        releasing.add(task)
+
+        def done(task: asyncio.Task[object]) -> None:
+            self._releases.discard(task)
+            releasing.discard(task)
+            if not releasing and self._releasing.get(principal) is releasing:
+                del self._releasing[principal]
+
+        task.add_done_callback(done)
+
+    async def _try_acquire(self, principal: str, lease: str) -> object:
+        return await self._call(
+            lambda: self._acquire(
+                keys=[self._leases_key(principal)], args=[lease, self._cap, self._lease_ms]
+            ),
+            allowed="",
+        )
 
     # ---- Redis calls under the failure policy ---------------------------------------------
 

@@ -93,6 +93,15 @@ class Ledger(Protocol):
     async def load(self, principal: Principal, state: StateCalls) -> None: ...
 
 
+class Leases(Protocol):
+    """A caller's places among its concurrent requests, counted where every replica sees
+    them (the gateway's protections over the shared limits)."""
+
+    async def enter(self, principal: str) -> str: ...
+
+    def leave(self, principal: str, lease: str) -> None: ...
+
+
 # A budgeted request that names no output length gets this cap (less if less is left), so
 # that one such request does not reserve the whole budget and refuse its caller's others.
 BUDGETED_DEFAULT_OUTPUT = 8192
@@ -123,6 +132,9 @@ class Sharing:
     ) -> None:
         self._queue = queue
         self._state = state or StateCalls(offload=False)
+        # Replicas only: each queue caps a caller's generations on its own machine, so a
+        # generation also holds a place counted across the replicas once it has its turn.
+        self.leases: Leases | None = None
         self.guard = guard
         # Each upstream's own guard, by name (a model loaded on one machine evicts nothing on
         # another); an upstream without one here has ``guard``.
@@ -214,6 +226,7 @@ class Generation:
         "_client",
         "_deadline",
         "_draft_model",
+        "_lease",
         "_max_wait",
         "_model",
         "_place",
@@ -248,6 +261,7 @@ class Generation:
         self._deadline: float | None = None  # set by the first wait_turn
         self._use: tuple[Guard, Any] | None = None
         self._place: Any = None
+        self._lease: str | None = None
         # The queue of the upstream being asked: its slot, or the place held in it.
         self._queue: Queue = sharing._queue
 
@@ -308,6 +322,12 @@ class Generation:
         else:
             self._free_place()
         self._turn = turn
+        leases = sharing.leases
+        if leases is not None and self._lease is None:
+            # After the turn: the caller's generations on this replica wait in its queue as
+            # on one machine; one beyond the cap elsewhere is refused here (429), which
+            # release() then undoes with the turn.
+            self._lease = await leases.enter(self._caller)
 
     def _hold_place(self) -> None:
         self._place = self._queue.hold_place(self._caller, self._client)
@@ -327,6 +347,9 @@ class Generation:
         if self._turn is not None:
             self._queue.release(self._turn)
             self._turn = None
+        lease, self._lease = self._lease, None
+        if lease is not None and self._sharing.leases is not None:
+            self._sharing.leases.leave(self._caller, lease)
 
     def settle(
         self,

@@ -158,6 +158,22 @@ async def test_the_concurrency_cap_holds_across_replicas(replicas: Replicas) -> 
     assert await refusal(a.enter(ALICE)) is not None
 
 
+async def test_a_place_given_back_here_is_free_here_at_once(replicas: Replicas) -> None:
+    """The caller's next generation on a replica gets its turn the moment the last one gives
+    its place back, before Redis heard of it: it is not refused for that place, every time."""
+    ((a, _),) = await replicas(1, limits_concurrent_requests=1)
+    lease = await a.enter(ALICE)
+    for _ in range(20):
+        a.leave(ALICE, lease)
+        lease = await a.enter(ALICE)  # no sleep: the release is still on its way
+    err = await refusal(a.enter(ALICE))
+    assert err is not None and err.code == "too_many_concurrent_requests"
+    # Another replica's places are not waited for: it is refused as it was.
+    ((b, _),) = await replicas(1, limits_concurrent_requests=1)
+    err = await refusal(b.enter(ALICE))
+    assert err is not None and err.code == "too_many_concurrent_requests"
+
+
 async def test_a_crashed_replica_s_leases_expire_and_a_live_one_s_do_not(
     replicas: Replicas, redis_server: RedisServer
 ) -> None:

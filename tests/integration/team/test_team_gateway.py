@@ -114,6 +114,33 @@ async def test_a_concurrency_cap_holds_across_the_replicas_behind_nginx(
     assert Counter(answers) == {(200, ""): 2, (429, "too_many_concurrent_requests"): 4}
 
 
+async def test_a_callers_generations_are_capped_across_the_replicas(
+    make_team: MakeTeam, upstream: FakeLMStudio
+) -> None:
+    team = make_team(LMGATE_LIMITS_CONCURRENT_REQUESTS="1").start(2)
+    key = team.create_key()
+    first, second = (r.url for r in team.replicas)
+    upstream.behaviour.header_delay = 1.0  # each answer takes a second
+    body = {"model": "qwen2.5-7b-instruct", "messages": [{"role": "user", "content": "Hi"}]}
+    async with aiohttp.ClientSession() as session:
+
+        async def chat(url: str) -> tuple[int, str]:
+            async with session.post(
+                url + "/v1/chat/completions", json=body, headers=bearer(key)
+            ) as r:
+                answer = await r.json()
+                return r.status, answer["error"]["code"] if r.status != 200 else ""
+
+        running = asyncio.ensure_future(chat(first))
+        await asyncio.sleep(0.4)
+        assert await chat(second) == (429, "too_many_concurrent_requests")
+        assert await running == (200, "")
+        # Given back when it ended: the other replica serves the caller now.
+        assert await chat(second) == (200, "")
+        # On one replica a second generation waits for its turn, as on one machine.
+        assert list(await asyncio.gather(chat(first), chat(first))) == [(200, "")] * 2
+
+
 async def test_a_key_revoked_by_the_cli_is_refused_by_every_replica_within_a_second(
     make_team: MakeTeam,
 ) -> None:
