@@ -5,6 +5,7 @@ everything again, so that a revocation made during it is not missed."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,12 +28,17 @@ class BreakableDatabase(Database):
         self.changes_unreadable = False  # changed_by_others fails
         self.rows_unreadable = False  # every query fails
         self.asked = 0
+        self.hold: threading.Event | None = None  # changed_by_others waits for it
+        self.holding = threading.Event()
 
     def _fail(self) -> None:
         raise StorageError("LM Gate's database could not be read: server closed the connection.")
 
     def changed_by_others(self) -> bool:
         self.asked += 1
+        if self.hold is not None:
+            self.holding.set()
+            self.hold.wait(10)
         if self.changes_unreadable:
             self._fail()
         return super().changed_by_others()
@@ -157,3 +163,36 @@ def test_a_reload_cut_short_is_done_again_though_no_new_change_came(rig: Rig) ->
     with pytest.raises(AuthError):
         rig.authenticate()
     assert rig.db.asked == asked + 1  # only whether something changed
+
+
+def test_a_request_does_not_wait_for_a_refresh_another_thread_is_making(rig: Rig) -> None:
+    """A remote database's calls run on a few threads: while one waits on the database for
+    the refresh, the others go on with what is in memory (the gateway bounds that wait)."""
+    name = rig.authenticate()
+    rig.db.hold = release = threading.Event()
+    rig.clock.advance(0.5)
+    refreshing = threading.Thread(target=rig.authenticate)
+    refreshing.start()
+    try:
+        assert rig.db.holding.wait(5)
+        rig.clock.advance(0.5)  # another refresh is due, but one is being made
+        done = threading.Event()
+        answered: list[str] = []
+
+        def ask() -> None:
+            answered.append(rig.authenticate())
+            done.set()
+
+        other = threading.Thread(target=ask)
+        other.start()
+        assert done.wait(2), "a request waited for another thread's refresh"
+        assert answered == [name]
+        other.join(5)
+    finally:
+        release.set()
+        refreshing.join(5)
+    rig.db.hold = None
+    rig.clock.advance(0.5)
+    asked = rig.db.asked
+    rig.authenticate()  # the lock was given back: the next due refresh asks again
+    assert rig.db.asked > asked
