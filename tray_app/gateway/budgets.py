@@ -126,11 +126,7 @@ class BudgetLedger:
             self._pending(name, today), self._pending(name, month)
         )  # fmt: skip
         day_used, month_used = await state.call(self._stored_totals, name, today, month)
-        if today != self._day:
-            self._new_day(today)
-        account = self._accounts.get(name)
-        if account is None:
-            account = self._accounts[name] = _Account(NOT_LOADED)
+        account = self._slot(name, today)
         if account.day != today:  # not read meanwhile by another request of the same caller
             account.day = today
             account.day_used = pending[0] + day_used
@@ -238,15 +234,21 @@ class BudgetLedger:
 
     def _account(self, principal: str, now: float) -> _Account:
         today = day_start(now)
+        account = self._slot(principal, today)
+        if account.day != today:
+            account.day = today
+            account.day_used = self._stored(principal, today)
+            account.month_used = self._stored(principal, self._month)
+        return account
+
+    def _slot(self, principal: str, today: int) -> _Account:
+        """The principal's account, made if there is none, after a new day was begun; its
+        totals may still have to be read."""
         if today != self._day:
             self._new_day(today)
         account = self._accounts.get(principal)
         if account is None:
             account = self._accounts[principal] = _Account(NOT_LOADED)
-        if account.day != today:
-            account.day = today
-            account.day_used = self._stored(principal, today)
-            account.month_used = self._stored(principal, self._month)
         return account
 
     def _new_day(self, today: int) -> None:
