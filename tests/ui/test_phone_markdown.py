@@ -117,6 +117,10 @@ def open_page(
     )
     page.goto(live.qr_url())
     page.wait_for_selector("#chat-screen:not([hidden])", timeout=10000)
+    if live.fake.behaviour.models:
+        # The chat screen shows before the model menu is filled: a test that then makes LM
+        # Studio fail would fail the page's own model lookup instead of the message it sends.
+        page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
     return context, page, watch
 
 
