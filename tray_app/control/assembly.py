@@ -244,5 +244,9 @@ def build_gateway(
         ledger=BudgetLedger(
             UsageHistory(identity.db), clock, pending=identity.recorder.pending_tokens
         ),
-        state_calls=StateCalls(offload=identity.db.remote, workers=config.state_database_pool_size),
+        # Two connections fewer than the pool: the usage flush and the outage probe take
+        # theirs without waiting, so a busy gateway is never taken for a database gone.
+        state_calls=StateCalls(
+            offload=identity.db.remote, workers=max(1, config.state_database_pool_size - 2)
+        ),
     )

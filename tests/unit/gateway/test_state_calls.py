@@ -1,5 +1,5 @@
 """StateCalls: a remote database's calls off the loop, given up on after a bound, and refused at
-once while one is overdue; a local one's inline."""
+once while every worker holds an overdue one; a local one's inline."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ async def test_a_call_within_the_bound_is_answered() -> None:
 
 
 async def test_a_call_past_the_bound_is_given_up_then_every_call_refused_until_it_ends() -> None:
-    state = StateCalls(offload=True, timeout=0.2)
+    state = StateCalls(offload=True, timeout=0.2, workers=1)
     release, calls = threading.Event(), list[str]()
     try:
         with LogCapture() as logs:
@@ -129,3 +129,68 @@ async def test_closed_workers_are_made_again_on_the_next_call() -> None:
     state.close()
     assert await state.call(lambda: 2) == 2
     state.close()
+
+
+async def test_one_overdue_call_holds_one_worker_not_the_others() -> None:
+    state = StateCalls(offload=True, timeout=0.2, workers=2)
+    release, calls = threading.Event(), list[str]()
+    try:
+        with pytest.raises(StorageError, match="did not answer"):
+            await state.call(_blocking, release, calls)
+        assert state.overdue == 1
+        assert await state.call(lambda: "served") == "served"  # the other worker
+        with pytest.raises(StorageError, match="did not answer"):
+            await state.call(_blocking, release, calls)
+        assert state.overdue == 2
+        with pytest.raises(StorageError, match="not answering"):  # now each is refused
+            await state.call(lambda: "never")
+    finally:
+        release.set()
+        state.close()
+
+
+async def test_a_call_whose_caller_hung_up_counts_when_it_is_overdue() -> None:
+    state = StateCalls(offload=True, timeout=0.2, workers=1)
+    release, calls = threading.Event(), list[str]()
+    try:
+        waiting = asyncio.ensure_future(state.call(_blocking, release, calls))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert state.overdue == 0  # not due yet
+        await asyncio.sleep(0.3)
+        assert state.overdue == 1
+        with pytest.raises(StorageError, match="not answering"):
+            await state.call(lambda: "never")
+        release.set()
+        for _ in range(200):
+            if not state.overdue:
+                break
+            await asyncio.sleep(0.01)
+        assert state.overdue == 0
+    finally:
+        release.set()
+        state.close()
+
+
+async def test_a_call_still_waiting_for_a_worker_when_due_never_runs() -> None:
+    state = StateCalls(offload=True, timeout=0.2, workers=1)
+    release, calls = threading.Event(), list[str]()
+    try:
+        first = asyncio.ensure_future(state.call(_blocking, release, calls))
+        await asyncio.sleep(0.05)
+        with pytest.raises(StorageError, match="did not answer"):
+            await state.call(calls.append, "queued")  # behind the first, on the one worker
+        with pytest.raises(StorageError, match="did not answer"):
+            await first
+        release.set()
+        for _ in range(200):
+            if not state.overdue:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert calls == ["lmgate-state_0"]  # the queued one was dropped, not run late
+    finally:
+        release.set()
+        state.close()
