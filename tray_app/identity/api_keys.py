@@ -74,19 +74,18 @@ class ApiKeyService:
         self.reload()
 
     def reload(self) -> None:
-        rows = self._store.api_keys()
-        self._by_hash = {}
-        self._by_id = {}
-        for row in rows:
-            self._remember(row.key_hash, _record(row))
+        # Made aside and swapped in whole: another state thread checking a key meanwhile sees
+        # the old set or the new one, never an empty one half filled.
+        by_hash: dict[str, tuple[ApiKeyRecord, Principal]] = {}
+        by_id: dict[str, ApiKeyRecord] = {}
+        for row in self._store.api_keys():
+            record = _record(row)
+            by_hash[row.key_hash] = (record, _principal(record))
+            by_id[record.id] = record
+        self._by_hash, self._by_id = by_hash, by_id
 
     def _remember(self, hashed: str, record: ApiKeyRecord) -> tuple[ApiKeyRecord, Principal]:
-        # An API key keeps the models it was made with: the allowlist of later does not reach
-        # it (see identity.access).
-        principal = Principal(
-            record.principal_name, record.scopes, record.models, credential=record.principal
-        )
-        found = (record, principal)
+        found = (record, _principal(record))
         self._by_hash[hashed] = found
         self._by_id[record.id] = record
         return found
@@ -172,3 +171,11 @@ class ApiKeyService:
             raise LookupError(f"no API key with ID {key_id!r}")
         self.reload()
         return _record(revoked)
+
+
+def _principal(record: ApiKeyRecord) -> Principal:
+    # An API key keeps the models it was made with: the allowlist of later does not reach it
+    # (see identity.access).
+    return Principal(
+        record.principal_name, record.scopes, record.models, credential=record.principal
+    )

@@ -111,6 +111,7 @@ class IdentityAuthenticator:
         self._state_error: StorageError | None = None
         self._reload_pending = False
         self._refreshing = threading.Lock()
+        self._refresh_started = 0.0
         self._budget_store = BudgetStore(db)
         # Every principal read so far, None for one without a budget; all stored ones at start.
         self._budgets: dict[str, Budget | None]
@@ -131,9 +132,16 @@ class IdentityAuthenticator:
             return
         if not self._refreshing.acquire(blocking=False):
             # Another thread (a remote database's calls run on a few) is reading it now; this
-            # request goes on with what is in memory, at most half a second old.
+            # request goes on with what is in memory, if that is known to be recent: not
+            # after an outage (a revocation may be what is being read), nor while the
+            # refresh itself hangs.
+            if self._state_error is not None:
+                raise self._state_error
+            if self._reload_pending or now - self._refresh_started > 2 * _REFRESH_SECONDS:
+                raise StorageError("LM Gate's database is slow to answer; try again shortly.")
             return
         try:
+            self._refresh_started = now
             self._next_refresh = now + _REFRESH_SECONDS
             # The change is consumed by asking, so a reload cut short is remembered (below).
             if self._reload_pending or self._db.changed_by_others():
@@ -174,10 +182,11 @@ class IdentityAuthenticator:
 
     def _with_budget(self, principal: Principal) -> Principal:
         name = principal.name
-        if name in self._budgets:
-            budget = self._budgets[name]
+        budgets = self._budgets  # one read: a reload on another state thread swaps it whole
+        if name in budgets:
+            budget = budgets[name]
         else:  # made since the last read (by the CLI, or pairing in this process)
-            budget = self._budgets[name] = self._budget_store.get(name)
+            budget = budgets[name] = self._budget_store.get(name)
         if budget is not None:  # most callers have none: no copy for them
             principal = dataclasses.replace(principal, budget=budget)
         return principal

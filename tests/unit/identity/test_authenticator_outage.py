@@ -4,6 +4,7 @@ everything again, so that a revocation made during it is not missed."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -28,23 +29,27 @@ class BreakableDatabase(Database):
         self.changes_unreadable = False  # changed_by_others fails
         self.rows_unreadable = False  # every query fails
         self.asked = 0
-        self.hold: threading.Event | None = None  # changed_by_others waits for it
+        self.hold: threading.Event | None = None  # changed_by_others and queries wait for it
         self.holding = threading.Event()
 
     def _fail(self) -> None:
         raise StorageError("LM Gate's database could not be read: server closed the connection.")
 
-    def changed_by_others(self) -> bool:
-        self.asked += 1
+    def _held(self) -> None:
         if self.hold is not None:
             self.holding.set()
             self.hold.wait(10)
+
+    def changed_by_others(self) -> bool:
+        self.asked += 1
+        self._held()
         if self.changes_unreadable:
             self._fail()
         return super().changed_by_others()
 
     def query(self, sql: str, params: tuple[object, ...] = ()) -> list[object]:  # type: ignore[override]
         self.asked += 1
+        self._held()
         if self.rows_unreadable:
             self._fail()
         return super().query(sql, params)  # type: ignore[return-value]
@@ -196,3 +201,53 @@ def test_a_request_does_not_wait_for_a_refresh_another_thread_is_making(rig: Rig
     asked = rig.db.asked
     rig.authenticate()  # the lock was given back: the next due refresh asks again
     assert rig.db.asked > asked
+
+
+def _refresh_held(rig: Rig) -> tuple[threading.Event, threading.Thread]:
+    """A due refresh another thread is making, held inside the database until released."""
+    rig.db.hold = release = threading.Event()
+    rig.clock.advance(0.5)
+
+    def refresh() -> None:
+        with contextlib.suppress(AuthError, StorageError):
+            rig.authenticate()
+
+    refreshing = threading.Thread(target=refresh)
+    refreshing.start()
+    assert rig.db.holding.wait(5)
+    return release, refreshing
+
+
+def test_after_an_outage_a_request_is_refused_while_another_thread_reads_it_all_again(
+    rig: Rig,
+) -> None:
+    """What memory holds may miss a revocation made during the outage: a request is not
+    answered from it while the reload after the outage is still on its way."""
+    rig.authenticate()
+    rig.db.changes_unreadable = True
+    rig.clock.advance(0.5)
+    with pytest.raises(StorageError):
+        rig.authenticate()
+    rig.db.changes_unreadable = False
+    release, refreshing = _refresh_held(rig)
+    try:
+        rig.clock.advance(0.5)
+        with pytest.raises(StorageError):
+            rig.authenticate()
+    finally:
+        release.set()
+        refreshing.join(5)
+
+
+def test_a_refresh_that_hangs_stops_requests_being_answered_from_memory(rig: Rig) -> None:
+    name = rig.authenticate()
+    release, refreshing = _refresh_held(rig)
+    try:
+        rig.clock.advance(0.5)
+        assert rig.authenticate() == name  # half a second old: still trusted
+        rig.clock.advance(0.6)
+        with pytest.raises(StorageError):
+            rig.authenticate()
+    finally:
+        release.set()
+        refreshing.join(5)
