@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tray_app.errors import StorageError
 from tray_app.gateway import api_errors as errors
 from tray_app.gateway.api_errors import REQUEST_ID_HEADER
 from tray_app.gateway.body_rules import (
@@ -67,6 +69,8 @@ from tray_app.storage.conversations import (
     trim_history,
     up_to_last_turn,
 )
+
+log = logging.getLogger("lmgate.gateway")
 
 CHAT_ROUTE = next(r for r in FORWARDED_ROUTES if r.path == "/v1/chat/completions")
 MAX_MESSAGE_CHARS = 100_000
@@ -427,9 +431,8 @@ class ChatApi:
             ).encode(),
         )
         check_models(prepared, principal)
-        await self._sharing.load_budget(principal)
         # Before anything is stored: a turn over budget leaves no question without an answer.
-        generation = exchange.generation = self._sharing.admit(
+        generation = exchange.generation = await self._sharing.admit(
             principal, exchange.client or "unknown", CHAT_ROUTE, prepared
         )
         try:
@@ -485,9 +488,16 @@ class ChatApi:
                 # Also after a Stop: what was generated so far belongs to the history.
                 text = "".join(capture.content)
                 if text or capture.reasoning:
-                    await self._store_answer(
-                        conversation.id, text, "".join(capture.reasoning) or None
-                    )
+                    try:
+                        await self._store_answer(
+                            conversation.id, text, "".join(capture.reasoning) or None
+                        )
+                    except StorageError as exc:
+                        # The answer was streamed, so the phone has it: only keeping it
+                        # failed, and a 503 now would be written into the stream's body.
+                        log.warning(
+                            "request %s: the answer was sent but not kept: %s", request_id, exc
+                        )
         try:
             upstream = await self._forward.post(
                 request,

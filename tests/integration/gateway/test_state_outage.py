@@ -9,11 +9,12 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import CLIENT_KEY, GatewayFactory, auth_headers
-from tests.fake_lmstudio import FakeLMStudio
+from tests.fake_lmstudio import MODELS, FakeLMStudio
 from tests.fakes import StaticKeyAuthenticator
 from tests.helpers import raw_request
 from tray_app.clock import SystemClock
@@ -167,6 +168,48 @@ async def test_the_phones_routes_answer_503_when_their_store_cannot_be_read(
         db.down = False
         again = await raw_request(server.port or 0, "GET", "/api/conversations", auth_headers())
         assert again.status == 200
+    finally:
+        await server.stop()
+        db.close()
+
+
+class AnswersUnkept(ConversationStore):
+    """The real store, whose writes of an answer fail as a database gone away would."""
+
+    def append(self, conversation_id: str, role: str, content: str, **rest: Any) -> Any:
+        if role == "assistant":
+            raise StorageError("LM Gate's database db.example:5432/lmgate could not be written.")
+        return super().append(conversation_id, role, content, **rest)
+
+
+async def test_a_streamed_answer_that_cannot_be_kept_ends_as_streamed_with_no_second_answer(
+    tmp_path: Path, fake_lmstudio: FakeLMStudio, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(tmp_path / "lmgate.db")
+    config = Config(server_host="127.0.0.1", server_port=0, upstream_url=fake_lmstudio.url)
+    gateway = Gateway(
+        config,
+        StaticKeyAuthenticator(CLIENT_KEY),
+        secrets=MemorySecretStore(),
+        conversations=AnswersUnkept(db, SystemClock()),
+    )
+    server = GatewayServer(gateway)
+    await server.start()
+    fake_lmstudio.behaviour.chunks = 2
+    body = json.dumps({"message": "hi", "model": MODELS[0], "stream": True}).encode()
+    try:
+        with caplog.at_level(logging.WARNING, logger="lmgate.gateway"):
+            answer = await raw_request(
+                server.port or 0,
+                "POST",
+                "/api/chat",
+                {**auth_headers(), "Content-Type": "application/json"},
+                body,
+            )
+        assert answer.status == 200
+        assert b"HTTP/1.1" not in answer.body, "a second answer inside the stream"
+        assert b"tok1" in answer.body and b"state_unavailable" not in answer.body
+        assert any("sent but not kept" in r.getMessage() for r in caplog.records)
     finally:
         await server.stop()
         db.close()
