@@ -56,6 +56,7 @@ from tray_app.gateway.routes import (
     Route,
     normalise_path,
 )
+from tray_app.gateway.shared_budgets import SharedBudgets
 from tray_app.gateway.sharing import Sharing
 from tray_app.gateway.state_calls import StateCalls
 from tray_app.gateway.token_estimate import METHOD, METHOD_HEADER, estimate_input_tokens
@@ -183,6 +184,8 @@ class Gateway:
         self.sharing.queues = self.queues
         if shared_limits is not None:
             self.sharing.leases = self._protect
+            if ledger is not None:
+                ledger.shared = SharedBudgets(shared_limits)
         if metrics is not None:
             queues = tuple(self.queues.values())
             metrics.watch_sharing(
@@ -496,8 +499,7 @@ class Gateway:
         exchange.model = prepared.model
         exchange.stream = prepared.stream
         check_models(prepared, principal)
-        await self.sharing.load_budget(principal)
-        generation = exchange.generation = self.sharing.admit(
+        generation = exchange.generation = await self.sharing.admit(
             principal, exchange.client or "unknown", route, prepared
         )
         outcome = exchange.outcome

@@ -21,6 +21,12 @@ settled after it makes the ledger reload that principal's totals, which then hol
 
 Memory: at each new UTC day every principal with nothing in flight is forgotten (a
 principal seen again is loaded again), and the ledger keeps only open reservations.
+
+Replicas. With ``shared`` set (a team's gateway) "used" and "reserved" are the team's, read
+from Redis before each reservation, and a reservation this ledger made is admitted only once
+Redis took it too (:meth:`commit`), exactly, against every replica's; see
+:mod:`tray_app.gateway.shared_budgets`. While Redis is down and the policy is open, the ledger
+decides alone, as on one machine.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from dataclasses import dataclass, field
 
 from tray_app.clock import Clock
 from tray_app.gateway import api_errors
+from tray_app.gateway.shared_budgets import UNREACHABLE, Counted, Period, SharedBudgets
 from tray_app.gateway.state_calls import StateCalls
 from tray_app.gateway.upstream.usage import Usage
 from tray_app.identity.principal import Budget, Principal
@@ -78,6 +85,7 @@ class _Account:
     day_used: int = 0
     month_used: int = 0
     reserved: int = 0  # by requests in flight, whatever period they end in
+    elsewhere: int = 0  # reserved by the other replicas, as last read (shared only)
 
 
 NOT_LOADED = -1
@@ -108,13 +116,21 @@ class BudgetLedger:
         self._day = NOT_LOADED
         self._month = NOT_LOADED
         self._next_month = NOT_LOADED
+        # Replicas only (set by the gateway): the team's counts, in Redis.
+        self.shared: SharedBudgets | None = None
+        self._members: dict[int, str] = {}  # ticket -> its reservation's lease in Redis
+        self._stale: set[str] = set()  # principals whose Redis counters missed a settle
+        self._dropped: set[str] = set()  # unbudgeted principals whose counters were dropped
 
     async def load(self, principal: Principal, state: StateCalls) -> None:
         """Read a budgeted principal's stored use of today and of the month through ``state``
         (a remote database's on a thread), if this process has not read it yet: the reserve
-        that follows then finds it in memory and asks the database nothing on the loop."""
+        that follows then finds it in memory and asks the database nothing on the loop.
+        Shared: the team's counts, read every time."""
         budget = principal.budget
         if budget is None or not budget.limited:
+            return
+        if self.shared is not None and await self._load_shared(self.shared, principal, state):
             return
         name, today = principal.name, day_start(self._clock.time())
         account = self._accounts.get(name)
@@ -138,6 +154,79 @@ class BudgetLedger:
             self._history.totals_since(principal, month).tokens,
         )
 
+    async def _load_shared(
+        self, shared: SharedBudgets, principal: Principal, state: StateCalls
+    ) -> bool:
+        """The team's counts into the principal's account; False when Redis is down and
+        the policy is open (the stored totals are read as on one machine then)."""
+        name = principal.name
+        self._dropped.discard(name)
+        period = _period(self._clock.time())
+        reset = name in self._stale
+        counted = await shared.read(name, period, start=None, reset=reset)
+        if counted is UNREACHABLE:
+            return False
+        self._stale.discard(name)
+        if counted is None:  # a counter to start: from the stored totals, as in load
+            pending = (0, 0) if self._pending is None else (
+                self._pending(name, period.day), self._pending(name, period.month)
+            )  # fmt: skip
+            stored = await state.call(self._stored_totals, name, period.day, period.month)
+            start = (pending[0] + stored[0], pending[1] + stored[1])
+            counted = await shared.read(name, period, start=start, reset=False)
+            if counted is UNREACHABLE:
+                return False
+        if isinstance(counted, Counted):
+            self._count(self._slot(name, period.day), period.day, counted)
+        return True
+
+    @staticmethod
+    def _count(account: _Account, today: int, counted: Counted) -> None:
+        account.day = today
+        account.day_used = counted.day_used
+        account.month_used = counted.month_used
+        account.elsewhere = max(0, counted.reserved - account.reserved)
+
+    async def commit(self, principal: Principal, reservation: Reservation | None) -> bool:
+        """Shared: have Redis take ``reservation`` too, against every replica's (True), or
+        give it back here (False: the account then holds the team's counts, for a second
+        try). True at once on one machine, and while Redis is down under the open policy."""
+        shared = self.shared
+        budget = principal.budget
+        if shared is None or reservation is None or budget is None:
+            return True
+        period = _period(self._clock.time())
+        answer = await shared.reserve(
+            reservation.principal,
+            period,
+            reservation.ticket,
+            reservation.tokens,
+            (budget.tokens_per_day, budget.tokens_per_month),
+        )
+        if answer is UNREACHABLE:
+            return True
+        if isinstance(answer, str):
+            self._members[reservation.ticket] = answer
+            return True
+        self._open.pop(reservation.ticket, None)
+        account = self._slot(reservation.principal, period.day)
+        account.reserved -= reservation.tokens
+        if isinstance(answer, Counted):
+            self._count(account, period.day, answer)
+        else:
+            account.day = NOT_LOADED  # a counter went missing: the next load starts it
+        return False
+
+    def refuse(self, principal: Principal, reservation: Reservation) -> api_errors.ApiError:
+        """The refusal for a reservation Redis did not take, in the team's counts."""
+        assert principal.budget is not None
+        now = self._clock.time()
+        rooms = self._rooms(self._account(principal.name, now), principal.budget)
+        short = [room for room in rooms if reservation.tokens > room.left]
+        room = short[-1] if short else min(rooms, key=lambda room: room.left)
+        fits = min(room.left for room in rooms) - reservation.prompt_estimate
+        return _refusal(room, reservation.tokens, now, fits)
+
     def reserve(
         self, principal: Principal, *, prompt_estimate: int, requested_output: int | None
     ) -> Reservation | None:
@@ -146,6 +235,10 @@ class BudgetLedger:
         budget = principal.budget
         if budget is None or not budget.limited:
             self._unload(principal.name)  # its usage is not settled here while it has none
+            if self.shared is not None and principal.name not in self._dropped:
+                # Nor in Redis: counters kept would be short when a budget is given back.
+                self._dropped.add(principal.name)
+                self.shared.drop(principal.name, _period(self._clock.time()))
             return None
         now = self._clock.time()
         account = self._account(principal.name, now)
@@ -188,6 +281,13 @@ class BudgetLedger:
         charged = _charged(reservation, used, bytes_out, reached, unanswered)
         if self._open.pop(reservation.ticket, None) is None:
             return used
+        tokens = 0 if charged is None else charged.prompt_tokens + charged.completion_tokens
+        member = self._members.pop(reservation.ticket, None)
+        if member is not None and self.shared is not None:
+            name = reservation.principal
+            self.shared.settle(
+                name, member, tokens, _period(self._clock.time()), lambda: self._stale.add(name)
+            )
         account = self._accounts.get(reservation.principal)
         if account is None:
             return charged  # it reserved nothing, so it was forgotten: the next load reads it
@@ -197,7 +297,6 @@ class BudgetLedger:
             # used, and by then the recorder holds this request; idle, it is not kept at all.
             self._forget_if_idle(reservation.principal, account)
             return charged
-        tokens = 0 if charged is None else charged.prompt_tokens + charged.completion_tokens
         account.day_used += tokens
         account.month_used += tokens
         return charged
@@ -212,7 +311,7 @@ class BudgetLedger:
             month_limit=budget.tokens_per_month,
             day_resets_at=self._day + DAY,
             month_resets_at=self._next_month,
-            in_flight=account.reserved,
+            in_flight=account.reserved + account.elsewhere,
         )
 
     def left(self, principal: str, budget: Budget) -> int:
@@ -278,12 +377,19 @@ class BudgetLedger:
         """Each limited period's room, the day's before the month's."""
         rooms = []
         if budget.tokens_per_day is not None:
-            left = budget.tokens_per_day - account.day_used - account.reserved
+            left = budget.tokens_per_day - account.day_used - account.reserved - account.elsewhere
             rooms.append(_Room("day", budget.tokens_per_day, left, self._day + DAY))
         if budget.tokens_per_month is not None:
-            left = budget.tokens_per_month - account.month_used - account.reserved
+            left = (
+                budget.tokens_per_month - account.month_used - account.reserved - account.elsewhere
+            )
             rooms.append(_Room("month", budget.tokens_per_month, left, self._next_month))
         return rooms
+
+
+def _period(now: float) -> Period:
+    today = day_start(now)
+    return Period(today, month_start(today), next_month_start(today))
 
 
 def _charged(

@@ -6,6 +6,8 @@ attempts per address group) and concurrency as expiring leases (a sorted set per
 member = lease id, score = when it expires). A replica renews the leases it holds every third
 of ``state.lease_seconds``; one that crashes stops renewing, and its callers' places free
 themselves. Every script reads Redis's own clock (TIME), so the replicas' clocks do not matter.
+Budgets' reservations are leases of the same kind, held in the principal's own set
+(:mod:`tray_app.gateway.shared_budgets` runs its scripts through :meth:`SharedLimits.evaluate`).
 
 While Redis cannot be reached the policy (``state.when_redis_is_down``) decides: closed refuses
 the request (503 ``shared_limits_unavailable``), open lets it through without these limits and
@@ -19,15 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -123,7 +127,8 @@ class SharedLimits:
         # Lease ids are this replica's: another's renewals never touch them.
         self._replica = secrets.token_hex(8)
         self._serial = itertools.count(1)
-        self._held: dict[str, set[str]] = {}  # principal -> lease ids this replica holds
+        self._held: dict[str, set[str]] = {}  # Redis key -> lease ids this replica holds there
+        self._scripts: dict[str, AsyncScript] = {}  # by source, registered once opened
         self._client: Redis | None = None
         self._down = True  # until open() reached Redis: nothing is known yet
         self._outage = asyncio.Event()
@@ -151,6 +156,7 @@ class SharedLimits:
         self._take = client.register_script(TAKE)
         self._acquire = client.register_script(ACQUIRE)
         self._renew = client.register_script(RENEW)
+        self._scripts = {source: client.register_script(source) for source in self._scripts}
         if await self._ping():
             self._back()
         else:
@@ -190,6 +196,20 @@ class SharedLimits:
         return None if wait is None else float(wait)
 
     async def acquire(self, principal: str) -> str | None:
+        # Shielded: a caller that hangs up while Redis answers would leave a lease there that
+        # nobody renews or gives back, and the caller a place short for lease_seconds.
+        asking = asyncio.ensure_future(self._take_place(principal))
+        try:
+            return await asyncio.shield(asking)
+        except asyncio.CancelledError:
+            asking.add_done_callback(functools.partial(self._release_unwanted, principal))
+            raise
+
+    def _release_unwanted(self, principal: str, asking: asyncio.Future[str | None]) -> None:
+        if not asking.cancelled() and asking.exception() is None and (lease := asking.result()):
+            self.release(principal, lease)
+
+    async def _take_place(self, principal: str) -> str | None:
         lease = f"{self._replica}:{next(self._serial)}"
         # Taken before asking: a release may reach Redis just after the refusal did.
         releasing = set(self._releasing.get(principal, ()))
@@ -203,25 +223,20 @@ class SharedLimits:
             return ""  # let through without Redis (open policy): no lease to give back
         if not admitted:
             return None
-        self._held.setdefault(principal, set()).add(lease)
+        self.hold(self._leases_key(principal), lease)
         return lease
 
     def release(self, principal: str, lease: str) -> None:
-        held = self._held.get(principal)
-        if held is None or lease not in held:
+        key = self._leases_key(principal)
+        if not self.let_go(key, lease):
             return  # taken while Redis was down, or already given back
-        held.discard(lease)
-        if not held:
-            del self._held[principal]
         # Off the request's path: a release that fails leaves a lease that is no longer
         # renewed, so it expires by itself.
-        task = spawn(self._remove(principal, lease), name="shared-limits-release")
-        self._releases.add(task)
+        task = self.in_background(lambda: self._remove(key, lease), "shared-limits-release")
         releasing = self._releasing.setdefault(principal, set())
         releasing.add(task)
 
         def done(task: asyncio.Task[object]) -> None:
-            self._releases.discard(task)
             releasing.discard(task)
             if not releasing and self._releasing.get(principal) is releasing:
                 del self._releasing[principal]
@@ -235,6 +250,52 @@ class SharedLimits:
             ),
             allowed="",
         )
+
+    # ---- for the shared budgets ----------------------------------------------------------
+
+    @property
+    def replica(self) -> str:
+        """This replica's own part of every lease id it makes."""
+        return self._replica
+
+    @property
+    def lease_ms(self) -> int:
+        """How long a lease lives without being renewed."""
+        return self._lease_ms
+
+    async def evaluate(
+        self, source: str, keys: Sequence[str], args: Sequence[str | int], *, allowed: T
+    ) -> object:
+        """The Lua script ``source``'s answer, under the failure policy (see :meth:`_call`)."""
+        script = self._scripts.get(source)
+        if script is None and self._client is not None:
+            script = self._scripts[source] = self._client.register_script(source)
+        if script is None:  # not opened: as unreachable
+            return await self._call(_not_open, allowed=allowed)
+        return await self._call(lambda: script(keys=list(keys), args=list(args)), allowed=allowed)
+
+    def hold(self, key: str, lease: str) -> None:
+        """Renew ``lease`` in the sorted set ``key`` until :meth:`let_go`."""
+        self._held.setdefault(key, set()).add(lease)
+
+    def let_go(self, key: str, lease: str) -> bool:
+        """Stop renewing ``lease``; False when it was not held (a second call)."""
+        held = self._held.get(key)
+        if held is None or lease not in held:
+            return False
+        held.discard(lease)
+        if not held:
+            del self._held[key]
+        return True
+
+    def in_background(
+        self, call: Callable[[], Coroutine[Any, Any, object]], name: str
+    ) -> asyncio.Task[object]:
+        """Run ``call`` off the request's path; :meth:`close` waits for it (a moment)."""
+        task: asyncio.Task[object] = spawn(call(), name=name)
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+        return task
 
     # ---- Redis calls under the failure policy ---------------------------------------------
 
@@ -264,7 +325,8 @@ class SharedLimits:
         else:
             log.warning(
                 "Redis is unreachable %s: requests pass WITHOUT rate, concurrency and "
-                "guessing limits until it is back (state.when_redis_is_down = open)",
+                "guessing limits, and budgets count on each replica alone, until it is "
+                "back (state.when_redis_is_down = open)",
                 why,
             )
 
@@ -281,11 +343,11 @@ class SharedLimits:
         except (RedisError, OSError):
             return False
 
-    async def _remove(self, principal: str, lease: str) -> None:
+    async def _remove(self, key: str, lease: str) -> None:
         if self._down or self._client is None:
             return
         with contextlib.suppress(RedisError, OSError):
-            await self._client.zrem(self._leases_key(principal), lease)
+            await self._client.zrem(key, lease)
 
     @staticmethod
     def _leases_key(principal: str) -> str:
@@ -321,17 +383,21 @@ class SharedLimits:
     async def _renew_held(self) -> None:
         """Every lease this replica holds, renewed in one pipeline."""
         assert self._client is not None
-        held = {principal: sorted(leases) for principal, leases in self._held.items()}
+        held = {key: sorted(leases) for key, leases in self._held.items()}
         if not held:
             return
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                for principal, leases in held.items():
+                for key, leases in held.items():
                     await self._renew(
-                        keys=[self._leases_key(principal)],
+                        keys=[key],
                         args=[self._lease_ms, *leases],
                         client=pipe,
                     )
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self._lost(f"renewing leases ({type(exc).__name__}: {exc})")
+
+
+async def _not_open() -> object:
+    raise RedisConnectionError("the shared limits are not open")

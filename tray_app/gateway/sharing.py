@@ -92,6 +92,10 @@ class Ledger(Protocol):
 
     async def load(self, principal: Principal, state: StateCalls) -> None: ...
 
+    async def commit(self, principal: Principal, reservation: Any) -> bool: ...
+
+    def refuse(self, principal: Principal, reservation: Any) -> Exception: ...
+
 
 class Leases(Protocol):
     """A caller's places among its concurrent requests, counted where every replica sees
@@ -107,6 +111,9 @@ class Leases(Protocol):
 BUDGETED_DEFAULT_OUTPUT = 8192
 # Less than this left, a request that named no length is refused rather than cut short.
 MIN_DEFAULT_OUTPUT = 16
+# Replicas: how often a reservation is made again, with the team's fresh counts, when another
+# replica took the room it was sized for in the meantime; the last one refused is refused.
+RESERVE_TRIES = 3
 
 
 def requested_output(payload: dict[str, Any], route: Route) -> int | None:
@@ -156,17 +163,28 @@ class Sharing:
             return self.guard
         return self.guards.get(upstream, self.guard)
 
-    async def load_budget(self, principal: Principal) -> None:
-        """Before :meth:`admit`: a remote database's read of the caller's stored use is made
-        off the loop (a local one's is made by admit itself, in microseconds)."""
-        if self._ledger is not None and self._state.offload:
-            await self._ledger.load(principal, self._state)
-
-    def admit(
+    async def admit(
         self, principal: Principal, client: str, route: Route, prepared: PreparedBody
     ) -> Generation:
         """A generation that may go ahead as far as its budget goes (else ApiError 429
-        budget_exceeded); it still has to wait for its turn."""
+        budget_exceeded); it still has to wait for its turn. The caller's stored use is read
+        first (a remote database's off the loop); with replicas, the reservation is taken
+        where every replica counts."""
+        ledger = self._ledger
+        for tries_left in range(RESERVE_TRIES - 1, -1, -1):
+            if ledger is not None:
+                await ledger.load(principal, self._state)
+            generation = self._admit_here(principal, client, route, prepared)
+            reservation = generation._reservation
+            if ledger is None or await ledger.commit(principal, reservation):
+                return generation
+            if not tries_left:
+                raise ledger.refuse(principal, reservation)
+        raise AssertionError("unreachable: the last try returns or raises")
+
+    def _admit_here(
+        self, principal: Principal, client: str, route: Route, prepared: PreparedBody
+    ) -> Generation:
         cap = principal.max_tokens
         reservation = None
         budget = principal.budget

@@ -22,6 +22,7 @@ from tests.fake_lmstudio import FakeLMStudio, fake_on_a_thread
 from tests.postgres_server import PostgresServer
 from tests.redis_server import RedisServer
 from tests.replicas import DOMAIN, TeamGateway
+from tray_app.gateway.token_estimate import estimate_prompt_tokens
 
 MakeTeam = Callable[..., TeamGateway]
 
@@ -139,6 +140,44 @@ async def test_a_callers_generations_are_capped_across_the_replicas(
         assert await chat(second) == (200, "")
         # On one replica a second generation waits for its turn, as on one machine.
         assert list(await asyncio.gather(chat(first), chat(first))) == [(200, "")] * 2
+
+
+async def test_a_budget_is_exact_under_parallel_streams_on_the_replicas(
+    make_team: MakeTeam, upstream: FakeLMStudio
+) -> None:
+    # Room for every stream at once: only the budget refuses.
+    team = make_team(LMGATE_LIMITS_CONCURRENT_REQUESTS="32").start(2)
+    key = team.create_key("budgeted", "--budget-day", "1000")
+    urls = [r.url for r in team.replicas]
+    messages = [{"role": "user", "content": "Hi"}]
+    prompt = estimate_prompt_tokens({"messages": messages})
+    upstream.behaviour.first_chunk_delay = 1.0  # every stream is running at once
+    async with aiohttp.ClientSession() as session:
+
+        async def stream(url: str, reserved: int) -> tuple[int, str]:
+            body = {
+                "model": "qwen2.5-7b-instruct",
+                "messages": messages,
+                "stream": True,
+                "max_tokens": reserved - prompt,
+            }
+            async with session.post(
+                url + "/v1/chat/completions", json=body, headers=bearer(key)
+            ) as r:
+                if r.status != 200:
+                    return r.status, (await r.json())["error"]["code"]
+                text = (await r.read()).decode()
+                assert text.rstrip().endswith("data: [DONE]"), text
+                return r.status, ""
+
+        # Each reserves 100: the day's 1000 hold ten of them, whichever replica they reach.
+        answers = await asyncio.gather(*(stream(urls[n % 2], 100) for n in range(16)))
+        assert Counter(answers) == {(200, ""): 10, (429, "budget_exceeded"): 6}
+        # Settled with what they used, on both replicas: what is left is exact on either.
+        used = 10 * (7 + upstream.behaviour.chunks)  # the fake's usage per stream
+        upstream.behaviour.first_chunk_delay = 0
+        assert await stream(urls[0], 1000 - used + 1) == (429, "budget_exceeded")
+        assert await stream(urls[1], 1000 - used) == (200, "")
 
 
 async def test_a_key_revoked_by_the_cli_is_refused_by_every_replica_within_a_second(

@@ -60,37 +60,43 @@ def caller(budget: Budget | None = None, max_tokens: int | None = None) -> Princ
 
 
 class TestTheCapAGenerationCarries:
-    def test_no_budget_keeps_the_principal_s_cap_and_reserves_nothing(self, db: Database) -> None:
+    async def test_no_budget_keeps_the_principal_s_cap_and_reserves_nothing(
+        self, db: Database
+    ) -> None:
         sharing, _, ledger = gate(db)
         prepared = prepare_body(CHAT, body(CHAT, f'"model":"m",{QUESTION},"max_tokens":100'))
-        generation = sharing.admit(caller(max_tokens=50), "127.0.0.1", CHAT, prepared)
+        generation = await sharing.admit(caller(max_tokens=50), "127.0.0.1", CHAT, prepared)
         assert generation.max_tokens == 50 and ledger.principals_tracked == 0
 
-    def test_a_budgeted_principal_s_own_cap_bounds_what_it_reserves(self, db: Database) -> None:
+    async def test_a_budgeted_principal_s_own_cap_bounds_what_it_reserves(
+        self, db: Database
+    ) -> None:
         sharing, _, ledger = gate(db)
         prepared = prepare_body(CHAT, body(CHAT, f'"model":"m",{QUESTION},"max_tokens":100'))
         who = caller(Budget(tokens_per_day=1000), max_tokens=50)
-        generation = sharing.admit(who, "127.0.0.1", CHAT, prepared)
+        generation = await sharing.admit(who, "127.0.0.1", CHAT, prepared)
         assert generation.max_tokens == 50 and ledger.reserved_tokens == 9 + 50
 
-    def test_a_request_without_a_length_gets_the_default_or_what_is_left(
+    async def test_a_request_without_a_length_gets_the_default_or_what_is_left(
         self, db: Database
     ) -> None:
         sharing, _, _ = gate(db)
         prepared = prepare_body(CHAT, body(CHAT, f'"model":"m",{QUESTION}'))
-        roomy = sharing.admit(caller(Budget(tokens_per_day=10**9)), "c", CHAT, prepared)
+        roomy = await sharing.admit(caller(Budget(tokens_per_day=10**9)), "c", CHAT, prepared)
         assert roomy.max_tokens == BUDGETED_DEFAULT_OUTPUT
         roomy.settle(None, 0)
-        tight = sharing.admit(caller(Budget(tokens_per_month=30)), "c", CHAT, prepared)
+        tight = await sharing.admit(caller(Budget(tokens_per_month=30)), "c", CHAT, prepared)
         assert tight.max_tokens == 30 - 9
 
-    def test_embeddings_reserve_their_input_and_carry_no_cap(self, db: Database) -> None:
+    async def test_embeddings_reserve_their_input_and_carry_no_cap(self, db: Database) -> None:
         sharing, _, ledger = gate(db)
         prepared = prepare_body(
             EMBEDDINGS, body(EMBEDDINGS, '"model":"e","input":"' + "x" * 40 + '"')
         )
         assert requested_output(prepared.payload, EMBEDDINGS) == 0
-        generation = sharing.admit(caller(Budget(tokens_per_day=100)), "c", EMBEDDINGS, prepared)
+        generation = await sharing.admit(
+            caller(Budget(tokens_per_day=100)), "c", EMBEDDINGS, prepared
+        )
         assert generation.max_tokens is None and ledger.reserved_tokens == 10
         assert generation.settle(Usage(12, 0), 0) == Usage(12, 0)
         assert ledger.reserved_tokens == 0
@@ -100,7 +106,7 @@ class TestGivingBack:
     async def test_a_slot_is_taken_once_and_given_back_once(self, db: Database) -> None:
         sharing, queue, _ = gate(db, slots=1)
         prepared = prepare_body(CHAT, body(CHAT, f'"model":"m",{QUESTION}'))
-        generation = sharing.admit(caller(), "c", CHAT, prepared)
+        generation = await sharing.admit(caller(), "c", CHAT, prepared)
         await generation.wait_turn(None)
         assert queue.busy == 1
         generation.release()
@@ -108,11 +114,11 @@ class TestGivingBack:
         assert queue.busy == 0
         assert generation.settle(Usage(1, 2), 10) == Usage(1, 2)  # nothing reserved: as used
 
-    def test_settling_twice_charges_once(self, db: Database) -> None:
+    async def test_settling_twice_charges_once(self, db: Database) -> None:
         sharing, _, ledger = gate(db)
         prepared = prepare_body(CHAT, body(CHAT, f'"model":"m",{QUESTION},"max_tokens":10'))
         who = caller(Budget(tokens_per_day=100))
-        generation = sharing.admit(who, "c", CHAT, prepared)
+        generation = await sharing.admit(who, "c", CHAT, prepared)
         assert generation.settle(None, 500) == Usage(9, 5)  # an estimate from the bytes sent
         assert generation.settle(None, 500) is None
         assert ledger.status("key:k", Budget(tokens_per_day=100)).day_used == 14
@@ -133,9 +139,9 @@ def guarded(
     return sharing, queue, guard
 
 
-def asking(sharing: Sharing, model: str, name: str = "key:k") -> Generation:
+async def asking(sharing: Sharing, model: str, name: str = "key:k") -> Generation:
     prepared = prepare_body(CHAT, body(CHAT, f'"model":"{model}",{QUESTION}'))
-    return sharing.admit(Principal(name, ALL_SCOPES), "198.51.100.1", CHAT, prepared)
+    return await sharing.admit(Principal(name, ALL_SCOPES), "198.51.100.1", CHAT, prepared)
 
 
 async def settle() -> None:
@@ -150,14 +156,14 @@ class TestWaitingForAModelCountsInTheQueue:
     async def test_requests_waiting_for_a_model_fill_the_caller_s_places(self) -> None:
         sharing, _, guard = guarded(slots=2, per_caller=1)
         streaming = await guard.enter(A, max_wait=5)  # someone reads from A: B must wait
-        first = asking(sharing, B)
+        first = await asking(sharing, B)
         waiting = asyncio.create_task(first.wait_turn(None))
         await settle()
         assert not waiting.done()
         with pytest.raises(ApiError) as caught:
-            await asking(sharing, B).wait_turn(None)
+            await (await asking(sharing, B)).wait_turn(None)
         assert (caught.value.status, caught.value.code) == (429, "queue_full")
-        second = asking(sharing, B, "key:other")
+        second = await asking(sharing, B, "key:other")
         other = asyncio.create_task(second.wait_turn(None))
         await settle()
         assert not other.done()  # another caller still has its own places
@@ -168,7 +174,7 @@ class TestWaitingForAModelCountsInTheQueue:
         second.release()
         # every place is free again: as many may wait as before
         streaming = await guard.enter(A, max_wait=5)
-        again = asyncio.create_task(asking(sharing, C).wait_turn(None))
+        again = asyncio.create_task((await asking(sharing, C)).wait_turn(None))
         await settle()
         assert not again.done()
         guard.leave(streaming)
@@ -178,25 +184,25 @@ class TestWaitingForAModelCountsInTheQueue:
         self,
     ) -> None:
         sharing, _, _ = guarded(total=0)
-        served = asking(sharing, A)
+        served = await asking(sharing, A)
         await served.wait_turn(None)  # loaded, a slot free: it holds no place at all
         served.release()
         with pytest.raises(ApiError) as caught:
-            await asking(sharing, B).wait_turn(None)  # a load is a wait
+            await (await asking(sharing, B)).wait_turn(None)  # a load is a wait
         assert (caught.value.status, caught.value.code) == (503, "queue_full")
 
     async def test_a_place_held_in_the_guard_is_given_back_when_the_slot_is_free(
         self,
     ) -> None:
         sharing, queue, _ = guarded(total=1)
-        loaded = asking(sharing, B)
+        loaded = await asking(sharing, B)
         await loaded.wait_turn(None)  # a load, then a free slot
         loaded.release()
-        waiting = asking(sharing, B, "key:other")
+        waiting = await asking(sharing, B, "key:other")
         await waiting.wait_turn(None)  # B loaded now, the slot free again
         holder = queue.try_acquire("x")
         assert holder is None  # waiting holds the one slot
-        behind = asyncio.create_task(asking(sharing, B, "key:third").wait_turn(None))
+        behind = asyncio.create_task((await asking(sharing, B, "key:third")).wait_turn(None))
         await settle()
         assert queue.waiting == 1  # the one place in the queue: nobody else's held
         waiting.release()
@@ -206,9 +212,9 @@ class TestWaitingForAModelCountsInTheQueue:
         sharing, queue, guard = guarded(total=1, max_wait=0.05)
         streaming = await guard.enter(A, max_wait=5)
         with pytest.raises(ApiError) as caught:
-            await asking(sharing, B).wait_turn(None)
+            await (await asking(sharing, B)).wait_turn(None)
         assert caught.value.code == "model_busy"
-        leaving = asyncio.create_task(asking(sharing, B).wait_turn(None))
+        leaving = asyncio.create_task((await asking(sharing, B)).wait_turn(None))
         await settle()
         leaving.cancel()
         await settle()
@@ -226,7 +232,7 @@ class TestOneDeadline:
         loop.call_later(0.25, guard.leave, streaming)  # B may load after 0.25 s of 0.4
         started = loop.time()
         with pytest.raises(ApiError) as caught:
-            await asking(sharing, B).wait_turn(None)
+            await (await asking(sharing, B)).wait_turn(None)
         waited = loop.time() - started
         assert caught.value.code == "queue_timeout"
         assert "waited 0.4 s" in caught.value.message  # the whole wait, not what was left
@@ -237,7 +243,7 @@ class TestOneDeadline:
 async def test_a_draft_model_the_body_names_goes_to_the_guard() -> None:
     sharing, queue, _ = guarded()
     prepared = prepare_body(CHAT, body(CHAT, f'"model":"{A}","draft_model":"{B}",{QUESTION}'))
-    generation = sharing.admit(Principal("key:k", ALL_SCOPES), "198.51.100.1", CHAT, prepared)
+    generation = await sharing.admit(Principal("key:k", ALL_SCOPES), "198.51.100.1", CHAT, prepared)
     with pytest.raises(ApiError) as caught:
         await generation.wait_turn(None)
     assert caught.value.code == "model_busy" and repr(B) in caught.value.message
@@ -250,7 +256,7 @@ async def test_a_wait_in_the_guard_then_the_queue_tells_both_and_keeps_one_place
     slot = queue.try_acquire("key:busy")
     assert slot is not None
     told: list[str] = []
-    generation = asking(sharing, B)
+    generation = await asking(sharing, B)
     waiting = asyncio.create_task(generation.wait_turn(told.append))
     await settle()
     guard.leave(streaming)  # B loads; the one slot is still taken: it queues, on its place
@@ -262,9 +268,9 @@ async def test_a_wait_in_the_guard_then_the_queue_tells_both_and_keeps_one_place
     # its turn is counted as its caller's: the caller's cap of one holds the next one back
     second = FairQueue(slots=2, per_caller=1, max_waiting=1, max_waiting_per_client=1)
     capped = Sharing(second, guard=None, ledger=None, max_wait=0.05, max_stream_wait=0.05)
-    await asking(capped, A).wait_turn(None)
+    await (await asking(capped, A)).wait_turn(None)
     with pytest.raises(ApiError) as caught:
-        await asking(capped, A).wait_turn(None)
+        await (await asking(capped, A)).wait_turn(None)
     assert caught.value.code == "too_many_concurrent_requests"  # a slot was free: its own cap
     generation.release()
 
@@ -287,7 +293,7 @@ class TestARetryOnAnotherUpstream:
         self,
     ) -> None:
         sharing, queue, first, second = self.two_machines()
-        generation = asking(sharing, A)
+        generation = await asking(sharing, A)
         await generation.wait_turn(None, "one")
         assert (first._active[A], second._active[A], queue.busy) == (1, 0, 1)
         await generation.wait_turn(None, "two")
@@ -301,7 +307,7 @@ class TestARetryOnAnotherUpstream:
         sharing, first_queue, _, _ = self.two_machines()
         second_queue = FairQueue(slots=1, per_caller=4, max_waiting=10, max_waiting_per_client=10)
         sharing.queues = {"one": first_queue, "two": second_queue}
-        generation = asking(sharing, A)
+        generation = await asking(sharing, A)
         await generation.wait_turn(None, "one")
         assert (first_queue.busy, second_queue.busy) == (1, 0)
         await generation.wait_turn(None, "two")
@@ -313,12 +319,12 @@ class TestARetryOnAnotherUpstream:
         sharing, first_queue, _, _ = self.two_machines(max_wait=0.1)
         second_queue = FairQueue(slots=1, per_caller=4, max_waiting=10, max_waiting_per_client=10)
         sharing.queues = {"one": first_queue, "two": second_queue}
-        hung = asking(sharing, A, "key:hung")
+        hung = await asking(sharing, A, "key:hung")
         await hung.wait_turn(None, "one")  # the first machine's only slot, held
         with pytest.raises(ApiError) as waited:
-            await asking(sharing, A, "key:other").wait_turn(None, "one")
+            await (await asking(sharing, A, "key:other")).wait_turn(None, "one")
         assert waited.value.code == "queue_timeout"
-        served = asking(sharing, A, "key:other")
+        served = await asking(sharing, A, "key:other")
         await served.wait_turn(None, "two")  # at once: the second machine's slot is free
         assert second_queue.busy == 1
         served.release()
@@ -327,7 +333,7 @@ class TestARetryOnAnotherUpstream:
     async def test_the_second_wait_has_only_what_is_left_of_the_deadline(self) -> None:
         sharing, _, _, second = self.two_machines(max_wait=0.2)
         blocking = await second.enter(B, max_wait=5)  # someone reads B on the second machine
-        generation = asking(sharing, A)
+        generation = await asking(sharing, A)
         await generation.wait_turn(None, "one")
         await asyncio.sleep(0.15)
         started = asyncio.get_running_loop().time()
