@@ -532,7 +532,12 @@ class ChatApi:
             raise errors.chat_answer_too_large() from None
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise errors.chat_answer_malformed() from None
-        await self._store_answer(conversation.id, content, reasoning)
+        try:
+            await self._store_answer(conversation.id, content, reasoning)
+        except StorageError as exc:
+            # Generated and charged: the answer is given all the same (a 503 would say
+            # nothing was forwarded, and a retry would generate and charge it again).
+            log.warning("request %s: the answer was sent but not kept: %s", request_id, exc)
         response = self._json(
             request_id,
             {

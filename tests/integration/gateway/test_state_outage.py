@@ -213,3 +213,36 @@ async def test_a_streamed_answer_that_cannot_be_kept_ends_as_streamed_with_no_se
     finally:
         await server.stop()
         db.close()
+
+
+async def test_an_answer_that_cannot_be_kept_is_given_all_the_same(
+    tmp_path: Path, fake_lmstudio: FakeLMStudio, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Generated and charged: a 503 would say nothing was forwarded, and the retry it invites
+    would generate and charge the answer again."""
+    db = Database(tmp_path / "lmgate.db")
+    config = Config(server_host="127.0.0.1", server_port=0, upstream_url=fake_lmstudio.url)
+    gateway = Gateway(
+        config,
+        StaticKeyAuthenticator(CLIENT_KEY),
+        secrets=MemorySecretStore(),
+        conversations=AnswersUnkept(db, SystemClock()),
+    )
+    server = GatewayServer(gateway)
+    await server.start()
+    body = json.dumps({"message": "hi", "model": MODELS[0]}).encode()
+    try:
+        with caplog.at_level(logging.WARNING, logger="lmgate.gateway"):
+            answer = await raw_request(
+                server.port or 0,
+                "POST",
+                "/api/chat",
+                {**auth_headers(), "Content-Type": "application/json"},
+                body,
+            )
+        assert answer.status == 200, answer.body
+        assert answer.json()["response"]
+        assert any("sent but not kept" in r.getMessage() for r in caplog.records)
+    finally:
+        await server.stop()
+        db.close()
