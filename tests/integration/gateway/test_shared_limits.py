@@ -509,4 +509,3 @@ async def test_open_gateways_serve_while_redis_is_down_and_readyz_says_degraded(
         async with http.get(b.url + "/readyz") as response:
             ready = await response.json()
             assert (ready["status"], ready["shared_limits"]) == ("ready", "up")
-
