@@ -142,6 +142,10 @@ class BudgetLedger:
             self._pending(name, today), self._pending(name, month)
         )  # fmt: skip
         day_used, month_used = await state.call(self._stored_totals, name, today, month)
+        if day_start(self._clock.time()) != today:
+            # Midnight passed meanwhile: these totals are of a day that is over (and the
+            # ledger's day must not go back to it); the new day's are read the same way.
+            return await self.load(principal, state)
         account = self._slot(name, today)
         if account.day != today:  # not read meanwhile by another request of the same caller
             account.day = today
@@ -176,7 +180,7 @@ class BudgetLedger:
             counted = await shared.read(name, period, start=start, reset=False)
             if counted is UNREACHABLE:
                 return False
-        if isinstance(counted, Counted):
+        if isinstance(counted, Counted) and day_start(self._clock.time()) == period.day:
             self._count(self._slot(name, period.day), period.day, counted)
         return True
 

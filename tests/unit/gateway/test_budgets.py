@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -497,6 +498,31 @@ class TestLoadedOffTheLoop:
             principal(day=1000, month=1000), prompt_estimate=0, requested_output=400
         )
         assert len(history.reads) == 2
+
+    async def test_midnight_during_the_read_reads_the_new_day_off_the_loop_too(
+        self, rig: Rig, history: CountingHistory
+    ) -> None:
+        rig.clock.advance(MIDNIGHT - 1 - START)
+        rig.db.add_usage([UsageRow(NAME, 1, 300, 0, START, int(START) // 3600 * 3600)])
+        clock = rig.clock
+
+        class MidnightMeanwhile(StateCalls):
+            async def call(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+                if clock.time() < MIDNIGHT:
+                    clock.advance(11)  # the read took us past midnight
+                return await super().call(fn, *args, **kwargs)
+
+        state = MidnightMeanwhile(offload=True, timeout=5)
+        try:
+            await rig.ledger.load(principal(day=1000), state)
+        finally:
+            state.close()
+        assert len(history.reads) == 4  # the day that ended, then the new one
+        assert all(name.startswith("lmgate-state") for name in history.reads)
+        status = rig.ledger.status(NAME, Budget(1000))
+        assert (status.day_used, status.day_resets_at) == (0, MIDNIGHT + 86400)
+        assert rig.ledger.reserve(principal(day=1000), prompt_estimate=0, requested_output=1000)
+        assert len(history.reads) == 4  # nothing read on the loop
 
     async def test_a_new_day_is_read_again(self, rig: Rig, history: CountingHistory) -> None:
         state = StateCalls(offload=False)
