@@ -184,6 +184,7 @@ class Gateway:
         self.sharing.queues = self.queues
         if shared_limits is not None:
             self.sharing.leases = self._protect
+            self.sharing.slots = shared_limits
             if ledger is not None:
                 ledger.shared = SharedBudgets(shared_limits)
         if metrics is not None:

@@ -6,6 +6,10 @@ attempts per address group) and concurrency as expiring leases (a sorted set per
 member = lease id, score = when it expires). A replica renews the leases it holds every third
 of ``state.lease_seconds``; one that crashes stops renewing, and its callers' places free
 themselves. Every script reads Redis's own clock (TIME), so the replicas' clocks do not matter.
+Each upstream's generation slots (``queue.generations_in_flight``) are leases of the same kind,
+so two replicas in front of one LM Studio run no more at once than one would: a generation that
+has its turn in its replica's fair queue then waits for a slot here (a slot this replica gives
+back wakes its waiters at once; others' are noticed by asking again every ``SLOT_POLL_SECONDS``).
 Budgets' reservations are leases of the same kind, held in the principal's own set
 (:mod:`tray_app.gateway.shared_budgets` runs its scripts through :meth:`SharedLimits.evaluate`).
 
@@ -54,6 +58,8 @@ MAX_CONNECTIONS = 32
 PROBE_SECONDS = 0.5
 # What a client is told to wait in closed mode: about how soon a probe can find Redis back.
 RETRY_AFTER_SECONDS = 1.0
+# How often a generation waiting for a slot another replica holds asks whether one is free.
+SLOT_POLL_SECONDS = 0.05
 
 # KEYS[1] the bucket (a hash: tokens, at); ARGV capacity, tokens per second.
 # Returns false when a token was spent, else the seconds until one is there (as a string:
@@ -122,6 +128,9 @@ class SharedLimits:
         self._rates = {bucket: rate / 60.0 for bucket, rate in bucket_rates(config).items()}
         self._capacity = dict(bucket_rates(config))
         self._cap = config.limits_concurrent_requests
+        self._slots = config.queue_generations_in_flight
+        # Upstream -> set when this replica gives one of its slots back.
+        self._slot_freed: dict[str, asyncio.Event] = {}
         self.lease_seconds = config.state_lease_seconds
         self._lease_ms = max(1, round(config.state_lease_seconds * 1000))
         # Lease ids are this replica's: another's renewals never touch them.
@@ -196,18 +205,22 @@ class SharedLimits:
         return None if wait is None else float(wait)
 
     async def acquire(self, principal: str) -> str | None:
-        # Shielded: a caller that hangs up while Redis answers would leave a lease there that
-        # nobody renews or gives back, and the caller a place short for lease_seconds.
-        asking = asyncio.ensure_future(self._take_place(principal))
+        return await self._shielded(self._take_place(principal), self._leases_key(principal))
+
+    async def _shielded(self, taking: Coroutine[Any, Any, str | None], key: str) -> str | None:
+        """The lease ``taking`` gets. Shielded: a caller that hangs up while Redis answers
+        would leave a lease there that nobody renews or gives back (and its caller, or the
+        upstream, a place short for lease_seconds)."""
+        asking = spawn(taking, name="shared-limits-lease")
         try:
             return await asyncio.shield(asking)
         except asyncio.CancelledError:
-            asking.add_done_callback(functools.partial(self._release_unwanted, principal))
+            asking.add_done_callback(functools.partial(self._give_back_unwanted, key))
             raise
 
-    def _release_unwanted(self, principal: str, asking: asyncio.Future[str | None]) -> None:
+    def _give_back_unwanted(self, key: str, asking: asyncio.Future[str | None]) -> None:
         if not asking.cancelled() and asking.exception() is None and (lease := asking.result()):
-            self.release(principal, lease)
+            self._give_back(key, lease)
 
     async def _take_place(self, principal: str) -> str | None:
         lease = f"{self._replica}:{next(self._serial)}"
@@ -227,12 +240,9 @@ class SharedLimits:
         return lease
 
     def release(self, principal: str, lease: str) -> None:
-        key = self._leases_key(principal)
-        if not self.let_go(key, lease):
-            return  # taken while Redis was down, or already given back
-        # Off the request's path: a release that fails leaves a lease that is no longer
-        # renewed, so it expires by itself.
-        task = self.in_background(lambda: self._remove(key, lease), "shared-limits-release")
+        task = self._give_back(self._leases_key(principal), lease)
+        if task is None:
+            return
         releasing = self._releasing.setdefault(principal, set())
         releasing.add(task)
 
@@ -242,6 +252,62 @@ class SharedLimits:
                 del self._releasing[principal]
 
         task.add_done_callback(done)
+
+    def _give_back(self, key: str, lease: str) -> asyncio.Task[object] | None:
+        if not self.let_go(key, lease):
+            return None  # taken while Redis was down, or already given back
+        # Off the request's path: a release that fails leaves a lease that is no longer
+        # renewed, so it expires by itself.
+        return self.in_background(lambda: self._remove(key, lease), "shared-limits-release")
+
+    # ---- generation slots -----------------------------------------------------------------
+
+    async def take_slot(
+        self, upstream: str, deadline: float, notify: Callable[[str], None] | None
+    ) -> str | None:
+        """One of ``upstream``'s generation slots, counted on every replica, once one is free
+        before ``deadline`` (the loop's clock); None when none was. "" while Redis is down
+        under the open policy (nothing to give back)."""
+        return await self._shielded(
+            self._wait_for_slot(upstream, deadline, notify), self._slots_key(upstream)
+        )
+
+    def give_back_slot(self, upstream: str, slot: str) -> None:
+        if self._give_back(self._slots_key(upstream), slot) is None:
+            return
+        freed = self._slot_freed.get(upstream)
+        if freed is not None:
+            freed.set()
+
+    async def _wait_for_slot(
+        self, upstream: str, deadline: float, notify: Callable[[str], None] | None
+    ) -> str | None:
+        key = self._slots_key(upstream)
+        loop = asyncio.get_running_loop()
+        told = False
+        while True:
+            slot = f"{self._replica}:{next(self._serial)}"
+            admitted = await self._call(
+                functools.partial(
+                    self._acquire, keys=[key], args=[slot, self._slots, self._lease_ms]
+                ),
+                allowed="",
+            )
+            if admitted == "":
+                return ""
+            if admitted:
+                self.hold(key, slot)
+                return slot
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            if notify is not None and not told:
+                notify("waiting, LM Studio is busy with answers from other replicas")
+                told = True
+            freed = self._slot_freed.setdefault(upstream, asyncio.Event())
+            freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(freed.wait(), min(SLOT_POLL_SECONDS, left))
 
     async def _try_acquire(self, principal: str, lease: str) -> object:
         return await self._call(
@@ -352,6 +418,10 @@ class SharedLimits:
     @staticmethod
     def _leases_key(principal: str) -> str:
         return f"{PREFIX}leases:{principal}"
+
+    @staticmethod
+    def _slots_key(upstream: str) -> str:
+        return f"{PREFIX}slots:{upstream}"
 
     # ---- in the background: renewals, and probes during an outage -------------------------
 

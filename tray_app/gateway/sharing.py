@@ -24,6 +24,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from tray_app.gateway import api_errors as errors
 from tray_app.gateway.body_rules import LENGTH_FIELDS, PreparedBody
 from tray_app.gateway.routes import Route
 from tray_app.gateway.state_calls import StateCalls
@@ -97,6 +98,15 @@ class Ledger(Protocol):
     def refuse(self, principal: Principal, reservation: Any) -> Exception: ...
 
 
+class Slots(Protocol):
+    """Each upstream's generation slots counted where every replica sees them (the shared
+    limits): a replica's own queue alone would let N replicas run N times as many."""
+
+    async def take_slot(self, upstream: str, deadline: float, notify: Notify | None) -> Any: ...
+
+    def give_back_slot(self, upstream: str, slot: Any) -> None: ...
+
+
 class Leases(Protocol):
     """A caller's places among its concurrent requests, counted where every replica sees
     them (the gateway's protections over the shared limits)."""
@@ -114,6 +124,8 @@ MIN_DEFAULT_OUTPUT = 16
 # Replicas: how often a reservation is made again, with the team's fresh counts, when another
 # replica took the room it was sized for in the meantime; the last one refused is refused.
 RESERVE_TRIES = 3
+# What a generation that found every replica's slots taken for its whole wait is told.
+SLOT_RETRY_AFTER_SECONDS = 5.0
 
 
 def requested_output(payload: dict[str, Any], route: Route) -> int | None:
@@ -142,6 +154,7 @@ class Sharing:
         # Replicas only: each queue caps a caller's generations on its own machine, so a
         # generation also holds a place counted across the replicas once it has its turn.
         self.leases: Leases | None = None
+        self.slots: Slots | None = None  # replicas only, likewise
         self.guard = guard
         # Each upstream's own guard, by name (a model loaded on one machine evicts nothing on
         # another); an upstream without one here has ``guard``.
@@ -251,6 +264,7 @@ class Generation:
         "_queue",
         "_reservation",
         "_sharing",
+        "_slot",
         "_turn",
         "_use",
         "max_tokens",
@@ -280,6 +294,7 @@ class Generation:
         self._use: tuple[Guard, Any] | None = None
         self._place: Any = None
         self._lease: str | None = None
+        self._slot: tuple[str, Any] | None = None  # (upstream, its slot) on the replicas
         # The queue of the upstream being asked: its slot, or the place held in it.
         self._queue: Queue = sharing._queue
 
@@ -304,6 +319,7 @@ class Generation:
         if self._turn is not None and self._queue is not queue:
             self._queue.release(self._turn)
             self._turn = None
+            self._give_back_slot()
         self._queue = queue
         guard = sharing.guard_for(upstream)
         if guard is not None:
@@ -346,6 +362,20 @@ class Generation:
             # on one machine; one beyond the cap elsewhere is refused here (429), which
             # release() then undoes with the turn.
             self._lease = await leases.enter(self._caller)
+        slots = sharing.slots
+        if slots is not None and self._slot is None:
+            # Last: a generation holds another replica's share of LM Studio only once it
+            # may run.
+            name = upstream or ""
+            slot = await slots.take_slot(name, deadline, notify)
+            if slot is None:
+                raise errors.queue_wait_timeout(self._max_wait, SLOT_RETRY_AFTER_SECONDS)
+            self._slot = (name, slot)
+
+    def _give_back_slot(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None and self._sharing.slots is not None:
+            self._sharing.slots.give_back_slot(*slot)
 
     def _hold_place(self) -> None:
         self._place = self._queue.hold_place(self._caller, self._client)
@@ -365,6 +395,7 @@ class Generation:
         if self._turn is not None:
             self._queue.release(self._turn)
             self._turn = None
+        self._give_back_slot()
         lease, self._lease = self._lease, None
         if lease is not None and self._sharing.leases is not None:
             self._sharing.leases.leave(self._caller, lease)

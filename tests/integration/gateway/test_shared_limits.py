@@ -509,3 +509,55 @@ async def test_open_gateways_serve_while_redis_is_down_and_readyz_says_degraded(
         async with http.get(b.url + "/readyz") as response:
             ready = await response.json()
             assert (ready["status"], ready["shared_limits"]) == ("ready", "up")
+
+
+async def test_an_upstreams_generation_slots_are_counted_on_every_replica(
+    replicas: Replicas,
+) -> None:
+    """Two replicas in front of one LM Studio run no more generations at once than one."""
+    (_, a), (_, b) = await replicas(2, queue_generations_in_flight=1)
+    loop = asyncio.get_running_loop()
+    told: list[str] = []
+    slot = await a.take_slot("lmstudio", loop.time() + 1, None)
+    assert slot
+    # Both sides of the edge: the one slot is A's, so B waits, is told why, and gives up at
+    # its deadline; another upstream's slots are its own.
+    started = time.monotonic()
+    assert await b.take_slot("lmstudio", loop.time() + 0.3, told.append) is None
+    assert 0.3 <= time.monotonic() - started < 0.6
+    assert told == ["waiting, LM Studio is busy with answers from other replicas"]
+    other = await b.take_slot("other-machine", loop.time() + 1, None)
+    assert other
+    # Given back on A: B, asking again every SLOT_POLL_SECONDS, has it within a few of them.
+    waiting = asyncio.ensure_future(b.take_slot("lmstudio", loop.time() + 2, None))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    a.give_back_slot("lmstudio", slot)
+    given_back = time.monotonic()
+    assert await waiting
+    assert time.monotonic() - given_back < 0.3
+
+
+async def test_a_slot_given_back_here_wakes_a_generation_waiting_here_at_once(
+    replicas: Replicas,
+) -> None:
+    ((_, a),) = await replicas(1, queue_generations_in_flight=1)
+    loop = asyncio.get_running_loop()
+    slot = await a.take_slot("lmstudio", loop.time() + 1, None)
+    assert slot
+    waiting = asyncio.ensure_future(a.take_slot("lmstudio", loop.time() + 2, None))
+    await asyncio.sleep(0.02)
+    a.give_back_slot("lmstudio", slot)
+    given_back = time.monotonic()
+    assert await waiting
+    assert time.monotonic() - given_back < 0.04  # before the next poll
+
+
+async def test_a_crashed_replicas_generation_slots_free_themselves(replicas: Replicas) -> None:
+    (_, crashing), (_, live) = await replicas(2, queue_generations_in_flight=1)
+    loop = asyncio.get_running_loop()
+    assert await crashing.take_slot("lmstudio", loop.time() + 1, None)
+    await crashing.close()  # no renewal, no give-back: as if the process died
+    started = time.monotonic()
+    assert await live.take_slot("lmstudio", loop.time() + LEASE * 4, None)
+    assert LEASE * 0.8 <= time.monotonic() - started < LEASE * 3

@@ -180,6 +180,32 @@ async def test_a_budget_is_exact_under_parallel_streams_on_the_replicas(
         assert await stream(urls[1], 1000 - used) == (200, "")
 
 
+async def test_two_replicas_on_one_lm_studio_run_no_more_generations_than_one_would(
+    make_team: MakeTeam, upstream: FakeLMStudio
+) -> None:
+    team = make_team(
+        LMGATE_QUEUE_GENERATIONS_IN_FLIGHT="1", LMGATE_LIMITS_CONCURRENT_REQUESTS="8"
+    ).start(2)
+    keys = [team.create_key(f"caller{n}") for n in range(2)]
+    first, second = (r.url for r in team.replicas)
+    upstream.behaviour.header_delay = 0.5
+    body = {"model": "qwen2.5-7b-instruct", "messages": [{"role": "user", "content": "Hi"}]}
+    async with aiohttp.ClientSession() as session:
+
+        async def chat(url: str, key: str) -> float:
+            async with session.post(
+                url + "/v1/chat/completions", json=body, headers=bearer(key)
+            ) as r:
+                assert r.status == 200, await r.text()
+                return time.monotonic()
+
+        started = time.monotonic()
+        ended = await asyncio.gather(chat(first, keys[0]), chat(second, keys[1]))
+    # One after the other: LM Studio's one slot, whichever replica the generation came to.
+    assert max(ended) - started >= 0.95
+    assert min(ended) - started < 0.9
+
+
 async def test_a_key_revoked_by_the_cli_is_refused_by_every_replica_within_a_second(
     make_team: MakeTeam,
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -350,3 +351,66 @@ class TestARetryOnAnotherUpstream:
         assert sharing.guard_for("two") is second
         assert sharing.guard_for("elsewhere") is first  # guarded() set the shared guard
         assert sharing.guard_for(None) is first
+
+
+class CountedSlots:
+    """Each upstream's slots as the replicas count them together, in memory: ``free`` of
+    each, a wait for one ending at the deadline."""
+
+    def __init__(self, free: int) -> None:
+        self.free = {"one": free, "two": free}
+        self.deadlines: list[float] = []
+        self._serial = 0
+
+    async def take_slot(self, upstream: str, deadline: float, notify: Any) -> str | None:
+        self.deadlines.append(deadline)
+        if self.free[upstream] == 0:
+            await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
+            return None
+        self.free[upstream] -= 1
+        self._serial += 1
+        return f"{upstream}:{self._serial}"
+
+    def give_back_slot(self, upstream: str, slot: str) -> None:
+        assert slot.startswith(upstream + ":")
+        self.free[upstream] += 1
+
+
+class TestSlotsCountedOnEveryReplica:
+    def with_slots(self, free: int, max_wait: float = 5) -> tuple[Sharing, FairQueue, CountedSlots]:
+        sharing, queue, _ = guarded(slots=4, max_wait=max_wait)
+        sharing.slots = slots = CountedSlots(free)
+        return sharing, queue, slots
+
+    async def test_a_generation_takes_one_after_its_turn_and_gives_it_back_once(self) -> None:
+        sharing, queue, slots = self.with_slots(1)
+        generation = await asking(sharing, A)
+        await generation.wait_turn(None, "one")
+        assert (queue.busy, slots.free["one"]) == (1, 0)
+        generation.release()
+        generation.release()
+        assert (queue.busy, slots.free["one"]) == (0, 1)
+
+    async def test_a_retry_on_another_upstream_moves_its_slot_there(self) -> None:
+        sharing, _, slots = self.with_slots(1)
+        second_queue = FairQueue(slots=1, per_caller=4, max_waiting=10, max_waiting_per_client=10)
+        sharing.queues = {"two": second_queue}
+        generation = await asking(sharing, A)
+        await generation.wait_turn(None, "one")
+        await generation.wait_turn(None, "two")
+        assert slots.free == {"one": 1, "two": 0}
+        generation.release()
+        assert slots.free == {"one": 1, "two": 1}
+
+    async def test_none_free_within_the_wait_is_a_queue_timeout_and_gives_the_turn_back(
+        self,
+    ) -> None:
+        sharing, queue, slots = self.with_slots(0, max_wait=0.1)
+        generation = await asking(sharing, A)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ApiError) as refused:
+            await generation.wait_turn(None, "one")
+        assert (refused.value.status, refused.value.code) == (503, "queue_timeout")
+        assert slots.deadlines == [pytest.approx(started + 0.1, abs=0.02)]  # the same deadline
+        generation.release()
+        assert queue.busy == 0
