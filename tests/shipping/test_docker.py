@@ -137,7 +137,8 @@ def test_the_image_is_small_and_holds_the_gateway_alone(engine: Engine, image: s
     size = int(engine.docker("image", "inspect", "-f", "{{.Size}}", image).stdout)
     base = int(engine.docker("image", "inspect", "-f", "{{.Size}}", "python:3.11-slim").stdout)
     print(f"image {size / 1e6:.0f} MB, of which LM Gate adds {(size - base) / 1e6:.0f} MB")
-    assert size - base < 60e6, "LM Gate's layers grew: a cache or build tool got in?"
+    # About 60 MB with the team extra (psycopg's binary wheel brings its own libpq, ~13 MB).
+    assert size - base < 70e6, "LM Gate's layers grew: a cache or build tool got in?"
     assert engine.docker("image", "inspect", "-f", "{{.Config.User}}", image).stdout.strip() == (
         "10001"
     )
