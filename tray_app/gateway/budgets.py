@@ -38,7 +38,13 @@ from dataclasses import dataclass, field
 
 from tray_app.clock import Clock
 from tray_app.gateway import api_errors
-from tray_app.gateway.shared_budgets import UNREACHABLE, Counted, Period, SharedBudgets
+from tray_app.gateway.shared_budgets import (
+    UNREACHABLE,
+    Counted,
+    Period,
+    Reserved,
+    SharedBudgets,
+)
 from tray_app.gateway.state_calls import StateCalls
 from tray_app.gateway.upstream.usage import Usage
 from tray_app.identity.principal import Budget, Principal
@@ -86,9 +92,13 @@ class _Account:
     month_used: int = 0
     reserved: int = 0  # by requests in flight, whatever period they end in
     elsewhere: int = 0  # reserved by the other replicas, as last read (shared only)
+    counted_at: float = float("-inf")  # when Redis last gave the counts (monotonic; shared)
 
 
 NOT_LOADED = -1
+# Replicas: the team's counts, as Redis last gave them (a read, or a reservation's answer), are
+# used for this long without asking again; a refusal they would make is asked again first.
+SHARED_FRESH_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,20 +132,32 @@ class BudgetLedger:
         self._stale: set[str] = set()  # principals whose Redis counters missed a settle
         self._dropped: set[str] = set()  # unbudgeted principals whose counters were dropped
 
-    async def load(self, principal: Principal, state: StateCalls) -> None:
+    async def load(self, principal: Principal, state: StateCalls, *, fresh: bool = False) -> bool:
         """Read a budgeted principal's stored use of today and of the month through ``state``
         (a remote database's on a thread), if this process has not read it yet: the reserve
         that follows then finds it in memory and asks the database nothing on the loop.
-        Shared: the team's counts, read every time."""
+        Shared: the team's counts, unless Redis gave them less than SHARED_FRESH_SECONDS ago
+        and not ``fresh``. True when the counts may be that old (a refusal is worth asking
+        again about with ``fresh``)."""
         budget = principal.budget
         if budget is None or not budget.limited:
-            return
-        if self.shared is not None and await self._load_shared(self.shared, principal, state):
-            return
+            return False
+        if self.shared is not None:
+            account = self._accounts.get(principal.name)
+            if (
+                not fresh
+                and account is not None
+                and account.day == day_start(self._clock.time())
+                and principal.name not in self._stale
+                and self._clock.monotonic() - account.counted_at < SHARED_FRESH_SECONDS
+            ):
+                return True
+            if await self._load_shared(self.shared, principal, state):
+                return False
         name, today = principal.name, day_start(self._clock.time())
         account = self._accounts.get(name)
         if today == self._day and account is not None and account.day == today:
-            return
+            return False
         month = month_start(today)
         # Pending first, on the loop that owns it (as in _stored).
         pending = (0, 0) if self._pending is None else (
@@ -151,6 +173,7 @@ class BudgetLedger:
             account.day = today
             account.day_used = pending[0] + day_used
             account.month_used = pending[1] + month_used
+        return False
 
     def _stored_totals(self, principal: str, today: int, month: int) -> tuple[int, int]:
         return (
@@ -184,12 +207,12 @@ class BudgetLedger:
             self._count(self._slot(name, period.day), period.day, counted)
         return True
 
-    @staticmethod
-    def _count(account: _Account, today: int, counted: Counted) -> None:
+    def _count(self, account: _Account, today: int, counted: Counted) -> None:
         account.day = today
         account.day_used = counted.day_used
         account.month_used = counted.month_used
         account.elsewhere = max(0, counted.reserved - account.reserved)
+        account.counted_at = self._clock.monotonic()
 
     async def commit(self, principal: Principal, reservation: Reservation | None) -> bool:
         """Shared: have Redis take ``reservation`` too, against every replica's (True), or
@@ -209,8 +232,11 @@ class BudgetLedger:
         )
         if answer is UNREACHABLE:
             return True
-        if isinstance(answer, str):
-            self._members[reservation.ticket] = answer
+        if isinstance(answer, Reserved):
+            self._members[reservation.ticket] = answer.member
+            account = self._accounts.get(reservation.principal)
+            if account is not None and account.day == period.day:
+                self._count(account, period.day, answer.counted)
             return True
         self._open.pop(reservation.ticket, None)
         account = self._slot(reservation.principal, period.day)

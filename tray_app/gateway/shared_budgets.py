@@ -142,6 +142,14 @@ class Period:
     next_month: int
 
 
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    """A reservation Redis took: its lease's member, and the counts with it included."""
+
+    member: str
+    counted: Counted
+
+
 # What a call answers while Redis is down and the policy lets requests through (open).
 UNREACHABLE = "unreachable"
 
@@ -169,10 +177,10 @@ class SharedBudgets:
         ticket: int,
         tokens: int,
         limits: tuple[int | None, int | None],
-    ) -> str | Counted | None:
-        """Reserve ``tokens`` if they fit both periods' ``limits`` with what is counted: the
-        lease's member when they did (renewed until :meth:`settle`), what is counted when they
-        did not, None when a counter is missing, UNREACHABLE (open policy)."""
+    ) -> Reserved | Counted | str | None:
+        """Reserve ``tokens`` if they fit both periods' ``limits`` with what is counted:
+        Reserved when they did (its lease renewed until :meth:`settle`), what is counted when
+        they did not, None when a counter is missing, UNREACHABLE (open policy)."""
         member = f"{self._shared.replica}:{ticket}:{tokens}"
         answer = await self._reserve(
             principal,
@@ -189,7 +197,7 @@ class SharedBudgets:
             return None
         if answer[0] == 1:
             self._shared.hold(_held_key(principal), member)
-            return member
+            return Reserved(member, _counted(answer))
         return _counted(answer)
 
     def settle(

@@ -91,7 +91,9 @@ class Ledger(Protocol):
 
     def left(self, principal: str, budget: Budget) -> int: ...
 
-    async def load(self, principal: Principal, state: StateCalls) -> None: ...
+    async def load(
+        self, principal: Principal, state: StateCalls, *, fresh: bool = False
+    ) -> bool: ...
 
     async def commit(self, principal: Principal, reservation: Any) -> bool: ...
 
@@ -184,10 +186,18 @@ class Sharing:
         first (a remote database's off the loop); with replicas, the reservation is taken
         where every replica counts."""
         ledger = self._ledger
+        fresh = False
         for tries_left in range(RESERVE_TRIES - 1, -1, -1):
-            if ledger is not None:
-                await ledger.load(principal, self._state)
-            generation = self._admit_here(principal, client, route, prepared)
+            may_be_old = ledger is not None and await ledger.load(
+                principal, self._state, fresh=fresh
+            )
+            try:
+                generation = self._admit_here(principal, client, route, prepared)
+            except errors.ApiError as err:
+                if not may_be_old or err.code != "budget_exceeded" or not tries_left:
+                    raise
+                fresh = True  # refused on counts a moment old: asked again first
+                continue
             reservation = generation._reservation
             if ledger is None or await ledger.commit(principal, reservation):
                 return generation

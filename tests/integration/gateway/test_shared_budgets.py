@@ -25,7 +25,7 @@ from tray_app.config.settings import Config
 from tray_app.gateway.accounting import UsageRecorder
 from tray_app.gateway.api_errors import ApiError
 from tray_app.gateway.body_rules import prepare_body
-from tray_app.gateway.budgets import BudgetLedger
+from tray_app.gateway.budgets import SHARED_FRESH_SECONDS, BudgetLedger
 from tray_app.gateway.fair_queue import FairQueue
 from tray_app.gateway.routes import FORWARDED_ROUTES
 from tray_app.gateway.shared_budgets import PREFIX, SharedBudgets
@@ -283,3 +283,32 @@ async def test_redis_down_closed_refuses_a_budgeted_request_and_open_lets_it_cou
     await opened.ask(who, 900 - PROMPT_TOKENS)
     err = await refusal(opened.ask(who, 101 - PROMPT_TOKENS))
     assert err is not None and err.code == "budget_exceeded"
+
+
+async def test_counts_a_moment_old_cost_one_call_and_a_refusal_on_them_is_asked_again(
+    replicas: Replicas, redis_server: RedisServer, clock: FakeClock
+) -> None:
+    a, b = await replicas()
+    who = caller(day=1000)
+    redis = redis_server.client()
+
+    def scripts_run() -> int:
+        return int(redis.info("commandstats")["cmdstat_evalsha"]["calls"])
+
+    b.finish(await b.ask(who, 10), Usage(PROMPT_TOKENS, 0))
+    held = await a.ask(who, 900 - PROMPT_TOKENS)
+    await asyncio.sleep(0.05)  # B's settle, in the background, is done
+    before = scripts_run()
+    await b.ask(who, 50 - PROMPT_TOKENS)  # B's counts are from its last answer: not read again
+    assert scripts_run() - before == 1
+    # A gives its 900 back; B's counts (a moment old) still hold them: refused on those, B
+    # reads again and is admitted.
+    a.finish(held, Usage(PROMPT_TOKENS, 0))
+    await asyncio.sleep(0.05)
+    await b.ask(who, 800 - PROMPT_TOKENS)
+    # Older than SHARED_FRESH_SECONDS, counts are read before anything is decided.
+    clock.advance(SHARED_FRESH_SECONDS)
+    before = scripts_run()
+    err = await refusal(b.ask(who, 200))
+    assert err is not None and err.code == "budget_exceeded"
+    assert scripts_run() - before == 1  # the read; the refusal needed no second
