@@ -111,7 +111,9 @@ class IdentityAuthenticator:
         self._state_error: StorageError | None = None
         self._reload_pending = False
         self._refreshing = threading.Lock()
-        self._refresh_started = 0.0
+        # When the refresh under way began; None between refreshes, and in the moment after
+        # one took the lock, before it could say when (a request then trusts memory).
+        self._refresh_started: float | None = None
         self._budget_store = BudgetStore(db)
         # Every principal read so far, None for one without a budget; all stored ones at start.
         self._budgets: dict[str, Budget | None]
@@ -137,7 +139,9 @@ class IdentityAuthenticator:
             # refresh itself hangs.
             if self._state_error is not None:
                 raise self._state_error
-            if self._reload_pending or now - self._refresh_started > 2 * _REFRESH_SECONDS:
+            started = self._refresh_started
+            hung = started is not None and now - started > 2 * _REFRESH_SECONDS
+            if self._reload_pending or hung:
                 raise StorageError("LM Gate's database is slow to answer; try again shortly.")
             return
         try:
@@ -157,6 +161,7 @@ class IdentityAuthenticator:
             self._reload_pending = True
             raise
         finally:
+            self._refresh_started = None
             self._refreshing.release()
         if self._state_error is not None:
             log.warning("credentials can be checked again")
