@@ -153,3 +153,20 @@ def test_failover_benchmark_kills_one_and_sees_it_rejoin(tmp_path: Path) -> None
     # (past a whole answer's time) and then lost is not in flight, it is lost.
     assert all(-1000 < at < 0 for at in figures["in_flight_sent_ms_after_kill"])
     assert figures["marked_down_s"] is not None and figures["serves_again_s"] is not None
+
+
+def test_team_benchmark_measures_sqlite_one_replica_and_two(tmp_path: Path) -> None:
+    from tests.helpers import missing_tool
+    from tests.postgres_server import _binaries
+
+    if _binaries() is None:
+        missing_tool("PostgreSQL (initdb)", "LMGATE_REQUIRE_POSTGRES")
+    out = tmp_path / "team.json"
+    printed = _script(
+        "bench_team.py", "--rounds", "1", "--requests", "32", "--json", str(out), timeout=300
+    )
+    figures = json.loads(out.read_text())
+    assert set(figures) == {"sqlite (one machine)", "postgres + redis, 1 replica", "2 replicas"}
+    assert all(side["c16_rps"] > 0 for side in figures.values())
+    assert "c1_p50_added_ms" in figures["postgres + redis, 1 replica"]
+    assert "two replicas give" in printed

@@ -140,7 +140,7 @@ class IdentityAuthenticator:
             if self._state_error is not None:
                 raise self._state_error
             started = self._refresh_started
-            hung = started is not None and now - started > 2 * _REFRESH_SECONDS
+            hung = bool(started and now - started > 2 * _REFRESH_SECONDS)
             if self._reload_pending or hung:
                 raise StorageError("LM Gate's database is slow to answer; try again shortly.")
             return
