@@ -21,3 +21,15 @@ def spawn(coro: Coroutine[Any, Any, T], *, name: str | None = None) -> asyncio.T
     _running.add(task)
     task.add_done_callback(_running.discard)
     return task
+
+
+async def wait_for_event(event: asyncio.Event, seconds: float) -> bool:
+    """Whether ``event`` was set within ``seconds``. Not ``asyncio.wait_for``: on Python 3.11 it
+    swallows a cancellation that arrives as the event is set, and a loop around it then runs
+    on after its task was cancelled (a stop that never ends)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

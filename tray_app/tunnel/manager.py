@@ -20,7 +20,7 @@ import aiohttp
 
 from tray_app.clock import Clock, SystemClock
 from tray_app.errors import TunnelError
-from tray_app.tasks import spawn
+from tray_app.tasks import spawn, wait_for_event
 
 log = logging.getLogger("lmgate.tunnel")
 
@@ -196,8 +196,7 @@ class TunnelManager:
 
     async def _watch(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), self._health_interval)
+            await wait_for_event(self._lost, self._health_interval)
             reason = self._lost_reason if self._lost.is_set() else "health check failed"
             self._lost.clear()
             if await self._healthy():
