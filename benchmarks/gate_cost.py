@@ -74,7 +74,7 @@ async def measure(
             recorder.record(principal.name, used)
             times.append(time.perf_counter_ns() - started)
             continue
-        generation = sharing.admit(principal, "203.0.113.9", route, prepared)
+        generation = await sharing.admit(principal, "203.0.113.9", route, prepared)
         await generation.wait_turn(None)
         generation.release()
         counted = generation.settle(used, 100, reached=True)
