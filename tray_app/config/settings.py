@@ -416,7 +416,8 @@ class Config:
         WhenRedisIsDown.CLOSED,
         p.OneOf(WhenRedisIsDown),
         "with state.backend = postgres, while Redis is unreachable: closed refuses requests "
-        "(503), open lets them through without rate or concurrency limits",
+        "(503), open lets them through without rate, concurrency or generation-slot limits "
+        "and with budgets held by each replica alone",
     )
     state_database_pool_size: int = setting(
         "state.database_pool_size",

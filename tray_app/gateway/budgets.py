@@ -192,6 +192,9 @@ class BudgetLedger:
         reset = name in self._stale
         counted = await shared.read(name, period, start=None, reset=reset)
         if counted is UNREACHABLE:
+            # What this replica serves meanwhile never reaches the counters: they start
+            # again from the database once Redis is back.
+            self._stale.add(name)
             return False
         self._stale.discard(name)
         if counted is None:  # a counter to start: from the stored totals, as in load
@@ -202,8 +205,13 @@ class BudgetLedger:
             start = (pending[0] + stored[0], pending[1] + stored[1])
             counted = await shared.read(name, period, start=start, reset=False)
             if counted is UNREACHABLE:
+                self._stale.add(name)
                 return False
-        if isinstance(counted, Counted) and day_start(self._clock.time()) == period.day:
+        if day_start(self._clock.time()) != period.day:
+            # Midnight passed meanwhile: the new day's counts are read the same way, so
+            # nothing is read on the loop for it after this.
+            return await self._load_shared(shared, principal, state)
+        if isinstance(counted, Counted):
             self._count(self._slot(name, period.day), period.day, counted)
         return True
 
@@ -231,6 +239,7 @@ class BudgetLedger:
             (budget.tokens_per_day, budget.tokens_per_month),
         )
         if answer is UNREACHABLE:
+            self._stale.add(reservation.principal)  # as in _load_shared
             return True
         if isinstance(answer, Reserved):
             self._members[reservation.ticket] = answer.member

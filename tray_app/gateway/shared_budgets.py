@@ -27,11 +27,13 @@ budget given back later starts from the database, not from the day as it was.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from tray_app.storage.database import DAY
+from tray_app.tasks import spawn
 
 T = TypeVar("T")
 
@@ -182,15 +184,27 @@ class SharedBudgets:
         Reserved when they did (its lease renewed until :meth:`settle`), what is counted when
         they did not, None when a counter is missing, UNREACHABLE (open policy)."""
         member = f"{self._shared.replica}:{ticket}:{tokens}"
-        answer = await self._reserve(
-            principal,
-            period,
-            start=None,
-            reset=False,
-            member=member,
-            tokens=tokens,
-            limits=limits,
+        asking = spawn(
+            self._reserve(
+                principal,
+                period,
+                start=None,
+                reset=False,
+                member=member,
+                tokens=tokens,
+                limits=limits,
+            ),
+            name="shared-budget-reserve",
         )
+        try:
+            # Shielded: a caller that hangs up while Redis takes the reservation would leave
+            # it there, unsettled and unrenewed, holding the team's room for lease_seconds.
+            answer = await asyncio.shield(asking)
+        except asyncio.CancelledError:
+            asking.add_done_callback(
+                lambda done: self._give_back_unwanted(principal, member, period, done)
+            )
+            raise
         if not isinstance(answer, list):
             return UNREACHABLE
         if answer[0] == -1:
@@ -199,6 +213,15 @@ class SharedBudgets:
             self._shared.hold(_held_key(principal), member)
             return Reserved(member, _counted(answer))
         return _counted(answer)
+
+    def _give_back_unwanted(
+        self, principal: str, member: str, period: Period, asking: asyncio.Task[object]
+    ) -> None:
+        if asking.cancelled() or asking.exception() is not None:
+            return
+        answer = asking.result()
+        if isinstance(answer, list) and answer[0] == 1:
+            self.settle(principal, member, 0, period, lambda: None)
 
     def settle(
         self, principal: str, member: str, tokens: int, period: Period, failed: Callable[[], None]

@@ -15,8 +15,11 @@ Budgets' reservations are leases of the same kind, held in the principal's own s
 
 While Redis cannot be reached the policy (``state.when_redis_is_down``) decides: closed refuses
 the request (503 ``shared_limits_unavailable``), open lets it through without these limits and
-logs a warning once per outage. Never is a request counted in this process alone: N replicas
-would let N times every limit through. An outage is noticed by a failed call; from then on no
+logs a warning once per outage. A rate, concurrency or guessing limit is never counted in this
+process alone (N replicas would let N times it through); a budget is, under the open policy
+(each replica holds it against what it knows, and its counters start again from the database
+once Redis is back). An outage is noticed by a failed call (a script Redis refuses is not
+one: only that request fails); from then on no
 request waits on Redis, and a probe in the background finds it back, so limits return by
 themselves.
 """
@@ -37,13 +40,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from tray_app.config.parsers import WhenRedisIsDown
 from tray_app.config.settings import Config
 from tray_app.gateway import api_errors as errors
 from tray_app.gateway.limits import Bucket, bucket_rates
-from tray_app.tasks import spawn
+from tray_app.tasks import spawn, wait_for_event
 
 log = logging.getLogger("lmgate.gateway.shared_limits")
 
@@ -116,6 +119,13 @@ redis.call('PEXPIRE', KEYS[1], lease_ms)
 return 0
 """
 
+# The same for budgets' reservations, which are put back if they lapsed (Redis restarted, or
+# this replica was cut off past lease_seconds): one missing would let the other replicas admit
+# past the budget, while one put back for a request still running can only refuse.
+RENEW_RESERVATIONS = RENEW.replace("'XX', ", "")
+# Keys whose leases RENEW_RESERVATIONS renews (tray_app.gateway.shared_budgets's).
+RESERVATIONS_PREFIX = PREFIX + "budget:"
+
 
 class SharedLimits:
     """The :class:`tray_app.gateway.limits.Limits` of a team's gateway, on Redis at ``url``.
@@ -129,7 +139,7 @@ class SharedLimits:
         self._capacity = dict(bucket_rates(config))
         self._cap = config.limits_concurrent_requests
         self._slots = config.queue_generations_in_flight
-        # Upstream -> set when this replica gives one of its slots back.
+        # An upstream's slots key -> set when this replica gives one of its slots back.
         self._slot_freed: dict[str, asyncio.Event] = {}
         self.lease_seconds = config.state_lease_seconds
         self._lease_ms = max(1, round(config.state_lease_seconds * 1000))
@@ -142,6 +152,7 @@ class SharedLimits:
         self._down = True  # until open() reached Redis: nothing is known yet
         self._outage = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._releases: set[asyncio.Task[object]] = set()
         # Principal -> its releases on their way to Redis: a place this replica gave back a
         # moment ago is free, even if Redis has not heard yet.
@@ -165,18 +176,24 @@ class SharedLimits:
         self._take = client.register_script(TAKE)
         self._acquire = client.register_script(ACQUIRE)
         self._renew = client.register_script(RENEW)
+        self._renew_reservations = client.register_script(RENEW_RESERVATIONS)
         self._scripts = {source: client.register_script(source) for source in self._scripts}
         if await self._ping():
             self._back()
         else:
             self._lost("at the start")
+        self._closing = False
         self._task = spawn(self._keep_up(), name="shared-limits")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task})
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            self._closing = True
+            # Cancelled again until it ends: a cancellation that lands as a Redis call times
+            # out can come back as that timeout (Python 3.11), which the loop lives through.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=PROBE_SECONDS)
         if self._releases:
             await asyncio.wait(set(self._releases), timeout=TIMEOUT_SECONDS)
         if self._client is not None:
@@ -221,6 +238,7 @@ class SharedLimits:
     def _give_back_unwanted(self, key: str, asking: asyncio.Future[str | None]) -> None:
         if not asking.cancelled() and asking.exception() is None and (lease := asking.result()):
             self._give_back(key, lease)
+            self._tell_slot_freed(key)
 
     async def _take_place(self, principal: str) -> str | None:
         lease = f"{self._replica}:{next(self._serial)}"
@@ -268,35 +286,15 @@ class SharedLimits:
         """One of ``upstream``'s generation slots, counted on every replica, once one is free
         before ``deadline`` (the loop's clock); None when none was. "" while Redis is down
         under the open policy (nothing to give back)."""
-        return await self._shielded(
-            self._wait_for_slot(upstream, deadline, notify), self._slots_key(upstream)
-        )
-
-    def give_back_slot(self, upstream: str, slot: str) -> None:
-        if self._give_back(self._slots_key(upstream), slot) is None:
-            return
-        freed = self._slot_freed.get(upstream)
-        if freed is not None:
-            freed.set()
-
-    async def _wait_for_slot(
-        self, upstream: str, deadline: float, notify: Callable[[str], None] | None
-    ) -> str | None:
         key = self._slots_key(upstream)
         loop = asyncio.get_running_loop()
+        freed = self._slot_freed.setdefault(key, asyncio.Event())
         told = False
         while True:
-            slot = f"{self._replica}:{next(self._serial)}"
-            admitted = await self._call(
-                functools.partial(
-                    self._acquire, keys=[key], args=[slot, self._slots, self._lease_ms]
-                ),
-                allowed="",
-            )
-            if admitted == "":
-                return ""
-            if admitted:
-                self.hold(key, slot)
+            freed.clear()  # before asking: a slot given back meanwhile wakes the wait below
+            # Only each ask is shielded, not the wait: a caller that hangs up stops asking.
+            slot = await self._shielded(self._try_slot(key), key)
+            if slot is not None:
                 return slot
             left = deadline - loop.time()
             if left <= 0:
@@ -304,10 +302,32 @@ class SharedLimits:
             if notify is not None and not told:
                 notify("waiting, LM Studio is busy with answers from other replicas")
                 told = True
-            freed = self._slot_freed.setdefault(upstream, asyncio.Event())
-            freed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(freed.wait(), min(SLOT_POLL_SECONDS, left))
+            await wait_for_event(freed, min(SLOT_POLL_SECONDS, left))
+
+    def give_back_slot(self, upstream: str, slot: str) -> None:
+        key = self._slots_key(upstream)
+        if self._give_back(key, slot) is not None:
+            self._tell_slot_freed(key)
+
+    def _tell_slot_freed(self, key: str) -> None:
+        freed = self._slot_freed.get(key)
+        if freed is not None:
+            freed.set()
+
+    async def _try_slot(self, key: str) -> str | None:
+        """A slot's lease (held from now on), "" under the open policy while Redis is down,
+        None when every slot is taken."""
+        slot = f"{self._replica}:{next(self._serial)}"
+        admitted = await self._call(
+            functools.partial(self._acquire, keys=[key], args=[slot, self._slots, self._lease_ms]),
+            allowed="",
+        )
+        if admitted == "":
+            return ""
+        if not admitted:
+            return None
+        self.hold(key, slot)
+        return slot
 
     async def _try_acquire(self, principal: str, lease: str) -> object:
         return await self._call(
@@ -371,6 +391,13 @@ class SharedLimits:
         if not self._down:
             try:
                 return await command()
+            except ResponseError as exc:
+                # Redis answered, refusing this one script (a key of the wrong type): not an
+                # outage, so the other requests go on as they were.
+                log.error("a shared limit's script failed in Redis: %s", exc)
+                if self._closed_when_down:
+                    raise errors.shared_limits_unavailable(RETRY_AFTER_SECONDS) from None
+                return allowed
             except (RedisError, OSError) as exc:
                 self._lost(f"({type(exc).__name__}: {exc})")
         if self._closed_when_down:
@@ -426,7 +453,7 @@ class SharedLimits:
     # ---- in the background: renewals, and probes during an outage -------------------------
 
     async def _keep_up(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self._keep_up_once()
             except Exception:
@@ -437,7 +464,7 @@ class SharedLimits:
 
     async def _keep_up_once(self) -> None:
         renew_every = self.lease_seconds / 3
-        while True:
+        while not self._closing:
             if self._down:
                 await asyncio.sleep(PROBE_SECONDS)
                 if await self._ping():
@@ -445,8 +472,7 @@ class SharedLimits:
                     # Leases held through the outage are renewed now, before they expire.
                     await self._renew_held()
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._outage.wait(), renew_every)
+            if await wait_for_event(self._outage, renew_every):
                 continue  # a request found Redis gone: probe from now on
             await self._renew_held()
 
@@ -459,7 +485,12 @@ class SharedLimits:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key, leases in held.items():
-                    await self._renew(
+                    renew = (
+                        self._renew_reservations
+                        if key.startswith(RESERVATIONS_PREFIX)
+                        else self._renew
+                    )
+                    await renew(
                         keys=[key],
                         args=[self._lease_ms, *leases],
                         client=pipe,

@@ -199,7 +199,16 @@ class Sharing:
                 fresh = True  # refused on counts a moment old: asked again first
                 continue
             reservation = generation._reservation
-            if ledger is None or await ledger.commit(principal, reservation):
+            if ledger is None:
+                return generation
+            try:
+                committed = await ledger.commit(principal, reservation)
+            except BaseException:
+                # Hung up, or Redis failed (closed policy): the generation is never returned,
+                # so nothing else would give its reservation back.
+                generation.settle(None, 0)
+                raise
+            if committed:
                 return generation
             if not tries_left:
                 raise ledger.refuse(principal, reservation)

@@ -245,8 +245,7 @@ async def test_a_settle_redis_did_not_hear_makes_the_counters_start_again(
     await asyncio.sleep(0.05)
     redis.delete(held)
     assert a.recorder.flush()  # the database has the 400
-    while not a.limits.available:  # the failure counted as an outage; a probe ends it
-        await asyncio.sleep(0.05)
+    assert a.limits.available  # one script Redis refused is not an outage
     # Redis still counts 0 used: A starts its counter again from the database.
     await a.ask(who, 600 - PROMPT_TOKENS)
     assert a.counts(who) == (400, 600)
@@ -312,3 +311,62 @@ async def test_counts_a_moment_old_cost_one_call_and_a_refusal_on_them_is_asked_
     err = await refusal(b.ask(who, 200))
     assert err is not None and err.code == "budget_exceeded"
     assert scripts_run() - before == 1  # the read; the refusal needed no second
+
+
+async def test_a_caller_that_hangs_up_while_redis_takes_its_reservation_holds_nothing(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    (a,) = await replicas(1)
+    who = caller(day=1000)
+    a.finish(await a.ask(who, 10), Usage(PROMPT_TOKENS, 0))  # counts read: the next one
+    await asyncio.sleep(0.05)  # goes straight to the reservation
+    redis_server.pause()
+    try:
+        asking = asyncio.ensure_future(a.ask(who, 900 - PROMPT_TOKENS))
+        await asyncio.sleep(0.1)
+        asking.cancel()
+    finally:
+        redis_server.resume()
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+    await asyncio.sleep(0.3)
+    assert a.counts(who)[1] == 0  # nothing held here ...
+    assert redis_server.client().zcard(f"{PREFIX}{NAME}:held") == 0  # ... nor in Redis
+    await a.ask(who, 900 - PROMPT_TOKENS)
+
+
+async def test_use_served_while_cut_off_from_redis_counts_once_it_is_back(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    """Open policy: a replica that lost Redis for a moment held the budget alone; what it
+    served then is not in Redis's counters, which it starts again from the database."""
+    (a,) = await replicas(1, state_when_redis_is_down=WhenRedisIsDown.OPEN)
+    who = caller(day=1000)
+    a.finish(await a.ask(who, 100 - PROMPT_TOKENS), Usage(PROMPT_TOKENS, 100 - PROMPT_TOKENS))
+    await asyncio.sleep(0.05)
+    redis_server.pause()
+    try:
+        clock_moves = a.ledger._clock
+        assert isinstance(clock_moves, FakeClock)
+        clock_moves.advance(SHARED_FRESH_SECONDS)  # the counts are read again: no answer
+        generation = await a.ask(who, 300 - PROMPT_TOKENS)  # admitted here alone
+        a.finish(generation, Usage(PROMPT_TOKENS, 300 - PROMPT_TOKENS))
+    finally:
+        redis_server.resume()
+    assert a.recorder.flush()  # the database has 100 + 300
+    while not a.limits.available:
+        await asyncio.sleep(0.05)
+    err = await refusal(a.ask(who, 601 - PROMPT_TOKENS))  # Redis alone would count 100
+    assert err is not None and err.code == "budget_exceeded"
+    await a.ask(who, 600 - PROMPT_TOKENS)
+
+
+async def test_a_reservation_redis_lost_is_put_back_by_the_replica_holding_it(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    a, b = await replicas()
+    who = caller(day=1000)
+    await a.ask(who, 900 - PROMPT_TOKENS)
+    redis_server.client().delete(f"{PREFIX}{NAME}:held")  # as after a restart of Redis
+    await asyncio.sleep(LEASE)  # a renewal or two later
+    assert (await refusal(b.ask(who, 101))) is not None

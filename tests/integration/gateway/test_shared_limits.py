@@ -561,3 +561,23 @@ async def test_a_crashed_replicas_generation_slots_free_themselves(replicas: Rep
     started = time.monotonic()
     assert await live.take_slot("lmstudio", loop.time() + LEASE * 4, None)
     assert LEASE * 0.8 <= time.monotonic() - started < LEASE * 3
+
+
+async def test_a_generation_that_stops_waiting_for_a_slot_stops_asking(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    # Leases long enough that no renewal falls in the count below.
+    (_, a), (_, b) = await replicas(2, queue_generations_in_flight=1, state_lease_seconds=30)
+    loop = asyncio.get_running_loop()
+    assert await a.take_slot("lmstudio", loop.time() + 1, None)
+    waiters = [
+        asyncio.ensure_future(b.take_slot("lmstudio", loop.time() + 30, None)) for _ in range(5)
+    ]
+    await asyncio.sleep(0.1)
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    redis = redis_server.client()
+    before = int(redis.info("commandstats")["cmdstat_evalsha"]["calls"])
+    await asyncio.sleep(0.3)  # six polls' time
+    assert int(redis.info("commandstats")["cmdstat_evalsha"]["calls"]) == before
