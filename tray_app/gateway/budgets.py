@@ -260,7 +260,8 @@ class BudgetLedger:
         """The refusal for a reservation Redis did not take, in the team's counts."""
         assert principal.budget is not None
         now = self._clock.time()
-        rooms = self._rooms(self._account(principal.name, now), principal.budget)
+        # The counts as Redis last gave them: nothing is read here (on the loop).
+        rooms = self._rooms(self._slot(principal.name, day_start(now)), principal.budget)
         short = [room for room in rooms if reservation.tokens > room.left]
         room = short[-1] if short else min(rooms, key=lambda room: room.left)
         fits = min(room.left for room in rooms) - reservation.prompt_estimate
