@@ -61,6 +61,9 @@ MAX_CONNECTIONS = 32
 PROBE_SECONDS = 0.5
 # What a client is told to wait in closed mode: about how soon a probe can find Redis back.
 RETRY_AFTER_SECONDS = 1.0
+# How long a refused place is asked for once more: a release on its way from another replica
+# reaches Redis within a round trip or two.
+RELEASE_GRACE_SECONDS = 0.05
 # How often a generation waiting for a slot another replica holds asks whether one is free.
 SLOT_POLL_SECONDS = 0.05
 
@@ -249,6 +252,12 @@ class SharedLimits:
             # The caller's next request here (its generation that waited for the turn the
             # last one gave back) is not refused for a place already given back.
             await asyncio.wait(releasing)
+            admitted = await self._try_acquire(principal, lease)
+        elif not admitted:
+            # Another replica gives its places back in the background, a moment after its
+            # answer went out: a client that sends its next request at once, to this replica,
+            # is not refused for the place its last one is still giving back.
+            await asyncio.sleep(RELEASE_GRACE_SECONDS)
             admitted = await self._try_acquire(principal, lease)
         if admitted == "":
             return ""  # let through without Redis (open policy): no lease to give back

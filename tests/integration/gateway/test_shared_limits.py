@@ -581,3 +581,18 @@ async def test_a_generation_that_stops_waiting_for_a_slot_stops_asking(
     before = int(redis.info("commandstats")["cmdstat_evalsha"]["calls"])
     await asyncio.sleep(0.3)  # six polls' time
     assert int(redis.info("commandstats")["cmdstat_evalsha"]["calls"]) == before
+
+
+async def test_a_place_another_replica_is_giving_back_is_not_refused(replicas: Replicas) -> None:
+    """A client that sends its next request the moment its last answer came, to another
+    replica, finds the place the first is giving back (in the background) free."""
+    (a, _), (b, _) = await replicas(2, limits_concurrent_requests=1)
+    lease = await a.enter(ALICE)
+    asyncio.get_running_loop().call_later(0.02, a.leave, ALICE, lease)  # on its way
+    started = time.monotonic()
+    second = await b.enter(ALICE)
+    assert time.monotonic() - started < 0.5
+    # A place that is not being given back is refused, a moment later.
+    err = await refusal(a.enter(ALICE))
+    assert err is not None and err.code == "too_many_concurrent_requests"
+    b.leave(ALICE, second)
