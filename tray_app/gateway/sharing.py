@@ -187,7 +187,9 @@ class Sharing:
         where every replica counts."""
         ledger = self._ledger
         fresh = False
-        for tries_left in range(RESERVE_TRIES - 1, -1, -1):
+        tries_left = RESERVE_TRIES
+        while True:
+            tries_left -= 1
             may_be_old = ledger is not None and await ledger.load(
                 principal, self._state, fresh=fresh
             )
@@ -212,7 +214,6 @@ class Sharing:
                 return generation
             if not tries_left:
                 raise ledger.refuse(principal, reservation)
-        raise AssertionError("unreachable: the last try returns or raises")
 
     def _admit_here(
         self, principal: Principal, client: str, route: Route, prepared: PreparedBody

@@ -21,6 +21,7 @@ from tray_app.gateway.body_rules import prepare_body
 from tray_app.gateway.budgets import BudgetLedger
 from tray_app.gateway.fair_queue import FairQueue
 from tray_app.gateway.routes import FORWARDED_ROUTES, Route
+from tray_app.gateway.shared_budgets import Counted, Period, Reserved, SharedBudgets
 from tray_app.gateway.sharing import (
     BUDGETED_DEFAULT_OUTPUT,
     Generation,
@@ -414,3 +415,116 @@ class TestSlotsCountedOnEveryReplica:
         assert slots.deadlines == [pytest.approx(started + 0.1, abs=0.02)]  # the same deadline
         generation.release()
         assert queue.busy == 0
+
+
+class ScriptedRedis(SharedBudgets):
+    """The team's counts in Redis as a test scripts them: each read and each reservation
+    answers the next of its list (the last one again once the list is used up)."""
+
+    def __init__(
+        self,
+        reads: list[Counted | str | None],
+        reservations: list[Reserved | Counted | str | None],
+        before_read: Any = None,
+    ) -> None:
+        self.reads, self.reservations = reads, reservations
+        self.before_read = before_read
+        self.settled: list[tuple[str, int]] = []
+
+    @staticmethod
+    def _next(answers: list[Any]) -> Any:
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+    async def read(
+        self, principal: str, period: Period, *, start: tuple[int, int] | None, reset: bool
+    ) -> Counted | str | None:
+        if self.before_read is not None:
+            self.before_read()
+        return self._next(self.reads)  # type: ignore[no-any-return]
+
+    async def reserve(
+        self,
+        principal: str,
+        period: Period,
+        ticket: int,
+        tokens: int,
+        limits: tuple[int | None, int | None],
+    ) -> Reserved | Counted | str | None:
+        return self._next(self.reservations)  # type: ignore[no-any-return]
+
+    def settle(self, principal: str, member: str, tokens: int, period: Period, failed: Any) -> None:
+        self.settled.append((member, tokens))
+
+    def drop(self, principal: str, period: Period) -> None:
+        return None
+
+
+class TestSharedBudgetsRefusalsAndRaces:
+    """What the ledger makes of Redis's less usual answers; the usual ones are driven against
+    a real Redis in tests/integration/gateway/test_shared_budgets.py."""
+
+    PROMPT = f'"model":"m",{QUESTION},"max_tokens":91'  # reserves 100
+
+    def shared_gate(self, db: Database, redis: ScriptedRedis) -> tuple[Sharing, BudgetLedger]:
+        sharing, _, ledger = gate(db)
+        ledger.shared = redis
+        return sharing, ledger
+
+    async def test_a_reservation_another_replica_beats_every_time_is_refused_and_given_back(
+        self, db: Database
+    ) -> None:
+        room = Counted(day_used=850, month_used=850, reserved=0)
+        redis = ScriptedRedis([room], [room])  # fits by the counts, never taken
+        sharing, ledger = self.shared_gate(db, redis)
+        prepared = prepare_body(CHAT, body(CHAT, self.PROMPT))
+        with pytest.raises(ApiError) as refused:
+            await sharing.admit(caller(Budget(tokens_per_day=1000)), "c", CHAT, prepared)
+        assert (refused.value.status, refused.value.code) == (429, "budget_exceeded")
+        assert "150 of your 1,000" in refused.value.message  # the team counts, not a guess
+        assert ledger.reserved_tokens == 0
+
+    async def test_a_counter_gone_when_reserving_is_started_again_first(self, db: Database) -> None:
+        counted = Counted(day_used=0, month_used=0, reserved=0)
+        redis = ScriptedRedis([counted], [None, Reserved("r:1:100", counted)])
+        sharing, ledger = self.shared_gate(db, redis)
+        prepared = prepare_body(CHAT, body(CHAT, self.PROMPT))
+        generation = await sharing.admit(caller(Budget(tokens_per_day=1000)), "c", CHAT, prepared)
+        assert ledger.reserved_tokens == 100
+        generation.settle(Usage(9, 20), 0)
+        assert redis.settled == [("r:1:100", 29)]
+
+    async def test_redis_lost_while_a_counter_starts_leaves_the_ledger_alone(
+        self, db: Database
+    ) -> None:
+        redis = ScriptedRedis([None, "unreachable"], ["unreachable"])
+        sharing, ledger = self.shared_gate(db, redis)
+        prepared = prepare_body(CHAT, body(CHAT, self.PROMPT))
+        who = caller(Budget(tokens_per_day=1000))
+        generation = await sharing.admit(who, "c", CHAT, prepared)  # as on one machine
+        assert ledger.reserved_tokens == 100
+        assert "key:k" in ledger._stale  # its counters start again once Redis is back
+        generation.settle(None, 0)
+
+    async def test_midnight_during_a_shared_read_reads_the_new_day(self, db: Database) -> None:
+        sharing, ledger = self.shared_gate(db, ScriptedRedis([Counted(0, 0, 0)], []))
+        clock = ledger._clock
+        assert isinstance(clock, FakeClock)
+        clock.advance(86400 - clock.time() % 86400 - 1)  # a second before midnight
+        reads = 0
+
+        def midnight_on_the_first() -> None:
+            nonlocal reads
+            reads += 1
+            if reads == 1:
+                clock.advance(2)
+
+        ledger.shared = ScriptedRedis(
+            [Counted(700, 700, 0), Counted(0, 700, 0)],
+            [Reserved("r:1:100", Counted(0, 700, 100))],
+            before_read=midnight_on_the_first,
+        )
+        prepared = prepare_body(CHAT, body(CHAT, self.PROMPT))
+        await sharing.admit(caller(Budget(tokens_per_day=1000)), "c", CHAT, prepared)
+        assert reads == 2  # the day that ended, then the new one
+        status = ledger.status("key:k", Budget(tokens_per_day=1000))
+        assert status.day_used == 0

@@ -28,7 +28,7 @@ from tray_app.config.settings import ModelSwitch
 from tray_app.gateway import api_errors as errors
 from tray_app.gateway.api_errors import ApiError
 from tray_app.gateway.upstream.model_api import ModelApi, ModelStates
-from tray_app.tasks import spawn, wait_for_event
+from tray_app.tasks import spawn
 
 REFRESH_INTERVAL = 2.0
 # What a refused or timed-out switch is told to wait: about one answer's length.
@@ -242,9 +242,12 @@ class ModelGuard:
         deadline came first."""
         self._waiting += 1
         try:
-            return await wait_for_event(self._changed, deadline - self._clock.monotonic())
+            await asyncio.wait_for(self._changed.wait(), deadline - self._clock.monotonic())
+        except TimeoutError:
+            return False
         finally:
             self._waiting -= 1
+        return True
 
     # ---- what is loaded ---------------------------------------------------------------------
 
