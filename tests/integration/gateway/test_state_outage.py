@@ -125,6 +125,23 @@ async def test_a_bad_key_is_not_told_apart_from_a_good_one_during_an_outage(
     ]
 
 
+async def phone_gateway(conversations: ConversationStore, upstream: FakeLMStudio) -> GatewayServer:
+    """A started gateway whose phone routes keep their conversations in ``conversations``."""
+    config = Config(server_host="127.0.0.1", server_port=0, upstream_url=upstream.url)
+    gateway = Gateway(
+        config,
+        StaticKeyAuthenticator(CLIENT_KEY),
+        secrets=MemorySecretStore(),
+        conversations=conversations,
+    )
+    server = GatewayServer(gateway)
+    await server.start()
+    return server
+
+
+JSON_AUTH_HEADERS = {**auth_headers(), "Content-Type": "application/json"}
+
+
 class UnreadableDatabase(Database):
     """A real database whose reads fail, as an unreachable server's would."""
 
@@ -143,15 +160,7 @@ async def test_the_phones_routes_answer_503_when_their_store_cannot_be_read(
 ) -> None:
     # Not a bug (500 and a traceback): the database's outage, said once per request.
     db = UnreadableDatabase(tmp_path / "lmgate.db")
-    config = Config(server_host="127.0.0.1", server_port=0, upstream_url=fake_lmstudio.url)
-    gateway = Gateway(
-        config,
-        StaticKeyAuthenticator(CLIENT_KEY),
-        secrets=MemorySecretStore(),
-        conversations=ConversationStore(db, SystemClock()),
-    )
-    server = GatewayServer(gateway)
-    await server.start()
+    server = await phone_gateway(ConversationStore(db, SystemClock()), fake_lmstudio)
     try:
         listed = await raw_request(server.port or 0, "GET", "/api/conversations", auth_headers())
         assert listed.status == 200
@@ -186,25 +195,13 @@ async def test_a_streamed_answer_that_cannot_be_kept_ends_as_streamed_with_no_se
     tmp_path: Path, fake_lmstudio: FakeLMStudio, caplog: pytest.LogCaptureFixture
 ) -> None:
     db = Database(tmp_path / "lmgate.db")
-    config = Config(server_host="127.0.0.1", server_port=0, upstream_url=fake_lmstudio.url)
-    gateway = Gateway(
-        config,
-        StaticKeyAuthenticator(CLIENT_KEY),
-        secrets=MemorySecretStore(),
-        conversations=AnswersUnkept(db, SystemClock()),
-    )
-    server = GatewayServer(gateway)
-    await server.start()
+    server = await phone_gateway(AnswersUnkept(db, SystemClock()), fake_lmstudio)
     fake_lmstudio.behaviour.chunks = 2
     body = json.dumps({"message": "hi", "model": MODELS[0], "stream": True}).encode()
     try:
         with caplog.at_level(logging.WARNING, logger="lmgate.gateway"):
             answer = await raw_request(
-                server.port or 0,
-                "POST",
-                "/api/chat",
-                {**auth_headers(), "Content-Type": "application/json"},
-                body,
+                server.port or 0, "POST", "/api/chat", JSON_AUTH_HEADERS, body
             )
         assert answer.status == 200
         assert b"HTTP/1.1" not in answer.body, "a second answer inside the stream"
@@ -221,24 +218,12 @@ async def test_an_answer_that_cannot_be_kept_is_given_all_the_same(
     """Generated and charged: a 503 would say nothing was forwarded, and the retry it invites
     would generate and charge the answer again."""
     db = Database(tmp_path / "lmgate.db")
-    config = Config(server_host="127.0.0.1", server_port=0, upstream_url=fake_lmstudio.url)
-    gateway = Gateway(
-        config,
-        StaticKeyAuthenticator(CLIENT_KEY),
-        secrets=MemorySecretStore(),
-        conversations=AnswersUnkept(db, SystemClock()),
-    )
-    server = GatewayServer(gateway)
-    await server.start()
+    server = await phone_gateway(AnswersUnkept(db, SystemClock()), fake_lmstudio)
     body = json.dumps({"message": "hi", "model": MODELS[0]}).encode()
     try:
         with caplog.at_level(logging.WARNING, logger="lmgate.gateway"):
             answer = await raw_request(
-                server.port or 0,
-                "POST",
-                "/api/chat",
-                {**auth_headers(), "Content-Type": "application/json"},
-                body,
+                server.port or 0, "POST", "/api/chat", JSON_AUTH_HEADERS, body
             )
         assert answer.status == 200, answer.body
         assert answer.json()["response"]
