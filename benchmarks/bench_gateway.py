@@ -158,6 +158,25 @@ def start_upstream() -> tuple[subprocess.Popen[str], str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
+def gateway_environment(
+    home: Path, upstream_url: str, settings: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """What ``lmgate serve`` is started with here: everything on, ``settings`` over it."""
+    return {
+        **os.environ,
+        "LMGATE_UPSTREAM_URL": upstream_url,
+        "LMGATE_CONFIG": str(home / "none.toml"),
+        "LMGATE_STORAGE_DATA_DIR": str(home / "data"),
+        "LMGATE_SECRETS_STORE": "file",
+        "LMGATE_SECRETS_FILE_DIR": str(home / "secrets"),
+        "LMGATE_LOG_LEVEL": "info",
+        # Limits stay on (their code runs for every request) but high enough not to refuse.
+        "LMGATE_LIMITS_REQUESTS_PER_MINUTE": "100000000",
+        "LMGATE_LIMITS_CONCURRENT_REQUESTS": "1000",
+        **(settings or {}),
+    }
+
+
 def start_gateway(
     home: Path,
     upstream_url: str,
@@ -175,19 +194,7 @@ def start_gateway(
     lmgate: list[str] = [str(Path(sys.executable).with_name("lmgate"))]
     if source is not None:
         lmgate = [sys.executable, "-m", "tray_app"]
-    gateway_env = {
-        **os.environ,
-        "LMGATE_UPSTREAM_URL": upstream_url,
-        "LMGATE_CONFIG": str(home / "none.toml"),
-        "LMGATE_STORAGE_DATA_DIR": str(home / "data"),
-        "LMGATE_SECRETS_STORE": "file",
-        "LMGATE_SECRETS_FILE_DIR": str(home / "secrets"),
-        "LMGATE_LOG_LEVEL": "info",
-        # Limits stay on (their code runs for every request) but high enough not to refuse.
-        "LMGATE_LIMITS_REQUESTS_PER_MINUTE": "100000000",
-        "LMGATE_LIMITS_CONCURRENT_REQUESTS": "1000",
-        **(settings or {}),
-    }
+    gateway_env = gateway_environment(home, upstream_url, settings)
     if source is not None:
         gateway_env["PYTHONPATH"] = str(source)
     made = subprocess.run(

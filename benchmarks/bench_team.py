@@ -34,7 +34,15 @@ import time
 from pathlib import Path
 
 import aiohttp
-from bench_gateway import CHAT, Side, chat_latency, start_gateway, start_process, start_upstream
+from bench_gateway import (
+    CHAT,
+    Side,
+    chat_latency,
+    gateway_environment,
+    start_gateway,
+    start_process,
+    start_upstream,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the throwaway servers the tests use
@@ -108,11 +116,9 @@ async def run(rounds: int, requests: int) -> dict[str, dict[str, float]]:
             key_options=KEY_OPTIONS,
         )  # fmt: skip
         started.append(proc)
-        second_env = {
-            **_env_of(home / "team", upstream_url),
-            **shared,
-            "LMGATE_STORAGE_DATA_DIR": str(home / "team" / "data-2"),
-        }
+        second_env = gateway_environment(
+            home / "team", upstream_url, {**shared, "LMGATE_STORAGE_DATA_DIR": str(home / "team-2")}
+        )
         proc, second_url = start_process(
             [str(Path(sys.executable).with_name("lmgate")), "serve", "--port", "0"],
             second_env, r"Listening on (http://\S+)", home / "team-2.log",
@@ -157,19 +163,6 @@ async def run(rounds: int, requests: int) -> dict[str, dict[str, float]]:
         results[TEAM_TWO]["c16_rps"] / results[TEAM]["c16_rps"]
     )
     return results
-
-
-def _env_of(home: Path, upstream_url: str) -> dict[str, str]:
-    """The environment bench_gateway.start_gateway gives a gateway (for a second replica)."""
-    import os
-
-    return {
-        **os.environ,
-        "LMGATE_UPSTREAM_URL": upstream_url,
-        "LMGATE_CONFIG": str(home / "none.toml"),
-        "LMGATE_LIMITS_REQUESTS_PER_MINUTE": "100000000",
-        "LMGATE_LIMITS_CONCURRENT_REQUESTS": "1000",
-    }
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
