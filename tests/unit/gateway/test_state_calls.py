@@ -20,6 +20,14 @@ def _blocking(release: threading.Event, calls: list[str]) -> str:
     return "late"
 
 
+async def no_longer_overdue(state: StateCalls) -> None:
+    """Waits (up to 2 s) until the calls given up on have finished on their threads."""
+    for _ in range(200):
+        if not state.overdue:
+            return
+        await asyncio.sleep(0.01)
+
+
 async def test_a_local_database_is_called_inline() -> None:
     state = StateCalls(offload=False)
     assert await state.call(threading.current_thread) is threading.current_thread()
@@ -87,10 +95,7 @@ async def test_a_call_past_the_bound_is_given_up_then_every_call_refused_until_i
             assert time.monotonic() - started < 0.1
             assert len(calls) == 1
             release.set()
-            for _ in range(200):
-                if not state.overdue:
-                    break
-                await asyncio.sleep(0.01)
+            await no_longer_overdue(state)
             assert state.overdue == 0
             assert await state.call(lambda: "again") == "again"
         said = [r["message"] for r in logs.records()]
@@ -164,10 +169,7 @@ async def test_a_call_whose_caller_hung_up_counts_when_it_is_overdue() -> None:
         with pytest.raises(StorageError, match="not answering"):
             await state.call(lambda: "never")
         release.set()
-        for _ in range(200):
-            if not state.overdue:
-                break
-            await asyncio.sleep(0.01)
+        await no_longer_overdue(state)
         assert state.overdue == 0
     finally:
         release.set()
@@ -185,10 +187,7 @@ async def test_a_call_still_waiting_for_a_worker_when_due_never_runs() -> None:
         with pytest.raises(StorageError, match="did not answer"):
             await first
         release.set()
-        for _ in range(200):
-            if not state.overdue:
-                break
-            await asyncio.sleep(0.01)
+        await no_longer_overdue(state)
         await asyncio.sleep(0.05)
         assert calls == ["lmgate-state_0"]  # the queued one was dropped, not run late
     finally:
