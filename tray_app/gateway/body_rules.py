@@ -324,8 +324,8 @@ LENGTH_FIELDS = {
 _ALL_LENGTH_FIELDS = frozenset(f for fields in LENGTH_FIELDS.values() for f in fields)
 
 
-# Put first in a body that has no stream_options member: "{" + this + the rest of the object.
-_USAGE_MEMBER = b'{"stream_options":{"include_usage":true},'
+# Put first in a body that has no stream_options member.
+_USAGE_MEMBER = b'"stream_options":{"include_usage":true}'
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,31 +339,36 @@ def _within(value: object, cap: int) -> bool:
     return type(value) is int and 0 < value <= cap
 
 
-def _cap_output(payload: dict[str, Any], route: Route, cap: int) -> bool:
+def _cap_output(payload: dict[str, Any], route: Route, cap: int) -> tuple[list[str], bool]:
     """Every length field of the route ends up a positive integer <= ``cap``. LM Studio reads
     0, -1 and other non-lengths as "no limit", so anything else is replaced, and a missing
     field is added: by the client's own smaller limit from a sibling field if it gave one,
-    else by the cap."""
+    else by the cap. Returns the fields added (absent before) and whether any member the
+    client sent was replaced: added ones alone can go in front of the client's own bytes."""
     fields = LENGTH_FIELDS.get(route.path, ())
     valid = [payload[f] for f in fields if _within(payload.get(f), cap)]
     limit: int = min(valid, default=cap)
-    changed = False
+    added: list[str] = []
+    replaced = False
     for name in fields:
         if not _within(payload.get(name), cap):
+            if name in payload:
+                replaced = True
+            else:
+                added.append(name)
             payload[name] = limit
-            changed = True
     # Another route's length field, should LM Studio read it here too: capped where present.
     for name in _ALL_LENGTH_FIELDS.difference(fields):
         if name in payload and not _within(payload[name], cap):
             payload[name] = limit
-            changed = True
+            replaced = True
     # The cap bounds what one request may generate: n choices (or best_of candidates) of
     # `cap` tokens each would multiply it.
     for name in CHOICE_FIELDS:
         if name in payload and payload[name] != 1:
             payload[name] = 1
-            changed = True
-    return changed
+            replaced = True
+    return added, replaced
 
 
 def apply_principal_rules(
@@ -371,22 +376,32 @@ def apply_principal_rules(
 ) -> Adjusted:
     """Cap output length for a capped token; ask for usage on streams so it can be counted."""
     payload = prepared.payload
-    changed = max_tokens is not None and _cap_output(payload, route, max_tokens)
+    # Members only added (the common case: a budget's cap on a body that named no length, a
+    # stream not asking for usage) go in front of the client's own bytes, which are kept:
+    # encoding the whole body again costs more than the rest of the gate. Only into an object
+    # that has members already ("{" + added + "," + the rest), and never a name the body has:
+    # a second member of the same name would be read instead of it.
+    has_members = bool(payload)
+    added, replaced = ([], False) if max_tokens is None else _cap_output(payload, route, max_tokens)
+    members = [b'"%s":%d' % (name.encode(), payload[name]) for name in added]
     hide_usage = False
-    splice = False
     if want_usage and prepared.stream and route.path in USAGE_OPTION_ROUTES:
         options = payload.get("stream_options")
-        # The common case: no stream_options at all, so the client's bytes can be kept.
-        splice = options is None and bool(payload)
         if not isinstance(options, dict):
             options = {}
         if options.get("include_usage") is not True:
+            if "stream_options" in payload:
+                replaced = True
+            else:
+                members.append(_USAGE_MEMBER)
             payload["stream_options"] = {**options, "include_usage": True}
             hide_usage = True
-    if not changed and not hide_usage:
+    if not members and not replaced:
         return Adjusted(prepared, hide_usage=False)
-    spliced = not changed and splice
-    raw = _USAGE_MEMBER + prepared.raw.lstrip()[1:] if spliced else _encode(payload)
+    if replaced or not has_members:
+        raw = _encode(payload)
+    else:
+        raw = b"{" + b",".join(members) + b"," + prepared.raw.lstrip()[1:]
     return Adjusted(
         PreparedBody(
             payload=payload,

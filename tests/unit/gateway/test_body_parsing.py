@@ -68,10 +68,17 @@ def test_a_route_without_a_model_takes_none_or_a_name(
 
 
 def test_capping_a_body_already_within_the_cap_reports_no_change() -> None:
-    # False, not merely falsy: the caller's "nothing changed, forward the client's bytes" test.
+    # What was added and whether anything sent was replaced: the caller forwards the client's
+    # bytes when nothing changed, and puts added members in front of them when only added.
     from tray_app.gateway import body_rules
 
     within = {"model": "m", "max_tokens": 10, "max_completion_tokens": 10, "n": 1}
-    assert body_rules._cap_output(within, CHAT, 64) is False
+    assert body_rules._cap_output(within, CHAT, 64) == ([], False)
     over = {"model": "m", "max_tokens": 100}
-    assert body_rules._cap_output(over, CHAT, 64) is True
+    assert body_rules._cap_output(over, CHAT, 64) == (["max_completion_tokens"], True)
+    assert over == {"model": "m", "max_tokens": 64, "max_completion_tokens": 64}
+    missing = {"model": "m"}
+    assert body_rules._cap_output(missing, CHAT, 64) == (
+        ["max_tokens", "max_completion_tokens"],
+        False,
+    )

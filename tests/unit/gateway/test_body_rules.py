@@ -20,6 +20,7 @@ from tray_app.gateway.body_rules import (
     MAX_INT_DIGITS,
     MAX_JSON_CONTAINERS,
     MAX_JSON_DEPTH,
+    PreparedBody,
     apply_principal_rules,
     parse_json_object,
     prepare_body,
@@ -293,6 +294,77 @@ def test_a_capped_stream_gets_both_the_cap_and_the_usage_option() -> None:
         "stream_options": {"include_usage": True},
         "max_completion_tokens": 100,  # chat's other length field gets the cap too
     }
+
+
+def test_a_cap_only_added_keeps_the_clients_bytes() -> None:
+    # A budget's cap on a body that named no length (the common budgeted request): the fields
+    # go in front, the client's own bytes follow untouched; encoding the body again cost more
+    # than the rest of the gate.
+    raw = b' {"model" : "m",\n "messages":[{"role":"user","content":"h\\u00e9"}]}'
+    adjusted = apply_principal_rules(
+        prepare_body(CHAT_ROUTE, raw), CHAT_ROUTE, max_tokens=64, want_usage=True
+    )
+    assert not adjusted.hide_usage  # not a stream
+    assert adjusted.body.raw == b'{"max_tokens":64,"max_completion_tokens":64,' + raw.lstrip()[1:]
+    assert json.loads(adjusted.body.raw) == {
+        **json.loads(raw),
+        "max_tokens": 64,
+        "max_completion_tokens": 64,
+    }
+
+
+def test_a_capped_stream_gets_the_cap_and_the_usage_option_in_front() -> None:
+    raw = b'{"model":"m","stream":true,"max_completion_tokens":10,"messages":[]}'
+    adjusted = apply_principal_rules(
+        prepare_body(CHAT_ROUTE, raw), CHAT_ROUTE, max_tokens=64, want_usage=True
+    )
+    assert adjusted.hide_usage
+    # The client's own smaller limit is kept, and given to the field it left out.
+    assert adjusted.body.raw == (
+        b'{"max_tokens":10,"stream_options":{"include_usage":true},' + raw[1:]
+    )
+
+
+@pytest.mark.parametrize(
+    ("member", "name"),
+    [
+        (b'"max_tokens":null', b"max_tokens"),
+        (b'"max_tokens":0', b"max_tokens"),
+        (b'"max_completion_tokens":true', b"max_completion_tokens"),
+        (b'"max_output_tokens":9000', b"max_output_tokens"),
+        (b'"n":3', b'"n"'),
+        (b'"stream_options":null', b"stream_options"),
+    ],
+)
+def test_a_member_the_client_sent_is_replaced_never_doubled(member: bytes, name: bytes) -> None:
+    # A member put in front of one of the same name would lose to it (the last one is read):
+    # a body whose own member is changed is encoded again, with that member once.
+    raw = b'{"model":"m","stream":true,' + member + b',"messages":[]}'
+    adjusted = apply_principal_rules(
+        prepare_body(CHAT_ROUTE, raw), CHAT_ROUTE, max_tokens=64, want_usage=True
+    )
+    assert adjusted.body.raw.count(name) == 1
+    sent = json.loads(adjusted.body.raw)
+    assert (sent["max_tokens"], sent["max_completion_tokens"]) == (64, 64)
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent.get("n", 1) == 1
+
+
+def test_an_empty_object_is_encoded_not_spliced() -> None:
+    # Every forwarded route needs a model today, but "{" + members + "," + "}" is not JSON.
+    empty = PreparedBody(payload={}, raw=b" {} ", model=None, stream=False, draft_model=None)
+    adjusted = apply_principal_rules(empty, CHAT_ROUTE, max_tokens=5, want_usage=False)
+    assert json.loads(adjusted.body.raw) == {"max_tokens": 5, "max_completion_tokens": 5}
+
+
+def test_nothing_to_change_keeps_the_body_itself() -> None:
+    prepared = prepare_body(CHAT_ROUTE, b'{"model":"m","max_tokens":5,"messages":[]}')
+    adjusted = apply_principal_rules(prepared, CHAT_ROUTE, max_tokens=64, want_usage=True)
+    assert adjusted.body is not prepared
+    assert adjusted.body.raw == b'{"max_completion_tokens":5,' + prepared.raw[1:]
+    assert apply_principal_rules(prepared, CHAT_ROUTE, max_tokens=None, want_usage=True).body is (
+        prepared
+    )
 
 
 # ---- JSON the parser refuses (issue 12, defect 8) ----------------------------------------

@@ -217,7 +217,8 @@ def test_a_refused_model_is_named() -> None:
 def test_a_non_finite_number_is_never_encoded_for_lm_studio() -> None:
     # The parser refuses NaN; should one still reach a payload, re-encoding must fail loudly
     # rather than send LM Studio a body that is not JSON.
-    prepared = prepare_body(CHAT, encoded({"model": "m", "temperature": 1.0}))
+    # (A length of 0 is replaced, so the body is encoded again, not added to.)
+    prepared = prepare_body(CHAT, encoded({"model": "m", "temperature": 1.0, "max_tokens": 0}))
     prepared.payload["temperature"] = float("nan")
     with pytest.raises(ValueError, match="not JSON compliant"):
         apply_principal_rules(prepared, CHAT, max_tokens=10, want_usage=False)
