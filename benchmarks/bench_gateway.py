@@ -186,14 +186,18 @@ def start_gateway(
     *,
     source: Path | None = None,
     key_options: Sequence[str] = (),
+    ungated: bool = False,
 ) -> tuple[subprocess.Popen[str], str, str]:
     """``lmgate serve`` with everything on, its URL and an API key for it. ``wrapper`` goes in
     front of the command (a profiler); ``settings`` are extra LMGATE_* variables; ``source`` a
     checkout of another version to run instead (``--baseline``); ``key_options`` go to
-    ``lmgate key create`` (a budget)."""
+    ``lmgate key create`` (a budget); ``ungated`` serves without the sharing gate
+    (``ungated.py``)."""
     lmgate: list[str] = [str(Path(sys.executable).with_name("lmgate"))]
     if source is not None:
         lmgate = [sys.executable, "-m", "tray_app"]
+    if ungated:
+        lmgate = [sys.executable, str(HERE / "ungated.py")]
     gateway_env = gateway_environment(home, upstream_url, settings)
     if source is not None:
         gateway_env["PYTHONPATH"] = str(source)
@@ -231,6 +235,7 @@ async def run(
     floors: bool,
     baseline: str | None = None,
     control: bool = False,
+    ungated: bool = False,
 ) -> dict[str, dict[str, float]]:
     env = {**os.environ}
     home = Path(tempfile.mkdtemp(prefix="lmgate-bench-"))
@@ -241,7 +246,9 @@ async def run(
     try:
         upstream, upstream_url = start_upstream()
         started.append(upstream)
-        sides = await _start_sides(home, log, upstream_url, env, floors, baseline, control, started)
+        sides = await _start_sides(
+            home, log, upstream_url, env, floors, baseline, control, ungated, started
+        )
         connector = aiohttp.TCPConnector(limit=64)
         async with aiohttp.ClientSession(connector=connector) as session:
             for side in sides:  # warm-up: connections and caches
@@ -279,6 +286,7 @@ async def _start_sides(
     floors: bool,
     baseline: str | None,
     control: bool,
+    ungated: bool,
     started: list[subprocess.Popen[str]],
 ) -> list[Side]:
     """The gateway (and the baseline and floors asked for) in front of ``upstream_url``;
@@ -311,6 +319,21 @@ async def _start_sides(
         )
         started.append(twin)
         sides.append(Side("control", twin_url, {"Authorization": f"Bearer {twin_key}"}))
+    if ungated:
+        # This version without the budget, the fair queue and the model guard, with the
+        # same settings and a key with the same budget (never looked at).
+        bare_home = home / "ungated"
+        bare_home.mkdir()
+        bare, bare_url, bare_key = start_gateway(
+            bare_home,
+            upstream_url,
+            bare_home / "gateway.log",
+            settings=settings,
+            key_options=key_options,
+            ungated=True,
+        )
+        started.append(bare)
+        sides.append(Side("ungated", bare_url, {"Authorization": f"Bearer {bare_key}"}))
     if baseline is not None:
         old_home = home / "baseline"
         old_home.mkdir()
@@ -428,9 +451,18 @@ def main() -> None:
         help="also run this version a second time, in its own process: the table against it "
         "shows how much two runs of the same code differ (the noise of the difference)",
     )
+    parser.add_argument(
+        "--ungated",
+        action="store_true",
+        help="also run this version without the sharing gate (budget, fair queue, model "
+        "guard; benchmarks/ungated.py): the table against it is what the gate costs a request "
+        "through the whole gateway",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    results = asyncio.run(run(args.rounds, args.requests, args.floors, args.baseline, args.control))
+    results = asyncio.run(
+        run(args.rounds, args.requests, args.floors, args.baseline, args.control, args.ungated)
+    )
     print(table(results))
     if args.floors:
         print()
@@ -441,6 +473,9 @@ def main() -> None:
     if args.control:
         print()
         print(baseline_table(results, "control (this version again)", side="control"))
+    if args.ungated:
+        print()
+        print(baseline_table(results, "without the gate", side="ungated"))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -3,6 +3,7 @@ their figures are not checked here: performance claims come from full runs, not 
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import subprocess
@@ -94,18 +95,62 @@ def test_benchmark_measures_every_side_and_figure(tmp_path: Path) -> None:
         "32",
         "--floors",
         "--control",
+        "--ungated",
         "--json",
         str(out),
         timeout=240,
     )
     figures = json.loads(out.read_text())
-    assert set(figures) == {"direct", "gateway", "control", "bare-aiohttp", "tcp-relay"}
+    assert set(figures) == {"direct", "gateway", "control", "ungated", "bare-aiohttp", "tcp-relay"}
     assert "| measure | control (this version again) | this version | difference |" in text
+    assert "| measure | without the gate | this version | difference |" in text
     metrics = {key for key, _label, _better in _module("bench_gateway").ROWS}
     for side, values in figures.items():
         assert metrics <= set(values), side
         assert all(value > 0 for value in values.values()), side
     assert "| paced stream (50 x 2 ms): time to first token (ms) |" in text
+
+
+def test_the_ungated_side_serves_what_the_gate_refuses(tmp_path: Path) -> None:
+    # The --ungated side's claim: the same gateway, minus the budget (and the queue and the
+    # model guard). A key whose day budget cannot hold the request is refused 429 by the
+    # gateway and served by the ungated one; everything else (the key, the body) is checked.
+    import aiohttp
+
+    bench = _module("bench_gateway")
+    started: list[subprocess.Popen[str]] = []
+    try:
+        upstream, upstream_url = bench.start_upstream()
+        started.append(upstream)
+        answers: dict[bool, tuple[int, int]] = {}
+        for ungated in (False, True):
+            home = tmp_path / str(ungated)
+            home.mkdir()
+            gateway, url, key = bench.start_gateway(
+                home, upstream_url, None, key_options=("--budget-day", "20"), ungated=ungated
+            )
+            started.append(gateway)
+
+            async def ask(url: str = url, key: str = key) -> tuple[int, int]:
+                async with aiohttp.ClientSession() as session:
+                    statuses = []
+                    for token in (key, key + "x"):
+                        async with session.post(
+                            url + "/v1/chat/completions",
+                            json={**bench.CHAT, "max_tokens": 1000},
+                            headers={"Authorization": f"Bearer {token}"},
+                        ) as r:
+                            statuses.append(r.status)
+                    return statuses[0], statuses[1]
+
+            answers[ungated] = asyncio.run(ask())
+        assert answers == {False: (429, 401), True: (200, 401)}
+    finally:
+        for proc in reversed(started):
+            proc.terminate()
+            proc.wait(30)
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 @pytest.mark.slow
