@@ -13,6 +13,14 @@ README's commands build the image verbatim.
 
 Code that must reach the namespace's addresses runs on :class:`NamespaceLoop`, a thread that
 entered the namespace (a thread's network namespace is its own) with an asyncio loop on it.
+
+The team Compose test (tests/shipping/test_team_compose.py) needs the official
+``postgres:15-bookworm``, ``redis:7-bookworm`` and ``nginx:stable-bookworm`` images, which no
+registry here can give. :func:`build_service_standins` builds STAND-INS tagged exactly so, from
+Debian bookworm's own postgresql, redis-server and nginx-light packages (a second filesystem
+tests/docker_prepare.sh made). They are not the official images: each honours only the part of
+its interface that ``lmgate deploy compose``'s file relies on (the environment variables, the
+paths, the user, the commands), which is what the test checks the file against.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from tests.helpers import REPO_ROOT
 
 CACHE = REPO_ROOT / ".cache" / "docker"
 ROOTFS = CACHE / "bookworm-python.tar"
+SERVICES_ROOTFS = CACHE / "bookworm-services.tar"  # postgresql, redis-server, nginx-light
+SERVICES_TAG = "local/debian-services:bookworm"
 WHEELS = CACHE / "wheels"
 BASE_TAG = "local/debian-python:bookworm"
 PYTHON_TAG = "python:3.11-slim"  # what the Dockerfile builds FROM
@@ -65,15 +75,113 @@ if [ "$1" = docker-cli-plugin-metadata ]; then
   exit 0
 fi
 shift
-# v2 allocates a terminal for exec only when there is one; v1 always tries to.
+# v2 allocates a terminal for exec only when there is one; v1 always tries to. A -T given
+# already is not given twice (v1 refuses that).
 if ! [ -t 0 ]; then
+  after_exec=
   for arg; do
     shift
-    if [ "$arg" = exec ]; then set -- "$@" exec -T; else set -- "$@" "$arg"; fi
+    if [ "$arg" = exec ]; then set -- "$@" exec -T; after_exec=1; continue; fi
+    if [ -n "$after_exec" ] && [ "$arg" = -T ]; then after_exec=; continue; fi
+    after_exec=
+    set -- "$@" "$arg"
   done
 fi
 exec docker-compose "$@"
 """
+
+
+# postgres:15-bookworm: the official entrypoint's contract, for what compose.yaml uses. On an
+# empty PGDATA: initdb with POSTGRES_USER as the superuser and POSTGRES_PASSWORD as its
+# password, scram-sha-256 for every host connection, POSTGRES_DB created on a server that
+# listens on no address while it does; then the server on all addresses. Runs as postgres.
+_POSTGRES_STANDIN = f"""FROM {SERVICES_TAG}
+RUN groupmod -g 999 postgres && usermod -u 999 -g 999 postgres \\
+    && mkdir -p /var/lib/postgresql/data /run/postgresql \\
+    && chown -R postgres:postgres /var/lib/postgresql /run/postgresql \\
+    && chmod 0700 /var/lib/postgresql/data && chmod 2777 /run/postgresql
+COPY entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+ENV PATH=/usr/lib/postgresql/15/bin:$PATH PGDATA=/var/lib/postgresql/data LANG=C.UTF-8
+USER postgres
+VOLUME /var/lib/postgresql/data
+EXPOSE 5432
+STOPSIGNAL SIGINT
+ENTRYPOINT ["docker-entrypoint.sh"]
+CMD ["postgres"]
+"""
+_POSTGRES_ENTRYPOINT = """#!/bin/sh
+set -eu
+if [ "$1" = postgres ]; then
+  shift
+  if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    : "${POSTGRES_PASSWORD:?the official image refuses to start without POSTGRES_PASSWORD}"
+    user=${POSTGRES_USER:-postgres}
+    db=${POSTGRES_DB:-$user}
+    pwfile=$(mktemp)
+    printf '%s\\n' "$POSTGRES_PASSWORD" >"$pwfile"
+    initdb -D "$PGDATA" -U "$user" --pwfile="$pwfile" -E UTF8 --locale=C.UTF-8 \\
+      --auth-local=trust --auth-host=scram-sha-256 >/dev/null
+    rm -f "$pwfile"
+    echo "host all all all scram-sha-256" >>"$PGDATA/pg_hba.conf"
+    if [ "$db" != postgres ]; then
+      pg_ctl -D "$PGDATA" -w -s -o "-c listen_addresses=''" start
+      # From stdin: psql substitutes :"db" (quoted as a name) there, not in -c.
+      echo 'CREATE DATABASE :"db";' | psql -q -v ON_ERROR_STOP=1 -U "$user" -d postgres -v db="$db"
+      pg_ctl -D "$PGDATA" -w -s -m fast stop
+    fi
+  fi
+  exec postgres -D "$PGDATA" -c listen_addresses='*' "$@"
+fi
+exec "$@"
+"""
+
+# redis:7-bookworm: `redis-server [config file]` as uid 999 in /data.
+_REDIS_STANDIN = f"""FROM {SERVICES_TAG}
+RUN groupmod -g 999 redis && usermod -u 999 -g 999 redis \\
+    && mkdir -p /data && chown redis:redis /data
+WORKDIR /data
+USER redis
+VOLUME /data
+EXPOSE 6379
+CMD ["redis-server"]
+"""
+
+# nginx:stable-bookworm: the official image's nginx.conf (conf.d/*.conf inside http, logs to
+# stdout and stderr), Debian's default site gone, `nginx -g 'daemon off;'`.
+_NGINX_STANDIN = f"""FROM {SERVICES_TAG}
+COPY nginx.conf /etc/nginx/nginx.conf
+RUN rm -rf /etc/nginx/sites-enabled /etc/nginx/conf.d/* \\
+    && mkdir -p /var/log/nginx \\
+    && ln -sf /dev/stdout /var/log/nginx/access.log \\
+    && ln -sf /dev/stderr /var/log/nginx/error.log
+EXPOSE 80 443
+STOPSIGNAL SIGQUIT
+CMD ["nginx", "-g", "daemon off;"]
+"""
+_NGINX_CONF = """user www-data;
+worker_processes auto;
+error_log /var/log/nginx/error.log notice;
+pid /run/nginx.pid;
+events {
+    worker_connections 1024;
+}
+http {
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    log_format main '$remote_addr - $remote_user [$time_local] "$request" '
+                    '$status $body_bytes_sent "$http_referer" '
+                    '"$http_user_agent" "$http_x_forwarded_for"';
+    access_log /var/log/nginx/access.log main;
+    sendfile on;
+    keepalive_timeout 65;
+    include /etc/nginx/conf.d/*.conf;
+}
+"""
+STANDINS = {
+    "postgres:15-bookworm": (_POSTGRES_STANDIN, {"entrypoint.sh": _POSTGRES_ENTRYPOINT}),
+    "redis:7-bookworm": (_REDIS_STANDIN, {}),
+    "nginx:stable-bookworm": (_NGINX_STANDIN, {"nginx.conf": _NGINX_CONF}),
+}
 
 
 def missing_tools() -> list[str]:
@@ -83,6 +191,32 @@ def missing_tools() -> list[str]:
 
 def prepared() -> bool:
     return ROOTFS.is_file() and (WHEELS / ".complete").is_file()
+
+
+def services_prepared() -> bool:
+    return SERVICES_ROOTFS.is_file()
+
+
+def build_service_standins(engine: Engine) -> None:
+    """Import the services filesystem and build the three stand-ins (see the docstring)."""
+    with SERVICES_ROOTFS.open("rb") as rootfs:
+        imported = subprocess.run(
+            ["docker", "import", "-", SERVICES_TAG],
+            stdin=rootfs,
+            env=engine.env,
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+    assert imported.returncode == 0, imported.stderr
+    for tag, (dockerfile, files) in STANDINS.items():
+        context = engine.home / ("standin-" + tag.split(":")[0])
+        context.mkdir()
+        (context / "Dockerfile").write_text(dockerfile)
+        for name, text in files.items():
+            (context / name).write_text(text)
+            (context / name).chmod(0o755)
+        engine.docker("build", "-q", "-t", tag, str(context), timeout=300)
 
 
 class NamespaceLoop:

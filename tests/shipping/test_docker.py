@@ -3,13 +3,13 @@
 A private dockerd runs in a network namespace of the test's own (tests/docker_engine.py), so
 "the host" below is that namespace: the checks reach the container the way a user's machine
 does, through the published port, with the official openai SDK, and a fake LM Studio listens
-where ``host.docker.internal`` points. The README's Docker section is run verbatim.
+where ``host.docker.internal`` points. The README's Docker section is run verbatim. The engine
+and image fixtures are tests/shipping/conftest.py's (test_team_compose.py uses them too).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import threading
@@ -20,11 +20,10 @@ import aiohttp
 import openai
 import pytest
 
-from tests.docker_engine import Engine, missing_tools, prepared, running_engine
+from tests.docker_engine import Engine
 from tests.fake_lmstudio import Behaviour, FakeLMStudio
 from tests.helpers import REPO_ROOT
 
-IMAGE = "lmgate:test"
 IMAGE_EXTRA = "team"  # packaging/Dockerfile installs it
 PORT = 8787  # the image's own: the namespace has it free
 BASE = f"http://127.0.0.1:{PORT}"
@@ -44,37 +43,6 @@ IMAGE_MARKERS = {
     "implementation_name": "cpython",
     "platform_python_implementation": "CPython",
 }
-
-
-def _unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "the Docker tests run dockerd and a network namespace, which need root"
-    if missing := missing_tools():
-        return f"missing {', '.join(missing)} (tests/run.sh installs them)"
-    if not prepared():
-        return "the base filesystem and wheels are not made yet: run tests/docker_prepare.sh"
-    return None
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Engine]:
-    reason = _unavailable()
-    if reason is not None:
-        if os.environ.get("LMGATE_REQUIRE_DOCKER"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    with running_engine() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def image(engine: Engine) -> str:
-    started = time.monotonic()
-    engine.docker(
-        "build", "-q", "-f", "packaging/Dockerfile", "-t", IMAGE, str(REPO_ROOT), timeout=600
-    )
-    print(f"image built in {time.monotonic() - started:.1f} s")
-    return IMAGE
 
 
 @pytest.fixture(scope="module")

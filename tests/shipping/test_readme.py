@@ -60,6 +60,7 @@ def test_readme_names_every_cli_command() -> None:
         "lmgate doctor",
         "lmgate check",
         "lmgate deploy nginx",
+        "lmgate deploy compose",
         "lmgate key create",
         "lmgate token create",
         "lmgate pair",

@@ -201,6 +201,25 @@ def _parser() -> argparse.ArgumentParser:
         "gateway sharing PostgreSQL and Redis; default: one on 127.0.0.1:--port)",
     )
 
+    compose = targets.add_parser(
+        "compose", help="a Docker Compose project: nginx, N replicas, PostgreSQL and Redis"
+    )
+    compose.add_argument(
+        "--domain", required=True, help="the server's domain, e.g. llm.example.com"
+    )
+    compose.add_argument(
+        "--replicas", type=int, default=2, help="LM Gate replicas behind nginx (1-8; default 2)"
+    )
+    compose.add_argument(
+        "--upstream-url",
+        default="http://host.docker.internal:1234",
+        help="LM Studio's URL as the containers reach it (default: on the Docker host)",
+    )
+    compose.add_argument(
+        "--image", default="lmgate", help="the LM Gate image (docker build -f packaging/Dockerfile)"
+    )
+    compose.add_argument("--output", type=Path, required=True, help="the project's directory")
+
     add_identity_commands(commands, common)
     add_warm_up_command(commands, common)
     add_upstream_commands(commands, common)
@@ -592,6 +611,18 @@ def main(
             report, ok = check(args.url, args.token)
             print(report, file=out)
             return EXIT_OK if ok else EXIT_FAILURE
+        if args.command == "deploy" and args.target == "compose":
+            from tray_app.cli import deploy_compose
+
+            project = deploy_compose.ComposeDeployment(
+                domain=args.domain,
+                replicas=args.replicas,
+                upstream_url=args.upstream_url,
+                image=args.image,
+            )
+            _, kept = deploy_compose.write(project, args.output)
+            print(deploy_compose.instructions(project, args.output, kept), file=out)
+            return EXIT_OK
         if args.command == "deploy":
             from tray_app.cli.deploy import Deployment, instructions, write
 

@@ -1,0 +1,315 @@
+"""`lmgate deploy compose`: the files it writes, their modes, what a rerun keeps, and how it
+refuses bad input, without Docker (tests/shipping/test_team_compose.py brings the project up)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tray_app.cli.deploy import Deployment, nginx_site
+from tray_app.cli.main import main
+from tray_app.config.settings import Config
+
+DOMAIN = "llm.example.com"
+
+
+def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["deploy", "compose", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def project(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, str]:
+    directory = tmp_path / "team"
+    code, out, err = _run(capsys, "--domain", DOMAIN, "--output", str(directory))
+    assert (code, err) == (0, ""), err
+    return directory, out
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _env(path: Path) -> dict[str, str]:
+    lines = path.read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def _secrets(directory: Path) -> list[str]:
+    """Every secret value the command made."""
+    shared = _env(directory / "secrets" / "lmgate.env")
+    database = shared["LMGATE_SECRET_STATE_DATABASE_URL"]
+    cache = shared["LMGATE_SECRET_STATE_REDIS_URL"]
+    return [
+        database.split("//lmgate:", 1)[1].split("@", 1)[0],
+        cache.split("//:", 1)[1].split("@", 1)[0],
+        shared["LMGATE_SECRET_JWT_SIGNING_KEY"],
+    ]
+
+
+def _compose(directory: Path) -> dict[str, Any]:
+    loaded = yaml.safe_load((directory / "compose.yaml").read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def test_the_secrets_are_fresh_private_and_agree_with_each_other(
+    project: tuple[Path, str],
+) -> None:
+    directory, printed = project
+    secrets_dir = directory / "secrets"
+    assert _mode(secrets_dir) == 0o700
+    assert _mode(secrets_dir / "lmgate.env") == 0o600
+    assert _mode(secrets_dir / "postgres.env") == 0o600
+    # Read by Redis's own user through a bind mount; the 0700 directory keeps others out.
+    assert _mode(secrets_dir / "redis.conf") == 0o644
+    assert sorted(p.name for p in secrets_dir.iterdir()) == [
+        "lmgate.env",
+        "postgres.env",
+        "redis.conf",
+    ]
+    assert _mode(directory / "tls") == 0o700 and list((directory / "tls").iterdir()) == []
+
+    database, cache, signing = _secrets(directory)
+    assert len({database, cache, signing}) == 3
+    assert all(len(value) >= 43 for value in (database, cache, signing))  # 32 random bytes
+    assert _env(secrets_dir / "postgres.env") == {"POSTGRES_PASSWORD": database}
+    shared = _env(secrets_dir / "lmgate.env")
+    assert shared["LMGATE_SECRET_STATE_DATABASE_URL"] == (
+        f"postgresql://lmgate:{database}@postgres:5432/lmgate"
+    )
+    assert shared["LMGATE_SECRET_STATE_REDIS_URL"] == f"redis://:{cache}@redis:6379/0"
+    redis_conf = (secrets_dir / "redis.conf").read_text().splitlines()
+    assert f"requirepass {cache}" in redis_conf
+
+    # No secret in what is not a secret file, nor on the terminal.
+    public = [
+        (directory / "compose.yaml").read_text(),
+        (directory / "nginx" / "lmgate.conf").read_text(),
+        printed,
+    ]
+    for value in (database, cache, signing):
+        assert not any(value in text for text in public)
+
+
+def test_compose_yaml_keeps_the_state_private_and_trusts_only_nginx(
+    project: tuple[Path, str],
+) -> None:
+    directory, _ = project
+    compose = _compose(directory)
+    services = compose["services"]
+    assert set(services) == {"nginx", "lmgate-1", "lmgate-2", "postgres", "redis"}
+    # Nothing but nginx is published.
+    assert {name for name, s in services.items() if "ports" in s} == {"nginx"}
+    assert services["nginx"]["ports"] == ["80:80", "443:443"]
+
+    edge, state = compose["networks"]["edge"], compose["networks"]["state"]
+    assert state == {"internal": True} and not edge.get("internal")
+    (pool,) = edge["ipam"]["config"]
+    nginx_address = services["nginx"]["networks"]["edge"]["ipv4_address"]
+    # Fixed, inside the subnet, and outside the range replicas are given addresses from.
+    assert ipaddress.ip_address(nginx_address) in ipaddress.ip_network(pool["subnet"])
+    assert ipaddress.ip_address(nginx_address) not in ipaddress.ip_network(pool["ip_range"])
+    assert list(services["nginx"]["networks"]) == ["edge"]
+    assert services["nginx"]["image"] == "nginx:stable-bookworm"
+    assert services["nginx"]["volumes"] == [
+        "./nginx:/etc/nginx/conf.d:ro",
+        "./tls:/etc/nginx/tls:ro",
+    ]
+    assert services["nginx"]["depends_on"] == ["lmgate-1", "lmgate-2"]
+
+    for name in ("lmgate-1", "lmgate-2"):
+        replica = services[name]
+        assert replica["image"] == "lmgate"
+        assert replica["environment"] == {
+            "LMGATE_STATE_BACKEND": "postgres",
+            "LMGATE_SECRETS_STORE": "env",
+            "LMGATE_UPSTREAM_URL": "http://host.docker.internal:1234",
+            "LMGATE_SERVER_ALLOWED_HOSTS": DOMAIN,
+            "LMGATE_SERVER_TRUSTED_PROXIES": f"{nginx_address}/32",
+        }
+        assert replica["env_file"] == "secrets/lmgate.env"
+        assert replica["extra_hosts"] == ["host.docker.internal:host-gateway"]
+        assert replica["networks"] == ["edge", "state"]
+        assert replica["depends_on"] == {
+            "postgres": {"condition": "service_healthy"},
+            "redis": {"condition": "service_healthy"},
+        }
+        grace = float(replica["stop_grace_period"].removesuffix("s"))
+        assert grace > Config().server_shutdown_grace
+
+    postgres, redis = services["postgres"], services["redis"]
+    assert postgres["image"] == "postgres:15-bookworm" and redis["image"] == "redis:7-bookworm"
+    assert postgres["networks"] == ["state"] and redis["networks"] == ["state"]
+    assert postgres["env_file"] == "secrets/postgres.env"
+    assert postgres["environment"] == {"POSTGRES_USER": "lmgate", "POSTGRES_DB": "lmgate"}
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    assert postgres["volumes"] == ["postgres-data:/var/lib/postgresql/data"]
+    assert "postgres-data" in compose["volumes"]
+    assert redis["command"] == ["redis-server", "/usr/local/etc/redis/redis.conf"]
+    assert redis["volumes"] == ["./secrets/redis.conf:/usr/local/etc/redis/redis.conf:ro"]
+    # The replica template is one YAML anchor, not N copies.
+    assert (directory / "compose.yaml").read_text().count("<<: *lmgate") == 2
+
+
+def test_compose_v1_reads_the_file_as_valid(project: tuple[Path, str]) -> None:
+    if shutil.which("docker-compose") is None:
+        pytest.skip("docker-compose is not installed (tests/run.sh installs it as root)")
+    directory, _ = project
+    checked = subprocess.run(
+        ["docker-compose", "-f", str(directory / "compose.yaml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_the_site_is_what_deploy_nginx_writes_for_those_replicas(
+    project: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory, _ = project
+    site = Deployment(
+        domain=DOMAIN,
+        replicas=("lmgate-1:8787", "lmgate-2:8787"),
+        certificate="/etc/nginx/tls/fullchain.pem",
+        certificate_key="/etc/nginx/tls/privkey.pem",
+    ).validate()
+    assert (directory / "nginx" / "lmgate.conf").read_text() == nginx_site(site)
+    # And `deploy nginx` itself, given the same, writes the same.
+    code, _, err = _run_nginx(capsys, tmp_path / "nginx")
+    assert code == 0, err
+    assert (tmp_path / "nginx" / "lmgate-nginx.conf").read_text() == nginx_site(site)
+
+    one = tmp_path / "one"
+    code, _, err = _run(capsys, "--domain", DOMAIN, "--replicas", "1", "--output", str(one))
+    assert code == 0, err
+    single = (one / "nginx" / "lmgate.conf").read_text()
+    assert "upstream" not in single and "proxy_pass http://lmgate-1:8787;" in single
+    assert set(_compose(one)["services"]) == {"nginx", "lmgate-1", "postgres", "redis"}
+
+
+def _run_nginx(capsys: pytest.CaptureFixture[str], output: Path) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(
+        [
+            "deploy", "nginx", "--domain", DOMAIN, "--output", str(output),
+            "--replica", "lmgate-1:8787", "--replica", "lmgate-2:8787",
+            "--certificate", "/etc/nginx/tls/fullchain.pem",
+            "--certificate-key", "/etc/nginx/tls/privkey.pem",
+        ]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_next_steps_are_printed(project: tuple[Path, str]) -> None:
+    directory, printed = project
+    compose = f"docker compose -f {directory / 'compose.yaml'}"
+    assert "docker build -f packaging/Dockerfile -t lmgate ." in printed
+    assert f"{compose} up -d" in printed
+    assert f"{compose} exec lmgate-1 lmgate key create" in printed
+    assert "fullchain.pem" in printed and "privkey.pem" in printed
+    assert "openssl req -x509" in printed
+
+
+def test_a_rerun_keeps_the_secrets_and_rewrites_the_rest(
+    project: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory, _ = project
+    secret_files = sorted((directory / "secrets").iterdir())
+    before = {path: path.read_bytes() for path in secret_files}
+    (directory / "tls" / "fullchain.pem").write_text("a certificate")
+    code, out, err = _run(
+        capsys, "--domain", "llm2.example.com", "--replicas", "3", "--output", str(directory)
+    )
+    assert code == 0, err
+    assert {path: path.read_bytes() for path in secret_files} == before
+    assert "Kept the secrets" in out
+    assert set(_compose(directory)["services"]) >= {"lmgate-3"}
+    assert "server lmgate-3:8787" in (directory / "nginx" / "lmgate.conf").read_text()
+    assert "llm2.example.com" in (directory / "compose.yaml").read_text()
+    assert (directory / "tls" / "fullchain.pem").read_text() == "a certificate"
+
+
+def test_half_a_set_of_secrets_is_refused_and_nothing_is_written(
+    project: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory, _ = project
+    (directory / "secrets" / "postgres.env").unlink()
+    compose_before = (directory / "compose.yaml").read_bytes()
+    code, out, err = _run(capsys, "--domain", DOMAIN, "--replicas", "3", "--output", str(directory))
+    assert code == 2 and out == ""
+    assert err.startswith("lmgate: --output: ") and "postgres.env" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (directory / "compose.yaml").read_bytes() == compose_before
+    assert not (directory / "secrets" / "postgres.env").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--domain", "not a domain"], "lmgate: --domain: "),
+        (["--domain", "localhost"], "lmgate: --domain: "),
+        (["--domain", DOMAIN, "--replicas", "0"], "lmgate: --replicas: must be between 1 and 8"),
+        (["--domain", DOMAIN, "--replicas", "9"], "lmgate: --replicas: must be between 1 and 8"),
+        (["--domain", DOMAIN, "--upstream-url", "ftp://x"], "lmgate: --upstream-url: "),
+        (["--domain", DOMAIN, "--upstream-url", "http://a b:1"], "lmgate: --upstream-url: "),
+        (["--domain", DOMAIN, "--image", "Bad Image"], "lmgate: --image: "),
+        (["--domain", DOMAIN, "--image", 'x"\ny: 1'], "lmgate: --image: "),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], said: str
+) -> None:
+    output = tmp_path / "team"
+    code, out, err = _run(capsys, *args, "--output", str(output))
+    assert code == 2 and out == ""
+    assert err.startswith(said), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not output.exists()
+
+
+def test_an_image_may_name_a_registry_a_tag_and_a_digest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = "registry.example.com:5000/team/lmgate:1.4@sha256:" + "a" * 64
+    code, out, err = _run(capsys, "--domain", DOMAIN, "--image", image, "--output", str(tmp_path))
+    assert code == 0, err
+    assert _compose(tmp_path)["services"]["lmgate-1"]["image"] == image
+    assert f"docker build -f packaging/Dockerfile -t {image} ." in out
+
+
+def test_an_output_that_is_a_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "team"
+    output.write_text("not a directory")
+    code, _, err = _run(capsys, "--domain", DOMAIN, "--output", str(output))
+    assert code == 2 and err.startswith("lmgate: --output: ")
+    assert output.read_text() == "not a directory"
+
+
+def test_secret_files_are_never_readable_by_others_even_with_a_loose_umask(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = os.umask(0)
+    try:
+        code, _, err = _run(capsys, "--domain", DOMAIN, "--output", str(tmp_path / "t"))
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert _mode(tmp_path / "t" / "secrets") == 0o700
+    assert _mode(tmp_path / "t" / "tls") == 0o700
+    assert _mode(tmp_path / "t" / "secrets" / "lmgate.env") == 0o600
