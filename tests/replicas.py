@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import LMGATE, free_port, start_serve
 from tests.nginx_server import Nginx, nginx_binary, self_signed, start_nginx
@@ -95,6 +96,17 @@ class TeamGateway:
         replica = Replica(process, url)
         self.replicas.append(replica)
         return replica
+
+    def restart(self, index: int, stderr: Any, **extra: str) -> Replica:
+        """Replica ``index`` started again on its own data directory (after a kill)."""
+        old = self.replicas[index].process
+        assert old.poll() is not None
+        for stream in (old.stdout, old.stderr):
+            if stream is not None:
+                stream.close()
+        process, url = start_serve(self.env(index, **extra), stderr=stderr)
+        self.replicas[index] = Replica(process, url)
+        return self.replicas[index]
 
     def create_key(self, name: str = "team", *args: str) -> str:
         made = self.cli("key", "create", name, *args)

@@ -104,6 +104,8 @@ class Identity:
     shared_signing: SharedSigningKey | None = None
 
     def close(self) -> None:
+        # The gateway's last flush came first: a journal with nothing left to save goes.
+        self.recorder.close()
         self.db.close()
 
 
@@ -231,6 +233,9 @@ def build_gateway(
     clock: Clock | None = None,
 ) -> Gateway:
     clock = clock or SystemClock()
+    # What a process killed on this data directory had counted and not saved is saved now,
+    # and this one journals its own.
+    identity.recorder.keep_journal(data_dir(config) / "usage-journal")
     return Gateway(
         config,
         identity.authenticator,

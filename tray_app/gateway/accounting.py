@@ -7,6 +7,9 @@ batch stays in memory and is retried: nothing counted is lost while the process 
 The flush runs in a thread while the loop keeps counting, so the batch is swapped out under a
 lock; a batch being written still counts as pending until its write is over, so a budget
 loading "database + pending" may count it twice for an instant but never misses it.
+
+A serving process also keeps a journal (:mod:`tray_app.storage.usage_journal`): what a killed
+process had counted and not written is written by the next one to start on its data directory.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from tray_app.clock import Clock
 from tray_app.errors import StorageError
 from tray_app.gateway.upstream.usage import Usage
 from tray_app.identity.principal import CredentialKind, PrincipalId
 from tray_app.storage.database import HOUR, Database, UsageRow
+from tray_app.storage.usage_journal import META_PREFIX, REPLAYED, Orphan, UsageJournal, orphans
 
 log = logging.getLogger("lmgate.accounting")
 
@@ -43,12 +48,67 @@ class UsageRecorder:
         self._key_last_used: dict[str, float] = {}
         self._device_last_seen: dict[str, float] = {}
         self._failing = False
+        self._journal: UsageJournal | None = None
 
-    def record(self, principal: str, usage: Usage | None) -> None:
+    def keep_journal(self, directory: Path) -> None:
+        """Journal every request under ``directory`` from now on (once per process: a
+        gateway started again keeps the journal it has), after writing what processes gone
+        before left in their journals there."""
+        if self._journal is not None:
+            return
+        journal = UsageJournal(directory)
+        for orphan in orphans(directory, mine=journal.journal_id):
+            try:
+                self._replay(orphan)
+            # The database may be down as the gateway starts (a replica's PostgreSQL): the
+            # gateway starts all the same, and the next start writes it.
+            except Exception as exc:
+                orphan.release()
+                log.error(
+                    "usage a stopped LM Gate had not saved could not be written now, it "
+                    "will be at the next start: %s",
+                    _describe(exc),
+                )
+        self._journal = journal
+
+    def close(self) -> None:
+        """No more requests: the journal is closed, and removed if everything it holds is
+        saved (else the next start writes it)."""
+        with self._lock:
+            journal, self._journal = self._journal, None
+            saved = not self._pending and not self._writing
+        if journal is not None:
+            journal.close(saved=saved)
+
+    def begin(self, principal: str) -> int | None:
+        """A request of ``principal``'s is under way: its line in the journal, to pass to
+        :meth:`record` (None without a journal)."""
+        journal = self._journal
+        if journal is None:
+            return None
+        with self._lock:
+            try:
+                return journal.begun(principal, self._clock.time())
+            except OSError as exc:
+                self._journal_failed(exc)
+                return None
+
+    def record(self, principal: str, usage: Usage | None, begun: int | None = None) -> None:
         now = self._clock.time()
         key = (principal, int(now) // HOUR * HOUR)
         who = PrincipalId.parse(principal)
         with self._lock:
+            if self._journal is not None:
+                try:
+                    self._journal.ended(
+                        principal,
+                        now,
+                        usage.prompt_tokens if usage is not None else 0,
+                        usage.completion_tokens if usage is not None else 0,
+                        begun,
+                    )
+                except OSError as exc:
+                    self._journal_failed(exc)
             pending = self._pending.get(key)
             if pending is None:
                 pending = self._pending[key] = _Pending()
@@ -88,12 +148,21 @@ class UsageRecorder:
             self._writing = batch
             keys, self._key_last_used = self._key_last_used, {}
             devices, self._device_last_seen = self._device_last_seen, {}
+            journal, mark = self._journal, None
+            if journal is not None:
+                try:
+                    mark = (META_PREFIX + journal.journal_id, str(journal.rotate()))
+                except OSError as exc:
+                    self._journal_failed(exc)
+                    journal = None
         rows = [
             UsageRow(p, c.requests, c.prompt_tokens, c.completion_tokens, c.last_seen, hour)
             for (p, hour), c in batch.items()
         ]
         try:
-            self._db.add_usage(rows, key_last_used=keys, device_last_seen=devices)
+            self._db.add_usage(
+                rows, key_last_used=keys, device_last_seen=devices, journal_mark=mark
+            )
         # Not only StorageError: a value SQLite refuses (OverflowError) or any other surprise
         # must not lose every principal's usage in the batch, nor end the periodic flush.
         except Exception as exc:
@@ -107,9 +176,49 @@ class UsageRecorder:
         with self._lock:
             self._writing = {}
             recovered, self._failing = self._failing, False
+        if journal is not None:
+            journal.written()
         if recovered:
             log.info("usage is saved again")
         return True
+
+    def _replay(self, orphan: Orphan) -> None:
+        """Write what ``orphan``'s process had counted and not saved (once: the replay and
+        its mark are one transaction), then remove the journal."""
+        key = META_PREFIX + orphan.journal_id
+        saved = self._db.meta(key)
+        if saved != REPLAYED:
+            through = int(saved) if saved and saved.isdigit() else 0
+            rows = [
+                UsageRow(e.principal, 1, e.prompt_tokens, e.completion_tokens, e.at, _hour(e.at))
+                for e in orphan.ended
+                if e.seq > through
+            ]
+            # Under way when the process ended: counted as requests, their tokens unknown.
+            rows += [UsageRow(u.principal, 1, 0, 0, u.at, _hour(u.at)) for u in orphan.unfinished]
+            self._db.add_usage(rows, journal_mark=(key, REPLAYED))
+            saved_now = len(rows) - len(orphan.unfinished)
+            if saved_now:
+                log.info(
+                    "usage of %d requests that LM Gate had counted but not saved when it "
+                    "stopped is saved now",
+                    saved_now,
+                )
+            if orphan.unfinished:
+                log.warning(
+                    "%d requests were under way when LM Gate stopped: they are counted as "
+                    "requests, their tokens are not known",
+                    len(orphan.unfinished),
+                )
+        if orphan.torn:
+            log.warning("%d lines of a usage journal could not be read", orphan.torn)
+        orphan.discard()
+        self._db.forget_meta(key)
+
+    def _journal_failed(self, exc: OSError) -> None:
+        # Counting goes on in memory; only a crash before the next flush would lose it now.
+        log.error("the usage journal could not be written, usage is kept in memory: %s", exc)
+        self._journal = None
 
     def _keep(
         self,
@@ -127,6 +236,10 @@ class UsageRecorder:
             self._key_last_used.setdefault(k, t)
         for d, t in devices.items():
             self._device_last_seen.setdefault(d, t)
+
+
+def _hour(at: float) -> int:
+    return int(at) // HOUR * HOUR
 
 
 def _describe(exc: Exception) -> str:

@@ -460,6 +460,8 @@ class Gateway:
             raise errors.state_unavailable(STATE_RETRY_AFTER_SECONDS) from None
         exchange.principal = principal.name
         exchange.caller = principal
+        if self._recorder is not None:
+            exchange.begun = self._recorder.begin(principal.name)
         return principal
 
     async def _read_body(
@@ -926,7 +928,7 @@ class Gateway:
             and exchange.principal is not None
             and exchange.route != "/pair"
         ):
-            self._recorder.record(exchange.principal, counted)
+            self._recorder.record(exchange.principal, counted, exchange.begun)
         if not access_log.isEnabledFor(logging.INFO):
             return
         fields: dict[str, object] = {

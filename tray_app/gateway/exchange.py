@@ -37,3 +37,5 @@ class Exchange:
     error: str | None = None
     # A generation's budget reservation, settled when the request is counted (_finish).
     generation: Generation | None = field(default=None, repr=False)
+    # Its line in the usage journal, closed when it is counted (None: no journal kept).
+    begun: int | None = None

@@ -352,9 +352,13 @@ class Database:
         rows: Iterable[UsageRow],
         key_last_used: Mapping[str, float] | None = None,
         device_last_seen: Mapping[str, float] | None = None,
+        *,
+        journal_mark: tuple[str, str] | None = None,
     ) -> None:
         """Add counted usage, and when keys and devices were last used, in one transaction:
-        either all of it is written or none (a retry must not count anything twice)."""
+        either all of it is written or none (a retry must not count anything twice).
+        ``journal_mark`` (meta key, value): how far the usage journal is in the database, set
+        in the same transaction, so a replay after a crash adds only what is not."""
         # In key order: two flushes writing the same rows at once (replicas sharing a
         # database) then lock them in the same order and cannot deadlock.
         rows = sorted(rows, key=lambda r: (r.principal, r.hour or 0))
@@ -407,6 +411,16 @@ class Database:
                 "UPDATE devices SET last_seen = ? WHERE id = ?",
                 [(t, d) for d, t in sorted((device_last_seen or {}).items())],
             )
+            if journal_mark is not None:
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    journal_mark,
+                )
+
+    def forget_meta(self, key: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM meta WHERE key = ?", (key,))
 
     def usage(self) -> list[UsageRow]:
         return [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -380,3 +381,72 @@ async def test_a_killed_replica_is_stepped_around_by_nginx(make_team: MakeTeam) 
     async with aiohttp.ClientSession() as session:
         answers = [await status_of(session, team.nginx_url, key) for _ in range(10)]
     assert answers == [(200, "")] * 10
+
+
+async def test_usage_sums_exactly_with_a_replica_killed_mid_load(
+    make_team: MakeTeam, upstream: FakeLMStudio, tmp_path: Path
+) -> None:
+    # Chats go to both replicas, 6 at a time on each, each taking 0.1 s at LM Studio; one
+    # replica is SIGKILLed in the middle and started again on its data directory. What it
+    # had counted and not flushed, it writes then (its journal); what was under way is
+    # counted as requests, their tokens unknown, and said so.
+    team = make_team(
+        LMGATE_LIMITS_CONCURRENT_REQUESTS="64",
+        LMGATE_QUEUE_GENERATIONS_IN_FLIGHT="64",
+        LMGATE_LIMITS_REQUESTS_PER_MINUTE="100000",
+    ).start(2)
+    key = team.create_key()
+    upstream.behaviour.header_delay = 0.1
+    per_chat = 7 + upstream.behaviour.chunks  # the fake's usage of a non-streamed chat
+    urls = [r.url for r in team.replicas]
+    answered = Counter[int]()
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession() as session:
+
+        async def keep_asking(replica: int) -> None:
+            body = {"model": "qwen2.5-7b-instruct", "messages": [{"role": "user", "content": "Hi"}]}
+            while not stop.is_set():
+                try:
+                    async with session.post(
+                        urls[replica] + "/v1/chat/completions", json=body, headers=bearer(key)
+                    ) as r:
+                        await r.read()
+                        assert r.status == 200
+                        answered[replica] += 1
+                except aiohttp.ClientError:
+                    return  # the killed replica: its clients give up
+
+        workers = [asyncio.create_task(keep_asking(n % 2)) for n in range(12)]
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(team.kill, 0)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*workers)
+    reached = sum(1 for r in upstream.received if r.path == "/v1/chat/completions")
+    with (tmp_path / "restarted.log").open("w") as log:
+        team.restart(0, stderr=log, LMGATE_LOG_LEVEL="info")
+    for replica in team.replicas:
+        replica.process.send_signal(signal.SIGTERM)  # a clean stop flushes what is pending
+        replica.process.wait(30)
+    said = (tmp_path / "restarted.log").read_text()
+    under_way = re.search(r"(\d+) requests were under way when LM Gate stopped", said)
+    assert under_way, said  # 6 were at LM Studio when the kill came
+    unknown = int(under_way.group(1))
+    assert 1 <= unknown <= 6
+    # Flushes come every 2 s: what it answered since the last was only in its journal.
+    saved = re.search(r"usage of (\d+) requests that LM Gate had counted but not saved", said)
+    assert saved, said
+    assert 0 < int(saved.group(1)) <= answered[0]
+
+    shown = team.cli("usage", "--csv")
+    assert shown.returncode == 0, shown.stderr
+    (row,) = [line.split(",") for line in shown.stdout.splitlines()[1:] if line]
+    header = shown.stdout.splitlines()[0].split(",")
+    totals = dict(zip(header, row, strict=True))
+    requests = int(totals["requests"])
+    tokens = int(totals["prompt_tokens"]) + int(totals["completion_tokens"])
+    # Every chat LM Studio was asked for is counted, on whichever replica; those that ended
+    # with their usage, exactly; only those under way at the kill without tokens.
+    assert requests >= reached >= sum(answered.values())
+    assert tokens == per_chat * (requests - unknown)
+    assert answered[0] > 0 and answered[1] > answered[0]  # the kill came mid-load
