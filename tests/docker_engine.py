@@ -91,10 +91,12 @@ exec docker-compose "$@"
 """
 
 
-# postgres:15-bookworm: the official entrypoint's contract, for what compose.yaml uses. On an
-# empty PGDATA: initdb with POSTGRES_USER as the superuser and POSTGRES_PASSWORD as its
-# password, scram-sha-256 for every host connection, POSTGRES_DB created on a server that
-# listens on no address while it does; then the server on all addresses. Runs as postgres.
+# postgres:15-bookworm: the official entrypoint's contract, for what compose.yaml uses. Started
+# as root: POSTGRES_PASSWORD_FILE read (as root, so a 0600 file of the host user's will do),
+# then the rest as postgres. On an empty PGDATA: initdb with POSTGRES_USER as the superuser
+# and the password as its password, scram-sha-256 for every host connection, POSTGRES_DB
+# created on a server that listens on no address while it does; then the server on all
+# addresses.
 _POSTGRES_STANDIN = f"""FROM {SERVICES_TAG}
 RUN groupmod -g 999 postgres && usermod -u 999 -g 999 postgres \\
     && mkdir -p /var/lib/postgresql/data /run/postgresql \\
@@ -102,7 +104,6 @@ RUN groupmod -g 999 postgres && usermod -u 999 -g 999 postgres \\
     && chmod 0700 /var/lib/postgresql/data && chmod 2777 /run/postgresql
 COPY entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 ENV PATH=/usr/lib/postgresql/15/bin:$PATH PGDATA=/var/lib/postgresql/data LANG=C.UTF-8
-USER postgres
 VOLUME /var/lib/postgresql/data
 EXPOSE 5432
 STOPSIGNAL SIGINT
@@ -111,6 +112,15 @@ CMD ["postgres"]
 """
 _POSTGRES_ENTRYPOINT = """#!/bin/sh
 set -eu
+if [ "$1" = postgres ] && [ "$(id -u)" = 0 ]; then
+  if [ -n "${POSTGRES_PASSWORD_FILE:-}" ]; then
+    POSTGRES_PASSWORD=$(cat "$POSTGRES_PASSWORD_FILE")
+    export POSTGRES_PASSWORD
+    unset POSTGRES_PASSWORD_FILE
+  fi
+  chown postgres:postgres "$PGDATA" && chmod 0700 "$PGDATA"
+  exec setpriv --reuid=postgres --regid=postgres --clear-groups "$0" "$@"
+fi
 if [ "$1" = postgres ]; then
   shift
   if [ ! -s "$PGDATA/PG_VERSION" ]; then
@@ -147,7 +157,8 @@ CMD ["redis-server"]
 """
 
 # nginx:stable-bookworm: the official image's nginx.conf (conf.d/*.conf inside http, logs to
-# stdout and stderr), Debian's default site gone, `nginx -g 'daemon off;'`.
+# stdout and stderr) and its default site (conf.d/default.conf, which compose.yaml's site file
+# replaces), Debian's own default site gone, `nginx -g 'daemon off;'` as root (the master).
 _NGINX_STANDIN = f"""FROM {SERVICES_TAG}
 COPY nginx.conf /etc/nginx/nginx.conf
 RUN rm -rf /etc/nginx/sites-enabled /etc/nginx/conf.d/* \\
@@ -155,8 +166,15 @@ RUN rm -rf /etc/nginx/sites-enabled /etc/nginx/conf.d/* \\
     && ln -sf /dev/stdout /var/log/nginx/access.log \\
     && ln -sf /dev/stderr /var/log/nginx/error.log
 EXPOSE 80 443
+COPY default.conf /etc/nginx/conf.d/default.conf
 STOPSIGNAL SIGQUIT
 CMD ["nginx", "-g", "daemon off;"]
+"""
+_NGINX_DEFAULT_SITE = """server {
+    listen 80;
+    server_name localhost;
+    location / { return 200 "the image's default site\\n"; }
+}
 """
 _NGINX_CONF = """user www-data;
 worker_processes auto;
@@ -180,7 +198,10 @@ http {
 STANDINS = {
     "postgres:15-bookworm": (_POSTGRES_STANDIN, {"entrypoint.sh": _POSTGRES_ENTRYPOINT}),
     "redis:7-bookworm": (_REDIS_STANDIN, {}),
-    "nginx:stable-bookworm": (_NGINX_STANDIN, {"nginx.conf": _NGINX_CONF}),
+    "nginx:stable-bookworm": (
+        _NGINX_STANDIN,
+        {"nginx.conf": _NGINX_CONF, "default.conf": _NGINX_DEFAULT_SITE},
+    ),
 }
 
 

@@ -1,19 +1,21 @@
 """The team gateway as `lmgate deploy compose` writes it, brought up for real (issue 19).
 
-On the private Docker engine (tests/docker_engine.py): the image built from packaging/Dockerfile,
-and stand-ins for the official nginx, PostgreSQL and Redis images built from Debian's own
-packages (no registry is reachable here; the engine module says what they honour). The
-project is written by the repository's own ``lmgate``, its self-signed certificate made with the
-``openssl`` line the command prints, and started with ``docker compose up -d``. The checks
-then go the way a team member's machine goes: through nginx over HTTPS on port 443, with the
-official openai SDK trusting that certificate, to the fake LM Studio on the "host" (the
-engine's namespace). ``docker compose down -v`` must leave nothing behind.
-"""
+On the private Docker engine (tests/docker_engine.py): stand-ins for the official nginx,
+PostgreSQL and Redis images built from Debian's own packages (no registry is reachable here;
+the engine module says what they honour). The README's "With Docker Compose" block runs
+verbatim: the project written by the repository's own ``lmgate``, a self-signed certificate,
+the image built as the README says, ``docker compose up -d``, a key made. The checks then go
+the way a team member's machine goes: through nginx over HTTPS on port 443, with the official
+openai SDK trusting that certificate, to the fake LM Studio on the "host" (the engine's
+namespace); and the ways round it are closed: a forged X-Forwarded-For straight to a replica,
+secrets in command lines or in the state services' environment, nginx without a certificate.
+``docker compose down -v`` must leave nothing behind."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import itertools
 import json
 import re
@@ -34,7 +36,7 @@ from tests.docker_engine import Engine, build_service_standins, services_prepare
 from tests.fake_lmstudio import Behaviour, FakeLMStudio
 from tests.helpers import REPO_ROOT
 from tests.shipping.conftest import skip_or_fail
-from tray_app.cli.deploy_compose import NGINX_ADDRESS
+from tray_app.cli.deploy_compose import EDGE_SUBNET, NGINX_ADDRESS
 
 pytestmark = pytest.mark.docker
 
@@ -43,7 +45,6 @@ REPLICAS = ("lmgate-1", "lmgate-2")
 CHUNKS, CHUNK_DELAY = 8, 0.3  # a 2.4-second answer: chunks that must arrive spread out
 ANSWER = "".join(f"tok{i} " for i in range(CHUNKS))
 RATE = 12  # requests per minute for the rate-limit check (an override file sets it)
-LMGATE = REPO_ROOT / ".venv" / "bin" / "lmgate"
 
 
 @dataclass
@@ -151,45 +152,45 @@ def _edge_addresses(engine: Engine, team_dir: Path) -> dict[str, str]:
     return addresses
 
 
+def _readme_compose_block() -> str:
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("### With Docker Compose", 1)[1].split("\n### ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    assert len(blocks) == 1, "the Compose subsection has one block of commands"
+    return str(blocks[0])
+
+
 @pytest.fixture(scope="module")
-def team(
-    engine: Engine, image: str, lmstudio: FakeLMStudio, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Team]:
+def team(engine: Engine, image: str, lmstudio: FakeLMStudio) -> Iterator[Team]:
     if not services_prepared():
         skip_or_fail("the services filesystem is not made yet: run tests/docker_prepare.sh")
     timings: dict[str, float] = {}
     started = time.monotonic()
     build_service_standins(engine)
-    engine.docker("tag", image, "lmgate")  # what compose.yaml names by default
     timings["stand-ins"] = time.monotonic() - started
 
-    directory = tmp_path_factory.mktemp("team")
-    argv = [str(LMGATE), "deploy", "compose", "--domain", DOMAIN, "--replicas", "2"]
-    wrote = subprocess.run(
-        [*argv, "--output", str(directory)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert wrote.returncode == 0, wrote.stderr
-    # The certificate with the line the command printed (its continuation joined).
-    printed = wrote.stdout.replace("\\\n", " ")
-    openssl = next(line for line in printed.splitlines() if line.strip().startswith("openssl "))
-    made = subprocess.run(shlex.split(openssl), capture_output=True, text=True, check=False)
-    assert made.returncode == 0, made.stderr
-    # Only for the rate-limit check: a low limit, on every replica alike.
-    override = "services:\n" + "".join(
-        f"  {name}:\n    environment:\n      LMGATE_LIMITS_REQUESTS_PER_MINUTE: '{RATE}'\n"
-        for name in REPLICAS
-    )
-    (directory / "rate.override.yaml").write_text(override)
+    # The README's block, verbatim, as a person's shell runs it from the repository (its
+    # ~ is the engine's home, which goes with the engine): written by this repository's
+    # lmgate, the self-signed certificate, the image built, `up -d`, a key made.
+    directory = engine.home / "lmgate-team"
     team = Team(engine, directory, {}, "")
-
     try:
         began = time.monotonic()
-        team.compose("up", "-d", timeout=300)
-        timings["up -d"] = time.monotonic() - began
+        ran = subprocess.run(
+            engine.in_netns("bash", "-euxo", "pipefail", "-c", _readme_compose_block()),
+            cwd=REPO_ROOT,
+            env=engine.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=400,
+            check=False,
+        )
+        timings["README block"] = time.monotonic() - began
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        keys = re.findall(r"^lmg_\S+$", ran.stdout, re.M)
+        assert keys, "no key was printed: " + ran.stdout
+        team.key = keys[-1]
         began = time.monotonic()
         team.replica_addresses = _edge_addresses(engine, directory)
         for name in REPLICAS:
@@ -198,9 +199,6 @@ def team(
         healthy = "https://127.0.0.1/healthz"
         _wait("nginx answering over HTTPS", functools.partial(_answers_ok, engine, healthy), 60)
         timings["ready"] = time.monotonic() - began
-        made_key = team.compose("exec", "-T", "lmgate-1", "lmgate", "key", "create", "t")
-        team.key = made_key.stdout.strip().splitlines()[-1]
-        assert team.key.startswith("lmg_"), made_key.stdout + made_key.stderr
         print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
         yield team
     except BaseException:
@@ -315,7 +313,165 @@ def test_a_key_made_on_one_replica_works_on_the_other_at_once(team: Team) -> Non
     )
 
 
+def test_a_forged_forwarded_for_straight_to_a_replica_is_not_believed(team: Team) -> None:
+    # Straight to lmgate-1 on `edge`, not through nginx: the header is not nginx's, so the
+    # replica logs the peer it really saw (the edge gateway, as the host reaches it).
+    forged = "203.0.113.9"
+    address = team.replica_addresses["lmgate-1"]
+    before = len(_model_lists(team, "lmgate-1"))
+
+    async def forge() -> int:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"http://{address}:8787/v1/models",
+                headers={"Authorization": f"Bearer {team.key}", "X-Forwarded-For": forged},
+            ) as r,
+        ):
+            return r.status
+
+    assert team.engine.loop.run(forge()) == 200
+    (line,) = _model_lists(team, "lmgate-1")[before:]
+    assert line["client"] != forged
+    gateway = str(ipaddress.IPv4Network(EDGE_SUBNET).network_address + 1)
+    assert line["client"] == gateway, line
+
+
+def _secret_values(team: Team) -> list[str]:
+    shared = (team.directory / "secrets" / "lmgate.env").read_text()
+    values = re.findall(r"^LMGATE_SECRET_\w+=(.*)$", shared, re.M)
+    database = re.search(r"//lmgate:([^@]+)@", shared)
+    cache = re.search(r"//:([^@]+)@", shared)
+    assert database and cache and len(values) == 3
+    return [*values, database[1], cache[1]]
+
+
+def test_no_secret_is_in_any_command_line_nor_in_the_state_services_environment(
+    team: Team,
+) -> None:
+    secret_values = _secret_values(team)
+    # Every process on this machine, the containers' among them: what `ps` shows anyone.
+    seen = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        seen += 1
+        assert not any(value in argv for value in secret_values), argv
+    assert seen > 10
+    # PostgreSQL reads its password from the mounted file, Redis from its config: neither
+    # environment (docker inspect) holds one.
+    for service in ("postgres", "redis", "nginx"):
+        cid = team.compose("ps", "-q", service).stdout.strip()
+        inspected = team.engine.docker("inspect", cid).stdout
+        assert not any(value in inspected for value in secret_values), service
+        assert "no-new-privileges" in inspected, service
+
+
+def test_nginx_cannot_reach_postgresql_or_redis(team: Team) -> None:
+    # nginx is on `edge` only: neither the names nor the addresses on `state` lead anywhere.
+    for service, port in (("postgres", 5432), ("redis", 6379)):
+        cid = team.compose("ps", "-q", service).stdout.strip()
+        address = team.engine.docker(
+            "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", cid
+        ).stdout.strip()
+        assert address, service
+        for target in (service, address):
+            probe = f"timeout 3 bash -c '</dev/tcp/{target}/{port}'"
+            tried = subprocess.run(
+                team.engine.in_netns(
+                    "docker", "compose", "-f", str(team.directory / "compose.yaml"),
+                    "exec", "-T", "nginx", "sh", "-c", probe,
+                ),
+                env=team.engine.env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )  # fmt: skip
+            assert tried.returncode != 0, f"nginx reached {target}:{port}"
+    # The same probe does reach a replica: the check itself works.
+    replica = "timeout 3 bash -c '</dev/tcp/lmgate-1/8787'"
+    team.compose("exec", "-T", "nginx", "sh", "-c", replica)
+
+
+def test_nginx_serves_the_acme_challenge_from_the_webroot(team: Team) -> None:
+    challenge = team.directory / "acme" / ".well-known" / "acme-challenge"
+    challenge.mkdir(parents=True)
+    (challenge / "token-1").write_text("token-1.thumbprint")
+    (challenge / "token-1").chmod(0o644)
+    for folder in (challenge, challenge.parent):
+        folder.chmod(0o755)
+
+    async def fetch() -> tuple[int, str]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                "http://127.0.0.1/.well-known/acme-challenge/token-1", headers={"Host": DOMAIN}
+            ) as r,
+        ):
+            return r.status, await r.text()
+
+    assert team.engine.loop.run(fetch()) == (200, "token-1.thumbprint")
+
+
+def test_nginx_without_a_certificate_says_where_to_put_it(team: Team) -> None:
+    tls = team.directory / "tls"
+    aside = team.directory / "tls-aside"
+    aside.mkdir()
+    team.compose("stop", "nginx")
+    try:
+        for name in ("fullchain.pem", "privkey.pem"):
+            (tls / name).rename(aside / name)
+        ran = subprocess.run(
+            team.engine.in_netns(
+                "docker", "compose", "-f", str(team.directory / "compose.yaml"),
+                "run", "--rm", "--no-deps", "-T", "nginx",
+            ),
+            env=team.engine.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )  # fmt: skip
+        assert ran.returncode == 1, ran.stdout + ran.stderr
+        said = [line for line in (ran.stdout + ran.stderr).splitlines() if "lmgate:" in line]
+        assert said == [
+            f"lmgate: no certificate: put fullchain.pem and privkey.pem in {tls} on the host "
+            "(README, With Docker Compose), then restart nginx"
+        ], ran.stdout + ran.stderr
+    finally:
+        for name in ("fullchain.pem", "privkey.pem"):
+            if (aside / name).exists():
+                (aside / name).rename(tls / name)
+        team.compose("start", "nginx")
+    _wait(
+        "nginx answering again",
+        functools.partial(_answers_ok, team.engine, "https://127.0.0.1/healthz"),
+        60,
+    )
+
+
 def test_the_rate_limit_counts_across_the_replicas(team: Team) -> None:
+    # A low limit, on every replica alike: the replicas recreated with it, and nginx restarted
+    # (it resolves their names when it starts, README).
+    override = "services:\n" + "".join(
+        f"  {name}:\n    environment:\n      LMGATE_LIMITS_REQUESTS_PER_MINUTE: '{RATE}'\n"
+        for name in REPLICAS
+    )
+    (team.directory / "rate.override.yaml").write_text(override)
+    began = time.monotonic()
+    team.compose("up", "-d", timeout=300)
+    team.compose("restart", "nginx")
+    _wait(
+        "nginx answering with the new replicas",
+        functools.partial(_answers_ok, team.engine, "https://127.0.0.1/healthz"),
+        120,
+    )
+    print(f"replicas recreated and nginx restarted in {time.monotonic() - began:.1f} s")
     made = team.compose("exec", "-T", "lmgate-1", "lmgate", "key", "create", "rate")
     key = made.stdout.strip().splitlines()[-1]
 

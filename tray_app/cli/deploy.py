@@ -21,7 +21,8 @@ from pathlib import Path
 
 from tray_app.cli.input_errors import InputError
 
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+# Matched whole (re.fullmatch): `$` alone would let a trailing newline through into the files.
+_DOMAIN = re.compile(r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +40,7 @@ class Deployment:
     replicas: tuple[str, ...] = ()
 
     def validate(self) -> Deployment:
-        if not _DOMAIN.match(self.domain.lower()):
+        if not _DOMAIN.fullmatch(self.domain.lower()):
             raise InputError(
                 "--domain", f"{self.domain!r} is not a domain name like llm.example.com"
             )

@@ -218,6 +218,11 @@ def _parser() -> argparse.ArgumentParser:
     compose.add_argument(
         "--image", default="lmgate", help="the LM Gate image (docker build -f packaging/Dockerfile)"
     )
+    compose.add_argument(
+        "--subnet",
+        default="10.87.87.0/27",
+        help="the private network of nginx and the replicas (default 10.87.87.0/27)",
+    )
     compose.add_argument("--output", type=Path, required=True, help="the project's directory")
 
     add_identity_commands(commands, common)
@@ -619,6 +624,7 @@ def main(
                 replicas=args.replicas,
                 upstream_url=args.upstream_url,
                 image=args.image,
+                subnet=args.subnet,
             )
             _, kept = deploy_compose.write(project, args.output)
             print(deploy_compose.instructions(project, args.output, kept), file=out)
