@@ -14,6 +14,7 @@ process had counted and not written is written by the next one to start on its d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -49,6 +50,12 @@ class UsageRecorder:
         self._device_last_seen: dict[str, float] = {}
         self._failing = False
         self._journal: UsageJournal | None = None
+        # Journals a write failed in: their lines stop short of what is counted here, so the
+        # next flush that saves marks them replayed (else a restart would count them again).
+        self._abandoned: list[UsageJournal] = []
+        # One flush at a time: a final flush beside a periodic one still writing would take
+        # its segments (and its batch, if that write fails) for saved.
+        self._flushing = threading.Lock()
 
     def keep_journal(self, directory: Path) -> None:
         """Journal every request under ``directory`` from now on (once per process: a
@@ -56,8 +63,15 @@ class UsageRecorder:
         before left in their journals there."""
         if self._journal is not None:
             return
-        journal = UsageJournal(directory)
-        for orphan in orphans(directory, mine=journal.journal_id):
+        try:
+            journal = UsageJournal(directory)
+            found = list(orphans(directory, mine=journal.journal_id))
+        # A data directory that cannot hold it (read-only, another user's) must not keep the
+        # gateway from starting: it counts in memory, as it did before journals.
+        except OSError as exc:
+            log.error("no usage journal can be kept, usage is kept in memory: %s", exc)
+            return
+        for orphan in found:
             try:
                 self._replay(orphan)
             # The database may be down as the gateway starts (a replica's PostgreSQL): the
@@ -69,24 +83,26 @@ class UsageRecorder:
                     "will be at the next start: %s",
                     _describe(exc),
                 )
-        self._journal = journal
+        with self._lock:
+            self._journal = journal
 
     def close(self) -> None:
         """No more requests: the journal is closed, and removed if everything it holds is
         saved (else the next start writes it)."""
-        with self._lock:
+        with self._flushing, self._lock:
             journal, self._journal = self._journal, None
             saved = not self._pending and not self._writing
-        if journal is not None:
-            journal.close(saved=saved)
+        if journal is not None and journal.close(saved=saved):
+            with contextlib.suppress(Exception):  # a row left is harmless: nothing replays it
+                self._db.forget_meta(META_PREFIX + journal.journal_id)
 
     def begin(self, principal: str) -> int | None:
         """A request of ``principal``'s is under way: its line in the journal, to pass to
         :meth:`record` (None without a journal)."""
-        journal = self._journal
-        if journal is None:
-            return None
         with self._lock:
+            journal = self._journal
+            if journal is None:
+                return None
             try:
                 return journal.begun(principal, self._clock.time())
             except OSError as exc:
@@ -141,6 +157,10 @@ class UsageRecorder:
 
     def flush(self) -> bool:
         """Write what was counted; False (and kept for the next try) if the write failed."""
+        with self._flushing:
+            return self._flush()
+
+    def _flush(self) -> bool:
         with self._lock:
             if not self._pending:
                 return True
@@ -148,20 +168,23 @@ class UsageRecorder:
             self._writing = batch
             keys, self._key_last_used = self._key_last_used, {}
             devices, self._device_last_seen = self._device_last_seen, {}
-            journal, mark = self._journal, None
+            journal, marks, below = self._journal, [], 0
             if journal is not None:
                 try:
-                    mark = (META_PREFIX + journal.journal_id, str(journal.rotate()))
+                    through, below = journal.rotate()
+                    marks.append((META_PREFIX + journal.journal_id, str(through)))
                 except OSError as exc:
                     self._journal_failed(exc)
                     journal = None
+            abandoned = list(self._abandoned)
+            marks += [(META_PREFIX + a.journal_id, REPLAYED) for a in abandoned]
         rows = [
             UsageRow(p, c.requests, c.prompt_tokens, c.completion_tokens, c.last_seen, hour)
             for (p, hour), c in batch.items()
         ]
         try:
             self._db.add_usage(
-                rows, key_last_used=keys, device_last_seen=devices, journal_mark=mark
+                rows, key_last_used=keys, device_last_seen=devices, journal_marks=marks
             )
         # Not only StorageError: a value SQLite refuses (OverflowError) or any other surprise
         # must not lose every principal's usage in the batch, nor end the periodic flush.
@@ -177,7 +200,12 @@ class UsageRecorder:
             self._writing = {}
             recovered, self._failing = self._failing, False
         if journal is not None:
-            journal.written()
+            journal.written(below)
+        for old in abandoned:
+            self._abandoned.remove(old)
+            if old.retire():
+                with contextlib.suppress(Exception):  # a row left is harmless
+                    self._db.forget_meta(META_PREFIX + old.journal_id)
         if recovered:
             log.info("usage is saved again")
         return True
@@ -196,7 +224,7 @@ class UsageRecorder:
             ]
             # Under way when the process ended: counted as requests, their tokens unknown.
             rows += [UsageRow(u.principal, 1, 0, 0, u.at, _hour(u.at)) for u in orphan.unfinished]
-            self._db.add_usage(rows, journal_mark=(key, REPLAYED))
+            self._db.add_usage(rows, journal_marks=[(key, REPLAYED)])
             saved_now = len(rows) - len(orphan.unfinished)
             if saved_now:
                 log.info(
@@ -212,13 +240,19 @@ class UsageRecorder:
                 )
         if orphan.torn:
             log.warning("%d lines of a usage journal could not be read", orphan.torn)
-        orphan.discard()
-        self._db.forget_meta(key)
+        # The mark goes only with the journal: one left behind (a file that cannot be
+        # removed) must find it at the next start, or it would be counted again.
+        if orphan.discard():
+            self._db.forget_meta(key)
 
     def _journal_failed(self, exc: OSError) -> None:
         # Counting goes on in memory; only a crash before the next flush would lose it now.
+        # Under the lock.
         log.error("the usage journal could not be written, usage is kept in memory: %s", exc)
-        self._journal = None
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            journal.abandon()
+            self._abandoned.append(journal)
 
     def _keep(
         self,

@@ -353,11 +353,11 @@ class Database:
         key_last_used: Mapping[str, float] | None = None,
         device_last_seen: Mapping[str, float] | None = None,
         *,
-        journal_mark: tuple[str, str] | None = None,
+        journal_marks: Iterable[tuple[str, str]] = (),
     ) -> None:
         """Add counted usage, and when keys and devices were last used, in one transaction:
         either all of it is written or none (a retry must not count anything twice).
-        ``journal_mark`` (meta key, value): how far the usage journal is in the database, set
+        ``journal_marks`` (meta key, value): how far usage journals are in the database, set
         in the same transaction, so a replay after a crash adds only what is not."""
         # In key order: two flushes writing the same rows at once (replicas sharing a
         # database) then lock them in the same order and cannot deadlock.
@@ -411,12 +411,11 @@ class Database:
                 "UPDATE devices SET last_seen = ? WHERE id = ?",
                 [(t, d) for d, t in sorted((device_last_seen or {}).items())],
             )
-            if journal_mark is not None:
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES (?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    journal_mark,
-                )
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                list(journal_marks),
+            )
 
     def forget_meta(self, key: str) -> None:
         with self.transaction() as conn:

@@ -15,7 +15,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,6 +70,13 @@ def killed_child(home: Path, flushed: int, unflushed: int, running: int) -> None
         child.send_signal(signal.SIGKILL)
         child.wait(10)
         child.stdout.close()
+
+
+def disk_full(fd: int) -> None:
+    """Every write to ``fd`` from now on fails as on a full disk (ENOSPC)."""
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, fd)
+    os.close(full)
 
 
 def expected(requests: int) -> dict[str, tuple[int, int, int]]:
@@ -171,7 +181,7 @@ def test_a_replay_cut_short_after_its_commit_is_not_counted_twice(tmp_path: Path
     (orphan_dir,) = (tmp_path / "data" / "usage-journal").iterdir()
     db = Database.in_directory(tmp_path / "data")
     # As if a replay had committed and died before removing the journal.
-    db.add_usage([], journal_mark=(META_PREFIX + orphan_dir.name, REPLAYED))
+    db.add_usage([], journal_marks=[(META_PREFIX + orphan_dir.name, REPLAYED)])
     _, db = next_start(tmp_path)
     assert stored(db) == {}
     assert not orphan_dir.exists()
@@ -223,7 +233,7 @@ def test_a_journal_that_cannot_be_written_leaves_counting_in_memory(
     recorder.keep_journal(tmp_path / "journal")
     journal = recorder._journal
     assert journal is not None
-    os.close(journal._fd)  # the file gone bad under it (a full disk answers alike)
+    disk_full(journal._fd)
     with caplog.at_level(logging.ERROR, logger="lmgate.accounting"):
         recorder.record("key:a", Usage(1, 2), recorder.begin("key:a"))
     assert "the usage journal could not be written" in caplog.text
@@ -296,7 +306,7 @@ def test_a_journal_gone_at_the_end_of_a_request_or_at_a_flush_leaves_counting_in
     journal = recorder._journal
     assert journal is not None
     begun = recorder.begin("key:a")
-    os.close(journal._fd)
+    disk_full(journal._fd)
     with caplog.at_level(logging.ERROR, logger="lmgate.accounting"):
         recorder.record("key:a", Usage(1, 2), begun)
     assert "the usage journal could not be written" in caplog.text
@@ -369,3 +379,134 @@ def test_closing_removes_a_journal_with_everything_saved_and_keeps_one_without(
     assert stored(db2) == {"key:a": (1, 1, 2), "key:b": (1, 3, 4)}
     db2.close()
     db.close()
+
+
+def test_a_write_that_failed_is_not_counted_again_at_the_next_start(tmp_path: Path) -> None:
+    # The journal stopped at the failure; what it holds is saved by the next flush, which
+    # marks it replayed, so the next start adds nothing.
+    recorder, db = next_start(tmp_path)
+    recorder.record("key:a", Usage(10, 5), recorder.begin("key:a"))
+    running = recorder.begin("key:a")  # under way when the disk fills
+    journal = recorder._journal
+    assert journal is not None
+    disk_full(journal._fd)
+    recorder.record("key:a", Usage(10, 5), recorder.begin("key:a"))
+    recorder.record("key:a", Usage(1, 1), running)
+    assert recorder.flush()
+    assert stored(db) == {"key:a": (3, 21, 11)}
+    assert not journal.directory.exists()
+    recorder.close()
+    db.close()
+    _, db = next_start(tmp_path)
+    assert stored(db) == {"key:a": (3, 21, 11)}
+    db.close()
+
+
+def test_a_write_failure_before_any_save_is_replayed_by_the_next_start(tmp_path: Path) -> None:
+    # Killed before the flush that would have saved it: its lines up to the failure are the
+    # next start's to save.
+    recorder, db = next_start(tmp_path)
+    recorder.record("key:a", Usage(10, 5), recorder.begin("key:a"))
+    journal = recorder._journal
+    assert journal is not None
+    disk_full(journal._fd)
+    recorder.record("key:a", Usage(10, 5), recorder.begin("key:a"))
+    journal.close(saved=False)  # the process ends: its lock goes, its files stay
+    _, db2 = next_start(tmp_path)
+    assert stored(db2) == {"key:a": (1, 10, 5)}  # the line it wrote; the rest died with it
+    db2.close()
+    db.close()
+
+
+def test_a_failed_replay_and_its_release_close_the_lock_once(tmp_path: Path) -> None:
+    journal = UsageJournal(tmp_path)
+    journal.ended("key:a", 1.0, 1, 2, None)
+    journal.close(saved=False)
+    (orphan,) = orphans(tmp_path)
+    assert orphan.discard()
+    orphan.release()  # again: does nothing (the number may be another file's now)
+
+
+def test_a_data_directory_that_cannot_hold_a_journal_leaves_the_gateway_counting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "journal").write_text("not a directory")
+    db = Database.in_directory(tmp_path / "data")
+    recorder = UsageRecorder(db, SystemClock())
+    with caplog.at_level(logging.ERROR, logger="lmgate.accounting"):
+        recorder.keep_journal(tmp_path / "journal")
+    assert "no usage journal can be kept" in caplog.text
+    assert recorder.begin("key:a") is None
+    recorder.record("key:a", Usage(1, 2))
+    assert recorder.flush()
+    assert stored(db) == {"key:a": (1, 1, 2)}
+    db.close()
+
+
+def test_a_journal_being_made_and_a_planted_link_are_never_replayed(tmp_path: Path) -> None:
+    elsewhere = UsageJournal(tmp_path / "elsewhere")
+    elsewhere.ended("key:victim", 1.0, 10**6, 0, None)
+    elsewhere.close(saved=False)
+    journals = tmp_path / "data" / "usage-journal"
+    journals.mkdir(parents=True)
+    (journals / "planted").symlink_to(elsewhere.directory)
+    making = UsageJournal(tmp_path / "making")
+    making.ended("key:victim", 1.0, 10**6, 0, None)
+    making.close(saved=False)
+    making.directory.rename(journals / ".abc")  # as if its process were still making it
+    _, db = next_start(tmp_path)
+    assert stored(db) == {}
+    assert sorted(p.name for p in elsewhere.directory.iterdir()) == ["00000001.journal", "lock"]
+    db.close()
+
+
+class SlowDatabase(Database):
+    """A database whose usage writes take a while: a flush still writing when the next
+    flush comes."""
+
+    def add_usage(self, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.3)
+        super().add_usage(*args, **kwargs)
+
+
+def test_a_flush_beside_one_still_writing_waits_for_it(tmp_path: Path) -> None:
+    db = SlowDatabase.in_directory(tmp_path / "data")
+    recorder = UsageRecorder(db, SystemClock())
+    recorder.keep_journal(tmp_path / "data" / "usage-journal")
+    recorder.record("key:first", Usage(1, 1), recorder.begin("key:first"))
+    writing = threading.Thread(target=recorder.flush)
+    writing.start()
+    time.sleep(0.1)  # the first flush is in its database write
+    recorder.record("key:second", Usage(2, 2), recorder.begin("key:second"))
+    assert recorder.flush()  # the final one, at shutdown
+    writing.join()
+    recorder.close()
+    assert stored(db) == {"key:first": (1, 1, 1), "key:second": (1, 2, 2)}
+    assert list((tmp_path / "data" / "usage-journal").iterdir()) == []
+    assert db.query("SELECT key FROM meta WHERE key LIKE 'usage-journal:%'") == []
+    db.close()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b'1 d "k" 1.0 -5 2 0', b'1 d "k" 1.0 5 +2 0', b'-1 b "k" 1.0', b'1 d "k" 1.0 5 2 0x1'],
+)
+def test_a_count_that_is_not_a_plain_decimal_is_not_believed(tmp_path: Path, line: bytes) -> None:
+    journal = UsageJournal(tmp_path)
+    os.write(journal._fd, line + b"\n")
+    journal.close(saved=False)
+    (orphan,) = orphans(tmp_path)
+    assert (orphan.ended, orphan.unfinished, orphan.torn) == ((), (), 1)
+    orphan.discard()
+
+
+def test_a_last_line_cut_short_is_not_believed(tmp_path: Path) -> None:
+    journal = UsageJournal(tmp_path)
+    begun = journal.begun("key:a", 1.0)
+    os.write(journal._fd, b'2 d "key:a" 1.0 5 5 %d' % begun)  # no end of line: cut short
+    journal.close(saved=False)
+    (orphan,) = orphans(tmp_path)
+    assert orphan.ended == ()
+    assert [u.seq for u in orphan.unfinished] == [begun]
+    assert orphan.torn == 1
+    orphan.discard()
