@@ -93,12 +93,15 @@ async def several() -> AsyncIterator[RigFactory]:
     async def make(
         *behaviours: Behaviour,
         weights: tuple[int, ...] = (),
+        enabled: tuple[bool, ...] = (),
         urls: Mapping[int, str] | None = None,
+        stored: Mapping[str, str] | None = None,
         wait: bool = True,
         **settings: Any,
     ) -> Rig:
         """One fake per behaviour; ``urls`` puts another server in a fake's place (by index:
-        the fake still runs, nothing is sent to it); ``wait``: until every upstream is up."""
+        the fake still runs, nothing is sent to it); ``stored``: more secret-store entries;
+        ``wait``: until every upstream is up."""
         fakes = []
         tokens = {}
         for index, behaviour in enumerate(behaviours):
@@ -111,7 +114,10 @@ async def several() -> AsyncIterator[RigFactory]:
             fakes.append(fake)
         entries = tuple(
             UpstreamEntry(
-                NAMES[i], (urls or {}).get(i, fake.url), weight=(weights[i] if weights else 1)
+                NAMES[i],
+                (urls or {}).get(i, fake.url),
+                weight=(weights[i] if weights else 1),
+                enabled=(enabled[i] if enabled else True),
             )
             for i, fake in enumerate(fakes)
         )
@@ -124,7 +130,7 @@ async def several() -> AsyncIterator[RigFactory]:
             upstreams=entries,
             **settings,
         )
-        store = MemorySecretStore(tokens)
+        store = MemorySecretStore({**tokens, **(stored or {})})
         gateway = Gateway(
             config,
             KeysAuthenticator(),

@@ -5,6 +5,7 @@ status and the headers that go with it."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from typing import Any
 
@@ -265,22 +266,42 @@ class TestErrorsOverSockets:
         )
 
 
-async def test_upstream_unreachable(start_gateway: GatewayFactory) -> None:
+UNREACHABLE = (
+    "LM Studio is not reachable. Start its server (LM Studio → Developer → Start Server, or "
+    "`lms server start`) and check that LM Gate's upstream.url matches (LM Gate's log names "
+    "the address it tried)."
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/v1/models", b""),
+        ("GET", "/v1/models/m", b""),
+        ("POST", "/v1/chat/completions", b'{"model": "m", "messages": []}'),
+        ("POST", "/v1/chat/completions", b'{"model": "m", "messages": [], "stream": true}'),
+    ],
+)
+async def test_upstream_unreachable_names_no_address(
+    start_gateway: GatewayFactory,
+    method: str,
+    path: str,
+    body: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The owner's LAN addresses are not the caller's business: the log has it, not the answer.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
     server = await start_gateway(upstream_url=closed)
-    auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
-    answer = await send(server.port, "GET", "/v1/models", auth)
-    assert_error(
-        answer,
-        502,
-        "upstream_error",
-        "upstream_unreachable",
-        None,
-        f"LM Studio is not reachable at {closed}. Start its server (LM Studio → Developer → "
-        "Start Server, or `lms server start`) and check that LM Gate's upstream.url matches.",
-    )
+    auth = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
+    with caplog.at_level(logging.WARNING, logger="lmgate.upstreams"):
+        answer = await send(server.port, method, path, auth, body)
+    if b'"stream": true' in body and answer.status == 200:
+        assert closed not in answer.body.decode() and UNREACHABLE in answer.body.decode()
+    else:
+        assert_error(answer, 502, "upstream_error", "upstream_unreachable", None, UNREACHABLE)
+    assert f"upstream local at {closed} failed: nothing accepts connections there" in caplog.text
 
 
 async def test_headers_too_large_on_the_raw_socket(start_gateway: GatewayFactory) -> None:

@@ -9,14 +9,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 
-from tests.fake_lmstudio import Behaviour
-from tests.several_upstreams import ALICE, Rig, RigFactory, chat, get, several
-from tray_app.config.upstreams import LOCAL
+from tests.fake_lmstudio import Behaviour, FakeLMStudio
+from tests.several_upstreams import (
+    ALICE,
+    KeysAuthenticator,
+    Rig,
+    RigFactory,
+    chat,
+    get,
+    several,
+)
+from tray_app.config.settings import Config
+from tray_app.config.upstreams import LOCAL, UpstreamEntry, server_identity, token_secret_name
+from tray_app.gateway.app import Gateway
+from tray_app.gateway.server.runner import GatewayServer
+from tray_app.secret_store.base import MemorySecretStore
+from tray_app.secret_store.upstream_tokens import binding_name, fingerprint
 
 __all__ = ["several"]  # the fixture
 
@@ -215,3 +229,76 @@ class TestAListThatCannotBeReadDrawsNothing:
             assert (status, body["data"]) == (200, [])
         else:
             assert (status, body["error"]["code"]) == (503, "upstream_unreachable")
+
+
+class TestATokenGoesOnlyToTheServerItWasGivenFor:
+    """A name outlives its machine: a table removed by hand leaves its token in the store, and
+    a table added by hand under that name, for another machine, must not be sent it."""
+
+    async def test_an_old_machine_s_token_is_not_sent_to_a_new_one_of_its_name(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        old_machine = "http://10.9.9.9:1234"
+        local, new_desk = (
+            FakeLMStudio(Behaviour(models=("a",))),
+            FakeLMStudio(Behaviour(models=("b",))),
+        )
+        await local.start()
+        await new_desk.start()
+        store = MemorySecretStore(
+            {
+                token_secret_name("desk"): "sk-old-machine",
+                binding_name("desk"): f"{old_machine} {fingerprint('sk-old-machine')}",
+            }
+        )
+        config = Config(
+            server_host="127.0.0.1",
+            server_port=0,
+            upstream_url=local.url,
+            upstreams=(UpstreamEntry(LOCAL, local.url), UpstreamEntry("desk", new_desk.url)),
+            streaming_heartbeat_interval=0.0,
+        )
+        server = GatewayServer(Gateway(config, KeysAuthenticator(), secrets=store))
+        caplog.set_level(logging.WARNING, logger="lmgate.gateway")
+        await server.start()
+        try:
+            rig = Rig([local, new_desk], server, store)
+            await rig.all_up()
+            assert (await chat(rig, "b"))[0] == 200
+            await rig.gateway.health.check_all()  # each probe reads the store again
+            assert (await chat(rig, "b", stream=True))[0] == 200
+        finally:
+            await server.stop()
+            await local.stop()
+            await new_desk.stop()
+        seen = {r.headers.get("Authorization") for r in [*new_desk.received, *new_desk.native]}
+        assert seen == {None}
+        told = [r.getMessage() for r in caplog.records]
+        assert sum("lmgate secret set upstream-token-desk" in m for m in told) == 1  # once
+        assert all("sk-old-machine" not in m for m in told)
+
+    async def test_an_unbound_token_is_bound_where_first_sent_and_a_new_one_follows_its_name(
+        self, several: RigFactory
+    ) -> None:
+        rig = await several(Behaviour(models=("a-only",)), Behaviour(models=("b-only",)))
+        desk_token = rig.store.get(token_secret_name("desk"))
+        assert desk_token is not None
+        assert rig.store.get(binding_name("desk")) == (
+            f"{server_identity(rig.fakes[1].url)} {fingerprint(desk_token)}"
+        )
+        assert rig.store.get(binding_name(LOCAL)) is None  # lmstudio-api-token is not bound
+        assert (await chat(rig, "b-only"))[0] == 200
+        # Moved by hand to another address with the same token: not sent there.
+        rig.store.set(binding_name("desk"), f"http://10.9.9.9:1234 {fingerprint(desk_token)}")
+        await rig.gateway.health.check_all()
+        assert rig.states()["desk"] == "down"
+        status, body = await chat(rig, "b-only")
+        assert (status, body["error"]["code"]) == (503, "upstream_unreachable")
+        # The owner stores this server's token (`lmgate secret set upstream-token-desk`).
+        rig.fakes[1].behaviour.require_token = "sk-desk-new"
+        rig.store.set(token_secret_name("desk"), "sk-desk-new")
+        await rig.until(lambda: rig.states()["desk"] == "up", within=15)
+        assert (await chat(rig, "b-only"))[0] == 200
+        assert rig.store.get(binding_name("desk")) == (
+            f"{server_identity(rig.fakes[1].url)} {fingerprint('sk-desk-new')}"
+        )

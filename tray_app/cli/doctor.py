@@ -20,21 +20,33 @@ from tray_app.config.settings import (
     default_config_path,
     load_config,
 )
-from tray_app.config.upstreams import LOCAL, UpstreamEntry, token_secret_name
+from tray_app.config.upstreams import (
+    LOCAL,
+    TOKEN_SECRET_PREFIX,
+    UpstreamEntry,
+    token_secret_name,
+)
 from tray_app.control.assembly import data_dir, secret_store_for
 from tray_app.errors import ConfigError, SecretStoreError, TunnelError
 from tray_app.gateway.server.identify import lmgate_listens
 from tray_app.gateway.server.runner import port_is_free
 from tray_app.gateway.upstream.probe import probe_lmstudio
 from tray_app.paths import user_log_dir
-from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
+from tray_app.secret_store.base import (
+    LMSTUDIO_API_TOKEN,
+    ListingSecretStore,
+    SecretStore,
+    read_or_none,
+)
 from tray_app.secret_store.keyring_store import FileSecretStore, KeyringSecretStore
+from tray_app.secret_store.upstream_tokens import TokenRead, read_token
 from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN, check_token_shape
 from tray_app.tunnel.ngrok_agent import SHIM, candidates, find_agent, is_pyngrok_shim
 
 PROBE_SECONDS = 5.0
 MAX_CLOCK_SKEW = 120.0  # tokens carry times; a clock this far off breaks them
 EARLIEST_SANE = 1_735_689_600  # 2025-01-01: a clock before this is surely wrong
+LEFT_TOKENS = "removed upstreams' tokens"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +147,10 @@ async def _upstream(entry: UpstreamEntry, store: SecretStore | None) -> Check:
     name, url = f"upstream {entry.name}", entry.url
     if not entry.enabled:
         return Check(name, True, f"{url}: disabled, not asked")
-    token = read_or_none(store, token_secret_name(entry.name))
+    read = _token_read(store, entry)
+    if read.refused is not None:
+        return Check(name, False, read.refused)
+    token = read.token
     probe = await probe_lmstudio(url, token, within=PROBE_SECONDS)
     if not probe.answered:
         return Check(
@@ -157,6 +172,53 @@ async def _upstream(entry: UpstreamEntry, store: SecretStore | None) -> Check:
         return Check(name, False, f"reachable at {url}, but it offers no model: load one there")
     count = len(probe.models)
     return Check(name, True, f"reachable at {url}, {count} model{'' if count == 1 else 's'}")
+
+
+def _token_read(store: SecretStore | None, entry: UpstreamEntry) -> TokenRead:
+    if store is None:
+        return TokenRead(None)
+    try:
+        return read_token(store, entry.name, entry.url)
+    except SecretStoreError:
+        return TokenRead(None)
+
+
+def _left_tokens(config: Config, store: SecretStore | None) -> list[Check]:
+    """Tokens of upstreams no longer configured (a table removed by hand): each is bound to
+    its server, so none is sent elsewhere, but the owner should know they are there."""
+    if store is None:
+        return []
+    if not isinstance(store, ListingSecretStore):
+        return [
+            Check(
+                LEFT_TOKENS,
+                True,
+                "not checked for tokens of removed upstreams: the OS keyring cannot list "
+                "its entries",
+            )
+        ]
+    try:
+        names = store.names()
+    except (OSError, SecretStoreError) as exc:
+        return [Check(LEFT_TOKENS, True, f"not checked: the store cannot be listed ({exc})")]
+    configured = {entry.name for entry in config.all_upstreams}
+    left = [
+        name
+        for name in names
+        if name.startswith(TOKEN_SECRET_PREFIX)
+        and name.removeprefix(TOKEN_SECRET_PREFIX) not in configured
+    ]
+    if not left:
+        return []  # the common case: no line for it
+    deletes = " and ".join(f"`lmgate secret delete {name}`" for name in left)
+    return [
+        Check(
+            LEFT_TOKENS,
+            False,
+            f"{', '.join(left)} belong{'s' if len(left) == 1 else ''} to no configured "
+            f"upstream (a table removed by hand?): {deletes}",
+        )
+    ]
 
 
 def _clock(date_header: str | None) -> Check:
@@ -259,6 +321,7 @@ async def run_checks(
         secrets_check,
         *(await _lmstudio(config, store)),
         *(await _other_upstreams(config, store)),
+        *_left_tokens(config, store),
         *_ngrok(config, store),
         await _port(config),
         _places(config),

@@ -25,11 +25,12 @@ from tray_app.config.upstream_edit import ensure_new_server, ensure_unused, new_
 from tray_app.config.upstreams import WEIGHT_MAX, token_secret_name
 from tray_app.control.assembly import secret_store_for
 from tray_app.control.upstream_changes import add_with_token, remove_with_token
-from tray_app.errors import ConfigError
+from tray_app.errors import ConfigError, SecretStoreError
 from tray_app.gateway.upstream.health import probe_once
 from tray_app.gateway.upstream.pool import UpstreamSpec
 from tray_app.logs import printable_list
 from tray_app.secret_store.base import SecretStore, read_or_none
+from tray_app.secret_store.upstream_tokens import TokenRead, read_token
 
 EXIT_OK = 0
 EXIT_DOWN = 1
@@ -125,11 +126,22 @@ def _add(args: argparse.Namespace, path: Path, load: Callable[[], Config], out: 
 
 
 def _remove(name: str, path: Path, load: Callable[[], Config], out: IO[str]) -> int:
-    had_token = remove_with_token(path, name, _store_or_none(load()))
+    store = _store_or_none(load())
+    had_token = remove_with_token(path, name, store)
     print(
         f"Removed upstream {name}{' and its token' if had_token else ''}. {RESTART_NOTE}",
         file=out,
     )
+    secret = token_secret_name(name)
+    if store is None or read_or_none(store, secret) is not None:
+        # A token left behind would be sent to whatever machine takes the name next, were it
+        # not bound to its server: still, the owner should not have to find it by chance.
+        why = "the secret store could not be opened" if store is None else "it could not be deleted"
+        print(
+            f"Warning: {why}, so a token stored as {secret}, if any, was kept; delete it with "
+            f"`lmgate secret delete {secret}` once the store works.",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -139,12 +151,16 @@ async def _test(config: Config, only: str | None, out: IO[str]) -> int:
         raise ValueError(f"no upstream is named {only!r} (`lmgate upstream list` shows them)")
     store = _store_or_none(config)
     specs = [UpstreamSpec(e.name, e.url, e.weight, True) for e in entries]
+    reads = {e.name: _token_read(store, e.name, e.url) for e in entries}
 
     def token_of(name: str) -> str | None:
-        return None if store is None else read_or_none(store, token_secret_name(name))
+        return reads[name].token
 
     down = False
     for view in await probe_once(specs, token_of, SystemClock()):
+        refused = reads[view.name].refused
+        if refused is not None:
+            print(f"{view.name}: its token is not sent: {refused}", file=out)
         if view.up:
             loaded = f", loaded: {printable_list(view.loaded)}" if view.loaded else ""
             print(f"{view.name}: up, {len(view.models)} models{loaded}", file=out)
@@ -167,6 +183,15 @@ def _store_or_none(config: Config) -> SecretStore | None:
         return secret_store_for(config)
     except Exception:  # listing and testing work without the store; they say "?"
         return None
+
+
+def _token_read(store: SecretStore | None, name: str, url: str) -> TokenRead:
+    if store is None:
+        return TokenRead(None)
+    try:
+        return read_token(store, name, url)
+    except SecretStoreError:
+        return TokenRead(None)
 
 
 def _token_word(store: SecretStore, name: str) -> str:

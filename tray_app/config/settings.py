@@ -37,6 +37,7 @@ from tray_app.config.upstreams import (
 from tray_app.config.upstreams import (
     LOCAL,
     UpstreamEntry,
+    check_distinct_servers,
     check_name,
     is_upstream_key,
     parse_upstreams,
@@ -598,6 +599,9 @@ def load_config(
     local_url = values.get("upstream_url") or Config().upstream_url
     upstreams = parse_upstreams(tables, local_url, str(path)) if tables else ()
     config = Config(**values, upstreams=upstreams)
+    # Here, once: every way an address gets in (tables, upstream.url, its environment variable,
+    # `serve --upstream`) ends up in this list.
+    check_distinct_servers(config.all_upstreams, str(path))
     check_combinations(config)
     return config
 

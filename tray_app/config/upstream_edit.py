@@ -8,13 +8,11 @@ the secret store under ``token_secret_name(name)``.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import tempfile
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from tray_app.config.files import read_config_file
 from tray_app.config.settings import dump_settings
@@ -24,6 +22,7 @@ from tray_app.config.upstreams import (
     PREFIX,
     UpstreamEntry,
     check_name,
+    server_identity,
     upstream_keys,
 )
 
@@ -57,27 +56,11 @@ def ensure_new_server(entry: UpstreamEntry, configured: Iterable[UpstreamEntry])
     under two names would get twice its generation slots and two model guards that cannot
     see each other's answers (the eviction the guard exists to prevent)."""
     for other in configured:
-        if other.name != entry.name and _server(other.url) == _server(entry.url):
+        if other.name != entry.name and server_identity(other.url) == server_identity(entry.url):
             raise ValueError(
                 f"{entry.url} is the server upstream {other.name!r} is already "
                 f"({other.url}): one machine is one upstream"
             )
-
-
-def _server(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower().rstrip(".")
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        if host == "localhost":
-            host = "loopback"
-    else:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        host = "loopback" if address.is_loopback or address.is_unspecified else str(address)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.scheme, host, port
 
 
 def _table_keys(flat: dict[str, object], name: str) -> list[str]:

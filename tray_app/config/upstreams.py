@@ -19,10 +19,12 @@ secret store (see :func:`token_secret_name`).
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from tray_app.config import parsers as p
 from tray_app.errors import ConfigError
@@ -117,6 +119,50 @@ def parse_upstreams(
             )
         entries.append(UpstreamEntry(name, **fields))
     return tuple(entries)
+
+
+def server_identity(url: str) -> str:
+    """The server ``url`` reaches, as ``scheme://host:port`` (the default port spelled out,
+    every loopback address one host, an IPv4-mapped IPv6 address its IPv4 one): two URLs with
+    the same identity are one machine."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower().rstrip(".")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if host == "localhost":
+            host = "loopback"
+    else:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        host = "loopback" if address.is_loopback or address.is_unspecified else str(address)
+        if ":" in host:
+            host = f"[{host}]"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def check_distinct_servers(entries: Iterable[UpstreamEntry], source: str) -> None:
+    """ConfigError naming both upstreams if two enabled ones are one server, however the
+    file, upstream.url, its environment variable or ``serve --upstream`` spelled them: one
+    machine under two names would get twice its generation slots and two model guards that
+    cannot see each other's answers (the eviction the guard exists to prevent). A switched-off
+    one is sent nothing, so it may keep a machine's address for later."""
+    seen: dict[str, UpstreamEntry] = {}
+    for entry in entries:
+        if not entry.enabled:
+            continue
+        server = server_identity(entry.url)
+        other = seen.setdefault(server, entry)
+        if other is not entry:
+            # local comes first: the second of the two is always a table.
+            raise ConfigError(
+                f"{PREFIX}{entry.name}.url",
+                f"{entry.url} is the server upstream {other.name!r} is already ({other.url}): "
+                "one machine is one upstream; remove one of them or switch it off "
+                "(enabled = false)",
+                source,
+            )
 
 
 def upstream_keys(entry: UpstreamEntry) -> dict[str, object]:

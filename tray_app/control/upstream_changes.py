@@ -15,6 +15,7 @@ from tray_app.config import upstream_edit
 from tray_app.config.upstreams import UpstreamEntry, token_secret_name
 from tray_app.errors import LMGateError
 from tray_app.secret_store.base import SecretStore, read_or_none
+from tray_app.secret_store.upstream_tokens import bind_token, forget_binding
 
 
 def add_with_token(
@@ -36,8 +37,11 @@ def add_with_token(
         if store is None:
             raise LMGateError("no secret store can keep the token; nothing was changed")
         store.set(secret, token)
+        # Given for this server: sent to no other one that takes the name later.
+        bind_token(store, entry.name, entry.url, token)
     elif store is not None:
         forgot = forget_token(store, secret)
+        forget_binding(store, entry.name)
     upstream_edit.add_upstream(path, entry, configured)
     return forgot
 
@@ -46,7 +50,10 @@ def remove_with_token(path: Path, name: str, store: SecretStore | None) -> bool:
     """Take ``name``'s table out of the file at ``path`` and forget its token; whether it
     had one."""
     upstream_edit.remove_upstream(path, name)
-    return store is not None and forget_token(store, token_secret_name(name))
+    if store is None:
+        return False
+    forget_binding(store, name)
+    return forget_token(store, token_secret_name(name))
 
 
 def forget_token(store: SecretStore, secret: str) -> bool:

@@ -756,11 +756,35 @@ def conversation_not_found() -> ApiError:
 # ---- LM Studio ------------------------------------------------------------------------------
 
 
-def upstream_unreachable(upstream_url: str) -> ApiError:
+def upstream_unreachable() -> ApiError:
+    """What a caller is told when the one upstream cannot be reached: never its address (the
+    owner's LAN is not the caller's business; LM Gate's log and the tray name it)."""
+    return _upstream(
+        "LM Studio is not reachable. Start its server (LM Studio → Developer → Start Server, "
+        "or `lms server start`) and check that LM Gate's upstream.url matches (LM Gate's log "
+        "names the address it tried).",
+        "upstream_unreachable",
+    )
+
+
+def upstream_unreachable_at(upstream_url: str) -> ApiError:
+    """The owner's own commands' wording (warm-up), with the address: a caller is never
+    given it (the forwarder answers upstream_unreachable or no_upstream instead)."""
     return _upstream(
         f"LM Studio is not reachable at {upstream_url}. Start its server (LM Studio → Developer → "
         "Start Server, or `lms server start`) and check that LM Gate's upstream.url matches.",
         "upstream_unreachable",
+    )
+
+
+def no_upstream_enabled() -> ApiError:
+    """Every configured upstream is switched off (``enabled = false``): nothing is sent
+    anywhere, and waiting does not help until the owner switches one on."""
+    return ApiError(
+        503,
+        "LM Gate's owner has switched off every model server it sends requests to; tell the owner.",
+        type=UPSTREAM,
+        code="upstream_disabled",
     )
 
 

@@ -27,7 +27,6 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from tray_app.clock import Clock, SystemClock
 from tray_app.config.settings import Config
-from tray_app.config.upstreams import token_secret_name
 from tray_app.errors import AuthError, StorageError
 from tray_app.gateway import api_errors as errors
 from tray_app.gateway.accounting import UsageRecorder
@@ -73,6 +72,7 @@ from tray_app.identity.pairing import PairingError, PairingService
 from tray_app.identity.principal import SCOPE_CHAT, SCOPE_METRICS, Authenticator, Principal
 from tray_app.logs import ACCESS_LOGGER, new_request_id
 from tray_app.secret_store.base import SecretStore
+from tray_app.secret_store.upstream_tokens import read_token
 from tray_app.storage.conversations import ConversationStore
 from tray_app.tasks import spawn
 
@@ -147,8 +147,14 @@ class Gateway:
         self._shared = shared_limits
         self._protect = Protections(config, self._clock, shared_limits)
         self.pool = UpstreamPool(specs_of(config), self._clock)
-        # Read once: a keyring lookup per request would cost milliseconds.
-        tokens = {u.name: secrets.get(token_secret_name(u.name)) for u in self.pool}
+        # Read once: a keyring lookup per request would cost milliseconds. Each token only
+        # for the server it was given for (a name can outlive its machine).
+        self._refused: dict[str, str] = {}  # why an upstream's stored token is not sent
+        tokens: dict[str, str | None] = {}
+        for upstream in self.pool:
+            read = read_token(secrets, upstream.name, upstream.spec.url)
+            tokens[upstream.name] = read.token
+            self._say_refusal(upstream.name, read.refused)
         self._session: aiohttp.ClientSession | None = None  # while the server runs
         self._reading_token: set[str] = set()  # upstreams whose token is being read
         self.health = HealthChecker(self.pool, self._probe_upstream, self._clock)
@@ -580,9 +586,15 @@ class Gateway:
         """Ready while some upstream answers. Each upstream is named with its state only:
         anyone may ask, and its address and failure are the owner's business (the tray,
         `doctor`)."""
-        if not self.pool.several:
+        only = next(iter(self.pool))
+        if not self.pool.any_enabled:
+            # Switched off is not probed: nothing is sent to a server the owner switched off.
+            ready = False
+            states = {view.name: view.state for view in self.pool.views()}
+            status = "unavailable"
+        elif not self.pool.several:
             ready = await self._ready_cached(request.app[UPSTREAM_SESSION])
-            states = {next(iter(self.pool)).name: "up" if ready else "down"}
+            states = {only.name: "up" if ready else "down"}
             status = "ready" if ready else "unavailable"
         else:
             states = {view.name: view.state for view in self.pool.views()}
@@ -681,6 +693,8 @@ class Gateway:
     async def upstreams_reachable(self) -> bool:
         """At the start: whether some upstream answers (with several, as the probes before
         serving found)."""
+        if not self.pool.any_enabled:
+            return False
         if not self.pool.several:
             return await self.lmstudio_reachable()
         return any(view.state == "up" for view in self.pool.views())
@@ -689,7 +703,7 @@ class Gateway:
         """Whether LM Studio answers with LM Gate's token; without ``session``, asked on a
         session of its own (the app's lives only while the server runs)."""
         probe = await probe_lmstudio(
-            self.config.upstream_url,
+            self._forward.upstream_url,
             self._forward.lmstudio_token,
             session=session,
             within=READY_TIMEOUT,
@@ -776,15 +790,26 @@ class Gateway:
             # One read at a time: a keyring stuck on an unlock prompt must not pile up threads.
             self._reading_token.add(name)
             try:
-                token = await asyncio.to_thread(self._secrets.get, token_secret_name(name))
+                read = await asyncio.to_thread(read_token, self._secrets, name, upstream.spec.url)
             except Exception:  # an unreadable store: keep the token read at the start
                 token = self._forward.token_of(name)
+            else:
+                token = read.token
+                self._say_refusal(name, read.refused)
             finally:
                 self._reading_token.discard(name)
         if token != self._forward.token_of(name):
             log.info("upstream %s: its token changed in the secret store; using the new one", name)
             self._forward.set_token(name, token)
         return await lmstudio_probe(session, self._forward.token_of)(upstream)
+
+    def _say_refusal(self, name: str, refused: str | None) -> None:
+        """Tell the owner once (not at every probe) that a stored token is not sent."""
+        if refused is None:
+            self._refused.pop(name, None)
+        elif self._refused.get(name) != refused:
+            self._refused[name] = refused
+            log.warning("upstream %s: %s", name, refused)
 
     def upstream_views(self) -> tuple[UpstreamView, ...]:
         """Each upstream's state now (for the tray, /readyz, metrics and `doctor`)."""
@@ -797,6 +822,8 @@ class Gateway:
             raise errors.shutting_down()
         upstream = self.pool.choose(model)
         if upstream is None:
+            if not self.pool.any_enabled:
+                raise errors.no_upstream_enabled()
             raise errors.no_upstream(model)
         return await self.guards[upstream.name].warm_up(model)
 

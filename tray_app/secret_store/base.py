@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tray_app.config.upstreams import LOCAL_TOKEN_SECRET
 from tray_app.errors import SecretStoreError
@@ -35,6 +35,10 @@ def check_entry(name: str, value: str | None = None) -> None:
         raise SecretStoreError(f"secret {name!r} is larger than {MAX_SECRET_BYTES} bytes")
 
 
+def is_entry_name(name: str) -> bool:
+    return _NAME.match(name) is not None
+
+
 def read_or_none(store: SecretStore | None, name: str) -> str | None:
     """A secret for a check or a probe: a missing or unusable store counts as "not set"."""
     if store is None:
@@ -53,6 +57,13 @@ class SecretStore(Protocol):
     def set(self, name: str, value: str) -> None: ...
 
     def delete(self, name: str) -> None: ...
+
+
+@runtime_checkable
+class ListingSecretStore(SecretStore, Protocol):
+    """A store that can say which entries it has (an OS keyring cannot)."""
+
+    def names(self) -> list[str]: ...
 
 
 class MemorySecretStore:
@@ -75,6 +86,9 @@ class MemorySecretStore:
         check_entry(name)
         self._values.pop(name, None)
 
+    def names(self) -> list[str]:
+        return sorted(self._values)
+
 
 class EnvSecretStore:
     """Read-only secrets from ``LMGATE_SECRET_<NAME>`` variables, chosen explicitly (containers)."""
@@ -92,6 +106,15 @@ class EnvSecretStore:
         check_entry(name)
         value = self._environ.get(self.variable_for(name))
         return value or None
+
+    def names(self) -> list[str]:
+        # A variable's name is the entry's upper-cased, '-' as '_': an entry's own '_' cannot
+        # be told from its '-', and entries have only '-'.
+        return sorted(
+            variable.removeprefix(self.PREFIX).lower().replace("_", "-")
+            for variable, value in self._environ.items()
+            if variable.startswith(self.PREFIX) and value
+        )
 
     def set(self, name: str, value: str) -> None:
         raise SecretStoreError(

@@ -19,7 +19,13 @@ import keyring.errors
 
 from tray_app.errors import SecretStoreError
 from tray_app.paths import make_private_dir
-from tray_app.secret_store.base import EnvSecretStore, MemorySecretStore, SecretStore, check_entry
+from tray_app.secret_store.base import (
+    EnvSecretStore,
+    MemorySecretStore,
+    SecretStore,
+    check_entry,
+    is_entry_name,
+)
 
 SERVICE = "lmgate"
 
@@ -139,6 +145,12 @@ class FileSecretStore:
         check_entry(name)
         with contextlib.suppress(FileNotFoundError):
             (self._dir / name).unlink()
+
+    def names(self) -> list[str]:
+        # A half-written one is a hidden ".NAME.…tmp": never an entry.
+        return sorted(
+            path.name for path in self._dir.iterdir() if is_entry_name(path.name) and path.is_file()
+        )
 
 
 STORE_CHOICES = ("keyring", "file", "env", "memory")

@@ -181,6 +181,51 @@ class TestTheFileAndTheStore:
         assert code == 0 and out.startswith("Removed upstream desk. ")  # it had none
 
 
+class TestATokenLeftBehind:
+    def test_a_remove_without_the_store_says_the_token_was_kept(
+        self, lmgate: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr("sys.stdin", io.StringIO("sk-secret-desk\n"))
+        assert lmgate("upstream", "add", "desk", "http://127.0.0.1:3000", "--token-stdin")[0] == 0
+        blocked = tmp_path / "not-a-directory"
+        blocked.write_text("", encoding="utf-8")
+        monkeypatch.setenv("LMGATE_SECRETS_FILE_DIR", str(blocked / "secrets"))
+        code, out, err = lmgate("upstream", "remove", "desk")
+        assert code == 0 and out.startswith("Removed upstream desk. ")
+        assert "the secret store could not be opened" in err
+        assert "`lmgate secret delete upstream-token-desk`" in err
+        assert len(config_of(tmp_path)) == 1
+
+    def test_a_remove_that_deletes_it_says_nothing_more(self, lmgate: Run) -> None:
+        assert lmgate("upstream", "add", "desk", "http://127.0.0.1:3000")[0] == 0
+        code, _, err = lmgate("upstream", "remove", "desk")
+        assert code == 0 and "Warning" not in err
+
+    def test_is_not_sent_to_another_machine_added_by_hand_under_its_name(
+        self, lmgate: Run, tmp_path: Path, served: FakeLMStudio, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr("sys.stdin", io.StringIO("tok-desk\n"))
+        assert lmgate("upstream", "add", "desk", "http://10.9.9.9:1234", "--token-stdin")[0] == 0
+        # The table edited by hand: the name now points at another machine, the token stays.
+        config = tmp_path / "none.toml"
+        config.write_text(
+            config.read_text(encoding="utf-8").replace("http://10.9.9.9:1234", served.url),
+            encoding="utf-8",
+        )
+        code, out, _ = lmgate("upstream", "test", "desk")
+        assert code == 1
+        assert "desk: its token is not sent: the token stored as upstream-token-desk was " in out
+        assert "given for http://10.9.9.9:1234" in out
+        assert "`lmgate secret set upstream-token-desk`" in out
+        assert {r.headers.get("Authorization") for r in served.received} == {None}
+        # The owner stores it again for this machine: sent from then on.
+        monkeypatch.setattr("sys.stdin", io.StringIO("tok-desk-2\n"))
+        served.behaviour.require_token = "tok-desk-2"
+        assert lmgate("secret", "set", "upstream-token-desk")[0] == 0
+        code, out, _ = lmgate("upstream", "test", "desk")
+        assert code == 0 and out.startswith("desk: up"), out
+
+
 class TestTest:
     def test_each_upstream_in_words(
         self,

@@ -12,9 +12,11 @@ import pytest
 from aiohttp import web
 
 from tests.fake_lmstudio import Behaviour, FakeLMStudio
+from tray_app.cli import doctor
 from tray_app.cli.doctor import Check, render, run_checks
 from tray_app.config.upstreams import LOCAL_TOKEN_SECRET, token_secret_name
 from tray_app.secret_store.keyring_store import FileSecretStore
+from tray_app.secret_store.upstream_tokens import binding_name, fingerprint
 
 DESK_TOKEN = "sk-desk-right"
 
@@ -185,3 +187,62 @@ async def test_an_upstream_answering_an_error_says_its_status(
         await runner.cleanup()
 
     assert not proxy.ok and proxy.detail == f"{url}/v1/models answered 502"
+
+
+async def test_a_token_given_for_another_server_is_not_sent_and_says_what_to_do(
+    servers: dict[str, FakeLMStudio], tmp_path: Path
+) -> None:
+    desk = servers["desk"]
+    path = write_config(tmp_path, servers["local"].url, {"desk": f'url = "{desk.url}"'})
+    store = FileSecretStore(tmp_path / "secrets")
+    store.set(token_secret_name("desk"), DESK_TOKEN)
+    store.set(binding_name("desk"), f"http://10.9.9.9:1234 {fingerprint(DESK_TOKEN)}")
+
+    check = by_name(await run_checks(path))["upstream desk"]
+
+    assert not check.ok
+    assert "given for http://10.9.9.9:1234" in check.detail
+    assert "`lmgate secret set upstream-token-desk`" in check.detail
+    assert desk.received == []
+
+
+async def test_tokens_of_upstreams_no_longer_configured_are_listed(
+    servers: dict[str, FakeLMStudio], tmp_path: Path
+) -> None:
+    path = write_config(tmp_path, servers["local"].url, {"desk": f'url = "{servers["desk"].url}"'})
+    store = FileSecretStore(tmp_path / "secrets")
+    store.set(token_secret_name("desk"), DESK_TOKEN)
+    store.set(token_secret_name("gone"), "sk-gone")
+    store.set(token_secret_name("old"), "sk-old")
+
+    checks = by_name(await run_checks(path))
+
+    left = checks["removed upstreams' tokens"]
+    assert not left.ok
+    assert left.detail == (
+        "upstream-token-gone, upstream-token-old belong to no configured upstream (a table "
+        "removed by hand?): `lmgate secret delete upstream-token-gone` and "
+        "`lmgate secret delete upstream-token-old`"
+    )
+    assert "sk-" not in render(list(checks.values()))
+
+
+async def test_a_keyring_that_cannot_list_is_said(
+    servers: dict[str, FakeLMStudio], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Unlisted:
+        def get(self, name: str) -> str | None:
+            return None
+
+        def set(self, name: str, value: str) -> None:
+            raise AssertionError("doctor writes nothing")
+
+        def delete(self, name: str) -> None:
+            raise AssertionError("doctor deletes nothing")
+
+    monkeypatch.setattr(doctor, "secret_store_for", lambda config: Unlisted())
+    path = write_config(tmp_path, servers["local"].url, {})
+
+    left = by_name(await run_checks(path))["removed upstreams' tokens"]
+
+    assert left.ok and "cannot list its entries" in left.detail

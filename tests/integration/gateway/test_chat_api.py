@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import IdentityFactory, IdentityRig
 from tests.fake_lmstudio import MODELS, FakeLMStudio
 from tests.helpers import sse_events
+from tray_app.config.upstreams import LOCAL, UpstreamEntry
 from tray_app.storage.conversations import Message, trim_history
 
 
@@ -347,3 +348,17 @@ async def test_an_edit_replaces_the_last_question_and_its_answer(
         ("user", "What's 2+2?"),
         ("assistant", "tok0"),
     ], "the question is replaced, not added"
+
+
+async def test_a_switched_off_only_upstream_is_not_asked_for_the_default_model(
+    start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio
+) -> None:
+    # The enabled upstreams are the only ones anything is sent to, the phone's probe included.
+    rig = await start_identity_gateway(
+        upstreams=(UpstreamEntry(LOCAL, fake_lmstudio.url, enabled=False),)
+    )
+    status, body, _ = await call(
+        rig, key_for(rig), "/api/chat", method="POST", body={"message": "Hi"}
+    )
+    assert (status, body["error"]["code"]) == (503, "upstream_disabled")
+    assert fake_lmstudio.received == [] and fake_lmstudio.native == []

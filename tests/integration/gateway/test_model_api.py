@@ -99,6 +99,7 @@ class TestReadingWhatIsLoaded:
     async def test_nothing_listening_is_unreachable(self, session: aiohttp.ClientSession) -> None:
         url = f"http://127.0.0.1:{closed_port()}"
         failed = await failure(LMStudioModelApi(url, lambda: None, session).loaded())
+        # Named for the owner's own commands (warm-up): the forwarder never relays it.
         assert failed.code == "upstream_unreachable" and url in failed.message
 
     async def test_a_hung_server_is_given_up_on(

@@ -214,6 +214,30 @@ class TestStickiness:
         assert len(router._sticky) == STICKY_MAX
         assert ("key:0", "m") not in router._sticky
 
+    async def test_a_conversation_in_use_does_not_age_out_as_if_idle(
+        self, session: aiohttp.ClientSession, fakes: list[FakeLMStudio]
+    ) -> None:
+        pool = UpstreamPool(
+            [UpstreamSpec("a", fakes[0].url), UpstreamSpec("b", fakes[1].url, weight=5)],
+            FakeClock(),
+        )
+        router = Router(pool)
+        pool.failed("b", "away for a moment")
+        first, _ = await router.send("key:busy", "m", sender(session, []))
+        router.done(first)
+        assert first.name == "a"
+        # b is back, and preferred by weight: only stickiness keeps the conversation on a.
+        pool.answered("a", models=["m"])
+        pool.answered("b", models=["m"])
+        for n in range(STICKY_MAX + 50):
+            # The busy caller's every turn answered by the same upstream, between the others'.
+            upstream, _ = await router.send("key:busy", "m", _answered)
+            router.done(upstream)
+            assert upstream.name == first.name
+            other, _ = await router.send(f"key:{n}", "m", _answered)
+            router.done(other)
+        assert router._sticky.get(("key:busy", "m")) == first.name
+
     async def test_a_retry_that_fails_later_is_not_counted_busy(
         self, session: aiohttp.ClientSession, fakes: list[FakeLMStudio]
     ) -> None:
@@ -256,3 +280,7 @@ class TestHealthTold:
         gone = pool.get("gone")
         assert gone is not None and gone.up is False
         assert health._wake.is_set()
+
+
+async def _answered(upstream: Upstream) -> None:
+    return None

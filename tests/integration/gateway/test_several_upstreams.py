@@ -7,8 +7,10 @@ went away is taken out and comes back, and each server has its own token and mod
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -17,6 +19,8 @@ from tests.fake_lmstudio import Behaviour
 from tests.several_upstreams import ALICE, BOB, RigFactory, chat, get, several
 from tray_app.config.settings import ModelSwitch
 from tray_app.config.upstreams import token_secret_name
+from tray_app.gateway import api_errors as errors
+from tray_app.gateway.upstream.model_guard import ModelUse
 
 __all__ = ["several"]  # the fixture
 
@@ -298,3 +302,153 @@ class TestTheOwnerIsTold:
         await rig.until(lambda: rig.states()["desk"] == "up", within=15)
         back = [r.getMessage() for r in caplog.records if r.name == "lmgate.upstreams"]
         assert back[-1] == "upstream desk answers again: it gets requests from now on"
+
+
+@pytest.fixture
+async def vanishing() -> AsyncIterator[str]:
+    """A server that lists a model on disk, answers its load, and stops listening as it does:
+    the model guard's read after the load finds nothing there."""
+    listening: list[asyncio.Server] = []
+
+    def answer(writer: asyncio.StreamWriter, payload: object) -> None:
+        body = json.dumps(payload).encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            writer.close()
+            return
+        line = head.split(b"\r\n", 1)[0]
+        if line.startswith(b"GET /v1/models "):
+            answer(writer, {"object": "list", "data": [{"id": "far-model"}]})
+        elif line.startswith(b"GET /api/v0/models "):
+            answer(writer, {"data": [{"id": "far-model", "state": "not-loaded"}]})
+        elif line.startswith(b"POST /api/v1/models/load "):
+            length = next(
+                int(h.split(b":", 1)[1])
+                for h in head.split(b"\r\n")
+                if h.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+            listening[0].close()  # the next connection is refused
+            answer(writer, {"model_instance_id": "far-model"})
+        else:
+            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    listening.append(server)
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server.close()
+
+
+class TestNoAnswerNamesAMachine:
+    @pytest.mark.parametrize("servers", [1, 2])
+    async def test_a_server_gone_right_after_its_model_load(
+        self, several: RigFactory, vanishing: str, servers: int
+    ) -> None:
+        behaviours = [Behaviour(models=("shared",)) for _ in range(servers)]
+        rig = await several(*behaviours, urls={servers - 1: vanishing}, wait=servers > 1)
+        status, body = await chat(rig, "far-model")
+        port = vanishing.rsplit(":", 1)[1]
+        assert port not in json.dumps(body), body
+        if servers == 1:
+            assert (status, body["error"]["code"]) == (502, "upstream_unreachable")
+        else:
+            assert (status, body["error"]["code"]) == (503, "upstream_unreachable")
+            assert "desk" not in body["error"]["message"]
+
+    @pytest.mark.parametrize("servers", [1, 2])
+    async def test_an_error_that_names_a_server_is_answered_without_it(
+        self, several: RigFactory, monkeypatch: pytest.MonkeyPatch, servers: int
+    ) -> None:
+        # Whatever raised it on the way (the guards' reads name the server they asked), the
+        # forwarder is the one place every forwarded request's errors pass.
+        rig = await several(*[Behaviour(models=("m",)) for _ in range(servers)], wait=servers > 1)
+        where = rig.fakes[0].url
+
+        async def failing(*args: object, **kwargs: object) -> ModelUse:
+            raise errors.upstream_unreachable_at(where)
+
+        for guard in rig.gateway.guards.values():
+            monkeypatch.setattr(guard, "enter", failing)
+        status, body = await chat(rig, "m")
+        assert (status, body["error"]["code"]) == (
+            502 if servers == 1 else 503,
+            "upstream_unreachable",
+        )
+        _, text = await chat(rig, "m", stream=True)
+        for said in (json.dumps(body), text):
+            assert "upstream_unreachable" in said and where.rsplit(":", 1)[1] not in said, said
+            assert "local" not in said
+        assert [rig.chats(i) for i in range(servers)] == [0] * servers
+
+
+class TestSwitchedOff:
+    """The enabled upstreams are the only ones anything is sent to, one upstream included."""
+
+    @pytest.mark.parametrize("servers", [1, 2])
+    async def test_every_upstream_switched_off_is_sent_nothing_and_not_ready(
+        self, several: RigFactory, servers: int
+    ) -> None:
+        behaviours = [Behaviour(models=("m",)) for _ in range(servers)]
+        rig = await several(*behaviours, enabled=(False,) * servers, wait=False)
+        for fake in rig.fakes:
+            fake.received.clear()
+        status, ready = await get(rig, "/readyz", key=None)
+        assert (status, ready["status"]) == (503, "unavailable")
+        assert [u["state"] for u in ready["upstreams"]] == ["disabled"] * servers
+        for answer in (await chat(rig, "m"), await get(rig, "/v1/models")):
+            assert (answer[0], answer[1]["error"]["code"]) == (503, "upstream_disabled")
+        status, body = await get(rig, "/v1/models/m")
+        assert (status, body["error"]["code"]) == (503, "upstream_disabled")
+        assert await rig.gateway.upstreams_reachable() is False
+        assert all(fake.received == [] and fake.native == [] for fake in rig.fakes)
+
+
+class TestThreeServers:
+    async def test_failover_on_kill_conversation_stickiness_and_rejoin(
+        self, several: RigFactory
+    ) -> None:
+        rig = await several(
+            Behaviour(models=("a-only", "shared")),
+            Behaviour(models=("shared",)),
+            Behaviour(models=("shared", "c-only")),
+            weights=(1, 5, 3),
+        )
+        assert (await chat(rig, "shared", key=ALICE))[0] == 200
+        assert [rig.chats(i) for i in range(3)] == [0, 1, 0]  # desk: the heaviest
+        # desk goes away under alice's conversation: retried on attic, the next heaviest
+        # (a fake counts what it received before it stopped).
+        port = rig.fakes[1].port
+        await rig.fakes[1].stop()
+        assert (await chat(rig, "shared", key=ALICE))[0] == 200
+        assert [rig.chats(i) for i in range(3)] == [0, 1, 1]
+        assert rig.states()["desk"] == "down"
+        # Her conversation stays on attic now, even while attic is the busier one.
+        rig.fakes[2].behaviour.chunks, rig.fakes[2].behaviour.chunk_delay = 40, 0.05
+        busy = asyncio.create_task(chat(rig, "c-only", key=BOB, stream=True))
+        await rig.until(lambda: rig.chats(2) == 2)
+        assert (await chat(rig, "shared", key=ALICE))[0] == 200
+        assert [rig.chats(i) for i in range(3)] == [0, 1, 3]
+        assert (await busy)[0] == 200
+        # attic goes away too: what only it has is unreachable, the rest goes to local.
+        await rig.fakes[2].stop()
+        status, body = await chat(rig, "c-only", key=BOB)
+        assert (status, body["error"]["code"]) == (503, "upstream_unreachable")
+        assert (await chat(rig, "shared", key=ALICE))[0] == 200
+        assert [rig.chats(i) for i in range(3)] == [1, 1, 3]
+        status, ready = await get(rig, "/readyz", key=None)
+        assert (status, ready["status"]) == (200, "degraded")
+        # desk comes back and takes new conversations again; alice's stays on local.
+        await rig.fakes[1].start(port=port or 0)
+        await rig.until(lambda: rig.states()["desk"] == "up", within=15)
+        assert (await chat(rig, "shared", key=BOB))[0] == 200
+        assert (await chat(rig, "shared", key=ALICE))[0] == 200
+        assert [rig.chats(i) for i in range(3)] == [2, 2, 3]

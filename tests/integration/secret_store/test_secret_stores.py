@@ -18,7 +18,12 @@ from tray_app.identity.signing_key import (
     load_or_create_signing_key,
     rotate_signing_key,
 )
-from tray_app.secret_store.base import EnvSecretStore, MemorySecretStore, SecretStore
+from tray_app.secret_store.base import (
+    EnvSecretStore,
+    ListingSecretStore,
+    MemorySecretStore,
+    SecretStore,
+)
 from tray_app.secret_store.keyring_store import SERVICE, FileSecretStore, KeyringSecretStore
 
 
@@ -151,3 +156,25 @@ def test_real_secret_service_holds_the_signing_key(secret_service: KeyringSecret
     assert load_or_create_signing_key(secret_service) == key
     assert rotate_signing_key(secret_service) != key
     secret_service.delete(SIGNING_KEY)
+
+
+def test_the_stores_that_can_list_their_entries_do(tmp_path: Path) -> None:
+    # doctor lists the tokens of upstreams removed by hand; an OS keyring cannot be listed.
+    memory = MemorySecretStore({"upstream-token-desk": "a", "lmstudio-api-token": "b"})
+    files = FileSecretStore(tmp_path / "secrets")
+    files.set("upstream-token-desk", "a")
+    files.set("lmstudio-api-token", "b")
+    (tmp_path / "secrets" / ".upstream-token-x.123.tmp").write_text("half", encoding="utf-8")
+    (tmp_path / "secrets" / "sub-dir").mkdir()
+    env = EnvSecretStore(
+        {
+            "LMGATE_SECRET_UPSTREAM_TOKEN_DESK": "a",
+            "LMGATE_SECRET_LMSTUDIO_API_TOKEN": "b",
+            "LMGATE_SECRET_EMPTY": "",
+            "HOME": "/root",
+        }
+    )
+    for store in (memory, files, env):
+        assert isinstance(store, ListingSecretStore)
+        assert store.names() == ["lmstudio-api-token", "upstream-token-desk"]
+    assert not isinstance(KeyringSecretStore.__new__(KeyringSecretStore), ListingSecretStore)

@@ -176,6 +176,70 @@ class TestThroughLoadConfig:
         assert config.server_port == 9000 and entry in config.all_upstreams
 
     @pytest.mark.parametrize(
+        ("text", "environ", "overrides", "key", "names"),
+        [
+            # Two tables, spelled differently: localhost is loopback, the port is the default.
+            (
+                '[upstreams.desk]\nurl = "http://localhost:80/"\n'
+                '[upstreams.desk2]\nurl = "http://127.0.0.1"\n',
+                {},
+                {},
+                "upstreams.desk2.url",
+                ("desk", "desk2"),
+            ),
+            # upstream.url in the file, a table for the same server.
+            (
+                'upstream.url = "http://127.0.0.1:1234"\n[upstreams.desk]\n'
+                'url = "http://[::ffff:127.0.0.1]:1234"\n',
+                {},
+                {},
+                "upstreams.desk.url",
+                ("local", "desk"),
+            ),
+            # upstream.url from its environment variable.
+            (
+                '[upstreams.desk]\nurl = "http://10.0.0.5:1234"\n',
+                {"LMGATE_UPSTREAM_URL": "http://10.0.0.5:1234/"},
+                {},
+                "upstreams.desk.url",
+                ("local", "desk"),
+            ),
+            # `serve --upstream`, a command-line override.
+            (
+                '[upstreams.desk]\nurl = "https://gpu.lan"\n',
+                {},
+                {"upstream.url": "https://GPU.lan:443"},
+                "upstreams.desk.url",
+                ("local", "desk"),
+            ),
+        ],
+    )
+    def test_one_server_under_two_names_is_refused_naming_both(
+        self,
+        tmp_path: Path,
+        text: str,
+        environ: dict[str, str],
+        overrides: dict[str, object],
+        key: str,
+        names: tuple[str, str],
+    ) -> None:
+        path = self.write(tmp_path, text)
+        with pytest.raises(ConfigError) as caught:
+            load_config(path=path, environ=environ, overrides=overrides)
+        assert caught.value.key == key
+        assert f"upstream {names[0]!r} is already" in caught.value.problem
+        assert "one machine is one upstream" in str(caught.value)
+
+    def test_one_server_twice_is_fine_while_one_of_them_is_switched_off(
+        self, tmp_path: Path
+    ) -> None:
+        path = self.write(
+            tmp_path, '[upstreams.desk]\nurl = "http://127.0.0.1:1234"\nenabled = false\n'
+        )
+        config = load_config(path=path, environ={})
+        assert [e.name for e in config.all_upstreams] == [LOCAL, "desk"]
+
+    @pytest.mark.parametrize(
         ("key", "value"),
         [
             ("upstreams.Desk.url", "http://127.0.0.1:1"),

@@ -795,6 +795,17 @@ CATALOGUE = [
     # LM Studio
     entry(
         E.upstream_unreachable,
+        (),
+        502,
+        "upstream_error",
+        "upstream_unreachable",
+        None,
+        "LM Studio is not reachable. Start its server (LM Studio → Developer → Start Server, "
+        "or `lms server start`) and check that LM Gate's upstream.url matches (LM Gate's log "
+        "names the address it tried).",
+    ),
+    entry(
+        E.upstream_unreachable_at,
         ("http://127.0.0.1:1234",),
         502,
         "upstream_error",
@@ -803,6 +814,15 @@ CATALOGUE = [
         "LM Studio is not reachable at http://127.0.0.1:1234. Start its server (LM Studio → "
         "Developer → Start Server, or `lms server start`) and check that LM Gate's "
         "upstream.url matches.",
+    ),
+    entry(
+        E.no_upstream_enabled,
+        (),
+        503,
+        "upstream_error",
+        "upstream_disabled",
+        None,
+        "LM Gate's owner has switched off every model server it sends requests to; tell the owner.",
     ),
     entry(
         E.no_upstream,

@@ -51,13 +51,14 @@ def session_context(config: Config) -> Callable[[web.Application], AsyncIterator
     return upstream_session
 
 
-def translate_client_error(exc: BaseException, config: Config, url: str | None = None) -> ApiError:
-    """Map an aiohttp client failure (before any response byte was relayed) to an ApiError;
-    ``url``: the upstream that failed (default: upstream.url)."""
+def translate_client_error(exc: BaseException, config: Config) -> ApiError:
+    """Map an aiohttp client failure (before any response byte was relayed) to the caller's
+    ApiError, which names no address: the caller is not told where the owner's machines are
+    (the forwarder logs it for the owner)."""
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return errors.upstream_timeout(config.upstream_idle_timeout)
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return errors.upstream_unreachable(url or config.upstream_url)
+        return errors.upstream_unreachable()
     return errors.upstream_failed(describe_failure(exc))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -31,12 +32,14 @@ from tray_app.gateway.upstream.client import (
     looks_like_openai_error,
     translate_client_error,
 )
+from tray_app.gateway.upstream.failures import describe_failure
 from tray_app.gateway.upstream.pool import Upstream, UpstreamPool, specs_of
 from tray_app.gateway.upstream.routing import Router
 from tray_app.gateway.upstream.streaming import StreamRelay
 from tray_app.gateway.upstream.usage import Usage, usage_from_payload
 from tray_app.identity.principal import Principal
 
+log = logging.getLogger("lmgate.upstreams")
 MODEL_LIST = "/v1/models"
 # Larger bodies (images) go out in chunks so one request cannot stall the event loop.
 _INLINE_BODY_BYTES = 1024 * 1024
@@ -98,8 +101,13 @@ class Forwarder:
         self._tokens = dict(tokens or {})
         # What the one-upstream paths (the phone's default model, /readyz) ask.
         self._first = next(iter(self.router.pool))
-        self.upstream_url = self._first.spec.url
         self.lmstudio_token = self._tokens.get(self._first.name)
+
+    @property
+    def upstream_url(self) -> str:
+        """The one upstream's URL, for what asks it directly (the phone's default model);
+        ApiError (503) when the owner switched it off: it is sent nothing."""
+        return self._only_enabled().spec.url
 
     def token_of(self, upstream: str) -> str | None:
         return self._tokens.get(upstream)
@@ -238,7 +246,7 @@ class Forwarder:
             return web.json_response(
                 _filtered(listed, principal), headers={REQUEST_ID_HEADER: request_id}
             )
-        upstream = await self._get_list(request, request_id, self._first)
+        upstream = await self._get_list(request, request_id, self._only_enabled())
         outcome.upstream = upstream
         data = await self._read_whole(upstream)
         if upstream.status == 200 and principal.models is not None:
@@ -269,7 +277,7 @@ class Forwarder:
         if self.several:
             listed = self._union_of_lists()
         else:
-            upstream = await self._get_list(request, request_id, self._first)
+            upstream = await self._get_list(request, request_id, self._only_enabled())
             outcome.upstream = upstream
             data = await self._read_whole(upstream)
             if upstream.status != 200:
@@ -295,8 +303,15 @@ class Forwarder:
                 allow_redirects=False,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise translate_client_error(exc, self._config, upstream.spec.url) from None
+            _log_unreached(upstream, exc)
+            raise translate_client_error(exc, self._config) from None
         return self._checked(answer)
+
+    def _only_enabled(self) -> Upstream:
+        """The one upstream, unless the owner switched it off: then it is sent nothing."""
+        if not self._first.spec.enabled:
+            raise errors.no_upstream_enabled()
+        return self._first
 
     def _union_of_lists(self) -> dict[str, Any]:
         """Every usable upstream's models, as its last probe listed them, each once: no
@@ -304,6 +319,8 @@ class Forwarder:
         them, nor a hostile machine's huge list into work per call). Entries name no
         machine: which ones there are is the owner's business."""
         pool = self.router.pool
+        if not pool.any_enabled:
+            raise errors.no_upstream_enabled()
         if not any(upstream.usable and upstream.models is not None for upstream in pool):
             raise errors.no_upstream(None)
         return {
@@ -321,14 +338,30 @@ class Forwarder:
         caller: str,
         model: str | None,
     ) -> aiohttp.ClientResponse:
+        tried: list[Upstream] = []
+
+        def sending(upstream: Upstream) -> Awaitable[aiohttp.ClientResponse]:
+            tried.append(upstream)
+            return send(upstream)
+
         try:
-            chosen, upstream = await self.router.send(caller, model, send)
+            chosen, upstream = await self.router.send(caller, model, sending)
         except (TimeoutError, aiohttp.ClientError) as exc:
             if isinstance(exc, NOT_SENT):
                 outcome.sent = False
+            if tried:
+                _log_unreached(tried[-1], exc)
             if self.several and isinstance(exc, aiohttp.ClientConnectorError):
                 raise errors.no_upstream(model) from None
-            raise translate_client_error(exc, self._config, self.upstream_url) from None
+            raise translate_client_error(exc, self._config) from None
+        except ApiError as exc:
+            if exc.code != "upstream_unreachable":
+                raise
+            # The one place every forwarded request's errors pass: whatever raised it (the
+            # model guard's reads name the server they asked), the caller learns no address.
+            if self.several:
+                raise errors.no_upstream(model) from None
+            raise errors.upstream_unreachable() from None
         outcome.routed = chosen
         outcome.served_by = chosen.name
         try:
@@ -436,3 +469,13 @@ def _listed_models(data: bytes) -> dict[str, Any]:
         entry for entry in entries if isinstance(entry, dict) and isinstance(entry.get("id"), str)
     ]
     return payload
+
+
+def _log_unreached(upstream: Upstream, exc: BaseException) -> None:
+    # The owner's record of where: the caller's answer names no address.
+    log.warning(
+        "a request to upstream %s at %s failed: %s",
+        upstream.name,
+        upstream.spec.url,
+        describe_failure(exc),
+    )

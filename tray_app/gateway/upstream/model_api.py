@@ -93,7 +93,7 @@ class LMStudioModelApi:
                     body, response.headers.get("Content-Encoding"), MODEL_LIST_MAX_BYTES
                 )
         except aiohttp.ClientConnectorError:
-            raise errors.upstream_unreachable(self._base_url) from None
+            raise errors.upstream_unreachable_at(self._base_url) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise errors.upstream_failed(describe_failure(exc)) from None
         return model_states(body)

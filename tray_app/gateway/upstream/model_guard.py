@@ -190,6 +190,10 @@ class ModelGuard:
                         # Shielded: a caller going away must not cancel a load others await.
                         seconds = await asyncio.shield(self._load_once(model))
                         states = await self._read(None)
+                        if states is None:
+                            # Loaded, then LM Studio could not be asked (see _load): the
+                            # forwarder finds out whether it answers.
+                            return self._count(model), seconds
                         continue
                 if not await self._changes_before(deadline):
                     raise errors.model_switch_timeout(model, max_wait, RETRY_AFTER)
@@ -329,7 +333,14 @@ class ModelGuard:
                 raise
             raise errors.model_load_timeout(model, self._load_timeout) from None
         seconds = self._clock.monotonic() - started
-        states = await self._read_now()
+        try:
+            states = await self._read_now()
+        except ApiError:
+            # LM Studio answered the load, then could not be asked: what is loaded is unknown
+            # now, so the request goes on and the forwarder says why LM Studio cannot answer
+            # (this read's error names the server's address, which is no caller's business).
+            self._remember(None)
+            return seconds
         if states is not None and model not in states.loaded:
             raise errors.model_load_failed(
                 model, "it answered that it loaded the model, but does not list it as loaded"

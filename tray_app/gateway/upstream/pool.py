@@ -126,6 +126,7 @@ class UpstreamPool:
         if not self._upstreams:
             raise ValueError("LM Gate needs at least one upstream")
         self._only = next(iter(self._upstreams.values())) if len(self._upstreams) == 1 else None
+        self.any_enabled = any(u.spec.enabled for u in self._upstreams.values())
 
     def __iter__(self) -> Iterator[Upstream]:
         return iter(self._upstreams.values())

@@ -52,6 +52,10 @@ class Router:
         sticky = self._sticky.get(key) if key is not None else None
         upstream = pool.choose(model, sticky=sticky)
         if upstream is None:
+            if not pool.any_enabled:
+                # Not "no such model": the owner switched every server off, and it is they
+                # who can change that.
+                raise errors.no_upstream_enabled()
             if model is not None and not pool.may_have(model):
                 raise errors.model_not_found(model)
             raise errors.no_upstream(model)
@@ -84,7 +88,9 @@ class Router:
         except BaseException:
             pool.ended(upstream)
             raise
-        if key is not None and sticky != upstream.name:
+        if key is not None:
+            # Every answer refreshes the pair, not just a move: a conversation in use must
+            # not age out of the map as if idle.
             self._remember(key, upstream.name)
         return upstream, answer
 

@@ -105,7 +105,7 @@ class TestLettingThrough:
 
     async def test_lm_studio_unreachable_lets_the_request_say_so(self) -> None:
         api = MemoryModelApi()
-        api.read_failure = errors.upstream_unreachable("http://127.0.0.1:1234")
+        api.read_failure = errors.upstream_unreachable_at("http://127.0.0.1:1234")
         guard = guard_for(api)
         await guard.enter(B, max_wait=WAIT)
         assert api.loads == Counter() and api.reads == 1
@@ -446,7 +446,7 @@ class TestLoadFailures:
         guard = guard_for(api)
         entering = asyncio.ensure_future(guard.enter(B, max_wait=WAIT))
         await api.loading.wait()
-        api.read_failure = errors.upstream_unreachable("http://127.0.0.1:1234")
+        api.read_failure = errors.upstream_unreachable_at("http://127.0.0.1:1234")
         go.set()
         with pytest.raises(ApiError) as failed:
             await entering
@@ -475,17 +475,32 @@ class TestLoadFailures:
             "not list it as loaded"
         )
 
-    async def test_lm_studio_gone_after_its_load_fails_the_request(self) -> None:
+    async def test_lm_studio_gone_after_its_load_lets_the_request_through(self) -> None:
+        # The read's error names the server: it must not become the caller's answer. The
+        # states are unknown, so the request goes on and the forwarder says what is wrong.
         api = MemoryModelApi()
         go = api.hold_loads()
         guard = guard_for(api)
         entering = asyncio.ensure_future(guard.enter(B, max_wait=WAIT))
         await api.loading.wait()
-        api.read_failure = errors.upstream_unreachable("http://127.0.0.1:1234")
+        api.read_failure = errors.upstream_unreachable_at("http://127.0.0.1:1234")
         go.set()
-        with pytest.raises(ApiError) as failed:
-            await entering
-        assert failed.value.code == "upstream_unreachable"
+        use = await entering
+        assert use.model == B and api.loads == {B: 1}
+        assert guard.loaded_models() == frozenset()
+        guard.leave(use)
+
+    async def test_a_warm_up_with_lm_studio_gone_after_its_load_says_how_long(self) -> None:
+        api = MemoryModelApi()
+        go = api.hold_loads()
+        clock = FakeClock()
+        guard = guard_for(api, clock=clock)
+        warming = asyncio.ensure_future(guard.warm_up(B))
+        await api.loading.wait()
+        clock.advance(3.0)
+        api.read_failure = errors.upstream_unreachable_at("http://127.0.0.1:1234")
+        go.set()
+        assert await warming == 3.0
 
     async def test_a_failed_read_just_before_the_load_does_not_stop_it(self) -> None:
         api = MemoryModelApi()
@@ -621,7 +636,7 @@ class TestRestart:
         clock = FakeClock()
         guard = guard_for(api, clock=clock)
         streaming = await guard.enter(A, max_wait=WAIT)
-        api.read_failure = errors.upstream_unreachable("http://127.0.0.1:1234")
+        api.read_failure = errors.upstream_unreachable_at("http://127.0.0.1:1234")
         clock.advance(REFRESH_INTERVAL)
         # While it is down nothing can be known: the request goes on and fails on its own.
         guard.leave(await guard.enter(A, max_wait=WAIT))
@@ -709,7 +724,7 @@ class TestWarmUp:
 
     async def test_lm_studio_unreachable_is_said(self) -> None:
         api = MemoryModelApi()
-        api.read_failure = errors.upstream_unreachable("http://127.0.0.1:1234")
+        api.read_failure = errors.upstream_unreachable_at("http://127.0.0.1:1234")
         with pytest.raises(ApiError) as failed:
             await guard_for(api).warm_up(B)
         assert failed.value.code == "upstream_unreachable"
