@@ -69,8 +69,10 @@ def test_no_secret_in_logs_database_or_argv(tmp_path: Path) -> None:
     }
     places = {"server stdout": out, "server stderr (JSON log)": err, "server argv": argv}
     data_dir = tmp_path / "data"
-    for path in data_dir.iterdir():  # lmgate.db, its -wal and -shm
-        places[str(path.name)] = path.read_bytes().decode("latin-1")
+    # lmgate.db, its -wal and -shm, and the usage journal's files
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            places[str(path.relative_to(data_dir))] = path.read_bytes().decode("latin-1")
     for name, secret in secrets.items():
         for place, text in places.items():
             assert secret not in text, f"the {name} leaked into {place}"
