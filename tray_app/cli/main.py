@@ -42,7 +42,13 @@ from tray_app.config.settings import (
     load_config,
 )
 from tray_app.control.assembly import Identity, data_dir, secret_store_for
-from tray_app.control.service import FIRST_KEY_NAME, GatewayService, Started
+from tray_app.control.service import (
+    FIRST_KEY_NAME,
+    GatewayService,
+    Started,
+    StopKind,
+    StopRequests,
+)
 from tray_app.errors import ConfigError, LMGateError
 from tray_app.gateway.server.identify import lmgate_listens
 from tray_app.gateway.upstream.pool import UpstreamView
@@ -282,13 +288,17 @@ async def _serve(config: Config, out: IO[str]) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
+    requests = StopRequests()
+
     def on_signal(signum: signal.Signals) -> None:
-        if stop.is_set():
+        # A logout's SIGTERM and SIGHUP are one stop; a second Ctrl-C is a second.
+        if requests.signal(signum) is StopKind.AT_ONCE:
             _end_at_once(service, signum, out)
         stop.set()
 
     # Before the start: a Ctrl-C or SIGTERM while LM Studio is probed (up to 5 s) or the
-    # tunnel opens is kept, and stops everything gracefully once the step in progress ends.
+    # tunnel opens is kept, and stops everything gracefully once the step in progress ends;
+    # one before the tunnel's turn skips it.
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
@@ -296,8 +306,9 @@ async def _serve(config: Config, out: IO[str]) -> int:
         started = await service.start(first_key=out.isatty())
         probe = None
         token = None
-        if not started.lmstudio_reachable:
+        if not started.lmstudio_reachable and _any_enabled(config):
             # Asked again only when something is wrong, to say what: down, or wanting a token.
+            # (Never a server the owner switched off: nothing is sent there.)
             token = read_or_none(service.secrets, LMSTUDIO_API_TOKEN)
             probe = await probe_lmstudio(
                 config.upstream_url, token, within=BANNER_PROBE_SECONDS, list_models=False
@@ -305,7 +316,7 @@ async def _serve(config: Config, out: IO[str]) -> int:
         _print_started(
             started, config, service.identity, out, probe, token_stored=token is not None
         )
-        if config.tunnel_provider != "none":
+        if config.tunnel_provider != "none" and not stop.is_set():
             print(f"Going public with {config.tunnel_provider}...", file=out, flush=True)
             manager = await service.go_public(on_change=_status_printer(out))
             _print_public(manager, service.identity, out)
@@ -354,6 +365,10 @@ def _end_at_once(service: GatewayService, signum: signal.Signals, out: IO[str]) 
         os._exit(128 + signum)
 
 
+def _any_enabled(config: Config) -> bool:
+    return any(entry.enabled for entry in config.all_upstreams)
+
+
 def _print_started(
     started: Started,
     config: Config,
@@ -366,7 +381,13 @@ def _print_started(
     url = started.url
     print(f"LM Gate {__version__} is running.", file=out)
     print(f"Listening on {url}  (OpenAI base URL: {url}/v1)", file=out)
-    if started.upstreams:
+    if not _any_enabled(config):
+        print(
+            "Upstreams:   every one is switched off (enabled = false): requests get 503 "
+            "upstream_disabled until one is switched on.",
+            file=out,
+        )
+    elif started.upstreams:
         _print_upstreams(started.upstreams, out)
     elif started.lmstudio_reachable:
         print(f"LM Studio:   {config.upstream_url} is reachable.", file=out)

@@ -59,7 +59,12 @@ from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_
 from tray_app.storage.audit import AuditSource
 from tray_app.tasks import spawn
 from tray_app.tunnel.manager import TunnelManager, TunnelState, TunnelStatus
-from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN, check_token_shape
+from tray_app.tunnel.ngrok import (
+    CLOSE_TIMEOUT,
+    NGROK_AUTHTOKEN,
+    OPEN_TIMEOUT,
+    check_token_shape,
+)
 
 log = logging.getLogger("lmgate.controller")
 T = TypeVar("T")
@@ -448,8 +453,8 @@ class Controller:
         and the store holds another one (`lmgate secret set` while the tray runs), the
         gateway restarts to use it."""
         service = self._service
-        if not service.running:
-            return
+        if not service.running or not self.config.all_upstreams[0].enabled:
+            return  # switched off: nothing is sent there, not even a look
         probe = await probe_lmstudio(
             self.config.upstream_url,
             service.lmstudio_token,
@@ -892,6 +897,19 @@ def _toml_ready(value: object) -> object:
     return list(value) if isinstance(value, tuple) else value
 
 
+# Beyond the grace and the tunnel's own bounds: the database, the loop's other tasks.
+SHUTDOWN_SLACK = 10.0
+# A stop while the tunnel opens waits for the opening (the agent's start and the proof that
+# the URL answers) before closing it.
+OPENING_WAIT = OPEN_TIMEOUT + 20.0
+
+
+def shutdown_timeout(config: Config) -> float:
+    """How long Quit waits for the orderly shutdown before giving up on it: every step's own
+    bound added up, so a grace the owner set (up to an hour) is never cut short by ours."""
+    return OPENING_WAIT + CLOSE_TIMEOUT + config.server_shutdown_grace + SHUTDOWN_SLACK
+
+
 class ThreadedController:
     """Runs a :class:`Controller` on its own loop thread; callable from any thread (the UI's)."""
 
@@ -979,12 +997,14 @@ class ThreadedController:
         tunnel's agent stops at once; the caller then ends the process."""
         self.controller.stop_agent_now()
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop everything and the loop thread; returns when done (or after ``timeout``).
-        Calling it again does nothing."""
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop everything and the loop thread; returns when done (or after ``timeout``, by
+        default :func:`shutdown_timeout` of the settings). Calling it again does nothing."""
         if self._stopped:
             return
         self._stopped = True
+        if timeout is None:
+            timeout = shutdown_timeout(self.controller.config)
         future = self._run(self.controller.shutdown())
         with contextlib.suppress(concurrent.futures.TimeoutError, LMGateError):
             future.result(timeout)

@@ -8,8 +8,13 @@ states. Neither opens a store, a database or a port itself.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 from tray_app.config.settings import Config
 from tray_app.control.assembly import (
@@ -36,11 +41,62 @@ from tray_app.secret_store.base import (
     read_or_none,
 )
 from tray_app.storage.audit import AuditSource
+from tray_app.tasks import spawn
 from tray_app.tunnel.manager import StatusListener, TunnelManager
 
 log = logging.getLogger("lmgate.service")
 
 FIRST_KEY_NAME = "owner"
+
+# A logout stops a session's processes with SIGTERM and, milliseconds later, SIGHUP (systemd's
+# SendSIGHUP=yes, which logind's session scopes use): one stop sent twice over, not a person
+# asking twice. A person's second Ctrl-C is the same signal again, and no one sends a different
+# one within a second by hand; a minute into a slow stop, any signal is meant.
+SAME_STOP_SECONDS = 1.0
+
+
+class StopKind(Enum):
+    ORDERLY = "orderly"  # the first: stop in order
+    SAME_STOP = "same stop"  # part of the stop already under way: nothing more to do
+    AT_ONCE = "at once"  # a second stop request: end now, the agent still stopped
+
+
+class StopRequests:
+    """The one rule, for the tray and `serve` alike, for what a stop signal asks: the first
+    starts the orderly stop; a different signal within SAME_STOP_SECONDS of that start is the
+    same stop; the same signal again, or any signal later, ends at once. A stop begun without
+    a signal (the tray's Quit) counts as a different signal."""
+
+    def __init__(
+        self,
+        same_stop_seconds: float = SAME_STOP_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._window = same_stop_seconds
+        self._clock = clock
+        self._began: float | None = None
+        self._signals: set[int] = set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._began is not None
+
+    def begin(self) -> bool:
+        """The orderly stop begins without a signal; True the first time."""
+        if self._began is not None:
+            return False
+        self._began = self._clock()
+        return True
+
+    def signal(self, signum: int) -> StopKind:
+        if self._began is None:
+            self._began = self._clock()
+            self._signals.add(signum)
+            return StopKind.ORDERLY
+        if signum in self._signals or self._clock() - self._began >= self._window:
+            return StopKind.AT_ONCE
+        self._signals.add(signum)
+        return StopKind.SAME_STOP
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +123,9 @@ class GatewayService:
         self._identity: Identity | None = None
         self._server: GatewayServer | None = None
         self._tunnel: TunnelManager | None = None
+        # The tunnel being opened: a stop meanwhile must wait for it and close what it opened,
+        # or the agent (and its config file with the authtoken) outlives LM Gate.
+        self._opening: asyncio.Task[TunnelManager] | None = None
         # LM Studio's token as this run's gateway read it at start: a different one in the
         # store later (`lmgate secret set`) means the gateway must be restarted to use it.
         self.lmstudio_token: str | None = None
@@ -166,12 +225,38 @@ class GatewayService:
         """The last step: open and prove the public URL (the configured provider)."""
         if self._tunnel is not None:
             return self._tunnel
-        self._tunnel = await go_public(
-            self.config, self.server, self.secrets, data_dir(self.config), on_change=on_change
-        )
-        return self._tunnel
+        if self._opening is None:
+            self._opening = spawn(
+                go_public(
+                    self.config,
+                    self.server,
+                    self.secrets,
+                    data_dir(self.config),
+                    on_change=on_change,
+                ),
+                name="going-public",
+            )
+        opening = self._opening
+        try:
+            # Shielded: a caller given up on does not abandon an agent half started.
+            tunnel = await asyncio.shield(opening)
+        except BaseException:
+            if self._opening is opening and opening.done():
+                self._opening = None  # failed (and closed what it had): the next try starts anew
+            raise
+        if self._opening is not opening:
+            raise LMGateError("LM Gate went private before the tunnel finished opening.")
+        self._opening, self._tunnel = None, tunnel
+        return tunnel
 
     async def go_private(self) -> None:
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            # The agent's start cannot be interrupted (pyngrok waits for it in a thread): wait
+            # for it, bounded by the provider's open timeout, then close what it opened.
+            with contextlib.suppress(LMGateError):  # a failed opening closed its own
+                opened = await asyncio.shield(opening)
+                await opened.stop()
         if self._tunnel is not None:
             tunnel, self._tunnel = self._tunnel, None
             await tunnel.stop()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pyngrok import conf, ngrok
+from pyngrok import process as pyngrok_process
 from pyngrok.exception import PyngrokError
 from pyngrok.log import NgrokLog
 from pyngrok.process import NgrokProcess
@@ -151,6 +152,35 @@ def _wait_gone(pid: int, timeout: float) -> bool:
                 return True
         time.sleep(0.05)
     return False
+
+
+_spawning = threading.local()
+
+
+class _ReportingPopen(subprocess.Popen):  # type: ignore[type-arg]
+    """pyngrok starts the agent and then waits up to its startup timeout for the agent's first
+    lines before returning it; the agent runs all that time, so its PID file must be written
+    the moment the process exists, or a second stop signal (which stops the agent by that
+    file) would leave it behind. The callback is per thread: only our opening sets one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        spawned: Callable[[int], None] | None = getattr(_spawning, "callback", None)
+        if spawned is not None:
+            spawned(self.pid)
+
+
+class _SubprocessForPyngrok:
+    """What pyngrok's process module sees as ``subprocess``: the real one, but its Popen
+    reports the PID (see _ReportingPopen)."""
+
+    Popen = _ReportingPopen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+
+setattr(pyngrok_process, "subprocess", _SubprocessForPyngrok())  # noqa: B010
 
 
 class NgrokProvider:
@@ -303,9 +333,11 @@ class NgrokProvider:
         options: dict[str, Any] = {"inspect": False}
         if self._domain:
             options["url"] = self._domain if "://" in self._domain else f"https://{self._domain}"
+        _spawning.callback = self._write_pid
         try:
             process = self._process = ngrok.get_ngrok_process(config)
-            self.pid_path.write_text(f"{process.proc.pid} {self.config_path}\n")
+            # Again: pyngrok may have handed back an agent it had started before.
+            self._write_pid(process.proc.pid)
             threading.Thread(
                 target=self._watch_exit, args=(process,), daemon=True, name="ngrok-agent-watch"
             ).start()
@@ -315,11 +347,16 @@ class NgrokProvider:
         except PyngrokError as exc:
             self._close_blocking()
             raise TunnelError(self._describe(exc)) from None
+        finally:
+            _spawning.callback = None
         if not tunnel.public_url:
             self._close_blocking()
             raise TunnelError("ngrok opened a tunnel but reported no public URL.")
         self._public_url = tunnel.public_url
         return tunnel.public_url
+
+    def _write_pid(self, pid: int) -> None:
+        self.pid_path.write_text(f"{pid} {self.config_path}\n")
 
     def _describe(self, exc: PyngrokError) -> str:
         detail = " ".join(

@@ -67,6 +67,8 @@ class TrayApp:
         self.server.listen(name)
         self.server.newConnection.connect(self._incoming)
         self._stopped = False
+        # The orderly shutdown ran to its end: the exit is a clean one, whoever asked for it.
+        self.stopped_in_order = False
         # Set by run(): a stop signal during Quit's shutdown then ends the app at once.
         self.stop_signals: StopSignals | None = None
 
@@ -127,11 +129,19 @@ class TrayApp:
         ):
             if window is not None:
                 window.close()
-        self.server.close()
-        self.controller.shutdown()
-        app = QApplication.instance()
-        if app is not None:
-            app.quit()
+        try:
+            self.server.close()
+            self.controller.shutdown()
+            self.stopped_in_order = True
+        except Exception:
+            # Still exit: an app left running with its windows closed could not be quit again.
+            log.exception("the shutdown failed part way; exiting all the same")
+        finally:
+            app = QApplication.instance()
+            if app is not None and self.stopped_in_order:
+                app.quit()
+            elif app is not None:
+                app.exit(1)
 
 
 def _application() -> QApplication:
@@ -175,9 +185,12 @@ def run(wishes: Sequence[str], controller: ControllerPort) -> int:
     # all come here.
     app.aboutToQuit.connect(tray_app.quit)
     try:
-        return int(app.exec())
+        code = int(app.exec())
     finally:
         stop_signals.uninstall()
+    # Qt may end the loop with 1 when the X server goes away (an X11 session's end), after
+    # aboutToQuit ran Quit: a shutdown that finished in order is the clean exit asked for.
+    return 0 if tray_app.stopped_in_order else code
 
 
 def end_at_once(controller: ControllerPort, signum: int) -> None:
