@@ -159,8 +159,8 @@ def check_distinct_servers(entries: Iterable[UpstreamEntry], source: str) -> Non
             raise ConfigError(
                 f"{PREFIX}{entry.name}.url",
                 f"{entry.url} is the server upstream {other.name!r} is already ({other.url}): "
-                "one machine is one upstream; remove one of them or switch it off "
-                "(enabled = false)",
+                "one machine is one upstream; remove one of its tables from the config file "
+                "by hand, or switch it off there (enabled = false)",
                 source,
             )
 

@@ -41,7 +41,10 @@ def add_with_token(
         bind_token(store, entry.name, entry.url, token)
     elif store is not None:
         forgot = forget_token(store, secret)
-        forget_binding(store, entry.name)
+        if read_or_none(store, secret) is None:
+            # Only once the token is gone: a token left unbound would be bound to, and sent
+            # to, the next server given its name.
+            forget_binding(store, entry.name)
     upstream_edit.add_upstream(path, entry, configured)
     return forgot
 
@@ -52,8 +55,10 @@ def remove_with_token(path: Path, name: str, store: SecretStore | None) -> bool:
     upstream_edit.remove_upstream(path, name)
     if store is None:
         return False
-    forget_binding(store, name)
-    return forget_token(store, token_secret_name(name))
+    forgot = forget_token(store, token_secret_name(name))
+    if read_or_none(store, token_secret_name(name)) is None:
+        forget_binding(store, name)  # after the token, as in add_with_token
+    return forgot
 
 
 def forget_token(store: SecretStore, secret: str) -> bool:

@@ -41,7 +41,7 @@ def binding_name(upstream: str) -> str:
 
 
 def fingerprint(token: str) -> str:
-    # Not the token: the binding may be shown (doctor), the token never.
+    # Not the token itself: the binding is a secret-store entry of its own, listed by name.
     return hashlib.sha256(token.encode("utf-8")).hexdigest()[:16]
 
 
@@ -59,18 +59,33 @@ def forget_binding(store: SecretStore, upstream: str) -> None:
 
 def read_token(store: SecretStore, upstream: str, url: str) -> TokenRead:
     """``upstream``'s token, if it may be sent to ``url``. Raises what the store's ``get``
-    raises for the token itself; a binding that cannot be read or written counts as none."""
+    raises for the token itself. A binding that cannot be read, or reads as no binding at
+    all, refuses the token: the binding is what says where it may go."""
     secret = token_secret_name(upstream)
     token = store.get(secret)
     if token is None or upstream == LOCAL:
         return TokenRead(token)
     server = server_identity(url)
+    mend = (
+        f"Store this server's token with `lmgate secret set {secret}` (or delete it with "
+        f"`lmgate secret delete {secret}` if the server needs none)."
+    )
     try:
         bound = store.get(binding_name(upstream))
     except SecretStoreError:
-        bound = None
+        return TokenRead(
+            None,
+            f"where the token stored as {secret} may be sent cannot be read from the secret "
+            f"store, so LM Gate does not send it. {mend}",
+        )
     if bound is not None:
         bound_server, _, bound_print = bound.partition(" ")
+        if not bound_server or len(bound_print) != len(fingerprint(token)):
+            return TokenRead(
+                None,
+                f"{binding_name(upstream)} in the secret store is not a binding LM Gate "
+                f"wrote, so the token stored as {secret} is not sent. {mend}",
+            )
         if bound_print == fingerprint(token):
             if bound_server == server:
                 return TokenRead(token)
@@ -78,8 +93,7 @@ def read_token(store: SecretStore, upstream: str, url: str) -> TokenRead:
                 None,
                 f"the token stored as {secret} was given for {bound_server}, not for "
                 f"{server}, where upstream {upstream} is now: LM Gate does not send it there. "
-                f"Store this server's token with `lmgate secret set {secret}` (or delete it "
-                f"with `lmgate secret delete {secret}` if the server needs none).",
+                + mend,
             )
     with contextlib.suppress(SecretStoreError):
         bind_token(store, upstream, url, token)  # a read-only store: sent, not bound

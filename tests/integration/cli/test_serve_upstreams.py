@@ -8,6 +8,7 @@ import json
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 from tests.fake_lmstudio import FakeLMStudio
 from tests.helpers import Env, curl, start_serve
@@ -59,3 +60,27 @@ def test_serve_reports_each_upstream_and_readyz_names_their_states(
             if pipe is not None:
                 pipe.close()
     assert proc.returncode == 0
+
+
+def test_serve_with_every_upstream_switched_off_says_so_and_asks_none(
+    env: Env, lmstudio_thread: FakeLMStudio
+) -> None:
+    config = Path(env.vars["LMGATE_CONFIG"])
+    config.write_text(
+        f'[upstream]\nurl = "{lmstudio_thread.url}"\n\n[upstreams.local]\nenabled = false\n'
+    )
+    proc, url = start_serve(env.vars)
+    try:
+        text = "\n".join(banner(proc))
+        assert "every one is switched off (enabled = false)" in text
+        assert "NOT reachable" not in text
+        status, _ = curl(url + "/readyz")
+        assert status == 503
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert proc.returncode == 0
+    assert lmstudio_thread.received == [] and lmstudio_thread.native == []
