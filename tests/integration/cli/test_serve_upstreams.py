@@ -74,8 +74,8 @@ def test_serve_with_every_upstream_switched_off_says_so_and_asks_none(
         text = "\n".join(banner(proc))
         assert "every one is switched off (enabled = false)" in text
         assert "NOT reachable" not in text
-        status, _ = curl(url + "/readyz")
-        assert status == 503
+        status, body = curl(url + "/readyz")
+        assert (status, json.loads(body)["status"]) == (503, "unavailable")
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
