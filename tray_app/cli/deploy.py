@@ -40,7 +40,8 @@ class Deployment:
     replicas: tuple[str, ...] = ()
 
     def validate(self) -> Deployment:
-        if not _DOMAIN.fullmatch(self.domain.lower()):
+        # ASCII first: lower() makes a Kelvin sign a "k" the site would not spell.
+        if not self.domain.isascii() or not _DOMAIN.fullmatch(self.domain.lower()):
             raise InputError(
                 "--domain", f"{self.domain!r} is not a domain name like llm.example.com"
             )

@@ -72,12 +72,22 @@ def edge_network(subnet: str) -> ipaddress.IPv4Network:
         raise InputError(
             "--subnet", f"{subnet!r} is not an IPv4 network like {EDGE_SUBNET}: {exc}"
         ) from None
-    if not 16 <= network.prefixlen <= 28 or not network.is_private:
+    # The networks for private use (RFC 1918) only: is_private also takes loopback,
+    # link-local and reserved ranges, which no bridge should claim.
+    if not 16 <= network.prefixlen <= 28 or not any(
+        network.subnet_of(block) for block in PRIVATE_BLOCKS
+    ):
         raise InputError(
             "--subnet",
-            f"{subnet} must be a private IPv4 network of /16 to /28 (default {EDGE_SUBNET})",
+            f"{subnet} must be a private IPv4 network (in 10.0.0.0/8, 172.16.0.0/12 or "
+            f"192.168.0.0/16) of /16 to /28 (default {EDGE_SUBNET})",
         )
     return network
+
+
+PRIVATE_BLOCKS = tuple(
+    ipaddress.IPv4Network(block) for block in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +114,14 @@ class ComposeDeployment:
             )
         self.site.validate()  # the domain, checked as `deploy nginx` checks it
         network = edge_network(self.subnet)
+        # The replicas take addresses from the lower half, less its network address and the
+        # bridge's gateway.
+        room = network.num_addresses // 2 - 2
+        if self.replicas > room:
+            raise InputError(
+                "--subnet",
+                f"{network} has room for {room} replicas, not {self.replicas}: choose a larger one",
+            )
         return dataclasses.replace(
             self, domain=self.domain.lower(), upstream_url=url, subnet=str(network)
         )
@@ -139,8 +157,9 @@ NGINX_ADDRESS = ComposeDeployment("x.example").nginx_address  # with the default
 
 
 def _quoted(text: str) -> str:
-    # A JSON string is a YAML double-quoted scalar: nothing in a value can become structure.
-    return json.dumps(text)
+    # A JSON string is a YAML double-quoted scalar: nothing in a value can become structure;
+    # `$$` is Compose's `$`, so no value takes a variable from whoever runs it.
+    return json.dumps(text.replace("$", "$$"))
 
 
 def _nginx_command(tls: Path) -> str:
@@ -154,7 +173,7 @@ def _nginx_command(tls: Path) -> str:
         "exec nginx -g 'daemon off;'"
     )
     # $$: Compose would substitute $f itself.
-    return _quoted(script.replace("$", "$$"))
+    return _quoted(script)
 
 
 def compose_file(d: ComposeDeployment, directory: Path) -> str:
@@ -216,9 +235,10 @@ services:
       edge:
         ipv4_address: {d.nginx_address}
     # The master: the ports, its workers' user, their temporary directories, and tls/ (0700,
-    # the host user's). The workers run unprivileged with none of these.
+    # the host user's: DAC_OVERRIDE, never DAC_READ_SEARCH, which lets open_by_handle_at
+    # reach the host's files through a bind mount). The workers run with none of these.
     cap_drop: [ALL]
-    cap_add: [CHOWN, SETUID, SETGID, NET_BIND_SERVICE, DAC_READ_SEARCH]
+    cap_add: [CHOWN, SETUID, SETGID, NET_BIND_SERVICE, DAC_OVERRIDE]
     security_opt: ["no-new-privileges:true"]
     read_only: true
     tmpfs: [/var/cache/nginx, /var/lib/nginx, /run]   # /var/run is a link to /run
@@ -328,6 +348,7 @@ def _lstat(path: Path) -> os.stat_result | None:
 def _check_output(directory: Path) -> bool:
     """Whether the secrets exist already. Refuses, before anything is written, a directory
     someone else could change and what a write would half do."""
+    _check_parents(directory)
     st = _lstat(directory)
     if st is None:
         return False
@@ -353,6 +374,20 @@ def _check_output(directory: Path) -> bool:
             "restore them, or delete secrets/ and the project's volumes (docker compose down -v)",
         )
     return bool(present)
+
+
+def _check_parents(directory: Path) -> None:
+    """Every directory above the project: one another user may write to (without the sticky
+    bit, as /tmp has) lets them move the project aside and put their own in its place before
+    `docker compose up` runs it, as root. As OpenSSH's StrictModes checks."""
+    for parent in directory.absolute().parents:
+        st = parent.stat()
+        if st.st_uid not in (0, os.geteuid()):
+            raise _refuse(parent, f"belongs to another user (uid {st.st_uid}): pick another place")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            raise _refuse(
+                parent, "may be written by others: choose another place, or `chmod go-w` it"
+            )
 
 
 def _open_directory(path: Path, parent: int | None, name: str, mode: int) -> int:

@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -253,6 +254,8 @@ def _parse(line: bytes) -> Ended | Unfinished | None:
         if not isinstance(principal, str):
             return None
         at = float(parts[3])
+        if not math.isfinite(at) or at < 0:
+            return None  # nan, inf or 1e400: no hour to count it in
         if parts[1] == b"b" and len(parts) == 4:
             return Unfinished(seq, principal, at)
         if parts[1] == b"d" and len(parts) == 7:

@@ -135,8 +135,10 @@ def test_compose_yaml_keeps_the_state_private_and_trusts_only_nginx(
     nginx = services["nginx"]
     assert nginx["cap_drop"] == ["ALL"]
     assert set(nginx["cap_add"]) <= {
-        "CHOWN", "SETUID", "SETGID", "NET_BIND_SERVICE", "DAC_READ_SEARCH"
+        "CHOWN", "SETUID", "SETGID", "NET_BIND_SERVICE", "DAC_OVERRIDE"
     }  # fmt: skip
+    # open_by_handle_at (the "Shocker" escape) is allowed with it: never granted.
+    assert "DAC_READ_SEARCH" not in nginx["cap_add"]
     assert nginx["read_only"] is True and "/var/cache/nginx" in nginx["tmpfs"]
     for name in ("nginx", "postgres", "redis", "lmgate-1"):
         assert services[name]["security_opt"] == ["no-new-privileges:true"], name
@@ -529,3 +531,72 @@ def test_nginx_starts_only_with_the_certificate_and_says_where_it_goes(
         f"lmgate: no certificate: put fullchain.pem and privkey.pem in {tls} on the host "
         "(README, With Docker Compose), then restart nginx\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("subnet", "replicas"),
+    [
+        ("127.0.0.0/24", 2),  # loopback: "private" to Python, no bridge's
+        ("169.254.0.0/16", 2),  # link-local
+        ("198.18.0.0/15", 2),  # benchmarking, reserved
+        ("240.0.0.0/16", 2),
+        ("10.9.9.0/28", 7),  # 8 addresses for the replicas, less two: room for 6
+    ],
+)
+def test_a_subnet_that_is_not_rfc_1918_or_too_small_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], subnet: str, replicas: int
+) -> None:
+    code, _, err = _run(
+        capsys, "--domain", DOMAIN, "--subnet", subnet, "--replicas", str(replicas),
+        "--output", str(tmp_path / "p"),
+    )  # fmt: skip
+    assert code == 2 and err.startswith("lmgate: --subnet: "), err
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_subnet_just_large_enough_is_taken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _run(
+        capsys, "--domain", DOMAIN, "--subnet", "10.9.9.0/28", "--replicas", "6",
+        "--output", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0, err
+
+
+def test_a_dollar_in_a_value_is_no_variable_for_compose(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _run(
+        capsys, "--domain", DOMAIN, "--upstream-url", "http://$HOME:1234", "--output",
+        str(tmp_path),
+    )  # fmt: skip
+    assert code == 0, err
+    text = (tmp_path / "compose.yaml").read_text()
+    assert 'LMGATE_UPSTREAM_URL: "http://$$HOME:1234"' in text
+    assert "$HOME" not in text.replace("$$HOME", "")
+
+
+def test_deploy_nginx_refuses_a_domain_that_is_not_ascii(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    kelvin = "llm.\u212axample.com"  # lower() makes it "k"
+    code = main(["deploy", "nginx", "--domain", kelvin, "--output", str(tmp_path / "n")])
+    _, err = capsys.readouterr()
+    assert code == 2 and err.startswith("lmgate: --domain: ")
+    assert not (tmp_path / "n").exists()
+
+
+def test_a_place_another_user_may_write_to_above_the_project_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # no sticky bit: anyone may move the project aside
+    code, _, err = _run(capsys, "--domain", DOMAIN, "--output", str(shared / "proj"))
+    assert code == 2 and "may be written by others" in err, err
+    assert not (shared / "proj").exists()
+    shared.chmod(0o1777)  # sticky, as /tmp: only the owner may rename what is theirs
+    code, _, err = _run(capsys, "--domain", DOMAIN, "--output", str(shared / "proj"))
+    assert code == 0, err

@@ -489,7 +489,16 @@ def test_a_flush_beside_one_still_writing_waits_for_it(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "line",
-    [b'1 d "k" 1.0 -5 2 0', b'1 d "k" 1.0 5 +2 0', b'-1 b "k" 1.0', b'1 d "k" 1.0 5 2 0x1'],
+    [
+        b'1 d "k" 1.0 -5 2 0',
+        b'1 d "k" 1.0 5 +2 0',
+        b'-1 b "k" 1.0',
+        b'1 d "k" 1.0 5 2 0x1',
+        b'1 d "k" nan 5 2 0',
+        b'1 b "k" inf',
+        b'1 d "k" 1e400 5 2 0',
+        b'1 b "k" -3.0',
+    ],
 )
 def test_a_count_that_is_not_a_plain_decimal_is_not_believed(tmp_path: Path, line: bytes) -> None:
     journal = UsageJournal(tmp_path)
