@@ -29,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -221,7 +222,8 @@ def checkout(ref: str, into: Path) -> Path:
     """The package as it was at ``ref`` (a commit, a tag), to run side by side with this one."""
     into.mkdir(parents=True)
     archive = subprocess.run(
-        ["git", "-C", str(HERE.parent), "archive", ref, "tray_app"],
+        # resources/ too: the package reads the phone page from it as it starts.
+        ["git", "-C", str(HERE.parent), "archive", ref, "tray_app", "resources"],
         capture_output=True,
         check=True,
     )
@@ -305,46 +307,27 @@ async def _start_sides(
         Side("direct", upstream_url, {}),
         Side("gateway", gateway_url, {"Authorization": f"Bearer {key}"}),
     ]
+
+    def another(name: str, **options: Any) -> None:
+        """One more gateway side, in a home of its own, started as the first one was."""
+        side_home = home / name
+        side_home.mkdir()
+        proc, url, side_key = start_gateway(
+            side_home, upstream_url, side_home / "gateway.log", **options
+        )
+        started.append(proc)
+        sides.append(Side(name, url, {"Authorization": f"Bearer {side_key}"}))
+
     if control:
         # The same version once more, in a process of its own: how far two runs of the same
         # code differ here, the noise any difference to --baseline must stand out from.
-        twin_home = home / "control"
-        twin_home.mkdir()
-        twin, twin_url, twin_key = start_gateway(
-            twin_home,
-            upstream_url,
-            twin_home / "gateway.log",
-            settings=settings,
-            key_options=key_options,
-        )
-        started.append(twin)
-        sides.append(Side("control", twin_url, {"Authorization": f"Bearer {twin_key}"}))
+        another("control", settings=settings, key_options=key_options)
     if ungated:
         # This version without the budget, the fair queue and the model guard, with the
         # same settings and a key with the same budget (never looked at).
-        bare_home = home / "ungated"
-        bare_home.mkdir()
-        bare, bare_url, bare_key = start_gateway(
-            bare_home,
-            upstream_url,
-            bare_home / "gateway.log",
-            settings=settings,
-            key_options=key_options,
-            ungated=True,
-        )
-        started.append(bare)
-        sides.append(Side("ungated", bare_url, {"Authorization": f"Bearer {bare_key}"}))
+        another("ungated", settings=settings, key_options=key_options, ungated=True)
     if baseline is not None:
-        old_home = home / "baseline"
-        old_home.mkdir()
-        proc, url, old_key = start_gateway(
-            old_home,
-            upstream_url,
-            old_home / "gateway.log",
-            source=checkout(baseline, home / "src"),
-        )
-        started.append(proc)
-        sides.append(Side("baseline", url, {"Authorization": f"Bearer {old_key}"}))
+        another("baseline", source=checkout(baseline, home / "src"))
     if floors:
         for kind in FLOORS:
             proc, url = start_process(
