@@ -24,9 +24,7 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from pyngrok.process import NgrokProcess
 
 from tray_app.errors import SecretStoreError, TunnelError
 from tray_app.secret_store.base import SecretStore
+from tray_app.tunnel.agent_process import command_line, wait_gone
 from tray_app.tunnel.ngrok_agent import INSTALL_HELP, Agent, find_agent
 
 log = logging.getLogger("lmgate.tunnel.ngrok")
@@ -113,45 +112,6 @@ def _free_loopback_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _command_line(pid: int) -> str | None:
-    proc = Path(f"/proc/{pid}/cmdline")
-    if proc.exists():
-        try:
-            return proc.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            return None
-    if sys.platform == "win32":
-        return None
-    try:
-        # ps from PATH with a numeric argument: nothing untrusted reaches the command line.
-        result = subprocess.run(  # noqa: S603
-            ["ps", "-p", str(pid), "-o", "command="],  # noqa: S607
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return result.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        # A zombie child of ours still answers kill(0); reap it if it is ours.
-        with contextlib.suppress(ChildProcessError, OSError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return True
-        time.sleep(0.05)
-    return False
 
 
 _spawning = threading.local()
@@ -296,7 +256,7 @@ class NgrokProvider:
             pid = int(self.pid_path.read_text().split()[0])
         except (FileNotFoundError, ValueError, IndexError):
             return False
-        command = _command_line(pid)
+        command = command_line(pid)
         if command is None or str(self.config_path) not in command or "ngrok" not in command:
             # Not running, or not ours: leave it alone.
             self.pid_path.unlink(missing_ok=True)
@@ -304,9 +264,9 @@ class NgrokProvider:
         log.warning("stopping an ngrok agent left running by an earlier LM Gate (pid %d)", pid)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-            if not _wait_gone(pid, 5):
+            if not wait_gone(pid, 5):
                 os.kill(pid, signal.SIGKILL)
-                _wait_gone(pid, 5)
+                wait_gone(pid, 5)
         self.pid_path.unlink(missing_ok=True)
         return True
 
@@ -406,10 +366,10 @@ class NgrokProvider:
         self._public_url = None
         with contextlib.suppress(PyngrokError, OSError):
             ngrok.kill(config)
-        if pid is not None and not _wait_gone(pid, 5):
+        if pid is not None and not wait_gone(pid, 5):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            _wait_gone(pid, 5)
+            wait_gone(pid, 5)
         self.pid_path.unlink(missing_ok=True)
         # The token's only copy outside the keyring goes with the agent.
         self.config_path.unlink(missing_ok=True)

@@ -8,12 +8,7 @@ It is recognised by reading it, never by running it. Any other candidate counts 
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import signal
-import subprocess
-import sys
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -22,8 +17,8 @@ from pathlib import Path
 from pyngrok import conf
 
 from tray_app.errors import TunnelError
+from tray_app.tunnel.agent_binary import VERSION_TIMEOUT, executable, on_path, version_output
 
-VERSION_TIMEOUT = 5.0
 # Enough for any script header; a real agent is a large compiled binary.
 _SCRIPT_HEAD = 64 * 1024
 _RUNS_PYNGROK = re.compile(rb"\bfrom\s+pyngrok\b|\bimport\s+pyngrok\b|-m\s+pyngrok\b")
@@ -32,8 +27,8 @@ _MIN_MAJOR = 3  # the agent API (/api/endpoints) and config format pyngrok drive
 
 INSTALL_HELP = (
     "Install the ngrok agent from https://ngrok.com/download (or `brew install ngrok`, "
-    "`snap install ngrok`, `choco install ngrok`), then put it on your PATH or set "
-    "tunnel.ngrok_path to the binary."
+    "`snap install ngrok`, `choco install ngrok`, or `lmgate tunnel install-agent`, which asks "
+    "first), then put it on your PATH or set tunnel.ngrok_path to the binary."
 )
 SHIM = "pyngrok's `ngrok` command, which downloads ngrok when run"
 
@@ -67,61 +62,11 @@ def _launcher_runs_pyngrok(path: Path) -> bool:
     return _RUNS_PYNGROK.search(script) is not None
 
 
-def _no_downloads_environment() -> dict[str, str]:
-    # A real agent's --version needs no network. A downloader that slipped past the shim check
-    # (pyngrok's script behind a wrapper such as a pyenv shim) finds every HTTP(S) request sent
-    # to a closed port: it fails at once, having fetched nothing, and so does not count.
-    closed = "http://127.0.0.1:9"
-    env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARIABLES}
-    env.update(
-        {name: closed for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
-    )
-    env.update({"ALL_PROXY": closed, "all_proxy": closed})
-    return env
-
-
-_PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_proxy"})
-
-
-def _version_output(path: Path, timeout: float) -> tuple[int, str] | str:
-    """(exit status, stdout) of ``path --version``, or why it could not be had."""
-    try:
-        # The path is the configured agent or an ngrok on PATH, run without a shell.
-        proc = subprocess.Popen(  # noqa: S603
-            [str(path), "--version"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=_no_downloads_environment(),
-            # Its own process group: a timeout kills a wrapper's children too, which would
-            # otherwise hold the pipe open and hang the wait.
-            start_new_session=sys.platform != "win32",
-        )
-    except OSError as exc:
-        return f"{path} does not run ({exc.strerror or exc})"
-    with proc:
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.communicate()
-            return f"`{path} --version` did not answer within {timeout:g} s"
-    return proc.returncode, out.decode(errors="replace")
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    if sys.platform == "win32":
-        proc.kill()
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 def probe(path: Path) -> Agent | str:
     """The agent at ``path``, or (as a phrase) why it is not one."""
     if is_pyngrok_shim(path):
         return f"{path} is {SHIM}"
-    result = _version_output(path, VERSION_TIMEOUT)
+    result = version_output(path, timeout=VERSION_TIMEOUT)
     if isinstance(result, str):
         return result
     status, out = result
@@ -137,28 +82,12 @@ def probe(path: Path) -> Agent | str:
     return Agent(path, version)
 
 
-def _executable(path: Path) -> bool:
-    return path.is_file() and os.access(path, os.X_OK)
-
-
 def candidates() -> list[Path]:
     """Every ``ngrok`` on PATH in order, then the copy pyngrok may have downloaded earlier."""
-    names = ["ngrok"]
-    if sys.platform == "win32":
-        extensions = os.environ.get("PATHEXT", ".EXE;.BAT;.CMD").split(os.pathsep)
-        names = [f"ngrok{ext.lower()}" for ext in extensions if ext]
-    found: list[Path] = []
-    seen: set[Path] = set()
-    for directory in os.environ.get("PATH", "").split(os.pathsep):
-        if not directory:
-            continue  # an empty entry means the current directory: never look there
-        for name in names:
-            path = Path(directory) / name
-            if _executable(path) and path.resolve() not in seen:
-                seen.add(path.resolve())
-                found.append(path)
+    found = on_path("ngrok")
+    seen = {path.resolve() for path in found}
     default = Path(conf.DEFAULT_NGROK_PATH)
-    if _executable(default) and default.resolve() not in seen:
+    if executable(default) and default.resolve() not in seen:
         found.append(default)
     return found
 
@@ -185,7 +114,7 @@ def find_agent(configured: str = "") -> Agent:
 
 
 def _configured_agent(path: Path) -> Agent:
-    if not _executable(path):
+    if not executable(path):
         raise TunnelError(
             f"tunnel.ngrok_path points to {path}, which is not an executable "
             "ngrok binary. " + INSTALL_HELP
