@@ -112,10 +112,12 @@ def test_check_verifies_a_deployment_end_to_end(live: Live) -> None:
         "models",
         "chat",
         "streamed chat",
+        "streams through",
         "CORS preflight",
     ):
         assert re.search(rf"^PASS\s+{step}\s", result.stdout, re.M), step
-    assert re.search(r"first token after \d+ ms", result.stdout)
+    assert re.search(r"first token after \d+ ms, largest gap \d+ ms", result.stdout)
+    assert re.search(r"first chunk after \d+ ms, largest gap \d+ ms", result.stdout)
     assert live.key not in result.stdout
 
 

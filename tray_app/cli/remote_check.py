@@ -1,7 +1,9 @@
 """``lmgate check URL TOKEN``: verify a deployment end to end from any machine.
 
 Health, that a request without a token is refused, models, a chat, a streamed chat (time to
-first token), and a CORS preflight; a pass/fail table, exit 0 only if all pass. A step that
+first token, largest gap between chunks), that streams come through as they are written (the
+gateway's paced ``/stream-check``: a tunnel that buffers shows each answer only when it is
+finished), and a CORS preflight; a pass/fail table, exit 0 only if all pass. A step that
 cannot run because an earlier one failed is skipped, not failed, and the summary names the
 first failure: one cause is counted once.
 """
@@ -9,6 +11,7 @@ first failure: one cause is counted once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -17,10 +20,12 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from tray_app.gateway.upstream.failures import describe_failure
+from tray_app.tunnel.stream_check import check_stream
 
 HEADERS = {"ngrok-skip-browser-warning": "1"}
 SECONDS = 60.0
 MESSAGE_CHARS = 100  # an error's message as shown; LM Gate's are shorter
+STREAMS = "streams through"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +73,7 @@ async def _run(url: str, token: str) -> list[Step]:
     base = url.rstrip("/")
     auth = {**HEADERS, "Authorization": f"Bearer {token}"}
     steps: list[Step] = []
+    models_status = 0  # what /v1/models answered (401: the token is refused)
     timeout = aiohttp.ClientTimeout(total=SECONDS)
     async with aiohttp.ClientSession(timeout=timeout) as s:
 
@@ -95,7 +101,9 @@ async def _run(url: str, token: str) -> list[Step]:
                 )
 
         async def models() -> list[str]:
+            nonlocal models_status
             async with s.get(base + "/v1/models", headers=auth) as r:
+                models_status = r.status
                 body = await r.json(content_type=None)
                 ids = [m["id"] for m in body.get("data", [])] if r.status == 200 else []
                 if r.status == 200 and not ids:
@@ -130,7 +138,7 @@ async def _run(url: str, token: str) -> list[Step]:
                 "messages": [{"role": "user", "content": "Count to three."}],
             }
             started = time.monotonic()
-            first = None
+            arrivals: list[float] = []
             done = False
             async with s.post(base + "/v1/chat/completions", headers=auth, json=payload) as r:
                 if r.status != 200:
@@ -138,20 +146,43 @@ async def _run(url: str, token: str) -> list[Step]:
                     steps.append(Step("streamed chat", False, _refusal(r.status, body)))
                     return
                 async for line in r.content:
-                    if line.startswith(b"data:") and first is None:
-                        first = time.monotonic() - started
                     if line.strip() == b"data: [DONE]":
                         done = True
-            ok = first is not None and done
-            steps.append(
-                Step(
-                    "streamed chat",
-                    ok,
-                    f"first token after {first * 1000:.0f} ms"
-                    if ok and first is not None
-                    else "no complete stream",
+                    elif line.startswith(b"data:"):
+                        arrivals.append(time.monotonic())
+            ok = bool(arrivals) and done
+            if not ok:
+                steps.append(Step("streamed chat", False, "no complete stream"))
+                return
+            detail = f"first token after {(arrivals[0] - started) * 1000:.0f} ms"
+            gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+            if gaps:
+                detail += f", largest gap {max(gaps) * 1000:.0f} ms"
+            steps.append(Step("streamed chat", True, detail))
+
+        async def streams_through() -> None:
+            found = await check_stream(base, token, seconds=SECONDS)
+            if not found.checked:
+                steps.append(Step(STREAMS, False, found.problem))
+            elif found.incremental:
+                steps.append(
+                    Step(
+                        STREAMS,
+                        True,
+                        f"first chunk after {found.first_chunk_ms or 0:.0f} ms, "
+                        f"largest gap {found.largest_gap_ms or 0:.0f} ms",
+                    )
                 )
-            )
+            else:
+                steps.append(
+                    Step(
+                        STREAMS,
+                        False,
+                        f"in one piece: {found.chunks} chunks at once after "
+                        f"{found.first_chunk_ms or 0:.0f} ms (people see each answer only "
+                        "when it is finished)",
+                    )
+                )
 
         async def preflight() -> None:
             parts = urlsplit(base)
@@ -170,7 +201,7 @@ async def _run(url: str, token: str) -> list[Step]:
         await step("health", health())
         if not steps[-1].ok and steps[-1].detail.startswith("not reachable"):
             # Nothing answers: every other step would fail for the same reason.
-            for name in ("no token is refused", "models", "chat", "streamed chat"):
+            for name in ("no token is refused", "models", "chat", "streamed chat", STREAMS):
                 skip(name, "the gateway is not reachable")
             skip("CORS preflight", "the gateway is not reachable")
             return steps
@@ -182,6 +213,12 @@ async def _run(url: str, token: str) -> list[Step]:
         else:
             skip("chat", "no model to ask (models failed)")
             skip("streamed chat", "no model to ask (models failed)")
+        if models_status == 401:
+            # The token was refused: the stream check would be refused for the same reason.
+            skip(STREAMS, "the token was refused (models failed)")
+        else:
+            # No model needed: the gateway paces this stream itself.
+            await step(STREAMS, streams_through())
         await step("CORS preflight", preflight())
     return steps
 

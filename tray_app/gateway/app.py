@@ -29,6 +29,7 @@ from tray_app.clock import Clock, SystemClock
 from tray_app.config.settings import Config
 from tray_app.errors import AuthError, StorageError
 from tray_app.gateway import api_errors as errors
+from tray_app.gateway import stream_probe
 from tray_app.gateway.accounting import UsageRecorder
 from tray_app.gateway.api_errors import REQUEST_ID_HEADER, ApiError
 from tray_app.gateway.body_rules import (
@@ -210,7 +211,11 @@ class Gateway:
             Part.HEALTH: self._healthz,
             Part.READINESS: lambda request, exchange, _: self._readyz(request, exchange),
             Part.LM_STUDIO: self._forwarded,
+            Part.STREAM_CHECK: self._stream_check,
         }
+        # The tunnel's own stream check calls with it: per process, accepted on
+        # /stream-check only, never logged.
+        self._stream_probe_token = stream_probe.new_probe_token()
         if metrics is not None:
             handlers[Part.METRICS] = self._metrics
         self._chat: ChatApi | None = None
@@ -279,6 +284,12 @@ class Gateway:
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    @property
+    def stream_probe_token(self) -> str:
+        """The bearer with which this process's tunnel check calls ``POST /stream-check``
+        (and nothing else: every other route refuses it, as any unknown credential)."""
+        return self._stream_probe_token
 
     # ---- request handling -----------------------------------------------------------------
 
@@ -576,6 +587,38 @@ class Gateway:
         )
 
     # ---- the gateway's own endpoints ------------------------------------------------------
+
+    async def _stream_check(
+        self, request: web.Request, exchange: Exchange, endpoint: Endpoint
+    ) -> web.StreamResponse:
+        """A paced SSE stream (tray_app.gateway.stream_probe), for the probe token or any
+        valid credential; anything else fails, and is counted, as on every other route."""
+        lease: tuple[str, str] | None = None
+        if not stream_probe.carries_probe_token(request.headers, self._stream_probe_token):
+            principal = await self._authenticate(request, exchange)
+            # Under a second, and LM Studio is never asked: a revocation has nothing to end
+            # (the watchdog cancels only requests with a caller).
+            exchange.caller = None
+            await self._protect.take_request(principal.name)
+            lease = (principal.name, await self._protect.enter(principal.name))
+        try:
+            raw = await self._read_body(request, exchange, limit=stream_probe.MAX_BODY_BYTES)
+            stream_probe.check_body(raw)
+            exchange.stream = True
+            response, sent = await stream_probe.answer(
+                request,
+                exchange.request_id,
+                self._clock,
+                extra_headers=exchange.cors,
+                aborted=lambda: exchange.aborted_with,
+            )
+        finally:
+            if lease is not None:
+                self._protect.leave(*lease)
+        exchange.outcome.bytes_out = sent
+        if exchange.aborted_with is not None:
+            exchange.error = exchange.aborted_with.code
+        return response
 
     async def _healthz(
         self, request: web.Request, exchange: Exchange, endpoint: Endpoint

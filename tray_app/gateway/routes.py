@@ -21,6 +21,7 @@ from tray_app.gateway import api_errors as errors
 from tray_app.gateway.api_errors import ApiError
 from tray_app.gateway.webpage import FILES as PAGE_FILES
 from tray_app.identity.principal import SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
+from tray_app.stream_pacing import PATH as STREAM_CHECK_PATH
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,8 @@ class Part(Enum):
     PAIRING = "pairing"
     PHONE_PAGE = "phone page"  # pairs through /pair, so served only where pairing is
     CONVERSATIONS = "conversations"
+    # A paced SSE stream that tells whether a tunnel streams; it never asks LM Studio.
+    STREAM_CHECK = "stream check"
     LM_STUDIO = "lm studio"
 
 
@@ -100,6 +103,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/readyz", ("GET",), Part.READINESS),
     Endpoint("/metrics", ("GET",), Part.METRICS),
     Endpoint("/pair", ("POST",), Part.PAIRING),
+    Endpoint(STREAM_CHECK_PATH, ("POST",), Part.STREAM_CHECK),
     *(Endpoint(path, ("GET",), Part.PHONE_PAGE) for path in PAGE_FILES),
     Endpoint("/api/chat", ("POST",), Part.CONVERSATIONS),
     Endpoint("/api/conversations", ("GET",), Part.CONVERSATIONS),

@@ -3,7 +3,9 @@
 A provider opens a public endpoint for the gateway's local port and closes it. The manager
 opens it, proves the URL works by fetching ``/healthz`` through it, watches it (a periodic check
 plus the provider's own "lost" signal), re-opens it with exponential backoff, and publishes every
-state change as a frozen :class:`TunnelStatus` for the UI.
+state change as a frozen :class:`TunnelStatus` for the UI. Given a stream check, it also finds
+out, through the public URL, whether streamed answers arrive as they are written
+(:mod:`tray_app.tunnel.stream_check`) after each open, and publishes that too.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import aiohttp
 from tray_app.clock import Clock, SystemClock
 from tray_app.errors import TunnelError
 from tray_app.tasks import spawn, wait_for_event
+from tray_app.tunnel.stream_check import StreamCheck
 
 log = logging.getLogger("lmgate.tunnel")
 
@@ -46,6 +49,9 @@ class TunnelStatus:
     warning: str | None = None  # e.g. "LAN traffic is not encrypted"
     attempt: int = 0
     since: float = 0.0
+    # Whether the public URL streams, once checked after this open (None: not yet, or no
+    # check); published as a status of its own, the state and `since` unchanged.
+    streaming: StreamCheck | None = None
 
 
 class TunnelProvider(Protocol):
@@ -106,6 +112,7 @@ class TunnelManager:
         backoff_start: float = 1.0,
         backoff_max: float = 60.0,
         checker: Callable[[str], Awaitable[bool]] | None = None,
+        stream_check: Callable[[str], Awaitable[StreamCheck]] | None = None,
     ) -> None:
         self._provider = provider
         self._port = local_port
@@ -116,6 +123,8 @@ class TunnelManager:
         self._backoff_start = backoff_start
         self._backoff_max = backoff_max
         self._check = checker or url_works
+        self._stream_check = stream_check
+        self._streaming: asyncio.Task[None] | None = None  # the stream check running
         self._status = TunnelStatus(TunnelState.STOPPED, provider.name, since=self._clock.time())
         self._watchdog: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
@@ -135,6 +144,9 @@ class TunnelManager:
         log.info(
             "tunnel %s: %s %s", self._provider.name, state.value, self._status.public_url or ""
         )
+        self._tell_listeners()
+
+    def _tell_listeners(self) -> None:
         for listener in self._listeners:
             try:
                 listener(self._status)
@@ -157,6 +169,7 @@ class TunnelManager:
             message="opening",
             attempt=0,
             warning=self._provider.warning,
+            streaming=None,
         )
         try:
             url = await self._open_and_verify()
@@ -164,6 +177,7 @@ class TunnelManager:
             self._publish(TunnelState.FAILED, message=str(exc))
             raise
         self._publish(TunnelState.PUBLIC, public_url=url, message="public")
+        self._start_stream_check(url)
         self._watchdog = spawn(self._watch(), name="tunnel-watchdog")
         return self._status
 
@@ -172,8 +186,11 @@ class TunnelManager:
         if watchdog is not None:
             watchdog.cancel()
             await asyncio.wait({watchdog})
+        await self._cancel_stream_check()
         await self._provider.close()
-        self._publish(TunnelState.STOPPED, public_url=None, message="stopped", attempt=0)
+        self._publish(
+            TunnelState.STOPPED, public_url=None, message="stopped", attempt=0, streaming=None
+        )
 
     async def _open_and_verify(self) -> str:
         url = await self._provider.open(self._port)
@@ -209,8 +226,12 @@ class TunnelManager:
         while True:
             attempt += 1
             self._publish(
-                TunnelState.RECONNECTING, message=f"reconnecting: {reason}", attempt=attempt
+                TunnelState.RECONNECTING,
+                message=f"reconnecting: {reason}",
+                attempt=attempt,
+                streaming=None,
             )
+            await self._cancel_stream_check()
             await self._provider.close()
             try:
                 url = await self._open_and_verify()
@@ -221,4 +242,42 @@ class TunnelManager:
                 continue
             self._lost.clear()
             self._publish(TunnelState.PUBLIC, public_url=url, message="public", attempt=0)
+            self._start_stream_check(url)
             return
+
+    # ---- whether the public URL streams ---------------------------------------------------
+
+    def _start_stream_check(self, url: str) -> None:
+        """Check in the background: it takes the stream's pacing (half a second) plus a few
+        round trips, up to the check's own timeout on a slow tunnel, and the URL works
+        already (the phones may use it while it runs). start() returning promptly keeps
+        `serve`'s banner and the tray's "public" from waiting on a figure that is
+        informational: a buffering tunnel still works, only less nicely."""
+        if self._stream_check is None:
+            return
+        if self._streaming is not None:
+            self._streaming.cancel()  # one check at a time, about the URL now public
+        self._streaming = spawn(self._run_stream_check(url), name="tunnel-stream-check")
+
+    async def _run_stream_check(self, url: str) -> None:
+        assert self._stream_check is not None
+        try:
+            result = await self._stream_check(url)
+        except Exception:  # a check that raises says nothing about the tunnel
+            log.exception("the tunnel's stream check failed")
+            return
+        status = self._status
+        if status.state is not TunnelState.PUBLIC or status.public_url != url:
+            return  # the tunnel moved on meanwhile: the figure is about a URL gone
+        if result.checked and not result.incremental:
+            log.warning("tunnel %s: %s", self._provider.name, result.describe())
+        else:
+            log.info("tunnel %s: %s", self._provider.name, result.describe())
+        self._status = replace(status, streaming=result)
+        self._tell_listeners()
+
+    async def _cancel_stream_check(self) -> None:
+        task, self._streaming = self._streaming, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
