@@ -10,6 +10,8 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from tray_app.control.controller import AppSettings, AppState, Credential, PairingLink, Phase
+from tray_app.control.tunnel_setup import ChoiceRow
+from tray_app.tunnel.choices import CHOICES
 
 T = TypeVar("T")
 
@@ -145,9 +147,29 @@ class FakeController:
             new,
             new_lmstudio_token=None,
             new_ngrok_token=None,
+            new_cloudflare_token=None,
             ngrok_token_set=new.ngrok_token_set or bool(new.new_ngrok_token),
+            cloudflare_token_set=new.cloudflare_token_set or bool(new.new_cloudflare_token),
         )
         return self._answer("save_settings", self._state, new)
+
+    def tunnel_choices(self) -> concurrent.futures.Future[tuple[ChoiceRow, ...]]:
+        # cloudflared "installed", the others not: the guide's one-click choice shows.
+        rows = tuple(
+            ChoiceRow(choice, choice.program in {None, "cloudflared"}) for choice in CHOICES
+        )
+        return self._answer("tunnel_choices", rows)
+
+    def ngrok_install_plan(self) -> concurrent.futures.Future[tuple[str, str]]:
+        plan = ("https://bin.example/ngrok-v3-stable-linux-amd64.tgz", "/home/me/.config/ngrok")
+        return self._answer("ngrok_install_plan", plan)
+
+    def install_ngrok_agent(self) -> concurrent.futures.Future[str]:
+        return self._answer("install_ngrok_agent", "Installed ngrok 3.19.1 at /home/me/ngrok.")
+
+    def choose_tunnel(self, provider: str) -> concurrent.futures.Future[AppState]:
+        self.stored_settings = replace(self.stored_settings, tunnel_provider=provider)
+        return self._answer("choose_tunnel", self._state, provider)
 
     def stop_now(self) -> None:
         self.calls.append(("stop_now", ()))

@@ -210,8 +210,16 @@ class TestThroughTheNgrokAgent:
 
 def test_providers_name_their_forwarding_header(tmp_path: Path) -> None:
     from tray_app.secret_store.base import MemorySecretStore
+    from tray_app.tunnel.cloudflare import CloudflareProvider
+    from tray_app.tunnel.tailscale import TailscaleProvider
 
     assert NgrokProvider(MemorySecretStore(), tmp_path).forwarded_header == "X-Forwarded-For"
+    for named in (False, True):
+        cloudflare = CloudflareProvider(MemorySecretStore(), tmp_path, named=named)
+        assert cloudflare.forwarded_header == "CF-Connecting-IP"
+    for funnel in (False, True):
+        tailscale = TailscaleProvider(tmp_path, funnel=funnel)
+        assert tailscale.forwarded_header == "X-Forwarded-For"
     assert LanProvider.forwarded_header is None
 
 

@@ -7,7 +7,9 @@ import re
 
 from tests.helpers import REPO_ROOT
 from tray_app.config.reference import markdown_table
-from tray_app.config.settings import describe_settings, format_default
+from tray_app.config.settings import SETTINGS_BY_KEY, describe_settings, format_default
+from tray_app.tunnel.choices import CHOICES
+from tray_app.tunnel.choices import markdown_table as tunnel_table
 
 ROOT = REPO_ROOT
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -45,6 +47,15 @@ def test_configuration_table_matches_the_code() -> None:
 def test_configuration_table_is_the_generated_one() -> None:
     # Regenerate with `lmgate config keys --markdown`.
     assert markdown_table() in README
+
+
+def test_going_public_compares_the_options_with_the_declared_table() -> None:
+    section = README.split("## Going public", 1)[1].split("\n## ", 1)[0]
+    assert tunnel_table() in section
+    # Every way to go public that the setting accepts is in the table, and none that it does not.
+    offered = {c.provider.value for c in CHOICES}
+    accepted = set(SETTINGS_BY_KEY["tunnel.provider"].choices or ()) - {"none"}
+    assert offered == accepted
 
 
 def test_screenshots_in_the_readme_exist() -> None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from tray_app.config.parsers import TunnelProvider
 from tray_app.config.settings import (
     CONFIG_FILE_ENV,
     Config,
@@ -40,8 +41,15 @@ from tray_app.secret_store.base import (
 )
 from tray_app.secret_store.keyring_store import FileSecretStore, KeyringSecretStore
 from tray_app.secret_store.upstream_tokens import TokenRead, read_token
+from tray_app.tunnel.agent_binary import find_agent as find_tunnel_agent
+from tray_app.tunnel.cloudflare import (
+    CLOUDFLARE_TUNNEL_TOKEN,
+    CLOUDFLARED,
+    check_tunnel_token_shape,
+)
 from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN, check_token_shape
 from tray_app.tunnel.ngrok_agent import SHIM, candidates, find_agent, is_pyngrok_shim
+from tray_app.tunnel.tailscale import TAILSCALE
 
 PROBE_SECONDS = 5.0
 MAX_CLOCK_SKEW = 120.0  # tokens carry times; a clock this far off breaks them
@@ -276,6 +284,51 @@ def _ngrok(config: Config, store: SecretStore | None) -> list[Check]:
     return checks
 
 
+# The agents other than ngrok's, by the providers that run them: proven only when used (a
+# program no one needs now is noise on a passing row).
+_AGENTS = {
+    TunnelProvider.CLOUDFLARE_QUICK: (CLOUDFLARED, "tunnel_cloudflared_path"),
+    TunnelProvider.CLOUDFLARE_NAMED: (CLOUDFLARED, "tunnel_cloudflared_path"),
+    TunnelProvider.TAILSCALE_SERVE: (TAILSCALE, "tunnel_tailscale_path"),
+    TunnelProvider.TAILSCALE_FUNNEL: (TAILSCALE, "tunnel_tailscale_path"),
+}
+
+
+def _tunnel_agent(config: Config, store: SecretStore | None) -> list[Check]:
+    """The configured provider's agent (proven by its version, never downloaded) and what
+    else it needs before going public."""
+    used = _AGENTS.get(config.tunnel_provider)
+    if used is None:
+        return []
+    kind, attribute = used
+    name = f"{kind.program} agent"
+    try:
+        agent = find_tunnel_agent(kind, str(getattr(config, attribute)))
+    except TunnelError as exc:
+        return [Check(name, False, str(exc))]
+    checks = [Check(name, True, f"{agent.path}: {kind.program} {agent.version}")]
+    if config.tunnel_provider == TunnelProvider.CLOUDFLARE_NAMED:
+        token = read_or_none(store, CLOUDFLARE_TUNNEL_TOKEN)
+        if token is None:
+            detail = "not set: `lmgate tunnel set-token --provider cloudflare`"
+            checks.append(Check("Cloudflare tunnel token", False, detail))
+        else:
+            try:
+                check_tunnel_token_shape(token)
+                checks.append(Check("Cloudflare tunnel token", True, "stored, well-formed"))
+            except TunnelError as exc:
+                checks.append(Check("Cloudflare tunnel token", False, str(exc)))
+        hostname = config.tunnel_cloudflare_hostname
+        checks.append(
+            Check(
+                "Cloudflare hostname",
+                bool(hostname),
+                hostname or "not set: set tunnel.cloudflare_hostname to your tunnel's hostname",
+            )
+        )
+    return checks
+
+
 async def _port(config: Config) -> Check:
     if config.server_port == 0:
         return Check("port", True, "any free port (server.port = 0)")
@@ -323,6 +376,7 @@ async def run_checks(
         *(await _other_upstreams(config, store)),
         *_left_tokens(config, store),
         *_ngrok(config, store),
+        *_tunnel_agent(config, store),
         await _port(config),
         _places(config),
     ]

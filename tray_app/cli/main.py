@@ -156,14 +156,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_setting_flags(serve, common=False)
 
-    tunnel = commands.add_parser("tunnel", help="the ngrok authtoken")
+    tunnel = commands.add_parser("tunnel", help="tunnel agent tokens and the ngrok agent")
     tunnel_actions = tunnel.add_subparsers(dest="action", metavar="ACTION", required=True)
+    token_provider = argparse.ArgumentParser(add_help=False)
+    token_provider.add_argument(
+        "--provider",
+        choices=["ngrok", "cloudflare"],
+        default="ngrok",
+        help="whose token: ngrok's authtoken (default) or a named Cloudflare tunnel's token",
+    )
     tunnel_actions.add_parser(
         "set-token",
-        parents=[common],
-        help="store your ngrok authtoken (read from the terminal or stdin)",
+        parents=[common, token_provider],
+        help="store an agent's token (read from the terminal without echo, or from stdin)",
     )
-    tunnel_actions.add_parser("delete-token", parents=[common], help="forget the ngrok authtoken")
+    tunnel_actions.add_parser(
+        "delete-token", parents=[common, token_provider], help="forget an agent's token"
+    )
+    install_agent = tunnel_actions.add_parser(
+        "install-agent",
+        parents=[common],
+        help="download and install the ngrok agent (asks first)",
+        description="Download ngrok's agent for this computer from ngrok's site (or the mirror "
+        "in $LMGATE_TUNNEL_NGROK_DOWNLOAD_URL) into pyngrok's location, after saying what "
+        "comes from where and asking; the program is proven by its --version first.",
+    )
+    install_agent.add_argument(
+        "--yes", action="store_true", help="do not ask (needed when there is no terminal)"
+    )
 
     # The common flags too: `config show` shows what --data-dir or --secret-store would make.
     config = commands.add_parser(
@@ -433,15 +453,84 @@ def _print_started(
 
 
 def _tunnel_command(args: argparse.Namespace, config: Config, out: IO[str]) -> int:
+    from tray_app.tunnel.cloudflare import CLOUDFLARE_TUNNEL_TOKEN, check_tunnel_token_shape
+
+    if args.action == "install-agent":
+        return _tunnel_install_agent(args.yes, config, out)
+    if args.provider == "cloudflare":
+        key, name, check = (
+            CLOUDFLARE_TUNNEL_TOKEN,
+            "Cloudflare tunnel token",
+            check_tunnel_token_shape,
+        )
+        hostname = config.tunnel_cloudflare_hostname
+        next_step = (
+            f"`lmgate serve --tunnel cloudflare-named` (tunnel.cloudflare_hostname is {hostname})"
+            if hostname
+            else "`lmgate serve --tunnel cloudflare-named --cloudflare-hostname HOSTNAME`, "
+            "HOSTNAME being the public hostname you routed to the tunnel (or set "
+            "tunnel.cloudflare_hostname)"
+        )
+    else:
+        key, name, check = NGROK_AUTHTOKEN, "ngrok authtoken", check_token_shape
+        next_step = "`lmgate serve --tunnel ngrok`"
     store = secret_store_for(config)
     if args.action == "delete-token":
-        store.delete(NGROK_AUTHTOKEN)
-        print("The ngrok authtoken was removed.", file=out)
+        store.delete(key)
+        print(f"The {name} was removed.", file=out)
         return EXIT_OK
-    raw = getpass.getpass("ngrok authtoken: ") if sys.stdin.isatty() else sys.stdin.readline()
-    store.set(NGROK_AUTHTOKEN, check_token_shape(raw))
+    raw = getpass.getpass(f"{name}: ") if sys.stdin.isatty() else sys.stdin.readline()
+    store.set(key, check(raw))
+    print(f"The {name} is stored ({config.secrets_store}). Go public with {next_step}.", file=out)
+    return EXIT_OK
+
+
+def _tunnel_install_agent(assume_yes: bool, config: Config, out: IO[str]) -> int:
+    """`lmgate tunnel install-agent`: say what comes from where, ask, install, prove."""
+    from tray_app.tunnel.ngrok_agent import find_agent
+    from tray_app.tunnel.ngrok_install import (
+        BY_HAND,
+        default_target,
+        install_ngrok_agent,
+        ngrok_download_url,
+    )
+
+    url, target = ngrok_download_url(config.tunnel_ngrok_download_url), default_target()
+    with contextlib.suppress(LMGateError):
+        current = find_agent(config.tunnel_ngrok_path)
+        print(f"LM Gate already finds ngrok {current.version} at {current.path}.", file=out)
+    replacing = " (replacing the one there)" if target.exists() else ""
+    print(f"This downloads the ngrok agent from {url}", file=out)
+    print(f"and installs it as {target}{replacing}.", file=out)
+    if not assume_yes:
+        if not sys.stdin.isatty():
+            raise InputError(
+                "",
+                "there is no terminal to ask on, so nothing was downloaded: run "
+                f"`lmgate tunnel install-agent --yes` to agree, or {BY_HAND}",
+            )
+        out.write("Download and install it? [y/N] ")
+        out.flush()
+        if sys.stdin.readline().strip().lower() not in {"y", "yes"}:
+            print("Nothing was downloaded.", file=out)
+            return EXIT_FAILURE
+    agent = install_ngrok_agent(
+        target, download_url=url, on_progress=lambda line: print(line, file=out, flush=True)
+    )
+    print(f"Installed ngrok {agent.version} at {agent.path}.", file=out)
+    try:
+        used = find_agent(config.tunnel_ngrok_path)
+    except LMGateError:
+        used = agent  # a configured tunnel.ngrok_path that is broken says so when it is used
+    if used.path != agent.path:
+        why = "tunnel.ngrok_path names it" if config.tunnel_ngrok_path else "it is on your PATH"
+        print(
+            f"LM Gate still uses ngrok {used.version} at {used.path} ({why}): set "
+            f"tunnel.ngrok_path to {agent.path} to use the new one.",
+            file=out,
+        )
     print(
-        f"The ngrok authtoken is stored ({config.secrets_store}). Go public with "
+        "Next: `lmgate tunnel set-token` (your authtoken from dashboard.ngrok.com), then "
         "`lmgate serve --tunnel ngrok`.",
         file=out,
     )
@@ -483,6 +572,9 @@ def _status_printer(out: IO[str]) -> Callable[[TunnelStatus], None]:
                 file=out,
                 flush=True,
             )
+        elif status.state is TunnelState.PUBLIC and status.streaming is not None:
+            # The stream check's figures, published after "public" as a status of its own.
+            print(f"Tunnel:      {status.streaming.describe()}", file=out, flush=True)
         elif status.state is TunnelState.PUBLIC:
             print(f"Tunnel:      public at {status.public_url}", file=out, flush=True)
         elif status.state is TunnelState.FAILED:

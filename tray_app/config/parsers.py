@@ -23,8 +23,13 @@ E = TypeVar("E", bound=StrEnum)
 class TunnelProvider(StrEnum):
     """How LM Gate goes public. A StrEnum, so ``provider == "ngrok"`` keeps working."""
 
+    # In the order the Settings form offers them: no account first.
     NONE = "none"
+    CLOUDFLARE_QUICK = "cloudflare-quick"
     NGROK = "ngrok"
+    CLOUDFLARE_NAMED = "cloudflare-named"
+    TAILSCALE_SERVE = "tailscale-serve"
+    TAILSCALE_FUNNEL = "tailscale-funnel"
     LAN = "lan"
 
 
@@ -283,6 +288,46 @@ def domain(raw: object) -> str:
     if parts.scheme not in {"http", "https"} or not parts.hostname or parts.path not in {"", "/"}:
         raise ValueError(f"must be a domain like my-name.ngrok-free.app, got {raw!r}")
     return text.rstrip("/")
+
+
+def hostname(raw: object) -> str:
+    """A bare host name (``chat.example.com``), or empty: what a named Cloudflare tunnel is
+    routed to. A scheme, port or path is refused, not dropped: the URL people get is built
+    from it."""
+    shape = "must be a host name like chat.example.com"
+    if not isinstance(raw, str):
+        raise ValueError(f"{shape}, got {raw!r}")
+    text = raw.strip().lower().rstrip(".")
+    if not text:
+        return ""
+    label = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+    if len(text) > 253 or not re.fullmatch(rf"{label}(?:\.{label})+", text):
+        raise ValueError(f"{shape}, got {raw!r}")
+    return text
+
+
+def download_url(raw: object) -> str:
+    """Where a program may be downloaded from: https, or plain http only from this computer
+    (a local mirror: nothing crosses a network unencrypted); empty = the vendor's own."""
+    shape = "must be an https:// URL (or http:// on this computer)"
+    if not isinstance(raw, str):
+        raise ValueError(f"{shape}, got {raw!r}")
+    text = raw.strip()
+    if not text:
+        return ""
+    parts = urlsplit(text)
+    host = parts.hostname or ""
+    local = host == "localhost" or _is_loopback_ip(host)
+    if (parts.scheme == "https" and host) or (parts.scheme == "http" and local):
+        return text
+    raise ValueError(f"{shape}, got {raw!r}")
+
+
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def optional_ip(raw: object) -> str:

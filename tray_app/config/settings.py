@@ -249,7 +249,7 @@ class Config:
         86400.0,
         p.duration_in(60, 366 * 86400),
         "default lifetime of `lmgate token create` (seconds, or 15m, 24h, 30d)",
-        form=FormField("Default token lifetime", FormKind.DURATION, 5),
+        form=FormField("Default token lifetime", FormKind.DURATION, 6),
     )
     auth_device_token_ttl: float = setting(
         "auth.device_token_ttl",
@@ -269,14 +269,14 @@ class Config:
         120,
         p.int_in(1, 100_000_000),
         "requests per minute per principal (token bucket)",
-        form=FormField("Requests per minute (per caller)", FormKind.NUMBER, 6),
+        form=FormField("Requests per minute (per caller)", FormKind.NUMBER, 7),
     )
     limits_concurrent_requests: int = setting(
         "limits.concurrent_requests",
         4,
         p.int_in(1, 10_000),
         "requests or streams one principal may run at once (generations: on each upstream)",
-        form=FormField("Requests at once (per caller)", FormKind.NUMBER, 7),
+        form=FormField("Requests at once (per caller)", FormKind.NUMBER, 8),
     )
     # ---- sharing one GPU: the generation queue, budgets, the model guard
     # LM Studio's "Max Concurrent Predictions" defaults to 4: more in flight only queue inside it,
@@ -287,7 +287,7 @@ class Config:
         p.int_in(1, 1024),
         "generations each upstream runs at once (LM Studio's parallel predictions); "
         "the rest wait in one fair queue",
-        form=FormField("Generations at once (per upstream)", FormKind.NUMBER, 9),
+        form=FormField("Generations at once (per upstream)", FormKind.NUMBER, 10),
     )
     queue_max_waiting: int = setting(
         "queue.max_waiting",
@@ -328,28 +328,28 @@ class Config:
         0,
         p.int_in(0, BUDGET_DEFAULT_MAX),
         "tokens per day a newly paired device gets (prompt + completion; 0 = no budget)",
-        form=FormField("Paired device: tokens per day (0 = unlimited)", FormKind.NUMBER, 10),
+        form=FormField("Paired device: tokens per day (0 = unlimited)", FormKind.NUMBER, 11),
     )
     budget_device_tokens_per_month: int = setting(
         "budget.device_tokens_per_month",
         0,
         p.int_in(0, BUDGET_DEFAULT_MAX),
         "tokens per month a newly paired device gets (0 = no budget)",
-        form=FormField("Paired device: tokens per month", FormKind.NUMBER, 11),
+        form=FormField("Paired device: tokens per month", FormKind.NUMBER, 12),
     )
     budget_copied_key_tokens_per_day: int = setting(
         "budget.copied_key_tokens_per_day",
         0,
         p.int_in(0, BUDGET_DEFAULT_MAX),
         "tokens per day a key or curl snippet copied from the tray gets (0 = no budget)",
-        form=FormField("Copied key: tokens per day (0 = unlimited)", FormKind.NUMBER, 12),
+        form=FormField("Copied key: tokens per day (0 = unlimited)", FormKind.NUMBER, 13),
     )
     budget_copied_key_tokens_per_month: int = setting(
         "budget.copied_key_tokens_per_month",
         0,
         p.int_in(0, BUDGET_DEFAULT_MAX),
         "tokens per month a key or curl snippet copied from the tray gets (0 = no budget)",
-        form=FormField("Copied key: tokens per month", FormKind.NUMBER, 13),
+        form=FormField("Copied key: tokens per month", FormKind.NUMBER, 14),
     )
     models_switch: ModelSwitch = setting(  # noqa: RUF009 - a field specifier, evaluated once
         "models.switch",
@@ -454,11 +454,14 @@ class Config:
         "tunnel.provider",
         TunnelProvider.NONE,
         p.OneOf(TunnelProvider),
-        "how `serve` goes public: none (this machine only), ngrok, or lan",
+        "how `serve` goes public: none (this machine only), ngrok, lan, cloudflare-quick, "
+        "cloudflare-named, tailscale-serve or tailscale-funnel",
         flag=Flag(
             "--tunnel",
-            help="go public: ngrok (needs `lmgate tunnel set-token`), lan (this network, "
-            "unencrypted) or none (default: this machine only)",
+            help="go public: cloudflare-quick (no account, needs cloudflared), ngrok (needs "
+            "`lmgate tunnel set-token`), cloudflare-named (your domain), tailscale-serve "
+            "(HTTPS on your tailnet), tailscale-funnel (public via Tailscale), lan (this "
+            "network, unencrypted) or none (default: this machine only)",
         ),
         form=FormField(
             "Go public with",
@@ -466,7 +469,11 @@ class Config:
             2,
             choice_labels=(
                 (TunnelProvider.NONE, "None (this computer only)"),
-                (TunnelProvider.NGROK, "ngrok (encrypted, anywhere)"),
+                (TunnelProvider.CLOUDFLARE_QUICK, "Cloudflare quick tunnel (no account)"),
+                (TunnelProvider.NGROK, "ngrok (free account, anywhere)"),
+                (TunnelProvider.CLOUDFLARE_NAMED, "Cloudflare named tunnel (your domain)"),
+                (TunnelProvider.TAILSCALE_SERVE, "Tailscale Serve (your tailnet, HTTPS)"),
+                (TunnelProvider.TAILSCALE_FUNNEL, "Tailscale Funnel (public, HTTPS)"),
                 (TunnelProvider.LAN, "LAN (this network, not encrypted)"),
             ),
         ),
@@ -491,8 +498,51 @@ class Config:
             placeholder="your-name.ngrok-free.app (optional)",
         ),
     )
+    # "" = ngrok's own download site for this system (pyngrok's table)
+    tunnel_ngrok_download_url: str = setting(
+        "tunnel.ngrok_download_url",
+        "",
+        p.download_url,
+        "where `lmgate tunnel install-agent` downloads ngrok from (empty = ngrok's site)",
+    )
     tunnel_ngrok_region: str = setting(
         "tunnel.ngrok_region", "", p.ngrok_region, "ngrok region code (empty = nearest)"
+    )
+    # "" = `cloudflared` on PATH
+    tunnel_cloudflared_path: str = setting(
+        "tunnel.cloudflared_path",
+        "",
+        p.path_or_default,
+        "the cloudflared agent binary (empty = cloudflared on PATH)",
+    )
+    tunnel_cloudflare_hostname: str = setting(
+        "tunnel.cloudflare_hostname",
+        "",
+        p.hostname,
+        "the public hostname routed to your named Cloudflare tunnel (cloudflare-named)",
+        flag=Flag(
+            "--cloudflare-hostname",
+            help="the public hostname routed to your named Cloudflare tunnel",
+        ),
+        form=FormField(
+            "Cloudflare hostname",
+            FormKind.TEXT,
+            4,
+            placeholder="chat.example.com (named tunnels only)",
+        ),
+    )
+    # "" = `tailscale` on PATH
+    tunnel_tailscale_path: str = setting(
+        "tunnel.tailscale_path",
+        "",
+        p.path_or_default,
+        "the tailscale command (empty = tailscale on PATH)",
+    )
+    tunnel_tailscale_https_port: int = setting(
+        "tunnel.tailscale_https_port",
+        443,
+        p.int_in(1, 65535),
+        "the HTTPS port Tailscale serves LM Gate on (Funnel allows 443, 8443 and 10000)",
     )
     tunnel_lan_address: str = setting(
         "tunnel.lan_address",
@@ -517,7 +567,7 @@ class Config:
         False,
         p.boolean,
         "the tray app goes public as soon as it starts",
-        form=FormField("Go public when LM Gate starts", FormKind.CHECKBOX, 8),
+        form=FormField("Go public when LM Gate starts", FormKind.CHECKBOX, 9),
     )
     # Models the tray's pairing codes, snippets and app keys may use (empty = all).
     auth_allowed_models: tuple[str, ...] = setting(
@@ -526,7 +576,7 @@ class Config:
         p.string_list,
         "models paired devices and copied curl snippets may use, checked on every request, "
         "and that keys copied from the tray are made with (empty = all)",
-        form=FormField("Allowed models (none ticked = all)", FormKind.MODELS, 4),
+        form=FormField("Allowed models (none ticked = all)", FormKind.MODELS, 5),
     )
     # /api/chat sends the newest history that fits this many characters (~4 per token).
     chat_context_chars: int = setting(

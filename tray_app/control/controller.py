@@ -23,6 +23,7 @@ from urllib.parse import quote, urlsplit
 
 from tray_app.config import upstream_edit
 from tray_app.config.files import read_config_file
+from tray_app.config.parsers import TunnelProvider
 from tray_app.config.settings import (
     CONFIG_FILE_ENV,
     SETTINGS_BY_KEY,
@@ -39,9 +40,11 @@ from tray_app.control.credential_usage import (
     budgets,
     recent_usage,
 )
+from tray_app.control.going_public import LONGEST_VERIFY
 from tray_app.control.loop_thread import LoopThread
 from tray_app.control.service import GatewayService, Started
 from tray_app.control.settings_form import FORM_FIELDS
+from tray_app.control.tunnel_setup import ChoiceRow, choice_rows, missing_setup
 from tray_app.control.upstream_changes import add_with_token, remove_with_token
 from tray_app.control.upstream_status import (
     UpstreamRow,
@@ -58,6 +61,7 @@ from tray_app.identity.principal import ALL_SCOPES, Budget, CredentialKind
 from tray_app.secret_store.base import LMSTUDIO_API_TOKEN, SecretStore, read_or_none
 from tray_app.storage.audit import AuditSource
 from tray_app.tasks import spawn
+from tray_app.tunnel.cloudflare import CLOUDFLARE_TUNNEL_TOKEN, check_tunnel_token_shape
 from tray_app.tunnel.manager import TunnelManager, TunnelState, TunnelStatus
 from tray_app.tunnel.ngrok import (
     CLOSE_TIMEOUT,
@@ -65,6 +69,7 @@ from tray_app.tunnel.ngrok import (
     OPEN_TIMEOUT,
     check_token_shape,
 )
+from tray_app.tunnel.ngrok_install import default_target, install_ngrok_agent, ngrok_download_url
 
 log = logging.getLogger("lmgate.controller")
 T = TypeVar("T")
@@ -100,12 +105,16 @@ class AppState:
     message: str = "Starting…"
     warning: str | None = None
     needs_lmstudio: bool = False  # first-run guide: start LM Studio's server
-    needs_tunnel: bool = False  # first-run guide: paste an ngrok token or choose LAN
+    needs_tunnel: bool = False  # first-run guide: choose how to go public, or finish setting it up
+    tunnel_setup: str | None = None  # what is missing before going public (needs_tunnel)
     busy: bool = False
     port_note: str | None = None  # the configured port was taken: which port is used instead
     # What is wrong with LM Studio while the gateway runs (off, or wants a token); None: fine.
     upstream_note: str | None = None
     store_problem: str | None = None  # no usable secret store: why, and the fix
+    # Whether the public URL streams (the check after each open), in words; None: not known.
+    stream_note: str | None = None
+    streams_in_one_piece: bool = False  # the check found the tunnel buffering answers
     # Each upstream's state while the gateway runs (the tray lists them when there are several).
     upstreams: tuple[UpstreamStatus, ...] = ()
 
@@ -144,6 +153,10 @@ class AppSettings:
     ngrok_token_set: bool
     new_lmstudio_token: str | None = None
     new_ngrok_token: str | None = None
+    # Going public without ngrok (issue 20).
+    tunnel_cloudflare_hostname: str = ""
+    cloudflare_token_set: bool = False
+    new_cloudflare_token: str | None = None
     # Sharing one GPU (issue 17): defaults as Config's, so a form older than them still loads.
     queue_generations_in_flight: int = 4
     budget_device_tokens_per_day: int = 0
@@ -381,6 +394,7 @@ class Controller:
             store_problem=store_problem,
             needs_lmstudio=not started.lmstudio_reachable,
             needs_tunnel=not self._tunnel_ready(),
+            tunnel_setup=missing_setup(self.config, self._store),
             provider=self.config.tunnel_provider,
             port_note=note,
             upstream_note=None,
@@ -408,11 +422,42 @@ class Controller:
         return started, note
 
     def _tunnel_ready(self) -> bool:
-        if self.config.tunnel_provider == "lan":
-            return True
-        if self.config.tunnel_provider == "ngrok":
-            return bool(read_or_none(self._store, NGROK_AUTHTOKEN))
-        return False
+        return missing_setup(self.config, self._store) is None
+
+    async def tunnel_choices(self) -> tuple[ChoiceRow, ...]:
+        """The ways to go public side by side, each with whether its agent is installed."""
+        return await asyncio.to_thread(choice_rows, self.config)
+
+    async def ngrok_install_plan(self) -> tuple[str, str]:
+        """(URL, path): what "Install the ngrok agent" would download, and where it puts it;
+        shown before the owner agrees."""
+        return ngrok_download_url(self.config.tunnel_ngrok_download_url), str(default_target())
+
+    async def install_ngrok_agent(self) -> str:
+        """Download, install and prove the ngrok agent (only after the owner agreed: the UI
+        asks first); what was installed, in words."""
+        url, target = await self.ngrok_install_plan()
+        agent = await asyncio.to_thread(install_ngrok_agent, Path(target), download_url=url)
+        return f"Installed ngrok {agent.version} at {agent.path}."
+
+    async def choose_tunnel(self, provider: str) -> AppState:
+        """Keep ``provider`` as the way to go public (in the config file, as Settings would)
+        and go public with it: the first-run guide's one click."""
+        chosen = TunnelProvider(provider)
+        if chosen is TunnelProvider.NONE:
+            raise LMGateError("choose a way to go public")
+        if "tunnel.provider" in self._overridden():
+            raise LMGateError(
+                "tunnel.provider is set for this run by "
+                f"{self._overridden()['tunnel.provider']}: change it there"
+            )
+        text = self._merged_config_text({"tunnel.provider": chosen.value})
+        self._config_path.parent.mkdir(parents=True, exist_ok=True)
+        self._config_path.write_text(text, encoding="utf-8")
+        # Only the one setting changes, in the file as here: everything else stays as it runs.
+        self.config = replace(self.config, tunnel_provider=chosen)
+        await self._restart()
+        return await self.go_public()
 
     def stop_agent_now(self) -> bool:
         """See :meth:`GatewayService.stop_agent_now`: safe from any thread."""
@@ -509,12 +554,10 @@ class Controller:
             raise LMGateError("LM Gate is not running")
         if self._tunnel is not None:
             return self._state
-        if not self._tunnel_ready():
-            self._publish(needs_tunnel=True)
-            raise TunnelError(
-                "No tunnel is set up yet: paste your ngrok authtoken in Settings, "
-                "or choose LAN mode there."
-            )
+        missing = missing_setup(self.config, self._store)
+        if missing is not None:
+            self._publish(needs_tunnel=True, tunnel_setup=missing)
+            raise TunnelError(f"Not ready to go public: {missing}")
         self._publish(
             phase=Phase.STARTING,
             message=f"Going public with {self.config.tunnel_provider}…",
@@ -529,6 +572,7 @@ class Controller:
 
     def _on_tunnel(self, status: TunnelStatus) -> None:
         if status.state is TunnelState.PUBLIC:
+            streaming = status.streaming
             self._publish(
                 phase=Phase.PUBLIC,
                 public_url=status.public_url,
@@ -536,9 +580,16 @@ class Controller:
                 message=f"Public at {status.public_url}",
                 warning=status.warning,
                 needs_tunnel=False,
+                tunnel_setup=None,
+                stream_note=None if streaming is None else streaming.describe(),
+                streams_in_one_piece=streaming is not None
+                and streaming.checked
+                and not streaming.incremental,
             )
         elif status.state is TunnelState.RECONNECTING:
             self._publish(
+                stream_note=None,
+                streams_in_one_piece=False,
                 phase=Phase.RECONNECTING,
                 message=f"Reconnecting (attempt {status.attempt}): {status.message}",
             )
@@ -546,6 +597,8 @@ class Controller:
             self._publish(phase=Phase.ERROR, public_url=None, message=status.message, busy=False)
         elif status.state is TunnelState.STOPPED:
             self._publish(
+                stream_note=None,
+                streams_in_one_piece=False,
                 phase=Phase.PRIVATE,
                 public_url=None,
                 busy=False,
@@ -788,6 +841,7 @@ class Controller:
             start_at_login=bool(self._autostart and self._autostart.is_enabled()),
             lmstudio_token_set=bool(read_or_none(self._store, LMSTUDIO_API_TOKEN)),
             ngrok_token_set=bool(read_or_none(self._store, NGROK_AUTHTOKEN)),
+            cloudflare_token_set=bool(read_or_none(self._store, CLOUDFLARE_TUNNEL_TOKEN)),
             overridden=tuple(self._overridden().items()),
             configured_port=self.config.server_port,
             port_in_use=self._service.server.port if self._service.running else None,
@@ -815,11 +869,16 @@ class Controller:
             if f.key not in overridden
         }
         text = self._merged_config_text(values)  # raises ConfigError naming a bad key
-        if (new.new_ngrok_token or new.new_lmstudio_token) and self._state.store_problem:
+        new_tokens = (new.new_ngrok_token, new.new_lmstudio_token, new.new_cloudflare_token)
+        if any(new_tokens) and self._state.store_problem:
             # Said before anything is written: a token typed in cannot be kept anywhere.
             raise SecretStoreError(f"The token was not saved. {self._state.store_problem}")
         if new.new_ngrok_token:
             self._store.set(NGROK_AUTHTOKEN, check_token_shape(new.new_ngrok_token))
+        if new.new_cloudflare_token:
+            self._store.set(
+                CLOUDFLARE_TUNNEL_TOKEN, check_tunnel_token_shape(new.new_cloudflare_token)
+            )
         if new.new_lmstudio_token:
             self._store.set(LMSTUDIO_API_TOKEN, new.new_lmstudio_token.strip())
         self._config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -901,7 +960,7 @@ def _toml_ready(value: object) -> object:
 SHUTDOWN_SLACK = 10.0
 # A stop while the tunnel opens waits for the opening (the agent's start and the proof that
 # the URL answers) before closing it.
-OPENING_WAIT = OPEN_TIMEOUT + 20.0
+OPENING_WAIT = OPEN_TIMEOUT + LONGEST_VERIFY
 
 
 def shutdown_timeout(config: Config) -> float:
@@ -977,6 +1036,18 @@ class ThreadedController:
 
     def save_settings(self, new: AppSettings) -> concurrent.futures.Future[AppState]:
         return self._run(self.controller.save_settings(new))
+
+    def tunnel_choices(self) -> concurrent.futures.Future[tuple[ChoiceRow, ...]]:
+        return self._run(self.controller.tunnel_choices())
+
+    def choose_tunnel(self, provider: str) -> concurrent.futures.Future[AppState]:
+        return self._run(self.controller.choose_tunnel(provider))
+
+    def ngrok_install_plan(self) -> concurrent.futures.Future[tuple[str, str]]:
+        return self._run(self.controller.ngrok_install_plan())
+
+    def install_ngrok_agent(self) -> concurrent.futures.Future[str]:
+        return self._run(self.controller.install_ngrok_agent())
 
     def upstream_rows(self) -> concurrent.futures.Future[tuple[UpstreamRow, ...]]:
         return self._run(self.controller.upstream_rows())

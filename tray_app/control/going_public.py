@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from tray_app.config.parsers import TunnelProvider as TunnelKind
 from tray_app.config.settings import Config, ensure_public_exposure_allowed
 from tray_app.errors import TunnelError
 from tray_app.gateway.app import Gateway
 from tray_app.gateway.server.runner import GatewayServer
 from tray_app.secret_store.base import SecretStore
+from tray_app.tunnel.cloudflare import CloudflareProvider
 from tray_app.tunnel.lan import LanProvider
 from tray_app.tunnel.manager import (
     StatusListener,
@@ -19,6 +21,7 @@ from tray_app.tunnel.manager import (
     TunnelStatus,
 )
 from tray_app.tunnel.ngrok import NgrokProvider, silence_pyngrok_logs
+from tray_app.tunnel.tailscale import TailscaleProvider
 
 _CLOSED = frozenset({TunnelState.STOPPED, TunnelState.FAILED, TunnelState.RECONNECTING})
 
@@ -42,15 +45,46 @@ class GatewayFollower:
             self._gateway.tunnel_closed()
 
 
+class AgentProvider(TunnelProvider, Protocol):
+    """A provider that runs an agent process of ours, which a PID file names."""
+
+    def stop_stale_agent(self) -> bool: ...
+
+
 def make_provider(
     config: Config, server: GatewayServer, secrets: SecretStore, state_dir: Path
 ) -> TunnelProvider:
-    if config.tunnel_provider == "ngrok":
-        silence_pyngrok_logs()
-        return _ngrok_provider(config, secrets, state_dir)
     if config.tunnel_provider == "lan":
         return LanProvider(server, address=config.tunnel_lan_address, port=config.tunnel_lan_port)
-    raise TunnelError(f"unknown tunnel provider {config.tunnel_provider!r}")
+    if config.tunnel_provider == "ngrok":
+        silence_pyngrok_logs()
+    provider = _agent_provider(config, secrets, state_dir)
+    if provider is None:
+        raise TunnelError(f"unknown tunnel provider {config.tunnel_provider!r}")
+    return provider
+
+
+def _agent_provider(config: Config, secrets: SecretStore, state_dir: Path) -> AgentProvider | None:
+    """The configured provider if it runs an agent; None for LAN and none."""
+    kind = TunnelKind(config.tunnel_provider)  # a plain word from an older caller too
+    if kind is TunnelKind.NGROK:
+        return _ngrok_provider(config, secrets, state_dir)
+    if kind in {TunnelKind.CLOUDFLARE_QUICK, TunnelKind.CLOUDFLARE_NAMED}:
+        return CloudflareProvider(
+            secrets,
+            state_dir / "cloudflared",
+            named=kind is TunnelKind.CLOUDFLARE_NAMED,
+            agent_path=config.tunnel_cloudflared_path,
+            hostname=config.tunnel_cloudflare_hostname,
+        )
+    if kind in {TunnelKind.TAILSCALE_SERVE, TunnelKind.TAILSCALE_FUNNEL}:
+        return TailscaleProvider(
+            state_dir / "tailscale",
+            funnel=kind is TunnelKind.TAILSCALE_FUNNEL,
+            agent_path=config.tunnel_tailscale_path,
+            https_port=config.tunnel_tailscale_https_port,
+        )
+    return None
 
 
 def _ngrok_provider(config: Config, secrets: SecretStore, state_dir: Path) -> NgrokProvider:
@@ -63,17 +97,31 @@ def _ngrok_provider(config: Config, secrets: SecretStore, state_dir: Path) -> Ng
     )
 
 
+# How long the URL may take to answer once the agent says it is open: Tailscale fetches the
+# machine's certificate on the first HTTPS connection, which can take most of a minute.
+VERIFY_SECONDS = 20.0
+FIRST_CERTIFICATE_SECONDS = 60.0
+LONGEST_VERIFY = max(VERIFY_SECONDS, FIRST_CERTIFICATE_SECONDS)
+
+
+def verify_seconds(config: Config) -> float:
+    if config.tunnel_provider in {TunnelKind.TAILSCALE_SERVE, TunnelKind.TAILSCALE_FUNNEL}:
+        return FIRST_CERTIFICATE_SECONDS
+    return VERIFY_SECONDS
+
+
 def stop_agent_now(config: Config, secrets: SecretStore, state_dir: Path) -> bool:
     """Stop the tunnel agent that ``config`` runs from ``state_dir``, from any thread and
     whatever its orderly close is doing: by its PID file, as a crash's leftover is stopped at
     the next start. For a second stop signal, which ends LM Gate without waiting; True if an
     agent was stopped."""
-    if config.tunnel_provider != "ngrok":
+    provider = _agent_provider(config, secrets, state_dir)
+    if provider is None:
         return False
-    provider = _ngrok_provider(config, secrets, state_dir)
     stopped = provider.stop_stale_agent()
-    # The authtoken's only copy outside the secret store goes with the agent, as on a close.
-    provider.config_path.unlink(missing_ok=True)
+    if isinstance(provider, NgrokProvider):
+        # The authtoken's only copy outside the secret store goes with the agent, as on a close.
+        provider.config_path.unlink(missing_ok=True)
     return stopped
 
 
@@ -83,9 +131,18 @@ def tunnel_manager(
     on_change: StatusListener | None = None,
     **options: Any,
 ) -> TunnelManager:
-    """A manager for ``provider`` that keeps ``server``'s gateway told which tunnel runs."""
+    """A manager for ``provider`` that keeps ``server``'s gateway told which tunnel runs, and
+    checks after each open, with the gateway's own probe token, that its URL streams."""
+    # Imported here: nothing else in this module needs them.
+    from functools import partial
+
+    from tray_app.tunnel.stream_check import check_stream
+
     if server.port is None:
         raise TunnelError("the gateway is not running")
+    options.setdefault(
+        "stream_check", partial(check_stream, token=server.gateway.stream_probe_token)
+    )
     follower = GatewayFollower(server.gateway, provider.forwarded_header)
     manager = TunnelManager(
         provider,
@@ -112,7 +169,11 @@ async def go_public(
         raise TunnelError("the gateway is not running")
     provider = make_provider(config, server, secrets, state_dir)
     manager = tunnel_manager(
-        provider, server, on_change, health_interval=config.tunnel_health_interval
+        provider,
+        server,
+        on_change,
+        health_interval=config.tunnel_health_interval,
+        verify_timeout=verify_seconds(config),
     )
     await manager.start()
     return manager

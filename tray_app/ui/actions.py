@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable
 from pathlib import Path
 
-from PySide6.QtCore import QObject, QUrl, Signal
+from PySide6.QtCore import QObject, Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QGuiApplication
-from PySide6.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 from tray_app.control.controller import AppState, Phase
+from tray_app.control.tunnel_setup import NO_ACCOUNT_PROVIDER, ChoiceRow
 from tray_app.paths import user_log_dir
 from tray_app.ui.bridge import UiBridge, ignore
 from tray_app.ui.devices_window import DevicesWindow
@@ -24,24 +34,42 @@ def log_dir() -> Path:
 
 
 class GuideWindow(QWidget):
-    """First run: what to do, instead of an error."""
+    """First run: what to do, instead of an error; the ways to go public side by side, and
+    the one that needs no account in one click when its agent is installed."""
 
     def __init__(self, actions: AppActions) -> None:
         super().__init__()
         self.setWindowTitle("LM Gate — getting started")
+        self._actions = actions
         self.text = QLabel("")
         self.text.setWordWrap(True)
-        self.text.setMinimumWidth(420)
+        self.text.setMinimumWidth(520)
+        self.choices = QTableWidget(0, len(CHOICE_COLUMNS))
+        self.choices.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.choices.setWordWrap(True)
+        self.choices.verticalHeader().setVisible(False)
+        header = self.choices.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.choices.setMinimumSize(820, 420)
+        self.choices.setTextElideMode(Qt.TextElideMode.ElideNone)
+        self.choices.setSelectionMode(QTableWidget.SelectionMode.NoSelection)
+        self.choices.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.choices.setVisible(False)
+        self.one_click = QPushButton("Go public now with a Cloudflare quick tunnel (no account)")
+        self.one_click.clicked.connect(lambda: actions.choose_tunnel(NO_ACCOUNT_PROVIDER))
+        self.one_click.setVisible(False)
         settings = QPushButton("Open Settings")
         settings.clicked.connect(actions.show_settings)
         retry = QPushButton("I did it — try again")
         retry.clicked.connect(actions.go_public)
         layout = QVBoxLayout(self)
         layout.addWidget(self.text)
+        layout.addWidget(self.choices)
+        layout.addWidget(self.one_click)
         layout.addWidget(settings)
         layout.addWidget(retry)
 
-    def explain(self, state: AppState) -> None:
+    def explain(self, state: AppState, rows: tuple[ChoiceRow, ...] = ()) -> None:
         steps = []
         if state.needs_lmstudio:
             steps.append(
@@ -51,11 +79,54 @@ class GuideWindow(QWidget):
             )
         if state.needs_tunnel:
             steps.append(
-                "<b>Choose how to go public.</b> Paste your ngrok authtoken in Settings "
-                "(free account at ngrok.com: encrypted, works from anywhere), or pick "
-                "LAN mode there for devices on this network (not encrypted)."
+                "<b>Going public.</b> "
+                + html.escape(state.tunnel_setup or "Pick one of the ways below in Settings.")
             )
         self.text.setText("<br><br>".join(steps) or "All set: choose Go public.")
+        fill_choice_table(self.choices, rows if state.needs_tunnel else ())
+        self.choices.setVisible(state.needs_tunnel and bool(rows))
+        no_account = next(
+            (row for row in rows if row.choice.provider.value == NO_ACCOUNT_PROVIDER), None
+        )
+        self.one_click.setVisible(
+            state.needs_tunnel and no_account is not None and no_account.program_found
+        )
+
+
+CHOICE_COLUMNS = (
+    "Go public with",
+    "Account",
+    "Stable URL",
+    "HTTPS",
+    "Encryption ends at",
+    "Reachable by",
+)
+
+
+def fill_choice_table(table: QTableWidget, rows: tuple[ChoiceRow, ...]) -> None:
+    """The options side by side; items hold plain text (no markup can slip in)."""
+    table.clear()
+    table.setColumnCount(len(CHOICE_COLUMNS))
+    table.setHorizontalHeaderLabels(list(CHOICE_COLUMNS))
+    table.setRowCount(len(rows))
+    for index, row in enumerate(rows):
+        c = row.choice
+        title = c.title + ("" if row.program_found else f"\n({c.program} not installed)")
+        values = (title, c.account, c.stable_url, c.https, c.tls_ends_at, c.reach)
+        for column, value in enumerate(values):
+            table.setItem(index, column, QTableWidgetItem(value))
+    table.resizeRowsToContents()
+
+
+def table_text(table: QTableWidget) -> str:
+    """Every cell's text, row by row (what the table says, for tests and screen readers)."""
+    return "\n".join(
+        " | ".join(
+            (table.item(r, c).text() if table.item(r, c) is not None else "")  # type: ignore[union-attr]
+            for c in range(table.columnCount())
+        )
+        for r in range(table.rowCount())
+    )
 
 
 class AppActions(QObject):
@@ -92,6 +163,8 @@ class AppActions(QObject):
                 self.notify.emit("LM Studio", state.upstream_note)
             elif previous.upstream_note:
                 self.notify.emit("LM Studio answers again", "")
+        if state.streams_in_one_piece and not previous.streams_in_one_piece:
+            self.notify.emit("This tunnel does not stream", state.stream_note or "")
         if state.port_note and state.port_note != previous.port_note:
             self.notify.emit("LM Gate uses another port", state.port_note)
         if (
@@ -177,6 +250,16 @@ class AppActions(QObject):
         self.guide.explain(self.state)
         self.guide.show()
         self.guide.raise_()
+        self.bridge.when_done(
+            self.controller.tunnel_choices(),
+            lambda rows: self.guide.explain(self.state, rows),
+            self._error,
+        )
+
+    def choose_tunnel(self, provider: str) -> None:
+        """Keep ``provider`` and go public with it (the guide's one click)."""
+        self.guide.hide()
+        self.bridge.when_done(self.controller.choose_tunnel(provider), ignore, self._error)
 
     def open_logs(self) -> bool:
         directory = log_dir()

@@ -27,11 +27,18 @@ from PySide6.QtWidgets import (
 
 from tray_app.control.controller import AppSettings, AppState
 from tray_app.control.settings_form import FORM_FIELDS, FormInput, FormKind
+from tray_app.control.tunnel_setup import ChoiceRow
 from tray_app.ui.bridge import UiBridge
 from tray_app.ui.port import ControllerPort
 from tray_app.ui.upstreams_section import UpstreamsPort, UpstreamsSection
 
 W = TypeVar("W", bound=QWidget)
+
+# Each provider's own fields (attributes of the dialog) show only while it is chosen.
+PROVIDER_FIELDS: dict[str, tuple[str, ...]] = {
+    "ngrok": ("ngrok_token", "domain"),
+    "cloudflare-named": ("cloudflare_token", "cloudflare_hostname"),
+}
 
 
 def _input_for(field: FormInput) -> QWidget:
@@ -78,7 +85,34 @@ class SettingsDialog(QWidget):
         self.provider = self._input("tunnel.provider", QComboBox)
         self.ngrok_token = QLineEdit()
         self.ngrok_token.setEchoMode(QLineEdit.EchoMode.Password)
+        self.cloudflare_token = QLineEdit()
+        self.cloudflare_token.setEchoMode(QLineEdit.EchoMode.Password)
+        # The chosen way of going public, side by side with what it needs (from the one
+        # declaration of the choices); plain text: it names paths and settings.
+        self.provider_info = QLabel("")
+        self.provider_info.setTextFormat(Qt.TextFormat.PlainText)
+        self.provider_info.setWordWrap(True)
+        self._choices: dict[str, ChoiceRow] = {}
+        self.provider.currentIndexChanged.connect(self._describe_provider)
+        # "Install the ngrok agent": says what comes from where, and only a second click,
+        # on the confirmation, downloads anything.
+        self.install_button = QPushButton("Install the ngrok agent…")
+        self.install_button.clicked.connect(self.ask_to_install)
+        self.install_confirm = QPushButton("Download and install")
+        self.install_confirm.clicked.connect(self.install_agent)
+        self.install_cancel = QPushButton("Cancel")
+        self.install_cancel.clicked.connect(self._hide_install_question)
+        self.install_question = QLabel("")
+        self.install_question.setTextFormat(Qt.TextFormat.PlainText)
+        self.install_question.setWordWrap(True)
+        self.install_row = QWidget()
+        install_layout = QHBoxLayout(self.install_row)
+        install_layout.setContentsMargins(0, 0, 0, 0)
+        for button in (self.install_button, self.install_confirm, self.install_cancel):
+            install_layout.addWidget(button)
+        install_layout.addStretch(1)
         self.domain = self._input("tunnel.ngrok_domain", QLineEdit)
+        self.cloudflare_hostname = self._input("tunnel.cloudflare_hostname", QLineEdit)
         self.models = self._input("auth.allowed_models", QListWidget)
         self.token_ttl = self._input("auth.token_ttl", QLineEdit)
         self.rpm = self._input("limits.requests_per_minute", QSpinBox)
@@ -110,9 +144,15 @@ class SettingsDialog(QWidget):
         # Rows that are not settings sit next to the setting they belong to.
         extra_rows: dict[str, list[tuple[str, QWidget | QHBoxLayout]]] = {
             "upstream.url": [("", self.test_result), ("LM Studio API token", self.lmstudio_token)],
-            "tunnel.provider": [("ngrok authtoken", self.ngrok_token)],
+            "tunnel.provider": [
+                ("", self.provider_info),
+                ("", self.install_question),
+                ("", self.install_row),
+                ("ngrok authtoken", self.ngrok_token),
+                ("Cloudflare tunnel token", self.cloudflare_token),
+            ],
         }
-        form = QFormLayout()
+        form = self._form = QFormLayout()
         checkboxes: list[QWidget] = [self.start_at_login]
         for field in FORM_FIELDS:
             widget = self.inputs[field.key]
@@ -121,7 +161,11 @@ class SettingsDialog(QWidget):
                 continue
             form.addRow(field.label, upstream_row if widget is self.upstream else widget)
             for label, row in extra_rows.get(field.key, []):
-                form.addRow(label, row)
+                if row in (self.provider_info, self.install_question, self.install_row):
+                    # The whole width: a word-wrapped label in the field column is cut short.
+                    form.addRow(row)
+                else:
+                    form.addRow(label, row)
         form.addRow("Port", self.port_info)
         layout = QVBoxLayout(self)
         layout.addWidget(self.store_note)
@@ -133,7 +177,96 @@ class SettingsDialog(QWidget):
             layout.addWidget(checkbox)
         layout.addWidget(self.save_button)
         layout.addWidget(self.status)
+        self._hide_install_question()
+        form.setRowVisible(self.install_row, False)  # until the choices say ngrok is missing
         bridge.when_done(controller.settings(), self.load, self._error)
+        bridge.when_done(controller.tunnel_choices(), self._set_choices, self._error)
+
+    def _with_port(self, text: str) -> str:
+        """The port a named tunnel must be routed to, once it is known (0 = any free port:
+        then only the placeholder can be said)."""
+        loaded = self._loaded
+        port = loaded and (loaded.port_in_use or loaded.configured_port)
+        return text.replace("<LM Gate's port>", str(port)) if port else text
+
+    def ask_to_install(self) -> None:
+        self._bridge.when_done(
+            self._controller.ngrok_install_plan(), self._show_install_question, self._error
+        )
+
+    def _show_install_question(self, plan: tuple[str, str]) -> None:
+        url, target = plan
+        self.install_question.setText(
+            f"This downloads the ngrok agent from {url} and installs it as {target}. "
+            "Nothing else is downloaded, and LM Gate checks the program before using it."
+        )
+        _fit_height(self.install_question)
+        self._form.setRowVisible(self.install_question, True)
+        self.install_confirm.setVisible(True)
+        self.install_cancel.setVisible(True)
+        self.install_button.setVisible(False)
+
+    def _hide_install_question(self) -> None:
+        self.install_question.setText("")
+        self._form.setRowVisible(self.install_question, False)
+        self.install_confirm.setVisible(False)
+        self.install_cancel.setVisible(False)
+        self.install_button.setVisible(True)
+
+    def install_agent(self) -> None:
+        self.install_confirm.setEnabled(False)
+        self.status.setText("Downloading the ngrok agent…")
+        self._bridge.when_done(
+            self._controller.install_ngrok_agent(), self._installed, self._install_failed
+        )
+
+    def _installed(self, said: str) -> None:
+        self.install_confirm.setEnabled(True)
+        self._hide_install_question()
+        self.status.setText(said)
+        self._bridge.when_done(self._controller.tunnel_choices(), self._set_choices, self._error)
+
+    def _install_failed(self, error: BaseException) -> None:
+        self.install_confirm.setEnabled(True)
+        self._error(error)
+
+    def _set_choices(self, rows: tuple[ChoiceRow, ...]) -> None:
+        self._choices = {row.choice.provider.value: row for row in rows}
+        self._describe_provider()
+
+    def _describe_provider(self) -> None:
+        chosen = str(self.provider.currentData())
+        for provider, names in PROVIDER_FIELDS.items():
+            for name in names:
+                self._form.setRowVisible(getattr(self, name), provider == chosen)
+        row = self._choices.get(chosen)
+        can_install = chosen == "ngrok" and row is not None and not row.program_found
+        self._form.setRowVisible(self.install_row, can_install)
+        if not can_install:
+            self._hide_install_question()
+        if row is None:
+            self.provider_info.setText(
+                "LM Gate stays on this computer." if chosen == "none" else ""
+            )
+            return
+        c = row.choice
+        lines = [
+            f"Needs: {c.account}. Stable URL: {c.stable_url}. HTTPS: {c.https}.",
+            f"Encryption ends at: {c.tls_ends_at}. Reachable by: {c.reach}.",
+            f"Note: {self._with_port(c.note)}.",
+        ]
+        if can_install:
+            lines.append(
+                "ngrok is not installed on this computer: install it from ngrok.com, or let "
+                "LM Gate download it (it says from where, and asks first)."
+            )
+        elif c.program and not row.program_found:
+            lines.append(
+                f"{c.program} is not installed on this computer (or not at {c.path_setting}): "
+                "install it first; LM Gate never downloads programs by itself."
+            )
+        self.provider_info.setText("\n".join(lines))
+        _fit_height(self.provider_info)
 
     def _input(self, key: str, kind: type[W]) -> W:
         widget = self.inputs[key]
@@ -155,6 +288,13 @@ class SettingsDialog(QWidget):
             if settings.ngrok_token_set
             else "paste from dashboard.ngrok.com"
         )
+        self.cloudflare_token.clear()
+        self.cloudflare_token.setPlaceholderText(
+            "stored in the keyring — type to replace"
+            if settings.cloudflare_token_set
+            else "the token of your tunnel (Cloudflare Zero Trust → Networks → Tunnels)"
+        )
+        self._describe_provider()
         self.store_note.setText(settings.store_problem or "")
         self.store_note.setVisible(bool(settings.store_problem))
         self.start_at_login.setChecked(settings.start_at_login)
@@ -257,6 +397,7 @@ class SettingsDialog(QWidget):
             start_at_login=self.start_at_login.isChecked(),
             new_lmstudio_token=self.lmstudio_token.text().strip() or None,
             new_ngrok_token=self.ngrok_token.text().strip() or None,
+            new_cloudflare_token=self.cloudflare_token.text().strip() or None,
         )
 
     def save(self) -> None:
@@ -277,3 +418,10 @@ class SettingsDialog(QWidget):
     def _error(self, error: BaseException) -> None:
         self.save_button.setEnabled(True)
         self.status.setText(str(error))
+
+
+def _fit_height(label: QLabel) -> None:
+    """A word-wrapped label in a form gets the height of its text at its width (Qt sizes it
+    for one line less when the text grows after the window was laid out)."""
+    width = max(label.width(), 520)
+    label.setMinimumHeight(label.heightForWidth(width))

@@ -31,6 +31,7 @@ def tooltip_for(state: AppState) -> str:
         f"LM Gate — {state.phase}"
         + (f": {where}" if where else "")
         + ("" if state.phase == Phase.PUBLIC else f"\n{state.message}")
+        + (f"\n{state.stream_note}" if state.stream_note and state.phase == Phase.PUBLIC else "")
         + (f"\n{state.upstream_note}" if state.upstream_note else "")
         + "".join(f"\n{line}" for line in upstream_lines(state))
     )
@@ -169,6 +170,7 @@ class MainWindow(QWidget):
             f"<b>{state.phase.title()}</b> — {state.status_line}"
             + (f"<br><i>{state.warning}</i>" if state.warning else "")
             + (f"<br><i>{state.port_note}</i>" if state.port_note else "")
+            + (f"<br>{html.escape(state.stream_note)}" if state.stream_note else "")
             # Names and reasons come from the config and other machines: escaped, not markup.
             + "".join(f"<br>{html.escape(line)}" for line in upstream_lines(state))
         )

@@ -69,8 +69,25 @@ def test_start_publishes_private_state_and_first_run_needs(make) -> None:  # typ
     assert state.lmstudio_reachable is True
     assert state.needs_tunnel is True, "no tunnel configured yet"
     assert [s.phase for s in seen][:2] == [Phase.STARTING, Phase.PRIVATE]
-    with pytest.raises(TunnelError, match="ngrok authtoken in Settings"):
+    assert state.tunnel_setup is not None and "Cloudflare quick tunnel" in state.tunnel_setup
+    with pytest.raises(TunnelError, match="Choose how to go public in Settings"):
         controller.go_public().result(10)
+
+
+def test_choosing_a_tunnel_keeps_it_and_goes_public(make, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    controller = make()
+    controller.start().result(20)
+    with pytest.raises(LMGateError, match="choose a way"):
+        controller.choose_tunnel("none").result(10)
+    with pytest.raises(ValueError, match="wireguard"):
+        controller.choose_tunnel("wireguard").result(10)
+    state = controller.choose_tunnel("lan").result(40)
+    assert state.phase == Phase.PUBLIC and state.public_url.startswith("http://127.0.0.2:")
+    assert not state.needs_tunnel and state.tunnel_setup is None
+    written = load_config(path=tmp_path / "config.toml", environ={}, overrides={})
+    assert written.tunnel_provider == "lan"
+    rows = {row.choice.provider.value: row for row in controller.tunnel_choices().result(10)}
+    assert rows["lan"].program_found and set(rows) >= {"cloudflare-quick", "tailscale-serve"}
 
 
 @needs_proc

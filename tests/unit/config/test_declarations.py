@@ -61,7 +61,15 @@ def test_common_flags_reach_other_commands() -> None:
 def test_a_choice_flag_offers_exactly_what_the_setting_accepts() -> None:
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--tunnel", "wireguard"])
-    assert SETTINGS_BY_KEY["tunnel.provider"].choices == ("none", "ngrok", "lan")
+    assert SETTINGS_BY_KEY["tunnel.provider"].choices == (
+        "none",
+        "cloudflare-quick",
+        "ngrok",
+        "cloudflare-named",
+        "tailscale-serve",
+        "tailscale-funnel",
+        "lan",
+    )
 
 
 def test_tunnel_provider_is_an_enum_that_still_equals_its_word(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ NOT_CONFIG = {
     "ngrok_token_set",
     "new_lmstudio_token",
     "new_ngrok_token",
+    "cloudflare_token_set",
+    "new_cloudflare_token",
     "overridden",
     "configured_port",
     "port_in_use",
@@ -36,6 +38,7 @@ def test_the_form_keeps_its_order() -> None:
         "upstream.url",
         "tunnel.provider",
         "tunnel.ngrok_domain",
+        "tunnel.cloudflare_hostname",
         "auth.allowed_models",
         "auth.token_ttl",
         "limits.requests_per_minute",
@@ -77,4 +80,12 @@ def test_duration_text_uses_the_largest_whole_unit() -> None:
 
 def test_choice_labels_cover_the_choices() -> None:
     (provider,) = [f for f in FORM_FIELDS if f.key == "tunnel.provider"]
-    assert [value for value, _ in provider.choices] == ["none", "ngrok", "lan"]
+    assert [value for value, _ in provider.choices] == [
+        "none",
+        "cloudflare-quick",
+        "ngrok",
+        "cloudflare-named",
+        "tailscale-serve",
+        "tailscale-funnel",
+        "lan",
+    ]
