@@ -48,7 +48,12 @@ class AgentKind:
 
 def no_downloads_environment() -> dict[str, str]:
     closed = "http://127.0.0.1:9"
-    env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARIABLES}
+    # Nor LM Gate's own variables (LMGATE_SECRET_* may hold secrets): a version needs none.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in _PROXY_VARIABLES and not k.upper().startswith("LMGATE_")
+    }
     env.update(
         {name: closed for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
     )
@@ -105,8 +110,10 @@ def on_path(program: str) -> list[Path]:
     found: list[Path] = []
     seen: set[Path] = set()
     for directory in os.environ.get("PATH", "").split(os.pathsep):
-        if not directory:
-            continue  # an empty entry means the current directory: never look there
+        if not directory or not Path(directory).is_absolute():
+            # An empty entry means the current directory, and a relative one ("." or "bin")
+            # a place under it, which Popen would look up again on its own: never look there.
+            continue
         for name in names:
             path = Path(directory) / name
             if executable(path) and path.resolve() not in seen:

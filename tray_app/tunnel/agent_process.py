@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
+import functools
 import json
 import logging
 import os
@@ -74,6 +76,12 @@ def wait_gone(pid: int, timeout: float) -> bool:
     return False
 
 
+def agent_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without LM Gate's own variables: LMGATE_SECRET_* holds the secret store's
+    secrets when it is the environment, and no agent needs any of them."""
+    return {k: v for k, v in env.items() if not k.upper().startswith("LMGATE_")}
+
+
 def stop_pid(pid: int, timeout: float = STOP_SECONDS) -> None:
     """SIGTERM, then SIGKILL if it is still there after ``timeout``."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -81,6 +89,26 @@ def stop_pid(pid: int, timeout: float = STOP_SECONDS) -> None:
         if not wait_gone(pid, timeout):
             os.kill(pid, signal.SIGKILL)
             wait_gone(pid, timeout)
+
+
+# Linux ties a child to the thread that started it (PR_SET_PDEATHSIG): when LM Gate dies,
+# even by SIGKILL, its agent is sent SIGTERM, instead of forwarding the public URL's traffic
+# to a port any local user could then bind (phones' bearer tokens included). The call is
+# resolved here, before any fork; the child runs only it between fork and exec.
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent(parent: int) -> None:
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:
+        os._exit(1)  # the parent died before the tie was made: nobody to serve
+
+
+def die_with_us() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that ties the child to this process (Linux), or None elsewhere."""
+    return functools.partial(_die_with_parent, os.getpid()) if _prctl is not None else None
 
 
 def _signal_group(proc: subprocess.Popen[bytes], number: signal.Signals) -> None:
@@ -150,14 +178,18 @@ class AgentProcess:
         with self._lock:
             self._tail.clear()
         self.pid_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.pid_path.parent.chmod(0o700)  # one made by an older version may be wider
         # The agent's path was proven by running it; nothing here goes through a shell.
         proc = subprocess.Popen(  # noqa: S603
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=dict(env),
+            env=agent_environment(env),
             start_new_session=sys.platform != "win32",
+            # The thread that starts an agent lives as long as the event loop's executor: the
+            # tie fires when LM Gate ends, not before.
+            preexec_fn=die_with_us(),
         )
         self._proc = proc
         self._write_pid(proc.pid, marker)
@@ -214,7 +246,10 @@ class AgentProcess:
 
     def _write_pid(self, pid: int, marker: str) -> None:
         temporary = self.pid_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"pid": pid, "marker": marker}), encoding="utf-8")
+        temporary.unlink(missing_ok=True)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump({"pid": pid, "marker": marker}, handle)
         temporary.replace(self.pid_path)
 
     def _read(self, stream: IO[bytes]) -> None:

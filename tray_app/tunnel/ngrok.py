@@ -37,7 +37,12 @@ from pyngrok.process import NgrokProcess
 
 from tray_app.errors import SecretStoreError, TunnelError
 from tray_app.secret_store.base import SecretStore
-from tray_app.tunnel.agent_process import command_line, wait_gone
+from tray_app.tunnel.agent_process import (
+    agent_environment,
+    command_line,
+    die_with_us,
+    wait_gone,
+)
 from tray_app.tunnel.ngrok_agent import INSTALL_HELP, Agent, find_agent
 
 log = logging.getLogger("lmgate.tunnel.ngrok")
@@ -124,6 +129,12 @@ class _ReportingPopen(subprocess.Popen):  # type: ignore[type-arg]
     file) would leave it behind. The callback is per thread: only our opening sets one."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if getattr(_spawning, "callback", None) is not None:
+            if kwargs.get("env") is None:
+                # Our agent gets no LMGATE_* variable (LMGATE_SECRET_* may hold secrets).
+                kwargs["env"] = agent_environment(os.environ)
+            if kwargs.get("preexec_fn") is None:
+                kwargs["preexec_fn"] = die_with_us()  # ends with LM Gate, even by SIGKILL
         super().__init__(*args, **kwargs)
         spawned: Callable[[int], None] | None = getattr(_spawning, "callback", None)
         if spawned is not None:

@@ -272,3 +272,95 @@ def test_the_marker_must_be_in_the_command_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="marker"):
         agent.start([sys.executable, "-c", "pass"], {}, "--not-there")
     assert not agent.pid_path.exists()
+
+
+def test_no_lmgate_variable_reaches_an_agent(tmp_path: Path) -> None:
+    # LMGATE_SECRET_* holds the secret store's secrets when it is the environment.
+    agent = AgentProcess("demo-agent", tmp_path / "agent.pid")
+    start_agent(
+        tmp_path,
+        agent,
+        LMGATE_SECRET_TOKEN_SIGNING_KEY="k" * 40,
+        lmgate_secret_lower="x" * 20,
+        KEEP_ME="1",
+    )
+    try:
+        wait_for(lambda: "ready" in agent.tail())
+        environ = Path(f"/proc/{agent.pid}/environ").read_bytes().split(b"\0")
+        names = {entry.split(b"=", 1)[0] for entry in environ if entry}
+        assert b"KEEP_ME" in names
+        assert not any(name.upper().startswith(b"LMGATE_") for name in names)
+        assert oct(agent.pid_path.stat().st_mode & 0o777) == "0o600"
+    finally:
+        agent.stop()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_an_agent_dies_with_the_lm_gate_that_started_it_even_by_sigkill(tmp_path: Path) -> None:
+    # Else it would go on forwarding the public URL's traffic (bearer tokens included) to a
+    # port any local user could bind once LM Gate is gone.
+    program = write_program(tmp_path, AGENT)
+    lmgate = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import os, sys, threading, time
+                from pathlib import Path
+                from tray_app.tunnel.agent_process import AgentProcess
+                agent = AgentProcess("demo-agent", Path({str(tmp_path / "agent.pid")!r}))
+                # Started from a worker thread that lives on, as the event loop's executor's do.
+                started = threading.Event()
+                def start():
+                    agent.start([{str(program)!r}, "--state", "x"], dict(os.environ), "--state x")
+                    started.set()
+                    time.sleep(600)
+                threading.Thread(target=start, daemon=True).start()
+                started.wait(10)
+                # Killed only once the agent has said all it says: a write to a pipe whose
+                # reader is gone would end it anyway, and prove nothing.
+                while "ready" not in agent.tail():
+                    time.sleep(0.02)
+                print(agent.pid, flush=True)
+                time.sleep(600)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=str(Path(__file__).resolve().parents[3]),
+    )
+    assert lmgate.stdout is not None
+    agent_pid = int(lmgate.stdout.readline())
+    assert alive(agent_pid)
+    lmgate.kill()
+    lmgate.wait()
+    lmgate.stdout.close()
+    # Not our child (its parent was killed): gone, or a zombie waiting for init to reap it.
+    deadline = time.monotonic() + 5
+    while alive(agent_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(agent_pid), "the agent outlived the LM Gate that started it"
+
+
+# ---- PATH entries that are not absolute ---------------------------------------------------
+
+
+def test_a_relative_path_entry_is_never_searched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A working agent in the current directory and in "bin" under it: PATH entries "." and
+    # "bin" would make relative paths that Popen looks up again on its own.
+    (tmp_path / "bin").mkdir()
+    write_program(tmp_path, 'print("demo-agent version 2.5.1")\n')
+    write_program(tmp_path / "bin", 'print("demo-agent version 2.5.1")\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", os.pathsep.join([".", "bin", "./bin"]))
+    assert on_path("demo-agent") == []
+    with pytest.raises(TunnelError, match=r"demo-agent is not installed"):
+        find_agent(KIND)
+    absolute = tmp_path / "bin"
+    monkeypatch.setenv("PATH", os.pathsep.join([".", "bin", str(absolute)]))
+    assert on_path("demo-agent") == [absolute / "demo-agent"]
+    assert find_agent(KIND).path == absolute / "demo-agent"
