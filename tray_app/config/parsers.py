@@ -309,18 +309,37 @@ def hostname(raw: object) -> str:
 def download_url(raw: object) -> str:
     """Where a program may be downloaded from: https, or plain http only from this computer
     (a local mirror: nothing crosses a network unencrypted); empty = the vendor's own."""
-    shape = "must be an https:// URL (or http:// on this computer)"
+    shape = "must be an https:// URL (or http:// on this computer), with no user name or spaces"
     if not isinstance(raw, str):
         raise ValueError(f"{shape}, got {raw!r}")
     text = raw.strip()
     if not text:
         return ""
-    parts = urlsplit(text)
-    host = parts.hostname or ""
-    local = host == "localhost" or _is_loopback_ip(host)
-    if (parts.scheme == "https" and host) or (parts.scheme == "http" and local):
+    if download_url_allowed(text):
         return text
     raise ValueError(f"{shape}, got {raw!r}")
+
+
+def download_url_allowed(url: str) -> bool:
+    """Whether ``url`` may be downloaded from: https to a named host, or plain http only to
+    this computer (localhost or a loopback address). Refused as well: any user name or
+    password (``http://evil.com@127.0.0.1/`` is loopback to ``urlsplit`` but ``evil.com@...``
+    to urllib's connection) and any whitespace or control character, so that the host checked
+    here is the host that is connected to. Shared by the setting and the ngrok installer
+    (checked again at every redirect)."""
+    if any(char.isspace() or not char.isprintable() for char in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - an invalid port raises ValueError
+    except ValueError:
+        return False
+    if "@" in parts.netloc:
+        return False
+    host = parts.hostname or ""
+    if parts.scheme == "https":
+        return bool(host)
+    return parts.scheme == "http" and (host == "localhost" or _is_loopback_ip(host))
 
 
 def _is_loopback_ip(host: str) -> bool:

@@ -18,7 +18,6 @@ The function itself is the action: callers ask first, and say what will come fro
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import stat
 import tarfile
@@ -26,16 +25,17 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable
-from http.client import HTTPException
+from http.client import HTTPException, HTTPMessage
 from pathlib import Path
 from typing import IO
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit
-from urllib.request import Request, urlopen
+from urllib.request import HTTPRedirectHandler, Request, build_opener
 
 from pyngrok import conf, installer
 from pyngrok.exception import PyngrokError
 
+from tray_app.config.parsers import download_url_allowed
 from tray_app.config.settings import SETTINGS_BY_KEY
 from tray_app.errors import TunnelError
 from tray_app.tunnel.ngrok_agent import Agent, probe
@@ -49,6 +49,7 @@ DOWNLOAD_TIMEOUT = 30.0  # seconds for connecting and for each read
 _MAX_ARCHIVE = 256 * 1024 * 1024  # ngrok's archives are about 10 MB, the program about 30 MB
 _MAX_PROGRAM = 512 * 1024 * 1024
 _CHUNK = 256 * 1024
+MAX_REDIRECTS = 5  # ngrok's CDN and a mirror need one or two
 
 
 def default_target() -> Path:
@@ -138,24 +139,53 @@ def _archive_kind(url: str) -> str:
 
 
 def _check_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
+    # https to a named host, plain http only to this computer (nothing crosses a network
+    # unencrypted), no user name in the address and no spaces or control characters in it.
+    if download_url_allowed(url):
         return
-    if parts.scheme == "http" and _loopback(parts.hostname):
-        return  # a mirror on this computer; nothing crosses a network unencrypted
     raise TunnelError(
-        f"The ngrok agent is downloaded only over https (or from this computer), not from "
-        f"{url}: fix {MIRROR_SETTING} or {BY_HAND}."
+        f"The ngrok agent is downloaded only over https (or from this computer), from an "
+        f"address with no user name and no spaces, not from {url!r}: fix {MIRROR_SETTING} "
+        f"or {BY_HAND}."
     )
 
 
-def _loopback(host: str | None) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+class _CheckedRedirects(HTTPRedirectHandler):
+    """Follows a redirect only where the download itself could go (:func:`_check_url`'s rule,
+    applied to every hop before it is contacted), never from https down to plain http, and
+    at most :data:`MAX_REDIRECTS` times."""
+
+    # urllib's own limits (a loop, too many) would answer first with a multi-line HTTPError.
+    max_repeats = max_redirections = MAX_REDIRECTS + 1
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self._first = url
+        self._hops = 0
+
+    def redirect_request(
+        self, req: Request, fp: IO[bytes], code: int, msg: str, headers: HTTPMessage, newurl: str
+    ) -> Request | None:
+        self._hops += 1
+        why = _refused_hop(req.full_url, newurl, self._hops)
+        if why:
+            fp.close()  # the redirect's answer and its connection
+            raise TunnelError(
+                f"The ngrok agent download from {self._first} was redirected to {newurl!r}, "
+                f"which LM Gate does not follow ({why}): fix {MIRROR_SETTING} or {BY_HAND}."
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _refused_hop(old: str, new: str, hops: int) -> str:
+    """Why the redirect from ``old`` to ``new`` (the ``hops``-th) is not followed, or ""."""
+    if hops > MAX_REDIRECTS:
+        return f"more than {MAX_REDIRECTS} redirects"
+    if urlsplit(old).scheme == "https" and urlsplit(new).scheme == "http":
+        return "it drops from https to plain http"
+    if not download_url_allowed(new):
+        return "only https, or plain http on this computer, with no user name or spaces"
+    return ""
 
 
 def _download(url: str, archive: Path, say: Callable[[str], None]) -> None:
@@ -166,12 +196,14 @@ def _download(url: str, archive: Path, say: Callable[[str], None]) -> None:
 
     say(f"Downloading {url} ...")
     try:
-        # https (or loopback http), checked above; the URL is ngrok's or the owner's mirror.
+        # https (or loopback http), checked above and at every redirect (_CheckedRedirects);
+        # the URL is ngrok's or the owner's mirror.
         request = Request(url, headers={"User-Agent": "lmgate"})  # noqa: S310
-        with urlopen(request, timeout=DOWNLOAD_TIMEOUT) as answer:  # noqa: S310
+        opener = build_opener(_CheckedRedirects(url))
+        with opener.open(request, timeout=DOWNLOAD_TIMEOUT) as answer:
             final = answer.geturl()
             if final != url:
-                _check_url(final)  # a redirect must not drop to plain http
+                _check_url(final)  # checked at every hop already; the last once more
             length = _length(answer.headers.get("Content-Length"))
             if length is not None and length > _MAX_ARCHIVE:
                 raise failed(f"it is {length} bytes, far more than an ngrok archive")

@@ -7,12 +7,16 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import socket
 import stat
 import sys
 import tarfile
 import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator
+from http.client import HTTPMessage
 from pathlib import Path
+from typing import Any
+from urllib.request import Request
 
 import pytest
 from aiohttp import web
@@ -23,7 +27,10 @@ from tray_app.errors import TunnelError
 from tray_app.tunnel.ngrok_agent import Agent, find_agent
 from tray_app.tunnel.ngrok_install import (
     DOWNLOAD_URL_ENV,
+    MAX_REDIRECTS,
     MIRROR_SETTING,
+    _check_url,
+    _CheckedRedirects,
     default_target,
     install_ngrok_agent,
     ngrok_download_url,
@@ -62,10 +69,12 @@ AGENT_BYTES = FAKE_NGROK_AGENT.read_bytes()
 
 
 class DownloadSite:
-    """Serves the archives put in ``files`` and records every path asked for."""
+    """Serves the archives put in ``files``, redirects the paths in ``redirects`` (to the
+    address given) and records every path asked for."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}
         self.requests: list[str] = []
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -86,6 +95,8 @@ class DownloadSite:
 
     async def _serve(self, request: web.Request) -> web.Response:
         self.requests.append(request.path)
+        if request.path in self.redirects:
+            raise web.HTTPFound(self.redirects[request.path])
         body = self.files.get(request.path)
         if body is None:
             raise web.HTTPNotFound()
@@ -263,3 +274,160 @@ def test_the_default_url_is_pyngrok_s_for_this_computer(monkeypatch: pytest.Monk
     monkeypatch.setenv(DOWNLOAD_URL_ENV, "https://mirror.example/ngrok.tgz")  # read by config only
     assert ngrok_download_url() == installer.get_ngrok_cdn_url("3")
     assert ngrok_download_url().startswith("https://")
+
+
+# ---- where a download may go, at its start and at every redirect ---------------------------
+
+REFUSED_HOP = (
+    "The ngrok agent download from {first} was redirected to {new!r}, which LM Gate does not "
+    "follow ({why}): fix tunnel.ngrok_download_url or install it by hand from "
+    "https://ngrok.com/download."
+)
+ELSEWHERE = "only https, or plain http on this computer, with no user name or spaces"
+
+
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every (host, port) the download connects to (http.client's socket.create_connection)."""
+    made: list[tuple[str, int]] = []
+    real = socket.create_connection
+
+    def recording(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        made.append(address)
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", recording)
+    return made
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://cdn.example/ngrok.tgz",
+        "http://127.0.0.1:8/ngrok.tgz",
+        "http://[::1]:8/ngrok.zip",
+        "http://localhost/ngrok.tgz",
+    ],
+)
+def test_a_download_address_that_is_allowed(url: str) -> None:
+    _check_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://evil.com@127.0.0.1/a.zip",  # urlsplit: 127.0.0.1; urllib: "evil.com@127.0.0.1"
+        "https://user:pw@cdn.example/ngrok.tgz",
+        "http://127.0.0.1.evil.com/ngrok.tgz",
+        "https://cdn.example/a b.tgz",
+        "https://cdn.example/a\tb.tgz",
+        "https://cdn.example/\x00.tgz",
+        "ftp://cdn.example/ngrok.tgz",
+        "http://10.0.0.1/ngrok.tgz",
+    ],
+)
+async def test_a_download_address_that_is_refused_before_connecting(
+    url: str, home: Path, connections: list[tuple[str, int]]
+) -> None:
+    with pytest.raises(TunnelError) as raised:
+        await install(url)
+    assert (str(raised.value), connections) == (
+        "The ngrok agent is downloaded only over https (or from this computer), from an "
+        f"address with no user name and no spaces, not from {url!r}: fix "
+        "tunnel.ngrok_download_url or install it by hand from https://ngrok.com/download.",
+        [],
+    )
+    assert not home.exists()
+
+
+@pytest.mark.parametrize(
+    "elsewhere",
+    ["http://downloads.example.invalid/ngrok.tgz", "http://evil.com@127.0.0.1:{port}/a.tgz"],
+)
+async def test_a_redirect_to_plain_http_elsewhere_is_refused_before_connecting(
+    elsewhere: str, site: DownloadSite, home: Path, connections: list[tuple[str, int]]
+) -> None:
+    port = int(site.url.rsplit(":", 1)[1])
+    elsewhere = elsewhere.format(port=port)
+    url = site.url + "/r/ngrok.tgz"
+    site.redirects["/r/ngrok.tgz"] = elsewhere
+    site.offer("/a.tgz", tgz({"ngrok": AGENT_BYTES}))
+    with pytest.raises(TunnelError) as raised:
+        await install(url)
+    assert (str(raised.value), connections, site.requests) == (
+        REFUSED_HOP.format(first=url, new=elsewhere, why=ELSEWHERE),
+        [("127.0.0.1", port)],  # only the site that redirected
+        ["/r/ngrok.tgz"],
+    )
+    assert not home.exists()
+
+
+async def test_a_redirect_from_one_loopback_name_to_another_installs(
+    site: DownloadSite, home: Path
+) -> None:
+    port = int(site.url.rsplit(":", 1)[1])
+    final = site.offer("/c/ngrok.tgz", tgz({"ngrok": AGENT_BYTES}))
+    site.redirects["/r/ngrok.tgz"] = final
+    agent, _ = await install(f"http://localhost:{port}/r/ngrok.tgz")
+    assert (agent.path, site.requests) == (home, ["/r/ngrok.tgz", "/c/ngrok.tgz"])
+    assert home.read_bytes() == AGENT_BYTES
+
+
+@pytest.mark.parametrize("hops", [MAX_REDIRECTS, MAX_REDIRECTS + 1])
+async def test_at_most_a_few_redirects_are_followed(
+    hops: int, site: DownloadSite, home: Path
+) -> None:
+    for hop in range(hops):
+        site.redirects[f"/hop{hop}/ngrok.tgz"] = f"/hop{hop + 1}/ngrok.tgz"  # relative
+    site.offer(f"/hop{hops}/ngrok.tgz", tgz({"ngrok": AGENT_BYTES}))
+    url = site.url + "/hop0/ngrok.tgz"
+    if hops <= MAX_REDIRECTS:
+        agent, _ = await install(url)
+        assert (agent.path, len(site.requests)) == (home, hops + 1)
+        return
+    with pytest.raises(TunnelError) as raised:
+        await install(url)
+    last = f"{site.url}/hop{MAX_REDIRECTS + 1}/ngrok.tgz"
+    assert (str(raised.value), len(site.requests)) == (
+        REFUSED_HOP.format(first=url, new=last, why=f"more than {MAX_REDIRECTS} redirects"),
+        MAX_REDIRECTS + 1,
+    )
+    assert not home.exists()
+
+
+async def test_a_redirect_loop_is_one_sentence(site: DownloadSite, home: Path) -> None:
+    url = site.url + "/loop/ngrok.tgz"
+    site.redirects["/loop/ngrok.tgz"] = url
+    with pytest.raises(TunnelError) as raised:
+        await install(url)
+    assert str(raised.value) == REFUSED_HOP.format(
+        first=url, new=url, why=f"more than {MAX_REDIRECTS} redirects"
+    )
+
+
+@pytest.mark.parametrize(
+    ("new", "why"),
+    [
+        ("http://127.0.0.1:8/ngrok.tgz", "it drops from https to plain http"),
+        ("http://mirror.example/ngrok.tgz", "it drops from https to plain http"),
+        ("https://user@mirror.example/ngrok.tgz", ELSEWHERE),
+        ("https://mirror.example/ngrok.tgz", ""),
+    ],
+)
+def test_a_redirect_from_https_stays_on_https(new: str, why: str) -> None:
+    # No local https server with a trusted certificate: the handler is asked directly.
+    first = "https://cdn.example/ngrok.tgz"
+    answer = io.BytesIO(b"redirecting")
+    handler = _CheckedRedirects(first)
+    if not why:
+        followed = handler.redirect_request(
+            Request(first), answer, 302, "Found", HTTPMessage(), new
+        )
+        assert (followed.full_url if followed else None, answer.closed) == (new, False)
+        return
+    with pytest.raises(TunnelError) as raised:
+        handler.redirect_request(Request(first), answer, 302, "Found", HTTPMessage(), new)
+    assert (str(raised.value), answer.closed) == (
+        REFUSED_HOP.format(first=first, new=new, why=why),
+        True,
+    )
