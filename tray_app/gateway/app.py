@@ -593,14 +593,17 @@ class Gateway:
     ) -> web.StreamResponse:
         """A paced SSE stream (tray_app.gateway.stream_probe), for the probe token or any
         valid credential; anything else fails, and is counted, as on every other route."""
-        lease: tuple[str, str] | None = None
-        if not stream_probe.carries_probe_token(request.headers, self._stream_probe_token):
+        if stream_probe.carries_probe_token(request.headers, self._stream_probe_token):
+            # Limited like any caller: the token crosses the tunnel's edge, which sees it.
+            name = stream_probe.PROBE_CALLER
+        else:
             principal = await self._authenticate(request, exchange)
             # Under a second, and LM Studio is never asked: a revocation has nothing to end
             # (the watchdog cancels only requests with a caller).
             exchange.caller = None
-            await self._protect.take_request(principal.name)
-            lease = (principal.name, await self._protect.enter(principal.name))
+            name = principal.name
+        await self._protect.take_request(name)
+        lease = (name, await self._protect.enter(name))
         try:
             raw = await self._read_body(request, exchange, limit=stream_probe.MAX_BODY_BYTES)
             stream_probe.check_body(raw)
@@ -613,8 +616,7 @@ class Gateway:
                 aborted=lambda: exchange.aborted_with,
             )
         finally:
-            if lease is not None:
-                self._protect.leave(*lease)
+            self._protect.leave(*lease)
         exchange.outcome.bytes_out = sent
         if exchange.aborted_with is not None:
             exchange.error = exchange.aborted_with.code

@@ -25,6 +25,8 @@ from tray_app.stream_pacing import EVENTS, INTERVAL_SECONDS
 
 # Its body is empty or a small JSON object: nothing in it is read.
 MAX_BODY_BYTES = 4096
+# Whom the probe token's requests are counted as: no credential's name has a space.
+PROBE_CALLER = "LM Gate stream check"
 HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",

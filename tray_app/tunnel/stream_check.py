@@ -28,6 +28,10 @@ HEADERS = {"ngrok-skip-browser-warning": "1"}
 # which a buffered answer's events arrive.
 SPREAD_SHARE = 0.5
 MESSAGE_CHARS = 100
+# What to do about a tunnel that buffers: the others pass POST streams as they are written.
+BUFFERED_FIX = (
+    "For answers that appear as they are written, use ngrok, Tailscale or a named tunnel."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +58,7 @@ class StreamCheck:
             return f"Streams: {first}, largest gap {self.largest_gap_ms or 0:.0f} ms."
         return (
             "This tunnel delivers streamed answers in one piece: people see each answer only "
-            f"when it is finished ({first}, {self.chunks} chunks at once)."
+            f"when it is finished ({first}, {self.chunks} chunks at once). {BUFFERED_FIX}"
         )
 
 
@@ -93,6 +97,8 @@ async def check_stream(url: str, token: str, *, seconds: float = 15.0) -> Stream
                         done = True
                         break
                     arrivals.append(time.monotonic())
+                    if len(arrivals) > EVENTS:
+                        break  # not the paced answer: nothing more is worth reading
     except TimeoutError:
         return StreamCheck(chunks=len(arrivals), problem=f"no complete answer within {seconds:g} s")
     except aiohttp.ClientError as exc:

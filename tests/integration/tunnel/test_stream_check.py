@@ -125,7 +125,8 @@ class TestTheVerdictIsTheSpreadNotTheLatency:
         assert (found.incremental, found.chunks) == (False, EVENTS)
         assert found.describe() == (
             "This tunnel delivers streamed answers in one piece: people see each answer only "
-            "when it is finished (first chunk after 612 ms, 6 chunks at once)."
+            "when it is finished (first chunk after 612 ms, 6 chunks at once). For answers "
+            "that appear as they are written, use ngrok, Tailscale or a named tunnel."
         )
 
     def test_half_the_pacing_is_the_line(self) -> None:
@@ -457,6 +458,17 @@ class TestTheProbeRouteAuthenticates:
         assert status == 200, body
         assert sse_events(body)[-1] == "[DONE]"
         assert fake_lmstudio.received == []
+
+    async def test_the_probe_token_is_limited_like_any_caller(
+        self, start_identity_gateway: IdentityFactory
+    ) -> None:
+        # It crosses the tunnel's edge, which sees it: it holds no more than a credential.
+        rig = await start_identity_gateway(limits_concurrent_requests=1)
+        token = bearer(gateway_of(rig).stream_probe_token)
+        answers = await asyncio.gather(probe(rig, token), probe(rig, token))
+        statuses = sorted(status for status, _, _ in answers)
+        refused = next(body for status, _, body in answers if status != 200)
+        assert (statuses, error_of(refused)[1]) == ([200, 429], "too_many_concurrent_requests")
 
     async def test_the_probe_token_is_never_logged(self, rig: IdentityRig) -> None:
         token = gateway_of(rig).stream_probe_token
