@@ -14,6 +14,7 @@ from pytestqt.qtbot import QtBot
 from tests.fake_controller import FakeController
 from tests.helpers import REPO_ROOT, publish_screenshot
 from tray_app.control.controller import Phase
+from tray_app.control.tunnel_setup import CHOOSE
 from tray_app.tunnel.choices import CHOICES
 from tray_app.ui.actions import AppActions, table_text
 from tray_app.ui.bridge import UiBridge
@@ -35,13 +36,11 @@ def actions(qtbot: QtBot, fake: FakeController) -> AppActions:
     return AppActions(fake, bridge, lambda: None)
 
 
-def needs_a_tunnel(qtbot: QtBot, fake: FakeController, actions: AppActions) -> None:
+def needs_a_tunnel(
+    qtbot: QtBot, fake: FakeController, actions: AppActions, setup: str = CHOOSE
+) -> None:
     with qtbot.waitSignal(actions.bridge.state_changed, timeout=2000):
-        fake.publish(
-            phase=Phase.PRIVATE,
-            needs_tunnel=True,
-            tunnel_setup="Choose how to go public in Settings: <b>not markup</b>.",
-        )
+        fake.publish(phase=Phase.PRIVATE, needs_tunnel=True, tunnel_setup=setup)
 
 
 def test_the_guide_compares_the_options_and_goes_public_in_one_click(
@@ -56,9 +55,8 @@ def test_the_guide_compares_the_options_and_goes_public_in_one_click(
     # The double says only cloudflared is installed: the others say so in their row.
     assert "Tailscale Serve\n(tailscale not installed)" in table
     assert "(cloudflared not installed)" not in table
-    # What the controller says is text, never markup.
-    assert "&lt;b&gt;not markup&lt;/b&gt;" in guide.text.text()
-    assert guide.one_click.isVisible()
+    assert guide.one_click.isVisible() and guide.one_click_note.isVisible()
+    assert "no uptime promise" in guide.one_click_note.text()
     guide.adjustSize()
     ARTIFACTS.mkdir(exist_ok=True)
     guide.grab().save(str(ARTIFACTS / "guide-going-public.png"))
@@ -66,6 +64,14 @@ def test_the_guide_compares_the_options_and_goes_public_in_one_click(
     guide.one_click.click()
     qtbot.waitUntil(lambda: fake.called("choose_tunnel") == [("cloudflare-quick",)])
     assert not guide.isVisible()
+
+
+def test_what_the_controller_says_is_text_never_markup(
+    qtbot: QtBot, fake: FakeController, actions: AppActions
+) -> None:
+    needs_a_tunnel(qtbot, fake, actions, setup="Finish it in Settings: <b>not markup</b>.")
+    qtbot.waitUntil(lambda: actions.guide.isVisible())
+    assert "&lt;b&gt;not markup&lt;/b&gt;" in actions.guide.text.text()
 
 
 def test_without_the_agent_there_is_no_one_click_choice(
@@ -82,7 +88,7 @@ def test_without_the_agent_there_is_no_one_click_choice(
     needs_a_tunnel(qtbot, fake, actions)
     guide = actions.guide
     qtbot.waitUntil(lambda: "cloudflared not installed" in table_text(guide.choices))
-    assert not guide.one_click.isVisible()
+    assert not guide.one_click.isVisible() and not guide.one_click_note.isVisible()
     assert fake.called("choose_tunnel") == []
 
 
@@ -181,3 +187,38 @@ def test_installing_the_ngrok_agent_asks_first_and_says_what_comes_from_where(
     # Another way of going public has nothing to install.
     dialog.provider.setCurrentIndex(dialog.provider.findData("lan"))
     assert not dialog.install_button.isVisible()
+
+
+def test_a_tunnel_back_at_a_new_url_says_so(
+    qtbot: QtBot, fake: FakeController, actions: AppActions
+) -> None:
+    said: list[tuple[str, str]] = []
+    actions.notify.connect(lambda title, message: said.append((title, message)))
+    for phase, url in [
+        (Phase.PUBLIC, "https://first.trycloudflare.com"),
+        (Phase.RECONNECTING, "https://first.trycloudflare.com"),
+        (Phase.PUBLIC, "https://first.trycloudflare.com"),  # back at the same URL: nothing new
+        (Phase.RECONNECTING, "https://first.trycloudflare.com"),
+        (Phase.PUBLIC, "https://second.trycloudflare.com"),
+    ]:
+        with qtbot.waitSignal(actions.bridge.state_changed, timeout=2000):
+            fake.publish(phase=phase, public_url=url)
+    changed = [message for title, message in said if title == "The public URL changed"]
+    assert len(changed) == 1 and changed[0].startswith("https://second.trycloudflare.com")
+    assert "pair phones again" in changed[0]
+
+
+def test_what_an_agent_printed_is_shown_as_text_never_markup(
+    qtbot: QtBot, fake: FakeController, actions: AppActions
+) -> None:
+    # An agent's last line ends up in the error message, a host it named in the URL.
+    from tray_app.ui.tray import MainWindow
+
+    window = MainWindow(actions)
+    qtbot.addWidget(window)
+    hostile = '<a href="https://evil.example/fix">your key leaked, click here</a><img src=x>'
+    with qtbot.waitSignal(actions.bridge.state_changed, timeout=2000):
+        fake.publish(phase=Phase.ERROR, message=hostile, warning=hostile, port_note=hostile)
+    shown = window.status.text()
+    assert "<a href" not in shown and "<img" not in shown
+    assert shown.count("&lt;a href=&quot;https://evil.example/fix&quot;&gt;") == 3

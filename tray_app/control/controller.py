@@ -30,6 +30,7 @@ from tray_app.config.settings import (
     Config,
     default_config_path,
     dump_settings,
+    ensure_public_exposure_allowed,
     load_config,
 )
 from tray_app.config.upstreams import is_upstream_key, token_secret_name
@@ -451,11 +452,16 @@ class Controller:
                 "tunnel.provider is set for this run by "
                 f"{self._overridden()['tunnel.provider']}: change it there"
             )
+        chosen_config = replace(self.config, tunnel_provider=chosen)
+        # Refused (dev mode) before anything is written: the file keeps what it had.
+        ensure_public_exposure_allowed(chosen_config)
         text = self._merged_config_text({"tunnel.provider": chosen.value})
         self._config_path.parent.mkdir(parents=True, exist_ok=True)
-        self._config_path.write_text(text, encoding="utf-8")
+        temporary = self._config_path.with_name(self._config_path.name + ".tmp")
+        temporary.write_text(text, encoding="utf-8")
+        temporary.replace(self._config_path)  # never half a file, whatever happens meanwhile
         # Only the one setting changes, in the file as here: everything else stays as it runs.
-        self.config = replace(self.config, tunnel_provider=chosen)
+        self.config = chosen_config
         await self._restart()
         return await self.go_public()
 

@@ -12,12 +12,24 @@ from dataclasses import dataclass
 from tray_app.config.parsers import TunnelProvider
 from tray_app.config.settings import Config
 from tray_app.secret_store.base import SecretStore, read_or_none
-from tray_app.tunnel.choices import CHOICES, NO_ACCOUNT, TunnelChoice, program_found
+from tray_app.tunnel.choices import (
+    CHOICES,
+    CHOICES_BY_PROVIDER,
+    COLUMNS,
+    NO_ACCOUNT,
+    TunnelChoice,
+    cells,
+    program_found,
+)
 from tray_app.tunnel.cloudflare import CLOUDFLARE_TUNNEL_TOKEN
 from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN
 
-# The one-click choice of the first-run guide.
+# The one-click choice of the first-run guide, and what to know before taking it.
 NO_ACCOUNT_PROVIDER: str = NO_ACCOUNT.value
+NO_ACCOUNT_NOTE: str = CHOICES_BY_PROVIDER[NO_ACCOUNT].note
+# The comparison as the UI shows it (the UI reaches the tunnel layer only through here).
+CHOICE_COLUMNS = COLUMNS
+choice_cells = cells
 
 CHOOSE = (
     "Choose how to go public in Settings: a Cloudflare quick tunnel needs no account (only "
@@ -55,11 +67,15 @@ def missing_setup(config: Config, secrets: SecretStore) -> str | None:
     if provider is TunnelProvider.NGROK and not read_or_none(secrets, NGROK_AUTHTOKEN):
         return "Paste your ngrok authtoken in Settings (or run `lmgate tunnel set-token`)."
     if provider is TunnelProvider.CLOUDFLARE_NAMED:
+        missing = []
         if not read_or_none(secrets, CLOUDFLARE_TUNNEL_TOKEN):
-            return (
-                "Paste your Cloudflare tunnel's token in Settings (or run "
-                "`lmgate tunnel set-token --provider cloudflare`)."
+            missing.append(
+                "paste your Cloudflare tunnel's token in Settings (or run "
+                "`lmgate tunnel set-token --provider cloudflare`)"
             )
         if not config.tunnel_cloudflare_hostname:
-            return "Enter the hostname routed to your Cloudflare tunnel in Settings."
+            missing.append("enter the hostname routed to your Cloudflare tunnel in Settings")
+        if missing:
+            said = " and ".join(missing)
+            return said[0].upper() + said[1:] + "."
     return None

@@ -116,17 +116,31 @@ def program_found(choice: TunnelChoice, configured: str = "") -> bool:
     return shutil.which(choice.program) is not None
 
 
+# The comparison's columns, in every place that shows it (the README adds the setting's
+# word and the agent's name).
+COLUMNS = (
+    "Go public with",
+    "Account needed",
+    "Stable URL",
+    "HTTPS",
+    "TLS ends at",
+    "Who can reach it",
+)
+
+
+def cells(choice: TunnelChoice) -> tuple[str, ...]:
+    """One row of the comparison, in :data:`COLUMNS`' order."""
+    c = choice
+    return (c.title, c.account, c.stable_url, c.https, c.tls_ends_at, c.reach)
+
+
 def markdown_table() -> str:
     """The README's comparison, from the declarations above."""
-    header = (
-        "| Go public with | `tunnel.provider` | Account needed | Stable URL | HTTPS "
-        "| TLS ends at | Who can reach it | Agent |"
-    )
-    lines = [header, "|" + "---|" * 8]
+    title, *rest = COLUMNS
+    header = f"| {title} | `tunnel.provider` | " + " | ".join(rest) + " | Agent |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
     for c in CHOICES:
         agent = f"`{c.program}`" if c.program else "none"
-        lines.append(
-            f"| {c.title} | `{c.provider.value}` | {c.account} | {c.stable_url} | {c.https} "
-            f"| {c.tls_ends_at} | {c.reach} | {agent} |"
-        )
+        first, *others = cells(c)
+        lines.append(f"| {first} | `{c.provider.value}` | " + " | ".join(others) + f" | {agent} |")
     return "\n".join(lines) + "\n"

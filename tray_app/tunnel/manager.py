@@ -111,6 +111,7 @@ class TunnelManager:
         verify_timeout: float = 20.0,
         backoff_start: float = 1.0,
         backoff_max: float = 60.0,
+        stable_after: float = 60.0,
         checker: Callable[[str], Awaitable[bool]] | None = None,
         stream_check: Callable[[str], Awaitable[StreamCheck]] | None = None,
     ) -> None:
@@ -122,6 +123,13 @@ class TunnelManager:
         self._verify_timeout = verify_timeout
         self._backoff_start = backoff_start
         self._backoff_max = backoff_max
+        # A tunnel lost sooner than this after it opened counts as still failing: the next
+        # reconnect goes on waiting longer instead of starting over (an agent that dies after
+        # every open would otherwise make a new quick tunnel every few seconds, and each one
+        # a new URL, until Cloudflare rate-limits the owner).
+        self._stable_after = stable_after
+        self._next_delay = backoff_start
+        self._public_since = 0.0
         self._check = checker or url_works
         self._stream_check = stream_check
         self._streaming: asyncio.Task[None] | None = None  # the stream check running
@@ -177,6 +185,8 @@ class TunnelManager:
             self._publish(TunnelState.FAILED, message=str(exc))
             raise
         self._publish(TunnelState.PUBLIC, public_url=url, message="public")
+        self._public_since = self._clock.monotonic()
+        self._next_delay = self._backoff_start
         self._start_stream_check(url)
         self._watchdog = spawn(self._watch(), name="tunnel-watchdog")
         return self._status
@@ -221,27 +231,29 @@ class TunnelManager:
             await self._reconnect(reason)
 
     async def _reconnect(self, reason: str) -> None:
-        delay = self._backoff_start
+        short_lived = self._clock.monotonic() - self._public_since < self._stable_after
+        delay = self._next_delay if short_lived else self._backoff_start
         attempt = 0
         while True:
             attempt += 1
-            self._publish(
-                TunnelState.RECONNECTING,
-                message=f"reconnecting: {reason}",
-                attempt=attempt,
-                streaming=None,
-            )
+            self._publish(TunnelState.RECONNECTING, message=reason, attempt=attempt, streaming=None)
             await self._cancel_stream_check()
             await self._provider.close()
+            if short_lived:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._backoff_max)
             try:
                 url = await self._open_and_verify()
             except TunnelError as exc:
                 reason = str(exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._backoff_max)
+                if not short_lived:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self._backoff_max)
                 continue
             self._lost.clear()
             self._publish(TunnelState.PUBLIC, public_url=url, message="public", attempt=0)
+            self._public_since = self._clock.monotonic()
+            self._next_delay = delay
             self._start_stream_check(url)
             return
 

@@ -19,7 +19,13 @@ from PySide6.QtWidgets import (
 )
 
 from tray_app.control.controller import AppState, Phase
-from tray_app.control.tunnel_setup import NO_ACCOUNT_PROVIDER, ChoiceRow
+from tray_app.control.tunnel_setup import (
+    CHOICE_COLUMNS,
+    NO_ACCOUNT_NOTE,
+    NO_ACCOUNT_PROVIDER,
+    ChoiceRow,
+    choice_cells,
+)
 from tray_app.paths import user_log_dir
 from tray_app.ui.bridge import UiBridge, ignore
 from tray_app.ui.devices_window import DevicesWindow
@@ -50,7 +56,7 @@ class GuideWindow(QWidget):
         self.choices.verticalHeader().setVisible(False)
         header = self.choices.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.choices.setMinimumSize(820, 420)
+        self.choices.setMinimumSize(820, 340)
         self.choices.setTextElideMode(Qt.TextElideMode.ElideNone)
         self.choices.setSelectionMode(QTableWidget.SelectionMode.NoSelection)
         self.choices.setFocusPolicy(Qt.FocusPolicy.NoFocus)
@@ -58,14 +64,19 @@ class GuideWindow(QWidget):
         self.one_click = QPushButton("Go public now with a Cloudflare quick tunnel (no account)")
         self.one_click.clicked.connect(lambda: actions.choose_tunnel(NO_ACCOUNT_PROVIDER))
         self.one_click.setVisible(False)
+        self.one_click_note = QLabel(f"Cloudflare quick tunnels: {NO_ACCOUNT_NOTE}.")
+        self.one_click_note.setTextFormat(Qt.TextFormat.PlainText)
+        self.one_click_note.setWordWrap(True)
+        self.one_click_note.setVisible(False)
         settings = QPushButton("Open Settings")
         settings.clicked.connect(actions.show_settings)
-        retry = QPushButton("I did it — try again")
+        retry = QPushButton("Try going public again")
         retry.clicked.connect(actions.go_public)
         layout = QVBoxLayout(self)
         layout.addWidget(self.text)
         layout.addWidget(self.choices)
         layout.addWidget(self.one_click)
+        layout.addWidget(self.one_click_note)
         layout.addWidget(settings)
         layout.addWidget(retry)
 
@@ -88,19 +99,9 @@ class GuideWindow(QWidget):
         no_account = next(
             (row for row in rows if row.choice.provider.value == NO_ACCOUNT_PROVIDER), None
         )
-        self.one_click.setVisible(
-            state.needs_tunnel and no_account is not None and no_account.program_found
-        )
-
-
-CHOICE_COLUMNS = (
-    "Go public with",
-    "Account",
-    "Stable URL",
-    "HTTPS",
-    "Encryption ends at",
-    "Reachable by",
-)
+        one_click = state.needs_tunnel and no_account is not None and no_account.program_found
+        self.one_click.setVisible(one_click)
+        self.one_click_note.setVisible(one_click)
 
 
 def fill_choice_table(table: QTableWidget, rows: tuple[ChoiceRow, ...]) -> None:
@@ -111,9 +112,9 @@ def fill_choice_table(table: QTableWidget, rows: tuple[ChoiceRow, ...]) -> None:
     table.setRowCount(len(rows))
     for index, row in enumerate(rows):
         c = row.choice
-        title = c.title + ("" if row.program_found else f"\n({c.program} not installed)")
-        values = (title, c.account, c.stable_url, c.https, c.tls_ends_at, c.reach)
-        for column, value in enumerate(values):
+        title, *rest = choice_cells(c)
+        title += "" if row.program_found else f"\n({c.program} not installed)"
+        for column, value in enumerate((title, *rest)):
             table.setItem(index, column, QTableWidgetItem(value))
     table.resizeRowsToContents()
 
@@ -147,10 +148,21 @@ class AppActions(QObject):
         self.guide = GuideWindow(self)
         self.last_error = ""
         self._guide_shown = False
+        self._public_url: str | None = None  # the last public URL the owner was told of
         bridge.state_changed.connect(self._on_state)
 
     def _on_state(self, state: AppState) -> None:
         previous, self.state = self.state, state
+        if state.phase == Phase.PUBLIC and state.public_url:
+            known, self._public_url = self._public_url, state.public_url
+            if known is not None and known != state.public_url:
+                # A quick tunnel comes back at a new random URL: phones paired through the
+                # old one no longer reach LM Gate.
+                self.notify.emit(
+                    "The public URL changed",
+                    f"{state.public_url} — the old one no longer works: show the QR code to "
+                    "pair phones again.",
+                )
         if state.phase != previous.phase:
             if state.phase == Phase.PUBLIC:
                 self.notify.emit("LM Gate is public", state.public_url or "")

@@ -167,9 +167,11 @@ class MainWindow(QWidget):
     def show_state(self, state: AppState) -> None:
         self.setWindowIcon(QIcon(icon_for(icon_name_for(state), template=False)))
         self.status.setText(
-            f"<b>{state.phase.title()}</b> — {state.status_line}"
-            + (f"<br><i>{state.warning}</i>" if state.warning else "")
-            + (f"<br><i>{state.port_note}</i>" if state.port_note else "")
+            # The line and the notes may carry what an agent printed or a host it named:
+            # text, never markup (boundary 7).
+            f"<b>{state.phase.title()}</b> — {html.escape(state.status_line)}"
+            + (f"<br><i>{html.escape(state.warning)}</i>" if state.warning else "")
+            + (f"<br><i>{html.escape(state.port_note)}</i>" if state.port_note else "")
             + (f"<br>{html.escape(state.stream_note)}" if state.stream_note else "")
             # Names and reasons come from the config and other machines: escaped, not markup.
             + "".join(f"<br>{html.escape(line)}" for line in upstream_lines(state))

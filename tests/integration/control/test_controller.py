@@ -88,6 +88,15 @@ def test_choosing_a_tunnel_keeps_it_and_goes_public(make, tmp_path: Path) -> Non
     assert written.tunnel_provider == "lan"
     rows = {row.choice.provider.value: row for row in controller.tunnel_choices().result(10)}
     assert rows["lan"].program_found and set(rows) >= {"cloudflare-quick", "tailscale-serve"}
+    assert not (tmp_path / "config.toml.tmp").exists()
+
+
+def test_choosing_a_tunnel_in_dev_mode_is_refused_and_writes_nothing(make, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    controller = make(auth_dev_mode=True)
+    controller.start().result(20)
+    with pytest.raises(LMGateError, match="dev mode"):
+        controller.choose_tunnel("cloudflare-quick").result(10)
+    assert not (tmp_path / "config.toml").exists()
 
 
 @needs_proc

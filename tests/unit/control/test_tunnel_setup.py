@@ -43,6 +43,12 @@ def test_every_provider_the_setting_accepts_is_declared_once() -> None:
         ("ngrok", {}, "", "ngrok authtoken"),
         ("ngrok", {NGROK_AUTHTOKEN: "t"}, "", None),
         ("cloudflare-named", {}, "chat.example.com", "token"),
+        (
+            "cloudflare-named",
+            {},
+            "",
+            "--provider cloudflare`) and enter the hostname",
+        ),
         ("cloudflare-named", {CLOUDFLARE_TUNNEL_TOKEN: "t"}, "", "hostname"),
         (
             "cloudflare-named",
