@@ -41,6 +41,7 @@ from tray_app.secret_store.base import (
 )
 from tray_app.secret_store.keyring_store import FileSecretStore, KeyringSecretStore
 from tray_app.secret_store.upstream_tokens import TokenRead, read_token
+from tray_app.tunnel.agent_binary import Agent
 from tray_app.tunnel.agent_binary import find_agent as find_tunnel_agent
 from tray_app.tunnel.cloudflare import (
     CLOUDFLARE_TUNNEL_TOKEN,
@@ -49,7 +50,7 @@ from tray_app.tunnel.cloudflare import (
 )
 from tray_app.tunnel.ngrok import NGROK_AUTHTOKEN, check_token_shape
 from tray_app.tunnel.ngrok_agent import SHIM, candidates, find_agent, is_pyngrok_shim
-from tray_app.tunnel.tailscale import TAILSCALE
+from tray_app.tunnel.tailscale import TAILSCALE, check_ready, public_url
 
 PROBE_SECONDS = 5.0
 MAX_CLOCK_SKEW = 120.0  # tokens carry times; a clock this far off breaks them
@@ -307,6 +308,8 @@ def _tunnel_agent(config: Config, store: SecretStore | None) -> list[Check]:
     except TunnelError as exc:
         return [Check(name, False, str(exc))]
     checks = [Check(name, True, f"{agent.path}: {kind.program} {agent.version}")]
+    if kind is TAILSCALE:
+        checks.append(_tailscale(config, agent))
     if config.tunnel_provider == TunnelProvider.CLOUDFLARE_NAMED:
         token = read_or_none(store, CLOUDFLARE_TUNNEL_TOKEN)
         if token is None:
@@ -327,6 +330,24 @@ def _tunnel_agent(config: Config, store: SecretStore | None) -> list[Check]:
             )
         )
     return checks
+
+
+def _tailscale(config: Config, agent: Agent) -> Check:
+    """What the Tailscale provider checks before it runs the CLI (signed in, MagicDNS, HTTPS
+    certificates, Funnel, the port), with its own sentence."""
+    funnel = config.tunnel_provider == TunnelProvider.TAILSCALE_FUNNEL
+    port = config.tunnel_tailscale_https_port
+    try:
+        name = check_ready(agent, funnel=funnel, https_port=port)
+    except TunnelError as exc:
+        return Check("Tailscale", False, str(exc))
+    enabled = "HTTPS certificates and Funnel" if funnel else "HTTPS certificates"
+    verb = "Funnel (public)" if funnel else "Serve (your tailnet only)"
+    return Check(
+        "Tailscale",
+        True,
+        f"{name}: signed in, {enabled} on; {verb} will serve {public_url('https', name, port)}",
+    )
 
 
 async def _port(config: Config) -> Check:

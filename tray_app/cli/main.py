@@ -453,7 +453,12 @@ def _print_started(
 
 
 def _tunnel_command(args: argparse.Namespace, config: Config, out: IO[str]) -> int:
-    from tray_app.tunnel.cloudflare import CLOUDFLARE_TUNNEL_TOKEN, check_tunnel_token_shape
+    from tray_app.errors import TunnelError
+    from tray_app.tunnel.cloudflare import (
+        CLOUDFLARE_TUNNEL_TOKEN,
+        NOTHING_READ,
+        check_tunnel_token_shape,
+    )
 
     if args.action == "install-agent":
         return _tunnel_install_agent(args.yes, config, out)
@@ -479,7 +484,15 @@ def _tunnel_command(args: argparse.Namespace, config: Config, out: IO[str]) -> i
         store.delete(key)
         print(f"The {name} was removed.", file=out)
         return EXIT_OK
-    raw = getpass.getpass(f"{name}: ") if sys.stdin.isatty() else sys.stdin.readline()
+    at_terminal = sys.stdin.isatty()
+    try:
+        raw = getpass.getpass(f"{name}: ") if at_terminal else sys.stdin.readline()
+    except EOFError:  # Ctrl-D at the prompt: getpass ends no line then
+        if at_terminal:
+            print(file=sys.stderr)
+        raw = ""
+    if not raw.strip():
+        raise TunnelError(NOTHING_READ)  # nothing stored, nothing deleted
     store.set(key, check(raw))
     print(f"The {name} is stored ({config.secrets_store}). Go public with {next_step}.", file=out)
     return EXIT_OK
@@ -565,6 +578,8 @@ def _print_public(manager: TunnelManager, identity: Identity, out: IO[str]) -> N
 
 
 def _status_printer(out: IO[str]) -> Callable[[TunnelStatus], None]:
+    shown: list[str] = []  # the public URLs said so far, the current one last
+
     def show(status: TunnelStatus) -> None:
         if status.state is TunnelState.RECONNECTING:
             print(
@@ -576,7 +591,19 @@ def _status_printer(out: IO[str]) -> Callable[[TunnelStatus], None]:
             # The stream check's figures, published after "public" as a status of its own.
             print(f"Tunnel:      {status.streaming.describe()}", file=out, flush=True)
         elif status.state is TunnelState.PUBLIC:
-            print(f"Tunnel:      public at {status.public_url}", file=out, flush=True)
+            url = status.public_url or ""
+            if shown and url != shown[-1]:
+                # A quick tunnel comes back at a new random URL: the old one, and every phone
+                # paired through it, no longer reaches LM Gate.
+                print(
+                    f"Public URL changed: {url} (the old one no longer works; pair phones again "
+                    f"with `lmgate pair --url {url}`)",
+                    file=out,
+                    flush=True,
+                )
+            else:
+                print(f"Tunnel:      public at {url}", file=out, flush=True)
+            shown.append(url)
         elif status.state is TunnelState.FAILED:
             print(f"Tunnel:      failed: {status.message}", file=out, flush=True)
 

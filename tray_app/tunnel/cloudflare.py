@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import socket
 import threading
 import time
 import urllib.error
@@ -55,6 +54,11 @@ TOKEN_HELP = (
     "`lmgate tunnel set-token --provider cloudflare`."
 )
 
+# What a quick tunnel's name looks like; anything else from /quicktunnel is refused.
+QUICK_HOST = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.trycloudflare\.com")
+# The line in which the agent names its metrics server (cloudflared's own words).
+_METRICS_AT = re.compile(r"Starting metrics server on (127\.0\.0\.1:\d{1,5})/metrics")
+NO_TOKEN = "No Cloudflare tunnel token is set."  # noqa: S105 - advice, not a secret
 QUICK_WARNING = (
     "Cloudflare quick tunnels are for trying things out: they come with no uptime promise and "
     "a new random URL every time they start."
@@ -67,10 +71,10 @@ CLOUDFLARED = AgentKind(
     version=re.compile(r"cloudflared version (\d+\.\d+\.\d+)"),
     minimum=(2023, 2, 0),
     install_help=(
-        "Install cloudflared from "
+        "Install or update cloudflared from "
         "https://developers.cloudflare.com/cloudflare-one/connections/connect-networks/downloads/ "
-        "(or `brew install cloudflared`, `winget install --id Cloudflare.cloudflared`), then put "
-        "it on your PATH or set tunnel.cloudflared_path."
+        "(Cloudflare's apt and rpm repositories, `brew install cloudflared`, or `winget install "
+        "--id Cloudflare.cloudflared`), then put it on your PATH or set tunnel.cloudflared_path."
     ),
 )
 
@@ -121,26 +125,49 @@ def explain(line: str) -> tuple[int, str] | None:
     return None
 
 
+NOTHING_READ = "Nothing was read: the token was not changed."
+_QUOTES = "\"'`"
+
+
 def check_tunnel_token_shape(token: str) -> str:
-    """The token, stripped, if it has the shape of a Cloudflare tunnel token (base64 of a JSON
-    object with the account tag "a", the tunnel ID "t" and the secret "s"); TunnelError if not.
-    The token itself is never part of the error."""
-    token = token.strip()
-    problem = TunnelError(
-        "That does not look like a Cloudflare tunnel token (the long text after `--token` in "
-        "the dashboard's install command). " + TOKEN_HELP
-    )
-    if not re.fullmatch(r"[A-Za-z0-9+/_\-]{40,4096}={0,2}", token):
-        raise problem
+    """The Cloudflare tunnel token in what was pasted: the token itself, or the dashboard's
+    install command that carries it (``cloudflared tunnel run --token TOKEN``, ``sudo
+    cloudflared service install TOKEN``), whose one word with the shape of a tunnel token
+    (base64 of a JSON object with the account tag "a", the tunnel ID "t" and the secret "s")
+    is taken. TunnelError if nothing was pasted, or if no word or more than one has that
+    shape. The token itself is never part of the error."""
+    if not token.strip():
+        raise TunnelError(NOTHING_READ)
+    found = {word for word in _words(token) if _is_tunnel_token(word)}
+    if len(found) != 1:
+        raise TunnelError(
+            "That does not look like a Cloudflare tunnel token (the long text after `--token` "
+            "in the dashboard's install command). " + TOKEN_HELP
+        )
+    return found.pop()
+
+
+def _words(text: str) -> list[str]:
+    """The words of a pasted command, quotes around a word and ``--token=`` before it taken off."""
+    words = []
+    for word in text.split():
+        word = word.strip(_QUOTES)
+        if word.startswith("--token="):
+            word = word.removeprefix("--token=").strip(_QUOTES)
+        words.append(word)
+    return words
+
+
+def _is_tunnel_token(word: str) -> bool:
+    if not re.fullmatch(r"[A-Za-z0-9+/_\-]{40,4096}={0,2}", word):
+        return False
     try:
-        document = json.loads(_decode(token))
+        document = json.loads(_decode(word))
     except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise problem from None
-    if not isinstance(document, dict) or not all(
+        return False
+    return isinstance(document, dict) and all(
         isinstance(document.get(key), str) and document[key].strip() for key in ("a", "t", "s")
-    ):
-        raise problem
-    return token
+    )
 
 
 def _decode(token: str) -> str:
@@ -187,12 +214,6 @@ class Redactor:
         return "".join(out)
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 # The metrics server is on loopback: never through a proxy from the environment.
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -236,6 +257,7 @@ class CloudflareProvider:
         hostname: str = "",
         scheme: str = "https",
         open_timeout: float = OPEN_TIMEOUT,
+        quick_host: re.Pattern[str] = QUICK_HOST,
     ) -> None:
         self._secrets = secrets
         self._dir = state_dir
@@ -246,6 +268,8 @@ class CloudflareProvider:
             self._hostname = self._hostname.split("://", 1)[1]
         self._scheme = scheme
         self._open_timeout = open_timeout
+        self._quick_host = quick_host
+        self._metrics: str | None = None  # where the agent said its metrics server listens
         self.name = "cloudflare-named" if named else "cloudflare-quick"
         self.warning: str | None = None if named else QUICK_WARNING
         self._on_lost: Callable[[str], None] | None = None
@@ -280,17 +304,19 @@ class CloudflareProvider:
 
     async def open(self, local_port: int) -> str:
         if self._named and not self._hostname:
+            # Both at once when both are missing: one run tells the whole story.
+            token_too = "" if self._has_token() else f" Also: {NO_TOKEN} {TOKEN_HELP}"
             raise TunnelError(
-                "Set tunnel.cloudflare_hostname to the public hostname routed to this tunnel in "
-                "the Cloudflare dashboard, whose service must be "
-                f"http://127.0.0.1:{local_port}."
+                "Set the public hostname routed to this tunnel in the Cloudflare dashboard "
+                "(--cloudflare-hostname, or tunnel.cloudflare_hostname); its service there must "
+                f"be http://127.0.0.1:{local_port}.{token_too}"
             )
         token = self._load_token() if self._named else None
         # Proving the agent runs it (`--version`): in a thread, like every blocking call here.
         agent = await asyncio.to_thread(find_agent, CLOUDFLARED, self._agent_path)
         try:
-            metrics = await asyncio.to_thread(self._start_blocking, agent, token, local_port)
-            return await self._wait_until_public(metrics)
+            await asyncio.to_thread(self._start_blocking, agent, token, local_port)
+            return await self._wait_until_public()
         except BaseException:
             # A failure, or a stop while opening: nothing of this opening is left behind.
             await asyncio.shield(self.close())
@@ -315,13 +341,19 @@ class CloudflareProvider:
 
     # ---- opening ---------------------------------------------------------------------------
 
+    def _has_token(self) -> bool:
+        try:
+            return bool(self._secrets.get(CLOUDFLARE_TUNNEL_TOKEN))
+        except SecretStoreError:
+            return False
+
     def _load_token(self) -> str:
         try:
             token = self._secrets.get(CLOUDFLARE_TUNNEL_TOKEN)
         except SecretStoreError as exc:
             raise TunnelError(f"The Cloudflare tunnel token could not be read: {exc}") from None
         if not token:
-            raise TunnelError("No Cloudflare tunnel token is set. " + TOKEN_HELP)
+            raise TunnelError(f"{NO_TOKEN} {TOKEN_HELP}")
         return check_tunnel_token_shape(token)
 
     def _write_private_config(self) -> None:
@@ -336,23 +368,27 @@ class CloudflareProvider:
             handle.write("# LM Gate's private cloudflared configuration: nothing to set.\n{}\n")
         temporary.replace(self.config_path)
 
-    def _start_blocking(self, agent: Agent, token: str | None, local_port: int) -> str:
-        """Start the agent; the address of its metrics server."""
+    def _start_blocking(self, agent: Agent, token: str | None, local_port: int) -> None:
+        """Start the agent; it says where its metrics server listens (see _on_line)."""
         with self._lock:
             self._public = False
             self._problem = None
+            self._metrics = None
             self._redact = Redactor(token, _secret_of(token) if token else None)
             self.stop_stale_agent()
             self._write_private_config()
-            metrics = f"127.0.0.1:{_free_loopback_port()}"
             argv = [
                 str(agent.path),
                 "tunnel",
                 "--no-autoupdate",
                 "--config",
                 str(self.config_path),
+                # Port 0: the agent binds a port of the kernel's choosing and names it on its
+                # own output, which only it writes. A port LM Gate picked and freed could be
+                # taken first by a local process that then answers /quicktunnel with its own
+                # host: the URL, and the pairing QR code, would point there.
                 "--metrics",
-                metrics,
+                "127.0.0.1:0",
                 "--loglevel",
                 "info",
             ]
@@ -365,20 +401,31 @@ class CloudflareProvider:
                     + CLOUDFLARED.install_help
                 ) from None
             log.info("started cloudflared %s (pid %s)", agent.version, self._agent.pid)
-            return metrics
 
-    async def _wait_until_public(self, metrics: str) -> str:
+    async def _wait_until_public(self) -> str:
         deadline = time.monotonic() + self._open_timeout
         while True:
             if not self._agent.running:
                 raise TunnelError(await asyncio.to_thread(self._exit_sentence))
-            status, _ = await asyncio.to_thread(_metrics_get, metrics, "/ready")
-            if status == 200:
+            metrics = self._metrics
+            status = 0
+            if metrics is not None:
+                status, _ = await asyncio.to_thread(_metrics_get, metrics, "/ready")
+            if status == 200 and metrics is not None:
                 hostname = self._hostname
                 if not self._named:
                     _, answer = await asyncio.to_thread(_metrics_get, metrics, "/quicktunnel")
                     found = answer.get("hostname") if isinstance(answer, dict) else None
-                    hostname = found.strip() if isinstance(found, str) else ""
+                    hostname = found.strip().lower() if isinstance(found, str) else ""
+                    if hostname and not self._quick_host.fullmatch(hostname):
+                        # Our own agent's answer, but not a quick tunnel's name: never a URL
+                        # to hand to phones (or a host for the gateway to answer to).
+                        raise TunnelError(
+                            "cloudflared reported a quick tunnel at an unexpected address "
+                            f"({hostname[:80]!r}, not a trycloudflare.com name), so LM Gate "
+                            "did not use it; check that tunnel.cloudflared_path is "
+                            "Cloudflare's own cloudflared."
+                        )
                 if hostname:
                     # Public first: an exit from now on is reported as a loss, and one just
                     # before is seen here.
@@ -424,6 +471,8 @@ class CloudflareProvider:
 
     def _on_line(self, line: str) -> None:
         """Runs on the agent's output thread, for every (already redacted) line."""
+        if self._metrics is None and (where := _METRICS_AT.search(line)):
+            self._metrics = where.group(1)
         found = explain(line)
         if found is not None and (self._problem is None or found[0] < self._problem[0]):
             self._problem = found

@@ -3,9 +3,10 @@
 - tailscaled is the owner's system daemon, not ours: LM Gate only runs the CLI, in its
   FOREGROUND mode (``tailscale serve|funnel --https=N http://127.0.0.1:PORT``). tailscaled keys
   a foreground serve config to that CLI's session and removes it when the CLI goes, however it
-  goes (Ctrl-C, SIGTERM, SIGKILL, a crash of LM Gate): nothing keeps forwarding the tailnet or
-  the internet to the gateway's port after LM Gate stops. ``--bg`` (a config that outlives us)
-  and ``serve reset`` (which wipes the owner's other serve configs) are never run.
+  goes (Ctrl-C, SIGTERM, SIGKILL). The CLI itself ends with LM Gate on Linux, even after a
+  crash (PR_SET_PDEATHSIG, see agent_process); elsewhere a crash's leftover runs until the next
+  open stops it. ``--bg`` (a config that outlives us) and ``serve reset`` (which wipes the
+  owner's other serve configs) are never run.
 - Before starting it, ``tailscale status --json`` says whether Tailscale is signed in and
   running, the machine's MagicDNS name (the public URL is built from it) and whether HTTPS
   certificates and Funnel are enabled; each missing piece is one sentence with the fix.
@@ -44,7 +45,7 @@ TAILSCALE = AgentKind(
     # Foreground serve configs keyed to the CLI's session, removed when it exits.
     minimum=(1, 52, 0),
     install_help=(
-        "Install Tailscale from https://tailscale.com/download and sign in, then put "
+        "Install or update Tailscale from https://tailscale.com/download and sign in, then put "
         "`tailscale` on your PATH or set tunnel.tailscale_path."
     ),
 )
@@ -175,115 +176,16 @@ class TailscaleProvider:
     # ---- before anything runs ------------------------------------------------------------
 
     def _check_port(self) -> None:
-        port = self._https_port
-        if not 1 <= port <= 65535:
-            raise TunnelError(
-                f"tunnel.tailscale_https_port is {port}, which is not a port: use 443 (or "
-                "another number from 1 to 65535)."
-            )
-        if self._funnel and port not in self._funnel_ports:
-            allowed = ", ".join(str(p) for p in self._funnel_ports)
-            raise TunnelError(
-                f"Tailscale Funnel serves only on ports {allowed}, and "
-                f"tunnel.tailscale_https_port is {port}: set it to one of those."
-            )
+        problem = port_problem(
+            self._https_port, funnel=self._funnel, funnel_ports=self._funnel_ports
+        )
+        if problem is not None:
+            raise TunnelError(problem)
 
     def _preflight(self, agent: Agent) -> str:
         """The machine's MagicDNS name, once ``tailscale status --json`` shows it can serve."""
-        return self._preflight_status(self._status(agent))
-
-    def _preflight_status(self, status: dict[str, Any]) -> str:
-        state = status.get("BackendState")
-        if state != "Running":
-            raise TunnelError(self._state_sentence(str(state)))
-        me = status.get("Self")
-        me = me if isinstance(me, dict) else {}
-        name = str(me.get("DNSName") or "").rstrip(".")
-        if not name:
-            raise TunnelError(
-                "This computer has no Tailscale name because MagicDNS is off for your "
-                f"tailnet: enable MagicDNS and HTTPS certificates at {DNS_ADMIN}, {_AGAIN}"
-            )
-        caps = _capabilities(me)
-        if "https" not in caps:
-            raise TunnelError(
-                "HTTPS certificates are off for your tailnet, and Tailscale "
-                f"{self.feature} needs them: enable them at {DNS_ADMIN}, {_AGAIN}"
-            )
-        if self._funnel and "funnel" not in caps:
-            raise TunnelError(
-                "Funnel is not enabled for this tailnet or device: add the `funnel` node "
-                f"attribute for this device in the access controls ({ACL_ADMIN}; see "
-                f"{FUNNEL_DOCS}), with HTTPS certificates on, {_AGAIN}"
-            )
-        return name
-
-    def _status(self, agent: Agent) -> dict[str, Any]:
-        command = [str(agent.path), "status", "--json"]
-        try:
-            # The agent was proven by its version command; no shell.
-            proc = subprocess.Popen(  # noqa: S603
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=os.name != "nt",
-            )
-        except OSError as exc:
-            raise TunnelError(
-                f"{agent.path} could not be run ({exc.strerror or exc}). {TAILSCALE.install_help}"
-            ) from None
-        with proc:
-            try:
-                out, err = proc.communicate(timeout=STATUS_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                kill_group(proc)
-                proc.communicate()
-                raise TunnelError(
-                    f"Tailscale did not answer `tailscale status` within {STATUS_TIMEOUT:g} s: "
-                    f"check that Tailscale is running (start the Tailscale app or the "
-                    f"tailscaled service), {_AGAIN}"
-                ) from None
-        text = out.decode(errors="replace")
-        errors = err.decode(errors="replace")
-        try:
-            status = json.loads(text)
-        except ValueError:
-            status = None
-        if isinstance(status, dict):
-            return status
-        said = f"{errors}\n{text}"
-        if any(sign in said.lower() for sign in _NO_DAEMON):
-            raise TunnelError(
-                "Tailscale's service (tailscaled) is not running on this computer: start the "
-                "Tailscale app (or `sudo systemctl start tailscaled`), " + _AGAIN
-            )
-        lines = [line for line in said.splitlines() if line.strip()]
-        detail = _short(lines[-1]) if lines else f"exit status {proc.returncode}"
-        raise TunnelError(f"`tailscale status --json` failed ({detail}); {_AGAIN}")
-
-    @staticmethod
-    def _state_sentence(state: str) -> str:
-        if state == "NeedsLogin":
-            return (
-                "Tailscale is not signed in on this computer: run `tailscale up` (or sign in "
-                "from the Tailscale app), " + _AGAIN
-            )
-        if state == "Stopped":
-            return (
-                "Tailscale is switched off on this computer: run `tailscale up` (or turn it "
-                "on in the Tailscale app), " + _AGAIN
-            )
-        if state == "NeedsMachineAuth":
-            return (
-                "This computer is waiting for a tailnet admin to approve it: approve it at "
-                "https://login.tailscale.com/admin/machines, " + _AGAIN
-            )
-        if state in {"Starting", "NoState"}:
-            return "Tailscale is still connecting: wait a moment, " + _AGAIN
-        return (
-            f"Tailscale is not connected (state {state[:40]!r}): check `tailscale status`, "
-            + _AGAIN
+        return check_ready(
+            agent, funnel=self._funnel, https_port=self._https_port, funnel_ports=self._funnel_ports
         )
 
     # ---- the foreground CLI, run in a thread ---------------------------------------------
@@ -433,6 +335,146 @@ class TailscaleProvider:
                 "Tailscale app (or `sudo systemctl start tailscaled`), " + _AGAIN
             )
         return None
+
+
+def port_problem(
+    port: int, *, funnel: bool, funnel_ports: Collection[int] = FUNNEL_PORTS
+) -> str | None:
+    """Why tunnel.tailscale_https_port cannot be served on, as one sentence; None if it can."""
+    if not 1 <= port <= 65535:
+        return (
+            f"tunnel.tailscale_https_port is {port}, which is not a port: use 443 (or "
+            "another number from 1 to 65535)."
+        )
+    if funnel and port not in funnel_ports:
+        allowed = ", ".join(str(p) for p in funnel_ports)
+        return (
+            f"Tailscale Funnel serves only on ports {allowed}, and "
+            f"tunnel.tailscale_https_port is {port}: set it to one of those."
+        )
+    return None
+
+
+def check_ready(
+    agent: Agent,
+    *,
+    funnel: bool,
+    https_port: int,
+    funnel_ports: Collection[int] = FUNNEL_PORTS,
+) -> str:
+    """The machine's MagicDNS name if Tailscale can serve (``funnel``: publicly) on
+    ``https_port``; TunnelError with the one sentence that says what to fix if not. What the
+    provider checks before it runs the CLI, and what `lmgate doctor` reports."""
+    problem = port_problem(https_port, funnel=funnel, funnel_ports=funnel_ports)
+    if problem is not None:
+        raise TunnelError(problem)
+    return ready_name(_status(agent), funnel=funnel)
+
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
+def ready_name(status: dict[str, Any], *, funnel: bool) -> str:
+    """The MagicDNS name in a ``tailscale status --json`` document, if it shows this machine
+    can serve (``funnel``: publicly); TunnelError with the sentence that says what to fix."""
+    feature = "Funnel" if funnel else "Serve"
+    state = status.get("BackendState")
+    if state != "Running":
+        raise TunnelError(_state_sentence(str(state)))
+    me = status.get("Self")
+    me = me if isinstance(me, dict) else {}
+    name = str(me.get("DNSName") or "").rstrip(".").lower()
+    if not name:
+        raise TunnelError(
+            "This computer has no Tailscale name because MagicDNS is off for your "
+            f"tailnet: enable MagicDNS and HTTPS certificates at {DNS_ADMIN}, {_AGAIN}"
+        )
+    if len(name) > 253 or not _DNS_NAME.fullmatch(name):
+        # It becomes the URL phones get and the host the gateway answers to: only a name.
+        raise TunnelError(
+            f"Tailscale named this computer {name[:80]!r}, which is not a DNS name, so LM Gate "
+            "did not use it; check that tunnel.tailscale_path is Tailscale's own tailscale."
+        )
+    caps = _capabilities(me)
+    if "https" not in caps:
+        raise TunnelError(
+            "HTTPS certificates are off for your tailnet, and Tailscale "
+            f"{feature} needs them: enable them at {DNS_ADMIN}, {_AGAIN}"
+        )
+    if funnel and "funnel" not in caps:
+        raise TunnelError(
+            "Funnel is not enabled for this tailnet or device: add the `funnel` node "
+            f"attribute for this device in the access controls ({ACL_ADMIN}; see "
+            f"{FUNNEL_DOCS}), with HTTPS certificates on, {_AGAIN}"
+        )
+    return name
+
+
+def _status(agent: Agent) -> dict[str, Any]:
+    command = [str(agent.path), "status", "--json"]
+    try:
+        # The agent was proven by its version command; no shell.
+        proc = subprocess.Popen(  # noqa: S603
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=os.name != "nt",
+        )
+    except OSError as exc:
+        raise TunnelError(
+            f"{agent.path} could not be run ({exc.strerror or exc}). {TAILSCALE.install_help}"
+        ) from None
+    with proc:
+        try:
+            out, err = proc.communicate(timeout=STATUS_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            proc.communicate()
+            raise TunnelError(
+                f"Tailscale did not answer `tailscale status` within {STATUS_TIMEOUT:g} s: "
+                f"check that Tailscale is running (start the Tailscale app or the "
+                f"tailscaled service), {_AGAIN}"
+            ) from None
+    text = out.decode(errors="replace")
+    errors = err.decode(errors="replace")
+    try:
+        status = json.loads(text)
+    except ValueError:
+        status = None
+    if isinstance(status, dict):
+        return status
+    said = f"{errors}\n{text}"
+    if any(sign in said.lower() for sign in _NO_DAEMON):
+        raise TunnelError(
+            "Tailscale's service (tailscaled) is not running on this computer: start the "
+            "Tailscale app (or `sudo systemctl start tailscaled`), " + _AGAIN
+        )
+    lines = [line for line in said.splitlines() if line.strip()]
+    detail = _short(lines[-1]) if lines else f"exit status {proc.returncode}"
+    raise TunnelError(f"`tailscale status --json` failed ({detail}); {_AGAIN}")
+
+
+def _state_sentence(state: str) -> str:
+    if state == "NeedsLogin":
+        return (
+            "Tailscale is not signed in on this computer: run `tailscale up` (or sign in "
+            "from the Tailscale app), " + _AGAIN
+        )
+    if state == "Stopped":
+        return (
+            "Tailscale is switched off on this computer: run `tailscale up` (or turn it "
+            "on in the Tailscale app), " + _AGAIN
+        )
+    if state == "NeedsMachineAuth":
+        return (
+            "This computer is waiting for a tailnet admin to approve it: approve it at "
+            "https://login.tailscale.com/admin/machines, " + _AGAIN
+        )
+    if state in {"Starting", "NoState"}:
+        return "Tailscale is still connecting: wait a moment, " + _AGAIN
+    return f"Tailscale is not connected (state {state[:40]!r}): check `tailscale status`, " + _AGAIN
 
 
 def public_url(scheme: str, name: str, port: int) -> str:

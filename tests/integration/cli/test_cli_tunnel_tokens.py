@@ -37,6 +37,9 @@ CLOUDFLARE_TOKEN = base64.b64encode(
         }
     ).encode()
 ).decode()
+ANOTHER_CLOUDFLARE_TOKEN = base64.b64encode(
+    json.dumps({"a": "f" * 32, "t": "0b8e4c21-6d2f-1c3a", "s": secrets.token_hex(32)}).encode()
+).decode()
 STORED = {"ngrok": "ngrok-authtoken", "cloudflare": "cloudflare-tunnel-token"}
 
 
@@ -116,9 +119,10 @@ def test_the_cloudflare_next_step_names_the_configured_hostname(
         NGROK_TOKEN,  # the other provider's
         base64.b64encode(json.dumps({"a": "x" * 32, "t": "y" * 20}).encode()).decode(),
         CLOUDFLARE_TOKEN[:-12] + "!!!!",
-        "",
+        f"cloudflared tunnel run --token {CLOUDFLARE_TOKEN} {ANOTHER_CLOUDFLARE_TOKEN}",
+        "sudo cloudflared service install",
     ],
-    ids=["words", "an-ngrok-token", "no-secret", "broken", "nothing"],
+    ids=["words", "an-ngrok-token", "no-secret", "broken", "two-tokens", "command-no-token"],
 )
 def test_a_malformed_cloudflare_token_is_refused_and_not_stored(
     malformed: str, lmgate: Run, secrets_dir: Path, monkeypatch: pytest.MonkeyPatch
@@ -129,7 +133,75 @@ def test_a_malformed_cloudflare_token_is_refused_and_not_stored(
     assert err.startswith("lmgate: That does not look like a Cloudflare tunnel token"), err
     assert err.count("\n") == 1
     assert not malformed or malformed not in err
+    assert CLOUDFLARE_TOKEN[:16] not in err and ANOTHER_CLOUDFLARE_TOKEN[:16] not in err
     assert not (secrets_dir / STORED["cloudflare"]).exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        f"cloudflared tunnel run --token {CLOUDFLARE_TOKEN}",
+        f"sudo cloudflared service install {CLOUDFLARE_TOKEN}",
+    ],
+    ids=["run", "service-install"],
+)
+def test_the_dashboards_install_command_pasted_stores_its_token(
+    command: str, lmgate: Run, secrets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    typed(monkeypatch, f"  {command} \r\n")
+    code, out, err = lmgate("tunnel", "set-token", "--provider", "cloudflare")
+    assert (code, err) == (0, ""), err
+    assert out.startswith("The Cloudflare tunnel token is stored (file)."), out
+    assert CLOUDFLARE_TOKEN[:16] not in out
+    assert (secrets_dir / STORED["cloudflare"]).read_text().strip() == CLOUDFLARE_TOKEN
+
+
+@pytest.mark.parametrize("provider", ["ngrok", "cloudflare"])
+@pytest.mark.parametrize("line", ["", "\n", "   \n"], ids=["end-of-input", "empty", "blank"])
+def test_nothing_typed_changes_nothing(
+    provider: str, line: str, lmgate: Run, secrets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = {"ngrok": NGROK_TOKEN, "cloudflare": CLOUDFLARE_TOKEN}[provider]
+    typed(monkeypatch, token + "\n")
+    assert lmgate("tunnel", "set-token", "--provider", provider)[0] == 0
+    typed(monkeypatch, line)
+    code, out, err = lmgate("tunnel", "set-token", "--provider", provider)
+    assert (code, out, err) == (1, "", "lmgate: Nothing was read: the token was not changed.\n")
+    assert (secrets_dir / STORED[provider]).read_text().strip() == token
+
+
+@pytest.mark.parametrize("provider", ["ngrok", "cloudflare"])
+def test_ctrl_d_at_the_terminal_prompt_is_a_clean_refusal(provider: str, env: Env) -> None:
+    """A real pseudo-terminal: Ctrl-D at getpass's prompt raised EOFError, a traceback."""
+    token = {"ngrok": NGROK_TOKEN, "cloudflare": CLOUDFLARE_TOKEN}[provider]
+    stored = env.data.parent / "secrets" / STORED[provider]
+    piped = env.run("tunnel", "set-token", "--provider", provider, stdin=token + "\n")
+    assert piped.returncode == 0, piped.stderr
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [LMGATE, "tunnel", "set-token", "--provider", provider],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env=env.vars,
+        start_new_session=True,  # the pty becomes its controlling terminal: /dev/tty is it
+    )
+    os.close(terminal)
+    seen = b""
+    try:
+        seen += read_until(controller, b"token: ")
+        os.write(controller, b"\x04")  # Ctrl-D on an empty line: end of input
+        seen += read_until(controller, None)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(controller)
+    text = seen.decode(errors="replace")
+    assert (code, "Traceback" in text) == (1, False), text
+    assert text.rstrip().endswith("lmgate: Nothing was read: the token was not changed."), text
+    assert stored.read_text().strip() == token, "nothing stored, nothing deleted"
 
 
 def test_a_cloudflare_token_typed_at_a_terminal_is_not_echoed(env: Env) -> None:

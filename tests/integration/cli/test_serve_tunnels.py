@@ -135,50 +135,54 @@ def chat_through(url: str, key: str, cert: Path) -> str:
     return answer.choices[0].message.content or ""
 
 
-def test_a_cloudflare_quick_tunnel_from_serve_streams_chats_and_leaves_no_agent(
+def test_a_quick_tunnel_name_that_is_not_cloudflares_is_refused_by_serve(
     env: Env, lmstudio: FakeLMStudio, certificate: tuple[Path, Path], tmp_path: Path
 ) -> None:
+    # The fake's quick tunnel is at 127.0.0.1:PORT, which no real quick tunnel is: serve, with
+    # the real default, refuses to hand that URL to phones, and leaves no agent behind.
     record = tmp_path / "cloudflared.jsonl"
     variables = agent_env(env, lmstudio, certificate, "fake_cloudflared")
-    variables.update(
-        {"FAKE_CLOUDFLARED_RECORD": str(record), "FAKE_CLOUDFLARED_CLIENT_ADDRESS": CLIENT}
+    variables["FAKE_CLOUDFLARED_RECORD"] = str(record)
+    done = subprocess.run(
+        [LMGATE, "serve", "--port", "0", "--tunnel", "cloudflare-quick"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=variables,
     )
-    key = env.run("key", "create", "laptop").stdout.strip()
-    serve = Serve(variables, "--tunnel", "cloudflare-quick")
-    try:
-        url = serve.read_until(r"Public URL:\s+(https://127\.0\.0\.1:\d+)").group(1)
-        serve.read_until(r"Warning:\s+Cloudflare quick tunnels are for trying things out")
-        streams = serve.read_until(r"Streams: first chunk after \d+ ms, largest gap (\d+) ms")
-        assert 50 <= int(streams.group(1)) < 1000
-        assert chat_through(url, key, certificate[0])
-        checked = subprocess.run(
-            [LMGATE, "check", url, key],
-            capture_output=True,
-            text=True,
-            timeout=90,
-            env=variables,
-        )
-        assert re.search(r"streams through.*largest gap", checked.stdout), checked.stdout
-        (pid,) = started_pids(record)
-        assert not gone(pid)
-    finally:
-        said = serve.stop()
-    assert f"client={CLIENT}" in said or CLIENT in said, said
-    assert key not in said
-    time.sleep(0.3)
+    assert done.returncode != 0
+    said = done.stdout + done.stderr
+    assert "unexpected address" in said and "trycloudflare.com" in said, said
+    assert "Public URL:" not in said
+    (pid,) = started_pids(record)
     assert gone(pid), "the agent outlived serve"
+
+
+def tailscale_env(
+    env: Env, lmstudio: FakeLMStudio, certificate: tuple[Path, Path], record: Path, port: int
+) -> dict[str, str]:
+    variables = agent_env(env, lmstudio, certificate, "fake_tailscale")
+    variables.update(
+        {
+            "FAKE_TAILSCALE_RECORD": str(record),
+            "FAKE_TAILSCALE_DNS_NAME": "localhost.",
+            "FAKE_TAILSCALE_CLIENT_ADDRESS": CLIENT,
+            "LMGATE_TUNNEL_TAILSCALE_HTTPS_PORT": str(port),
+        }
+    )
+    return variables
 
 
 def test_a_buffering_tunnel_is_reported_by_serve_and_by_check(
     env: Env, lmstudio: FakeLMStudio, certificate: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    variables = agent_env(env, lmstudio, certificate, "fake_cloudflared")
-    variables["FAKE_CLOUDFLARED_BUFFER"] = "1"
+    variables = tailscale_env(env, lmstudio, certificate, tmp_path / "ts.jsonl", free_port())
+    variables["FAKE_TAILSCALE_BUFFER"] = "1"
     key = env.run("key", "create", "laptop").stdout.strip()
-    serve = Serve(variables, "--tunnel", "cloudflare-quick")
+    serve = Serve(variables, "--tunnel", "tailscale-serve")
     try:
-        url = serve.read_until(r"Public URL:\s+(https://\S+)").group(1)
-        serve.read_until(r"delivers streamed answers in one piece")
+        url = serve.read_until(r"Public URL:\s+(https://\S+?)\s").group(1)
+        serve.read_until(r"delivers streamed answers in one piece.*use ngrok, Tailscale")
         checked = subprocess.run(
             [LMGATE, "check", url, key], capture_output=True, text=True, timeout=90, env=variables
         )
@@ -193,24 +197,47 @@ def test_tailscale_serve_from_serve_chats_over_the_machines_name_and_stops_the_c
 ) -> None:
     record = tmp_path / "tailscale.jsonl"
     port = free_port()
-    variables = agent_env(env, lmstudio, certificate, "fake_tailscale")
-    variables.update(
-        {
-            "FAKE_TAILSCALE_RECORD": str(record),
-            "FAKE_TAILSCALE_DNS_NAME": "localhost.",
-            "LMGATE_TUNNEL_TAILSCALE_HTTPS_PORT": str(port),
-        }
-    )
+    variables = tailscale_env(env, lmstudio, certificate, record, port)
     key = env.run("key", "create", "phone").stdout.strip()
     serve = Serve(variables, "--tunnel", "tailscale-serve")
     try:
         url = serve.read_until(r"Public URL:\s+(https://\S+?)\s").group(1)
         assert url == f"https://localhost:{port}"
-        serve.read_until(r"Streams: first chunk after")
+        streams = serve.read_until(r"Streams: first chunk after \d+ ms, largest gap (\d+) ms")
+        assert 50 <= int(streams.group(1)) < 1000
         assert chat_through(url, key, certificate[0])
+        checked = subprocess.run(
+            [LMGATE, "check", url, key], capture_output=True, text=True, timeout=90, env=variables
+        )
+        assert re.search(r"streams through.*largest gap", checked.stdout), checked.stdout
     finally:
-        serve.stop()
+        said = serve.stop()
+    assert CLIENT in said, "the client is the one the agent named"
+    assert key not in said
     argvs = [json.loads(line).get("argv", []) for line in record.read_text().splitlines()]
     assert not any("--bg" in argv for argv in argvs)
     time.sleep(0.3)
     assert all(gone(pid) for pid in started_pids(record)), "the tailscale CLI outlived serve"
+
+
+def test_serve_says_when_the_tunnel_comes_back_at_another_url() -> None:
+    import io
+
+    from tray_app.cli.main import _status_printer
+    from tray_app.tunnel.manager import TunnelState, TunnelStatus
+
+    out = io.StringIO()
+    show = _status_printer(out)
+    for state, url, message in [
+        (TunnelState.PUBLIC, "https://a.trycloudflare.com", ""),
+        (TunnelState.RECONNECTING, "https://a.trycloudflare.com", "the agent exited (code 1)"),
+        (TunnelState.PUBLIC, "https://a.trycloudflare.com", ""),
+        (TunnelState.RECONNECTING, "https://a.trycloudflare.com", "the agent exited (code 1)"),
+        (TunnelState.PUBLIC, "https://b.trycloudflare.com", ""),
+    ]:
+        show(TunnelStatus(state, "cloudflare-quick", public_url=url, message=message, attempt=1))
+    lines = out.getvalue().splitlines()
+    assert lines[1] == "Tunnel:      reconnecting (attempt 1): the agent exited (code 1)"
+    assert lines[2] == "Tunnel:      public at https://a.trycloudflare.com"
+    assert lines[4].startswith("Public URL changed: https://b.trycloudflare.com (the old one")
+    assert "lmgate pair --url https://b.trycloudflare.com" in lines[4]

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -116,8 +117,14 @@ def entries(record: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in record.read_text().splitlines()]
 
 
+# The fake's quick tunnel is a loopback port; the real one a trycloudflare.com name (the
+# default pattern, which refuses the fake's: test_a_quick_tunnel_name_that_is_not_cloudflares…).
+FAKE_QUICK_HOST = re.compile(r"127\.0\.0\.1:\d+")
+
+
 def quick(tmp_path: Path, **options: Any) -> CloudflareProvider:
     options.setdefault("open_timeout", 15)
+    options.setdefault("quick_host", FAKE_QUICK_HOST)
     return CloudflareProvider(
         MemorySecretStore(),
         tmp_path / "state" / "cloudflare",
@@ -444,7 +451,11 @@ async def test_a_named_tunnel_without_a_hostname_names_the_port(
 ) -> None:
     port = free_port()
     message = await open_fails(named(tmp_path), port)
-    assert "tunnel.cloudflare_hostname" in message and f"http://127.0.0.1:{port}" in message
+    assert "--cloudflare-hostname" in message and "tunnel.cloudflare_hostname" in message
+    assert f"http://127.0.0.1:{port}" in message and "token" not in message
+    # Neither set: one run says both.
+    both = await open_fails(named(tmp_path, token=None), port)
+    assert "--cloudflare-hostname" in both and "No Cloudflare tunnel token is set" in both
     assert entries(record) == []
 
 
@@ -631,3 +642,30 @@ async def test_a_stop_while_opening_leaves_nothing_behind(
         assert time.monotonic() < deadline, "the opening was not cleaned up"
         await asyncio.sleep(0.05)
     assert not provider.pid_path.exists()
+
+
+async def test_a_quick_tunnel_name_that_is_not_cloudflares_is_never_used(
+    record: Path, tmp_path: Path
+) -> None:
+    from tray_app.tunnel.cloudflare import QUICK_HOST
+
+    message = await open_fails(quick(tmp_path, quick_host=QUICK_HOST))
+    assert "unexpected address" in message and "trycloudflare.com" in message
+    assert QUICK_HOST.fullmatch("seasonal-deck-organisms-sf.trycloudflare.com")
+    for hostile in ("evil.example", "a@evil.trycloudflare.com.evil", "x.trycloudflare.com:1"):
+        assert not QUICK_HOST.fullmatch(hostile)
+
+
+async def test_the_metrics_port_is_the_one_the_agent_names_never_one_lm_gate_picked(
+    record: Path, tmp_path: Path
+) -> None:
+    # A port LM Gate chose and freed could be squatted by a local process answering
+    # /quicktunnel with its own host; the agent binds port 0 and says where, on its own pipe.
+    provider = quick(tmp_path)
+    try:
+        await provider.open(free_port())
+        (entry,) = entries(record)
+        argv = entry["argv"]
+        assert argv[argv.index("--metrics") + 1] == "127.0.0.1:0"
+    finally:
+        await provider.close()

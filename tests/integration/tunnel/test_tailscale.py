@@ -29,7 +29,13 @@ from tray_app.control.going_public import tunnel_manager
 from tray_app.errors import TunnelError
 from tray_app.tunnel.agent_binary import find_agent
 from tray_app.tunnel.manager import TunnelManager, TunnelState, TunnelStatus
-from tray_app.tunnel.tailscale import FUNNEL_PORTS, TAILSCALE, TailscaleProvider, public_url
+from tray_app.tunnel.tailscale import (
+    FUNNEL_PORTS,
+    TAILSCALE,
+    TailscaleProvider,
+    public_url,
+    ready_name,
+)
 
 AGENT = str(Path(__file__).resolve().parents[2] / "fake_tailscale" / "tailscale")
 TAILNET_CLIENT = "100.101.102.200"  # the phone on the tailnet, as tailscaled names it
@@ -306,13 +312,13 @@ async def test_tailscale_not_ready_is_one_sentence_and_nothing_runs(
 
 def test_funnel_without_the_funnel_attribute_names_what_to_enable() -> None:
     # The exact advice, in full: the attribute, where, and the docs.
-    provider = TailscaleProvider(Path("/x"), funnel=True)
     with pytest.raises(TunnelError) as caught:
-        provider._preflight_status(
+        ready_name(
             {
                 "BackendState": "Running",
                 "Self": {"DNSName": "laptop.tail1234.ts.net.", "CapMap": {"https": None}},
-            }
+            },
+            funnel=True,
         )
     assert str(caught.value) == (
         "Funnel is not enabled for this tailnet or device: add the `funnel` node attribute "
@@ -321,11 +327,12 @@ def test_funnel_without_the_funnel_attribute_names_what_to_enable() -> None:
         "again."
     )
     # Older CLIs list capabilities instead of a CapMap.
-    name = TailscaleProvider(Path("/x"), funnel=True)._preflight_status(
+    name = ready_name(
         {
             "BackendState": "Running",
             "Self": {"DNSName": "laptop.tail1234.ts.net.", "Capabilities": ["https", "funnel"]},
-        }
+        },
+        funnel=True,
     )
     assert name == "laptop.tail1234.ts.net"
 
@@ -573,3 +580,25 @@ async def test_a_pid_file_naming_someone_elses_process_does_not_kill_it(
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
             proc.wait(5)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "evil.com@laptop.ts.net.",
+        "laptop.ts.net:8443.",
+        "a b.ts.net.",
+        "<b>x</b>.ts.net.",
+        "x" * 300,
+    ],
+)
+def test_a_machine_name_that_is_not_a_dns_name_is_never_used(hostile: str) -> None:
+    from tray_app.tunnel.tailscale import ready_name
+
+    def status(name: str) -> dict[str, Any]:
+        me = {"DNSName": name, "CapMap": {"https": None, "funnel": None}}
+        return {"BackendState": "Running", "Self": me}
+
+    with pytest.raises(TunnelError, match="not a DNS name"):
+        ready_name(status(hostile), funnel=False)
+    assert ready_name(status("Laptop.tail1234.ts.net."), funnel=True) == "laptop.tail1234.ts.net"

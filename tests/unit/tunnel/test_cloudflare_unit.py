@@ -11,6 +11,7 @@ import pytest
 from tray_app.errors import TunnelError
 from tray_app.tunnel.cloudflare import (
     CLOUDFLARED,
+    NOTHING_READ,
     RATE_LIMITED,
     TOKEN_HELP,
     UNREACHABLE,
@@ -40,7 +41,6 @@ def test_a_tunnel_token_is_accepted_stripped() -> None:
 @pytest.mark.parametrize(
     "token",
     [
-        "",
         "short",
         "not a token at all, with spaces and more than forty characters",
         encode({"a": "x", "t": "y"}) + "",  # no secret
@@ -59,6 +59,63 @@ def test_anything_else_is_refused_without_echoing_it(token: str) -> None:
     assert "does not look like a Cloudflare tunnel token" in message and TOKEN_HELP in message
     if token.strip():
         assert token.strip() not in message
+
+
+OTHER = encode({**DOCUMENT, "t": "0b8e4c21-6d2f-1c3a", "s": SECRET[::-1]})
+
+
+@pytest.mark.parametrize(
+    "pasted",
+    [
+        TOKEN,
+        f"cloudflared tunnel run --token {TOKEN}",
+        f"sudo cloudflared service install {TOKEN}",
+        f"cloudflared.exe service install {TOKEN}\n",
+        f"  cloudflared tunnel run --token {TOKEN}  \r\n",
+        f"cloudflared tunnel run --token={TOKEN}",
+        f"cloudflared tunnel run --token '{TOKEN}'",
+        f'cloudflared tunnel run --token "{TOKEN}"\t',
+        f"cloudflared tunnel run --token {TOKEN} {TOKEN}",  # the same token twice: still one
+    ],
+    ids=[
+        "bare",
+        "run-command",
+        "service-install",
+        "windows-newline",
+        "whitespace",
+        "token-equals",
+        "single-quoted",
+        "double-quoted",
+        "repeated",
+    ],
+)
+def test_the_dashboard_install_command_gives_its_token(pasted: str) -> None:
+    assert check_tunnel_token_shape(pasted) == TOKEN
+
+
+@pytest.mark.parametrize(
+    "pasted",
+    [
+        f"cloudflared tunnel run --token {TOKEN} {OTHER}",  # which one?
+        "cloudflared tunnel run --token",
+        "sudo cloudflared service install",
+        f"cloudflared tunnel run --token {TOKEN[:-12]}",
+    ],
+    ids=["two-tokens", "no-token", "install-without-token", "cut-short"],
+)
+def test_a_command_without_exactly_one_token_is_refused_without_echoing(pasted: str) -> None:
+    with pytest.raises(TunnelError) as caught:
+        check_tunnel_token_shape(pasted)
+    message = str(caught.value)
+    assert message.startswith("That does not look like a Cloudflare tunnel token"), message
+    assert TOKEN[:16] not in message and OTHER[:16] not in message
+
+
+@pytest.mark.parametrize("pasted", ["", "\n", "   \t\r\n"])
+def test_nothing_pasted_says_nothing_was_read(pasted: str) -> None:
+    with pytest.raises(TunnelError) as caught:
+        check_tunnel_token_shape(pasted)
+    assert str(caught.value) == NOTHING_READ == "Nothing was read: the token was not changed."
 
 
 def test_the_token_help_says_where_to_get_one_and_how_to_store_it() -> None:
