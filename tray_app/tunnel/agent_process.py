@@ -177,8 +177,9 @@ class AgentProcess:
         self._stopping = False
         with self._lock:
             self._tail.clear()
+        # Made private if it is new; the provider that owns the directory tightens an old one
+        # (never this code: a PID file's directory is not always ours to change).
         self.pid_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.pid_path.parent.chmod(0o700)  # one made by an older version may be wider
         # The agent's path was proven by running it; nothing here goes through a shell.
         proc = subprocess.Popen(  # noqa: S603
             list(argv),

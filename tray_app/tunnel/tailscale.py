@@ -191,6 +191,10 @@ class TailscaleProvider:
     # ---- the foreground CLI, run in a thread ---------------------------------------------
 
     def _open_blocking(self, agent: Agent, name: str, local_port: int, attempt: int) -> str:
+        # LM Gate's own state directory for this provider: private, even one an older
+        # version made wider.
+        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._dir.chmod(0o700)
         tail = f"--https={self._https_port} http://127.0.0.1:{local_port}"
         argv = [str(agent.path), self.verb, *tail.split(" ")]
         with self._start_lock:

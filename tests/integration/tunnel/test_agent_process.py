@@ -364,3 +364,19 @@ def test_a_relative_path_entry_is_never_searched(
     monkeypatch.setenv("PATH", os.pathsep.join([".", "bin", str(absolute)]))
     assert on_path("demo-agent") == [absolute / "demo-agent"]
     assert find_agent(KIND).path == absolute / "demo-agent"
+
+
+def test_the_pid_files_directory_is_made_private_but_an_existing_one_is_left_as_it_is(
+    tmp_path: Path,
+) -> None:
+    # A PID file's directory is not always this code's to change (think of /tmp).
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o1777)
+    for directory, mode in ((shared, 0o1777), (tmp_path / "new" / "state", 0o700)):
+        agent = AgentProcess("demo-agent", directory / "agent.pid")
+        start_agent(tmp_path, agent)
+        try:
+            assert directory.stat().st_mode & 0o7777 == mode
+        finally:
+            agent.stop()
