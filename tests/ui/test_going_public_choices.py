@@ -16,7 +16,7 @@ from tests.helpers import REPO_ROOT, publish_screenshot
 from tray_app.control.controller import Phase
 from tray_app.control.tunnel_setup import CHOOSE
 from tray_app.tunnel.choices import CHOICES
-from tray_app.ui.actions import AppActions, table_text
+from tray_app.ui.actions import AppActions
 from tray_app.ui.bridge import UiBridge
 from tray_app.ui.settings_dialog import SettingsDialog
 from tray_app.ui.tray import tooltip_for
@@ -48,8 +48,8 @@ def test_the_guide_compares_the_options_and_goes_public_in_one_click(
 ) -> None:
     needs_a_tunnel(qtbot, fake, actions)
     guide = actions.guide
-    qtbot.waitUntil(lambda: guide.isVisible() and table_text(guide.choices) != "")
-    table = table_text(guide.choices)
+    qtbot.waitUntil(lambda: guide.isVisible() and guide.choices.text() != "")
+    table = guide.choices.text()
     for choice in CHOICES:
         assert choice.title in table and choice.reach in table
     # The double says only cloudflared is installed: the others say so in their row.
@@ -87,7 +87,7 @@ def test_without_the_agent_there_is_no_one_click_choice(
     fake.tunnel_choices = nothing_installed  # type: ignore[method-assign]
     needs_a_tunnel(qtbot, fake, actions)
     guide = actions.guide
-    qtbot.waitUntil(lambda: "cloudflared not installed" in table_text(guide.choices))
+    qtbot.waitUntil(lambda: "cloudflared not installed" in guide.choices.text())
     assert not guide.one_click.isVisible() and not guide.one_click_note.isVisible()
     assert fake.called("choose_tunnel") == []
 
@@ -113,6 +113,16 @@ def test_settings_describe_the_chosen_way_and_show_only_its_fields(
     ARTIFACTS.mkdir(exist_ok=True)
     dialog.grab().save(str(ARTIFACTS / "settings-going-public.png"))
     publish_screenshot(ARTIFACTS / "settings-going-public.png", "settings-going-public.png")
+
+    assert not dialog.compare_table.isVisible()
+    dialog.compare_button.click()
+    assert dialog.compare_table.isVisible()
+    for choice in CHOICES:
+        assert choice.title in dialog.compare_table.text()
+    dialog.adjustSize()
+    dialog.grab().save(str(ARTIFACTS / "settings-compare.png"))
+    dialog.compare_button.click()
+    assert not dialog.compare_table.isVisible()
 
     dialog.provider.setCurrentIndex(dialog.provider.findData("tailscale-serve"))
     assert "only your tailnet's devices" in dialog.provider_info.text()

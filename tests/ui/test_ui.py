@@ -20,7 +20,7 @@ from PySide6.QtWidgets import QSystemTrayIcon, QWidget
 
 from tests.fake_controller import PUBLIC_URL, FakeController
 from tray_app.control.controller import Phase
-from tray_app.ui.actions import AppActions, table_text
+from tray_app.ui.actions import AppActions
 from tray_app.ui.app import TrayApp, send_to_running
 from tray_app.ui.bridge import UiBridge
 from tray_app.ui.qr import MAX_PAYLOAD
@@ -241,8 +241,8 @@ def test_first_run_guide_instead_of_an_error(qtbot, fake, actions) -> None:  # t
     assert actions.guide.isVisible()
     text = actions.guide.text.text()
     assert "Start Server" in text and "Going public" in text
-    qtbot.waitUntil(lambda: "LAN" in table_text(actions.guide.choices))
-    assert "ngrok" in table_text(actions.guide.choices)
+    qtbot.waitUntil(lambda: "LAN" in actions.guide.choices.text())
+    assert "ngrok" in actions.guide.choices.text()
     actions.guide.hide()
     menu = TrayMenu(actions)
     trigger(qtbot, menu, "Go public")

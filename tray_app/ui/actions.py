@@ -9,22 +9,17 @@ from pathlib import Path
 from PySide6.QtCore import QObject, Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QGuiApplication
 from PySide6.QtWidgets import (
-    QHeaderView,
     QLabel,
     QPushButton,
-    QTableWidget,
-    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
 from tray_app.control.controller import AppState, Phase
 from tray_app.control.tunnel_setup import (
-    CHOICE_COLUMNS,
     NO_ACCOUNT_NOTE,
     NO_ACCOUNT_PROVIDER,
     ChoiceRow,
-    choice_cells,
 )
 from tray_app.paths import user_log_dir
 from tray_app.ui.bridge import UiBridge, ignore
@@ -32,6 +27,7 @@ from tray_app.ui.devices_window import DevicesWindow
 from tray_app.ui.port import ControllerPort
 from tray_app.ui.qr_window import QrWindow
 from tray_app.ui.settings_dialog import SettingsDialog
+from tray_app.ui.tunnel_table import ChoiceTable
 from tray_app.ui.warm_up_window import WarmUpWindow
 
 
@@ -50,16 +46,7 @@ class GuideWindow(QWidget):
         self.text = QLabel("")
         self.text.setWordWrap(True)
         self.text.setMinimumWidth(520)
-        self.choices = QTableWidget(0, len(CHOICE_COLUMNS))
-        self.choices.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        self.choices.setWordWrap(True)
-        self.choices.verticalHeader().setVisible(False)
-        header = self.choices.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.choices.setMinimumSize(820, 340)
-        self.choices.setTextElideMode(Qt.TextElideMode.ElideNone)
-        self.choices.setSelectionMode(QTableWidget.SelectionMode.NoSelection)
-        self.choices.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.choices = ChoiceTable()
         self.choices.setVisible(False)
         self.one_click = QPushButton("Go public now with a Cloudflare quick tunnel (no account)")
         self.one_click.clicked.connect(lambda: actions.choose_tunnel(NO_ACCOUNT_PROVIDER))
@@ -94,7 +81,7 @@ class GuideWindow(QWidget):
                 + html.escape(state.tunnel_setup or "Pick one of the ways below in Settings.")
             )
         self.text.setText("<br><br>".join(steps) or "All set: choose Go public.")
-        fill_choice_table(self.choices, rows if state.needs_tunnel else ())
+        self.choices.fill(rows if state.needs_tunnel else ())
         self.choices.setVisible(state.needs_tunnel and bool(rows))
         no_account = next(
             (row for row in rows if row.choice.provider.value == NO_ACCOUNT_PROVIDER), None
@@ -102,32 +89,6 @@ class GuideWindow(QWidget):
         one_click = state.needs_tunnel and no_account is not None and no_account.program_found
         self.one_click.setVisible(one_click)
         self.one_click_note.setVisible(one_click)
-
-
-def fill_choice_table(table: QTableWidget, rows: tuple[ChoiceRow, ...]) -> None:
-    """The options side by side; items hold plain text (no markup can slip in)."""
-    table.clear()
-    table.setColumnCount(len(CHOICE_COLUMNS))
-    table.setHorizontalHeaderLabels(list(CHOICE_COLUMNS))
-    table.setRowCount(len(rows))
-    for index, row in enumerate(rows):
-        c = row.choice
-        title, *rest = choice_cells(c)
-        title += "" if row.program_found else f"\n({c.program} not installed)"
-        for column, value in enumerate((title, *rest)):
-            table.setItem(index, column, QTableWidgetItem(value))
-    table.resizeRowsToContents()
-
-
-def table_text(table: QTableWidget) -> str:
-    """Every cell's text, row by row (what the table says, for tests and screen readers)."""
-    return "\n".join(
-        " | ".join(
-            (table.item(r, c).text() if table.item(r, c) is not None else "")  # type: ignore[union-attr]
-            for c in range(table.columnCount())
-        )
-        for r in range(table.rowCount())
-    )
 
 
 class AppActions(QObject):

@@ -30,6 +30,7 @@ from tray_app.control.settings_form import FORM_FIELDS, FormInput, FormKind
 from tray_app.control.tunnel_setup import ChoiceRow
 from tray_app.ui.bridge import UiBridge
 from tray_app.ui.port import ControllerPort
+from tray_app.ui.tunnel_table import ChoiceTable
 from tray_app.ui.upstreams_section import UpstreamsPort, UpstreamsSection
 
 W = TypeVar("W", bound=QWidget)
@@ -93,6 +94,12 @@ class SettingsDialog(QWidget):
         self.provider_info.setTextFormat(Qt.TextFormat.PlainText)
         self.provider_info.setWordWrap(True)
         self._choices: dict[str, ChoiceRow] = {}
+        # All of them side by side, on request (the guide's table).
+        self.compare_button = QPushButton("Compare the ways to go public…")
+        self.compare_button.setCheckable(True)
+        self.compare_table = ChoiceTable(minimum_height=380)
+        self.compare_table.setVisible(False)
+        self.compare_button.toggled.connect(self.compare_table.setVisible)
         self.provider.currentIndexChanged.connect(self._describe_provider)
         # "Install the ngrok agent": says what comes from where, and only a second click,
         # on the confirmation, downloads anything.
@@ -146,6 +153,8 @@ class SettingsDialog(QWidget):
             "upstream.url": [("", self.test_result), ("LM Studio API token", self.lmstudio_token)],
             "tunnel.provider": [
                 ("", self.provider_info),
+                ("", self.compare_button),
+                ("", self.compare_table),
                 ("", self.install_question),
                 ("", self.install_row),
                 ("ngrok authtoken", self.ngrok_token),
@@ -161,7 +170,12 @@ class SettingsDialog(QWidget):
                 continue
             form.addRow(field.label, upstream_row if widget is self.upstream else widget)
             for label, row in extra_rows.get(field.key, []):
-                if row in (self.provider_info, self.install_question, self.install_row):
+                if row in (
+                    self.provider_info,
+                    self.compare_table,
+                    self.install_question,
+                    self.install_row,
+                ):
                     # The whole width: a word-wrapped label in the field column is cut short.
                     form.addRow(row)
                 else:
@@ -232,6 +246,7 @@ class SettingsDialog(QWidget):
 
     def _set_choices(self, rows: tuple[ChoiceRow, ...]) -> None:
         self._choices = {row.choice.provider.value: row for row in rows}
+        self.compare_table.fill(rows)
         self._describe_provider()
 
     def _describe_provider(self) -> None:
