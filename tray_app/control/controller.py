@@ -1044,7 +1044,12 @@ class ThreadedController:
         return self._run(self.controller.save_settings(new))
 
     def tunnel_choices(self) -> concurrent.futures.Future[tuple[ChoiceRow, ...]]:
-        return self._run(self.controller.tunnel_choices())
+        # Answered here, not on the loop: the first-run guide asks for it whenever a state
+        # says a tunnel is missing, the loop starting or stopping too; it reads only the
+        # (frozen) config and looks on PATH.
+        answer: concurrent.futures.Future[tuple[ChoiceRow, ...]] = concurrent.futures.Future()
+        answer.set_result(choice_rows(self.controller.config))
+        return answer
 
     def choose_tunnel(self, provider: str) -> concurrent.futures.Future[AppState]:
         return self._run(self.controller.choose_tunnel(provider))
