@@ -12,6 +12,8 @@ import sys
 
 from aiohttp import web
 
+from tray_app.garbage import settle_after_start
+
 REPLY = json.dumps(
     {
         "id": "chatcmpl-bench",
@@ -63,6 +65,8 @@ async def main() -> None:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
+    # As lmgate serve does: a full collection under 1,000 streams stalls them all.
+    settle_after_start()
     print(f"PORT {runner.addresses[0][1]}", flush=True)
     await asyncio.Event().wait()
 

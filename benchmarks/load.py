@@ -1,11 +1,17 @@
 """Load: many concurrent paced streams through the real `lmgate serve`, with slow-loris clients.
 
-    .venv/bin/python benchmarks/load.py [--streams 200] [--seconds 60] [--loris 50]
+    .venv/bin/python benchmarks/load.py [--streams 1000] [--seconds 60] [--loris 200] [--idle 100]
 
 Each stream asks the fast fake LM Studio for chunks 100 ms apart for the whole run. Meanwhile
-slow-loris clients trickle request headers one byte a second, and a normal client asks for
-/healthz twice a second. Reported: streams completed, errors, the gateway's peak RSS (VmHWM),
-the largest gap between chunks seen by any stream, and the normal client's latencies.
+slow-loris clients trickle request headers one byte a second, idle clients open a connection and
+send nothing, and a normal client asks for /healthz ten times a second. Reported: streams
+completed, errors, the gateway's peak RSS (VmHWM), the largest gap between chunks seen by any
+stream, the normal client's latencies, and how long the gateway let lorises and idle connections
+stay (its header timeout must cut them; it must not cut a stream). Every protection stays on at
+its default, except what one test machine cannot look like: all clients come from one address
+(``server.max_connections_per_client``), and the fake LM Studio runs every stream at once
+(``queue.generations_in_flight``, ``limits.concurrent_requests``). Issue 21's targets: 0 errors,
+largest gap within 2x the pacing, peak RSS under 150 MB, /healthz p99 under 50 ms.
 Bounded: the run ends after --seconds plus a short drain.
 """
 
@@ -14,12 +20,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 from bench_gateway import ChunkCounter, start_gateway, start_upstream
+
+from tray_app.garbage import settle_after_start
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -55,7 +64,8 @@ async def stream(
     return counter.seen == chunks
 
 
-async def loris(host: str, port: int, seconds: float) -> None:
+async def loris(host: str, port: int, seconds: float, held: list[float]) -> None:
+    opened = time.monotonic()
     _reader, writer = await asyncio.open_connection(host, port)
     request = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
     deadline = time.monotonic() + seconds
@@ -69,6 +79,21 @@ async def loris(host: str, port: int, seconds: float) -> None:
     except (ConnectionError, OSError):
         pass
     finally:
+        held.append(time.monotonic() - opened)
+        writer.close()
+
+
+async def idle(host: str, port: int, seconds: float, held: list[float]) -> None:
+    """A connection that sends nothing: how long the gateway keeps it."""
+    opened = time.monotonic()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        async with asyncio.timeout(seconds):
+            await reader.read()  # returns at EOF: the gateway closed it
+    except (TimeoutError, ConnectionError, OSError):
+        pass
+    finally:
+        held.append(time.monotonic() - opened)
         writer.close()
 
 
@@ -81,30 +106,38 @@ async def normal_client(
         async with session.get(url + "/healthz") as r:
             await r.read()
         latencies.append(time.monotonic() - started)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.1)
 
 
-async def run(streams: int, seconds: float, lorises: int) -> dict[str, float]:
+async def run(streams: int, seconds: float, lorises: int, idles: int) -> dict[str, float]:
     home = Path(tempfile.mkdtemp(prefix="lmgate-load-"))
     upstream, upstream_url = start_upstream()
     settings = {
         "LMGATE_LOG_LEVEL": "warning",
         "LMGATE_LIMITS_CONCURRENT_REQUESTS": str(streams + 10),
         "LMGATE_LIMITS_REQUESTS_PER_MINUTE": "100000",
+        "LMGATE_QUEUE_GENERATIONS_IN_FLIGHT": str(streams + 10),
         # Every client here is one address (this machine), unlike real callers.
-        "LMGATE_SERVER_MAX_CONNECTIONS_PER_CLIENT": str(streams + lorises + 10),
+        "LMGATE_SERVER_MAX_CONNECTIONS_PER_CLIENT": str(streams + lorises + idles + 10),
     }
-    gateway, url, key = start_gateway(home, upstream_url, None, settings=settings)
+    gateway, url, key = start_gateway(home, upstream_url, home / "gateway.log", settings=settings)
+    print(f"gateway log: {home / 'gateway.log'}", file=sys.stderr)
     host, gport = url.removeprefix("http://").rsplit(":", 1)
     gaps: list[float] = []
     latencies: list[float] = []
+    loris_held: list[float] = []
+    idle_held: list[float] = []
     chunks = int(seconds * 10)
+    # This client is the instrument: its own full collections (it tracks every stream's
+    # objects too) would show as the gateway's gaps.
+    settle_after_start()
     try:
         connector = aiohttp.TCPConnector(limit=0)
         timeout = aiohttp.ClientTimeout(total=None, sock_read=30)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             tasks = [stream(session, url, key, chunks, gaps) for _ in range(streams)]
-            others = [loris(host, int(gport), seconds) for _ in range(lorises)]
+            others = [loris(host, int(gport), seconds, loris_held) for _ in range(lorises)]
+            others += [idle(host, int(gport), seconds, idle_held) for _ in range(idles)]
             others.append(normal_client(session, url, seconds, latencies))
             results = await asyncio.gather(*tasks, *others, return_exceptions=True)
         rss = peak_rss_mb(gateway.pid)
@@ -115,6 +148,10 @@ async def run(streams: int, seconds: float, lorises: int) -> dict[str, float]:
         upstream.wait(10)
     outcomes = results[:streams]
     ok = sum(1 for r in outcomes if r is True)
+    failures = sorted({repr(r)[:120] for r in results if isinstance(r, BaseException)})
+    for failure in failures:
+        print(f"failed: {failure}", file=sys.stderr)
+    latencies.sort()
     return {
         "streams": streams,
         "completed": ok,
@@ -123,18 +160,23 @@ async def run(streams: int, seconds: float, lorises: int) -> dict[str, float]:
         "peak_rss_mb": rss,
         "max_gap_ms": max(gaps) * 1000 if gaps else float("nan"),
         "healthz_p50_ms": statistics.median(latencies) * 1000,
+        "healthz_p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
         "healthz_max_ms": max(latencies) * 1000,
         "lorises": lorises,
+        "loris_held_max_s": max(loris_held, default=float("nan")),
+        "idle": idles,
+        "idle_held_max_s": max(idle_held, default=float("nan")),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--streams", type=int, default=200)
+    parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--loris", type=int, default=50)
+    parser.add_argument("--loris", type=int, default=200)
+    parser.add_argument("--idle", type=int, default=100, help="connections that send nothing")
     args = parser.parse_args()
-    figures = asyncio.run(run(args.streams, args.seconds, args.loris))
+    figures = asyncio.run(run(args.streams, args.seconds, args.loris, args.idle))
     for name, value in figures.items():
         print(f"{name:20} {value:,.1f}" if isinstance(value, float) else f"{name:20} {value}")
 

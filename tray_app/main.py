@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from tray_app.cli.main import EXIT_FAILURE, EXIT_OK, TrayLaunch
 from tray_app.cli.main import main as run_command
+from tray_app.garbage import settle_after_start
 
 
 def run_tray(launch: TrayLaunch) -> int:
@@ -31,6 +32,7 @@ def run_tray(launch: TrayLaunch) -> int:
     from tray_app.control.desktop import desktop_controller
 
     controller = desktop_controller(overrides=launch.overrides, config_path=launch.config_path)
+    settle_after_start()  # everything is imported; the gateway's loop runs in this process
     return run(launch.wishes, controller)
 
 

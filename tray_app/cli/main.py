@@ -50,6 +50,7 @@ from tray_app.control.service import (
     StopRequests,
 )
 from tray_app.errors import ConfigError, LMGateError
+from tray_app.garbage import settle_after_start
 from tray_app.gateway.server.identify import lmgate_listens
 from tray_app.gateway.upstream.pool import UpstreamView
 from tray_app.gateway.upstream.probe import LMStudioProbe, probe_lmstudio
@@ -336,6 +337,7 @@ async def _serve(config: Config, out: IO[str]) -> int:
         _print_started(
             started, config, service.identity, out, probe, token_stored=token is not None
         )
+        settle_after_start()
         if config.tunnel_provider != "none" and not stop.is_set():
             print(f"Going public with {config.tunnel_provider}...", file=out, flush=True)
             manager = await service.go_public(on_change=_status_printer(out))
