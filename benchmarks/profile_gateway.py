@@ -1,12 +1,14 @@
 """Where ``lmgate serve`` spends its CPU under the benchmark's load, sampled with py-spy.
 
-    .venv/bin/python benchmarks/profile_gateway.py [--seconds 20] [--report out.md]
+    .venv/bin/python benchmarks/profile_gateway.py [--seconds 20] [--wrk] [--report out.md]
 
 Runs the fast fake LM Studio and ``lmgate serve`` (everything on, as in bench_gateway.py)
 under ``py-spy record``, drives non-streamed chats and paced streams through it, then
 sorts every on-CPU sample into the layer it was taken in: LM Gate's own code, aiohttp's
 server, aiohttp's client, logging, socket writes (the send system call) and the rest of
 the event loop. Prints a Markdown report: the layers, then the heaviest functions.
+With ``--wrk`` the load is instead ``throughput.py``'s: ``wrk`` keeping 16 chats in flight, with
+the limits and the queue as wide as there (what costs CPU per request under load).
 Needs py-spy (in the ``test`` extra). Loopback only; bounded by ``--seconds``.
 """
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import aiohttp
 from bench_gateway import Side, chat_latency, start_gateway, start_upstream, stream
+from throughput import SETTINGS as WRK_SETTINGS
 
 SOCKET_WRITES = "socket writes (send system call)"  # any sample with this frame in it
 SEND_FRAME = "_SelectorSocketTransport.write"
@@ -94,14 +97,14 @@ def summarise(raw_lines: Iterable[str]) -> Profile:
     return profile
 
 
-def report(profile: Profile, seconds: float, requests: int, streams: int, top: int) -> str:
+def report(profile: Profile, seconds: float, load: str, top: int, flags: str = "") -> str:
     total = max(profile.samples, 1)
     out = [
         "# Where `lmgate serve` spends its CPU",
         "",
-        f"Made by `.venv/bin/python benchmarks/profile_gateway.py --seconds {seconds:g}`: "
-        f"py-spy, 1000 samples/s for {seconds:.0f} s of load: {requests} non-streamed chats "
-        f"and {streams} paced streams (50 chunks, 2 ms apart); {profile.samples} on-CPU samples.",
+        f"Made by `.venv/bin/python benchmarks/profile_gateway.py --seconds {seconds:g}{flags}`: "
+        f"py-spy, 1000 samples/s for {seconds:.0f} s of load: {load}; "
+        f"{profile.samples} on-CPU samples.",
         "",
         "| layer | share of on-CPU samples |",
         "|---|---:|",
@@ -133,11 +136,23 @@ async def drive(url: str, key: str, seconds: float) -> tuple[int, int]:
     return requests, streams
 
 
+def drive_wrk(url: str, key: str, seconds: float, home: Path) -> str:
+    from throughput import Side as WrkSide
+    from throughput import lua_script, wrk
+
+    side = WrkSide("gateway", url, {"Authorization": f"Bearer {key}"})
+    rate = wrk(side, "/v1/chat/completions", seconds, 16, lua_script(home))
+    if isinstance(rate, str):
+        raise SystemExit(f"the load failed: {rate}")
+    return f"wrk with 16 connections, non-streamed chats, {rate:,.0f} requests/s"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--top", type=int, default=15, help="functions listed per table")
     parser.add_argument("--report", type=Path, help="also write the report here")
+    parser.add_argument("--wrk", action="store_true", help="load with wrk (throughput.py's)")
     args = parser.parse_args()
     py_spy = Path(sys.executable).with_name("py-spy")
     if not py_spy.exists():
@@ -146,11 +161,18 @@ def main() -> None:
     raw = home / "py-spy.txt"
     upstream, upstream_url = start_upstream()
     wrapper = [str(py_spy), "record", "--rate", "1000", "--nonblocking", "--format", "raw"]
+    settings = WRK_SETTINGS if args.wrk else None
     gateway, url, key = start_gateway(
-        home, upstream_url, home / "gateway.log", [*wrapper, "--output", str(raw), "--"]
+        home, upstream_url, home / "gateway.log", [*wrapper, "--output", str(raw), "--"], settings
     )
     try:
-        requests, streams = asyncio.run(drive(url, key, args.seconds))
+        if args.wrk:
+            load = drive_wrk(url, key, args.seconds, home)
+        else:
+            requests, streams = asyncio.run(drive(url, key, args.seconds))
+            load = (
+                f"{requests} non-streamed chats and {streams} paced streams (50 chunks, 2 ms apart)"
+            )
     finally:
         gateway.send_signal(signal.SIGINT)  # py-spy writes its file when its child ends
         gateway.wait(60)
@@ -159,7 +181,7 @@ def main() -> None:
     if not raw.exists():
         raise SystemExit(f"py-spy wrote no profile; see {home / 'gateway.log'}")
     with raw.open() as lines:
-        text = report(summarise(lines), args.seconds, requests, streams, args.top)
+        text = report(summarise(lines), args.seconds, load, args.top, " --wrk" * args.wrk)
     print(text)
     if args.report:
         args.report.write_text(text + "\n")
