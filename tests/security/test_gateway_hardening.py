@@ -259,6 +259,54 @@ async def test_bodies_over_the_limit_are_413_everywhere(
     assert await healthy(rig)
 
 
+def padded_body(size: int) -> bytes:
+    """A chat body of exactly ``size`` bytes."""
+    bare = json.dumps({"message": "", **CHAT}).encode()
+    body = json.dumps({"message": "x" * (size - len(bare)), **CHAT}).encode()
+    assert len(body) == size
+    return body
+
+
+async def send_whole_chunked(port: int, path: str, key: str, body: bytes) -> int:
+    """The head and the whole chunked body in one write, so the body has ended before the
+    gateway reads it (the path that takes it without waiting); the answer's status."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    half = len(body) // 2
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:half], body[half:]))
+    writer.write(
+        (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        + chunks
+        + b"0\r\n\r\n"
+    )
+    await writer.drain()
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    return int(status_line.split()[1])
+
+
+@pytest.mark.parametrize("path", JSON_ENDPOINTS)
+async def test_a_body_that_came_whole_is_held_to_the_limit_on_both_sides_of_it(
+    start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio, path: str
+) -> None:
+    limit = 2048
+    rig = await start_identity_gateway(limits_max_body_bytes=limit)
+    key = key_for(rig)
+    port = rig.server.port
+    assert port is not None
+    for size, refused in ((limit, False), (limit + 1, True)):
+        status = await send_whole_chunked(port, path, key, padded_body(size))
+        assert (status == 413) is refused, (size, status)
+        answer = await raw_request(port, "POST", path, bearer(key), padded_body(size))
+        assert (answer.status == 413) is refused, (size, answer.status)
+    assert await healthy(rig)
+
+
 async def healthy(rig: IdentityRig) -> bool:
     async with aiohttp.ClientSession() as s, s.get(rig.url + "/healthz") as r:
         return r.status == 200

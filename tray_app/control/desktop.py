@@ -15,7 +15,7 @@ from pathlib import Path
 from tray_app.config.settings import load_config
 from tray_app.control.autostart import Autostart, default_command
 from tray_app.control.controller import Controller, ThreadedController, config_path_for
-from tray_app.logs import JsonFormatter, route_library_logs
+from tray_app.logs import JsonFormatter, route_library_logs, skip_unused_record_fields
 from tray_app.paths import make_private_dir, user_log_dir
 from tray_app.tunnel.ngrok import silence_pyngrok_logs
 
@@ -45,6 +45,7 @@ def configure_file_logging() -> None:
         directory / LOG_FILE, maxBytes=5_000_000, backupCount=LOG_BACKUPS
     )
     handler.setFormatter(JsonFormatter())
+    skip_unused_record_fields()
     root = logging.getLogger("lmgate")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)

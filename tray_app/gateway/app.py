@@ -494,6 +494,15 @@ class Gateway:
         )
         if request.content_length is not None and request.content_length > limit:
             raise errors.body_too_large(limit, setting)
+        content = request.content
+        if content.is_eof() and content.exception() is None:
+            # The whole body came with the headers (a small request usually does): taken as it
+            # is, without arming a timer for a wait that cannot happen.
+            raw = content.read_nowait(-1)
+            if len(raw) > limit:
+                raise errors.body_too_large(limit, setting)
+            exchange.bytes_in = len(raw)
+            return raw
         parts: list[bytes] = []
         size = 0
         try:
