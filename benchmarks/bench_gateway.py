@@ -357,6 +357,7 @@ ROWS = [
 FLOORS = ("bare-aiohttp", "tcp-relay")
 FLOOR_ROWS = (
     "c1_p50_ms",
+    "c16_p50_ms",
     "paced_ttft_ms",
     "paced_max_gap_ms",
     "s2000_ttft_ms",

@@ -30,9 +30,10 @@ compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql
 # The tray app: Qt's runtime libraries, and a real X display with a tray host for the display test;
 # Debian's Chromium for the phone page (Playwright drives it; it never downloads a browser);
 # nginx and openssl to test the generated server deployment; unshare and nsenter to give a test
-# a really full disk (a tiny tmpfs in a private mount namespace).
+# a really full disk (a tiny tmpfs in a private mount namespace); wrk, the load generator
+# benchmarks/throughput.py drives.
 for tool in Xvfb:xvfb trayer:trayer import:imagemagick xdotool:xdotool chromium:chromium \
-            nginx:nginx openssl:openssl unshare:util-linux nsenter:util-linux; do
+            nginx:nginx openssl:openssl unshare:util-linux nsenter:util-linux wrk:wrk; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 # The Docker image is built and run on a private engine (root only: dockerd and a network

@@ -215,3 +215,50 @@ def test_team_benchmark_measures_sqlite_one_replica_and_two(tmp_path: Path) -> N
     assert all(side["c16_rps"] > 0 for side in figures.values())
     assert "c1_p50_added_ms" in figures["postgres + redis, 1 replica"]
     assert "two replicas give" in printed
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_measures_every_side_against_the_floor(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    printed = _script(
+        "throughput.py", "--rounds", "1", "--seconds", "1", "--json", str(out), timeout=300
+    )
+    figures = json.loads(out.read_text())
+    assert set(figures) == {
+        "bare aiohttp proxy (floor)",
+        "gateway",
+        "gateway + budget",
+        "gateway, 2 upstreams",
+    }
+    for side, values in figures.items():
+        assert set(values["rps"]) == {"chat", "models"}, side
+        assert all(rate > 0 for rates in values["rps"].values() for rate in rates), side
+    assert figures["bare aiohttp proxy (floor)"]["ratio"]["chat"] == [1.0]
+    assert "| gateway + budget |" in printed
+
+
+def test_a_wrk_run_with_refusals_is_no_figure() -> None:
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        bench = _module("throughput")
+        side = bench.Side("refusing", f"http://127.0.0.1:{server.server_port}", {})
+        got = bench.wrk(side, "/v1/models", 1, 2, None)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert isinstance(got, str) and "Non-2xx" in got
