@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 # Request headers LM Studio may need to serve an inference request.
 _TO_UPSTREAM = frozenset(
@@ -34,10 +34,18 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 def _connection_listed(headers: Mapping[str, str]) -> set[str]:
     """Headers the sender marked hop-by-hop through ``Connection: a, b``."""
     listed: set[str] = set()
-    for name, value in headers.items():
-        if name.lower() == "connection":
-            listed.update(token.strip().lower() for token in value.split(","))
+    for value in _all_named(headers, "connection"):
+        listed.update(token.strip().lower() for token in value.split(","))
     return listed
+
+
+def _all_named(headers: Mapping[str, str], lowered: str) -> list[str]:
+    """Every value of the header named ``lowered`` (any case), repeated ones included."""
+    if isinstance(headers, CIMultiDictProxy | CIMultiDict):
+        # What aiohttp gives: looked up by its case-insensitive index, not by a walk over
+        # every header (this runs three times a request).
+        return headers.getall(lowered, [])
+    return [value for name, value in headers.items() if name.lower() == lowered]
 
 
 def upstream_request_headers(
@@ -71,7 +79,7 @@ def client_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
 def is_upgrade_request(headers: Mapping[str, str]) -> bool:
     if "upgrade" in _connection_listed(headers):
         return True
-    return any(name.lower() == "upgrade" for name in headers)
+    return bool(_all_named(headers, "upgrade"))
 
 
 def sane_request_id(candidate: str | None) -> str | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -270,6 +271,7 @@ def _write(fd: int, data: bytes) -> None:
         raise OSError(f"the usage journal took {len(data)} bytes only in part")
 
 
+@functools.lru_cache(maxsize=1024)  # the same few principals, two lines per request each
 def _name(principal: str) -> bytes:
     # JSON, ASCII only: a space, a newline or any character a label may hold stays inside.
     return json.dumps(principal).encode().replace(b" ", b"\\u0020")

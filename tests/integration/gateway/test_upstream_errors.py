@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -149,6 +150,56 @@ async def test_response_over_the_cap_is_502(
     fake_lmstudio.behaviour.chunks = 500  # a long non-streamed answer
     status, payload, _ = await chat(server)
     assert (status, payload["error"]["code"]) == (502, "upstream_response_too_large")
+
+
+def answer_of(size: int) -> bytes:
+    """A chat answer of exactly ``size`` bytes, with usage."""
+    shape = '{"choices":[{"message":{"role":"assistant","content":"%s"}}],' + (
+        '"usage":{"prompt_tokens":3,"completion_tokens":4}}'
+    )
+    body = (shape % ("x" * (size - len(shape % "")))).encode()
+    assert len(body) == size
+    return body
+
+
+async def test_an_answer_that_came_whole_is_held_to_the_cap_on_both_sides_of_it(
+    start_gateway: GatewayFactory,
+) -> None:
+    # The head and the whole chunked answer in one write, so all of it is there before the
+    # gateway reads it (the path that takes it without waiting); chunked, its size is known
+    # only once it is read.
+    limit = 4096
+    sizes = iter([limit, limit + 1])
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        body = answer_of(next(sizes))
+        half = len(body) // 2
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (body[:half], body[half:]))
+            + b"0\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        port = upstream.sockets[0].getsockname()[1]
+        server = await start_gateway(
+            upstream_url=f"http://127.0.0.1:{port}", limits_max_response_bytes=limit
+        )
+        status, payload, _ = await chat(server)
+        assert status == 200 and payload["usage"]["completion_tokens"] == 4
+        status, payload, _ = await chat(server)
+        assert (status, payload["error"]["code"]) == (502, "upstream_response_too_large")
+        assert await healthy(server)
+    finally:
+        upstream.close()
+        await upstream.wait_closed()
 
 
 class ExplodingAuthenticator:

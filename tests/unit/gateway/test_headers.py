@@ -4,10 +4,10 @@ and connection headers, which never cross; upgrades; and which request ids may b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, ItemsView, Iterator, Mapping
 
 import pytest
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from tray_app.gateway.headers import (
     client_response_headers,
@@ -191,6 +191,66 @@ class TestUpgrade:
     )
     def test_no_upgrade(self, headers: dict[str, str]) -> None:
         assert not is_upgrade_request(headers)
+
+
+def as_given(kind: str, pairs: list[tuple[str, str]]) -> Mapping[str, str]:
+    """The same headers as aiohttp hands them over (a proxy of a CIMultiDict), as a
+    CIMultiDict, or as a list of pairs any other Mapping gives."""
+    multi = CIMultiDict(pairs)
+    if kind == "proxy":
+        return CIMultiDictProxy(multi)
+    if kind == "multidict":
+        return multi
+    return PairsMapping(pairs)
+
+
+class PairsMapping(Mapping[str, str]):
+    """A Mapping that is no multidict, repeated names kept: the walk over every header."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self._pairs = pairs
+
+    def __getitem__(self, name: str) -> str:
+        return next(v for n, v in self._pairs if n == name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(n for n, _ in self._pairs)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def items(self) -> ItemsView[str, str]:
+        return self._pairs  # type: ignore[return-value]
+
+
+KINDS = ["proxy", "multidict", "pairs"]
+
+
+class TestEveryContainerEveryRepeat:
+    """A header named twice, in two spellings, counts twice however the headers are held:
+    the second Connection header is read as the first is."""
+
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_an_upgrade_in_a_second_connection_header(self, kind: str) -> None:
+        pairs = [("Connection", "keep-alive"), ("CONNECTION", "Upgrade")]
+        assert is_upgrade_request(as_given(kind, pairs))
+
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_a_second_upgrade_header(self, kind: str) -> None:
+        pairs = [("Accept", "a/b"), ("upgrade", "websocket")]
+        assert is_upgrade_request(as_given(kind, pairs))
+        assert not is_upgrade_request(as_given(kind, [("Accept", "a/b")]))
+
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_a_hop_by_hop_name_in_a_second_connection_header_stays_behind(self, kind: str) -> None:
+        pairs = [("Accept", "a/b"), ("Connection", "keep-alive"), ("connection", "ACCEPT")]
+        assert "Accept" not in to_upstream(as_given(kind, pairs))
+        upstream = [
+            ("Content-Language", "en"),
+            ("Connection", "close"),
+            ("CONNECTION", "content-language"),
+        ]
+        assert "Content-Language" not in client_response_headers(as_given(kind, upstream))
 
 
 class TestRequestId:

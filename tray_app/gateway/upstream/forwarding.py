@@ -393,9 +393,17 @@ class Forwarder:
         try:
             if upstream.content_length is not None and upstream.content_length > limit:
                 raise errors.upstream_response_too_large(limit)
+            content = upstream.content
+            if content.is_eof() and content.exception() is None:
+                # The whole answer came with its headers (a short one usually does).
+                data = content.read_nowait(-1)
+                if len(data) > limit:
+                    raise errors.upstream_response_too_large(limit)
+                upstream.release()
+                return data
             parts: list[bytes] = []
             size = 0
-            async for chunk in upstream.content.iter_any():
+            async for chunk in content.iter_any():
                 size += len(chunk)
                 if size > limit:
                     raise errors.upstream_response_too_large(limit)
