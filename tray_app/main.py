@@ -32,7 +32,10 @@ def run_tray(launch: TrayLaunch) -> int:
     from tray_app.control.desktop import desktop_controller
 
     controller = desktop_controller(overrides=launch.overrides, config_path=launch.config_path)
-    settle_after_start()  # everything is imported; the gateway's loop runs in this process
+    # Everything is imported; the gateway's loop runs in this process. The young generation
+    # keeps Python's threshold here: a window's wrapper caught in a cycle (a slot's lambda)
+    # is freed, with its Qt object, as soon as it was before.
+    settle_after_start(rarer_young_collections=False)
     return run(launch.wishes, controller)
 
 

@@ -211,7 +211,12 @@ def test_a_first_launch_hands_its_flags_and_config_to_the_desktop_core(
         return 0
 
     monkeypatch.setattr(ui_app, "run", capture_run)
+    # The collector is settled before the tray runs (a stand-in here: the real one would
+    # freeze this test process's objects for the rest of the session).
+    settled: list[dict[str, object]] = []
+    monkeypatch.setattr(entry_point, "settle_after_start", lambda **kw: settled.append(kw))
     launch = TrayLaunch(["go-public"], tmp_path / "c.toml", {"server.port": "9123"})
     assert entry_point.run_tray(launch) == 0
     assert built == [{"overrides": {"server.port": "9123"}, "config_path": tmp_path / "c.toml"}]
     assert ran == [(["go-public"], core)]
+    assert settled == [{"rarer_young_collections": False}]

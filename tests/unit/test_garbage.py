@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -45,12 +46,20 @@ def test_settling_frees_start_up_garbage_instead_of_freezing_it(
     gc.disable()
     try:
         made = Cycle()
-        marker = id(made)
+        alive = weakref.ref(made)
         del made
+        assert alive() is not None  # a cycle: only the collector frees it
         settle_after_start()
-        assert all(id(o) != marker for o in gc.get_objects()), "a dead cycle was frozen"
+        assert alive() is None, "a dead cycle was frozen instead of freed"
     finally:
         gc.enable()
+
+
+def test_the_tray_keeps_pythons_young_threshold(restored_collector: None) -> None:
+    before = gc.get_threshold()
+    settle_after_start(rarer_young_collections=False)
+    assert gc.get_freeze_count() > 10_000
+    assert gc.get_threshold() == before
 
 
 def test_log_records_skip_only_fields_no_formatter_prints() -> None:
