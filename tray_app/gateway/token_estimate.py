@@ -65,6 +65,10 @@ def _text_of(block: Any) -> tuple[int, int]:
     if not isinstance(block, dict):
         return 0, 0
     kind = block.get("type")
+    if not isinstance(kind, str):
+        # An object or a list as the type names no kind (and is no set member): its block is
+        # counted whole, as an unknown kind's is.
+        kind = None
     # OpenAI chat and Responses name their image parts differently; a photo is never its base64.
     if kind in {"image", "document", "image_url", "input_image"}:
         return 0, 1

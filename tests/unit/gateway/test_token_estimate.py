@@ -57,6 +57,15 @@ def test_every_kind_of_content_counts() -> None:
     assert estimate_input_tokens(body) == expected
 
 
+@pytest.mark.parametrize("kind", [{}, [], ["image"], {"image": 1}, 3, None, True])
+def test_a_block_whose_type_is_no_string_is_counted_whole(kind: object) -> None:
+    # An unhashable type once raised TypeError here (a 500 for every budgeted caller).
+    block = {"type": kind, "text": "x" * 40}
+    body = {"messages": [{"role": "user", "content": [block]}]}
+    chars = len(json.dumps(block, ensure_ascii=False))
+    assert estimate_input_tokens(body) == -(-chars // 4) + TOKENS_PER_MESSAGE
+
+
 @pytest.mark.parametrize("messages", [None, "hi", {"role": "user"}])
 def test_messages_must_be_a_list(messages: object) -> None:
     with pytest.raises(ApiError) as refused:
