@@ -381,9 +381,22 @@ class NgrokProvider:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             wait_gone(pid, 5)
+        if process is not None:
+            _close_pipes(process)
         self.pid_path.unlink(missing_ok=True)
         # The token's only copy outside the keyring goes with the agent.
         self.config_path.unlink(missing_ok=True)
+
+
+def _close_pipes(process: NgrokProcess) -> None:
+    """pyngrok never closes the agent's output pipe: each agent that died and was replaced
+    left one descriptor open (a soak that killed the agent found it). The agent is gone by
+    now, so pyngrok's reader has met the pipe's end and nothing reads it any more."""
+    proc = process.proc
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
 
 
 def silence_pyngrok_logs() -> None:

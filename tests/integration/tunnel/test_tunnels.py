@@ -4,6 +4,7 @@ the fake agent in tests/fake_ngrok. All traffic stays on loopback (127.0.0.2 pla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -341,6 +342,48 @@ async def test_agent_killed_while_public_reconnects_to_the_same_domain(
     finally:
         await manager.stop()
     assert recorder.names == ["starting", "public", "reconnecting", "public", "stopped"]
+
+
+def open_pipes() -> set[str]:
+    """The pipes this process holds open, by the kernel's name (``pipe:[inode]``)."""
+    held = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("pipe:"):
+                held.add(target)
+    return held
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc")
+async def test_a_dead_agents_pipe_is_closed_when_it_is_replaced(
+    start_identity_gateway: IdentityFactory, tmp_path: Path, record: Path
+) -> None:
+    # pyngrok never closes the agent's output pipe: each killed agent left a descriptor.
+    rig = await start_identity_gateway()
+    provider = NgrokProvider(
+        MemorySecretStore({NGROK_AUTHTOKEN: TOKEN}), tmp_path / "ngrok", ngrok_path=AGENT
+    )
+    recorder = Recorder()
+    manager = TunnelManager(
+        provider, rig.server.port or 0, on_change=recorder, health_interval=5, backoff_start=0.2
+    )
+    try:
+        await manager.start()
+        process = provider._process
+        assert process is not None and process.proc.stdout is not None
+        dead_pipe = os.readlink(f"/proc/self/fd/{process.proc.stdout.fileno()}")
+        before = open_pipes()
+        assert dead_pipe in before
+        old_pid = provider.agent_pid
+        assert old_pid is not None
+        os.kill(old_pid, signal.SIGKILL)
+        await wait_for_state(recorder, TunnelState.PUBLIC, count=2)
+        after = open_pipes()
+        assert dead_pipe not in after
+        assert len(after) <= len(before), (before, after)  # the new agent's pipe replaced it
+    finally:
+        await manager.stop()
 
 
 async def test_a_stale_agent_of_ours_is_stopped_but_not_someone_elses(
