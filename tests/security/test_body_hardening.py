@@ -212,7 +212,8 @@ class TestOutputCap:
 
 # ---- defect 8: crafted JSON on every JSON endpoint ----------------------------------------
 
-JSON_ENDPOINTS = [*ROUTES, "/api/chat", "/pair", "/stream-check"]
+# With the token counter, which LM Gate answers itself under /v1/messages' body rules.
+JSON_ENDPOINTS = [*ROUTES, "/v1/messages/count_tokens", "/api/chat", "/pair", "/stream-check"]
 # Endpoints with a small body limit of their own: a bigger bomb never reaches the parser there.
 SMALL_BODIES = {"/pair": PAIR_MAX_BODY_BYTES, "/stream-check": STREAM_CHECK_MAX_BODY}
 

@@ -34,7 +34,8 @@ def bearer(key: str, **more: str) -> dict[str, str]:
 
 @pytest.fixture
 async def rig(start_identity_gateway: IdentityFactory) -> IdentityRig:
-    return await start_identity_gateway()
+    # /v1/messages/count_tokens is served only with the messages route on.
+    return await start_identity_gateway(routes_enable_messages=True)
 
 
 # ---- defect 7: the Host header ------------------------------------------------------------
@@ -46,7 +47,11 @@ ENDPOINTS = [
     ("GET", "/", b""),
     ("GET", "/v1/models", b""),
     ("POST", "/v1/chat/completions", json.dumps(CHAT).encode()),
+    ("POST", "/v1/messages/count_tokens", json.dumps(CHAT).encode()),
+    ("POST", "/stream-check", b""),
     ("GET", "/api/conversations", b""),
+    ("GET", "/api/conversations/abc123", b""),
+    ("DELETE", "/api/conversations/abc123", b""),
     ("POST", "/api/chat", b'{"message": "hi"}'),
     ("POST", "/pair", b'{"code": "AAAAAAAAAAAAAAAAAAAAAAAA"}'),
 ]
@@ -228,14 +233,23 @@ async def test_malformed_pairing_bodies_count_against_the_pairing_throttle(
 
 # ---- defect 12 and the body timeout: every JSON endpoint ----------------------------------
 
-JSON_ENDPOINTS = ["/v1/chat/completions", "/v1/embeddings", "/api/chat", "/pair"]
+JSON_ENDPOINTS = [
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/messages/count_tokens",
+    "/api/chat",
+    "/pair",
+    "/stream-check",
+]
+# The options that serve every JSON endpoint (count_tokens is /v1/messages' own).
+EVERY_ROUTE = {"routes_enable_messages": True}
 
 
 @pytest.mark.parametrize("path", JSON_ENDPOINTS)
 async def test_bodies_over_the_limit_are_413_everywhere(
     start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio, path: str
 ) -> None:
-    rig = await start_identity_gateway(limits_max_body_bytes=2048)
+    rig = await start_identity_gateway(limits_max_body_bytes=2048, **EVERY_ROUTE)
     key = key_for(rig)
     fits = json.dumps({"message": "x" * 1500, **CHAT}).encode()
     assert len(fits) <= 2048
@@ -295,7 +309,7 @@ async def test_a_body_that_came_whole_is_held_to_the_limit_on_both_sides_of_it(
     start_identity_gateway: IdentityFactory, fake_lmstudio: FakeLMStudio, path: str
 ) -> None:
     limit = 2048
-    rig = await start_identity_gateway(limits_max_body_bytes=limit)
+    rig = await start_identity_gateway(limits_max_body_bytes=limit, **EVERY_ROUTE)
     key = key_for(rig)
     port = rig.server.port
     assert port is not None
@@ -340,7 +354,7 @@ async def send_slowly(port: int, path: str, key: str, body: bytes, pause: float)
 async def test_a_body_must_arrive_within_the_body_timeout(
     start_identity_gateway: IdentityFactory, path: str
 ) -> None:
-    rig = await start_identity_gateway(server_body_timeout=0.6)
+    rig = await start_identity_gateway(server_body_timeout=0.6, **EVERY_ROUTE)
     key = key_for(rig)
     port = rig.server.port
     assert port is not None
@@ -589,7 +603,9 @@ def _compressed(encoding: str, data: bytes) -> bytes:
 async def test_compressed_request_bodies_are_415(
     start_identity_gateway: IdentityFactory, path: str, encoding: str
 ) -> None:
-    rig = await start_identity_gateway(clock=FakeClock(), limits_pairing_attempts_per_minute=2)
+    rig = await start_identity_gateway(
+        clock=FakeClock(), limits_pairing_attempts_per_minute=2, **EVERY_ROUTE
+    )
     # 1 MB of JSON in a few KB: inflating it would come before any size limit.
     body = _compressed(encoding, b'{"code": "' + b"A" * 24 + b'"}' + b" " * 1_000_000)
     headers = {**bearer(key_for(rig)), "Content-Encoding": encoding}
@@ -894,7 +910,14 @@ async def test_an_answer_nested_too_deep_is_a_502_not_a_500(
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/healthz"), ("GET", "/app.js"), ("GET", "/v1/models"), ("POST", "/pair")],
+    [
+        ("GET", "/healthz"),
+        ("GET", "/app.js"),
+        ("GET", "/v1/models"),
+        ("POST", "/pair"),
+        ("POST", "/v1/messages/count_tokens"),
+        ("POST", "/stream-check"),
+    ],
 )
 @pytest.mark.parametrize(
     "encodings", [["gzip"], ["identity", "gzip"], ["identity, gzip"]], ids=["one", "two", "list"]
